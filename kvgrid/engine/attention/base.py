@@ -1,0 +1,72 @@
+"""The attention-backend interface: one step's batch metadata and the op every backend provides.
+
+KV cache layout (``KV_LAYOUT_VERSION`` 1): one tensor per engine,
+``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]``. Block-major so that a
+block, all layers, is one contiguous slab: the context store moves it with one copy.
+A layer's view ``kv_cache[:, layer]`` is strided; kernels take strides, never assume
+contiguity.
+
+A step's batch is flattened: ``T`` new tokens from ``S`` sequences, sequence ``s`` owning
+tokens ``query_start_loc[s]:query_start_loc[s+1]``. Its new tokens sit at positions
+``context_lens[s] .. seq_lens[s]-1``; each attends causally to every cached and new
+position up to its own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # int32 [S+1] on device
+    seq_lens: torch.Tensor  # int32 [S]: cached + new tokens after this step
+    context_lens: torch.Tensor  # int32 [S]: tokens already in the cache before this step
+    block_tables: torch.Tensor  # int32 [S, max_blocks]: physical block ids, padded with 0
+    slot_mapping: torch.Tensor  # int64 [T]: block_id * block_size + offset for each new token
+    max_query_len: int
+    max_seq_len: int
+    # host copies, for backends that loop per sequence (the torch reference)
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    context_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """Writes this step's K/V into the paged cache, then attends over cache + new tokens."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, kvh, head_dim]
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        ...
+
+
+def write_kv_reference(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int, slots: torch.Tensor
+) -> None:
+    """Scatter new K/V into their slots (the plain path fused kernels are checked against)."""
+    block_size = kv_cache.shape[3]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[blocks, layer, 0, offsets] = k.to(kv_cache.dtype)
+    kv_cache[blocks, layer, 1, offsets] = v.to(kv_cache.dtype)

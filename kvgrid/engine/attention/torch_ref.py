@@ -1,0 +1,42 @@
+"""Plain torch attention over the paged cache: the CPU path and the reference for kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata, write_kv_reference
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale: float):
+        write_kv_reference(k, v, kv_cache, layer, meta.slot_mapping)
+        out = torch.empty_like(q)
+        block_size = kv_cache.shape[3]
+        num_heads, num_kv_heads = q.shape[1], k.shape[1]
+        for s in range(meta.num_seqs):
+            q0, q1 = meta.query_start_loc_cpu[s], meta.query_start_loc_cpu[s + 1]
+            seq_len, ctx = meta.seq_lens_cpu[s], meta.context_lens_cpu[s]
+            nblk = (seq_len + block_size - 1) // block_size
+            blocks = meta.block_tables[s, :nblk].long()
+            kv = kv_cache[blocks, layer]  # [nblk, 2, block_size, kvh, d]
+            keys = kv[:, 0].reshape(-1, num_kv_heads, kv.shape[-1])[:seq_len]
+            vals = kv[:, 1].reshape(-1, num_kv_heads, kv.shape[-1])[:seq_len]
+            qs = q[q0:q1].transpose(0, 1)  # [H, Lq, d]
+            keys = keys.transpose(0, 1).to(q.dtype)
+            vals = vals.transpose(0, 1).to(q.dtype)
+            # causal with an offset: query i (position ctx + i) sees keys 0..ctx+i
+            lq = q1 - q0
+            mask = torch.ones(lq, seq_len, dtype=torch.bool, device=q.device).tril(diagonal=ctx)
+            o = F.scaled_dot_product_attention(
+                qs.unsqueeze(0),
+                keys.unsqueeze(0),
+                vals.unsqueeze(0),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=num_heads != num_kv_heads,
+            )
+            out[q0:q1] = o[0].transpose(0, 1)
+        return out

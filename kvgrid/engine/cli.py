@@ -1,0 +1,130 @@
+"""`kvgrid generate` and `kvgrid chat`: the engine on the command line, no server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvgrid.engine.args import add_engine_args, engine_config_from_args
+from kvgrid.engine.sampling_params import RequestError, SamplingParams
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sampling_seed,
+        stop=args.stop,
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete a prompt with the engine")
+    p.add_argument("prompt", nargs="+", help="prompt text (several prompts run as one batch)")
+    add_engine_args(p)
+    _add_sampling_args(p, 64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model (one question, or interactive)")
+    p.add_argument("message", nargs="?", help="ask one question and exit")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(p)
+    _add_sampling_args(p, 256)
+    p.set_defaults(func=cmd_chat)
+
+
+def _engine(args):
+    from kvgrid.engine.llm_engine import LLMEngine
+
+    return LLMEngine(engine_config_from_args(args))
+
+
+def _stream(engine, request_id: str, prompt, params: SamplingParams):
+    """Print text as it is generated; return the final output."""
+    engine.add_request(request_id, prompt, params)
+    final = None
+    while final is None:
+        for out in engine.step():
+            if out.request_id == request_id:
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+                if out.finished:
+                    final = out
+    sys.stdout.write("\n")
+    return final
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    try:
+        params = _params(args)
+        engine = _engine(args)
+        for i, prompt in enumerate(args.prompt):
+            engine.add_request(f"gen-{i}", prompt, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        for i in range(len(args.prompt)):
+            out = done[f"gen-{i}"]
+            c = out.outputs[0]
+            print(f"{args.prompt[i]}{c.text}")
+            print(
+                f"[{len(c.token_ids)} tokens, finish={c.finish_reason}, "
+                f"prompt={len(out.prompt_token_ids)} tokens, cached={out.num_cached_tokens}]",
+                file=sys.stderr,
+            )
+    except (RequestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        params = _params(args)
+        engine = _engine(args)
+        tok = engine.tokenizer
+        if tok is None:
+            raise RequestError("this model has no tokenizer, so no chat template")
+        history = [{"role": "system", "content": args.system}] if args.system else []
+        turn = 0
+        while True:
+            if args.message is not None:
+                question = args.message
+            else:
+                try:
+                    question = input("you> ").strip()
+                except EOFError:
+                    return 0
+                if question in ("", "/exit", "/quit"):
+                    return 0
+            history.append({"role": "user", "content": question})
+            prompt = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
+            if args.message is None:
+                sys.stdout.write("assistant> ")
+            out = _stream(engine, f"chat-{turn}", prompt, params)
+            history.append({"role": "assistant", "content": out.outputs[0].text})
+            print(
+                f"[{len(out.outputs[0].token_ids)} tokens; {out.num_cached_tokens} of "
+                f"{len(out.prompt_token_ids)} prompt tokens from cache]",
+                file=sys.stderr,
+            )
+            turn += 1
+            if args.message is not None:
+                return 0
+    except (RequestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,37 @@
+"""EngineConfig: everything that fixes how one engine runs, frozen once built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvgrid.keys import DEFAULT_BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF-format directory, a dummy shape name, or None for the default
+    load_format: str = "auto"  # "auto": read weights from `model`; "dummy": random weights
+    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # "auto": cuda if available else cpu
+    seed: int = 0  # for dummy weights
+    block_size: int = DEFAULT_BLOCK_SIZE
+    num_kv_blocks: int | None = None  # G1 size; None: from kv_cache_memory / gpu_memory_utilization
+    kv_cache_memory_gb: float = 1.0  # CPU: memory for the KV pool when num_kv_blocks is None
+    gpu_memory_utilization: float = 0.90
+    max_model_len: int | None = None  # None: the model's own limit
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # "torch" | "triton"; auto picks triton on CUDA
+    cuda_graphs: bool = True
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be at least block_size")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")

@@ -1,0 +1,303 @@
+"""LLMEngine: requests in, tokens out, one scheduler step at a time (not thread-safe)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvgrid import keys
+from kvgrid.engine.block_manager import BlockManager
+from kvgrid.engine.config import EngineConfig
+from kvgrid.engine.model_runner import ModelRunner
+from kvgrid.engine.outputs import CompletionOutput, RequestOutput
+from kvgrid.engine.sampler import sample
+from kvgrid.engine.sampling_params import RequestError, SamplingParams
+from kvgrid.engine.scheduler import Scheduler, SchedulerOutput
+from kvgrid.engine.sequence import Sequence, SequenceStatus
+from kvgrid.events import KVEvent
+from kvgrid.models.loader import load_tokenizer, resolve_model
+
+if TYPE_CHECKING:
+    from kvgrid.store.connector import StoreConnector
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        if config is None:
+            config = EngineConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either an EngineConfig or keyword overrides, not both")
+        self.config = config
+        self.spec = resolve_model(config.model, config.load_format, config.seed)
+        self.model_config = self.spec.config
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_model_len,
+            self.model_config.max_model_len,
+        )
+        self.tokenizer = load_tokenizer(self.spec)
+        self.runner = ModelRunner(config, self.spec, self.max_model_len)
+        self.device = self.runner.device
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.scope = keys.KVScope(
+            self.spec.fingerprint, str(self.runner.dtype).removeprefix("torch.")
+        )
+        self.eos_ids = frozenset(
+            self.model_config.eos_token_ids
+            or (self.tokenizer.eos_token_ids if self.tokenizer else ())
+        )
+        self.seqs: dict[str, Sequence] = {}
+        self._scope_digests: dict[bytes, bytes] = {}
+        self.counters = {
+            "prompt_tokens": 0,
+            "generation_tokens": 0,
+            "prefix_cache_queries": 0,  # prompt tokens looked up
+            "prefix_cache_hits": 0,  # of those, served from cache
+            "requests_finished": 0,
+        }
+        self.prefill_tokens_per_s: float | None = None  # EWMA, from steps that prefill
+        self.decode_step_s: float | None = None  # EWMA, from decode-only steps
+
+    @property
+    def connector(self) -> StoreConnector | None:
+        return self.scheduler.connector
+
+    def attach_store(self, connector: StoreConnector) -> None:
+        """Put a context store below G1: evicted blocks are written back, misses look there."""
+        self.scheduler.connector = connector
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        tenant: bytes = keys.PUBLIC_TENANT,
+    ) -> None:
+        params = params or SamplingParams()
+        params.validate()
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: send prompt token ids")
+            text, prompt = prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise RequestError("prompt must be a string or a list of token ids")
+        if not prompt:
+            raise RequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} "
+                "tokens and at least one must be left to generate"
+            )
+        room = self.max_model_len - len(prompt)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise RequestError(
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"this model's context of {self.max_model_len} tokens"
+            )
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise RequestError(f"logprobs must be at most {self.config.max_logprobs}")
+        max_tokens = params.max_tokens or room
+        need = self.block_manager.blocks_needed(len(prompt) + max_tokens)
+        if need > self.block_manager.num_blocks:
+            raise RequestError(
+                f"request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}"
+            )
+        if tenant not in self._scope_digests:
+            self._scope_digests[tenant] = self.scope.with_tenant(tenant).digest
+        seq = Sequence(
+            request_id,
+            prompt,
+            params,
+            self._scope_digests[tenant],
+            self.config.block_size,
+            max_tokens,
+            prompt=text,
+            tenant=tenant,
+        )
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if self.tokenizer is not None:
+            from kvgrid.models.tokenizer import IncrementalDetokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, params.skip_special_tokens, prompt_ids=prompt
+            )
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        seq.finish_reason = "abort"
+        self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        t0 = time.perf_counter()
+        logits, _ = self.runner.execute(sched.scheduled)
+        sampled = [
+            s.seq
+            for s in sched.scheduled
+            if s.seq.num_computed_tokens + s.num_tokens == s.seq.num_tokens
+        ]
+        result = sample(logits, sampled, self.eos_ids) if sampled else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._record_speed(sched, time.perf_counter() - t0)
+
+        for item in sched.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_tokens
+            full = seq.num_computed_tokens // self.config.block_size
+            self.block_manager.commit_full_blocks(seq, seq.block_keys(full))
+        outputs = []
+        now = time.monotonic()
+        for i, seq in enumerate(sampled):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self.counters["prompt_tokens"] += seq.num_prompt_tokens
+                self.counters["prefix_cache_queries"] += seq.num_prompt_tokens
+                self.counters["prefix_cache_hits"] += seq.num_cached_tokens or 0
+            self._append_token(seq, result.token_ids[i], result.logprobs[i])
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+                self.seqs.pop(seq.request_id, None)
+                self.counters["requests_finished"] += 1
+            outputs.append(self._make_output(seq))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, lp) -> None:
+        seq.append_token(token)
+        self.counters["generation_tokens"] += 1
+        if lp is not None:
+            seq.cumulative_logprob += lp[0]
+            seq.logprobs.append(lp[1])
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.push([token])
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return self._finish(seq, "stop", token)
+            if token in self.eos_ids and not p.ignore_eos:
+                return self._finish(seq, "stop", token)
+            if p.stop and self._check_stop_strings(seq):
+                return None
+        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+        return None
+
+    def _check_stop_strings(self, seq: Sequence) -> bool:
+        longest = max(len(s) for s in seq.params.stop)
+        window_start = max(0, seq.emitted_text_len - longest)
+        for stop in seq.params.stop:
+            at = seq.text.find(stop, window_start)
+            if at >= 0:
+                end = at + len(stop) if seq.params.include_stop_str_in_output else at
+                seq.text = seq.text[:end]
+                self._finish(seq, "stop", stop)
+                return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+    def _make_output(self, seq: Sequence) -> RequestOutput:
+        # hold back text that may be the start of a stop string until it is decided
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        visible = (
+            len(seq.text) if seq.is_finished else max(seq.emitted_text_len, len(seq.text) - hold)
+        )
+        new_text = seq.text[seq.emitted_text_len : visible]
+        seq.emitted_text_len = visible
+        new_ids = seq.output_token_ids[seq.emitted_token_count :]
+        seq.emitted_token_count = len(seq.output_token_ids)
+        metrics = {"arrival_time": seq.arrival_time}
+        if seq.first_token_time is not None:
+            metrics["first_token_time"] = seq.first_token_time
+        comp = CompletionOutput(
+            index=0,
+            text=seq.text,
+            token_ids=list(seq.output_token_ids),
+            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[comp],
+            finished=seq.is_finished,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            metrics=metrics,
+        )
+
+    def _record_speed(self, sched: SchedulerOutput, seconds: float) -> None:
+        prefill = sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)
+        if prefill >= 256:
+            rate = prefill / seconds
+            old = self.prefill_tokens_per_s
+            self.prefill_tokens_per_s = rate if old is None else 0.8 * old + 0.2 * rate
+            if self.connector is not None:
+                self.connector.prefill_tokens_per_s = self.prefill_tokens_per_s
+        elif prefill == 0:
+            old = self.decode_step_s
+            self.decode_step_s = seconds if old is None else 0.9 * old + 0.1 * seconds
+
+    # ---- introspection -------------------------------------------------------------------
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        events = self.block_manager.drain_events()
+        if self.connector is not None:
+            events += self.connector.drain_events()
+        return events
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": bm.usage(),
+            "num_kv_blocks": bm.num_blocks,
+            "block_size": bm.block_size,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "store_loaded_tokens": self.scheduler.store_loaded_tokens,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_step_s": self.decode_step_s,
+            "waiting_prefill_tokens": sum(
+                s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting
+            )
+            + sum(s.num_tokens - s.num_computed_tokens - 1 for s in self.scheduler.running),
+            **self.counters,
+        }

@@ -1,0 +1,94 @@
+"""Sampler: logits to tokens for a batch, each row under its own SamplingParams.
+
+Runs on whatever device the logits are on. Random rows use the exponential-race form of
+categorical sampling (argmax of p / E, E ~ Exp(1)), which needs no cumulative sums and lets a
+seeded request draw its noise from its own generator: the same seed gives the same tokens
+whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvgrid.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: (sampled token's logprob, {token: logprob} of the top-n) when asked for
+    logprobs: list[tuple[float, dict[int, float]] | None]
+
+
+def _apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    mask = ranks >= k
+    probs = sorted_logits.softmax(dim=-1)
+    # keep the smallest set whose mass reaches top_p (the first token always stays)
+    mass_before = probs.cumsum(dim=-1) - probs
+    mask |= mass_before > top_p.unsqueeze(1)
+    mask |= probs < (min_p.unsqueeze(1) * probs[:, :1])
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> SamplerOutput:
+    """Pick one token per row of `logits` ([B, vocab], float32) for `seqs`."""
+    device = logits.device
+    b = len(seqs)
+    # suppress stop tokens until min_tokens are out
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.min_tokens and len(seq.output_token_ids) < p.min_tokens:
+            banned = list(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids))
+            if banned:
+                logits[i, banned] = float("-inf")
+
+    need_logprobs = any(s.params.logprobs is not None for s in seqs)
+    logprobs_all = logits.log_softmax(dim=-1) if need_logprobs else None
+
+    temps = torch.tensor([s.params.temperature for s in seqs], device=device)
+    greedy = temps == 0
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        rows = (~greedy).nonzero().squeeze(1)
+        sub = logits[rows] / temps[rows].unsqueeze(1)
+        params = [seqs[i].params for i in rows.tolist()]
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params):
+            sub = _apply_top_k_top_p(
+                sub,
+                torch.tensor([p.top_k for p in params], device=device),
+                torch.tensor([p.top_p for p in params], device=device, dtype=sub.dtype),
+                torch.tensor([p.min_p for p in params], device=device, dtype=sub.dtype),
+            )
+        probs = sub.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for j, i in enumerate(rows.tolist()):
+            g = seqs[i].generator
+            if g is not None:
+                noise[j] = torch.empty_like(probs[j]).exponential_(generator=g)
+        tokens[rows] = (probs / noise).argmax(dim=-1)
+
+    token_list = tokens.tolist()
+    lp_out: list[tuple[float, dict[int, float]] | None] = [None] * b
+    if logprobs_all is not None:
+        for i, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            if n is None:
+                continue
+            row = logprobs_all[i]
+            top: dict[int, float] = {}
+            if n > 0:
+                vals, ids = row.topk(n)
+                top = dict(zip(ids.tolist(), vals.tolist()))
+            chosen = float(row[token_list[i]])
+            top[token_list[i]] = chosen
+            lp_out[i] = (chosen, top)
+    return SamplerOutput(token_list, lp_out)

@@ -1,0 +1,99 @@
+"""Sequence: one request's tokens, KV blocks and progress through the engine."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum, auto
+
+import torch
+
+from kvgrid import keys
+from kvgrid.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        scope_digest: bytes,
+        block_size: int,
+        max_tokens: int,
+        prompt: str | None = None,
+        tenant: bytes = keys.PUBLIC_TENANT,
+    ):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.token_ids = list(prompt_token_ids)  # prompt + output, grown in place
+        self.params = params
+        self.scope_digest = scope_digest
+        self.tenant = tenant
+        self.block_size = block_size
+        self.max_tokens = max_tokens  # after capping to the context
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V sit in the cache
+        self.block_table: list[int] = []
+        self.num_committed_blocks = 0  # leading blocks already named in the prefix cache
+        self._keys: list[bytes] = []  # keys of full blocks of all_token_ids, grown lazily
+        self.num_cached_tokens: int | None = (
+            None  # prompt tokens served from cache, first admission
+        )
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.generator: torch.Generator | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.detokenizer = None  # set by the engine when it has a tokenizer
+        self.text = ""  # output text, stop strings applied
+        self.emitted_text_len = 0  # for streaming deltas
+        self.emitted_token_count = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def append_token(self, token: int) -> None:
+        self.token_ids.append(token)
+        self.output_token_ids.append(token)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_tokens - 1 and self.num_computed_tokens > 0
+
+    def block_keys(self, num_blocks: int) -> list[bytes]:
+        """Keys of the first `num_blocks` full blocks, extending the cached chain as needed."""
+        if num_blocks > len(self._keys):
+            tokens = self.all_token_ids
+            parent = self._keys[-1] if self._keys else None
+            self._keys += keys.block_keys(
+                tokens[: num_blocks * self.block_size],
+                self.scope_digest,
+                self.block_size,
+                parent=parent,
+                start_block=len(self._keys),
+            )
+        return self._keys[:num_blocks]
