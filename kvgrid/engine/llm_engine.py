@@ -242,12 +242,15 @@ class LLMEngine:
         metrics = {"arrival_time": seq.arrival_time}
         if seq.first_token_time is not None:
             metrics["first_token_time"] = seq.first_token_time
+        # a running request's output shares its live lists (copying them every step would make
+        # a step cost grow with output length); the final output is a snapshot
+        snap = list if seq.is_finished else (lambda x: x)
         comp = CompletionOutput(
             index=0,
             text=seq.text,
-            token_ids=list(seq.output_token_ids),
+            token_ids=snap(seq.output_token_ids),
             cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            logprobs=snap(seq.logprobs) if seq.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )

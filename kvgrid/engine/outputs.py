@@ -19,6 +19,10 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """One request's state after a step. While it runs, `outputs[0].token_ids` is a live view
+    of the growing output (copy it to keep it); `new_token_ids`/`new_text` are this step's
+    delta. The output with `finished=True` is a snapshot."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
