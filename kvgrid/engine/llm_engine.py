@@ -11,6 +11,7 @@ import torch
 from kvgrid import keys
 from kvgrid.engine.block_manager import BlockManager
 from kvgrid.engine.config import EngineConfig
+from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.model_runner import ModelRunner
 from kvgrid.engine.outputs import CompletionOutput, RequestOutput
 from kvgrid.engine.sampler import sample
@@ -72,6 +73,7 @@ class LLMEngine:
     def attach_store(self, connector: StoreConnector) -> None:
         """Put a context store below G1: evicted blocks are written back, misses look there."""
         self.scheduler.connector = connector
+        self.scheduler.loader = KVLoader(connector, self.device)
 
     # ---- requests ------------------------------------------------------------------------
 

@@ -69,6 +69,20 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
+        # ---- CUDA path (owner: cuda_graphs.py): decode steps replay captured graphs ----
+        self.graphs = None
+        if config.cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton":
+            from kvgrid.engine.cuda_graphs import DecodeGraphRunner
+
+            self.graphs = DecodeGraphRunner(
+                lambda ids, pos, meta: self.model(ids, pos, self.kv_cache, meta, self.backend),
+                config.max_num_seqs,
+                self.max_blocks_per_seq,
+                max_model_len,
+                self.device,
+            )
+            self.graphs.capture()
+        # ---- end CUDA path ----
 
     def _load_model(self) -> LlamaForCausalLM:
         cfg = self.spec.config
@@ -160,7 +174,10 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[int]]:
         """Run one forward pass; logits [n_sampled, vocab] for the rows that sample."""
         ids, pos, meta, sample_idx = self.prepare(batch)
-        hidden = self.model(ids, pos, self.kv_cache, meta, self.backend)
+        if self.graphs is not None and self.graphs.can_run(meta):  # CUDA path: graph replay
+            hidden = self.graphs.run(ids, pos, meta)
+        else:
+            hidden = self.model(ids, pos, self.kv_cache, meta, self.backend)
         if not sample_idx:
             return None, sample_idx
         idx = torch.tensor(sample_idx, device=self.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from enum import Enum, auto
 
 import torch
@@ -44,9 +45,13 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_committed_blocks = 0  # leading blocks already named in the prefix cache
         self._keys: list[bytes] = []  # keys of full blocks of all_token_ids, grown lazily
-        self.num_cached_tokens: int | None = (
-            None  # prompt tokens served from cache, first admission
-        )
+        # prompt tokens served from cache (G1 or the store) at first admission
+        self.num_cached_tokens: int | None = None
+        self.num_cached_tokens_g1 = 0
+        # a load from the context store in flight: blocks [load_start_block, +load_count)
+        self.load_future: Future | None = None
+        self.load_start_block = 0
+        self.load_count = 0
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

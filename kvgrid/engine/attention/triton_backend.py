@@ -1,0 +1,91 @@
+"""Triton attention backend: the CUDA path (also runs under ``TRITON_INTERPRET=1`` on CPU).
+
+Per layer and step: one fused kernel stores the new K/V into their slots, then one of
+  * decode-only batch: split-KV paged decode (+ a reduction kernel when split), query
+    heads grouped per KV head; the only path CUDA graphs capture, so it reads nothing
+    from the host but the batch size;
+  * fresh prefill (no cached prefix in any sequence) of long enough chunks: torch SDPA
+    (flash / cuDNN) on the new tokens, which need not touch the cache at all;
+  * anything else (prefill over a cached prefix, chunked prefill, mixed decode + prefill):
+    the varlen paged prefill kernel, causal with each sequence's context offset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvgrid.engine.attention import triton_kernels as tk
+from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    def __init__(self, sdpa_min_query_len: int = 512, max_decode_splits: int = 32):
+        # SDPA pays a launch per sequence; below this length the one varlen kernel wins
+        self.sdpa_min_query_len = sdpa_min_query_len
+        self.max_decode_splits = max_decode_splits
+        self._num_sms: int | None = None
+
+    def num_sms(self, device: torch.device) -> int:
+        if self._num_sms is None:
+            if device.type == "cuda":
+                self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+            else:
+                self._num_sms = 8
+        return self._num_sms
+
+    def decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int, device) -> int:
+        n = tk.decode_num_splits(num_seqs, num_kv_heads, max_seq_len, self.num_sms(device))
+        return min(n, self.max_decode_splits)
+
+    def use_sdpa(self, meta: AttentionMetadata) -> bool:
+        return (
+            meta.max_query_len >= self.sdpa_min_query_len
+            and not any(meta.context_lens_cpu)
+            and meta.query_start_loc_cpu[-1] == sum(meta.seq_lens_cpu)
+        )
+
+    def forward(self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale: float):
+        layer_cache = kv_cache[:, layer]
+        tk.kv_write(k, v, layer_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        dot = tk.dot_dtype_for(layer_cache.dtype if q.dtype == layer_cache.dtype else q.dtype)
+        if meta.decode_only:
+            splits = self.decode_splits(
+                q.shape[0], layer_cache.shape[3], meta.max_seq_len, q.device
+            )
+            return tk.paged_decode(
+                q, layer_cache, meta.block_tables, meta.seq_lens, scale, splits, out, dot
+            )
+        if self.use_sdpa(meta):
+            return self._sdpa_fresh(q, k, v, meta, scale, out)
+        return tk.paged_prefill(
+            q,
+            layer_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.context_lens,
+            meta.max_query_len,
+            scale,
+            out,
+            dot,
+        )
+
+    @staticmethod
+    def _sdpa_fresh(q, k, v, meta: AttentionMetadata, scale: float, out: torch.Tensor):
+        gqa = q.shape[1] != k.shape[1]
+        qsl = meta.query_start_loc_cpu
+        for s in range(meta.num_seqs):
+            a, b = qsl[s], qsl[s + 1]
+            o = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1).unsqueeze(0),
+                k[a:b].transpose(0, 1).unsqueeze(0),
+                v[a:b].transpose(0, 1).unsqueeze(0),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            out[a:b] = o[0].transpose(0, 1)
+        return out

@@ -1,0 +1,454 @@
+"""Triton kernels over the paged KV cache: KV write, split-KV decode, varlen prefill.
+
+Layout (base.py): ``kv_cache[:, layer]`` is ``[num_blocks, 2, block_size, kvh, head_dim]``,
+strided (the layer axis sits between blocks). Every kernel takes the four leading strides
+of that view and assumes only that ``head_dim`` is contiguous.
+
+Query heads are grouped per KV head (GQA): one program owns one KV head and all of its
+``G = num_heads // num_kv_heads`` query heads, packed as extra rows of the query tile, so
+each K/V tile is read from memory once per group instead of once per query head.
+Rows are padded to a power of two (and at least 16, the smallest ``tl.dot`` tile).
+
+Softmax uses base-2 exponentials: scores are pre-multiplied by ``scale * log2(e)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_write_kernel(
+    k_ptr,
+    v_ptr,
+    cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_ckv,
+    stride_ct,
+    stride_ch,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # padding rows (CUDA-graph buckets) write nothing
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    dst = cache_ptr + blk * stride_cb + off * stride_ct + h * stride_ch + d
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def kv_write(
+    k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Store ``k``/``v`` ``[T, kvh, d]`` into ``layer_cache`` at ``slots`` (negative: skip)."""
+    t, kvh, d = k.shape
+    if t == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and layer_cache.stride(-1) == 1
+    _kv_write_kernel[(t,)](
+        k,
+        v,
+        layer_cache,
+        slots,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        layer_cache.stride(0),
+        layer_cache.stride(1),
+        layer_cache.stride(2),
+        layer_cache.stride(3),
+        BLOCK_SIZE=layer_cache.shape[2],
+        NUM_KV_HEADS=kvh,
+        HEAD_DIM=d,
+        BLOCK_H=triton.next_power_of_2(kvh),
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+
+
+# ---- decode: one query token per sequence, split-KV (flash-decoding) -----------------------
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,  # [S, H, D] when NUM_SPLITS == 1
+    part_o_ptr,  # [S, H, NUM_SPLITS, D] float32
+    part_lse_ptr,  # [S, H, NUM_SPLITS] float32
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_ckv,
+    stride_ct,
+    stride_ch,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + s)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    dmask = d < HEAD_DIM
+    q = tl.load(
+        q_ptr + s * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None] & dmask[None, :],
+        other=0.0,
+    ).to(DOT_DTYPE)
+
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    t_lo = split * per_split
+    t_hi = tl.minimum(t_lo + per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    kv_base = cache_ptr + kvh * stride_ch
+    for tile in range(t_lo, t_hi):
+        tok = tile * BLOCK_N + n
+        nmask = tok < seq_len
+        blk = tl.load(block_table_ptr + s * stride_bt + tok // BLOCK_SIZE, mask=nmask, other=0)
+        row = blk.to(tl.int64) * stride_cb + (tok % BLOCK_SIZE) * stride_ct
+        ptrs = kv_base + row[:, None] + d[None, :]
+        lmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(ptrs, mask=lmask, other=0.0).to(DOT_DTYPE)
+        v = tl.load(ptrs + stride_ckv, mask=lmask, other=0.0).to(DOT_DTYPE)
+        sc = tl.dot(q, tl.trans(k)) * qk_scale
+        sc = tl.where(nmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + s * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=gmask[:, None] & dmask[None, :],
+        )
+    else:
+        # partial result of this split: normalised output and its log2-sum-exp
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        pidx = (s * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        tl.store(part_lse_ptr + pidx, lse, mask=gmask)
+        tl.store(
+            part_o_ptr + pidx[:, None] * HEAD_DIM + d[None, :],
+            o,
+            mask=gmask[:, None] & dmask[None, :],
+        )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_o_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    base = (s * NUM_HEADS + h) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + sp)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    o = tl.load(
+        part_o_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :],
+        mask=d[None, :] < HEAD_DIM,
+        other=0.0,
+    )
+    den = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(den > 0, den, 1.0)
+    tl.store(
+        out_ptr + s * stride_ot + h * stride_oh + d,
+        res.to(out_ptr.dtype.element_ty),
+        mask=d < HEAD_DIM,
+    )
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Enough splits to give every SM about two programs, none shorter than 256 keys."""
+    if num_seqs * num_kv_heads >= num_sms:
+        return 1
+    want = max(1, (2 * num_sms) // max(1, num_seqs * num_kv_heads))
+    cap = max(1, max_seq_len // 256)
+    return min(triton.next_power_of_2(want), triton.next_power_of_2(cap), 32)
+
+
+def paged_decode(
+    q: torch.Tensor,  # [S, H, D], one token per sequence
+    layer_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor,
+    dot_dtype: tl.dtype,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    s, h, d = q.shape
+    kvh = layer_cache.shape[3]
+    group = h // kvh
+    block_size = layer_cache.shape[2]
+    block_n = 64  # block ids are gathered per key, so a tile may span several pages
+    if num_splits > 1:
+        if workspace is None:
+            part_o = torch.empty(s, h, num_splits, d, dtype=torch.float32, device=q.device)
+            part_lse = torch.empty(s, h, num_splits, dtype=torch.float32, device=q.device)
+        else:
+            part_o, part_lse = workspace
+    else:
+        part_o = part_lse = out  # unused
+    _decode_kernel[(s, kvh, num_splits)](
+        q,
+        layer_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_o,
+        part_lse,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        layer_cache.stride(0),
+        layer_cache.stride(1),
+        layer_cache.stride(2),
+        layer_cache.stride(3),
+        GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        DOT_DTYPE=dot_dtype,
+        num_warps=4,
+        num_stages=3,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(s, h)](
+            part_o,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=h,
+            HEAD_DIM=d,
+            BLOCK_D=triton.next_power_of_2(d),
+            NUM_SPLITS=num_splits,
+        )
+    return out
+
+
+# ---- prefill / mixed: varlen queries, causal with a context offset ---------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    cache_ptr,
+    block_table_ptr,
+    query_start_ptr,
+    context_lens_ptr,
+    out_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_ckv,
+    stride_ct,
+    stride_ch,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # query tokens per program; rows = BLOCK_Q * G_PAD
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    qt = tl.program_id(0)
+    s = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q0 = tl.load(query_start_ptr + s)
+    q_len = tl.load(query_start_ptr + s + 1) - q0
+    if qt * BLOCK_Q >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + s)
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
+    r = tl.arange(0, BLOCK_M)
+    tok = qt * BLOCK_Q + r // G_PAD  # index within this sequence's new tokens
+    g = r % G_PAD
+    rmask = (tok < q_len) & (g < GROUP)
+    pos = ctx + tok  # absolute position: sees keys 0..pos
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    heads = kvh * GROUP + g
+    q = tl.load(
+        q_ptr + (q0 + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=rmask[:, None] & dmask[None, :],
+        other=0.0,
+    ).to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    kv_base = cache_ptr + kvh * stride_ch
+    first_pos = ctx + qt * BLOCK_Q
+    last_pos = tl.minimum(ctx + q_len, first_pos + BLOCK_Q) - 1
+    # keys before first_pos are seen by every row: no causal mask for those whole tiles
+    n_full = first_pos // BLOCK_N
+    n_all = tl.cdiv(last_pos + 1, BLOCK_N)
+    for tile in range(0, n_all):
+        kt = tile * BLOCK_N + n
+        nmask = kt <= last_pos
+        blk = tl.load(block_table_ptr + s * stride_bt + kt // BLOCK_SIZE, mask=nmask, other=0)
+        row = blk.to(tl.int64) * stride_cb + (kt % BLOCK_SIZE) * stride_ct
+        ptrs = kv_base + row[:, None] + d[None, :]
+        lmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(ptrs, mask=lmask, other=0.0).to(DOT_DTYPE)
+        v = tl.load(ptrs + stride_ckv, mask=lmask, other=0.0).to(DOT_DTYPE)
+        sc = tl.dot(q, tl.trans(k)) * qk_scale
+        if tile >= n_full:
+            sc = tl.where(kt[None, :] <= pos[:, None], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        # rows with no visible key yet keep m = -inf; avoid inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(
+        out_ptr + (q0 + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None] & dmask[None, :],
+    )
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [T, H, D]
+    layer_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor,
+    dot_dtype: tl.dtype,
+) -> torch.Tensor:
+    _, h, d = q.shape
+    kvh = layer_cache.shape[3]
+    group = h // kvh
+    g_pad = triton.next_power_of_2(group)
+    num_seqs = query_start_loc.shape[0] - 1
+    # rows = query tokens x padded group: 64 for short queries, 128 for long ones
+    rows = 128 if max_query_len * g_pad >= 128 and d <= 128 else 64
+    block_q = max(1, rows // g_pad)
+    block_size = layer_cache.shape[2]
+    block_n = 64 if block_q * g_pad <= 64 else 32
+    grid = (triton.cdiv(max_query_len, block_q), num_seqs, kvh)
+    _prefill_kernel[grid](
+        q,
+        layer_cache,
+        block_tables,
+        query_start_loc,
+        context_lens,
+        out,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        layer_cache.stride(0),
+        layer_cache.stride(1),
+        layer_cache.stride(2),
+        layer_cache.stride(3),
+        GROUP=group,
+        G_PAD=g_pad,
+        BLOCK_Q=block_q,
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        DOT_DTYPE=dot_dtype,
+        num_warps=8 if block_q * g_pad >= 128 else 4,
+        num_stages=2,
+    )
+    return out
+
+
+def dot_dtype_for(dtype: torch.dtype) -> tl.dtype:
+    """Operand type of the matrix products: the cache's own 16-bit type, else float32."""
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+
+
+__all__ = [
+    "LOG2E",
+    "decode_num_splits",
+    "dot_dtype_for",
+    "kv_write",
+    "paged_decode",
+    "paged_prefill",
+]
