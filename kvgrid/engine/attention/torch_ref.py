@@ -13,6 +13,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale: float):
         write_kv_reference(k, v, kv_cache, layer, meta.slot_mapping)
+        if meta.decode_only and meta.num_seqs > 1:
+            return self._decode_batched(q, kv_cache, layer, meta, scale)
         out = torch.empty_like(q)
         block_size = kv_cache.shape[3]
         num_heads, num_kv_heads = q.shape[1], k.shape[1]
@@ -40,3 +42,24 @@ class TorchAttentionBackend(AttentionBackend):
             )
             out[q0:q1] = o[0].transpose(0, 1)
         return out
+
+    @staticmethod
+    def _decode_batched(q, kv_cache, layer, meta: AttentionMetadata, scale: float):
+        """All decode rows in one padded SDPA call: per-sequence calls dominate CPU decode."""
+        block_size, kvh, d = kv_cache.shape[3], kv_cache.shape[4], kv_cache.shape[5]
+        b = meta.num_seqs
+        nblk = -(-meta.max_seq_len // block_size)
+        kv = kv_cache[meta.block_tables[:, :nblk].long(), layer]  # [B, nblk, 2, bs, kvh, d]
+        keys = kv[:, :, 0].reshape(b, nblk * block_size, kvh, d).transpose(1, 2).to(q.dtype)
+        vals = kv[:, :, 1].reshape(b, nblk * block_size, kvh, d).transpose(1, 2).to(q.dtype)
+        pos = torch.arange(nblk * block_size, device=q.device)
+        mask = (pos.unsqueeze(0) < meta.seq_lens.unsqueeze(1)).view(b, 1, 1, -1)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, H, 1, d]
+            keys,
+            vals,
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=q.shape[1] != kvh,
+        )
+        return o.squeeze(2)
