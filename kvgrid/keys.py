@@ -102,8 +102,22 @@ def block_keys(
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     digest = scope.digest if isinstance(scope, KVScope) else scope
+    end = len(tokens) // block_size
+    if end <= start_block:
+        return []
+    # Encode all tokens once and hash slices: the same bytes block_key() would frame, at a
+    # fraction of the cost (the router hashes every prompt on its hot path).
+    data = encode_tokens(tokens[start_block * block_size : end * block_size])
+    width = 4 * block_size
+    scope_frame = _frame(digest)
+    tok_len = struct.pack("<I", width)
     keys: list[bytes] = []
-    for b in range(start_block, len(tokens) // block_size):
-        parent = block_key(parent, digest, tokens[b * block_size : (b + 1) * block_size])
+    for b in range(end - start_block):
+        h = hashlib.blake2b(digest_size=KEY_BYTES, person=_BLOCK_PERSON)
+        h.update(_frame(parent or b""))
+        h.update(scope_frame)
+        h.update(tok_len)
+        h.update(data[b * width : (b + 1) * width])
+        parent = h.digest()
         keys.append(parent)
     return keys

@@ -84,15 +84,20 @@ def _randomise(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
 
 
-def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory, arch: str, seed: int = 0) -> Path:
-    """Build a tiny random HF model directory (float32 safetensors + the default model's
-    tokenizer) for `arch` in TINY_ARCHS and return its path."""
+def tiny_hf_model(
+    tmp_path_factory: pytest.TempPathFactory,
+    arch: str,
+    seed: int = 0,
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    """Build a tiny random HF model directory (float32 safetensors + the tokenizer files of
+    `tokenizer_dir`, by default the default model's) for `arch` in TINY_ARCHS; its path."""
     import torch
     import transformers
 
     from kvgrid.models.default import ensure_default_model
 
-    tok_dir = ensure_default_model(progress=False)
+    tok_dir = tokenizer_dir or ensure_default_model(progress=False)
     config = _tiny_config(arch, vocab_size=49152)
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
     torch.manual_seed(seed)
@@ -108,13 +113,13 @@ def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory, arch: str, seed: int
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path):
     """Factory: ``tiny_model_dir(arch) -> Path``, each arch built once per session."""
     built: dict[str, Path] = {}
 
     def get(arch: str) -> Path:
         if arch not in built:
-            built[arch] = tiny_hf_model(tmp_path_factory, arch)
+            built[arch] = tiny_hf_model(tmp_path_factory, arch, tokenizer_dir=default_model_dir)
         return built[arch]
 
     return get

@@ -228,6 +228,9 @@ class LLMEngine:
         return False
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        if seq.detokenizer is not None and not isinstance(stop_reason, str):
+            # release text held back for an unfinished character (a stop string already cut it)
+            seq.text += seq.detokenizer.flush()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
 
