@@ -1,0 +1,1 @@
+"""Server: the OpenAI-compatible frontend, worker processes, tenants and metrics."""

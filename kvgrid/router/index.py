@@ -1,0 +1,282 @@
+"""KVIndex: which worker holds which block, in which tier, built from numbered KV events.
+
+Pure data structure, no I/O: the live router and the fleet simulator drive it the same way.
+
+Layout, chosen for update speed: one dict per tier mapping a block key to a bitmask of the
+workers that hold it (each worker owns one bit), plus per worker the set of its keys per
+tier so a lost worker's blocks can be dropped. An overlap query walks the prompt's keys once,
+AND-ing masks, so its cost grows with the prompt, not with the fleet.
+
+Consistency: each worker numbers its event batches 1, 2, 3, ... A batch that skips a
+number, or a load report announcing a later number than the index has seen, marks the
+worker *stale*: its batches are buffered until a snapshot (all its keys per tier, with the
+sequence number they reflect) replaces its entries, then the buffered batches newer than the
+snapshot are replayed. A worker is stale from registration until its first snapshot, since
+the index cannot know what it missed before subscribing.
+
+Tier G4 is the shared tier: a key stored there by any worker is reachable by every worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kvgrid.events import TIERS, AllCleared, BlockRemoved, BlockStored, EventBatch
+
+TIER_INDEX = {t: i for i, t in enumerate(TIERS)}
+SHARED_TIER = TIER_INDEX["G4"]
+# Bounds the memory a stale worker can pin while its snapshot is on the way.
+MAX_PENDING_BATCHES = 10_000
+
+
+@dataclass
+class _WorkerEntry:
+    bit: int
+    keys: list[set[bytes]] = field(default_factory=lambda: [set() for _ in TIERS])
+    seq: int = 0
+    stale: bool = True
+    pending: list[EventBatch] = field(default_factory=list)
+    overflowed: bool = False
+
+
+@dataclass
+class Overlap:
+    """Leading blocks of a prompt that one worker can serve without recomputing them.
+
+    ``by_tier[i]`` counts, within the matched prefix, the blocks whose best copy is in tier
+    TIERS[i]; ``predicted`` counts blocks known only from the router's recent decisions.
+    """
+
+    blocks: int = 0
+    by_tier: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    predicted: int = 0
+
+
+class KVIndex:
+    def __init__(self) -> None:
+        self._tiers: list[dict[bytes, int]] = [{} for _ in TIERS]
+        self._workers: dict[str, _WorkerEntry] = {}
+        self._bit_owner: dict[int, str] = {}
+        self._free_bits: list[int] = []
+        self.events_applied = 0
+        self.resyncs = 0
+
+    # ---- workers -------------------------------------------------------------------------
+
+    def add_worker(self, worker_id: str) -> None:
+        if worker_id in self._workers:
+            return
+        bit = self._free_bits.pop() if self._free_bits else len(self._bit_owner)
+        self._workers[worker_id] = _WorkerEntry(bit)
+        self._bit_owner[bit] = worker_id
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a lost worker and every block it held."""
+        entry = self._workers.pop(worker_id, None)
+        if entry is None:
+            return
+        self._clear(entry, range(len(TIERS)))
+        del self._bit_owner[entry.bit]
+        self._free_bits.append(entry.bit)
+
+    def reset_worker(self, worker_id: str) -> None:
+        """A new life of the worker (restart): drop its blocks, wait for a snapshot."""
+        self.remove_worker(worker_id)
+        self.add_worker(worker_id)
+
+    @property
+    def workers(self) -> list[str]:
+        return list(self._workers)
+
+    def has_worker(self, worker_id: str) -> bool:
+        return worker_id in self._workers
+
+    def is_stale(self, worker_id: str) -> bool:
+        return self._workers[worker_id].stale
+
+    def seq(self, worker_id: str) -> int:
+        return self._workers[worker_id].seq
+
+    def bit(self, worker_id: str) -> int:
+        return self._workers[worker_id].bit
+
+    def num_blocks(self, worker_id: str, tier: str | None = None) -> int:
+        k = self._workers[worker_id].keys
+        if tier is not None:
+            return len(k[TIER_INDEX[tier]])
+        return len(k[0]) + len(k[1]) + len(k[2]) + len(k[3])
+
+    def worker_keys(self, worker_id: str, tier: str) -> set[bytes]:
+        return set(self._workers[worker_id].keys[TIER_INDEX[tier]])
+
+    # ---- updates -------------------------------------------------------------------------
+
+    def apply_batch(self, batch: EventBatch) -> str:
+        """Apply one batch; returns "ok", "duplicate", "gap" (now stale), "buffered" or
+        "unknown" (no such worker). After "gap" the caller must fetch a snapshot."""
+        entry = self._workers.get(batch.worker_id)
+        if entry is None:
+            return "unknown"
+        if entry.stale:
+            if len(entry.pending) < MAX_PENDING_BATCHES:
+                entry.pending.append(batch)
+            else:
+                entry.overflowed = True
+            return "buffered"
+        if batch.seq <= entry.seq:
+            return "duplicate"
+        if batch.seq != entry.seq + 1:
+            entry.stale = True
+            entry.pending = [batch]
+            return "gap"
+        self._apply_events(entry, batch.events)
+        entry.seq = batch.seq
+        return "ok"
+
+    def note_seq(self, worker_id: str, seq: int) -> bool:
+        """A heartbeat says the worker has published up to ``seq``. Returns True if that
+        reveals lost batches (the worker is now stale)."""
+        entry = self._workers.get(worker_id)
+        if entry is None or entry.stale or seq <= entry.seq:
+            return False
+        entry.stale = True
+        entry.pending = []
+        return True
+
+    def apply_snapshot(self, worker_id: str, seq: int, tiers: dict[str, Iterable[bytes]]) -> str:
+        """Replace a worker's entries with its snapshot taken at event ``seq``, then replay the
+        batches buffered meanwhile. Returns "ok", or "gap" if those batches still miss one."""
+        entry = self._workers.get(worker_id)
+        if entry is None:
+            return "unknown"
+        self._clear(entry, range(len(TIERS)))
+        bit = 1 << entry.bit
+        for tier, keys in tiers.items():
+            ti = TIER_INDEX[tier]
+            d, own = self._tiers[ti], entry.keys[ti]
+            for k in keys:
+                d[k] = d.get(k, 0) | bit
+                own.add(k)
+        pending = sorted(entry.pending, key=lambda b: b.seq)
+        entry.pending, entry.seq, entry.stale = [], seq, False
+        self.resyncs += 1
+        if entry.overflowed:
+            entry.overflowed = False
+            if pending and pending[0].seq > seq + 1:
+                entry.stale = True
+                return "gap"
+        for b in pending:
+            if self.apply_batch(b) == "gap":
+                return "gap"
+        return "ok"
+
+    def _apply_events(self, entry: _WorkerEntry, events: Sequence) -> None:
+        bit = 1 << entry.bit
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                ti = TIER_INDEX[ev.tier]
+                d, own = self._tiers[ti], entry.keys[ti]
+                for k in ev.keys:
+                    d[k] = d.get(k, 0) | bit
+                    own.add(k)
+            elif isinstance(ev, BlockRemoved):
+                ti = TIER_INDEX[ev.tier]
+                d, own = self._tiers[ti], entry.keys[ti]
+                for k in ev.keys:
+                    if k in own:
+                        own.discard(k)
+                        m = d[k] & ~bit
+                        if m:
+                            d[k] = m
+                        else:
+                            del d[k]
+            elif isinstance(ev, AllCleared):
+                tiers = range(len(TIERS)) if ev.tier is None else (TIER_INDEX[ev.tier],)
+                self._clear(entry, tiers)
+            self.events_applied += 1
+
+    def _clear(self, entry: _WorkerEntry, tiers: Iterable[int]) -> None:
+        mask = ~(1 << entry.bit)
+        for ti in tiers:
+            d = self._tiers[ti]
+            for k in entry.keys[ti]:
+                m = d[k] & mask
+                if m:
+                    d[k] = m
+                else:
+                    del d[k]
+            entry.keys[ti] = set()
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def overlap(
+        self,
+        keys: Sequence[bytes],
+        predicted: dict[bytes, int] | None = None,
+        exclude_mask: int = 0,
+    ) -> dict[str, Overlap]:
+        """Per worker, the leading blocks of ``keys`` it holds (any tier, or the shared tier).
+
+        ``predicted`` maps keys to worker bitmasks the router expects to hold them (its recent
+        decisions); ``exclude_mask`` drops workers whose index entries are not to be trusted
+        (stale) while still counting their predicted blocks. Workers with no match are absent.
+        """
+        g1, g2, g3, g4 = self._tiers
+        pred = predicted or {}
+        everyone = 0
+        for entry in self._workers.values():
+            everyone |= 1 << entry.bit
+        trusted = everyone & ~exclude_mask
+        active = everyone
+        lengths: dict[int, int] = {}
+        # per-worker counts of blocks not in G1, filled only where such blocks occur
+        lower: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            m1 = g1.get(k, 0) & trusted
+            mp = pred.get(k, 0)
+            m2 = g2.get(k, 0) & trusted
+            m3 = g3.get(k, 0) & trusted
+            m = m1 | mp | m2 | m3
+            if k in g4 and g4[k] & trusted:
+                m = everyone
+            still = active & m
+            gone = active & ~still
+            if gone:
+                for b in _bits(gone):
+                    lengths[b] = i
+            active = still
+            if not active:
+                break
+            rest = active & ~m1
+            if rest:
+                for b in _bits(rest):
+                    row = lower.setdefault(b, [0, 0, 0, 0, 0])
+                    if mp >> b & 1:
+                        row[4] += 1
+                    elif m2 >> b & 1:
+                        row[1] += 1
+                    elif m3 >> b & 1:
+                        row[2] += 1
+                    else:
+                        row[3] += 1
+        for b in _bits(active):  # matched every key
+            lengths[b] = len(keys)
+        out: dict[str, Overlap] = {}
+        for b, n in lengths.items():
+            if n == 0:
+                continue
+            row = lower.get(b)
+            if row is None:
+                out[self._bit_owner[b]] = Overlap(n, [n, 0, 0, 0], 0)
+            else:
+                g1n = n - row[1] - row[2] - row[3] - row[4]
+                out[self._bit_owner[b]] = Overlap(n, [g1n, row[1], row[2], row[3]], row[4])
+        return out
+
+
+def _bits(mask: int):
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low

@@ -1,0 +1,449 @@
+"""Router: the worker registry, the KV index and a policy, driven by method calls.
+
+Pure: no sockets, no threads, no clocks. Every method that depends on time takes ``now``
+(seconds, any monotonic origin), so the live server and the fleet simulator run this same
+code. The server feeds it load reports, event batches and snapshots as they arrive, asks
+it for a ``Decision`` per request, and reports first tokens and completions back.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvgrid import keys as kvkeys
+from kvgrid.events import EventBatch
+from kvgrid.router.index import KVIndex, Overlap
+from kvgrid.router.policies import (
+    DEFAULT_POLICY,
+    Candidate,
+    Policy,
+    make_policy,
+    predict_ttft,
+)
+from kvgrid.router.recent import RecentDecisions
+from kvgrid.router.workers import (
+    DEFAULT_DECODE_STEP_S,
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    DEFAULT_TIER_BYTES_PER_S,
+    InFlight,
+    WorkerInfo,
+    WorkerLoad,
+    WorkerState,
+)
+
+log = logging.getLogger(__name__)
+
+FRESHNESS = ("exact", "predicted", "stale", "down")
+
+
+def tune_gc() -> None:
+    """Keep collector pauses off the routing path: the index holds millions of long-lived
+    objects that a full collection would walk again and again. Freeze what exists and
+    collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
+class NoWorkerError(RuntimeError):
+    """No live worker can take the request (none registered, all down, or none serves it)."""
+
+
+@dataclass
+class RouteRequest:
+    request_id: str
+    token_ids: Sequence[int] = ()
+    tenant: bytes = kvkeys.PUBLIC_TENANT  # tenant scope, derived by the server
+    model: str | None = None  # None: any worker
+    # Precomputed block keys (one-scope fleets, the simulator); then token_ids may be empty
+    # and num_tokens gives the prompt length.
+    keys: list[bytes] | None = None
+    num_tokens: int | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.num_tokens if self.num_tokens is not None else len(self.token_ids)
+
+
+@dataclass
+class Decision:
+    request_id: str
+    worker_id: str
+    policy: str
+    prompt_tokens: int
+    predicted_cached_tokens: int
+    predicted_ttft_s: float
+    candidates: list[Candidate] = field(default_factory=list)
+    decided_at: float = 0.0
+    elapsed_s: float = 0.0  # time spent deciding (wall clock)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "worker_id": self.worker_id,
+            "policy": self.policy,
+            "prompt_tokens": self.prompt_tokens,
+            "predicted_cached_tokens": self.predicted_cached_tokens,
+            "predicted_ttft_s": round(self.predicted_ttft_s, 6),
+            "decision_us": round(self.elapsed_s * 1e6, 1),
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+    def log_line(self) -> str:
+        parts = [
+            f"{c.worker_id}:match={c.overlap.blocks}b,backlog={c.backlog_tokens},"
+            f"ttft={c.predicted_ttft_s * 1e3:.1f}ms,{c.freshness}"
+            for c in self.candidates
+        ]
+        return (
+            f"route {self.request_id} -> {self.worker_id} [{self.policy}] "
+            f"cached~{self.predicted_cached_tokens}/{self.prompt_tokens} | " + " ".join(parts)
+        )
+
+
+class Router:
+    def __init__(
+        self,
+        policy: str | Policy = DEFAULT_POLICY,
+        recent_ttl_s: float = 5.0,
+        heartbeat_timeout_s: float = 5.0,
+        **policy_kwargs: Any,
+    ) -> None:
+        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, **policy_kwargs)
+        self.index = KVIndex()
+        self.recent = RecentDecisions(recent_ttl_s)
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.workers: dict[str, WorkerState] = {}
+        self._requests: dict[str, tuple[str, Sequence[int], list[bytes], bytes, int]] = {}
+        self._speeds: tuple[float, float] = (DEFAULT_PREFILL_TOKENS_PER_S, DEFAULT_DECODE_STEP_S)
+        self._speeds_dirty = True
+        self._scope_digests: dict[tuple[kvkeys.KVScope, bytes], bytes] = {}
+        self.decisions: deque[Decision] = deque(maxlen=256)  # for /debug
+        self.counters = {"decisions": 0, "resyncs_requested": 0, "gaps": 0, "workers_lost": 0}
+
+    # ---- registry ------------------------------------------------------------------------
+
+    def add_worker(self, info: WorkerInfo, now: float) -> bool:
+        """Register a worker, or re-register one that came back. Returns True if the caller
+        must fetch the worker's snapshot (its index entry is stale)."""
+        old = self.workers.get(info.worker_id)
+        if old is not None and old.info.epoch == info.epoch and old.up:
+            old.info = info
+            old.last_seen = now
+            return self.index.is_stale(info.worker_id)
+        if old is not None:  # a new life of the worker, or back from down: forget the old one
+            self._drop_worker_state(info.worker_id)
+        self.workers[info.worker_id] = WorkerState(info, last_seen=now)
+        self.index.add_worker(info.worker_id)
+        self._speeds_dirty = True
+        if not info.events:
+            self.index.apply_snapshot(info.worker_id, 0, {})  # nothing will come: not stale
+            return False
+        return True
+
+    def remove_worker(self, worker_id: str) -> None:
+        if worker_id in self.workers:
+            self._drop_worker_state(worker_id)
+            del self.workers[worker_id]
+            self.index.remove_worker(worker_id)
+
+    def mark_down(self, worker_id: str, now: float, reason: str = "") -> None:
+        """The worker is unreachable: route nothing there and drop its blocks."""
+        w = self.workers.get(worker_id)
+        if w is None or not w.up:
+            return
+        log.warning("worker %s marked down%s", worker_id, f": {reason}" if reason else "")
+        self._drop_worker_state(worker_id)
+        self.index.reset_worker(worker_id)
+        w.up, w.down_since = False, now
+        self.counters["workers_lost"] += 1
+        self._speeds_dirty = True
+
+    def set_draining(self, worker_id: str, draining: bool = True) -> None:
+        self.workers[worker_id].draining = draining
+
+    def _drop_worker_state(self, worker_id: str) -> None:
+        if self.index.has_worker(worker_id):
+            self.recent.forget_worker(self.index.bit(worker_id))
+        w = self.workers.get(worker_id)
+        if w is not None:
+            for rid in list(w.inflight):
+                self._requests.pop(rid, None)
+            w.clear_inflight()
+
+    def check_liveness(self, now: float) -> list[str]:
+        """Mark down workers silent for longer than the heartbeat timeout; returns them."""
+        lost = [
+            wid
+            for wid, w in self.workers.items()
+            if w.up and now - w.last_seen > self.heartbeat_timeout_s
+        ]
+        for wid in lost:
+            self.mark_down(wid, now, "no heartbeat")
+        return lost
+
+    def freshness(self, worker_id: str) -> str:
+        w = self.workers[worker_id]
+        if not w.up:
+            return "down"
+        if not w.info.events:
+            return "predicted"
+        return "stale" if self.index.is_stale(worker_id) else "exact"
+
+    # ---- feeds from workers --------------------------------------------------------------
+
+    def on_load(self, report: WorkerLoad | dict, now: float) -> bool:
+        """A load report (heartbeat). Returns True if a snapshot must be fetched."""
+        if isinstance(report, dict):
+            report = WorkerLoad.from_dict(report)
+        w = self.workers.get(report.worker_id)
+        if w is None or not w.up or (report.epoch and report.epoch != w.info.epoch):
+            return False
+        speeds_changed = (report.prefill_tokens_per_s, report.decode_step_s) != (
+            w.load.prefill_tokens_per_s,
+            w.load.decode_step_s,
+        )
+        w.load, w.last_seen = report, now
+        if speeds_changed:
+            self._speeds_dirty = True
+        if not w.info.events:
+            return False
+        if self.index.note_seq(report.worker_id, report.kv_seq):
+            self.counters["gaps"] += 1
+        if self.index.is_stale(report.worker_id):
+            self.counters["resyncs_requested"] += 1
+            return True
+        return False
+
+    def on_events(self, batch: EventBatch, now: float, epoch: str = "") -> str:
+        """Apply a KV event batch; "gap" means the caller must fetch a snapshot."""
+        w = self.workers.get(batch.worker_id)
+        if w is None or not w.up or (epoch and epoch != w.info.epoch):
+            return "unknown"
+        w.last_seen = now
+        status = self.index.apply_batch(batch)
+        if status == "gap":
+            self.counters["gaps"] += 1
+            self.counters["resyncs_requested"] += 1
+        return status
+
+    def on_snapshot(
+        self,
+        worker_id: str,
+        seq: int,
+        tiers: dict[str, Iterable[bytes]],
+        now: float,
+        epoch: str = "",
+    ) -> str:
+        w = self.workers.get(worker_id)
+        if w is None or not w.up or (epoch and epoch != w.info.epoch):
+            return "unknown"
+        w.last_seen = now
+        return self.index.apply_snapshot(worker_id, seq, tiers)
+
+    # ---- routing -------------------------------------------------------------------------
+
+    def _scope_digest(self, scope: kvkeys.KVScope, tenant: bytes) -> bytes:
+        k = (scope, tenant)
+        d = self._scope_digests.get(k)
+        if d is None:
+            d = self._scope_digests[k] = scope.with_tenant(tenant).digest
+        return d
+
+    def _fleet_speeds(self) -> tuple[float, float]:
+        if self._speeds_dirty:
+            pf = [
+                w.load.prefill_tokens_per_s
+                for w in self.workers.values()
+                if w.up and w.load.prefill_tokens_per_s
+            ]
+            ds = [
+                w.load.decode_step_s for w in self.workers.values() if w.up and w.load.decode_step_s
+            ]
+            self._speeds = (
+                statistics.median(pf) if pf else DEFAULT_PREFILL_TOKENS_PER_S,
+                statistics.median(ds) if ds else DEFAULT_DECODE_STEP_S,
+            )
+            self._speeds_dirty = False
+        return self._speeds
+
+    def route(
+        self, req: RouteRequest, now: float, exclude: Iterable[str] = (), dry_run: bool = False
+    ) -> Decision:
+        """Choose a worker and record the choice (recent prefixes, in-flight load); with
+        ``dry_run`` only explain what would be chosen."""
+        t0 = time.perf_counter()
+        self.recent.expire(now)
+        excluded = set(exclude)
+        index = self.index
+        # Workers sharing a scope and block size share one key chain: compute it once.
+        groups: dict[tuple[bytes, int], list[WorkerState]] = {}
+        stale_mask = 0
+        for w in self.workers.values():
+            if not w.up or w.draining or w.worker_id in excluded:
+                continue
+            if req.model is not None and w.info.model != req.model:
+                continue
+            g = (self._scope_digest(w.info.scope, req.tenant), w.info.block_size)
+            groups.setdefault(g, []).append(w)
+            if index.is_stale(w.worker_id):
+                stale_mask |= 1 << index.bit(w.worker_id)
+        if not groups:
+            raise NoWorkerError(
+                "no live worker" + (f" serves model {req.model!r}" if req.model else "")
+            )
+        n_prompt = req.prompt_tokens
+        pf_default, ds_default = self._fleet_speeds()
+        cands: list[Candidate] = []
+        group_keys: dict[str, list[bytes]] = {}
+        empty = Overlap()
+        for (digest, bs), members in groups.items():
+            if req.keys is not None:
+                rkeys = req.keys
+            else:
+                rkeys = kvkeys.block_keys(req.token_ids, digest, bs)
+            overlaps = index.overlap(rkeys, self.recent.masks, stale_mask)
+            hit_cap = max(0, (n_prompt - 1) // bs)  # the last prompt token is always computed
+            for w in members:
+                wid = w.worker_id
+                group_keys[wid] = rkeys
+                o = overlaps.get(wid, empty)
+                ld, info = w.load, w.info
+                cached = min(o.blocks, hit_cap) * bs
+                pf = ld.prefill_tokens_per_s or pf_default
+                tier_load = 0.0
+                if o.blocks > o.by_tier[0] + o.predicted and info.bytes_per_block:
+                    # lower-tier blocks: loading them competes with recomputing them
+                    for ti, tier in enumerate(("G2", "G3", "G4"), start=1):
+                        n = o.by_tier[ti]
+                        if n:
+                            bw = ld.tier_bytes_per_s.get(tier) or DEFAULT_TIER_BYTES_PER_S[tier]
+                            tier_load += min(n * info.bytes_per_block / bw, n * bs / pf)
+                if not info.events:
+                    fresh = "predicted"
+                else:
+                    fresh = "stale" if stale_mask >> index.bit(wid) & 1 else "exact"
+                c = Candidate(
+                    wid,
+                    fresh,
+                    o,
+                    n_prompt,
+                    cached,
+                    n_prompt - cached,
+                    w.backlog_tokens(),
+                    w.num_decoding(),
+                    w.num_active(),
+                    ld.kv_usage,
+                    index.num_blocks(wid),
+                    ld.kv_usage * ld.num_kv_blocks,
+                    bs,
+                    pf,
+                    ld.decode_step_s or ds_default,
+                    info.max_num_batched_tokens,
+                    tier_load,
+                )
+                predict_ttft(c)
+                cands.append(c)
+        pick = self.policy.choose(cands)
+        wid = pick.worker_id
+        rkeys = group_keys[wid]
+        w = self.workers[wid]
+        if not dry_run:
+            self.recent.record(self.index.bit(wid), rkeys, now)
+            w.add_inflight(req.request_id, InFlight(wid, now, n_prompt, pick.uncached_tokens))
+            if req.token_ids:
+                digest = self._scope_digest(w.info.scope, req.tenant)
+                self._requests[req.request_id] = (
+                    wid,
+                    req.token_ids,
+                    rkeys,
+                    digest,
+                    w.info.block_size,
+                )
+        d = Decision(
+            request_id=req.request_id,
+            worker_id=wid,
+            policy=self.policy.name,
+            prompt_tokens=n_prompt,
+            predicted_cached_tokens=pick.cached_tokens,
+            predicted_ttft_s=pick.predicted_ttft_s,
+            candidates=cands,
+            decided_at=now,
+            elapsed_s=time.perf_counter() - t0,
+        )
+        if not dry_run:
+            self.decisions.append(d)
+            self.counters["decisions"] += 1
+        return d
+
+    # ---- request lifecycle ---------------------------------------------------------------
+
+    def _inflight(self, request_id: str) -> tuple[WorkerState, InFlight] | None:
+        entry = self._requests.get(request_id)
+        wid = entry[0] if entry else None
+        for w in [self.workers[wid]] if wid in self.workers else self.workers.values():
+            r = w.inflight.get(request_id)
+            if r is not None:
+                return w, r
+        return None
+
+    def on_first_token(self, request_id: str, now: float) -> None:
+        found = self._inflight(request_id)
+        if found:
+            found[0].first_token(request_id)
+
+    def on_finish(
+        self, request_id: str, now: float, output_token_ids: Sequence[int] | None = None
+    ) -> None:
+        """The request ended. With its output tokens, the blocks the worker computed for the
+        output are predicted too (multi-turn chats resend them in the next turn)."""
+        found = self._inflight(request_id)
+        if found:
+            found[0].remove_inflight(request_id)
+        entry = self._requests.pop(request_id, None)
+        if not (entry and output_token_ids and found and found[0].up):
+            return
+        wid, prompt, rkeys, digest, bs = entry
+        # the last sampled token never went through the model, so its KV does not exist
+        tokens = list(prompt) + list(output_token_ids[:-1])
+        n_full = len(tokens) // bs
+        if n_full > len(rkeys):
+            more = kvkeys.block_keys(
+                tokens[: n_full * bs],
+                digest,
+                bs,
+                parent=rkeys[-1] if rkeys else None,
+                start_block=len(rkeys),
+            )
+            self.recent.record(self.index.bit(wid), more, now)
+
+    # ---- introspection -------------------------------------------------------------------
+
+    def snapshot_state(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.name,
+            "workers": {
+                wid: {
+                    "url": w.info.url,
+                    "up": w.up,
+                    "draining": w.draining,
+                    "freshness": self.freshness(wid),
+                    "kv_seq": self.index.seq(wid) if self.index.has_worker(wid) else None,
+                    "cached_blocks": (
+                        self.index.num_blocks(wid) if self.index.has_worker(wid) else 0
+                    ),
+                    "inflight": len(w.inflight),
+                    "load": w.load.to_dict(),
+                }
+                for wid, w in self.workers.items()
+            },
+            "recent_entries": len(self.recent),
+            "counters": dict(self.counters),
+        }

@@ -1,0 +1,151 @@
+"""What the router knows about each worker: identity, measured speeds, load, liveness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from kvgrid import keys
+
+_UNKNOWN_SCOPE = keys.KVScope("unknown", "unknown")
+
+# Used until a worker has measured itself (fleet medians replace them as soon as any has).
+DEFAULT_PREFILL_TOKENS_PER_S = 4000.0
+DEFAULT_DECODE_STEP_S = 0.03
+DEFAULT_TIER_BYTES_PER_S = {"G2": 20e9, "G3": 1.0e9, "G4": 0.5e9}
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Fixed for one life of a worker process (its /info)."""
+
+    worker_id: str
+    url: str = ""
+    epoch: str = ""
+    model: str = "default"
+    scope: keys.KVScope = _UNKNOWN_SCOPE
+    block_size: int = keys.DEFAULT_BLOCK_SIZE
+    max_model_len: int = 2048
+    bytes_per_block: int = 0  # KV bytes of one block (all layers), for tier load times
+    max_num_batched_tokens: int = 2048
+    events: bool = True  # False: no KV event stream; the router predicts from its decisions
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        s = self.scope
+        d["scope"] = {
+            "model_fingerprint": s.model_fingerprint,
+            "dtype": s.dtype,
+            "layout_version": s.layout_version,
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerInfo:
+        d = dict(d)
+        s = d.pop("scope", None)
+        known = {f.name for f in fields(cls)}
+        info = {k: v for k, v in d.items() if k in known}
+        if s is not None:
+            info["scope"] = keys.KVScope(s["model_fingerprint"], s["dtype"], s["layout_version"])
+        return cls(**info)
+
+
+@dataclass
+class WorkerLoad:
+    """A worker's periodic load report (also its heartbeat)."""
+
+    worker_id: str = ""
+    epoch: str = ""
+    kv_seq: int = 0  # last KV event batch published before this report
+    num_running: int = 0
+    num_waiting: int = 0
+    waiting_prefill_tokens: int = 0  # prompt tokens admitted or queued but not yet computed
+    kv_usage: float = 0.0
+    num_kv_blocks: int = 0
+    prefill_tokens_per_s: float | None = None
+    decode_step_s: float | None = None
+    tier_bytes_per_s: dict[str, float] = field(default_factory=dict)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_preemptions: int = 0
+    timestamp: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerLoad:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class InFlight:
+    """A request the router sent and has not seen finish."""
+
+    worker_id: str
+    sent_at: float
+    prompt_tokens: int
+    uncached_tokens: int  # predicted prefill work it adds to the worker
+    first_token: bool = False
+
+
+@dataclass
+class WorkerState:
+    info: WorkerInfo
+    up: bool = True
+    draining: bool = False  # no new requests, in-flight ones finish (planner scale-down)
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    last_seen: float = 0.0  # router clock: last load report or event batch
+    down_since: float | None = None
+    inflight: dict[str, InFlight] = field(default_factory=dict)
+    # running sums over `inflight`, kept incrementally: routing reads them for every worker
+    _pending_prefill: int = 0
+    _mine_decoding: int = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    def add_inflight(self, request_id: str, r: InFlight) -> None:
+        self.remove_inflight(request_id)
+        self.inflight[request_id] = r
+        self._pending_prefill += r.uncached_tokens
+
+    def first_token(self, request_id: str) -> None:
+        r = self.inflight.get(request_id)
+        if r is not None and not r.first_token:
+            r.first_token = True
+            self._pending_prefill -= r.uncached_tokens
+            self._mine_decoding += 1
+
+    def remove_inflight(self, request_id: str) -> InFlight | None:
+        r = self.inflight.pop(request_id, None)
+        if r is not None:
+            if r.first_token:
+                self._mine_decoding -= 1
+            else:
+                self._pending_prefill -= r.uncached_tokens
+        return r
+
+    def clear_inflight(self) -> None:
+        self.inflight.clear()
+        self._pending_prefill = self._mine_decoding = 0
+
+    def pending_prefill_tokens(self) -> int:
+        """Prefill work this router has sent there that has not produced a first token."""
+        return self._pending_prefill
+
+    def backlog_tokens(self) -> int:
+        # The report covers every frontend's requests but lags; our own record is current but
+        # covers only us. The larger is the safer estimate of the queue in front of a request.
+        return max(self.load.waiting_prefill_tokens, self._pending_prefill)
+
+    def num_decoding(self) -> int:
+        return max(self.load.num_running, self._mine_decoding)
+
+    def num_active(self) -> int:
+        return max(self.load.num_running + self.load.num_waiting, len(self.inflight))

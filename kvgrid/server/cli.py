@@ -1,0 +1,129 @@
+"""`kvgrid serve`, `kvgrid worker`, `kvgrid router` and `kvgrid bench-router`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _frontend_args(p: argparse.ArgumentParser) -> None:
+    from kvgrid.router.policies import DEFAULT_POLICY, POLICIES
+
+    g = p.add_argument_group("frontend")
+    g.add_argument(
+        "--host",
+        default=None,
+        help="address to bind (default 127.0.0.1; 0.0.0.0 when API keys are set)",
+    )
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument(
+        "--policy",
+        default=DEFAULT_POLICY,
+        choices=list(POLICIES),
+        help="routing policy (default: %(default)s)",
+    )
+    g.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help="JSON or TOML file of API keys -> tenants (or env KVGRID_API_KEYS); "
+        "none: one local tenant",
+    )
+    g.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=256,
+        help="requests in flight across all workers; more wait in a fair queue",
+    )
+    g.add_argument("--served-model-name", default=None)
+    g.add_argument(
+        "--log-decisions",
+        action="store_true",
+        help="log every routing decision with each candidate's numbers",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from kvgrid.engine.args import add_engine_args
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server: router plus worker processes")
+    _frontend_args(p)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: cores / workers)",
+    )
+    add_engine_args(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("worker", help="one engine worker (internal HTTP API + KV events)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (keep it private)")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument(
+        "--advertise-url",
+        default=None,
+        help="URL the router reaches this worker at (default http://HOST:PORT)",
+    )
+    p.add_argument("--worker-id", default=None, help="stable name (default HOST:PORT)")
+    p.add_argument(
+        "--events-port",
+        type=int,
+        default=0,
+        help="ZeroMQ PUB port for KV events (default: any free port)",
+    )
+    p.add_argument(
+        "--router", default=None, metavar="URL", help="announce this worker to a router at URL"
+    )
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    add_engine_args(p)
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("router", help="the frontend and router alone, for separate workers")
+    _frontend_args(p)
+    p.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a worker URL (repeatable); workers may also announce themselves",
+    )
+    p.add_argument(
+        "--model", default=None, help="model whose tokenizer to use (default: the embedded default)"
+    )
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.set_defaults(func=_router)
+
+    p = sub.add_parser("bench-router", help="router alone: decision latency and index update rate")
+    p.add_argument("--workers", type=int, default=64)
+    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--policy", default="ttft")
+    p.add_argument("--index-batches", type=int, default=50_000)
+    p.add_argument("--out", default="router_bench.json")
+    p.set_defaults(func=_bench)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kvgrid.server.serve import run_serve
+
+    return run_serve(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from kvgrid.server.worker import run_worker
+
+    return run_worker(args)
+
+
+def _router(args: argparse.Namespace) -> int:
+    from kvgrid.server.serve import run_router
+
+    return run_router(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kvgrid.bench.router_bench import run
+
+    return run(args)

@@ -1,0 +1,176 @@
+"""EngineLoop: one thread owns the engine; everything else talks to it through commands.
+
+The engine is not thread-safe and one step can take a long time on a CPU, so HTTP handlers
+never touch it: they queue commands (add, abort, snapshot) with a future for the answer, and
+receive outputs through their asyncio queue. After each step the thread publishes the step's
+KV events as one numbered batch, and every ``load_interval_s`` a load report, both through
+the publisher it owns (ZeroMQ sockets are not thread-safe either). It keeps a mirror of the
+keys it announced, per tier, so a snapshot is exactly consistent with the last sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from kvgrid.events import TIERS, AllCleared, BlockRemoved, BlockStored, EventBatch, KVEvent
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Any], None]  # receives RequestOutput, or an Exception when the engine fails
+
+
+class EngineLoop(threading.Thread):
+    def __init__(
+        self,
+        engine: Any,
+        worker_id: str,
+        epoch: str,
+        publish_events: Callable[[EventBatch], None] | None = None,
+        publish_load: Callable[[dict], None] | None = None,
+        load_interval_s: float = 0.5,
+    ) -> None:
+        super().__init__(name=f"engine-{worker_id}", daemon=True)
+        self.engine = engine
+        self.worker_id = worker_id
+        self.epoch = epoch
+        self.publish_events = publish_events
+        self.publish_load = publish_load
+        self.load_interval_s = load_interval_s
+        self.seq = 0
+        self.mirror: list[set[bytes]] = [set() for _ in TIERS]
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._stop = threading.Event()
+        self._last_load = 0.0
+        self.failed: BaseException | None = None
+
+    # ---- called from other threads -------------------------------------------------------
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        fut: Future = Future()
+        self._cmds.put((fn, fut))
+        return fut
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(self.submit(fn))
+
+    async def add_request(
+        self, request_id: str, prompt: list[int], params, tenant: bytes, sink: Sink
+    ) -> None:
+        def add() -> None:
+            self.engine.add_request(request_id, prompt, params, tenant=tenant)
+            self._sinks[request_id] = sink
+
+        await self.call(add)
+
+    def abort(self, request_id: str) -> Future:
+        def abort() -> bool:
+            self._sinks.pop(request_id, None)
+            return self.engine.abort_request(request_id)
+
+        return self.submit(abort)
+
+    async def snapshot(self) -> tuple[int, dict[str, list[bytes]]]:
+        return await self.call(
+            lambda: (self.seq, {t: list(self.mirror[i]) for i, t in enumerate(TIERS)})
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._cmds.put((lambda: None, Future()))
+
+    # ---- the thread ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self.engine.has_unfinished_requests()
+                self._run_commands(block=not busy)
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                self._publish_events()  # before outputs: the router learns blocks first
+                for out in outputs:
+                    sink = self._sinks.get(out.request_id)
+                    if out.finished:
+                        self._sinks.pop(out.request_id, None)
+                    if sink is not None:
+                        sink(out)
+                self._maybe_publish_load()
+        except BaseException as e:  # the engine broke: fail every stream, then stop
+            log.exception("engine loop failed")
+            self.failed = e
+            for sink in self._sinks.values():
+                sink(e)
+            self._sinks.clear()
+
+    def _run_commands(self, block: bool) -> None:
+        timeout = self.load_interval_s if block else None
+        while True:
+            try:
+                if timeout is not None:
+                    fn, fut = self._cmds.get(timeout=timeout)
+                    timeout = None
+                else:
+                    fn, fut = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as e:
+                    fut.set_exception(e)
+
+    def _publish_events(self) -> None:
+        events: list[KVEvent] = self.engine.drain_kv_events()
+        if not events:
+            return
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                self.mirror[TIERS.index(ev.tier)].update(ev.keys)
+            elif isinstance(ev, BlockRemoved):
+                self.mirror[TIERS.index(ev.tier)].difference_update(ev.keys)
+            elif isinstance(ev, AllCleared):
+                for i, t in enumerate(TIERS):
+                    if ev.tier in (None, t):
+                        self.mirror[i].clear()
+        self.seq += 1
+        if self.publish_events is not None:
+            self.publish_events(EventBatch(self.worker_id, self.seq, time.time(), events))
+
+    def load_report(self) -> dict:
+        st = self.engine.stats()
+        conn = getattr(self.engine, "connector", None)
+        tier_bw = dict(getattr(conn, "tier_bytes_per_s", None) or {})
+        return {
+            "worker_id": self.worker_id,
+            "epoch": self.epoch,
+            "kv_seq": self.seq,
+            "num_running": st.get("num_running", 0),
+            "num_waiting": st.get("num_waiting", 0),
+            "waiting_prefill_tokens": st.get("waiting_prefill_tokens", 0),
+            "kv_usage": st.get("kv_usage", 0.0),
+            "num_kv_blocks": st.get("num_kv_blocks", 0),
+            "prefill_tokens_per_s": st.get("prefill_tokens_per_s"),
+            "decode_step_s": st.get("decode_step_s"),
+            "tier_bytes_per_s": tier_bw,
+            "prefix_cache_queries": st.get("prefix_cache_queries", 0),
+            "prefix_cache_hits": st.get("prefix_cache_hits", 0),
+            "prompt_tokens": st.get("prompt_tokens", 0),
+            "generation_tokens": st.get("generation_tokens", 0),
+            "num_preemptions": st.get("num_preemptions", 0),
+            "timestamp": time.time(),
+        }
+
+    def _maybe_publish_load(self) -> None:
+        now = time.monotonic()
+        if now - self._last_load < self.load_interval_s:
+            return
+        self._last_load = now
+        if self.publish_load is not None:
+            self.publish_load(self.load_report())

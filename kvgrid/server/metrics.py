@@ -1,0 +1,171 @@
+"""Prometheus metrics of the frontend, named as vLLM names them where the meaning is the same
+(``vllm:`` becomes ``kvgrid:``), plus the router's own.
+
+Request metrics are observed here, where the client's latency is; engine gauges and counters
+come from each worker's latest load report, labelled by worker.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from kvgrid.router.router import FRESHNESS, Router
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
+
+
+class _FromWorkers:
+    """Reads the router's view of the fleet at scrape time."""
+
+    def __init__(self, router: Router, model: str) -> None:
+        self.router = router
+        self.model = model
+
+    def collect(self):
+        labels = ["model_name", "worker"]
+        g = {
+            "num_requests_running": GaugeMetricFamily(
+                "kvgrid:num_requests_running", "Requests running on the worker", labels=labels
+            ),
+            "num_requests_waiting": GaugeMetricFamily(
+                "kvgrid:num_requests_waiting", "Requests waiting on the worker", labels=labels
+            ),
+            "kv_cache_usage_perc": GaugeMetricFamily(
+                "kvgrid:kv_cache_usage_perc", "G1 KV blocks in use (0..1)", labels=labels
+            ),
+        }
+        c = {
+            "prefix_cache_queries": CounterMetricFamily(
+                "kvgrid:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache",
+                labels=labels,
+            ),
+            "prefix_cache_hits": CounterMetricFamily(
+                "kvgrid:prefix_cache_hits",
+                "Prompt tokens served from the prefix cache",
+                labels=labels,
+            ),
+            "num_preemptions": CounterMetricFamily(
+                "kvgrid:num_preemptions", "Requests preempted on the worker", labels=labels
+            ),
+        }
+        fresh = GaugeMetricFamily(
+            "kvgrid:router_worker_freshness",
+            "1 for the worker's current index freshness state (exact, predicted, stale, down)",
+            labels=["worker", "state"],
+        )
+        for wid, w in self.router.workers.items():
+            ld = w.load
+            lv = [self.model, wid]
+            g["num_requests_running"].add_metric(lv, ld.num_running if w.up else 0)
+            g["num_requests_waiting"].add_metric(lv, ld.num_waiting if w.up else 0)
+            g["kv_cache_usage_perc"].add_metric(lv, ld.kv_usage if w.up else 0.0)
+            c["prefix_cache_queries"].add_metric(lv, ld.prefix_cache_queries)
+            c["prefix_cache_hits"].add_metric(lv, ld.prefix_cache_hits)
+            c["num_preemptions"].add_metric(lv, ld.num_preemptions)
+            state = self.router.freshness(wid)
+            for s in FRESHNESS:
+                fresh.add_metric([wid, s], 1.0 if s == state else 0.0)
+        up = GaugeMetricFamily("kvgrid:router_workers_up", "Workers taking requests")
+        up.add_metric([], sum(1 for w in self.router.workers.values() if w.up))
+        counters = self.router.counters
+        resync = CounterMetricFamily(
+            "kvgrid:router_resyncs", "Snapshots requested after an event gap or a (re)join"
+        )
+        resync.add_metric([], counters["resyncs_requested"])
+        lost = CounterMetricFamily("kvgrid:router_workers_lost", "Workers marked down")
+        lost.add_metric([], counters["workers_lost"])
+        events = CounterMetricFamily("kvgrid:router_index_events", "KV events applied")
+        events.add_metric([], self.router.index.events_applied)
+        yield from g.values()
+        yield from c.values()
+        yield from (fresh, up, resync, lost, events)
+
+
+class FrontendMetrics:
+    def __init__(self, router: Router, model: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        m = ["model_name"]
+        self.model = model
+        self.ttft = Histogram(
+            "kvgrid:time_to_first_token_seconds",
+            "Time to first token",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "kvgrid:inter_token_latency_seconds",
+            "Time between output chunks",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kvgrid:e2e_request_latency_seconds",
+            "Request latency",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "kvgrid:request_queue_time_seconds",
+            "Time waiting for admission (tenant fair queue)",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_hist = Histogram(
+            "kvgrid:request_prompt_tokens",
+            "Prompt tokens per request",
+            m,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.gen_hist = Histogram(
+            "kvgrid:request_generation_tokens",
+            "Generated tokens per request",
+            m,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("kvgrid:prompt_tokens", "Prompt tokens", m, registry=r)
+        self.generation_tokens = Counter(
+            "kvgrid:generation_tokens", "Generated tokens", m, registry=r
+        )
+        self.cached_tokens = Counter(
+            "kvgrid:prompt_tokens_cached",
+            "Prompt tokens served from cache, as workers report",
+            m,
+            registry=r,
+        )
+        self.success = Counter(
+            "kvgrid:request_success", "Finished requests", [*m, "finished_reason"], registry=r
+        )
+        self.errors = Counter(
+            "kvgrid:request_errors", "Requests that ended in an error", [*m, "status"], registry=r
+        )
+        self.decision = Histogram(
+            "kvgrid:router_decision_seconds",
+            "Time the router spends choosing a worker",
+            buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
+            registry=r,
+        )
+        self.predicted_cached = Counter(
+            "kvgrid:router_predicted_cached_tokens",
+            "Prompt tokens the router predicted cached",
+            registry=r,
+        )
+        self.prediction_match = Counter(
+            "kvgrid:router_prediction_matches",
+            "Requests whose predicted cached tokens equal the worker's report",
+            ["match"],
+            registry=r,
+        )
+        self.tenant_requests = Counter(
+            "kvgrid:tenant_requests", "Requests admitted per tenant", ["tenant"], registry=r
+        )
+        r.register(_FromWorkers(router, model))

@@ -1,0 +1,321 @@
+"""`kvgrid serve` with two real worker processes and the default model, driven by real clients.
+
+One server for the module (starting workers costs seconds on this machine); the worker-death
+test runs last since it kills a worker and waits for it to rejoin.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+KEYS = {"keys": {"sk-alice": "alice", "sk-bob": {"tenant": "bob", "max_concurrent": 4}}}
+ALICE = {"Authorization": "Bearer sk-alice"}
+BOB = {"Authorization": "Bearer sk-bob"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _router_state(url: str) -> dict:
+    return httpx.get(f"{url}/debug/router", headers=ALICE, timeout=5).json()
+
+
+def _wait_workers(url: str, n: int, timeout: float, exclude_epochs=()) -> dict:
+    deadline = time.monotonic() + timeout
+    state = {}
+    while time.monotonic() < deadline:
+        try:
+            state = _router_state(url)
+            ws = state["workers"]
+            ok = [
+                w
+                for w in ws.values()
+                if w["up"]
+                and w["freshness"] == "exact"
+                and w["load"]["epoch"] not in exclude_epochs
+            ]
+            if len(ok) >= n:
+                return state
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"workers not ready in {timeout}s: {state}")
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(
+        os.environ,
+        KVGRID_API_KEYS=json.dumps(KEYS),
+        KVGRID_SERVER_SECRET="test-secret",
+        KVGRID_LOG="WARNING",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvgrid.cli",
+        "serve",
+        "--workers",
+        "2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        str(default_model_dir),
+        "--max-model-len",
+        "1024",
+        "--kv-cache-memory-gb",
+        "0.3",
+        "--threads",
+        "1",
+    ]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_workers(url, 2, 120)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print(log.read_text()[-3000:])
+
+
+def test_openai_sdk_chat_and_completions(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-alice", max_retries=0)
+    model = client.models.list().data[0].id
+    c = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
+    assert c.choices[0].text and c.usage.completion_tokens == 4
+    assert c.usage.prompt_tokens_details.cached_tokens == 0
+    chunks = list(
+        client.completions.create(
+            model=model,
+            prompt="The capital of France is",
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == c.choices[0].text  # greedy: streamed equals whole
+    assert chunks[-1].usage.completion_tokens == 4
+    msgs = [{"role": "user", "content": "Say hello."}]
+    r = client.chat.completions.create(model=model, messages=msgs, max_tokens=5, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and r.usage.prompt_tokens_details.cached_tokens is not None
+    stream = client.chat.completions.create(
+        model=model, messages=msgs, max_tokens=5, temperature=0, stream=True
+    )
+    parts = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    assert "".join(parts) == r.choices[0].message.content
+
+
+def test_bad_requests_get_clear_errors_and_server_keeps_serving(server):
+    url = f"{server}/v1/completions"
+    h = {**ALICE, "content-type": "application/json"}
+
+    def err(resp, status, needle):
+        assert resp.status_code == status, resp.text
+        e = resp.json()["error"]
+        assert needle in e["message"].lower() and e["type"], e
+        return e
+
+    err(httpx.post(url, content=b"{not json", headers=h), 400, "json")
+    e = err(httpx.post(url, json={"model": "gpt-9", "prompt": "x"}, headers=ALICE), 404, "gpt-9")
+    assert e["code"] == "model_not_found"
+    err(httpx.post(url, json={"prompt": "x", "max_tokens": -3}, headers=ALICE), 400, "max_tokens")
+    err(
+        httpx.post(url, json={"prompt": "hello " * 1100, "max_tokens": 4}, headers=ALICE),
+        400,
+        "context",
+    )
+    err(
+        httpx.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer sk-wrong"}),
+        401,
+        "api key",
+    )
+    err(httpx.post(url, json={"prompt": "x"}), 401, "api key")
+    err(
+        httpx.post(f"{server}/v1/chat/completions", json={"messages": []}, headers=ALICE),
+        400,
+        "messages",
+    )
+    err(httpx.post(url, json={"prompt": "x", "temperature": -1}, headers=ALICE), 400, "temperature")
+    ok = httpx.post(url, json={"prompt": "Hi", "max_tokens": 2}, headers=ALICE, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_multi_turn_predicted_cached_tokens_match_workers(server):
+    """Concurrent multi-turn chats on 2 workers: the router's predicted cached tokens (sent
+    back in a header) equal the cached tokens the worker reports, for >= 95% of requests."""
+    results, errors = [], []
+
+    def session(i: int) -> None:
+        system = f"You are assistant number {i}. " + " ".join(
+            f"Rule {j}: answer briefly about topic {i * 100 + j}." for j in range(14)
+        )
+        msgs = [{"role": "system", "content": system}]
+        with httpx.Client(timeout=120, headers=ALICE) as c:
+            for turn in range(3):
+                # long enough that each turn crosses block boundaries, so the blocks of the
+                # previous answer are part of what must be predicted
+                ask = f"Question {turn} of session {i}: " + "explain the details again. " * 12
+                msgs.append({"role": "user", "content": ask})
+                r = c.post(
+                    f"{server}/v1/chat/completions",
+                    json={"messages": msgs, "max_tokens": 6, "temperature": 0},
+                )
+                if r.status_code != 200:
+                    errors.append(r.text)
+                    return
+                body = r.json()
+                results.append(
+                    (
+                        int(r.headers["x-kvgrid-predicted-cached-tokens"]),
+                        body["usage"]["prompt_tokens_details"]["cached_tokens"],
+                        r.headers["x-kvgrid-worker"],
+                        turn,
+                    )
+                )
+                msgs.append(
+                    {"role": "assistant", "content": body["choices"][0]["message"]["content"]}
+                )
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    assert len(results) == 12
+    matches = sum(p == a for p, a, _, _ in results)
+    print("predicted, reported, worker, turn:", results)
+    assert matches / len(results) >= 0.95, results
+    assert len({w for _, _, w, _ in results}) == 2, results  # both workers served
+    # later turns do reuse their history
+    assert all(a > 0 for _, a, _, turn in results if turn > 0), results
+
+
+def test_tenants_do_not_share_cached_prefixes(server):
+    prompt = "Tenant isolation check. " * 40
+    body = {"prompt": prompt, "max_tokens": 1}
+    url = f"{server}/v1/completions"
+    a1 = httpx.post(url, json=body, headers=ALICE, timeout=60).json()
+    b1 = httpx.post(url, json=body, headers=BOB, timeout=60)
+    a2 = httpx.post(url, json=body, headers=ALICE, timeout=60).json()
+    assert a1["usage"]["prompt_tokens"] > 128
+    assert b1.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert b1.headers["x-kvgrid-predicted-cached-tokens"] == "0"
+    assert a2["usage"]["prompt_tokens_details"]["cached_tokens"] >= 128
+
+
+def test_client_disconnect_aborts_at_the_worker(server):
+    body = {
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server}/v1/chat/completions", json=body, headers=ALICE, timeout=60
+    ) as r:
+        wid = r.headers["x-kvgrid-worker"]
+        lines = r.iter_lines()
+        seen = 0
+        for line in lines:
+            if line.startswith("data:"):
+                seen += 1
+            if seen >= 3:
+                break
+    # the stream is closed after 3 events: the worker must drop the request and its blocks
+    wurl = _router_state(server)["workers"][wid]["url"]
+    deadline = time.monotonic() + 20
+    load = {}
+    while time.monotonic() < deadline:
+        load = httpx.get(f"{wurl}/load", timeout=10).json()
+        if load["num_running"] == 0 and load["num_waiting"] == 0 and load["kv_usage"] == 0.0:
+            break
+        time.sleep(0.2)
+    assert load["num_running"] == 0 and load["kv_usage"] == 0.0, load
+    assert load["generation_tokens"] < 1000  # stopped early, not after 400 tokens
+
+
+def test_metrics_and_explained_decisions(server):
+    text = httpx.get(f"{server}/metrics").text
+    for name in (
+        "kvgrid:time_to_first_token_seconds_bucket",
+        "kvgrid:prompt_tokens_total",
+        "kvgrid:generation_tokens_total",
+        "kvgrid:num_requests_running",
+        "kvgrid:kv_cache_usage_perc",
+        "kvgrid:prefix_cache_hits_total",
+        "kvgrid:e2e_request_latency_seconds",
+        "kvgrid:router_decision_seconds",
+        "kvgrid:request_success_total",
+    ):
+        assert name in text, name
+    assert 'kvgrid:router_worker_freshness{state="exact",worker="w0"} 1.0' in text
+    assert 'kvgrid:request_errors_total{model_name="SmolLM2-135M-Instruct",status="401"}' in text
+    d = httpx.get(f"{server}/debug/route", params={"prompt": "hello there"}, headers=ALICE).json()
+    assert {c["worker_id"] for c in d["candidates"]} == {"w0", "w1"}
+    assert {"matched_blocks", "backlog_tokens", "predicted_ttft_s"} <= d["candidates"][0].keys()
+    assert httpx.get(f"{server}/debug/decisions", headers=ALICE).json()
+
+
+def test_worker_death_mid_stream_then_rejoin(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    events = []
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json=body, headers=ALICE, timeout=60
+    ) as r:
+        wid = r.headers["x-kvgrid-worker"]
+        state = _router_state(server)
+        wurl = state["workers"][wid]["url"]
+        old_epoch = state["workers"][wid]["load"]["epoch"]
+        pid = httpx.get(f"{wurl}/info").json()["pid"]
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            events.append(line[5:].strip())
+            if len(events) == 2:
+                os.kill(pid, signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])
+    assert "error" in err and "failed" in err["error"]["message"]
+    # new requests go to the surviving worker without errors
+    for _ in range(2):
+        ok = httpx.post(
+            f"{server}/v1/completions",
+            json={"prompt": "Hi", "max_tokens": 2},
+            headers=ALICE,
+            timeout=60,
+        )
+        assert ok.status_code == 200 and ok.headers["x-kvgrid-worker"] != wid
+    assert not _router_state(server)["workers"][wid]["up"]
+    # the supervisor restarts it; it rejoins with a new epoch and takes requests again
+    _wait_workers(server, 2, 90, exclude_epochs={old_epoch})
+    text = httpx.get(f"{server}/metrics").text
+    assert "kvgrid:router_workers_lost_total 1.0" in text
