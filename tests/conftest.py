@@ -134,3 +134,79 @@ def default_llm(default_model_dir):
     from kvgrid import LLM
 
     return LLM(str(default_model_dir))
+
+
+# ---- store ----------------------------------------------------------------------------
+
+REDIS_SERVER = "/usr/bin/redis-server"
+_redis_install_tried = False
+
+
+def _redis_binary() -> str | None:
+    """The redis-server binary; installs Debian's package once if it is missing."""
+    import subprocess
+
+    global _redis_install_tried
+    if shutil.which(REDIS_SERVER) or shutil.which("redis-server"):
+        return shutil.which(REDIS_SERVER) or shutil.which("redis-server")
+    if not _redis_install_tried:
+        _redis_install_tried = True
+        subprocess.run(["apt-get", "install", "-y", "redis-server"], capture_output=True)
+    return shutil.which(REDIS_SERVER) or shutil.which("redis-server")
+
+
+def _start_redis(workdir: Path):
+    """A real redis-server on 127.0.0.1 at a free port, no persistence: (process, url)."""
+    import socket
+    import subprocess
+    import time
+    import warnings
+
+    binary = _redis_binary()
+    if binary is None:
+        msg = "redis-server is not installed and `apt-get install -y redis-server` failed"
+        warnings.warn(f"SKIPPING Redis tests: {msg}", stacklevel=2)
+        pytest.skip(f"SKIPPED LOUDLY: {msg}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server did not start on port {port}")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """URL of a real Redis server for the whole session (tests use distinct key prefixes)."""
+    proc, url = _start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path):
+    """Start private Redis servers a test may kill: ``proc, url = redis_factory()``."""
+    procs = []
+
+    def start():
+        proc, url = _start_redis(tmp_path / f"redis{len(procs)}")
+        procs.append(proc)
+        return proc, url
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()

@@ -1,0 +1,124 @@
+"""Payload codecs: lossless compression by default; a lossy int8 codec behind an accuracy check.
+
+Lossless: zstd (or zlib), skipped for a block that does not shrink by at least 3%, since
+decompressing costs load bandwidth for nothing (bf16 KV often compresses little).
+Lossy ("int8"): symmetric int8 per channel (one scale per layer, K/V, head and dim, over
+the block's tokens). It is applied to a block only if the block's round-trip relative error
+||x - q(x)|| / ||x|| is at most the configured bound; otherwise the block is stored
+lossless. Loaded int8 blocks do not reproduce a cold run bit for bit, hence off by default.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+
+import torch
+
+try:
+    import zstandard
+except ImportError:  # zlib is always there
+    zstandard = None
+
+NONE, ZLIB, ZSTD, INT8 = 0, 1, 2, 3
+NAMES = {NONE: "none", ZLIB: "zlib", ZSTD: "zstd", INT8: "int8"}
+_MIN_GAIN = 0.97
+
+
+class CodecError(ValueError):
+    pass
+
+
+def _compress(data, codec: int, level: int) -> bytes:
+    if codec == ZSTD:
+        return zstandard.ZstdCompressor(level=level).compress(data)
+    return zlib.compress(data, level)
+
+
+def _decompress(data, codec: int, raw_len: int) -> bytes:
+    if codec == ZSTD:
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_len)
+    return zlib.decompress(data)
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without copying."""
+    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def from_bytes(data, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``data`` (read only: callers copy out of it, never into it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the buffer is not writable
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def _int8_encode(t: torch.Tensor, max_rel_error: float) -> bytes | None:
+    if t.dim() < 3 or not t.is_floating_point():
+        return None
+    x = t.float()
+    amax = x.abs().amax(dim=-3, keepdim=True)  # per channel, over the block's tokens
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(x / scale).clamp_(-127, 127)
+    err = torch.linalg.vector_norm(x - q * scale)
+    norm = torch.linalg.vector_norm(x)
+    if not torch.isfinite(err) or float(err) > max_rel_error * max(float(norm), 1e-30):
+        return None
+    return bytes(as_bytes(scale.contiguous())) + bytes(as_bytes(q.to(torch.int8)))
+
+
+def _int8_decode(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    sshape = list(shape)
+    sshape[-3] = 1
+    nscale = 4 * int(torch.Size(sshape).numel())
+    if len(data) != nscale + int(torch.Size(shape).numel()):
+        raise CodecError("int8 payload has the wrong length")
+    scale = from_bytes(data[:nscale], torch.float32, tuple(sshape))
+    q = from_bytes(data[nscale:], torch.int8, tuple(shape))
+    return (q.float() * scale).to(dtype)
+
+
+def encode(
+    t: torch.Tensor, codec: str, level: int = 1, max_rel_error: float = 0.01
+) -> tuple[int, bytes | memoryview]:
+    """(codec id, payload) for a contiguous CPU tensor."""
+    raw = as_bytes(t)
+    if codec == "int8":
+        q = _int8_encode(t, max_rel_error)
+        if q is not None:
+            return INT8, _compress(q, ZSTD if zstandard else ZLIB, level)
+        codec = "zstd"  # failed the accuracy check: lossless instead
+    if codec == "none":
+        return NONE, raw
+    cid = ZSTD if codec == "zstd" and zstandard is not None else ZLIB
+    packed = _compress(raw, cid, level)
+    if len(packed) > _MIN_GAIN * len(raw):
+        return NONE, raw
+    return cid, packed
+
+
+def decode(
+    codec: int, data, raw_len: int, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The block tensor (CPU) of a payload; raises CodecError on anything malformed."""
+    try:
+        if codec == NONE:
+            out = data
+        elif codec in (ZLIB, ZSTD):
+            if codec == ZSTD and zstandard is None:
+                raise CodecError("object is zstd-compressed but zstandard is not installed")
+            out = _decompress(data, codec, raw_len)
+        elif codec == INT8:
+            inner = ZSTD if zstandard else ZLIB
+            return _int8_decode(_decompress(data, inner, 1 << 40), dtype, shape)
+        else:
+            raise CodecError(f"unknown codec id {codec}")
+    except (zlib.error, RuntimeError) as e:
+        raise CodecError(f"decompression failed: {e}") from None
+    except Exception as e:
+        if zstandard is not None and isinstance(e, zstandard.ZstdError):
+            raise CodecError(f"decompression failed: {e}") from None
+        raise
+    if len(out) != raw_len:
+        raise CodecError(f"payload decodes to {len(out)} bytes, header says {raw_len}")
+    return from_bytes(out, dtype, shape)

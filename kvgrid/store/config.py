@@ -1,0 +1,89 @@
+"""Store configuration: tier sizes, policies, tenants. Plain data; the store reads it once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvgrid.models.default import kvgrid_home
+
+GiB = 1 << 30
+
+
+def default_store_dir() -> Path:
+    """Where the embedded default keeps G3 and its local master key."""
+    return kvgrid_home() / "store"
+
+
+@dataclass
+class TenantPolicy:
+    """Retention and quotas of one tenant. ``None`` means no limit."""
+
+    ttl_s: float | None = None  # objects older than this are never served, then deleted
+    quota_bytes: dict[str, int] = field(default_factory=dict)  # tier name ("G2".."G4") -> bytes
+
+
+@dataclass
+class StoreConfig:
+    # G2: host memory (pinned where CUDA is available). 0 disables it.
+    g2_bytes: int = 2 * GiB
+    # G3: a local directory. None disables it.
+    g3_dir: str | Path | None = None
+    g3_bytes: int = 20 * GiB
+    # G4: a shared tier, either a POSIX directory (NFS, Lustre...) or a Redis/Valkey URL.
+    g4_dir: str | Path | None = None
+    g4_redis: str | None = None
+    g4_bytes: int = 100 * GiB
+    g4_prefix: str = "kvgrid:"
+    # Watermarks (fractions of capacity): above `high` a write first evicts down to `low`.
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    # A block goes to a tier only once it has been seen this many times (lookups that wanted
+    # it, counting its first save as one sighting). Disk tiers default to 2, to spare SSD
+    # wear on blocks nobody asks for again; G2 takes everything.
+    admit_after: dict[str, int] = field(default_factory=lambda: {"G2": 1, "G3": 2, "G4": 2})
+    # Payload codec: "zstd" (lossless, default), "zlib", "none", or "int8" (lossy, per
+    # channel, used only where a block's round-trip relative error <= lossy_max_rel_error,
+    # otherwise that block is stored lossless).
+    codec: str = "zstd"
+    compression_level: int = 1
+    lossy_max_rel_error: float = 0.01
+    # AES-256-GCM of objects leaving the process (G3/G4). Off only for benchmarks.
+    encrypt: bool = True
+    master_key_file: str | Path | None = None
+    model_fingerprint: str = ""
+    # Background writes: bounded queue, worker threads; a full queue blocks the caller for
+    # at most io_block_s, then the write is dropped (and counted).
+    io_workers: int = 2
+    io_queue: int = 32
+    io_block_s: float = 0.0
+    lease_timeout_s: float = 30.0
+    # Tier bandwidth seeds (bytes/s) for load-vs-recompute until loads are measured.
+    seed_bytes_per_s: dict[str, float] = field(
+        default_factory=lambda: {"G2": 10e9, "G3": 1e9, "G4": 3e8}
+    )
+    # lookup() offers a stored prefix only while loading it is estimated to take less than
+    # this fraction of recomputing it.
+    max_load_ratio: float = 1.0
+    sweep_interval_s: float = 60.0  # TTL sweeper period; 0 disables the thread
+    redis_retry_s: float = 2.0  # after a Redis failure, treat it as down this long
+    tenants: dict[bytes, TenantPolicy] = field(default_factory=dict)
+    default_tenant: TenantPolicy = field(default_factory=TenantPolicy)
+
+    @classmethod
+    def local_default(cls, **overrides) -> StoreConfig:
+        """The embedded default: G2 in memory, G3 under the user's kvgrid cache dir."""
+        return cls(**{"g3_dir": default_store_dir() / "g3", **overrides})
+
+    def policy(self, tenant: bytes) -> TenantPolicy:
+        return self.tenants.get(tenant, self.default_tenant)
+
+    def validate(self) -> None:
+        if not 0 < self.low_watermark <= self.high_watermark <= 1:
+            raise ValueError("watermarks need 0 < low_watermark <= high_watermark <= 1")
+        if self.g4_dir and self.g4_redis:
+            raise ValueError("G4 takes one backend: g4_dir or g4_redis, not both")
+        if self.codec not in ("zstd", "zlib", "none", "int8"):
+            raise ValueError(f"unknown codec {self.codec!r}: zstd, zlib, none or int8")
+        if self.io_queue < 1 or self.io_workers < 1:
+            raise ValueError("io_queue and io_workers must be >= 1")

@@ -1,0 +1,161 @@
+"""StoreConnector: what the engine calls to use the context store below G1.
+
+The engine's KV cache is one tensor ``[num_blocks, num_layers, 2, block_size, kvh, hd]``;
+block ``i`` is ``kv_cache[i]``, contiguous, and is what the store keeps as one object.
+
+``lookup`` decides load versus recompute from measured numbers: each tier's load bandwidth
+(EWMA of observed loads, seeded by a copy probe for G2 and by configuration for disks) and
+the engine's measured prefill speed (``prefill_tokens_per_s``, set by the engine). It offers
+the longest stored prefix whose estimated load time is below the time to recompute it
+(times ``max_load_ratio``); the engine recomputes the rest, and may split the offered
+blocks further (recompute the first while loading the later ones, ``kv_loader.plan_split``)
+using ``load_seconds_per_block``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from kvgrid.events import KVEvent
+from kvgrid.store.store import ContextStore
+
+log = logging.getLogger(__name__)
+_PER_OP_S = {"G2": 0.0, "G3": 2e-4, "G4": 5e-4}  # fixed cost per block (syscalls, round trips)
+
+
+class StoreConnector:
+    def __init__(
+        self,
+        store: ContextStore,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        prefill_tokens_per_s: float | None = None,
+    ) -> None:
+        if kv_cache.dim() < 2 or kv_cache.shape[0] < 1:
+            raise ValueError(f"kv_cache must be [num_blocks, ...], got {tuple(kv_cache.shape)}")
+        if not kv_cache[0].is_contiguous():
+            raise ValueError("each kv_cache block must be contiguous (block-major layout)")
+        self.store = store
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.block_bytes = kv_cache[0].nbytes
+        store.configure_blocks(tuple(kv_cache.shape[1:]), kv_cache.dtype)
+        self._seed = dict(store.config.seed_bytes_per_s)
+        if store.g2 is not None:
+            self._seed["G2"] = self._probe_g2()
+        self._last_plan: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+        self.loaded_blocks = 0
+        self.saved_blocks = 0
+
+    def _probe_g2(self) -> float:
+        """Host-to-cache copy speed of one block (a scratch block, not the engine's)."""
+        src = torch.empty_like(self.kv_cache[0], device="cpu", pin_memory=self.store.g2.pin_memory)
+        dst = torch.empty_like(self.kv_cache[0])
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=dst.is_cuda)
+            if dst.is_cuda:
+                torch.cuda.synchronize(dst.device)
+            best = min(best, time.perf_counter() - t0)
+        return self.block_bytes / max(best, 1e-9)
+
+    @property
+    def tier_bytes_per_s(self) -> dict[str, float]:
+        """Load bandwidth per tier (measured where loads happened, else the seed)."""
+        out = {t.name: self._seed.get(t.name, 1e8) for t in self.store._tiers()}
+        out.update(self.store.bandwidth)
+        return out
+
+    def block_load_seconds(self, tier: str) -> float:
+        bw = self.tier_bytes_per_s.get(tier) or 1e8
+        return self.block_bytes / bw + _PER_OP_S.get(tier, 0.0)
+
+    # ---- the engine's calls -------------------------------------------------------------
+
+    def lookup(self, keys: list[bytes], tenant: bytes, num_computed_blocks: int) -> int:
+        """How many of ``keys[num_computed_blocks:]`` (leading, consecutive) to load."""
+        rest = keys[num_computed_blocks:]
+        if not rest:
+            return 0
+        try:
+            tiers = self.store.contains(rest, tenant)
+            self.store.note_seen(rest)
+        except Exception:  # a store problem is a miss, never the engine's problem
+            return 0
+        stored = next((i for i, t in enumerate(tiers) if t is None), len(tiers))
+        if not stored:
+            return 0
+        load = [self.block_load_seconds(t) for t in tiers[:stored]]
+        speed = self.prefill_tokens_per_s
+        if not speed:
+            n, total = stored, sum(load)  # prefill speed not measured yet: load what is there
+        else:
+            recompute = self.block_size / speed
+            ratio = self.store.config.max_load_ratio
+            n, total, acc = 0, 0.0, 0.0
+            for i, s in enumerate(load):
+                acc += s
+                if acc < (i + 1) * recompute * ratio:
+                    n, total = i + 1, acc
+        with self._lock:
+            self._last_plan[tenant] = total / n if n else self.block_load_seconds("G2")
+        return n
+
+    def load_seconds_per_block(self, tenant: bytes) -> float | None:
+        """Estimated load time per block of the prefix the last ``lookup`` offered."""
+        with self._lock:
+            return self._last_plan.get(tenant)
+
+    def load(self, keys: list[bytes], tenant: bytes, block_ids: list[int]) -> int:
+        """Copy stored blocks into ``kv_cache[block_ids[i]]``; how many leading blocks landed."""
+        if len(keys) != len(block_ids):
+            raise ValueError(f"{len(keys)} keys for {len(block_ids)} block ids")
+        try:
+            served = self.store.load_into(keys, tenant, [self.kv_cache[b] for b in block_ids])
+        except Exception:
+            return 0
+        self.loaded_blocks += len(served)
+        return len(served)
+
+    def save(
+        self,
+        keys: list[bytes],
+        parent_keys: list[bytes | None],
+        tenant: bytes,
+        block_ids: list[int],
+    ) -> None:
+        """Write back blocks leaving G1. Returns once ``kv_cache[block_ids]`` has been read."""
+        if not (len(keys) == len(parent_keys) == len(block_ids)):
+            raise ValueError("save() needs as many keys, parent keys and block ids")
+        for key, parent, bid in zip(keys, parent_keys, block_ids):
+            try:
+                self.store.put(key, parent, tenant, self.kv_cache[bid], self.block_size)
+            except Exception:
+                log.exception("store write-back failed")
+                continue
+            self.saved_blocks += 1
+
+    def prefetch(self, keys: list[bytes], tenant: bytes) -> bool:
+        """Start bringing stored blocks up to G2 (e.g. when a request is queued)."""
+        return self.store.prefetch(keys, tenant)
+
+    def drain_events(self) -> list[KVEvent]:
+        return self.store.drain_events()
+
+    def stats(self) -> dict:
+        out = self.store.stats()
+        out["tier_bytes_per_s"] = self.tier_bytes_per_s
+        out["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        out["loaded_blocks"] = self.loaded_blocks
+        out["saved_blocks"] = self.saved_blocks
+        return out
+
+    def close(self) -> None:
+        self.store.close()

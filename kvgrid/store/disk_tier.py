@@ -1,0 +1,314 @@
+"""G3 (a local directory) and G4 on a shared POSIX filesystem (NFS, VAST, Lustre).
+
+Layout under the root:
+    objects/<tenant id hex>/<block key hex>.kvo   one object per block; atime = last use
+    tmp/<host>-<pid>-<random>.tmp                 writes in progress
+    ledger.json                                   bytes used, in all and per tenant
+    .lock                                         flock: serialises ledger and eviction
+
+A write goes: reserve its bytes in the ledger (evicting LRU objects first if that crosses
+the high watermark), write a temp file, fsync, rename into place, fsync the directory. So
+only complete, durable objects are ever visible under their name, and since space is
+reserved before the bytes land, usage never exceeds capacity, even with several processes
+(workers of one machine, or many machines on a shared path) writing at once. A process
+killed mid-write leaves a temp file, removed at the next open (or by age on other hosts),
+and at worst an over-reservation that the next open's rescan corrects.
+
+The directory itself is the index: a lookup is one stat(), so objects written by other
+processes are seen at once; the ledger is rebuilt from a scan when the tier is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from kvgrid.store.tier import ObjectInfo, ObjectTier, PutResult, watermark_target
+
+SUFFIX = ".kvo"
+_STALE_TMP_S = 3600.0  # another host's temp file older than this is abandoned
+
+
+class DiskTier(ObjectTier):
+    def __init__(
+        self,
+        root: str | Path,
+        capacity: int,
+        name: str = "G3",
+        backend: str = "disk",
+        high: float = 0.95,
+        low: float = 0.85,
+        fsync: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.capacity, self.name, self.backend = int(capacity), name, backend
+        self.high, self.low, self.fsync = high, low, fsync
+        self.objects, self.tmp = self.root / "objects", self.root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._host = socket.gethostname().replace("-", "_")
+        self._tlock = threading.Lock()
+        self._lockfd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        with self._locked():
+            self.removed_tmp = self._clean_tmp()
+            self._write_ledger(self._scan_ledger())
+
+    # ---- paths, locking, ledger ---------------------------------------------------------
+
+    def path(self, tid: bytes, key: bytes) -> Path:
+        return self.objects / tid.hex() / (key.hex() + SUFFIX)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with self._tlock:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lockfd, fcntl.LOCK_UN)
+
+    def _read_ledger(self) -> dict:
+        try:
+            led = json.loads((self.root / "ledger.json").read_text())
+            if isinstance(led.get("used"), int) and isinstance(led.get("tenants"), dict):
+                return led
+        except (OSError, ValueError):
+            pass
+        return self._scan_ledger()  # missing or damaged: the directory is the truth
+
+    def _write_ledger(self, led: dict) -> None:
+        led["tenants"] = {t: n for t, n in led["tenants"].items() if n > 0}
+        tmp = self.root / f"ledger.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(led))
+        os.replace(tmp, self.root / "ledger.json")
+
+    def _scan_ledger(self) -> dict:
+        tenants: dict[str, int] = {}
+        for info in self._scan():
+            t = info.tenant_id.hex()
+            tenants[t] = tenants.get(t, 0) + info.size
+        # temp files of writers still running hold reservations too
+        pending = sum(e.stat().st_size for e in os.scandir(self.tmp) if e.is_file())
+        return {"used": sum(tenants.values()) + pending, "tenants": tenants}
+
+    def _clean_tmp(self) -> int:
+        removed = 0
+        now = time.time()
+        for e in os.scandir(self.tmp):
+            host, _, rest = e.name.partition("-")
+            pid = rest.partition("-")[0]
+            try:
+                if host == self._host and pid.isdigit():
+                    stale = not _alive(int(pid))
+                else:
+                    stale = now - e.stat().st_mtime > _STALE_TMP_S
+                if stale:
+                    os.unlink(e.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def _scan(self, tid: bytes | None = None) -> Iterator[ObjectInfo]:
+        dirs = [self.objects / tid.hex()] if tid is not None else self._tenant_dirs()
+        for d in dirs:
+            try:
+                entries = list(os.scandir(d))
+            except FileNotFoundError:
+                continue
+            t = bytes.fromhex(os.path.basename(d))
+            for e in entries:
+                if not e.name.endswith(SUFFIX) or len(e.name) != 64 + len(SUFFIX):
+                    continue
+                try:
+                    st = e.stat()
+                    key = bytes.fromhex(e.name[:64])
+                except (FileNotFoundError, ValueError):
+                    continue
+                yield ObjectInfo(t, key, st.st_size, st.st_mtime, st.st_atime)
+
+    def _tenant_dirs(self) -> list[Path]:
+        out = []
+        for e in os.scandir(self.objects):
+            if e.is_dir() and len(e.name) == 32:
+                with contextlib.suppress(ValueError):
+                    bytes.fromhex(e.name)
+                    out.append(Path(e.path))
+        return out
+
+    # ---- eviction (caller holds the lock) ----------------------------------------------
+
+    def _evict(self, led: dict, target: int, tid: bytes | None, reason: str, out: list) -> None:
+        """Delete least recently used objects (of ``tid``, or all) until usage <= target."""
+
+        def usage() -> int:
+            return led["used"] if tid is None else led["tenants"].get(tid.hex(), 0)
+
+        if usage() <= target:
+            return
+        for info in sorted(self._scan(tid), key=lambda i: i.last_access):
+            if usage() <= target:
+                break
+            if self._unlink(led, info.tenant_id, info.key):
+                out.append((info.tenant_id, info.key, reason))
+
+    def _unlink(self, led: dict, tid: bytes, key: bytes) -> bool:
+        p = self.path(tid, key)
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            return False
+        led["used"] = max(0, led["used"] - size)
+        t = tid.hex()
+        led["tenants"][t] = max(0, led["tenants"].get(t, 0) - size)
+        return True
+
+    # ---- the tier interface -------------------------------------------------------------
+
+    def put(self, tid: bytes, key: bytes, blob: bytes, quota: int | None = None) -> PutResult:
+        path = self.path(tid, key)
+        if path.exists():  # same key, same bytes: keep the durable copy
+            self._touch(path)
+            return PutResult(True)
+        size = len(blob)
+        if size > self.capacity:
+            return PutResult(False, reason="too_big")
+        if quota is not None and size > quota:
+            return PutResult(False, reason="quota")
+        evicted: list = []
+        with self._locked():
+            led = self._read_ledger()
+            if quota is not None:
+                self._evict(led, quota - size, tid, "quota", evicted)
+                if led["tenants"].get(tid.hex(), 0) + size > quota:
+                    self._write_ledger(led)
+                    return PutResult(False, evicted, "quota")
+            target = watermark_target(self.capacity, self.high, self.low, led["used"], size)
+            if target is not None:
+                self._evict(led, target, None, "capacity", evicted)
+            if led["used"] + size > self.capacity:
+                self._write_ledger(led)
+                return PutResult(False, evicted, "full")
+            led["used"] += size
+            led["tenants"][tid.hex()] = led["tenants"].get(tid.hex(), 0) + size
+            self._write_ledger(led)
+        tmp = self.tmp / f"{self._host}-{os.getpid()}-{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            path.parent.mkdir(exist_ok=True)
+            os.rename(tmp, path)
+            if self.fsync:
+                _fsync_dir(path.parent)
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            with self._locked():
+                led = self._read_ledger()
+                led["used"] = max(0, led["used"] - size)
+                t = tid.hex()
+                led["tenants"][t] = max(0, led["tenants"].get(t, 0) - size)
+                self._write_ledger(led)
+            return PutResult(False, evicted, "error")
+        return PutResult(True, evicted)
+
+    def get(self, tid: bytes, key: bytes) -> bytes | None:
+        path = self.path(tid, key)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        self._touch(path)
+        return data
+
+    def read_prefix(self, tid: bytes, key: bytes, n: int) -> bytes | None:
+        try:
+            with open(self.path(tid, key), "rb") as f:
+                return f.read(n)
+        except FileNotFoundError:
+            return None
+
+    def _touch(self, path: Path) -> None:
+        # LRU order is the atime; mtime (= creation, for TTL) is left exactly as it was
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+
+    def created_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
+        out: list[float | None] = []
+        for k in keys:
+            try:
+                out.append(self.path(tid, k).stat().st_mtime)
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def delete(self, tid: bytes, key: bytes) -> bool:
+        with self._locked():
+            led = self._read_ledger()
+            ok = self._unlink(led, tid, key)
+            self._write_ledger(led)
+        return ok
+
+    def list(self, tid: bytes | None = None) -> Iterator[ObjectInfo]:
+        return self._scan(tid)
+
+    def used(self, tid: bytes | None = None) -> int:
+        with self._locked():
+            led = self._read_ledger()
+        return led["used"] if tid is None else led["tenants"].get(tid.hex(), 0)
+
+    def clear(self, tid: bytes | None = None) -> int:
+        with self._locked():
+            led = self._read_ledger()
+            n = sum(self._unlink(led, i.tenant_id, i.key) for i in list(self._scan(tid)))
+            self._write_ledger(led)
+        return n
+
+    def rescan(self) -> None:
+        """Recount usage from the directory (drops stale reservations)."""
+        with self._locked():
+            self._write_ledger(self._scan_ledger())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._lockfd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on directories
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)

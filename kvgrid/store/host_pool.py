@@ -1,0 +1,182 @@
+"""G2: a host-memory pool of fixed-size block slots (pinned when CUDA is available).
+
+One slab tensor ``[num_slots, *block_shape]`` is allocated once, at the first block; the
+slot count is capacity // block bytes, so usage can never exceed capacity. LRU eviction
+with high/low watermarks skips pinned slots (pins are leases held by readers and by
+background writes still reading a slot). Entries are named by (tenant id, block key).
+
+G2 lives inside the worker process, next to G1, so it holds the raw block bytes: it is not
+encrypted or checksummed (that happens when a block leaves the process for G3/G4).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from kvgrid.store.tier import watermark_target
+
+
+@dataclass
+class Slot:
+    index: int
+    created: float
+    token_count: int
+    parent_key: bytes | None
+    pins: int = 0
+
+
+class HostPool:
+    name = "G2"
+    backend = "memory"
+
+    def __init__(
+        self,
+        capacity: int,
+        high: float = 0.95,
+        low: float = 0.85,
+        pin_memory: bool | None = None,
+    ) -> None:
+        self.capacity_bytes = int(capacity)
+        self.high, self.low = high, low
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pool: torch.Tensor | None = None
+        self.slot_bytes = 0
+        self.num_slots = 0
+        self.entries: OrderedDict[tuple[bytes, bytes], Slot] = OrderedDict()  # LRU first
+        self.free: list[int] = []
+        self.per_tenant: dict[bytes, int] = {}
+        self.lock = threading.RLock()
+
+    up = True  # in-process memory is never unreachable
+
+    @property
+    def capacity(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    def configure(self, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Allocate the slab for blocks of this shape (once). False if it cannot hold them."""
+        with self.lock:
+            if self.pool is not None:
+                return tuple(self.pool.shape[1:]) == tuple(shape) and self.pool.dtype == dtype
+            slot = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            n = self.capacity_bytes // slot if slot else 0
+            if n == 0:
+                return False
+            self.pool = torch.empty((n, *shape), dtype=dtype, pin_memory=self.pin_memory)
+            self.slot_bytes, self.num_slots = slot, n
+            self.free = list(range(n - 1, -1, -1))
+            return True
+
+    def used(self, tid: bytes | None = None) -> int:
+        with self.lock:
+            n = len(self.entries) if tid is None else self.per_tenant.get(tid, 0)
+            return n * self.slot_bytes
+
+    def pinned_count(self) -> int:
+        with self.lock:
+            return sum(1 for s in self.entries.values() if s.pins)
+
+    def _drop(self, k: tuple[bytes, bytes]) -> None:
+        s = self.entries.pop(k)
+        self.free.append(s.index)
+        self.per_tenant[k[0]] -= 1
+
+    def _evict(self, target_slots: int, tid: bytes | None, reason: str, out: list) -> None:
+        def n() -> int:
+            return len(self.entries) if tid is None else self.per_tenant.get(tid, 0)
+
+        for k in [k for k, s in self.entries.items() if not s.pins and (tid in (None, k[0]))]:
+            if n() <= target_slots:
+                break
+            self._drop(k)
+            out.append((k[0], k[1], reason))
+
+    def put(
+        self,
+        tid: bytes,
+        key: bytes,
+        block: torch.Tensor,
+        parent_key: bytes | None,
+        token_count: int,
+        quota: int | None = None,
+        created: float | None = None,
+    ) -> tuple[bool, list]:
+        """Copy ``block`` into a slot (synchronously). Returns (stored, evicted)."""
+        evicted: list = []
+        with self.lock:
+            if not self.configure(tuple(block.shape), block.dtype):
+                return False, evicted
+            k = (tid, key)
+            if k in self.entries:
+                self.entries.move_to_end(k)
+                return True, evicted
+            if quota is not None:
+                allowed = quota // self.slot_bytes
+                if allowed < 1:
+                    return False, evicted
+                self._evict(allowed - 1, tid, "quota", evicted)
+                if self.per_tenant.get(tid, 0) >= allowed:
+                    return False, evicted
+            used = len(self.entries) * self.slot_bytes
+            target = watermark_target(self.capacity, self.high, self.low, used, self.slot_bytes)
+            if target is not None:
+                self._evict(target // self.slot_bytes, None, "capacity", evicted)
+            if not self.free:
+                return False, evicted  # every slot pinned
+            idx = self.free.pop()
+            s = Slot(idx, time.time() if created is None else created, token_count, parent_key)
+            s.pins += 1  # nobody may take the slot while it is being filled
+            self.entries[k] = s
+            self.per_tenant[tid] = self.per_tenant.get(tid, 0) + 1
+        try:
+            self.pool[idx].copy_(block)
+        except Exception:
+            with self.lock:
+                s.pins -= 1
+                self._drop(k)
+            raise
+        with self.lock:
+            s.pins -= 1
+        return True, evicted
+
+    def acquire(self, tid: bytes, key: bytes) -> tuple[Slot, torch.Tensor] | None:
+        """Pin a slot for reading; the caller must ``release`` it."""
+        with self.lock:
+            s = self.entries.get((tid, key))
+            if s is None:
+                return None
+            self.entries.move_to_end((tid, key))
+            s.pins += 1
+            return s, self.pool[s.index]
+
+    def release(self, slot: Slot) -> None:
+        with self.lock:
+            slot.pins -= 1
+
+    def peek(self, tid: bytes, key: bytes) -> Slot | None:
+        with self.lock:
+            return self.entries.get((tid, key))
+
+    def delete(self, tid: bytes, key: bytes) -> bool:
+        with self.lock:
+            s = self.entries.get((tid, key))
+            if s is None or s.pins:
+                return False
+            self._drop((tid, key))
+            return True
+
+    def items(self) -> list[tuple[bytes, bytes, Slot]]:
+        with self.lock:
+            return [(t, k, s) for (t, k), s in self.entries.items()]
+
+    def clear(self, tid: bytes | None = None) -> int:
+        with self.lock:
+            ks = [k for k, s in self.entries.items() if not s.pins and tid in (None, k[0])]
+            for k in ks:
+                self._drop(k)
+            return len(ks)

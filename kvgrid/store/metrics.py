@@ -1,0 +1,99 @@
+"""Store metrics, per tier and per tenant, on a prometheus CollectorRegistry passed in.
+
+Tenants are labelled by the first 12 hex digits of their tenant id (never the raw scope).
+Counters are mirrored in a plain dict so ``stats()`` works without scraping.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LOAD_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def tenant_label(tid: bytes) -> str:
+    return tid.hex()[:12]
+
+
+class StoreMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        tt = ["tier", "tenant"]
+        self._c = {
+            "hits": Counter("kvgrid_store_hits", "blocks loaded from a tier", tt, registry=r),
+            "misses": Counter(
+                "kvgrid_store_misses",
+                "block loads that found nothing usable, by reason",
+                [*tt, "reason"],
+                registry=r,
+            ),
+            "bytes_in": Counter(
+                "kvgrid_store_bytes_in", "bytes written into a tier", tt, registry=r
+            ),
+            "bytes_out": Counter(
+                "kvgrid_store_bytes_out", "bytes loaded out of a tier", tt, registry=r
+            ),
+            "evictions": Counter(
+                "kvgrid_store_evictions",
+                "objects removed from a tier, by reason (capacity, quota, ttl, corrupt)",
+                ["tier", "reason"],
+                registry=r,
+            ),
+            "integrity_failures": Counter(
+                "kvgrid_store_integrity_failures",
+                "objects that failed verification (header, checksum, decrypt, mismatch, codec)",
+                ["tier", "kind"],
+                registry=r,
+            ),
+            "writes_dropped": Counter(
+                "kvgrid_store_writes_dropped",
+                "writes not done, by reason (queue_full, quota, full, too_big, error)",
+                ["tier", "reason"],
+                registry=r,
+            ),
+        }
+        self.load_seconds = Histogram(
+            "kvgrid_store_load_seconds",
+            "time to load one block from a tier",
+            ["tier"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.capacity = Gauge("kvgrid_store_capacity_bytes", "tier capacity", ["tier"], registry=r)
+        self.used = Gauge("kvgrid_store_used_bytes", "tier usage", ["tier"], registry=r)
+        self.pinned = Gauge("kvgrid_store_pinned_blocks", "G2 blocks pinned", registry=r)
+        self.backend_up = Gauge(
+            "kvgrid_store_backend_up", "1 if the tier's backend is reachable", ["tier", "backend"],
+            registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("kvgrid_store_io_in_flight", "background writes", registry=r)
+        self.bandwidth = Gauge(
+            "kvgrid_store_load_bytes_per_second", "measured load bandwidth", ["tier"], registry=r
+        )
+        self.counts: dict[tuple, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        self._c[name].labels(**labels).inc(value)
+        with self._lock:
+            self.counts[(name, *sorted(labels.items()))] += value
+
+    def total(self, name: str, **match: str) -> float:
+        """Sum of a counter over the label values that match ``match``."""
+        with self._lock:
+            return sum(
+                v
+                for (n, *labels), v in self.counts.items()
+                if n == name and all(dict(labels).get(k) == x for k, x in match.items())
+            )
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """name -> "label=value,..." -> count, for stats() and the CLI."""
+        out: dict[str, dict[str, float]] = defaultdict(dict)
+        with self._lock:
+            for (n, *labels), v in sorted(self.counts.items()):
+                out[n][",".join(f"{k}={x}" for k, x in labels)] = v
+        return dict(out)

@@ -1,0 +1,235 @@
+"""G4 on Redis/Valkey: objects and their index live in the server, shared by every worker.
+
+Keys (under a prefix, default "kvgrid:"), with member = "<tenant id hex>:<block key hex>":
+    obj:<member>   the object bytes
+    sizes          hash member -> bytes
+    lru            sorted set member -> last use (all tenants); lru:<tid> per tenant
+    created        sorted set member -> creation time (TTL sweeps)
+    used, tused:<tid>   bytes stored, in all and per tenant
+
+Admission, eviction and the capacity check run in one Lua script, so usage never exceeds
+capacity however many machines write at once. Any Redis error marks the backend down for a
+short while (reads are misses, writes are dropped) instead of raising to the caller: the
+store keeps serving from its other tiers. Single-node Redis/Valkey (not cluster mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from kvgrid.store.tier import ObjectInfo, ObjectTier, PutResult
+
+log = logging.getLogger(__name__)
+
+_PUT = """
+local p, m, tid = ARGV[1], ARGV[2], ARGV[3]
+local size, cap, hi, lo = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local quota, now = tonumber(ARGV[8]), tonumber(ARGV[9])
+if redis.call('HEXISTS', p..'sizes', m) == 1 then
+  redis.call('ZADD', p..'lru', now, m); redis.call('ZADD', p..'lru:'..tid, now, m)
+  return {1}
+end
+if size > cap then return {0, 'too_big'} end
+if quota >= 0 and size > quota then return {0, 'quota'} end
+local out = {1}
+local function drop(x, why)
+  local s = tonumber(redis.call('HGET', p..'sizes', x) or '0')
+  local t = string.sub(x, 1, 32)
+  redis.call('DEL', p..'obj:'..x); redis.call('HDEL', p..'sizes', x)
+  redis.call('ZREM', p..'lru', x); redis.call('ZREM', p..'lru:'..t, x)
+  redis.call('ZREM', p..'created', x)
+  redis.call('DECRBY', p..'used', s); redis.call('DECRBY', p..'tused:'..t, s)
+  table.insert(out, why..':'..x)
+end
+if quota >= 0 then
+  while tonumber(redis.call('GET', p..'tused:'..tid) or '0') + size > quota do
+    local v = redis.call('ZRANGE', p..'lru:'..tid, 0, 0)
+    if #v == 0 then break end
+    drop(v[1], 'quota')
+  end
+  if tonumber(redis.call('GET', p..'tused:'..tid) or '0') + size > quota then
+    out[1] = 0; table.insert(out, 'quota'); return out
+  end
+end
+if tonumber(redis.call('GET', p..'used') or '0') + size > hi then
+  while tonumber(redis.call('GET', p..'used') or '0') + size > lo do
+    local v = redis.call('ZRANGE', p..'lru', 0, 0)
+    if #v == 0 then break end
+    drop(v[1], 'capacity')
+  end
+end
+if tonumber(redis.call('GET', p..'used') or '0') + size > cap then
+  out[1] = 0; table.insert(out, 'full'); return out
+end
+redis.call('SET', p..'obj:'..m, ARGV[10]); redis.call('HSET', p..'sizes', m, size)
+redis.call('ZADD', p..'lru', now, m); redis.call('ZADD', p..'lru:'..tid, now, m)
+redis.call('ZADD', p..'created', now, m)
+redis.call('INCRBY', p..'used', size); redis.call('INCRBY', p..'tused:'..tid, size)
+return out
+"""
+
+_DEL = """
+local p, m = ARGV[1], ARGV[2]
+local s = redis.call('HGET', p..'sizes', m)
+local t = string.sub(m, 1, 32)
+redis.call('DEL', p..'obj:'..m); redis.call('ZREM', p..'lru', m)
+redis.call('ZREM', p..'lru:'..t, m)
+redis.call('ZREM', p..'created', m)
+if not s then return 0 end
+redis.call('HDEL', p..'sizes', m)
+redis.call('DECRBY', p..'used', tonumber(s)); redis.call('DECRBY', p..'tused:'..t, tonumber(s))
+return 1
+"""
+
+
+def _member(tid: bytes, key: bytes) -> str:
+    return f"{tid.hex()}:{key.hex()}"
+
+
+def _split(member: str | bytes) -> tuple[bytes, bytes]:
+    if isinstance(member, bytes):
+        member = member.decode()
+    t, _, k = member.partition(":")
+    return bytes.fromhex(t), bytes.fromhex(k)
+
+
+class RedisTier(ObjectTier):
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        capacity: int,
+        name: str = "G4",
+        prefix: str = "kvgrid:",
+        high: float = 0.95,
+        low: float = 0.85,
+        retry_s: float = 2.0,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self.url, self.capacity, self.name, self.prefix = url, int(capacity), name, prefix
+        self.high, self.low, self.retry_s = high, low, retry_s
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=min(timeout_s, 1.0),
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._put = self.client.register_script(_PUT)
+        self._del = self.client.register_script(_DEL)
+        self._down_until = 0.0
+        self._up = True
+        self._lock = threading.Lock()
+        self.errors = 0
+        self._call(self.client.ping)
+
+    # ---- availability: a failure marks the backend down for retry_s --------------------
+
+    @property
+    def up(self) -> bool:
+        if not self._up and time.monotonic() >= self._down_until:
+            self._call(self.client.ping)  # time to look again
+        return self._up
+
+    def _call(self, fn, *args, default=None, **kw):
+        if not self._up and time.monotonic() < self._down_until:
+            return default
+        try:
+            out = fn(*args, **kw)
+        except redis.RedisError as e:
+            with self._lock:
+                self.errors += 1
+                if self._up:
+                    log.warning("redis %s unreachable (%s): G4 reads are misses", self.url, e)
+                self._up = False
+                self._down_until = time.monotonic() + self.retry_s
+            return default
+        if not self._up:
+            log.info("redis %s is back", self.url)
+        self._up = True
+        return out
+
+    # ---- the tier interface -------------------------------------------------------------
+
+    def put(self, tid: bytes, key: bytes, blob: bytes, quota: int | None = None) -> PutResult:
+        args = [
+            self.prefix,
+            _member(tid, key),
+            tid.hex(),
+            len(blob),
+            self.capacity,
+            int(self.high * self.capacity),
+            int(self.low * self.capacity),
+            -1 if quota is None else int(quota),
+            time.time(),
+            blob,
+        ]
+        res = self._call(self._put, keys=[], args=args)
+        if res is None:
+            return PutResult(False, reason="error")
+        stored = bool(res[0])
+        evicted, reason = [], ""
+        for item in res[1:]:
+            s = item.decode() if isinstance(item, bytes) else item
+            why, _, m = s.partition(":")
+            if m:
+                evicted.append((*_split(m), why))
+            else:
+                reason = why
+        return PutResult(stored, evicted, reason)
+
+    def get(self, tid: bytes, key: bytes) -> bytes | None:
+        m = _member(tid, key)
+
+        def fetch():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(self.prefix + "obj:" + m)
+            pipe.zadd(self.prefix + "lru", {m: time.time()}, xx=True)
+            pipe.zadd(self.prefix + "lru:" + tid.hex(), {m: time.time()}, xx=True)
+            return pipe.execute()[0]
+
+        return self._call(fetch)
+
+    def created_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
+        if not keys:
+            return []
+
+        def fetch():
+            return self.client.zmscore(self.prefix + "created", [_member(tid, k) for k in keys])
+
+        res = self._call(fetch)
+        return res if res is not None else [None] * len(keys)
+
+    def delete(self, tid: bytes, key: bytes) -> bool:
+        return bool(self._call(self._del, keys=[], args=[self.prefix, _member(tid, key)]))
+
+    def list(self, tid: bytes | None = None) -> Iterator[ObjectInfo]:
+        z = self.prefix + ("lru" if tid is None else "lru:" + tid.hex())
+        rows = self._call(self.client.zrange, z, 0, -1, withscores=True) or []
+        for i in range(0, len(rows), 512):
+            chunk = rows[i : i + 512]
+            members = [m for m, _ in chunk]
+            sizes = self._call(self.client.hmget, self.prefix + "sizes", members) or []
+            created = self._call(self.client.zmscore, self.prefix + "created", members) or []
+            for (m, last), s, c in zip(chunk, sizes, created):
+                if s is None:
+                    continue
+                t, k = _split(m)
+                yield ObjectInfo(t, k, int(s), float(c or 0.0), float(last))
+
+    def used(self, tid: bytes | None = None) -> int:
+        k = self.prefix + ("used" if tid is None else "tused:" + tid.hex())
+        return int(self._call(self.client.get, k) or 0)
+
+    def clear(self, tid: bytes | None = None) -> int:
+        return sum(self.delete(i.tenant_id, i.key) for i in list(self.list(tid)))
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,71 @@
+"""What every object tier below G2 provides (G3 local disk, G4 shared filesystem or Redis).
+
+Tiers store opaque, already-encoded objects under (tenant id, block key); they enforce a
+hard capacity with high/low watermark LRU eviction and per-tenant quotas, and report what
+they evicted so the store can publish BlockRemoved events.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PutResult:
+    stored: bool  # the object is in the tier now (also when it already was)
+    evicted: list[tuple[bytes, bytes, str]] = field(default_factory=list)  # (tid, key, reason)
+    reason: str = ""  # why not stored: too_big, quota, full, error
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    tenant_id: bytes
+    key: bytes
+    size: int
+    created: float
+    last_access: float
+
+
+class ObjectTier(ABC):
+    name: str  # "G3" or "G4"
+    backend: str  # "disk", "fs", "redis"
+    capacity: int
+
+    @property
+    def up(self) -> bool:
+        """False while the backend is unreachable (everything then reads as a miss)."""
+        return True
+
+    @abstractmethod
+    def put(self, tid: bytes, key: bytes, blob: bytes, quota: int | None = None) -> PutResult: ...
+
+    @abstractmethod
+    def get(self, tid: bytes, key: bytes) -> bytes | None: ...
+
+    @abstractmethod
+    def created_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
+        """Per key: when its object was stored, or None if absent (one round trip)."""
+
+    @abstractmethod
+    def delete(self, tid: bytes, key: bytes) -> bool: ...
+
+    @abstractmethod
+    def list(self, tid: bytes | None = None) -> Iterator[ObjectInfo]: ...
+
+    @abstractmethod
+    def used(self, tid: bytes | None = None) -> int: ...
+
+    @abstractmethod
+    def clear(self, tid: bytes | None = None) -> int: ...
+
+    def close(self) -> None:
+        return None
+
+
+def watermark_target(capacity: int, high: float, low: float, used: int, size: int) -> int | None:
+    """Bytes to get down to before adding ``size``, or None when no eviction is needed."""
+    if used + size <= int(high * capacity):
+        return None
+    return max(0, min(int(low * capacity), capacity) - size)

@@ -1,0 +1,263 @@
+"""Tiers: hard capacity, quotas, TTL, warm restart, leases, admission, back-pressure.
+
+Each tier-generic test runs on G2 (host memory), G3 (a directory), G4 on a shared
+filesystem path and G4 on a real Redis server."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from kvgrid import keys
+from kvgrid.store import ContextStore, StoreConfig, TenantPolicy
+from kvgrid.store.crypto import KeyRing
+from kvgrid.store.disk_tier import DiskTier
+from kvgrid.store.object import tenant_id
+
+SCOPE = keys.KVScope("test-model", "bfloat16")
+A = keys.tenant_scope(b"server-secret", "tenant-a")
+B = keys.tenant_scope(b"server-secret", "tenant-b")
+SHAPE = (2, 2, 16, 2, 8)
+BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 2  # bf16
+OBJ = 2300  # upper bound of one stored object (block + header), random bf16 does not shrink
+KR = KeyRing({1: os.urandom(32)})
+KINDS = ("G2", "G3", "G4-fs", "G4-redis")
+
+
+def block(seed: int) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def chain(tenant: bytes, n: int, start: int = 0) -> list[bytes]:
+    return keys.block_keys(list(range(start, start + 16 * n)), SCOPE.with_tenant(tenant), 16)
+
+
+@pytest.fixture
+def make_store(tmp_path, request):
+    """make_store(kind, capacity, **config) -> a store whose only tier is `kind`."""
+    made = []
+
+    def make(kind: str, capacity: int = 1 << 20, **kw) -> ContextStore:
+        cfg = dict(g2_bytes=0, admit_after={"G2": 1, "G3": 1, "G4": 1}, sweep_interval_s=0)
+        if kind == "G2":
+            cfg["g2_bytes"] = capacity
+        elif kind == "G3":
+            cfg.update(g3_dir=tmp_path / "g3", g3_bytes=capacity)
+        elif kind == "G4-fs":
+            cfg.update(g4_dir=tmp_path / "g4", g4_bytes=capacity)
+        else:
+            url = request.getfixturevalue("redis_server")
+            cfg.update(g4_redis=url, g4_bytes=capacity, g4_prefix=f"t{uuid.uuid4().hex[:8]}:")
+        cfg.update(kw)
+        s = ContextStore(StoreConfig(**cfg), keyring=KR)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def tier_of(store: ContextStore):
+    return store.g2 if store.g2 is not None else store.lower[0]
+
+
+def real_usage(store: ContextStore) -> int:
+    """Bytes actually held, measured outside the tier's own accounting."""
+    t = tier_of(store)
+    if t is store.g2:
+        return 0 if t.pool is None else t.pool.nbytes  # the slab is all G2 ever allocates
+    if isinstance(t, DiskTier):
+        return sum(
+            os.path.getsize(os.path.join(d, f))
+            for sub in ("objects", "tmp")
+            for d, _, files in os.walk(t.root / sub)
+            for f in files
+        )
+    r = redis.Redis.from_url(t.url)
+    return sum(r.strlen(k) for k in r.scan_iter(match=t.prefix + "obj:*"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fill_to_twice_capacity_never_exceeds_it(make_store, kind):
+    cap = 10 * OBJ
+    store = make_store(kind, cap)
+    ks = chain(A, 20)
+    for i, k in enumerate(ks):
+        store.put(k, None, A, block(i), 16)
+        store.flush()
+        assert tier_of(store).used() <= cap
+        assert real_usage(store) <= cap
+    name = tier_of(store).name
+    assert store.metrics.total("evictions", tier=name, reason="capacity") > 0
+    held = [t is not None for t in (store.contains([k], A)[0] for k in ks)]
+    assert held[-1] and not held[0]  # LRU: the newest stayed, the oldest went
+    assert 5 <= sum(held) <= 10  # the low watermark leaves headroom, never more than fits
+    removed = [e for e in store.drain_events() if type(e).__name__ == "BlockRemoved"]
+    assert len(removed) == 20 - sum(held)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tenant_quota(make_store, kind):
+    quota = 3 * OBJ if kind != "G2" else 3 * BLOCK_BYTES
+    tname = "G2" if kind == "G2" else kind[:2]
+    store = make_store(kind, 40 * OBJ, tenants={A: TenantPolicy(quota_bytes={tname: quota})})
+    ka, kb = chain(A, 8), chain(B, 4)
+    for i, k in enumerate(kb):
+        store.put(k, None, B, block(100 + i), 16)
+    for i, k in enumerate(ka):
+        store.put(k, None, A, block(i), 16)
+        store.flush()
+        assert tier_of(store).used(tenant_id(A)) <= quota
+    assert all(t is not None for t in store.contains(kb, B))  # B untouched by A's quota
+    assert store.contains(ka[-1:], A)[0] is not None
+    assert sum(store.contains([k], A)[0] is not None for k in ka) == 3
+    assert store.metrics.total("evictions", reason="quota") == 5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ttl_expired_objects_are_never_served_then_swept(make_store, kind):
+    store = make_store(kind, tenants={A: TenantPolicy(ttl_s=0.3)})
+    ka, kb = chain(A, 2), chain(B, 2)
+    for i, (a, b) in enumerate(zip(ka, kb)):
+        store.put(a, None, A, block(i), 16)
+        store.put(b, None, B, block(i), 16)
+    store.flush()
+    assert None not in store.contains(ka, A)
+    time.sleep(0.35)
+    # not swept yet, and still never served
+    assert store.contains(ka, A) == [None, None]
+    assert store.get(ka[0], A) is None
+    assert store.metrics.total("misses", reason="expired") == 1
+    assert torch.equal(store.get(kb[1], B), block(1))  # B has no TTL
+    assert store.sweep() == 1  # ka[0] was already deleted when it was read
+    assert tier_of(store).used(tenant_id(A)) == 0
+    assert store.metrics.total("evictions", reason="ttl") == 2
+
+
+@pytest.mark.parametrize("kind", ["G3", "G4-fs"])
+def test_warm_restart_hits_everything_without_rewriting(make_store, kind, tmp_path):
+    store = make_store(kind)
+    ks = chain(A, 12)
+    for i, k in enumerate(ks):
+        store.put(k, ks[i - 1] if i else None, A, block(i), 16)
+    store.flush()
+    store.close()
+    root = tmp_path / ("g3" if kind == "G3" else "g4") / "objects"
+
+    def snapshot():
+        out = {}
+        for d, _, files in os.walk(root):
+            for f in files:
+                p = os.path.join(d, f)
+                st = os.stat(p)
+                out[p] = (st.st_ino, st.st_mtime_ns, hashlib.sha256(Path(p).read_bytes()).digest())
+        return out
+
+    before = snapshot()
+    assert len(before) == 12
+    again = make_store(kind, g2_bytes=1 << 20)  # a fresh process's view: empty G2
+    assert again.rebuilt[kind[:2]] == 12
+    stored = [e for e in again.drain_events() if type(e).__name__ == "BlockStored"]
+    assert {e.keys[0] for e in stored} == set(ks)
+    assert {e.parent_key for e in stored} == {None, *ks[:-1]}
+    assert again.contains(ks, A) == [kind[:2]] * 12
+    for i, k in enumerate(ks):
+        assert torch.equal(again.get(k, A), block(i))
+    assert again.metrics.total("hits", tier=kind[:2]) == 12
+    assert snapshot() == before  # same files, same inodes, same mtimes, same bytes
+    assert again.metrics.total("bytes_in", tier=kind[:2]) == 0
+
+
+def test_leases_pin_blocks_and_are_always_released(make_store):
+    store = make_store("G2", 10 * BLOCK_BYTES, lease_timeout_s=5.0)
+    pinned = chain(A, 4)
+    for i, k in enumerate(pinned):
+        store.put(k, None, A, block(i), 16)
+    with pytest.raises(RuntimeError), store.lease(pinned, A) as lease:
+        assert len(lease) == 4
+        assert store.stats()["pinned_blocks"] == 4
+        for i, k in enumerate(chain(A, 30, start=10_000)):
+            store.put(k, None, A, block(i), 16)
+        assert store.contains(pinned, A) == ["G2"] * 4  # pinned: survived 3x capacity
+        raise RuntimeError("the holder fails")  # released anyway
+    assert store.stats()["pinned_blocks"] == 0 and store.stats()["leases"] == 0
+    for i, k in enumerate(chain(A, 30, start=20_000)):
+        store.put(k, None, A, block(i), 16)
+    assert store.contains(pinned, A) == [None] * 4
+    # a holder that never releases: the lease times out
+    again = chain(A, 2, start=50_000)
+    for i, k in enumerate(again):
+        store.put(k, None, A, block(i), 16)
+    forgotten = store.lease(again, A, timeout_s=0.05)
+    assert len(forgotten) == 2
+    time.sleep(0.1)
+    store.put(chain(A, 1, start=60_000)[0], None, A, block(0), 16)  # reaps expired leases
+    assert store.leases.expired == 1 and store.stats()["pinned_blocks"] == 0
+
+
+def test_disk_admission_needs_a_second_sighting(make_store, tmp_path):
+    store = make_store("G3", g2_bytes=1 << 20, admit_after={"G2": 1, "G3": 2})
+    k = chain(A, 1)[0]
+    store.put(k, None, A, block(0), 16)
+    store.flush()
+    assert store.tier("G3").created_many(tenant_id(A), [k]) == [None]
+    store.note_seen([k])  # a request wanted it again
+    store.put(k, None, A, block(0), 16)
+    store.flush()
+    assert store.tier("G3").created_many(tenant_id(A), [k])[0] is not None
+
+
+class GatedTier(DiskTier):
+    """A directory tier whose writes wait for a gate: a disk that has stalled."""
+
+    gate = threading.Event()
+
+    def put(self, *a, **kw):
+        assert self.gate.wait(10)
+        return super().put(*a, **kw)
+
+
+def test_back_pressure_bounds_in_flight_writes(tmp_path):
+    GatedTier.gate.clear()
+    cfg = StoreConfig(g2_bytes=1 << 20, io_queue=4, io_workers=1, sweep_interval_s=0,
+                      admit_after={"G2": 1, "G3": 1})  # fmt: skip
+    store = ContextStore(cfg, keyring=KR, tiers=[GatedTier(tmp_path / "d", 1 << 20, "G3")])
+    ks = chain(A, 30)
+    t0 = time.perf_counter()
+    for i, k in enumerate(ks):
+        store.put(k, None, A, block(i), 16)
+        assert store.writes.in_flight <= 4
+    assert time.perf_counter() - t0 < 5  # the engine never waited on the stalled disk
+    assert store.writes.max_seen == 4
+    assert store.writes.dropped == 26
+    assert store.metrics.total("writes_dropped", reason="queue_full") == 26
+    assert store.contains(ks, A) == ["G2"] * 30  # G2 still took every block
+    GatedTier.gate.set()
+    assert store.flush()
+    assert sum(t is not None for t in store.tier("G3").created_many(tenant_id(A), ks)) == 4
+    store.close()
+
+
+def test_back_pressure_blocks_for_at_most_the_configured_time(tmp_path):
+    GatedTier.gate.clear()
+    cfg = StoreConfig(g2_bytes=0, io_queue=1, io_workers=1, io_block_s=0.2, sweep_interval_s=0,
+                      admit_after={"G3": 1})  # fmt: skip
+    store = ContextStore(cfg, keyring=KR, tiers=[GatedTier(tmp_path / "d", 1 << 20, "G3")])
+    ks = chain(A, 2)
+    store.put(ks[0], None, A, block(0), 16)
+    t0 = time.perf_counter()
+    store.put(ks[1], None, A, block(1), 16)  # queue full: waits 0.2 s, then drops
+    waited = time.perf_counter() - t0
+    assert 0.18 <= waited < 1.0
+    assert store.writes.dropped == 1
+    GatedTier.gate.set()
+    store.close()
