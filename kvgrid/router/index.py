@@ -59,6 +59,7 @@ class KVIndex:
         self._workers: dict[str, _WorkerEntry] = {}
         self._bit_owner: dict[int, str] = {}
         self._free_bits: list[int] = []
+        self._everyone = 0  # bits of all registered workers, kept as workers come and go
         self.events_applied = 0
         self.resyncs = 0
 
@@ -70,6 +71,7 @@ class KVIndex:
         bit = self._free_bits.pop() if self._free_bits else len(self._bit_owner)
         self._workers[worker_id] = _WorkerEntry(bit)
         self._bit_owner[bit] = worker_id
+        self._everyone |= 1 << bit
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget a lost worker and every block it held."""
@@ -79,6 +81,7 @@ class KVIndex:
         self._clear(entry, range(len(TIERS)))
         del self._bit_owner[entry.bit]
         self._free_bits.append(entry.bit)
+        self._everyone &= ~(1 << entry.bit)
 
     def reset_worker(self, worker_id: str) -> None:
         """A new life of the worker (restart): drop its blocks, wait for a snapshot."""
@@ -210,23 +213,35 @@ class KVIndex:
 
     # ---- queries -------------------------------------------------------------------------
 
+    def holders(self, key: bytes, predicted: dict[bytes, int] | None = None) -> list[str]:
+        """Workers holding ``key`` in any tier (or predicted to): one lookup per tier."""
+        m = 0
+        for d in self._tiers:
+            m |= d.get(key, 0)
+        if predicted:
+            m |= predicted.get(key, 0)
+        owner = self._bit_owner
+        return [owner[b] for b in _bits(m) if b in owner]
+
     def overlap(
         self,
         keys: Sequence[bytes],
         predicted: dict[bytes, int] | None = None,
         exclude_mask: int = 0,
+        within_mask: int | None = None,
     ) -> dict[str, Overlap]:
         """Per worker, the leading blocks of ``keys`` it holds (any tier, or the shared tier).
 
         ``predicted`` maps keys to worker bitmasks the router expects to hold them (its recent
         decisions); ``exclude_mask`` drops workers whose index entries are not to be trusted
-        (stale) while still counting their predicted blocks. Workers with no match are absent.
+        (stale) while still counting their predicted blocks; ``within_mask`` limits the answer
+        (and the work) to those workers' bits. Workers with no match are absent.
         """
         g1, g2, g3, g4 = self._tiers
         pred = predicted or {}
-        everyone = 0
-        for entry in self._workers.values():
-            everyone |= 1 << entry.bit
+        everyone = self._everyone
+        if within_mask is not None:
+            everyone &= within_mask
         trusted = everyone & ~exclude_mask
         active = everyone
         lengths: dict[int, int] = {}
@@ -234,7 +249,7 @@ class KVIndex:
         lower: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
             m1 = g1.get(k, 0) & trusted
-            mp = pred.get(k, 0)
+            mp = pred.get(k, 0) & everyone
             m2 = g2.get(k, 0) & trusted
             m3 = g3.get(k, 0) & trusted
             m = m1 | mp | m2 | m3

@@ -1,0 +1,146 @@
+"""Mooncake FAST'25 traces as workloads.
+
+Record format (see ../shared/traces/mooncake/README.md): ``timestamp`` (ms from the trace's
+start), ``input_length``, ``output_length`` and ``hash_ids``, one id per 512-token block of
+the prompt, the last block possibly partial. Ids are chained prefix hashes: equal ids mean
+a reusable prefix.
+
+To fit small models, ``tokens_per_block`` shrinks every 512-token block to fewer tokens (the
+prefix structure is unchanged, lengths scale by tokens_per_block/512), ``max_input_tokens``
+drops the blocks past a cap, and ``max_output_tokens`` caps outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kvgrid.bench.workloads import DEFAULT_VOCAB_SIZE, Request, Workload
+
+MOONCAKE_BLOCK_TOKENS = 512
+TRACE_NAMES = {
+    "conversation": "conversation_trace.jsonl",
+    "synthetic": "synthetic_trace.jsonl",
+    "toolagent": "toolagent_trace.jsonl",
+}
+
+
+def trace_dir() -> Path:
+    """$KVGRID_TRACES, else ../shared/traces/mooncake next to the repository, else /work/..."""
+    env = os.environ.get("KVGRID_TRACES")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake"
+    if here.is_dir():
+        return here
+    return Path("/work/shared/traces/mooncake")
+
+
+def resolve_trace(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".jsonl" or p.exists():
+        if not p.exists():
+            raise FileNotFoundError(f"Mooncake trace not found: {p}")
+        return p
+    fname = TRACE_NAMES.get(name_or_path)
+    if fname is None:
+        raise ValueError(
+            f"unknown Mooncake trace {name_or_path!r}: give a .jsonl path or one of "
+            f"{', '.join(TRACE_NAMES)}"
+        )
+    p = trace_dir() / fname
+    if not p.exists():
+        raise FileNotFoundError(f"Mooncake trace not found: {p} (set KVGRID_TRACES)")
+    return p
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    recs = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                int(r["timestamp"]), int(r["input_length"]), int(r["output_length"])
+                list(r["hash_ids"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{i}: not a Mooncake trace record ({e})") from None
+            recs.append(r)
+    return recs
+
+
+def load_mooncake(
+    trace: str = "conversation",
+    tokens_per_block: int = MOONCAKE_BLOCK_TOKENS,
+    max_input_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+    min_output_tokens: int = 1,
+    limit: int | None = None,
+    start: int = 0,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    speed: float = 1.0,
+    repeat: int = 1,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    seed: int = 0,
+) -> Workload:
+    """Load a Mooncake trace (a name from TRACE_NAMES or a path).
+
+    Requests are sorted by arrival (ties in file order). ``start``/``limit`` slice by index
+    and ``start_s``/``end_s`` by time, both before ``speed`` divides the gaps. ``repeat`` > 1
+    overlays independent copies of the user population (hash ids offset per copy, except id
+    0 ... no: every id is offset, so copies share nothing), multiplying the rate by ``repeat``.
+    """
+    if tokens_per_block <= 0 or tokens_per_block > MOONCAKE_BLOCK_TOKENS:
+        raise ValueError(f"tokens_per_block must be in 1..{MOONCAKE_BLOCK_TOKENS}")
+    if speed <= 0 or repeat < 1:
+        raise ValueError("speed must be positive and repeat >= 1")
+    path = resolve_trace(trace)
+    recs = read_records(path)
+    order = sorted(range(len(recs)), key=lambda i: (recs[i]["timestamp"], i))
+    recs = [recs[i] for i in order]
+    if start_s is not None or end_s is not None:
+        lo = -1e300 if start_s is None else start_s * 1000
+        hi = 1e300 if end_s is None else end_s * 1000
+        recs = [r for r in recs if lo <= r["timestamp"] < hi]
+    recs = recs[start : None if limit is None else start + limit]
+    if not recs:
+        raise ValueError(f"{path}: no requests in the selected slice")
+    t0 = recs[0]["timestamp"]
+    scale = tokens_per_block / MOONCAKE_BLOCK_TOKENS
+    top = max((max(r["hash_ids"]) for r in recs if r["hash_ids"]), default=0) + 1
+    reqs: list[Request] = []
+    for copy in range(repeat):
+        off = copy * top
+        for i, r in enumerate(recs):
+            hids = r["hash_ids"]
+            n_in = max(1, round(r["input_length"] * scale))
+            if max_input_tokens is not None and n_in > max_input_tokens:
+                n_in = max_input_tokens
+            n_blocks = -(-n_in // tokens_per_block)
+            out = max(min_output_tokens, int(r["output_length"]))
+            if max_output_tokens is not None:
+                out = min(out, max_output_tokens)
+            reqs.append(
+                Request(
+                    arrival_s=(r["timestamp"] - t0) / 1000.0 / speed,
+                    max_tokens=out,
+                    input_length=n_in,
+                    hash_ids=tuple(h + off for h in hids[:n_blocks]),
+                    request_id=f"mc{copy}-{start + i}" if repeat > 1 else f"mc-{start + i}",
+                )
+            )
+    if repeat > 1:
+        reqs.sort(key=lambda r: r.arrival_s)
+    name = f"mooncake:{Path(path).stem.removesuffix('_trace')}"
+    return Workload(
+        name,
+        reqs,
+        tokens_per_block,
+        vocab_size,
+        seed,
+        {"trace": str(path), "speed": speed, "repeat": repeat, "scale": scale},
+    )

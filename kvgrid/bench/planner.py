@@ -1,0 +1,294 @@
+"""SLA planner: sizes the prefill and decode pools to TTFT and ITL targets at percentiles.
+
+One interface for the simulator and a live ``kvgrid serve``:
+``Planner.decide(now, observed, pools) -> list[ScaleAction]``, called every interval with
+what was observed since the last call and the pools' replicas. The caller starts replicas
+("add": usable after their start-up time) and drains them ("drain": route nothing new there,
+let in-flight requests finish, then stop the process), so a scale-down loses no request.
+
+Model (per pool, from the engine calibration):
+- Prefill is a queue with c servers (the router spreads work like a shared queue). The
+  service time S of a request is its uncached prefill plus the decode steps its chunks
+  carry; its variability enters through the Allen-Cunneen factor (1 + cv^2) / 2, and the
+  waiting-time tail of M/M/c (Erlang C: P(W > t) = C(c, a) e^{-(c mu - lambda) t}) gives the
+  smallest c whose TTFT percentile S + W_q(p) meets the target.
+- Decode: each running request holds (input + output) tokens of KV and a batch slot; the
+  decode step time at batch B and KV K must leave the ITL target met once stretched by the
+  prefill share of the worker's time (chunked prefill runs in the same steps); Little's law
+  gives the running requests, and the KV capacity caps B.
+- The load planned for is the larger of the smoothed current rate and its trend
+  extrapolated over the start-up time plus one interval, so replicas are ready when needed.
+- Feedback: when the observed TTFT percentile misses the target the planned load is scaled
+  up (and relaxes back slowly), which absorbs what the model misses (cache hits, skew).
+- Hysteresis: scale up at once (counting replicas still starting); scale down only after
+  ``down_ticks`` consecutive intervals that want fewer replicas even at ``down_margin`` more
+  load, not within ``cooldown_s`` of a scale-up, by at most ``max_down_step`` per interval.
+- Consolidation on scale-down: replicas still starting go first (no cache, no work), then
+  the ones with the least in-flight work and KV (they drain soonest and lose the least
+  cache).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kvgrid.bench.sim.calibration import Calibration, load_calibration
+
+
+@dataclass
+class ObservedMetrics:
+    window_s: float
+    arrival_rate: float  # requests/s over the window
+    mean_input_tokens: float = 0.0
+    mean_output_tokens: float = 0.0
+    ttft_s: list[float] = field(default_factory=list)  # first tokens seen in the window
+    tpot_s: list[float] = field(default_factory=list)
+    queued_requests: int = 0
+    waiting_prefill_tokens: int = 0
+    running_requests: int = 0
+    hit_rate: float | None = None  # prompt tokens served from cache, if known
+
+
+@dataclass
+class ReplicaView:
+    worker_id: str
+    ready: bool = True
+    draining: bool = False
+    num_active: int = 0
+    kv_usage: float = 0.0
+    waiting_prefill_tokens: int = 0
+    started_at: float = 0.0
+
+
+@dataclass
+class PoolState:
+    pool: str  # "mixed" | "prefill" | "decode"
+    replicas: list[ReplicaView] = field(default_factory=list)
+
+    def serving(self) -> list[ReplicaView]:
+        """Replicas that count as capacity (ready or starting, not draining)."""
+        return [r for r in self.replicas if not r.draining]
+
+
+@dataclass
+class ScaleAction:
+    kind: str  # "add" | "drain"
+    pool: str
+    count: int = 1
+    worker_id: str | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PlannerConfig:
+    ttft_target_s: float = 3.0
+    ttft_percentile: float = 0.95
+    itl_target_s: float = 0.1
+    min_replicas: int = 1
+    max_replicas: int = 1024
+    max_utilization: float = 0.85  # of a replica's prefill time and KV
+    startup_s: float | None = None  # None: the calibration's
+    interval_s: float = 10.0
+    down_ticks: int = 3
+    down_margin: float = 0.2
+    cooldown_s: float = 60.0
+    max_down_step: int = 2
+    rate_smoothing: float = 0.5  # EMA weight of the newest window
+    trend_windows: int = 4
+    service_cv: float = 0.5  # coefficient of variation of prefill service times
+    disagg: bool = False
+
+
+def erlang_c(c: int, a: float) -> float:
+    """Probability that an arrival waits in M/M/c with offered load a = lambda / mu."""
+    if a <= 0:
+        return 0.0
+    if a >= c:
+        return 1.0
+    # the Erlang B recursion is stable for large c
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    rho = a / c
+    return b / (1 - rho + rho * b)
+
+
+class Planner:
+    def __init__(self, cfg: PlannerConfig | None = None, calib: Calibration | None = None) -> None:
+        self.cfg = cfg or PlannerConfig()
+        self.calib = calib or load_calibration()
+        self.startup_s = self.calib.startup_s if self.cfg.startup_s is None else self.cfg.startup_s
+        self.rate = None  # smoothed arrival rate
+        self.rates: deque[float] = deque(maxlen=self.cfg.trend_windows)
+        self.mean_in = 0.0
+        self.mean_out = 0.0
+        self.boost = 1.0  # feedback on observed TTFT misses
+        self.down_streak: dict[str, int] = {}
+        self.last_up: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    # ---- model ---------------------------------------------------------------------------
+
+    def _prefill_service(self, mean_in: float, hit: float, decoders: float) -> float:
+        c = self.calib
+        u = max(1.0, mean_in * (1 - hit))
+        s = c.prefill_s(int(u), int(mean_in - u))
+        if decoders > 0:
+            s += math.ceil(u / c.max_num_batched_tokens) * c.decode_step_s(
+                int(decoders), decoders * (mean_in + self.mean_out / 2)
+            )
+        return s
+
+    def _ttft_ok(self, n: int, lam: float, s: float) -> bool:
+        cfg = self.cfg
+        a = lam * s
+        if a >= n * cfg.max_utilization:
+            return False
+        mu = 1 / s
+        budget = cfg.ttft_target_s - s
+        if budget <= 0:
+            return False
+        pw = erlang_c(n, a) * (1 + cfg.service_cv**2) / 2
+        tail = 1 - cfg.ttft_percentile
+        if pw <= tail:
+            return True
+        wq = math.log(pw / tail) / (n * mu - lam)
+        return wq <= budget
+
+    def _decode_ok(self, n: int, lam: float, mean_in: float, mean_out: float, rho_p: float) -> bool:
+        c, cfg = self.calib, self.cfg
+        if rho_p >= 1:
+            return False
+        # Little: running requests = rate x decode time (iterate once on the step time)
+        step = c.decode_step_s(1, mean_in)
+        for _ in range(3):
+            tpot = step / (1 - rho_p)
+            b = lam * mean_out * tpot / n
+            step = c.decode_step_s(max(1, math.ceil(b)), b * (mean_in + mean_out / 2))
+        tpot = step / (1 - rho_p)
+        kv_per_req = mean_in + mean_out
+        b = lam * mean_out * tpot / n
+        kv_ok = b * kv_per_req <= cfg.max_utilization * c.kv_capacity_tokens
+        return tpot <= cfg.itl_target_s and b <= c.max_num_seqs and kv_ok
+
+    def required(self, lam: float, mean_in: float, mean_out: float, hit: float = 0.0) -> dict:
+        """Replicas per pool for arrival rate ``lam`` (requests/s)."""
+        cfg = self.cfg
+        if lam <= 0:
+            return {"prefill": cfg.min_replicas, "decode": cfg.min_replicas}
+        if cfg.disagg:
+            s = self._prefill_service(mean_in, hit, 0)
+            n_p = self._search(lambda n: self._ttft_ok(n, lam, s))
+            n_d = self._search(lambda n: self._decode_ok(n, lam, mean_in, mean_out, 0.0))
+            return {"prefill": n_p, "decode": n_d}
+
+        def ok(n: int) -> bool:
+            decoders = lam * mean_out * self.calib.decode_step_s(8, 8 * mean_in) / n
+            s = self._prefill_service(mean_in, hit, decoders)
+            rho_p = lam * s / n
+            return self._ttft_ok(n, lam, s) and self._decode_ok(n, lam, mean_in, mean_out, rho_p)
+
+        return {"mixed": self._search(ok)}
+
+    def _search(self, ok) -> int:
+        cfg = self.cfg
+        n = cfg.min_replicas
+        while n < cfg.max_replicas and not ok(n):
+            n = n + 1 if n < 16 else n + max(1, n // 16)
+        return min(n, cfg.max_replicas)
+
+    # ---- decisions -----------------------------------------------------------------------
+
+    def _observe(self, obs: ObservedMetrics, starting: bool = False) -> float:
+        cfg = self.cfg
+        a = cfg.rate_smoothing
+        self.rate = (
+            obs.arrival_rate if self.rate is None else a * obs.arrival_rate + (1 - a) * self.rate
+        )
+        self.rates.append(obs.arrival_rate)
+        if obs.arrival_rate > 0:
+            w = a if self.mean_in else 1.0
+            self.mean_in = w * obs.mean_input_tokens + (1 - w) * self.mean_in
+            self.mean_out = w * obs.mean_output_tokens + (1 - w) * self.mean_out
+        # feedback: misses raise the planned load; meeting it comfortably lowers it again.
+        # Not while replicas are starting: those misses are already being answered.
+        if len(obs.ttft_s) >= 20:
+            xs = sorted(obs.ttft_s)
+            p = xs[min(len(xs) - 1, int(cfg.ttft_percentile * len(xs)))]
+            if p > cfg.ttft_target_s and not starting:
+                self.boost = min(3.0, self.boost * 1.15)
+            elif p < 0.5 * cfg.ttft_target_s:
+                self.boost = max(1.0, self.boost * 0.97)
+        # trend over the last windows, extrapolated to when a new replica would be ready
+        horizon = self.startup_s + cfg.interval_s
+        # only a sustained ramp counts (every window above the one before), not noise
+        trend = 0.0
+        ys = list(self.rates)
+        if len(ys) == self.rates.maxlen and all(b > a for a, b in itertools.pairwise(ys)):
+            slope = (ys[-1] - ys[0]) / ((len(ys) - 1) * max(obs.window_s, 1e-9))
+            trend = slope * horizon
+        return max(self.rate, self.rate + trend) * self.boost
+
+    def decide(
+        self, now: float, observed: ObservedMetrics, pools: dict[str, PoolState]
+    ) -> list[ScaleAction]:
+        cfg = self.cfg
+        starting = any(not r.ready for p in pools.values() for r in p.replicas)
+        lam = self._observe(observed, starting)
+        hit = observed.hit_rate or 0.0
+        need = self.required(lam, self.mean_in, self.mean_out, hit)
+        # a backlog already queued needs capacity to clear it by the time new replicas are
+        # up; capped so that a burst cannot ask for an unbounded fleet
+        if observed.waiting_prefill_tokens and self.mean_in:
+            backlog_s = self.calib.prefill_s(int(observed.waiting_prefill_tokens))
+            extra = math.ceil(backlog_s / (self.startup_s + cfg.interval_s))
+            key = "prefill" if cfg.disagg else "mixed"
+            need[key] = need.get(key, 0) + min(extra, need.get(key, 0) // 2 + 1)
+        # the level a scale-down must still satisfy: more load than now, by the margin
+        need_down = self.required(lam * (1 + cfg.down_margin), self.mean_in, self.mean_out, hit)
+        actions: list[ScaleAction] = []
+        for name, want in need.items():
+            pool = pools.get(name, PoolState(name))
+            serving = pool.serving()
+            have = len(serving)
+            want = max(cfg.min_replicas, min(cfg.max_replicas, want))
+            if want > have:
+                self.down_streak[name] = 0
+                self.last_up[name] = now
+                actions.append(ScaleAction("add", name, want - have, reason=f"need {want}"))
+                continue
+            keep = max(cfg.min_replicas, need_down.get(name, want))
+            if keep < have and now - self.last_up.get(name, -1e18) >= cfg.cooldown_s:
+                self.down_streak[name] = self.down_streak.get(name, 0) + 1
+            else:
+                self.down_streak[name] = 0
+            if self.down_streak[name] >= cfg.down_ticks:
+                n = min(cfg.max_down_step, have - keep)
+                for r in self._victims(serving, n):
+                    actions.append(ScaleAction("drain", name, 1, r.worker_id, f"keep {keep}"))
+                self.down_streak[name] = 0
+        self.history.append(
+            {"t": now, "rate": lam, "need": need, "boost": self.boost, "actions": len(actions)}
+        )
+        return actions
+
+    @staticmethod
+    def _victims(serving: list[ReplicaView], n: int) -> list[ReplicaView]:
+        ranked = sorted(
+            serving,
+            key=lambda r: (
+                r.ready,
+                r.num_active,
+                r.waiting_prefill_tokens,
+                r.kv_usage,
+                r.worker_id,
+            ),
+        )
+        return ranked[:n]

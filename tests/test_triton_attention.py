@@ -1,0 +1,199 @@
+"""Triton paged attention against the torch reference backend, on random paged caches.
+
+On a machine without a GPU these run under Triton's interpreter (TRITON_INTERPRET=1, set
+below before triton is imported) in float32: the interpreter mis-computes ``tl.dot`` on
+bfloat16 operands, so 16-bit inputs are checked on the GPU (bench/gpu_engine.py) only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton 3.6's interpreter turns scalars into 1-element arrays and calls int() on them for
+    # range(); NumPy >= 2.4 refuses that, so take the element explicitly.
+    from triton.runtime import interpreter as _interp
+
+    _patch_tensor = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
+
+from kvgrid.engine.attention import triton_kernels as tk  # noqa: E402
+from kvgrid.engine.attention.base import AttentionMetadata  # noqa: E402
+from kvgrid.engine.attention.torch_ref import TorchAttentionBackend  # noqa: E402
+from kvgrid.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+TOL = 1e-4 if DEVICE == "cpu" else 2e-2
+
+
+def make_batch(
+    gen: torch.Generator,
+    ctx_lens: list[int],
+    q_lens: list[int],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    num_layers: int = 2,
+):
+    """A paged cache holding each sequence's context, and this step's new q/k/v."""
+    seq_lens = [c + n for c, n in zip(ctx_lens, q_lens)]
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    # scattered, non-monotonic block ids; block 0 stays unused as padding
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    max_blocks = max(blocks_per_seq) + 1
+    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    slots, owned = [], 0
+    for i, (c, s) in enumerate(zip(ctx_lens, seq_lens)):
+        ids = perm[owned : owned + blocks_per_seq[i]]
+        owned += blocks_per_seq[i]
+        tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        slots += [ids[p // block_size] * block_size + p % block_size for p in range(c, s)]
+    cache = torch.randn(
+        num_blocks, num_layers, 2, block_size, kv_heads, head_dim, generator=gen
+    ).to(DTYPE)
+    t = sum(q_lens)
+    q = torch.randn(t, heads, head_dim, generator=gen).to(DTYPE)
+    k = torch.randn(t, kv_heads, head_dim, generator=gen).to(DTYPE)
+    v = torch.randn(t, kv_heads, head_dim, generator=gen).to(DTYPE)
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+
+    def i32(x):
+        return torch.tensor(x, dtype=torch.int32, device=DEVICE)
+
+    meta = AttentionMetadata(
+        query_start_loc=i32(qsl),
+        seq_lens=i32(seq_lens),
+        context_lens=i32(ctx_lens),
+        block_tables=tables.to(DEVICE),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=seq_lens,
+        context_lens_cpu=list(ctx_lens),
+    )
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache.to(DEVICE), meta
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def check(backend, gen, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, layer=1):
+    q, k, v, cache, meta = make_batch(gen, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size)
+    ref_cache = cache.clone()
+    scale = head_dim**-0.5
+    ref = TorchAttentionBackend().forward(q, k, v, ref_cache, layer, meta, scale)
+    out = backend.forward(q, k, v, cache, layer, meta, scale)
+    assert torch.isfinite(out).all(), "non-finite attention output"
+    err = rel_err(out, ref)
+    assert err < TOL, f"relative error {err:.2e} (ctx={ctx_lens}, q={q_lens})"
+    # the fused KV write stored exactly the new keys and values, and nothing else
+    assert torch.equal(cache, ref_cache), "KV cache differs from the reference write"
+
+
+SHAPES = [
+    # (heads, kv_heads, head_dim, block_size): GQA ratios 1, 4, 8
+    (4, 4, 64, 16),
+    (8, 2, 128, 64),
+    (8, 1, 64, 64),
+    (16, 2, 128, 16),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES)
+def test_mixed_decode_prefill_and_cached_prefix(heads, kv_heads, head_dim, block_size):
+    gen = torch.Generator().manual_seed(heads * 1000 + head_dim + block_size)
+    backend = TritonAttentionBackend()
+    # decodes (one new token over a context), a fresh prompt, two cached-prefix chunks
+    ctx = [37, 0, 70, 5, 129]
+    new = [1, 23, 9, 1, 40]
+    check(backend, gen, ctx, new, heads, kv_heads, head_dim, block_size)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES)
+def test_decode_only(heads, kv_heads, head_dim, block_size):
+    gen = torch.Generator().manual_seed(7 + heads + block_size)
+    check(
+        TritonAttentionBackend(),
+        gen,
+        [1, 63, 64, 200],
+        [1, 1, 1, 1],
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+    )
+
+
+@pytest.mark.parametrize("splits", [2, 4, 8])
+def test_split_kv_decode_matches_unsplit(splits):
+    """Flash-decoding: partial softmaxes over key ranges reduce to the one-pass result."""
+    gen = torch.Generator().manual_seed(splits)
+    q, k, v, cache, meta = make_batch(gen, [300, 5, 130], [1, 1, 1], 8, 2, 64, 16)
+    layer_cache = cache[:, 0]
+    dot = tk.dot_dtype_for(DTYPE)
+    tk.kv_write(k, v, layer_cache, meta.slot_mapping)
+    args = (q, layer_cache, meta.block_tables, meta.seq_lens, 0.125)
+    one = tk.paged_decode(*args, 1, torch.empty_like(q), dot)
+    many = tk.paged_decode(*args, splits, torch.full_like(q, float("nan")), dot)
+    assert torch.isfinite(many).all()
+    assert rel_err(many, one) < TOL
+
+
+def test_decode_padding_rows_are_inert():
+    """CUDA-graph padding: slot -1 writes nothing, seq_len 0 yields zeros, not NaN."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, cache, meta = make_batch(gen, [20, 0], [1, 1], 4, 2, 64, 16)
+    before = cache.clone()
+    layer_cache = cache[:, 0]
+    tk.kv_write(k, v, layer_cache, torch.full_like(meta.slot_mapping, -1))
+    assert torch.equal(cache, before)
+    seq_lens = meta.seq_lens.clone()
+    seq_lens[1] = 0
+    out = tk.paged_decode(
+        q,
+        layer_cache,
+        meta.block_tables,
+        seq_lens,
+        0.125,
+        4,
+        torch.empty_like(q),
+        tk.dot_dtype_for(DTYPE),
+    )
+    assert torch.isfinite(out).all() and not out[1].any()
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_fresh_prefill_sdpa_and_kernel(sdpa):
+    gen = torch.Generator().manual_seed(11)
+    backend = TritonAttentionBackend(sdpa_min_query_len=1 if sdpa else 10**9)
+    ctx, new = [0, 0, 0], [17, 64, 3]
+    meta = make_batch(gen, ctx, new, 8, 2, 64, 16)[-1]
+    assert backend.use_sdpa(meta) is sdpa
+    check(backend, gen, ctx, new, 8, 2, 64, 16)
+
+
+def test_sdpa_not_used_over_a_cached_prefix():
+    gen = torch.Generator().manual_seed(5)
+    _, _, _, _, meta = make_batch(gen, [64, 0], [600, 600], 8, 2, 64, 64)
+    assert not TritonAttentionBackend().use_sdpa(meta)
