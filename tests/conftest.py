@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# ---- isolation --------------------------------------------------------------------------
+
+_STORE_DIR = tempfile.TemporaryDirectory(prefix="kvgrid-test-store-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Context stores that commands open by default (G3, the local master key) live in a
+    # throwaway folder, never in the user's cache: tests neither read nor leave state there.
+    # Worker processes the tests start inherit it.
+    os.environ["KVGRID_STORE_DIR"] = _STORE_DIR.name
+
 
 # ---- models ---------------------------------------------------------------------------
 

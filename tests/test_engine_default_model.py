@@ -68,8 +68,15 @@ def test_streamed_deltas_add_up_to_the_final_text(default_llm):
 
 def test_cli_chat_answers(default_model_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "kvgrid.cli", "chat", "What is the capital of France?",
-         "--max-tokens", "24"],
+        [
+            sys.executable,
+            "-m",
+            "kvgrid.cli",
+            "chat",
+            "What is the capital of France?",
+            "--max-tokens",
+            "24",
+        ],
         capture_output=True,
         text=True,
         timeout=240,

@@ -285,6 +285,20 @@ def test_metrics_and_explained_decisions(server):
     assert httpx.get(f"{server}/debug/decisions", headers=ALICE).json()
 
 
+def test_workers_run_the_context_store_by_default(server):
+    """`kvgrid serve` puts G2 and a per-worker G3 below each worker's G1, and says so."""
+    workers = _router_state(server)["workers"]
+    g3_dirs = set()
+    for wid, w in workers.items():
+        text = httpx.get(f"{w['url']}/metrics", timeout=5).text
+        assert 'kvgrid_store_capacity_bytes{tier="G2"}' in text, wid
+        assert 'kvgrid_store_capacity_bytes{tier="G3"}' in text, wid
+        assert w["load"]["tier_bytes_per_s"].keys() >= {"G2", "G3"}, wid
+        g3_dirs.add(os.path.join(os.environ["KVGRID_STORE_DIR"], "g3", wid))
+    # each worker owns its own G3 folder (one owner per capacity), inside the test's store dir
+    assert all(os.path.isdir(d) for d in g3_dirs) and len(g3_dirs) == 2
+
+
 def test_worker_death_mid_stream_then_rejoin(server):
     body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
     events = []

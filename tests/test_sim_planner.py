@@ -92,3 +92,32 @@ def test_planner_in_simulator_loses_nothing():
     stopped = [sw for sw in fleet.workers if sw.stopped_at is not None]
     assert stopped and all(sw.idle() for sw in stopped)
     assert not any(fleet.router.workers.get(sw.worker_id) for sw in stopped)
+
+
+def test_resize_adds_or_drains_the_least_busy():
+    p = Planner()
+    pools = {
+        "mixed": PoolState(
+            "mixed",
+            [
+                ReplicaView("a", num_active=3),
+                ReplicaView("b", num_active=1),
+                ReplicaView("c", num_active=2, draining=True),  # already leaving: not counted
+            ],
+        )
+    }
+    (add,) = p.resize(pools, "mixed", 4)
+    assert add.kind == "add" and add.count == 2
+    (drain,) = p.resize(pools, "mixed", 1)
+    assert drain.kind == "drain" and drain.worker_id == "b"
+    assert p.resize(pools, "mixed", 2) == []
+
+
+def test_idle_window_keeps_the_pools_of_the_mode():
+    # no arrivals in a window: a mixed fleet is sized as one mixed pool, not as a
+    # disaggregated pair it does not have
+    p = Planner(PlannerConfig(cooldown_s=0))
+    assert p.required(0.0, 0, 0) == {"mixed": 1}
+    assert [a for a in p.decide(0, _obs(0.0), _pool(1)) if a.kind == "add"] == []
+    pd = Planner(PlannerConfig(disagg=True))
+    assert pd.required(0.0, 0, 0) == {"prefill": 1, "decode": 1}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvgrid import keys
+from kvgrid.engine.kv_loader import SPLIT_OVERHEAD_S, LoadPlan
 from kvgrid.events import BlockRemoved, BlockStored
 from kvgrid.store import ContextStore, StoreConfig, StoreConnector
 from kvgrid.store.crypto import KeyRing
@@ -77,7 +78,8 @@ def test_load_stops_at_the_first_bad_block(tmp_path):
 
 
 def test_lookup_weighs_load_against_recompute(tmp_path):
-    store = make(tmp_path, seed_bytes_per_s={"G2": 10e9, "G3": 1e9})
+    # G3 at 50 ms a block (a slow disk, so that splits are worth their fixed overhead)
+    store = make(tmp_path, seed_bytes_per_s={"G2": 10e9, "G3": 2048 / 0.05})
     src = kv_cache()
     conn = StoreConnector(store, src, BS)
     ks = keys.block_keys(list(range(BS * 8)), MODEL.with_tenant(A), BS)
@@ -87,21 +89,32 @@ def test_lookup_weighs_load_against_recompute(tmp_path):
         store.g2.delete(tenant_id(A), k)
     assert store.contains(ks, A) == ["G2"] * 4 + ["G3"] * 4
     assert conn.lookup(ks, A, 0) == 8  # prefill speed unknown: offer all that is stored
+    assert conn.load_plan(A, 8).compute_blocks == 0
     assert conn.lookup(ks, A, 3) == 5  # only keys after the G1 hits
     g2_s, g3_s = conn.block_load_seconds("G2"), conn.block_load_seconds("G3")
-    assert g2_s < g3_s
-    # recompute slower than either tier: load everything
+    assert g2_s < 1e-3 and g3_s == pytest.approx(0.0502)
+    # recompute slower than either tier: load everything, no split
     conn.prefill_tokens_per_s = BS / (10 * g3_s)
     assert conn.lookup(ks, A, 0) == 8
-    # recompute between the tiers: G2 blocks pay off, and G3 blocks only while the
-    # savings of the G2 blocks cover them (cumulative load < cumulative recompute)
-    recompute = g2_s + 0.3 * (g3_s - g2_s)  # covers 4 * 0.3 / 0.7 = 1.7 G3 blocks
-    conn.prefill_tokens_per_s = BS / recompute
-    n = conn.lookup(ks, A, 0)
-    assert n == 5
-    assert sum([g2_s] * 4 + [g3_s] * (n - 4)) < n * recompute
-    assert conn.load_seconds_per_block(A) == pytest.approx((4 * g2_s + (n - 4) * g3_s) / n)
+    assert conn.load_plan(A, 8).compute_blocks == 0
+    # recompute between the tiers (30 ms a block): the G2 blocks pay off; the G3 ones, even
+    # split (recompute 5 while 3 load: 170 ms), lose to recomputing them (4 x 30 ms)
+    conn.prefill_tokens_per_s = BS / 0.03
+    assert conn.lookup(ks, A, 0) == 4
+    assert conn.load_plan(A, 4) == LoadPlan(0, 4, pytest.approx(4 * g2_s), pytest.approx(4 * g2_s))
+    # a prefix only on the slow disk, recompute faster than loading (40 vs 50 ms a block):
+    # recompute the first 4 while the last 4 load, 200 ms, beats both 320 and 400 ms
+    for k in ks[:4]:
+        store.g2.delete(tenant_id(A), k)
+    conn.prefill_tokens_per_s = BS / 0.04
+    assert conn.lookup(ks, A, 0) == 8
+    plan = conn.load_plan(A, 8)
+    assert (plan.compute_blocks, plan.load_blocks) == (4, 4)
+    assert plan.expected_s == pytest.approx(max(SPLIT_OVERHEAD_S + 4 * 0.04, 4 * g3_s))
+    assert plan.expected_s < min(8 * 0.04, 8 * g3_s)
+    assert conn.load_seconds_per_block(A) == pytest.approx(g3_s)
     # recompute faster than any tier: recompute it all
+    conn.save(ks, [None, *ks[:-1]], A, list(range(8)))
     conn.prefill_tokens_per_s = BS / (g2_s / 10)
     assert conn.lookup(ks, A, 0) == 0
     store.close()
@@ -189,3 +202,119 @@ def test_store_cli(tmp_path, monkeypatch, capsys):
     assert main(["store", "clear", "--dir", d, "--yes"]) == 0
     assert "removed 2 objects" in capsys.readouterr().out
     assert not list((tmp_path / "g3" / "objects").rglob("*.kvo"))
+
+
+def _engine_with_store(tiny_model_dir, store, **kw):
+    from kvgrid.engine.llm_engine import LLMEngine
+
+    cfg = dict(model=str(tiny_model_dir("llama")), block_size=BS, num_kv_blocks=40,
+               max_num_batched_tokens=256)  # fmt: skip
+    cfg.update(kw)
+    eng = LLMEngine(**cfg)
+    conn = StoreConnector(store, eng.runner.kv_cache, BS)
+    eng.attach_store(conn)
+    return eng, conn
+
+
+@pytest.mark.parametrize("write_through", [True, False])
+def test_write_through_saves_after_prefill_without_eviction(
+    tmp_path, tiny_model_dir, write_through
+):
+    prompt = [(5 * i + 1) % 1000 + 10 for i in range(BS * 5 + 3)]
+    store = make(tmp_path, write_through=write_through)
+    eng, conn = _engine_with_store(tiny_model_dir, store)
+    first, _ = _run(eng, "a", prompt, 4)
+    eng.step()  # an idle step: the blocks named by the last one are saved before any forward
+    store.flush()
+    assert eng.block_manager.take_evictions() == []  # G1 (40 blocks) never evicted anything
+    ks = keys.block_keys(prompt, eng.scope.digest, BS)
+    if not write_through:  # paired: without it, nothing leaves G1 until an eviction
+        assert conn.saved_blocks == 0 and store.contains(ks, keys.PUBLIC_TENANT)[0] is None
+        store.close()
+        return
+    assert store.contains(ks, keys.PUBLIC_TENANT) == ["G2"] * 5
+    assert conn.saved_blocks >= 5
+    writes = store.writes.done
+    assert writes >= 5 and store.metrics.total("bytes_in", tier="G3") == store.tier("G3").used()
+    # G1 forgets the prompt; the store's copies (G2, then G3 alone) give the same output
+    for tier in ("G2", "G3"):
+        assert eng.block_manager.reset_prefix_cache()
+        if tier == "G3":
+            store.g2.clear()
+        hits = store.metrics.total("hits", tier=tier)
+        again, cached = _run(eng, f"b-{tier}", prompt, 4)
+        assert again == first and cached == BS * 5
+        assert store.metrics.total("hits", tier=tier) == hits + 5
+    # blocks loaded from the store are not written back again: G2 knows G3 holds them
+    eng.step()
+    store.flush()
+    assert store.writes.done == writes
+    assert store.g2.pinned_count() == 0
+    store.close()
+
+
+def test_queued_request_prefetches_its_prefix_into_g2(tmp_path, tiny_model_dir):
+    prompt = [(3 * i + 7) % 1000 + 10 for i in range(BS * 6 + 1)]
+    other = [(13 * i + 2) % 1000 + 10 for i in range(BS * 2)]
+    cold, _ = _run(_engine_with_store(tiny_model_dir, make(tmp_path / "cold"))[0], "c", prompt, 5)
+    store = make(tmp_path, write_through=True)
+    eng, _ = _engine_with_store(tiny_model_dir, store, max_num_seqs=1)
+    _run(eng, "warm", prompt, 2)
+    eng.step()
+    store.flush()
+    assert eng.block_manager.reset_prefix_cache()
+    store.g2.clear()  # the prompt's blocks are on disk (G3) only
+    ks = keys.block_keys(prompt, eng.scope.digest, BS)
+    assert store.contains(ks, keys.PUBLIC_TENANT) == ["G3"] * 6
+    from kvgrid import SamplingParams
+
+    eng.add_request("busy", other, SamplingParams(max_tokens=8, temperature=0))
+    eng.add_request("queued", prompt, SamplingParams(max_tokens=5, temperature=0))
+    eng.step()  # "busy" runs (max_num_seqs=1); "queued" waits, and its prefetch starts
+    assert eng.stats()["num_waiting"] == 1
+    store.flush()
+    assert store.contains(ks, keys.PUBLIC_TENANT) == ["G2"] * 6  # up in G2 before admission
+    assert store.metrics.total("hits", tier="G3") == 6
+    outs = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert list(outs["queued"].outputs[0].token_ids) == cold
+    assert outs["queued"].num_cached_tokens == BS * 6
+    assert store.metrics.total("hits", tier="G2") >= 6  # the load was a G2 hit
+    assert store.metrics.total("hits", tier="G3") == 6  # and read no disk again
+    store.close()
+
+
+def test_load_stops_at_its_deadline_and_keeps_what_landed(tmp_path):
+    import time
+
+    from kvgrid.store.disk_tier import DiskTier
+
+    class SlowDisk(DiskTier):
+        def get(self, tid, key):
+            time.sleep(0.05)
+            return super().get(tid, key)
+
+    slow = SlowDisk(tmp_path / "g3", 1 << 30, "G3")
+    cfg = StoreConfig(g2_bytes=1 << 20, sweep_interval_s=0, load_workers=1,
+                      admit_after={"G2": 1, "G3": 1})  # fmt: skip
+    store = ContextStore(cfg, keyring=KR, tiers=[slow])
+    src = kv_cache(16)
+    conn = StoreConnector(store, src, BS)
+    ks = keys.block_keys(list(range(BS * 12)), MODEL.with_tenant(A), BS)
+    conn.save(ks, [None, *ks[:-1]], A, list(range(12)))
+    store.flush()
+    store.g2.clear()
+    dst = torch.zeros_like(src)
+    reader = StoreConnector(store, dst, BS)
+    n = reader.load(ks, A, list(range(12)), deadline=time.monotonic() + 0.12)
+    assert 1 <= n < 12  # one reader at 50 ms a block: a few, not all twelve
+    assert torch.equal(dst[:n], src[:n])
+    assert store.metrics.total("misses", tier="G3", reason="deadline") == 1
+    assert reader.load(ks, A, list(range(12))) == 12  # no deadline: all of them
+    assert torch.equal(dst[:12], src[:12])
+    store.flush()
+    assert store.g2.pinned_count() == 0  # fetches the first load abandoned let go too
+    store.close()

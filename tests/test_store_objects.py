@@ -162,6 +162,7 @@ def test_key_rotation_old_objects_still_decrypt(tmp_path, monkeypatch):
 
 def test_master_key_sources(tmp_path, monkeypatch):
     monkeypatch.delenv("KVGRID_MASTER_KEY", raising=False)
+    monkeypatch.delenv("KVGRID_STORE_DIR", raising=False)  # conftest points it elsewhere
     monkeypatch.setenv("KVGRID_HOME", str(tmp_path / "home"))
     kr = load_keyring()
     path = tmp_path / "home" / "store" / "master.key"
@@ -209,3 +210,15 @@ def test_truncated_object_is_a_header_or_checksum_error():
         with pytest.raises(ObjectError) as e:
             decode_object(blob[:cut], k, A, kr)
         assert e.value.kind in ("header", "checksum")
+
+
+def test_incompressible_blocks_are_stored_raw_and_compressible_ones_packed():
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randint(-(2**15), 2**15, (8, 2, 64, 8, 128), generator=g, dtype=torch.int16)
+    cid, payload = codecs.encode(noise.view(torch.bfloat16), "zstd")
+    assert cid == codecs.NONE and len(payload) == noise.nbytes  # not worth decompressing
+    smooth = torch.linspace(0, 1, noise.numel()).reshape(noise.shape).to(torch.bfloat16)
+    cid, payload = codecs.encode(smooth, "zstd")
+    assert cid == codecs.ZSTD and len(payload) < 0.5 * smooth.nbytes
+    back = codecs.decode(cid, payload, smooth.nbytes, torch.bfloat16, tuple(smooth.shape))
+    assert torch.equal(back, smooth)

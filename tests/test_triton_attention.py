@@ -197,3 +197,45 @@ def test_sdpa_not_used_over_a_cached_prefix():
     gen = torch.Generator().manual_seed(5)
     _, _, _, _, meta = make_batch(gen, [64, 0], [600, 600], 8, 2, 64, 64)
     assert not TritonAttentionBackend().use_sdpa(meta)
+
+
+def test_sdpa_padding_lengths():
+    from kvgrid.engine.attention.triton_backend import sdpa_padded_len
+
+    for n in (1, 3, 64, 65, 511, 512, 513, 8190, 8192, 8193, 32768, 40000):
+        p = sdpa_padded_len(n)
+        assert n <= p <= max(64, n * 1.0625), (n, p)
+    # few distinct shapes: one per 1/16 octave
+    assert len({sdpa_padded_len(n) for n in range(8193, 16385)}) == 16
+
+
+@pytest.mark.parametrize("splits", [2, 4, 8])
+def test_split_kv_prefill_matches_unsplit(splits):
+    """A short chunk over a long cached context scans the keys in splits (a new turn over
+    a long conversation): same result as one pass, including splits that see no key."""
+    gen = torch.Generator().manual_seed(20 + splits)
+    q, k, v, cache, meta = make_batch(gen, [700, 0, 3], [40, 9, 1], 8, 2, 64, 16)
+    layer_cache = cache[:, 0]
+    dot = tk.dot_dtype_for(DTYPE)
+    tk.kv_write(k, v, layer_cache, meta.slot_mapping)
+    args = (q, layer_cache, meta.block_tables, meta.query_start_loc, meta.context_lens)
+    one = tk.paged_prefill(*args, meta.max_query_len, 0.125, torch.empty_like(q), dot,
+                           num_splits=1)  # fmt: skip
+    many = tk.paged_prefill(*args, meta.max_query_len, 0.125, torch.full_like(q, float("nan")),
+                            dot, num_splits=splits)  # fmt: skip
+    assert torch.isfinite(many).all()
+    assert rel_err(many, one) < TOL
+
+
+def test_prefill_splits_only_when_the_gpu_would_idle():
+    assert tk.prefill_num_splits(16, 32768, 132) == 16  # 64 new tokens over 32K keys
+    assert tk.prefill_num_splits(200, 32768, 132) == 1  # enough query tiles already
+    assert tk.prefill_num_splits(16, 700, 132) == 1  # too few keys to be worth it
+    assert tk.prefill_num_splits(1, 1 << 20, 132) == 32
+
+
+def test_backend_splits_a_short_chunk_over_a_long_context():
+    gen = torch.Generator().manual_seed(31)
+    backend = TritonAttentionBackend()
+    backend._num_sms = 64  # as on a GPU: few query tiles leave most SMs idle
+    check(backend, gen, [1500], [20], 8, 2, 64, 16)

@@ -1,10 +1,12 @@
 """SLA planner: sizes the prefill and decode pools to TTFT and ITL targets at percentiles.
 
-One interface for the simulator and a live ``kvgrid serve``:
+One planner for the simulator and a live ``kvgrid serve``:
 ``Planner.decide(now, observed, pools) -> list[ScaleAction]``, called every interval with
-what was observed since the last call and the pools' replicas. The caller starts replicas
-("add": usable after their start-up time) and drains them ("drain": route nothing new there,
-let in-flight requests finish, then stop the process), so a scale-down loses no request.
+what was observed since the last call and the pools' replicas. ``Planner.step`` does that
+against an ``Actuator`` (the simulated fleet, or the live server's worker processes): it
+starts replicas ("add": usable after their start-up time) and drains them ("drain": route
+nothing new there, let in-flight requests finish, then stop the process), so a scale-down
+loses no request. ``ObservationWindow`` collects what the planner observes, in both.
 
 Model (per pool, from the engine calibration):
 - Prefill is a queue with c servers (the router spreads work like a shared queue). The
@@ -20,9 +22,14 @@ Model (per pool, from the engine calibration):
   extrapolated over the start-up time plus one interval, so replicas are ready when needed.
 - Feedback: when the observed TTFT percentile misses the target the planned load is scaled
   up (and relaxes back slowly), which absorbs what the model misses (cache hits, skew).
-- Hysteresis: scale up at once (counting replicas still starting); scale down only after
-  ``down_ticks`` consecutive intervals that want fewer replicas even at ``down_margin`` more
-  load, not within ``cooldown_s`` of a scale-up, by at most ``max_down_step`` per interval.
+  Misses right after a scale-up (replicas starting, the old backlog draining) are already
+  being answered and do not count.
+- Hysteresis: scale up at once (counting replicas still starting). Scale down only to the
+  largest size wanted over the last ``down_ticks`` intervals at ``down_margin`` more load
+  (sustained headroom, so Poisson noise in a steady rate cannot drain a replica that the next
+  noisy window adds back), never below one more than the size at the last real TTFT miss
+  while the load is still at that miss's level, not within ``cooldown_s`` of a scale-up, and
+  by at most ``max_down_step`` per interval.
 - Consolidation on scale-down: replicas still starting go first (no cache, no work), then
   the ones with the least in-flight work and KV (they drain soonest and lose the least
   cache).
@@ -30,11 +37,10 @@ Model (per pool, from the engine calibration):
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from kvgrid.bench.sim.calibration import Calibration, load_calibration
 
@@ -96,14 +102,82 @@ class PlannerConfig:
     max_utilization: float = 0.85  # of a replica's prefill time and KV
     startup_s: float | None = None  # None: the calibration's
     interval_s: float = 10.0
-    down_ticks: int = 3
+    down_ticks: int = 12
     down_margin: float = 0.2
     cooldown_s: float = 60.0
     max_down_step: int = 2
     rate_smoothing: float = 0.5  # EMA weight of the newest window
-    trend_windows: int = 4
+    trend_windows: int = 6
+    trend_z: float = 3.0
     service_cv: float = 0.5  # coefficient of variation of prefill service times
     disagg: bool = False
+
+
+class Actuator(Protocol):
+    """What the planner acts on: the simulated fleet or the live server's processes."""
+
+    def pool_states(self, now: float) -> dict[str, PoolState]: ...
+
+    def add_replicas(self, pool: str, count: int, now: float) -> None: ...
+
+    def drain(self, worker_id: str, now: float) -> None: ...
+
+
+def apply_actions(actions: list[ScaleAction], actuator: Actuator, now: float) -> None:
+    for a in actions:
+        if a.kind == "add":
+            actuator.add_replicas(a.pool, a.count, now)
+        elif a.kind == "drain" and a.worker_id:
+            actuator.drain(a.worker_id, now)
+
+
+class ObservationWindow:
+    """What the planner observes between two ticks: arrivals, first tokens, finishes."""
+
+    def __init__(self, t0: float = 0.0) -> None:
+        self.t0 = t0
+        self.n = 0
+        self.in_tok = 0
+        self.out_tok = 0
+        self.ttft: list[float] = []
+        self.tpot: list[float] = []
+
+    def arrived(self, n_in: int, n_out: int) -> None:
+        self.n += 1
+        self.in_tok += n_in
+        self.out_tok += n_out
+
+    def first_token(self, ttft: float) -> None:
+        # at the first token, as a live frontend sees it: a planner must not learn of a
+        # TTFT miss only when the request's whole output is done
+        self.ttft.append(ttft)
+
+    def finished(self, tpot: float) -> None:
+        if tpot == tpot:  # not NaN (single-token outputs have none)
+            self.tpot.append(tpot)
+
+    def close(
+        self,
+        now: float,
+        queued_requests: int = 0,
+        waiting_prefill_tokens: int = 0,
+        running_requests: int = 0,
+    ) -> ObservedMetrics:
+        """The window's observations (plus the fleet's queues now); starts the next one."""
+        dt = max(now - self.t0, 1e-9)
+        obs = ObservedMetrics(
+            window_s=dt,
+            arrival_rate=self.n / dt,
+            mean_input_tokens=self.in_tok / self.n if self.n else 0.0,
+            mean_output_tokens=self.out_tok / self.n if self.n else 0.0,
+            ttft_s=self.ttft,
+            tpot_s=self.tpot,
+            queued_requests=queued_requests,
+            waiting_prefill_tokens=waiting_prefill_tokens,
+            running_requests=running_requests,
+        )
+        self.__init__(now)
+        return obs
 
 
 def erlang_c(c: int, a: float) -> float:
@@ -130,7 +204,13 @@ class Planner:
         self.mean_in = 0.0
         self.mean_out = 0.0
         self.boost = 1.0  # feedback on observed TTFT misses
-        self.down_streak: dict[str, int] = {}
+        self.down_hist: dict[str, deque[int]] = {}  # per pool: sizes wanted, last intervals
+        self.miss_floor: dict[str, tuple[int, float]] = {}  # per pool: (size, rate) at a miss
+        self.missed = False
+        self.prev_waiting = 0
+        # arrival rates over the scale-down window: the level a miss happened at, and whether
+        # the load has really fallen since (every window of it, not one noisy dip)
+        self.slow_rates: deque[float] = deque(maxlen=max(1, self.cfg.down_ticks))
         self.last_up: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -182,7 +262,9 @@ class Planner:
         """Replicas per pool for arrival rate ``lam`` (requests/s)."""
         cfg = self.cfg
         if lam <= 0:
-            return {"prefill": cfg.min_replicas, "decode": cfg.min_replicas}
+            if cfg.disagg:
+                return {"prefill": cfg.min_replicas, "decode": cfg.min_replicas}
+            return {"mixed": cfg.min_replicas}
         if cfg.disagg:
             s = self._prefill_service(mean_in, hit, 0)
             n_p = self._search(lambda n: self._ttft_ok(n, lam, s))
@@ -206,34 +288,53 @@ class Planner:
 
     # ---- decisions -----------------------------------------------------------------------
 
-    def _observe(self, obs: ObservedMetrics, starting: bool = False) -> float:
+    def _observe(self, obs: ObservedMetrics, now: float, settling: bool) -> float:
         cfg = self.cfg
         a = cfg.rate_smoothing
         self.rate = (
             obs.arrival_rate if self.rate is None else a * obs.arrival_rate + (1 - a) * self.rate
         )
         self.rates.append(obs.arrival_rate)
+        self.slow_rates.append(obs.arrival_rate)
         if obs.arrival_rate > 0:
             w = a if self.mean_in else 1.0
             self.mean_in = w * obs.mean_input_tokens + (1 - w) * self.mean_in
             self.mean_out = w * obs.mean_output_tokens + (1 - w) * self.mean_out
         # feedback: misses raise the planned load; meeting it comfortably lowers it again.
-        # Not while replicas are starting: those misses are already being answered.
+        # Not while settling after a scale-up or while the backlog shrinks: those misses are
+        # already being answered.
+        self.missed = False
+        # a backlog that shrinks means the capacity suffices: its misses are old work
+        draining = obs.waiting_prefill_tokens < 0.9 * self.prev_waiting
+        self.prev_waiting = obs.waiting_prefill_tokens
+        settling = settling or draining
         if len(obs.ttft_s) >= 20:
             xs = sorted(obs.ttft_s)
             p = xs[min(len(xs) - 1, int(cfg.ttft_percentile * len(xs)))]
-            if p > cfg.ttft_target_s and not starting:
+            # requests that waited p seconds arrived before the replicas of the last
+            # scale-up were ready: their miss says nothing about the pool as it is now
+            before_up = now - p < max(self.last_up.values(), default=-1e18) + self.startup_s
+            if p > cfg.ttft_target_s and not (settling or before_up):
                 self.boost = min(3.0, self.boost * 1.15)
+                self.missed = True
             elif p < 0.5 * cfg.ttft_target_s:
                 self.boost = max(1.0, self.boost * 0.97)
         # trend over the last windows, extrapolated to when a new replica would be ready
         horizon = self.startup_s + cfg.interval_s
-        # only a sustained ramp counts (every window above the one before), not noise
+        # only a ramp that Poisson noise cannot explain counts: the least-squares slope over
+        # the last windows must exceed `trend_z` standard errors (a window's rate estimate
+        # varies by rate / window). A steady load then almost never shows a false ramp.
         trend = 0.0
         ys = list(self.rates)
-        if len(ys) == self.rates.maxlen and all(b > a for a, b in itertools.pairwise(ys)):
-            slope = (ys[-1] - ys[0]) / ((len(ys) - 1) * max(obs.window_s, 1e-9))
-            trend = slope * horizon
+        if len(ys) == self.rates.maxlen and len(ys) >= 3:
+            dt = max(obs.window_s, 1e-9)
+            xs = [(i - (len(ys) - 1) / 2) * dt for i in range(len(ys))]
+            sxx = sum(x * x for x in xs)
+            mean = sum(ys) / len(ys)
+            slope = sum(x * y for x, y in zip(xs, ys)) / sxx
+            se = math.sqrt(max(mean, 1e-9) / dt / sxx)
+            if slope > cfg.trend_z * se:
+                trend = slope * horizon
         return max(self.rate, self.rate + trend) * self.boost
 
     def decide(
@@ -241,15 +342,24 @@ class Planner:
     ) -> list[ScaleAction]:
         cfg = self.cfg
         starting = any(not r.ready for p in pools.values() for r in p.replicas)
-        lam = self._observe(observed, starting)
+        last_up = max(self.last_up.values(), default=-1e18)
+        settling = starting or now - last_up < self.startup_s + 2 * cfg.interval_s
+        lam = self._observe(observed, now, settling)
         hit = observed.hit_rate or 0.0
         need = self.required(lam, self.mean_in, self.mean_out, hit)
-        # a backlog already queued needs capacity to clear it by the time new replicas are
-        # up; capped so that a burst cannot ask for an unbounded fleet
-        if observed.waiting_prefill_tokens and self.mean_in:
-            backlog_s = self.calib.prefill_s(int(observed.waiting_prefill_tokens))
+        # a backlog the pool cannot clear within the TTFT target needs capacity by the time
+        # new replicas are up (the queue a steady load always has does not: counting it would
+        # add a replica whenever a snapshot happens to catch one); capped so that a burst
+        # cannot ask for an unbounded fleet
+        key = "prefill" if cfg.disagg else "mixed"
+        serving_now = len(pools[key].serving()) if key in pools else 0
+        backlog_s = (
+            self.calib.prefill_s(int(observed.waiting_prefill_tokens))
+            if observed.waiting_prefill_tokens
+            else 0.0
+        )
+        if self.mean_in and backlog_s > max(1, serving_now) * cfg.ttft_target_s:
             extra = math.ceil(backlog_s / (self.startup_s + cfg.interval_s))
-            key = "prefill" if cfg.disagg else "mixed"
             need[key] = need.get(key, 0) + min(extra, need.get(key, 0) // 2 + 1)
         # the level a scale-down must still satisfy: more load than now, by the margin
         need_down = self.required(lam * (1 + cfg.down_margin), self.mean_in, self.mean_out, hit)
@@ -259,25 +369,56 @@ class Planner:
             serving = pool.serving()
             have = len(serving)
             want = max(cfg.min_replicas, min(cfg.max_replicas, want))
+            hist = self.down_hist.setdefault(name, deque(maxlen=max(1, cfg.down_ticks)))
+            hist.append(max(want, need_down.get(name, want)))
+            if self.missed:
+                # this size was not enough for this load: do not come back down to it
+                level = sum(self.slow_rates) / len(self.slow_rates)
+                self.miss_floor[name] = (have + 1, level)
             if want > have:
-                self.down_streak[name] = 0
                 self.last_up[name] = now
+                hist.clear()
                 actions.append(ScaleAction("add", name, want - have, reason=f"need {want}"))
                 continue
-            keep = max(cfg.min_replicas, need_down.get(name, want))
-            if keep < have and now - self.last_up.get(name, -1e18) >= cfg.cooldown_s:
-                self.down_streak[name] = self.down_streak.get(name, 0) + 1
+            keep = max(cfg.min_replicas, max(hist))
+            floor, at_rate = self.miss_floor.get(name, (0, 0.0))
+            fallen = (
+                len(self.slow_rates) == self.slow_rates.maxlen
+                and max(self.slow_rates) < (1 - cfg.down_margin) * at_rate
+            )
+            if fallen:
+                self.miss_floor.pop(name, None)  # the load has fallen well below that miss
             else:
-                self.down_streak[name] = 0
-            if self.down_streak[name] >= cfg.down_ticks:
+                keep = max(keep, floor)
+            if (
+                keep < have
+                and len(hist) == hist.maxlen
+                and now - self.last_up.get(name, -1e18) >= cfg.cooldown_s
+            ):
                 n = min(cfg.max_down_step, have - keep)
                 for r in self._victims(serving, n):
                     actions.append(ScaleAction("drain", name, 1, r.worker_id, f"keep {keep}"))
-                self.down_streak[name] = 0
         self.history.append(
             {"t": now, "rate": lam, "need": need, "boost": self.boost, "actions": len(actions)}
         )
         return actions
+
+    def step(self, now: float, observed: ObservedMetrics, actuator: Actuator) -> list[ScaleAction]:
+        """One planner interval against an actuator: decide, then act."""
+        actions = self.decide(now, observed, actuator.pool_states(now))
+        apply_actions(actions, actuator, now)
+        return actions
+
+    def resize(self, pools: dict[str, PoolState], pool: str, n: int) -> list[ScaleAction]:
+        """Actions that bring ``pool`` to ``n`` serving replicas now (an operator's order),
+        choosing what to drain as a scale-down of the planner's own would."""
+        serving = pools.get(pool, PoolState(pool)).serving()
+        if n > len(serving):
+            return [ScaleAction("add", pool, n - len(serving), reason=f"resize to {n}")]
+        return [
+            ScaleAction("drain", pool, 1, r.worker_id, f"resize to {n}")
+            for r in self._victims(serving, len(serving) - n)
+        ]
 
     @staticmethod
     def _victims(serving: list[ReplicaView], n: int) -> list[ReplicaView]:

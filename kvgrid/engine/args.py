@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from kvgrid.engine.config import EngineConfig
+from kvgrid.store.config import GiB, StoreConfig, default_store_dir
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +35,58 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
+    add_store_args(parser)
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def add_store_args(parser: argparse.ArgumentParser) -> None:
+    d = StoreConfig()
+    g = parser.add_argument_group("context store (tiers below G1)")
+    g.add_argument("--no-kv-store", action="store_true", help="keep KV in G1 (GPU) only")
+    g.add_argument(
+        "--kv-store-host-gb", type=float, default=d.g2_bytes / GiB, help="G2 host memory"
+    )
+    g.add_argument(
+        "--kv-store-dir",
+        default=None,
+        help="G3 local-disk directory (default: <store dir>/g3/<worker id>; the store dir is "
+        "$KVGRID_STORE_DIR or $KVGRID_HOME/store)",
+    )
+    g.add_argument("--kv-store-disk-gb", type=float, default=d.g3_bytes / GiB, help="0: no G3")
+    g.add_argument("--kv-store-shared-dir", default=None, help="G4 on a shared filesystem path")
+    g.add_argument("--kv-store-redis", default=None, metavar="URL", help="G4 on Redis/Valkey")
+    g.add_argument("--kv-store-shared-gb", type=float, default=d.g4_bytes / GiB)
+    g.add_argument("--kv-store-codec", default=d.codec, choices=["zstd", "zlib", "none", "int8"])
+    g.add_argument(
+        "--kv-master-key-file",
+        default=None,
+        help="master key for stored KV (or env KVGRID_MASTER_KEY; default: a local key "
+        "generated once, mode 0600, in the store dir)",
+    )
+
+
+def store_config_from_args(args: argparse.Namespace, name: str = "local") -> StoreConfig | None:
+    """The StoreConfig the flags describe; ``name`` separates the G3 folders of workers that
+    share a machine (each tier has one owner that accounts for its capacity)."""
+    if args.no_kv_store:
+        return None
+    if args.kv_store_shared_dir and args.kv_store_redis:
+        raise ValueError("G4 takes one backend: --kv-store-shared-dir or --kv-store-redis")
+    g3 = None
+    if args.kv_store_disk_gb > 0:
+        g3 = Path(args.kv_store_dir) if args.kv_store_dir else default_store_dir() / "g3" / name
+    return StoreConfig(
+        g2_bytes=int(args.kv_store_host_gb * GiB),
+        g3_dir=g3,
+        g3_bytes=int(args.kv_store_disk_gb * GiB),
+        g4_dir=args.kv_store_shared_dir,
+        g4_redis=args.kv_store_redis,
+        g4_bytes=int(args.kv_store_shared_gb * GiB),
+        codec=args.kv_store_codec,
+        master_key_file=args.kv_master_key_file,
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace, name: str = "local") -> EngineConfig:
     return EngineConfig(
         model=args.model,
         load_format=args.load_format,
@@ -52,4 +103,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs,
+        kv_store=store_config_from_args(args, name),
     )

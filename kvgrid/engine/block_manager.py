@@ -48,6 +48,9 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}
         self.events: list[KVEvent] = []
         self.pending_evictions: list[EvictedBlock] = []
+        # write-through to the context store: blocks named since the last take_commits()
+        self.record_commits = False
+        self.pending_commits: list[EvictedBlock] = []
 
     @property
     def num_blocks(self) -> int:
@@ -148,6 +151,10 @@ class BlockManager:
             block.key, block.parent_key = key, (block_keys[i - 1] if i else None)
             block.tenant = seq.tenant
             self.cached[key] = block.block_id
+            if self.record_commits:
+                self.pending_commits.append(
+                    EvictedBlock(block.block_id, key, block.parent_key, block.tenant)
+                )
             run.append(key)
         self._emit_stored(run, block_keys)
         seq.num_committed_blocks = max(seq.num_committed_blocks, len(block_keys))
@@ -166,9 +173,20 @@ class BlockManager:
         self.events.append(BlockRemoved((block.key,), "G1"))
         block.key = block.parent_key = None
 
+    def cached_blocks(self) -> list[EvictedBlock]:
+        """Every keyed block, in the order they were named (write-back candidates; nothing
+        is dropped from G1)."""
+        blocks = (self.blocks[bid] for bid in self.cached.values())
+        return [EvictedBlock(b.block_id, b.key, b.parent_key, b.tenant) for b in blocks]
+
     def take_evictions(self) -> list[EvictedBlock]:
         out, self.pending_evictions = self.pending_evictions, []
         return out
+
+    def take_commits(self) -> list[EvictedBlock]:
+        """Blocks named since the last call that still hold that name (write-through)."""
+        out, self.pending_commits = self.pending_commits, []
+        return [c for c in out if self.blocks[c.block_id].key == c.key]
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block that no request holds; False if some are in use."""

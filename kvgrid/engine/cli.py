@@ -67,6 +67,7 @@ def _stream(engine, request_id: str, prompt, params: SamplingParams):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    engine = None
     try:
         params = _params(args)
         engine = _engine(args)
@@ -89,10 +90,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (RequestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if engine is not None:
+            engine.close()  # queued store writes land, so the next run finds them
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    engine = None
     try:
         params = _params(args)
         engine = _engine(args)
@@ -128,3 +133,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except (RequestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if engine is not None:
+            engine.close()  # queued store writes land, so the next run finds them

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvgrid.keys import DEFAULT_BLOCK_SIZE
+from kvgrid.store.config import StoreConfig
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,17 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own limit
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+    # a burst of arrivals is prefilled before any of it decodes (steady inter-token latency)
+    prefill_first_burst: bool = True
+    # once decoding, a step may carry prompt tokens up to this multiple of a decode step's
+    # time (measured; GPU engines only); 0: the whole step budget
+    mixed_step_slowdown: float = 1.4
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "torch" | "triton"; auto picks triton on CUDA
     cuda_graphs: bool = True
     max_logprobs: int = 20
+    # The context store below G1 (G2 host memory, G3 disk, G4 shared); None: G1 only.
+    kv_store: StoreConfig | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

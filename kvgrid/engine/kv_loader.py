@@ -21,10 +21,45 @@ if TYPE_CHECKING:
     from kvgrid.store.connector import StoreConnector
 
 
+# Host work of the extra prefill chunk a split adds (scheduling, input building): a split
+# must win by more than this, so a fast tier (G2) is simply loaded.
+SPLIT_OVERHEAD_S = 0.02
+
+
 @dataclass(frozen=True)
 class LoadPlan:
     compute_blocks: int  # leading stored blocks recomputed instead, overlapping the load
     load_blocks: int  # the stored blocks after those, loaded
+    expected_s: float | None = None  # predicted time until both parts are done
+    load_s: float | None = None  # predicted time of the loaded part alone
+
+
+def plan_blocks(
+    load_s: list[float],
+    block_tokens: int,
+    prefill_tokens_per_s: float | None,
+    overhead_s: float = SPLIT_OVERHEAD_S,
+) -> LoadPlan:
+    """Split a stored prefix whose blocks cost ``load_s[i]`` seconds each to load: recompute
+    the first c while loading the rest, minimising max(overhead + c * recompute, load of
+    blocks c..). Split only where that beats loading everything by 10% (the costs are
+    estimates); never recompute all of it (``lookup`` decides whether to use it at all)."""
+    n = len(load_s)
+    total = float(sum(load_s))
+    if n < 2 or not prefill_tokens_per_s:
+        return LoadPlan(0, n, total, total)
+    tc = block_tokens / prefill_tokens_per_s
+    best_c, best, rest = 0, total, total
+    for c in range(1, n):
+        rest -= load_s[c - 1]  # load time of blocks c..n-1
+        t = max(overhead_s + c * tc, rest)
+        if t < best:
+            best_c, best, best_rest = c, t, rest
+        elif overhead_s + c * tc > rest:
+            break  # the recompute side only grows from here
+    if best_c == 0 or best >= 0.9 * total:
+        return LoadPlan(0, n, total, total)
+    return LoadPlan(best_c, n - best_c, best, best_rest)
 
 
 def plan_split(
@@ -32,13 +67,14 @@ def plan_split(
     block_tokens: int,
     prefill_tokens_per_s: float | None,
     load_s_per_block: float | None,
+    overhead_s: float = SPLIT_OVERHEAD_S,
 ) -> LoadPlan:
-    """Minimise max(recompute c blocks, load the other n - c): they run at the same time."""
-    if not stored_blocks or not prefill_tokens_per_s or load_s_per_block is None:
+    """``plan_blocks`` for blocks of one cost (``None``: unknown, load them all)."""
+    if load_s_per_block is None:
         return LoadPlan(0, stored_blocks)
-    tc = block_tokens / prefill_tokens_per_s
-    c = round(stored_blocks * load_s_per_block / (tc + load_s_per_block))
-    return LoadPlan(c, stored_blocks - c)
+    return plan_blocks(
+        [load_s_per_block] * stored_blocks, block_tokens, prefill_tokens_per_s, overhead_s
+    )
 
 
 class KVLoader:
@@ -48,15 +84,23 @@ class KVLoader:
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-load")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def submit(self, keys: list[bytes], tenant: bytes, block_ids: list[int]) -> Future:
-        return self.pool.submit(self._load, keys, tenant, block_ids)
+    def submit(
+        self,
+        keys: list[bytes],
+        tenant: bytes,
+        block_ids: list[int],
+        deadline: float | None = None,
+    ) -> Future:
+        """Load in the background; the future's result is how many leading blocks landed.
+        Past ``deadline`` (time.monotonic()) the load stops and the rest is recomputed."""
+        return self.pool.submit(self._load, keys, tenant, block_ids, deadline)
 
-    def _load(self, keys: list[bytes], tenant: bytes, block_ids: list[int]) -> int:
+    def _load(self, keys: list[bytes], tenant: bytes, block_ids: list[int], deadline) -> int:
         ctx = (
             torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         )
         with ctx:
-            n = self.connector.load(keys, tenant, block_ids)
+            n = self.connector.load(keys, tenant, block_ids, deadline)
         if self.stream is not None:
             # the blocks must be in device memory before any forward pass reads them
             self.stream.synchronize()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -65,6 +66,20 @@ class LLMEngine:
         }
         self.prefill_tokens_per_s: float | None = None  # EWMA, from steps that prefill
         self.decode_step_s: float | None = None  # EWMA, from decode-only steps
+        if config.kv_store is not None:
+            self.attach_store(self._build_store(config.kv_store))
+
+    def _build_store(self, store_config) -> StoreConnector:
+        from kvgrid.store import ContextStore, StoreConnector
+
+        # the store's objects name the model and dtype they came from: a store directory
+        # shared by two models never hands one the other's blocks
+        if not store_config.model_fingerprint:
+            store_config = dataclasses.replace(
+                store_config, model_fingerprint=self.spec.fingerprint
+            )
+        store = ContextStore(store_config)
+        return StoreConnector(store, self.runner.kv_cache, self.config.block_size)
 
     @property
     def connector(self) -> StoreConnector | None:
@@ -74,6 +89,16 @@ class LLMEngine:
         """Put a context store below G1: evicted blocks are written back, misses look there."""
         self.scheduler.connector = connector
         self.scheduler.loader = KVLoader(connector, self.device)
+        # write-through: blocks go to the store as soon as prefill names them
+        self.block_manager.record_commits = connector.store.config.write_through
+
+    def close(self) -> None:
+        """Write G1's cached blocks to the context store, then stop its background I/O once
+        the queued writes have landed: a restarted engine finds the context again."""
+        if self.connector is not None:
+            self.scheduler.offload_cached()
+            self.connector.store.flush()
+            self.connector.close()
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -160,6 +185,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.empty:
+            # only store loads are pending: wait for one (briefly) rather than let the caller
+            # spin, which would keep the loader threads from the GIL between their copies
+            self.scheduler.wait_for_loads(0.002)
             return []
         t0 = time.perf_counter()
         logits, _ = self.runner.execute(sched.scheduled)
@@ -171,7 +199,10 @@ class LLMEngine:
         result = sample(logits, sampled, self.eos_ids) if sampled else None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self._record_speed(sched, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self._record_speed(sched, seconds)
+        if self.device.type == "cuda":  # CPU step times are too noisy to steer batching
+            self.scheduler.observe_step(sched, seconds)
 
         for item in sched.scheduled:
             seq = item.seq

@@ -147,28 +147,34 @@ class ModelRunner:
         done = seq_lens == np.fromiter((item.seq.num_tokens for item in batch), np.int64, n_seq)
         sample_idx = (qsl[1:][done] - 1).tolist()
 
-        dev = self.device
-
-        def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.from_numpy(a).to(dtype)
-            if dev.type == "cuda":
-                t = t.pin_memory()
-            return t.to(dev, non_blocking=True)
-
+        # two packed host buffers (int64, int32), two copies: each separate small copy costs
+        # a pinned allocation and a launch, and a decode step is a few milliseconds
+        n_tok = int(qsl[-1])
+        ids_np = np.asarray(input_ids, dtype=np.int64)
+        i64 = np.concatenate([ids_np, positions, slots, np.asarray(sample_idx, np.int64)])
+        i32 = np.concatenate([qsl, seq_lens, starts, tables.ravel()]).astype(np.int32)
+        d64, d32 = self._to_device(i64), self._to_device(i32)
+        s1 = n_seq + 1
         meta = AttentionMetadata(
-            query_start_loc=put(qsl, torch.int32),
-            seq_lens=put(seq_lens, torch.int32),
-            context_lens=put(starts, torch.int32),
-            block_tables=put(tables, torch.int32),
-            slot_mapping=put(slots, torch.int64),
+            query_start_loc=d32[:s1],
+            seq_lens=d32[s1 : s1 + n_seq],
+            context_lens=d32[s1 + n_seq : s1 + 2 * n_seq],
+            block_tables=d32[s1 + 2 * n_seq :].view(n_seq, max_blocks),
+            slot_mapping=d64[2 * n_tok : 3 * n_tok],
             max_query_len=int(counts.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
             context_lens_cpu=starts.tolist(),
         )
-        ids = put(np.asarray(input_ids, dtype=np.int64), torch.int64)
-        return ids, put(positions, torch.int64), meta, sample_idx
+        self._sample_rows = d64[3 * n_tok :]
+        return d64[:n_tok], d64[n_tok : 2 * n_tok], meta, sample_idx
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[int]]:
@@ -180,5 +186,6 @@ class ModelRunner:
             hidden = self.model(ids, pos, self.kv_cache, meta, self.backend)
         if not sample_idx:
             return None, sample_idx
-        idx = torch.tensor(sample_idx, device=self.device)
-        return self.model.compute_logits(hidden[idx]), sample_idx
+        if len(sample_idx) < hidden.shape[0]:  # decode-only steps sample every row
+            hidden = hidden[self._sample_rows]
+        return self.model.compute_logits(hidden), sample_idx

@@ -54,13 +54,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
     need_logprobs = any(s.params.logprobs is not None for s in seqs)
     logprobs_all = logits.log_softmax(dim=-1) if need_logprobs else None
 
-    temps = torch.tensor([s.params.temperature for s in seqs], device=device)
-    greedy = temps == 0
+    # which rows sample at random is known on the host: no device round trip (each one
+    # stalls the GPU) when every row is greedy
+    random_rows = [i for i, s in enumerate(seqs) if s.params.temperature != 0]
     tokens = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        rows = (~greedy).nonzero().squeeze(1)
-        sub = logits[rows] / temps[rows].unsqueeze(1)
-        params = [seqs[i].params for i in rows.tolist()]
+    if random_rows:
+        rows = torch.tensor(random_rows, device=device)
+        params = [seqs[i].params for i in random_rows]
+        temps = torch.tensor([p.temperature for p in params], device=device)
+        sub = logits[rows] / temps.unsqueeze(1)
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params):
             sub = _apply_top_k_top_p(
                 sub,
@@ -70,7 +72,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
             )
         probs = sub.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_()
-        for j, i in enumerate(rows.tolist()):
+        for j, i in enumerate(random_rows):
             g = seqs[i].generator
             if g is not None:
                 noise[j] = torch.empty_like(probs[j]).exponential_(generator=g)

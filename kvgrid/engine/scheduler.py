@@ -11,19 +11,33 @@ and it is recomputed later, usually from those cached blocks.
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvgrid.engine.block_manager import BlockManager
 from kvgrid.engine.config import EngineConfig
-from kvgrid.engine.kv_loader import KVLoader, plan_split
+from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from kvgrid.store.connector import StoreConnector
 
 log = logging.getLogger(__name__)
+
+
+# an admission burst prefills at most this many steps in a row before decodes get a turn
+MAX_BURST_STEPS = 128
+# the least prompt tokens a mixed step carries, however fast decode steps are
+MIN_MIXED_PREFILL_TOKENS = 256
+
+
+def _prefilling(seq: Sequence) -> bool:
+    return seq.num_tokens - seq.num_computed_tokens > 1
 
 
 @dataclass
@@ -61,6 +75,12 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.store_loaded_tokens = 0
+        self._prefetched: weakref.WeakSet[Sequence] = weakref.WeakSet()  # prefetch started
+        # step budget (see schedule): consecutive prefill-only steps of an admission burst,
+        # and measured step times (EWMA, seconds) fed by the engine through observe_step
+        self._burst_steps = 0
+        self.decode_step_s: float | None = None
+        self.prefill_token_s: float | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -82,15 +102,39 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # decodes first, then unfinished prefills, in admission order
-        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        order = sorted(self.running, key=_prefilling)
+        burst = self._prefill_first()
+        if burst:
+            # an admission burst: its prompts go in before anyone decodes, so no decode
+            # step carries prefill chunks (each such step costs several decode steps)
+            order = [s for s in order if _prefilling(s)]
+            prefill_budget = budget
+        else:
+            prefill_budget = self._mixed_prefill_budget()
+        budget, prefill_budget = self._schedule_running(order, out, budget, prefill_budget)
+        if not out.preempted:
+            self._admit(out, min(budget, prefill_budget))
+        if burst and not out.scheduled and not out.preempted:
+            # nothing could be prefilled (no blocks, or a full batch): decode after all
+            decodes = [s for s in self.running if not _prefilling(s)]
+            self._schedule_running(decodes, out, budget, 0)
+        self._burst_steps = self._burst_steps + 1 if burst else 0
+        self._flush_evictions()
+        return out
+
+    def _schedule_running(
+        self, order: list[Sequence], out: SchedulerOutput, budget: int, prefill_budget: int
+    ) -> tuple[int, int]:
         for seq in order:
             if seq.status != SequenceStatus.RUNNING or budget == 0:
                 continue
             if seq.load_future is not None:
                 self._try_finish_load(seq)
-            n = min(self._compute_limit(seq) - seq.num_computed_tokens, budget)
+            prefilling = _prefilling(seq)
+            cap = min(budget, prefill_budget) if prefilling else budget
+            n = min(self._compute_limit(seq) - seq.num_computed_tokens, cap)
             if n <= 0:
-                continue  # waiting for its blocks to arrive from the store
+                continue  # waiting for its blocks to arrive from the store, or no budget
             while not self.bm.ensure_slots(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -99,10 +143,48 @@ class Scheduler:
             if seq.status == SequenceStatus.RUNNING:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
-        if not out.preempted:
-            budget = self._admit(out, budget)
-        self._flush_evictions()
-        return out
+                if prefilling:
+                    prefill_budget -= n
+        return budget, prefill_budget
+
+    # ---- step budget ----------------------------------------------------------------------
+
+    def _prefill_first(self) -> bool:
+        """Whether this step prefills only: prompts are pending and no running request has
+        started decoding yet (each has at most its first token), as after a burst of
+        arrivals. Bounded, so arrivals that never stop cannot starve the decodes."""
+        if not self.config.prefill_first_burst or self._burst_steps >= MAX_BURST_STEPS:
+            return False
+        if not (self.waiting or any(_prefilling(s) for s in self.running)):
+            return False
+        return all(len(s.output_token_ids) <= 1 for s in self.running if not _prefilling(s))
+
+    def _mixed_prefill_budget(self) -> int:
+        """Prompt tokens a step that also decodes may carry: as many as keep it within
+        ``mixed_step_slowdown`` times a decode step, from measured step times (the whole
+        step budget until both have been measured)."""
+        cap = self.config.max_num_batched_tokens
+        slow = self.config.mixed_step_slowdown
+        if not slow or self.decode_step_s is None or self.prefill_token_s is None:
+            return cap
+        tokens = round((slow - 1.0) * self.decode_step_s / max(self.prefill_token_s, 1e-9))
+        return max(min(tokens, cap), min(cap, MIN_MIXED_PREFILL_TOKENS))
+
+    def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """Feed one step's measured time (GPU engines): decode-step time, and the marginal
+        cost of one prompt token in steps that prefill."""
+        prefill = sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)
+        if prefill == 0:
+            old = self.decode_step_s
+            self.decode_step_s = seconds if old is None else 0.8 * old + 0.2 * seconds
+            return
+        if prefill < MIN_MIXED_PREFILL_TOKENS // 2:
+            return  # too few tokens for a clean slope
+        decoding = len(sched.scheduled) > sum(1 for s in sched.scheduled if s.num_tokens > 1)
+        base = self.decode_step_s if decoding and self.decode_step_s is not None else 0.0
+        per_token = max(seconds - base, 0.0) / prefill
+        old = self.prefill_token_s
+        self.prefill_token_s = per_token if old is None else 0.8 * old + 0.2 * per_token
 
     @staticmethod
     def _compute_limit(seq: Sequence) -> int:
@@ -127,6 +209,10 @@ class Scheduler:
             if new_blocks > self.bm.num_free_blocks - self.bm.num_revived(g1_hits):
                 break  # head-of-line: admit in arrival order only
             self.waiting.popleft()
+            if self.connector is not None:
+                # once per admission, not per lookup: a request blocked at the head of the
+                # queue is looked up every step
+                self.connector.note_admitted(hit_keys)
             self.bm.take_cached(seq, g1_hits)
             fresh = self.bm.allocate(seq, new_blocks)
             seq.num_computed_tokens = g * bs
@@ -140,22 +226,59 @@ class Scheduler:
             if n > 0:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+        if self.loader is not None and self.waiting:
+            self._prefetch_waiting()
         return budget
 
     # ---- loads from the context store -----------------------------------------------------
 
+    _PREFETCH_SCAN = 16  # queued requests looked at per step (the queue can be long)
+
+    def _prefetch_waiting(self) -> None:
+        """Queued requests' stored prefixes start coming up from G3/G4 into G2 now, so that at
+        admission their load is a host-to-device copy. Once per request."""
+        if not self.bm.enable_prefix_caching:
+            return
+        bs = self.bm.block_size
+        for i, seq in enumerate(self.waiting):
+            if i >= self._PREFETCH_SCAN:
+                break
+            if seq in self._prefetched:
+                continue
+            self._prefetched.add(seq)
+            keys = seq.block_keys((seq.num_tokens - 1) // bs)
+            rest = keys[len(self.bm.match_prefix(keys)) :]
+            if rest:
+                self.connector.prefetch(rest, seq.tenant)
+
+    def wait_for_loads(self, timeout_s: float) -> bool:
+        """Block until a running request's store load lands (at most ``timeout_s``); False if
+        none is in flight. For steps with nothing to compute: a caller spinning on step()
+        would hold the GIL that the loader threads need between their copies."""
+        futs = [s.load_future for s in self.running if s.load_future is not None]
+        if not futs:
+            return False
+        wait_futures(futs, timeout=timeout_s, return_when=FIRST_COMPLETED)
+        return True
+
     def _start_load(self, seq: Sequence, hit_keys, g: int, n_store: int, fresh: list[int]):
-        plan = plan_split(
-            n_store,
-            self.bm.block_size,
-            self.connector.prefill_tokens_per_s,
-            self.connector.load_seconds_per_block(seq.tenant),
-        )
+        plan = self.connector.load_plan(seq.tenant, n_store)  # what lookup() chose
         self._flush_evictions()  # the store reads evicted blocks before the load overwrites them
         first = g + plan.compute_blocks
         seq.load_start_block, seq.load_count = first, plan.load_blocks
+        # A stalled or misjudged tier (a hung network mount, say): once the load has taken
+        # twice its prediction, and longer than recomputing its blocks would have, whatever
+        # has not landed is recomputed instead. No deadline while prefill speed is unknown.
+        deadline = None
+        speed = self.connector.prefill_tokens_per_s
+        if plan.load_s is not None and speed:
+            recompute_s = plan.load_blocks * self.bm.block_size / speed
+            deadline = time.monotonic() + max(2 * plan.load_s, recompute_s) + 0.5
         seq.load_future = self.loader.submit(
-            hit_keys[first : g + n_store], seq.tenant, fresh[plan.compute_blocks : n_store]
+            hit_keys[first : g + n_store],
+            seq.tenant,
+            fresh[plan.compute_blocks : n_store],
+            deadline,
         )
         seq.num_cached_tokens_g1 = g * self.bm.block_size
 
@@ -198,10 +321,31 @@ class Scheduler:
         out.preempted.append(seq)
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
 
+    def offload_cached(self) -> int:
+        """Write every cached G1 block to the store (at shutdown: G1 dies with the process,
+        the store's disk tiers do not). Returns how many blocks were offered."""
+        if self.connector is None:
+            return 0
+        self._flush_evictions()
+        blocks = self.bm.cached_blocks()
+        step = max(1, self.connector.store.config.io_queue)
+        for i in range(0, len(blocks), step):
+            self._save(blocks[i : i + step])
+            self.connector.store.flush()  # the write queue is bounded: let it drain
+        return len(blocks)
+
     def _flush_evictions(self) -> None:
         evicted = self.bm.take_evictions()
-        if not evicted or self.connector is None:
-            return
+        if evicted and self.connector is not None:
+            self._save(evicted)
+        if self.bm.record_commits:
+            # write-through: blocks the last step named go below G1 now, before this step's
+            # forward pass can overwrite any of them
+            named = self.bm.take_commits()
+            if named and self.connector is not None:
+                self._save(named)
+
+    def _save(self, evicted: list) -> None:
         by_tenant: dict[bytes, list] = {}
         for e in evicted:
             by_tenant.setdefault(e.tenant, []).append(e)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvgrid.engine import fused_ops
 from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
 from kvgrid.models.config import ModelConfig, ModelError
 
@@ -25,12 +26,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 and scale after casting back, as the reference does, so bf16
-        # results round the same way
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return fused_ops.rms_norm_ref(x, self.weight, self.eps)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)``: the residual add fused into the norm."""
+        return fused_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -64,14 +66,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return (
+            fused_ops.rope_ref(positions, q, self.cos, self.sin),
+            fused_ops.rope_ref(positions, k, self.cos, self.sin),
+        )
 
 
 class Attention(nn.Module):
@@ -101,8 +99,14 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
-        o = backend.forward(q, k, v, kv_cache, self.layer, meta, self.scale)
+        # on the GPU one kernel rotates q/k and stores K/V in the cache; the backend then
+        # skips its own write
+        fused = fused_ops.use_triton(q)
+        layer_cache = kv_cache[:, self.layer] if fused else None
+        q, k = fused_ops.rope_kv_write(
+            positions, q, k, v, rope.cos, rope.sin, layer_cache, meta.slot_mapping
+        )
+        o = backend.forward(q, k, v, kv_cache, self.layer, meta, self.scale, kv_written=fused)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -114,8 +118,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused_ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -126,9 +129,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, x, kv_cache, meta, backend, rope):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend, rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, x, residual, kv_cache, meta, backend, rope):
+        """``x`` is the previous layer's MLP output, ``residual`` the stream before it (None
+        at the first layer); returns this layer's pair. Each residual add is fused into
+        the RMSNorm that follows it."""
+        h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta, backend, rope)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -155,9 +163,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the new tokens (their K/V land in `kv_cache`)."""
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            x = layer(positions, x, kv_cache, meta, backend, self.rope)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, kv_cache, meta, backend, self.rope)
+        return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -216,15 +225,33 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_dummy(self, seed: int) -> None:
-        """Random weights of the real shape, for benchmarks (`--load-format dummy`)."""
+        """Random weights of the real shape, for benchmarks (`--load-format dummy`).
+
+        Scale-preserving, so that 16-bit arithmetic behaves as it does on trained weights:
+        every projection has std 1/sqrt(fan_in) (unit-variance inputs give unit-variance
+        outputs); the two projections that write into the residual stream (o_proj,
+        down_proj) are further scaled by 1/sqrt(2 * num_layers), so the stream's variance
+        stays O(1) over depth; embeddings have std 1/sqrt(hidden) (scale-preserving
+        as a tied output projection too); norms 1, biases 0. Under the earlier flat
+        N(0, 0.02) init of the Llama-3-8B shape, transformers' bf16 logits differed from
+        themselves by 8e-2 between two attention implementations (H100 run, 2026-11-24):
+        too ill-conditioned to check anything against.
+        Deterministic for a given seed and device (the generator lives on the device).
+        """
         g = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        depth_scale = (2 * self.config.num_hidden_layers) ** -0.5
         for name, p in self.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()
+            elif "embed_tokens" in name:
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                std = p.shape[1] ** -0.5
+                if "o_proj" in name or "down_proj" in name:
+                    std *= depth_scale
+                p.normal_(0.0, std, generator=g)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under HF names (unfused): hands our weights to transformers as an oracle."""

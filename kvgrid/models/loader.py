@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from kvgrid.models.tokenizer import Tokenizer
 
 LOAD_FORMATS = ("auto", "dummy")
+# LlamaForCausalLM.init_dummy's scheme: 1 was N(0, 0.02) everywhere, 2 is scale-preserving
+DUMMY_INIT_VERSION = 2
 _INDEX = "model.safetensors.index.json"
 _FP_PERSON = b"kvgrid-model-v1"
 _HASH_CACHE = "file_hashes.json"
@@ -86,7 +88,10 @@ def _resolve_dummy(model: str | None, seed: int) -> ModelSpec:
         except json.JSONDecodeError as e:
             raise ModelError(f"{cfg_file} is not valid JSON: {e}") from None
     config = ModelConfig.from_hf_dict(cfg)
-    blob = json.dumps(["dummy", cfg, seed], sort_keys=True, separators=(",", ":"))
+    # the init scheme's version too: a new scheme makes new weights, so new KV block keys
+    blob = json.dumps(
+        ["dummy", cfg, seed, DUMMY_INIT_VERSION], sort_keys=True, separators=(",", ":")
+    )
     fingerprint = hashlib.sha256(_FP_PERSON + blob.encode()).hexdigest()
     return ModelSpec(name, config, path, fingerprint, "dummy")
 

@@ -213,15 +213,22 @@ class KVIndex:
 
     # ---- queries -------------------------------------------------------------------------
 
-    def holders(self, key: bytes, predicted: dict[bytes, int] | None = None) -> list[str]:
-        """Workers holding ``key`` in any tier (or predicted to): one lookup per tier."""
-        m = 0
-        for d in self._tiers:
-            m |= d.get(key, 0)
+    def holder_mask(self, key: bytes, predicted: dict[bytes, int] | None = None) -> int:
+        """Bitmask of the workers holding ``key`` in any tier (or predicted to)."""
+        g1, g2, g3, g4 = self._tiers
+        m = g1.get(key, 0) | g2.get(key, 0) | g3.get(key, 0) | g4.get(key, 0)
         if predicted:
             m |= predicted.get(key, 0)
+        return m
+
+    def owners(self, mask: int) -> list[str]:
         owner = self._bit_owner
-        return [owner[b] for b in _bits(m) if b in owner]
+        return [owner[b] for b in _bits(mask) if b in owner]
+
+    def holders(self, key: bytes, predicted: dict[bytes, int] | None = None) -> list[str]:
+        """Workers holding ``key`` in any tier (or predicted to): one lookup per tier."""
+        m = self.holder_mask(key, predicted)
+        return self.owners(m) if m else []
 
     def overlap(
         self,

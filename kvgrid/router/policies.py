@@ -15,7 +15,10 @@ decision can be explained with them. Policies differ only in how they weigh thos
                        request, cached blocks credited per tier) plus its decode load in blocks.
 - ``ttft``             kvgrid's default: the lowest predicted time to first token, plus a small
                        charge for the compute a cache miss spends (so siblings stay together
-                       while the cached worker's queue is short, and spread once it is not).
+                       while the cached worker's queue is short, and spread once it is not)
+                       and a per-request load check (a worker carrying more than 1.25x the
+                       least loaded worker's requests pays for the excess, so hot prefixes
+                       spread instead of piling up).
 """
 
 from __future__ import annotations
@@ -96,10 +99,25 @@ class Policy:
     def choose(self, cands: list[Candidate]) -> Candidate:
         raise NotImplementedError
 
-    @staticmethod
-    def _min(cands: list[Candidate]) -> Candidate:
-        # ties go to the less busy worker, then to the lexically first id (deterministic)
-        return min(cands, key=lambda c: (c.score, c.num_active, c.backlog_tokens, c.worker_id))
+    _ties = 0
+
+    def _min(self, cands: list[Candidate]) -> Candidate:
+        # ties go to the less busy worker, then rotate (deterministic): always taking the
+        # lexically first of several idle workers would load the low ids most at light load
+        best = min(cands, key=lambda c: (c.score, c.num_active, c.backlog_tokens, c.worker_id))
+        tied = [
+            c
+            for c in cands
+            if c.score == best.score
+            and c.num_active == best.num_active
+            and c.backlog_tokens == best.backlog_tokens
+        ]
+        if len(tied) == 1:
+            return best
+        tied.sort(key=lambda c: c.worker_id)
+        pick = tied[self._ties % len(tied)]
+        self._ties += 1
+        return pick
 
 
 class RoundRobin(Policy):
@@ -179,17 +197,40 @@ class DynamoCost(Policy):
 
 
 class PredictedTTFT(Policy):
+    """kvgrid's default: the lowest predicted time to first token, with two charges.
+
+    - ``recompute_weight`` per second of prefill this request would compute there: that
+      compute delays every later request on the chosen worker, so a cache hit is worth a
+      little more than the time it saves this request.
+    - A per-request load check, soft: every active request a worker carries beyond
+      ``1 + spread_rel`` times the least loaded worker's count costs ``excess_s`` seconds.
+      A cached prefix still wins wherever it saves more than that, but a hot prefix no
+      longer piles up on the workers that happen to hold it while others sit idle: once its
+      holders are busier than the rest, a cold worker takes a request, computes the prefix
+      once and holds it from then on. No fleet-wide switch: each request weighs its own
+      saving against each worker's excess load.
+    """
+
     name = "ttft"
 
-    def __init__(self, recompute_weight: float = 0.2) -> None:
-        # Charge per second of recompute this choice spends beyond the best-cached worker's:
-        # that compute delays later requests on the chosen worker.
+    def __init__(
+        self,
+        recompute_weight: float = 0.2,
+        spread_rel: float = 0.25,
+        excess_s: float = 0.05,
+    ) -> None:
         self.recompute_weight = recompute_weight
+        self.spread_rel = spread_rel
+        self.excess_s = excess_s
 
     def choose(self, cands: list[Candidate]) -> Candidate:
+        least = min(c.num_active for c in cands)
+        allowed = (1 + self.spread_rel) * least
         for c in cands:
-            c.score = c.predicted_ttft_s + self.recompute_weight * (
-                c.uncached_tokens / c.prefill_tokens_per_s
+            c.score = (
+                c.predicted_ttft_s
+                + self.recompute_weight * (c.uncached_tokens / c.prefill_tokens_per_s)
+                + self.excess_s * max(0.0, c.num_active - allowed)
             )
         return self._min(cands)
 

@@ -124,6 +124,7 @@ class Router:
         self._requests: dict[str, tuple[str, Sequence[int], list[bytes], bytes, int]] = {}
         self._speeds: tuple[float, float] = (DEFAULT_PREFILL_TOKENS_PER_S, DEFAULT_DECODE_STEP_S)
         self._speeds_dirty = True
+        self._speeds_at = float("-inf")
         self._scope_digests: dict[tuple[kvkeys.KVScope, bytes], bytes] = {}
         self.decisions: deque[Decision] = deque(maxlen=256)  # for /debug
         self.counters = {"decisions": 0, "resyncs_requested": 0, "gaps": 0, "workers_lost": 0}
@@ -257,8 +258,13 @@ class Router:
             d = self._scope_digests[k] = scope.with_tenant(tenant).digest
         return d
 
-    def _fleet_speeds(self) -> tuple[float, float]:
-        if self._speeds_dirty:
+    # Fleet medians only stand in for workers that have not measured themselves yet, and
+    # speeds move slowly: recompute them at most once per load-report interval, not per
+    # decision (each recompute walks the whole fleet).
+    SPEEDS_REFRESH_S = 0.5
+
+    def _fleet_speeds(self, now: float) -> tuple[float, float]:
+        if self._speeds_dirty and now - self._speeds_at >= self.SPEEDS_REFRESH_S:
             pf = [
                 w.load.prefill_tokens_per_s
                 for w in self.workers.values()
@@ -272,6 +278,7 @@ class Router:
                 statistics.median(ds) if ds else DEFAULT_DECODE_STEP_S,
             )
             self._speeds_dirty = False
+            self._speeds_at = now
         return self._speeds
 
     def route(
@@ -314,7 +321,6 @@ class Router:
                 "no live worker" + (f" serves model {req.model!r}" if req.model else "")
             )
         n_prompt = req.prompt_tokens
-        pf_default, ds_default = self._fleet_speeds()
         cands: list[Candidate] = []
         group_keys: dict[str, list[bytes]] = {}
         empty = Overlap()
@@ -331,7 +337,7 @@ class Router:
                 o = overlaps.get(wid, empty)
                 ld, info = w.load, w.info
                 cached = min(o.blocks, hit_cap) * bs
-                pf = ld.prefill_tokens_per_s or pf_default
+                pf = ld.prefill_tokens_per_s or self._fleet_speeds(now)[0]
                 tier_load = 0.0
                 if o.blocks > o.by_tier[0] + o.predicted and info.bytes_per_block:
                     # lower-tier blocks: loading them competes with recomputing them
@@ -359,7 +365,7 @@ class Router:
                     ld.kv_usage * ld.num_kv_blocks,
                     bs,
                     pf,
-                    ld.decode_step_s or ds_default,
+                    ld.decode_step_s or self._fleet_speeds(now)[1],
                     info.max_num_batched_tokens,
                     tier_load,
                 )

@@ -42,6 +42,39 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _autoscale_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "scaling",
+        "start and drain worker processes with the SLA planner (--autoscale); with "
+        "--max-workers alone, only POST /admin/scale resizes",
+    )
+    g.add_argument("--autoscale", action="store_true", help="run the SLA planner")
+    g.add_argument("--min-workers", type=int, default=1)
+    g.add_argument(
+        "--max-workers", type=int, default=None, help="most worker processes (default --workers)"
+    )
+    g.add_argument("--ttft-target", type=float, default=3.0, help="seconds, at p95")
+    g.add_argument("--itl-target", type=float, default=0.1, help="seconds")
+    g.add_argument("--autoscale-interval", type=float, default=10.0, help="planner interval, s")
+    g.add_argument(
+        "--calibration",
+        default=None,
+        metavar="JSON",
+        help="engine step times the planner models workers with (kvgrid.bench.sim format; "
+        "measure this machine's with `python -m kvgrid.bench.sim_vs_live calibrate`)",
+    )
+    g.add_argument(
+        "--worker-startup-s",
+        type=float,
+        default=None,
+        help="time a new worker takes to serve (default: the calibration's)",
+    )
+    g.add_argument("--scale-down-cooldown", type=float, default=60.0, help="s after a scale-up")
+    g.add_argument(
+        "--scale-down-ticks", type=int, default=12, help="intervals of headroom before draining"
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from kvgrid.engine.args import add_engine_args
 
@@ -52,8 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch threads per worker (default: cores / workers)",
+        help="torch threads per worker (default: cores / max workers)",
     )
+    _autoscale_args(p)
     add_engine_args(p)
     p.set_defaults(func=_serve)
 

@@ -6,6 +6,8 @@
     GET  /debug/decisions         the last decisions with every candidate's numbers
     GET  /debug/router            workers, freshness, load, counters
     POST /internal/workers        {"url": ...}: a worker announces itself
+    GET  /admin/scale             `kvgrid serve` scaling: workers, draining, actions
+    POST /admin/scale             {"workers": N} resize now, or {"drain": "w1"}
 
 A request: authenticate (API key -> tenant), parse and validate, tokenize (the router
 needs the tokens for block keys, and the worker then receives exactly those tokens), wait
@@ -72,6 +74,8 @@ class Frontend:
         self.router, self.link, self.tenants, self.scheduler = router, link, tenants, scheduler
         self.config = config
         self.metrics = FrontendMetrics(router, config.model_name)
+        # kvgrid.server.autoscale.Autoscaler when `kvgrid serve` may scale its workers
+        self.autoscaler: Any = None
 
     # ---- request preparation -------------------------------------------------------------
 
@@ -218,6 +222,8 @@ class Frontend:
             except RequestError as e:
                 raise APIError(400, str(e)) from None
             tokens = self.prompt_tokens(req)
+            if self.autoscaler is not None:
+                self.autoscaler.window.arrived(len(tokens), params.max_tokens or 0)
             try:
                 await self.scheduler.acquire(tenant)
             except QueueFull as e:
@@ -268,6 +274,8 @@ class _Run:
                 if self._first is None:
                     self._first = now
                     m.ttft.labels(model).observe(now - self.t_arrival)
+                    if self.fe.autoscaler is not None:
+                        self.fe.autoscaler.window.first_token(now - self.t_arrival)
                     self.fe.router.on_first_token(self.rid, now)
                 elif self._last is not None:
                     m.itl.labels(model).observe(now - self._last)
@@ -305,6 +313,9 @@ class _Run:
             return
         u = self.usage()
         m.e2e.labels(model).observe(now - self.t_arrival)
+        n_out = u["completion_tokens"]
+        if fe.autoscaler is not None and n_out > 1 and self._first is not None:
+            fe.autoscaler.window.finished((self._last - self._first) / (n_out - 1))
         m.prompt_tokens.labels(model).inc(u["prompt_tokens"])
         m.generation_tokens.labels(model).inc(u["completion_tokens"])
         m.prompt_hist.labels(model).observe(u["prompt_tokens"])
@@ -421,10 +432,14 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
         from kvgrid.router.router import tune_gc
 
         await fe.link.start()
+        if fe.autoscaler is not None:
+            fe.autoscaler.start()
         tune_gc()
         try:
             yield
         finally:
+            if fe.autoscaler is not None:
+                await fe.autoscaler.stop()
             await fe.link.stop()
 
     app = FastAPI(title="kvgrid", lifespan=lifespan)
@@ -522,6 +537,48 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
         except APIError as e:
             return e.response()
         return JSONResponse(fe.router.snapshot_state())
+
+    def admin(request: Request) -> APIError | None:
+        """Scaling changes the whole server: with API keys configured, only the holder of
+        KVGRID_ADMIN_TOKEN may; without (one local tenant), anyone who can reach it."""
+        if fe.autoscaler is None:
+            return APIError(
+                404, "scaling is off: run `kvgrid serve` with --autoscale or --max-workers"
+            )
+        token = os.environ.get("KVGRID_ADMIN_TOKEN")
+        if token:
+            if request.headers.get("authorization") != f"Bearer {token}":
+                return APIError(401, "admin endpoints need 'Authorization: Bearer <admin token>'")
+        elif fe.tenants.auth_required:
+            return APIError(403, "set KVGRID_ADMIN_TOKEN to use admin endpoints")
+        return None
+
+    @app.get("/admin/scale")
+    async def scale_state(request: Request) -> Response:
+        err = admin(request)
+        if err is not None:
+            return err.response()
+        return JSONResponse(fe.autoscaler.state())
+
+    @app.post("/admin/scale")
+    async def scale(request: Request) -> Response:
+        err = admin(request)
+        if err is not None:
+            return err.response()
+        try:
+            body = await request.json()
+            if "workers" in body:
+                acts = fe.autoscaler.resize(int(body["workers"]))
+            elif "drain" in body:
+                acts = fe.autoscaler.drain(str(body["drain"]))
+            else:
+                raise ValueError
+        except KeyError as e:
+            return APIError(404, f"no worker {e} under this server's scaling").response()
+        except (ValueError, TypeError, AttributeError) as e:
+            msg = str(e) or 'body must be {"workers": N} or {"drain": "WORKER_ID"}'
+            return APIError(400, msg).response()
+        return JSONResponse({**fe.autoscaler.state(), "done": [a.to_dict() for a in acts]})
 
     @app.post("/internal/workers")
     async def register(request: Request) -> Response:

@@ -96,6 +96,17 @@ class FleetLink:
         if url not in self.known:
             self.known[url] = _Known(url)
 
+    def forget(self, url: str) -> None:
+        """Stop following a worker that is going away for good (a drained replica)."""
+        k = self.known.pop(url.rstrip("/"), None)
+        if k is None:
+            return
+        if k.worker_id and self.by_id.get(k.worker_id) is k:
+            del self.by_id[k.worker_id]
+        if k.events_endpoint and self._sub is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sub.disconnect(k.events_endpoint)
+
     # ---- registration --------------------------------------------------------------------
 
     async def register(self, url: str) -> bool:
@@ -115,7 +126,9 @@ class FleetLink:
         finally:
             self._registering.discard(url)
         info = WorkerInfo.from_dict({**data, "url": url})
-        k = self.known[url]
+        k = self.known.get(url)
+        if k is None:  # forgotten while we asked (drained before it joined)
+            return False
         endpoint = data.get("events_endpoint")
         if k.events_endpoint and k.events_endpoint != endpoint:
             with contextlib.suppress(zmq.ZMQError):

@@ -26,25 +26,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-# engine flags passed through to each worker: (dest, flag, is_switch)
-_ENGINE_FLAGS = (
-    ("model", "--model", False),
-    ("load_format", "--load-format", False),
-    ("dtype", "--dtype", False),
-    ("device", "--device", False),
-    ("block_size", "--block-size", False),
-    ("num_kv_blocks", "--num-kv-blocks", False),
-    ("kv_cache_memory_gb", "--kv-cache-memory-gb", False),
-    ("gpu_memory_utilization", "--gpu-memory-utilization", False),
-    ("max_model_len", "--max-model-len", False),
-    ("max_num_seqs", "--max-num-seqs", False),
-    ("max_num_batched_tokens", "--max-num-batched-tokens", False),
-    ("no_prefix_caching", "--no-prefix-caching", True),
-    ("attention_backend", "--attention-backend", False),
-    ("no_cuda_graphs", "--no-cuda-graphs", True),
-    ("seed", "--seed", False),
-    ("served_model_name", "--served-model-name", False),
-)
+def _engine_flags() -> list[tuple[str, str, bool]]:
+    """(dest, flag, is_switch) of every engine and store flag, read off the parser itself so
+    that a new engine flag reaches the workers without being listed twice."""
+    from kvgrid.engine.args import add_engine_args
+
+    p = argparse.ArgumentParser(add_help=False)
+    add_engine_args(p)
+    return [
+        (a.dest, a.option_strings[0], isinstance(a, argparse._StoreTrueAction))
+        for a in p._actions
+        if a.option_strings
+    ]
 
 
 def worker_argv(args: argparse.Namespace, worker_id: str, port: int, threads: int) -> list[str]:
@@ -62,8 +55,12 @@ def worker_argv(args: argparse.Namespace, worker_id: str, port: int, threads: in
         "--threads",
         str(threads),
     ]
-    for dest, flag, switch in _ENGINE_FLAGS:
+    if getattr(args, "served_model_name", None):
+        argv += ["--served-model-name", args.served_model_name]
+    for dest, flag, switch in _engine_flags():
         v = getattr(args, dest, None)
+        if dest == "kv_store_dir" and v is not None:
+            v = os.path.join(v, worker_id)  # one G3 folder per worker: one owner per capacity
         if switch:
             if v:
                 argv.append(flag)
@@ -73,14 +70,18 @@ def worker_argv(args: argparse.Namespace, worker_id: str, port: int, threads: in
 
 
 class Supervisor(threading.Thread):
-    """Keeps N worker processes running; a crashed one is restarted with backoff."""
+    """Keeps worker processes running; a crashed one is restarted with backoff. The
+    autoscaler adds slots (``add``) and retires them (``retire``: stopped for good)."""
 
     def __init__(self, argvs: list[list[str]], env: dict[str, str] | None = None) -> None:
         super().__init__(name="kvgrid-supervisor", daemon=True)
-        self.argvs = argvs
+        self.argvs = list(argvs)
         self.env = env
         self.procs: list[subprocess.Popen | None] = [None] * len(argvs)
         self.restarts = [0] * len(argvs)
+        self.retired: set[int] = set()
+        self._next_try: dict[int, float] = {}
+        self._lock = threading.Lock()  # the autoscaler changes slots from another thread
         self._stop = threading.Event()
 
     def start_all(self) -> None:
@@ -92,31 +93,59 @@ class Supervisor(threading.Thread):
         self.procs[i] = subprocess.Popen(self.argvs[i], env=self.env)
         log.info("worker %d started (pid %d)", i, self.procs[i].pid)
 
+    def add(self, argv: list[str]) -> int:
+        """Start one more worker process; returns its slot."""
+        with self._lock:
+            self.argvs.append(argv)
+            self.procs.append(None)
+            self.restarts.append(0)
+            i = len(self.argvs) - 1
+            self._spawn(i)
+        return i
+
+    def retire(self, i: int, timeout_s: float = 30.0) -> int | None:
+        """Stop slot ``i`` for good (SIGTERM, then SIGKILL after ``timeout_s``); blocks until
+        it has exited. Returns its exit status."""
+        with self._lock:
+            self.retired.add(i)
+            p = self.procs[i]
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        try:
+            return p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            return p.wait()
+
     def run(self) -> None:
-        next_try = [0.0] * len(self.argvs)
         while not self._stop.wait(0.5):
-            for i, p in enumerate(self.procs):
-                if p is None or p.poll() is None:
-                    continue
-                now = time.monotonic()
-                if next_try[i] == 0.0:
-                    delay = min(30.0, 2.0 ** min(self.restarts[i], 5))
-                    log.warning(
-                        "worker %d exited with %s; restarting in %.0fs", i, p.returncode, delay
-                    )
-                    next_try[i] = now + delay
-                elif now >= next_try[i]:
-                    self.restarts[i] += 1
-                    next_try[i] = 0.0
-                    self._spawn(i)
+            with self._lock:
+                for i, p in enumerate(self.procs):
+                    if i in self.retired or p is None or p.poll() is None:
+                        continue
+                    now = time.monotonic()
+                    if self._next_try.get(i, 0.0) == 0.0:
+                        delay = min(30.0, 2.0 ** min(self.restarts[i], 5))
+                        log.warning(
+                            "worker %d exited with %s; restarting in %.0fs", i, p.returncode, delay
+                        )
+                        self._next_try[i] = now + delay
+                    elif now >= self._next_try[i]:
+                        self.restarts[i] += 1
+                        self._next_try[i] = 0.0
+                        self._spawn(i)
 
     def stop(self) -> None:
         self._stop.set()
-        for p in self.procs:
+        with self._lock:
+            procs = list(self.procs)
+        for p in procs:
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for p in self.procs:
+        for p in procs:
             if p is None:
                 continue
             try:
@@ -154,13 +183,22 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     host = args.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    max_workers = max(args.workers, getattr(args, "max_workers", None) or args.workers)
+    # cores are divided among as many processes as may run at once
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max_workers)
     ports = [free_port() for _ in range(args.workers)]
     argvs = [worker_argv(args, f"w{i}", p, threads) for i, p in enumerate(ports)]
     for p in ports:
         fe.link.add_url(f"http://127.0.0.1:{p}")
     sup = Supervisor(argvs)
     sup.start_all()
+    if getattr(args, "autoscale", False) or max_workers > args.workers:
+        try:
+            fe.autoscaler = _autoscaler(args, fe, sup, ports, threads, max_workers)
+        except (ValueError, OSError) as e:
+            sup.stop()
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     log.info(
         "kvgrid serve: %s on http://%s:%d with %d worker(s), policy %s",
         fe.config.model_name,
@@ -174,6 +212,33 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         sup.stop()
     return 0
+
+
+def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_workers: int):
+    """The planner loop (with --autoscale) and the operator's resize, on this machine."""
+    from kvgrid.bench.planner import Planner, PlannerConfig
+    from kvgrid.bench.sim.calibration import load_calibration
+    from kvgrid.server.autoscale import Autoscaler, LiveActuator
+
+    def argv_for(worker_id: str, index: int) -> tuple[list[str], str]:
+        port = free_port()
+        return worker_argv(args, worker_id, port, threads), f"http://127.0.0.1:{port}"
+
+    act = LiveActuator(fe, sup, argv_for, max_workers)
+    for i, p in enumerate(ports):
+        act.adopt(f"w{i}", f"http://127.0.0.1:{p}", i)
+    cfg = PlannerConfig(
+        ttft_target_s=args.ttft_target,
+        itl_target_s=args.itl_target,
+        min_replicas=max(1, args.min_workers),
+        max_replicas=max_workers,
+        interval_s=args.autoscale_interval,
+        startup_s=args.worker_startup_s,
+        cooldown_s=args.scale_down_cooldown,
+        down_ticks=args.scale_down_ticks,
+    )
+    planner = Planner(cfg, load_calibration(args.calibration))
+    return Autoscaler(act, planner, args.autoscale_interval, enabled=args.autoscale)
 
 
 def run_router(args: argparse.Namespace) -> int:

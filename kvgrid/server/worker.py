@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ import httpx
 import zmq
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router import wire
@@ -141,6 +143,7 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
                 task.cancel()
             worker.loop.stop()
             worker.publisher.close()
+            worker.loop.engine.close()
 
     app = FastAPI(title="kvgrid worker", lifespan=lifespan)
 
@@ -161,6 +164,13 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
         if worker.loop.failed is not None or not worker.loop.is_alive():
             return JSONResponse({"status": "engine failed"}, status_code=503)
         return JSONResponse({"status": "ok", "worker_id": worker.info.worker_id})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # the context store's per-tier, per-tenant series; request series live on the router
+        conn = worker.loop.engine.connector
+        body = generate_latest(conn.store.metrics.registry) if conn is not None else b""
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/load")
     async def load() -> dict:
@@ -265,12 +275,13 @@ def run_worker(args) -> int:
 
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    engine = LLMEngine(engine_config_from_args(args))
+    worker_id = args.worker_id or f"{args.host}:{args.port}"
+    engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
     model_name = args.served_model_name or engine.spec.name
     url = args.advertise_url or f"http://{args.host}:{args.port}"
     worker = Worker(
         engine,
-        args.worker_id or f"{args.host}:{args.port}",
+        worker_id,
         url,
         model_name,
         pub_host=args.host,

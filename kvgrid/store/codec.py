@@ -1,7 +1,8 @@
 """Payload codecs: lossless compression by default; a lossy int8 codec behind an accuracy check.
 
 Lossless: zstd (or zlib), skipped for a block that does not shrink by at least 3%, since
-decompressing costs load bandwidth for nothing (bf16 KV often compresses little).
+decompressing costs load bandwidth for nothing (bf16 KV often compresses little); a large
+block is first tried on a 256 KiB slice, so a block that will not shrink costs little.
 Lossy ("int8"): symmetric int8 per channel (one scale per layer, K/V, head and dim, over
 the block's tokens). It is applied to a block only if the block's round-trip relative error
 ||x - q(x)|| / ||x|| is at most the configured bound; otherwise the block is stored
@@ -23,6 +24,7 @@ except ImportError:  # zlib is always there
 NONE, ZLIB, ZSTD, INT8 = 0, 1, 2, 3
 NAMES = {NONE: "none", ZLIB: "zlib", ZSTD: "zstd", INT8: "int8"}
 _MIN_GAIN = 0.97
+_SAMPLE = 256 << 10  # bytes tried before compressing a whole block
 
 
 class CodecError(ValueError):
@@ -91,6 +93,12 @@ def encode(
     if codec == "none":
         return NONE, raw
     cid = ZSTD if codec == "zstd" and zstandard is not None else ZLIB
+    if len(raw) > 4 * _SAMPLE:
+        # a block that will not shrink is not compressed at all: try a slice of it first,
+        # so incompressible KV (random-looking bf16) costs a sliver of the compressor's time
+        mid = (len(raw) // 2) & ~4095
+        if len(_compress(raw[mid : mid + _SAMPLE], cid, level)) > _MIN_GAIN * _SAMPLE:
+            return NONE, raw
     packed = _compress(raw, cid, level)
     if len(packed) > _MIN_GAIN * len(raw):
         return NONE, raw

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,10 @@ GiB = 1 << 30
 
 
 def default_store_dir() -> Path:
-    """Where the embedded default keeps G3 and its local master key."""
+    """Where the embedded default keeps G3 and its local master key: $KVGRID_STORE_DIR, else
+    the store folder of kvgrid's cache root."""
+    if os.environ.get("KVGRID_STORE_DIR"):
+        return Path(os.environ["KVGRID_STORE_DIR"]).expanduser()
     return kvgrid_home() / "store"
 
 
@@ -57,6 +61,12 @@ class StoreConfig:
     io_workers: int = 2
     io_queue: int = 32
     io_block_s: float = 0.0
+    # Loads from G3/G4: this many threads read, verify, decrypt and decode blocks (2 per
+    # thread in flight), each into a pinned G2 slot that feeds an asynchronous copy to G1.
+    load_workers: int = 8
+    # Also save blocks right after prefill names them, not only when G1 evicts them: the
+    # context is below G1 at once (costs a device-to-host copy per block after prefill).
+    write_through: bool = False
     lease_timeout_s: float = 30.0
     # Tier bandwidth seeds (bytes/s) for load-vs-recompute until loads are measured.
     seed_bytes_per_s: dict[str, float] = field(
@@ -85,5 +95,5 @@ class StoreConfig:
             raise ValueError("G4 takes one backend: g4_dir or g4_redis, not both")
         if self.codec not in ("zstd", "zlib", "none", "int8"):
             raise ValueError(f"unknown codec {self.codec!r}: zstd, zlib, none or int8")
-        if self.io_queue < 1 or self.io_workers < 1:
-            raise ValueError("io_queue and io_workers must be >= 1")
+        if self.io_queue < 1 or self.io_workers < 1 or self.load_workers < 1:
+            raise ValueError("io_queue, io_workers and load_workers must be >= 1")

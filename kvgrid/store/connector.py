@@ -5,11 +5,11 @@ block ``i`` is ``kv_cache[i]``, contiguous, and is what the store keeps as one o
 
 ``lookup`` decides load versus recompute from measured numbers: each tier's load bandwidth
 (EWMA of observed loads, seeded by a copy probe for G2 and by configuration for disks) and
-the engine's measured prefill speed (``prefill_tokens_per_s``, set by the engine). It offers
-the longest stored prefix whose estimated load time is below the time to recompute it
-(times ``max_load_ratio``); the engine recomputes the rest, and may split the offered
-blocks further (recompute the first while loading the later ones, ``kv_loader.plan_split``)
-using ``load_seconds_per_block``.
+the engine's measured prefill speed (``prefill_tokens_per_s``, set by the engine). A stored
+prefix is used as a split (``kv_loader.plan_split``: recompute its first blocks while the
+later ones load), so even a tier slower than recomputing pays; ``lookup`` offers the prefix
+length whose predicted time to first token is lowest, and none where using it is not
+predicted faster than recomputing (times ``max_load_ratio``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class StoreConnector:
         self._seed = dict(store.config.seed_bytes_per_s)
         if store.g2 is not None:
             self._seed["G2"] = self._probe_g2()
-        self._last_plan: dict[bytes, float] = {}
+        self._last_plan: dict = {}  # tenant -> the LoadPlan of its last lookup
         self._lock = threading.Lock()
         self.loaded_blocks = 0
         self.saved_blocks = 0
@@ -74,51 +74,94 @@ class StoreConnector:
         return out
 
     def block_load_seconds(self, tier: str) -> float:
-        bw = self.tier_bytes_per_s.get(tier) or 1e8
+        measured = self.store.bandwidth.get(tier)
+        if measured:  # measured over whole loads: per-block costs are already in it
+            return self.block_bytes / measured
+        bw = self._seed.get(tier) or 1e8
         return self.block_bytes / bw + _PER_OP_S.get(tier, 0.0)
 
     # ---- the engine's calls -------------------------------------------------------------
 
     def lookup(self, keys: list[bytes], tenant: bytes, num_computed_blocks: int) -> int:
-        """How many of ``keys[num_computed_blocks:]`` (leading, consecutive) to load."""
+        """How many of ``keys[num_computed_blocks:]`` (leading, consecutive) to take from the
+        store; ``load_plan`` then says how many of those to recompute while the rest load."""
+        from kvgrid.engine.kv_loader import LoadPlan, plan_blocks
+
         rest = keys[num_computed_blocks:]
         if not rest:
             return 0
         try:
             tiers = self.store.contains(rest, tenant)
-            self.store.note_seen(rest)
         except Exception:  # a store problem is a miss, never the engine's problem
             return 0
         stored = next((i for i, t in enumerate(tiers) if t is None), len(tiers))
         if not stored:
             return 0
-        load = [self.block_load_seconds(t) for t in tiers[:stored]]
+        per_tier = {t: self.block_load_seconds(t) for t in set(tiers[:stored])}
+        load = [per_tier[t] for t in tiers[:stored]]
         speed = self.prefill_tokens_per_s
-        if not speed:
-            n, total = stored, sum(load)  # prefill speed not measured yet: load what is there
+        if not speed:  # prefill speed not measured yet: load what is there, no deadline
+            n, plan = stored, LoadPlan(0, stored, sum(load), None)
         else:
+            # Candidates end where the tier changes (within a run the per-block cost is flat,
+            # so the best cut is at a run's end); stored blocks past the cut are recomputed
+            # after the load, like the rest of the prompt.
             recompute = self.block_size / speed
             ratio = self.store.config.max_load_ratio
-            n, total, acc = 0, 0.0, 0.0
-            for i, s in enumerate(load):
-                acc += s
-                if acc < (i + 1) * recompute * ratio:
-                    n, total = i + 1, acc
+            n, plan, best = 0, None, stored * recompute
+            for m in range(1, stored + 1):
+                if m < stored and tiers[m] == tiers[m - 1]:
+                    continue
+                cand = plan_blocks(load[:m], self.block_size, speed)
+                if cand.expected_s >= ratio * m * recompute:
+                    continue
+                ttft = cand.expected_s + (stored - m) * recompute
+                if ttft < best:
+                    n, plan, best = m, cand, ttft
         with self._lock:
-            self._last_plan[tenant] = total / n if n else self.block_load_seconds("G2")
+            self._last_plan[tenant] = plan
         return n
 
-    def load_seconds_per_block(self, tenant: bytes) -> float | None:
-        """Estimated load time per block of the prefix the last ``lookup`` offered."""
-        with self._lock:
-            return self._last_plan.get(tenant)
+    def note_admitted(self, keys: list[bytes]) -> None:
+        """A request that wants these blocks was admitted: one sighting each, G1 hits
+        included (a block hot in G1 is exactly the one worth keeping on disk)."""
+        try:
+            self.store.note_seen(keys)
+        except Exception:  # a store problem is never the engine's problem
+            log.exception("context store: counting sightings failed")
 
-    def load(self, keys: list[bytes], tenant: bytes, block_ids: list[int]) -> int:
-        """Copy stored blocks into ``kv_cache[block_ids[i]]``; how many leading blocks landed."""
+    def load_plan(self, tenant: bytes, n_blocks: int):
+        """The split ``lookup`` chose for the ``n_blocks`` it offered (a ``LoadPlan``)."""
+        from kvgrid.engine.kv_loader import LoadPlan
+
+        with self._lock:
+            plan = self._last_plan.get(tenant)
+        if plan is None or plan.compute_blocks + plan.load_blocks != n_blocks:
+            return LoadPlan(0, n_blocks)
+        return plan
+
+    def load_seconds_per_block(self, tenant: bytes) -> float | None:
+        """Estimated load time per loaded block of the prefix the last ``lookup`` offered."""
+        with self._lock:
+            plan = self._last_plan.get(tenant)
+        if plan is None or not plan.load_blocks or plan.load_s is None:
+            return None
+        return plan.load_s / plan.load_blocks
+
+    def load(
+        self,
+        keys: list[bytes],
+        tenant: bytes,
+        block_ids: list[int],
+        deadline: float | None = None,
+    ) -> int:
+        """Copy stored blocks into ``kv_cache[block_ids[i]]``; how many leading blocks landed
+        (by ``deadline``, a time.monotonic(), if given)."""
         if len(keys) != len(block_ids):
             raise ValueError(f"{len(keys)} keys for {len(block_ids)} block ids")
         try:
-            served = self.store.load_into(keys, tenant, [self.kv_cache[b] for b in block_ids])
+            dsts = [self.kv_cache[b] for b in block_ids]
+            served = self.store.load_into(keys, tenant, dsts, deadline)
         except Exception:
             return 0
         self.loaded_blocks += len(served)

@@ -19,8 +19,9 @@ import threading
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from kvgrid.store.aead import AEAD, make_aead
 
 ENV_VAR = "KVGRID_MASTER_KEY"
 _INFO = b"kvgrid-store-tenant-key-v1"
@@ -60,10 +61,10 @@ class KeyRing:
         self.current_id = current if current is not None else max(masters)
         if self.current_id not in self.masters:
             raise MasterKeyError(f"current key id {self.current_id} is not in the ring")
-        self._aeads: dict[tuple[int, bytes], AESGCM] = {}
+        self._aeads: dict[tuple[int, bytes], AEAD] = {}
         self._lock = threading.Lock()
 
-    def aead(self, key_id: int, tenant: bytes) -> AESGCM | None:
+    def aead(self, key_id: int, tenant: bytes) -> AEAD | None:
         """The tenant's cipher under master ``key_id``; None if that id is unknown."""
         k = (key_id, tenant)
         with self._lock:
@@ -76,7 +77,7 @@ class KeyRing:
                 key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
                     master
                 )
-                a = self._aeads[k] = AESGCM(key)
+                a = self._aeads[k] = make_aead(key)
             return a
 
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,9 @@ class Slot:
     token_count: int
     parent_key: bytes | None
     pins: int = 0
+    # lower tiers known to hold this block (written there, or promoted from there): a
+    # write-back of a block already below G2 is then skipped without asking the tier
+    below: set[str] = field(default_factory=set)
 
 
 class HostPool:
@@ -107,27 +110,46 @@ class HostPool:
         created: float | None = None,
     ) -> tuple[bool, list]:
         """Copy ``block`` into a slot (synchronously). Returns (stored, evicted)."""
+        slot, evicted = self.put_pinned(tid, key, block, parent_key, token_count, quota, created)
+        if slot is not None:
+            self.release(slot)
+        return slot is not None, evicted
+
+    def put_pinned(
+        self,
+        tid: bytes,
+        key: bytes,
+        block: torch.Tensor,
+        parent_key: bytes | None,
+        token_count: int,
+        quota: int | None = None,
+        created: float | None = None,
+    ) -> tuple[Slot | None, list]:
+        """As ``put``, but the slot (new or already there) comes back pinned, so that it can
+        be the source of an asynchronous copy; the caller must ``release`` it."""
         evicted: list = []
         with self.lock:
             if not self.configure(tuple(block.shape), block.dtype):
-                return False, evicted
+                return None, evicted
             k = (tid, key)
-            if k in self.entries:
+            s = self.entries.get(k)
+            if s is not None:
                 self.entries.move_to_end(k)
-                return True, evicted
+                s.pins += 1
+                return s, evicted
             if quota is not None:
                 allowed = quota // self.slot_bytes
                 if allowed < 1:
-                    return False, evicted
+                    return None, evicted
                 self._evict(allowed - 1, tid, "quota", evicted)
                 if self.per_tenant.get(tid, 0) >= allowed:
-                    return False, evicted
+                    return None, evicted
             used = len(self.entries) * self.slot_bytes
             target = watermark_target(self.capacity, self.high, self.low, used, self.slot_bytes)
             if target is not None:
                 self._evict(target // self.slot_bytes, None, "capacity", evicted)
             if not self.free:
-                return False, evicted  # every slot pinned
+                return None, evicted  # every slot pinned
             idx = self.free.pop()
             s = Slot(idx, time.time() if created is None else created, token_count, parent_key)
             s.pins += 1  # nobody may take the slot while it is being filled
@@ -140,9 +162,7 @@ class HostPool:
                 s.pins -= 1
                 self._drop(k)
             raise
-        with self.lock:
-            s.pins -= 1
-        return True, evicted
+        return s, evicted
 
     def acquire(self, tid: bytes, key: bytes) -> tuple[Slot, torch.Tensor] | None:
         """Pin a slot for reading; the caller must ``release`` it."""

@@ -4,8 +4,9 @@
       magic "KVGO", format version, header length, flags, codec, layout version,
       key id, token count, created time, payload length, raw length, block key,
       parent key, tenant id, nonce, dtype, shape, model fingerprint
-    checksum  CRC-32 of header + payload (cheap: catches torn or flipped bytes even
-              without the key; AES-GCM's tag is what stops tampering)
+    checksum  CRC-32 of header + payload (catches torn or flipped bytes even without
+              the key, for audits; AES-GCM's tag is what stops tampering, so a load of an
+              encrypted object trusts the tag and reads the CRC only to name a failure)
     payload   codec(block bytes), then AES-256-GCM under the tenant's key
 
 Because the header (block key and tenant id included) is authenticated, an object copied
@@ -208,14 +209,23 @@ def encode_object(
 
 def check_object(blob: bytes | memoryview) -> ObjectHeader:
     """Header and checksum of an object, without the key (for audits of other tenants)."""
+    h = _header_and_length(blob)
+    if not _crc_ok(blob, h):
+        raise ObjectError("checksum", "checksum mismatch")
+    return h
+
+
+def _header_and_length(blob: bytes | memoryview) -> ObjectHeader:
     h = read_header(blob)
     if len(blob) != h.object_len:
         raise ObjectError("checksum", f"object is {len(blob)} bytes, header says {h.object_len}")
+    return h
+
+
+def _crc_ok(blob: bytes | memoryview, h: ObjectHeader) -> bool:
     (crc,) = _CRC.unpack_from(blob, h.header_len)
     view = memoryview(blob)
-    if zlib.crc32(view[h.header_len + _CRC.size :], zlib.crc32(view[: h.header_len])) != crc:
-        raise ObjectError("checksum", "checksum mismatch")
-    return h
+    return zlib.crc32(view[h.header_len + _CRC.size :], zlib.crc32(view[: h.header_len])) == crc
 
 
 def decode_object(
@@ -232,7 +242,36 @@ def decode_object(
     Raises ObjectError on any mismatch: never returns data that is not exactly what was
     stored under this key for this tenant (lossy codecs aside).
     """
-    h = check_object(blob)
+    h = _header_and_length(blob)
+    if not h.encrypted and not _crc_ok(blob, h):
+        raise ObjectError("checksum", "checksum mismatch")
+    try:
+        payload = _open_payload(blob, h, key, tenant, keyring, dtype, shape, model_fingerprint)
+    except ObjectError:
+        # An encrypted object skipped the CRC pass: its GCM tag covers header and payload,
+        # so the CRC would only cost a second read of every byte. On a failure it tells a
+        # damaged object (removed by the store) from a foreign or misplaced one.
+        if h.encrypted and not _crc_ok(blob, h):
+            raise ObjectError("checksum", "checksum mismatch") from None
+        raise
+    try:
+        t = codecs.decode(h.codec, payload, h.raw_len, dtype_of(h.dtype), h.shape)
+    except codecs.CodecError as e:
+        raise ObjectError("codec", str(e)) from None
+    return h, t
+
+
+def _open_payload(
+    blob: bytes | memoryview,
+    h: ObjectHeader,
+    key: bytes,
+    tenant: bytes,
+    keyring: KeyRing | None,
+    dtype: torch.dtype | None,
+    shape: tuple[int, ...] | None,
+    model_fingerprint: str | None,
+):
+    """The plaintext payload of a well-formed object, after every check but the codec's."""
     header = memoryview(blob)[: h.header_len]
     payload = memoryview(blob)[h.header_len + _CRC.size :]
     if h.key != key or h.tenant_id != tenant_id(tenant):
@@ -249,15 +288,11 @@ def decode_object(
         if aead is None:
             raise ObjectError("decrypt", f"master key id {h.key_id} is not in the key ring")
         try:
-            payload = aead.decrypt(h.nonce, payload, header)
+            return aead.decrypt(h.nonce, payload, header)
         except InvalidTag:
             raise ObjectError("decrypt", "authentication failed") from None
-    elif keyring is not None:
+    if keyring is not None:
         # with a key ring loaded, plaintext objects are refused: whoever can write the
         # store must not be able to downgrade an object to one without authentication
         raise ObjectError("decrypt", "unencrypted object where encryption is required")
-    try:
-        t = codecs.decode(h.codec, payload, h.raw_len, dtype_of(h.dtype), h.shape)
-    except codecs.CodecError as e:
-        raise ObjectError("codec", str(e)) from None
-    return h, t
+    return payload

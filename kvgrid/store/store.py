@@ -15,6 +15,9 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,6 +74,10 @@ class ContextStore:
         self.sightings = Sightings()
         self.writes = BoundedWorkQueue(cfg.io_queue, cfg.io_workers, cfg.io_block_s, "write")
         self.reads = BoundedWorkQueue(cfg.io_queue, 1, 0.0, "prefetch")
+        # reads below G2 (loads and prefetches): file/network read, verification, decryption
+        # and decoding all release the GIL, so these threads run in parallel
+        self._fetchers = ThreadPoolExecutor(cfg.load_workers, thread_name_prefix="kvgrid-load")
+        self._window = 2 * cfg.load_workers  # blocks in flight per load: bounds memory
         self.block_shape: tuple[int, ...] | None = None
         self.block_dtype: torch.dtype | None = None
         self.bandwidth: dict[str, float] = {}  # tier -> measured load bytes/s (EWMA)
@@ -262,74 +269,140 @@ class ContextStore:
             return None
         return got
 
-    def _promote(self, tid: bytes, key: bytes, t: torch.Tensor, h) -> None:
+    def _promote(self, tid: bytes, key: bytes, t: torch.Tensor, h, tier: str) -> Slot | None:
+        """Put a block read from ``tier`` into G2; its slot comes back pinned (or None)."""
         if self.g2 is None:
-            return
-        stored, evicted = self._g2_put(tid, key, t, h.parent_key, h.token_count, h.created)
-        del stored
+            return None
+        slot, evicted = self._g2_put(tid, key, t, h.parent_key, h.token_count, h.created, True)
         self._removed("G2", evicted)
+        if slot is not None:
+            slot.below.add(tier)
+        return slot
 
-    def load_into(self, keys: list[bytes], tenant: bytes, dsts: list[torch.Tensor]) -> list[str]:
-        """Copy the leading stored blocks into ``dsts``; the tiers that served them.
-
-        Returns only after the data has landed (device copies are synchronised)."""
-        tid = _tid(tenant)
-        served: list[str] = []
-        held: list[Slot] = []
-        g2_bytes, t_start, lower_s = 0, time.perf_counter(), 0.0
-        cuda_dev = None
-        try:
-            for key, dst in zip(keys, dsts):
-                got = self._g2_acquire(tid, key)
-                if got is not None:
-                    held.append(got[0])
-                    dst.copy_(got[1], non_blocking=dst.is_cuda)
-                    self.metrics.inc("hits", tier="G2", tenant=tenant_label(tid))
-                    self.metrics.inc("bytes_out", dst.nbytes, tier="G2", tenant=tenant_label(tid))
-                    g2_bytes += dst.nbytes
-                    served.append("G2")
-                elif self.g2 is not None:
-                    self.metrics.inc("misses", tier="G2", tenant=tenant_label(tid), reason="absent")
-                if got is None:
-                    t0 = time.perf_counter()
-                    tier = self._load_lower(tid, key, tenant, dst)
-                    if tier is None:
-                        break
-                    dt = time.perf_counter() - t0
-                    lower_s += dt
-                    self._observe_load(tier, dst.nbytes, dt)
-                    self.metrics.load_seconds.labels(tier=tier).observe(dt)
-                    served.append(tier)
-                if dst.is_cuda:
-                    cuda_dev = dst.device
-            if cuda_dev is not None:
-                torch.cuda.current_stream(cuda_dev).synchronize()
-        finally:
-            for s in held:
-                self.g2.release(s)
-        if g2_bytes:
-            dt = time.perf_counter() - t_start - lower_s
-            self._observe_load("G2", g2_bytes, dt)
-            n = served.count("G2")
-            for _ in range(n):
-                self.metrics.load_seconds.labels(tier="G2").observe(dt / n)
-        return served
-
-    def _load_lower(self, tid: bytes, key: bytes, tenant: bytes, dst: torch.Tensor) -> str | None:
+    def _fetch_lower(self, tid: bytes, key: bytes, tenant: bytes):
+        """(tier, pinned G2 slot or None, CPU tensor) of one block from the first lower tier
+        with a valid copy, promoted into G2; None if none has one. Runs on a fetch thread."""
+        t0 = time.perf_counter()
         for tier in self.lower:
             got = self._read_lower(tier, tid, key, tenant)
             if got is None:
                 continue
             h, t = got
-            if tuple(t.shape) != tuple(dst.shape) or t.dtype != dst.dtype:
+            if self.block_shape is not None and (
+                tuple(t.shape) != tuple(self.block_shape) or t.dtype != self.block_dtype
+            ):
                 self.metrics.inc(
                     "misses", tier=tier.name, tenant=tenant_label(tid), reason="mismatch"
                 )
                 continue
-            self._promote(tid, key, t, h)
-            dst.copy_(t)
-            return tier.name
+            slot = self._promote(tid, key, t, h, tier.name)
+            if slot is not None:
+                t = self.g2.pool[slot.index]  # pinned: the device copy can be asynchronous
+            self.metrics.load_seconds.labels(tier=tier.name).observe(time.perf_counter() - t0)
+            return tier.name, slot, t
         return None
+
+    def _drop_fetch(self, fut: Future) -> None:
+        """Let go of a fetch nobody will use (a load that stopped early)."""
+        if fut.cancel():
+            return
+
+        def release(f: Future) -> None:
+            r = None if f.cancelled() or f.exception() is not None else f.result()
+            if r is not None and r[1] is not None:
+                self.g2.release(r[1])
+
+        fut.add_done_callback(release)
+
+    def load_into(
+        self,
+        keys: list[bytes],
+        tenant: bytes,
+        dsts: list[torch.Tensor],
+        deadline: float | None = None,
+    ) -> list[str]:
+        """Copy the leading stored blocks into ``dsts``; the tiers that served them.
+
+        G2 blocks are copied straight from their pinned slots. Blocks below G2 are fetched by
+        ``load_workers`` threads, a window ahead of the copies, each promoted into a pinned
+        G2 slot that is the source of its copy. With a ``deadline`` (time.monotonic()), the
+        load stops at the first block not ready by then, and the caller recomputes the rest.
+        Returns only after the data has landed (device copies are synchronised)."""
+        tid = _tid(tenant)
+        n = len(keys)
+        t_start = time.perf_counter()
+        held: list[Slot] = []
+        srcs: list[torch.Tensor | None] = [None] * n
+        if self.g2 is not None:
+            for i, key in enumerate(keys):
+                got = self._g2_acquire(tid, key)
+                if got is not None:
+                    held.append(got[0])
+                    srcs[i] = got[1]
+        missing = deque(i for i in range(n) if srcs[i] is None)
+        futs: dict[int, Future] = {}
+
+        def refill() -> None:
+            # keep the window full, in key order (the copies consume in key order)
+            while missing and len(futs) < self._window:
+                i = missing.popleft()
+                futs[i] = self._fetchers.submit(self._fetch_lower, tid, keys[i], tenant)
+
+        served: list[str] = []
+        nbytes: dict[str, int] = {}
+        run: list[tuple[torch.Tensor, torch.Tensor]] = []
+        cuda_dev = None
+        tl = tenant_label(tid)
+        try:
+            refill()
+            for i in range(n):
+                if srcs[i] is not None:
+                    tier = "G2"
+                else:
+                    if self.g2 is not None:
+                        self.metrics.inc("misses", tier="G2", tenant=tl, reason="absent")
+                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    try:
+                        r = futs[i].result(timeout=timeout)
+                        del futs[i]
+                    except FutureTimeout:
+                        # not ready in time: recomputing the rest now beats waiting longer
+                        r = None
+                        lower = self.lower[0].name if self.lower else "G2"
+                        self.metrics.inc("misses", tier=lower, tenant=tl, reason="deadline")
+                    if r is None:
+                        break
+                    tier, slot, srcs[i] = r
+                    if slot is not None:
+                        held.append(slot)
+                    refill()
+                dst = dsts[i]
+                if dst.is_cuda:
+                    cuda_dev = dst.device
+                run = _copy_run(run, srcs[i], dst)
+                served.append(tier)
+                nbytes[tier] = nbytes.get(tier, 0) + dst.nbytes
+            _copy_run(run, None, None)
+            if cuda_dev is not None:
+                torch.cuda.current_stream(cuda_dev).synchronize()
+        finally:
+            for fut in futs.values():
+                self._drop_fetch(fut)
+            for slot in held:
+                self.g2.release(slot)
+        dt = time.perf_counter() - t_start
+        n_g2 = served.count("G2")
+        if n_g2:
+            self.metrics.inc("hits", n_g2, tier="G2", tenant=tl)
+            self.metrics.inc("bytes_out", nbytes["G2"], tier="G2", tenant=tl)
+            for _ in range(n_g2):
+                self.metrics.load_seconds.labels(tier="G2").observe(dt / n)
+        # loads overlap, so a tier's bandwidth is its bytes over the whole call (G2 copies
+        # are folded into the slower tier's time when both served)
+        for tier, b in nbytes.items():
+            if tier != "G2" or len(nbytes) == 1:
+                self._observe_load(tier, b, dt)
+        return served
 
     def get(self, key: bytes, tenant: bytes) -> torch.Tensor | None:
         """One block as a new CPU tensor, from the fastest tier that holds a valid copy."""
@@ -344,7 +417,9 @@ class ContextStore:
         for tier in self.lower:
             r = self._read_lower(tier, tid, key, tenant)
             if r is not None:
-                self._promote(tid, key, r[1], r[0])
+                slot = self._promote(tid, key, r[1], r[0], tier.name)
+                if slot is not None:
+                    self.g2.release(slot)
                 return r[1].clone()
         return None
 
@@ -355,17 +430,26 @@ class ContextStore:
         tid = _tid(tenant)
 
         def job() -> None:
-            for key, where in zip(keys, self.contains(keys, tenant)):
-                if where is None:
-                    return
-                if where != "G2":
-                    tier = self.tier(where)
-                    r = self._read_lower(tier, tid, key, tenant)
-                    if r is None:
-                        return
-                    self._promote(tid, key, r[1], r[0])
+            where = self.contains(keys, tenant)
+            todo = [k for k, w in zip(keys, where) if w is not None and w != "G2"]
+            futs: deque[Future] = deque()
+            ok = True
+            for k in todo:
+                futs.append(self._fetchers.submit(self._fetch_lower, tid, k, tenant))
+                while futs and (len(futs) >= self._window or not ok):
+                    ok = self._end_prefetch(futs.popleft()) and ok
+                if not ok:
+                    break
+            while futs:
+                ok = self._end_prefetch(futs.popleft()) and ok
 
         return self.reads.submit(job)
+
+    def _end_prefetch(self, fut: Future) -> bool:
+        r = fut.result()
+        if r is not None and r[1] is not None:
+            self.g2.release(r[1])
+        return r is not None
 
     def lease(
         self, keys: list[bytes], tenant: bytes, timeout_s: float | None = None
@@ -378,18 +462,23 @@ class ContextStore:
 
     # ---- writes ----------------------------------------------------------------------------
 
-    def _g2_put(self, tid, key, block, parent_key, token_count, created=None) -> tuple[bool, list]:
+    def _g2_put(self, tid, key, block, parent_key, token_count, created=None, pin=False):
+        """(stored, evicted); with ``pin``, (pinned slot or None, evicted)."""
         if self.leases is not None:
             self.leases.reap()
         quota = self._policy(tid).quota_bytes.get("G2")
         new = self.g2.peek(tid, key) is None
-        stored, evicted = self.g2.put(tid, key, block, parent_key, token_count, quota, created)
-        if stored and new:
+        slot, evicted = self.g2.put_pinned(tid, key, block, parent_key, token_count, quota, created)
+        if slot is not None and new:
             self.metrics.inc("bytes_in", block.nbytes, tier="G2", tenant=tenant_label(tid))
             self._emit(BlockStored((key,), parent_key, "G2", token_count))
-        elif not stored:
+        elif slot is None:
             self.metrics.inc("writes_dropped", tier="G2", reason="full")
-        return stored, evicted
+        if pin:
+            return slot, evicted
+        if slot is not None:
+            self.g2.release(slot)
+        return slot is not None, evicted
 
     def put(
         self,
@@ -411,9 +500,14 @@ class ContextStore:
             _, evicted = self._g2_put(tid, key, block_tensor, parent_key, token_count)
             self._removed("G2", evicted)
         targets = [t for t in self.lower if seen >= admit.get(t.name, 1) and t.up]
+        got = self.g2.acquire(tid, key) if self.g2 is not None and targets else None
+        if got is not None:
+            below = got[0].below
+            targets = [t for t in targets if t.name not in below]  # already there
+            if not targets:
+                self.g2.release(got[0])
         if not targets:
             return
-        got = self.g2.acquire(tid, key) if self.g2 is not None else None
         if got is not None:
             slot, src = got  # pinned until the write has read it
         else:
@@ -465,6 +559,9 @@ class ContextStore:
             if res.stored:
                 self.metrics.inc("bytes_in", len(blob), tier=t.name, tenant=tenant_label(tid))
                 self._emit(BlockStored((key,), parent_key, t.name, token_count))
+                slot = self.g2.peek(tid, key) if self.g2 is not None else None
+                if slot is not None:
+                    slot.below.add(t.name)
             else:
                 self.metrics.inc("writes_dropped", tier=t.name, reason=res.reason or "error")
 
@@ -621,6 +718,7 @@ class ContextStore:
         self._closed.set()
         self.writes.close()
         self.reads.close()
+        self._fetchers.shutdown(wait=True)
         for t in self.lower:
             t.close()
 
@@ -629,3 +727,34 @@ class ContextStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _copy_run(run: list, src: torch.Tensor | None, dst: torch.Tensor | None) -> list:
+    """Queue the copy ``src -> dst``, merging it into one copy with the queued ones while
+    both sides stay adjacent in memory (G2 slots and G1 blocks are often handed out in
+    order, so a prefix of hundreds of blocks goes in a few copies, not one per block).
+    ``src=None`` flushes. Copies to a GPU are asynchronous (sources are pinned)."""
+    if run and src is not None:
+        ps, pd = run[-1]
+        if (
+            src.data_ptr() == ps.data_ptr() + ps.nbytes
+            and dst.data_ptr() == pd.data_ptr() + pd.nbytes
+            and _same_storage(src, ps)
+            and _same_storage(dst, pd)
+        ):
+            run.append((src, dst))
+            return run
+    if run:
+        s0, d0 = run[0]
+        k = len(run)
+        if k == 1:
+            d0.copy_(s0, non_blocking=d0.is_cuda and s0.is_pinned())
+        else:
+            big_s = s0.as_strided((k, *s0.shape), (s0.numel(), *s0.stride()))
+            big_d = d0.as_strided((k, *d0.shape), (d0.numel(), *d0.stride()))
+            big_d.copy_(big_s, non_blocking=d0.is_cuda and s0.is_pinned())
+    return [] if src is None else [(src, dst)]
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -48,6 +48,11 @@ class Calibration:
             + self.decode_per_kv_token_s * kv_tokens
         )
 
+    def mixed_decode_s(self, batch: int, kv_tokens: float) -> float:
+        """What ``batch`` decoding requests add to a prefill step they share (chunked
+        prefill): their per-sequence and KV-reading cost, not the fixed cost of a pass."""
+        return self.decode_per_seq_s * batch + self.decode_per_kv_token_s * kv_tokens
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "meta": self.meta,

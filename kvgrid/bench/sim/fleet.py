@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from kvgrid import keys as kvkeys
+from kvgrid.bench.planner import ObservationWindow, PoolState, ReplicaView
 from kvgrid.bench.sim.calibration import Calibration, load_calibration
 from kvgrid.bench.sim.worker import PREFILL, SimRequest, SimWorker
 from kvgrid.bench.workloads import Workload
@@ -96,7 +97,7 @@ class Fleet:
         self.failed = 0
         self.actions: list[dict[str, Any]] = []
         self.pool_sizes: list[tuple[float, dict[str, int]]] = []
-        self._win = _Window()
+        self._win = ObservationWindow()
         self.events = 0
         self.now = 0.0
         self.wall_s = 0.0
@@ -175,7 +176,15 @@ class Fleet:
             now,
         )
 
+    # ---- the planner's actuator (kvgrid.bench.planner.Actuator) ---------------------------
+
+    def add_replicas(self, pool: str, count: int, now: float) -> None:
+        for _ in range(count):
+            self.add_worker(pool, now, ready=False)
+        self._live_cache = None
+
     def drain(self, wid: str, now: float) -> None:
+        self._live_cache = None
         w = self.by_id[wid]
         if w.draining or w.stopped_at is not None:
             return
@@ -217,6 +226,8 @@ class Fleet:
             router.on_events(b, now)
         for r in firsts:
             router.on_first_token(r.rid, now)
+            if w.role != "prefill":  # disaggregated: the first token leaves with the handoff
+                self._win.first_token(r.t_first - r.t_arrival + self.rtt[r.idx])
         for r in pre:  # disaggregated: prompt done, move its KV to a decode worker
             router.on_finish(r.rid, now)
             self._handoff(r, now)
@@ -248,7 +259,7 @@ class Fleet:
             self.tpot[i] = (r.t_done - r.t_first) / (r.out - 1)
         self.cached[i] = r.cached
         self.completed += 1
-        self._win.finished(self.ttft[i], self.tpot[i])
+        self._win.finished(self.tpot[i])
 
     def _arrive(self, i: int, now: float) -> None:
         req = self.w.requests[i]
@@ -286,7 +297,8 @@ class Fleet:
         index, pred = self.router.index, self.router.recent.masks
         # the deepest block anyone holds (or is predicted to): few workers, the best matches
         for key in reversed(keys):
-            holders = index.holders(key, pred)
+            m = index.holder_mask(key, pred)
+            holders = index.owners(m) if m else None  # most keys of a cold prompt: no list
             if holders:
                 if len(holders) > k:
                     holders = self.rng.sample(holders, k)
@@ -338,6 +350,7 @@ class Fleet:
                     self._deliver(obj, extra, t)
                 elif kind == _HANDOFF:
                     extra.t_first = t  # the first token leaves with the transferred KV
+                    self._win.first_token(t - extra.t_arrival + self.rtt[extra.idx])
                     obj.start_decode(extra, t)
                     self.decode_router.on_first_token(extra.rid, t)  # type: ignore[union-attr]
                     self._wake(obj, t)
@@ -371,9 +384,7 @@ class Fleet:
                 sizes[self.pool_of[w.worker_id]] = sizes.get(self.pool_of[w.worker_id], 0) + 1
         self.pool_sizes.append((now, sizes))
 
-    def pool_states(self, now: float) -> dict[str, Any]:
-        from kvgrid.bench.planner import PoolState, ReplicaView
-
+    def pool_states(self, now: float) -> dict[str, PoolState]:
         pools: dict[str, PoolState] = {}
         for w in self.workers:
             if w.stopped_at is not None:
@@ -394,16 +405,15 @@ class Fleet:
         return pools
 
     def _tick(self, now: float) -> None:
-        obs = self._win.close(now, self.workers)
-        actions = self.cfg.planner.decide(now, obs, self.pool_states(now))
-        for a in actions:
-            self.actions.append({"t": now, **a.to_dict()})
-            if a.kind == "add":
-                for _ in range(a.count):
-                    self.add_worker(a.pool, now, ready=False)
-            elif a.kind == "drain" and a.worker_id:
-                self.drain(a.worker_id, now)
-            self._live_cache = None
+        live = [w for w in self.workers if w.stopped_at is None and w.ready]
+        obs = self._win.close(
+            now,
+            queued_requests=sum(len(w.queue) for w in live),
+            waiting_prefill_tokens=sum(w.waiting_prefill_tokens() for w in live),
+            running_requests=sum(w.n_decoding for w in live),
+        )
+        actions = self.cfg.planner.step(now, obs, self)
+        self.actions.extend({"t": now, **a.to_dict()} for a in actions)
         self._pool_sample(now)
 
     # ---- results -------------------------------------------------------------------------
@@ -483,48 +493,6 @@ def _round_rel(x: float, step: float = 0.1) -> float:
     if x <= 0:
         return x
     return math.exp(round(math.log(x) / step) * step)
-
-
-class _Window:
-    """What the planner observes between two ticks."""
-
-    def __init__(self) -> None:
-        self.t0 = 0.0
-        self.n = 0
-        self.in_tok = 0
-        self.out_tok = 0
-        self.ttft: list[float] = []
-        self.tpot: list[float] = []
-
-    def arrived(self, n_in: int, n_out: int) -> None:
-        self.n += 1
-        self.in_tok += n_in
-        self.out_tok += n_out
-
-    def finished(self, ttft: float, tpot: float) -> None:
-        self.ttft.append(ttft)
-        if tpot == tpot:
-            self.tpot.append(tpot)
-
-    def close(self, now: float, workers: list[SimWorker]):
-        from kvgrid.bench.planner import ObservedMetrics
-
-        dt = max(now - self.t0, 1e-9)
-        live = [w for w in workers if w.stopped_at is None and w.ready]
-        obs = ObservedMetrics(
-            window_s=dt,
-            arrival_rate=self.n / dt,
-            mean_input_tokens=self.in_tok / self.n if self.n else 0.0,
-            mean_output_tokens=self.out_tok / self.n if self.n else 0.0,
-            ttft_s=list(self.ttft),
-            tpot_s=list(self.tpot),
-            queued_requests=sum(len(w.queue) for w in live),
-            waiting_prefill_tokens=sum(w.waiting_prefill_tokens() for w in live),
-            running_requests=sum(w.n_decoding for w in live),
-        )
-        self.__init__()
-        self.t0 = now
-        return obs
 
 
 def simulate(workload: Workload, cfg: SimConfig | None = None, **kw: Any) -> dict[str, Any]:

@@ -3,12 +3,13 @@ and a continuous-batching timeline advanced in step batches, not per token.
 
 The timeline alternates two modes. A *prefill phase* takes the queued requests that fit one
 step budget (or one long prompt) and runs their uncached tokens in chunks of
-``max_num_batched_tokens``; each chunk step also carries one decode step for the running
-requests (chunked prefill mixes them), so decoders advance by the number of chunks. Between
-phases the worker *decodes*: the running batch advances one token per decode step, whose
-time depends on the batch size and the KV it reads. Decode progress is one counter per
-worker (steps taken); a request finishes when the counter reaches its target, so the only
-events are arrivals, phase ends and finishes: O(1) per request however long its output.
+``max_num_batched_tokens``; each chunk step also carries the running requests' next tokens
+(chunked prefill mixes them into one forward pass, at their marginal cost), so decoders
+advance by the number of chunks. Between phases the worker *decodes*: the running batch
+advances one token per decode step, whose time depends on the batch size and the KV it reads.
+Decode progress is one counter per worker (steps taken); a request finishes when the counter
+reaches its target, so the only events are arrivals, phase ends and finishes: O(1) per
+request however long its output.
 
 KV: every full prompt block holds a key (kvgrid.keys). Blocks of running requests are
 pinned (reference counted); when the last user ends, a block joins the LRU of cached free
@@ -385,7 +386,9 @@ class SimWorker:
         steps = max(1, -(-tokens // budget))
         dur = compute
         if self.n_decoding:
-            dur += steps * c.decode_step_s(self.n_decoding, self.kv_tokens())
+            # decoders ride along in the chunk's forward pass: they add their own tokens'
+            # cost, not a second pass over the weights
+            dur += steps * c.mixed_decode_s(self.n_decoding, self.kv_tokens())
             self.phase_rate = steps / dur
         else:
             self.phase_rate = 0.0

@@ -58,6 +58,7 @@ class AttentionBackend(ABC):
         layer: int,
         meta: AttentionMetadata,
         scale: float,
+        kv_written: bool = False,  # the caller already stored k/v (fused with RoPE)
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
 

@@ -11,8 +11,11 @@ from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata, wr
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale: float):
-        write_kv_reference(k, v, kv_cache, layer, meta.slot_mapping)
+    def forward(
+        self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale: float, kv_written=False
+    ):
+        if not kv_written:
+            write_kv_reference(k, v, kv_cache, layer, meta.slot_mapping)
         if meta.decode_only and meta.num_seqs > 1:
             return self._decode_batched(q, kv_cache, layer, meta, scale)
         out = torch.empty_like(q)

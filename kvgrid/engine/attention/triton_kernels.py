@@ -303,7 +303,9 @@ def _prefill_kernel(
     block_table_ptr,
     query_start_ptr,
     context_lens_ptr,
-    out_ptr,
+    out_ptr,  # [T, H, D] when NUM_SPLITS == 1
+    part_o_ptr,  # [T, H, NUM_SPLITS, D] float32
+    part_lse_ptr,  # [T, H, NUM_SPLITS] float32
     qk_scale,
     stride_qt,
     stride_qh,
@@ -321,9 +323,11 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    qt = tl.program_id(0)
+    qt = tl.program_id(0) // NUM_SPLITS
+    split = tl.program_id(0) % NUM_SPLITS
     s = tl.program_id(1)
     kvh = tl.program_id(2)
     q0 = tl.load(query_start_ptr + s)
@@ -357,7 +361,10 @@ def _prefill_kernel(
     # keys before first_pos are seen by every row: no causal mask for those whole tiles
     n_full = first_pos // BLOCK_N
     n_all = tl.cdiv(last_pos + 1, BLOCK_N)
-    for tile in range(0, n_all):
+    per_split = tl.cdiv(n_all, NUM_SPLITS)
+    t_lo = split * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_all)
+    for tile in range(t_lo, t_hi):
         kt = tile * BLOCK_N + n
         nmask = kt <= last_pos
         blk = tl.load(block_table_ptr + s * stride_bt + kt // BLOCK_SIZE, mask=nmask, other=0)
@@ -379,11 +386,23 @@ def _prefill_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(
-        out_ptr + (q0 + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
-        o.to(out_ptr.dtype.element_ty),
-        mask=rmask[:, None] & dmask[None, :],
-    )
+    if NUM_SPLITS == 1:
+        tl.store(
+            out_ptr + (q0 + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=rmask[:, None] & dmask[None, :],
+        )
+    else:
+        # this split's partial result per row, as the decode kernel leaves it: the same
+        # reduction kernel combines them (a split with no visible key has lse -inf)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        pidx = ((q0 + tok) * (GROUP * tl.num_programs(2)) + heads) * NUM_SPLITS + split
+        tl.store(part_lse_ptr + pidx, lse, mask=rmask)
+        tl.store(
+            part_o_ptr + pidx[:, None] * HEAD_DIM + d[None, :],
+            o,
+            mask=rmask[:, None] & dmask[None, :],
+        )
 
 
 def paged_prefill(
@@ -396,8 +415,16 @@ def paged_prefill(
     scale: float,
     out: torch.Tensor,
     dot_dtype: tl.dtype,
+    max_seq_len: int = 0,
+    num_sms: int = 0,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
-    _, h, d = q.shape
+    """Varlen causal attention of new tokens over their cached context. A few query tiles
+    over a long context (a new turn of a long conversation, the tail of a prompt loaded
+    from the store) would occupy only a handful of SMs for the whole scan, so the keys are
+    then split across programs and the partial results reduced (``num_splits``: forced,
+    else chosen from ``max_seq_len`` and ``num_sms``)."""
+    t, h, d = q.shape
     kvh = layer_cache.shape[3]
     group = h // kvh
     g_pad = triton.next_power_of_2(group)
@@ -407,7 +434,15 @@ def paged_prefill(
     block_q = max(1, rows // g_pad)
     block_size = layer_cache.shape[2]
     block_n = 64 if block_q * g_pad <= 64 else 32
-    grid = (triton.cdiv(max_query_len, block_q), num_seqs, kvh)
+    q_tiles = triton.cdiv(max_query_len, block_q)
+    if num_splits is None:
+        num_splits = prefill_num_splits(q_tiles * num_seqs * kvh, max_seq_len, num_sms)
+    if num_splits > 1:
+        part_o = torch.empty(t, h, num_splits, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(t, h, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    grid = (q_tiles * num_splits, num_seqs, kvh)
     _prefill_kernel[grid](
         q,
         layer_cache,
@@ -415,6 +450,8 @@ def paged_prefill(
         query_start_loc,
         context_lens,
         out,
+        part_o,
+        part_lse,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -432,11 +469,36 @@ def paged_prefill(
         BLOCK_D=triton.next_power_of_2(d),
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
         DOT_DTYPE=dot_dtype,
         num_warps=8 if block_q * g_pad >= 128 else 4,
         num_stages=2,
     )
+    if num_splits > 1:
+        _decode_reduce_kernel[(t, h)](
+            part_o,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=h,
+            HEAD_DIM=d,
+            BLOCK_D=triton.next_power_of_2(d),
+            NUM_SPLITS=num_splits,
+        )
     return out
+
+
+def prefill_num_splits(num_programs: int, max_seq_len: int, num_sms: int) -> int:
+    """Key splits for a prefill launch of ``num_programs`` query tiles: about two programs
+    per SM, none scanning fewer than 512 keys; 1 when the tiles alone fill the GPU."""
+    if num_sms <= 0 or num_programs >= num_sms:
+        return 1
+    want = (2 * num_sms) // max(1, num_programs)
+    cap = max_seq_len // 512
+    if cap < 2:
+        return 1
+    return min(triton.next_power_of_2(want), 1 << (cap.bit_length() - 1), 32)
 
 
 def dot_dtype_for(dtype: torch.dtype) -> tl.dtype:
@@ -451,4 +513,5 @@ __all__ = [
     "kv_write",
     "paged_decode",
     "paged_prefill",
+    "prefill_num_splits",
 ]

@@ -1,0 +1,929 @@
+"""GPU benchmark of the context store (issue 4): correctness first, then speed, in one run.
+
+    PYTHONPATH=. python3 bench/gpu_store.py                      # everything (one H100)
+    PYTHONPATH=. python3 bench/gpu_store.py --phases env,correct,ttft
+    KVGRID_BENCH_SHAPE=smollm2-135m python3 bench/gpu_store.py --sizes 512,1024   # CPU smoke
+
+Model: the Llama-3.1-8B shape (Llama-3-8B's weights layout, context long enough for 32K),
+random bf16 weights (``load_format=dummy``): 128 KiB of KV per token, 8 MiB per 64-token
+block. One engine; stores are attached and detached between measurements.
+
+Phases (in order):
+- env: versions, the disk under --root, and raw ceilings: pinned and pageable host->GPU
+  copies of one 32K prompt's KV bytes.
+- correct: an 8K prompt computed cold (full prefill), then again over G1's prefix cache (the
+  reference: same computation after the prefix), then loaded from G2, G3 and G4 and with a
+  forced load/recompute split. Loaded KV must equal the computed KV bit for bit, and the
+  first tokens and their top-5 logprobs must equal the G1 run's exactly. The cold run's
+  tokens are compared too (a full prefill takes another kernel path: reported, not required).
+- ttft: for 8K and 32K prompts, time to first token of recomputing (no store) and of a fully
+  cached prompt from G2, G3 and G4 (G4 = a second directory on the same local disk,
+  standing in for a shared filesystem: no NFS/Lustre here, and no Redis server on that
+  machine). Disk tiers are measured with a cold page cache (posix_fadvise DONTNEED on the
+  object files, plus drop_caches where allowed) and warm; G3 with encryption on/off and
+  codec none/zstd. Each tier's achieved load bandwidth is set against raw reads of the same
+  object files with the same number of threads and the same cache state (G2: against a
+  pinned host->GPU copy of the same bytes).
+- split: a disk throttled in software (a token bucket in the tier's reads, page cache warm)
+  to half and to exactly the bandwidth at which loading a 32K prompt takes as long as
+  recomputing it: forced load vs the engine's own choice (load, recompute or split).
+- replay: a slice of the Mooncake conversation trace (bench/data/, see replay_workload),
+  in-process with arrival times, G1 limited to --replay-g1-blocks blocks so that it evicts;
+  the same offered load without and with the store (G2 in pinned memory + G3 on disk).
+
+Prints a table last; writes $OUT/gpu_store.json (or ./out/) after every phase.
+"""
+
+# ruff: noqa: E501  (summary rows are long)
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvgrid import keys
+from kvgrid.engine.sampling_params import SamplingParams
+from kvgrid.store import ContextStore, StoreConfig, StoreConnector
+from kvgrid.store.crypto import KeyRing
+from kvgrid.store.disk_tier import DiskTier
+from kvgrid.store.object import tenant_id
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GPU = DEV.type == "cuda"
+SHAPE = os.environ.get("KVGRID_BENCH_SHAPE", "llama3.1-8b" if GPU else "smollm2-135m")
+GiB = 1 << 30
+PUBLIC = keys.PUBLIC_TENANT
+KEYRING = KeyRing({1: os.urandom(32)})
+RESULTS: dict = {"phases": {}, "errors": {}, "notes": []}
+T_START = time.perf_counter()
+DATA = Path(__file__).resolve().parent / "data" / "mooncake_conversation_slice.jsonl"
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T_START:6.1f}s]", *a, flush=True)
+
+
+def sync() -> None:
+    if GPU:
+        torch.cuda.synchronize()
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    return float(torch.tensor(xs, dtype=torch.float64).quantile(q / 100))
+
+
+# ---- engine, stores, requests ------------------------------------------------------------
+
+
+def build_engine(args):
+    from kvgrid.engine.config import EngineConfig
+    from kvgrid.engine.llm_engine import LLMEngine
+
+    top = max(args.sizes)
+    cfg = EngineConfig(
+        model=SHAPE,
+        load_format="dummy",
+        dtype="bfloat16" if GPU else "float32",
+        max_model_len=top + 256,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=top + 64,  # one-shot prefill: the fastest recompute
+        num_kv_blocks=args.num_kv_blocks or 2 * (top // 64 + 4),
+        cuda_graphs=GPU,
+    )
+    t0 = time.perf_counter()
+    eng = LLMEngine(cfg)
+    log(f"engine ready in {time.perf_counter() - t0:.1f}s: {eng.runner.num_blocks} KV blocks")
+    return eng
+
+
+def with_budget(eng, tokens: int) -> None:
+    """Swap the step token budget (the config is frozen; the scheduler reads it per step)."""
+    cfg = dataclasses.replace(eng.config, max_num_batched_tokens=tokens)
+    eng.config = cfg
+    eng.scheduler.config = cfg
+
+
+class ThrottledDisk(DiskTier):
+    """A G3 directory whose reads are paced to ``bytes_per_s`` in all (a token bucket shared
+    by the reader threads): a slower disk, emulated over a warm page cache."""
+
+    def __init__(self, *a, bytes_per_s: float, **kw):
+        super().__init__(*a, **kw)
+        self.bytes_per_s = bytes_per_s
+        self._next = 0.0
+        self._pace = threading.Lock()
+
+    def get(self, tid, key):
+        blob = super().get(tid, key)
+        if blob is None:
+            return None
+        with self._pace:
+            now = time.monotonic()
+            self._next = max(now, self._next) + len(blob) / self.bytes_per_s
+            wait = self._next - now
+        time.sleep(wait)
+        return blob
+
+
+def make_store(eng, root: Path, name: str, args, **kw) -> ContextStore:
+    """A store under root/name. kw: g2_gib, g3, g4, encrypt, codec, write_through,
+    throttle (bytes/s of a ThrottledDisk G3 over an existing directory), admit."""
+    d = root / name
+    encrypt = kw.get("encrypt", True)
+    cfg = StoreConfig(
+        g2_bytes=int(kw.get("g2_gib", args.g2_gib) * GiB),
+        g3_dir=d / "g3" if kw.get("g3") else None,
+        g3_bytes=40 * GiB,
+        g4_dir=d / "g4" if kw.get("g4") else None,
+        g4_bytes=40 * GiB,
+        admit_after=kw.get("admit", {"G2": 1, "G3": 1, "G4": 1}),
+        codec=kw.get("codec", "zstd"),
+        encrypt=encrypt,
+        io_workers=args.load_workers,
+        io_queue=kw.get("io_queue", 8192),
+        sweep_interval_s=0,
+        write_through=kw.get("write_through", False),
+        load_workers=args.load_workers,
+        model_fingerprint=eng.spec.fingerprint,
+    )
+    tiers = None
+    if kw.get("throttle"):
+        tiers = [ThrottledDisk(kw["throttle_dir"], 40 * GiB, "G3", bytes_per_s=kw["throttle"])]
+    return ContextStore(cfg, keyring=KEYRING if encrypt else None, tiers=tiers)
+
+
+def attach(eng, store: ContextStore | None) -> StoreConnector | None:
+    old = eng.scheduler.loader
+    if old is not None:
+        old.close()
+    if store is None:
+        eng.scheduler.connector = None
+        eng.scheduler.loader = None
+        eng.block_manager.record_commits = False
+        return None
+    conn = StoreConnector(store, eng.runner.kv_cache, eng.config.block_size)
+    eng.attach_store(conn)
+    return conn
+
+
+class LoadLog:
+    """Wraps a store's load_into: per load, blocks, KV bytes, tiers and wall seconds."""
+
+    def __init__(self, store: ContextStore):
+        self.records: list[dict] = []
+        inner = store.load_into
+
+        def load_into(ks, tenant, dsts, deadline=None):
+            t0 = time.perf_counter()
+            served = inner(ks, tenant, dsts, deadline)
+            dt = time.perf_counter() - t0
+            nb = sum(d.nbytes for d in dsts[: len(served)])
+            rec = {"blocks": len(served), "asked": len(ks), "bytes": nb, "s": dt}
+            self.records.append({**rec, "tiers": sorted(set(served))})
+            return served
+
+        store.load_into = load_into
+
+    def take(self) -> list[dict]:
+        out, self.records = self.records, []
+        return out
+
+
+def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 5) -> dict:
+    """One request alone; time to first token from add_request."""
+    sync()
+    rid = f"r{time.monotonic_ns()}"
+    t0 = time.perf_counter()
+    eng.add_request(
+        rid,
+        prompt,
+        SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=logprobs),
+    )
+    ttft, final, steps = None, None, 0
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        steps += 1
+        for o in outs:
+            if ttft is None and o.new_token_ids:
+                ttft = time.perf_counter() - t0
+            if o.finished:
+                final = o
+    c = final.outputs[0]
+    return {
+        "ttft_s": ttft,
+        "tokens": list(c.token_ids),
+        "logprobs": [dict(d) for d in (c.logprobs or [])],
+        "cached": final.num_cached_tokens,
+        "steps": steps,
+    }
+
+
+def prompt_keys(eng, prompt: list[int]) -> list[bytes]:
+    """Keys of the blocks an engine can take from a cache (the last token is computed)."""
+    bs = eng.config.block_size
+    n = (len(prompt) - 1) // bs
+    return keys.block_keys(prompt[: n * bs], eng.scope.with_tenant(PUBLIC).digest, bs)
+
+
+def save_from_g1(eng, conn: StoreConnector, ks: list[bytes]) -> None:
+    """Write the prompt's blocks (named in G1 by the run before) to the store, and wait."""
+    bm = eng.block_manager
+    ids = [bm.cached[k] for k in ks]
+    conn.save(ks, [None, *ks[:-1]], PUBLIC, ids)
+    assert conn.store.flush(600), "store writes did not finish"
+
+
+def object_files(store: ContextStore, tier: str, ks: list[bytes]) -> list[Path]:
+    t = store.tier(tier)
+    tid = tenant_id(PUBLIC)
+    return [t.path(tid, k) for k in ks]
+
+
+def drop_cache(files: list[Path], args) -> None:
+    """Cold page cache for these files: fadvise DONTNEED (they are fsynced, so clean), and
+    drop_caches on top where allowed."""
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if args.drop_caches:
+        try:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError as e:
+            if "drop_caches" not in RESULTS["notes"]:
+                RESULTS["notes"].append(f"drop_caches refused ({e}); fadvise only")
+            args.drop_caches = False
+
+
+def raw_read(files: list[Path], threads: int) -> dict:
+    """Plain reads of whole files, ``threads`` at a time, in order: the disk's raw rate."""
+    buf_size = max(p.stat().st_size for p in files)
+    bufs = threading.local()
+
+    def read(p: Path) -> int:
+        b = getattr(bufs, "b", None)
+        if b is None:
+            b = bufs.b = bytearray(buf_size)
+        with open(p, "rb", buffering=0) as f:
+            return f.readinto(b)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        total = sum(ex.map(read, files))
+    dt = time.perf_counter() - t0
+    return {"bytes": total, "s": dt, "GBps": total / dt / 1e9}
+
+
+def fresh_g1(eng) -> None:
+    assert eng.block_manager.reset_prefix_cache(), "a request still holds G1 blocks"
+
+
+def rand_prompt(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(256, vocab, (n,), generator=g).tolist()
+
+
+def save_results(args) -> None:
+    out = Path(os.environ.get("OUT") or "out")
+    out.mkdir(parents=True, exist_ok=True)
+    RESULTS["elapsed_s"] = time.perf_counter() - T_START
+    (out / "gpu_store.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+# ---- phases ------------------------------------------------------------------------------
+
+
+def phase_env(args, eng) -> dict:
+    env = {
+        "shape": SHAPE,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "block_bytes": eng.runner.kv_cache[0].nbytes,
+        "kv_blocks_g1": eng.runner.num_blocks,
+        "root": str(args.root),
+    }
+    import cryptography
+
+    env["cryptography"] = cryptography.__version__
+    try:
+        import zstandard
+
+        env["zstandard"] = zstandard.__version__
+    except ImportError:
+        env["zstandard"] = None
+    for cmd, k in (
+        (["df", "-hT", str(args.root)], "df"),
+        (["findmnt", "-T", str(args.root)], "mount"),
+    ):
+        with contextlib.suppress(Exception):
+            env[k] = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    with contextlib.suppress(Exception):
+        env["meminfo"] = Path("/proc/meminfo").read_text().splitlines()[:2]
+    if GPU:
+        import triton
+
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["triton"] = triton.__version__
+        with contextlib.suppress(Exception):
+            env["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=30,
+            ).stdout.strip()  # fmt: skip
+    # raw host->device: one 32K prompt's KV bytes, as one copy and as per-block copies
+    bb = eng.runner.kv_cache[0].nbytes
+    nblk = max(args.sizes) // eng.config.block_size
+    if GPU:
+        host = torch.empty((nblk, bb), dtype=torch.uint8, pin_memory=True)
+        host.random_(0, 255)
+        dev = torch.empty((nblk, bb), dtype=torch.uint8, device=DEV)
+        pageable = torch.empty((nblk, bb), dtype=torch.uint8)
+        pageable.copy_(host)
+        res = {}
+        for name, fn in (
+            ("pinned_one_copy", lambda: dev.copy_(host, non_blocking=True)),
+            ("pinned_per_block", lambda: [dev[i].copy_(host[i], non_blocking=True) for i in range(nblk)]),
+            ("pageable_one_copy", lambda: dev.copy_(pageable)),
+        ):  # fmt: skip
+            ts = []
+            for _ in range(4):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                ts.append(time.perf_counter() - t0)
+            res[name] = nblk * bb / min(ts[1:]) / 1e9
+        env["h2d_GBps"] = res
+        del host, dev, pageable
+        torch.cuda.empty_cache()
+    log("env", json.dumps(env, default=str)[:1500])
+    return env
+
+
+def _compare(ref: dict, got: dict) -> dict:
+    lp_equal = ref["logprobs"] == got["logprobs"]
+    return {"tokens_equal": ref["tokens"] == got["tokens"], "logprobs_equal": lp_equal}
+
+
+def _kv_exact(eng, ks: list[bytes], snap: dict[bytes, torch.Tensor]) -> int:
+    bm, kv = eng.block_manager, eng.runner.kv_cache
+    return sum(1 for k in ks if k in bm.cached and torch.equal(kv[bm.cached[k]], snap[k]))
+
+
+def phase_correct(args, eng, root: Path) -> dict:
+    n = min(8192, max(args.sizes))
+    prompt = rand_prompt(n, eng.model_config.vocab_size, seed=11)
+    ks = prompt_keys(eng, prompt)
+    attach(eng, None)
+    fresh_g1(eng)
+    cold = run_one(eng, prompt, max_tokens=8)
+    bm = eng.block_manager
+    snap = {k: eng.runner.kv_cache[bm.cached[k]].clone() for k in ks}
+    g1 = run_one(eng, prompt, max_tokens=8)  # over G1's prefix cache: the reference path
+    assert g1["cached"] == len(ks) * eng.config.block_size
+    out: dict = {"prompt_tokens": n, "blocks": len(ks), "cold_vs_g1": _compare(cold, g1)}
+    if cold["logprobs"] and g1["logprobs"]:
+        a, b = cold["logprobs"][0], g1["logprobs"][0]
+        common = set(a) & set(b)
+        out["cold_vs_g1"]["first_logprob_max_abs_diff"] = max(
+            (abs(a[t] - b[t]) for t in common), default=None
+        )
+    # populate through write-through: recompute with the store attached, then one idle step
+    store = make_store(eng, root, "correct", args, g3=True, write_through=True)
+    conn = attach(eng, store)
+    fresh_g1(eng)
+    again = run_one(eng, prompt, max_tokens=8)
+    eng.step()
+    assert store.flush(600)
+    out["recompute_deterministic"] = {
+        **_compare(cold, again),
+        "kv_exact_blocks": _kv_exact(eng, ks, snap),
+    }
+    out["write_through_blocks_in_G3"] = sum(
+        1 for t in store.tier("G3").created_many(tenant_id(PUBLIC), ks) if t
+    )
+    g4 = make_store(eng, root, "correct4", args, g4=True)
+    checks = {}
+    for tier, st in (("G2", store), ("G3", store), ("G4", g4), ("G3-split", store)):
+        if st is g4 and tier == "G4":
+            conn = attach(eng, g4)
+            save_from_g1(eng, conn, ks)
+        elif st is store and conn.store is not store:
+            conn = attach(eng, store)
+        fresh_g1(eng)
+        if tier != "G2":
+            st.g2.clear()
+        conn.prefill_tokens_per_s = None  # load everything
+        if tier == "G3-split":
+            # force a half/half split: recompute speed equal to the tier's measured speed
+            conn.prefill_tokens_per_s = eng.config.block_size / conn.block_load_seconds("G3")
+        r = run_one(eng, prompt, max_tokens=8)
+        plan = conn.load_plan(PUBLIC, len(ks))
+        checks[tier] = {
+            **_compare(g1, r),
+            "cached_tokens": r["cached"],
+            "kv_exact_blocks": _kv_exact(eng, ks, snap),
+            "plan": [plan.compute_blocks, plan.load_blocks],
+            "tokens_equal_cold": r["tokens"] == cold["tokens"],
+        }
+        log("correct", tier, checks[tier])
+    out["loads"] = checks
+    ok = all(
+        c["tokens_equal"]
+        and c["logprobs_equal"]
+        and c["cached_tokens"] == c["plan"][1] * eng.config.block_size  # loaded, not recomputed
+        for c in checks.values()
+    ) and all(checks[t]["kv_exact_blocks"] == len(ks) for t in ("G2", "G3", "G4"))
+    out["pass"] = ok
+    attach(eng, None)
+    store.close()
+    g4.close()
+    shutil.rmtree(root / "correct", ignore_errors=True)
+    shutil.rmtree(root / "correct4", ignore_errors=True)
+    return out
+
+
+def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, reps: int) -> dict:
+    """Forced full loads of ``prompt`` from ``tier`` (G2 emptied first for lower tiers)."""
+    files = object_files(store, tier, ks) if tier != "G2" else []
+    ttfts, loads, ok = [], [], True
+    for _ in range(reps):
+        fresh_g1(eng)
+        if tier != "G2":
+            store.g2.clear()
+            if cache == "cold":
+                drop_cache(files, args)
+        conn.prefill_tokens_per_s = None  # speed unknown to the store: load it all
+        llog.take()
+        r = run_one(eng, prompt)
+        recs = llog.take()
+        ok &= r["cached"] == len(ks) * eng.config.block_size and r["tokens"] == ref["tokens"]
+        ttfts.append(r["ttft_s"])
+        if recs:
+            loads.append(recs[0])
+    best = min(loads, key=lambda x: x["s"]) if loads else None
+    obj = sum(p.stat().st_size for p in files) if files else (best or {}).get("bytes", 0)
+    res = {
+        "ttft_s": med(ttfts),
+        "ttft_all": ttfts,
+        "load_s": best["s"] if best else None,
+        "kv_GBps": best["bytes"] / best["s"] / 1e9 if best else None,
+        "object_GBps": obj / best["s"] / 1e9 if best else None,
+        "object_bytes": obj,
+        "exact_and_complete": ok,
+    }
+    if files:
+        if cache == "cold":
+            drop_cache(files, args)
+        res["raw"] = raw_read(files, args.load_workers)
+        res["of_raw"] = res["object_GBps"] / res["raw"]["GBps"] if best else None
+    return res
+
+
+def phase_ttft(args, eng, root: Path) -> dict:
+    out: dict = {}
+    vocab = eng.model_config.vocab_size
+    variants = [
+        # name, store kwargs, tier
+        ("G3 enc zstd", {"g3": True}, "G3"),
+        ("G3 enc none", {"g3": True, "codec": "none"}, "G3"),
+        ("G3 plain none", {"g3": True, "codec": "none", "encrypt": False}, "G3"),
+        ("G3 plain zstd", {"g3": True, "encrypt": False}, "G3"),
+        ("G4 enc zstd", {"g4": True}, "G4"),
+    ]
+    for n in args.sizes:
+        prompt = rand_prompt(n, vocab, seed=100 + n)
+        ks = prompt_keys(eng, prompt)
+        res: dict = {"prompt_tokens": n, "blocks": len(ks)}
+        attach(eng, None)
+        fresh_g1(eng)
+        run_one(eng, prompt)  # warm-up (kernels for this length)
+        rec = []
+        for _ in range(3):
+            fresh_g1(eng)
+            rec.append(run_one(eng, prompt)["ttft_s"])
+        ref = run_one(eng, prompt)  # over G1: the tokens every load must reproduce
+        res["recompute"] = {"ttft_s": med(rec), "all": rec}
+        res["g1_hit_ttft_s"] = ref["ttft_s"]
+        log(f"ttft {n}: recompute {res['recompute']}, G1 hit {ref['ttft_s']:.4f}s")
+        # G2
+        store = make_store(eng, root, "g2", args)
+        conn = attach(eng, store)
+        llog = LoadLog(store)
+        save_from_g1(eng, conn, ks)
+        res["G2"] = _tier_runs(eng, conn, store, llog, prompt, ks, "G2", args, ref, "warm", 3)
+        res["G2"]["raw_pinned_GBps"] = RESULTS["phases"].get("env", {}).get("h2d_GBps", {})
+        log(f"ttft {n} G2", {k: v for k, v in res["G2"].items() if k != "raw_pinned_GBps"})
+        attach(eng, None)
+        store.close()
+        for name, kw, tier in variants:
+            if (
+                time.perf_counter() - T_START > args.budget_s * 0.55
+                and n == max(args.sizes)
+                and name != "G3 enc zstd"
+            ):
+                RESULTS["notes"].append(f"ttft {n} {name}: skipped (time budget)")
+                continue
+            store = make_store(eng, root, "v", args, **kw)
+            conn = attach(eng, store)
+            llog = LoadLog(store)
+            t0 = time.perf_counter()
+            save_from_g1(eng, conn, ks)
+            write_s = time.perf_counter() - t0
+            v = {"write_s": write_s}
+            for cache in ("cold", "warm"):
+                v[cache] = _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache, 2)
+            v["codec_counts"] = _codecs(store, tier, ks)
+            res[name] = v
+            log(f"ttft {n} {name}", json.dumps(v, default=str)[:600])
+            if name == "G3 enc zstd":
+                # the engine's own choice on this disk, cold, with measured numbers
+                store.bandwidth[tier] = v["cold"]["kv_GBps"] * 1e9
+                fresh_g1(eng)
+                store.g2.clear()
+                drop_cache(object_files(store, tier, ks), args)
+                conn.prefill_tokens_per_s = n / res["recompute"]["ttft_s"]
+                r = run_one(eng, prompt)
+                plan = conn.load_plan(PUBLIC, len(ks))
+                res["G3 auto cold"] = {
+                    "ttft_s": r["ttft_s"], "plan": [plan.compute_blocks, plan.load_blocks],
+                    "expected_s": plan.expected_s, "exact": r["tokens"] == ref["tokens"],
+                }  # fmt: skip
+                log(f"ttft {n} G3 auto cold", res["G3 auto cold"])
+                if n == max(args.sizes):
+                    keep = root / "keep_g3"
+                    shutil.rmtree(keep, ignore_errors=True)
+                    attach(eng, None)
+                    store.close()
+                    shutil.move(str(root / "v" / "g3"), str(keep))  # the split phase reuses it
+                    shutil.rmtree(root / "v", ignore_errors=True)
+                    continue
+            attach(eng, None)
+            store.close()
+            shutil.rmtree(root / "v", ignore_errors=True)
+        out[str(n)] = res
+        save_results(args)
+    return out
+
+
+def _codecs(store: ContextStore, tier: str, ks: list[bytes]) -> dict:
+    from kvgrid.store.codec import NAMES
+    from kvgrid.store.object import read_header
+
+    counts: dict[str, int] = {}
+    t = store.tier(tier)
+    for k in ks:
+        head = t.read_prefix(tenant_id(PUBLIC), k, 4096)
+        if head:
+            c = NAMES.get(read_header(head).codec, "?")
+            counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
+def phase_split(args, eng, root: Path) -> dict:
+    n = max(args.sizes)
+    ttft = RESULTS["phases"]["ttft"][str(n)]
+    prompt = rand_prompt(n, eng.model_config.vocab_size, seed=100 + n)
+    ks = prompt_keys(eng, prompt)
+    keep = root / "keep_g3"
+    if not keep.exists():
+        raise RuntimeError("the ttft phase left no G3 directory to throttle")
+    recompute = ttft["recompute"]["ttft_s"]
+    kv_bytes = len(ks) * eng.runner.kv_cache[0].nbytes
+    even = kv_bytes / recompute  # bytes/s at which loading takes as long as recomputing
+    attach(eng, None)
+    fresh_g1(eng)
+    ref = run_one(eng, prompt)
+    out = {"recompute_s": recompute, "even_GBps": even / 1e9}
+    for label, factor in (("half", 0.5), ("even", 1.0)):
+        bw = even * factor
+        store = make_store(eng, root, "thr", args, throttle=bw, throttle_dir=keep)
+        conn = attach(eng, store)
+        llog = LoadLog(store)
+        row = {"throttle_GBps": bw / 1e9}
+        # forced load (warm page cache: the throttle is the disk)
+        for _ in range(2):
+            raw_read(object_files(store, "G3", ks), args.load_workers)  # warm the cache
+        fresh_g1(eng)
+        store.g2.clear()
+        conn.prefill_tokens_per_s = None
+        r = run_one(eng, prompt)
+        rec = llog.take()
+        row["load"] = {"ttft_s": r["ttft_s"], "kv_GBps": rec[0]["bytes"] / rec[0]["s"] / 1e9 if rec else None,
+                       "exact": r["tokens"] == ref["tokens"]}  # fmt: skip
+        # the engine's choice, from measured numbers (the forced load set the bandwidth)
+        store.bandwidth["G3"] = rec[0]["bytes"] / rec[0]["s"] if rec else bw
+        autos = []
+        for _ in range(2):
+            fresh_g1(eng)
+            store.g2.clear()
+            conn.prefill_tokens_per_s = n / recompute
+            r = run_one(eng, prompt)
+            plan = conn.load_plan(PUBLIC, len(ks))
+            autos.append({"ttft_s": r["ttft_s"], "plan": [plan.compute_blocks, plan.load_blocks],
+                          "expected_s": plan.expected_s, "exact_vs_g1": r["tokens"] == ref["tokens"],
+                          "cached": r["cached"]})  # fmt: skip
+        row["auto"] = autos
+        row["auto_ttft_s"] = med([a["ttft_s"] for a in autos])
+        row["auto_over_recompute"] = row["auto_ttft_s"] / recompute
+        row["auto_over_load"] = row["auto_ttft_s"] / row["load"]["ttft_s"]
+        out[label] = row
+        log("split", label, json.dumps(row, default=str))
+        attach(eng, None)
+        store.close()
+    return out
+
+
+def replay_workload(vocab: int, max_input: int = 16384):
+    """296 requests: the first 20 minutes of the Mooncake conversation trace, one
+    conversation in 12 (kept whole: all its turns), 512-token hash blocks shrunk to 128
+    tokens, inputs capped at 16K and outputs at 64 tokens, time sped up 20x (60 s)."""
+    from kvgrid.bench.mooncake import load_mooncake
+
+    return load_mooncake(str(DATA), tokens_per_block=128, speed=20.0, max_input_tokens=max_input,
+                         max_output_tokens=64, vocab_size=vocab)  # fmt: skip
+
+
+def _replay_run(eng, wl, cap_s: float) -> dict:
+    reqs = sorted(wl.requests, key=lambda r: r.arrival_s)
+    c0 = dict(eng.counters)
+    loaded0 = eng.scheduler.store_loaded_tokens
+    pre0 = eng.scheduler.num_preemptions
+    t0 = time.perf_counter()
+    arrive, first, done = {}, {}, {}
+    out_tokens = 0
+    i = 0
+    while i < len(reqs) or eng.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        if now > cap_s:
+            for rid in list(eng.seqs):
+                eng.abort_request(rid)
+            break
+        while i < len(reqs) and reqs[i].arrival_s <= now:
+            r = reqs[i]
+            eng.add_request(r.request_id, r.prompt_token_ids,
+                            SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True))  # fmt: skip
+            arrive[r.request_id] = t0 + r.arrival_s
+            i += 1
+        if not eng.has_unfinished_requests():
+            time.sleep(max(0.0, min(0.05, reqs[i].arrival_s - now)) if i < len(reqs) else 0)
+            continue
+        outs = eng.step()
+        ts = time.perf_counter()
+        for o in outs:
+            if o.new_token_ids:
+                out_tokens += len(o.new_token_ids)
+                first.setdefault(o.request_id, ts)
+            if o.finished:
+                done[o.request_id] = ts
+        eng.drain_kv_events()
+    end = max(done.values()) if done else time.perf_counter()
+    ttft = [first[r] - arrive[r] for r in first]
+    c1 = eng.counters
+    q = c1["prefix_cache_queries"] - c0["prefix_cache_queries"]
+    h = c1["prefix_cache_hits"] - c0["prefix_cache_hits"]
+    return {
+        "requests": len(reqs),
+        "completed": len(done),
+        "elapsed_s": end - t0,
+        "output_tok_s": out_tokens / (end - t0),
+        "requests_per_s": len(done) / (end - t0),
+        "prompt_tok_s": (c1["prompt_tokens"] - c0["prompt_tokens"]) / (end - t0),
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p90_s": pct(ttft, 90),
+        "ttft_p99_s": pct(ttft, 99),
+        "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+        "hit_rate": h / q if q else None,
+        "store_loaded_tokens": eng.scheduler.store_loaded_tokens - loaded0,
+        "preemptions": eng.scheduler.num_preemptions - pre0,
+    }
+
+
+def phase_replay(args, eng, root: Path) -> dict:
+    wl = replay_workload(eng.model_config.vocab_size, args.replay_max_input)
+    if args.replay_limit:
+        wl = dataclasses.replace(wl, requests=wl.requests[: args.replay_limit])
+    wl.materialize()
+    out = {"workload": wl.stats(), "theoretical_hit_rate": wl.theoretical_hit_rate(eng.config.block_size),
+           "g1_blocks": args.replay_g1_blocks}  # fmt: skip
+    with_budget(eng, args.replay_budget)
+    bm = eng.block_manager
+    attach(eng, None)
+    fresh_g1(eng)
+    # G1 held down to replay_g1_blocks: the rest of the pool is taken out of the free list
+    held = [
+        bm.free.popitem(last=False)[0] for _ in range(max(0, bm.num_blocks - args.replay_g1_blocks))
+    ]
+    try:
+        warm = dataclasses.replace(wl, requests=[dataclasses.replace(r, arrival_s=0.0, request_id=f"w{j}")
+                                                 for j, r in enumerate(wl.requests[-16:])])  # fmt: skip
+        _replay_run(eng, warm, 120)  # compiles and warms kernels for these shapes
+        for name in ("no_store", "store"):
+            fresh_g1(eng)
+            store = None
+            if name == "store":
+                store = make_store(eng, root, "replay", args, g2_gib=args.replay_g2_gib, g3=True,
+                                   admit={"G2": 1, "G3": 2, "G4": 2}, io_queue=64)  # fmt: skip
+            conn = attach(eng, store)
+            r = _replay_run(eng, wl, args.replay_cap_s)
+            if conn is not None:
+                st = store.stats()
+                r["store"] = {"hits": {k: v for k, v in st["counters"].get("hits", {}).items()},
+                              "saved_blocks": conn.saved_blocks, "loaded_blocks": conn.loaded_blocks,
+                              "tier_bytes_per_s": conn.tier_bytes_per_s, "io": st["io"]}  # fmt: skip
+            out[name] = r
+            log("replay", name, json.dumps(r, default=str))
+            attach(eng, None)
+            if store is not None:
+                store.close()
+            save_results(args)
+    finally:
+        for b in held:
+            bm.free[b] = None
+        with_budget(eng, max(args.sizes) + 64)
+    shutil.rmtree(root / "replay", ignore_errors=True)
+    return out
+
+
+# ---- summary -----------------------------------------------------------------------------
+
+
+def summary() -> str:
+    P = RESULTS["phases"]
+    lines = []
+    env = P.get("env", {})
+    lines.append(
+        f"device {env.get('device', 'cpu')}  shape {SHAPE}  block {env.get('block_bytes', 0) / 2**20:.0f} MiB"
+    )
+    if "h2d_GBps" in env:
+        lines.append(
+            "raw host->GPU GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in env["h2d_GBps"].items())
+        )
+    c = P.get("correct")
+    if c:
+        lines.append(f"correctness ({c['prompt_tokens']} tokens): {'PASS' if c['pass'] else 'FAIL'}; "
+                     + "; ".join(f"{t}: tokens {v['tokens_equal']}, logprobs {v['logprobs_equal']}, KV exact {v['kv_exact_blocks']}/{c['blocks']}, plan {v['plan']}"
+                                 for t, v in c["loads"].items()))  # fmt: skip
+    t = P.get("ttft", {})
+    if t:
+        lines.append("")
+        lines.append(
+            "| prompt | source | cache | TTFT s | x faster than recompute | load KV GB/s | object GB/s | raw GB/s | of raw |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for n, res in t.items():
+            rec = res["recompute"]["ttft_s"]
+            lines.append(f"| {n} | recompute | - | {rec:.3f} | 1.0 | | | | |")
+            g2 = res.get("G2")
+            if g2:
+                raw = (g2.get("raw_pinned_GBps") or {}).get("pinned_one_copy")
+                ofr = f"{g2['kv_GBps'] / raw:.0%}" if raw and g2["kv_GBps"] else ""
+                lines.append(
+                    f"| {n} | G2 | pinned | {g2['ttft_s']:.3f} | {rec / g2['ttft_s']:.1f} | {g2['kv_GBps'] or 0:.1f} | | {raw or 0:.1f} | {ofr} |"
+                )
+            for name, v in res.items():
+                if not isinstance(v, dict) or "cold" not in v:
+                    continue
+                for cache in ("cold", "warm"):
+                    x = v[cache]
+                    lines.append(
+                        f"| {n} | {name} | {cache} | {x['ttft_s']:.3f} | {rec / x['ttft_s']:.2f} | {x['kv_GBps'] or 0:.2f} | {x['object_GBps'] or 0:.2f} | {x['raw']['GBps']:.2f} | {x['of_raw'] or 0:.0%} |"
+                    )
+            a = res.get("G3 auto cold")
+            if a:
+                lines.append(
+                    f"| {n} | G3 auto (engine's choice, plan {a['plan']}) | cold | {a['ttft_s']:.3f} | {rec / a['ttft_s']:.2f} | | | | |"
+                )
+        for n, res in t.items():
+            e, p = res.get("G3 enc none"), res.get("G3 plain none")
+            if e and p:
+                for cache in ("cold", "warm"):
+                    lines.append(
+                        f"encryption cost, G3 {n} {cache}: {1 - e[cache]['kv_GBps'] / p[cache]['kv_GBps']:+.1%} of throughput"
+                    )
+            z, nz = res.get("G3 enc zstd"), res.get("G3 enc none")
+            if z and nz:
+                lines.append(
+                    f"codec zstd vs none, G3 {n}: objects {z['codec_counts']}, warm {z['warm']['kv_GBps']:.2f} vs {nz['warm']['kv_GBps']:.2f} GB/s"
+                )
+    s = P.get("split")
+    if s:
+        lines.append("")
+        lines.append(
+            f"| throttled G3 ({s.get('even_GBps', 0):.2f} GB/s = break-even) | recompute s | forced load s | engine's choice s (plan) | vs recompute | vs load |"
+        )
+        lines.append("|---|---|---|---|---|---|")
+        for label in ("half", "even"):
+            r = s.get(label)
+            if r:
+                lines.append(
+                    f"| {label}: {r['throttle_GBps']:.2f} GB/s | {s['recompute_s']:.3f} | {r['load']['ttft_s']:.3f} | {r['auto_ttft_s']:.3f} ({r['auto'][0]['plan']}) | {r['auto_over_recompute']:.2f}x | {r['auto_over_load']:.2f}x |"
+                )
+    r = P.get("replay")
+    if r and "store" in r:
+        lines.append("")
+        th = r["theoretical_hit_rate"]["token_weighted"]
+        lines.append(
+            f"replay: {r['workload']['requests']} requests, {r['workload']['duration_s']:.0f}s, G1 {r['g1_blocks']} blocks; theoretical hit rate {th:.1%}"
+        )
+        lines.append(
+            "| run | out tok/s | req/s | TTFT p50 s | TTFT p90 s | TTFT p99 s | hit rate | store tokens |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for name in ("no_store", "store"):
+            x = r[name]
+            lines.append(
+                f"| {name} | {x['output_tok_s']:.0f} | {x['requests_per_s']:.2f} | {x['ttft_p50_s']:.3f} | {x['ttft_p90_s']:.3f} | {x['ttft_p99_s']:.3f} | {x['hit_rate']:.1%} | {x['store_loaded_tokens']} |"
+            )
+    for k, v in RESULTS["errors"].items():
+        lines.append(f"ERROR {k}: {v.strip().splitlines()[-1]}")
+    for note in RESULTS["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phases", default="env,correct,ttft,split,replay")
+    ap.add_argument("--sizes", default="8192,32768")
+    ap.add_argument("--root", default=os.environ.get("KVGRID_BENCH_DIR", "/tmp/kvgrid-store-bench"))
+    ap.add_argument("--num-kv-blocks", type=int, default=1100 if GPU else None)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--g2-gib", type=float, default=6.0 if GPU else 0.5)
+    ap.add_argument("--load-workers", type=int, default=min(12, os.cpu_count() or 2))
+    ap.add_argument("--no-drop-caches", dest="drop_caches", action="store_false")
+    ap.add_argument("--replay-g1-blocks", type=int, default=640 if GPU else 60)
+    ap.add_argument("--replay-g2-gib", type=float, default=24.0 if GPU else 0.5)
+    ap.add_argument("--replay-budget", type=int, default=8192)
+    ap.add_argument("--replay-cap-s", type=float, default=150.0)
+    ap.add_argument("--replay-limit", type=int, default=0, help="first N requests only (smoke)")
+    ap.add_argument("--replay-max-input", type=int, default=16384 if GPU else 256)
+    ap.add_argument("--budget-s", type=float, default=540.0, help="skip what would not fit")
+    args = ap.parse_args()
+    args.sizes = [int(x) for x in args.sizes.split(",")]
+    args.root = Path(args.root)
+    shutil.rmtree(args.root, ignore_errors=True)
+    args.root.mkdir(parents=True)
+    if not GPU:
+        args.drop_caches = False  # a shared machine: never drop everyone's page cache
+    RESULTS["args"] = {k: str(v) for k, v in vars(args).items()}
+    RESULTS["command"] = " ".join(sys.argv)
+    phases = args.phases.split(",")
+    eng = build_engine(args)
+    fns = {
+        "env": lambda: phase_env(args, eng),
+        "correct": lambda: phase_correct(args, eng, args.root),
+        "ttft": lambda: phase_ttft(args, eng, args.root),
+        "split": lambda: phase_split(args, eng, args.root),
+        "replay": lambda: phase_replay(args, eng, args.root),
+    }
+    for ph in phases:
+        if time.perf_counter() - T_START > args.budget_s:
+            RESULTS["notes"].append(f"phase {ph}: skipped (time budget)")
+            continue
+        log(f"==== phase {ph}")
+        try:
+            RESULTS["phases"][ph] = fns[ph]()
+        except Exception:
+            RESULTS["errors"][ph] = traceback.format_exc()
+            log(f"phase {ph} failed:\n{RESULTS['errors'][ph]}")
+            with contextlib.suppress(Exception):
+                attach(eng, None)
+        save_results(args)
+    text = summary()
+    RESULTS["summary"] = text
+    save_results(args)
+    shutil.rmtree(args.root, ignore_errors=True)
+    print("\n==== summary\n" + text, flush=True)
+    return 0 if not RESULTS["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Step budget of the scheduler: burst prefill before decoding, measured mixed-step budget."""
+
+from __future__ import annotations
+
+from kvgrid.engine.block_manager import BlockManager
+from kvgrid.engine.config import EngineConfig
+from kvgrid.engine.sampling_params import SamplingParams
+from kvgrid.engine.scheduler import MIN_MIXED_PREFILL_TOKENS, Scheduler
+from kvgrid.engine.sequence import Sequence
+
+BS = 16
+
+
+def make(budget: int = 64, blocks: int = 256, **kw) -> Scheduler:
+    cfg = EngineConfig(block_size=BS, max_num_batched_tokens=budget, **kw)
+    return Scheduler(cfg, BlockManager(blocks, BS, True))
+
+
+def add(sched: Scheduler, n_prompt: int, name: str, max_tokens: int = 50) -> Sequence:
+    # distinct first tokens: no prefix sharing between the prompts
+    prompt = [hash(name) % 1000 + 1] + list(range(n_prompt - 1))
+    seq = Sequence(name, prompt, SamplingParams(max_tokens=max_tokens), b"s" * 16, BS, max_tokens)
+    sched.add(seq)
+    return seq
+
+
+def step(sched: Scheduler) -> list[tuple[str, int]]:
+    """One scheduler step, then what the engine does to the sequences afterwards."""
+    out = sched.schedule()
+    for item in out.scheduled:
+        seq = item.seq
+        seq.num_computed_tokens += item.num_tokens
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.append_token(7)
+    return [(i.seq.request_id, i.num_tokens) for i in out.scheduled]
+
+
+def test_a_burst_is_prefilled_before_anyone_decodes():
+    sched = make(budget=64)
+    for i in range(3):
+        add(sched, 100, f"r{i}")
+    steps = []
+    while any(len(s.output_token_ids) == 0 for s in sched.running) or sched.waiting:
+        steps.append(step(sched))
+    # 300 prompt tokens at 64 per step; no step carried a decode (1-token) entry
+    assert len(steps) == 5
+    assert all(n > 1 for s in steps for _, n in s)
+    # then every request decodes, all in one step
+    assert sorted(step(sched)) == [("r0", 1), ("r1", 1), ("r2", 1)]
+    # a late arrival while decoding is under way joins as a mixed step, decodes first
+    add(sched, 40, "late")
+    mixed = step(sched)
+    assert mixed[:3] == [("r0", 1), ("r1", 1), ("r2", 1)] and mixed[3] == ("late", 40)
+
+
+def test_burst_mode_can_be_switched_off():
+    sched = make(budget=64, prefill_first_burst=False)
+    for i in range(3):
+        add(sched, 100, f"r{i}")
+    seen_mixed = False
+    for _ in range(8):
+        s = step(sched)
+        seen_mixed |= any(n == 1 for _, n in s) and any(n > 1 for _, n in s)
+    assert seen_mixed
+
+
+def test_burst_falls_back_to_decoding_when_nothing_can_be_prefilled():
+    # room for the first request's blocks only: the second waits, the first must decode
+    sched = make(budget=256, blocks=8)
+    add(sched, 100, "a")
+    add(sched, 100, "b")
+    assert step(sched) == [("a", 100)]
+    assert step(sched) == [("a", 1)]
+
+
+def test_mixed_steps_carry_a_measured_prompt_budget():
+    sched = make(budget=2048)
+    add(sched, 20, "d")
+    step(sched)
+    step(sched)  # "d" is decoding now
+    add(sched, 3000, "long")
+    # nothing measured yet: the whole step budget
+    assert step(sched) == [("d", 1), ("long", 2047)]
+    # decode step 20 ms, 20 µs per prompt token: 1.4x a decode step leaves 400 tokens
+    sched.decode_step_s, sched.prefill_token_s = 0.020, 20e-6
+    assert step(sched) == [("d", 1), ("long", 400)]
+    # never below the floor, however fast decode steps are
+    sched.decode_step_s = 1e-4
+    assert step(sched) == [("d", 1), ("long", MIN_MIXED_PREFILL_TOKENS)]
+
+
+def test_observe_step_measures_decode_and_marginal_prefill_cost():
+    sched = make(budget=2048)
+    a = add(sched, 20, "a")
+    step(sched)
+    out = sched.schedule()  # a decode step
+    sched.observe_step(out, 0.010)
+    assert sched.decode_step_s == 0.010
+    a.num_computed_tokens += 1
+    a.append_token(7)
+    add(sched, 1000, "b")
+    out = sched.schedule()  # decode + 1000 prompt tokens
+    assert out.num_batched_tokens == 1001
+    sched.observe_step(out, 0.030)
+    assert abs(sched.prefill_token_s - 20e-6) < 1e-12  # (30 ms - 10 ms) / 1000

@@ -1,0 +1,138 @@
+"""`kvgrid serve` scales its worker processes under load: 1 -> 2 -> 1 with real processes,
+the default model and clients that never stop sending, and not one request fails.
+
+The resize goes through the planner's actuator (kvgrid.server.autoscale.LiveActuator), the
+same path the planner's own decisions take; the planner loop itself is exercised against
+the simulated fleet in test_sim_planner.py.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+CLIENTS = 4
+MAX_TOKENS = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scale(url: str) -> dict:
+    return httpx.get(f"{url}/admin/scale", timeout=5).json()
+
+
+def _inflight(url: str) -> dict[str, int]:
+    ws = httpx.get(f"{url}/debug/router", timeout=5).json()["workers"]
+    return {wid: w["inflight"] for wid, w in ws.items() if w["up"]}
+
+
+def _wait(pred, timeout: float, what: str, url: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got = pred()
+            if got:
+                return got
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not within {timeout}s: {_scale(url)}")
+
+
+def test_scale_1_to_2_to_1_under_load_without_failures(default_model_dir, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, KVGRID_LOG="INFO")
+    env.pop("KVGRID_API_KEYS", None)
+    cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--workers", "1", "--max-workers", "2",
+           "--port", str(port), "--model", str(default_model_dir), "--max-model-len", "512",
+           "--kv-cache-memory-gb", "0.2", "--threads", "1"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    done: list[tuple[float, float, int, str, int]] = []  # start, end, status, worker, tokens
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=60) as c:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                body = {
+                    "prompt": f"Client {i} request {n}: tell a story about the number {n}.",
+                    "max_tokens": MAX_TOKENS,
+                    "ignore_eos": True,
+                }
+                t0 = time.monotonic()
+                try:
+                    r = c.post(f"{url}/v1/completions", json=body)
+                    toks = r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
+                    done.append((t0, time.monotonic(), r.status_code, r.headers.get(
+                        "x-kvgrid-worker", ""), toks))  # fmt: skip
+                except httpx.HTTPError as e:
+                    done.append((t0, time.monotonic(), -1, repr(e), 0))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
+    try:
+        _wait(lambda: _scale(url)["workers"]["w0"]["up"], 90, "w0 up", url)
+        for t in threads:
+            t.start()
+        _wait(lambda: len(done) >= CLIENTS, 30, "first requests", url)
+
+        r = httpx.post(f"{url}/admin/scale", json={"workers": 2}, timeout=10).json()
+        assert [a["kind"] for a in r["done"]] == ["add"], r
+        _wait(lambda: _scale(url)["workers"]["w1"]["up"], 60, "w1 up", url)
+        _wait(lambda: sum(d[3] == "w1" for d in done) >= 3, 30, "w1 serving", url)
+
+        # both workers busy, so that whichever is drained has requests to finish
+        _wait(lambda: all(_inflight(url).values()), 30, "both busy", url)
+        t_drain = time.monotonic()
+        r = httpx.post(f"{url}/admin/scale", json={"workers": 1}, timeout=10).json()
+        t_drain_ack = time.monotonic()
+        (act,) = r["done"]
+        victim = act["worker_id"]
+        assert act["kind"] == "drain" and victim in ("w0", "w1"), r
+        retired = _wait(
+            lambda: [x for x in _scale(url)["retired"] if x["worker_id"] == victim],
+            60,
+            "drain finished",
+            url,
+        )[0]
+        # the survivor keeps serving after the drained process is gone
+        n_after = len(done)
+        _wait(lambda: len(done) >= n_after + CLIENTS, 30, "requests after the drain", url)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print(log.read_text()[-4000:])
+
+    failed = [d for d in done if d[2] != 200 or d[4] != MAX_TOKENS]
+    assert not failed, failed
+    assert sum(d[3] == "w1" for d in done) >= 3  # the added worker really served
+    # the drained worker had work in flight when the drain began, and finished all of it
+    in_flight = [d for d in done if d[3] == victim and d[0] < t_drain_ack and d[1] > t_drain]
+    assert retired["inflight_at_drain"] >= 1 and in_flight, (retired, in_flight)
+    assert retired["stopped_at"] >= max(d[1] for d in in_flight) - 0.5
+    # nothing new was sent there once the drain was acknowledged
+    assert not [d for d in done if d[3] == victim and d[0] > t_drain_ack], victim
+    survivor = "w1" if victim == "w0" else "w0"
+    assert {d[3] for d in done if d[0] > t_drain_ack} == {survivor}
+    with socket.socket() as s:  # the drained process is gone: its port refuses connections
+        s.settimeout(2)
+        port_v = int(retired["url"].rsplit(":", 1)[1])
+        assert s.connect_ex(("127.0.0.1", port_v)) != 0

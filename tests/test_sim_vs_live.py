@@ -1,0 +1,46 @@
+"""The CPU calibration of kvgrid.bench.sim_vs_live: its fit recovers known step-time
+coefficients, and the result loads as a simulator calibration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvgrid.bench.sim.calibration import load_calibration
+from kvgrid.bench.sim_vs_live import fit
+
+
+def test_fit_recovers_step_time_model(tmp_path):
+    pf, pt, pa = 0.05, 0.003, 1e-6
+    df, ds, dk = 0.07, 0.01, 3e-5
+    prefill = [
+        (n, ctx, pf + pt * n + pa * n * (ctx + n / 2))
+        for n in (32, 96, 192, 512)
+        for ctx in (0, 256, 512)
+    ]
+    decode = [
+        (b, b * (L + 7), df + ds * b + dk * b * (L + 7)) for b in (1, 4, 8) for L in (128, 448)
+    ]
+    sample = {
+        "prefill": prefill,
+        "decode": decode,
+        "block_size": 64,
+        "kv_capacity_tokens": 6976,
+        "max_num_batched_tokens": 2048,
+        "max_num_seqs": 128,
+        "kv_bytes_per_token": 46080,
+        "model": "m",
+        "dtype": "float32",
+    }
+    d = fit([sample, sample], engines=2, threads=1, startup_s=15.0)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(d))
+    c = load_calibration(path)
+    assert c.meta["measured"] is True
+    assert c.step_fixed_s == pytest.approx(pf, rel=1e-3)
+    assert c.per_token_s == pytest.approx(pt, rel=1e-3)
+    assert c.attn_s == pytest.approx(pa, rel=1e-3)
+    assert c.decode_step_s(4, 2000) == pytest.approx(df + 4 * ds + 2000 * dk, rel=1e-6)
+    # in a shared prefill step decoders add their own cost, not another pass's fixed cost
+    assert c.mixed_decode_s(4, 2000) == pytest.approx(4 * ds + 2000 * dk, rel=1e-6)
