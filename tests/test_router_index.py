@@ -118,3 +118,22 @@ def test_block_keys_fast_path_equals_chained_block_key():
         if len(ref) > 1:
             s = rng.randrange(1, len(ref))
             assert keys.block_keys(toks, scope, bs, parent=ref[s - 1], start_block=s) == ref[s:]
+
+
+def test_sample_owners_picks_distinct_holders_without_listing_them():
+    import random
+
+    idx = KVIndex()
+    names = [f"w{i}" for i in range(300)]
+    mask = 0
+    for n in names:
+        idx.add_worker(n)
+        mask |= 1 << idx.bit(n)
+    rng = random.Random(0)
+    got = idx.sample_owners(mask, 8, rng)
+    assert len(got) == len(set(got)) == 8 and set(got) <= set(names)
+    few = (1 << idx.bit("w3")) | (1 << idx.bit("w7"))
+    assert sorted(idx.sample_owners(few, 8, rng)) == ["w3", "w7"]
+    # picks spread over the holders (not always the lowest bits)
+    seen = {w for _ in range(50) for w in idx.sample_owners(mask, 8, rng)}
+    assert len(seen) > 150

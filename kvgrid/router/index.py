@@ -19,6 +19,7 @@ Tier G4 is the shared tier: a key stored there by any worker is reachable by eve
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -224,6 +225,25 @@ class KVIndex:
     def owners(self, mask: int) -> list[str]:
         owner = self._bit_owner
         return [owner[b] for b in _bits(mask) if b in owner]
+
+    def sample_owners(self, mask: int, k: int, rng: random.Random) -> list[str]:
+        """Up to ``k`` workers of ``mask``, chosen at random. A prefix held by hundreds of
+        workers (a shared system prompt) is sampled by probing bits, not by listing them."""
+        n = mask.bit_count()
+        if n <= 4 * k:
+            owners = self.owners(mask)
+            return owners if len(owners) <= k else rng.sample(owners, k)
+        owner, width, picked = self._bit_owner, mask.bit_length(), set()
+        # at least 4k of the `width` bits are set: a few probes per pick (bounded, in case
+        # most set bits belong to workers that have left)
+        for _ in range(64 * k):
+            b = rng.randrange(width)
+            if mask >> b & 1 and b in owner:
+                picked.add(b)
+                if len(picked) == k:
+                    return [owner[b] for b in picked]
+        owners = self.owners(mask)
+        return owners if len(owners) <= k else rng.sample(owners, k)
 
     def holders(self, key: bytes, predicted: dict[bytes, int] | None = None) -> list[str]:
         """Workers holding ``key`` in any tier (or predicted to): one lookup per tier."""

@@ -157,7 +157,7 @@ class Supervisor(threading.Thread):
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from kvgrid.server.frontend import build_frontend, create_frontend_app
+    from kvgrid.server.frontend import create_frontend_app
 
     logging.basicConfig(
         level=os.environ.get("KVGRID_LOG", "INFO"),
@@ -167,20 +167,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
-    try:
-        # resolves (and converts, once) the model before the workers start
-        fe = build_frontend(
-            args.model,
-            args.load_format,
-            args.served_model_name,
-            [],
-            args.policy,
-            args.api_keys,
-            args.max_concurrent,
-            log_decisions=args.log_decisions,
-        )
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    # resolves (and converts, once) the model before the workers start
+    fe = _frontend_from_args(args, [])
+    if fe is None:
         return 2
     host = args.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
     max_workers = max(args.workers, getattr(args, "max_workers", None) or args.workers)
@@ -244,19 +233,32 @@ def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_w
 def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from kvgrid.server.frontend import build_frontend, create_frontend_app
+    from kvgrid.server.frontend import create_frontend_app
 
     logging.basicConfig(
         level=os.environ.get("KVGRID_LOG", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    fe = _frontend_from_args(args, args.worker)
+    if fe is None:
+        return 2
+    host = args.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
+    uvicorn.run(create_frontend_app(fe), host=host, port=args.port, log_level="warning")
+    return 0
+
+
+def _frontend_from_args(args: argparse.Namespace, workers: list[str]):
+    """The router's frontend from the command's flags; None (message printed) if the model
+    or the keys file cannot be used."""
+    from kvgrid.server.frontend import build_frontend
+
     try:
-        fe = build_frontend(
+        return build_frontend(
             args.model,
             args.load_format,
             args.served_model_name,
-            args.worker,
+            workers,
             args.policy,
             args.api_keys,
             args.max_concurrent,
@@ -264,7 +266,4 @@ def run_router(args: argparse.Namespace) -> int:
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    host = args.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
-    uvicorn.run(create_frontend_app(fe), host=host, port=args.port, log_level="warning")
-    return 0
+        return None

@@ -297,13 +297,12 @@ class Fleet:
         index, pred = self.router.index, self.router.recent.masks
         # the deepest block anyone holds (or is predicted to): few workers, the best matches
         for key in reversed(keys):
-            m = index.holder_mask(key, pred)
-            holders = index.owners(m) if m else None  # most keys of a cold prompt: no list
-            if holders:
-                if len(holders) > k:
-                    holders = self.rng.sample(holders, k)
-                out.update(holders)
-                break
+            m = index.holder_mask(key, pred)  # most keys of a cold prompt: 0, no list
+            if m:
+                holders = index.sample_owners(m, k, self.rng)
+                if holders:
+                    out.update(holders)
+                    break
         return list(out)
 
     def _live_ids(self) -> list[str]:
