@@ -47,7 +47,7 @@ class EngineLoop(threading.Thread):
         self.mirror: list[set[bytes]] = [set() for _ in TIERS]
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._last_load = 0.0
         self.failed: BaseException | None = None
 
@@ -82,15 +82,19 @@ class EngineLoop(threading.Thread):
             lambda: (self.seq, {t: list(self.mirror[i]) for i, t in enumerate(TIERS)})
         )
 
-    def stop(self) -> None:
-        self._stop.set()
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop after the current step and wait for it: whoever closes the publisher and the
+        engine next must not race a step still running on this thread."""
+        self._stopping.set()
         self._cmds.put((lambda: None, Future()))
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout_s)
 
     # ---- the thread ----------------------------------------------------------------------
 
     def run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 busy = self.engine.has_unfinished_requests()
                 self._run_commands(block=not busy)
                 outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
