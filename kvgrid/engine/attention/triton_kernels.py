@@ -216,6 +216,24 @@ def _decode_reduce_kernel(
     )
 
 
+def _reduce_splits(
+    part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int
+) -> None:
+    """Combine the per-split partial results of [rows, H, NUM_SPLITS] into ``out``."""
+    rows, h, d = out.shape
+    _decode_reduce_kernel[(rows, h)](
+        part_o,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_HEADS=h,
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        NUM_SPLITS=num_splits,
+    )
+
+
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Enough splits to give every SM about two programs, none shorter than 256 keys."""
     if num_seqs * num_kv_heads >= num_sms:
@@ -279,17 +297,7 @@ def paged_decode(
         num_stages=3,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(s, h)](
-            part_o,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=h,
-            HEAD_DIM=d,
-            BLOCK_D=triton.next_power_of_2(d),
-            NUM_SPLITS=num_splits,
-        )
+        _reduce_splits(part_o, part_lse, out, num_splits)
     return out
 
 
@@ -475,17 +483,7 @@ def paged_prefill(
         num_stages=2,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(t, h)](
-            part_o,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=h,
-            HEAD_DIM=d,
-            BLOCK_D=triton.next_power_of_2(d),
-            NUM_SPLITS=num_splits,
-        )
+        _reduce_splits(part_o, part_lse, out, num_splits)
     return out
 
 
