@@ -39,10 +39,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import dataclasses
+import gc
+import io
 import json
 import os
 import platform
+import pstats
 import shutil
 import statistics
 import subprocess
@@ -52,6 +56,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -115,6 +120,9 @@ def build_engine(args):
     t0 = time.perf_counter()
     eng = LLMEngine(cfg)
     log(f"engine ready in {time.perf_counter() - t0:.1f}s: {eng.runner.num_blocks} KV blocks")
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()  # as a serving process would: startup objects out of the collector's walk
     return eng
 
 
@@ -185,14 +193,30 @@ def attach(eng, store: ContextStore | None) -> StoreConnector | None:
         return None
     conn = StoreConnector(store, eng.runner.kv_cache, eng.config.block_size)
     eng.attach_store(conn)
+    loader = eng.scheduler.loader
+    inner = loader.submit
+
+    def submit(*a, **kw):  # when admission handed the load over (TTFT breakdown)
+        SUBMITS.append(time.perf_counter())
+        return inner(*a, **kw)
+
+    loader.submit = submit
     return conn
+
+
+SUBMITS: list[float] = []
 
 
 class LoadLog:
     """Wraps a store's load_into: per load, blocks, KV bytes, tiers and wall seconds."""
 
+    live: ClassVar[
+        list[dict]
+    ] = []  # the records of the LoadLog in use (run_one makes times relative)
+
     def __init__(self, store: ContextStore):
         self.records: list[dict] = []
+        LoadLog.live = self.records
         inner = store.load_into
 
         def load_into(ks, tenant, dsts, deadline=None):
@@ -205,9 +229,28 @@ class LoadLog:
             return served
 
         store.load_into = load_into
+        inner_layered = store.load_layered
+
+        def load_layered(ks, tenant, dst, block_ids):
+            t_call = time.perf_counter()
+            landing = inner_layered(ks, tenant, dst, block_ids)
+            if landing is not None:  # timed on the device once it has landed (see take)
+                rec = {"blocks": len(ks), "asked": len(ks), "bytes": landing.nbytes,
+                       "t_call": t_call, "t_issued": time.perf_counter()}  # fmt: skip
+                self.records.append({**rec, "tiers": ["G2"], "landing": landing})
+            return landing
+
+        store.load_layered = load_layered
 
     def take(self) -> list[dict]:
         out, self.records = self.records, []
+        LoadLog.live = self.records
+        for rec in out:
+            landing = rec.pop("landing", None)
+            if landing is not None:
+                landing.synchronize()
+                rec["s"] = landing.device_seconds() or float("nan")
+                rec["layered"] = True
         return out
 
 
@@ -222,14 +265,27 @@ def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 
         SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=logprobs),
     )
     ttft, final, steps = None, None, 0
+    EXEC_STARTS.clear()
+    SUBMITS.clear()
+    GC_PAUSES.clear()
+    prof = cProfile.Profile() if PROFILE_NEXT else None
     while eng.has_unfinished_requests():
+        if prof is not None and steps == 0:
+            prof.enable()
         outs = eng.step()
+        if prof is not None and steps == 0:
+            prof.disable()
         steps += 1
         for o in outs:
             if ttft is None and o.new_token_ids:
                 ttft = time.perf_counter() - t0
             if o.finished:
                 final = o
+    forwards = [round(t - t0, 4) for t in EXEC_STARTS]
+    for rec in LoadLog.live:  # when the layered loads were called and had been issued
+        for k in ("t_call", "t_issued"):
+            if k in rec:
+                rec[k] = round(rec[k] - t0, 4)
     c = final.outputs[0]
     return {
         "ttft_s": ttft,
@@ -237,7 +293,47 @@ def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 
         "logprobs": [dict(d) for d in (c.logprobs or [])],
         "cached": final.num_cached_tokens,
         "steps": steps,
+        "forward_starts_s": forwards[:3],  # host time of the first forwards, from arrival
+        "load_submits_s": [round(t - t0, 4) for t in SUBMITS],
+        # collections while the request ran: (generation, start from arrival, seconds)
+        "gc_pauses": [
+            (g, round(a - t0, 4), round(b - a, 4)) for g, a, b in GC_PAUSES if a - t0 < 0.5
+        ],
+        "first_step_profile": _top(prof) if prof is not None else None,
     }
+
+
+EXEC_STARTS: list[float] = []
+GC_PAUSES: list[tuple[int, float, float]] = []
+PROFILE_NEXT = False  # profile the admitting step of the next run_one
+_gc_t0 = [0.0]
+
+
+def _on_gc(phase: str, info: dict) -> None:
+    if phase == "start":
+        _gc_t0[0] = time.perf_counter()
+    else:
+        GC_PAUSES.append((info["generation"], _gc_t0[0], time.perf_counter()))
+
+
+gc.callbacks.append(_on_gc)
+
+
+def _top(prof: cProfile.Profile, n: int = 25) -> str:
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(n)
+    return out.getvalue()[-6000:]
+
+
+def trace_forwards(eng) -> None:
+    """Note the host time each forward pass starts (the TTFT breakdown of run_one)."""
+    inner = eng.runner.execute
+
+    def execute(batch):
+        EXEC_STARTS.append(time.perf_counter())
+        return inner(batch)
+
+    eng.runner.execute = execute
 
 
 def prompt_keys(eng, prompt: list[int]) -> list[bytes]:
@@ -381,10 +477,61 @@ def phase_env(args, eng) -> dict:
                 ts.append(time.perf_counter() - t0)
             res[name] = nblk * bb / min(ts[1:]) / 1e9
         env["h2d_GBps"] = res
+        env["layered_landing"] = _landing_speed(eng, host, dev)
         del host, dev, pageable
         torch.cuda.empty_cache()
     log("env", json.dumps(env, default=str)[:1500])
     return env
+
+
+def _landing_speed(eng, host: torch.Tensor, dev: torch.Tensor) -> dict:
+    """The layer-by-layer landing kernel (kvgrid.store.landing) over the same bytes as the
+    raw copies, into blocks in reverse order: bit-exact check, then device-timed GB/s."""
+    from kvgrid.store.landing import land_layers
+
+    shape, dt = eng.runner.kv_cache.shape[1:], eng.runner.kv_cache.dtype
+    n = host.shape[0]
+    hb, db = host.view(dt).view(n, *shape), dev.view(dt).view(n, *shape)
+    si, di = list(range(n)), list(range(n - 1, -1, -1))
+    dev.zero_()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        land_layers(hb, si, db, di).synchronize()
+    exact = bool(torch.equal(dev.flip(0).cpu(), host))  # as bytes: random bits hold NaNs
+    secs, host_s = [], []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            landing = land_layers(hb, si, db, di)
+        host_s.append(time.perf_counter() - t0)
+        landing.synchronize()
+        secs.append(landing.device_seconds())
+    with torch.cuda.stream(stream):
+        landing = land_layers(hb, si, db, di)
+    landing.synchronize()
+    first_layer = landing.start.elapsed_time(landing.events[0]) / 1e3
+    from kvgrid.store import landing_kernel
+
+    default, by_programs = landing_kernel.MAX_PROGRAMS, {}
+    for cap in (8, 16, 32, 48, 96, 1 << 20):
+        landing_kernel.MAX_PROGRAMS = cap
+        best = float("inf")
+        for _ in range(3):
+            with torch.cuda.stream(stream):
+                landing = land_layers(hb, si, db, di)
+            landing.synchronize()
+            best = min(best, landing.device_seconds())
+        by_programs[cap] = round(n * host.shape[1] / best / 1e9, 2)
+    landing_kernel.MAX_PROGRAMS = default
+    return {
+        "exact": exact,
+        "GBps": n * host.shape[1] / min(secs[1:]) / 1e9,
+        "first_layer_s": first_layer,
+        "all_s": min(secs[1:]),
+        "host_issue_s": min(host_s[1:]),
+        "programs": default,
+        "GBps_by_programs": by_programs,
+    }
 
 
 def _compare(ref: dict, got: dict) -> dict:
@@ -473,7 +620,7 @@ def phase_correct(args, eng, root: Path) -> dict:
 def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, reps: int) -> dict:
     """Forced full loads of ``prompt`` from ``tier`` (G2 emptied first for lower tiers)."""
     files = object_files(store, tier, ks) if tier != "G2" else []
-    ttfts, loads, ok = [], [], True
+    ttfts, loads, starts, gcs, ok = [], [], [], [], True
     for _ in range(reps):
         fresh_g1(eng)
         if tier != "G2":
@@ -486,6 +633,8 @@ def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, 
         recs = llog.take()
         ok &= r["cached"] == len(ks) * eng.config.block_size and r["tokens"] == ref["tokens"]
         ttfts.append(r["ttft_s"])
+        starts.append(r["forward_starts_s"] + r["load_submits_s"][:1])
+        gcs.append(r["gc_pauses"])
         if recs:
             loads.append(recs[0])
     best = min(loads, key=lambda x: x["s"]) if loads else None
@@ -498,6 +647,10 @@ def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, 
         "object_GBps": obj / best["s"] / 1e9 if best else None,
         "object_bytes": obj,
         "exact_and_complete": ok,
+        "forward_starts_s": starts,  # the first two forwards, then the load's submission
+        "gc_pauses": gcs,
+        "layered_issue_s": [[r.get("t_call"), r.get("t_issued")] for r in loads if "t_call" in r],
+        "layered": bool(best and best.get("layered")),
     }
     if files:
         if cache == "cold":
@@ -538,12 +691,26 @@ def phase_ttft(args, eng, root: Path) -> dict:
         conn = attach(eng, store)
         llog = LoadLog(store)
         save_from_g1(eng, conn, ks)
-        res["G2"] = _tier_runs(eng, conn, store, llog, prompt, ks, "G2", args, ref, "warm", 3)
-        res["G2"]["raw_pinned_GBps"] = RESULTS["phases"].get("env", {}).get("h2d_GBps", {})
-        log(f"ttft {n} G2", {k: v for k, v in res["G2"].items() if k != "raw_pinned_GBps"})
+        # the engine's default (layer by layer where the loader can), then block by block
+        for name, layered in (("G2", None), ("G2 block", False)):
+            loader = eng.scheduler.loader
+            loader.layered = loader.device.type == "cuda" if layered is None else layered
+            res[name] = _tier_runs(eng, conn, store, llog, prompt, ks, "G2", args, ref, "warm", 3)
+            res[name]["raw_pinned_GBps"] = RESULTS["phases"].get("env", {}).get("h2d_GBps", {})
+            if name == "G2" and n == max(args.sizes):
+                global PROFILE_NEXT
+                PROFILE_NEXT = True
+                fresh_g1(eng)
+                r = run_one(eng, prompt)
+                PROFILE_NEXT = False
+                res[name]["profiled_rep"] = {
+                    k: r[k] for k in ("ttft_s", "gc_pauses", "load_submits_s", "first_step_profile")
+                }
+                log("admission profile\n" + (r["first_step_profile"] or ""))
+            log(f"ttft {n} {name}", {k: v for k, v in res[name].items() if k != "raw_pinned_GBps"})
         attach(eng, None)
         store.close()
-        for name, kw, tier in variants:
+        for name, kw, tier in variants if args.disk_tiers else ():
             if (
                 time.perf_counter() - T_START > args.budget_s * 0.55
                 and n == max(args.sizes)
@@ -786,6 +953,14 @@ def summary() -> str:
         lines.append(
             "raw host->GPU GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in env["h2d_GBps"].items())
         )
+    land = env.get("layered_landing")
+    if land:
+        lines.append(
+            f"layer-by-layer landing kernel: {land['GBps']:.1f} GB/s, exact {land['exact']}, "
+            f"first layer after {land['first_layer_s'] * 1e3:.1f} ms of {land['all_s'] * 1e3:.1f} ms, "
+            f"issued in {land['host_issue_s'] * 1e3:.1f} ms of host time, {land['programs']} programs; "
+            f"GB/s by programs {land['GBps_by_programs']}"
+        )
     c = P.get("correct")
     if c:
         lines.append(f"correctness ({c['prompt_tokens']} tokens): {'PASS' if c['pass'] else 'FAIL'}; "
@@ -801,12 +976,15 @@ def summary() -> str:
         for n, res in t.items():
             rec = res["recompute"]["ttft_s"]
             lines.append(f"| {n} | recompute | - | {rec:.3f} | 1.0 | | | | |")
-            g2 = res.get("G2")
-            if g2:
+            for name in ("G2", "G2 block"):
+                g2 = res.get(name)
+                if not g2:
+                    continue
                 raw = (g2.get("raw_pinned_GBps") or {}).get("pinned_one_copy")
                 ofr = f"{g2['kv_GBps'] / raw:.0%}" if raw and g2["kv_GBps"] else ""
+                how = "pinned, layer by layer" if g2.get("layered") else "pinned, block by block"
                 lines.append(
-                    f"| {n} | G2 | pinned | {g2['ttft_s']:.3f} | {rec / g2['ttft_s']:.1f} | {g2['kv_GBps'] or 0:.1f} | | {raw or 0:.1f} | {ofr} |"
+                    f"| {n} | {name} | {how} | {g2['ttft_s']:.3f} | {rec / g2['ttft_s']:.1f} | {g2['kv_GBps'] or 0:.1f} | | {raw or 0:.1f} | {ofr} |"
                 )
             for name, v in res.items():
                 if not isinstance(v, dict) or "cold" not in v:
@@ -879,7 +1057,10 @@ def main() -> int:
     ap.add_argument("--g2-gib", type=float, default=6.0 if GPU else 0.5)
     ap.add_argument("--load-workers", type=int, default=min(12, os.cpu_count() or 2))
     ap.add_argument("--no-drop-caches", dest="drop_caches", action="store_false")
-    ap.add_argument("--replay-g1-blocks", type=int, default=640 if GPU else 60)
+    ap.add_argument("--gc-freeze", action="store_true")
+    ap.add_argument("--no-disk-tiers", dest="disk_tiers", action="store_false",
+                    help="ttft phase: G2 only (skip the G3/G4 variants)")  # fmt: skip
+    ap.add_argument("--replay-g1-blocks", type=int, default=1100 if GPU else 60)
     ap.add_argument("--replay-g2-gib", type=float, default=24.0 if GPU else 0.5)
     ap.add_argument("--replay-budget", type=int, default=8192)
     ap.add_argument("--replay-cap-s", type=float, default=150.0)
@@ -897,6 +1078,7 @@ def main() -> int:
     RESULTS["command"] = " ".join(sys.argv)
     phases = args.phases.split(",")
     eng = build_engine(args)
+    trace_forwards(eng)
     fns = {
         "env": lambda: phase_env(args, eng),
         "correct": lambda: phase_correct(args, eng, args.root),

@@ -58,6 +58,36 @@ def test_mooncake_scaled_tokens_keep_prefix_chains():
     assert w.theoretical_hit_rate(64)["token_weighted"] == pytest.approx(hit / tot)
 
 
+def test_mooncake_copies_in_arrival_order(tmp_path):
+    """Overlaid copies come out as a stable sort by arrival of copy 0, copy 1, ... laid end
+    to end: ties (equal timestamps, within and across copies) keep copy, then file order."""
+    import json
+
+    recs = [(0, [0, 1]), (5, [0, 2]), (5, [3]), (5, [0, 1, 4]), (9, [5]), (12, [0, 2, 6])]
+    lines = [
+        {"timestamp": t, "input_length": 512 * len(h) - 7, "output_length": i, "hash_ids": h}
+        for i, (t, h) in enumerate(recs)
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def fields(r, hash_ids=None, request_id=None):
+        return (r.arrival_s, r.max_tokens, r.input_length, hash_ids or r.hash_ids, request_id)
+
+    one = load_mooncake(str(path), speed=2.0).requests
+    assert [r.request_id for r in one] == [f"mc-{i}" for i in range(len(recs))]
+    top = 7  # copy c offsets every hash id by c * (largest id + 1)
+    laid_end_to_end = [
+        fields(r, tuple(h + c * top for h in r.hash_ids), f"mc{c}-{i}")
+        for c in range(3)
+        for i, r in enumerate(one)
+    ]
+    got = load_mooncake(str(path), speed=2.0, repeat=3).requests
+    assert [fields(r, request_id=r.request_id) for r in got] == sorted(
+        laid_end_to_end, key=lambda x: x[0]
+    )
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown Mooncake trace"):
         load_mooncake("nope")

@@ -137,3 +137,43 @@ def test_sample_owners_picks_distinct_holders_without_listing_them():
     # picks spread over the holders (not always the lowest bits)
     seen = {w for _ in range(50) for w in idx.sample_owners(mask, 8, rng)}
     assert len(seen) > 150
+
+
+def test_sample_owners_draws_what_randrange_draws():
+    """sample_owners spells rng.randrange out: same picks, same generator state after, so
+    the simulator's preselection (and every later decision) is unchanged."""
+    import random
+
+    def reference(idx, mask, k, rng):  # the probing loop with rng.randrange, as it was
+        owner, width, picked = idx._bit_owner, mask.bit_length(), set()
+        for _ in range(64 * k):
+            b = rng.randrange(width)
+            if mask >> b & 1 and b in owner:
+                picked.add(b)
+                if len(picked) == k:
+                    return [owner[b] for b in picked]
+        return None
+
+    idx = KVIndex()
+    for i in range(1000):
+        idx.add_worker(f"w{i}")
+    for seed, width, step in ((0, 1000, 7), (1, 513, 3), (2, 64, 1), (3, 1000, 29)):
+        mask = sum(1 << b for b in range(0, width, step))
+        a, b = random.Random(seed), random.Random(seed)
+        for _ in range(20):
+            assert idx.sample_owners(mask, 8, a) == reference(idx, mask, 8, b)
+        assert a.getstate() == b.getstate()
+
+
+def test_overlap_of_no_keys_is_empty_and_misses_are_absent():
+    idx = KVIndex()
+    synced(idx, "a", "b")
+    k = chain(3)
+    assert idx.apply_batch(stored("a", 1, k[1:])) == "ok"  # not the first block: no match
+    assert idx.overlap([]) == {} and idx.overlap([], within_mask=1) == {}
+    assert idx.overlap(k) == {}
+    assert idx.apply_batch(stored("b", 1, k[:2])) == "ok"
+    assert {w: o.blocks for w, o in idx.overlap(k).items()} == {"b": 2}
+    a, b = 1 << idx.bit("a"), 1 << idx.bit("b")
+    assert list(idx.held_masks_deepest_first(k)) == [a, a | b, b]  # deepest first
+    assert list(idx.held_masks_deepest_first(k[:1], {k[0]: 4})) == [4 | b]

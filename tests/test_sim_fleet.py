@@ -109,3 +109,19 @@ def test_disaggregation_sites_and_candidates_run():
     c = simulate(w, SimConfig(num_workers=8, candidates=2))
     c.pop("fleet")
     assert c["completed"] == len(w)
+
+
+def test_quiet_gc_restores_the_collector():
+    import gc
+
+    from kvgrid.bench.sim.fleet import quiet_gc
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    with quiet_gc():
+        assert gc.get_threshold() == (50_000, 50, 100) and gc.get_freeze_count() > frozen
+        with quiet_gc():  # nested (a simulation inside an experiment's block)
+            pass
+        assert gc.get_threshold() == (50_000, 50, 100)
+    assert gc.get_threshold() == before
+    # unfrozen again, unless something had frozen the heap before (then it stays frozen)
+    assert gc.get_freeze_count() == 0 if frozen == 0 else gc.get_freeze_count() >= frozen

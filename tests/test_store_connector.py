@@ -1,5 +1,6 @@
 """The engine-facing connector: save/load of kv_cache blocks, load-vs-recompute, events,
-the real engine reusing blocks from the store, and the `kvgrid store` command."""
+the real engine reusing blocks from the store, layer-by-layer landing of G2 prefixes, and
+the `kvgrid store` command."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kvgrid.engine.kv_loader import SPLIT_OVERHEAD_S, LoadPlan
 from kvgrid.events import BlockRemoved, BlockStored
 from kvgrid.store import ContextStore, StoreConfig, StoreConnector
 from kvgrid.store.crypto import KeyRing
+from kvgrid.store.landing import land_layers
 from kvgrid.store.object import tenant_id
 
 MODEL = keys.KVScope("test-model", "bfloat16")
@@ -318,3 +320,106 @@ def test_load_stops_at_its_deadline_and_keeps_what_landed(tmp_path):
     store.flush()
     assert store.g2.pinned_count() == 0  # fetches the first load abandoned let go too
     store.close()
+
+
+# ---- layer-by-layer landing (kvgrid.store.landing) ------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_reference_lands_every_layer_of_every_block():
+    src, dst = kv_cache(8, seed=1), torch.zeros_like(kv_cache(8))
+    order = [5, 0, 7, 2]
+    landing = land_layers(src, order, dst, [0, 1, 2, 3])
+    assert torch.equal(dst[:4], src[order]) and not dst[4:].any()
+    assert landing.nbytes == 4 * src[0].nbytes
+    landing.wait_layer(0)  # CPU copies are done already: waits are no-ops
+    landing.wait_all()
+
+
+def test_mismatched_blocks_are_refused_before_any_copy():
+    a, b = kv_cache(4), torch.zeros_like(kv_cache(4))
+    with pytest.raises(ValueError, match="sources for"):
+        land_layers(a, [0], b, [0, 1])
+    with pytest.raises(ValueError, match="do not match"):
+        land_layers(a[:, :1], [0], b, [0])
+    with pytest.raises(ValueError, match="out of range"):
+        land_layers(a, [0, 4], b, [0, 1])
+    with pytest.raises(ValueError, match="contiguous"):
+        land_layers(a.transpose(0, 1).contiguous().transpose(0, 1), [0], b, [0])
+    assert not b.any()
+
+
+def test_engine_loads_a_g2_prefix_layer_by_layer_with_the_cold_output(tmp_path, tiny_model_dir):
+    prompt = [(7 * i + 3) % 1000 + 10 for i in range(BS * 6 + 5)]
+    cold_eng, _ = _engine_with_store(tiny_model_dir, make(tmp_path / "cold"))
+    cold, _ = _run(cold_eng, "cold", prompt, 6)
+    store = make(tmp_path, write_through=True)
+    eng, conn = _engine_with_store(tiny_model_dir, store)
+    eng.scheduler.loader.layered = True
+    layered = []
+    inner = conn.load_layered
+    conn.load_layered = lambda *a: layered.append(inner(*a)) or layered[-1]
+    first, _ = _run(eng, "a", prompt, 6)
+    store.flush()
+    assert eng.block_manager.reset_prefix_cache()
+    again, cached = _run(eng, "b", prompt, 6)
+    assert first == cold and again == cold
+    assert cached == BS * 6
+    assert len(layered) == 1 and layered[0] is not None  # the layered path served it
+    assert store.metrics.total("hits", tier="G2") == 6
+    store.flush()
+    store._landings.submit(lambda: None).result()  # the slot release runs after the landing
+    assert store.g2.pinned_count() == 0
+    # blocks not all in G2: nothing started, the block-by-block load serves them
+    store.g2.clear()
+    assert eng.block_manager.reset_prefix_cache()
+    again, cached = _run(eng, "c", prompt, 6)
+    assert again == cold and cached == BS * 6 and layered[-1] is None
+    store.close()
+
+
+def test_a_request_aborted_while_its_prefix_lands_frees_its_blocks(tmp_path, tiny_model_dir):
+    from kvgrid import SamplingParams
+
+    prompt = [(5 * i + 2) % 1000 + 10 for i in range(BS * 4 + 3)]
+    store = make(tmp_path, write_through=True)
+    eng, _ = _engine_with_store(tiny_model_dir, store)
+    eng.scheduler.loader.layered = True
+    _run(eng, "a", prompt, 2)
+    assert eng.block_manager.reset_prefix_cache()
+    free = eng.block_manager.num_free_blocks
+    eng.add_request("b", prompt, SamplingParams(max_tokens=4, temperature=0))
+    eng.scheduler.schedule()  # admitted: its load is submitted
+    assert eng.abort_request("b")
+    assert eng.block_manager.num_free_blocks == free
+    assert not eng.has_unfinished_requests()
+    store.close()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
+def test_triton_landing_matches_the_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    # 15-byte layers: the kernel falls back to byte words
+    shape = (4, 2, BS, 2, 8) if dtype != torch.uint8 else (4, 1, 3, 1, 5)
+    slab = (torch.rand((9, *shape), generator=g) * 100).to(dtype).pin_memory()
+    g1 = torch.zeros((12, *shape), dtype=dtype, device="cuda")
+    src_ids, dst_ids = [8, 1, 4, 5, 0], [3, 11, 0, 7, 6]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        landing = land_layers(slab, src_ids, g1, dst_ids)
+    assert landing.num_layers == shape[0]
+    landing.wait_all()
+    got = g1.cpu()
+    assert all(torch.equal(got[d], slab[s]) for s, d in zip(src_ids, dst_ids))
+    assert int(sum(got[i].count_nonzero() for i in set(range(12)) - set(dst_ids))) == 0
+    landing.synchronize()
+    assert landing.device_seconds() > 0
+
+
+@cuda
+def test_triton_landing_refuses_pageable_sources():
+    src = kv_cache(1)
+    with pytest.raises(ValueError, match="pinned"):
+        land_layers(src, [0], torch.zeros_like(src, device="cuda"), [0])

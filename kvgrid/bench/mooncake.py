@@ -112,29 +112,40 @@ def load_mooncake(
     t0 = recs[0]["timestamp"]
     scale = tokens_per_block / MOONCAKE_BLOCK_TOKENS
     top = max((max(r["hash_ids"]) for r in recs if r["hash_ids"]), default=0) + 1
+    # Each record once: (arrival, output tokens, input tokens, its hash ids, its index).
+    base = []
+    for i, r in enumerate(recs):
+        n_in = max(1, round(r["input_length"] * scale))
+        if max_input_tokens is not None and n_in > max_input_tokens:
+            n_in = max_input_tokens
+        n_blocks = -(-n_in // tokens_per_block)
+        out = max(min_output_tokens, int(r["output_length"]))
+        if max_output_tokens is not None:
+            out = min(out, max_output_tokens)
+        arrival = (r["timestamp"] - t0) / 1000.0 / speed
+        base.append((arrival, out, n_in, tuple(r["hash_ids"][:n_blocks]), start + i))
+    # Copies share arrival times, so arrival order is: per run of records with one arrival
+    # time (recs are sorted), copy 0's records, then copy 1's, ... (what a stable sort of
+    # the copies laid end to end gives, without sorting a million requests).
     reqs: list[Request] = []
-    for copy in range(repeat):
-        off = copy * top
-        for i, r in enumerate(recs):
-            hids = r["hash_ids"]
-            n_in = max(1, round(r["input_length"] * scale))
-            if max_input_tokens is not None and n_in > max_input_tokens:
-                n_in = max_input_tokens
-            n_blocks = -(-n_in // tokens_per_block)
-            out = max(min_output_tokens, int(r["output_length"]))
-            if max_output_tokens is not None:
-                out = min(out, max_output_tokens)
-            reqs.append(
-                Request(
-                    arrival_s=(r["timestamp"] - t0) / 1000.0 / speed,
-                    max_tokens=out,
-                    input_length=n_in,
-                    hash_ids=tuple(h + off for h in hids[:n_blocks]),
-                    request_id=f"mc{copy}-{start + i}" if repeat > 1 else f"mc-{start + i}",
+    lo = 0
+    while lo < len(base):
+        hi = lo + 1
+        while hi < len(base) and base[hi][0] == base[lo][0]:
+            hi += 1
+        for copy in range(repeat):
+            off = copy * top
+            for arrival, out, n_in, hids, idx in base[lo:hi]:
+                reqs.append(
+                    Request(
+                        arrival_s=arrival,
+                        max_tokens=out,
+                        input_length=n_in,
+                        hash_ids=tuple([h + off for h in hids]) if off else hids,
+                        request_id=f"mc{copy}-{idx}" if repeat > 1 else f"mc-{idx}",
+                    )
                 )
-            )
-    if repeat > 1:
-        reqs.sort(key=lambda r: r.arrival_s)
+        lo = hi
     name = f"mooncake:{Path(path).stem.removesuffix('_trace')}"
     return Workload(
         name,

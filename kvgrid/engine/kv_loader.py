@@ -19,6 +19,7 @@ import torch
 
 if TYPE_CHECKING:
     from kvgrid.store.connector import StoreConnector
+    from kvgrid.store.landing import LayerLanding
 
 
 # Host work of the extra prefill chunk a split adds (scheduling, input building): a split
@@ -77,10 +78,26 @@ def plan_split(
     )
 
 
+@dataclass(frozen=True)
+class LoadResult:
+    blocks: int  # leading blocks landed (or, with ``landing``, landing)
+    landing: LayerLanding | None = None  # still in flight: the forward waits layer by layer
+
+
 class KVLoader:
-    def __init__(self, connector: StoreConnector, device: torch.device, max_workers: int = 2):
+    """``layered``: a prefix wholly in G2 lands layer by layer while the forward over it runs
+    (``kvgrid.store.landing``); default on CUDA. Otherwise the load completes first."""
+
+    def __init__(
+        self,
+        connector: StoreConnector,
+        device: torch.device,
+        max_workers: int = 2,
+        layered: bool | None = None,
+    ):
         self.connector = connector
         self.device = device
+        self.layered = device.type == "cuda" if layered is None else layered
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-load")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -91,20 +108,24 @@ class KVLoader:
         block_ids: list[int],
         deadline: float | None = None,
     ) -> Future:
-        """Load in the background; the future's result is how many leading blocks landed.
-        Past ``deadline`` (time.monotonic()) the load stops and the rest is recomputed."""
+        """Load in the background; the future's result is a ``LoadResult``. Past
+        ``deadline`` (time.monotonic()) the load stops and the rest is recomputed."""
         return self.pool.submit(self._load, keys, tenant, block_ids, deadline)
 
-    def _load(self, keys: list[bytes], tenant: bytes, block_ids: list[int], deadline) -> int:
+    def _load(self, keys: list[bytes], tenant: bytes, block_ids: list[int], deadline) -> LoadResult:
         ctx = (
             torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         )
         with ctx:
+            if self.layered:
+                landing = self.connector.load_layered(keys, tenant, block_ids)
+                if landing is not None:
+                    return LoadResult(len(keys), landing)
             n = self.connector.load(keys, tenant, block_ids, deadline)
         if self.stream is not None:
             # the blocks must be in device memory before any forward pass reads them
             self.stream.synchronize()
-        return n
+        return LoadResult(n)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -198,7 +198,9 @@ class LLMEngine:
         ]
         result = sample(logits, sampled, self.eos_ids) if sampled else None
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            # this stream only: store loads copying on the loader's stream must not hold up
+            # the step (a forward over their blocks has waited for them on this stream)
+            torch.cuda.current_stream().synchronize()
         seconds = time.perf_counter() - t0
         self._record_speed(sched, seconds)
         if self.device.type == "cuda":  # CPU step times are too noisy to steer batching

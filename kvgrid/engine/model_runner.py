@@ -180,9 +180,17 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[int]]:
         """Run one forward pass; logits [n_sampled, vocab] for the rows that sample."""
         ids, pos, meta, sample_idx = self.prepare(batch)
+        # prefixes still landing from the store: this forward waits for them layer by layer
+        # (all at once before a graph replay); afterwards the stream is ordered behind them
+        landings = [item.seq.kv_landing for item in batch if item.seq.kv_landing is not None]
+        for item in batch:
+            item.seq.kv_landing = None
         if self.graphs is not None and self.graphs.can_run(meta):  # CUDA path: graph replay
+            for landing in landings:
+                landing.wait_all()
             hidden = self.graphs.run(ids, pos, meta)
         else:
+            meta.landings = landings
             hidden = self.model(ids, pos, self.kv_cache, meta, self.backend)
         if not sample_idx:
             return None, sample_idx

@@ -287,7 +287,8 @@ class Scheduler:
         if seq.num_computed_tokens < self._compute_limit(seq) or not seq.load_future.done():
             return
         try:
-            loaded = seq.load_future.result()
+            res = seq.load_future.result()
+            loaded, seq.kv_landing = res.blocks, res.landing
         except Exception:
             log.exception("loading %d blocks from the store failed", seq.load_count)
             loaded = 0
@@ -296,7 +297,10 @@ class Scheduler:
             return
         bs = self.bm.block_size
         seq.num_computed_tokens = (seq.load_start_block + loaded) * bs
-        self.bm.commit_full_blocks(seq, seq.block_keys(seq.load_start_block + loaded))
+        if seq.kv_landing is None:
+            # still landing: named (shareable) only after the forward that waits for them,
+            # when the engine commits the step's full blocks
+            self.bm.commit_full_blocks(seq, seq.block_keys(seq.load_start_block + loaded))
         self.store_loaded_tokens += loaded * bs
         if seq.num_cached_tokens is None:
             seq.num_cached_tokens = min(
@@ -304,10 +308,16 @@ class Scheduler:
             )
 
     def _release(self, seq: Sequence) -> None:
-        if seq.load_future is not None:
+        fut = seq.load_future
+        if fut is not None:
             # a load still writing into these blocks must land before they are handed out
-            seq.load_future.cancel() or seq.load_future.exception()
+            if not fut.cancel() and fut.exception() is None:
+                seq.kv_landing = seq.kv_landing or fut.result().landing
             seq.load_future = None
+        if seq.kv_landing is not None:
+            # device work after this (whoever gets the blocks next) waits for the copies
+            seq.kv_landing.wait_all()
+            seq.kv_landing = None
         self.bm.free_seq(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

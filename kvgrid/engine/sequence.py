@@ -52,6 +52,8 @@ class Sequence:
         self.load_future: Future | None = None
         self.load_start_block = 0
         self.load_count = 0
+        # a layered load still landing (kvgrid.store.landing): the next forward waits on it
+        self.kv_landing = None
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -164,7 +164,9 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] of the new tokens (their K/V land in `kv_cache`)."""
         x = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            for landing in meta.landings:
+                landing.wait_layer(i)
             x, residual = layer(positions, x, residual, kv_cache, meta, backend, self.rope)
         return self.norm.add_forward(x, residual)[0]
 

@@ -20,7 +20,7 @@ Tier G4 is the shared tier: a key stored there by any worker is reachable by eve
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvgrid.events import TIERS, AllCleared, BlockRemoved, BlockStored, EventBatch
@@ -32,7 +32,9 @@ MAX_PENDING_BATCHES = 10_000
 
 
 @dataclass
-class _WorkerEntry:
+class WorkerEntry:
+    """The index's record of one worker. Read-only outside the index."""
+
     bit: int
     keys: list[set[bytes]] = field(default_factory=lambda: [set() for _ in TIERS])
     seq: int = 0
@@ -40,8 +42,12 @@ class _WorkerEntry:
     pending: list[EventBatch] = field(default_factory=list)
     overflowed: bool = False
 
+    def num_blocks(self) -> int:
+        k = self.keys
+        return len(k[0]) + len(k[1]) + len(k[2]) + len(k[3])
 
-@dataclass
+
+@dataclass(slots=True)  # one per matching worker per decision: cheap to build and free
 class Overlap:
     """Leading blocks of a prompt that one worker can serve without recomputing them.
 
@@ -57,7 +63,7 @@ class Overlap:
 class KVIndex:
     def __init__(self) -> None:
         self._tiers: list[dict[bytes, int]] = [{} for _ in TIERS]
-        self._workers: dict[str, _WorkerEntry] = {}
+        self._workers: dict[str, WorkerEntry] = {}
         self._bit_owner: dict[int, str] = {}
         self._free_bits: list[int] = []
         self._everyone = 0  # bits of all registered workers, kept as workers come and go
@@ -70,7 +76,7 @@ class KVIndex:
         if worker_id in self._workers:
             return
         bit = self._free_bits.pop() if self._free_bits else len(self._bit_owner)
-        self._workers[worker_id] = _WorkerEntry(bit)
+        self._workers[worker_id] = WorkerEntry(bit)
         self._bit_owner[bit] = worker_id
         self._everyone |= 1 << bit
 
@@ -105,11 +111,15 @@ class KVIndex:
     def bit(self, worker_id: str) -> int:
         return self._workers[worker_id].bit
 
+    def entry(self, worker_id: str) -> WorkerEntry:
+        """The worker's entry (bit, staleness, keys) in one lookup, for callers that read
+        several of them per worker on a hot path (routing). Do not modify it."""
+        return self._workers[worker_id]
+
     def num_blocks(self, worker_id: str, tier: str | None = None) -> int:
-        k = self._workers[worker_id].keys
         if tier is not None:
-            return len(k[TIER_INDEX[tier]])
-        return len(k[0]) + len(k[1]) + len(k[2]) + len(k[3])
+            return len(self._workers[worker_id].keys[TIER_INDEX[tier]])
+        return self._workers[worker_id].num_blocks()
 
     def worker_keys(self, worker_id: str, tier: str) -> set[bytes]:
         return set(self._workers[worker_id].keys[TIER_INDEX[tier]])
@@ -175,22 +185,24 @@ class KVIndex:
                 return "gap"
         return "ok"
 
-    def _apply_events(self, entry: _WorkerEntry, events: Sequence) -> None:
+    def _apply_events(self, entry: WorkerEntry, events: Sequence) -> None:
         bit = 1 << entry.bit
+        clear = ~bit
         for ev in events:
             if isinstance(ev, BlockStored):
                 ti = TIER_INDEX[ev.tier]
-                d, own = self._tiers[ti], entry.keys[ti]
+                d = self._tiers[ti]
+                get = d.get
                 for k in ev.keys:
-                    d[k] = d.get(k, 0) | bit
-                    own.add(k)
+                    d[k] = get(k, 0) | bit
+                entry.keys[ti].update(ev.keys)
             elif isinstance(ev, BlockRemoved):
                 ti = TIER_INDEX[ev.tier]
                 d, own = self._tiers[ti], entry.keys[ti]
                 for k in ev.keys:
                     if k in own:
                         own.discard(k)
-                        m = d[k] & ~bit
+                        m = d[k] & clear
                         if m:
                             d[k] = m
                         else:
@@ -200,7 +212,7 @@ class KVIndex:
                 self._clear(entry, tiers)
             self.events_applied += 1
 
-    def _clear(self, entry: _WorkerEntry, tiers: Iterable[int]) -> None:
+    def _clear(self, entry: WorkerEntry, tiers: Iterable[int]) -> None:
         mask = ~(1 << entry.bit)
         for ti in tiers:
             d = self._tiers[ti]
@@ -222,6 +234,19 @@ class KVIndex:
             m |= predicted.get(key, 0)
         return m
 
+    def held_masks_deepest_first(
+        self, keys: Sequence[bytes], predicted: dict[bytes, int] | None = None
+    ) -> Iterator[int]:
+        """``holder_mask`` of each of ``keys`` that anyone holds (or is predicted to), from
+        the last key to the first. Most keys of a cold prompt are held by no one: those are
+        skipped here, in one loop, rather than by a call per key."""
+        g1, g2, g3, g4 = (d.get for d in self._tiers)
+        pred = (predicted or {}).get
+        for key in reversed(keys):
+            m = g1(key, 0) | g2(key, 0) | g3(key, 0) | g4(key, 0) | pred(key, 0)
+            if m:
+                yield m
+
     def owners(self, mask: int) -> list[str]:
         owner = self._bit_owner
         return [owner[b] for b in _bits(mask) if b in owner]
@@ -234,10 +259,17 @@ class KVIndex:
             owners = self.owners(mask)
             return owners if len(owners) <= k else rng.sample(owners, k)
         owner, width, picked = self._bit_owner, mask.bit_length(), set()
+        # One probe is rng.randrange(width), spelled out as the rejection sampling it does
+        # (random.Random._randbelow: draw bit_length(width) bits until below width): the
+        # same draws, hence the same picks, without two Python-level calls per probe
+        # (probing is most of the simulator's candidate preselection).
+        getrandbits, nbits = rng.getrandbits, width.bit_length()
         # at least 4k of the `width` bits are set: a few probes per pick (bounded, in case
         # most set bits belong to workers that have left)
         for _ in range(64 * k):
-            b = rng.randrange(width)
+            b = getrandbits(nbits)
+            while b >= width:
+                b = getrandbits(nbits)
             if mask >> b & 1 and b in owner:
                 picked.add(b)
                 if len(picked) == k:
@@ -264,29 +296,33 @@ class KVIndex:
         (stale) while still counting their predicted blocks; ``within_mask`` limits the answer
         (and the work) to those workers' bits. Workers with no match are absent.
         """
-        g1, g2, g3, g4 = self._tiers
-        pred = predicted or {}
+        g1, g2, g3, g4 = (d.get for d in self._tiers)
+        pred = (predicted or {}).get
         everyone = self._everyone
         if within_mask is not None:
             everyone &= within_mask
         trusted = everyone & ~exclude_mask
         active = everyone
+        # bit -> matched length (a worker that misses the first key matches nothing: it is
+        # never listed, rather than listed with 0 and skipped)
         lengths: dict[int, int] = {}
         # per-worker counts of blocks not in G1, filled only where such blocks occur
         lower: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
-            m1 = g1.get(k, 0) & trusted
-            mp = pred.get(k, 0) & everyone
-            m2 = g2.get(k, 0) & trusted
-            m3 = g3.get(k, 0) & trusted
+            m1 = g1(k, 0) & trusted
+            mp = pred(k, 0) & everyone
+            m2 = g2(k, 0) & trusted
+            m3 = g3(k, 0) & trusted
             m = m1 | mp | m2 | m3
-            if k in g4 and g4[k] & trusted:
+            if g4(k, 0) & trusted:
                 m = everyone
             still = active & m
-            gone = active & ~still
-            if gone:
-                for b in _bits(gone):
-                    lengths[b] = i
+            if i:
+                gone = active ^ still  # active & ~still: still is a subset of active
+                while gone:
+                    low = gone & -gone
+                    lengths[low.bit_length() - 1] = i
+                    gone ^= low
             active = still
             if not active:
                 break
@@ -305,15 +341,16 @@ class KVIndex:
         for b in _bits(active):  # matched every key
             lengths[b] = len(keys)
         out: dict[str, Overlap] = {}
+        owner = self._bit_owner
         for b, n in lengths.items():
-            if n == 0:
+            if n == 0:  # no keys at all
                 continue
             row = lower.get(b)
             if row is None:
-                out[self._bit_owner[b]] = Overlap(n, [n, 0, 0, 0], 0)
+                out[owner[b]] = Overlap(n, [n, 0, 0, 0], 0)
             else:
                 g1n = n - row[1] - row[2] - row[3] - row[4]
-                out[self._bit_owner[b]] = Overlap(n, [g1n, row[1], row[2], row[3]], row[4])
+                out[owner[b]] = Overlap(n, [g1n, row[1], row[2], row[3]], row[4])
         return out
 
 

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import attrgetter
 
 from kvgrid.router.index import Overlap
+
+_RANK = attrgetter("score", "num_active", "backlog_tokens")
 
 # Dynamo-style credit of a cached block by the tier it sits in (G1 .. G4); predicted blocks
 # are freshly computed, so G1.
@@ -103,15 +106,12 @@ class Policy:
 
     def _min(self, cands: list[Candidate]) -> Candidate:
         # ties go to the less busy worker, then rotate (deterministic): always taking the
-        # lexically first of several idle workers would load the low ids most at light load
-        best = min(cands, key=lambda c: (c.score, c.num_active, c.backlog_tokens, c.worker_id))
-        tied = [
-            c
-            for c in cands
-            if c.score == best.score
-            and c.num_active == best.num_active
-            and c.backlog_tokens == best.backlog_tokens
-        ]
+        # lexically first of several idle workers would load the low ids most at light load.
+        # (The worker id need not break ties in `min`: several tied candidates are sorted
+        # by id below, and a single one is the minimum whatever the order.)
+        best = min(cands, key=_RANK)
+        s, a, b = best.score, best.num_active, best.backlog_tokens
+        tied = [c for c in cands if c.score == s and c.num_active == a and c.backlog_tokens == b]
         if len(tied) == 1:
             return best
         tied.sort(key=lambda c: c.worker_id)
@@ -224,13 +224,14 @@ class PredictedTTFT(Policy):
         self.excess_s = excess_s
 
     def choose(self, cands: list[Candidate]) -> Candidate:
-        least = min(c.num_active for c in cands)
+        least = min([c.num_active for c in cands])
         allowed = (1 + self.spread_rel) * least
+        rw, xs = self.recompute_weight, self.excess_s
         for c in cands:
             c.score = (
                 c.predicted_ttft_s
-                + self.recompute_weight * (c.uncached_tokens / c.prefill_tokens_per_s)
-                + self.excess_s * max(0.0, c.num_active - allowed)
+                + rw * (c.uncached_tokens / c.prefill_tokens_per_s)
+                + xs * max(0.0, c.num_active - allowed)
             )
         return self._min(cands)
 

@@ -38,12 +38,22 @@ class RecentDecisions:
 
     def expire(self, now: float) -> None:
         q = self._queue
+        if not q or q[0][0] > now:
+            return
+        exp, masks = self._until, self.masks
         while q and q[0][0] <= now:
             _, bit, keys = q.popleft()
+            clear = ~(1 << bit)
             for k in keys:
-                e = self._until.get(k)
+                e = exp.get(k)
                 if e is not None and e.get(bit, now + 1) <= now:  # not renewed since
-                    self._drop(k, e, bit)
+                    # _drop, inlined: this loop sees every recorded key once
+                    del e[bit]
+                    if e:
+                        masks[k] &= clear
+                    else:
+                        del exp[k]
+                        del masks[k]
 
     def forget_worker(self, bit: int) -> None:
         for k, e in list(self._until.items()):

@@ -19,7 +19,7 @@ from typing import Any
 
 from kvgrid import keys as kvkeys
 from kvgrid.events import EventBatch
-from kvgrid.router.index import KVIndex, Overlap
+from kvgrid.router.index import KVIndex, Overlap, WorkerEntry
 from kvgrid.router.policies import (
     DEFAULT_POLICY,
     Candidate,
@@ -126,6 +126,7 @@ class Router:
         self._speeds_dirty = True
         self._speeds_at = float("-inf")
         self._scope_digests: dict[tuple[kvkeys.KVScope, bytes], bytes] = {}
+        self._groups: dict[str, tuple[WorkerInfo, bytes, tuple[bytes, int]]] = {}
         self.decisions: deque[Decision] = deque(maxlen=256)  # for /debug
         self.counters = {"decisions": 0, "resyncs_requested": 0, "gaps": 0, "workers_lost": 0}
 
@@ -153,6 +154,7 @@ class Router:
         if worker_id in self.workers:
             self._drop_worker_state(worker_id)
             del self.workers[worker_id]
+            self._groups.pop(worker_id, None)
             self.index.remove_worker(worker_id)
 
     def mark_down(self, worker_id: str, now: float, reason: str = "") -> None:
@@ -258,6 +260,18 @@ class Router:
             d = self._scope_digests[k] = scope.with_tenant(tenant).digest
         return d
 
+    def _group_of(self, info: WorkerInfo, tenant: bytes) -> tuple[bytes, int]:
+        """(scope digest for ``tenant``, block size): workers alike here share a key chain.
+
+        Remembered per worker for the last tenant it was asked with: the lookup by scope
+        hashes the scope's fields, and routing asks for every candidate of every decision.
+        """
+        memo = self._groups.get(info.worker_id)
+        if memo is None or memo[0] is not info or memo[1] != tenant:
+            g = (self._scope_digest(info.scope, tenant), info.block_size)
+            memo = self._groups[info.worker_id] = (info, tenant, g)
+        return memo[2]
+
     # Fleet medians only stand in for workers that have not measured themselves yet, and
     # speeds move slowly: recompute them at most once per load-report interval, not per
     # decision (each recompute walks the whole fleet).
@@ -294,28 +308,39 @@ class Router:
         those workers (a preselection that keeps decisions cheap in very large fleets)."""
         t0 = time.perf_counter()
         self.recent.expire(now)
-        excluded = set(exclude)
+        excluded = set(exclude) if exclude else ()
         index = self.index
+        entry = index.entry
+        tenant, model = req.tenant, req.model
         # Workers sharing a scope and block size share one key chain: compute it once.
-        groups: dict[tuple[bytes, int], list[WorkerState]] = {}
+        groups: dict[tuple[bytes, int], list[tuple[WorkerState, WorkerEntry]]] = {}
         stale_mask = 0
         within: int | None = None
         if candidates is None:
             pool: Iterable[WorkerState] = self.workers.values()
         else:
-            pool = [self.workers[c] for c in candidates if c in self.workers]
+            workers = self.workers
+            pool = [workers[c] for c in candidates if c in workers]
             within = 0
-            for w in pool:
-                within |= 1 << index.bit(w.worker_id)
+        memo = self._groups
         for w in pool:
-            if not w.up or w.draining or w.worker_id in excluded:
+            info = w.info
+            wid = info.worker_id
+            e = entry(wid)
+            if within is not None:
+                within |= 1 << e.bit  # every candidate, as the preselection named them
+            if not w.up or w.draining or wid in excluded:
                 continue
-            if req.model is not None and w.info.model != req.model:
+            if model is not None and info.model != model:
                 continue
-            g = (self._scope_digest(w.info.scope, req.tenant), w.info.block_size)
-            groups.setdefault(g, []).append(w)
-            if index.is_stale(w.worker_id):
-                stale_mask |= 1 << index.bit(w.worker_id)
+            m = memo.get(wid)  # _group_of's memo, read inline: this runs per candidate
+            if m is not None and m[0] is info and m[1] == tenant:
+                g = m[2]
+            else:
+                g = self._group_of(info, tenant)
+            groups.setdefault(g, []).append((w, e))
+            if e.stale:
+                stale_mask |= 1 << e.bit
         if not groups:
             raise NoWorkerError(
                 "no live worker" + (f" serves model {req.model!r}" if req.model else "")
@@ -324,6 +349,8 @@ class Router:
         cands: list[Candidate] = []
         group_keys: dict[str, list[bytes]] = {}
         empty = Overlap()
+        # fleet medians, fetched only for a worker without its own (a fetch may refresh them)
+        speeds: tuple[float, float] | None = None
         for (digest, bs), members in groups.items():
             if req.keys is not None:
                 rkeys = req.keys
@@ -331,15 +358,23 @@ class Router:
                 rkeys = kvkeys.block_keys(req.token_ids, digest, bs)
             overlaps = index.overlap(rkeys, self.recent.masks, stale_mask, within)
             hit_cap = max(0, (n_prompt - 1) // bs)  # the last prompt token is always computed
-            for w in members:
-                wid = w.worker_id
+            for w, e in members:
+                ld, info = w.load, w.info
+                wid = info.worker_id
                 group_keys[wid] = rkeys
                 o = overlaps.get(wid, empty)
-                ld, info = w.load, w.info
-                cached = min(o.blocks, hit_cap) * bs
-                pf = ld.prefill_tokens_per_s or self._fleet_speeds(now)[0]
+                blocks = o.blocks
+                cached = (blocks if blocks < hit_cap else hit_cap) * bs
+                pf = ld.prefill_tokens_per_s
+                if not pf:
+                    speeds = speeds or self._fleet_speeds(now)
+                    pf = speeds[0]
+                ds = ld.decode_step_s
+                if not ds:
+                    speeds = speeds or self._fleet_speeds(now)
+                    ds = speeds[1]
                 tier_load = 0.0
-                if o.blocks > o.by_tier[0] + o.predicted and info.bytes_per_block:
+                if blocks > o.by_tier[0] + o.predicted and info.bytes_per_block:
                     # lower-tier blocks: loading them competes with recomputing them
                     for ti, tier in enumerate(("G2", "G3", "G4"), start=1):
                         n = o.by_tier[ti]
@@ -349,7 +384,9 @@ class Router:
                 if not info.events:
                     fresh = "predicted"
                 else:
-                    fresh = "stale" if stale_mask >> index.bit(wid) & 1 else "exact"
+                    fresh = "stale" if e.stale else "exact"
+                backlog, decoding, active = w.loads()
+                held = e.keys  # the index's blocks of this worker, per tier
                 c = Candidate(
                     wid,
                     fresh,
@@ -357,15 +394,15 @@ class Router:
                     n_prompt,
                     cached,
                     n_prompt - cached,
-                    w.backlog_tokens(),
-                    w.num_decoding(),
-                    w.num_active(),
+                    backlog,
+                    decoding,
+                    active,
                     ld.kv_usage,
-                    index.num_blocks(wid),
+                    len(held[0]) + len(held[1]) + len(held[2]) + len(held[3]),
                     ld.kv_usage * ld.num_kv_blocks,
                     bs,
                     pf,
-                    ld.decode_step_s or self._fleet_speeds(now)[1],
+                    ds,
                     info.max_num_batched_tokens,
                     tier_load,
                 )

@@ -149,3 +149,13 @@ class WorkerState:
 
     def num_active(self) -> int:
         return max(self.load.num_running + self.load.num_waiting, len(self.inflight))
+
+    def loads(self) -> tuple[int, int, int]:
+        """(backlog_tokens(), num_decoding(), num_active()) in one call: routing reads all
+        three for every candidate of every decision."""
+        ld = self.load
+        return (
+            max(ld.waiting_prefill_tokens, self._pending_prefill),
+            max(ld.num_running, self._mine_decoding),
+            max(ld.num_running + ld.num_waiting, len(self.inflight)),
+        )

@@ -21,6 +21,7 @@ import time
 import torch
 
 from kvgrid.events import KVEvent
+from kvgrid.store.landing import LayerLanding
 from kvgrid.store.store import ContextStore
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,22 @@ class StoreConnector:
             return 0
         self.loaded_blocks += len(served)
         return len(served)
+
+    def load_layered(
+        self, keys: list[bytes], tenant: bytes, block_ids: list[int]
+    ) -> LayerLanding | None:
+        """Start landing stored blocks in ``kv_cache[block_ids]`` layer by layer when all of
+        them are in G2 (None otherwise, nothing started): the forward waits per layer."""
+        if len(keys) != len(block_ids):
+            raise ValueError(f"{len(keys)} keys for {len(block_ids)} block ids")
+        try:
+            landing = self.store.load_layered(keys, tenant, self.kv_cache, block_ids)
+        except Exception:
+            log.exception("context store: layered load failed; loading block by block")
+            return None
+        if landing is not None:
+            self.loaded_blocks += len(keys)
+        return landing
 
     def save(
         self,

@@ -174,6 +174,20 @@ class HostPool:
             s.pins += 1
             return s, self.pool[s.index]
 
+    def acquire_run(self, tid: bytes, keys: list[bytes]) -> list[Slot]:
+        """Pin the slots of the leading run of ``keys`` held here, under one lock (a long
+        prefix is hundreds of blocks); the caller must ``release`` each."""
+        out: list[Slot] = []
+        with self.lock:
+            for key in keys:
+                s = self.entries.get((tid, key))
+                if s is None:
+                    break
+                self.entries.move_to_end((tid, key))
+                s.pins += 1
+                out.append(s)
+        return out
+
     def release(self, slot: Slot) -> None:
         with self.lock:
             slot.pins -= 1

@@ -28,6 +28,7 @@ from kvgrid.store.config import StoreConfig, TenantPolicy, default_store_dir
 from kvgrid.store.crypto import KeyRing, load_keyring
 from kvgrid.store.disk_tier import DiskTier
 from kvgrid.store.host_pool import HostPool, Slot
+from kvgrid.store.landing import LayerLanding, land_layers
 from kvgrid.store.metrics import StoreMetrics, tenant_label
 from kvgrid.store.object import (
     MAX_HEADER,
@@ -77,6 +78,8 @@ class ContextStore:
         # reads below G2 (loads and prefetches): file/network read, verification, decryption
         # and decoding all release the GIL, so these threads run in parallel
         self._fetchers = ThreadPoolExecutor(cfg.load_workers, thread_name_prefix="kvgrid-load")
+        # waits for layered loads to land, then frees their G2 slots
+        self._landings = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-landed")
         self._window = 2 * cfg.load_workers  # blocks in flight per load: bounds memory
         self.block_shape: tuple[int, ...] | None = None
         self.block_dtype: torch.dtype | None = None
@@ -390,19 +393,61 @@ class ContextStore:
                 self._drop_fetch(fut)
             for slot in held:
                 self.g2.release(slot)
-        dt = time.perf_counter() - t_start
-        n_g2 = served.count("G2")
+        self._account_load(tl, served.count("G2"), nbytes, time.perf_counter() - t_start, n)
+        return served
+
+    def _account_load(
+        self, tl: str, n_g2: int, nbytes: dict[str, int], seconds: float, n: int
+    ) -> None:
         if n_g2:
             self.metrics.inc("hits", n_g2, tier="G2", tenant=tl)
             self.metrics.inc("bytes_out", nbytes["G2"], tier="G2", tenant=tl)
             for _ in range(n_g2):
-                self.metrics.load_seconds.labels(tier="G2").observe(dt / n)
+                self.metrics.load_seconds.labels(tier="G2").observe(seconds / n)
         # loads overlap, so a tier's bandwidth is its bytes over the whole call (G2 copies
         # are folded into the slower tier's time when both served)
         for tier, b in nbytes.items():
             if tier != "G2" or len(nbytes) == 1:
-                self._observe_load(tier, b, dt)
-        return served
+                self._observe_load(tier, b, seconds)
+
+    def load_layered(
+        self, keys: list[bytes], tenant: bytes, dst: torch.Tensor, block_ids: list[int]
+    ) -> LayerLanding | None:
+        """Start copying blocks that are all in G2 into ``dst[block_ids]`` (the engine's
+        cache, ``[num_blocks, *block_shape]``) layer by layer (``kvgrid.store.landing``) and
+        return at once; None, with nothing started, unless every block is in G2 (a load
+        that reads lower tiers is bound by them: it goes through ``load_into``). The G2
+        slots stay leased until the copies have landed."""
+        if self.g2 is None or self.g2.pool is None or not keys:
+            return None
+        if dst.is_cuda and not self.g2.pin_memory:
+            return None
+        tid = _tid(tenant)
+        held = self.g2.acquire_run(tid, keys)
+        now = time.time()
+        if len(held) < len(keys) or any(self._expired(tid, s.created, now) for s in held):
+            for slot in held:  # expired blocks are dropped by the block-by-block load
+                self.g2.release(slot)
+            return None
+        t0 = time.perf_counter()
+        try:
+            landing = land_layers(self.g2.pool, [s.index for s in held], dst, block_ids)
+        except Exception:
+            for slot in held:
+                self.g2.release(slot)
+            raise
+        self._landings.submit(self._landed, landing, held, tenant_label(tid), t0)
+        return landing
+
+    def _landed(self, landing: LayerLanding, held: list[Slot], tl: str, t0: float) -> None:
+        """Once a layered load has landed: free its slots, count it, measure G2."""
+        try:
+            landing.synchronize()
+        finally:
+            for slot in held:
+                self.g2.release(slot)
+        seconds = landing.device_seconds() or time.perf_counter() - t0
+        self._account_load(tl, len(held), {"G2": landing.nbytes}, seconds, len(held))
 
     def get(self, key: bytes, tenant: bytes) -> torch.Tensor | None:
         """One block as a new CPU tensor, from the fastest tier that holds a valid copy."""
@@ -719,6 +764,7 @@ class ContextStore:
         self.writes.close()
         self.reads.close()
         self._fetchers.shutdown(wait=True)
+        self._landings.shutdown(wait=True)
         for t in self.lower:
             t.close()
 

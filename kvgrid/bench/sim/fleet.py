@@ -18,10 +18,13 @@ very large fleets, and a planner called every ``planner_interval_s``.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,15 +297,13 @@ class Fleet:
         k = self.cfg.candidates or 0
         live = self._live_ids()
         out = set(self.rng.sample(live, min(k, len(live))))
-        index, pred = self.router.index, self.router.recent.masks
+        index = self.router.index
         # the deepest block anyone holds (or is predicted to): few workers, the best matches
-        for key in reversed(keys):
-            m = index.holder_mask(key, pred)  # most keys of a cold prompt: 0, no list
-            if m:
-                holders = index.sample_owners(m, k, self.rng)
-                if holders:
-                    out.update(holders)
-                    break
+        for m in index.held_masks_deepest_first(keys, self.router.recent.masks):
+            holders = index.sample_owners(m, k, self.rng)
+            if holders:
+                out.update(holders)
+                break
         return list(out)
 
     def _live_ids(self) -> list[str]:
@@ -494,6 +495,39 @@ def _round_rel(x: float, step: float = 0.1) -> float:
     return math.exp(round(math.log(x) / step) * step)
 
 
+_gc_depth = 0
+
+
+@contextmanager
+def quiet_gc() -> Iterator[None]:
+    """Keep the cyclic collector from re-walking the simulation's long-lived objects.
+
+    A large run holds millions of objects that live to its end (the workload's requests,
+    the index's keys and masks, the workers' caches) and allocates fast, so the default
+    thresholds trigger full collections that walk all of them again and again: at 1,000
+    workers a quarter of the run. Within the block, what exists is frozen and the young
+    generation is collected less often (as ``kvgrid.router.router.tune_gc`` does for the
+    router process); settings are restored on exit. Reentrant. Collection never affects
+    what the simulation computes, only when memory is reclaimed.
+    """
+    global _gc_depth
+    outer = _gc_depth == 0
+    old = gc.get_threshold()
+    # a process that froze its own heap (kvgrid.router.router.tune_gc) keeps it frozen
+    unfreeze = outer and gc.get_freeze_count() == 0
+    _gc_depth += 1
+    gc.freeze()  # also on nested entry: what the outer block built since is long-lived too
+    gc.set_threshold(50_000, 50, 100)
+    try:
+        yield
+    finally:
+        _gc_depth -= 1
+        if outer:
+            gc.set_threshold(*old)
+            if unfreeze:
+                gc.unfreeze()
+
+
 def simulate(workload: Workload, cfg: SimConfig | None = None, **kw: Any) -> dict[str, Any]:
     """Run one simulation; keyword arguments override fields of ``cfg``."""
     cfg = cfg or SimConfig()
@@ -501,7 +535,8 @@ def simulate(workload: Workload, cfg: SimConfig | None = None, **kw: Any) -> dic
         if not hasattr(cfg, k):
             raise ValueError(f"unknown simulator option {k!r}")
         setattr(cfg, k, v)
-    fleet = Fleet(workload, cfg)
-    res = fleet.run()
+    with quiet_gc():
+        fleet = Fleet(workload, cfg)
+        res = fleet.run()
     res["fleet"] = fleet
     return res

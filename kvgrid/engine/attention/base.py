@@ -15,7 +15,7 @@ position up to its own.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,8 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     context_lens_cpu: list[int]
+    # kvgrid.store.landing.LayerLanding of prefixes still landing: layer l waits for its part
+    landings: list = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
