@@ -53,6 +53,9 @@ def _wait_workers(url: str, n: int, timeout: float, exclude_epochs=()) -> dict:
     raise AssertionError(f"workers not ready in {timeout}s: {state}")
 
 
+SERVE: dict = {}  # the module's `kvgrid serve` process (the last test stops it)
+
+
 @pytest.fixture(scope="module")
 def server(default_model_dir, tmp_path_factory):
     port = _free_port()
@@ -85,6 +88,7 @@ def server(default_model_dir, tmp_path_factory):
     ]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    SERVE["proc"] = proc
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_workers(url, 2, 120)
@@ -333,3 +337,31 @@ def test_worker_death_mid_stream_then_rejoin(server):
     _wait_workers(server, 2, 90, exclude_epochs={old_epoch})
     text = httpx.get(f"{server}/metrics").text
     assert "kvgrid:router_workers_lost_total 1.0" in text
+
+
+def test_sigterm_stops_serve_and_its_workers(server):
+    """Last in this module: it stops the server. A process manager's SIGTERM must take the
+    worker processes down with it (uvicorn re-raises the signal after its shutdown, which
+    used to kill `kvgrid serve` before it stopped them, leaving them running)."""
+    workers = _router_state(server)["workers"].values()
+    pids = [httpx.get(f"{w['url']}/info").json()["pid"] for w in workers]
+    assert len(pids) == 2
+    proc = SERVE["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if _alive(p)]
+    assert not alive, f"workers {alive} outlived `kvgrid serve`"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purpose (its parent, the supervisor, has exited)
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"

@@ -155,7 +155,6 @@ class Supervisor(threading.Thread):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from kvgrid.server.frontend import create_frontend_app
 
@@ -197,10 +196,34 @@ def run_serve(args: argparse.Namespace) -> int:
         fe.router.policy.name,
     )
     try:
-        uvicorn.run(create_frontend_app(fe), host=host, port=args.port, log_level="warning")
+        _run_http(create_frontend_app(fe), host, args.port)
     finally:
         sup.stop()
     return 0
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
+def _run_http(app, host: str, port: int) -> None:
+    """uvicorn.run, where SIGTERM ends it the way Ctrl-C does. uvicorn shuts down on the
+    signal and then re-raises it; with the default action that kills the process on the
+    spot, skipping the caller's cleanup (``kvgrid serve`` left its workers running). Here
+    the re-raised signal unwinds instead."""
+    import uvicorn
+
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    except _Terminated:
+        log.info("SIGTERM: stopping")
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_workers: int):
@@ -231,7 +254,6 @@ def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_w
 
 
 def run_router(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from kvgrid.server.frontend import create_frontend_app
 
@@ -244,7 +266,7 @@ def run_router(args: argparse.Namespace) -> int:
     if fe is None:
         return 2
     host = args.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
-    uvicorn.run(create_frontend_app(fe), host=host, port=args.port, log_level="warning")
+    _run_http(create_frontend_app(fe), host, args.port)
     return 0
 
 
