@@ -6,7 +6,7 @@ from kvgrid import keys
 from kvgrid.events import BlockStored, EventBatch
 from kvgrid.router.policies import POLICIES
 from kvgrid.router.router import NoWorkerError, Router, RouteRequest
-from kvgrid.router.workers import WorkerInfo, WorkerLoad
+from kvgrid.router.workers import InFlight, WorkerInfo, WorkerLoad
 
 SCOPE = keys.KVScope("m", "float32")
 
@@ -81,6 +81,24 @@ def test_router_tracks_backlog_of_its_own_requests_and_finish_predicts_output_bl
     d = r.route(RouteRequest("z", nxt), 0.3)
     c = {c.worker_id: c for c in d.candidates}
     assert c["w0"].overlap.blocks == (300 + 99) // 64
+
+
+@pytest.mark.parametrize("policy", ["least_load", "ttft"])
+def test_requests_seen_to_finish_since_the_last_report_do_not_count(policy):
+    """A wave of clients that finished together sends together: the worker that served them
+    must not look busy (its last report still counts them) and lose the whole next wave."""
+    r = fleet(policy, n=2)
+    busy = dict(num_running=4, prefill_tokens_per_s=1000.0, decode_step_s=0.01)
+    r.on_load(WorkerLoad("w0", "e", **busy), 0.0)  # four running on w0 ...
+    for i in range(4):
+        r.workers["w0"].add_inflight(f"old{i}", InFlight("w0", 0.0, 20, 20))
+        r.on_first_token(f"old{i}", 0.05)
+        r.on_finish(f"old{i}", 0.1)  # ... all four seen to finish, no report since
+    picks = [r.route(RouteRequest(f"n{i}", toks(20, 100 * i)), 0.1).worker_id for i in range(4)]
+    assert sorted(picks) == ["w0", "w0", "w1", "w1"], picks
+    # a new report is the truth again: four running there now means busy
+    r.on_load(WorkerLoad("w0", "e", **{**busy, "num_running": 6}), 0.2)
+    assert r.workers["w0"].num_active() == 6
 
 
 def test_down_worker_gets_nothing_and_rejoins_with_new_epoch():

@@ -20,9 +20,10 @@ CLIENTS = 4
 
 
 def _max_tokens(client: int) -> int:
-    # unequal lengths: requests of equal length finish in the same step, and the clients then
-    # send in lock-step waves that the router's lagging load reports send to one worker
-    # each (both workers are rarely busy at once, which the drain below needs)
+    # unequal lengths, so that the clients do not move in lock-step waves (equal requests
+    # finish in one step and are resent together): the drain below needs both workers busy
+    # at once. Waves are spread too now (test_router_policies), but this test is about
+    # scaling, not about that.
     return 12 + 5 * client
 
 

@@ -213,7 +213,8 @@ class Router:
             w.load.prefill_tokens_per_s,
             w.load.decode_step_s,
         )
-        w.load, w.last_seen = report, now
+        w.set_load(report)
+        w.last_seen = now
         if speeds_changed:
             self._speeds_dirty = True
         if not w.info.events:
@@ -463,7 +464,7 @@ class Router:
         output are predicted too (multi-turn chats resend them in the next turn)."""
         found = self._inflight(request_id)
         if found:
-            found[0].remove_inflight(request_id)
+            found[0].remove_inflight(request_id, finished=True)
         entry = self._requests.pop(request_id, None)
         if not (entry and output_token_ids and found and found[0].up):
             return

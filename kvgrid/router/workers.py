@@ -105,6 +105,17 @@ class WorkerState:
     # running sums over `inflight`, kept incrementally: routing reads them for every worker
     _pending_prefill: int = 0
     _mine_decoding: int = 0
+    # What this router has seen happen since the last load report, which still counts it:
+    # requests that finished, and prompt tokens whose prefill ended (first token). Without
+    # this, a worker whose requests all just finished still looks busy until its next
+    # report, and clients that send together (a batch that finished in one step) all go
+    # to the other worker: the two trade whole waves instead of sharing them.
+    _finished_since_report: int = 0
+    _prefilled_since_report: int = 0
+
+    def set_load(self, report: WorkerLoad) -> None:
+        self.load = report
+        self._finished_since_report = self._prefilled_since_report = 0
 
     @property
     def worker_id(self) -> str:
@@ -120,15 +131,19 @@ class WorkerState:
         if r is not None and not r.first_token:
             r.first_token = True
             self._pending_prefill -= r.uncached_tokens
+            self._prefilled_since_report += r.uncached_tokens
             self._mine_decoding += 1
 
-    def remove_inflight(self, request_id: str) -> InFlight | None:
+    def remove_inflight(self, request_id: str, finished: bool = False) -> InFlight | None:
+        """Forget a request; ``finished``: it ended at the worker (not re-sent elsewhere)."""
         r = self.inflight.pop(request_id, None)
         if r is not None:
             if r.first_token:
                 self._mine_decoding -= 1
             else:
                 self._pending_prefill -= r.uncached_tokens
+            if finished:
+                self._finished_since_report += 1
         return r
 
     def clear_inflight(self) -> None:
@@ -140,22 +155,22 @@ class WorkerState:
         return self._pending_prefill
 
     def backlog_tokens(self) -> int:
-        # The report covers every frontend's requests but lags; our own record is current but
-        # covers only us. The larger is the safer estimate of the queue in front of a request.
-        return max(self.load.waiting_prefill_tokens, self._pending_prefill)
+        return self.loads()[0]
 
     def num_decoding(self) -> int:
-        return max(self.load.num_running, self._mine_decoding)
+        return self.loads()[1]
 
     def num_active(self) -> int:
-        return max(self.load.num_running + self.load.num_waiting, len(self.inflight))
+        return self.loads()[2]
 
     def loads(self) -> tuple[int, int, int]:
-        """(backlog_tokens(), num_decoding(), num_active()) in one call: routing reads all
-        three for every candidate of every decision."""
-        ld = self.load
+        """(queued prefill tokens, decoding requests, active requests) in one call: routing
+        reads all three for every candidate of every decision. The report covers every
+        frontend's requests but lags (less what this router saw end since); our own record
+        is current but covers only us. The larger is the safer estimate of each."""
+        ld, done = self.load, self._finished_since_report
         return (
-            max(ld.waiting_prefill_tokens, self._pending_prefill),
-            max(ld.num_running, self._mine_decoding),
-            max(ld.num_running + ld.num_waiting, len(self.inflight)),
+            max(ld.waiting_prefill_tokens - self._prefilled_since_report, self._pending_prefill),
+            max(ld.num_running - done, self._mine_decoding),
+            max(ld.num_running + ld.num_waiting - done, len(self.inflight)),
         )
