@@ -56,7 +56,6 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
@@ -120,9 +119,6 @@ def build_engine(args):
     t0 = time.perf_counter()
     eng = LLMEngine(cfg)
     log(f"engine ready in {time.perf_counter() - t0:.1f}s: {eng.runner.num_blocks} KV blocks")
-    if args.gc_freeze:
-        gc.collect()
-        gc.freeze()  # as a serving process would: startup objects out of the collector's walk
     return eng
 
 
@@ -210,13 +206,8 @@ SUBMITS: list[float] = []
 class LoadLog:
     """Wraps a store's load_into: per load, blocks, KV bytes, tiers and wall seconds."""
 
-    live: ClassVar[
-        list[dict]
-    ] = []  # the records of the LoadLog in use (run_one makes times relative)
-
     def __init__(self, store: ContextStore):
         self.records: list[dict] = []
-        LoadLog.live = self.records
         inner = store.load_into
 
         def load_into(ks, tenant, dsts, deadline=None):
@@ -244,7 +235,6 @@ class LoadLog:
 
     def take(self) -> list[dict]:
         out, self.records = self.records, []
-        LoadLog.live = self.records
         for rec in out:
             landing = rec.pop("landing", None)
             if landing is not None:
@@ -282,10 +272,6 @@ def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 
             if o.finished:
                 final = o
     forwards = [round(t - t0, 4) for t in EXEC_STARTS]
-    for rec in LoadLog.live:  # when the layered loads were called and had been issued
-        for k in ("t_call", "t_issued"):
-            if k in rec:
-                rec[k] = round(rec[k] - t0, 4)
     c = final.outputs[0]
     return {
         "ttft_s": ttft,
@@ -293,6 +279,7 @@ def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 
         "logprobs": [dict(d) for d in (c.logprobs or [])],
         "cached": final.num_cached_tokens,
         "steps": steps,
+        "t0": t0,  # its arrival, perf_counter
         "forward_starts_s": forwards[:3],  # host time of the first forwards, from arrival
         "load_submits_s": [round(t - t0, 4) for t in SUBMITS],
         # collections while the request ran: (generation, start from arrival, seconds)
@@ -493,42 +480,38 @@ def _landing_speed(eng, host: torch.Tensor, dev: torch.Tensor) -> dict:
     n = host.shape[0]
     hb, db = host.view(dt).view(n, *shape), dev.view(dt).view(n, *shape)
     si, di = list(range(n)), list(range(n - 1, -1, -1))
-    dev.zero_()
     stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        land_layers(hb, si, db, di).synchronize()
-    exact = bool(torch.equal(dev.flip(0).cpu(), host))  # as bytes: random bits hold NaNs
-    secs, host_s = [], []
-    for _ in range(4):
+
+    def land():  # one landing, to completion; and the host time its issue took
         t0 = time.perf_counter()
         with torch.cuda.stream(stream):
             landing = land_layers(hb, si, db, di)
-        host_s.append(time.perf_counter() - t0)
+        issue_s = time.perf_counter() - t0
         landing.synchronize()
-        secs.append(landing.device_seconds())
-    with torch.cuda.stream(stream):
-        landing = land_layers(hb, si, db, di)
-    landing.synchronize()
-    first_layer = landing.start.elapsed_time(landing.events[0]) / 1e3
+        return landing, issue_s
+
+    dev.zero_()
+    land()
+    exact = bool(torch.equal(dev.flip(0).cpu(), host))  # as bytes: random bits hold NaNs
+    runs = [land() for _ in range(4)][1:]
+    secs = [lnd.device_seconds() for lnd, _ in runs]
+    host_s = [h for _, h in runs]
+    last = runs[-1][0]
+    first_layer = last.start.elapsed_time(last.events[0]) / 1e3
     from kvgrid.store import landing_kernel
 
     default, by_programs = landing_kernel.MAX_PROGRAMS, {}
     for cap in (8, 16, 32, 48, 96, 1 << 20):
         landing_kernel.MAX_PROGRAMS = cap
-        best = float("inf")
-        for _ in range(3):
-            with torch.cuda.stream(stream):
-                landing = land_layers(hb, si, db, di)
-            landing.synchronize()
-            best = min(best, landing.device_seconds())
+        best = min(land()[0].device_seconds() for _ in range(3))
         by_programs[cap] = round(n * host.shape[1] / best / 1e9, 2)
     landing_kernel.MAX_PROGRAMS = default
     return {
         "exact": exact,
-        "GBps": n * host.shape[1] / min(secs[1:]) / 1e9,
+        "GBps": n * host.shape[1] / min(secs) / 1e9,
         "first_layer_s": first_layer,
-        "all_s": min(secs[1:]),
-        "host_issue_s": min(host_s[1:]),
+        "all_s": min(secs),
+        "host_issue_s": min(host_s),
         "programs": default,
         "GBps_by_programs": by_programs,
     }
@@ -636,6 +619,9 @@ def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, 
         starts.append(r["forward_starts_s"] + r["load_submits_s"][:1])
         gcs.append(r["gc_pauses"])
         if recs:
+            for k in ("t_call", "t_issued"):  # when the layered load was called, and issued
+                if k in recs[0]:
+                    recs[0][k] = round(recs[0][k] - r["t0"], 4)
             loads.append(recs[0])
     best = min(loads, key=lambda x: x["s"]) if loads else None
     obj = sum(p.stat().st_size for p in files) if files else (best or {}).get("bytes", 0)
@@ -692,9 +678,9 @@ def phase_ttft(args, eng, root: Path) -> dict:
         llog = LoadLog(store)
         save_from_g1(eng, conn, ks)
         # the engine's default (layer by layer where the loader can), then block by block
-        for name, layered in (("G2", None), ("G2 block", False)):
-            loader = eng.scheduler.loader
-            loader.layered = loader.device.type == "cuda" if layered is None else layered
+        default = eng.scheduler.loader.layered
+        for name, layered in (("G2", default), ("G2 block", False)):
+            eng.scheduler.loader.layered = layered
             res[name] = _tier_runs(eng, conn, store, llog, prompt, ks, "G2", args, ref, "warm", 3)
             res[name]["raw_pinned_GBps"] = RESULTS["phases"].get("env", {}).get("h2d_GBps", {})
             if name == "G2" and n == max(args.sizes):
@@ -1057,7 +1043,6 @@ def main() -> int:
     ap.add_argument("--g2-gib", type=float, default=6.0 if GPU else 0.5)
     ap.add_argument("--load-workers", type=int, default=min(12, os.cpu_count() or 2))
     ap.add_argument("--no-drop-caches", dest="drop_caches", action="store_false")
-    ap.add_argument("--gc-freeze", action="store_true")
     ap.add_argument("--no-disk-tiers", dest="disk_tiers", action="store_false",
                     help="ttft phase: G2 only (skip the G3/G4 variants)")  # fmt: skip
     ap.add_argument("--replay-g1-blocks", type=int, default=1100 if GPU else 60)

@@ -323,7 +323,6 @@ class Router:
             workers = self.workers
             pool = [workers[c] for c in candidates if c in workers]
             within = 0
-        memo = self._groups
         for w in pool:
             info = w.info
             wid = info.worker_id
@@ -334,12 +333,7 @@ class Router:
                 continue
             if model is not None and info.model != model:
                 continue
-            m = memo.get(wid)  # _group_of's memo, read inline: this runs per candidate
-            if m is not None and m[0] is info and m[1] == tenant:
-                g = m[2]
-            else:
-                g = self._group_of(info, tenant)
-            groups.setdefault(g, []).append((w, e))
+            groups.setdefault(self._group_of(info, tenant), []).append((w, e))
             if e.stale:
                 stale_mask |= 1 << e.bit
         if not groups:
@@ -387,7 +381,6 @@ class Router:
                 else:
                     fresh = "stale" if e.stale else "exact"
                 backlog, decoding, active = w.loads()
-                held = e.keys  # the index's blocks of this worker, per tier
                 c = Candidate(
                     wid,
                     fresh,
@@ -399,7 +392,7 @@ class Router:
                     decoding,
                     active,
                     ld.kv_usage,
-                    len(held[0]) + len(held[1]) + len(held[2]) + len(held[3]),
+                    e.num_blocks(),
                     ld.kv_usage * ld.num_kv_blocks,
                     bs,
                     pf,

@@ -192,6 +192,12 @@ class HostPool:
         with self.lock:
             slot.pins -= 1
 
+    def release_run(self, slots: list[Slot]) -> None:
+        """``release`` each of ``slots`` (an ``acquire_run``'s, say), under one lock."""
+        with self.lock:
+            for slot in slots:
+                slot.pins -= 1
+
     def peek(self, tid: bytes, key: bytes) -> Slot | None:
         with self.lock:
             return self.entries.get((tid, key))

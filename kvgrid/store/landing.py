@@ -18,13 +18,8 @@ same copies one by one (CPU tests; and the kernel's test oracle).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
-
-# tests set this to run the Triton kernel on CPU tensors (TRITON_INTERPRET=1)
-force_triton = False
 
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.int8))
 
@@ -38,7 +33,6 @@ class LayerLanding:
         self.events = events
         self.start = start
         self.nbytes = nbytes
-        self._on_done: list[Callable[[], None]] = []
 
     @property
     def num_layers(self) -> int:
@@ -89,12 +83,12 @@ def land_layers(
     nbytes = int(si.size) * dst[0].nbytes
     if not si.size:
         return LayerLanding(None)
-    if not (dst.is_cuda or force_triton):
+    if not dst.is_cuda:
         st, dt = torch.from_numpy(si), torch.from_numpy(di)
         for layer in range(dst.shape[1]):
             dst[dt, layer] = src[st, layer]
         return LayerLanding(None, nbytes=nbytes)
-    if dst.is_cuda and not src.is_pinned():
+    if not src.is_pinned():
         raise ValueError("sources of a GPU landing must be pinned host memory")
     return _land_triton(src, si, dst, di, nbytes)
 
@@ -117,20 +111,14 @@ def _land_triton(
         if layer_bytes % w == 0 and block_bytes % w == 0
         and src.data_ptr() % w == 0 and dst.data_ptr() % w == 0
     )  # fmt: skip
-    dev = dst.device
-    cuda = dev.type == "cuda"
-    a = torch.from_numpy(addrs)
-    if cuda:
-        a = a.pin_memory().to(dev, non_blocking=True)
+    a = torch.from_numpy(addrs).pin_memory().to(dst.device, non_blocking=True)
     n = si.size
-    events = [] if cuda else None
-    start = torch.cuda.Event(enable_timing=True) if cuda else None
-    if start is not None:
-        start.record()
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
+    events = []
     for layer in range(dst.shape[1]):
         landing_kernel.copy_layer(a[:n], a[n:], layer, layer_bytes // word, wdtype)
-        if cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            events.append(ev)
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        events.append(ev)
     return LayerLanding(events, start, nbytes)

@@ -391,8 +391,8 @@ class ContextStore:
         finally:
             for fut in futs.values():
                 self._drop_fetch(fut)
-            for slot in held:
-                self.g2.release(slot)
+            if held:
+                self.g2.release_run(held)
         self._account_load(tl, served.count("G2"), nbytes, time.perf_counter() - t_start, n)
         return served
 
@@ -426,15 +426,13 @@ class ContextStore:
         held = self.g2.acquire_run(tid, keys)
         now = time.time()
         if len(held) < len(keys) or any(self._expired(tid, s.created, now) for s in held):
-            for slot in held:  # expired blocks are dropped by the block-by-block load
-                self.g2.release(slot)
+            self.g2.release_run(held)  # expired blocks are dropped by the block-by-block load
             return None
         t0 = time.perf_counter()
         try:
             landing = land_layers(self.g2.pool, [s.index for s in held], dst, block_ids)
         except Exception:
-            for slot in held:
-                self.g2.release(slot)
+            self.g2.release_run(held)
             raise
         self._landings.submit(self._landed, landing, held, tenant_label(tid), t0)
         return landing
@@ -444,8 +442,7 @@ class ContextStore:
         try:
             landing.synchronize()
         finally:
-            for slot in held:
-                self.g2.release(slot)
+            self.g2.release_run(held)
         seconds = landing.device_seconds() or time.perf_counter() - t0
         self._account_load(tl, len(held), {"G2": landing.nbytes}, seconds, len(held))
 
