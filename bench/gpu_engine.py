@@ -9,7 +9,8 @@ attention vs torch SDPA), correct (logits vs transformers on the same weights: p
 decode through the CUDA graph, prefill over a cached prefix), B (batch-1 decode, 1K prompt,
 256 new tokens), C (prefill of 8K and 32K prompts vs transformers' SDPA forward), A (256
 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore EOS; then the
-same token lists through transformers' continuous batching).
+same token lists through transformers' continuous batching); sync (B and A again without
+asynchronous scheduling, for comparison).
 
 Model: Llama-3.1-8B shape (the Llama-3-8B weights with a context long enough for C),
 random bf16 weights. Energy per token from NVML's energy counter where the card has one.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import itertools
 import json
 import os
@@ -418,6 +420,7 @@ def build_engine(args):
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
         cuda_graphs=not args.no_cuda_graphs,
+        async_scheduling=args.async_scheduling == "on",
     )
     t0 = time.perf_counter()
     eng = LLMEngine(cfg)
@@ -629,23 +632,24 @@ def make_workload(num: int, lo: int, hi: int, vocab: int, seed: int = 0):
 
 class StepRecorder:
     """Logs each engine step's shape (for the roofline and the calibration fit) and its
-    measured time (forward + sampling, synchronised), from the engine's own speed hook;
-    and, per step, where the host time goes."""
+    measured time (the engine's own: GPU time between events with asynchronous scheduling,
+    launch to synchronisation without), from the engine's speed hook; and, per step, where
+    the host time goes."""
 
     def __init__(self, eng):
-        import kvgrid.engine.llm_engine as le
-
-        self.eng, self.le = eng, le
+        self.eng = eng
         # (tokens, seq_lens, q_lens, seconds)
         self.steps: list[tuple[int, list[int], list[int], float]] = []
         self.host: list[dict[str, float]] = []
+        self._shapes: dict[int, tuple[int, list[int], list[int]]] = {}
         self._orig = {
             "record": eng._record_speed,
             "step": eng.step,
+            "launch": eng._launch,
+            "complete": eng._complete,
             "schedule": eng.scheduler.schedule,
             "prepare": eng.runner.prepare,
             "execute": eng.runner.execute,
-            "sample": le.sample,
         }
         cur: dict[str, float] = {}
 
@@ -659,16 +663,18 @@ class StepRecorder:
 
             return wrapper
 
-        def record(sched, seconds):
+        def launch(sched, prev):
             batch = sched.scheduled
-            self.steps.append(
-                (
-                    sum(s.num_tokens for s in batch),
-                    [s.seq.num_computed_tokens + s.num_tokens for s in batch],
-                    [s.num_tokens for s in batch],
-                    seconds,
-                )
+            # shapes before the launch advances the sequences
+            self._shapes[id(sched)] = (
+                sum(s.num_tokens for s in batch),
+                [s.seq.num_computed_tokens + s.num_tokens for s in batch],
+                [s.num_tokens for s in batch],
             )
+            return self._orig["launch"](sched, prev)
+
+        def record(sched, seconds):
+            self.steps.append((*self._shapes.pop(id(sched)), seconds))
             return self._orig["record"](sched, seconds)
 
         step_fn = timed("step", self._orig["step"])
@@ -682,35 +688,28 @@ class StepRecorder:
 
         eng._record_speed = record
         eng.step = step
+        eng._launch = timed("launch", launch)
+        eng._complete = timed("complete", self._orig["complete"])
         eng.scheduler.schedule = timed("schedule", self._orig["schedule"])
         eng.runner.prepare = timed("prepare", self._orig["prepare"])
         eng.runner.execute = timed("execute", self._orig["execute"])
-        le.sample = timed("sample", self._orig["sample"])
 
     def close(self):
-        for name in ("step", "_record_speed"):
+        for name in ("step", "_record_speed", "_launch", "_complete"):
             self.eng.__dict__.pop(name, None)
         self.eng.scheduler.__dict__.pop("schedule", None)
         self.eng.runner.__dict__.pop("prepare", None)
         self.eng.runner.__dict__.pop("execute", None)
-        self.le.sample = self._orig["sample"]
 
     def host_breakdown(self, decode_only: bool = True) -> dict:
-        """Median milliseconds per step: the whole step; scheduling; input preparation; the
-        forward's launch (execute, prepare included, no wait); sampling (waits for the GPU);
-        and the rest (output bookkeeping)."""
+        """Median milliseconds per step call: the whole call; scheduling; input preparation;
+        the forward's launch (execute, prepare included); the launch with sampling; the
+        completion of a step (waiting for its GPU work, then output bookkeeping)."""
         rows = [h for h, st in zip(self.host, self.steps) if not decode_only or max(st[2]) == 1]
         if not rows:
             return {}
-        keys = ("step", "schedule", "prepare", "execute", "sample")
+        keys = ("step", "schedule", "prepare", "execute", "launch", "complete")
         med = {k: statistics.median(r.get(k, 0.0) for r in rows) * 1e3 for k in keys}
-        med["other"] = (
-            statistics.median(
-                (r["step"] - r.get("schedule", 0) - r.get("execute", 0) - r.get("sample", 0))
-                for r in rows
-            )
-            * 1e3
-        )
         med["steps"] = len(rows)
         return {f"{k}_ms" if k != "steps" else k: v for k, v in med.items()}
 
@@ -738,6 +737,7 @@ def run_engine(eng, workload, energy: Energy | None = None, record=None) -> dict
     from kvgrid.engine.sampling_params import SamplingParams
 
     times: dict[str, list[float]] = {}
+    tokens: dict[str, list[int]] = {}
     sync()
     j0 = energy.read() if energy else None
     t0 = time.perf_counter()
@@ -747,6 +747,7 @@ def run_engine(eng, workload, energy: Energy | None = None, record=None) -> dict
             rid, prompt, SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True)
         )
         times[rid] = []
+        tokens[rid] = []
     steps = 0
     step_s = []
     while eng.has_unfinished_requests():
@@ -757,6 +758,7 @@ def run_engine(eng, workload, energy: Energy | None = None, record=None) -> dict
         steps += 1
         for o in outs:
             times[o.request_id] += [now] * len(o.new_token_ids)
+            tokens[o.request_id] += o.new_token_ids
     elapsed = time.perf_counter() - t0
     n_out = sum(len(t) for t in times.values())
     ttft = [t[0] - t0 for t in times.values()]
@@ -774,6 +776,11 @@ def run_engine(eng, workload, energy: Energy | None = None, record=None) -> dict
         "itl_p99_ms": pct(itl, 99) * 1e3,
         "step_p50_ms": pct(step_s, 50) * 1e3,
         "preemptions": eng.stats()["num_preemptions"],
+        # per request, in workload order: compares runs of the same workload
+        "token_digests": [
+            hashlib.blake2b(json.dumps(t).encode(), digest_size=8).hexdigest()
+            for t in tokens.values()
+        ],
     }
     res["itl_p99_over_p50"] = res["itl_p99_ms"] / res["itl_p50_ms"] if itl else float("nan")
     if energy:
@@ -1234,6 +1241,21 @@ def summary() -> None:
                     "",
                 )
             )
+    for key, base, label in (
+        ("B_sync", "B", "B, sync sched."),
+        ("A_ours_sync", "A_ours", "A, sync sched."),
+    ):
+        if key in P:
+            x = P[key]
+            a = P.get(base, {}).get("token_digests", [])
+            same = sum(i == j for i, j in zip(a, x["token_digests"]))
+            rows.append(
+                (
+                    label,
+                    f"{x.get('decode_tok_s') or x['output_tok_s']:.0f} tok/s, ITL p50/p99 {x['itl_p50_ms']:.2f}/{x['itl_p99_ms']:.2f} ms",
+                    f"{x['of_roofline']:.0%} of roofline; same tokens as async in {same}/{len(a)} requests",
+                )
+            )
     if "C_ours" in P:
         c, h = P["C_ours"], P.get("C_hf", {})
         for n in (8192, 32768):
@@ -1275,7 +1297,7 @@ def summary() -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--phases", default="env,tests,kernels,correct,B,C,A,hf")
+    ap.add_argument("--phases", default="env,tests,kernels,correct,B,C,A,sync,hf")
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -1284,6 +1306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=32768 + 1024)
     ap.add_argument("--num-kv-blocks", type=int, default=5000)
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--async-scheduling", default="on", choices=["on", "off"])
     ap.add_argument("--hf-deadline-s", type=float, default=240.0)
     args = ap.parse_args(argv)
     phases = set(args.phases.split(","))
@@ -1317,10 +1340,18 @@ def main(argv=None) -> int:
             run_phase("correct", phase_correct, args, eng, hf)
         if "B" in phases:
             run_phase("B", phase_B, args, eng, energy)
+            if "sync" in phases:  # the same without asynchronous scheduling
+                eng._async = False
+                run_phase("B_sync", phase_B, args, eng, energy)
+                eng._async = eng.config.async_scheduling is not False
         if "C" in phases:
             run_phase("C_ours", phase_C_ours, args, eng, energy)
         if "A" in phases:
             run_phase("A_ours", phase_A_ours, args, eng, energy)
+            if "sync" in phases:
+                eng._async = False
+                run_phase("A_ours_sync", phase_A_ours, args, eng, energy)
+                eng._async = eng.config.async_scheduling is not False
             if args.small_budget:
                 # the same workload with a smaller step budget: shorter mixed steps
                 with_budget(eng, args.small_budget)

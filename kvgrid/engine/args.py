@@ -34,6 +34,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument(
+        "--async-scheduling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="launch each step before reading back the last one's tokens (auto: on for CUDA)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     add_store_args(parser)
 
@@ -103,5 +109,6 @@ def engine_config_from_args(args: argparse.Namespace, name: str = "local") -> En
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         kv_store=store_config_from_args(args, name),
     )

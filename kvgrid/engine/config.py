@@ -30,6 +30,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "torch" | "triton"; auto picks triton on CUDA
     cuda_graphs: bool = True
+    # launch each step before reading back the last one's tokens (host work overlaps the
+    # GPU's); None: on for CUDA, off on the CPU where nothing runs asynchronously
+    async_scheduling: bool | None = None
     max_logprobs: int = 20
     # The context store below G1 (G2 host memory, G3 disk, G4 shared); None: G1 only.
     kv_store: StoreConfig | None = None

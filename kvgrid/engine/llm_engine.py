@@ -15,7 +15,7 @@ from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.model_runner import ModelRunner
 from kvgrid.engine.outputs import CompletionOutput, RequestOutput
-from kvgrid.engine.sampler import sample
+from kvgrid.engine.sampler import sample_on_device, sampler_output
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.engine.scheduler import Scheduler, SchedulerOutput
 from kvgrid.engine.sequence import Sequence, SequenceStatus
@@ -26,6 +26,20 @@ if TYPE_CHECKING:
     from kvgrid.store.connector import StoreConnector
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Step:
+    """A launched step whose tokens the host has not read yet."""
+
+    sched: SchedulerOutput
+    sampled: list[Sequence]
+    tokens: torch.Tensor | None  # [len(sampled)] on the device
+    logprobs_all: torch.Tensor | None
+    t0: float
+    deferred: bool = False  # completed after the next step is launched
+    host_tokens: torch.Tensor | None = None  # pinned copy of tokens, in flight
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # start, end on the GPU
 
 
 class LLMEngine:
@@ -56,6 +70,12 @@ class LLMEngine:
             or (self.tokenizer.eos_token_ids if self.tokenizer else ())
         )
         self.seqs: dict[str, Sequence] = {}
+        self._async = (
+            config.async_scheduling
+            if config.async_scheduling is not None
+            else self.device.type == "cuda"
+        )
+        self._in_flight: _Step | None = None
         self._scope_digests: dict[bytes, bytes] = {}
         self.counters = {
             "prompt_tokens": 0,
@@ -95,6 +115,9 @@ class LLMEngine:
     def close(self) -> None:
         """Write G1's cached blocks to the context store, then stop its background I/O once
         the queued writes have landed: a restarted engine finds the context again."""
+        if self._in_flight is not None:
+            step, self._in_flight = self._in_flight, None
+            self._complete(step)
         if self.connector is not None:
             self.scheduler.offload_cached()
             self.connector.store.flush()
@@ -178,48 +201,105 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step; return the outputs of the steps that finished.
+
+        With asynchronous scheduling (CUDA), a step's sampled tokens stay on the device:
+        the next step is scheduled and launched first (its inputs taken from the device),
+        and only then are this step's tokens read back and checked for stops, so the host
+        work of one step overlaps the GPU work of the next. A request that stops on a token
+        was already scheduled one step further; that step's token for it is dropped.
+        """
+        prev, self._in_flight = self._in_flight, None
         sched = self.scheduler.schedule()
         if sched.empty:
+            if prev is not None:
+                return self._complete(prev)
             # only store loads are pending: wait for one (briefly) rather than let the caller
             # spin, which would keep the loader threads from the GIL between their copies
             self.scheduler.wait_for_loads(0.002)
             return []
+        step = self._launch(sched, prev)
+        outputs = self._complete(prev) if prev is not None else []
+        if step.deferred:
+            self._in_flight = step
+            return outputs
+        return outputs + self._complete(step)
+
+    def _launch(self, sched: SchedulerOutput, prev: _Step | None) -> _Step:
         t0 = time.perf_counter()
-        logits, _ = self.runner.execute(sched.scheduled)
+        timed = self._async and self.device.type == "cuda"
+        start = end = None
+        if timed:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        logits, _ = self.runner.execute(sched.scheduled, prev.tokens if prev is not None else None)
         sampled = [
             s.seq
             for s in sched.scheduled
             if s.seq.num_computed_tokens + s.num_tokens == s.seq.num_tokens
         ]
-        result = sample(logits, sampled, self.eos_ids) if sampled else None
-        if self.device.type == "cuda":
-            # this stream only: store loads copying on the loader's stream must not hold up
-            # the step (a forward over their blocks has waited for them on this stream)
-            torch.cuda.current_stream().synchronize()
-        seconds = time.perf_counter() - t0
-        self._record_speed(sched, seconds)
-        if self.device.type == "cuda":  # CPU step times are too noisy to steer batching
-            self.scheduler.observe_step(sched, seconds)
-
+        tokens = logprobs_all = None
+        if sampled:
+            tokens, logprobs_all = sample_on_device(logits, sampled, self.eos_ids)
         for item in sched.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+        for row, seq in enumerate(sampled):
+            seq.push_pending(row)
+        step = _Step(sched, sampled, tokens, logprobs_all, t0)
+        # logprobs are read on the host against the chosen token: such steps complete now
+        step.deferred = self._async and logprobs_all is None
+        if timed and step.deferred:
+            if tokens is not None:
+                step.host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                step.host_tokens.copy_(tokens, non_blocking=True)
+            end.record()
+            step.events = (start, end)
+        return step
+
+    def _complete(self, step: _Step) -> list[RequestOutput]:
+        """Read back ``step``'s tokens (waiting for its GPU work only), then do its host
+        work: name its full blocks, append tokens, check stops, build outputs."""
+        if step.events is not None:
+            step.events[1].synchronize()
+            seconds = step.events[0].elapsed_time(step.events[1]) / 1e3
+            host = step.host_tokens
+        else:
+            host = step.tokens
+            if self.device.type == "cuda":
+                # this stream only: store loads copying on the loader's stream must not hold
+                # up the step (a forward over their blocks has waited for them on this stream)
+                torch.cuda.current_stream().synchronize()
+            seconds = time.perf_counter() - step.t0
+        token_list = host.tolist() if host is not None else []
+        result = sampler_output(token_list, step.logprobs_all, step.sampled)
+        self._record_speed(step.sched, seconds)
+        if self.device.type == "cuda":  # CPU step times are too noisy to steer batching
+            self.scheduler.observe_step(step.sched, seconds)
+
+        bs = self.config.block_size
+        for item in step.sched.scheduled:
             seq = item.seq
-            seq.num_computed_tokens += item.num_tokens
-            full = seq.num_computed_tokens // self.config.block_size
+            if seq.is_finished:
+                continue
+            # only blocks whose tokens are all known can be named
+            full = min(seq.num_computed_tokens, seq.num_known_tokens) // bs
             self.block_manager.commit_full_blocks(seq, seq.block_keys(full))
         outputs = []
         now = time.monotonic()
-        for i, seq in enumerate(sampled):
+        for i, seq in enumerate(step.sampled):
+            if seq.is_finished:
+                continue  # stopped (or aborted) on an earlier token while this step ran
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.counters["prompt_tokens"] += seq.num_prompt_tokens
                 self.counters["prefix_cache_queries"] += seq.num_prompt_tokens
                 self.counters["prefix_cache_hits"] += seq.num_cached_tokens or 0
-            self._append_token(seq, result.token_ids[i], result.logprobs[i])
+            self._accept_token(seq, token_list[i], result.logprobs[i])
             if seq.is_finished:
                 self.scheduler.finish(seq)
                 self.seqs.pop(seq.request_id, None)
@@ -227,8 +307,8 @@ class LLMEngine:
             outputs.append(self._make_output(seq))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, lp) -> None:
-        seq.append_token(token)
+    def _accept_token(self, seq: Sequence, token: int, lp) -> None:
+        seq.resolve_pending(token)
         self.counters["generation_tokens"] += 1
         if lp is not None:
             seq.cumulative_logprob += lp[0]
@@ -244,7 +324,7 @@ class LLMEngine:
                 return self._finish(seq, "stop", token)
             if p.stop and self._check_stop_strings(seq):
                 return None
-        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        if n_out >= seq.max_tokens or seq.num_known_tokens >= self.max_model_len:
             self._finish(seq, "length", None)
         return None
 
@@ -266,6 +346,7 @@ class LLMEngine:
             seq.text += seq.detokenizer.flush()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.drop_pending()
 
     def _make_output(self, seq: Sequence) -> RequestOutput:
         # hold back text that may be the start of a stop string until it is decided

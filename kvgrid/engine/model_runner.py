@@ -122,20 +122,29 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------------------
 
     def prepare(
-        self, batch: list[ScheduledSeq]
+        self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten a scheduled batch into model inputs. Host work here is per sequence, not
-        per token, so a large decode batch costs well under a millisecond."""
+        per token, so a large decode batch costs well under a millisecond. ``prev_tokens``:
+        the sampled tokens of the step still in flight, for inputs not yet read back."""
         bs = self.block_size
         n_seq = len(batch)
         counts = np.fromiter((item.num_tokens for item in batch), np.int64, n_seq)
         starts = np.fromiter((item.seq.num_computed_tokens for item in batch), np.int64, n_seq)
         max_blocks = max(len(item.seq.block_table) for item in batch)
         tables = np.zeros((n_seq, max_blocks), dtype=np.int32)
-        input_ids = []
+        input_ids: list[int] = []
+        # inputs that are the last step's tokens, still on the device (asynchronous
+        # scheduling): (position in this batch, row of that step's sampled tokens)
+        pending_at, pending_rows = [], []
         for i, item in enumerate(batch):
             seq, start = item.seq, int(starts[i])
             tables[i, : len(seq.block_table)] = seq.block_table
+            if seq.num_pending:
+                at = seq.num_known_tokens - start
+                if 0 <= at < item.num_tokens:
+                    pending_at.append(len(input_ids) + at)
+                    pending_rows.append(seq.pending_rows[0])
             input_ids += seq.token_ids[start : start + item.num_tokens]
         qsl = np.zeros(n_seq + 1, dtype=np.int64)
         np.cumsum(counts, out=qsl[1:])
@@ -151,7 +160,16 @@ class ModelRunner:
         # a pinned allocation and a launch, and a decode step is a few milliseconds
         n_tok = int(qsl[-1])
         ids_np = np.asarray(input_ids, dtype=np.int64)
-        i64 = np.concatenate([ids_np, positions, slots, np.asarray(sample_idx, np.int64)])
+        n_pend = len(pending_at)
+        i64 = np.concatenate(
+            [
+                ids_np,
+                positions,
+                slots,
+                np.asarray(pending_at + pending_rows, np.int64),
+                np.asarray(sample_idx, np.int64),
+            ]
+        )
         i32 = np.concatenate([qsl, seq_lens, starts, tables.ravel()]).astype(np.int32)
         d64, d32 = self._to_device(i64), self._to_device(i32)
         s1 = n_seq + 1
@@ -167,8 +185,15 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist(),
             context_lens_cpu=starts.tolist(),
         )
-        self._sample_rows = d64[3 * n_tok :]
-        return d64[:n_tok], d64[n_tok : 2 * n_tok], meta, sample_idx
+        self._sample_rows = d64[3 * n_tok + 2 * n_pend :]
+        ids = d64[:n_tok]
+        if n_pend:
+            if prev_tokens is None:
+                raise RuntimeError("a batch input is a pending token but no step is in flight")
+            at = d64[3 * n_tok : 3 * n_tok + n_pend]
+            rows = d64[3 * n_tok + n_pend : 3 * n_tok + 2 * n_pend]
+            ids[at] = prev_tokens[rows]  # on the device: the host has not seen them yet
+        return ids, d64[n_tok : 2 * n_tok], meta, sample_idx
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -177,9 +202,11 @@ class ModelRunner:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[int]]:
+    def execute(
+        self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, list[int]]:
         """Run one forward pass; logits [n_sampled, vocab] for the rows that sample."""
-        ids, pos, meta, sample_idx = self.prepare(batch)
+        ids, pos, meta, sample_idx = self.prepare(batch, prev_tokens)
         # prefixes still landing from the store: this forward waits for them layer by layer
         # (all at once before a graph replay); afterwards the stream is ordered behind them
         landings = [item.seq.kv_landing for item in batch if item.seq.kv_landing is not None]

@@ -41,12 +41,21 @@ def _apply_top_k_top_p(
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> SamplerOutput:
     """Pick one token per row of `logits` ([B, vocab], float32) for `seqs`."""
+    tokens, logprobs_all = sample_on_device(logits, seqs, eos_ids)
+    return sampler_output(tokens.tolist(), logprobs_all, seqs)
+
+
+@torch.inference_mode()  # the logits come out of the forward's inference mode
+def sample_on_device(
+    logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens as a device tensor [B] (int64), without waiting for them, and the
+    log-softmax of every row when some row asks for logprobs (else None)."""
     device = logits.device
-    b = len(seqs)
     # suppress stop tokens until min_tokens are out
     for i, seq in enumerate(seqs):
         p = seq.params
-        if p.min_tokens and len(seq.output_token_ids) < p.min_tokens:
+        if p.min_tokens and seq.num_output_tokens < p.min_tokens:
             banned = list(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids))
             if banned:
                 logits[i, banned] = float("-inf")
@@ -78,7 +87,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
                 noise[j] = torch.empty_like(probs[j]).exponential_(generator=g)
         tokens[rows] = (probs / noise).argmax(dim=-1)
 
-    token_list = tokens.tolist()
+    return tokens, logprobs_all
+
+
+def sampler_output(
+    token_list: list[int], logprobs_all: torch.Tensor | None, seqs: list[Sequence]
+) -> SamplerOutput:
+    """Logprobs for the chosen tokens, once they are known on the host."""
+    b = len(seqs)
     lp_out: list[tuple[float, dict[int, float]] | None] = [None] * b
     if logprobs_all is not None:
         for i, seq in enumerate(seqs):

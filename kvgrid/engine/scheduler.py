@@ -90,6 +90,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.FINISHED
+        seq.drop_pending()
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -128,6 +129,8 @@ class Scheduler:
         for seq in order:
             if seq.status != SequenceStatus.RUNNING or budget == 0:
                 continue
+            if seq.num_pending and seq.num_output_tokens >= seq.max_tokens:
+                continue  # its token still in flight is its last (asynchronous scheduling)
             if seq.load_future is not None:
                 self._try_finish_load(seq)
             prefilling = _prefilling(seq)
@@ -157,7 +160,7 @@ class Scheduler:
             return False
         if not (self.waiting or any(_prefilling(s) for s in self.running)):
             return False
-        return all(len(s.output_token_ids) <= 1 for s in self.running if not _prefilling(s))
+        return all(s.num_output_tokens <= 1 for s in self.running if not _prefilling(s))
 
     def _mixed_prefill_budget(self) -> int:
         """Prompt tokens a step that also decodes may carry: as many as keep it within

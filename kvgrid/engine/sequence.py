@@ -11,6 +11,8 @@ import torch
 from kvgrid import keys
 from kvgrid.engine.sampling_params import SamplingParams
 
+PENDING = -1  # a token id not yet read back from the device (see Sequence.num_pending)
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -35,6 +37,11 @@ class Sequence:
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.token_ids = list(prompt_token_ids)  # prompt + output, grown in place
+        # Asynchronous scheduling: tokens sampled on the device but not yet read back sit at
+        # the end of token_ids as PENDING (the next step takes them from the device; the
+        # host fills them in a step later). pending_rows: each one's row in its step's
+        # sampled tokens. output_token_ids holds known tokens only.
+        self.pending_rows: list[int] = []
         self.params = params
         self.scope_digest = scope_digest
         self.tenant = tenant
@@ -80,6 +87,38 @@ class Sequence:
         self.output_token_ids.append(token)
 
     @property
+    def num_pending(self) -> int:
+        return len(self.pending_rows)
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) - self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, including those not yet read back."""
+        return len(self.output_token_ids) + self.num_pending
+
+    def push_pending(self, row: int) -> None:
+        """A token was sampled into row ``row`` of this step's device tensor."""
+        self.token_ids.append(PENDING)
+        self.pending_rows.append(row)
+
+    def resolve_pending(self, token: int) -> None:
+        """The earliest pending token is ``token``."""
+        if not self.num_pending:
+            raise RuntimeError(f"{self.request_id}: no pending token to resolve")
+        self.token_ids[len(self.token_ids) - self.num_pending] = token
+        self.output_token_ids.append(token)
+        del self.pending_rows[0]
+
+    def drop_pending(self) -> None:
+        """Forget tokens sampled after the sequence finished (their step ran speculatively)."""
+        if self.pending_rows:
+            del self.token_ids[-self.num_pending :]
+            self.pending_rows.clear()
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -94,6 +133,8 @@ class Sequence:
     def block_keys(self, num_blocks: int) -> list[bytes]:
         """Keys of the first `num_blocks` full blocks, extending the cached chain as needed."""
         if num_blocks > len(self._keys):
+            if num_blocks * self.block_size > self.num_known_tokens:
+                raise RuntimeError(f"{self.request_id}: block keys over tokens not yet known")
             tokens = self.all_token_ids
             parent = self._keys[-1] if self._keys else None
             self._keys += keys.block_keys(
