@@ -1,0 +1,287 @@
+"""Small-batch products ``x @ w.T`` (M <= 8 rows) as a bandwidth-bound Triton GEMV.
+
+At batch 1 a decode step is a stream over every weight once: its floor is the weight bytes
+over HBM bandwidth. cuBLAS's M=1 products reach only 17-68% of the copy bandwidth on an
+H200 (issue #3). Here each program owns BLOCK_N rows of ``w`` and streams them along K in
+wide loads, with x (a few KiB) re-read from L1; split-K gives the N=4096 shapes enough
+programs to fill the SMs, its fp32 partials summed in a fixed order by a second kernel
+(deterministic, unlike atomics).
+
+The best tile depends on the shape and on M, so ``linear`` looks it up per (M bucket, N, K):
+first in ``PINNED`` (winners pasted from bench/gpu_gemv.py), then in the tuner's cache;
+an unseen shape is tuned on first use by timing ``candidates`` against ``F.linear``, whose
+win is recorded as ``None`` (keep cuBLAS). Tuning launches and synchronises, so it never
+runs inside CUDA-graph capture: the model runner tunes its shapes before capture (``tune``),
+and a capture that still meets an unseen shape uses ``F.linear`` there.
+
+``KVGRID_GEMV=0`` in the environment switches the kernel off process-wide (for A/B runs);
+EngineConfig.gemv switches it per engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# Largest row count (tokens) that takes the GEMV; above it the product is no longer
+# bandwidth-bound enough for a CUDA-core kernel to beat cuBLAS.
+MAX_M = 8
+ENABLED = os.environ.get("KVGRID_GEMV", "1") != "0"
+# tests set this to run the kernels on CPU tensors (TRITON_INTERPRET=1), float32 included
+force_triton = False
+
+_GPU_DTYPES = (torch.bfloat16, torch.float16)
+_DEFAULT_SMS = 132  # H100/H200; the interpreter has no SM count
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # output rows (rows of w) per program
+    block_k: int  # elements of K per load
+    split_k: int = 1  # programs per row block, each over a slice of K
+    num_warps: int = 4
+    num_stages: int = 1
+    dot: bool = False  # tl.dot on x padded to 16 rows (tensor cores) instead of FMA + sum
+
+
+# (M bucket, N, K) -> winner from bench/gpu_gemv.py; None: F.linear (cuBLAS) was faster.
+PINNED: dict[tuple[int, int, int], GemvConfig | None] = {}
+_tuned: dict[tuple[int, int, int], GemvConfig | None] = {}
+
+
+def m_bucket(m: int) -> int:
+    """Configs are chosen per power of two of M (the CUDA-graph decode buckets)."""
+    return _pow2(m)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def candidates(m: int, n: int, k: int, sms: int = _DEFAULT_SMS) -> list[GemvConfig]:
+    """The configs the tuner times for one shape (~16): a few tile shapes for each of the
+    FMA and tensor-core paths, each alone and split along K until the grid covers the SMs
+    about four times over."""
+    bases = [
+        GemvConfig(2, 1024, num_warps=4),
+        GemvConfig(4, 512, num_warps=4),
+        GemvConfig(4, 1024, num_warps=4),
+        GemvConfig(8, 512, num_warps=4),
+        GemvConfig(8, 512, num_warps=8),
+        GemvConfig(16, 256, num_warps=4),
+        GemvConfig(16, 512, num_warps=8),
+        GemvConfig(8, 256, num_warps=4, num_stages=3),
+        GemvConfig(16, 128, num_warps=4, num_stages=4, dot=True),
+        GemvConfig(32, 128, num_warps=4, num_stages=4, dot=True),
+        GemvConfig(16, 256, num_warps=4, num_stages=3, dot=True),
+        GemvConfig(32, 256, num_warps=8, num_stages=3, dot=True),
+    ]
+    out: list[GemvConfig] = []
+    for c in bases:
+        # the FMA paths hold an fp32 partial per (row of x, loaded element) in registers
+        partials = m_bucket(m) * c.block_n * c.block_k // (32 * c.num_warps)
+        if c.block_k > max(16, _pow2(k)) or (not c.dot and partials > 64):
+            continue  # a tile wider than K, or too many registers
+        out.append(c)
+        row_blocks = _cdiv(n, c.block_n)
+        split = 1
+        while row_blocks * split < 4 * sms and k // (2 * split) >= c.block_k:
+            split *= 2
+        if split > 1:
+            out.append(GemvConfig(c.block_n, c.block_k, split, c.num_warps, c.num_stages, c.dot))
+    return out
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"gemv: w must be 2-D [N, K], got shape {tuple(w.shape)}")
+    if x.dim() != 2:
+        raise ValueError(f"gemv: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemv: x has K={x.shape[1]} but w has K={w.shape[1]}")
+    if not w.is_contiguous() or x.stride(1) != 1:
+        raise ValueError("gemv: w must be contiguous and x's rows contiguous")
+    if x.dtype != w.dtype or x.dtype not in (*_GPU_DTYPES, torch.float32):
+        raise ValueError(f"gemv: x and w must share a float dtype, got {x.dtype}, {w.dtype}")
+    if x.shape[0] > 16:
+        raise ValueError(f"gemv: M={x.shape[0]} rows; the kernel is for M <= 16")
+    if bias is not None and (bias.shape != (w.shape[0],) or not bias.is_contiguous()):
+        raise ValueError(f"gemv: bias must be contiguous [N={w.shape[0]}]")
+
+
+def gemv(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig
+) -> torch.Tensor:
+    """``x @ w.T + bias`` [M, N] in x's dtype, accumulated in float32, with ``config``."""
+    _check(x, w, bias)
+    from kvgrid.engine import gemv_kernels as gk
+
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+    c = config
+    k_per_split = _cdiv(_cdiv(k, c.split_k), c.block_k) * c.block_k
+    splits = _cdiv(k, k_per_split)  # a rounded-up slice can leave the last splits empty
+    out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    has_bias = bias is not None
+    b = bias if has_bias else w
+    gk._gemv_kernel[(_cdiv(n, c.block_n), splits)](
+        x,
+        w,
+        b,
+        out,
+        m,
+        n,
+        k,
+        k_per_split,
+        x.stride(0),
+        w.stride(0),
+        n,  # y and the partials are both [.., M, N] contiguous
+        m * n,
+        HAS_BIAS=has_bias,
+        SPLIT_K=splits,
+        EVEN_K=k % k_per_split == 0,
+        USE_DOT=c.dot,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=16 if c.dot else m_bucket(m),
+        BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k,
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+    )
+    if splits > 1:
+        block = min(1024, _pow2(n))
+        gk._gemv_reduce_kernel[(m, _cdiv(n, block))](
+            out, b, y, m, n, n, HAS_BIAS=has_bias, SPLIT_K=splits, BLOCK=block, num_warps=4
+        )
+    return y
+
+
+# ---- tuning -----------------------------------------------------------------------------
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn``, L2 flushed between runs (decode streams weights that
+    the previous layers evicted)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def tune_one(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+) -> GemvConfig | None:
+    """Time every candidate (and F.linear) on these tensors; cache and return the fastest,
+    ``None`` when cuBLAS wins. Candidates that fail to compile are skipped."""
+    m, k = x.shape
+    n = w.shape[0]
+    key = (m_bucket(m), n, k)
+    best: GemvConfig | None = None
+    best_ms = _time_ms(lambda: F.linear(x, w, bias))
+    for c in candidates(m, n, k, _sm_count(x.device)):
+        try:
+            ms = _time_ms(lambda c=c: gemv(x, w, bias, c))
+        except Exception as e:  # out of shared memory or registers on this device
+            log.debug("gemv candidate %s failed on %s: %s", c, key, e)
+            continue
+        if ms < best_ms:
+            best, best_ms = c, ms
+    _tuned[key] = best
+    log.info("gemv %s: %s (%.1f us)", key, best or "F.linear", best_ms * 1e3)
+    return best
+
+
+def tune(
+    shapes: Iterable[tuple[int, int]],
+    ms: Sequence[int] = (1, 2, 4, 8),
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cuda",
+) -> dict[tuple[int, int, int], GemvConfig | None]:
+    """Tune every (N, K) weight shape for every M bucket not already pinned or tuned, on
+    random tensors; returns the choices. Call before CUDA-graph capture."""
+    done: dict[tuple[int, int, int], GemvConfig | None] = {}
+    for n, k in dict.fromkeys(shapes):
+        todo = [m for m in ms if (m_bucket(m), n, k) not in PINNED | _tuned]
+        if not todo:
+            continue
+        w = torch.randn(n, k, dtype=dtype, device=device) * k**-0.5
+        for m in todo:
+            x = torch.randn(m, k, dtype=dtype, device=device)
+            done[(m_bucket(m), n, k)] = tune_one(x, w)
+        del w
+    return done
+
+
+def config_for(m: int, n: int, k: int) -> tuple[bool, GemvConfig | None]:
+    """``(known, config)``: whether (M bucket, N, K) is pinned or tuned, and its choice."""
+    key = (m_bucket(m), n, k)
+    for table in (PINNED, _tuned):
+        if key in table:
+            return True, table[key]
+    return False, None
+
+
+# ---- dispatch ---------------------------------------------------------------------------
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)``, through the GEMV for up to MAX_M rows of 16-bit CUDA tensors.
+
+    Everything else (CPU, float32, more rows, unusual layouts) is exactly F.linear. A shape
+    seen for the first time is tuned here, unless a CUDA graph is being captured.
+    """
+    k = x.shape[-1]
+    use = ENABLED and (force_triton or (x.is_cuda and x.dtype in _GPU_DTYPES))
+    if not use or w.dim() != 2 or w.shape[1] != k or w.dtype != x.dtype:
+        return F.linear(x, w, bias)
+    x2 = x.reshape(-1, k)
+    m, n = x2.shape[0], w.shape[0]
+    if not 0 < m <= MAX_M or not w.is_contiguous() or x2.stride(1) != 1:
+        return F.linear(x, w, bias)
+    known, config = config_for(m, n, k)
+    if not known:
+        if _capturing(x):
+            return F.linear(x, w, bias)
+        config = tune_one(x2, w, bias)
+    if config is None:
+        return F.linear(x, w, bias)
+    return gemv(x2, w, bias, config).view(*x.shape[:-1], n)
+
+
+__all__ = [
+    "MAX_M",
+    "PINNED",
+    "GemvConfig",
+    "candidates",
+    "config_for",
+    "gemv",
+    "linear",
+    "m_bucket",
+    "tune",
+    "tune_one",
+]
