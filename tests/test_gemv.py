@@ -16,6 +16,8 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 
 from kvgrid.engine import gemv as G  # noqa: E402
 from kvgrid.engine.gemv import GemvConfig  # noqa: E402
+from kvgrid.models.config import ModelConfig  # noqa: E402
+from kvgrid.models.llama import LlamaForCausalLM  # noqa: E402
 from kvgrid.models.shapes import dummy_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,6 +215,49 @@ def test_cublas_win_is_remembered(kernel_calls, monkeypatch):
     x, w, _ = operands(1, 40, 64)
     assert torch.equal(G.linear(x, w), F.linear(x, w))
     assert G._tuned == {(1, 40, 64): None} and kernel_calls == []
+
+
+def test_model_projections_and_logits_dispatch_through_linear(monkeypatch):
+    cfg = ModelConfig(
+        architecture="Qwen2ForCausalLM",
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        attention_bias=True,
+    )
+    model = LlamaForCausalLM(cfg, 64)
+    seen: list[tuple[tuple[int, ...], bool]] = []
+
+    def spy(x, w, bias=None):
+        seen.append((tuple(w.shape), bias is not None))
+        return F.linear(x, w, bias)
+
+    monkeypatch.setattr(G, "linear", spy)
+    x = torch.randn(3, 32)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    attn.qkv_proj(x), attn.o_proj(x), mlp(x), model.compute_logits(x)
+    shapes = cfg.projection_shapes()
+    assert seen == [
+        (shapes["qkv_proj"], True),  # Qwen2's qkv bias goes along
+        (shapes["o_proj"], False),
+        (shapes["gate_up_proj"], False),
+        (shapes["down_proj"], False),
+        (shapes["lm_head"], False),
+    ]
+    model.set_gemv(False)
+    attn.qkv_proj(x), mlp(x), model.compute_logits(x)
+    assert len(seen) == 5
+
+
+def test_configs_round_trip_through_json(tmp_path):
+    table = {(1, 6144, 4096): GemvConfig(8, 512, split_k=2, dot=True), (8, 4096, 4096): None}
+    G.save_configs(tmp_path / "c.json", table)
+    assert G.load_configs(tmp_path / "c.json") == table
 
 
 # ---- on the GPU: bf16 at the Llama-3-8B shapes ---------------------------------------------

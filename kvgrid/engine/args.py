@@ -34,6 +34,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument(
+        "--no-gemv", action="store_true", help="decode projections through cuBLAS, not Triton"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     add_store_args(parser)
 
@@ -103,5 +106,6 @@ def engine_config_from_args(args: argparse.Namespace, name: str = "local") -> En
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs,
+        gemv=not args.no_gemv,
         kv_store=store_config_from_args(args, name),
     )

@@ -30,6 +30,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "torch" | "triton"; auto picks triton on CUDA
     cuda_graphs: bool = True
+    # few-token projections (decode) through the Triton GEMV on CUDA (engine/gemv.py)
+    gemv: bool = True
     max_logprobs: int = 20
     # The context store below G1 (G2 host memory, G3 disk, G4 shared); None: G1 only.
     kv_store: StoreConfig | None = None

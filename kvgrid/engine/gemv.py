@@ -15,15 +15,17 @@ runs inside CUDA-graph capture: the model runner tunes its shapes before capture
 and a capture that still meets an unseen shape uses ``F.linear`` there.
 
 ``KVGRID_GEMV=0`` in the environment switches the kernel off process-wide (for A/B runs);
-EngineConfig.gemv switches it per engine.
+EngineConfig.gemv switches it per engine. ``KVGRID_GEMV_CONFIGS=path`` pins the winners a
+bench/gpu_gemv.py run wrote, so an engine started after it tunes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ _GPU_DTYPES = (torch.bfloat16, torch.float16)
 _DEFAULT_SMS = 132  # H100/H200; the interpreter has no SM count
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GemvConfig:
     block_n: int  # output rows (rows of w) per program
     block_k: int  # elements of K per load
@@ -54,6 +56,32 @@ class GemvConfig:
 # (M bucket, N, K) -> winner from bench/gpu_gemv.py; None: F.linear (cuBLAS) was faster.
 PINNED: dict[tuple[int, int, int], GemvConfig | None] = {}
 _tuned: dict[tuple[int, int, int], GemvConfig | None] = {}
+
+
+def save_configs(
+    path: str | os.PathLike, table: dict[tuple[int, int, int], GemvConfig | None]
+) -> None:
+    rows = [
+        {"m": m, "n": n, "k": k, "config": None if c is None else dataclasses.asdict(c)}
+        for (m, n, k), c in sorted(table.items())
+    ]
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def load_configs(path: str | os.PathLike) -> dict[tuple[int, int, int], GemvConfig | None]:
+    """Read winners that bench/gpu_gemv.py wrote (``$OUT/gemv_configs.json``)."""
+    with open(path) as f:
+        rows = json.load(f)
+    return {
+        (r["m"], r["n"], r["k"]): None if r["config"] is None else GemvConfig(**r["config"])
+        for r in rows
+    }
+
+
+# a sweep's winners for this process, without editing PINNED (an A/B run on a fresh GPU)
+if os.environ.get("KVGRID_GEMV_CONFIGS"):
+    PINNED.update(load_configs(os.environ["KVGRID_GEMV_CONFIGS"]))
 
 
 def m_bucket(m: int) -> int:
@@ -281,7 +309,9 @@ __all__ = [
     "config_for",
     "gemv",
     "linear",
+    "load_configs",
     "m_bucket",
+    "save_configs",
     "tune",
     "tune_one",
 ]
