@@ -194,13 +194,13 @@ def test_first_use_tunes_once_and_keeps_the_fastest(kernel_calls, monkeypatch):
     cands = G.candidates(2, 40, 300, G._sm_count(x.device))
     times = iter([1.0, 2.0, RuntimeError("out of resources"), 3.0, 0.5] + [2.0] * len(cands))
 
-    def fake_time(fn):
+    def fake_time(op, w):
         t = next(times)
         if isinstance(t, Exception):
             raise t
         return t
 
-    monkeypatch.setattr(G, "_time_ms", fake_time)
+    monkeypatch.setattr(G, "time_ms", fake_time)
     y = G.linear(x, w, b)
     assert G._tuned == {(2, 40, 300): cands[3]}
     assert kernel_calls == [cands[3]]
@@ -211,7 +211,7 @@ def test_first_use_tunes_once_and_keeps_the_fastest(kernel_calls, monkeypatch):
 
 def test_cublas_win_is_remembered(kernel_calls, monkeypatch):
     monkeypatch.setattr(G, "force_triton", True)
-    monkeypatch.setattr(G, "_time_ms", lambda fn: 1.0)  # ties go to F.linear
+    monkeypatch.setattr(G, "time_ms", lambda op, w: 1.0)  # ties go to F.linear
     x, w, _ = operands(1, 40, 64)
     assert torch.equal(G.linear(x, w), F.linear(x, w))
     assert G._tuned == {(1, 40, 64): None} and kernel_calls == []
