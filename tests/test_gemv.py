@@ -54,13 +54,16 @@ FMA, DOT = GemvConfig(4, 64), GemvConfig(16, 32, dot=True)
     "m,n,k,config,bias",
     [
         (1, 37, 300, FMA, False),  # N and K not multiples of the block
-        (2, 37, 300, FMA, True),
-        (3, 5, 100, GemvConfig(8, 128), True),  # one block wider than N and K
+        (1, 37, 300, FMA, True),
+        (1, 5, 100, GemvConfig(8, 128), True),  # one block wider than N and K
         (1, 37, 300, GemvConfig(4, 64, split_k=3), True),  # split-K, ragged last slice
-        (7, 37, 256, GemvConfig(4, 64, split_k=2), False),  # split-K, even K (no masks)
-        (4, 37, 256, GemvConfig(2, 64, split_k=8), False),  # more splits than K needs
+        (1, 37, 256, GemvConfig(4, 64, split_k=2), False),  # split-K, even K (no masks)
+        (1, 37, 256, GemvConfig(2, 64, split_k=8), False),  # more splits than K needs
         (1, 40, 200, DOT, True),
+        (2, 37, 300, DOT, True),
+        (3, 5, 100, GemvConfig(16, 128, dot=True), True),
         (5, 33, 256, DOT, False),
+        (7, 37, 256, GemvConfig(16, 64, split_k=2, dot=True), False),
         (8, 33, 300, GemvConfig(16, 64, split_k=2, dot=True), True),
         (6, 17, 96, GemvConfig(32, 32, split_k=4, dot=True), True),
     ],
@@ -77,10 +80,10 @@ def test_gemv_strided_x_rows_and_empty():
     wide = torch.zeros(3, 100, device=DEVICE)
     wide[:, 10:74] = x
     xs = wide[:, 10:74]  # rows 100 apart: still valid, only the last dim must be contiguous
-    assert rel_err(G.gemv(xs, w, b, FMA), F.linear(x, w, b)) < 1e-5
-    assert G.gemv(x[:0], w, b, FMA).shape == (0, 20)
+    assert rel_err(G.gemv(xs, w, b, DOT), F.linear(x, w, b)) < 1e-5
+    assert G.gemv(x[:0], w, b, DOT).shape == (0, 20)
     # K = 0: the product is empty, the bias remains
-    assert torch.equal(G.gemv(x[:, :0], w[:, :0], b, FMA), b.expand(3, 20))
+    assert torch.equal(G.gemv(x[:, :0], w[:, :0], b, DOT), b.expand(3, 20))
 
 
 def test_every_candidate_is_correct_on_a_small_shape():
@@ -97,10 +100,9 @@ def test_candidates_fill_the_gpu():
     assert any(c.split_k > 1 for c in cands) and any(c.dot for c in cands)
     for c in cands:
         assert -(-4096 // c.block_n) * c.split_k >= 4 * 132 or c.split_k == 1
-    # no FMA tile keeps more than 64 fp32 partials per thread
-    for m in (1, 2, 4, 8):
-        for c in G.candidates(m, 4096, 4096):
-            assert c.dot or G.m_bucket(m) * c.block_n * c.block_k <= 64 * 32 * c.num_warps
+    # FMA tiles serve M=1 only
+    assert any(not c.dot for c in cands)
+    assert all(c.dot for m in (2, 4, 8) for c in G.candidates(m, 4096, 4096))
 
 
 @pytest.mark.parametrize(
@@ -118,15 +120,17 @@ def test_bad_shapes_raise(x_shape, w_shape, match):
 
 
 def test_bad_layouts_raise():
-    x, w, _ = operands(2, 8, 64)
+    x, w, _ = operands(1, 8, 64)
     with pytest.raises(ValueError, match="contiguous"):
         G.gemv(x, w.t().contiguous().t(), None, FMA)  # column-major w
     with pytest.raises(ValueError, match="contiguous"):
-        G.gemv(x.t().contiguous().t(), w, None, FMA)
+        G.gemv(torch.zeros(64, 2, device=DEVICE).t()[:1], w, None, FMA)  # K strided
     with pytest.raises(ValueError, match="dtype"):
         G.gemv(x.double(), w.double(), None, FMA)
     with pytest.raises(ValueError, match="bias"):
         G.gemv(x, w, torch.zeros(9, device=DEVICE), FMA)
+    with pytest.raises(ValueError, match="dot=True"):
+        G.gemv(torch.cat([x, x]), w, None, FMA)
 
 
 # ---- dispatch -----------------------------------------------------------------------------
@@ -156,14 +160,14 @@ def test_cpu_tensors_take_f_linear_exactly(kernel_calls):
 def test_pinned_config_is_used_with_leading_dims_flattened(kernel_calls, monkeypatch):
     monkeypatch.setattr(G, "force_triton", True)
     x, w, b = operands(6, 40, 64, bias=True)
-    G.PINNED[(8, 40, 64)] = FMA
+    G.PINNED[(8, 40, 64)] = DOT
     y = G.linear(x.view(2, 3, 64), w, b)
     assert y.shape == (2, 3, 40)
     assert rel_err(y.reshape(6, 40), F.linear(x, w, b)) < 1e-5
-    assert kernel_calls == [FMA]
+    assert kernel_calls == [DOT]
     G.PINNED[(8, 40, 64)] = None  # pinned to cuBLAS
     G.linear(x, w, b)
-    assert kernel_calls == [FMA]
+    assert kernel_calls == [DOT]
 
 
 def test_falls_back_above_max_m_and_when_disabled(kernel_calls, monkeypatch):

@@ -5,7 +5,10 @@ over HBM bandwidth. cuBLAS's M=1 products reach only 17-68% of the copy bandwidt
 H200 (issue #3). Here each program owns BLOCK_N rows of ``w`` and streams them along K in
 wide loads, with x (a few KiB) re-read from L1; split-K gives the N=4096 shapes enough
 programs to fill the SMs, its fp32 partials summed in a fixed order by a second kernel
-(deterministic, unlike atomics).
+(deterministic, unlike atomics). Two inner products: FMA into one fp32 partial per loaded
+element, summed once at the end (M=1 only: more rows would multiply those registers), and
+tensor cores on x padded to 16 rows (any M up to 16; the MMA work is free at this
+intensity, and Triton pipelines the loads through shared memory).
 
 The best tile depends on the shape and on M, so ``linear`` looks it up per (M bucket, N, K):
 first in ``PINNED`` (winners pasted from bench/gpu_gemv.py), then in the tuner's cache;
@@ -50,7 +53,8 @@ class GemvConfig:
     split_k: int = 1  # programs per row block, each over a slice of K
     num_warps: int = 4
     num_stages: int = 1
-    dot: bool = False  # tl.dot on x padded to 16 rows (tensor cores) instead of FMA + sum
+    # tl.dot on x padded to 16 rows (tensor cores); False: FMA + one sum, for M=1 only
+    dot: bool = False
 
 
 # (M bucket, N, K) -> winner from bench/gpu_gemv.py; None: F.linear (cuBLAS) was faster.
@@ -96,36 +100,36 @@ def _sm_count(device: torch.device) -> int:
 
 
 def candidates(m: int, n: int, k: int, sms: int = _DEFAULT_SMS) -> list[GemvConfig]:
-    """The configs the tuner times for one shape (~16): a few tile shapes for each of the
-    FMA and tensor-core paths, each alone and split along K until the grid covers the SMs
-    about four times over."""
-    bases = [
+    """The configs the tuner times for one shape (up to ~24 at M=1, ~10 above): a few tile
+    shapes of the tensor-core path and, at M=1, of the FMA path, each alone and, where the
+    row blocks alone leave SMs idle, split along K until the grid covers them four times."""
+    fma = [
         GemvConfig(2, 1024, num_warps=4),
+        GemvConfig(4, 256, num_warps=2),
         GemvConfig(4, 512, num_warps=4),
         GemvConfig(4, 1024, num_warps=4),
         GemvConfig(8, 512, num_warps=4),
-        GemvConfig(8, 512, num_warps=8),
-        GemvConfig(16, 256, num_warps=4),
+        GemvConfig(8, 1024, num_warps=8),
         GemvConfig(16, 512, num_warps=8),
-        GemvConfig(8, 256, num_warps=4, num_stages=3),
+    ]
+    dot = [
         GemvConfig(16, 128, num_warps=4, num_stages=4, dot=True),
         GemvConfig(32, 128, num_warps=4, num_stages=4, dot=True),
         GemvConfig(16, 256, num_warps=4, num_stages=3, dot=True),
         GemvConfig(32, 256, num_warps=8, num_stages=3, dot=True),
+        GemvConfig(64, 128, num_warps=4, num_stages=3, dot=True),
     ]
     out: list[GemvConfig] = []
-    for c in bases:
-        # the FMA paths hold an fp32 partial per (row of x, loaded element) in registers
-        partials = m_bucket(m) * c.block_n * c.block_k // (32 * c.num_warps)
-        if c.block_k > max(16, _pow2(k)) or (not c.dot and partials > 64):
-            continue  # a tile wider than K, or too many registers
+    for c in (fma if m == 1 else []) + dot:
+        if c.block_k > max(16, _pow2(k)):
+            continue  # a tile wider than K
         out.append(c)
         row_blocks = _cdiv(n, c.block_n)
         split = 1
         while row_blocks * split < 4 * sms and k // (2 * split) >= c.block_k:
             split *= 2
         if split > 1:
-            out.append(GemvConfig(c.block_n, c.block_k, split, c.num_warps, c.num_stages, c.dot))
+            out.append(dataclasses.replace(c, split_k=split))
     return out
 
 
@@ -137,7 +141,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig) -> None:
     if w.dim() != 2:
         raise ValueError(f"gemv: w must be 2-D [N, K], got shape {tuple(w.shape)}")
     if x.dim() != 2:
@@ -150,6 +154,8 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
         raise ValueError(f"gemv: x and w must share a float dtype, got {x.dtype}, {w.dtype}")
     if x.shape[0] > 16:
         raise ValueError(f"gemv: M={x.shape[0]} rows; the kernel is for M <= 16")
+    if x.shape[0] > 1 and not config.dot:
+        raise ValueError(f"gemv: M={x.shape[0]} rows need a dot=True config (FMA: M=1)")
     if bias is not None and (bias.shape != (w.shape[0],) or not bias.is_contiguous()):
         raise ValueError(f"gemv: bias must be contiguous [N={w.shape[0]}]")
 
@@ -158,7 +164,7 @@ def gemv(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig
 ) -> torch.Tensor:
     """``x @ w.T + bias`` [M, N] in x's dtype, accumulated in float32, with ``config``."""
-    _check(x, w, bias)
+    _check(x, w, bias, config)
     from kvgrid.engine import gemv_kernels as gk
 
     m, k = x.shape
@@ -188,11 +194,11 @@ def gemv(
         n,  # y and the partials are both [.., M, N] contiguous
         m * n,
         HAS_BIAS=has_bias,
-        SPLIT_K=splits,
+        PARTIAL=splits > 1,
         EVEN_K=k % k_per_split == 0,
         USE_DOT=c.dot,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=16 if c.dot else m_bucket(m),
+        BLOCK_M=16 if c.dot else 1,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k,
         num_warps=c.num_warps,

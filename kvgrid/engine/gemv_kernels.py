@@ -7,12 +7,13 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# M is not specialised on 1: the tensor-core variant then serves every M with one compile
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr,  # [M, K], last dim contiguous
     w_ptr,  # [N, K] row-major
     b_ptr,  # [N] bias (read only with HAS_BIAS)
-    out_ptr,  # SPLIT_K == 1: y [M, N]; else fp32 partials [SPLIT_K, M, N]
+    out_ptr,  # y [M, N]; with PARTIAL fp32 partials [splits, M, N]
     M,
     N,
     K,
@@ -22,9 +23,9 @@ def _gemv_kernel(
     stride_om,
     stride_os,  # partials: the stride between splits
     HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    PARTIAL: tl.constexpr,  # split-K: store fp32 partials for _gemv_reduce_kernel
     EVEN_K: tl.constexpr,  # K % k_per_split == 0: no K masks, so loads stay vectorised
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr,  # tensor cores, BLOCK_M == 16; else FMA, M == BLOCK_M == 1
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -43,15 +44,17 @@ def _gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     w_ptrs = w_ptr + rn_load[:, None] * stride_wn + (k_start + rk)[None, :]
-    x_ptrs = x_ptr + rm_load[:, None] * stride_xm + (k_start + rk)[None, :]
-    # FMA paths keep one fp32 partial per loaded element and reduce along K once, after the
-    # loop: no cross-thread reduction per tile (BLOCK_M == 1 stays 2-D: the M=1 hot path)
     if USE_DOT:
+        x_ptrs = x_ptr + rm_load[:, None] * stride_xm + (k_start + rk)[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    elif BLOCK_M == 1:
-        acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
-        acc_mk = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # M == 1. x's row is read as a [BLOCK_N, BLOCK_K] tile (rows repeat, L1 serves
+        # them): the same shape as w's tile gets the same register layout, where a
+        # [1, BLOCK_K] load would go through shared memory, behind a barrier, every tile.
+        x_ptrs = x_ptr + (rn_load * 0)[:, None] + (k_start + rk)[None, :]
+        # one fp32 partial per loaded element, reduced along K once after the loop: no
+        # cross-thread reduction per tile
+        acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
@@ -63,26 +66,21 @@ def _gemv_kernel(
         if USE_DOT:
             # tensor cores on x padded to 16 rows: wasted MMA work is free at this intensity
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        elif BLOCK_M == 1:
-            acc_k += w.to(tl.float32) * x.to(tl.float32)
         else:
-            acc_mk += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            acc_k += w.to(tl.float32) * x.to(tl.float32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if not USE_DOT:
-        if BLOCK_M == 1:
-            acc = tl.sum(acc_k, axis=1)[None, :]
-        else:
-            acc = tl.sum(acc_mk, axis=2)
+        acc = tl.sum(acc_k, axis=1)[None, :]
 
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     offs = rm[:, None] * stride_om + rn[None, :]
-    if SPLIT_K == 1:
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * stride_os + offs, acc, mask=mask)
+    else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + pid_k * stride_os + offs, acc, mask=mask)
 
 
 @triton.jit
