@@ -283,6 +283,19 @@ def test_real_shapes_bf16_every_candidate(name):
 
 
 @cuda_only
+def test_tune_then_dispatch_on_gpu(kernel_calls):
+    n, k = LLAMA3_8B["o_proj"]
+    chosen = G.tune([(n, k)], ms=(1, 8))
+    assert set(chosen) == {(1, n, k), (8, n, k)}
+    kernel_calls.clear()  # the tuner's own runs
+    for m in (1, 8):
+        x, w, _ = operands(m, n, k, dtype=torch.bfloat16, seed=m)
+        y = G.linear(x, w)
+        assert rel_err(y, F.linear(x.float(), w.float())) < 1e-2
+    assert kernel_calls == [c for c in chosen.values() if c is not None]
+
+
+@cuda_only
 def test_capture_of_an_unseen_shape_uses_f_linear(kernel_calls):
     x, w, _ = operands(1, 256, 512, dtype=torch.bfloat16)
     F.linear(x, w)  # cuBLAS handles ready outside the graph
