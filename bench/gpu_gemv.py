@@ -108,11 +108,16 @@ def main() -> int:
     }
     log("env", env)
     t0 = time.perf_counter()
-    env["copy_GBps"] = copy_bw = copy_bandwidth(dev)
-    log(f"device copy: {copy_bw:.0f} GB/s (read + write)")
-
+    env["copy_GBps"] = copy_bandwidth(dev)
+    log(f"device copy: {env['copy_GBps']:.0f} GB/s (read + write)")
     cfg = dummy_config(args.shape)
-    ms = [int(m) for m in args.ms.split(",")]
+    report(env, args.shape, cfg, *sweep(cfg, [int(m) for m in args.ms.split(",")], env, dev), out)
+    print(f"took {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def sweep(cfg, ms: list[int], env: dict, dev: torch.device) -> tuple[list[dict], dict]:
+    """Every projection shape at every M: rows of results, and the winners per key."""
     results, winners = [], {}
     for name, (n, k) in cfg.projection_shapes().items():
         w = (torch.randn(n, k, device=dev) * k**-0.5).to(torch.bfloat16)
@@ -128,8 +133,15 @@ def main() -> int:
                 + (f"; {len(r['bad'])} candidates failed" if r["bad"] else "")
             )
         del w
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return results, winners
 
+
+def report(env: dict, shape: str, cfg, results: list[dict], winners: dict, out: Path) -> None:
+    """Writes the JSON files; prints the PINNED dict, then the table."""
+    copy_bw = env["copy_GBps"]
+    ms = sorted({r["m"] for r in results})
     # a decode step's projections at each M: every layer's four, plus the logits once
     layers = cfg.num_hidden_layers
     steps = {}
@@ -145,14 +157,14 @@ def main() -> int:
         steps[m] = {key: us / 1e3 for key, us in times.items()}
 
     G.save_configs(out / "gemv_configs.json", winners)
-    summary = {"env": env, "shape": args.shape, "step_ms": steps, "results": results}
+    summary = {"env": env, "shape": shape, "step_ms": steps, "results": results}
     (out / "gemv.json").write_text(json.dumps(summary, indent=1))
 
     print("\nPINNED = {  # bench/gpu_gemv.py on", env["gpu"])
     for key, c in sorted(winners.items()):
         print(f"    {key}: {c!r},")
     print("}")
-    print(f"\n{args.shape} on {env['gpu']}, copy {copy_bw:.0f} GB/s; GB/s = weight bytes / time")
+    print(f"\n{shape} on {env['gpu']}, copy {copy_bw:.0f} GB/s; GB/s = weight bytes / time")
     head = ("proj", "N x K", "M", "cuBLAS", "%", "Triton", "%", "x")
     print("{:<13}{:>14}{:>3}{:>9}{:>5}{:>9}{:>5}{:>6}  best config".format(*head))
     for r in results:
@@ -173,9 +185,7 @@ def main() -> int:
     print("\nprojections of one decode step (ms): floor at copy bandwidth / cuBLAS / best of both")
     for m, s in steps.items():
         print(f"  M={m}: {s['floor']:.2f} / {s['cublas']:.2f} / {s['best']:.2f}")
-    took = time.perf_counter() - t0
-    print(f"\nwrote {out / 'gemv.json'} and {out / 'gemv_configs.json'} in {took:.0f}s")
-    return 0
+    print(f"\nwrote {out / 'gemv.json'} and {out / 'gemv_configs.json'}")
 
 
 if __name__ == "__main__":

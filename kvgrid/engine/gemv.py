@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# Largest row count (tokens) that takes the GEMV; above it the product is no longer
-# bandwidth-bound enough for a CUDA-core kernel to beat cuBLAS.
+# Largest row count (tokens) that takes the GEMV (the kernel takes up to 16). Decode
+# batches up to here are bandwidth-bound; the tuner still keeps cuBLAS where it wins.
 MAX_M = 8
 ENABLED = os.environ.get("KVGRID_GEMV", "1") != "0"
 # tests set this to run the kernels on CPU tensors (TRITON_INTERPRET=1), float32 included
@@ -309,7 +309,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         return F.linear(x, w, bias)
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], w.shape[0]
-    if not 0 < m <= MAX_M or not w.is_contiguous() or x2.stride(1) != 1:
+    layout_ok = w.is_contiguous() and x2.stride(1) == 1
+    if not 0 < m <= MAX_M or not layout_ok or (bias is not None and not bias.is_contiguous()):
         return F.linear(x, w, bias)
     known, config = config_for(m, n, k)
     if not known:
