@@ -187,6 +187,7 @@ def phase_tests(args) -> dict:
             "tests/test_triton_attention.py",
             "tests/test_triton_cuda_graphs.py",
             "tests/test_fused_ops.py",
+            "tests/test_gemv.py",
         ],
         capture_output=True,
         text=True,

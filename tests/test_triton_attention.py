@@ -7,28 +7,12 @@ bfloat16 operands, so 16-bit inputs are checked on the GPU (bench/gpu_engine.py)
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+import triton_interp
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+triton_interp.setup()
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # Triton 3.6's interpreter turns scalars into 1-element arrays and calls int() on them for
-    # range(); NumPy >= 2.4 refuses that, so take the element explicitly.
-    from triton.runtime import interpreter as _interp
-
-    _patch_tensor = _interp._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        _patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = _patch_lang_tensor
 
 from kvgrid.engine.attention import triton_kernels as tk  # noqa: E402
 from kvgrid.engine.attention.base import AttentionMetadata  # noqa: E402

@@ -40,6 +40,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "on", "off"],
         help="launch each step before reading back the last one's tokens (auto: on for CUDA)",
     )
+    g.add_argument(
+        "--no-gemv", action="store_true", help="decode projections through cuBLAS, not Triton"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     add_store_args(parser)
 
@@ -110,5 +113,6 @@ def engine_config_from_args(args: argparse.Namespace, name: str = "local") -> En
         attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        gemv=not args.no_gemv,
         kv_store=store_config_from_args(args, name),
     )

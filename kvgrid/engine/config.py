@@ -33,6 +33,8 @@ class EngineConfig:
     # launch each step before reading back the last one's tokens (host work overlaps the
     # GPU's); None: on for CUDA, off on the CPU where nothing runs asynchronously
     async_scheduling: bool | None = None
+    # few-token projections (decode) through the Triton GEMV on CUDA (engine/gemv.py)
+    gemv: bool = True
     max_logprobs: int = 20
     # The context store below G1 (G2 host memory, G3 disk, G4 shared); None: G1 only.
     kv_store: StoreConfig | None = None

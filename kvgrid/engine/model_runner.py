@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from kvgrid.engine import gemv
 from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
 from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.scheduler import ScheduledSeq
@@ -55,6 +56,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.model = self._load_model()
+        self._tune_gemv()
         self.backend = make_backend(config.attention_backend, self.device)
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_blocks = self._num_kv_blocks()
@@ -98,6 +100,22 @@ class ModelRunner:
             model.load_weights(iter_weights(self.spec))
         log.info("weights ready in %.1fs", time.perf_counter() - t0)
         return model.eval()
+
+    def _tune_gemv(self) -> None:
+        """Choose the GEMV's configs for this model's projections at every decode batch it
+        may take, now: tuning times kernels, which must not happen inside graph capture
+        (and before the KV pool, so the tuner's scratch weights find room)."""
+        self.model.set_gemv(self.config.gemv)
+        if not (self.config.gemv and gemv.ENABLED and self.device.type == "cuda"):
+            return
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            return
+        top = min(gemv.MAX_M, self.config.max_num_seqs)
+        ms = sorted({gemv.m_bucket(m) for m in range(1, top + 1)})
+        t0 = time.perf_counter()
+        gemv.tune(self.spec.config.projection_shapes().values(), ms, self.dtype, self.device)
+        torch.cuda.empty_cache()
+        log.info("GEMV configs ready in %.1fs", time.perf_counter() - t0)
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks:

@@ -65,6 +65,19 @@ class ModelConfig:
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return layers * per_layer + emb + h
 
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(N, K) of each weight a token multiplies (the fused qkv and gate_up included)."""
+        h, i = self.hidden_size, self.intermediate_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        return {
+            "qkv_proj": (q + 2 * kv, h),
+            "o_proj": (h, q),
+            "gate_up_proj": (2 * i, h),
+            "down_proj": (h, i),
+            "lm_head": (self.vocab_size, h),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -2,7 +2,8 @@
 
 Runs over a flattened batch of new tokens with a paged KV cache; attention is delegated to
 an AttentionBackend so the same module runs on the CPU (torch) and the GPU (Triton).
-Projections are fused (qkv, gate_up) so each layer does four matrix products.
+Projections are fused (qkv, gate_up) so each layer does four matrix products; at a few
+tokens they are matrix-vector products, which run the Triton GEMV on the GPU.
 """
 
 from __future__ import annotations
@@ -14,9 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvgrid.engine import fused_ops
+from kvgrid.engine import fused_ops, gemv
 from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
 from kvgrid.models.config import ModelConfig, ModelError
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose few-token products on the GPU run the Triton GEMV (engine/gemv.py);
+    on the CPU, and with ``use_gemv`` off, exactly F.linear."""
+
+    use_gemv = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_gemv:
+            return gemv.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -83,10 +96,10 @@ class Attention(nn.Module):
         )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim**-0.5
@@ -114,8 +127,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False)
-        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.inter, bias=False)
+        self.down_proj = Linear(self.inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(fused_ops.silu_mul(self.gate_up_proj(x)))
@@ -172,7 +185,16 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        return (gemv.linear if self.use_gemv else F.linear)(hidden, w).float()
+
+    use_gemv = True
+
+    def set_gemv(self, enabled: bool) -> None:
+        """Route the projections and the logits through the Triton GEMV (few tokens, CUDA)."""
+        self.use_gemv = enabled
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.use_gemv = enabled
 
     # ---- weights -------------------------------------------------------------------------
 
