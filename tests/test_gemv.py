@@ -33,8 +33,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _fresh_tables(monkeypatch):
     """Each test starts with nothing pinned or tuned, and the kernel switched on."""
     monkeypatch.setattr(G, "PINNED", {})
+    monkeypatch.setattr(G, "PINNED_BY_DEVICE", {})
+    G._device_pinned.cache_clear()
     monkeypatch.setattr(G, "_tuned", {})
     monkeypatch.setattr(G, "ENABLED", True)
+
+
+@pytest.fixture(autouse=True)
+def _card_tables_back():
+    yield
+    G._device_pinned.cache_clear()  # the next user sees the real per-card table again
 
 
 def operands(m: int, n: int, k: int, dtype=torch.float32, bias: bool = False, seed: int = 0):

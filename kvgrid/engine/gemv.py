@@ -25,6 +25,7 @@ bench/gpu_gemv.py run wrote, so an engine started after it tunes nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -58,8 +59,58 @@ class GemvConfig:
 
 
 # (M bucket, N, K) -> winner from bench/gpu_gemv.py; None: F.linear (cuBLAS) was faster.
+# Per card (torch.cuda.get_device_name): Llama-3-8B shapes on an NVIDIA H200
+# (bench/results/2026-12-02-h200-async/gemv.log). Other shapes and cards are tuned at start.
+_H200: dict[tuple[int, int, int], GemvConfig | None] = {
+    (1, 4096, 4096): GemvConfig(
+        block_n=2, block_k=1024, split_k=1, num_warps=4, num_stages=1, dot=False
+    ),
+    (1, 4096, 14336): GemvConfig(
+        block_n=2, block_k=1024, split_k=1, num_warps=4, num_stages=1, dot=False
+    ),
+    (1, 6144, 4096): GemvConfig(
+        block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=1, dot=False
+    ),
+    (1, 28672, 4096): GemvConfig(
+        block_n=4, block_k=1024, split_k=1, num_warps=4, num_stages=1, dot=False
+    ),
+    (1, 128256, 4096): GemvConfig(
+        block_n=2, block_k=1024, split_k=1, num_warps=4, num_stages=1, dot=False
+    ),
+    (2, 4096, 4096): None,
+    (2, 4096, 14336): None,
+    (2, 6144, 4096): None,
+    (2, 28672, 4096): None,
+    (2, 128256, 4096): None,
+    (4, 4096, 4096): None,
+    (4, 4096, 14336): None,
+    (4, 6144, 4096): None,
+    (4, 28672, 4096): None,
+    (4, 128256, 4096): None,
+    (8, 4096, 4096): None,
+    (8, 4096, 14336): None,
+    (8, 6144, 4096): None,
+    (8, 28672, 4096): None,
+    (8, 128256, 4096): None,
+}
+PINNED_BY_DEVICE = {"NVIDIA H200": _H200}
+# winners for this process whatever the card (KVGRID_GEMV_CONFIGS below, or pasted by hand)
 PINNED: dict[tuple[int, int, int], GemvConfig | None] = {}
 _tuned: dict[tuple[int, int, int], GemvConfig | None] = {}
+
+
+@functools.cache
+def _device_pinned(index: int) -> dict[tuple[int, int, int], GemvConfig | None]:
+    return PINNED_BY_DEVICE.get(torch.cuda.get_device_name(index), {})
+
+
+def _known(device: torch.device | str = "cuda") -> dict[tuple[int, int, int], GemvConfig | None]:
+    """Every choice made so far for this card: its pinned table, PINNED, then tuned."""
+    device = torch.device(device)
+    card: dict = {}
+    if device.type == "cuda":
+        card = _device_pinned(torch.cuda.current_device() if device.index is None else device.index)
+    return {**card, **PINNED, **_tuned}
 
 
 def save_configs(
@@ -270,7 +321,7 @@ def tune(
     random tensors; returns the choices. Call before CUDA-graph capture."""
     done: dict[tuple[int, int, int], GemvConfig | None] = {}
     for n, k in dict.fromkeys(shapes):
-        todo = [m for m in ms if (m_bucket(m), n, k) not in PINNED | _tuned]
+        todo = [m for m in ms if (m_bucket(m), n, k) not in _known(device)]
         if not todo:
             continue
         w = torch.randn(n, k, dtype=dtype, device=device) * k**-0.5
@@ -281,13 +332,13 @@ def tune(
     return done
 
 
-def config_for(m: int, n: int, k: int) -> tuple[bool, GemvConfig | None]:
+def config_for(
+    m: int, n: int, k: int, device: torch.device | str = "cuda"
+) -> tuple[bool, GemvConfig | None]:
     """``(known, config)``: whether (M bucket, N, K) is pinned or tuned, and its choice."""
+    known = _known(device)
     key = (m_bucket(m), n, k)
-    for table in (PINNED, _tuned):
-        if key in table:
-            return True, table[key]
-    return False, None
+    return key in known, known.get(key)
 
 
 # ---- dispatch ---------------------------------------------------------------------------
@@ -312,7 +363,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     layout_ok = w.is_contiguous() and x2.stride(1) == 1
     if not 0 < m <= MAX_M or not layout_ok or (bias is not None and not bias.is_contiguous()):
         return F.linear(x, w, bias)
-    known, config = config_for(m, n, k)
+    known, config = config_for(m, n, k, x.device)
     if not known:
         if _capturing(x):
             return F.linear(x, w, bias)
