@@ -751,16 +751,29 @@ def run_engine(eng, workload, energy: Energy | None = None, record=None) -> dict
         tokens[rid] = []
     steps = 0
     step_s = []
+    n_outs = []
+    gc_log: list[tuple[int, float, float]] = []  # (generation, start from t0, seconds)
+    gc_t: list[float] = []
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t[:] = [time.perf_counter()]
+        elif gc_t:
+            gc_log.append((info["generation"], gc_t[0] - t0, time.perf_counter() - gc_t[0]))
+
+    gc.callbacks.append(on_gc)
     while eng.has_unfinished_requests():
         a = time.perf_counter()
         outs = eng.step()
         now = time.perf_counter()
         step_s.append(now - a)
+        n_outs.append(len(outs))
         steps += 1
         for o in outs:
             times[o.request_id] += [now] * len(o.new_token_ids)
             tokens[o.request_id] += o.new_token_ids
     elapsed = time.perf_counter() - t0
+    gc.callbacks.remove(on_gc)
     n_out = sum(len(t) for t in times.values())
     ttft = [t[0] - t0 for t in times.values()]
     itl = [b - a for t in times.values() for a, b in itertools.pairwise(t)]
@@ -774,8 +787,19 @@ def run_engine(eng, workload, energy: Energy | None = None, record=None) -> dict
         "ttft_p50_s": pct(ttft, 50),
         "ttft_p99_s": pct(ttft, 99),
         "itl_p50_ms": pct(itl, 50) * 1e3,
+        "itl_p90_ms": pct(itl, 90) * 1e3,
         "itl_p99_ms": pct(itl, 99) * 1e3,
+        "itl_max_ms": max(itl, default=0.0) * 1e3,
         "step_p50_ms": pct(step_s, 50) * 1e3,
+        "step_p99_ms": pct(step_s, 99) * 1e3,
+        # the slowest step() calls: (index, ms), for hiccups behind the ITL tail
+        "slowest_steps": sorted(enumerate(step_s), key=lambda x: -x[1])[:12],
+        "step_ms_and_outputs": [(round(x * 1e3, 2), n) for x, n in zip(step_s, n_outs)],
+        "gc": {
+            f"gen{g}": [sum(1 for x in gc_log if x[0] == g), sum(x[2] for x in gc_log if x[0] == g)]
+            for g in range(3)
+        },
+        "gc_gen12_at_s": [(g, round(at, 3), round(sec * 1e3, 2)) for g, at, sec in gc_log if g],
         "preemptions": eng.stats()["num_preemptions"],
         # per request, in workload order: compares runs of the same workload
         "token_digests": [
@@ -783,6 +807,13 @@ def run_engine(eng, workload, energy: Energy | None = None, record=None) -> dict
             for t in tokens.values()
         ],
     }
+    # where the long gaps fall (seconds from the start), to tell a burst from a steady tail
+    p50 = pct(itl, 50) if itl else 0.0
+    long_at = sorted(
+        a - t0 for t in times.values() for a, b in itertools.pairwise(t) if b - a > 1.5 * p50
+    )
+    res["itl_over_1.5x_p50"] = len(long_at)
+    res["itl_over_1.5x_p50_at_s"] = [round(x, 3) for x in long_at[:: max(1, len(long_at) // 40)]]
     res["itl_p99_over_p50"] = res["itl_p99_ms"] / res["itl_p50_ms"] if itl else float("nan")
     if energy:
         res["J_per_token"] = energy.per_token(j0, n_out)
@@ -851,7 +882,8 @@ def phase_B(args, eng, energy) -> dict:
     env = RESULTS["phases"]["env"]
     wl = make_workload(1, 1024, 1024, cfg.vocab_size, seed=2)
     wl = [(wl[0][0], 256)]
-    run_engine(eng, [(wl[0][0][:64], 8)])  # warm-up
+    run_engine(eng, [(wl[0][0], 8)])  # warm-up, this prompt length too (cuDNN plans)
+    eng.block_manager.reset_prefix_cache()
     rec = StepRecorder(eng)
     r = run_engine(eng, wl, energy)
     rec.close()
@@ -953,7 +985,9 @@ def phase_A_ours(args, eng, energy) -> dict:
     cfg = eng.model_config
     env = RESULTS["phases"]["env"]
     wl = make_workload(args.num_requests, 100, 1024, cfg.vocab_size, seed=0)
-    run_engine(eng, make_workload(8, 100, 300, cfg.vocab_size, seed=99))  # warm-up: compiles
+    # warm-up: compiles, and plans SDPA for these prompt lengths (cuDNN builds a plan per
+    # new length, ~45 ms each, which would land in whichever run comes first)
+    run_engine(eng, [(p, 1) for p, _ in wl])
     eng.block_manager.reset_prefix_cache()
     rec = StepRecorder(eng)
     r = run_engine(eng, wl, energy)

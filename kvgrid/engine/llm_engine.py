@@ -255,8 +255,7 @@ class LLMEngine:
         step.deferred = self._async and logprobs_all is None
         if timed and step.deferred:
             if tokens is not None:
-                step.host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                step.host_tokens.copy_(tokens, non_blocking=True)
+                step.host_tokens = self.runner.staging_out.from_device(tokens)
             end.record()
             step.events = (start, end)
         return step

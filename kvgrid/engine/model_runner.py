@@ -72,6 +72,16 @@ class ModelRunner:
             device=self.device,
         )
         # ---- CUDA path (owner: cuda_graphs.py): decode steps replay captured graphs ----
+        self.staging_in = self.staging_out = None
+        if self.device.type == "cuda":
+            from kvgrid.engine.staging import PinnedRing
+
+            # the largest step's packed inputs (see prepare) and sampled tokens
+            tok, seqs = config.max_num_batched_tokens, config.max_num_seqs
+            i64 = 8 * (3 * tok + 3 * seqs)
+            i32 = 4 * (3 * seqs + 1 + seqs * self.max_blocks_per_seq)
+            self.staging_in = PinnedRing(max(i64, i32), depth=8)  # two buffers per step
+            self.staging_out = PinnedRing(8 * seqs, depth=4)
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton":
             from kvgrid.engine.cuda_graphs import DecodeGraphRunner
@@ -214,10 +224,9 @@ class ModelRunner:
         return ids, d64[n_tok : 2 * n_tok], meta, sample_idx
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        if self.staging_in is None:
+            return torch.from_numpy(a)
+        return self.staging_in.to_device(a, self.device)
 
     @torch.inference_mode()
     def execute(

@@ -1,0 +1,62 @@
+"""Pinned host buffers reused across steps, for the small per-step copies to and from the GPU.
+
+A fresh pinned allocation per step (``tensor.pin_memory()``) is cheap while the GPU waits for
+the host, but once steps overlap (asynchronous scheduling) a new pinned block can stall the
+host until the device is idle: the step in flight is lost. A ring of buffers sized once
+avoids that; a slot is reused only after the copy that last read or wrote it has finished.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class PinnedRing:
+    """``depth`` pinned byte buffers of ``nbytes`` each, handed out in turn."""
+
+    def __init__(self, nbytes: int, depth: int = 4):
+        self.bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
+        self.events: list[torch.cuda.Event | None] = [None] * depth
+        self.next = 0
+
+    def _slot(self, nbytes: int) -> int | None:
+        i = self.next
+        if nbytes > self.bufs[i].numel():
+            return None
+        self.next = (i + 1) % len(self.bufs)
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # its last copy (``depth`` uses ago) is done
+            self.events[i] = None
+        return i
+
+    def _record(self, i: int) -> None:
+        ev = torch.cuda.Event()
+        ev.record()
+        self.events[i] = ev
+
+    def to_device(self, a: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``a`` on ``device``, copied asynchronously from a ring slot."""
+        a = np.ascontiguousarray(a)
+        i = self._slot(a.nbytes)
+        if i is None:  # larger than sized for: an ordinary pinned copy
+            return torch.from_numpy(a).pin_memory().to(device, non_blocking=True)
+        host = self.bufs[i][: a.nbytes]
+        host.numpy().view(a.dtype)[:] = a.ravel()
+        out = host.view(torch.from_numpy(a[:0]).dtype).view(a.shape).to(device, non_blocking=True)
+        self._record(i)
+        return out
+
+    def from_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A pinned host tensor that ``t`` is being copied into; valid once the current
+        stream has passed this point (wait on an event recorded after this call)."""
+        nbytes = t.numel() * t.element_size()
+        i = self._slot(nbytes)
+        if i is None:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        else:
+            host = self.bufs[i][:nbytes].view(t.dtype).view(t.shape)
+        host.copy_(t, non_blocking=True)
+        if i is not None:
+            self._record(i)
+        return host
