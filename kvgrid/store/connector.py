@@ -191,16 +191,18 @@ class StoreConnector:
         tenant: bytes,
         block_ids: list[int],
     ) -> None:
-        """Write back blocks leaving G1. Returns once ``kv_cache[block_ids]`` has been read."""
+        """Write back blocks leaving G1. On a GPU the copies are only issued: the current
+        stream waits for them on the device, so whatever it runs next (a forward, a load
+        into the same blocks) comes after they have been read, and the host does not wait."""
         if not (len(keys) == len(parent_keys) == len(block_ids)):
             raise ValueError("save() needs as many keys, parent keys and block ids")
-        for key, parent, bid in zip(keys, parent_keys, block_ids):
-            try:
-                self.store.put(key, parent, tenant, self.kv_cache[bid], self.block_size)
-            except Exception:
-                log.exception("store write-back failed")
-                continue
-            self.saved_blocks += 1
+        blocks = [self.kv_cache[b] for b in block_ids]
+        try:
+            n = self.store.put_many(keys, parent_keys, tenant, blocks, self.block_size)
+        except Exception:
+            log.exception("store write-back failed")
+            return
+        self.saved_blocks += n
 
     def prefetch(self, keys: list[bytes], tenant: bytes) -> bool:
         """Start bringing stored blocks up to G2 (e.g. when a request is queued)."""
