@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from kvgrid.store.tier import watermark_target
+from kvgrid.store.transfer import host_copy
 
 
 @dataclass
@@ -164,7 +165,7 @@ class HostPool:
         """Copy ``block`` into a reserved slot and commit it (still pinned); a failed copy
         aborts the slot and raises."""
         try:
-            self.pool[slot.index].copy_(block)
+            host_copy(self.pool[slot.index], block)
         except Exception:
             self.abort([slot])
             raise

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable
 from typing import Protocol
 
+import numpy as np
 import torch
 
 
@@ -107,6 +108,28 @@ class CudaCopier:
             ev = self._last.get(device)
         if ev is not None:
             torch.cuda.current_stream(device).wait_event(ev)
+
+
+def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; between contiguous host tensors of one dtype and shape, through
+    numpy: one memcpy that releases the GIL. torch's CPU copy_ splits a large copy over its
+    intra-op threads, and from a dozen loader threads at once that oversubscribes the CPUs
+    (measured on 2 busy cores: 1 GB/s for an 8 MiB block, against 17-35 GB/s this way)."""
+    if (
+        dst.device.type == "cpu"
+        and src.device.type == "cpu"
+        and dst.dtype == src.dtype
+        and dst.shape == src.shape
+        and dst.is_contiguous()
+        and src.is_contiguous()
+    ):
+        np.copyto(_bytes(dst), _bytes(src))
+    else:
+        dst.copy_(src)
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def copy_run(run: list, src: torch.Tensor | None, dst: torch.Tensor | None) -> list:
