@@ -139,8 +139,8 @@ class ThrottledDisk(DiskTier):
         self._next = 0.0
         self._pace = threading.Lock()
 
-    def get(self, tid, key):
-        blob = super().get(tid, key)
+    def get(self, tid, key, into=None):
+        blob = super().get(tid, key, into)
         if blob is None:
             return None
         with self._pace:

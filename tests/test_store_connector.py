@@ -295,9 +295,9 @@ def test_load_stops_at_its_deadline_and_keeps_what_landed(tmp_path):
     from kvgrid.store.disk_tier import DiskTier
 
     class SlowDisk(DiskTier):
-        def get(self, tid, key):
+        def get(self, tid, key, into=None):
             time.sleep(0.05)
-            return super().get(tid, key)
+            return super().get(tid, key, into)
 
     slow = SlowDisk(tmp_path / "g3", 1 << 30, "G3")
     cfg = StoreConfig(g2_bytes=1 << 20, sweep_interval_s=0, load_workers=1,

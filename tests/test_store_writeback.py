@@ -210,11 +210,12 @@ def test_a_slot_being_filled_is_invisible():
     pool = HostPool(4 * BLOCK_BYTES)
     b = blocks(1)[0]
     tid, key = b"t" * 16, b"k" * 32
-    slot, new, _ = pool.reserve(tid, key, b, None, BS)
+    slot, new, _ = pool.reserve(tid, key, b.shape, b.dtype, None, BS)
     assert new and slot.pins == 1
     assert pool.acquire(tid, key) is None and pool.peek(tid, key) is None
     assert pool.acquire_run(tid, [key]) == []
-    assert pool.reserve(tid, key, b, None, BS)[:2] == (None, False)  # another fill: no
+    another = pool.reserve(tid, key, b.shape, b.dtype, None, BS)
+    assert another[:2] == (None, False)  # a second fill of the key is told no
     pool.fill(slot, b)
     got = pool.acquire(tid, key)
     assert got is not None and torch.equal(got[1], b)

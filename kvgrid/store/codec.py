@@ -16,6 +16,8 @@ import zlib
 
 import torch
 
+from kvgrid.store.transfer import host_copy
+
 try:
     import zstandard
 except ImportError:  # zlib is always there
@@ -106,19 +108,26 @@ def encode(
 
 
 def decode(
-    codec: int, data, raw_len: int, dtype: torch.dtype, shape: tuple[int, ...]
+    codec: int,
+    data,
+    raw_len: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The block tensor (CPU) of a payload; raises CodecError on anything malformed."""
+    """The block tensor (CPU) of a payload, written into ``out`` if given (else it may be a
+    view of ``data``); raises CodecError on anything malformed."""
     try:
         if codec == NONE:
-            out = data
+            raw = data
         elif codec in (ZLIB, ZSTD):
             if codec == ZSTD and zstandard is None:
                 raise CodecError("object is zstd-compressed but zstandard is not installed")
-            out = _decompress(data, codec, raw_len)
+            raw = _decompress(data, codec, raw_len)
         elif codec == INT8:
             inner = ZSTD if zstandard else ZLIB
-            return _int8_decode(_decompress(data, inner, 1 << 40), dtype, shape)
+            t = _int8_decode(_decompress(data, inner, 1 << 40), dtype, shape)
+            return t if out is None else _into(out, t)
         else:
             raise CodecError(f"unknown codec id {codec}")
     except (zlib.error, RuntimeError) as e:
@@ -127,6 +136,14 @@ def decode(
         if zstandard is not None and isinstance(e, zstandard.ZstdError):
             raise CodecError(f"decompression failed: {e}") from None
         raise
-    if len(out) != raw_len:
-        raise CodecError(f"payload decodes to {len(out)} bytes, header says {raw_len}")
-    return from_bytes(out, dtype, shape)
+    if len(raw) != raw_len:
+        raise CodecError(f"payload decodes to {len(raw)} bytes, header says {raw_len}")
+    t = from_bytes(raw, dtype, shape)
+    return t if out is None else _into(out, t)
+
+
+def _into(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if out.shape != t.shape or out.dtype != t.dtype:
+        raise CodecError(f"block is {t.dtype}{list(t.shape)}, output {out.dtype}{list(out.shape)}")
+    host_copy(out, t)
+    return out

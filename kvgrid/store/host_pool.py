@@ -118,19 +118,20 @@ class HostPool:
         self,
         tid: bytes,
         key: bytes,
-        block: torch.Tensor,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
         parent_key: bytes | None,
         token_count: int,
         quota: int | None = None,
         created: float | None = None,
     ) -> tuple[Slot | None, bool, list]:
-        """A pinned slot for ``block`` (only its shape and dtype are read): (slot, new,
-        evicted). A new slot is for the caller to fill, then ``commit`` (or ``abort``); an
-        existing one is ready to read once ``wait_ready``. (None, False, ...) while another
-        fill of the key is under way; (None, True, ...) when there is no room."""
+        """A pinned slot for a block of ``shape`` and ``dtype``: (slot, new, evicted). A new
+        slot is for the caller to fill, then ``commit`` (or ``abort``); an existing one is
+        ready to read once ``wait_ready``. (None, False, ...) while another fill of the key
+        is under way; (None, True, ...) when there is no room."""
         evicted: list = []
         with self.lock:
-            if not self.configure(tuple(block.shape), block.dtype):
+            if not self.configure(tuple(shape), dtype):
                 return None, True, evicted
             k = (tid, key)
             s = self.entries.get(k)
