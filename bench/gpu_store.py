@@ -249,7 +249,7 @@ def _attached_store(eng) -> ContextStore | None:
     return conn.store if conn is not None else None
 
 
-def quiesce(store: ContextStore | None = None, timeout_s: float = 30.0) -> dict:
+def quiesce(store: ContextStore | None = None, timeout_s: float = 5.0) -> dict:
     """Start a timed measurement from a quiet host: the store's background copies, writes
     and prefetches done, the GPU idle, garbage collected, dirty pages of earlier disk phases
     written back, and no thread of this process still busy (earlier phases' stores and
@@ -657,7 +657,11 @@ def phase_correct(args, eng, root: Path) -> dict:
             st.g2.clear()
         conn.prefill_tokens_per_s = None  # load everything
         if tier == "G3-split":
-            # force a half/half split: recompute speed equal to the tier's measured speed
+            # force a half/half split: recompute speed equal to the tier's measured speed,
+            # and the load believed to take at least 0.5 s, so that a split pays for its
+            # fixed overhead (SPLIT_OVERHEAD_S) even where the load is a few milliseconds
+            kv_bytes = len(ks) * conn.block_bytes
+            st.bandwidth["G3"] = min(st.bandwidth.get("G3") or float("inf"), kv_bytes / 0.5)
             conn.prefill_tokens_per_s = eng.config.block_size / conn.block_load_seconds("G3")
         r = run_one(eng, prompt, max_tokens=8)
         plan = conn.load_plan(PUBLIC, len(ks))
@@ -688,7 +692,7 @@ def phase_correct(args, eng, root: Path) -> dict:
 def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, reps: int) -> dict:
     """Forced full loads of ``prompt`` from ``tier`` (G2 emptied first for lower tiers)."""
     files = object_files(store, tier, ks) if tier != "G2" else []
-    ttfts, loads, starts, gcs, ok = [], [], [], [], True
+    ttfts, loads, starts, gcs, quiet, ok = [], [], [], [], [], True
     for _ in range(reps):
         fresh_g1(eng)
         if tier != "G2":
@@ -703,6 +707,7 @@ def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, 
         ttfts.append(r["ttft_s"])
         starts.append(r["forward_starts_s"] + r["load_submits_s"][:1])
         gcs.append(r["gc_pauses"])
+        quiet.append({k: r["quiesce"][k] for k in ("s", "busy_cores")})
         if recs:
             for k in ("t_call", "t_issued"):  # when the layered load was called, and issued
                 if k in recs[0]:
@@ -720,6 +725,7 @@ def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, 
         "exact_and_complete": ok,
         "forward_starts_s": starts,  # the first two forwards, then the load's submission
         "gc_pauses": gcs,
+        "quiesce": quiet,  # per rep: seconds spent getting quiet, process CPU (cores) then
         "layered_issue_s": [[r.get("t_call"), r.get("t_issued")] for r in loads if "t_call" in r],
         "layered": bool(best and best.get("layered")),
     }
