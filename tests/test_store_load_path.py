@@ -4,6 +4,7 @@ straight into a G2 slot that readers see only once the object has verified."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -58,6 +59,9 @@ def test_a_damaged_object_never_reaches_g2(tmp_path, encrypt, codec):
     # the slot it was decoded into is gone, and free again (the load's read-ahead may
     # have promoted the block after it)
     assert store.g2.peek(tenant_id(A), ks[1]) is None
+    end = time.monotonic() + 5  # a read-ahead fetch still running lets go when done
+    while store.g2.pinned_count() and time.monotonic() < end:
+        time.sleep(0.01)
     assert store.g2.pinned_count() == 0
     assert len(store.g2.free) == 4 - len(store.g2.entries)
     assert store.metrics.total("integrity_failures", tier="G3") == 1
@@ -112,3 +116,23 @@ def test_decrypt_into_verifies_the_tag(backend):
         decrypt_into(aead, nonce, bytes(bad), b"header", memoryview(out))
     with pytest.raises(InvalidTag):
         decrypt_into(aead, nonce, ct, b"other header", memoryview(out))
+
+
+@pytest.mark.parametrize("libzstd", [True, False])
+def test_zstd_decodes_into_the_slot_with_or_without_libzstd(monkeypatch, libzstd):
+    from kvgrid.store import codec as codecs
+
+    if not libzstd:
+        monkeypatch.setattr(codecs, "_libzstd", lambda: None)
+    elif codecs._libzstd() is None:
+        pytest.skip("no libzstd on this machine")
+    t = torch.zeros(SHAPE, dtype=torch.bfloat16)
+    t[0] = block(5)[0]  # compressible: zstd is kept
+    cid, payload = codecs.encode(t, "zstd")
+    assert cid == codecs.ZSTD
+    out = torch.full(SHAPE, 7.0, dtype=torch.bfloat16)
+    assert codecs.decode(cid, payload, t.nbytes, t.dtype, SHAPE, out) is out
+    assert torch.equal(out, t)
+    for bad in (bytes(payload)[:-8], b"\x28\xb5\x2f\xfd" + bytes(40)):
+        with pytest.raises(codecs.CodecError):
+            codecs.decode(cid, bad, t.nbytes, t.dtype, SHAPE, out)

@@ -7,13 +7,22 @@ Lossy ("int8"): symmetric int8 per channel (one scale per layer, K/V, head and d
 the block's tokens). It is applied to a block only if the block's round-trip relative error
 ||x - q(x)|| / ||x|| is at most the configured bound; otherwise the block is stored
 lossless. Loaded int8 blocks do not reproduce a cold run bit for bit, hence off by default.
+
+A zstd payload decoded into a given tensor (a G2 slot) is decompressed straight into it
+through libzstd's one-shot call (ctypes, which releases the GIL), where ``zstandard`` would
+return a fresh buffer per block, whose page faults serialise across loader threads, and a
+copy after it; ``zstandard`` remains where no libzstd loads.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import warnings
 import zlib
 
+import numpy as np
 import torch
 
 from kvgrid.store.transfer import host_copy
@@ -31,6 +40,42 @@ _SAMPLE = 256 << 10  # bytes tried before compressing a whole block
 
 class CodecError(ValueError):
     pass
+
+
+@functools.cache
+def _libzstd() -> ctypes.CDLL | None:
+    for name in ("libzstd.so.1", ctypes.util.find_library("zstd")):
+        if not name:
+            continue
+        try:
+            lib = ctypes.CDLL(name)
+            lib.ZSTD_decompress.restype = ctypes.c_size_t
+            lib.ZSTD_decompress.argtypes = [ctypes.c_void_p, ctypes.c_size_t] * 2
+            lib.ZSTD_isError.restype = ctypes.c_uint
+            lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+            lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+            lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _zstd_into(data, out: torch.Tensor) -> bool:
+    """Decompress a one-frame zstd payload into ``out`` (exactly its size); False if no
+    libzstd is loadable. libzstd writes at most ``out``'s bytes, whatever the payload says."""
+    lib = _libzstd()
+    if lib is None:
+        return False
+    src = np.frombuffer(data, dtype=np.uint8)
+    dst = as_bytes(out)
+    dst_addr = np.frombuffer(dst, dtype=np.uint8).ctypes.data
+    n = lib.ZSTD_decompress(dst_addr, len(dst), src.ctypes.data if src.size else None, src.size)
+    if lib.ZSTD_isError(n):
+        raise CodecError(f"decompression failed: {lib.ZSTD_getErrorName(n).decode()}")
+    if n != len(dst):
+        raise CodecError(f"payload decodes to {n} bytes, header says {len(dst)}")
+    return True
 
 
 def _compress(data, codec: int, level: int) -> bytes:
@@ -120,6 +165,8 @@ def decode(
     try:
         if codec == NONE:
             raw = data
+        elif codec == ZSTD and out is not None and out.nbytes == raw_len and _zstd_into(data, out):
+            return out
         elif codec in (ZLIB, ZSTD):
             if codec == ZSTD and zstandard is None:
                 raise CodecError("object is zstd-compressed but zstandard is not installed")
