@@ -328,9 +328,16 @@ class ContextStore:
                     self.metrics.inc("bytes_in", t.nbytes, tier="G2", tenant=tl)
                     self._emit(BlockStored((key,), h.parent_key, "G2", h.token_count))
                 else:
-                    wait_ready([slot])  # already there, its write-back perhaps still landing
-                    t = self.g2.pool[slot.index]  # pinned: the device copy can be asynchronous
-                slot.below.add(tier.name)
+                    # already there, its write-back perhaps still landing; if that copy
+                    # failed, the block just read and verified serves instead
+                    try:
+                        wait_ready([slot])
+                        t = self.g2.pool[slot.index]  # pinned: the device copy can be async
+                    except Exception:
+                        self.g2.release(slot)
+                        slot = None
+                if slot is not None:
+                    slot.below.add(tier.name)
             self.metrics.load_seconds.labels(tier=tier.name).observe(time.perf_counter() - t0)
             return tier.name, slot, t
         return None
