@@ -793,6 +793,8 @@ class ContextStore:
 
     def flush(self, timeout_s: float = 60.0) -> bool:
         """Wait for write-back copies, queued background writes and prefetches to finish."""
+        if self._closed.is_set():
+            return True  # close() waited for all of them
         try:
             self._landings.submit(lambda: None).result(timeout_s)
         except FutureTimeout:
