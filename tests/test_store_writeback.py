@@ -134,9 +134,8 @@ def test_readers_wait_for_a_pending_write_back(tmp_path):
     store.close()
 
 
-def test_cpu_path_stays_synchronous_without_a_copier(tmp_path):
-    store = make(tmp_path, None)
-    assert store.copier is None or not torch.cuda.is_available()
+def test_host_blocks_are_copied_synchronously(tmp_path):
+    store = make(tmp_path, None)  # the default copier: none on a CPU, CUDA's on a GPU
     src = blocks(3)
     ks = chain(3)
     assert store.put_many(ks, [None, *ks[:-1]], A, list(src), BS) == 3
