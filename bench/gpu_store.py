@@ -139,8 +139,8 @@ class ThrottledDisk(DiskTier):
         self._next = 0.0
         self._pace = threading.Lock()
 
-    def get(self, tid, key):
-        blob = super().get(tid, key)
+    def get(self, tid, key, into=None):
+        blob = super().get(tid, key, into)
         if blob is None:
             return None
         with self._pace:
@@ -244,9 +244,93 @@ class LoadLog:
         return out
 
 
-def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 5) -> dict:
-    """One request alone; time to first token from add_request."""
+def _attached_store(eng) -> ContextStore | None:
+    conn = eng.scheduler.connector
+    return conn.store if conn is not None else None
+
+
+def quiesce(store: ContextStore | None = None, timeout_s: float = 5.0) -> dict:
+    """Start a timed measurement from a quiet host: the store's background copies, writes
+    and prefetches done, the GPU idle, garbage collected, dirty pages of earlier disk phases
+    written back, and no thread of this process still busy (earlier phases' stores and
+    loaders, say): the process must use under 5% of a core over 0.1 s. Returns what it
+    took and the threads alive, so a measurement that began noisy can be told."""
+    t0 = time.perf_counter()
+    if store is not None:
+        store.flush(600)
     sync()
+    gc.collect()
+    os.sync()
+    while True:
+        c0, w0 = time.process_time(), time.perf_counter()
+        time.sleep(0.1)
+        busy = (time.process_time() - c0) / (time.perf_counter() - w0)
+        if busy < 0.05 or time.perf_counter() - t0 > timeout_s:
+            break
+    names: dict[str, int] = {}
+    for t in threading.enumerate():
+        stem = t.name.rstrip("0123456789_-")
+        names[stem] = names.get(stem, 0) + 1
+    return {"s": round(time.perf_counter() - t0, 3), "busy_cores": round(busy, 3), "threads": names}
+
+
+class HostProbe:
+    """While a timed run goes on, a thread asks to wake every millisecond and notes how
+    late it woke: waking needs the GIL, so lateness is a cheap proxy of the GIL pressure the
+    engine's thread sees (time other threads held it; the CPUs are not short on this host).
+    Every 10 ms it also samples the store's background queues and pending G2 copies."""
+
+    def __init__(self, store: ContextStore | None = None, period_s: float = 0.001) -> None:
+        self.store, self.period_s = store, period_s
+        self.late: list[float] = []
+        self.writes: list[int] = []
+        self.reads: list[int] = []
+        self.pinned: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-probe", daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            time.sleep(self.period_s)
+            self.late.append(time.perf_counter() - t - self.period_s)
+            n += 1
+            if self.store is not None and n % 10 == 0:
+                self.writes.append(self.store.writes.in_flight)
+                self.reads.append(self.store.reads.in_flight)
+                if n % 100 == 0 and self.store.g2 is not None:
+                    self.pinned.append(self.store.g2.pinned_count())
+
+    def __enter__(self) -> HostProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict:
+        late = self.late
+        out = {
+            "wakeups": len(late),
+            "late_ms_mean": 1e3 * statistics.fmean(late) if late else None,
+            "late_ms_p50": 1e3 * pct(late, 50),
+            "late_ms_p99": 1e3 * pct(late, 99),
+            "late_ms_max": 1e3 * max(late) if late else None,
+            # share of the run's wall time the probe waited past its wake-up
+            "late_share": sum(late) / (len(late) * self.period_s + sum(late)) if late else None,
+        }
+        for name, xs in (("write_queue", self.writes), ("read_queue", self.reads),
+                         ("g2_pinned", self.pinned)):  # fmt: skip
+            if xs:
+                out[name] = {"mean": statistics.fmean(xs), "max": max(xs)}
+        return out
+
+
+def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 5) -> dict:
+    """One request alone, from a quiet host; time to first token from add_request."""
+    quiet = quiesce(_attached_store(eng))
     rid = f"r{time.monotonic_ns()}"
     t0 = time.perf_counter()
     eng.add_request(
@@ -287,6 +371,7 @@ def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 
             (g, round(a - t0, 4), round(b - a, 4)) for g, a, b in GC_PAUSES if a - t0 < 0.5
         ],
         "first_step_profile": _top(prof) if prof is not None else None,
+        "quiesce": quiet,
     }
 
 
@@ -572,7 +657,11 @@ def phase_correct(args, eng, root: Path) -> dict:
             st.g2.clear()
         conn.prefill_tokens_per_s = None  # load everything
         if tier == "G3-split":
-            # force a half/half split: recompute speed equal to the tier's measured speed
+            # force a half/half split: recompute speed equal to the tier's measured speed,
+            # and the load believed to take at least 0.5 s, so that a split pays for its
+            # fixed overhead (SPLIT_OVERHEAD_S) even where the load is a few milliseconds
+            kv_bytes = len(ks) * conn.block_bytes
+            st.bandwidth["G3"] = min(st.bandwidth.get("G3") or float("inf"), kv_bytes / 0.5)
             conn.prefill_tokens_per_s = eng.config.block_size / conn.block_load_seconds("G3")
         r = run_one(eng, prompt, max_tokens=8)
         plan = conn.load_plan(PUBLIC, len(ks))
@@ -603,7 +692,7 @@ def phase_correct(args, eng, root: Path) -> dict:
 def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, reps: int) -> dict:
     """Forced full loads of ``prompt`` from ``tier`` (G2 emptied first for lower tiers)."""
     files = object_files(store, tier, ks) if tier != "G2" else []
-    ttfts, loads, starts, gcs, ok = [], [], [], [], True
+    ttfts, loads, starts, gcs, quiet, ok = [], [], [], [], [], True
     for _ in range(reps):
         fresh_g1(eng)
         if tier != "G2":
@@ -618,6 +707,7 @@ def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, 
         ttfts.append(r["ttft_s"])
         starts.append(r["forward_starts_s"] + r["load_submits_s"][:1])
         gcs.append(r["gc_pauses"])
+        quiet.append({k: r["quiesce"][k] for k in ("s", "busy_cores")})
         if recs:
             for k in ("t_call", "t_issued"):  # when the layered load was called, and issued
                 if k in recs[0]:
@@ -635,6 +725,7 @@ def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, 
         "exact_and_complete": ok,
         "forward_starts_s": starts,  # the first two forwards, then the load's submission
         "gc_pauses": gcs,
+        "quiesce": quiet,  # per rep: seconds spent getting quiet, process CPU (cores) then
         "layered_issue_s": [[r.get("t_call"), r.get("t_issued")] for r in loads if "t_call" in r],
         "layered": bool(best and best.get("layered")),
     }
@@ -829,6 +920,8 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
     c0 = dict(eng.counters)
     loaded0 = eng.scheduler.store_loaded_tokens
     pre0 = eng.scheduler.num_preemptions
+    GC_PAUSES.clear()
+    step_s, steps = 0.0, 0
     t0 = time.perf_counter()
     arrive, first, done = {}, {}, {}
     out_tokens = 0
@@ -848,8 +941,11 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
         if not eng.has_unfinished_requests():
             time.sleep(max(0.0, min(0.05, reqs[i].arrival_s - now)) if i < len(reqs) else 0)
             continue
+        t_step = time.perf_counter()
         outs = eng.step()
         ts = time.perf_counter()
+        step_s += ts - t_step
+        steps += 1
         for o in outs:
             if o.new_token_ids:
                 out_tokens += len(o.new_token_ids)
@@ -876,6 +972,11 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
         "hit_rate": h / q if q else None,
         "store_loaded_tokens": eng.scheduler.store_loaded_tokens - loaded0,
         "preemptions": eng.scheduler.num_preemptions - pre0,
+        # the engine thread: all its step() time (the store's share: store.engine_thread)
+        "engine_steps": steps,
+        "engine_step_s": step_s,
+        "gc_pause_s": sum(b - a for _, a, b in GC_PAUSES),
+        "gc_collections": [sum(1 for g, _, _ in GC_PAUSES if g == gen) for gen in range(3)],
     }
 
 
@@ -905,12 +1006,24 @@ def phase_replay(args, eng, root: Path) -> dict:
                 store = make_store(eng, root, "replay", args, g2_gib=args.replay_g2_gib, g3=True,
                                    admit={"G2": 1, "G3": 2, "G4": 2}, io_queue=64)  # fmt: skip
             conn = attach(eng, store)
-            r = _replay_run(eng, wl, args.replay_cap_s)
+            quiet = quiesce(store)
+            with HostProbe(store) as probe:
+                r = _replay_run(eng, wl, args.replay_cap_s)
+            r["quiesce"] = quiet
+            r["host_probe"] = probe.result()
             if conn is not None:
-                st = store.stats()
-                r["store"] = {"hits": {k: v for k, v in st["counters"].get("hits", {}).items()},
-                              "saved_blocks": conn.saved_blocks, "loaded_blocks": conn.loaded_blocks,
-                              "tier_bytes_per_s": conn.tier_bytes_per_s, "io": st["io"]}  # fmt: skip
+                st = conn.stats()
+                c = st["counters"]
+                r["store"] = {"hits": {k: v for k, v in c.get("hits", {}).items()},
+                              "saved_blocks": conn.saved_blocks, "saved_bytes": conn.saved_bytes,
+                              "loaded_blocks": conn.loaded_blocks,
+                              "tier_bytes_per_s": conn.tier_bytes_per_s, "io": st["io"],
+                              # engine-thread seconds and calls: save (write-back), lookup
+                              # (admission), load_submit, prefetch, note_admitted
+                              "engine_thread": st["engine_thread"],
+                              "g2_writebacks": c.get("writebacks", {}),
+                              "writes_dropped": c.get("writes_dropped", {}),
+                              "misses": c.get("misses", {})}  # fmt: skip
             out[name] = r
             log("replay", name, json.dumps(r, default=str))
             attach(eng, None)
@@ -1025,6 +1138,21 @@ def summary() -> str:
             x = r[name]
             lines.append(
                 f"| {name} | {x['output_tok_s']:.0f} | {x['requests_per_s']:.2f} | {x['ttft_p50_s']:.3f} | {x['ttft_p90_s']:.3f} | {x['ttft_p99_s']:.3f} | {x['hit_rate']:.1%} | {x['store_loaded_tokens']} |"
+            )
+        for name in ("no_store", "store"):
+            x = r[name]
+            hp = x.get("host_probe") or {}
+            st = x.get("store") or {}
+            et = ", ".join(
+                f"{k} {v['s']:.2f}s/{v['calls']}" for k, v in st.get("engine_thread", {}).items()
+            )
+            lines.append(
+                f"{name}: engine step() {x.get('engine_step_s', 0):.1f}s over {x.get('engine_steps')} steps; "
+                f"store on the engine thread: {et or '-'}; write-backs {st.get('saved_blocks', 0)} blocks "
+                f"({st.get('saved_bytes', 0) / 1e9:.1f} GB) {st.get('g2_writebacks', {})}; "
+                f"GIL probe late p50/p99/max {hp.get('late_ms_p50', 0):.2f}/{hp.get('late_ms_p99', 0):.2f}/{hp.get('late_ms_max', 0):.1f} ms "
+                f"(share {hp.get('late_share') or 0:.1%}); write queue {hp.get('write_queue')}; "
+                f"dropped {st.get('writes_dropped', {})}; gc {x.get('gc_pause_s', 0):.2f}s {x.get('gc_collections')}"
             )
     for k, v in RESULTS["errors"].items():
         lines.append(f"ERROR {k}: {v.strip().splitlines()[-1]}")

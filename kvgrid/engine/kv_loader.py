@@ -11,6 +11,7 @@ the smaller of load and recompute, or less.
 from __future__ import annotations
 
 import contextlib
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -110,7 +111,10 @@ class KVLoader:
     ) -> Future:
         """Load in the background; the future's result is a ``LoadResult``. Past
         ``deadline`` (time.monotonic()) the load stops and the rest is recomputed."""
-        return self.pool.submit(self._load, keys, tenant, block_ids, deadline)
+        t0 = time.perf_counter()
+        fut = self.pool.submit(self._load, keys, tenant, block_ids, deadline)
+        self.connector.engine_time.add("load_submit", time.perf_counter() - t0)
+        return fut
 
     def _load(self, keys: list[bytes], tenant: bytes, block_ids: list[int], deadline) -> LoadResult:
         ctx = (

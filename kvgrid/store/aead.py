@@ -71,14 +71,19 @@ class OpenSSLGCM:
         self._key, self._lib = key, lib
         self._cipher = lib.EVP_aes_256_gcm()
 
-    def _run(self, enc: bool, nonce: bytes, data, aad: bytes, tag) -> memoryview:
+    def _run(self, enc: bool, nonce: bytes, data, aad: bytes, tag, out=None) -> memoryview:
         lib = self._lib
         if len(nonce) != 12:
             raise ValueError("AES-GCM nonce must be 12 bytes")
         n = len(data)
-        # np.empty, not bytearray: a bytearray is zeroed through fresh pages on every call,
-        # and the page faults of parallel threads serialise on the process's memory map
-        arr = np.empty(n + (TAG_BYTES if enc else 0), dtype=np.uint8)
+        if out is not None:
+            arr = np.frombuffer(out, dtype=np.uint8)
+            if arr.size != n or not arr.flags.writeable:
+                raise ValueError(f"output buffer must be {n} writable bytes")
+        else:
+            # np.empty, not bytearray: a bytearray is zeroed through fresh pages on every
+            # call, and the page faults of parallel threads serialise on the memory map
+            arr = np.empty(n + (TAG_BYTES if enc else 0), dtype=np.uint8)
         out = memoryview(arr)
         outl = _I(0)
         ctx = lib.EVP_CIPHER_CTX_new()
@@ -116,13 +121,28 @@ class OpenSSLGCM:
         """``ciphertext || tag`` (a bytes-like view)."""
         return self._run(True, nonce, data, aad, None)
 
-    def decrypt(self, nonce: bytes, data, aad: bytes) -> memoryview:
-        """Plaintext (a writable bytes-like view) of ``ciphertext || tag``; ``InvalidTag`` if
-        the tag does not verify."""
+    def decrypt(self, nonce: bytes, data, aad: bytes, out=None) -> memoryview:
+        """Plaintext (a writable bytes-like view) of ``ciphertext || tag``, written into
+        ``out`` if given; ``InvalidTag`` if the tag does not verify (and then ``out`` holds
+        unauthenticated bytes that must not be used)."""
         view = memoryview(data)
         if len(view) < TAG_BYTES:
             raise InvalidTag()
-        return self._run(False, nonce, view[:-TAG_BYTES], aad, view[-TAG_BYTES:])
+        return self._run(False, nonce, view[:-TAG_BYTES], aad, view[-TAG_BYTES:], out)
+
+
+def decrypt_into(aead: AEAD, nonce: bytes, data, aad: bytes, out) -> None:
+    """Decrypt ``ciphertext || tag`` into the writable buffer ``out`` (its plaintext size):
+    in place of a new buffer with OpenSSL, through one with ``cryptography``. Raises
+    ``InvalidTag``, and ``out`` then holds bytes that must not be used."""
+    if isinstance(aead, OpenSSLGCM):
+        aead.decrypt(nonce, data, aad, out)
+        return
+    plain = aead.decrypt(nonce, bytes(data), aad)
+    dst = np.frombuffer(out, dtype=np.uint8)
+    if dst.size != len(plain):
+        raise ValueError(f"output buffer must be {len(plain)} bytes")
+    np.copyto(dst, np.frombuffer(plain, dtype=np.uint8))
 
 
 def make_aead(key: bytes, backend: str = "auto") -> AEAD:

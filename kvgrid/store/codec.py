@@ -7,14 +7,25 @@ Lossy ("int8"): symmetric int8 per channel (one scale per layer, K/V, head and d
 the block's tokens). It is applied to a block only if the block's round-trip relative error
 ||x - q(x)|| / ||x|| is at most the configured bound; otherwise the block is stored
 lossless. Loaded int8 blocks do not reproduce a cold run bit for bit, hence off by default.
+
+A zstd payload decoded into a given tensor (a G2 slot) is decompressed straight into it
+through libzstd's one-shot call (ctypes, which releases the GIL), where ``zstandard`` would
+return a fresh buffer per block, whose page faults serialise across loader threads, and a
+copy after it; ``zstandard`` remains where no libzstd loads.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import warnings
 import zlib
 
+import numpy as np
 import torch
+
+from kvgrid.store.transfer import host_copy
 
 try:
     import zstandard
@@ -29,6 +40,42 @@ _SAMPLE = 256 << 10  # bytes tried before compressing a whole block
 
 class CodecError(ValueError):
     pass
+
+
+@functools.cache
+def _libzstd() -> ctypes.CDLL | None:
+    for name in ("libzstd.so.1", ctypes.util.find_library("zstd")):
+        if not name:
+            continue
+        try:
+            lib = ctypes.CDLL(name)
+            lib.ZSTD_decompress.restype = ctypes.c_size_t
+            lib.ZSTD_decompress.argtypes = [ctypes.c_void_p, ctypes.c_size_t] * 2
+            lib.ZSTD_isError.restype = ctypes.c_uint
+            lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+            lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+            lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _zstd_into(data, out: torch.Tensor) -> bool:
+    """Decompress a one-frame zstd payload into ``out`` (exactly its size); False if no
+    libzstd is loadable. libzstd writes at most ``out``'s bytes, whatever the payload says."""
+    lib = _libzstd()
+    if lib is None:
+        return False
+    src = np.frombuffer(data, dtype=np.uint8)
+    dst = as_bytes(out)
+    dst_addr = np.frombuffer(dst, dtype=np.uint8).ctypes.data
+    n = lib.ZSTD_decompress(dst_addr, len(dst), src.ctypes.data if src.size else None, src.size)
+    if lib.ZSTD_isError(n):
+        raise CodecError(f"decompression failed: {lib.ZSTD_getErrorName(n).decode()}")
+    if n != len(dst):
+        raise CodecError(f"payload decodes to {n} bytes, header says {len(dst)}")
+    return True
 
 
 def _compress(data, codec: int, level: int) -> bytes:
@@ -106,19 +153,28 @@ def encode(
 
 
 def decode(
-    codec: int, data, raw_len: int, dtype: torch.dtype, shape: tuple[int, ...]
+    codec: int,
+    data,
+    raw_len: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The block tensor (CPU) of a payload; raises CodecError on anything malformed."""
+    """The block tensor (CPU) of a payload, written into ``out`` if given (else it may be a
+    view of ``data``); raises CodecError on anything malformed."""
     try:
         if codec == NONE:
-            out = data
+            raw = data
+        elif codec == ZSTD and out is not None and out.nbytes == raw_len and _zstd_into(data, out):
+            return out
         elif codec in (ZLIB, ZSTD):
             if codec == ZSTD and zstandard is None:
                 raise CodecError("object is zstd-compressed but zstandard is not installed")
-            out = _decompress(data, codec, raw_len)
+            raw = _decompress(data, codec, raw_len)
         elif codec == INT8:
             inner = ZSTD if zstandard else ZLIB
-            return _int8_decode(_decompress(data, inner, 1 << 40), dtype, shape)
+            t = _int8_decode(_decompress(data, inner, 1 << 40), dtype, shape)
+            return t if out is None else _into(out, t)
         else:
             raise CodecError(f"unknown codec id {codec}")
     except (zlib.error, RuntimeError) as e:
@@ -127,6 +183,14 @@ def decode(
         if zstandard is not None and isinstance(e, zstandard.ZstdError):
             raise CodecError(f"decompression failed: {e}") from None
         raise
-    if len(out) != raw_len:
-        raise CodecError(f"payload decodes to {len(out)} bytes, header says {raw_len}")
-    return from_bytes(out, dtype, shape)
+    if len(raw) != raw_len:
+        raise CodecError(f"payload decodes to {len(raw)} bytes, header says {raw_len}")
+    t = from_bytes(raw, dtype, shape)
+    return t if out is None else _into(out, t)
+
+
+def _into(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if out.shape != t.shape or out.dtype != t.dtype:
+        raise CodecError(f"block is {t.dtype}{list(t.shape)}, output {out.dtype}{list(out.shape)}")
+    host_copy(out, t)
+    return out

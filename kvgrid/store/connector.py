@@ -14,9 +14,11 @@ predicted faster than recomputing (times ``max_load_ratio``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from collections import defaultdict
 
 import torch
 
@@ -26,6 +28,38 @@ from kvgrid.store.store import ContextStore
 
 log = logging.getLogger(__name__)
 _PER_OP_S = {"G2": 0.0, "G3": 2e-4, "G4": 5e-4}  # fixed cost per block (syscalls, round trips)
+
+
+class EngineThreadTime:
+    """Seconds the engine's thread spends in the store, per call kind (save: write-back;
+    lookup: admission; load_submit; prefetch; note_admitted), and calls of each: what the
+    store costs the thread that also launches every forward. Two clock reads a call."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self.calls: defaultdict[str, int] = defaultdict(int)
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.seconds[kind] += seconds
+        self.calls[kind] += 1
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {k: {"s": self.seconds[k], "calls": self.calls[k]} for k in sorted(self.seconds)}
+
+
+def _engine_timed(kind: str):
+    def wrap(fn):
+        @functools.wraps(fn)
+        def timed(self, *a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *a, **kw)
+            finally:
+                self.engine_time.add(kind, time.perf_counter() - t0)
+
+        return timed
+
+    return wrap
 
 
 class StoreConnector:
@@ -53,6 +87,8 @@ class StoreConnector:
         self._lock = threading.Lock()
         self.loaded_blocks = 0
         self.saved_blocks = 0
+        self.saved_bytes = 0
+        self.engine_time = EngineThreadTime()
 
     def _probe_g2(self) -> float:
         """Host-to-cache copy speed of one block (a scratch block, not the engine's)."""
@@ -83,6 +119,7 @@ class StoreConnector:
 
     # ---- the engine's calls -------------------------------------------------------------
 
+    @_engine_timed("lookup")
     def lookup(self, keys: list[bytes], tenant: bytes, num_computed_blocks: int) -> int:
         """How many of ``keys[num_computed_blocks:]`` (leading, consecutive) to take from the
         store; ``load_plan`` then says how many of those to recompute while the rest load."""
@@ -123,6 +160,7 @@ class StoreConnector:
             self._last_plan[tenant] = plan
         return n
 
+    @_engine_timed("note_admitted")
     def note_admitted(self, keys: list[bytes]) -> None:
         """A request that wants these blocks was admitted: one sighting each, G1 hits
         included (a block hot in G1 is exactly the one worth keeping on disk)."""
@@ -184,6 +222,7 @@ class StoreConnector:
             self.loaded_blocks += len(keys)
         return landing
 
+    @_engine_timed("save")
     def save(
         self,
         keys: list[bytes],
@@ -191,17 +230,21 @@ class StoreConnector:
         tenant: bytes,
         block_ids: list[int],
     ) -> None:
-        """Write back blocks leaving G1. Returns once ``kv_cache[block_ids]`` has been read."""
+        """Write back blocks leaving G1. On a GPU the copies are only issued: the current
+        stream waits for them on the device, so whatever it runs next (a forward, a load
+        into the same blocks) comes after they have been read, and the host does not wait."""
         if not (len(keys) == len(parent_keys) == len(block_ids)):
             raise ValueError("save() needs as many keys, parent keys and block ids")
-        for key, parent, bid in zip(keys, parent_keys, block_ids):
-            try:
-                self.store.put(key, parent, tenant, self.kv_cache[bid], self.block_size)
-            except Exception:
-                log.exception("store write-back failed")
-                continue
-            self.saved_blocks += 1
+        blocks = [self.kv_cache[b] for b in block_ids]
+        try:
+            n = self.store.put_many(keys, parent_keys, tenant, blocks, self.block_size)
+        except Exception:
+            log.exception("store write-back failed")
+            return
+        self.saved_blocks += n
+        self.saved_bytes += n * self.block_bytes
 
+    @_engine_timed("prefetch")
     def prefetch(self, keys: list[bytes], tenant: bytes) -> bool:
         """Start bringing stored blocks up to G2 (e.g. when a request is queued)."""
         return self.store.prefetch(keys, tenant)
@@ -215,6 +258,8 @@ class StoreConnector:
         out["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         out["loaded_blocks"] = self.loaded_blocks
         out["saved_blocks"] = self.saved_blocks
+        out["saved_bytes"] = self.saved_bytes
+        out["engine_thread"] = self.engine_time.snapshot()
         return out
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvgrid.store.tier import ObjectInfo, ObjectTier, PutResult, watermark_target
+from kvgrid.store.tier import ObjectInfo, ObjectTier, PutResult, ReadBuffer, watermark_target
 
 SUFFIX = ".kvo"
 _STALE_TMP_S = 3600.0  # another host's temp file older than this is abandoned
@@ -229,11 +229,14 @@ class DiskTier(ObjectTier):
             return PutResult(False, evicted, "error")
         return PutResult(True, evicted)
 
-    def get(self, tid: bytes, key: bytes) -> bytes | None:
+    def get(self, tid: bytes, key: bytes, into: ReadBuffer | None = None) -> bytes | None:
         path = self.path(tid, key)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            with open(path, "rb", buffering=0) as f:
+                if into is None:
+                    data = f.read()
+                else:
+                    data = _read_into(f, into)
         except FileNotFoundError:
             return None
         self._touch(path)
@@ -291,6 +294,21 @@ class DiskTier(ObjectTier):
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._lockfd)
+
+
+def _read_into(f, into: ReadBuffer) -> memoryview:
+    """The whole file, read into ``into``. Objects are replaced by rename, never written in
+    place, so the open file keeps its size; a short read is a truncated object (the
+    caller's length check rejects it)."""
+    size = os.fstat(f.fileno()).st_size
+    view = into.view(size)
+    n = 0
+    while n < size:
+        got = f.readinto(view[n:])
+        if not got:
+            break
+        n += got
+    return view[:n]
 
 
 def _alive(pid: int) -> bool:

@@ -7,6 +7,12 @@ background writes still reading a slot). Entries are named by (tenant id, block 
 
 G2 lives inside the worker process, next to G1, so it holds the raw block bytes: it is not
 encrypted or checksummed (that happens when a block leaves the process for G3/G4).
+
+A slot is filled in two steps: ``reserve`` takes it (pinned, invisible to every reader),
+the caller copies into it, then ``commit`` shows it, either ready or with the event of an
+asynchronous copy still in flight (``Slot.ready``; readers ``transfer.wait_ready`` first,
+and the slot stays pinned until ``settle``). A fill that fails is ``abort``ed: readers
+never see a half-filled slot.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from kvgrid.store.tier import watermark_target
+from kvgrid.store.transfer import host_copy
 
 
 @dataclass
@@ -31,6 +39,13 @@ class Slot:
     # lower tiers known to hold this block (written there, or promoted from there): a
     # write-back of a block already below G2 is then skipped without asking the tier
     below: set[str] = field(default_factory=set)
+    # FILLING until committed; then the event of a copy still landing, or None once ready
+    ready: Any = None
+    name: tuple[bytes, bytes] | None = None  # (tenant id, key)
+    dead: bool = False  # unlisted while pinned: its index is freed by the last release
+
+
+FILLING = object()
 
 
 class HostPool:
@@ -99,76 +114,100 @@ class HostPool:
             self._drop(k)
             out.append((k[0], k[1], reason))
 
-    def put(
+    def reserve(
         self,
         tid: bytes,
         key: bytes,
-        block: torch.Tensor,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
         parent_key: bytes | None,
         token_count: int,
         quota: int | None = None,
         created: float | None = None,
-    ) -> tuple[bool, list]:
-        """Copy ``block`` into a slot (synchronously). Returns (stored, evicted)."""
-        slot, evicted = self.put_pinned(tid, key, block, parent_key, token_count, quota, created)
-        if slot is not None:
-            self.release(slot)
-        return slot is not None, evicted
-
-    def put_pinned(
-        self,
-        tid: bytes,
-        key: bytes,
-        block: torch.Tensor,
-        parent_key: bytes | None,
-        token_count: int,
-        quota: int | None = None,
-        created: float | None = None,
-    ) -> tuple[Slot | None, list]:
-        """As ``put``, but the slot (new or already there) comes back pinned, so that it can
-        be the source of an asynchronous copy; the caller must ``release`` it."""
+    ) -> tuple[Slot | None, bool, list]:
+        """A pinned slot for a block of ``shape`` and ``dtype``: (slot, new, evicted). A new
+        slot is for the caller to fill, then ``commit`` (or ``abort``); an existing one is
+        ready to read once ``wait_ready``. (None, False, ...) while another fill of the key
+        is under way; (None, True, ...) when there is no room."""
         evicted: list = []
         with self.lock:
-            if not self.configure(tuple(block.shape), block.dtype):
-                return None, evicted
+            if not self.configure(tuple(shape), dtype):
+                return None, True, evicted
             k = (tid, key)
             s = self.entries.get(k)
             if s is not None:
+                if s.ready is FILLING:
+                    return None, False, evicted
                 self.entries.move_to_end(k)
                 s.pins += 1
-                return s, evicted
+                return s, False, evicted
             if quota is not None:
                 allowed = quota // self.slot_bytes
                 if allowed < 1:
-                    return None, evicted
+                    return None, True, evicted
                 self._evict(allowed - 1, tid, "quota", evicted)
                 if self.per_tenant.get(tid, 0) >= allowed:
-                    return None, evicted
+                    return None, True, evicted
             used = len(self.entries) * self.slot_bytes
             target = watermark_target(self.capacity, self.high, self.low, used, self.slot_bytes)
             if target is not None:
                 self._evict(target // self.slot_bytes, None, "capacity", evicted)
             if not self.free:
-                return None, evicted  # every slot pinned
+                return None, True, evicted  # every slot pinned
             idx = self.free.pop()
-            s = Slot(idx, time.time() if created is None else created, token_count, parent_key)
-            s.pins += 1  # nobody may take the slot while it is being filled
+            t = time.time() if created is None else created
+            # pinned: nobody may take the slot while it is being filled
+            s = Slot(idx, t, token_count, parent_key, pins=1, ready=FILLING, name=k)
             self.entries[k] = s
             self.per_tenant[tid] = self.per_tenant.get(tid, 0) + 1
+        return s, True, evicted
+
+    def fill(self, slot: Slot, block: torch.Tensor) -> None:
+        """Copy ``block`` into a reserved slot and commit it (still pinned); a failed copy
+        aborts the slot and raises."""
         try:
-            self.pool[idx].copy_(block)
+            host_copy(self.pool[slot.index], block)
         except Exception:
-            with self.lock:
-                s.pins -= 1
-                self._drop(k)
+            self.abort([slot])
             raise
-        return s, evicted
+        self.commit([slot])
+
+    def commit(self, slots: list[Slot], event: Any = None) -> None:
+        """Show filled slots to readers (still pinned by the fill). With ``event`` (an
+        asynchronous copy in flight) readers wait on it, and the fill's pin is held until
+        ``settle``, so the slot cannot be evicted and refilled under the copy."""
+        with self.lock:
+            for s in slots:
+                s.ready = event
+
+    def settle(self, slots: list[Slot]) -> None:
+        """The copy of committed slots has landed: they are ready, and unpinned."""
+        with self.lock:
+            for s in slots:
+                s.ready = None
+                self._unpin(s)
+
+    def abort(self, slots: list[Slot]) -> None:
+        """Fills that failed (or copies that did): the entries go at once; each index is
+        freed when its last pin (the fill's, readers') is released."""
+        with self.lock:
+            for s in slots:
+                if not s.dead and self.entries.get(s.name) is s:
+                    del self.entries[s.name]
+                    self.per_tenant[s.name[0]] -= 1
+                s.dead = True
+                self._unpin(s)
+
+    def _unpin(self, s: Slot) -> None:
+        s.pins -= 1
+        if s.dead and s.pins == 0:
+            self.free.append(s.index)
 
     def acquire(self, tid: bytes, key: bytes) -> tuple[Slot, torch.Tensor] | None:
         """Pin a slot for reading; the caller must ``release`` it."""
         with self.lock:
             s = self.entries.get((tid, key))
-            if s is None:
+            if s is None or s.ready is FILLING:
                 return None
             self.entries.move_to_end((tid, key))
             s.pins += 1
@@ -181,7 +220,7 @@ class HostPool:
         with self.lock:
             for key in keys:
                 s = self.entries.get((tid, key))
-                if s is None:
+                if s is None or s.ready is FILLING:
                     break
                 self.entries.move_to_end((tid, key))
                 s.pins += 1
@@ -190,17 +229,19 @@ class HostPool:
 
     def release(self, slot: Slot) -> None:
         with self.lock:
-            slot.pins -= 1
+            self._unpin(slot)
 
     def release_run(self, slots: list[Slot]) -> None:
         """``release`` each of ``slots`` (an ``acquire_run``'s, say), under one lock."""
         with self.lock:
             for slot in slots:
-                slot.pins -= 1
+                self._unpin(slot)
 
     def peek(self, tid: bytes, key: bytes) -> Slot | None:
+        """The committed slot of a key (not pinned: for lookups, not for reading)."""
         with self.lock:
-            return self.entries.get((tid, key))
+            s = self.entries.get((tid, key))
+            return None if s is None or s.ready is FILLING else s
 
     def delete(self, tid: bytes, key: bytes) -> bool:
         with self.lock:

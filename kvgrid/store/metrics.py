@@ -48,9 +48,15 @@ class StoreMetrics:
                 ["tier", "kind"],
                 registry=r,
             ),
+            "writebacks": Counter(
+                "kvgrid_store_g2_writebacks",
+                "blocks copied into G2 on write-back, by mode (async: GPU side stream; sync)",
+                ["mode"],
+                registry=r,
+            ),
             "writes_dropped": Counter(
                 "kvgrid_store_writes_dropped",
-                "writes not done, by reason (queue_full, quota, full, too_big, error)",
+                "writes not done, by reason (queue_full, quota, full, too_big, error, copy_failed)",
                 ["tier", "reason"],
                 registry=r,
             ),

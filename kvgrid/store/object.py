@@ -23,12 +23,14 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from cryptography.exceptions import InvalidTag
 
 from kvgrid.store import codec as codecs
+from kvgrid.store.aead import TAG_BYTES, decrypt_into
 from kvgrid.store.crypto import KeyRing
 
 MAGIC = b"KVGO"
@@ -236,17 +238,32 @@ def decode_object(
     dtype: torch.dtype | None = None,
     shape: tuple[int, ...] | None = None,
     model_fingerprint: str | None = None,
+    out: Callable[[ObjectHeader], torch.Tensor | None] | None = None,
 ) -> tuple[ObjectHeader, torch.Tensor]:
     """Verify and open an object read back for (key, tenant); the block as a CPU tensor.
 
     Raises ObjectError on any mismatch: never returns data that is not exactly what was
     stored under this key for this tenant (lossy codecs aside).
+
+    ``out(header)``, called once the header has passed its checks, gives the tensor to
+    decode into (a G2 slot that no reader sees yet), or None for a new one: the block then
+    never aliases ``blob`` (which may be a reused read buffer), and an uncompressed payload
+    is written once, straight into place (decrypted there, or copied there after its CRC).
+    After an ObjectError that tensor holds unverified bytes: the caller must discard it.
     """
     h = _header_and_length(blob)
     if not h.encrypted and not _crc_ok(blob, h):
         raise ObjectError("checksum", "checksum mismatch")
+    dst = None
     try:
-        payload = _open_payload(blob, h, key, tenant, keyring, dtype, shape, model_fingerprint)
+        _check_identity(h, key, tenant, dtype, shape, model_fingerprint)
+        if out is not None:
+            dst = _destination(h, out)
+        if dst is not None and h.encrypted and h.codec == codecs.NONE:
+            # the tag is checked as the last byte is decrypted: nothing is read before that
+            _decrypt(blob, h, tenant, keyring, codecs.as_bytes(dst))
+            return h, dst
+        payload = _decrypt(blob, h, tenant, keyring)
     except ObjectError:
         # An encrypted object skipped the CRC pass: its GCM tag covers header and payload,
         # so the CRC would only cost a second read of every byte. On a failure it tells a
@@ -255,25 +272,37 @@ def decode_object(
             raise ObjectError("checksum", "checksum mismatch") from None
         raise
     try:
-        t = codecs.decode(h.codec, payload, h.raw_len, dtype_of(h.dtype), h.shape)
+        t = codecs.decode(h.codec, payload, h.raw_len, dtype_of(h.dtype), h.shape, dst)
     except codecs.CodecError as e:
         raise ObjectError("codec", str(e)) from None
     return h, t
 
 
-def _open_payload(
-    blob: bytes | memoryview,
+def _destination(h: ObjectHeader, out: Callable) -> torch.Tensor:
+    dt = dtype_of(h.dtype)
+    dst = out(h)
+    if dst is None:
+        dst = torch.empty(h.shape, dtype=dt)
+    n = int(torch.Size(h.shape).numel()) * dst.element_size()
+    if tuple(dst.shape) != h.shape or dst.dtype != dt or not dst.is_contiguous():
+        raise ObjectError("mismatch", f"object is {h.dtype}{list(h.shape)}, output is not")
+    if h.raw_len != n:
+        raise ObjectError("header", f"raw length {h.raw_len} is not {n} bytes")
+    return dst
+
+
+def _payload(blob: bytes | memoryview, h: ObjectHeader) -> memoryview:
+    return memoryview(blob)[h.header_len + _CRC.size :]
+
+
+def _check_identity(
     h: ObjectHeader,
     key: bytes,
     tenant: bytes,
-    keyring: KeyRing | None,
     dtype: torch.dtype | None,
     shape: tuple[int, ...] | None,
     model_fingerprint: str | None,
-):
-    """The plaintext payload of a well-formed object, after every check but the codec's."""
-    header = memoryview(blob)[: h.header_len]
-    payload = memoryview(blob)[h.header_len + _CRC.size :]
+) -> None:
     if h.key != key or h.tenant_id != tenant_id(tenant):
         raise ObjectError("mismatch", "object belongs to another block or tenant")
     if model_fingerprint and h.model_fingerprint != model_fingerprint:
@@ -281,18 +310,30 @@ def _open_payload(
     want = None if dtype is None else dtype_name(dtype)
     if (want is not None and h.dtype != want) or (shape is not None and h.shape != tuple(shape)):
         raise ObjectError("mismatch", f"object is {h.dtype}{list(h.shape)}, wanted {want}{shape}")
-    if h.encrypted:
-        if keyring is None:
-            raise ObjectError("decrypt", "object is encrypted and no key ring is loaded")
-        aead = keyring.aead(h.key_id, tenant)
-        if aead is None:
-            raise ObjectError("decrypt", f"master key id {h.key_id} is not in the key ring")
-        try:
-            return aead.decrypt(h.nonce, payload, header)
-        except InvalidTag:
-            raise ObjectError("decrypt", "authentication failed") from None
-    if keyring is not None:
-        # with a key ring loaded, plaintext objects are refused: whoever can write the
-        # store must not be able to downgrade an object to one without authentication
-        raise ObjectError("decrypt", "unencrypted object where encryption is required")
-    return payload
+
+
+def _decrypt(
+    blob: bytes | memoryview, h: ObjectHeader, tenant: bytes, keyring: KeyRing | None, into=None
+):
+    """The authenticated plaintext payload (into ``into`` if given). With a key ring loaded,
+    plaintext objects are refused: whoever can write the store must not be able to
+    downgrade an object to one without authentication."""
+    if not h.encrypted:
+        if keyring is not None:
+            raise ObjectError("decrypt", "unencrypted object where encryption is required")
+        return _payload(blob, h)
+    if keyring is None:
+        raise ObjectError("decrypt", "object is encrypted and no key ring is loaded")
+    aead = keyring.aead(h.key_id, tenant)
+    if aead is None:
+        raise ObjectError("decrypt", f"master key id {h.key_id} is not in the key ring")
+    header = memoryview(blob)[: h.header_len]
+    try:
+        if into is None:
+            return aead.decrypt(h.nonce, _payload(blob, h), header)
+        if h.payload_len - TAG_BYTES != len(into):
+            raise ObjectError("header", "encrypted payload length does not match the block")
+        decrypt_into(aead, h.nonce, _payload(blob, h), header, into)
+        return into
+    except InvalidTag:
+        raise ObjectError("decrypt", "authentication failed") from None

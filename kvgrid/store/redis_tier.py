@@ -24,7 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvgrid.store.tier import ObjectInfo, ObjectTier, PutResult
+from kvgrid.store.tier import ObjectInfo, ObjectTier, PutResult, ReadBuffer
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class RedisTier(ObjectTier):
                 reason = why
         return PutResult(stored, evicted, reason)
 
-    def get(self, tid: bytes, key: bytes) -> bytes | None:
+    def get(self, tid: bytes, key: bytes, into: ReadBuffer | None = None) -> bytes | None:
         m = _member(tid, key)
 
         def fetch():

@@ -1,11 +1,13 @@
 """ContextStore: the tiers below G1 (G2 host memory, G3 local disk, G4 shared) as one store.
 
 Reads go G2, then G3, then G4; a hit below G2 is verified, decrypted and promoted into G2.
-Writes land in G2 synchronously (that copy is the staging buffer, so the caller's memory is
-free when ``put`` returns) and go to G3/G4 on bounded background workers, once a block has
-been seen often enough (admission). Every failure of an object is a miss plus a metric,
-never an exception to the caller and never wrong data. Tier changes are queued as KV events
-(BlockStored / BlockRemoved / AllCleared with tiers "G2".."G4") for ``drain_events``.
+Writes land in G2 first (that copy is the staging buffer): from host memory synchronously;
+from a GPU on a side stream (``transfer.CudaCopier``), the caller's stream ordered after the
+copy, so a write-back never holds up the engine's thread. They go to G3/G4 on bounded
+background workers, once a block has been seen often enough (admission). Every failure of
+an object is a miss plus a metric, never an exception to the caller and never wrong data.
+Tier changes are queued as KV events (BlockStored / BlockRemoved / AllCleared with tiers
+"G2".."G4") for ``drain_events``.
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ from kvgrid.store.metrics import StoreMetrics, tenant_label
 from kvgrid.store.object import (
     MAX_HEADER,
     ObjectError,
+    ObjectHeader,
     check_object,
     decode_object,
+    dtype_of,
     encode_object,
     read_header,
     tenant_id,
 )
 from kvgrid.store.policy import BoundedWorkQueue, Lease, LeaseManager, Sightings
-from kvgrid.store.tier import ObjectTier, PutResult
+from kvgrid.store.tier import ObjectTier, PutResult, ReadBuffer
+from kvgrid.store.transfer import Copier, CopyEvent, CudaCopier, copy_run, wait_ready
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -58,8 +63,10 @@ class ContextStore:
         registry: CollectorRegistry | None = None,
         keyring: KeyRing | None = None,
         tiers: list[ObjectTier] | None = None,
+        copier: Copier | None = None,
     ) -> None:
-        """``tiers`` replaces the G3/G4 tiers built from the config (for tools and tests)."""
+        """``tiers`` replaces the G3/G4 tiers built from the config (for tools and tests);
+        ``copier`` the asynchronous G1 -> G2 copies (default: on CUDA, a side stream)."""
         self.config = cfg = config or StoreConfig()
         cfg.validate()
         self.metrics = StoreMetrics(registry)
@@ -78,8 +85,13 @@ class ContextStore:
         # reads below G2 (loads and prefetches): file/network read, verification, decryption
         # and decoding all release the GIL, so these threads run in parallel
         self._fetchers = ThreadPoolExecutor(cfg.load_workers, thread_name_prefix="kvgrid-load")
-        # waits for layered loads to land, then frees their G2 slots
+        # waits for device copies (layered loads, write-backs) to land, then frees their G2
+        # slots; one thread, in order, so a no-op job is a barrier (flush)
         self._landings = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-landed")
+        self.copier = (
+            copier if copier is not None else (CudaCopier() if torch.cuda.is_available() else None)
+        )
+        self._local = threading.local()  # per thread: the buffer objects are read into
         self._window = 2 * cfg.load_workers  # blocks in flight per load: bounds memory
         self.block_shape: tuple[int, ...] | None = None
         self.block_dtype: torch.dtype | None = None
@@ -213,14 +225,15 @@ class ContextStore:
 
     # ---- reads -----------------------------------------------------------------------------
 
-    def _read_lower(self, tier: ObjectTier, tid: bytes, key: bytes, tenant: bytes):
-        """(header, CPU tensor) of a verified object, or None (a counted miss)."""
+    def _read_lower(self, tier: ObjectTier, tid: bytes, key: bytes, tenant: bytes, out=None):
+        """(header, CPU tensor) of a verified object, or None (a counted miss). ``out`` as
+        in ``decode_object``: with it, the object is read into this thread's reused buffer."""
         tl = tenant_label(tid)
         if not tier.up:
             self.metrics.inc("misses", tier=tier.name, tenant=tl, reason="backend_down")
             return None
         try:
-            blob = tier.get(tid, key)
+            blob = tier.get(tid, key, self._read_buffer() if out is not None else None)
         except OSError as e:
             log.warning("%s read failed: %s", tier.name, e)
             blob = None
@@ -237,6 +250,7 @@ class ContextStore:
                 self.block_dtype,
                 self.block_shape,
                 self.config.model_fingerprint or None,
+                out,
             )
         except ObjectError as e:
             self.metrics.inc("integrity_failures", tier=tier.name, kind=e.kind)
@@ -272,38 +286,86 @@ class ContextStore:
             return None
         return got
 
-    def _promote(self, tid: bytes, key: bytes, t: torch.Tensor, h, tier: str) -> Slot | None:
-        """Put a block read from ``tier`` into G2; its slot comes back pinned (or None)."""
-        if self.g2 is None:
-            return None
-        slot, evicted = self._g2_put(tid, key, t, h.parent_key, h.token_count, h.created, True)
-        self._removed("G2", evicted)
-        if slot is not None:
-            slot.below.add(tier)
-        return slot
+    def _read_buffer(self) -> ReadBuffer:
+        buf = getattr(self._local, "read_buffer", None)
+        if buf is None:
+            buf = self._local.read_buffer = ReadBuffer()
+        return buf
 
     def _fetch_lower(self, tid: bytes, key: bytes, tenant: bytes):
         """(tier, pinned G2 slot or None, CPU tensor) of one block from the first lower tier
-        with a valid copy, promoted into G2; None if none has one. Runs on a fetch thread."""
+        with a valid copy, promoted into G2; None if none has one. Runs on a fetch thread.
+
+        The object is decoded straight into a G2 slot reserved for it (decryption writes
+        the plaintext in place), which is shown only once the object has verified: one pass
+        over the bytes fewer than decoding first and copying after."""
         t0 = time.perf_counter()
         for tier in self.lower:
-            got = self._read_lower(tier, tid, key, tenant)
+            held: list[tuple[Slot, bool]] = []  # the block's G2 slot, and whether new
+
+            def into(h: ObjectHeader, held: list = held) -> torch.Tensor | None:
+                got = self._g2_reserve(tid, key, h)
+                if got is None:
+                    return None
+                held.append(got)
+                return self.g2.pool[got[0].index] if got[1] else None
+
+            try:
+                got = self._read_lower(tier, tid, key, tenant, into)
+            except BaseException:
+                self._g2_unreserve(held)
+                raise
             if got is None:
+                self._g2_unreserve(held)
                 continue
             h, t = got
-            if self.block_shape is not None and (
-                tuple(t.shape) != tuple(self.block_shape) or t.dtype != self.block_dtype
-            ):
-                self.metrics.inc(
-                    "misses", tier=tier.name, tenant=tenant_label(tid), reason="mismatch"
-                )
-                continue
-            slot = self._promote(tid, key, t, h, tier.name)
-            if slot is not None:
-                t = self.g2.pool[slot.index]  # pinned: the device copy can be asynchronous
+            slot = None
+            if held:
+                slot, new = held[0]
+                if new:
+                    self.g2.commit([slot])
+                    tl = tenant_label(tid)
+                    self.metrics.inc("bytes_in", t.nbytes, tier="G2", tenant=tl)
+                    self._emit(BlockStored((key,), h.parent_key, "G2", h.token_count))
+                else:
+                    # already there, its write-back perhaps still landing; if that copy
+                    # failed, the block just read and verified serves instead
+                    try:
+                        wait_ready([slot])
+                        t = self.g2.pool[slot.index]  # pinned: the device copy can be async
+                    except Exception:
+                        self.g2.release(slot)
+                        slot = None
+                if slot is not None:
+                    slot.below.add(tier.name)
             self.metrics.load_seconds.labels(tier=tier.name).observe(time.perf_counter() - t0)
             return tier.name, slot, t
         return None
+
+    def _g2_reserve(self, tid: bytes, key: bytes, h: ObjectHeader) -> tuple[Slot, bool] | None:
+        """A pinned G2 slot for a block read from below: (slot, new), or None (no G2, no
+        room, or the block being filled by another thread)."""
+        if self.g2 is None:
+            return None
+        if self.leases is not None:
+            self.leases.reap()
+        quota = self._policy(tid).quota_bytes.get("G2")
+        slot, new, evicted = self.g2.reserve(
+            tid, key, h.shape, dtype_of(h.dtype), h.parent_key, h.token_count, quota, h.created
+        )
+        self._removed("G2", evicted)
+        if slot is None:
+            if new:
+                self.metrics.inc("writes_dropped", tier="G2", reason="full")
+            return None
+        return slot, new
+
+    def _g2_unreserve(self, held: list[tuple[Slot, bool]]) -> None:
+        for slot, new in held:
+            if new:
+                self.g2.abort([slot])
+            else:
+                self.g2.release(slot)
 
     def _drop_fetch(self, fut: Future) -> None:
         """Let go of a fetch nobody will use (a load that stopped early)."""
@@ -344,6 +406,7 @@ class ContextStore:
                     srcs[i] = got[1]
         missing = deque(i for i in range(n) if srcs[i] is None)
         futs: dict[int, Future] = {}
+        dev = dsts[0].device if dsts else None
 
         def refill() -> None:
             # keep the window full, in key order (the copies consume in key order)
@@ -358,6 +421,7 @@ class ContextStore:
         tl = tenant_label(tid)
         try:
             refill()
+            self._order_after_writebacks(dev, held)
             for i in range(n):
                 if srcs[i] is not None:
                     tier = "G2"
@@ -382,10 +446,10 @@ class ContextStore:
                 dst = dsts[i]
                 if dst.is_cuda:
                     cuda_dev = dst.device
-                run = _copy_run(run, srcs[i], dst)
+                run = copy_run(run, srcs[i], dst)
                 served.append(tier)
                 nbytes[tier] = nbytes.get(tier, 0) + dst.nbytes
-            _copy_run(run, None, None)
+            copy_run(run, None, None)
             if cuda_dev is not None:
                 torch.cuda.current_stream(cuda_dev).synchronize()
         finally:
@@ -430,6 +494,7 @@ class ContextStore:
             return None
         t0 = time.perf_counter()
         try:
+            self._order_after_writebacks(dst.device, held)
             landing = land_layers(self.g2.pool, [s.index for s in held], dst, block_ids)
         except Exception:
             self.g2.release_run(held)
@@ -446,24 +511,41 @@ class ContextStore:
         seconds = landing.device_seconds() or time.perf_counter() - t0
         self._account_load(tl, len(held), {"G2": landing.nbytes}, seconds, len(held))
 
+    def _order_after_writebacks(self, dev: torch.device | None, slots: list[Slot]) -> None:
+        """Before copies into ``dev`` from ``slots``: they read the slots' bytes only once
+        their write-backs have landed, and overwrite G1 blocks only after every write-back
+        issued so far has read them (a load's destination may be a block just evicted)."""
+        wait_ready(slots, dev)
+        if dev is not None and dev.type == "cuda" and self.copier is not None:
+            self.copier.fence(dev)
+
     def get(self, key: bytes, tenant: bytes) -> torch.Tensor | None:
         """One block as a new CPU tensor, from the fastest tier that holds a valid copy."""
         tid = _tid(tenant)
         got = self._g2_acquire(tid, key)
         if got is not None:
             try:
+                wait_ready([got[0]])
+            except Exception:  # its write-back copy failed: the entry is gone, look below
+                log.exception("G2 block %s never landed", key.hex()[:16])
+                self.metrics.inc("misses", tier="G2", tenant=tenant_label(tid), reason="copy")
+                self.g2.release(got[0])
+                got = None
+        if got is not None:
+            try:
                 self.metrics.inc("hits", tier="G2", tenant=tenant_label(tid))
                 return got[1].clone()
             finally:
                 self.g2.release(got[0])
-        for tier in self.lower:
-            r = self._read_lower(tier, tid, key, tenant)
-            if r is not None:
-                slot = self._promote(tid, key, r[1], r[0], tier.name)
-                if slot is not None:
-                    self.g2.release(slot)
-                return r[1].clone()
-        return None
+        r = self._fetch_lower(tid, key, tenant)
+        if r is None:
+            return None
+        _, slot, t = r
+        try:
+            return t.clone()
+        finally:
+            if slot is not None:
+                self.g2.release(slot)
 
     def prefetch(self, keys: list[bytes], tenant: bytes) -> bool:
         """Bring the leading stored blocks up into G2 in the background. False if dropped."""
@@ -504,24 +586,6 @@ class ContextStore:
 
     # ---- writes ----------------------------------------------------------------------------
 
-    def _g2_put(self, tid, key, block, parent_key, token_count, created=None, pin=False):
-        """(stored, evicted); with ``pin``, (pinned slot or None, evicted)."""
-        if self.leases is not None:
-            self.leases.reap()
-        quota = self._policy(tid).quota_bytes.get("G2")
-        new = self.g2.peek(tid, key) is None
-        slot, evicted = self.g2.put_pinned(tid, key, block, parent_key, token_count, quota, created)
-        if slot is not None and new:
-            self.metrics.inc("bytes_in", block.nbytes, tier="G2", tenant=tenant_label(tid))
-            self._emit(BlockStored((key,), parent_key, "G2", token_count))
-        elif slot is None:
-            self.metrics.inc("writes_dropped", tier="G2", reason="full")
-        if pin:
-            return slot, evicted
-        if slot is not None:
-            self.g2.release(slot)
-        return slot is not None, evicted
-
     def put(
         self,
         key: bytes,
@@ -530,17 +594,135 @@ class ContextStore:
         block_tensor: torch.Tensor,
         token_count: int,
     ) -> None:
-        """Store one block. Reads ``block_tensor`` before returning; disk and network writes
-        finish in the background (``flush`` waits for them)."""
+        """Store one block (``put_many`` of one)."""
+        self.put_many([key], [parent_key], tenant, [block_tensor], token_count)
+
+    def put_many(
+        self,
+        keys: list[bytes],
+        parent_keys: list[bytes | None],
+        tenant: bytes,
+        blocks: list[torch.Tensor],
+        token_count: int,
+    ) -> int:
+        """Store blocks; how many were taken without error (stored, or dropped by policy).
+
+        Host blocks are read before this returns. GPU blocks are copied into G2 on the
+        copier's stream: the caller's current stream waits for those copies on the device,
+        so its later kernels cannot overwrite the blocks before they are read, and the
+        caller may reuse them at once. Disk and network writes finish in the background
+        (``flush`` waits for them)."""
+        if not (len(keys) == len(parent_keys) == len(blocks)):
+            raise ValueError("put_many() needs as many keys, parent keys and blocks")
+        if not keys:
+            return 0
         if self.block_shape is None:
-            self.configure_blocks(tuple(block_tensor.shape), block_tensor.dtype)
+            self.configure_blocks(tuple(blocks[0].shape), blocks[0].dtype)
         tid = _tid(tenant)
         self._known_tenants.setdefault(tid, tenant)
-        seen = self.sightings.bump(key, at_least=1)
-        admit = self.config.admit_after
-        if self.g2 is not None and seen >= admit.get("G2", 1):
-            _, evicted = self._g2_put(tid, key, block_tensor, parent_key, token_count)
+        seen = [self.sightings.bump(k, at_least=1) for k in keys]
+        ok = [True] * len(keys)
+        if self.g2 is not None:
+            self._g2_put_many(tid, keys, parent_keys, blocks, token_count, seen, ok)
+        for i, key in enumerate(keys):
+            try:
+                self._write_back_lower(
+                    tid, key, parent_keys[i], tenant, blocks[i], token_count, seen[i]
+                )
+            except Exception:
+                log.exception("store write-back failed")
+                ok[i] = False
+        return sum(ok)
+
+    def _g2_put_many(self, tid, keys, parent_keys, blocks, token_count, seen, ok) -> None:
+        """The G2 part of ``put_many``: new slots are reserved, filled (one asynchronous
+        batch for device blocks), then shown; ``ok[i]`` cleared where filling failed."""
+        if self.leases is not None:
+            self.leases.reap()
+        quota = self._policy(tid).quota_bytes.get("G2")
+        fills: list[tuple[int, Slot]] = []
+        sync: list[tuple[int, Slot]] = []
+        for i, key in enumerate(keys):
+            if seen[i] < self.config.admit_after.get("G2", 1):
+                continue
+            b = blocks[i]
+            slot, new, evicted = self.g2.reserve(
+                tid, key, b.shape, b.dtype, parent_keys[i], token_count, quota
+            )
             self._removed("G2", evicted)
+            if slot is None:
+                if new:
+                    self.metrics.inc("writes_dropped", tier="G2", reason="full")
+                continue
+            if not new:
+                self.g2.release(slot)
+            elif self.copier is not None and self.copier.accepts(b, self.g2.pool):
+                fills.append((i, slot))
+            else:
+                sync.append((i, slot))
+        shown: list[tuple[int, Slot]] = []
+        for i, slot in sync:
+            try:
+                self.g2.fill(slot, blocks[i])
+            except Exception:
+                log.exception("G2 write-back copy failed")
+                self.metrics.inc("writes_dropped", tier="G2", reason="copy_failed")
+                ok[i] = False
+                continue
+            self.g2.release(slot)
+            shown.append((i, slot))
+        if fills:
+            slots = [s for _, s in fills]
+            pool = self.g2.pool
+            try:
+                ev = self.copier.copy([(pool[s.index], blocks[i]) for i, s in fills])
+            except Exception:
+                log.exception("G2 write-back copy failed")
+                self._abandon_issued(slots, blocks[fills[0][0]].device)
+                self.metrics.inc("writes_dropped", len(slots), tier="G2", reason="copy_failed")
+                for i, _ in fills:
+                    ok[i] = False
+            else:
+                self.g2.commit(slots, ev)
+                self._landings.submit(self._copied, slots, ev)
+                shown += fills
+            self.metrics.inc("writebacks", len(fills), mode="async")
+        if sync:
+            self.metrics.inc("writebacks", len(sync), mode="sync")
+        tl = tenant_label(tid)
+        for i, _ in shown:
+            self.metrics.inc("bytes_in", blocks[i].nbytes, tier="G2", tenant=tl)
+            self._emit(BlockStored((keys[i],), parent_keys[i], "G2", token_count))
+
+    def _copied(self, slots: list[Slot], ev: CopyEvent) -> None:
+        """On the landing thread: an asynchronous write-back batch has landed (or failed)."""
+        try:
+            ev.synchronize()
+        except Exception:
+            log.exception("G2 write-back copy failed on the device")
+            self.g2.abort(slots)
+            self.metrics.inc("writes_dropped", len(slots), tier="G2", reason="copy_failed")
+            for s in slots:
+                self._emit(BlockRemoved((s.name[1],), "G2"))
+            return
+        self.g2.settle(slots)
+
+    def _abandon_issued(self, slots: list[Slot], dev: torch.device) -> None:
+        """A batch failed while its copies were being issued: some may still be running, so
+        their slots are reused only once the copy stream is idle; if that cannot be known
+        (the device is broken), never."""
+        try:
+            self.copier.synchronize(dev)
+        except Exception:
+            log.exception("device unusable: %d G2 slots retired", len(slots))
+            with self.g2.lock:
+                for s in slots:
+                    s.pins += 1  # never released: the index is never reused
+        self.g2.abort(slots)
+
+    def _write_back_lower(self, tid, key, parent_key, tenant, block, token_count, seen) -> None:
+        """Queue the G3/G4 writes of one block (from its G2 slot when it has one)."""
+        admit = self.config.admit_after
         targets = [t for t in self.lower if seen >= admit.get(t.name, 1) and t.up]
         got = self.g2.acquire(tid, key) if self.g2 is not None and targets else None
         if got is not None:
@@ -553,10 +735,12 @@ class ContextStore:
         if got is not None:
             slot, src = got  # pinned until the write has read it
         else:
-            slot, src = None, block_tensor.detach().to("cpu", copy=True).contiguous()
+            slot, src = None, block.detach().to("cpu", copy=True).contiguous()
 
         def job() -> None:
             try:
+                if slot is not None:
+                    wait_ready([slot])
                 self._write_lower(targets, tid, key, parent_key, tenant, src, token_count)
             finally:
                 if slot is not None:
@@ -608,7 +792,13 @@ class ContextStore:
                 self.metrics.inc("writes_dropped", tier=t.name, reason=res.reason or "error")
 
     def flush(self, timeout_s: float = 60.0) -> bool:
-        """Wait for queued background writes to finish."""
+        """Wait for write-back copies, queued background writes and prefetches to finish."""
+        if self._closed.is_set():
+            return True  # close() waited for all of them
+        try:
+            self._landings.submit(lambda: None).result(timeout_s)
+        except FutureTimeout:
+            return False
         return self.writes.drain(timeout_s) and self.reads.drain(timeout_s)
 
     # ---- restart, retention, maintenance ---------------------------------------------------
@@ -770,34 +960,3 @@ class ContextStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _copy_run(run: list, src: torch.Tensor | None, dst: torch.Tensor | None) -> list:
-    """Queue the copy ``src -> dst``, merging it into one copy with the queued ones while
-    both sides stay adjacent in memory (G2 slots and G1 blocks are often handed out in
-    order, so a prefix of hundreds of blocks goes in a few copies, not one per block).
-    ``src=None`` flushes. Copies to a GPU are asynchronous (sources are pinned)."""
-    if run and src is not None:
-        ps, pd = run[-1]
-        if (
-            src.data_ptr() == ps.data_ptr() + ps.nbytes
-            and dst.data_ptr() == pd.data_ptr() + pd.nbytes
-            and _same_storage(src, ps)
-            and _same_storage(dst, pd)
-        ):
-            run.append((src, dst))
-            return run
-    if run:
-        s0, d0 = run[0]
-        k = len(run)
-        if k == 1:
-            d0.copy_(s0, non_blocking=d0.is_cuda and s0.is_pinned())
-        else:
-            big_s = s0.as_strided((k, *s0.shape), (s0.numel(), *s0.stride()))
-            big_d = d0.as_strided((k, *d0.shape), (d0.numel(), *d0.stride()))
-            big_d.copy_(big_s, non_blocking=d0.is_cuda and s0.is_pinned())
-    return [] if src is None else [(src, dst)]
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

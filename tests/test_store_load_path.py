@@ -1,0 +1,138 @@
+"""The load path below G2: objects are read into a reused per-thread buffer and decoded
+straight into a G2 slot that readers see only once the object has verified."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kvgrid import keys
+from kvgrid.store import ContextStore, StoreConfig
+from kvgrid.store.aead import decrypt_into, make_aead
+from kvgrid.store.crypto import KeyRing
+from kvgrid.store.object import ObjectError, decode_object, encode_object, tenant_id
+
+SCOPE = keys.KVScope("test-model", "bfloat16")
+A = keys.tenant_scope(b"server-secret", "tenant-a")
+KR = KeyRing({1: os.urandom(32)})
+SHAPE = (2, 2, 16, 2, 8)
+BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 2
+
+
+def block(seed: int) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def chain(n: int) -> list[bytes]:
+    return keys.block_keys(list(range(16 * n)), SCOPE.with_tenant(A), 16)
+
+
+def store_with_g3(tmp_path, encrypt: bool, codec: str, g2_slots: int) -> ContextStore:
+    cfg = StoreConfig(g2_bytes=g2_slots * BLOCK_BYTES, g3_dir=tmp_path / "g3", g3_bytes=1 << 24,
+                      encrypt=encrypt, codec=codec, sweep_interval_s=0,
+                      admit_after={"G2": 1, "G3": 1})  # fmt: skip
+    return ContextStore(cfg, keyring=KR if encrypt else None)
+
+
+@pytest.mark.parametrize("encrypt,codec", [(True, "none"), (False, "none"), (True, "zstd"),
+                                           (False, "zstd")])  # fmt: skip
+def test_a_damaged_object_never_reaches_g2(tmp_path, encrypt, codec):
+    store = store_with_g3(tmp_path, encrypt, codec, g2_slots=4)
+    ks = chain(3)
+    for i, k in enumerate(ks):
+        store.put(k, None, A, block(i), 16)
+    assert store.flush()
+    store.g2.clear()
+    path = store.tier("G3").path(tenant_id(A), ks[1])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # in the payload: the tag (or the CRC) fails after decoding began
+    path.write_bytes(bytes(data))
+    dst = [torch.zeros(SHAPE, dtype=torch.bfloat16) for _ in ks]
+    assert store.load_into(ks, A, dst) == ["G3"]  # stops at the damaged block
+    assert torch.equal(dst[0], block(0))
+    # the slot it was decoded into is gone, and free again (the load's read-ahead may
+    # have promoted the block after it)
+    assert store.g2.peek(tenant_id(A), ks[1]) is None
+    end = time.monotonic() + 5  # a read-ahead fetch still running lets go when done
+    while store.g2.pinned_count() and time.monotonic() < end:
+        time.sleep(0.01)
+    assert store.g2.pinned_count() == 0
+    assert len(store.g2.free) == 4 - len(store.g2.entries)
+    assert store.metrics.total("integrity_failures", tier="G3") == 1
+    assert torch.equal(store.get(ks[2], A), block(2))
+    store.close()
+
+
+def test_blocks_fetched_on_one_thread_do_not_share_its_read_buffer(tmp_path):
+    store = store_with_g3(tmp_path, False, "none", g2_slots=0)  # no G2: fresh tensors
+    ks = chain(2)
+    for i, k in enumerate(ks):
+        store.put(k, None, A, block(i), 16)
+    assert store.flush()
+    tid = tenant_id(A)
+    first = store._fetch_lower(tid, ks[0], A)
+    second = store._fetch_lower(tid, ks[1], A)
+    assert torch.equal(first[2], block(0)) and torch.equal(second[2], block(1))
+    store.close()
+
+
+def test_decode_into_the_given_tensor_or_an_owned_one():
+    k = chain(1)[0]
+    for kr, codec in ((KR, "none"), (None, "none"), (KR, "zstd")):
+        blob = encode_object(block(3), k, None, A, 16, kr, codec)
+        dst = torch.zeros(SHAPE, dtype=torch.bfloat16)
+        _, t = decode_object(blob, k, A, kr, out=lambda h, d=dst: d)
+        assert t is dst and torch.equal(dst, block(3))
+        buf = bytearray(blob)
+        _, t = decode_object(buf, k, A, kr, out=lambda h: None)
+        buf[:] = bytes(len(buf))  # the caller reuses its read buffer
+        assert torch.equal(t, block(3))
+    # a destination of another shape is refused before any byte is written
+    blob = encode_object(block(3), k, None, A, 16, KR, "none")
+    wrong = torch.zeros((2, *SHAPE), dtype=torch.bfloat16)
+    with pytest.raises(ObjectError) as e:
+        decode_object(blob, k, A, KR, out=lambda h: wrong)
+    assert e.value.kind == "mismatch" and not wrong.any()
+
+
+@pytest.mark.parametrize("backend", ["openssl", "cryptography"])
+def test_decrypt_into_verifies_the_tag(backend):
+    key, nonce = os.urandom(32), os.urandom(12)
+    aead = make_aead(key, "auto") if backend == "openssl" else AESGCM(key)
+    msg = os.urandom(4096)
+    ct = AESGCM(key).encrypt(nonce, msg, b"header")
+    out = np.zeros(len(msg), dtype=np.uint8)
+    decrypt_into(aead, nonce, ct, b"header", memoryview(out))
+    assert out.tobytes() == msg
+    bad = bytearray(ct)
+    bad[7] ^= 1
+    with pytest.raises(InvalidTag):
+        decrypt_into(aead, nonce, bytes(bad), b"header", memoryview(out))
+    with pytest.raises(InvalidTag):
+        decrypt_into(aead, nonce, ct, b"other header", memoryview(out))
+
+
+@pytest.mark.parametrize("libzstd", [True, False])
+def test_zstd_decodes_into_the_slot_with_or_without_libzstd(monkeypatch, libzstd):
+    from kvgrid.store import codec as codecs
+
+    if not libzstd:
+        monkeypatch.setattr(codecs, "_libzstd", lambda: None)
+    elif codecs._libzstd() is None:
+        pytest.skip("no libzstd on this machine")
+    t = torch.zeros(SHAPE, dtype=torch.bfloat16)
+    t[0] = block(5)[0]  # compressible: zstd is kept
+    cid, payload = codecs.encode(t, "zstd")
+    assert cid == codecs.ZSTD
+    out = torch.full(SHAPE, 7.0, dtype=torch.bfloat16)
+    assert codecs.decode(cid, payload, t.nbytes, t.dtype, SHAPE, out) is out
+    assert torch.equal(out, t)
+    for bad in (bytes(payload)[:-8], b"\x28\xb5\x2f\xfd" + bytes(40)):
+        with pytest.raises(codecs.CodecError):
+            codecs.decode(cid, bad, t.nbytes, t.dtype, SHAPE, out)

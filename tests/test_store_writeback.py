@@ -1,0 +1,326 @@
+"""G1 -> G2 write-back copies that land later (asynchronous on CUDA): readers wait for them,
+pending slots are never evicted or refilled, a failed copy is a dropped entry, never data.
+
+On the CPU a fake copier stands in for the CUDA side stream: its copies land only when
+their event is synchronised after the test opens a gate, so a reader that did not wait
+would read the slab's old bytes. The CUDA tests run the real side stream."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from kvgrid import keys
+from kvgrid.store import ContextStore, StoreConfig, StoreConnector
+from kvgrid.store.crypto import KeyRing
+from kvgrid.store.host_pool import HostPool
+from kvgrid.store.object import tenant_id
+
+SCOPE = keys.KVScope("test-model", "bfloat16")
+A = keys.tenant_scope(b"server-secret", "tenant-a")
+KR = KeyRing({1: os.urandom(32)})
+BS = 16
+SHAPE = (2, 2, BS, 2, 8)
+BLOCK_BYTES = 2 * 2 * BS * 2 * 8 * 2
+
+
+def blocks(n: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *SHAPE), generator=g).to(torch.bfloat16).to(device)
+
+
+def chain(n: int, start: int = 0) -> list[bytes]:
+    return keys.block_keys(list(range(start, start + BS * n)), SCOPE.with_tenant(A), BS)
+
+
+class FakeEvent:
+    """A copy batch that lands when synchronised after ``gate`` opens (or fails)."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pairs = [(d, s.clone()) for d, s in pairs]  # the source is read at issue
+        self.gate = threading.Event()
+        self.fail = False
+        self.waits = 0
+        self._lock = threading.Lock()
+
+    def synchronize(self) -> None:
+        with self._lock:
+            self.waits += 1
+        assert self.gate.wait(10), "test never opened the gate"
+        if self.fail:
+            raise RuntimeError("copy failed on the device")
+        with self._lock:
+            for d, s in self.pairs:
+                d.copy_(s)
+            self.pairs = []
+
+
+class FakeCopier:
+    def __init__(self, fail_at_issue: bool = False) -> None:
+        self.events: list[FakeEvent] = []
+        self.fail_at_issue = fail_at_issue
+        self.synchronized = 0
+
+    def accepts(self, src: torch.Tensor, dst: torch.Tensor) -> bool:
+        return True
+
+    def copy(self, pairs):
+        if self.fail_at_issue:
+            raise RuntimeError("launch failed")
+        ev = FakeEvent(pairs)
+        self.events.append(ev)
+        return ev
+
+    def fence(self, device) -> None:
+        pass
+
+    def synchronize(self, device) -> None:
+        self.synchronized += 1
+
+    def open(self, fail: bool = False) -> None:
+        for ev in self.events:
+            ev.fail = fail
+            ev.gate.set()
+
+
+def make(tmp_path, copier, g2_bytes: int = 1 << 20, **kw) -> ContextStore:
+    cfg = dict(g2_bytes=g2_bytes, sweep_interval_s=0, admit_after={"G2": 1, "G3": 1, "G4": 1})
+    cfg.update(kw)
+    store = ContextStore(StoreConfig(**cfg), keyring=KR, copier=copier)
+    store.configure_blocks(SHAPE, torch.bfloat16)
+    store.g2.pool.zero_()  # a reader that does not wait sees zeros, never the block
+    return store
+
+
+def in_thread(fn):
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_readers_wait_for_a_pending_write_back(tmp_path):
+    cp = FakeCopier()
+    store = make(tmp_path, cp, g3_dir=tmp_path / "g3")
+    src = blocks(4)
+    ks = chain(4)
+    n = store.put_many(ks, [None, *ks[:-1]], A, list(src), BS)
+    assert n == 4 and len(cp.events) == 1  # one batch, one event
+    assert store.contains(ks, A) == ["G2"] * 4  # shown at once: lookups need not wait
+    assert store.g2.pinned_count() == 4  # held by the copy (and the queued G3 writes)
+    t, got = in_thread(lambda: store.get(ks[2], A))
+    dst = torch.zeros_like(src)
+    t2, loaded = in_thread(lambda: store.load_into(ks, A, list(dst)))
+    time.sleep(0.2)
+    assert t.is_alive() and t2.is_alive(), "a reader did not wait for the copy"
+    assert (store.g2.pool == 0).all()  # nothing has landed yet
+    cp.open()
+    t.join(5)
+    t2.join(5)
+    assert torch.equal(got["r"], src[2])
+    assert loaded["r"] == ["G2"] * 4 and torch.equal(dst, src)
+    assert store.flush(10)
+    assert store.g2.pinned_count() == 0
+    # the background G3 writes read the slots after the copy too: the objects are exact
+    store.g2.clear()
+    for i, k in enumerate(ks):
+        assert torch.equal(store.get(k, A), src[i])
+    c = store.stats()["counters"]
+    assert c["writebacks"] == {"mode=async": 4}
+    store.close()
+
+
+def test_host_blocks_are_copied_synchronously(tmp_path):
+    store = make(tmp_path, None)  # the default copier: none on a CPU, CUDA's on a GPU
+    src = blocks(3)
+    ks = chain(3)
+    assert store.put_many(ks, [None, *ks[:-1]], A, list(src), BS) == 3
+    assert store.g2.pinned_count() == 0
+    assert all(s.ready is None for _, _, s in store.g2.items())
+    assert torch.equal(store.get(ks[1], A), src[1])
+    assert store.stats()["counters"]["writebacks"] == {"mode=sync": 3}
+    store.close()
+
+
+def test_pending_slots_are_neither_evicted_nor_refilled(tmp_path):
+    cp = FakeCopier()
+    store = make(tmp_path, cp, g2_bytes=4 * BLOCK_BYTES)
+    first, later = blocks(4, seed=1), blocks(3, seed=2)
+    k1, k2 = chain(4), chain(3, start=1000)
+    assert store.put_many(k1, [None] * 4, A, list(first), BS) == 4
+    # G2 is full of pending slots: new blocks are dropped, not written over them
+    store.put_many(k2, [None] * 3, A, list(later), BS)
+    assert store.contains(k2, A) == [None] * 3
+    assert store.stats()["counters"]["writes_dropped"] == {"reason=full,tier=G2": 3}
+    assert store.g2.delete(tenant_id(A), k1[0]) is False and store.g2.clear() == 0
+    cp.open()
+    assert store.flush(10)
+    for i, k in enumerate(k1):
+        assert torch.equal(store.get(k, A), first[i])
+    # landed: ordinary LRU slots again
+    store.put_many(k2, [None] * 3, A, list(later), BS)
+    cp.open()
+    assert store.flush(10)
+    assert store.contains(k2, A) == ["G2"] * 3
+    store.close()
+
+
+def test_a_failed_copy_drops_its_entries_and_frees_their_slots(tmp_path):
+    cp = FakeCopier()
+    store = make(tmp_path, cp, g2_bytes=4 * BLOCK_BYTES)
+    ks = chain(3)
+    store.put_many(ks, [None] * 3, A, list(blocks(3)), BS)
+    store.drain_events()
+    held = store.g2.acquire(tenant_id(A), ks[0])  # a reader that got in before the failure
+    assert held is not None
+    t, got = in_thread(lambda: store.get(ks[1], A))
+    cp.open(fail=True)
+    t.join(5)
+    assert got["r"] is None  # a miss, not the slab's bytes and not an exception
+    assert store.flush(10)
+    assert store.contains(ks, A) == [None] * 3
+    assert len(store.g2.free) == 3  # the reader still pins its slot's index
+    store.g2.release(held[0])
+    assert len(store.g2.free) == 4 and store.g2.used() == 0
+    c = store.stats()["counters"]
+    assert c["writes_dropped"] == {"reason=copy_failed,tier=G2": 3}
+    removed = [e for e in store.drain_events() if type(e).__name__ == "BlockRemoved"]
+    assert sorted(k for e in removed for k in e.keys) == sorted(ks)
+    store.close()
+
+
+def test_a_copy_that_fails_to_issue_shows_nothing(tmp_path):
+    cp = FakeCopier(fail_at_issue=True)
+    store = make(tmp_path, cp, g2_bytes=4 * BLOCK_BYTES)
+    ks = chain(2)
+    assert store.put_many(ks, [None] * 2, A, list(blocks(2)), BS) == 0
+    assert cp.synchronized == 1  # copies already issued had to finish before reuse
+    assert store.contains(ks, A) == [None, None]
+    assert len(store.g2.free) == 4 and store.g2.pinned_count() == 0
+    assert not [e for e in store.drain_events() if type(e).__name__ == "BlockStored"]
+    store.close()
+
+
+def test_a_slot_being_filled_is_invisible():
+    pool = HostPool(4 * BLOCK_BYTES)
+    b = blocks(1)[0]
+    tid, key = b"t" * 16, b"k" * 32
+    slot, new, _ = pool.reserve(tid, key, b.shape, b.dtype, None, BS)
+    assert new and slot.pins == 1
+    assert pool.acquire(tid, key) is None and pool.peek(tid, key) is None
+    assert pool.acquire_run(tid, [key]) == []
+    another = pool.reserve(tid, key, b.shape, b.dtype, None, BS)
+    assert another[:2] == (None, False)  # a second fill of the key is told no
+    pool.fill(slot, b)
+    got = pool.acquire(tid, key)
+    assert got is not None and torch.equal(got[1], b)
+    pool.release(got[0])
+    pool.release(slot)
+    assert pool.pinned_count() == 0
+
+
+def test_connector_save_counts_and_loads_through_the_copier(tmp_path):
+    cp = FakeCopier()
+    store = make(tmp_path, cp)
+    kv = blocks(8, seed=3)
+    conn = StoreConnector(store, kv, BS)
+    ks = chain(3)
+    snap = kv[[1, 4, 6]].clone()
+    conn.save(ks, [None, *ks[:-1]], A, [1, 4, 6])
+    assert conn.saved_blocks == 3
+    kv[[1, 4, 6]] = 0  # the engine reuses the blocks at once (the copy read them at issue)
+    cp.open()
+    assert conn.load(ks, A, [0, 2, 3]) == 3
+    assert torch.equal(kv[[0, 2, 3]], snap)
+    store.close()
+
+
+# ---- CUDA: the real side stream ---------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SPIN = 200_000_000  # torch.cuda._sleep cycles: ~0.1 s, so the copies are still pending
+
+
+def _gpu_store(tmp_path, **kw) -> ContextStore:
+    cfg = dict(g2_bytes=1 << 22, sweep_interval_s=0, admit_after={"G2": 1, "G3": 1, "G4": 1})
+    cfg.update(kw)
+    return ContextStore(StoreConfig(**cfg), keyring=KR)
+
+
+@cuda
+def test_cuda_write_back_is_exact_while_the_engine_overwrites_the_blocks(tmp_path):
+    store = _gpu_store(tmp_path, g3_dir=tmp_path / "g3")
+    kv = torch.zeros((16, *SHAPE), dtype=torch.bfloat16, device="cuda")
+    conn = StoreConnector(store, kv, BS)
+    assert store.g2.pin_memory
+    ids = [3, 4, 5, 9, 12]  # adjacent and not: merged and single copies
+    ks = chain(len(ids))
+    want = blocks(len(ids), seed=5, device="cuda")
+    # the "forward" that writes the KV runs late: the copy must wait for it
+    torch.cuda._sleep(SPIN)
+    kv[ids] = want
+    t0 = time.perf_counter()
+    conn.save(ks, [None, *ks[:-1]], A, ids)
+    issue_s = time.perf_counter() - t0
+    assert any(s.ready is not None for _, _, s in store.g2.items()), "copy already landed?"
+    # the engine overwrites the blocks right away: ordered after the copies
+    kv[ids] = -1
+    # a loader on another stream reads the pending slots into other G1 blocks
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        served = store.load_into(ks, A, [kv[i] for i in (0, 1, 2, 6, 7)])
+    assert served == ["G2"] * len(ids)
+    torch.cuda.synchronize()
+    assert torch.equal(kv[[0, 1, 2, 6, 7]], want)
+    assert store.flush(30)
+    for i, k in enumerate(ks):
+        assert torch.equal(store.get(k, A), want[i].cpu())
+    # and from G3 (the background write waited for the copy)
+    store.g2.clear()
+    for i, k in enumerate(ks):
+        assert torch.equal(store.get(k, A), want[i].cpu())
+    assert issue_s < 0.05, f"save() waited for the copy ({issue_s:.3f}s)"
+    store.close()
+
+
+@cuda
+def test_cuda_layered_load_of_pending_slots_and_loads_into_just_evicted_blocks(tmp_path):
+    from kvgrid.store.landing import LayerLanding
+
+    store = _gpu_store(tmp_path)
+    kv = torch.zeros((16, *SHAPE), dtype=torch.bfloat16, device="cuda")
+    conn = StoreConnector(store, kv, BS)
+    old, new = blocks(4, seed=6, device="cuda"), blocks(4, seed=7, device="cuda")
+    k_old, k_new = chain(4), chain(4, start=5000)
+    kv[8:12] = new
+    conn.save(k_new, [None] * 4, A, [8, 9, 10, 11])
+    torch.cuda.synchronize()
+    assert store.flush(30)
+    # evict blocks 0..3 (pending behind a slow stream), then load other blocks into them
+    kv[0:4] = old
+    torch.cuda._sleep(SPIN)
+    conn.save(k_old, [None] * 4, A, [0, 1, 2, 3])
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        landing = store.load_layered(k_new, A, kv, [0, 1, 2, 3])
+    assert isinstance(landing, LayerLanding)
+    landing.synchronize()
+    torch.cuda.synchronize()
+    assert torch.equal(kv[0:4], new)
+    assert store.flush(30)
+    for i, k in enumerate(k_old):  # the write-back read them before the load landed
+        assert torch.equal(store.get(k, A), old[i].cpu())
+    # a layered load of slots still pending
+    kv[12:16] = old
+    torch.cuda._sleep(SPIN)
+    k3 = chain(4, start=9000)
+    conn.save(k3, [None] * 4, A, [12, 13, 14, 15])
+    with torch.cuda.stream(side):
+        landing = store.load_layered(k3, A, kv, [4, 5, 6, 7])
+    landing.synchronize()
+    assert torch.equal(kv[4:8], old)
+    store.close()
