@@ -994,6 +994,9 @@ def phase_A_ours(args, eng, energy) -> dict:
     rec.close()
     STEPS.setdefault("A", []).extend(rec.steps)
     r["host_per_decode_step"] = rec.host_breakdown()
+    # every step call's host parts (ms), to place the slow ones (index = step call)
+    keys_ = ("step", "schedule", "prepare", "execute", "launch", "complete")
+    r["host_per_step_ms"] = [[round(h.get(k, 0.0) * 1e3, 2) for k in keys_] for h in rec.host]
     r["prefill_first_steps"] = sum(1 for st in rec.steps if min(st[2]) > 1)
     r["mixed_steps"] = sum(1 for st in rec.steps if min(st[2]) == 1 < max(st[2]))
     decode_ms = [st[3] * 1e3 for st in rec.steps if max(st[2]) == 1]

@@ -401,9 +401,9 @@ def trace_forwards(eng) -> None:
     """Note the host time each forward pass starts (the TTFT breakdown of run_one)."""
     inner = eng.runner.execute
 
-    def execute(batch):
+    def execute(batch, *a, **k):
         EXEC_STARTS.append(time.perf_counter())
-        return inner(batch)
+        return inner(batch, *a, **k)
 
     eng.runner.execute = execute
 

@@ -122,9 +122,8 @@ class DecodeGraphRunner:
             bucket.graph = graph
             if self.pool is None:
                 self.pool = graph.pool()
-        # A graph's first launch uploads it to the device and waits for the device to go
-        # idle: with asynchronous scheduling that costs a whole step the first time the
-        # batch falls into each bucket. Launch each once now (empty batch: no KV written).
+        # a graph's first launch also uploads it to the device: do that now, not mid-run
+        # (an empty batch: padding rows write no KV)
         for size in self.sizes:
             self.buckets[size].graph.replay()
         torch.cuda.synchronize(self.device)
