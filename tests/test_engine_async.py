@@ -133,3 +133,21 @@ def test_block_keys_refuse_tokens_not_yet_known(tiny):
     with pytest.raises(RuntimeError, match="not yet known"):
         seq.block_keys(2)  # block 2 would hold the pending token
     assert len(seq.block_keys(1)) == 1
+
+
+def test_aborting_the_only_request_in_flight_leaves_nothing_unfinished(tiny):
+    eng = LLMEngine(model=tiny, block_size=16, num_kv_blocks=64, async_scheduling=True)
+    free0 = eng.block_manager.num_free_blocks
+    eng.add_request("a", prompts(1, 40, seed=15)[0], SamplingParams(max_tokens=20))
+    eng.step()
+    eng.step()
+    assert eng._in_flight is not None  # a step of "a" is on the device
+    assert eng.abort_request("a")
+    assert not eng.has_unfinished_requests()
+    assert eng.block_manager.num_free_blocks == free0
+    # the engine goes on: the aborted step is completed (no output) under the next one
+    eng.add_request("b", prompts(1, 20, seed=16)[0], SamplingParams(max_tokens=3))
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert {o.request_id for o in outs} == {"b"} and len(outs[-1].outputs[0].token_ids) == 3

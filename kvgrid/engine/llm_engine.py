@@ -201,7 +201,12 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        if self.scheduler.has_unfinished():
+            return True
+        # a step still in flight whose requests have all been aborted owes nobody output:
+        # the next step (or close) completes it
+        step = self._in_flight
+        return step is not None and any(not s.is_finished for s in step.sampled)
 
     # ---- one step ------------------------------------------------------------------------
 
