@@ -923,7 +923,7 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
     GC_PAUSES.clear()
     step_s, steps = 0.0, 0
     t0 = time.perf_counter()
-    arrive, first, done = {}, {}, {}
+    arrive, first, done, cached = {}, {}, {}, {}
     out_tokens = 0
     i = 0
     while i < len(reqs) or eng.has_unfinished_requests():
@@ -949,7 +949,9 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
         for o in outs:
             if o.new_token_ids:
                 out_tokens += len(o.new_token_ids)
-                first.setdefault(o.request_id, ts)
+                if o.request_id not in first:
+                    first[o.request_id] = ts
+                    cached[o.request_id] = o.num_cached_tokens
             if o.finished:
                 done[o.request_id] = ts
         eng.drain_kv_events()
@@ -977,7 +979,18 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
         "engine_step_s": step_s,
         "gc_pause_s": sum(b - a for _, a, b in GC_PAUSES),
         "gc_collections": [sum(1 for g, _, _ in GC_PAUSES if g == gen) for gen in range(3)],
+        # per request, in arrival order: which requests make the TTFT tail, and whether
+        # they were served from cache (arrival s, prompt tokens, cached tokens, TTFT s)
+        "per_request": [
+            _request_row(r, t0, arrive, first, cached) for r in reqs if r.request_id in first
+        ],
     }
+
+
+def _request_row(r, t0: float, arrive: dict, first: dict, cached: dict) -> list:
+    rid = r.request_id
+    ttft = first[rid] - arrive[rid]
+    return [round(arrive[rid] - t0, 3), len(r.prompt_token_ids), cached.get(rid), round(ttft, 4)]
 
 
 def phase_replay(args, eng, root: Path) -> dict:
