@@ -101,10 +101,11 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_logits(self, max_rows: int) -> None:
         """Run the logits projection (and greedy pick) once for every row count a decode step
-        can have. cuBLAS picks kernels by shape and CUDA loads each kernel at its first use,
-        which waits for the device to go idle: mid-run, with asynchronous scheduling, that
-        cost a whole step each time the batch shrank onto a new shape (A: one in ~60 steps,
-        ITL p99 twice p50)."""
+        can have. With asynchronous scheduling on an H200, a step's launch stalled for a whole
+        step each time the batch shrank onto a new multiple of 8 (once every 20-40 steps of
+        workload A: ITL p99 twice p50): the logits GEMM meets a new shape, and cuBLAS's kernel
+        for it is loaded at first use, which waits for the device to go idle. Loading them
+        all here is the fix (see docs/BENCHMARKS.md)."""
         hidden = torch.zeros(
             max_rows, self.spec.config.hidden_size, dtype=self.dtype, device=self.device
         )

@@ -1,9 +1,9 @@
 """Pinned host buffers reused across steps, for the small per-step copies to and from the GPU.
 
-A fresh pinned allocation per step (``tensor.pin_memory()``) is cheap while the GPU waits for
-the host, but once steps overlap (asynchronous scheduling) a new pinned block can stall the
-host until the device is idle: the step in flight is lost. A ring of buffers sized once
-avoids that; a slot is reused only after the copy that last read or wrote it has finished.
+A fresh pinned allocation and staging copy per step (``tensor.pin_memory()``) is host work
+on the critical path, and pinned allocations can synchronise with the device when the caching
+allocator has to grow. A ring of buffers sized once at start avoids both; a slot is reused
+only after the copy that last read or wrote it has finished.
 """
 
 from __future__ import annotations
