@@ -1,8 +1,8 @@
 """Pinned host buffers reused across steps, for the small per-step copies to and from the GPU.
 
 A fresh pinned allocation and staging copy per step (``tensor.pin_memory()``) is host work
-on the critical path, and pinned allocations can synchronise with the device when the caching
-allocator has to grow. A ring of buffers sized once at start avoids both; a slot is reused
+on the critical path, and each time the caching allocator has to grow it makes a driver call
+of unpredictable cost. A ring of buffers sized once at start avoids both; a slot is reused
 only after the copy that last read or wrote it has finished.
 """
 
