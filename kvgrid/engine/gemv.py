@@ -1,8 +1,9 @@
 """Small-batch products ``x @ w.T`` (M <= 8 rows) as a bandwidth-bound Triton GEMV.
 
 At batch 1 a decode step is a stream over every weight once: its floor is the weight bytes
-over HBM bandwidth. cuBLAS's M=1 products reach only 17-68% of the copy bandwidth on an
-H200 (issue #3). Here each program owns BLOCK_N rows of ``w`` and streams them along K in
+over HBM bandwidth. On an H200, cuBLAS's M=1 products reach 56-99% of the copy bandwidth
+depending on the shape, this kernel 68-104% (bench/gpu_gemv.py, docs/BENCHMARKS.md).
+Here each program owns BLOCK_N rows of ``w`` and streams them along K in
 wide loads, with x (a few KiB) re-read from L1; split-K gives the N=4096 shapes enough
 programs to fill the SMs, its fp32 partials summed in a fixed order by a second kernel
 (deterministic, unlike atomics). Two inner products: FMA into one fp32 partial per loaded
@@ -104,13 +105,13 @@ def _device_pinned(index: int) -> dict[tuple[int, int, int], GemvConfig | None]:
     return PINNED_BY_DEVICE.get(torch.cuda.get_device_name(index), {})
 
 
-def _known(device: torch.device | str = "cuda") -> dict[tuple[int, int, int], GemvConfig | None]:
-    """Every choice made so far for this card: its pinned table, PINNED, then tuned."""
+def _tables(device: torch.device | str) -> tuple[dict, ...]:
+    """Where a choice is looked up, first match wins: tuned here, PINNED, the card's table."""
     device = torch.device(device)
-    card: dict = {}
-    if device.type == "cuda":
-        card = _device_pinned(torch.cuda.current_device() if device.index is None else device.index)
-    return {**card, **PINNED, **_tuned}
+    if device.type != "cuda":
+        return (_tuned, PINNED)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return (_tuned, PINNED, _device_pinned(index))
 
 
 def save_configs(
@@ -321,7 +322,7 @@ def tune(
     random tensors; returns the choices. Call before CUDA-graph capture."""
     done: dict[tuple[int, int, int], GemvConfig | None] = {}
     for n, k in dict.fromkeys(shapes):
-        todo = [m for m in ms if (m_bucket(m), n, k) not in _known(device)]
+        todo = [m for m in ms if not config_for(m, n, k, device)[0]]
         if not todo:
             continue
         w = torch.randn(n, k, dtype=dtype, device=device) * k**-0.5
@@ -336,9 +337,11 @@ def config_for(
     m: int, n: int, k: int, device: torch.device | str = "cuda"
 ) -> tuple[bool, GemvConfig | None]:
     """``(known, config)``: whether (M bucket, N, K) is pinned or tuned, and its choice."""
-    known = _known(device)
     key = (m_bucket(m), n, k)
-    return key in known, known.get(key)
+    for table in _tables(device):  # no merged copy: this runs per projection call
+        if key in table:
+            return True, table[key]
+    return False, None
 
 
 # ---- dispatch ---------------------------------------------------------------------------

@@ -37,13 +37,13 @@ class PinnedRing:
 
     def to_device(self, a: np.ndarray, device: torch.device) -> torch.Tensor:
         """``a`` on ``device``, copied asynchronously from a ring slot."""
-        a = np.ascontiguousarray(a)
-        i = self._slot(a.nbytes)
+        src = torch.from_numpy(np.ascontiguousarray(a))
+        i = self._slot(src.nbytes)
         if i is None:  # larger than sized for: an ordinary pinned copy
-            return torch.from_numpy(a).pin_memory().to(device, non_blocking=True)
-        host = self.bufs[i][: a.nbytes]
-        host.numpy().view(a.dtype)[:] = a.ravel()
-        out = host.view(torch.from_numpy(a[:0]).dtype).view(a.shape).to(device, non_blocking=True)
+            return src.pin_memory().to(device, non_blocking=True)
+        host = self.bufs[i][: src.nbytes].view(src.dtype).view(src.shape)
+        host.numpy()[...] = a  # one memcpy (torch's CPU copy_ would fan out over threads)
+        out = host.to(device, non_blocking=True)
         self._record(i)
         return out
 

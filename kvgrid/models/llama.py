@@ -153,6 +153,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    use_gemv = True  # the logits too (see Linear, set_gemv)
+
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
         self.config = cfg
@@ -186,8 +188,6 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return (gemv.linear if self.use_gemv else F.linear)(hidden, w).float()
-
-    use_gemv = True
 
     def set_gemv(self, enabled: bool) -> None:
         """Route the projections and the logits through the Triton GEMV (few tokens, CUDA)."""

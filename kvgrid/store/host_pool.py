@@ -198,6 +198,13 @@ class HostPool:
                 s.dead = True
                 self._unpin(s)
 
+    def retire(self, slots: list[Slot]) -> None:
+        """Never hand these slots' indices out again (a copy into them may still be running
+        on a device that can no longer tell): one pin that is never released."""
+        with self.lock:
+            for s in slots:
+                s.pins += 1
+
     def _unpin(self, s: Slot) -> None:
         s.pins -= 1
         if s.dead and s.pins == 0:

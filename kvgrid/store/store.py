@@ -304,7 +304,18 @@ class ContextStore:
             held: list[tuple[Slot, bool]] = []  # the block's G2 slot, and whether new
 
             def into(h: ObjectHeader, held: list = held) -> torch.Tensor | None:
-                got = self._g2_reserve(tid, key, h)
+                if self.g2 is None:
+                    return None
+                got = self._g2_reserve(
+                    tid,
+                    key,
+                    h.shape,
+                    dtype_of(h.dtype),
+                    h.parent_key,
+                    h.token_count,
+                    self._g2_quota(tid),
+                    h.created,
+                )
                 if got is None:
                     return None
                 held.append(got)
@@ -342,16 +353,19 @@ class ContextStore:
             return tier.name, slot, t
         return None
 
-    def _g2_reserve(self, tid: bytes, key: bytes, h: ObjectHeader) -> tuple[Slot, bool] | None:
-        """A pinned G2 slot for a block read from below: (slot, new), or None (no G2, no
-        room, or the block being filled by another thread)."""
-        if self.g2 is None:
-            return None
+    def _g2_quota(self, tid: bytes) -> int | None:
+        """The tenant's G2 quota, after expired leases let go of their slots."""
         if self.leases is not None:
             self.leases.reap()
-        quota = self._policy(tid).quota_bytes.get("G2")
+        return self._policy(tid).quota_bytes.get("G2")
+
+    def _g2_reserve(
+        self, tid, key, shape, dtype, parent_key, token_count, quota, created=None
+    ) -> tuple[Slot, bool] | None:
+        """A pinned G2 slot for a block: (slot, new), or None (no room, or the block being
+        filled by another thread); evictions and drops are accounted."""
         slot, new, evicted = self.g2.reserve(
-            tid, key, h.shape, dtype_of(h.dtype), h.parent_key, h.token_count, quota, h.created
+            tid, key, shape, dtype, parent_key, token_count, quota, created
         )
         self._removed("G2", evicted)
         if slot is None:
@@ -637,23 +651,17 @@ class ContextStore:
     def _g2_put_many(self, tid, keys, parent_keys, blocks, token_count, seen, ok) -> None:
         """The G2 part of ``put_many``: new slots are reserved, filled (one asynchronous
         batch for device blocks), then shown; ``ok[i]`` cleared where filling failed."""
-        if self.leases is not None:
-            self.leases.reap()
-        quota = self._policy(tid).quota_bytes.get("G2")
+        quota = self._g2_quota(tid)
         fills: list[tuple[int, Slot]] = []
         sync: list[tuple[int, Slot]] = []
         for i, key in enumerate(keys):
             if seen[i] < self.config.admit_after.get("G2", 1):
                 continue
             b = blocks[i]
-            slot, new, evicted = self.g2.reserve(
-                tid, key, b.shape, b.dtype, parent_keys[i], token_count, quota
-            )
-            self._removed("G2", evicted)
-            if slot is None:
-                if new:
-                    self.metrics.inc("writes_dropped", tier="G2", reason="full")
+            got = self._g2_reserve(tid, key, b.shape, b.dtype, parent_keys[i], token_count, quota)
+            if got is None:
                 continue
+            slot, new = got
             if not new:
                 self.g2.release(slot)
             elif self.copier is not None and self.copier.accepts(b, self.g2.pool):
@@ -715,9 +723,7 @@ class ContextStore:
             self.copier.synchronize(dev)
         except Exception:
             log.exception("device unusable: %d G2 slots retired", len(slots))
-            with self.g2.lock:
-                for s in slots:
-                    s.pins += 1  # never released: the index is never reused
+            self.g2.retire(slots)
         self.g2.abort(slots)
 
     def _write_back_lower(self, tid, key, parent_key, tenant, block, token_count, seen) -> None:
