@@ -39,6 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvgrid.engine.sampler import argmax_rows
+
 SHAPE = os.environ.get("KVGRID_BENCH_SHAPE", "llama3.1-8b")  # a small shape for a CPU smoke run
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RESULTS: dict = {"phases": {}, "errors": {}}
@@ -868,10 +870,28 @@ def profile_eager_decode(eng) -> None:
     sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         h = run.model(ids, pos, run.kv_cache, m, run.backend)
-        run.model.compute_logits(h).argmax(-1)
+        argmax_rows(run.model.compute_logits(h))
         sync()
     PROFILES.append(
         "==== B: one eager batch-1 decode step (by CUDA time)\n"
+        + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    )
+
+
+def profile_graph_decode(bucket, reps: int) -> None:
+    """Kernel times inside the batch-1 decode graph (as the last B step left it: about
+    1.3K tokens of context), averaged over ``reps`` replays: the eager profile above pays
+    launch gaps and picks split counts for the actual length, the graph does neither."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bucket.graph.replay()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            bucket.graph.replay()
+        sync()
+    PROFILES.append(
+        f"==== B: batch-1 decode graph, {reps} replays (by CUDA time)\n"
         + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     )
 
@@ -895,10 +915,11 @@ def phase_B(args, eng, energy) -> dict:
         bucket = run.graphs.buckets[1]
         r["graph_replay_ms"] = bench_ms(bucket.graph.replay, reps=50)
         r["graph_logits_argmax_ms"] = bench_ms(
-            lambda: (bucket.graph.replay(), run.model.compute_logits(bucket.output).argmax(-1)),
+            lambda: (bucket.graph.replay(), argmax_rows(run.model.compute_logits(bucket.output))),
             reps=50,
         )
         profile_eager_decode(eng)
+        profile_graph_decode(bucket, reps=10)
     profile_steps(eng, wl[0][0][:1024], 24, "B: 24 engine steps, batch 1 (by self CPU time)")
     kv_tok = cfg.kv_bytes_per_token(2)
     weight_bytes = (cfg.param_count() - cfg.vocab_size * cfg.hidden_size) * 2

@@ -141,6 +141,36 @@ def test_bad_layouts_raise():
         G.gemv(torch.cat([x, x]), w, None, FMA)
 
 
+@pytest.mark.parametrize(
+    "m,inter,k,config",
+    [
+        (1, 37, 300, FMA),  # I not a multiple of the half tile, ragged K
+        (1, 8, 64, GemvConfig(16, 64)),  # one program wider than I
+        (3, 37, 300, DOT),
+        (8, 20, 256, GemvConfig(32, 64, dot=True)),
+    ],
+)
+def test_gemv_silu_mul_epilogue_is_the_two_ops(m, inter, k, config, monkeypatch):
+    """The fused epilogue gives what the GEMV then fused_ops.silu_mul's kernel give."""
+    from kvgrid.engine import fused_ops
+
+    monkeypatch.setattr(fused_ops, "force_triton", True)  # its kernel on CPU tensors too
+    x, w, _ = operands(m, 2 * inter, k, seed=inter + m)
+    two_ops = fused_ops.silu_mul(G.gemv(x, w, None, config))
+    fused = G.gemv(x, w, None, config, silu_mul=True)
+    assert fused.shape == (m, inter)
+    assert rel_err(fused, two_ops) < 1e-6  # the interpreter's dot may sum in another order
+    assert rel_err(fused, fused_ops.silu_mul_ref(F.linear(x, w))) < 1e-5
+
+
+def test_gemv_silu_mul_needs_whole_rows():
+    x, w, b = operands(1, 40, 64, bias=True)
+    with pytest.raises(ValueError, match="silu_mul"):
+        G.gemv(x, w, None, GemvConfig(4, 64, split_k=2), silu_mul=True)
+    with pytest.raises(ValueError, match="silu_mul"):
+        G.gemv(x, w, b, FMA, silu_mul=True)
+
+
 # ---- dispatch -----------------------------------------------------------------------------
 
 
@@ -150,9 +180,9 @@ def kernel_calls(monkeypatch):
     calls: list[GemvConfig] = []
     real = G.gemv
 
-    def spy(x, w, bias, config):
-        calls.append(config)
-        return real(x, w, bias, config)
+    def spy(x, w, bias, config, silu_mul=False):
+        calls.append((config, "silu_mul") if silu_mul else config)
+        return real(x, w, bias, config, silu_mul)
 
     monkeypatch.setattr(G, "gemv", spy)
     return calls
@@ -219,6 +249,23 @@ def test_first_use_tunes_once_and_keeps_the_fastest(kernel_calls, monkeypatch):
     assert rel_err(y, F.linear(x, w, b)) < 1e-5
     G.linear(x, w, b)  # cached: no more timings
     assert kernel_calls == [cands[3]] * 2
+
+
+def test_linear_silu_mul_fuses_only_where_the_config_allows(kernel_calls, monkeypatch):
+    from kvgrid.engine import fused_ops
+
+    x, w, _ = operands(1, 74, 64)
+    ref = fused_ops.silu_mul_ref(F.linear(x, w))
+    xc, wc = x.cpu(), w.cpu()  # CPU tensors: exactly the two ops
+    assert torch.equal(G.linear_silu_mul(xc, wc), fused_ops.silu_mul_ref(F.linear(xc, wc)))
+    assert kernel_calls == []
+    monkeypatch.setattr(G, "force_triton", True)
+    G.PINNED[(1, 74, 64)] = FMA
+    assert rel_err(G.linear_silu_mul(x, w), ref) < 1e-5
+    split = GemvConfig(4, 32, split_k=2)  # split-K cannot fuse: GEMV, then the activation
+    G.PINNED[(1, 74, 64)] = split
+    assert rel_err(G.linear_silu_mul(x.view(1, 1, 64), w).view(1, 37), ref) < 1e-5
+    assert kernel_calls == [(FMA, "silu_mul"), split]
 
 
 def test_cublas_win_is_remembered(kernel_calls, monkeypatch):
@@ -288,6 +335,19 @@ def test_real_shapes_bf16_every_candidate(name):
         for c in G.candidates(m, n, k, G._sm_count(x.device)):
             # one bf16 rounding of the output (2^-9 relative) over fp32 accumulation
             assert rel_err(G.gemv(x, w, b, c), ref) < 1e-2, (name, m, c)
+
+
+@cuda_only
+@pytest.mark.parametrize("config", [GemvConfig(4, 1024), GemvConfig(16, 128, dot=True)])
+def test_gate_up_silu_mul_epilogue_bf16_is_bitwise_the_two_ops(config):
+    from kvgrid.engine import fused_ops
+
+    n, k = LLAMA3_8B["gate_up_proj"]
+    _, w, _ = operands(1, n, k, dtype=torch.bfloat16)
+    for m in (1, 4) if config.dot else (1,):
+        x = operands(m, 1, k, dtype=torch.bfloat16, seed=m)[0]
+        two_ops = fused_ops.silu_mul(G.gemv(x, w, None, config))
+        assert torch.equal(G.gemv(x, w, None, config, silu_mul=True), two_ops), m
 
 
 @cuda_only

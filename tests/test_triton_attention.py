@@ -144,6 +144,41 @@ def test_split_kv_decode_matches_unsplit(splits):
     assert rel_err(many, one) < TOL
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_with_rope_is_the_separate_rope_kernel_then_decode(splits, monkeypatch):
+    """Decode steps fold RoPE and the K/V store into the attention kernel: the same cache
+    and output as the separate rope_kv kernel then decode, bit for bit, and the torch
+    reference's within tolerance. The new token opens a block, ends one, sits alone, and
+    one row is CUDA-graph padding (no slot, nothing stored, zeros out)."""
+    from kvgrid.engine import fused_ops
+
+    monkeypatch.setattr(fused_ops, "force_triton", True)  # the separate kernel on CPU too
+    gen = torch.Generator().manual_seed(splits)
+    ctx = [64, 127, 0, 300, 0]
+    q, k, v, cache, meta = make_batch(gen, ctx, [1] * len(ctx), 8, 2, 64, 16)
+    meta.slot_mapping[-1] = -1
+    meta.seq_lens[-1] = 0
+    positions = torch.tensor(ctx, device=DEVICE)
+    inv = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    ang = torch.outer(torch.arange(512, dtype=torch.float32), inv)
+    cos = torch.cat([ang, ang], -1).cos().to(DEVICE)
+    sin = torch.cat([ang, ang], -1).sin().to(DEVICE)
+    args = (positions, q, k, v, cos, sin)
+    monkeypatch.setattr(tk, "decode_num_splits", lambda *a: splits)
+    runs = {}
+    for fuse in (True, False):
+        c = cache.clone()
+        backend = TritonAttentionBackend(fuse_decode_rope=fuse)
+        runs[fuse] = (backend.forward_rope(*args, c, 1, meta, 0.125), c)
+    assert torch.equal(runs[True][1], runs[False][1]), "KV cache differs"
+    assert torch.equal(runs[True][0], runs[False][0]), "attention output differs"
+    assert not runs[True][0][-1].any()
+    ref_cache = cache.clone()
+    ref = TorchAttentionBackend().forward_rope(*args, ref_cache, 1, meta, 0.125)
+    assert rel_err(runs[True][0][:-1], ref[:-1]) < TOL
+    assert rel_err(runs[True][1], ref_cache) < TOL
+
+
 def test_decode_padding_rows_are_inert():
     """CUDA-graph padding: slot -1 writes nothing, seq_len 0 yields zeros, not NaN."""
     gen = torch.Generator().manual_seed(3)

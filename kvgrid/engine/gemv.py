@@ -212,16 +212,32 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: 
         raise ValueError(f"gemv: bias must be contiguous [N={w.shape[0]}]")
 
 
+def fuses_silu_mul(config: GemvConfig | None, n: int) -> bool:
+    """Whether ``gemv(..., silu_mul=True)`` can run this config on a [2I = n, K] weight:
+    each program must hold whole output rows (no split-K) and both halves of its columns."""
+    return config is not None and config.split_k == 1 and config.block_n % 2 == 0 and n % 2 == 0
+
+
 def gemv(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: GemvConfig,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
-    """``x @ w.T + bias`` [M, N] in x's dtype, accumulated in float32, with ``config``."""
+    """``x @ w.T + bias`` [M, N] in x's dtype, accumulated in float32, with ``config``.
+
+    With ``silu_mul`` (``w`` = [gate; up], no bias): ``silu(gate) * up`` [M, N // 2], as
+    ``fused_ops.silu_mul`` of the plain result computes it, in the same kernel.
+    """
     _check(x, w, bias, config)
     from kvgrid.engine import gemv_kernels as gk
 
     m, k = x.shape
     n = w.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if silu_mul and (bias is not None or not fuses_silu_mul(config, n) or k == 0):
+        raise ValueError(f"gemv: silu_mul needs no bias, even N and no split-K, got {config}")
+    y = torch.empty(m, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     if k == 0:
@@ -243,10 +259,11 @@ def gemv(
         k_per_split,
         x.stride(0),
         w.stride(0),
-        n,  # y and the partials are both [.., M, N] contiguous
+        y.shape[1],  # y and the partials are both [.., M, N] contiguous
         m * n,
         HAS_BIAS=has_bias,
         PARTIAL=splits > 1,
+        SILU_MUL=silu_mul,
         EVEN_K=k % k_per_split == 0,
         USE_DOT=c.dot,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -351,29 +368,46 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, bias)``, through the GEMV for up to MAX_M rows of 16-bit CUDA tensors.
-
-    Everything else (CPU, float32, more rows, unusual layouts) is exactly F.linear. A shape
-    seen for the first time is tuned here, unless a CUDA graph is being captured.
-    """
+def _choose(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> GemvConfig | None:
+    """The GEMV config for ``x @ w.T`` or None for F.linear: up to MAX_M rows of 16-bit
+    CUDA tensors in the kernel's layouts, and a shape tuned to beat cuBLAS. A shape seen
+    for the first time is tuned here, unless a CUDA graph is being captured."""
     k = x.shape[-1]
     use = ENABLED and (force_triton or (x.is_cuda and x.dtype in _GPU_DTYPES))
     if not use or w.dim() != 2 or w.shape[1] != k or w.dtype != x.dtype:
-        return F.linear(x, w, bias)
-    x2 = x.reshape(-1, k)
-    m, n = x2.shape[0], w.shape[0]
-    layout_ok = w.is_contiguous() and x2.stride(1) == 1
+        return None
+    m, n = x.numel() // max(1, k), w.shape[0]
+    layout_ok = w.is_contiguous() and x.stride(-1) == 1 and (x.dim() == 2 or x.is_contiguous())
     if not 0 < m <= MAX_M or not layout_ok or (bias is not None and not bias.is_contiguous()):
-        return F.linear(x, w, bias)
+        return None
     known, config = config_for(m, n, k, x.device)
     if not known:
         if _capturing(x):
-            return F.linear(x, w, bias)
-        config = tune_one(x2, w, bias)
+            return None
+        config = tune_one(x.reshape(-1, k), w, bias)
+    return config
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)``, through the GEMV where ``_choose`` finds it faster;
+    everything else (CPU, float32, more rows, unusual layouts) is exactly F.linear."""
+    config = _choose(x, w, bias)
     if config is None:
         return F.linear(x, w, bias)
-    return gemv(x2, w, bias, config).view(*x.shape[:-1], n)
+    k, n = x.shape[-1], w.shape[0]
+    return gemv(x.reshape(-1, k), w, bias, config).view(*x.shape[:-1], n)
+
+
+def linear_silu_mul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``fused_ops.silu_mul(linear(x, w))`` for ``w = [gate; up]``: in the GEMV's epilogue
+    when the GEMV runs (a batch-1 step saves one kernel per layer), else the two ops."""
+    config = _choose(x, w, None)
+    if not fuses_silu_mul(config, w.shape[0]):
+        from kvgrid.engine import fused_ops
+
+        return fused_ops.silu_mul(linear(x, w))
+    k, n = x.shape[-1], w.shape[0]
+    return gemv(x.reshape(-1, k), w, None, config, silu_mul=True).view(*x.shape[:-1], n // 2)
 
 
 __all__ = [
@@ -382,8 +416,10 @@ __all__ = [
     "GemvConfig",
     "candidates",
     "config_for",
+    "fuses_silu_mul",
     "gemv",
     "linear",
+    "linear_silu_mul",
     "load_configs",
     "m_bucket",
     "save_configs",

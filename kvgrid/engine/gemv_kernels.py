@@ -13,7 +13,7 @@ def _gemv_kernel(
     x_ptr,  # [M, K], last dim contiguous
     w_ptr,  # [N, K] row-major
     b_ptr,  # [N] bias (read only with HAS_BIAS)
-    out_ptr,  # y [M, N]; with PARTIAL fp32 partials [splits, M, N]
+    out_ptr,  # y [M, N]; with PARTIAL fp32 partials [splits, M, N]; SILU_MUL: [M, N // 2]
     M,
     N,
     K,
@@ -24,6 +24,9 @@ def _gemv_kernel(
     stride_os,  # partials: the stride between splits
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,  # split-K: store fp32 partials for _gemv_reduce_kernel
+    # w = [gate; up] (N = 2I): each program takes BLOCK_N // 2 rows of both halves and
+    # stores silu(gate) * up, so the activation needs neither a kernel nor a round trip
+    SILU_MUL: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % k_per_split == 0: no K masks, so loads stay vectorised
     USE_DOT: tl.constexpr,  # tensor cores, BLOCK_M == 16; else FMA, M == BLOCK_M == 1
     DOT_PRECISION: tl.constexpr,
@@ -33,12 +36,20 @@ def _gemv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    # rows past N re-read row N-1 instead of masking: the weight loads stay unmasked
-    # (the only traffic that matters) and the extra rows are dropped at the store
-    rn_load = tl.minimum(rn, N - 1).to(tl.int64)
+    if SILU_MUL:
+        # columns j of the output: gate row j in the first half of the tile, up row I + j
+        # in the second
+        HALF: tl.constexpr = BLOCK_N // 2
+        lane = tl.arange(0, BLOCK_N)
+        rn = pid_n * HALF + lane % HALF
+        rn_load = (tl.minimum(rn, N // 2 - 1) + tl.where(lane < HALF, 0, N // 2)).to(tl.int64)
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # rows past N re-read row N-1 instead of masking: the weight loads stay unmasked
+        # (the only traffic that matters) and the extra rows are dropped at the store
+        rn_load = tl.minimum(rn, N - 1).to(tl.int64)
     # rows of x past M are read as row 0 and never stored either
     rm_load = tl.where(rm < M, rm, 0)
     k_start = pid_k * k_per_split
@@ -73,6 +84,21 @@ def _gemv_kernel(
     if not USE_DOT:
         acc = tl.sum(acc_k, axis=1)[None, :]
 
+    if SILU_MUL:
+        # rounded to the activation dtype first, as the unfused path stores gate_up
+        a = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        a = tl.reshape(a, [BLOCK_M, 2, BLOCK_N // 2])
+        is_gate = (tl.arange(0, 2) == 0)[None, :, None]
+        g = tl.sum(tl.where(is_gate, a, 0.0), axis=1)
+        u = tl.sum(tl.where(is_gate, 0.0, a), axis=1)
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        y = g / (1.0 + tl.exp(-g)) * u  # the formula of fused_kernels._silu_mul_kernel
+        tl.store(
+            out_ptr + rm[:, None] * stride_om + cols[None, :],
+            y.to(out_ptr.dtype.element_ty),
+            mask=(rm < M)[:, None] & (cols < N // 2)[None, :],
+        )
+        return
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     offs = rm[:, None] * stride_om + rn[None, :]
     if PARTIAL:

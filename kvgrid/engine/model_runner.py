@@ -11,6 +11,7 @@ import torch
 from kvgrid.engine import gemv
 from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
 from kvgrid.engine.config import EngineConfig
+from kvgrid.engine.sampler import argmax_rows
 from kvgrid.engine.scheduler import ScheduledSeq
 from kvgrid.models.llama import LlamaForCausalLM, RotaryEmbedding
 from kvgrid.models.loader import ModelSpec, iter_weights
@@ -110,7 +111,7 @@ class ModelRunner:
             max_rows, self.spec.config.hidden_size, dtype=self.dtype, device=self.device
         )
         for m in range(1, max_rows + 1):
-            self.model.compute_logits(hidden[:m]).argmax(dim=-1)
+            argmax_rows(self.model.compute_logits(hidden[:m]))
         torch.cuda.synchronize(self.device)
 
     def _load_model(self) -> LlamaForCausalLM:

@@ -31,6 +31,12 @@ class Linear(nn.Linear):
             return gemv.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    def silu_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of this ``[gate; up]`` projection's output."""
+        if self.use_gemv and self.bias is None:
+            return gemv.linear_silu_mul(x, self.weight)
+        return fused_ops.silu_mul(self(x))
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -112,14 +118,9 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # on the GPU one kernel rotates q/k and stores K/V in the cache; the backend then
-        # skips its own write
-        fused = fused_ops.use_triton(q)
-        layer_cache = kv_cache[:, self.layer] if fused else None
-        q, k = fused_ops.rope_kv_write(
-            positions, q, k, v, rope.cos, rope.sin, layer_cache, meta.slot_mapping
+        o = backend.forward_rope(
+            positions, q, k, v, rope.cos, rope.sin, kv_cache, self.layer, meta, self.scale
         )
-        o = backend.forward(q, k, v, kv_cache, self.layer, meta, self.scale, kv_written=fused)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -131,7 +132,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fused_ops.silu_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.silu_mul_forward(x))
 
 
 class DecoderLayer(nn.Module):

@@ -64,6 +64,28 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
 
+    def forward_rope(
+        self,
+        positions: torch.Tensor,  # [T]
+        q: torch.Tensor,  # unrotated; may be strided views of the fused qkv projection
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,  # [max_pos, head_dim] float32 rotate-half tables
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """RoPE on q and k, K/V stored, then ``forward``. Here: one kernel rotates and stores
+        (on the Triton path; the reference otherwise); a backend may fold that in too."""
+        from kvgrid.engine import fused_ops
+
+        fused = fused_ops.use_triton(q)
+        layer_cache = kv_cache[:, layer] if fused else None
+        q, k = fused_ops.rope_kv_write(positions, q, k, v, cos, sin, layer_cache, meta.slot_mapping)
+        return self.forward(q, k, v, kv_cache, layer, meta, scale, kv_written=fused)
+
 
 def write_kv_reference(
     k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int, slots: torch.Tensor

@@ -1,13 +1,15 @@
 """Triton attention backend: the CUDA path (also runs under ``TRITON_INTERPRET=1`` on CPU).
 
-Per layer and step: one fused kernel stores the new K/V into their slots, then one of
+Per layer and step, one of
   * decode-only batch: split-KV paged decode (+ a reduction kernel when split), query
-    heads grouped per KV head; the only path CUDA graphs capture, so it reads nothing
-    from the host but the batch size;
+    heads grouped per KV head, which also applies RoPE to q and k and stores the new K/V
+    (``forward_rope``); the only path CUDA graphs capture, so it reads nothing from the
+    host but the batch size;
   * fresh prefill (no cached prefix in any sequence) of long enough chunks: torch SDPA
     (flash / cuDNN) on the new tokens, which need not touch the cache at all;
   * anything else (prefill over a cached prefix, chunked prefill, mixed decode + prefill):
     the varlen paged prefill kernel, causal with each sequence's context offset.
+In the last two, one fused kernel first rotates q/k and stores the new K/V in their slots.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, sdpa_min_query_len: int = 512, max_decode_splits: int = 32):
+    def __init__(
+        self,
+        sdpa_min_query_len: int = 512,
+        max_decode_splits: int = 32,
+        fuse_decode_rope: bool = True,
+    ):
         # SDPA pays a launch per sequence; below this length the one varlen kernel wins
         self.sdpa_min_query_len = sdpa_min_query_len
         self.max_decode_splits = max_decode_splits
+        self.fuse_decode_rope = fuse_decode_rope
         self._num_sms: int | None = None
 
     def num_sms(self, device: torch.device) -> int:
@@ -39,6 +47,23 @@ class TritonAttentionBackend(AttentionBackend):
     def decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int, device) -> int:
         n = tk.decode_num_splits(num_seqs, num_kv_heads, max_seq_len, self.num_sms(device))
         return min(n, self.max_decode_splits)
+
+    def forward_rope(self, positions, q, k, v, cos, sin, kv_cache, layer, meta, scale):
+        """Decode steps rotate q/k and store K/V inside the decode kernel (one kernel per
+        layer fewer); other steps take the separate RoPE + KV-write kernel first."""
+        if not (meta.decode_only and self.fuse_decode_rope):
+            return super().forward_rope(positions, q, k, v, cos, sin, kv_cache, layer, meta, scale)
+        layer_cache = kv_cache[:, layer]
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        rope = tk.DecodeRope(k, v, positions, cos, sin, meta.slot_mapping)
+        return self._decode(q, layer_cache, meta, scale, out, rope)
+
+    def _decode(self, q, layer_cache, meta: AttentionMetadata, scale, out, rope=None):
+        splits = self.decode_splits(q.shape[0], layer_cache.shape[3], meta.max_seq_len, q.device)
+        dot = tk.dot_dtype_for(layer_cache.dtype if q.dtype == layer_cache.dtype else q.dtype)
+        return tk.paged_decode(
+            q, layer_cache, meta.block_tables, meta.seq_lens, scale, splits, out, dot, rope
+        )
 
     def use_sdpa(self, meta: AttentionMetadata) -> bool:
         return (
@@ -54,14 +79,9 @@ class TritonAttentionBackend(AttentionBackend):
         if not kv_written:
             tk.kv_write(k, v, layer_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        dot = tk.dot_dtype_for(layer_cache.dtype if q.dtype == layer_cache.dtype else q.dtype)
         if meta.decode_only:
-            splits = self.decode_splits(
-                q.shape[0], layer_cache.shape[3], meta.max_seq_len, q.device
-            )
-            return tk.paged_decode(
-                q, layer_cache, meta.block_tables, meta.seq_lens, scale, splits, out, dot
-            )
+            return self._decode(q, layer_cache, meta, scale, out)
+        dot = tk.dot_dtype_for(layer_cache.dtype if q.dtype == layer_cache.dtype else q.dtype)
         if self.use_sdpa(meta):
             return self._sdpa_fresh(q, k, v, meta, scale, out)
         return tk.paged_prefill(

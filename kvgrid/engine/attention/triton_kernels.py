@@ -14,6 +14,8 @@ Softmax uses base-2 exponentials: scores are pre-multiplied by ``scale * log2(e)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -98,9 +100,21 @@ def _decode_kernel(
     out_ptr,  # [S, H, D] when NUM_SPLITS == 1
     part_o_ptr,  # [S, H, NUM_SPLITS, D] float32
     part_lse_ptr,  # [S, H, NUM_SPLITS] float32
+    # ROPE only: q (and k) come unrotated; rotate them, store k and v at the new token's slot
+    k_ptr,  # [S, KVH, D]
+    v_ptr,
+    pos_ptr,  # [S] positions of the new tokens
+    cos_ptr,  # [max_pos, D] float32, both halves equal (rotate-half layout)
+    sin_ptr,
+    slot_ptr,  # [S] int64 cache slots; negative: no write (CUDA-graph padding)
     qk_scale,
     stride_qt,
     stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
     stride_ot,
     stride_oh,
     stride_bt,
@@ -116,6 +130,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -127,16 +142,47 @@ def _decode_kernel(
     heads = kvh * GROUP + g
     gmask = g < GROUP
     dmask = d < HEAD_DIM
-    q = tl.load(
-        q_ptr + s * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=gmask[:, None] & dmask[None, :],
-        other=0.0,
-    ).to(DOT_DTYPE)
+    qmask = gmask[:, None] & dmask[None, :]
+    q_rows = q_ptr + s * stride_qt + heads[:, None] * stride_qh
+    q = tl.load(q_rows + d[None, :], mask=qmask, other=0.0)
 
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
     per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     t_lo = split * per_split
     t_hi = tl.minimum(t_lo + per_split, num_tiles)
+
+    if ROPE:
+        # the arithmetic and roundings of fused_kernels._rope_kv_kernel, which this
+        # replaces in decode steps: one kernel per layer fewer
+        pos = tl.load(pos_ptr + s).to(tl.int64)
+        c = tl.load(cos_ptr + pos * stride_cos + d, mask=dmask, other=0.0)
+        sn = tl.load(sin_ptr + pos * stride_cos + d, mask=dmask, other=0.0)
+        partner = (d + HEAD_DIM // 2) % HEAD_DIM
+        sign = tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
+        q_p = tl.load(q_rows + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
+        q = q.to(tl.float32) * c[None, :] + sign[None, :] * q_p * sn[None, :]
+        q = q.to(q_ptr.dtype.element_ty)
+        # the program whose keys include the new token stores it, then reads it back
+        last_tile = (seq_len - 1) // BLOCK_N
+        slot = tl.load(slot_ptr + s).to(tl.int64)
+        if (seq_len > 0) & (t_lo <= last_tile) & (last_tile < t_hi) & (slot >= 0):
+            kp = k_ptr + s * stride_kt + kvh * stride_kh
+            k_new = tl.load(kp + d, mask=dmask, other=0.0).to(tl.float32)
+            k_p = tl.load(kp + partner, mask=dmask, other=0.0).to(tl.float32)
+            k_rot = (k_new * c + sign * k_p * sn).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(v_ptr + s * stride_vt + kvh * stride_vh + d, mask=dmask)
+            dst = (
+                cache_ptr
+                + (slot // BLOCK_SIZE) * stride_cb
+                + (slot % BLOCK_SIZE) * stride_ct
+                + kvh * stride_ch
+                + d
+            )
+            cty = cache_ptr.dtype.element_ty
+            tl.store(dst, k_rot.to(cty), mask=dmask)
+            tl.store(dst + stride_ckv, v_new.to(cty), mask=dmask)
+            tl.debug_barrier()  # the loop's loads of this tile, by other threads, see it
+    q = q.to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -243,6 +289,17 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return min(triton.next_power_of_2(want), triton.next_power_of_2(cap), 32)
 
 
+class DecodeRope(NamedTuple):
+    """What ``paged_decode`` needs to rotate q and k itself and store the new K/V."""
+
+    k: torch.Tensor  # [S, kvh, D], unrotated; last dim contiguous
+    v: torch.Tensor
+    positions: torch.Tensor  # [S]
+    cos: torch.Tensor  # [max_pos, D] float32
+    sin: torch.Tensor
+    slots: torch.Tensor  # [S] int64; negative: no write
+
+
 def paged_decode(
     q: torch.Tensor,  # [S, H, D], one token per sequence
     layer_cache: torch.Tensor,
@@ -252,21 +309,30 @@ def paged_decode(
     num_splits: int,
     out: torch.Tensor,
     dot_dtype: tl.dtype,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope: DecodeRope | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged context, into ``out``; with
+    ``num_splits > 1`` each (sequence, KV head) is spread over that many programs whose
+    partial results a second kernel combines. With ``rope``, ``q`` is unrotated and the
+    new K/V are not in the cache yet: this kernel does what ``fused_ops.rope_kv_write``
+    would have done first. The tile defaults are the best or within 2% of it in
+    bench/gpu_decode_attn.py's sweep (H200) for batch 1 to 128 at 1K context."""
     s, h, d = q.shape
     kvh = layer_cache.shape[3]
     group = h // kvh
-    block_size = layer_cache.shape[2]
-    block_n = 64  # block ids are gathered per key, so a tile may span several pages
     if num_splits > 1:
-        if workspace is None:
-            part_o = torch.empty(s, h, num_splits, d, dtype=torch.float32, device=q.device)
-            part_lse = torch.empty(s, h, num_splits, dtype=torch.float32, device=q.device)
-        else:
-            part_o, part_lse = workspace
+        part_o = torch.empty(s, h, num_splits, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(s, h, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused
+    if rope is not None:
+        assert rope.k.stride(-1) == 1 and rope.v.stride(-1) == 1 and q.stride(-1) == 1
+        k, v, pos, cos, sin, slots = rope
+    else:  # unused pointers
+        k = v = pos = cos = sin = slots = seq_lens
     _decode_kernel[(s, kvh, num_splits)](
         q,
         layer_cache,
@@ -275,9 +341,20 @@ def paged_decode(
         out,
         part_o,
         part_lse,
+        k,
+        v,
+        pos,
+        cos,
+        sin,
+        slots,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
+        k.stride(0) if rope else 0,
+        k.stride(1) if rope else 0,
+        v.stride(0) if rope else 0,
+        v.stride(1) if rope else 0,
+        cos.stride(0) if rope else 0,
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
@@ -289,12 +366,13 @@ def paged_decode(
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
+        BLOCK_SIZE=layer_cache.shape[2],
+        BLOCK_N=block_n,  # block ids are gathered per key, so a tile may span several pages
         NUM_SPLITS=num_splits,
         DOT_DTYPE=dot_dtype,
-        num_warps=4,
-        num_stages=3,
+        ROPE=rope is not None,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_splits(part_o, part_lse, out, num_splits)
@@ -506,6 +584,7 @@ def dot_dtype_for(dtype: torch.dtype) -> tl.dtype:
 
 __all__ = [
     "LOG2E",
+    "DecodeRope",
     "decode_num_splits",
     "dot_dtype_for",
     "kv_write",
