@@ -30,6 +30,9 @@ Phases (in order):
 - replay: a slice of the Mooncake conversation trace (bench/data/, see replay_workload),
   in-process with arrival times, G1 limited to --replay-g1-blocks blocks so that it evicts;
   the same offered load without and with the store (G2 in pinned memory + G3 on disk).
+  Per engine step (StepLog): wall and device time, prefill tokens, decode sequences, store
+  tokens, the store's engine-thread time, and on a GPU the device's stalls at the store's
+  cross-stream waits; the summary sets prefill and decode-only steps side by side.
 
 Prints a table last; writes $OUT/gpu_store.json (or ./out/) after every phase.
 """
@@ -63,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvgrid import keys
 from kvgrid.engine.sampling_params import SamplingParams
-from kvgrid.store import ContextStore, StoreConfig, StoreConnector
+from kvgrid.store import ContextStore, StoreConfig, StoreConnector, transfer
 from kvgrid.store.crypto import KeyRing
 from kvgrid.store.disk_tier import DiskTier
 from kvgrid.store.object import tenant_id
@@ -915,6 +918,94 @@ def replay_workload(vocab: int, max_input: int = 16384):
                          max_output_tokens=64, vocab_size=vocab)  # fmt: skip
 
 
+# stream stalls by kind (transfer.stream_wait) -> StepLog column. The engine's stream waits
+# for write-back copies and landings; the loader's stream (fence_ms) for the write-backs of
+# the blocks a load overwrites and of the G2 slots it reads: that delays a landing, and the
+# engine's stream only through the landing.
+_WAIT_KINDS = {"writeback": "wb_wait_ms", "landing": "land_wait_ms", "fence": "fence_ms",
+               "slot_ready": "fence_ms"}  # fmt: skip
+_WAIT_COLS = ("wb_wait_ms", "land_wait_ms", "fence_ms")
+
+
+class StepLog:
+    """Per engine step() of a replay, where its time goes: what it launched (prefill tokens
+    computed, decode sequences, store tokens that became usable), its wall time, the device
+    time the engine measured for the step it launched (GPU events; on the CPU, launch to
+    completion), the engine-thread time inside store calls, and (GPU) how long the device
+    stalled at the store's cross-stream waits (``transfer.STREAM_WAITS``). With asynchronous
+    scheduling a step() launches step N and waits for step N-1, so its wall time follows the
+    previous launch's device time: the device time is the one to set against a composition.
+    Columns are lists (one entry per step()) so the JSON stays compact."""
+
+    COLS = ("t_s", "wall_ms", "device_ms", "prefill", "decode", "loaded", "store_ms",
+            *_WAIT_COLS)  # fmt: skip
+
+    def __init__(self, eng, t0: float) -> None:
+        self.eng, self.t0 = eng, t0
+        self.cols: dict[str, list] = {c: [] for c in self.COLS}
+        self._open: dict[int, tuple[object, int]] = {}  # id(sched) -> (sched, row)
+        self._device: dict[int, float] = {}  # row -> ms (a step may complete within its step())
+        self._launched = None
+        self._schedule, self._record = eng.scheduler.schedule, eng._record_speed
+        eng.scheduler.schedule = self._on_schedule
+        eng._record_speed = self._on_record
+        self.waits = transfer.StreamWaits() if GPU else None
+        transfer.STREAM_WAITS = self.waits
+
+    def _on_schedule(self):
+        self._launched = out = self._schedule()
+        if out.scheduled:  # held: ids stay unique until completed
+            self._open[id(out)] = (out, len(self.cols["t_s"]))
+        return out
+
+    def _on_record(self, sched, seconds: float) -> None:
+        got = self._open.pop(id(sched), None)
+        if got is not None:
+            self._device[got[1]] = round(seconds * 1e3, 3)
+        self._record(sched, seconds)
+
+    def _store_s(self) -> float:
+        conn = self.eng.scheduler.connector
+        return sum(conn.engine_time.seconds.values()) if conn is not None else 0.0
+
+    def begin(self) -> None:
+        self._launched = None
+        self._loaded0 = self.eng.scheduler.store_loaded_tokens
+        self._store0 = self._store_s()
+        if self.waits is not None:
+            self.waits.tag = len(self.cols["t_s"])
+        self._t = time.perf_counter()
+
+    def end(self, t_end: float) -> None:
+        items = self._launched.scheduled if self._launched is not None else []
+        c = self.cols
+        c["t_s"].append(round(self._t - self.t0, 4))
+        c["wall_ms"].append(round((t_end - self._t) * 1e3, 3))
+        # the engine's own split (_record_speed): a chunk of more than one token prefills
+        c["prefill"].append(sum(s.num_tokens for s in items if s.num_tokens > 1))
+        c["decode"].append(sum(1 for s in items if s.num_tokens == 1))
+        c["loaded"].append(self.eng.scheduler.store_loaded_tokens - self._loaded0)
+        c["store_ms"].append(round((self._store_s() - self._store0) * 1e3, 3))
+        for k in _WAIT_COLS:
+            c[k].append(0.0)
+
+    def close(self) -> dict[str, list]:
+        """Restore the engine; the columns, stream waits read (after a device sync)."""
+        self.eng.scheduler.schedule, self.eng._record_speed = self._schedule, self._record
+        transfer.STREAM_WAITS = None
+        self.cols["device_ms"] = [self._device.get(j) for j in range(len(self.cols["t_s"]))]
+        if self.waits is not None:
+            sync()
+            for row, kind, ms in self.waits.take():
+                col = self.cols[_WAIT_KINDS[kind]]
+                if row < len(col):
+                    col[row] = round(col[row] + ms, 3)
+        else:  # nothing measured them
+            for k in _WAIT_COLS:
+                self.cols[k] = None
+        return self.cols
+
+
 def _replay_run(eng, wl, cap_s: float) -> dict:
     reqs = sorted(wl.requests, key=lambda r: r.arrival_s)
     c0 = dict(eng.counters)
@@ -926,35 +1017,41 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
     arrive, first, done, cached = {}, {}, {}, {}
     out_tokens = 0
     i = 0
-    while i < len(reqs) or eng.has_unfinished_requests():
-        now = time.perf_counter() - t0
-        if now > cap_s:
-            for rid in list(eng.seqs):
-                eng.abort_request(rid)
-            break
-        while i < len(reqs) and reqs[i].arrival_s <= now:
-            r = reqs[i]
-            eng.add_request(r.request_id, r.prompt_token_ids,
-                            SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True))  # fmt: skip
-            arrive[r.request_id] = t0 + r.arrival_s
-            i += 1
-        if not eng.has_unfinished_requests():
-            time.sleep(max(0.0, min(0.05, reqs[i].arrival_s - now)) if i < len(reqs) else 0)
-            continue
-        t_step = time.perf_counter()
-        outs = eng.step()
-        ts = time.perf_counter()
-        step_s += ts - t_step
-        steps += 1
-        for o in outs:
-            if o.new_token_ids:
-                out_tokens += len(o.new_token_ids)
-                if o.request_id not in first:
-                    first[o.request_id] = ts
-                    cached[o.request_id] = o.num_cached_tokens
-            if o.finished:
-                done[o.request_id] = ts
-        eng.drain_kv_events()
+    steplog = StepLog(eng, t0)
+    try:
+        while i < len(reqs) or eng.has_unfinished_requests():
+            now = time.perf_counter() - t0
+            if now > cap_s:
+                for rid in list(eng.seqs):
+                    eng.abort_request(rid)
+                break
+            while i < len(reqs) and reqs[i].arrival_s <= now:
+                r = reqs[i]
+                eng.add_request(r.request_id, r.prompt_token_ids,
+                                SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True))  # fmt: skip
+                arrive[r.request_id] = t0 + r.arrival_s
+                i += 1
+            if not eng.has_unfinished_requests():
+                time.sleep(max(0.0, min(0.05, reqs[i].arrival_s - now)) if i < len(reqs) else 0)
+                continue
+            steplog.begin()
+            t_step = time.perf_counter()
+            outs = eng.step()
+            ts = time.perf_counter()
+            steplog.end(ts)
+            step_s += ts - t_step
+            steps += 1
+            for o in outs:
+                if o.new_token_ids:
+                    out_tokens += len(o.new_token_ids)
+                    if o.request_id not in first:
+                        first[o.request_id] = ts
+                        cached[o.request_id] = o.num_cached_tokens
+                if o.finished:
+                    done[o.request_id] = ts
+            eng.drain_kv_events()
+    finally:
+        per_step = steplog.close()
     end = max(done.values()) if done else time.perf_counter()
     ttft = [first[r] - arrive[r] for r in first]
     c1 = eng.counters
@@ -984,7 +1081,37 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
         "per_request": [
             _request_row(r, t0, arrive, first, cached) for r in reqs if r.request_id in first
         ],
+        # per engine step(), column by column (StepLog): where step time goes
+        "per_step": per_step,
+        "step_summary": step_summary(per_step),
     }
+
+
+def step_summary(cols: dict[str, list]) -> dict:
+    """Steps that prefill against decode-only ones: counts, wall and device ms (mean, p90),
+    prefill tokens per second of prefill-step device time, and per step() the store's
+    engine-thread ms and the device's stalls at store waits (None where not measured)."""
+    n = len(cols["t_s"])
+    dev = [d if d is not None else w for d, w in zip(cols["device_ms"], cols["wall_ms"])]
+    out: dict = {"steps": n}
+    for name, pick in (("prefill", lambda j: cols["prefill"][j] > 0),
+                       ("decode", lambda j: cols["prefill"][j] == 0 and cols["decode"][j] > 0)):  # fmt: skip
+        rows = [j for j in range(n) if pick(j)]
+        wall, d = [cols["wall_ms"][j] for j in rows], [dev[j] for j in rows]
+        out[name] = {"steps": len(rows),
+                     "wall_ms_mean": statistics.fmean(wall) if wall else None,
+                     "wall_ms_p90": pct(wall, 90) if wall else None,
+                     "device_ms_mean": statistics.fmean(d) if d else None,
+                     "device_ms_p90": pct(d, 90) if d else None}  # fmt: skip
+    rows = [j for j in range(n) if cols["prefill"][j] > 0]
+    pre_s = sum(dev[j] for j in rows) / 1e3
+    out["prefill"]["tokens"] = sum(cols["prefill"][j] for j in rows)
+    out["prefill"]["tok_per_s"] = out["prefill"]["tokens"] / pre_s if pre_s else None
+    out["empty_steps"] = n - out["prefill"]["steps"] - out["decode"]["steps"]
+    out["loaded_tokens"] = sum(cols["loaded"])
+    for k in ("store_ms", *_WAIT_COLS):
+        out[k + "_per_step"] = sum(cols[k]) / n if n and cols[k] is not None else None
+    return out
 
 
 def _request_row(r, t0: float, arrive: dict, first: dict, cached: dict) -> list:
@@ -1038,7 +1165,11 @@ def phase_replay(args, eng, root: Path) -> dict:
                               "writes_dropped": c.get("writes_dropped", {}),
                               "misses": c.get("misses", {})}  # fmt: skip
             out[name] = r
-            log("replay", name, json.dumps(r, default=str))
+            log(
+                "replay",
+                name,
+                json.dumps({k: v for k, v in r.items() if k != "per_step"}, default=str),
+            )
             attach(eng, None)
             if store is not None:
                 store.close()
@@ -1167,11 +1298,35 @@ def summary() -> str:
                 f"(share {hp.get('late_share') or 0:.1%}); write queue {hp.get('write_queue')}; "
                 f"dropped {st.get('writes_dropped', {})}; gc {x.get('gc_pause_s', 0):.2f}s {x.get('gc_collections')}"
             )
+        lines += _step_table({name: r[name].get("step_summary") for name in ("no_store", "store")})
     for k, v in RESULTS["errors"].items():
         lines.append(f"ERROR {k}: {v.strip().splitlines()[-1]}")
     for note in RESULTS["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _step_table(runs: dict[str, dict | None]) -> list[str]:
+    """Per-step comparison of replay runs (see step_summary; device ms: the engine's GPU
+    events, or wall time on the CPU; waits: device stalls per step(), '-' if not measured)."""
+
+    def f(v, fmt: str = ".1f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["", "| run | steps (prefill/decode/empty) | prefill step ms wall mean/p90, device mean/p90 | decode step ms wall mean/p90, device mean/p90 | prefill tok/s of prefill-step device time | store engine-thread ms/step | write-back wait ms/step | landing wait ms/step | load fence ms/step |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, x in runs.items():
+        if not x:
+            continue
+        p, d = x["prefill"], x["decode"]
+        lines.append(
+            f"| {name} | {x['steps']} ({p['steps']}/{d['steps']}/{x['empty_steps']}) "
+            f"| {f(p['wall_ms_mean'])}/{f(p['wall_ms_p90'])}, {f(p['device_ms_mean'])}/{f(p['device_ms_p90'])} "
+            f"| {f(d['wall_ms_mean'])}/{f(d['wall_ms_p90'])}, {f(d['device_ms_mean'])}/{f(d['device_ms_p90'])} "
+            f"| {f(p['tok_per_s'], '.0f')} | {f(x['store_ms_per_step'], '.2f')} | {f(x['wb_wait_ms_per_step'], '.2f')} "
+            f"| {f(x['land_wait_ms_per_step'], '.2f')} | {f(x['fence_ms_per_step'], '.2f')} |"
+        )
+    return lines
 
 
 def main() -> int:

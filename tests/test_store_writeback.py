@@ -19,6 +19,7 @@ from kvgrid.store import ContextStore, StoreConfig, StoreConnector
 from kvgrid.store.crypto import KeyRing
 from kvgrid.store.host_pool import HostPool
 from kvgrid.store.object import tenant_id
+from kvgrid.store.transfer import CudaCopier, ReadEvents
 
 SCOPE = keys.KVScope("test-model", "bfloat16")
 A = keys.tenant_scope(b"server-secret", "tenant-a")
@@ -75,7 +76,7 @@ class FakeCopier:
         self.events.append(ev)
         return ev
 
-    def fence(self, device) -> None:
+    def fence(self, device, ptrs=None) -> None:
         pass
 
     def synchronize(self, device) -> None:
@@ -241,6 +242,57 @@ def test_connector_save_counts_and_loads_through_the_copier(tmp_path):
 
 # ---- CUDA: the real side stream ---------------------------------------------------------
 
+
+def test_a_write_below_g2_without_a_g2_copy_goes_through_the_copier(tmp_path):
+    """A block no G2 slot holds (no G2 here) is copied off the device for its G3 write on
+    the copier's stream: a synchronous copy on the caller's thread would, from a GPU, make
+    the engine's thread wait for the step in flight."""
+    cp = FakeCopier()
+    cfg = StoreConfig(g2_bytes=0, g3_dir=tmp_path / "g3", sweep_interval_s=0,
+                      admit_after={"G2": 1, "G3": 1, "G4": 1})  # fmt: skip
+    store = ContextStore(cfg, keyring=KR, copier=cp)
+    src = blocks(2)
+    ks = chain(2)
+    assert store.put_many(ks, [None, ks[0]], A, list(src), BS) == 2
+    assert len(cp.events) == 2  # issued, not landed
+    time.sleep(0.1)
+    assert store.contains(ks, A) == [None, None]  # the writes wait for their copies
+    cp.open()
+    assert store.flush(10)
+    for i, k in enumerate(ks):
+        assert torch.equal(store.get(k, A), src[i])
+    store.close()
+
+
+class _Ev:
+    def __init__(self, done: bool = False) -> None:
+        self.done = done
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_a_load_fences_only_on_the_write_backs_of_its_own_blocks(monkeypatch):
+    """Copies run in order on one stream, so a block's latest write-back event covers its
+    earlier ones; write-backs of other blocks issued later must not delay a load."""
+    dev = torch.device("cuda", 0)
+    r = ReadEvents()
+    a, b, c = _Ev(), _Ev(), _Ev()
+    r.note(dev, [100, 200], a)
+    r.note(dev, [300], b)
+    r.note(dev, [100], c)
+    assert r.latest(dev, [200]) is a
+    assert r.latest(dev, [200, 300]) is b
+    assert r.latest(dev, [100, 200]) is c
+    assert r.latest(dev, [400]) is None
+    assert r.latest(torch.device("cuda", 1), [100]) is None
+    # landed copies are forgotten once the map grows (they need no wait)
+    monkeypatch.setattr(ReadEvents, "_PRUNE_AT", 2)
+    a.done = True
+    r.note(dev, [500], _Ev())
+    assert r.latest(dev, [200]) is None and r.latest(dev, [100]) is c
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SPIN = 200_000_000  # torch.cuda._sleep cycles: ~0.1 s, so the copies are still pending
 
@@ -324,3 +376,22 @@ def test_cuda_layered_load_of_pending_slots_and_loads_into_just_evicted_blocks(t
     landing.synchronize()
     assert torch.equal(kv[4:8], old)
     store.close()
+
+
+@cuda
+def test_cuda_fence_orders_after_the_given_blocks_write_backs():
+    cp = CudaCopier()
+    kv = torch.randn((4, 1 << 16), device="cuda")
+    host = torch.empty((4, 1 << 16), pin_memory=True)
+    ev_a = cp.copy([(host[0], kv[0]), (host[1], kv[1])])
+    ev_b = cp.copy([(host[2], kv[2])])
+    dev = kv.device
+    assert cp._read.latest(dev, [kv[1].data_ptr()]) is ev_a
+    assert cp._read.latest(dev, [kv[0].data_ptr(), kv[2].data_ptr()]) is ev_b
+    assert cp._read.latest(dev, [kv[3].data_ptr()]) is None
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        cp.fence(dev, [kv[0].data_ptr()])
+        kv[0].fill_(-1)  # after the write-back has read it
+    torch.cuda.synchronize()
+    assert not (host[0] == -1).any()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvgrid.store.transfer import stream_wait
+
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.int8))
 
 
@@ -41,12 +43,12 @@ class LayerLanding:
     def wait_layer(self, layer: int) -> None:
         """Make the current stream wait for ``layer`` (no host wait)."""
         if self.events:
-            torch.cuda.current_stream().wait_event(self.events[layer])
+            stream_wait(torch.cuda.current_stream(), self.events[layer], "landing")
 
     def wait_all(self) -> None:
         """Make the current stream wait for every layer (they land in order on one stream)."""
         if self.events:
-            torch.cuda.current_stream().wait_event(self.events[-1])
+            stream_wait(torch.cuda.current_stream(), self.events[-1], "landing")
 
     def synchronize(self) -> None:
         if self.events:

@@ -45,7 +45,7 @@ from kvgrid.store.object import (
 )
 from kvgrid.store.policy import BoundedWorkQueue, Lease, LeaseManager, Sightings
 from kvgrid.store.tier import ObjectTier, PutResult, ReadBuffer
-from kvgrid.store.transfer import Copier, CopyEvent, CudaCopier, copy_run, wait_ready
+from kvgrid.store.transfer import Copier, CopyEvent, CudaCopier, copy_run, host_copy, wait_ready
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -435,7 +435,7 @@ class ContextStore:
         tl = tenant_label(tid)
         try:
             refill()
-            self._order_after_writebacks(dev, held)
+            self._order_after_writebacks(dev, held, [d.data_ptr() for d in dsts])
             for i in range(n):
                 if srcs[i] is not None:
                     tier = "G2"
@@ -508,7 +508,8 @@ class ContextStore:
             return None
         t0 = time.perf_counter()
         try:
-            self._order_after_writebacks(dst.device, held)
+            at, step = dst.data_ptr(), dst[0].nbytes  # no per-block tensors (see land_layers)
+            self._order_after_writebacks(dst.device, held, [at + b * step for b in block_ids])
             landing = land_layers(self.g2.pool, [s.index for s in held], dst, block_ids)
         except Exception:
             self.g2.release_run(held)
@@ -525,13 +526,16 @@ class ContextStore:
         seconds = landing.device_seconds() or time.perf_counter() - t0
         self._account_load(tl, len(held), {"G2": landing.nbytes}, seconds, len(held))
 
-    def _order_after_writebacks(self, dev: torch.device | None, slots: list[Slot]) -> None:
+    def _order_after_writebacks(
+        self, dev: torch.device | None, slots: list[Slot], dst_ptrs: list[int]
+    ) -> None:
         """Before copies into ``dev`` from ``slots``: they read the slots' bytes only once
-        their write-backs have landed, and overwrite G1 blocks only after every write-back
-        issued so far has read them (a load's destination may be a block just evicted)."""
+        their write-backs have landed, and overwrite the G1 blocks at ``dst_ptrs`` only after
+        the write-backs that read them have (a load's destination may be a block just
+        evicted)."""
         wait_ready(slots, dev)
         if dev is not None and dev.type == "cuda" and self.copier is not None:
-            self.copier.fence(dev)
+            self.copier.fence(dev, dst_ptrs)
 
     def get(self, key: bytes, tenant: bytes) -> torch.Tensor | None:
         """One block as a new CPU tensor, from the fastest tier that holds a valid copy."""
@@ -738,15 +742,19 @@ class ContextStore:
                 self.g2.release(got[0])
         if not targets:
             return
+        copied: CopyEvent | None = None
         if got is not None:
             slot, src = got  # pinned until the write has read it
         else:
-            slot, src = None, block.detach().to("cpu", copy=True).contiguous()
+            slot = None
+            src, copied = self._off_device(block)
 
         def job() -> None:
             try:
                 if slot is not None:
                     wait_ready([slot])
+                elif copied is not None:
+                    copied.synchronize()
                 self._write_lower(targets, tid, key, parent_key, tenant, src, token_count)
             finally:
                 if slot is not None:
@@ -758,6 +766,17 @@ class ContextStore:
             for t in targets:
                 self.metrics.inc("writes_dropped", tier=t.name, reason="queue_full")
         self.metrics.in_flight.set(self.writes.in_flight)
+
+    def _off_device(self, block: torch.Tensor) -> tuple[torch.Tensor, CopyEvent | None]:
+        """A host copy of ``block`` for a write below G2 (no G2 slot holds it), and the
+        event it lands with. From a GPU it is issued on the copier's stream, the caller's
+        stream ordered after it as for G2 write-backs: a synchronous copy would make the
+        engine's thread wait for the step in flight, then for a pageable copy."""
+        dst = torch.empty(block.shape, dtype=block.dtype, pin_memory=block.is_cuda)
+        if self.copier is not None and self.copier.accepts(block, dst):
+            return dst, self.copier.copy([(dst, block)])
+        host_copy(dst, block)
+        return dst, None
 
     def _write_lower(self, targets, tid, key, parent_key, tenant, src, token_count) -> None:
         todo = []

@@ -34,11 +34,54 @@ class Copier(Protocol):
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> CopyEvent: ...
 
-    def fence(self, device: torch.device) -> None:
-        """Order the current stream of ``device`` after every copy issued so far."""
+    def fence(self, device: torch.device, ptrs: Iterable[int] | None = None) -> None:
+        """Order the current stream of ``device`` after the copies issued so far that read
+        the blocks at addresses ``ptrs`` (every copy issued so far when None)."""
 
     def synchronize(self, device: torch.device) -> None:
         """Wait on the host for every copy issued on ``device``."""
+
+
+class StreamWaits:
+    """How long CUDA streams stall at the store's cross-stream waits (write-back copies,
+    landings): an event on the waiting stream before and after each wait, read once they
+    have fired. Opt-in (a bench sets ``transfer.STREAM_WAITS``): serving pays one global
+    read per wait and records nothing."""
+
+    def __init__(self) -> None:
+        self.tag = 0  # the caller's label for waits recorded from now on (a step number)
+        self._pending: list[tuple[int, str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def wait(self, stream: torch.cuda.Stream, event: torch.cuda.Event, kind: str) -> None:
+        before = torch.cuda.Event(enable_timing=True)
+        after = torch.cuda.Event(enable_timing=True)
+        before.record(stream)
+        stream.wait_event(event)
+        after.record(stream)
+        self._pending.append((self.tag, kind, before, after))
+
+    def take(self) -> list[tuple[int, str, float]]:
+        """(tag, kind, milliseconds stalled) of every wait recorded since the last call;
+        waits on the host for their events."""
+        out, self._pending = self._pending, []
+        res = []
+        for tag, kind, before, after in out:
+            after.synchronize()
+            res.append((tag, kind, before.elapsed_time(after)))
+        return res
+
+
+STREAM_WAITS: StreamWaits | None = None
+
+
+def stream_wait(stream: torch.cuda.Stream, event: torch.cuda.Event, kind: str) -> None:
+    """``stream.wait_event(event)``, timed under a bench's ``STREAM_WAITS`` (never while a
+    CUDA graph is captured: timing events cannot be recorded into one)."""
+    probe = STREAM_WAITS
+    if probe is None or torch.cuda.is_current_stream_capturing():
+        stream.wait_event(event)
+    else:
+        probe.wait(stream, event, kind)
 
 
 def wait_ready(slots: Iterable, device: torch.device | None = None) -> None:
@@ -52,7 +95,7 @@ def wait_ready(slots: Iterable, device: torch.device | None = None) -> None:
             continue
         seen.add(id(ev))
         if device is not None and device.type == "cuda":
-            torch.cuda.current_stream(device).wait_event(ev)
+            stream_wait(torch.cuda.current_stream(device), ev, "slot_ready")
         else:
             ev.synchronize()
 
@@ -63,6 +106,7 @@ class CudaCopier:
     def __init__(self) -> None:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._last: dict[torch.device, torch.cuda.Event] = {}
+        self._read = ReadEvents()  # per source block: the event of its latest copy
         self._lock = threading.Lock()
 
     def accepts(self, src: torch.Tensor, dst: torch.Tensor) -> bool:
@@ -88,9 +132,10 @@ class CudaCopier:
         # No later kernel of the engine's stream may overwrite the blocks before they are
         # read. This also covers the caching allocator: a source freed to this stream is
         # reused only by work ordered after the event, so no record_stream is needed.
-        cur.wait_event(ev)
+        stream_wait(cur, ev, "writeback")
         with self._lock:
             self._last[dev] = ev
+            self._read.note(dev, (src.data_ptr() for _, src in pairs), ev)
         return ev
 
     def synchronize(self, device: torch.device) -> None:
@@ -100,14 +145,42 @@ class CudaCopier:
         if stream is not None:
             stream.synchronize()
 
-    def fence(self, device: torch.device) -> None:
-        """Order the current stream's further work after every write-back issued so far.
-        Loads into G1 call this: the blocks they overwrite may have just been evicted, and a
-        load runs on its own stream, which the engine's wait does not cover."""
+    def fence(self, device: torch.device, ptrs: Iterable[int] | None = None) -> None:
+        """Order the current stream's further work after the write-backs that read the
+        blocks at ``ptrs`` (after every write-back issued so far when None). Loads into G1
+        call this: the blocks they overwrite may have just been evicted, and a load runs on
+        its own stream, which the engine's wait does not cover. Only those blocks' copies:
+        write-backs issued later (other admissions of the step) need not delay the load."""
         with self._lock:
-            ev = self._last.get(device)
+            ev = self._last.get(device) if ptrs is None else self._read.latest(device, ptrs)
         if ev is not None:
-            torch.cuda.current_stream(device).wait_event(ev)
+            stream_wait(torch.cuda.current_stream(device), ev, "fence")
+
+
+class ReadEvents:
+    """Per source address, the event of the latest copy that read it. A copier's copies run
+    in order on one stream, so of several blocks the latest-issued event covers them all."""
+
+    _PRUNE_AT = 8192  # engine blocks are few; other sources (tests, tools) come and go
+
+    def __init__(self) -> None:
+        self._by_ptr: dict[torch.device, dict[int, tuple[int, object]]] = {}
+        self._seq = 0
+
+    def note(self, device: torch.device, ptrs: Iterable[int], event) -> None:
+        self._seq += 1
+        m = self._by_ptr.setdefault(device, {})
+        for p in ptrs:
+            m[p] = (self._seq, event)
+        if len(m) > self._PRUNE_AT:
+            for p in [p for p, (_, ev) in m.items() if ev.query()]:
+                del m[p]
+
+    def latest(self, device: torch.device, ptrs: Iterable[int]):
+        """The latest-issued event among copies that read ``ptrs`` (None: none did)."""
+        m = self._by_ptr.get(device, {})
+        best = max((m[p] for p in ptrs if p in m), default=None, key=lambda x: x[0])
+        return None if best is None else best[1]
 
 
 def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
