@@ -48,8 +48,7 @@ def _meta(ctx: list[int], tables: torch.Tensor, block_size: int) -> AttentionMet
     )
 
 
-@torch.inference_mode()
-def test_graph_replay_matches_eager_and_reference():
+def _small_model() -> LlamaForCausalLM:
     cfg = ModelConfig(
         architecture="LlamaForCausalLM",
         vocab_size=512,
@@ -64,6 +63,12 @@ def test_graph_replay_matches_eager_and_reference():
     model = LlamaForCausalLM(cfg, 1024).to(DEV, torch.bfloat16)
     model.rope = RotaryEmbedding(cfg, 1024).to(DEV)  # float32 tables, as the runner keeps
     model.init_dummy(0)
+    return model
+
+
+@torch.inference_mode()
+def test_graph_replay_matches_eager_and_reference():
+    model = _small_model()
     bs, nblocks = 16, 128
     cache = torch.randn(nblocks, 2, 2, bs, 2, 32, device=DEV, dtype=torch.bfloat16)
     backend = TritonAttentionBackend()
@@ -94,3 +99,38 @@ def test_graph_replay_matches_eager_and_reference():
         err = (replay.float() - ref.float()).norm() / ref.float().norm()
         assert err < 2e-2, f"graph vs torch reference: {err:.2e}"
     assert runner.replays == 3
+
+
+@torch.inference_mode()
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm_90+")
+def test_pdl_launches_replay_bitwise_what_plain_launches_compute(monkeypatch):
+    """Programmatic dependent launch only moves when kernels start: graphs captured with
+    and without it write the same KV and return the same hidden states, bit for bit."""
+    from kvgrid.engine import pdl
+
+    model = _small_model()
+    bs, nblocks = 16, 128
+    cache0 = torch.randn(nblocks, 2, 2, bs, 2, 32, device=DEV, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    ctx = [17, 100, 3, 64]
+    tables = torch.randperm(nblocks - 1, generator=gen)[: 4 * 16].view(4, 16).int() + 1
+    meta = _meta(ctx, tables, bs)
+    ids = torch.randint(0, 512, (4,), generator=gen).to(DEV)
+    pos = torch.tensor(ctx, device=DEV)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(pdl, "ENABLED", enabled)
+        cache = cache0.clone()
+        backend = TritonAttentionBackend()
+        runner = DecodeGraphRunner(
+            lambda i, p, m, c=cache, b=backend: model(i, p, c, m, b),
+            max_num_seqs=4,
+            max_blocks_per_seq=16,
+            max_seq_len=256,
+            device=DEV,
+        )
+        runner.capture()
+        cache.copy_(cache0)
+        results.append((runner.run(ids, pos, meta).clone(), cache.clone()))
+    assert torch.equal(results[0][1], results[1][1]), "KV differs with PDL"
+    assert torch.equal(results[0][0], results[1][0]), "hidden states differ with PDL"

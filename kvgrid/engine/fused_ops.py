@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvgrid.engine import pdl
+
 # tests set this to run the Triton kernels on CPU tensors (TRITON_INTERPRET=1)
 force_triton = False
 
@@ -90,6 +92,7 @@ def add_rms_norm(
             HAS_RES=has_res,
             BLOCK=block,
             num_warps=max(1, min(16, block // 512)),
+            **pdl.launch_kwargs(x),
         )
     return out, res
 
@@ -168,6 +171,7 @@ def rope_kv_write(
         BLOCK_SIZE=layer_cache.shape[2] if write else 1,
         WRITE_CACHE=write,
         num_warps=4,
+        **pdl.launch_kwargs(q),
     )
     return q_out, k_out
 
@@ -191,7 +195,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if t:
         block = min(2048, _pow2(n))
         _k()._silu_mul_kernel[(t, -(-n // block))](
-            gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block, num_warps=4
+            gate_up,
+            out,
+            gate_up.stride(0),
+            out.stride(0),
+            n,
+            BLOCK=block,
+            num_warps=4,
+            **pdl.launch_kwargs(gate_up),
         )
     return out
 

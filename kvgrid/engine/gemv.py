@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from kvgrid.engine import pdl
+
 log = logging.getLogger(__name__)
 
 # Largest row count (tokens) that takes the GEMV (the kernel takes up to 16). Decode
@@ -272,11 +274,22 @@ def gemv(
         BLOCK_K=c.block_k,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
+        **pdl.launch_kwargs(x),
     )
     if splits > 1:
         block = min(1024, _pow2(n))
         gk._gemv_reduce_kernel[(m, _cdiv(n, block))](
-            out, b, y, m, n, n, HAS_BIAS=has_bias, SPLIT_K=splits, BLOCK=block, num_warps=4
+            out,
+            b,
+            y,
+            m,
+            n,
+            n,
+            HAS_BIAS=has_bias,
+            SPLIT_K=splits,
+            BLOCK=block,
+            num_warps=4,
+            **pdl.launch_kwargs(x),
         )
     return y
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvgrid.engine import pdl
+
 LOG2E = 1.4426950408889634
 
 
@@ -131,7 +133,11 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     ROPE: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
 ):
+    if PDL:  # before any global access: see engine/pdl.py
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -238,7 +244,11 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
 ):
+    if PDL:  # before any global access: see engine/pdl.py
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, NUM_SPLITS)
@@ -277,6 +287,7 @@ def _reduce_splits(
         HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d),
         NUM_SPLITS=num_splits,
+        **pdl.launch_kwargs(out),
     )
 
 
@@ -373,6 +384,7 @@ def paged_decode(
         ROPE=rope is not None,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl.launch_kwargs(q),
     )
     if num_splits > 1:
         _reduce_splits(part_o, part_lse, out, num_splits)
