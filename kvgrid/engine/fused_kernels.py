@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kvgrid.engine.pdl_kernels import pdl_start
+
 
 @triton.jit
 def _add_rms_norm_kernel(
@@ -22,9 +24,7 @@ def _add_rms_norm_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
 ):
-    if PDL:  # before any global access: see engine/pdl.py
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -78,9 +78,7 @@ def _rope_kv_kernel(
     WRITE_CACHE: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
 ):
-    if PDL:  # before any global access: see engine/pdl.py
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
@@ -130,9 +128,7 @@ def _rope_kv_kernel(
 def _silu_mul_kernel(
     x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr
 ):
-    if PDL:  # before any global access: see engine/pdl.py
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols

@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kvgrid.engine.pdl_kernels import pdl_start
+
 
 # M is not specialised on 1: the tensor-core variant then serves every M with one compile
 @triton.jit(do_not_specialize=["M"])
@@ -35,9 +37,7 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
 ):
-    if PDL:  # before any global access: see engine/pdl.py
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -126,9 +126,7 @@ def _gemv_reduce_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
 ):
-    if PDL:  # before any global access: see engine/pdl.py
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_start(PDL)
     # a fixed summation order over the splits: results do not depend on scheduling
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

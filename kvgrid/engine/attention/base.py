@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvgrid.engine import fused_ops
+
 
 @dataclass
 class AttentionMetadata:
@@ -79,8 +81,6 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """RoPE on q and k, K/V stored, then ``forward``. Here: one kernel rotates and stores
         (on the Triton path; the reference otherwise); a backend may fold that in too."""
-        from kvgrid.engine import fused_ops
-
         fused = fused_ops.use_triton(q)
         layer_cache = kv_cache[:, layer] if fused else None
         q, k = fused_ops.rope_kv_write(positions, q, k, v, cos, sin, layer_cache, meta.slot_mapping)

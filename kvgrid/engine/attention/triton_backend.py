@@ -60,7 +60,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _decode(self, q, layer_cache, meta: AttentionMetadata, scale, out, rope=None):
         splits = self.decode_splits(q.shape[0], layer_cache.shape[3], meta.max_seq_len, q.device)
-        dot = tk.dot_dtype_for(layer_cache.dtype if q.dtype == layer_cache.dtype else q.dtype)
+        dot = _dot(q, layer_cache)
         return tk.paged_decode(
             q, layer_cache, meta.block_tables, meta.seq_lens, scale, splits, out, dot, rope
         )
@@ -81,7 +81,7 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         if meta.decode_only:
             return self._decode(q, layer_cache, meta, scale, out)
-        dot = tk.dot_dtype_for(layer_cache.dtype if q.dtype == layer_cache.dtype else q.dtype)
+        dot = _dot(q, layer_cache)
         if self.use_sdpa(meta):
             return self._sdpa_fresh(q, k, v, meta, scale, out)
         return tk.paged_prefill(
@@ -119,6 +119,11 @@ class TritonAttentionBackend(AttentionBackend):
             )
             out[a:b] = o[0, :, :n].transpose(0, 1)
         return out
+
+
+def _dot(q: torch.Tensor, layer_cache: torch.Tensor):
+    """The tl.dot operand dtype: the cache's when q shares it, else q's."""
+    return tk.dot_dtype_for(layer_cache.dtype if q.dtype == layer_cache.dtype else q.dtype)
 
 
 def sdpa_padded_len(n: int) -> int:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kvgrid.engine import pdl
+from kvgrid.engine.pdl_kernels import pdl_start
 
 LOG2E = 1.4426950408889634
 
@@ -135,9 +136,7 @@ def _decode_kernel(
     ROPE: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
 ):
-    if PDL:  # before any global access: see engine/pdl.py
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_start(PDL)
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -246,9 +245,7 @@ def _decode_reduce_kernel(
     NUM_SPLITS: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
 ):
-    if PDL:  # before any global access: see engine/pdl.py
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_start(PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, NUM_SPLITS)
@@ -342,8 +339,10 @@ def paged_decode(
     if rope is not None:
         assert rope.k.stride(-1) == 1 and rope.v.stride(-1) == 1 and q.stride(-1) == 1
         k, v, pos, cos, sin, slots = rope
+        rope_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0))
     else:  # unused pointers
         k = v = pos = cos = sin = slots = seq_lens
+        rope_strides = (0,) * 5
     _decode_kernel[(s, kvh, num_splits)](
         q,
         layer_cache,
@@ -361,11 +360,7 @@ def paged_decode(
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
-        k.stride(0) if rope else 0,
-        k.stride(1) if rope else 0,
-        v.stride(0) if rope else 0,
-        v.stride(1) if rope else 0,
-        cos.stride(0) if rope else 0,
+        *rope_strides,
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
