@@ -32,7 +32,11 @@ Phases (in order):
   the same offered load without and with the store (G2 in pinned memory + G3 on disk).
   Per engine step (StepLog): wall and device time, prefill tokens, decode sequences, store
   tokens, the store's engine-thread time, and on a GPU the device's stalls at the store's
-  cross-stream waits; the summary sets prefill and decode-only steps side by side.
+  cross-stream waits; the summary sets prefill and decode-only steps side by side. Each step
+  also records its host launch time, and on a GPU each run records a window of CUDA activity
+  (--replay-profile: per-stream busy time, idle gaps, top kernels), which tells a GPU left
+  waiting for the host from kernels that ran slower. --replay-runs adds store variants
+  (store_si: a 0.2 ms GIL switch interval; store_w4: four write threads).
 
 Prints a table last; writes $OUT/gpu_store.json (or ./out/) after every phase.
 """
@@ -168,7 +172,7 @@ def make_store(eng, root: Path, name: str, args, **kw) -> ContextStore:
         admit_after=kw.get("admit", {"G2": 1, "G3": 1, "G4": 1}),
         codec=kw.get("codec", "zstd"),
         encrypt=encrypt,
-        io_workers=args.load_workers,
+        io_workers=kw.get("io_workers", args.load_workers),
         io_queue=kw.get("io_queue", 8192),
         sweep_interval_s=0,
         write_through=kw.get("write_through", False),
@@ -937,8 +941,8 @@ class StepLog:
     previous launch's device time: the device time is the one to set against a composition.
     Columns are lists (one entry per step()) so the JSON stays compact."""
 
-    COLS = ("t_s", "wall_ms", "device_ms", "prefill", "decode", "loaded", "store_ms",
-            *_WAIT_COLS)  # fmt: skip
+    COLS = ("t_s", "wall_ms", "launch_ms", "device_ms", "prefill", "decode", "loaded",
+            "store_ms", *_WAIT_COLS)  # fmt: skip
 
     def __init__(self, eng, t0: float) -> None:
         self.eng, self.t0 = eng, t0
@@ -947,8 +951,11 @@ class StepLog:
         self._device: dict[int, float] = {}  # row -> ms (a step may complete within its step())
         self._launched = None
         self._schedule, self._record = eng.scheduler.schedule, eng._record_speed
+        self._launch = eng._launch
+        self._launch_s = 0.0
         eng.scheduler.schedule = self._on_schedule
         eng._record_speed = self._on_record
+        eng._launch = self._on_launch
         self.waits = transfer.StreamWaits() if GPU else None
         transfer.STREAM_WAITS = self.waits
 
@@ -957,6 +964,15 @@ class StepLog:
         if out.scheduled:  # held: ids stay unique until completed
             self._open[id(out)] = (out, len(self.cols["t_s"]))
         return out
+
+    def _on_launch(self, *a, **kw):
+        # host time to issue the step (schedule excluded): a step whose device time
+        # follows this one is launch-bound, and the device idled inside it
+        t = time.perf_counter()
+        try:
+            return self._launch(*a, **kw)
+        finally:
+            self._launch_s += time.perf_counter() - t
 
     def _on_record(self, sched, seconds: float) -> None:
         got = self._open.pop(id(sched), None)
@@ -970,6 +986,7 @@ class StepLog:
 
     def begin(self) -> None:
         self._launched = None
+        self._launch_s = 0.0
         self._loaded0 = self.eng.scheduler.store_loaded_tokens
         self._store0 = self._store_s()
         if self.waits is not None:
@@ -981,6 +998,7 @@ class StepLog:
         c = self.cols
         c["t_s"].append(round(self._t - self.t0, 4))
         c["wall_ms"].append(round((t_end - self._t) * 1e3, 3))
+        c["launch_ms"].append(round(self._launch_s * 1e3, 3))
         # the engine's own split (_record_speed): a chunk of more than one token prefills
         c["prefill"].append(sum(s.num_tokens for s in items if s.num_tokens > 1))
         c["decode"].append(sum(1 for s in items if s.num_tokens == 1))
@@ -992,6 +1010,7 @@ class StepLog:
     def close(self) -> dict[str, list]:
         """Restore the engine; the columns, stream waits read (after a device sync)."""
         self.eng.scheduler.schedule, self.eng._record_speed = self._schedule, self._record
+        del self.eng._launch  # the bound method again
         transfer.STREAM_WAITS = None
         self.cols["device_ms"] = [self._device.get(j) for j in range(len(self.cols["t_s"]))]
         if self.waits is not None:
@@ -1006,7 +1025,97 @@ class StepLog:
         return self.cols
 
 
-def _replay_run(eng, wl, cap_s: float) -> dict:
+class KernelWindow:
+    """The device's view of a slice of a replay: torch.profiler with CUDA activity only
+    (CUPTI's kernel and copy records; no per-op host instrumentation, which would slow the
+    launches being judged). Per stream busy time, the compute stream's idle gaps, and the
+    kernels that took the time: tells a device that idled inside steps (launch-bound) from
+    kernels that ran slower."""
+
+    CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+    def __init__(self, start_s: float, end_s: float) -> None:
+        self.start_s, self.end_s = start_s, end_s
+        self.prof = None
+        self.summary: dict | None = None
+
+    def tick(self, now: float) -> None:
+        if self.prof is None and self.summary is None and now >= self.start_s:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.t = (now, None)
+        elif self.prof is not None and now >= self.end_s:
+            self.stop(now)
+
+    def stop(self, now: float) -> None:
+        if self.prof is None:
+            return
+        sync()
+        self.prof.__exit__(None, None, None)
+        path = Path("/tmp") / f"kvgrid-replay-trace-{os.getpid()}.json"
+        self.prof.export_chrome_trace(str(path))
+        self.prof = None
+        try:
+            self.summary = self._summarize(json.loads(path.read_text()), (self.t[0], now))
+        finally:
+            path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _merge(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        out: list[list[float]] = []
+        for a, b in sorted(iv):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        return [(a, b) for a, b in out]
+
+    def _summarize(self, trace: dict, window: tuple[float, float]) -> dict:
+        ev = [e for e in trace.get("traceEvents", [])
+              if e.get("ph") == "X" and e.get("cat") in self.CATS]  # fmt: skip
+        if not ev:
+            return {"window_s": window, "events": 0}
+        streams: dict[str, list] = {}
+        kernels: dict[str, list] = {}
+        for e in ev:
+            a = float(e["ts"])
+            sid = f"{'kernel' if e['cat'] == 'kernel' else 'copy'}:{e.get('args', {}).get('stream', e.get('tid'))}"
+            streams.setdefault(sid, []).append((a, a + float(e.get("dur", 0))))
+            k = kernels.setdefault(e["name"][:90], [0, 0.0])
+            k[0] += 1
+            k[1] += float(e.get("dur", 0))
+        t0 = min(a for iv in streams.values() for a, _ in iv)
+        t1 = max(b for iv in streams.values() for _, b in iv)
+        busy = {sid: sum(b - a for a, b in self._merge(iv)) / 1e3 for sid, iv in streams.items()}
+        main = max((s for s in busy if s.startswith("kernel")), key=busy.get, default=None)
+        gaps = []
+        if main is not None:
+            m = self._merge(streams[main])
+            gaps = [(m[j + 1][0] - m[j][1]) / 1e3 for j in range(len(m) - 1)]
+        every_kernel = [
+            iv for sid, ivs in streams.items() if sid.startswith("kernel") for iv in ivs
+        ]
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
+        return {
+            "window_s": [round(window[0], 2), round(window[1], 2)],
+            "span_ms": (t1 - t0) / 1e3,
+            "events": len(ev),
+            "busy_ms": {k: round(v, 1) for k, v in sorted(busy.items(), key=lambda kv: -kv[1])},
+            "any_kernel_busy_ms": sum(b - a for a, b in self._merge(every_kernel)) / 1e3,
+            "main_stream": main,
+            "main_gaps": {
+                "count": len(gaps),
+                "ms": sum(gaps),
+                "over_0.1ms": [sum(1 for g in gaps if g > 0.1), sum(g for g in gaps if g > 0.1)],
+                "over_1ms": [sum(1 for g in gaps if g > 1), sum(g for g in gaps if g > 1)],
+            },
+            "top_kernels": [[name, n, round(us / 1e3, 2)] for name, (n, us) in top],
+        }
+
+
+def _replay_run(eng, wl, cap_s: float, window: tuple[float, float] | None = None) -> dict:
     reqs = sorted(wl.requests, key=lambda r: r.arrival_s)
     c0 = dict(eng.counters)
     loaded0 = eng.scheduler.store_loaded_tokens
@@ -1018,9 +1127,12 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
     out_tokens = 0
     i = 0
     steplog = StepLog(eng, t0)
+    kw = KernelWindow(*window) if window and GPU else None
     try:
         while i < len(reqs) or eng.has_unfinished_requests():
             now = time.perf_counter() - t0
+            if kw is not None:
+                kw.tick(now)
             if now > cap_s:
                 for rid in list(eng.seqs):
                     eng.abort_request(rid)
@@ -1051,6 +1163,8 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
                     done[o.request_id] = ts
             eng.drain_kv_events()
     finally:
+        if kw is not None:
+            kw.stop(time.perf_counter() - t0)
         per_step = steplog.close()
     end = max(done.values()) if done else time.perf_counter()
     ttft = [first[r] - arrive[r] for r in first]
@@ -1084,6 +1198,7 @@ def _replay_run(eng, wl, cap_s: float) -> dict:
         # per engine step(), column by column (StepLog): where step time goes
         "per_step": per_step,
         "step_summary": step_summary(per_step),
+        "kernel_window": kw.summary if kw is not None else None,
     }
 
 
@@ -1098,9 +1213,11 @@ def step_summary(cols: dict[str, list]) -> dict:
                        ("decode", lambda j: cols["prefill"][j] == 0 and cols["decode"][j] > 0)):  # fmt: skip
         rows = [j for j in range(n) if pick(j)]
         wall, d = [cols["wall_ms"][j] for j in rows], [dev[j] for j in rows]
+        launch = [cols["launch_ms"][j] for j in rows]
         out[name] = {"steps": len(rows),
                      "wall_ms_mean": statistics.fmean(wall) if wall else None,
                      "wall_ms_p90": pct(wall, 90) if wall else None,
+                     "launch_ms_mean": statistics.fmean(launch) if launch else None,
                      "device_ms_mean": statistics.fmean(d) if d else None,
                      "device_ms_p90": pct(d, 90) if d else None}  # fmt: skip
     rows = [j for j in range(n) if cols["prefill"][j] > 0]
@@ -1118,6 +1235,17 @@ def _request_row(r, t0: float, arrive: dict, first: dict, cached: dict) -> list:
     rid = r.request_id
     ttft = first[rid] - arrive[rid]
     return [round(arrive[rid] - t0, 3), len(r.prompt_token_ids), cached.get(rid), round(ttft, 4)]
+
+
+# replay runs: the same offered load without and with the store, and store variants that
+# test where the store's cost to the engine's steps comes from (the GIL's switch interval,
+# fewer background write threads)
+REPLAY_RUNS = {
+    "no_store": {},
+    "store": {"store": True},
+    "store_si": {"store": True, "switch_s": 2e-4},
+    "store_w4": {"store": True, "io_workers": 4},
+}
 
 
 def phase_replay(args, eng, root: Path) -> dict:
@@ -1139,16 +1267,24 @@ def phase_replay(args, eng, root: Path) -> dict:
         warm = dataclasses.replace(wl, requests=[dataclasses.replace(r, arrival_s=0.0, request_id=f"w{j}")
                                                  for j, r in enumerate(wl.requests[-16:])])  # fmt: skip
         _replay_run(eng, warm, 120)  # compiles and warms kernels for these shapes
-        for name in ("no_store", "store"):
+        for name in args.replay_runs:
+            run = REPLAY_RUNS[name]
             fresh_g1(eng)
             store = None
-            if name == "store":
+            if run.get("store"):
                 store = make_store(eng, root, "replay", args, g2_gib=args.replay_g2_gib, g3=True,
-                                   admit={"G2": 1, "G3": 2, "G4": 2}, io_queue=64)  # fmt: skip
+                                   admit={"G2": 1, "G3": 2, "G4": 2}, io_queue=64,
+                                   io_workers=run.get("io_workers", args.load_workers))  # fmt: skip
             conn = attach(eng, store)
             quiet = quiesce(store)
-            with HostProbe(store) as probe:
-                r = _replay_run(eng, wl, args.replay_cap_s)
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(run.get("switch_s", switch))
+            try:
+                with HostProbe(store) as probe:
+                    r = _replay_run(eng, wl, args.replay_cap_s, args.replay_profile)
+            finally:
+                sys.setswitchinterval(switch)
+            r["variant"] = run
             r["quiesce"] = quiet
             r["host_probe"] = probe.result()
             if conn is not None:
@@ -1268,7 +1404,8 @@ def summary() -> str:
                     f"| {label}: {r['throttle_GBps']:.2f} GB/s | {s['recompute_s']:.3f} | {r['load']['ttft_s']:.3f} | {r['auto_ttft_s']:.3f} ({r['auto'][0]['plan']}) | {r['auto_over_recompute']:.2f}x | {r['auto_over_load']:.2f}x |"
                 )
     r = P.get("replay")
-    if r and "store" in r:
+    runs = [n for n in REPLAY_RUNS if r and n in r]
+    if r and runs:
         lines.append("")
         th = r["theoretical_hit_rate"]["token_weighted"]
         lines.append(
@@ -1278,12 +1415,12 @@ def summary() -> str:
             "| run | out tok/s | req/s | TTFT p50 s | TTFT p90 s | TTFT p99 s | hit rate | store tokens |"
         )
         lines.append("|---|---|---|---|---|---|---|---|")
-        for name in ("no_store", "store"):
+        for name in runs:
             x = r[name]
             lines.append(
                 f"| {name} | {x['output_tok_s']:.0f} | {x['requests_per_s']:.2f} | {x['ttft_p50_s']:.3f} | {x['ttft_p90_s']:.3f} | {x['ttft_p99_s']:.3f} | {x['hit_rate']:.1%} | {x['store_loaded_tokens']} |"
             )
-        for name in ("no_store", "store"):
+        for name in runs:
             x = r[name]
             hp = x.get("host_probe") or {}
             st = x.get("store") or {}
@@ -1298,7 +1435,21 @@ def summary() -> str:
                 f"(share {hp.get('late_share') or 0:.1%}); write queue {hp.get('write_queue')}; "
                 f"dropped {st.get('writes_dropped', {})}; gc {x.get('gc_pause_s', 0):.2f}s {x.get('gc_collections')}"
             )
-        lines += _step_table({name: r[name].get("step_summary") for name in ("no_store", "store")})
+        lines += _step_table({name: r[name].get("step_summary") for name in runs})
+        for name in runs:
+            kw = r[name].get("kernel_window")
+            if kw and kw.get("events"):
+                g = kw["main_gaps"]
+                lines.append(
+                    f"{name} device window {kw['window_s']} s: span {kw['span_ms']:.0f} ms, main stream busy "
+                    f"{kw['busy_ms'].get(kw['main_stream'], 0):.0f} ms, any kernel {kw['any_kernel_busy_ms']:.0f} ms, "
+                    f"gaps {g['ms']:.0f} ms ({g['over_0.1ms'][0]} over 0.1 ms: {g['over_0.1ms'][1]:.0f} ms); "
+                    f"busy by stream {kw['busy_ms']}"
+                )
+                lines.append(
+                    "   top kernels (ms): "
+                    + "; ".join(f"{n[:48]} {c}x {ms}" for n, c, ms in kw["top_kernels"][:8])
+                )
     for k, v in RESULTS["errors"].items():
         lines.append(f"ERROR {k}: {v.strip().splitlines()[-1]}")
     for note in RESULTS["notes"]:
@@ -1313,7 +1464,7 @@ def _step_table(runs: dict[str, dict | None]) -> list[str]:
     def f(v, fmt: str = ".1f") -> str:
         return "-" if v is None else format(v, fmt)
 
-    lines = ["", "| run | steps (prefill/decode/empty) | prefill step ms wall mean/p90, device mean/p90 | decode step ms wall mean/p90, device mean/p90 | prefill tok/s of prefill-step device time | store engine-thread ms/step | write-back wait ms/step | landing wait ms/step | load fence ms/step |",
+    lines = ["", "| run | steps (prefill/decode/empty) | prefill step ms wall mean/p90, device mean/p90, launch mean | decode step ms wall mean/p90, device mean/p90 | prefill tok/s of prefill-step device time | store engine-thread ms/step | write-back wait ms/step | landing wait ms/step | load fence ms/step |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, x in runs.items():
         if not x:
@@ -1321,7 +1472,7 @@ def _step_table(runs: dict[str, dict | None]) -> list[str]:
         p, d = x["prefill"], x["decode"]
         lines.append(
             f"| {name} | {x['steps']} ({p['steps']}/{d['steps']}/{x['empty_steps']}) "
-            f"| {f(p['wall_ms_mean'])}/{f(p['wall_ms_p90'])}, {f(p['device_ms_mean'])}/{f(p['device_ms_p90'])} "
+            f"| {f(p['wall_ms_mean'])}/{f(p['wall_ms_p90'])}, {f(p['device_ms_mean'])}/{f(p['device_ms_p90'])}, {f(p.get('launch_ms_mean'))} "
             f"| {f(d['wall_ms_mean'])}/{f(d['wall_ms_p90'])}, {f(d['device_ms_mean'])}/{f(d['device_ms_p90'])} "
             f"| {f(p['tok_per_s'], '.0f')} | {f(x['store_ms_per_step'], '.2f')} | {f(x['wb_wait_ms_per_step'], '.2f')} "
             f"| {f(x['land_wait_ms_per_step'], '.2f')} | {f(x['fence_ms_per_step'], '.2f')} |"
@@ -1347,9 +1498,18 @@ def main() -> int:
     ap.add_argument("--replay-cap-s", type=float, default=150.0)
     ap.add_argument("--replay-limit", type=int, default=0, help="first N requests only (smoke)")
     ap.add_argument("--replay-max-input", type=int, default=16384 if GPU else 256)
+    ap.add_argument("--replay-runs", default="no_store,store", help=f"of {','.join(REPLAY_RUNS)}")
+    ap.add_argument("--replay-profile", default="20,28" if GPU else "",
+                    help="start,end s of each run's device profile (CUDA activity); '' for none")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip what would not fit")
     args = ap.parse_args()
     args.sizes = [int(x) for x in args.sizes.split(",")]
+    args.replay_runs = args.replay_runs.split(",")
+    if unknown := set(args.replay_runs) - set(REPLAY_RUNS):
+        ap.error(f"unknown --replay-runs {sorted(unknown)}: choose from {sorted(REPLAY_RUNS)}")
+    args.replay_profile = (
+        tuple(float(x) for x in args.replay_profile.split(",")) if args.replay_profile else None
+    )
     args.root = Path(args.root)
     shutil.rmtree(args.root, ignore_errors=True)
     args.root.mkdir(parents=True)

@@ -35,6 +35,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument(
+        "--prefill-graph-tokens",
+        type=int,
+        default=512,
+        help="steps that prefill up to this many tokens replay CUDA graphs around their "
+        "attention (0: eager)",
+    )
+    g.add_argument(
         "--async-scheduling",
         default="auto",
         choices=["auto", "on", "off"],
@@ -112,6 +119,7 @@ def engine_config_from_args(args: argparse.Namespace, name: str = "local") -> En
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs,
+        prefill_graph_tokens=args.prefill_graph_tokens,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         gemv=not args.no_gemv,
         kv_store=store_config_from_args(args, name),

@@ -30,6 +30,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "torch" | "triton"; auto picks triton on CUDA
     cuda_graphs: bool = True
+    # steps that prefill, up to this many tokens, run as CUDA graphs cut around attention
+    # (engine/prefill_graphs.py; with cuda_graphs on a GPU); 0: launched eagerly
+    prefill_graph_tokens: int = 512
     # launch each step before reading back the last one's tokens (host work overlaps the
     # GPU's); None: on for CUDA, off on the CPU where nothing runs asynchronously
     async_scheduling: bool | None = None
@@ -48,3 +51,5 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least block_size")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
+        if self.prefill_graph_tokens < 0:
+            raise ValueError("prefill_graph_tokens must be >= 0 (0 turns prefill graphs off)")

@@ -95,6 +95,15 @@ class ModelRunner:
                 self.device,
             )
             self.graphs.capture()
+        self.prefill_graphs = None
+        max_tokens = min(config.prefill_graph_tokens, config.max_num_batched_tokens)
+        if self.graphs is not None and max_tokens >= 16:
+            from kvgrid.engine.prefill_graphs import PrefillGraphRunner
+
+            self.prefill_graphs = PrefillGraphRunner(
+                self.model, self.backend, self.kv_cache, max_tokens, self.device, self.dtype
+            )
+            self.prefill_graphs.capture()
         if self.device.type == "cuda":
             self._warm_logits(config.max_num_seqs)
         # ---- end CUDA path ----
@@ -261,6 +270,8 @@ class ModelRunner:
             for landing in landings:
                 landing.wait_all()
             hidden = self.graphs.run(ids, pos, meta)
+        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(meta, len(ids)):
+            hidden = self.prefill_graphs.run(ids, pos, meta, landings)
         else:
             meta.landings = landings
             hidden = self.model(ids, pos, self.kv_cache, meta, self.backend)

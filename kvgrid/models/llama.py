@@ -110,14 +110,18 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim**-0.5
 
-    def forward(self, positions, x, kv_cache, meta, backend: AttentionBackend, rope):
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unrotated q [T, H, D], k and v [T, KVH, D] (views of one projection's output)."""
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, positions, x, kv_cache, meta, backend: AttentionBackend, rope):
+        q, k, v = self.qkv(x)
         o = backend.forward_rope(
             positions, q, k, v, rope.cos, rope.sin, kv_cache, self.layer, meta, self.scale
         )
@@ -149,6 +153,27 @@ class DecoderLayer(nn.Module):
         the RMSNorm that follows it."""
         h, residual = self.input_layernorm.add_forward(x, residual)
         h = self.self_attn(positions, h, kv_cache, meta, backend, rope)
+        return self._mlp_block(h, residual)
+
+    # The same layer cut around its attention, for steps that run the rest of the model as
+    # CUDA graphs (engine/prefill_graphs.py): the cut pieces hold no host data.
+
+    def pre_attention(self, positions, x, residual, kv_cache, slots, rope):
+        """Norm, projections, RoPE and (on the Triton path) the K/V store at ``slots``:
+        ``(q, k, v, residual, kv_written)`` for ``AttentionBackend.forward``."""
+        h, residual = self.input_layernorm.add_forward(x, residual)
+        q, k, v = self.self_attn.qkv(h)
+        fused = fused_ops.use_triton(q)
+        cache = kv_cache[:, self.self_attn.layer] if fused else None
+        q, k = fused_ops.rope_kv_write(positions, q, k, v, rope.cos, rope.sin, cache, slots)
+        return q, k, v, residual, fused
+
+    def post_attention(self, o, residual) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output projection of the attention ``o`` [T, H, D], norm, MLP: ``(x, residual)``."""
+        h = self.self_attn.o_proj(o.reshape(-1, self.self_attn.q_size))
+        return self._mlp_block(h, residual)
+
+    def _mlp_block(self, h, residual) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(h), residual
 

@@ -63,7 +63,8 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         kv_written: bool = False,  # the caller already stored k/v (fused with RoPE)
-    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        out: torch.Tensor | None = None,  # [T, num_heads, head_dim] to write the result into
+    ) -> torch.Tensor:  # [T, num_heads, head_dim] (``out`` when given)
         ...
 
     def forward_rope(

@@ -12,8 +12,21 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def forward(
-        self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale: float, kv_written=False
+        self,
+        q,
+        k,
+        v,
+        kv_cache,
+        layer,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_written=False,
+        out=None,
     ):
+        o = self._attend(q, k, v, kv_cache, layer, meta, scale, kv_written)
+        return o if out is None else out.copy_(o)
+
+    def _attend(self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale, kv_written):
         if not kv_written:
             write_kv_reference(k, v, kv_cache, layer, meta.slot_mapping)
         if meta.decode_only and meta.num_seqs > 1:

@@ -73,12 +73,22 @@ class TritonAttentionBackend(AttentionBackend):
         )
 
     def forward(
-        self, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale: float, kv_written=False
+        self,
+        q,
+        k,
+        v,
+        kv_cache,
+        layer,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_written=False,
+        out=None,
     ):
         layer_cache = kv_cache[:, layer]
         if not kv_written:
             tk.kv_write(k, v, layer_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
+        if out is None:
+            out = torch.empty_like(q)
         if meta.decode_only:
             return self._decode(q, layer_cache, meta, scale, out)
         dot = _dot(q, layer_cache)
