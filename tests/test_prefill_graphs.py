@@ -26,7 +26,7 @@ BS, NBLOCKS, LAYERS = 16, 64, 2
 def test_buckets_bound_the_padding():
     b = prefill_buckets(512)
     assert b[0] == 16 and b[-1] == 512 and b == sorted(set(b))
-    # above 128 tokens a step is padded by under 1/8 (16-token steps below)
+    # a step is padded by under 16 tokens, or by under a quarter of itself above 128
     assert all(b2 - b1 <= max(16, b1 // 4) for b1, b2 in itertools.pairwise(b))
     assert prefill_buckets(100)[-1] == 100 and prefill_buckets(16) == [16]
 

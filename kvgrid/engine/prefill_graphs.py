@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def prefill_buckets(max_tokens: int) -> list[int]:
     """Token counts: every 16 up to 128, every 32 up to 256, every 64 up to 512, every 128
-    beyond (padding stays under 1/8 of a step above 128 tokens)."""
+    beyond: a step is padded by under 16 tokens, or by under a quarter above 128."""
     sizes, t = [], 16
     while t < max_tokens:
         sizes.append(t)
