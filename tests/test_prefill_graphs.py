@@ -12,15 +12,14 @@ import itertools
 
 import pytest
 import torch
+from small_llama import HEAD_DIM, KV_HEADS, LAYERS, small_llama
 
 from kvgrid.engine.attention.base import AttentionMetadata
 from kvgrid.engine.attention.torch_ref import TorchAttentionBackend
 from kvgrid.engine.prefill_graphs import PrefillGraphRunner, prefill_buckets
-from kvgrid.models.config import ModelConfig
-from kvgrid.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 GPU = torch.cuda.is_available()
-BS, NBLOCKS, LAYERS = 16, 64, 2
+BS, NBLOCKS = 16, 64
 
 
 def test_buckets_bound_the_padding():
@@ -29,24 +28,6 @@ def test_buckets_bound_the_padding():
     # a step is padded by under 16 tokens, or by under a quarter of itself above 128
     assert all(b2 - b1 <= max(16, b1 // 4) for b1, b2 in itertools.pairwise(b))
     assert prefill_buckets(100)[-1] == 100 and prefill_buckets(16) == [16]
-
-
-def _model(device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    cfg = ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=1024,
-    )
-    model = LlamaForCausalLM(cfg, 1024).to(device, dtype)
-    model.rope = RotaryEmbedding(cfg, 1024).to(device)
-    model.init_dummy(0)
-    return model
 
 
 def _mixed_batch(device, gen: torch.Generator, chunks: list[tuple[int, int]]):
@@ -79,7 +60,18 @@ def _mixed_batch(device, gen: torch.Generator, chunks: list[tuple[int, int]]):
 
 
 def _cache(device, dtype, gen) -> torch.Tensor:
-    return torch.randn(NBLOCKS, LAYERS, 2, BS, 2, 32, generator=gen).to(device, dtype)
+    return torch.randn(NBLOCKS, LAYERS, 2, BS, KV_HEADS, HEAD_DIM, generator=gen).to(device, dtype)
+
+
+def _setup(dev, dtype, backend, seed: int, capture: bool = True):
+    """A seeded generator, the small model, a random cache (and its copy the runner works
+    on) and a runner of buckets up to 64 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    model = small_llama(dev, dtype)
+    cache0 = _cache(dev, dtype, gen)
+    cache = cache0.clone()
+    runner = PrefillGraphRunner(model, backend, cache, 64, dev, dtype, capture=capture)
+    return gen, model, cache0, cache, runner
 
 
 class _Landing:
@@ -95,12 +87,8 @@ class _Landing:
 @torch.inference_mode()
 def test_pieces_without_graphs_compute_the_eager_forward_cpu():
     dev = torch.device("cpu")
-    gen = torch.Generator().manual_seed(0)
-    model = _model(dev, torch.float32)
     backend = TorchAttentionBackend()
-    cache0 = _cache(dev, torch.float32, gen)
-    cache = cache0.clone()
-    runner = PrefillGraphRunner(model, backend, cache, 64, dev, torch.float32, capture=False)
+    gen, model, cache0, cache, runner = _setup(dev, torch.float32, backend, 0, capture=False)
     assert runner.sizes == [16, 32, 48, 64]
     # prefill over a cached prefix, a decode row, a fresh prefill: 37 + 1 + 9 = 47 tokens
     ids, pos, meta = _mixed_batch(dev, gen, [(20, 37), (50, 1), (0, 9)])
@@ -140,12 +128,7 @@ def test_pieces_without_graphs_compute_the_eager_forward_cpu():
 
 def test_decode_steps_and_oversized_steps_are_not_taken():
     dev = torch.device("cpu")
-    model = _model(dev, torch.float32)
-    runner = PrefillGraphRunner(
-        model, TorchAttentionBackend(), _cache(dev, torch.float32, torch.Generator()), 64, dev,
-        torch.float32, capture=False,
-    )  # fmt: skip
-    gen = torch.Generator().manual_seed(1)
+    gen, _, _, _, runner = _setup(dev, torch.float32, TorchAttentionBackend(), 1, capture=False)
     _, _, decode = _mixed_batch(dev, gen, [(10, 1), (20, 1)])
     _, _, mixed = _mixed_batch(dev, gen, [(10, 8), (20, 1)])
     assert not runner.can_run(decode, 2)
@@ -158,14 +141,10 @@ def test_captured_pieces_match_the_eager_triton_forward():
     pytest.importorskip("triton")
     from kvgrid.engine.attention.triton_backend import TritonAttentionBackend
 
-    dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(2)
-    model = _model(dev, torch.bfloat16)
     backend = TritonAttentionBackend()
-    cache0 = _cache(dev, torch.bfloat16, gen)
-    cache = cache0.clone()
-    runner = PrefillGraphRunner(model, backend, cache, 64, dev, torch.bfloat16)
+    gen, model, cache0, cache, runner = _setup(torch.device("cuda"), torch.bfloat16, backend, 2)
     runner.capture()
+    dev = cache.device
     # 48 tokens fill their bucket: same shapes as eager, so the same bits; 47 are padded
     cases = [([(20, 37), (50, 1), (0, 10)], True), ([(20, 37), (50, 1), (0, 9)], False)]
     for chunks, exact in cases:

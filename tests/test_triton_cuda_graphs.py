@@ -11,12 +11,12 @@ if not torch.cuda.is_available():
     pytest.skip("CUDA graphs need a CUDA device", allow_module_level=True)
 pytest.importorskip("triton", reason="triton is not installed")
 
+from small_llama import small_llama
+
 from kvgrid.engine.attention.base import AttentionMetadata
 from kvgrid.engine.attention.torch_ref import TorchAttentionBackend
 from kvgrid.engine.attention.triton_backend import TritonAttentionBackend
 from kvgrid.engine.cuda_graphs import DecodeGraphRunner, decode_buckets
-from kvgrid.models.config import ModelConfig
-from kvgrid.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 DEV = torch.device("cuda")
 
@@ -48,27 +48,9 @@ def _meta(ctx: list[int], tables: torch.Tensor, block_size: int) -> AttentionMet
     )
 
 
-def _small_model() -> LlamaForCausalLM:
-    cfg = ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=1024,
-    )
-    model = LlamaForCausalLM(cfg, 1024).to(DEV, torch.bfloat16)
-    model.rope = RotaryEmbedding(cfg, 1024).to(DEV)  # float32 tables, as the runner keeps
-    model.init_dummy(0)
-    return model
-
-
 @torch.inference_mode()
 def test_graph_replay_matches_eager_and_reference():
-    model = _small_model()
+    model = small_llama(DEV, torch.bfloat16)
     bs, nblocks = 16, 128
     cache = torch.randn(nblocks, 2, 2, bs, 2, 32, device=DEV, dtype=torch.bfloat16)
     backend = TritonAttentionBackend()
@@ -108,7 +90,7 @@ def test_pdl_launches_replay_bitwise_what_plain_launches_compute(monkeypatch):
     and without it write the same KV and return the same hidden states, bit for bit."""
     from kvgrid.engine import pdl
 
-    model = _small_model()
+    model = small_llama(DEV, torch.bfloat16)
     bs, nblocks = 16, 128
     cache0 = torch.randn(nblocks, 2, 2, bs, 2, 32, device=DEV, dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(1)
