@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvgrid.engine.sampler import argmax_rows
+from kvgrid.gc_tuning import tune_gc
 
 SHAPE = os.environ.get("KVGRID_BENCH_SHAPE", "llama3.1-8b")  # a small shape for a CPU smoke run
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -431,6 +432,7 @@ def build_engine(args):
         f"engine ready in {time.perf_counter() - t0:.1f}s: {eng.runner.num_blocks} KV blocks, "
         f"backend {eng.runner.backend.name}, graphs {eng.runner.graphs is not None}"
     )
+    tune_gc()  # as a worker process does once its engine is built
     return eng
 
 
@@ -1420,6 +1422,7 @@ def main(argv=None) -> int:
         vocab = eng.model_config.vocab_size
         # give the engine's KV pool and graphs back before transformers sizes its own cache
         del eng
+        gc.unfreeze()
         gc.collect()
         torch.cuda.empty_cache()
         if hf is not None:

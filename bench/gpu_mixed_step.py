@@ -7,9 +7,11 @@ the engine in that state on purpose, scenario by scenario (decode rows at some c
 plus a prompt prefilled in chunks of a given size), and reports per mixed step the host
 launch time (``LLMEngine._launch``: inputs, forward, sampling issued) against the device
 time (CUDA events around it), then where the host time goes: cProfile's top functions and
-torch.profiler's host-side op totals over a few steps.
+torch.profiler's host-side op totals over a few steps. Each scenario runs with the decode
+rows of mixed steps in the decode kernel and, for comparison, in the prefill kernel
+(``--split-mixed``).
 
-    PYTHONPATH=. python3 bench/gpu_mixed_step.py                    # one H200: ~1 min
+    PYTHONPATH=. python3 bench/gpu_mixed_step.py                    # one H200: ~2 min
     KVGRID_BENCH_SHAPE=smollm2-135m PYTHONPATH=. python bench/gpu_mixed_step.py --quick
 
 Model: the Llama-3.1-8B shape, random bf16 weights, block 64, CUDA graphs for decode,
@@ -59,6 +61,8 @@ SCENARIOS = [
     Scenario("chunk 512 + 32 decode", 32, 1024, 8192, 512),
     Scenario("chunk 64 + 8 decode", 8, 4096, 4096, 64),
     Scenario("chunk 1024 alone", 0, 0, 8192, 1024),
+    # as in the store replay: long conversations decoding next to a new turn's chunks
+    Scenario("chunk 256 + 16 decode at 8K", 16, 8192, 4096, 256),
 ]
 QUICK = [Scenario("chunk 64 + 4 decode", 4, 128, 512, 64)]
 
@@ -173,7 +177,9 @@ def _prompt_steps(eng: LLMEngine, rid: str, prompt: list[int], on_step=None) -> 
         j += 1
 
 
-MODES = ("async", "synced", "kernels", "profile")
+# "warm" is an asynchronous pass whose numbers are dropped: a scenario's first pass ran up to
+# 3x slower than the same pass repeated (first uses of shapes), whichever variant went first
+MODES = ("warm", "async", "synced", "kernels", "profile")
 
 
 def run_scenario(eng: LLMEngine, sc: Scenario, rng: random.Random, profile: bool) -> dict:
@@ -183,7 +189,7 @@ def run_scenario(eng: LLMEngine, sc: Scenario, rng: random.Random, profile: bool
     kernel time per step); ``profile`` (first scenario only) under cProfile and the
     host-side torch profiler."""
     vocab = eng.model_config.vocab_size
-    modes = MODES if profile and GPU else ("async", "synced")
+    modes = MODES[: 5 if profile else 4] if GPU else MODES[:3]
     steps = sc.prompt // sc.chunk
     set_budget(eng, max(sc.chunk + sc.decode_rows, 2 * sc.decode_ctx))
     decode = SamplingParams(
@@ -242,6 +248,8 @@ def main() -> int:
     ap.add_argument("--num-kv-blocks", type=int, default=3000 if GPU else 400)
     ap.add_argument("--quick", action="store_true", help="one small scenario (CPU smoke)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--split-mixed", default="on,off",
+                    help="decode rows of mixed steps in the decode kernel (on), the prefill kernel (off)")  # fmt: skip
     args = ap.parse_args()
     t0 = time.perf_counter()
     eng = build_engine(args)
@@ -249,13 +257,18 @@ def main() -> int:
     rng = random.Random(0)
     results = {"device": torch.cuda.get_device_name() if GPU else "cpu", "shape": SHAPE,
                "torch": torch.__version__, "scenarios": []}  # fmt: skip
+    backend = eng.runner.backend
     for k, sc in enumerate(QUICK if args.quick else SCENARIOS):
-        res = run_scenario(eng, sc, rng, profile=args.profile and k == 0)
-        results["scenarios"].append(res)
-        log(sc.name, {m: {x: v for x, v in res[m].items() if x != "rows"} for m in ("async", "synced")},
-            res.get("kernel_ms_per_step"))  # fmt: skip
-        if "cprofile_tottime" in res:
-            print(res["cprofile_tottime"], res["cprofile_cumtime"], res["torch_ops"], sep="\n")
+        for split in args.split_mixed.split(","):
+            if hasattr(backend, "split_mixed"):
+                backend.split_mixed = split == "on"
+            res = run_scenario(eng, sc, rng, profile=args.profile and k == 0 and split == "on")
+            res["split_mixed"] = split
+            results["scenarios"].append(res)
+            log(sc.name, split, {m: {x: v for x, v in res[m].items() if x != "rows"} for m in ("async", "synced")},
+                res.get("kernel_ms_per_step"))  # fmt: skip
+            if "cprofile_tottime" in res:
+                print(res["cprofile_tottime"], res["cprofile_cumtime"], res["torch_ops"], sep="\n")
     eng.close()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -267,13 +280,13 @@ def main() -> int:
     print(f"\nmixed steps, {results['device']}, {SHAPE}: ms per step (async: as the engine runs; "
           "synced: GPU idle at each launch; kernels: GPU kernel time)")  # fmt: skip
     print(
-        "| scenario | steps | async launch | async device | synced launch (prepare/forward/logits) | synced device | kernels |"
+        "| scenario | decode rows in | steps | async launch | async device | synced launch (prepare/forward/logits) | synced device | kernels |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["scenarios"]:
         a, s = r["async"], r["synced"]
         print(
-            f"| {r['scenario']['name']} | {a['mixed_steps']} | {f(a['launch_ms'])} | {f(a['device_ms'])} "
+            f"| {r['scenario']['name']} | {'decode kernel from 16 rows' if r['split_mixed'] == 'on' else 'prefill kernel'} | {a['mixed_steps']} | {f(a['launch_ms'])} | {f(a['device_ms'])} "
             f"| {f(s['launch_ms'])} ({f(s['prepare_ms'])}/{f(s['forward_ms'])}/{f(s['logits_ms'])}) "
             f"| {f(s['device_ms'])} | {f(r.get('kernel_ms_per_step'))} |"
         )

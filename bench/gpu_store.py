@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvgrid import keys
 from kvgrid.engine.sampling_params import SamplingParams
+from kvgrid.gc_tuning import tune_gc
 from kvgrid.store import ContextStore, StoreConfig, StoreConnector, transfer
 from kvgrid.store.crypto import KeyRing
 from kvgrid.store.disk_tier import DiskTier
@@ -335,8 +336,11 @@ class HostProbe:
         return out
 
 
-def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 5) -> dict:
-    """One request alone, from a quiet host; time to first token from add_request."""
+def run_one(
+    eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 5, steplog=None
+) -> dict:
+    """One request alone, from a quiet host; time to first token from add_request. With a
+    ``StepLog``, each step() is recorded in it."""
     quiet = quiesce(_attached_store(eng))
     rid = f"r{time.monotonic_ns()}"
     t0 = time.perf_counter()
@@ -350,10 +354,16 @@ def run_one(eng, prompt: list[int], max_tokens: int = 2, logprobs: int | None = 
     SUBMITS.clear()
     GC_PAUSES.clear()
     prof = cProfile.Profile() if PROFILE_NEXT else None
+    if steplog is not None:
+        steplog.t0 = t0
     while eng.has_unfinished_requests():
         if prof is not None and steps == 0:
             prof.enable()
+        if steplog is not None:
+            steplog.begin()
         outs = eng.step()
+        if steplog is not None:
+            steplog.end(time.perf_counter())
         if prof is not None and steps == 0:
             prof.disable()
         steps += 1
@@ -821,11 +831,18 @@ def phase_ttft(args, eng, root: Path) -> dict:
                 store.g2.clear()
                 drop_cache(object_files(store, tier, ks), args)
                 conn.prefill_tokens_per_s = n / res["recompute"]["ttft_s"]
-                r = run_one(eng, prompt)
+                steplog = StepLog(eng, 0.0)
+                r = run_one(eng, prompt, steplog=steplog)
                 plan = conn.load_plan(PUBLIC, len(ks))
                 res["G3 auto cold"] = {
                     "ttft_s": r["ttft_s"], "plan": [plan.compute_blocks, plan.load_blocks],
                     "expected_s": plan.expected_s, "exact": r["tokens"] == ref["tokens"],
+                    # where the time went: forwards and load submits from arrival, the
+                    # load's own wall time, collections
+                    "forward_starts_s": r["forward_starts_s"], "load_submits_s": r["load_submits_s"],
+                    "loads": [{k: x[k] for k in ("blocks", "asked", "s") if k in x} for x in llog.take()],
+                    "gc_pauses": r["gc_pauses"], "steps": r["steps"],
+                    "per_step": steplog.close(),
                 }  # fmt: skip
                 log(f"ttft {n} G3 auto cold", res["G3 auto cold"])
                 if n == max(args.sizes):
@@ -1277,6 +1294,7 @@ def phase_replay(args, eng, root: Path) -> dict:
                                    io_workers=run.get("io_workers", args.load_workers))  # fmt: skip
             conn = attach(eng, store)
             quiet = quiesce(store)
+            tune_gc()  # as a worker process does once built; undone when the store goes
             switch = sys.getswitchinterval()
             sys.setswitchinterval(run.get("switch_s", switch))
             try:
@@ -1309,6 +1327,7 @@ def phase_replay(args, eng, root: Path) -> dict:
             attach(eng, None)
             if store is not None:
                 store.close()
+            gc.unfreeze()  # the next run's quiesce collects this run's store
             save_results(args)
     finally:
         for b in held:

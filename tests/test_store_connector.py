@@ -426,3 +426,89 @@ def test_triton_landing_refuses_pageable_sources():
     src = kv_cache(1)
     with pytest.raises(ValueError, match="pinned"):
         land_layers(src, [0], torch.zeros_like(src, device="cuda"), [0])
+
+
+class _SlowConnector:
+    """What KVLoader needs of a connector, recording when each load began."""
+
+    def __init__(self) -> None:
+        from kvgrid.store.connector import EngineThreadTime
+
+        self.engine_time = EngineThreadTime()
+        self.started: list[float] = []
+
+    def load(self, keys, tenant, block_ids, deadline=None) -> int:
+        import time
+
+        self.started.append(time.monotonic())
+        return len(keys)
+
+
+def test_a_load_starts_once_the_engine_has_launched_its_step(monkeypatch):
+    import time
+
+    from kvgrid.engine import kv_loader
+
+    conn = _SlowConnector()
+    loader = kv_loader.KVLoader(conn, torch.device("cpu"), layered=False)
+    fut = loader.submit([b"k1", b"k2"], b"", [1, 2])
+    time.sleep(0.05)
+    assert not conn.started and not fut.done()  # held while the step is still launching
+    t = time.monotonic()
+    loader.step_launched()
+    assert fut.result(timeout=5).blocks == 2 and conn.started[0] >= t
+    # a load submitted with no step signalled after it still starts (bounded wait)
+    monkeypatch.setattr(kv_loader, "LAUNCH_GATE_S", 0.01)
+    assert loader.submit([b"k3"], b"", [3]).result(timeout=5).blocks == 1
+    loader.close()
+
+
+def test_engine_starts_a_prefix_load_after_launching_the_step_that_planned_it(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A request is admitted with its prefix in G3 while another one decodes: the load
+    starts only once the step that admitted it (the other's decode) has been launched."""
+
+    from kvgrid import SamplingParams
+    from kvgrid.engine.llm_engine import LLMEngine
+
+    cfg = dict(model=str(tiny_model_dir("llama")), block_size=BS, num_kv_blocks=12,
+               max_num_batched_tokens=256)  # fmt: skip
+    prompt = [(7 * i + 3) % 1000 + 10 for i in range(BS * 6 + 5)]
+    other = [(11 * i + 5) % 1000 + 10 for i in range(BS * 8)]
+    eng = LLMEngine(**cfg)
+    store = make(tmp_path, g2_bytes=0)
+    conn = StoreConnector(store, eng.runner.kv_cache, BS)
+    eng.attach_store(conn)
+    _run(eng, "a", prompt, 2)
+    _run(eng, "b", other, 2)  # evicts the prompt's blocks to G3
+    store.flush()
+    events: list[str] = []
+    launch, load, submit = eng._launch, conn.load, eng.scheduler.loader.submit
+
+    def record(name, fn):
+        def call(*a, **kw):
+            if name != "launched":
+                events.append(name)
+            out = fn(*a, **kw)
+            if name == "launched":
+                events.append(name)
+            return out
+
+        return call
+
+    monkeypatch.setattr(eng, "_launch", record("launched", launch))
+    monkeypatch.setattr(conn, "load", record("load", load))
+    monkeypatch.setattr(eng.scheduler.loader, "submit", record("submit", submit))
+    eng.add_request("d", [5, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    eng.step()
+    eng.add_request("c", prompt, SamplingParams(max_tokens=2, temperature=0))
+    cached = None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.request_id == "c" and out.finished:
+                cached = out.num_cached_tokens
+    assert cached >= BS * 4 and store.metrics.total("hits", tier="G3") >= 1
+    i = events.index("submit")
+    assert events[i + 1 : i + 3] == ["launched", "load"], events[i - 1 : i + 4]
+    store.close()

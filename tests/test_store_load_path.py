@@ -136,3 +136,43 @@ def test_zstd_decodes_into_the_slot_with_or_without_libzstd(monkeypatch, libzstd
     for bad in (bytes(payload)[:-8], b"\x28\xb5\x2f\xfd" + bytes(40)):
         with pytest.raises(codecs.CodecError):
             codecs.decode(cid, bad, t.nbytes, t.dtype, SHAPE, out)
+
+
+def test_loads_below_g2_read_ahead_of_the_fetch_threads(tmp_path, monkeypatch):
+    """A load tells G3 about the blocks beyond those the fetch threads hold, once each and
+    in order (the disk then reads while the threads decode); the data is unchanged."""
+    cfg = StoreConfig(g2_bytes=8 * BLOCK_BYTES, g3_dir=tmp_path / "g3", g3_bytes=1 << 24,
+                      sweep_interval_s=0, admit_after={"G2": 1, "G3": 1},
+                      load_workers=1)  # fmt: skip
+    store = ContextStore(cfg)
+    ks = chain(7)
+    for i, k in enumerate(ks):
+        store.put(k, None, A, block(i), 16)
+    assert store.flush()
+    g3 = store.tier("G3")
+    hinted: list[list[bytes]] = []
+    real = g3.will_need
+    monkeypatch.setattr(
+        g3, "will_need", lambda tid, batch: hinted.append(batch) or real(tid, batch)
+    )
+    store.g2.clear()
+    assert torch.equal(store.get(ks[0], A), block(0))  # promoted to G2: not hinted
+    dst = [torch.zeros(SHAPE, dtype=torch.bfloat16) for _ in ks]
+    assert store.load_into(ks, A, dst) == ["G2"] + ["G3"] * 6
+    store._hints.submit(lambda: None).result()  # the hint thread has run everything queued
+    assert all(torch.equal(d, block(i)) for i, d in enumerate(dst))
+    assert [k for b in hinted for k in b] == ks[1:]
+    assert len(hinted[0]) == 2 * store._window  # the fetch window, and one window beyond
+    store.close()
+
+
+def test_disk_readahead_hint_skips_absent_objects(tmp_path, monkeypatch):
+    store = store_with_g3(tmp_path, False, "none", g2_slots=0)
+    ks = chain(2)
+    store.put(ks[0], None, A, block(0), 16)
+    assert store.flush()
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: advised.append(how))
+    store.tier("G3").will_need(tenant_id(A), ks)  # ks[1] was never stored
+    assert advised == [os.POSIX_FADV_WILLNEED]
+    store.close()

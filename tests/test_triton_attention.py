@@ -258,3 +258,87 @@ def test_backend_splits_a_short_chunk_over_a_long_context():
     backend = TritonAttentionBackend()
     backend._num_sms = 64  # as on a GPU: few query tiles leave most SMs idle
     check(backend, gen, [1500], [20], 8, 2, 64, 16)
+
+
+@pytest.mark.parametrize("split_mixed", [True, False])
+def test_mixed_batch_decode_rows_through_the_decode_kernel(split_mixed, monkeypatch):
+    """The scheduler's order: decodes first (long contexts), then prefill chunks, one of
+    them a single token over a cached prefix. The leading decode rows go to the decode
+    kernel (split over their long contexts), the rest to the prefill kernel; the result is
+    the reference's either way."""
+    calls = {"decode": [], "prefill": []}
+    real_decode, real_prefill = tk.paged_decode, tk.paged_prefill
+
+    def decode(q, *a, **kw):
+        calls["decode"].append((q.shape[0], a[4]))
+        return real_decode(q, *a, **kw)
+
+    def prefill(q, cache, tables, qsl, *a, **kw):
+        calls["prefill"].append(qsl.shape[0] - 1 - kw.get("first_seq", 0))
+        return real_prefill(q, cache, tables, qsl, *a, **kw)
+
+    monkeypatch.setattr(tk, "paged_decode", decode)
+    monkeypatch.setattr(tk, "paged_prefill", prefill)
+    backend = TritonAttentionBackend(split_mixed=split_mixed, mixed_decode_min_rows=2)
+    backend._num_sms = 64
+    gen = torch.Generator().manual_seed(41)
+    batch = ([900, 1, 300, 0, 450], [1, 1, 17, 30, 1], 8, 2, 64, 16)
+    check(backend, gen, *batch)
+    if split_mixed:
+        (n, splits), = calls["decode"]  # fmt: skip
+        assert n == 2 and splits > 1, calls
+        assert calls["prefill"] == [3]
+    else:
+        assert calls == {"decode": [], "prefill": [5]}
+    # fewer decode rows than the threshold: all rows stay in the prefill kernel
+    calls["decode"].clear()
+    calls["prefill"].clear()
+    backend.mixed_decode_min_rows = 3
+    check(backend, gen, *batch)
+    assert calls == {"decode": [], "prefill": [5]}
+
+
+def test_leading_decodes():
+    from kvgrid.engine.attention.triton_backend import leading_decodes
+
+    assert leading_decodes([0, 1, 2, 30]) == 2
+    assert leading_decodes([0, 5, 6, 7]) == 0  # a q_len-1 row after a prefill stays there
+    assert leading_decodes([0, 1, 2]) == 1  # one sequence is left to the prefill kernel
+    assert leading_decodes([0, 40]) == 0
+
+
+def test_prefill_splits_count_only_tiles_with_work(monkeypatch):
+    """A 20-token chunk over a long context next to many one-token rows: the grid is
+    sequences x the longest query's tiles, but only the chunk's tiles scan keys, so the
+    keys are still split across the idle SMs."""
+    seen = []
+    real = tk.prefill_num_splits
+    monkeypatch.setattr(tk, "prefill_num_splits", lambda *a: seen.append(a) or real(*a))
+    backend = TritonAttentionBackend(split_mixed=False)
+    backend._num_sms = 64
+    gen = torch.Generator().manual_seed(43)
+    check(backend, gen, [2000] + [3] * 12, [20] + [1] * 12, 8, 2, 64, 16)
+    (programs, _, _), = seen  # fmt: skip
+    # tiles with work x KV heads: the chunk's 2 tiles of 16 tokens and one per 1-token
+    # row, not 13 sequences x 2 tiles
+    assert programs == (2 + 12) * 2
+
+
+def _compiled(fn) -> int:
+    return sum(len(c[0]) for c in fn.device_caches.values())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiles for the GPU (CUDA only)")
+def test_warm_up_compiles_every_variant_a_mixed_step_uses():
+    """After the warm-up, mixed steps of any shape (decode rows with long contexts, block
+    tables of any width, chunks over long prefixes) compile nothing new."""
+    backend = TritonAttentionBackend(mixed_decode_min_rows=1)
+    gen = torch.Generator().manual_seed(47)
+    _, _, _, cache, _ = make_batch(gen, [1], [1], 32, 8, 128, 64)
+    backend.warm_up(cache, 32)
+    kernels = (tk._decode_kernel, tk._prefill_kernel, tk._decode_reduce_kernel)
+    before = [_compiled(k) for k in kernels]
+    for ctx, new in (([5000, 70, 3], [1, 1, 200]), ([1, 900], [1, 30]), ([20000], [64]),
+                     ([3, 4000, 0], [1, 1, 300])):  # fmt: skip
+        check(backend, gen, ctx, new, 32, 8, 128, 64)
+    assert [_compiled(k) for k in kernels] == before

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from kvgrid import keys
 from kvgrid.events import BlockRemoved, BlockStored, EventBatch
+from kvgrid.gc_tuning import tune_gc
 from kvgrid.router import wire
 from kvgrid.router.index import KVIndex
-from kvgrid.router.router import Router, RouteRequest, tune_gc
+from kvgrid.router.router import Router, RouteRequest
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
 
 SCOPE = keys.KVScope("bench-model", "bfloat16")

@@ -11,6 +11,7 @@ the smaller of load and recompute, or less.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,14 @@ if TYPE_CHECKING:
     from kvgrid.store.connector import StoreConnector
     from kvgrid.store.landing import LayerLanding
 
+
+# A load submitted while a step is being scheduled starts once the engine has launched that
+# step, or after this long at most (the engine signals every step; this only bounds a miss).
+# Started at once, a split's load threads (a dozen, each taking the GIL between its reads,
+# decryptions and copies) held the engine thread's launch of the recomputed part to the
+# load's own pace: 821 ms to launch a 21K-token prefill step (an eager step launches in
+# ~23 ms whatever its length; H200, bench/gpu_store.py).
+LAUNCH_GATE_S = 0.25
 
 # Host work of the extra prefill chunk a split adds (scheduling, input building): a split
 # must win by more than this, so a fast tier (G2) is simply loaded.
@@ -101,6 +110,7 @@ class KVLoader:
         self.layered = device.type == "cuda" if layered is None else layered
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-load")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._gate = threading.Event()  # set once the step being scheduled is launched
 
     def submit(
         self,
@@ -112,11 +122,21 @@ class KVLoader:
         """Load in the background; the future's result is a ``LoadResult``. Past
         ``deadline`` (time.monotonic()) the load stops and the rest is recomputed."""
         t0 = time.perf_counter()
-        fut = self.pool.submit(self._load, keys, tenant, block_ids, deadline)
+        fut = self.pool.submit(self._load, keys, tenant, block_ids, deadline, self._gate)
         self.connector.engine_time.add("load_submit", time.perf_counter() - t0)
         return fut
 
-    def _load(self, keys: list[bytes], tenant: bytes, block_ids: list[int], deadline) -> LoadResult:
+    def step_launched(self) -> None:
+        """The engine has launched (or skipped) the step its scheduler just planned: the
+        loads submitted while planning it may start."""
+        gate, self._gate = self._gate, threading.Event()
+        gate.set()
+
+    def _load(
+        self, keys: list[bytes], tenant: bytes, block_ids: list[int], deadline, gate=None
+    ) -> LoadResult:
+        if gate is not None:
+            gate.wait(LAUNCH_GATE_S)
         ctx = (
             torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         )

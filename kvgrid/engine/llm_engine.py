@@ -221,7 +221,10 @@ class LLMEngine:
         """
         prev, self._in_flight = self._in_flight, None
         sched = self.scheduler.schedule()
+        loader = self.scheduler.loader
         if sched.empty:
+            if loader is not None:
+                loader.step_launched()
             if prev is not None:
                 return self._complete(prev)
             # only store loads are pending: wait for one (briefly) rather than let the caller
@@ -229,6 +232,8 @@ class LLMEngine:
             self.scheduler.wait_for_loads(0.002)
             return []
         step = self._launch(sched, prev)
+        if loader is not None:  # loads planned with this step start now (kv_loader)
+            loader.step_launched()
         outputs = self._complete(prev) if prev is not None else []
         if step.deferred:
             self._in_flight = step

@@ -106,6 +106,8 @@ class ModelRunner:
             self.prefill_graphs.capture()
         if self.device.type == "cuda":
             self._warm_logits(config.max_num_seqs)
+            if self.backend.name == "triton":
+                self.backend.warm_up(self.kv_cache, self.spec.config.num_attention_heads)
         # ---- end CUDA path ----
 
     @torch.inference_mode()

@@ -8,7 +8,6 @@ it for a ``Decision`` per request, and reports first tokens and completions back
 
 from __future__ import annotations
 
-import gc
 import logging
 import statistics
 import time
@@ -41,15 +40,6 @@ from kvgrid.router.workers import (
 log = logging.getLogger(__name__)
 
 FRESHNESS = ("exact", "predicted", "stale", "down")
-
-
-def tune_gc() -> None:
-    """Keep collector pauses off the routing path: the index holds millions of long-lived
-    objects that a full collection would walk again and again. Freeze what exists and
-    collect the young generation less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
 
 
 class NoWorkerError(RuntimeError):

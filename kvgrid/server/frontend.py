@@ -429,7 +429,7 @@ class _Run:
 def create_frontend_app(fe: Frontend) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        from kvgrid.router.router import tune_gc
+        from kvgrid.gc_tuning import tune_gc
 
         await fe.link.start()
         if fe.autoscaler is not None:

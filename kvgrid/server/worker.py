@@ -264,6 +264,7 @@ def run_worker(args) -> int:
 
     from kvgrid.engine.args import engine_config_from_args
     from kvgrid.engine.llm_engine import LLMEngine
+    from kvgrid.gc_tuning import tune_gc
 
     logging.basicConfig(
         level=os.environ.get("KVGRID_LOG", "INFO"),
@@ -278,6 +279,7 @@ def run_worker(args) -> int:
     worker_id = args.worker_id or f"{args.host}:{args.port}"
     engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
     model_name = args.served_model_name or engine.spec.name
+    tune_gc()  # the model, KV pool and graphs live as long as this process
     url = args.advertise_url or f"http://{args.host}:{args.port}"
     worker = Worker(
         engine,

@@ -242,6 +242,23 @@ class DiskTier(ObjectTier):
         self._touch(path)
         return data
 
+    def will_need(self, tid: bytes, keys: list[bytes]) -> None:
+        # the kernel queues the reads of the whole file and returns: the fetch threads find
+        # it in the page cache (or in flight) instead of waiting for the disk one by one
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for key in keys:
+            try:
+                fd = os.open(self.path(tid, key), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
     def read_prefix(self, tid: bytes, key: bytes, n: int) -> bytes | None:
         try:
             with open(self.path(tid, key), "rb") as f:

@@ -88,6 +88,9 @@ class ContextStore:
         # waits for device copies (layered loads, write-backs) to land, then frees their G2
         # slots; one thread, in order, so a no-op job is a barrier (flush)
         self._landings = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-landed")
+        # readahead hints to the lower tiers (ReadAhead): one thread, as a hint on a busy
+        # disk may block for a while in the kernel's request queue
+        self._hints = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-readahead")
         self.copier = (
             copier if copier is not None else (CudaCopier() if torch.cuda.is_available() else None)
         )
@@ -419,6 +422,7 @@ class ContextStore:
                     held.append(got[0])
                     srcs[i] = got[1]
         missing = deque(i for i in range(n) if srcs[i] is None)
+        ahead = ReadAhead(self, tid, [keys[i] for i in missing])
         futs: dict[int, Future] = {}
         dev = dsts[0].device if dsts else None
 
@@ -427,6 +431,8 @@ class ContextStore:
             while missing and len(futs) < self._window:
                 i = missing.popleft()
                 futs[i] = self._fetchers.submit(self._fetch_lower, tid, keys[i], tenant)
+                ahead.submitted += 1
+            ahead.hint()
 
         served: list[str] = []
         nbytes: dict[str, int] = {}
@@ -576,8 +582,11 @@ class ContextStore:
             todo = [k for k, w in zip(keys, where) if w is not None and w != "G2"]
             futs: deque[Future] = deque()
             ok = True
+            ahead = ReadAhead(self, tid, todo)
             for k in todo:
                 futs.append(self._fetchers.submit(self._fetch_lower, tid, k, tenant))
+                ahead.submitted += 1
+                ahead.hint()
                 while futs and (len(futs) >= self._window or not ok):
                     ok = self._end_prefetch(futs.popleft()) and ok
                 if not ok:
@@ -976,6 +985,7 @@ class ContextStore:
         self.writes.close()
         self.reads.close()
         self._fetchers.shutdown(wait=True)
+        self._hints.shutdown(wait=True)
         self._landings.shutdown(wait=True)
         for t in self.lower:
             t.close()
@@ -985,3 +995,24 @@ class ContextStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ReadAhead:
+    """Readahead for one load below G2: the tiers are told about the next ``window`` blocks
+    beyond those handed to the fetch threads, so a disk keeps reading while those threads
+    verify, decrypt and decode (each thread alone leaves the disk idle meanwhile: cold zstd
+    loads reached 77% of a plain read of the same files with as many threads)."""
+
+    def __init__(self, store: ContextStore, tid: bytes, keys: list[bytes]) -> None:
+        self.store, self.tid, self.keys = store, tid, keys
+        self.submitted = 0  # keys handed to fetch threads so far, in order
+        self._hinted = 0
+
+    def hint(self) -> None:
+        upto = min(len(self.keys), self.submitted + self.store._window)
+        if upto <= self._hinted:
+            return
+        batch, self._hinted = self.keys[self._hinted : upto], upto
+        for tier in self.store.lower:
+            if tier.up:
+                self.store._hints.submit(tier.will_need, self.tid, batch)

@@ -64,6 +64,11 @@ class ObjectTier(ABC):
     @abstractmethod
     def clear(self, tid: bytes | None = None) -> int: ...
 
+    def will_need(self, tid: bytes, keys: list[bytes]) -> None:
+        """A hint: these objects are about to be read. A tier whose device can start the
+        reads early (a file system's readahead) starts them; absent objects are skipped."""
+        return None
+
     def close(self) -> None:
         return None
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from kvgrid import gc_tuning
 from kvgrid import keys as kvkeys
 from kvgrid.bench.planner import ObservationWindow, PoolState, ReplicaView
 from kvgrid.bench.sim.calibration import Calibration, load_calibration
@@ -506,18 +507,18 @@ def quiet_gc() -> Iterator[None]:
     the index's keys and masks, the workers' caches) and allocates fast, so the default
     thresholds trigger full collections that walk all of them again and again: at 1,000
     workers a quarter of the run. Within the block, what exists is frozen and the young
-    generation is collected less often (as ``kvgrid.router.router.tune_gc`` does for the
+    generation is collected less often (as ``kvgrid.gc_tuning.tune_gc`` does for the
     router process); settings are restored on exit. Reentrant. Collection never affects
     what the simulation computes, only when memory is reclaimed.
     """
     global _gc_depth
     outer = _gc_depth == 0
     old = gc.get_threshold()
-    # a process that froze its own heap (kvgrid.router.router.tune_gc) keeps it frozen
+    # a process that froze its own heap (kvgrid.gc_tuning.tune_gc) keeps it frozen
     unfreeze = outer and gc.get_freeze_count() == 0
     _gc_depth += 1
     gc.freeze()  # also on nested entry: what the outer block built since is long-lived too
-    gc.set_threshold(50_000, 50, 100)
+    gc.set_threshold(*gc_tuning.THRESHOLDS)
     try:
         yield
     finally:

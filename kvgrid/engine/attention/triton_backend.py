@@ -8,7 +8,11 @@ Per layer and step, one of
   * fresh prefill (no cached prefix in any sequence) of long enough chunks: torch SDPA
     (flash / cuDNN) on the new tokens, which need not touch the cache at all;
   * anything else (prefill over a cached prefix, chunked prefill, mixed decode + prefill):
-    the varlen paged prefill kernel, causal with each sequence's context offset.
+    the varlen paged prefill kernel, causal with each sequence's context offset. From
+    ``mixed_decode_min_rows`` on, the decode rows of a mixed batch (the scheduler puts them
+    first) go to the decode kernel instead: the prefill kernel gives each a whole query
+    tile and one program per KV head over its entire context (the store replay's largest
+    GPU cost).
 In the last two, one fused kernel first rotates q/k and stores the new K/V in their slots.
 """
 
@@ -29,11 +33,20 @@ class TritonAttentionBackend(AttentionBackend):
         sdpa_min_query_len: int = 512,
         max_decode_splits: int = 32,
         fuse_decode_rope: bool = True,
+        split_mixed: bool = True,
+        mixed_decode_min_rows: int = 16,
     ):
         # SDPA pays a launch per sequence; below this length the one varlen kernel wins
         self.sdpa_min_query_len = sdpa_min_query_len
         self.max_decode_splits = max_decode_splits
         self.fuse_decode_rope = fuse_decode_rope
+        # decode rows of a mixed batch through the decode kernel (False: the prefill
+        # kernel takes every row, as before; kept for before/after measurements)
+        self.split_mixed = split_mixed
+        # ... from this many rows on: each layer then launches two kernels more (~0.14 ms of
+        # host time), which 8 rows at 4K context did not repay (0.3 ms less GPU time per
+        # step) and 16-32 rows did (3-10 ms); H200, 8B shape, bench/gpu_mixed_step.py
+        self.mixed_decode_min_rows = mixed_decode_min_rows
         self._num_sms: int | None = None
 
     def num_sms(self, device: torch.device) -> int:
@@ -56,14 +69,43 @@ class TritonAttentionBackend(AttentionBackend):
         layer_cache = kv_cache[:, layer]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         rope = tk.DecodeRope(k, v, positions, cos, sin, meta.slot_mapping)
-        return self._decode(q, layer_cache, meta, scale, out, rope)
+        return self._decode(q, layer_cache, meta, None, scale, out, rope)
 
-    def _decode(self, q, layer_cache, meta: AttentionMetadata, scale, out, rope=None):
-        splits = self.decode_splits(q.shape[0], layer_cache.shape[3], meta.max_seq_len, q.device)
+    def _decode(self, q, layer_cache, meta: AttentionMetadata, n, scale, out, rope=None):
+        """One query row per sequence: every row (``n`` None: a decode-only batch, padding
+        rows of a CUDA graph included), or the first ``n`` sequences of a mixed batch."""
+        bt, lens, max_len = meta.block_tables, meta.seq_lens, meta.max_seq_len
+        if n is not None:
+            q, out, bt, lens = q[:n], out[:n], bt[:n], lens[:n]
+            max_len = max(meta.seq_lens_cpu[:n])
+        splits = self.decode_splits(q.shape[0], layer_cache.shape[3], max_len, q.device)
         dot = _dot(q, layer_cache)
-        return tk.paged_decode(
-            q, layer_cache, meta.block_tables, meta.seq_lens, scale, splits, out, dot, rope
-        )
+        tk.paged_decode(q, layer_cache, bt, lens, scale, splits, out, dot, rope)
+        return out
+
+    def warm_up(self, kv_cache: torch.Tensor, num_heads: int) -> None:
+        """Compile now what a step may pick at run time: the decode kernel without RoPE (the
+        decode rows of mixed steps) and the prefill kernel, each for every split count, and
+        their reduction. A variant met first while serving would compile on the engine
+        thread, stalling every request. Only reads the cache; the results are discarded."""
+        layer_cache, dev = kv_cache[:, 0], kv_cache.device
+        block_size, d = layer_cache.shape[2], layer_cache.shape[-1]
+        dot = tk.dot_dtype_for(kv_cache.dtype)
+        splits = [1, 2, 4, 8, 16, 32]  # what decode_num_splits and prefill_num_splits pick
+        q = torch.zeros(128, num_heads, d, dtype=kv_cache.dtype, device=dev)
+        out = torch.empty_like(q)
+        tables = torch.zeros(1, 128 // block_size + 1, dtype=torch.int32, device=dev)
+        lens = torch.ones(1, dtype=torch.int32, device=dev)
+        ctx = torch.zeros(1, dtype=torch.int32, device=dev)
+        for n in splits:
+            if n <= self.max_decode_splits:
+                tk.paged_decode(q[:1], layer_cache, tables, lens, 1.0, n, out[:1], dot)
+            for rows in (1, 128):  # the prefill kernel's two tile shapes
+                qsl = torch.tensor([0, rows], dtype=torch.int32, device=dev)
+                tk.paged_prefill(q[:rows], layer_cache, tables, qsl, ctx, rows, 1.0, out[:rows],
+                                 dot, num_splits=n)  # fmt: skip
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def use_sdpa(self, meta: AttentionMetadata) -> bool:
         return (
@@ -90,22 +132,30 @@ class TritonAttentionBackend(AttentionBackend):
         if out is None:
             out = torch.empty_like(q)
         if meta.decode_only:
-            return self._decode(q, layer_cache, meta, scale, out)
-        dot = _dot(q, layer_cache)
+            return self._decode(q, layer_cache, meta, None, scale, out)
         if self.use_sdpa(meta):
             return self._sdpa_fresh(q, k, v, meta, scale, out)
+        qsl = meta.query_start_loc_cpu
+        n_dec = leading_decodes(qsl) if self.split_mixed else 0
+        if n_dec < self.mixed_decode_min_rows:
+            n_dec = 0
+        if n_dec:
+            self._decode(q, layer_cache, meta, n_dec, scale, out)
+        q_lens = [b - a for a, b in zip(qsl[n_dec:-1], qsl[n_dec + 1 :])]
         return tk.paged_prefill(
             q,
             layer_cache,
             meta.block_tables,
             meta.query_start_loc,
             meta.context_lens,
-            meta.max_query_len,
+            max(q_lens),
             scale,
             out,
-            dot,
-            max_seq_len=meta.max_seq_len,
+            _dot(q, layer_cache),
+            max_seq_len=max(meta.seq_lens_cpu[n_dec:]),
             num_sms=self.num_sms(q.device),
+            query_lens=q_lens,
+            first_seq=n_dec,
         )
 
     @staticmethod
@@ -129,6 +179,15 @@ class TritonAttentionBackend(AttentionBackend):
             )
             out[a:b] = o[0, :, :n].transpose(0, 1)
         return out
+
+
+def leading_decodes(query_start_loc: list[int]) -> int:
+    """How many sequences at the front of the batch have one new token each; all but one
+    at most (the rest of the batch must keep a sequence for the prefill kernel)."""
+    n, last = 0, len(query_start_loc) - 2
+    while n < last and query_start_loc[n + 1] - query_start_loc[n] == 1:
+        n += 1
+    return n
 
 
 def _dot(q: torch.Tensor, layer_cache: torch.Tensor):

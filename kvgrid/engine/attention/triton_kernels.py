@@ -94,7 +94,7 @@ def kv_write(
 # ---- decode: one query token per sequence, split-KV (flash-decoding) -----------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # see _prefill_kernel
 def _decode_kernel(
     q_ptr,
     cache_ptr,
@@ -389,7 +389,9 @@ def paged_decode(
 # ---- prefill / mixed: varlen queries, causal with a context offset ---------------------------
 
 
-@triton.jit
+# a step's block-table width and first sequence vary: not specialised on (one compiled
+# variant for all of them, which ModelRunner's warm-up compiles before serving)
+@triton.jit(do_not_specialize=["first_seq", "stride_bt"])
 def _prefill_kernel(
     q_ptr,
     cache_ptr,
@@ -400,6 +402,7 @@ def _prefill_kernel(
     part_o_ptr,  # [T, H, NUM_SPLITS, D] float32
     part_lse_ptr,  # [T, H, NUM_SPLITS] float32
     qk_scale,
+    first_seq,  # sequences before this one are not this launch's (decode rows)
     stride_qt,
     stride_qh,
     stride_ot,
@@ -421,7 +424,7 @@ def _prefill_kernel(
 ):
     qt = tl.program_id(0) // NUM_SPLITS
     split = tl.program_id(0) % NUM_SPLITS
-    s = tl.program_id(1)
+    s = tl.program_id(1) + first_seq
     kvh = tl.program_id(2)
     q0 = tl.load(query_start_ptr + s)
     q_len = tl.load(query_start_ptr + s + 1) - q0
@@ -511,17 +514,22 @@ def paged_prefill(
     max_seq_len: int = 0,
     num_sms: int = 0,
     num_splits: int | None = None,
+    query_lens: list[int] | None = None,
+    first_seq: int = 0,
 ) -> torch.Tensor:
     """Varlen causal attention of new tokens over their cached context. A few query tiles
     over a long context (a new turn of a long conversation, the tail of a prompt loaded
     from the store) would occupy only a handful of SMs for the whole scan, so the keys are
     then split across programs and the partial results reduced (``num_splits``: forced,
-    else chosen from ``max_seq_len`` and ``num_sms``)."""
+    else chosen from ``max_seq_len``, ``num_sms`` and the tiles that have work: from
+    ``query_lens`` where given, else as if every sequence had ``max_query_len``). Sequences
+    before ``first_seq`` are left alone (their rows go through ``paged_decode``); the
+    per-sequence arguments still cover the whole batch."""
     t, h, d = q.shape
     kvh = layer_cache.shape[3]
     group = h // kvh
     g_pad = triton.next_power_of_2(group)
-    num_seqs = query_start_loc.shape[0] - 1
+    num_seqs = query_start_loc.shape[0] - 1 - first_seq
     # rows = query tokens x padded group: 64 for short queries, 128 for long ones
     rows = 128 if max_query_len * g_pad >= 128 and d <= 128 else 64
     block_q = max(1, rows // g_pad)
@@ -529,7 +537,10 @@ def paged_prefill(
     block_n = 64 if block_q * g_pad <= 64 else 32
     q_tiles = triton.cdiv(max_query_len, block_q)
     if num_splits is None:
-        num_splits = prefill_num_splits(q_tiles * num_seqs * kvh, max_seq_len, num_sms)
+        # the grid's programs past a sequence's own query length return at once
+        lens = query_lens or [max_query_len] * num_seqs
+        busy = sum(triton.cdiv(n, block_q) for n in lens)
+        num_splits = prefill_num_splits(busy * kvh, max_seq_len, num_sms)
     if num_splits > 1:
         part_o = torch.empty(t, h, num_splits, d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(t, h, num_splits, dtype=torch.float32, device=q.device)
@@ -546,6 +557,7 @@ def paged_prefill(
         part_o,
         part_lse,
         scale * LOG2E,
+        first_seq,
         q.stride(0),
         q.stride(1),
         out.stride(0),
