@@ -258,10 +258,11 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name() if GPU else "cpu", "shape": SHAPE,
                "torch": torch.__version__, "scenarios": []}  # fmt: skip
     backend = eng.runner.backend
+    default_min_rows = getattr(backend, "mixed_decode_min_rows", None)
     for k, sc in enumerate(QUICK if args.quick else SCENARIOS):
         for split in args.split_mixed.split(","):
-            if hasattr(backend, "split_mixed"):
-                backend.split_mixed = split == "on"
+            if hasattr(backend, "mixed_decode_min_rows"):  # off: never (the old path)
+                backend.mixed_decode_min_rows = default_min_rows if split == "on" else 1 << 30
             res = run_scenario(eng, sc, rng, profile=args.profile and k == 0 and split == "on")
             res["split_mixed"] = split
             results["scenarios"].append(res)

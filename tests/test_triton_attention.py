@@ -279,7 +279,7 @@ def test_mixed_batch_decode_rows_through_the_decode_kernel(split_mixed, monkeypa
 
     monkeypatch.setattr(tk, "paged_decode", decode)
     monkeypatch.setattr(tk, "paged_prefill", prefill)
-    backend = TritonAttentionBackend(split_mixed=split_mixed, mixed_decode_min_rows=2)
+    backend = TritonAttentionBackend(mixed_decode_min_rows=2 if split_mixed else 1 << 30)
     backend._num_sms = 64
     gen = torch.Generator().manual_seed(41)
     batch = ([900, 1, 300, 0, 450], [1, 1, 17, 30, 1], 8, 2, 64, 16)
@@ -314,7 +314,7 @@ def test_prefill_splits_count_only_tiles_with_work(monkeypatch):
     seen = []
     real = tk.prefill_num_splits
     monkeypatch.setattr(tk, "prefill_num_splits", lambda *a: seen.append(a) or real(*a))
-    backend = TritonAttentionBackend(split_mixed=False)
+    backend = TritonAttentionBackend(mixed_decode_min_rows=1 << 30)
     backend._num_sms = 64
     gen = torch.Generator().manual_seed(43)
     check(backend, gen, [2000] + [3] * 12, [20] + [1] * 12, 8, 2, 64, 16)

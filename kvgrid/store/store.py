@@ -431,8 +431,7 @@ class ContextStore:
             while missing and len(futs) < self._window:
                 i = missing.popleft()
                 futs[i] = self._fetchers.submit(self._fetch_lower, tid, keys[i], tenant)
-                ahead.submitted += 1
-            ahead.hint()
+            ahead.hint(len(ahead.keys) - len(missing))
 
         served: list[str] = []
         nbytes: dict[str, int] = {}
@@ -583,10 +582,9 @@ class ContextStore:
             futs: deque[Future] = deque()
             ok = True
             ahead = ReadAhead(self, tid, todo)
-            for k in todo:
+            for j, k in enumerate(todo):
                 futs.append(self._fetchers.submit(self._fetch_lower, tid, k, tenant))
-                ahead.submitted += 1
-                ahead.hint()
+                ahead.hint(j + 1)
                 while futs and (len(futs) >= self._window or not ok):
                     ok = self._end_prefetch(futs.popleft()) and ok
                 if not ok:
@@ -1005,11 +1003,11 @@ class ReadAhead:
 
     def __init__(self, store: ContextStore, tid: bytes, keys: list[bytes]) -> None:
         self.store, self.tid, self.keys = store, tid, keys
-        self.submitted = 0  # keys handed to fetch threads so far, in order
         self._hinted = 0
 
-    def hint(self) -> None:
-        upto = min(len(self.keys), self.submitted + self.store._window)
+    def hint(self, submitted: int) -> None:
+        """``submitted``: how many of ``keys`` (in order) the fetch threads have been given."""
+        upto = min(len(self.keys), submitted + self.store._window)
         if upto <= self._hinted:
             return
         batch, self._hinted = self.keys[self._hinted : upto], upto

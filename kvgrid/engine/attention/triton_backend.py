@@ -18,6 +18,8 @@ In the last two, one fused kernel first rotates q/k and stores the new K/V in th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -33,20 +35,19 @@ class TritonAttentionBackend(AttentionBackend):
         sdpa_min_query_len: int = 512,
         max_decode_splits: int = 32,
         fuse_decode_rope: bool = True,
-        split_mixed: bool = True,
         mixed_decode_min_rows: int = 16,
     ):
         # SDPA pays a launch per sequence; below this length the one varlen kernel wins
         self.sdpa_min_query_len = sdpa_min_query_len
         self.max_decode_splits = max_decode_splits
         self.fuse_decode_rope = fuse_decode_rope
-        # decode rows of a mixed batch through the decode kernel (False: the prefill
-        # kernel takes every row, as before; kept for before/after measurements)
-        self.split_mixed = split_mixed
-        # ... from this many rows on: each layer then launches two kernels more (~0.14 ms of
-        # host time), which 8 rows at 4K context did not repay (0.3 ms less GPU time per
-        # step) and 16-32 rows did (3-10 ms); H200, 8B shape, bench/gpu_mixed_step.py
+        # decode rows of a mixed batch go through the decode kernel from this many rows on
+        # (more than max_num_seqs: never, as before). Each layer then launches two kernels
+        # more (~0.14 ms of host time), which 8 rows at 4K context did not repay (0.3 ms
+        # less GPU time per step) and 16-32 rows did (3-10 ms); H200, 8B shape,
+        # bench/gpu_mixed_step.py
         self.mixed_decode_min_rows = mixed_decode_min_rows
+        self._split: tuple[AttentionMetadata, MixedSplit] | None = None
         self._num_sms: int | None = None
 
     def num_sms(self, device: torch.device) -> int:
@@ -77,7 +78,7 @@ class TritonAttentionBackend(AttentionBackend):
         bt, lens, max_len = meta.block_tables, meta.seq_lens, meta.max_seq_len
         if n is not None:
             q, out, bt, lens = q[:n], out[:n], bt[:n], lens[:n]
-            max_len = max(meta.seq_lens_cpu[:n])
+            max_len = self._mixed_split(meta).decode_max_len
         splits = self.decode_splits(q.shape[0], layer_cache.shape[3], max_len, q.device)
         dot = _dot(q, layer_cache)
         tk.paged_decode(q, layer_cache, bt, lens, scale, splits, out, dot, rope)
@@ -97,11 +98,12 @@ class TritonAttentionBackend(AttentionBackend):
         tables = torch.zeros(1, 128 // block_size + 1, dtype=torch.int32, device=dev)
         lens = torch.ones(1, dtype=torch.int32, device=dev)
         ctx = torch.zeros(1, dtype=torch.int32, device=dev)
+        # the prefill kernel's two tile shapes: short and long queries
+        qsls = {r: torch.tensor([0, r], dtype=torch.int32, device=dev) for r in (1, 128)}
         for n in splits:
             if n <= self.max_decode_splits:
                 tk.paged_decode(q[:1], layer_cache, tables, lens, 1.0, n, out[:1], dot)
-            for rows in (1, 128):  # the prefill kernel's two tile shapes
-                qsl = torch.tensor([0, rows], dtype=torch.int32, device=dev)
+            for rows, qsl in qsls.items():
                 tk.paged_prefill(q[:rows], layer_cache, tables, qsl, ctx, rows, 1.0, out[:rows],
                                  dot, num_splits=n)  # fmt: skip
         if dev.type == "cuda":
@@ -135,28 +137,41 @@ class TritonAttentionBackend(AttentionBackend):
             return self._decode(q, layer_cache, meta, None, scale, out)
         if self.use_sdpa(meta):
             return self._sdpa_fresh(q, k, v, meta, scale, out)
-        qsl = meta.query_start_loc_cpu
-        n_dec = leading_decodes(qsl) if self.split_mixed else 0
-        if n_dec < self.mixed_decode_min_rows:
-            n_dec = 0
-        if n_dec:
-            self._decode(q, layer_cache, meta, n_dec, scale, out)
-        q_lens = [b - a for a, b in zip(qsl[n_dec:-1], qsl[n_dec + 1 :])]
+        split = self._mixed_split(meta)
+        if split.decode_rows:
+            self._decode(q, layer_cache, meta, split.decode_rows, scale, out)
         return tk.paged_prefill(
             q,
             layer_cache,
             meta.block_tables,
             meta.query_start_loc,
             meta.context_lens,
-            max(q_lens),
+            max(split.query_lens),
             scale,
             out,
             _dot(q, layer_cache),
-            max_seq_len=max(meta.seq_lens_cpu[n_dec:]),
+            max_seq_len=split.prefill_max_len,
             num_sms=self.num_sms(q.device),
-            query_lens=q_lens,
-            first_seq=n_dec,
+            query_lens=split.query_lens,
+            first_seq=split.decode_rows,
         )
+
+    def _mixed_split(self, meta: AttentionMetadata) -> MixedSplit:
+        """How a mixed step divides between the two kernels: once per step, not per layer."""
+        if self._split is not None and self._split[0] is meta:
+            return self._split[1]
+        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        n = leading_decodes(qsl)
+        if n < self.mixed_decode_min_rows:
+            n = 0
+        split = MixedSplit(
+            n,
+            max(lens[:n], default=0),
+            [b - a for a, b in zip(qsl[n:-1], qsl[n + 1 :])],
+            max(lens[n:]),
+        )
+        self._split = (meta, split)
+        return split
 
     @staticmethod
     def _sdpa_fresh(q, k, v, meta: AttentionMetadata, scale: float, out: torch.Tensor):
@@ -179,6 +194,13 @@ class TritonAttentionBackend(AttentionBackend):
             )
             out[a:b] = o[0, :, :n].transpose(0, 1)
         return out
+
+
+class MixedSplit(NamedTuple):
+    decode_rows: int  # leading sequences that go through the decode kernel
+    decode_max_len: int
+    query_lens: list[int]  # of the sequences after them (the prefill kernel's)
+    prefill_max_len: int
 
 
 def leading_decodes(query_start_loc: list[int]) -> int:
