@@ -115,6 +115,14 @@ def test_lookup_weighs_load_against_recompute(tmp_path):
     assert plan.expected_s == pytest.approx(max(SPLIT_OVERHEAD_S + 4 * 0.04, 4 * g3_s))
     assert plan.expected_s < min(8 * 0.04, 8 * g3_s)
     assert conn.load_seconds_per_block(A) == pytest.approx(g3_s)
+    # the same, the load starting 100 ms after it is planned (the engine launching a step
+    # first): recompute 5 (220 ms) while 3 load (100 + 150 ms), against 4/4 at 260 ms
+    conn.load_start_s = 0.1
+    assert conn.lookup(ks, A, 0) == 8
+    plan = conn.load_plan(A, 8)
+    assert (plan.compute_blocks, plan.load_blocks) == (5, 3)
+    assert plan.expected_s == pytest.approx(0.1 + 3 * g3_s)
+    conn.load_start_s = 0.0
     # recompute faster than any tier: recompute it all
     conn.save(ks, [None, *ks[:-1]], A, list(range(8)))
     conn.prefill_tokens_per_s = BS / (g2_s / 10)
@@ -429,13 +437,23 @@ def test_triton_landing_refuses_pageable_sources():
 
 
 class _SlowConnector:
-    """What KVLoader needs of a connector, recording when each load began."""
+    """What KVLoader needs of a connector, recording when each load was hinted and began."""
 
     def __init__(self) -> None:
         from kvgrid.store.connector import EngineThreadTime
 
         self.engine_time = EngineThreadTime()
         self.started: list[float] = []
+        self.hinted: list[float] = []
+        self.start_delays: list[float] = []
+
+    def will_load(self, keys, tenant) -> None:
+        import time
+
+        self.hinted.append(time.monotonic())
+
+    def observe_load_start(self, seconds: float) -> None:
+        self.start_delays.append(seconds)
 
     def load(self, keys, tenant, block_ids, deadline=None) -> int:
         import time
@@ -451,15 +469,18 @@ def test_a_load_starts_once_the_engine_has_launched_its_step(monkeypatch):
 
     conn = _SlowConnector()
     loader = kv_loader.KVLoader(conn, torch.device("cpu"), layered=False)
-    fut = loader.submit([b"k1", b"k2"], b"", [1, 2])
+    fut = loader.submit([b"k1", b"k2"], b"", [1, 2], split=True)
     time.sleep(0.05)
     assert not conn.started and not fut.done()  # held while the step is still launching
+    assert len(conn.hinted) == 1  # but the disk has been told to start reading
     t = time.monotonic()
     loader.step_launched()
     assert fut.result(timeout=5).blocks == 2 and conn.started[0] >= t
+    assert conn.start_delays[0] >= 0.05  # measured: the planner counts it (load_start_s)
     # a load submitted with no step signalled after it still starts (bounded wait)
     monkeypatch.setattr(kv_loader, "LAUNCH_GATE_S", 0.01)
     assert loader.submit([b"k3"], b"", [3]).result(timeout=5).blocks == 1
+    assert len(conn.start_delays) == 1  # only a split's start is the planner's business
     loader.close()
 
 
@@ -511,4 +532,67 @@ def test_engine_starts_a_prefix_load_after_launching_the_step_that_planned_it(
     assert cached >= BS * 4 and store.metrics.total("hits", tier="G3") >= 1
     i = events.index("submit")
     assert events[i + 1 : i + 3] == ["launched", "load"], events[i - 1 : i + 4]
+    store.close()
+
+
+def test_deadline_moved_earlier_stops_a_waiting_load():
+    import threading
+    import time
+    from concurrent.futures import Future
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from kvgrid.store.policy import LoadDeadline
+
+    done: Future = Future()
+    done.set_result("x")
+    assert LoadDeadline(time.monotonic() - 1).wait(done) == "x"  # ready: past deadline or not
+    slow: Future = Future()
+    threading.Timer(2.0, slow.set_result, ("late",)).start()
+    ctl = LoadDeadline(time.monotonic() + 30)
+    threading.Timer(0.05, setattr, (ctl, "at", time.monotonic() + 0.1)).start()
+    t0 = time.monotonic()
+    with pytest.raises(FutureTimeout):
+        ctl.wait(slow)
+    assert 0.08 < time.monotonic() - t0 < 1.0  # the moved deadline, not the first one
+    assert LoadDeadline(None).wait(slow) == "late"  # no deadline: waits it out
+
+
+@pytest.mark.parametrize("late_wait", [0.5, 1e9])
+def test_a_load_behind_its_plan_is_cut_once_the_recomputed_part_is_done(
+    tmp_path, tiny_model_dir, monkeypatch, late_wait
+):
+    """The store claims a fast disk, but each block takes 200 ms: once the engine has
+    nothing left to compute, it waits at most half of what recomputing the blocks would
+    take (6 x 50 ms), then recomputes them, with the cold run's tokens. Without that bound
+    the load runs to its stall deadline (0.8 s)."""
+    import time
+
+    from kvgrid.engine import scheduler
+    from kvgrid.store.disk_tier import DiskTier
+
+    monkeypatch.setattr(scheduler, "LATE_LOAD_WAIT", late_wait)
+    prompt = [(7 * i + 3) % 1000 + 10 for i in range(BS * 6 + 5)]
+    store = make(tmp_path, g2_bytes=0, load_workers=1)
+    eng, conn = _engine_with_store(tiny_model_dir, store, num_kv_blocks=12)
+    cold, _ = _run(eng, "a", prompt, 3)
+    _run(eng, "b", [(11 * i + 5) % 1000 + 10 for i in range(BS * 10)], 2)  # evicts it to G3
+    store.flush()
+    get = DiskTier.get
+
+    def slow_get(self, tid, key, into=None):
+        time.sleep(0.2)
+        return get(self, tid, key, into)
+
+    monkeypatch.setattr(DiskTier, "get", slow_get)
+    store.bandwidth["G3"] = 1e12  # what the planner believes
+    conn.prefill_tokens_per_s = BS / 0.05
+    t0, loaded = time.monotonic(), eng.scheduler.store_loaded_tokens
+    tokens, _ = _run(eng, "c", prompt, 3)
+    took, loaded = time.monotonic() - t0, eng.scheduler.store_loaded_tokens - loaded
+    assert tokens == cold
+    assert store.metrics.total("misses", tier="G3", reason="deadline") == 1
+    if late_wait < 1:  # cut at 0.5 x (5 or 6) x 50 ms, before the first block landed
+        assert took < 0.5 and loaded == 0, (took, loaded)
+    else:  # cut at the stall deadline, (5 or 6) x 50 ms + 0.5 s, three blocks landed
+        assert took > 0.7 and loaded >= 3 * BS, (took, loaded)
     store.close()

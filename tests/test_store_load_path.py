@@ -163,6 +163,14 @@ def test_loads_below_g2_read_ahead_of_the_fetch_threads(tmp_path, monkeypatch):
     assert all(torch.equal(d, block(i)) for i, d in enumerate(dst))
     assert [k for b in hinted for k in b] == ks[1:]
     assert len(hinted[0]) == 2 * store._window  # the fetch window, and one window beyond
+    # a load about to start (waiting for the engine's launch): the disk starts on its
+    # first window of blocks below G2 at once
+    hinted.clear()
+    store.g2.clear()
+    assert torch.equal(store.get(ks[0], A), block(0))
+    store.will_load(ks, A)
+    store._hints.submit(lambda: None).result()
+    assert hinted == [ks[1 : 1 + store._window]]
     store.close()
 
 

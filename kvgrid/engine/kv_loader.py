@@ -22,6 +22,7 @@ import torch
 if TYPE_CHECKING:
     from kvgrid.store.connector import StoreConnector
     from kvgrid.store.landing import LayerLanding
+    from kvgrid.store.policy import LoadDeadline
 
 
 # A load submitted while a step is being scheduled starts once the engine has launched that
@@ -42,7 +43,7 @@ class LoadPlan:
     compute_blocks: int  # leading stored blocks recomputed instead, overlapping the load
     load_blocks: int  # the stored blocks after those, loaded
     expected_s: float | None = None  # predicted time until both parts are done
-    load_s: float | None = None  # predicted time of the loaded part alone
+    load_s: float | None = None  # predicted time of the loaded part alone, once started
 
 
 def plan_blocks(
@@ -50,42 +51,30 @@ def plan_blocks(
     block_tokens: int,
     prefill_tokens_per_s: float | None,
     overhead_s: float = SPLIT_OVERHEAD_S,
+    start_s: float = 0.0,
 ) -> LoadPlan:
     """Split a stored prefix whose blocks cost ``load_s[i]`` seconds each to load: recompute
-    the first c while loading the rest, minimising max(overhead + c * recompute, load of
-    blocks c..). Split only where that beats loading everything by 10% (the costs are
-    estimates); never recompute all of it (``lookup`` decides whether to use it at all)."""
+    the first c while loading the rest, minimising max(overhead + c * recompute, start +
+    load of blocks c..), where the load starts ``start_s`` late (it waits for the engine to
+    launch the step that computes the first part: ``KVLoader``). Split only where that beats
+    loading everything by 10% (the costs are estimates); never recompute all of it
+    (``lookup`` decides whether to use it at all)."""
     n = len(load_s)
     total = float(sum(load_s))
     if n < 2 or not prefill_tokens_per_s:
-        return LoadPlan(0, n, total, total)
+        return LoadPlan(0, n, start_s + total, total)
     tc = block_tokens / prefill_tokens_per_s
-    best_c, best, rest = 0, total, total
+    best_c, best, rest = 0, start_s + total, total
     for c in range(1, n):
         rest -= load_s[c - 1]  # load time of blocks c..n-1
-        t = max(overhead_s + c * tc, rest)
+        t = max(overhead_s + c * tc, start_s + rest)
         if t < best:
             best_c, best, best_rest = c, t, rest
-        elif overhead_s + c * tc > rest:
+        elif overhead_s + c * tc > start_s + rest:
             break  # the recompute side only grows from here
-    if best_c == 0 or best >= 0.9 * total:
-        return LoadPlan(0, n, total, total)
+    if best_c == 0 or best >= 0.9 * (start_s + total):
+        return LoadPlan(0, n, start_s + total, total)
     return LoadPlan(best_c, n - best_c, best, best_rest)
-
-
-def plan_split(
-    stored_blocks: int,
-    block_tokens: int,
-    prefill_tokens_per_s: float | None,
-    load_s_per_block: float | None,
-    overhead_s: float = SPLIT_OVERHEAD_S,
-) -> LoadPlan:
-    """``plan_blocks`` for blocks of one cost (``None``: unknown, load them all)."""
-    if load_s_per_block is None:
-        return LoadPlan(0, stored_blocks)
-    return plan_blocks(
-        [load_s_per_block] * stored_blocks, block_tokens, prefill_tokens_per_s, overhead_s
-    )
 
 
 @dataclass(frozen=True)
@@ -117,12 +106,16 @@ class KVLoader:
         keys: list[bytes],
         tenant: bytes,
         block_ids: list[int],
-        deadline: float | None = None,
+        deadline: float | LoadDeadline | None = None,
+        split: bool = False,
     ) -> Future:
         """Load in the background; the future's result is a ``LoadResult``. Past
-        ``deadline`` (time.monotonic()) the load stops and the rest is recomputed."""
+        ``deadline`` (time.monotonic(), or a ``LoadDeadline`` the caller may move) the load
+        stops and the rest is recomputed. ``split``: the step being scheduled computes the
+        request's first blocks; how late the load then starts is measured for the planner."""
         t0 = time.perf_counter()
-        fut = self.pool.submit(self._load, keys, tenant, block_ids, deadline, self._gate)
+        timed = t0 if split else None
+        fut = self.pool.submit(self._load, keys, tenant, block_ids, deadline, self._gate, timed)
         self.connector.engine_time.add("load_submit", time.perf_counter() - t0)
         return fut
 
@@ -133,10 +126,14 @@ class KVLoader:
         gate.set()
 
     def _load(
-        self, keys: list[bytes], tenant: bytes, block_ids: list[int], deadline, gate=None
+        self, keys: list[bytes], tenant: bytes, block_ids: list[int], deadline, gate, t_submit
     ) -> LoadResult:
-        if gate is not None:
+        if not gate.is_set():
+            # the disk can read while the engine launches: its readahead takes no GIL
+            self.connector.will_load(keys, tenant)
             gate.wait(LAUNCH_GATE_S)
+        if t_submit is not None:
+            self.connector.observe_load_start(time.perf_counter() - t_submit)
         ctx = (
             torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         )

@@ -23,6 +23,7 @@ from kvgrid.engine.block_manager import BlockManager
 from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.sequence import Sequence, SequenceStatus
+from kvgrid.store.policy import LoadDeadline
 
 if TYPE_CHECKING:
     from kvgrid.store.connector import StoreConnector
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 MAX_BURST_STEPS = 128
 # the least prompt tokens a mixed step carries, however fast decode steps are
 MIN_MIXED_PREFILL_TOKENS = 256
+# Once a split's recomputed part is done, its load is waited for at most this share of the
+# time that recomputing its blocks not landed yet would take; then those are recomputed.
+LATE_LOAD_WAIT = 0.5
 
 
 def _prefilling(seq: Sequence) -> bool:
@@ -272,22 +276,29 @@ class Scheduler:
         # A stalled or misjudged tier (a hung network mount, say): once the load has taken
         # twice its prediction, and longer than recomputing its blocks would have, whatever
         # has not landed is recomputed instead. No deadline while prefill speed is unknown.
-        deadline = None
+        # The engine brings it forward when the recomputed part is done (_bound_late_load).
+        seq.load_deadline, seq.load_bounded = LoadDeadline(), False
         speed = self.connector.prefill_tokens_per_s
+        now = time.monotonic()
         if plan.load_s is not None and speed:
             recompute_s = plan.load_blocks * self.bm.block_size / speed
-            deadline = time.monotonic() + max(2 * plan.load_s, recompute_s) + 0.5
+            seq.load_deadline.at = now + max(2 * plan.load_s, recompute_s) + 0.5
+        seq.load_expected_end = now + (plan.expected_s or 0.0)
         seq.load_future = self.loader.submit(
             hit_keys[first : g + n_store],
             seq.tenant,
             fresh[plan.compute_blocks : n_store],
-            deadline,
+            seq.load_deadline,
+            split=plan.compute_blocks > 0,
         )
         seq.num_cached_tokens_g1 = g * self.bm.block_size
 
     def _try_finish_load(self, seq: Sequence) -> None:
         # the recomputed part must be done, and the loaded part landed
-        if seq.num_computed_tokens < self._compute_limit(seq) or not seq.load_future.done():
+        if seq.num_computed_tokens < self._compute_limit(seq):
+            return
+        if not seq.load_future.done():
+            self._bound_late_load(seq)
             return
         try:
             res = seq.load_future.result()
@@ -309,6 +320,20 @@ class Scheduler:
             seq.num_cached_tokens = min(
                 seq.num_cached_tokens_g1 + loaded * bs, seq.num_prompt_tokens
             )
+
+    def _bound_late_load(self, seq: Sequence) -> None:
+        """The recomputed part is done and the load is not. Past the load's predicted end,
+        it may take at most ``LATE_LOAD_WAIT`` of the time recomputing what it has not
+        landed would: a load behind its plan (a slower disk, a busy host) then costs at
+        most that share more than recomputing its late blocks, never an open-ended wait.
+        Set once; the load stops at the first block not landed by then."""
+        ctl, speed = seq.load_deadline, self.connector.prefill_tokens_per_s
+        if ctl is None or seq.load_bounded or not speed:
+            return
+        seq.load_bounded = True
+        left = (seq.load_count - ctl.landed) * self.bm.block_size / speed
+        at = max(time.monotonic(), seq.load_expected_end) + LATE_LOAD_WAIT * left
+        ctl.at = at if ctl.at is None else min(ctl.at, at)
 
     def _release(self, seq: Sequence) -> None:
         fut = seq.load_future

@@ -6,7 +6,7 @@ block ``i`` is ``kv_cache[i]``, contiguous, and is what the store keeps as one o
 ``lookup`` decides load versus recompute from measured numbers: each tier's load bandwidth
 (EWMA of observed loads, seeded by a copy probe for G2 and by configuration for disks) and
 the engine's measured prefill speed (``prefill_tokens_per_s``, set by the engine). A stored
-prefix is used as a split (``kv_loader.plan_split``: recompute its first blocks while the
+prefix is used as a split (``kv_loader.plan_blocks``: recompute its first blocks while the
 later ones load), so even a tier slower than recomputing pays; ``lookup`` offers the prefix
 length whose predicted time to first token is lowest, and none where using it is not
 predicted faster than recomputing (times ``max_load_ratio``).
@@ -24,6 +24,7 @@ import torch
 
 from kvgrid.events import KVEvent
 from kvgrid.store.landing import LayerLanding
+from kvgrid.store.policy import LoadDeadline
 from kvgrid.store.store import ContextStore
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class StoreConnector:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.prefill_tokens_per_s = prefill_tokens_per_s
+        # how late a split's load starts after it is planned (EWMA; KVLoader waits for the
+        # launch of the step that computes the first part): its load side is that much longer
+        self.load_start_s = 0.0
         self.block_bytes = kv_cache[0].nbytes
         store.configure_blocks(tuple(kv_cache.shape[1:]), kv_cache.dtype)
         self._seed = dict(store.config.seed_bytes_per_s)
@@ -150,7 +154,7 @@ class StoreConnector:
             for m in range(1, stored + 1):
                 if m < stored and tiers[m] == tiers[m - 1]:
                     continue
-                cand = plan_blocks(load[:m], self.block_size, speed)
+                cand = plan_blocks(load[:m], self.block_size, speed, start_s=self.load_start_s)
                 if cand.expected_s >= ratio * m * recompute:
                     continue
                 ttft = cand.expected_s + (stored - m) * recompute
@@ -159,6 +163,10 @@ class StoreConnector:
         with self._lock:
             self._last_plan[tenant] = plan
         return n
+
+    def observe_load_start(self, seconds: float) -> None:
+        """A split's load started ``seconds`` after it was submitted (called by the loader)."""
+        self.load_start_s = 0.5 * self.load_start_s + 0.5 * seconds
 
     @_engine_timed("note_admitted")
     def note_admitted(self, keys: list[bytes]) -> None:
@@ -187,15 +195,22 @@ class StoreConnector:
             return None
         return plan.load_s / plan.load_blocks
 
+    def will_load(self, keys: list[bytes], tenant: bytes) -> None:
+        """Let the disk tiers start reading a load that will start shortly."""
+        try:
+            self.store.will_load(keys, tenant)
+        except Exception:  # only a hint
+            log.exception("context store: readahead hint failed")
+
     def load(
         self,
         keys: list[bytes],
         tenant: bytes,
         block_ids: list[int],
-        deadline: float | None = None,
+        deadline: float | LoadDeadline | None = None,
     ) -> int:
         """Copy stored blocks into ``kv_cache[block_ids[i]]``; how many leading blocks landed
-        (by ``deadline``, a time.monotonic(), if given)."""
+        (by ``deadline``, a time.monotonic() or a ``LoadDeadline``, if given)."""
         if len(keys) != len(block_ids):
             raise ValueError(f"{len(keys)} keys for {len(block_ids)} block ids")
         try:

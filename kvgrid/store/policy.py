@@ -1,4 +1,5 @@
-"""Store policies: admission by sightings, leases on G2 slots, bounded background I/O."""
+"""Store policies: admission by sightings, leases on G2 slots, bounded background I/O, load
+deadlines."""
 
 from __future__ import annotations
 
@@ -7,10 +8,36 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 from kvgrid.store.host_pool import HostPool, Slot
 
 log = logging.getLogger(__name__)
+_POLL_S = 0.005  # a load waiting on a fetch looks at its deadline this often
+
+
+@dataclass
+class LoadDeadline:
+    """When a load stops waiting for blocks below G2 (``at``, a time.monotonic(); None: never)
+    and the caller recomputes the rest. The engine may move ``at`` while the load runs; the
+    load counts the blocks it has copied in ``landed``."""
+
+    at: float | None = None
+    landed: int = 0
+
+    def wait(self, fut: Future):
+        """``fut``'s result, or raise FutureTimeout once ``at`` has passed first."""
+        while True:
+            at = self.at
+            left = _POLL_S if at is None else min(_POLL_S, at - time.monotonic())
+            if left <= 0 and not fut.done():
+                raise FutureTimeout
+            try:
+                return fut.result(timeout=max(left, 0.0))
+            except FutureTimeout:
+                continue
 
 
 class Sightings:

@@ -43,7 +43,7 @@ from kvgrid.store.object import (
     read_header,
     tenant_id,
 )
-from kvgrid.store.policy import BoundedWorkQueue, Lease, LeaseManager, Sightings
+from kvgrid.store.policy import BoundedWorkQueue, Lease, LeaseManager, LoadDeadline, Sightings
 from kvgrid.store.tier import ObjectTier, PutResult, ReadBuffer
 from kvgrid.store.transfer import Copier, CopyEvent, CudaCopier, copy_run, host_copy, wait_ready
 
@@ -401,16 +401,18 @@ class ContextStore:
         keys: list[bytes],
         tenant: bytes,
         dsts: list[torch.Tensor],
-        deadline: float | None = None,
+        deadline: float | LoadDeadline | None = None,
     ) -> list[str]:
         """Copy the leading stored blocks into ``dsts``; the tiers that served them.
 
         G2 blocks are copied straight from their pinned slots. Blocks below G2 are fetched by
         ``load_workers`` threads, a window ahead of the copies, each promoted into a pinned
-        G2 slot that is the source of its copy. With a ``deadline`` (time.monotonic()), the
-        load stops at the first block not ready by then, and the caller recomputes the rest.
-        Returns only after the data has landed (device copies are synchronised)."""
+        G2 slot that is the source of its copy. With a ``deadline`` (time.monotonic(), or a
+        ``LoadDeadline`` the caller may move), the load stops at the first block not ready by
+        then, and the caller recomputes the rest. Returns only after the data has landed
+        (device copies are synchronised)."""
         tid = _tid(tenant)
+        ctl = deadline if isinstance(deadline, LoadDeadline) else LoadDeadline(deadline)
         n = len(keys)
         t_start = time.perf_counter()
         held: list[Slot] = []
@@ -447,9 +449,8 @@ class ContextStore:
                 else:
                     if self.g2 is not None:
                         self.metrics.inc("misses", tier="G2", tenant=tl, reason="absent")
-                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                     try:
-                        r = futs[i].result(timeout=timeout)
+                        r = ctl.wait(futs[i])
                         del futs[i]
                     except FutureTimeout:
                         # not ready in time: recomputing the rest now beats waiting longer
@@ -467,6 +468,7 @@ class ContextStore:
                     cuda_dev = dst.device
                 run = copy_run(run, srcs[i], dst)
                 served.append(tier)
+                ctl.landed = len(served)
                 nbytes[tier] = nbytes.get(tier, 0) + dst.nbytes
             copy_run(run, None, None)
             if cuda_dev is not None:
@@ -478,6 +480,14 @@ class ContextStore:
                 self.g2.release_run(held)
         self._account_load(tl, served.count("G2"), nbytes, time.perf_counter() - t_start, n)
         return served
+
+    def will_load(self, keys: list[bytes], tenant: bytes) -> None:
+        """A load of these blocks is about to start: the disk tiers start reading the first
+        of those below G2 now (kernel readahead, from the hint thread: no GIL-bound work),
+        while the load itself waits for the engine to launch a step (``kv_loader``)."""
+        tid = _tid(tenant)
+        below = [k for k in keys if self.g2 is None or self.g2.peek(tid, k) is None]
+        ReadAhead(self, tid, below).hint(0)
 
     def _account_load(
         self, tl: str, n_g2: int, nbytes: dict[str, int], seconds: float, n: int
