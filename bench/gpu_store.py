@@ -20,7 +20,8 @@ Phases (in order):
   cached prompt from G2, G3 and G4 (G4 = a second directory on the same local disk,
   standing in for a shared filesystem: no NFS/Lustre here, and no Redis server on that
   machine). Disk tiers are measured with a cold page cache (posix_fadvise DONTNEED on the
-  object files, plus drop_caches where allowed) and warm; G3 with encryption on/off and
+  object files; --drop-all-caches adds drop_caches, which also evicts the engine's own code
+  and libraries, unlike a serving machine whose KV objects alone are cold) and warm; G3 with encryption on/off and
   codec none/zstd. Each tier's achieved load bandwidth is set against raw reads of the same
   object files with the same number of threads and the same cache state (G2: against a
   pinned host->GPU copy of the same bytes).
@@ -448,7 +449,7 @@ def object_files(store: ContextStore, tier: str, ks: list[bytes]) -> list[Path]:
 
 def drop_cache(files: list[Path], args) -> None:
     """Cold page cache for these files: fadvise DONTNEED (they are fsynced, so clean), and
-    drop_caches on top where allowed."""
+    drop_caches on top if asked (and allowed)."""
     for p in files:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -1526,7 +1527,9 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--g2-gib", type=float, default=6.0 if GPU else 0.5)
     ap.add_argument("--load-workers", type=int, default=min(12, os.cpu_count() or 2))
-    ap.add_argument("--no-drop-caches", dest="drop_caches", action="store_false")
+    ap.add_argument("--drop-all-caches", dest="drop_caches", action="store_true",
+                    help="drop_caches too: the engine's code pages then fault in from disk "
+                    "while the loads read it")  # fmt: skip
     ap.add_argument("--no-disk-tiers", dest="disk_tiers", action="store_false",
                     help="ttft phase: G2 only (skip the G3/G4 variants)")  # fmt: skip
     ap.add_argument("--replay-g1-blocks", type=int, default=1100 if GPU else 60)

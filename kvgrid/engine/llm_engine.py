@@ -291,15 +291,17 @@ class LLMEngine:
             self.scheduler.observe_step(step.sched, seconds)
 
         bs = self.config.block_size
+        now = time.monotonic()
         for item in step.sched.scheduled:
             seq = item.seq
             if seq.is_finished:
                 continue
+            if seq.load_future is not None and seq.num_computed_tokens >= seq.load_start_block * bs:
+                seq.load_compute_done = seq.load_compute_done or now  # on the device, not queued
             # only blocks whose tokens are all known can be named
             full = min(seq.num_computed_tokens, seq.num_known_tokens) // bs
             self.block_manager.commit_full_blocks(seq, seq.block_keys(full))
         outputs = []
-        now = time.monotonic()
         for i, seq in enumerate(step.sampled):
             if seq.is_finished:
                 continue  # stopped (or aborted) on an earlier token while this step ran

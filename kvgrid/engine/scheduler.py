@@ -280,6 +280,7 @@ class Scheduler:
         seq.load_deadline, seq.load_bounded = LoadDeadline(), False
         speed = self.connector.prefill_tokens_per_s
         now = time.monotonic()
+        seq.load_compute_done = now if not plan.compute_blocks else None  # nothing to compute
         if plan.load_s is not None and speed:
             recompute_s = plan.load_blocks * self.bm.block_size / speed
             seq.load_deadline.at = now + max(2 * plan.load_s, recompute_s) + 0.5
@@ -322,17 +323,18 @@ class Scheduler:
             )
 
     def _bound_late_load(self, seq: Sequence) -> None:
-        """The recomputed part is done and the load is not. Past the load's predicted end,
-        it may take at most ``LATE_LOAD_WAIT`` of the time recomputing what it has not
-        landed would: a load behind its plan (a slower disk, a busy host) then costs at
-        most that share more than recomputing its late blocks, never an open-ended wait.
-        Set once; the load stops at the first block not landed by then."""
+        """The recomputed part is scheduled and the load is not done. Once that part has
+        run on the device (``load_compute_done``, set by the engine) and past the load's
+        predicted end, the load may take at most ``LATE_LOAD_WAIT`` of the time recomputing
+        what it has not landed would: a load behind its plan (a slower disk, a busy host)
+        then costs at most that share more than recomputing its late blocks, never an
+        open-ended wait. Set once; the load stops at the first block not landed by then."""
         ctl, speed = seq.load_deadline, self.connector.prefill_tokens_per_s
-        if ctl is None or seq.load_bounded or not speed:
+        if ctl is None or seq.load_bounded or seq.load_compute_done is None or not speed:
             return
         seq.load_bounded = True
         left = (seq.load_count - ctl.landed) * self.bm.block_size / speed
-        at = max(time.monotonic(), seq.load_expected_end) + LATE_LOAD_WAIT * left
+        at = max(seq.load_compute_done, seq.load_expected_end) + LATE_LOAD_WAIT * left
         ctl.at = at if ctl.at is None else min(ctl.at, at)
 
     def _release(self, seq: Sequence) -> None:
