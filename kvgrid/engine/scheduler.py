@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from kvgrid.engine.block_manager import BlockManager
 from kvgrid.engine.config import EngineConfig
-from kvgrid.engine.kv_loader import KVLoader
+from kvgrid.engine.kv_loader import SPLIT_OVERHEAD_S, KVLoader
 from kvgrid.engine.sequence import Sequence, SequenceStatus
 from kvgrid.store.policy import LoadDeadline
 
@@ -36,7 +36,9 @@ MAX_BURST_STEPS = 128
 # the least prompt tokens a mixed step carries, however fast decode steps are
 MIN_MIXED_PREFILL_TOKENS = 256
 # Once a split's recomputed part is done, its load is waited for at most this share of the
-# time that recomputing its blocks not landed yet would take; then those are recomputed.
+# time that recomputing its blocks not landed yet would take, plus the fixed cost of the
+# step that would recompute them (a cut a few blocks before the end cannot pay for it);
+# then those are recomputed.
 LATE_LOAD_WAIT = 0.5
 
 
@@ -335,6 +337,7 @@ class Scheduler:
         seq.load_bounded = True
         left = (seq.load_count - ctl.landed) * self.bm.block_size / speed
         at = max(seq.load_compute_done, seq.load_expected_end) + LATE_LOAD_WAIT * left
+        at += SPLIT_OVERHEAD_S
         ctl.at = at if ctl.at is None else min(ctl.at, at)
 
     def _release(self, seq: Sequence) -> None:
