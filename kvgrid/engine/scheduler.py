@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 MAX_BURST_STEPS = 128
 # the least prompt tokens a mixed step carries, however fast decode steps are
 MIN_MIXED_PREFILL_TOKENS = 256
-# Once a split's recomputed part is done, its load is waited for at most this share of the
-# time that recomputing its blocks not landed yet would take, plus the fixed cost of the
-# step that would recompute them (a cut a few blocks before the end cannot pay for it);
-# then those are recomputed.
+# Once a load's recomputed part (if any) has run, the load is waited for at most this
+# share of the time that recomputing its blocks not landed yet would take, plus the fixed
+# cost of the step that would recompute them (a cut a few blocks before the end cannot pay
+# for it); then those are recomputed.
 LATE_LOAD_WAIT = 0.5
 
 
@@ -328,9 +328,10 @@ class Scheduler:
         """The recomputed part is scheduled and the load is not done. Once that part has
         run on the device (``load_compute_done``, set by the engine) and past the load's
         predicted end, the load may take at most ``LATE_LOAD_WAIT`` of the time recomputing
-        what it has not landed would: a load behind its plan (a slower disk, a busy host)
-        then costs at most that share more than recomputing its late blocks, never an
-        open-ended wait. Set once; the load stops at the first block not landed by then."""
+        what it has not landed would, plus one step's fixed cost: a load behind its plan (a
+        slower disk, a busy host) then costs at most that much more than recomputing its
+        late blocks, never an open-ended wait. Set once; the load stops at the first block
+        not landed by then."""
         ctl, speed = seq.load_deadline, self.connector.prefill_tokens_per_s
         if ctl is None or seq.load_bounded or seq.load_compute_done is None or not speed:
             return
