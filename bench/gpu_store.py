@@ -756,6 +756,7 @@ def _tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, 
 
 
 def phase_ttft(args, eng, root: Path) -> dict:
+    global PROFILE_NEXT
     out: dict = {}
     vocab = eng.model_config.vocab_size
     variants = [
@@ -778,7 +779,12 @@ def phase_ttft(args, eng, root: Path) -> dict:
         for i in range(3):
             fresh_g1(eng)
             steplog = StepLog(eng, 0.0) if i == 2 else None
-            rec.append(run_one(eng, prompt, steplog=steplog)["ttft_s"])
+            PROFILE_NEXT = args.profile_auto and i == 2
+            r = run_one(eng, prompt, steplog=steplog)
+            PROFILE_NEXT = False
+            rec.append(r["ttft_s"])
+            if r["first_step_profile"]:
+                log("recompute's first step, profiled\n" + r["first_step_profile"])
         ref = run_one(eng, prompt)  # over G1: the tokens every load must reproduce
         res["recompute"] = {"ttft_s": med(rec), "all": rec, "per_step": steplog.close()}
         res["g1_hit_ttft_s"] = ref["ttft_s"]
@@ -795,7 +801,6 @@ def phase_ttft(args, eng, root: Path) -> dict:
             res[name] = _tier_runs(eng, conn, store, llog, prompt, ks, "G2", args, ref, "warm", 3)
             res[name]["raw_pinned_GBps"] = RESULTS["phases"].get("env", {}).get("h2d_GBps", {})
             if name == "G2" and n == max(args.sizes):
-                global PROFILE_NEXT
                 PROFILE_NEXT = True
                 fresh_g1(eng)
                 r = run_one(eng, prompt)
@@ -833,7 +838,8 @@ def phase_ttft(args, eng, root: Path) -> dict:
                 store.bandwidth[tier] = v["cold"]["kv_GBps"] * 1e9
                 conn.prefill_tokens_per_s = n / res["recompute"]["ttft_s"]
                 autos = []
-                for _ in range(args.auto_reps):
+                for rep in range(args.auto_reps):
+                    PROFILE_NEXT = args.profile_auto and rep == args.auto_reps - 1
                     fresh_g1(eng)
                     store.g2.clear()
                     drop_cache(object_files(store, tier, ks), args)
@@ -841,6 +847,7 @@ def phase_ttft(args, eng, root: Path) -> dict:
                     misses = store.metrics.total("misses", tier=tier, reason="deadline")
                     steplog = StepLog(eng, 0.0)
                     r = run_one(eng, prompt, steplog=steplog)
+                    PROFILE_NEXT = False
                     plan = conn.load_plan(PUBLIC, len(ks))
                     autos.append({
                         "ttft_s": r["ttft_s"], "plan": [plan.compute_blocks, plan.load_blocks],
@@ -853,7 +860,10 @@ def phase_ttft(args, eng, root: Path) -> dict:
                         "loads": [{k: x[k] for k in ("blocks", "asked", "s") if k in x} for x in llog.take()],
                         "gc_pauses": r["gc_pauses"], "steps": r["steps"],
                         "per_step": steplog.close(),
+                        "first_step_profile": r["first_step_profile"],
                     })  # fmt: skip
+                    if r["first_step_profile"]:
+                        log("split's first step, profiled\n" + r["first_step_profile"])
                     log(
                         f"ttft {n} G3 auto cold",
                         {k: x for k, x in autos[-1].items() if k != "per_step"},
@@ -1542,6 +1552,8 @@ def main() -> int:
     ap.add_argument("--replay-profile", default="20,28" if GPU else "",
                     help="start,end s of each run's device profile (CUDA activity); '' for none")  # fmt: skip
     ap.add_argument("--auto-reps", type=int, default=3, help="engine's-choice runs per size")
+    ap.add_argument("--profile-auto", action="store_true",
+                    help="cProfile the first step of the last recompute and engine's-choice runs")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip what would not fit")
     args = ap.parse_args()
     args.sizes = [int(x) for x in args.sizes.split(",")]
