@@ -34,9 +34,11 @@ Phases (in order):
   Per engine step (StepLog): wall and device time, prefill tokens, decode sequences, store
   tokens, the store's engine-thread time, and on a GPU the device's stalls at the store's
   cross-stream waits; the summary sets prefill and decode-only steps side by side. Each step
-  also records its host launch time, and on a GPU each run records a window of CUDA activity
-  (--replay-profile: per-stream busy time, idle gaps, top kernels), which tells a GPU left
-  waiting for the host from kernels that ran slower. --replay-runs adds store variants
+  also records its host launch time. With --replay-profile each run records a window of CUDA
+  activity (per-stream busy time, idle gaps, top kernels), which tells a GPU left waiting
+  for the host from kernels that ran slower. A diagnostic only, off by default: stopping
+  the profiler processes its trace on the engine's thread (a 5.7-9.1 s stall at the
+  window's end on an H200), so every TTFT after the window is inflated. --replay-runs adds store variants
   (store_si: a 0.2 ms GIL switch interval; store_w4: four write threads).
 
 Prints a table last; writes $OUT/gpu_store.json (or ./out/) after every phase.
@@ -1094,6 +1096,7 @@ class KernelWindow:
     def stop(self, now: float) -> None:
         if self.prof is None:
             return
+        t_stop = time.perf_counter()
         sync()
         self.prof.__exit__(None, None, None)
         path = Path("/tmp") / f"kvgrid-replay-trace-{os.getpid()}.json"
@@ -1103,6 +1106,8 @@ class KernelWindow:
             self.summary = self._summarize(json.loads(path.read_text()), (self.t[0], now))
         finally:
             path.unlink(missing_ok=True)
+        # the engine waited this long: every TTFT after the window carries it
+        self.summary["stop_stall_s"] = round(time.perf_counter() - t_stop, 2)
 
     @staticmethod
     def _merge(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -1489,7 +1494,8 @@ def summary() -> str:
             if kw and kw.get("events"):
                 g = kw["main_gaps"]
                 lines.append(
-                    f"{name} device window {kw['window_s']} s: span {kw['span_ms']:.0f} ms, main stream busy "
+                    f"{name} device window {kw['window_s']} s (its stop stalled the engine {kw.get('stop_stall_s')} s: "
+                    f"TTFTs after it are inflated): span {kw['span_ms']:.0f} ms, main stream busy "
                     f"{kw['busy_ms'].get(kw['main_stream'], 0):.0f} ms, any kernel {kw['any_kernel_busy_ms']:.0f} ms, "
                     f"gaps {g['ms']:.0f} ms ({g['over_0.1ms'][0]} over 0.1 ms: {g['over_0.1ms'][1]:.0f} ms); "
                     f"busy by stream {kw['busy_ms']}"
@@ -1549,8 +1555,9 @@ def main() -> int:
     ap.add_argument("--replay-limit", type=int, default=0, help="first N requests only (smoke)")
     ap.add_argument("--replay-max-input", type=int, default=16384 if GPU else 256)
     ap.add_argument("--replay-runs", default="no_store,store", help=f"of {','.join(REPLAY_RUNS)}")
-    ap.add_argument("--replay-profile", default="20,28" if GPU else "",
-                    help="start,end s of each run's device profile (CUDA activity); '' for none")  # fmt: skip
+    ap.add_argument("--replay-profile", default="",
+                    help="start,end s of each run's device profile (CUDA activity), e.g. 20,28; "
+                    "a diagnostic: its stop stalls the engine for seconds")  # fmt: skip
     ap.add_argument("--auto-reps", type=int, default=3, help="engine's-choice runs per size")
     ap.add_argument("--profile-auto", action="store_true",
                     help="cProfile the first step of the last recompute and engine's-choice runs")  # fmt: skip
