@@ -297,7 +297,7 @@ class LLMEngine:
             if seq.is_finished:
                 continue
             if seq.load_future is not None and seq.num_computed_tokens >= seq.load_start_block * bs:
-                seq.load_compute_done = seq.load_compute_done or now  # on the device, not queued
+                self.scheduler.bound_late_load(seq, now)  # its recomputed part has now run
             # only blocks whose tokens are all known can be named
             full = min(seq.num_computed_tokens, seq.num_known_tokens) // bs
             self.block_manager.commit_full_blocks(seq, seq.block_keys(full))

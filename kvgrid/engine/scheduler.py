@@ -278,11 +278,10 @@ class Scheduler:
         # A stalled or misjudged tier (a hung network mount, say): once the load has taken
         # twice its prediction, and longer than recomputing its blocks would have, whatever
         # has not landed is recomputed instead. No deadline while prefill speed is unknown.
-        # The engine brings it forward when the recomputed part is done (_bound_late_load).
-        seq.load_deadline, seq.load_bounded = LoadDeadline(), False
+        # The engine brings it forward once the recomputed part has run (bound_late_load).
+        seq.load_deadline = LoadDeadline()
         speed = self.connector.prefill_tokens_per_s
         now = time.monotonic()
-        seq.load_compute_done = now if not plan.compute_blocks else None  # nothing to compute
         if plan.load_s is not None and speed:
             recompute_s = plan.load_blocks * self.bm.block_size / speed
             seq.load_deadline.at = now + max(2 * plan.load_s, recompute_s) + 0.5
@@ -294,14 +293,13 @@ class Scheduler:
             seq.load_deadline,
             split=plan.compute_blocks > 0,
         )
+        if not plan.compute_blocks:  # nothing to compute beside it: bounded from now
+            self.bound_late_load(seq, now)
         seq.num_cached_tokens_g1 = g * self.bm.block_size
 
     def _try_finish_load(self, seq: Sequence) -> None:
         # the recomputed part must be done, and the loaded part landed
-        if seq.num_computed_tokens < self._compute_limit(seq):
-            return
-        if not seq.load_future.done():
-            self._bound_late_load(seq)
+        if seq.num_computed_tokens < self._compute_limit(seq) or not seq.load_future.done():
             return
         try:
             res = seq.load_future.result()
@@ -324,21 +322,19 @@ class Scheduler:
                 seq.num_cached_tokens_g1 + loaded * bs, seq.num_prompt_tokens
             )
 
-    def _bound_late_load(self, seq: Sequence) -> None:
-        """The recomputed part is scheduled and the load is not done. Once that part has
-        run on the device (``load_compute_done``, set by the engine) and past the load's
-        predicted end, the load may take at most ``LATE_LOAD_WAIT`` of the time recomputing
-        what it has not landed would, plus one step's fixed cost: a load behind its plan (a
-        slower disk, a busy host) then costs at most that much more than recomputing its
-        late blocks, never an open-ended wait. Set once; the load stops at the first block
-        not landed by then."""
+    def bound_late_load(self, seq: Sequence, done_at: float) -> None:
+        """The part recomputed beside ``seq``'s load has run on the device (at ``done_at``,
+        time.monotonic(); the engine calls this when it completes that step). Past the
+        load's predicted end, the load may take at most ``LATE_LOAD_WAIT`` of the time
+        recomputing what it has not landed would, plus one step's fixed cost: a load behind
+        its plan (a slower disk, a busy host) then costs at most that much more than
+        recomputing its late blocks, never an open-ended wait. The load stops at the first
+        block not landed by then; a deadline already earlier stays."""
         ctl, speed = seq.load_deadline, self.connector.prefill_tokens_per_s
-        if ctl is None or seq.load_bounded or seq.load_compute_done is None or not speed:
+        if ctl is None or not speed:
             return
-        seq.load_bounded = True
         left = (seq.load_count - ctl.landed) * self.bm.block_size / speed
-        at = max(seq.load_compute_done, seq.load_expected_end) + LATE_LOAD_WAIT * left
-        at += SPLIT_OVERHEAD_S
+        at = max(done_at, seq.load_expected_end) + LATE_LOAD_WAIT * left + SPLIT_OVERHEAD_S
         ctl.at = at if ctl.at is None else min(ctl.at, at)
 
     def _release(self, seq: Sequence) -> None:

@@ -61,8 +61,6 @@ class Sequence:
         self.load_count = 0
         self.load_deadline = None  # its LoadDeadline (kvgrid.store.policy), moved by the engine
         self.load_expected_end = 0.0  # time.monotonic() by which the plan expected it done
-        self.load_compute_done: float | None = None  # when the part recomputed beside it ran
-        self.load_bounded = False  # its wait bounded once the recomputed part was done
         # a layered load still landing (kvgrid.store.landing): the next forward waits on it
         self.kv_landing = None
         self.num_preemptions = 0
