@@ -7,6 +7,9 @@ bfloat16 operands, so 16-bit inputs are checked on the GPU (bench/gpu_engine.py)
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 import triton_interp
@@ -226,6 +229,39 @@ def test_sdpa_padding_lengths():
         assert n <= p <= max(64, n * 1.0625), (n, p)
     # few distinct shapes: one per 1/16 octave
     assert len({sdpa_padded_len(n) for n in range(8193, 16385)}) == 16
+
+
+@pytest.mark.parametrize("top", [1, 64, 65, 5000, 8192, 20000])
+def test_sdpa_lengths_are_every_padded_length(top):
+    from kvgrid.engine.attention.triton_backend import sdpa_lengths, sdpa_padded_len
+
+    assert sdpa_lengths(top) == sorted({sdpa_padded_len(n) for n in range(1, top + 1)})
+
+
+def _sdpa_step_host_s(backend, n: int) -> float:
+    """Host time of one fresh prefill of ``n`` tokens through the SDPA path (8B shape)."""
+    gen = torch.Generator().manual_seed(n)
+    q, k, v, _, meta = make_batch(gen, [0], [n], 32, 8, 128, 64, num_layers=1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    backend._sdpa_fresh(q, k, v, meta, 0.088, torch.empty_like(q))
+    return time.perf_counter() - t0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="cuDNN's attention plans (CUDA only)")
+def test_warm_sdpa_builds_the_plans_a_fresh_prefill_uses():
+    """A fresh prefill at a length never seen launches without building a plan once this
+    thread is warmed; another thread, not warmed, still builds its own (cuDNN keeps them
+    per thread), which is why the engine warms the thread that steps."""
+    backend = TritonAttentionBackend(sdpa_min_query_len=1)
+    assert backend.warm_sdpa(32, 8, 128, 6000, DTYPE, DEVICE)
+    assert not backend.warm_sdpa(32, 8, 128, 6000, DTYPE, DEVICE)  # once per thread
+    warm = [_sdpa_step_host_s(backend, n) for n in (4993, 5377, 700, 81)]
+    cold: list[float] = []
+    t = threading.Thread(target=lambda: cold.append(_sdpa_step_host_s(backend, 4993)))
+    t.start()
+    t.join()
+    assert max(warm) < 0.01 < cold[0], (warm, cold)
 
 
 @pytest.mark.parametrize("splits", [2, 4, 8])

@@ -112,6 +112,11 @@ class LLMEngine:
         # write-through: blocks go to the store as soon as prefill names them
         self.block_manager.record_commits = connector.store.config.write_through
 
+    def warm_thread(self) -> None:
+        """Warm what the device keeps per thread, on a thread that will step this engine
+        before it serves (done anyway at its first step there, delaying that request)."""
+        self.runner.warm_thread()
+
     def close(self) -> None:
         """Write G1's cached blocks to the context store, then stop its background I/O once
         the queued writes have landed: a restarted engine finds the context again."""

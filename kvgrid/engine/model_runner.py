@@ -110,6 +110,18 @@ class ModelRunner:
                 self.backend.warm_up(self.kv_cache, self.spec.config.num_attention_heads)
         # ---- end CUDA path ----
 
+    def warm_thread(self) -> None:
+        """What must be warmed on the thread that steps, which need not be the one that built
+        the runner (the server's engine loop): cuDNN's attention plans, which it keeps per
+        thread (``TritonAttentionBackend.warm_sdpa``). A no-op once done on a thread."""
+        if self.device.type != "cuda" or self.backend.name != "triton":
+            return
+        cfg, t0 = self.spec.config, time.perf_counter()
+        top = min(self.config.max_num_batched_tokens, self.max_model_len)
+        args = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, top)
+        if self.backend.warm_sdpa(*args, self.dtype, self.device):
+            log.info("attention plans to %d tokens: %.1fs", top, time.perf_counter() - t0)
+
     @torch.inference_mode()
     def _warm_logits(self, max_rows: int) -> None:
         """Run the logits projection (and greedy pick) once for every row count a decode step
@@ -262,6 +274,7 @@ class ModelRunner:
         self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, list[int]]:
         """Run one forward pass; logits [n_sampled, vocab] for the rows that sample."""
+        self.warm_thread()
         ids, pos, meta, sample_idx = self.prepare(batch, prev_tokens)
         # prefixes still landing from the store: this forward waits for them layer by layer
         # (all at once before a graph replay); afterwards the stream is ordered behind them

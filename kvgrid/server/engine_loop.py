@@ -94,6 +94,7 @@ class EngineLoop(threading.Thread):
 
     def run(self) -> None:
         try:
+            self.engine.warm_thread()  # requests queue meanwhile; the first is not delayed
             while not self._stopping.is_set():
                 busy = self.engine.has_unfinished_requests()
                 self._run_commands(block=not busy)

@@ -18,6 +18,7 @@ In the last two, one fused kernel first rotates q/k and stores the new K/V in th
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
@@ -49,6 +50,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.mixed_decode_min_rows = mixed_decode_min_rows
         self._split: tuple[AttentionMetadata, MixedSplit] | None = None
         self._num_sms: int | None = None
+        self._sdpa_threads: set[int] = set()  # threads whose cuDNN plans are built
 
     def num_sms(self, device: torch.device) -> int:
         if self._num_sms is None:
@@ -173,27 +175,52 @@ class TritonAttentionBackend(AttentionBackend):
         self._split = (meta, split)
         return split
 
+    def warm_sdpa(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int, dtype, device
+    ) -> bool:
+        """Build, on the calling thread, cuDNN's attention plan for every padded length a
+        fresh prefill of up to ``max_len`` tokens can use; False if this thread has them.
+
+        cuDNN builds a plan per shape and keeps it per thread: the first step at a new
+        length paid ~45 ms of host time for it (each of the engine's-choice splits of an
+        8K prompt on an H200, whose recomputed part met a new length), before any of the
+        step's kernels ran. The engine therefore calls this on the thread that steps."""
+        tid = threading.get_ident()
+        if tid in self._sdpa_threads or torch.device(device).type != "cuda":
+            return False
+        self._sdpa_threads.add(tid)
+        top = sdpa_padded_len(max_len)
+        q = torch.zeros(top, num_heads, head_dim, dtype=dtype, device=device)
+        kv = torch.zeros(top, num_kv_heads, head_dim, dtype=dtype, device=device)
+        for n in sdpa_lengths(max_len):
+            _sdpa(q[:n], kv[:n], kv[:n], 1.0)
+        torch.cuda.synchronize(device)
+        return True
+
     @staticmethod
     def _sdpa_fresh(q, k, v, meta: AttentionMetadata, scale: float, out: torch.Tensor):
-        gqa = q.shape[1] != k.shape[1]
         qsl = meta.query_start_loc_cpu
         for s in range(meta.num_seqs):
             a, b = qsl[s], qsl[s + 1]
-            qs, ks, vs = q[a:b], k[a:b], v[a:b]
-            n = b - a
-            padded = sdpa_padded_len(n)
-            if padded != n:
-                qs, ks, vs = (_pad_rows(x, padded) for x in (qs, ks, vs))
-            o = F.scaled_dot_product_attention(
-                qs.transpose(0, 1).unsqueeze(0),
-                ks.transpose(0, 1).unsqueeze(0),
-                vs.transpose(0, 1).unsqueeze(0),
-                is_causal=True,
-                scale=scale,
-                enable_gqa=gqa,
-            )
-            out[a:b] = o[0, :, :n].transpose(0, 1)
+            # always a contiguous padded copy (q/k/v are views of one projection): the
+            # layout is part of cuDNN's plan key, and warm_sdpa built plans for this one
+            padded = sdpa_padded_len(b - a)
+            qs, ks, vs = (_pad_rows(x[a:b], padded) for x in (q, k, v))
+            out[a:b] = _sdpa(qs, ks, vs, scale)[: b - a]
         return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of one sequence: q [L, H, D], k/v [L, KVH, D]; out [L, H, D]."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return o[0].transpose(0, 1)
 
 
 class MixedSplit(NamedTuple):
@@ -230,6 +257,14 @@ def sdpa_padded_len(n: int) -> int:
         return 64
     step = (1 << (n.bit_length() - 1)) // 16
     return -(-n // step) * step
+
+
+def sdpa_lengths(max_len: int) -> list[int]:
+    """Every length ``sdpa_padded_len`` gives for 1..``max_len`` tokens, in order."""
+    out = [sdpa_padded_len(1)]
+    while out[-1] < max_len:
+        out.append(sdpa_padded_len(out[-1] + 1))
+    return out
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
