@@ -17,6 +17,7 @@ Messages = list[dict]
 class LLM:
     def __init__(self, model: str | None = None, **engine_args):
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self.engine.warm_thread()  # the thread that builds an LLM is the one that generates
         self._ids = itertools.count()
 
     def get_tokenizer(self):
