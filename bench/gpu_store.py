@@ -1426,9 +1426,8 @@ def summary() -> str:
     P = RESULTS["phases"]
     lines = []
     env = P.get("env", {})
-    lines.append(
-        f"device {env.get('device', 'cpu')}  shape {SHAPE}  block {env.get('block_bytes', 0) / 2**20:.0f} MiB"
-    )
+    device = env.get("device") or (torch.cuda.get_device_name() if GPU else "cpu")
+    lines.append(f"device {device}  shape {SHAPE}")
     if "h2d_GBps" in env:
         lines.append(
             "raw host->GPU GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in env["h2d_GBps"].items())
