@@ -83,6 +83,11 @@ class ModelRunner:
             i32 = 4 * (3 * seqs + 1 + seqs * self.max_blocks_per_seq)
             self.staging_in = PinnedRing(max(i64, i32), depth=8)  # two buffers per step
             self.staging_out = PinnedRing(8 * seqs, depth=4)
+        # what warm_thread builds per thread (it runs at every step: decided once here)
+        self._sdpa_shape = None
+        if self.device.type == "cuda" and self.backend.name == "triton":
+            top = min(config.max_num_batched_tokens, max_model_len)
+            self._sdpa_shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, top)
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton":
             from kvgrid.engine.cuda_graphs import DecodeGraphRunner
@@ -114,13 +119,15 @@ class ModelRunner:
         """What must be warmed on the thread that steps, which need not be the one that built
         the runner (the server's engine loop): cuDNN's attention plans, which it keeps per
         thread (``TritonAttentionBackend.warm_sdpa``). A no-op once done on a thread."""
-        if self.device.type != "cuda" or self.backend.name != "triton":
+        if self._sdpa_shape is None:
             return
-        cfg, t0 = self.spec.config, time.perf_counter()
-        top = min(self.config.max_num_batched_tokens, self.max_model_len)
-        args = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, top)
-        if self.backend.warm_sdpa(*args, self.dtype, self.device):
-            log.info("attention plans to %d tokens: %.1fs", top, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        if self.backend.warm_sdpa(*self._sdpa_shape, self.dtype, self.device):
+            log.info(
+                "attention plans to %d tokens: %.1fs",
+                self._sdpa_shape[-1],
+                time.perf_counter() - t0,
+            )
 
     @torch.inference_mode()
     def _warm_logits(self, max_rows: int) -> None:
