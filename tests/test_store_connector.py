@@ -489,6 +489,7 @@ def test_engine_starts_a_prefix_load_after_launching_the_step_that_planned_it(
 ):
     """A request is admitted with its prefix in G3 while another one decodes: the load
     starts only once the step that admitted it (the other's decode) has been launched."""
+    import time
 
     from kvgrid import SamplingParams
     from kvgrid.engine.llm_engine import LLMEngine
@@ -511,6 +512,9 @@ def test_engine_starts_a_prefix_load_after_launching_the_step_that_planned_it(
         def call(*a, **kw):
             if name != "launched":
                 events.append(name)
+            else:
+                # a slow launch: a load the gate did not hold back would start during it
+                time.sleep(0.05)
             out = fn(*a, **kw)
             if name == "launched":
                 events.append(name)
@@ -530,8 +534,11 @@ def test_engine_starts_a_prefix_load_after_launching_the_step_that_planned_it(
             if out.request_id == "c" and out.finished:
                 cached = out.num_cached_tokens
     assert cached >= BS * 4 and store.metrics.total("hits", tier="G3") >= 1
+    # the loader thread may start only after the engine has gone on to launch more steps,
+    # so what is asserted is the order: the admitting step's launch, then the load
     i = events.index("submit")
-    assert events[i + 1 : i + 3] == ["launched", "load"], events[i - 1 : i + 4]
+    assert events[i + 1] == "launched", events[i - 1 : i + 4]
+    assert "load" in events[i + 2 :], events[i - 1 :]
     store.close()
 
 
