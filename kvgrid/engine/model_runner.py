@@ -83,13 +83,14 @@ class ModelRunner:
             i32 = 4 * (3 * seqs + 1 + seqs * self.max_blocks_per_seq)
             self.staging_in = PinnedRing(max(i64, i32), depth=8)  # two buffers per step
             self.staging_out = PinnedRing(8 * seqs, depth=4)
+        triton_gpu = self.device.type == "cuda" and self.backend.name == "triton"
         # what warm_thread builds per thread (it runs at every step: decided once here)
         self._sdpa_shape = None
-        if self.device.type == "cuda" and self.backend.name == "triton":
+        if triton_gpu:
             top = min(config.max_num_batched_tokens, max_model_len)
             self._sdpa_shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, top)
         self.graphs = None
-        if config.cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton":
+        if config.cuda_graphs and triton_gpu:
             from kvgrid.engine.cuda_graphs import DecodeGraphRunner
 
             self.graphs = DecodeGraphRunner(

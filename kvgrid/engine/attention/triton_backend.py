@@ -50,7 +50,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.mixed_decode_min_rows = mixed_decode_min_rows
         self._split: tuple[AttentionMetadata, MixedSplit] | None = None
         self._num_sms: int | None = None
-        self._sdpa_threads: set[int] = set()  # threads whose cuDNN plans are built
+        # per thread, as cuDNN keeps its plans (a set of thread ids would trust a reused id)
+        self._sdpa_warm = threading.local()
 
     def num_sms(self, device: torch.device) -> int:
         if self._num_sms is None:
@@ -185,10 +186,9 @@ class TritonAttentionBackend(AttentionBackend):
         length paid ~45 ms of host time for it (each of the engine's-choice splits of an
         8K prompt on an H200, whose recomputed part met a new length), before any of the
         step's kernels ran. The engine therefore calls this on the thread that steps."""
-        tid = threading.get_ident()
-        if tid in self._sdpa_threads or torch.device(device).type != "cuda":
+        if getattr(self._sdpa_warm, "done", False) or torch.device(device).type != "cuda":
             return False
-        self._sdpa_threads.add(tid)
+        self._sdpa_warm.done = True
         top = sdpa_padded_len(max_len)
         q = torch.zeros(top, num_heads, head_dim, dtype=dtype, device=device)
         kv = torch.zeros(top, num_kv_heads, head_dim, dtype=dtype, device=device)
