@@ -136,7 +136,10 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         tenant: bytes = keys.PUBLIC_TENANT,
+        shared_prefix_tokens: int = 0,
     ) -> None:
+        """``shared_prefix_tokens``: leading prompt tokens of a prefix the server shares
+        across tenants (kvgrid.server.tenants); their blocks are keyed in the public scope."""
         params = params or SamplingParams()
         params.validate()
         if request_id in self.seqs:
@@ -174,8 +177,10 @@ class LLMEngine:
             raise RequestError(
                 f"request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}"
             )
-        if tenant not in self._scope_digests:
-            self._scope_digests[tenant] = self.scope.with_tenant(tenant).digest
+        for t in (tenant, keys.PUBLIC_TENANT):
+            if t not in self._scope_digests:
+                self._scope_digests[t] = self.scope.with_tenant(t).digest
+        shared = min(max(0, int(shared_prefix_tokens)), len(prompt))
         seq = Sequence(
             request_id,
             prompt,
@@ -185,6 +190,8 @@ class LLMEngine:
             max_tokens,
             prompt=text,
             tenant=tenant,
+            shared_tokens=shared,
+            shared_digest=self._scope_digests[keys.PUBLIC_TENANT] if shared else None,
         )
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)

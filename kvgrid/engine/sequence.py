@@ -31,6 +31,8 @@ class Sequence:
         max_tokens: int,
         prompt: str | None = None,
         tenant: bytes = keys.PUBLIC_TENANT,
+        shared_tokens: int = 0,
+        shared_digest: bytes | None = None,
     ):
         self.request_id = request_id
         self.prompt = prompt
@@ -45,6 +47,10 @@ class Sequence:
         self.params = params
         self.scope_digest = scope_digest
         self.tenant = tenant
+        # leading prompt tokens of a prefix shared across tenants: their blocks are keyed in
+        # the public scope (shared_digest), the rest of the chain in the tenant's
+        self.shared_tokens = shared_tokens if shared_digest is not None else 0
+        self.shared_digest = shared_digest
         self.block_size = block_size
         self.max_tokens = max_tokens  # after capping to the context
         self.status = SequenceStatus.WAITING
@@ -139,10 +145,12 @@ class Sequence:
                 raise RuntimeError(f"{self.request_id}: block keys over tokens not yet known")
             tokens = self.all_token_ids
             parent = self._keys[-1] if self._keys else None
-            self._keys += keys.block_keys(
+            self._keys += keys.block_keys_shared(
                 tokens[: num_blocks * self.block_size],
                 self.scope_digest,
                 self.block_size,
+                self.shared_tokens,
+                self.shared_digest or b"",
                 parent=parent,
                 start_block=len(self._keys),
             )

@@ -5,13 +5,19 @@
     GET  /debug/route?prompt=...  (or POST with a completion body): explain a decision, dry run
     GET  /debug/decisions         the last decisions with every candidate's numbers
     GET  /debug/router            workers, freshness, load, counters
-    POST /internal/workers        {"url": ...}: a worker announces itself
+    POST /internal/workers        {"url", "worker_id"}: a worker announces itself
     GET  /admin/scale             `kvgrid serve` scaling: workers, draining, actions
     POST /admin/scale             {"workers": N} resize now, or {"drain": "w1"}
 
 A request: authenticate (API key -> tenant), parse and validate, tokenize (the router
 needs the tokens for block keys, and the worker then receives exactly those tokens), wait
 for a fair admission slot, route, stream from the worker. Errors use OpenAI's shape.
+
+Who may call what: /v1 needs an API key (when keys are configured). The debug endpoints
+show a tenant its own requests only (/debug/route, /debug/decisions); the admin token
+(KVGRID_ADMIN_TOKEN) sees everything, and /debug/router and /admin need it whenever API
+keys are configured or the server is bound beyond loopback, as /metrics (tenant names in
+its labels) does beyond loopback. /internal/workers takes a worker's control-key token.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
-from kvgrid.server.links import FleetLink
+from kvgrid.server import auth
+from kvgrid.server.links import FleetLink, Refused
 from kvgrid.server.metrics import FrontendMetrics
 from kvgrid.server.protocol import (
     APIError,
@@ -60,6 +67,8 @@ class FrontendConfig:
     tokenizer: Any = None  # kvgrid.models.tokenizer.Tokenizer, None: token-id prompts only
     max_retries: int = 2  # other workers tried when one refuses the connection
     log_decisions: bool = False
+    public: bool = False  # bound beyond loopback: operator views need the admin token
+    scope_id: str = ""  # fingerprint of the server secret (tenants.scope_id)
 
 
 class Frontend:
@@ -73,9 +82,18 @@ class Frontend:
     ) -> None:
         self.router, self.link, self.tenants, self.scheduler = router, link, tenants, scheduler
         self.config = config
-        self.metrics = FrontendMetrics(router, config.model_name)
+        self.metrics = FrontendMetrics(router, config.model_name, link)
         # kvgrid.server.autoscale.Autoscaler when `kvgrid serve` may scale its workers
         self.autoscaler: Any = None
+        self.bind_host = "127.0.0.1"  # set by the command that serves it
+        # token ids of the prefixes tenants may share (tenants.TenantRegistry.shared_prefixes)
+        self.shared_prefixes: list[list[int]] = []
+        if tenants.shared_prefixes and config.tokenizer is not None:
+            tok = config.tokenizer
+            for p in tenants.shared_prefixes:
+                text = tok.apply_chat_template(p, add_generation_prompt=False) if isinstance(
+                    p, list) else p  # fmt: skip
+                self.shared_prefixes.append(tok.encode(text, add_special_tokens=False))
 
     # ---- request preparation -------------------------------------------------------------
 
@@ -88,6 +106,34 @@ class Frontend:
                 code="invalid_api_key",
             )
         return tenant
+
+    def is_admin(self, request: Request) -> bool:
+        """The admin token, or (no token, no API keys, loopback) the machine's one user."""
+        if auth.admin_token():
+            return auth.check_admin(request.headers.get("authorization"))
+        return not (self.tenants.auth_required or self.config.public)
+
+    def require_admin(self, request: Request, what: str) -> None:
+        if self.is_admin(request):
+            return
+        if auth.admin_token():
+            raise APIError(401, f"{what} needs 'Authorization: Bearer <admin token>'")
+        raise APIError(403, f"{what} needs the admin token: set {auth.ENV_ADMIN} on the server")
+
+    def shared_prefix_tokens(self, tenant: Tenant, tokens: list[int]) -> int:
+        """Leading tokens of ``tokens`` inside a configured shared prefix (0: none): the
+        longest common start with any of them, so a prompt that merely begins like one
+        shares only what it has in common with it."""
+        if not tenant.shares_prefixes:
+            return 0
+        best = 0
+        for p in self.shared_prefixes:
+            n = min(len(p), len(tokens))
+            i = 0
+            while i < n and p[i] == tokens[i]:
+                i += 1
+            best = max(best, i)
+        return best
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.model_name:
@@ -131,19 +177,25 @@ class Frontend:
     ) -> tuple[Decision, httpx.Response]:
         """Route and start the request on a worker, trying others if one is unreachable."""
         tried: list[str] = []
+        shared = self.shared_prefix_tokens(tenant, tokens)
         body = {
             "request_id": rid,
             "prompt_token_ids": tokens,
             "params": asdict(params),
             "tenant": tenant.scope.hex(),
+            "scope_id": self.config.scope_id,
+            "shared_prefix_tokens": shared,
         }
         for _ in range(self.config.max_retries + 1):
             try:
                 d = self.router.route(
-                    RouteRequest(rid, tokens, tenant.scope, self.config.model_name),
+                    RouteRequest(
+                        rid, tokens, tenant.scope, self.config.model_name,
+                        shared_prefix_tokens=shared,
+                    ),
                     time.monotonic(),
                     exclude=tried,
-                )
+                )  # fmt: skip
             except NoWorkerError as e:
                 raise APIError(503, f"no worker available: {e}") from None
             self.metrics.decision.observe(d.elapsed_s)
@@ -152,14 +204,25 @@ class Frontend:
             else:
                 decision_log.debug(d.log_line())
             url = self.link.url(d.worker_id)
-            req = self.link.client.build_request("POST", f"{url}/generate", json=body)
+            req = self.link.client.build_request(
+                "POST", f"{url}/generate", json=body, headers=self.link.headers(d.worker_id)
+            )
             try:
                 resp = await self.link.client.send(req, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
+            except httpx.PoolTimeout:
+                # our own connection pool is full: not the worker's fault
                 self.router.on_finish(rid, time.monotonic())
-                self.link.mark_down(d.worker_id, f"connect failed: {e!r}")
+                raise APIError(503, "the router is overloaded; retry later") from None
+            except httpx.TransportError as e:
+                # refused, reset, timed out or broke before a response: that worker failed,
+                # and nothing has been generated yet, so another may take the request
+                self.router.on_finish(rid, time.monotonic())
+                self.link.mark_down(d.worker_id, f"request failed: {e!r}")
                 tried.append(d.worker_id)
                 continue
+            except BaseException:
+                self.router.on_finish(rid, time.monotonic())
+                raise
             if resp.status_code == 200:
                 return d, resp
             text = (await resp.aread()).decode(errors="replace")
@@ -171,6 +234,12 @@ class Frontend:
                 msg = text
             if resp.status_code == 400:
                 raise APIError(400, msg)
+            if resp.status_code in (401, 403, 409):
+                # the worker does not take this router's requests (credential, scopes)
+                log.error("worker %s refused a request: %s", d.worker_id, msg)
+                self.link.mark_down(d.worker_id, f"refused this router ({resp.status_code})")
+                tried.append(d.worker_id)
+                continue
             raise APIError(502, f"worker {d.worker_id} failed: {msg}")
         raise APIError(503, f"no worker reachable (tried {', '.join(tried)})")
 
@@ -194,7 +263,9 @@ class Frontend:
         async def _abort():
             with contextlib.suppress(httpx.HTTPError, KeyError):
                 await self.link.client.post(
-                    f"{self.link.url(d.worker_id)}/abort/{rid}", timeout=5.0
+                    f"{self.link.url(d.worker_id)}/abort/{rid}",
+                    headers=self.link.headers(d.worker_id),
+                    timeout=5.0,
                 )
 
         asyncio.get_running_loop().create_task(_abort())
@@ -240,6 +311,13 @@ class Frontend:
             self.scheduler.release(tenant.name)
             self.metrics.errors.labels(self.config.model_name, str(e.status)).inc()
             return e.response()
+        except BaseException as e:  # a bug or a cancellation: the slot goes back all the same
+            self.scheduler.release(tenant.name)
+            self.metrics.errors.labels(self.config.model_name, "500").inc()
+            if not isinstance(e, Exception):
+                raise
+            log.exception("request %s failed before reaching a worker", rid)
+            return APIError(500, "internal error before the request reached a worker").response()
         run = _Run(self, rid, chat, req, tokens, tenant, d, resp, t_arrival)
         headers = {
             "x-request-id": rid,
@@ -247,7 +325,7 @@ class Frontend:
             "x-kvgrid-predicted-cached-tokens": str(d.predicted_cached_tokens),
         }
         if req.stream:
-            return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
+            return _RunResponse(run, headers)
         return await run.whole(request, headers)
 
 
@@ -326,6 +404,17 @@ class _Run:
         m.prediction_match.labels(str(cached == self.d.predicted_cached_tokens).lower()).inc()
         m.success.labels(model, self.final.get("finish_reason") or "stop").inc()
 
+    async def release(self) -> None:
+        """However the response ended: an unfinished request is aborted at the worker, the
+        worker connection returned, the router and the fair queue told. Idempotent."""
+        if self._closed:
+            return
+        if self.final is None:
+            self.fe.abort(self.d, self.rid)
+        self.close()
+        with contextlib.suppress(Exception):
+            await self.resp.aclose()
+
     def _chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
@@ -393,9 +482,14 @@ class _Run:
         except WorkerLost as e:
             self.close(502)
             return APIError(502, f"the worker serving this request failed: {e}").response()
+        except Exception:
+            log.exception("request %s failed while streaming from %s", self.rid, self.d.worker_id)
+            self.close(500)
+            return APIError(500, "internal error while streaming the answer").response()
         finally:
             if not task.done():
                 task.cancel()
+            await self.release()  # cancelled: the worker, the connection and the slot go back
         self.close()
         f = self.final or {}
         text = "".join(self.text)
@@ -424,6 +518,22 @@ class _Run:
             "usage": self.usage(),
         }
         return JSONResponse(body, headers=headers)
+
+
+class _RunResponse(StreamingResponse):
+    """The SSE stream of a run. A stream whose generator never starts (the client left
+    before the first byte) runs none of its cleanup, so the response itself releases the
+    run when it ends, however it ends."""
+
+    def __init__(self, run: _Run, headers: dict) -> None:
+        super().__init__(run.sse(), media_type="text/event-stream", headers=headers)
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.run.release()
 
 
 def create_frontend_app(fe: Frontend) -> FastAPI:
@@ -490,8 +600,20 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
         )
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if fe.config.public:  # tenant names label series: the operator's view only
+            try:
+                fe.require_admin(request, "/metrics")
+            except APIError as e:
+                return e.response()
         return Response(generate_latest(fe.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def viewer(request: Request) -> Tenant | None:
+        """None for the admin (sees every tenant's requests), else the caller's tenant."""
+        if auth.admin_token() and auth.check_admin(request.headers.get("authorization")):
+            return None
+        tenant = fe.authenticate(request)
+        return None if fe.is_admin(request) else tenant
 
     @app.api_route("/debug/route", methods=["GET", "POST"])
     async def debug_route(request: Request) -> Response:
@@ -511,11 +633,15 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
                     raise APIError(400, "give ?prompt=... or POST a completion body")
                 req = CompletionRequest(prompt=prompt)
             tokens = fe.prompt_tokens(req)
+            # the caller's own scope: another tenant's blocks never match
             d = fe.router.route(
-                RouteRequest("debug", tokens, tenant.scope, fe.config.model_name),
+                RouteRequest(
+                    "debug", tokens, tenant.scope, fe.config.model_name,
+                    shared_prefix_tokens=fe.shared_prefix_tokens(tenant, tokens),
+                ),
                 time.monotonic(),
                 dry_run=True,
-            )
+            )  # fmt: skip
         except APIError as e:
             return e.response()
         except NoWorkerError as e:
@@ -525,32 +651,34 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
     @app.get("/debug/decisions")
     async def debug_decisions(request: Request, limit: int = 20) -> Response:
         try:
-            fe.authenticate(request)
+            who = viewer(request)
         except APIError as e:
             return e.response()
-        return JSONResponse([d.to_dict() for d in list(fe.router.decisions)[-limit:]])
+        if not 1 <= limit <= 256:
+            return APIError(400, "limit must be between 1 and 256", param="limit").response()
+        mine = [d for d in fe.router.decisions if who is None or d.tenant == who.scope]
+        return JSONResponse([d.to_dict() for d in mine[-limit:]])
 
     @app.get("/debug/router")
     async def debug_router(request: Request) -> Response:
         try:
-            fe.authenticate(request)
+            fe.require_admin(request, "/debug/router")
         except APIError as e:
             return e.response()
-        return JSONResponse(fe.router.snapshot_state())
+        state = fe.router.snapshot_state()
+        state["bad_messages"] = dict(fe.link.bad_messages)
+        return JSONResponse(state)
 
     def admin(request: Request) -> APIError | None:
-        """Scaling changes the whole server: with API keys configured, only the holder of
-        KVGRID_ADMIN_TOKEN may; without (one local tenant), anyone who can reach it."""
+        """Scaling changes the whole server: the admin's alone."""
+        try:
+            fe.require_admin(request, "admin endpoints")
+        except APIError as e:
+            return e
         if fe.autoscaler is None:
             return APIError(
                 404, "scaling is off: run `kvgrid serve` with --autoscale or --max-workers"
             )
-        token = os.environ.get("KVGRID_ADMIN_TOKEN")
-        if token:
-            if request.headers.get("authorization") != f"Bearer {token}":
-                return APIError(401, "admin endpoints need 'Authorization: Bearer <admin token>'")
-        elif fe.tenants.auth_required:
-            return APIError(403, "set KVGRID_ADMIN_TOKEN to use admin endpoints")
         return None
 
     @app.get("/admin/scale")
@@ -565,36 +693,51 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
         err = admin(request)
         if err is not None:
             return err.response()
+        usage = 'body must be {"workers": N} or {"drain": "WORKER_ID"}'
         try:
             body = await request.json()
+        except ValueError:
+            return APIError(400, usage).response()
+        try:
+            if not isinstance(body, dict) or len(body) != 1:
+                raise ValueError(usage)
             if "workers" in body:
-                acts = fe.autoscaler.resize(int(body["workers"]))
-            elif "drain" in body:
-                acts = fe.autoscaler.drain(str(body["drain"]))
+                acts = fe.autoscaler.resize(body["workers"])
+            elif "drain" in body and isinstance(body["drain"], str):
+                acts = fe.autoscaler.drain(body["drain"])
             else:
-                raise ValueError
+                raise ValueError(usage)
         except KeyError as e:
             return APIError(404, f"no worker {e} under this server's scaling").response()
-        except (ValueError, TypeError, AttributeError) as e:
-            msg = str(e) or 'body must be {"workers": N} or {"drain": "WORKER_ID"}'
-            return APIError(400, msg).response()
+        except ValueError as e:
+            return APIError(400, str(e)).response()
         return JSONResponse({**fe.autoscaler.state(), "done": [a.to_dict() for a in acts]})
 
     @app.post("/internal/workers")
     async def register(request: Request) -> Response:
-        token = os.environ.get("KVGRID_WORKER_TOKEN")
-        if token and request.headers.get("x-kvgrid-worker-token") != token:
-            return APIError(401, "bad worker token").response()
+        proven = None
+        if fe.link.key is not None:
+            proven = fe.link.key.check_worker_token(request.headers.get("authorization"))
+            if proven is None:
+                return APIError(401, "registration needs a worker's control-key token").response()
         try:
-            url = (await request.json())["url"]
+            body = await request.json()
+            url = body["url"]
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
-            return APIError(400, 'body must be {"url": ...}').response()
+            return APIError(400, 'body must be {"url": "http://...", "worker_id": ...}').response()
+        claimed = body.get("worker_id")
+        if proven is not None and claimed not in (None, proven):
+            return APIError(403, f"this token is worker {proven!r}'s, not {claimed!r}'s").response()
         k = fe.link.known.get(url.rstrip("/"))
         w = fe.router.workers.get(k.worker_id) if k and k.worker_id else None
-        if w is None or not w.up:
-            ok = await fe.link.register(url)
-        else:
-            ok = True
+        if w is not None and w.up and (proven is None or w.worker_id == proven):
+            return JSONResponse({"registered": True})
+        try:
+            ok = await fe.link.register(url, proven)
+        except Refused as e:
+            return APIError(e.status, e.reason).response()
         return JSONResponse({"registered": ok})
 
     return app
@@ -610,22 +753,41 @@ def build_frontend(
     max_concurrent: int = 256,
     heartbeat_timeout_s: float = 10.0,
     log_decisions: bool = False,
+    control_key: auth.ControlKey | None = None,
+    public: bool = False,
 ) -> Frontend:
-    """The frontend for a model: its tokenizer, tenants, a router and the fleet link."""
+    """The frontend for a model: its tokenizer, tenants, a router and the fleet link.
+    ``control_key``: the cluster key workers are checked against (None: loopback workers
+    only); ``public``: bound beyond loopback."""
     from kvgrid.models.loader import load_tokenizer, resolve_model
-    from kvgrid.server.tenants import load_server_secret
+    from kvgrid.server.tenants import load_server_secret, scope_id
 
+    if control_key is not None and not control_key.is_cluster:
+        raise auth.CredentialError(
+            f"a router needs the cluster control key, not worker {control_key.worker_id!r}'s"
+        )
     spec = resolve_model(model, load_format)
     tokenizer = load_tokenizer(spec)
     keys_configured = bool(api_keys_file or os.environ.get("KVGRID_API_KEYS"))
-    secret = load_server_secret() if keys_configured else None
+    secret = load_server_secret()[0] if keys_configured else None
     tenants = TenantRegistry.from_config(api_keys_file, secret)
+    if tenants.auth_required and control_key is None:
+        raise auth.CredentialError(
+            "tenants need a control key: workers take tenant scopes only from a router that "
+            "proves itself (--control-key-file, or KVGRID_CONTROL_KEY / KVGRID_CONTROL_KEY_FILE)"
+        )
     router = Router(policy, heartbeat_timeout_s=heartbeat_timeout_s)
-    link = FleetLink(router, list(worker_urls))
+    link = FleetLink(router, list(worker_urls), control_key, scope_id(secret))
     return Frontend(
         router,
         link,
         tenants,
         FairScheduler(max_concurrent),
-        FrontendConfig(served_model_name or spec.name, tokenizer, log_decisions=log_decisions),
+        FrontendConfig(
+            served_model_name or spec.name,
+            tokenizer,
+            log_decisions=log_decisions,
+            public=public,
+            scope_id=scope_id(secret),
+        ),
     )
