@@ -42,6 +42,8 @@ from urllib.parse import urlsplit
 import zmq
 from zmq.utils import z85
 
+from kvgrid.secretfile import write_secret_file
+
 log = logging.getLogger(__name__)
 
 ENV_KEY = "KVGRID_CONTROL_KEY"
@@ -238,29 +240,6 @@ def load_control_key(path: str | os.PathLike | None = None) -> ControlKey | None
     if os.environ.get(ENV_KEY):
         return ControlKey.loads(os.environ[ENV_KEY])
     return None
-
-
-def write_secret_file(path: str | os.PathLike, text: str) -> bool:
-    """Create ``path`` (mode 0600) holding ``text`` unless it exists; True if this call made
-    it. Safe against concurrent starts: the content is written and synced under a temporary
-    name, then linked into place, which fails if another process got there first; no reader
-    ever sees an empty or partial file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, p)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class EventAuthenticator:

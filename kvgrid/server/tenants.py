@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvgrid import keys
+from kvgrid.secretfile import write_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,6 @@ def load_server_secret(path: str | Path | None = None) -> tuple[bytes, str]:
     KVGRID_SERVER_SECRET, else a file created once (0600) so that scopes, and so stored
     blocks, survive restarts. Every router in front of the same workers needs the same one:
     a generated file is this machine's alone, and the log says where it is."""
-    from kvgrid.server.auth import write_secret_file
-
     env = os.environ.get(SECRET_ENV)
     if env:
         return env.encode(), SECRET_ENV

@@ -339,7 +339,11 @@ def run_worker(args) -> int:
 
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
+    try:
+        engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
+    except ValueError as e:  # a configuration the engine or its store cannot use
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model_name = args.served_model_name or engine.spec.name
     tune_gc()  # the model, KV pool and graphs live as long as this process
     url = args.advertise_url or f"http://{args.host}:{args.port}"

@@ -36,7 +36,7 @@ class StoreConfig:
     g3_bytes: int = 20 * GiB
     # G4: a shared tier, either a POSIX directory (NFS, Lustre...) or a Redis/Valkey URL.
     g4_dir: str | Path | None = None
-    g4_redis: str | None = None
+    g4_redis: str | None = field(default=None, repr=False)  # may hold a password
     g4_bytes: int = 100 * GiB
     g4_prefix: str = "kvgrid:"
     # Watermarks (fractions of capacity): above `high` a write first evicts down to `low`.

@@ -134,7 +134,8 @@ class StoreConnector:
             return 0
         try:
             tiers = self.store.contains(rest, tenant)
-        except Exception:  # a store problem is a miss, never the engine's problem
+        except Exception as e:  # a store problem is a miss, never the engine's problem
+            self.store.failed("store", "lookup", repr(e))
             return 0
         stored = next((i for i, t in enumerate(tiers) if t is None), len(tiers))
         if not stored:
@@ -216,7 +217,8 @@ class StoreConnector:
         try:
             dsts = [self.kv_cache[b] for b in block_ids]
             served = self.store.load_into(keys, tenant, dsts, deadline)
-        except Exception:
+        except Exception as e:  # recomputed instead; counted and logged, never silent
+            self.store.failed("store", "load", repr(e))
             return 0
         self.loaded_blocks += len(served)
         return len(served)

@@ -251,6 +251,31 @@ class DiskTier(ObjectTier):
         self._touch(path)
         return data
 
+    def read_meta(self, name: str) -> bytes | None:
+        try:
+            return (self.root / f"meta-{name}").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_meta(self, name: str, data: bytes, replace: bool = False) -> bool:
+        dst = self.root / f"meta-{name}"
+        tmp = self.tmp / f"meta-{name}.{os.getpid()}.{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            if replace:
+                os.replace(tmp, dst)
+                return True
+            try:
+                os.link(tmp, dst)  # fails if another server wrote it first
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def will_need(self, tid: bytes, keys: list[bytes]) -> None:
         # the kernel queues the reads of the whole file and returns: the fetch threads find
         # it in the page cache (or in flight) instead of waiting for the disk one by one

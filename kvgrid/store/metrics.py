@@ -54,6 +54,13 @@ class StoreMetrics:
                 ["mode"],
                 registry=r,
             ),
+            "errors": Counter(
+                "kvgrid_store_errors",
+                "store operations that failed with an error, by tier and operation (lookup, "
+                "load, read); each is also logged",
+                ["tier", "op"],
+                registry=r,
+            ),
             "writes_dropped": Counter(
                 "kvgrid_store_writes_dropped",
                 "writes not done, by reason (queue_full, quota, full, too_big, error, copy_failed)",

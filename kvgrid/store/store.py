@@ -79,6 +79,13 @@ class ContextStore:
         )
         self.leases = LeaseManager(self.g2, cfg.lease_timeout_s) if self.g2 else None
         self.lower: list[ObjectTier] = tiers if tiers is not None else self._build_tiers(cfg)
+        self._error_logged: dict[tuple[str, str], float] = {}
+        if self.keyring is not None:
+            from kvgrid.store.keycheck import check_shared_tier
+
+            for t in self.lower:
+                if t.name == "G4":
+                    check_shared_tier(t, self.keyring)  # refuse another server's master key
         self.sightings = Sightings()
         self.writes = BoundedWorkQueue(cfg.io_queue, cfg.io_workers, cfg.io_block_s, "write")
         self.reads = BoundedWorkQueue(cfg.io_queue, 1, 0.0, "prefetch")
@@ -207,7 +214,8 @@ class ContextStore:
                 continue
             try:
                 created = tier.created_many(tid, [keys[i] for i in remaining])
-            except OSError:
+            except OSError as e:
+                self.failed(tier.name, "lookup", e)
                 continue
             still = []
             for i, c in zip(remaining, created):
@@ -238,7 +246,7 @@ class ContextStore:
         try:
             blob = tier.get(tid, key, self._read_buffer() if out is not None else None)
         except OSError as e:
-            log.warning("%s read failed: %s", tier.name, e)
+            self.failed(tier.name, "read", e)
             blob = None
         if blob is None:
             reason = "absent" if tier.up else "backend_down"
@@ -259,6 +267,13 @@ class ContextStore:
             self.metrics.inc("integrity_failures", tier=tier.name, kind=e.kind)
             self.metrics.inc("misses", tier=tier.name, tenant=tl, reason=e.kind)
             log.warning("%s object %s failed verification (%s)", tier.name, key.hex()[:16], e)
+            if e.kind == "decrypt" and tier.name == "G4":
+                self.failed(
+                    "G4",
+                    "decrypt",
+                    "an object of the shared tier does not open with this server's master key: "
+                    "every server of a shared tier needs the same key",
+                )
             if e.kind != "decrypt":  # damaged or misplaced: never this block; drop it
                 with contextlib.suppress(OSError):
                     if tier.delete(tid, key):
@@ -274,6 +289,16 @@ class ContextStore:
         self.metrics.inc("hits", tier=tier.name, tenant=tl)
         self.metrics.inc("bytes_out", len(blob), tier=tier.name, tenant=tl)
         return h, t
+
+    def failed(self, tier: str, op: str, error: object) -> None:
+        """A store operation failed: counted always, logged at most every 30 s per kind (a
+        broken disk fails every request; the log must say so without flooding)."""
+        self.metrics.inc("errors", tier=tier, op=op)
+        now = time.monotonic()
+        if now - self._error_logged.get((tier, op), float("-inf")) >= 30.0:
+            self._error_logged[(tier, op)] = now
+            n = self.metrics.total("errors", tier=tier, op=op)
+            log.error("context store %s %s failed (%d so far): %s", tier, op, n, error)
 
     def _g2_acquire(self, tid: bytes, key: bytes) -> tuple[Slot, torch.Tensor] | None:
         if self.g2 is None:
