@@ -206,10 +206,10 @@ def _default_host(args: argparse.Namespace) -> str:
     return args.host or ("0.0.0.0" if keys_set else "127.0.0.1")
 
 
-def _bind_host(args: argparse.Namespace, fe) -> str:
+def _bind_host(args: argparse.Namespace, auth_required: bool) -> str:
     """The frontend's address; ValueError when binding it beyond loopback is not safe."""
     host = _default_host(args)
-    if not is_loopback_host(host) and not fe.tenants.auth_required and not args.allow_anonymous:
+    if not is_loopback_host(host) and not auth_required and not args.allow_anonymous:
         raise ValueError(
             f"binding {host} without API keys lets anyone who reaches it use this server: "
             "configure --api-keys (or KVGRID_API_KEYS), or pass --allow-anonymous"
@@ -352,7 +352,8 @@ def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
     from kvgrid.server.frontend import build_frontend
 
     try:
-        host = _default_host(args)
+        keys_set = bool(args.api_keys or os.environ.get("KVGRID_API_KEYS"))
+        host = _bind_host(args, keys_set)  # before loading anything: fail fast
         fe = build_frontend(
             args.model,
             args.load_format,
@@ -366,7 +367,7 @@ def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
             control_key=key,
             public=not is_loopback_host(host),
         )
-        fe.bind_host = _bind_host(args, fe)
+        fe.bind_host = _bind_host(args, fe.tenants.auth_required)
         return fe
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
