@@ -347,3 +347,48 @@ def test_registration_refuses_outsiders_and_impostors():
             await fe.link.stop()
 
     asyncio.run(go())
+
+
+async def test_a_worker_takes_tenant_scopes_from_one_server_secret_only(tiny_model_dir):
+    """Two routers with different server secrets would give one tenant two scopes on a
+    worker: the worker serves the first one's, refuses the other's, and routers check."""
+    from kvgrid.engine.llm_engine import LLMEngine
+    from kvgrid.server.links import Refused
+    from kvgrid.server.tenants import scope_id
+    from kvgrid.server.worker import Worker, create_worker_app
+
+    cluster = ControlKey.generate()
+    engine = LLMEngine(model=str(tiny_model_dir("llama")), block_size=16, num_kv_blocks=64)
+    worker = Worker(engine, "w1", "http://127.0.0.1:9", "m", key=cluster)
+    worker.loop.start()
+    h = cluster.router_headers("w1")
+    try:
+        transport = httpx.ASGITransport(app=create_worker_app(worker))
+        async with httpx.AsyncClient(transport=transport, base_url="http://w") as c:
+
+            def gen(rid: str, secret: bytes) -> dict:
+                return {"request_id": rid, "prompt_token_ids": [5, 6, 7], "tenant": "ab" * 32,
+                        "params": {"max_tokens": 1}, "scope_id": scope_id(secret)}  # fmt: skip
+
+            r = await c.post("/generate", json=gen("r1", b"one"), headers=h)
+            assert r.status_code == 200 and "finish_reason" in r.text
+            r = await c.post("/generate", json=gen("r2", b"two"), headers=h)
+            assert r.status_code == 409 and "KVGRID_SERVER_SECRET" in r.json()["error"]
+            r = await c.post("/generate", json=gen("r3", b"one"), headers=h)
+            assert r.status_code == 200
+            assert (await c.post("/generate", json=gen("r4", b"one"))).status_code == 401
+            info = (await c.get("/info", headers={**h, "x-kvgrid-nonce": "n"})).json()
+        assert info["scope_id"] == scope_id(b"one") and cluster.check_info_proof(
+            "w1", "n", info["proof"]
+        )
+        # a router with the other secret refuses the worker when it (re)registers
+        link = FleetLink(Router(), [], cluster, scope_id(b"two"))
+        with pytest.raises(Refused, match="another server secret"):
+            link._check("http://127.0.0.1:9", info, "n", None)
+        FleetLink(Router(), [], cluster, scope_id(b"one"))._check(
+            "http://127.0.0.1:9", info, "n", None
+        )
+    finally:
+        worker.loop.stop()
+        worker.publisher.close()
+        engine.close()

@@ -11,8 +11,10 @@ An operator can also resize the pool at once (``POST /admin/scale``).
 The planner models the workers from what this router measures (``observed_calibration``:
 the prefill speed and decode step time in their load reports, their KV capacity, the time a
 started worker took to join), refreshed every interval; it decides nothing until a worker
-has measured itself. A calibration file (``--calibration``, this machine's measured step
-times) replaces that; never a model of another machine.
+has measured itself. Engines measure their prefill speed only on long enough prefills, so
+while none has, the autoscaler runs a calibration request of its own on a worker (a prompt
+long enough, a few decode steps). A calibration file (``--calibration``, this machine's
+measured step times) replaces all that; never a model of another machine.
 """
 
 from __future__ import annotations
@@ -186,6 +188,10 @@ class LiveActuator:
                 await t
 
 
+CALIBRATION_PROMPT = list(range(1000, 1000 + 320))  # one prefill step long enough to time
+CALIBRATION_EVERY_S = 30.0
+
+
 def observed_calibration(act: LiveActuator, default_startup_s: float = 30.0) -> Calibration | None:
     """The planner's engine model from what the router measures of the workers it has: the
     median prefill speed and decode step time of their load reports, their KV capacity, and
@@ -239,6 +245,8 @@ class Autoscaler:
         self.window = ObservationWindow(clock())
         self.actions: list[dict[str, Any]] = []
         self._task: asyncio.Task | None = None
+        self._probed: dict[str, float] = {}  # worker -> when it last got a calibration request
+        self._probes: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self.window = ObservationWindow(self.clock())
@@ -246,10 +254,11 @@ class Autoscaler:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for t in [self._task, *self._probes]:
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
         await self.actuator.close()
 
     async def _run(self) -> None:
@@ -266,6 +275,7 @@ class Autoscaler:
         self.actuator.pool_states(now)  # notes when started workers joined
         cal = observed_calibration(self.actuator)
         if cal is None:
+            self._calibration_request(now)
             return False
         if self.planner is None:
             self.planner = Planner(self.planner_config, cal)
@@ -277,6 +287,41 @@ class Autoscaler:
         else:
             self.planner.recalibrate(cal)
         return True
+
+    def _calibration_request(self, now: float) -> None:
+        """No worker has measured itself: have one measure (a long enough prefill, then a
+        few decode steps), at most every CALIBRATION_EVERY_S per worker."""
+        fe = self.actuator.fe
+        ups = [w for w in fe.router.workers.values() if w.up and not w.draining]
+        if not ups or fe.link.client is None:
+            return
+        w = min(ups, key=lambda w: self._probed.get(w.worker_id, float("-inf")))
+        if now - self._probed.get(w.worker_id, float("-inf")) < CALIBRATION_EVERY_S:
+            return
+        self._probed[w.worker_id] = now
+        body = {
+            "request_id": f"calibrate-{w.worker_id}-{int(now * 1000)}",
+            "prompt_token_ids": CALIBRATION_PROMPT,
+            "params": {"max_tokens": 8, "ignore_eos": True, "temperature": 0.0},
+            "tenant": "",
+        }
+
+        async def run() -> None:
+            try:
+                r = await fe.link.client.post(
+                    f"{w.info.url}/generate",
+                    json=body,
+                    headers=fe.link.headers(w.worker_id),
+                    timeout=120.0,
+                )
+                r.raise_for_status()
+                log.info("autoscale: ran a calibration request on %s", w.worker_id)
+            except Exception as e:  # the next interval tries again (another worker, maybe)
+                log.warning("autoscale: calibration request on %s failed: %r", w.worker_id, e)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
 
     def tick(self, now: float) -> list[ScaleAction]:
         ups = [w for w in self.actuator.fe.router.workers.values() if w.up]
