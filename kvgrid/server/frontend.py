@@ -13,11 +13,8 @@ A request: authenticate (API key -> tenant), parse and validate, tokenize (the r
 needs the tokens for block keys, and the worker then receives exactly those tokens), wait
 for a fair admission slot, route, stream from the worker. Errors use OpenAI's shape.
 
-Who may call what: /v1 needs an API key (when keys are configured). The debug endpoints
-show a tenant its own requests only (/debug/route, /debug/decisions); the admin token
-(KVGRID_ADMIN_TOKEN) sees everything, and /debug/router and /admin need it whenever API
-keys are configured or the server is bound beyond loopback, as /metrics (tenant names in
-its labels) does beyond loopback. /internal/workers takes a worker's control-key token.
+/v1 needs an API key when keys are configured; who may call the operator routes is in
+kvgrid.server.operator; a request's life after it reached a worker in kvgrid.server.run.
 """
 
 from __future__ import annotations
@@ -34,14 +31,14 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse, Response
 
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
 from kvgrid.server import auth
-from kvgrid.server.links import FleetLink, Refused
+from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
+from kvgrid.server.operator import add_operator_routes
 from kvgrid.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -49,16 +46,13 @@ from kvgrid.server.protocol import (
     check_max_tokens,
     parse_request,
 )
+from kvgrid.server.run import RequestRun, RunResponse, WorkerLost
 from kvgrid.server.tenants import FairScheduler, QueueFull, Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 decision_log = logging.getLogger("kvgrid.router.decisions")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-class WorkerLost(Exception):
-    """The worker serving a stream went away after output had been sent."""
 
 
 @dataclass
@@ -318,222 +312,15 @@ class Frontend:
                 raise
             log.exception("request %s failed before reaching a worker", rid)
             return APIError(500, "internal error before the request reached a worker").response()
-        run = _Run(self, rid, chat, req, tokens, tenant, d, resp, t_arrival)
+        run = RequestRun(self, rid, chat, req, tokens, tenant, d, resp, t_arrival)
         headers = {
             "x-request-id": rid,
             "x-kvgrid-worker": d.worker_id,
             "x-kvgrid-predicted-cached-tokens": str(d.predicted_cached_tokens),
         }
         if req.stream:
-            return _RunResponse(run, headers)
+            return RunResponse(run, headers)
         return await run.whole(request, headers)
-
-
-class _Run:
-    """One request after it reached a worker: turns worker deltas into OpenAI responses and
-    does the bookkeeping (router, fair queue, metrics) exactly once."""
-
-    def __init__(self, fe: Frontend, rid, chat, req, tokens, tenant, d, resp, t_arrival):
-        self.fe, self.rid, self.chat, self.req, self.tokens = fe, rid, chat, req, tokens
-        self.tenant, self.d, self.resp, self.t_arrival = tenant, d, resp, t_arrival
-        self.created = int(time.time())
-        self.text: list[str] = []
-        self.ids: list[int] = []
-        self.final: dict | None = None
-        self._first = self._last = None
-        self._closed = False
-
-    async def _iterate(self):
-        m = self.fe.metrics
-        model = self.fe.config.model_name
-        async for msg in self.fe.deltas(self.d, self.resp):
-            now = time.monotonic()
-            if msg.get("ids"):
-                if self._first is None:
-                    self._first = now
-                    m.ttft.labels(model).observe(now - self.t_arrival)
-                    if self.fe.autoscaler is not None:
-                        self.fe.autoscaler.window.first_token(now - self.t_arrival)
-                    self.fe.router.on_first_token(self.rid, now)
-                elif self._last is not None:
-                    m.itl.labels(model).observe(now - self._last)
-                self._last = now
-            self.text.append(msg.get("text", ""))
-            self.ids.extend(msg.get("ids", ()))
-            if "finish_reason" in msg:
-                self.final = msg
-            yield msg
-
-    def usage(self) -> dict:
-        f = self.final or {}
-        prompt = f.get("prompt_tokens", len(self.tokens))
-        completion = f.get("completion_tokens", len(self.ids))
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": f.get("cached_tokens", 0)},
-        }
-
-    def close(self, error_status: int | None = None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        fe, m, model = self.fe, self.fe.metrics, self.fe.config.model_name
-        now = time.monotonic()
-        fe.router.on_finish(self.rid, now, self.ids if self.final else None)
-        fe.scheduler.release(self.tenant.name)
-        if error_status is not None:
-            m.errors.labels(model, str(error_status)).inc()
-            return
-        if self.final is None:  # client went away
-            m.success.labels(model, "abort").inc()
-            return
-        u = self.usage()
-        m.e2e.labels(model).observe(now - self.t_arrival)
-        n_out = u["completion_tokens"]
-        if fe.autoscaler is not None and n_out > 1 and self._first is not None:
-            fe.autoscaler.window.finished((self._last - self._first) / (n_out - 1))
-        m.prompt_tokens.labels(model).inc(u["prompt_tokens"])
-        m.generation_tokens.labels(model).inc(u["completion_tokens"])
-        m.prompt_hist.labels(model).observe(u["prompt_tokens"])
-        m.gen_hist.labels(model).observe(u["completion_tokens"])
-        cached = u["prompt_tokens_details"]["cached_tokens"]
-        m.cached_tokens.labels(model).inc(cached)
-        m.predicted_cached.inc(self.d.predicted_cached_tokens)
-        m.prediction_match.labels(str(cached == self.d.predicted_cached_tokens).lower()).inc()
-        m.success.labels(model, self.final.get("finish_reason") or "stop").inc()
-
-    async def release(self) -> None:
-        """However the response ended: an unfinished request is aborted at the worker, the
-        worker connection returned, the router and the fair queue told. Idempotent."""
-        if self._closed:
-            return
-        if self.final is None:
-            self.fe.abort(self.d, self.rid)
-        self.close()
-        with contextlib.suppress(Exception):
-            await self.resp.aclose()
-
-    def _chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return {
-            "id": self.rid,
-            "object": obj,
-            "created": self.created,
-            "model": self.fe.config.model_name,
-            "choices": [choice],
-        }
-
-    async def sse(self):
-        def event(obj: dict) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
-        error = None
-        try:
-            if self.chat:
-                yield event(self._chunk("", None, first=True))
-            async for msg in self._iterate():
-                finish = msg.get("finish_reason")
-                if msg.get("text") or finish:
-                    yield event(self._chunk(msg.get("text", ""), finish))
-            opts = self.req.stream_options
-            if opts is not None and opts.include_usage:
-                u = self._chunk(None, None)
-                u["choices"], u["usage"] = [], self.usage()
-                yield event(u)
-            yield "data: [DONE]\n\n"
-        except WorkerLost as e:
-            error = 502
-            yield event(APIError(502, f"the worker serving this request failed: {e}").body())
-            yield "data: [DONE]\n\n"
-        finally:
-            if self.final is None and error is None:  # client disconnected: free the blocks
-                self.fe.abort(self.d, self.rid)
-            self.close(error)
-
-    async def whole(self, request: Request, headers: dict) -> Response:
-        async def collect():
-            async for _ in self._iterate():
-                pass
-
-        task = asyncio.ensure_future(collect())
-        try:
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=0.5)
-                if not done and await request.is_disconnected():
-                    task.cancel()
-                    self.fe.abort(self.d, self.rid)
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                    self.close()
-                    return Response(status_code=499)
-            task.result()
-        except WorkerLost as e:
-            self.close(502)
-            return APIError(502, f"the worker serving this request failed: {e}").response()
-        except Exception:
-            log.exception("request %s failed while streaming from %s", self.rid, self.d.worker_id)
-            self.close(500)
-            return APIError(500, "internal error while streaming the answer").response()
-        finally:
-            if not task.done():
-                task.cancel()
-            await self.release()  # cancelled: the worker, the connection and the slot go back
-        self.close()
-        f = self.final or {}
-        text = "".join(self.text)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": f.get("finish_reason"),
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": f.get("finish_reason"),
-            }
-            obj = "text_completion"
-        body = {
-            "id": self.rid,
-            "object": obj,
-            "created": self.created,
-            "model": self.fe.config.model_name,
-            "choices": [choice],
-            "usage": self.usage(),
-        }
-        return JSONResponse(body, headers=headers)
-
-
-class _RunResponse(StreamingResponse):
-    """The SSE stream of a run. A stream whose generator never starts (the client left
-    before the first byte) runs none of its cleanup, so the response itself releases the
-    run when it ends, however it ends."""
-
-    def __init__(self, run: _Run, headers: dict) -> None:
-        super().__init__(run.sse(), media_type="text/event-stream", headers=headers)
-        self.run = run
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.run.release()
 
 
 def create_frontend_app(fe: Frontend) -> FastAPI:
@@ -599,147 +386,7 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
             {"status": "ok" if up else "no workers", "workers_up": up}, status_code=status
         )
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        if fe.config.public:  # tenant names label series: the operator's view only
-            try:
-                fe.require_admin(request, "/metrics")
-            except APIError as e:
-                return e.response()
-        return Response(generate_latest(fe.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    def viewer(request: Request) -> Tenant | None:
-        """None for the admin (sees every tenant's requests), else the caller's tenant."""
-        if auth.admin_token() and auth.check_admin(request.headers.get("authorization")):
-            return None
-        tenant = fe.authenticate(request)
-        return None if fe.is_admin(request) else tenant
-
-    @app.api_route("/debug/route", methods=["GET", "POST"])
-    async def debug_route(request: Request) -> Response:
-        try:
-            tenant = fe.authenticate(request)
-            if request.method == "POST":
-                body = await request.body()
-                try:
-                    data = json.loads(body)
-                except ValueError:
-                    raise APIError(400, "request body is not valid JSON") from None
-                cls = ChatCompletionRequest if "messages" in data else CompletionRequest
-                req = parse_request(cls, body)
-            else:
-                prompt = request.query_params.get("prompt")
-                if prompt is None:
-                    raise APIError(400, "give ?prompt=... or POST a completion body")
-                req = CompletionRequest(prompt=prompt)
-            tokens = fe.prompt_tokens(req)
-            # the caller's own scope: another tenant's blocks never match
-            d = fe.router.route(
-                RouteRequest(
-                    "debug", tokens, tenant.scope, fe.config.model_name,
-                    shared_prefix_tokens=fe.shared_prefix_tokens(tenant, tokens),
-                ),
-                time.monotonic(),
-                dry_run=True,
-            )  # fmt: skip
-        except APIError as e:
-            return e.response()
-        except NoWorkerError as e:
-            return APIError(503, str(e)).response()
-        return JSONResponse(d.to_dict())
-
-    @app.get("/debug/decisions")
-    async def debug_decisions(request: Request, limit: int = 20) -> Response:
-        try:
-            who = viewer(request)
-        except APIError as e:
-            return e.response()
-        if not 1 <= limit <= 256:
-            return APIError(400, "limit must be between 1 and 256", param="limit").response()
-        mine = [d for d in fe.router.decisions if who is None or d.tenant == who.scope]
-        return JSONResponse([d.to_dict() for d in mine[-limit:]])
-
-    @app.get("/debug/router")
-    async def debug_router(request: Request) -> Response:
-        try:
-            fe.require_admin(request, "/debug/router")
-        except APIError as e:
-            return e.response()
-        state = fe.router.snapshot_state()
-        state["bad_messages"] = dict(fe.link.bad_messages)
-        return JSONResponse(state)
-
-    def admin(request: Request) -> APIError | None:
-        """Scaling changes the whole server: the admin's alone."""
-        try:
-            fe.require_admin(request, "admin endpoints")
-        except APIError as e:
-            return e
-        if fe.autoscaler is None:
-            return APIError(
-                404, "scaling is off: run `kvgrid serve` with --autoscale or --max-workers"
-            )
-        return None
-
-    @app.get("/admin/scale")
-    async def scale_state(request: Request) -> Response:
-        err = admin(request)
-        if err is not None:
-            return err.response()
-        return JSONResponse(fe.autoscaler.state())
-
-    @app.post("/admin/scale")
-    async def scale(request: Request) -> Response:
-        err = admin(request)
-        if err is not None:
-            return err.response()
-        usage = 'body must be {"workers": N} or {"drain": "WORKER_ID"}'
-        try:
-            body = await request.json()
-        except ValueError:
-            return APIError(400, usage).response()
-        try:
-            if not isinstance(body, dict) or len(body) != 1:
-                raise ValueError(usage)
-            if "workers" in body:
-                acts = fe.autoscaler.resize(body["workers"])
-            elif "drain" in body and isinstance(body["drain"], str):
-                acts = fe.autoscaler.drain(body["drain"])
-            else:
-                raise ValueError(usage)
-        except KeyError as e:
-            return APIError(404, f"no worker {e} under this server's scaling").response()
-        except ValueError as e:
-            return APIError(400, str(e)).response()
-        return JSONResponse({**fe.autoscaler.state(), "done": [a.to_dict() for a in acts]})
-
-    @app.post("/internal/workers")
-    async def register(request: Request) -> Response:
-        proven = None
-        if fe.link.key is not None:
-            proven = fe.link.key.check_worker_token(request.headers.get("authorization"))
-            if proven is None:
-                return APIError(401, "registration needs a worker's control-key token").response()
-        try:
-            body = await request.json()
-            url = body["url"]
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            return APIError(400, 'body must be {"url": "http://...", "worker_id": ...}').response()
-        claimed = body.get("worker_id")
-        if proven is not None and claimed not in (None, proven):
-            return APIError(403, f"this token is worker {proven!r}'s, not {claimed!r}'s").response()
-        k = fe.link.known.get(url.rstrip("/"))
-        w = fe.router.workers.get(k.worker_id) if k and k.worker_id else None
-        if w is not None and w.up and (proven is None or w.worker_id == proven):
-            return JSONResponse({"registered": True})
-        try:
-            ok = await fe.link.register(url, proven)
-        except Refused as e:
-            return APIError(e.status, e.reason).response()
-        return JSONResponse({"registered": ok})
-
+    add_operator_routes(app, fe)
     return app
 
 
