@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 
 import httpx
 import pytest
 import zmq
+from chat_sessions import multi_turn
 from netns import Net
 
 from kvgrid.cli import main as kvgrid
@@ -119,50 +119,9 @@ def _metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
-def _multi_turn(url: str, sessions: int = 4, turns: int = 3) -> list[tuple]:
-    results, errors = [], []
-
-    def session(i: int) -> None:
-        system = f"You are assistant number {i}. " + " ".join(
-            f"Rule {j}: answer briefly about topic {i * 100 + j}." for j in range(14)
-        )
-        msgs = [{"role": "system", "content": system}]
-        with httpx.Client(timeout=120, headers=ALICE) as c:
-            for turn in range(turns):
-                ask = f"Question {turn} of session {i}: " + "explain the details again. " * 12
-                msgs.append({"role": "user", "content": ask})
-                r = c.post(
-                    f"{url}/v1/chat/completions",
-                    json={"messages": msgs, "max_tokens": 6, "temperature": 0},
-                )
-                if r.status_code != 200:
-                    errors.append(r.text)
-                    return
-                body = r.json()
-                results.append(
-                    (
-                        int(r.headers["x-kvgrid-predicted-cached-tokens"]),
-                        body["usage"]["prompt_tokens_details"]["cached_tokens"],
-                        r.headers["x-kvgrid-worker"],
-                        turn,
-                    )
-                )
-                msgs.append(
-                    {"role": "assistant", "content": body["choices"][0]["message"]["content"]}
-                )
-
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(sessions)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
-    assert not errors, errors
-    return results
-
-
 def test_kv_events_and_heartbeats_cross_hosts(fleet):
     client = fleet["net"].hosts["client"]
-    results = client.call(_multi_turn, fleet["url"])
+    results = client.call(multi_turn, fleet["url"], ALICE)
     print("predicted, reported, worker, turn:", results)
     assert len(results) == 12
     matches = sum(p == a for p, a, _, _ in results)

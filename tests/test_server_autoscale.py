@@ -33,6 +33,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(proc: subprocess.Popen, log) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    print(log.read_text()[-4000:])
+
+
 def _scale(url: str) -> dict:
     return httpx.get(f"{url}/admin/scale", timeout=5).json()
 
@@ -122,12 +131,7 @@ def test_scale_1_to_2_to_1_under_load_without_failures(default_model_dir, tmp_pa
         stop.set()
         for t in threads:
             t.join(60)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-4000:])
+        _stop(proc, log)
 
     failed = [d for d in done if d[2] != 200 or d[4] != d[5]]
     assert not failed, failed
@@ -203,10 +207,5 @@ def test_the_planner_scales_on_load_from_speeds_it_measures(default_model_dir, t
         stop.set()
         for t in threads:
             t.join(60)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-4000:])
+        _stop(proc, log)
     assert "error" not in served and all(s in ("w0", "w1") for s in served), set(served)

@@ -233,7 +233,9 @@ def test_commands_refuse_an_open_control_plane(tmp_path, monkeypatch, capsys):
     key = tmp_path / "cluster.key"
 
     def refused(*argv: str) -> str:
-        assert main(list(argv)) == 2
+        # a model that does not exist: a command that failed to refuse stops there at once
+        # (with another message) instead of serving
+        assert main([*argv, "--model", str(tmp_path / "no-model")]) == 2
         return capsys.readouterr().err
 
     assert "needs a control key" in refused(
@@ -242,7 +244,8 @@ def test_commands_refuse_an_open_control_plane(tmp_path, monkeypatch, capsys):
     assert "needs a control key" in refused("router", "--host", "0.0.0.0")
     assert main(["control-key", "new", "--out", str(key)]) == 0
     assert oct(key.stat().st_mode & 0o777) == "0o600"
-    assert "exists" in refused("control-key", "new", "--out", str(key))
+    assert main(["control-key", "new", "--out", str(key)]) == 2
+    assert "exists" in capsys.readouterr().err
     w1 = tmp_path / "w1.key"
     assert main(["control-key", "worker", "w1", "--cluster", str(key), "--out", str(w1)]) == 0
     cluster = ControlKey.loads(key.read_text())
@@ -254,6 +257,7 @@ def test_commands_refuse_an_open_control_plane(tmp_path, monkeypatch, capsys):
     assert "belongs to worker 'w1'" in refused(
         "worker", "--worker-id", "w2", "--control-key-file", str(w1)
     )
+    assert "cluster control key" in refused("router", "--control-key-file", str(w1))
 
 
 def test_shared_prefix_tenants_share_the_prefix_and_nothing_else(tiny_model_dir):

@@ -10,11 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import pytest
+from chat_sessions import multi_turn
 
 from kvgrid.server.auth import ControlKey
 
@@ -187,45 +187,7 @@ def test_bad_requests_get_clear_errors_and_server_keeps_serving(server):
 def test_multi_turn_predicted_cached_tokens_match_workers(server):
     """Concurrent multi-turn chats on 2 workers: the router's predicted cached tokens (sent
     back in a header) equal the cached tokens the worker reports, for >= 95% of requests."""
-    results, errors = [], []
-
-    def session(i: int) -> None:
-        system = f"You are assistant number {i}. " + " ".join(
-            f"Rule {j}: answer briefly about topic {i * 100 + j}." for j in range(14)
-        )
-        msgs = [{"role": "system", "content": system}]
-        with httpx.Client(timeout=120, headers=ALICE) as c:
-            for turn in range(3):
-                # long enough that each turn crosses block boundaries, so the blocks of the
-                # previous answer are part of what must be predicted
-                ask = f"Question {turn} of session {i}: " + "explain the details again. " * 12
-                msgs.append({"role": "user", "content": ask})
-                r = c.post(
-                    f"{server}/v1/chat/completions",
-                    json={"messages": msgs, "max_tokens": 6, "temperature": 0},
-                )
-                if r.status_code != 200:
-                    errors.append(r.text)
-                    return
-                body = r.json()
-                results.append(
-                    (
-                        int(r.headers["x-kvgrid-predicted-cached-tokens"]),
-                        body["usage"]["prompt_tokens_details"]["cached_tokens"],
-                        r.headers["x-kvgrid-worker"],
-                        turn,
-                    )
-                )
-                msgs.append(
-                    {"role": "assistant", "content": body["choices"][0]["message"]["content"]}
-                )
-
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert not errors, errors
+    results = multi_turn(server, ALICE)
     assert len(results) == 12
     matches = sum(p == a for p, a, _, _ in results)
     print("predicted, reported, worker, turn:", results)
