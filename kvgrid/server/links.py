@@ -53,6 +53,7 @@ class _Known:
     task: asyncio.Task | None = None
     next_probe: float = 0.0
     refused: str | None = None  # the last refusal, logged once
+    received: int = 0  # messages on the current subscription
 
 
 class FleetLink:
@@ -225,7 +226,7 @@ class FleetLink:
         if self.key is not None:
             self.key.secure_subscriber(sub, worker_id)
         sub.connect(endpoint)
-        k.sub, k.events_endpoint = sub, endpoint
+        k.sub, k.events_endpoint, k.received = sub, endpoint, 0
         k.task = asyncio.create_task(self._recv_loop(worker_id, sub))
 
     def _unsubscribe(self, k: _Known) -> None:
@@ -250,6 +251,9 @@ class FleetLink:
     def handle_message(self, worker_id: str, frames: list[bytes]) -> None:
         """One message from ``worker_id``'s stream: applied, or counted, logged and skipped."""
         now = self.clock()
+        k = self.by_id.get(worker_id)
+        if k is not None:
+            k.received += 1
         try:
             if len(frames) != 2:
                 raise wire.WireError(f"{len(frames)} frames, not [topic, payload]")
@@ -325,7 +329,15 @@ class FleetLink:
     async def _watch(self) -> None:
         while True:
             now = self.clock()
-            self.router.check_liveness(now)
+            for wid in self.router.check_liveness(now):
+                k = self.by_id.get(wid)
+                if k is not None and k.received == 0:
+                    log.error(
+                        "worker %s: not one message from its event stream %s since it joined; "
+                        "can this host reach that address (firewall, --advertise-events)?",
+                        wid,
+                        k.events_endpoint,
+                    )
             probes = []
             for url, k in list(self.known.items()):
                 w = self.router.workers.get(k.worker_id) if k.worker_id else None
