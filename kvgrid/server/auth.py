@@ -266,6 +266,25 @@ class EventAuthenticator:
         self._auth.stop()
 
 
+def require_router(app, key: ControlKey | None, worker_id: str, open_paths=("/health",)) -> None:
+    """Install on a worker's FastAPI ``app`` the check that every request (but
+    ``open_paths``) carries the router's token for ``worker_id``; None: no key, loopback
+    only, every request passes. A refused request gets a 401 naming the worker (its id is
+    no secret: a router configured with the URL alone learns whose token to present)."""
+    from fastapi.responses import JSONResponse
+
+    @app.middleware("http")
+    async def check_router(request, call_next):
+        if (
+            key is None
+            or request.url.path in open_paths
+            or key.check_router_token(worker_id, request.headers.get("authorization"))
+        ):
+            return await call_next(request)
+        body = {"error": "this worker takes requests from its router only", "worker_id": worker_id}
+        return JSONResponse(body, status_code=401)
+
+
 def admin_token() -> str | None:
     return os.environ.get(ENV_ADMIN) or None
 
@@ -315,6 +334,7 @@ __all__ = [
     "is_loopback_host",
     "is_wildcard_host",
     "load_control_key",
+    "require_router",
     "url_host",
     "write_secret_file",
 ]

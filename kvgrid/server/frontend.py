@@ -219,12 +219,16 @@ class Frontend:
                 raise
             if resp.status_code == 200:
                 return d, resp
-            text = (await resp.aread()).decode(errors="replace")
-            await resp.aclose()
-            self.router.on_finish(rid, time.monotonic())
+            try:
+                text = (await resp.aread()).decode(errors="replace")
+            except httpx.HTTPError as e:
+                text = f"its answer broke off: {e!r}"
+            finally:
+                await resp.aclose()
+                self.router.on_finish(rid, time.monotonic())
             try:
                 msg = json.loads(text).get("error", text)
-            except ValueError:
+            except (ValueError, AttributeError):
                 msg = text
             if resp.status_code == 400:
                 raise APIError(400, msg)

@@ -47,6 +47,7 @@ from kvgrid.server.auth import (
     is_loopback_host,
     is_wildcard_host,
     load_control_key,
+    require_router,
     url_host,
 )
 from kvgrid.server.publisher import EventPublisher
@@ -125,11 +126,6 @@ class Worker:
         d["pid"] = os.getpid()
         return d
 
-    def authorized(self, authorization: str | None) -> bool:
-        if self.key is None:
-            return True  # loopback only (run_worker refuses anything else)
-        return self.key.check_router_token(self.info.worker_id, authorization)
-
 
 def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
@@ -147,17 +143,7 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
 
     app = FastAPI(title="kvgrid worker", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def check_token(request: Request, call_next):
-        if request.url.path != "/health" and not worker.authorized(
-            request.headers.get("authorization")
-        ):
-            # the worker id is no secret (it names the worker in every metric): a router
-            # configured with this worker's URL alone learns whose token to present
-            body = {"error": "this worker takes requests from its router only",
-                    "worker_id": worker.info.worker_id}  # fmt: skip
-            return JSONResponse(body, status_code=401)
-        return await call_next(request)
+    require_router(app, worker.key, worker.info.worker_id)
 
     @app.get("/info")
     async def info(request: Request) -> dict:
