@@ -212,6 +212,10 @@ class Scheduler:
             g = len(g1_hits)
             n_store = 0
             if self.loader is not None and self.bm.enable_prefix_caching:
+                if self.bm.pending_evictions:
+                    # blocks the admissions before it evicted go down first: this one may
+                    # want them (a conversation's history, evicted by its neighbour)
+                    self._flush_evictions()
                 n_store = self.connector.lookup(hit_keys, seq.tenant, g)
             n = min(seq.num_tokens - (g + n_store) * bs, budget)
             new_blocks = self.bm.blocks_needed((g + n_store) * bs + n) - g
@@ -222,6 +226,11 @@ class Scheduler:
                 # once per admission, not per lookup: a request blocked at the head of the
                 # queue is looked up every step
                 self.connector.note_admitted(hit_keys)
+                if self.loader is not None and self.bm.enable_prefix_caching:
+                    self.connector.account_admission(seq.tenant, n_store)
+            seq.stored_from, seq.stored_to = g, g + n_store
+            if g + n_store:
+                seq.prospect = 1.0
             self.bm.take_cached(seq, g1_hits)
             fresh = self.bm.allocate(seq, new_blocks)
             seq.num_computed_tokens = g * bs
@@ -301,13 +310,20 @@ class Scheduler:
         # the recomputed part must be done, and the loaded part landed
         if seq.num_computed_tokens < self._compute_limit(seq) or not seq.load_future.done():
             return
+        failed = False
         try:
             res = seq.load_future.result()
             loaded, seq.kv_landing = res.blocks, res.landing
         except Exception:
             log.exception("loading %d blocks from the store failed", seq.load_count)
-            loaded = 0
+            loaded, failed = 0, True
         seq.load_future = None
+        if loaded < seq.load_count:
+            ctl = seq.load_deadline
+            cut = not failed and ctl is not None and ctl.at is not None
+            cut = cut and time.monotonic() >= ctl.at
+            reason = "not_loaded_deadline" if cut else "not_loaded_error"
+            self.connector.store.ledger.count(reason, seq.load_count - loaded)
         if seq.status != SequenceStatus.RUNNING:
             return
         bs = self.bm.block_size
@@ -352,6 +368,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
+        self._keep_below(seq)
         self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -361,17 +378,32 @@ class Scheduler:
         out.preempted.append(seq)
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
 
+    def _keep_below(self, seq: Sequence) -> None:
+        """A request is preempted: what it has computed is kept. Its full blocks are named
+        now (with asynchronous scheduling the last step's are not yet) and handed to the
+        store, so they are safe below G1 and G1 gives them up first, before other requests'
+        blocks that nothing else holds. A request whose prefix is still landing from the
+        store keeps only what the engine named already."""
+        if seq.load_future is None and seq.kv_landing is None and self.bm.enable_prefix_caching:
+            full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.bm.block_size
+            self.bm.commit_full_blocks(seq, seq.block_keys(full))
+        if self.connector is not None:
+            self._save(self.bm.named_blocks(seq))
+
     def offload_cached(self) -> int:
-        """Write every cached G1 block to the store (at shutdown: G1 dies with the process,
-        the store's disk tiers do not). Returns how many blocks were offered."""
+        """Write every cached G1 block to the store, then what G2 holds to the disk tiers
+        within their capacity (at shutdown: G1 and G2 die with the process, the disk tiers
+        do not; disk admission is waived so a restart finds it all). Returns how many G1
+        blocks were offered."""
         if self.connector is None:
             return 0
         self._flush_evictions()
         blocks = self.bm.cached_blocks()
         step = max(1, self.connector.store.config.io_queue)
         for i in range(0, len(blocks), step):
-            self._save(blocks[i : i + step])
+            self._save(blocks[i : i + step], settle=True)
             self.connector.store.flush()  # the write queue is bounded: let it drain
+        self.connector.store.settle()
         return len(blocks)
 
     def _flush_evictions(self) -> None:
@@ -385,14 +417,19 @@ class Scheduler:
             if named and self.connector is not None:
                 self._save(named)
 
-    def _save(self, evicted: list) -> None:
+    def _save(self, named: list, settle: bool = False) -> None:
+        """Hand blocks down to the store; those still named in G1 (written through, kept at
+        preemption) are then known to be safe below it."""
         by_tenant: dict[bytes, list] = {}
-        for e in evicted:
+        for e in named:
             by_tenant.setdefault(e.tenant, []).append(e)
         for tenant, blocks in by_tenant.items():
-            self.connector.save(
+            safe = self.connector.save(
                 [b.key for b in blocks],
                 [b.parent_key for b in blocks],
                 tenant,
                 [b.block_id for b in blocks],
+                hints=[b.prospect for b in blocks],
+                settle=settle,
             )
+            self.bm.mark_below([b for b, ok in zip(blocks, safe) if ok])

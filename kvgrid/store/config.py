@@ -56,11 +56,18 @@ class StoreConfig:
     encrypt: bool = True
     master_key_file: str | Path | None = None
     model_fingerprint: str = ""
-    # Background writes: bounded queue, worker threads; a full queue blocks the caller for
-    # at most io_block_s, then the write is dropped (and counted).
+    # Writes to G3/G4 (the write-down): at most io_queue blocks waiting or being written,
+    # ranked by reuse prospects; a full queue blocks the caller for at most io_block_s,
+    # then the worst-ranked candidate is skipped (and counted).
     io_workers: int = 2
     io_queue: int = 32
     io_block_s: float = 0.0
+    # A block leaving G1 while every G2 slot is pinned waits this long (in all, per
+    # hand-down) for one to be let go before it is dropped (and counted).
+    g2_wait_s: float = 1.0
+    # At start, time a few block-sized objects through each disk tier (write, then a cold
+    # read) so that load-versus-recompute starts from this machine's bandwidth.
+    probe_tiers: bool = True
     # Loads from G3/G4: this many threads read, verify, decrypt and decode blocks (2 per
     # thread in flight), each into a pinned G2 slot that feeds an asynchronous copy to G1.
     load_workers: int = 8
@@ -68,7 +75,8 @@ class StoreConfig:
     # context is below G1 at once (costs a device-to-host copy per block after prefill).
     write_through: bool = False
     lease_timeout_s: float = 30.0
-    # Tier bandwidth seeds (bytes/s) for load-vs-recompute until loads are measured.
+    # Tier load bandwidths (bytes/s) used only where neither the start-up probe nor a load
+    # has measured one (probe_tiers off, or the probe failed).
     seed_bytes_per_s: dict[str, float] = field(
         default_factory=lambda: {"G2": 10e9, "G3": 1e9, "G4": 3e8}
     )
@@ -95,5 +103,7 @@ class StoreConfig:
             raise ValueError("G4 takes one backend: g4_dir or g4_redis, not both")
         if self.codec not in ("zstd", "zlib", "none", "int8"):
             raise ValueError(f"unknown codec {self.codec!r}: zstd, zlib, none or int8")
+        if self.g2_wait_s < 0:
+            raise ValueError("g2_wait_s must be >= 0")
         if self.io_queue < 1 or self.io_workers < 1 or self.load_workers < 1:
             raise ValueError("io_queue, io_workers and load_workers must be >= 1")

@@ -88,6 +88,7 @@ class StoreConnector:
         if store.g2 is not None:
             self._seed["G2"] = self._probe_g2()
         self._last_plan: dict = {}  # tenant -> the LoadPlan of its last lookup
+        self._last_rest: dict = {}  # tenant -> (keys, tiers) its last lookup looked at
         self._lock = threading.Lock()
         self.loaded_blocks = 0
         self.saved_blocks = 0
@@ -130,12 +131,16 @@ class StoreConnector:
         from kvgrid.engine.kv_loader import LoadPlan, plan_blocks
 
         rest = keys[num_computed_blocks:]
+        with self._lock:
+            self._last_rest[tenant] = (rest, [None] * len(rest))
         if not rest:
             return 0
         try:
-            tiers = self.store.contains(rest, tenant)
+            tiers = self.store.contains(rest, tenant, leading=False)
         except Exception:  # a store problem is a miss, never the engine's problem
             return 0
+        with self._lock:
+            self._last_rest[tenant] = (rest, tiers)
         stored = next((i for i, t in enumerate(tiers) if t is None), len(tiers))
         if not stored:
             return 0
@@ -176,6 +181,19 @@ class StoreConnector:
             self.store.note_seen(keys)
         except Exception:  # a store problem is never the engine's problem
             log.exception("context store: counting sightings failed")
+
+    def account_admission(self, tenant: bytes, num_store_blocks: int) -> None:
+        """The request of the last ``lookup`` was admitted taking the ``num_store_blocks``
+        it offered: the blocks after those that were once stored are lost hits, counted by
+        reason (``BlockLedger.account_misses``)."""
+        with self._lock:
+            rest, tiers = self._last_rest.pop(tenant, ((), ()))
+        try:
+            self.store.ledger.account_misses(
+                list(rest[num_store_blocks:]), list(tiers[num_store_blocks:])
+            )
+        except Exception:
+            log.exception("context store: counting lost hits failed")
 
     def load_plan(self, tenant: bytes, n_blocks: int):
         """The split ``lookup`` chose for the ``n_blocks`` it offered (a ``LoadPlan``)."""
@@ -244,20 +262,28 @@ class StoreConnector:
         parent_keys: list[bytes | None],
         tenant: bytes,
         block_ids: list[int],
-    ) -> None:
-        """Write back blocks leaving G1. On a GPU the copies are only issued: the current
-        stream waits for them on the device, so whatever it runs next (a forward, a load
-        into the same blocks) comes after they have been read, and the host does not wait."""
+        hints: list[float] | None = None,
+        settle: bool = False,
+    ) -> list[bool]:
+        """Hand blocks down from G1; per block, whether the store now holds it (in G2, or
+        already below). On a GPU the copies are only issued: the current stream waits for
+        them on the device, so whatever it runs next (a forward, a load into the same
+        blocks) comes after they have been read, and the host does not wait. ``hints``:
+        reuse prospects per block (``ContextStore.put_blocks``); ``settle``: at shutdown."""
         if not (len(keys) == len(parent_keys) == len(block_ids)):
             raise ValueError("save() needs as many keys, parent keys and block ids")
         blocks = [self.kv_cache[b] for b in block_ids]
         try:
-            n = self.store.put_many(keys, parent_keys, tenant, blocks, self.block_size)
+            out = self.store.put_blocks(
+                keys, parent_keys, tenant, blocks, self.block_size, hints, settle
+            )
         except Exception:
             log.exception("store write-back failed")
-            return
+            return [False] * len(keys)
+        n = sum(o not in ("copy_failed", "error") for o in out)
         self.saved_blocks += n
         self.saved_bytes += n * self.block_bytes
+        return [o in ("g2", "already_stored") for o in out]
 
     @_engine_timed("prefetch")
     def prefetch(self, keys: list[bytes], tenant: bytes) -> bool:
