@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
@@ -24,6 +23,7 @@ from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.kv_loader import SPLIT_OVERHEAD_S, KVLoader
 from kvgrid.engine.sequence import Sequence, SequenceStatus
 from kvgrid.store.policy import LoadDeadline
+from kvgrid.store.prefetch import Queued
 
 if TYPE_CHECKING:
     from kvgrid.store.connector import StoreConnector
@@ -81,7 +81,11 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.store_loaded_tokens = 0
-        self._prefetched: weakref.WeakSet[Sequence] = weakref.WeakSet()  # prefetch started
+        # the waiting queue as last published to the store (_publish_queue)
+        self._published_at = 0.0
+        self._published_waiting = False
+        self._last_admit: float | None = None
+        self._admit_gap_s: float | None = None
         # step budget (see schedule): consecutive prefill-only steps of an admission burst,
         # and measured step times (EWMA, seconds) fed by the engine through observe_step
         self._burst_steps = 0
@@ -216,12 +220,14 @@ class Scheduler:
                     # blocks the admissions before it evicted go down first: this one may
                     # want them (a conversation's history, evicted by its neighbour)
                     self._flush_evictions()
-                n_store = self.connector.lookup(hit_keys, seq.tenant, g)
+                busy = len(self.running) + len(self.waiting) > 1  # others want the GPU
+                n_store = self.connector.lookup(hit_keys, seq.tenant, g, busy)
             n = min(seq.num_tokens - (g + n_store) * bs, budget)
             new_blocks = self.bm.blocks_needed((g + n_store) * bs + n) - g
             if new_blocks > self.bm.num_free_blocks - self.bm.num_revived(g1_hits):
                 break  # head-of-line: admit in arrival order only
             self.waiting.popleft()
+            self._note_admission()
             if self.connector is not None:
                 # once per admission, not per lookup: a request blocked at the head of the
                 # queue is looked up every step
@@ -244,30 +250,54 @@ class Scheduler:
             if n > 0:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
-        if self.loader is not None and self.waiting:
-            self._prefetch_waiting()
+        if self.loader is not None:
+            self._publish_queue()
         return budget
 
     # ---- loads from the context store -----------------------------------------------------
 
-    _PREFETCH_SCAN = 16  # queued requests looked at per step (the queue can be long)
+    _QUEUE_SCAN = 16  # queued requests published per step (the queue can be long)
+    _PUBLISH_S = 0.01  # at most this often: the store plans on its own thread
 
-    def _prefetch_waiting(self) -> None:
-        """Queued requests' stored prefixes start coming up from G3/G4 into G2 now, so that at
-        admission their load is a host-to-device copy. Once per request."""
+    def _note_admission(self) -> None:
+        """Time between admissions while requests wait (EWMA): how soon the n-th queued
+        request is likely to start, whatever holds the queue (prefill work or full slots)."""
+        now = time.monotonic()
+        if self._last_admit is not None and self.waiting:
+            gap = now - self._last_admit
+            old = self._admit_gap_s
+            self._admit_gap_s = gap if old is None else 0.8 * old + 0.2 * gap
+        self._last_admit = now
+
+    def _publish_queue(self) -> None:
+        """Tell the store which stored prefixes the waiting requests will want and when the
+        GPU would start computing each (``kvgrid.store.prefetch``): it brings up from G3/G4
+        into G2 what can arrive before then, and keeps it there until admission. Whenever
+        the queue is re-evaluated, so a request whose blocks left G1 while it waited is
+        planned again."""
         if not self.bm.enable_prefix_caching:
             return
+        now = time.monotonic()
+        if not self.waiting and not self._published_waiting:
+            return
+        if self.waiting and now - self._published_at < self._PUBLISH_S:
+            return
+        self._published_at, self._published_waiting = now, bool(self.waiting)
         bs = self.bm.block_size
+        speed = self.connector.prefill_tokens_per_s
+        ahead = sum(s.num_tokens - s.num_computed_tokens - 1 for s in self.running)
+        queue = []
         for i, seq in enumerate(self.waiting):
-            if i >= self._PREFETCH_SCAN:
+            if i >= self._QUEUE_SCAN:
                 break
-            if seq in self._prefetched:
-                continue
-            self._prefetched.add(seq)
             keys = seq.block_keys((seq.num_tokens - 1) // bs)
-            rest = keys[len(self.bm.match_prefix(keys)) :]
-            if rest:
-                self.connector.prefetch(rest, seq.tenant)
+            g = len(self.bm.match_prefix(keys))
+            start = now + (ahead / speed if speed else 0.0)
+            if self._admit_gap_s is not None:
+                start = max(start, now + i * self._admit_gap_s)
+            queue.append(Queued(seq.tenant, tuple(keys[g:]), start))
+            ahead += seq.num_tokens - g * bs
+        self.connector.plan_queue(queue, bs / speed if speed else None)
 
     def wait_for_loads(self, timeout_s: float) -> bool:
         """Block until a running request's store load lands (at most ``timeout_s``); False if

@@ -43,9 +43,11 @@ class StoreConfig:
     high_watermark: float = 0.95
     low_watermark: float = 0.85
     # A block goes to a tier only once it has been seen this many times (lookups that wanted
-    # it, counting its first save as one sighting). Disk tiers default to 2, to spare SSD
-    # wear on blocks nobody asks for again; G2 takes everything.
-    admit_after: dict[str, int] = field(default_factory=lambda: {"G2": 1, "G3": 2, "G4": 2})
+    # it, counting its first save as one sighting, plus one when the engine says it belongs
+    # to a context already reused). Every tier takes everything by default: what reaches
+    # the disks is bounded by their bandwidth, best reuse prospects first (writedown.py);
+    # 2 for G3/G4 spares an SSD the blocks nobody has asked for again.
+    admit_after: dict[str, int] = field(default_factory=lambda: {"G2": 1, "G3": 1, "G4": 1})
     # Payload codec: "zstd" (lossless, default), "zlib", "none", or "int8" (lossy, per
     # channel, used only where a block's round-trip relative error <= lossy_max_rel_error,
     # otherwise that block is stored lossless).

@@ -44,6 +44,7 @@ from kvgrid.store.object import (
     tenant_id,
 )
 from kvgrid.store.policy import BoundedWorkQueue, Lease, LeaseManager, LoadDeadline, Sightings
+from kvgrid.store.prefetch import PrefetchPlanner
 from kvgrid.store.tier import ObjectTier, ReadBuffer
 from kvgrid.store.transfer import Copier, CopyEvent, CudaCopier, copy_run, host_copy, wait_ready
 from kvgrid.store.writedown import Candidate, WriteDown
@@ -114,6 +115,8 @@ class ContextStore:
                 t.capacity_bytes if t is self.g2 else t.capacity
             )
         self.rebuilt = {t.name: self._rebuild(t) for t in self.lower if isinstance(t, DiskTier)}
+        # the waiting requests' prefixes come up into G2 ahead of admission (prefetch.py)
+        self.prefetcher = PrefetchPlanner(self) if self.g2 is not None else None
         self._janitor = None
         if cfg.sweep_interval_s > 0:
             self._janitor = threading.Thread(
@@ -604,22 +607,29 @@ class ContextStore:
             futs: deque[Future] = deque()
             ok = True
             ahead = ReadAhead(self, tid, todo)
+            nbytes: dict[str, int] = {}
+            t0 = time.perf_counter()
             for j, k in enumerate(todo):
                 futs.append(self._fetchers.submit(self._fetch_lower, tid, k, tenant))
                 ahead.hint(j + 1)
                 while futs and (len(futs) >= self._window or not ok):
-                    ok = self._end_prefetch(futs.popleft()) and ok
+                    ok = self._end_prefetch(futs.popleft(), nbytes) and ok
                 if not ok:
                     break
             while futs:
-                ok = self._end_prefetch(futs.popleft()) and ok
+                ok = self._end_prefetch(futs.popleft(), nbytes) and ok
+            seconds = time.perf_counter() - t0
+            for tier, b in nbytes.items():  # a prefetch measures its tiers as a load does
+                self._observe_load(tier, b, seconds)
 
         return self.reads.submit(job)
 
-    def _end_prefetch(self, fut: Future) -> bool:
+    def _end_prefetch(self, fut: Future, nbytes: dict[str, int]) -> bool:
         r = fut.result()
-        if r is not None and r[1] is not None:
-            self.g2.release(r[1])
+        if r is not None:
+            nbytes[r[0]] = nbytes.get(r[0], 0) + r[2].nbytes
+            if r[1] is not None:
+                self.g2.release(r[1])
         return r is not None
 
     def lease(
@@ -693,18 +703,24 @@ class ContextStore:
         out = ["not_admitted"] * len(keys)
         if self.g2 is not None:
             self._g2_put_many(tid, keys, parent_keys, blocks, token_count, score, out)
+            for key, o in zip(keys, out):
+                if o in ("g2", "already_stored"):
+                    self.ledger.handed_down(key, o)
         for i, key in enumerate(keys):
+            in_g2 = out[i] in ("g2", "already_stored")
             try:
                 o = self._offer_below(
                     tid, key, parent_keys[i], tenant, blocks[i], token_count, score[i], settle,
-                    in_g2=out[i] in ("g2", "already_stored"),
+                    in_g2=in_g2,
                 )  # fmt: skip
             except Exception:
                 log.exception("store write-back failed")
                 o = "error"
-            if out[i] not in ("g2", "already_stored", "copy_failed") or o == "already_stored":
+            if not in_g2 and out[i] != "copy_failed":
                 out[i] = o
-            self.ledger.handed_down(key, out[i])
+                self.ledger.handed_down(key, o)
+            elif o == "already_stored":
+                out[i] = o
         return out
 
     def _g2_put_many(self, tid, keys, parent_keys, blocks, token_count, score, out) -> None:
@@ -996,6 +1012,8 @@ class ContextStore:
 
     def close(self) -> None:
         self._closed.set()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.writes.close()
         self.reads.close()
         self._fetchers.shutdown(wait=True)
