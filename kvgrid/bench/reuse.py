@@ -274,6 +274,7 @@ def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) ->
         eng.detach_store()
         res["kv_check"] = check.verify(_scratch_block(eng, held))
         conn.close()
+        _remove_tier_dirs(cfg.store)  # a disk holds one configuration's objects at a time
     if held is not None:
         eng.block_manager.free_seq(held)
     return res
@@ -328,14 +329,9 @@ def _store_summary(conn: StoreConnector, elapsed: float) -> dict:
 
 
 def guarantee_check(eng: LLMEngine, cfg: BenchConfig, tokens: list[int]) -> dict:
-    """One prompt's time to first token recomputed, then with its prefix stored in the
-    configuration's lowest tier (G2 emptied for G3/G4, the disk's page cache dropped):
-    the store must not make it slower than its own recompute."""
-    held = cap_g1(eng, cfg.g1_blocks)
-    store = _open_store(eng, cfg)
-    conn = StoreConnector(store, eng.runner.kv_cache, eng.config.block_size)
-    conn.prefill_tokens_per_s = eng.prefill_tokens_per_s
-    eng.attach_store(conn)
+    """One prompt's time to first token recomputed (no store), then with its prefix stored
+    in the configuration's lowest tier (G2 emptied for G3/G4, the disk's page cache
+    dropped): the store must not make it slower than its own recompute."""
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 
     def ttft(rid: str) -> tuple[float, int]:
@@ -343,11 +339,15 @@ def guarantee_check(eng: LLMEngine, cfg: BenchConfig, tokens: list[int]) -> dict
         while True:
             for o in eng.step():
                 if o.finished:
-                    return o.metrics["first_token_time"] - o.metrics["arrival_time"], (
-                        o.num_cached_tokens
-                    )
+                    m = o.metrics
+                    return m["first_token_time"] - m["arrival_time"], o.num_cached_tokens
 
+    held = cap_g1(eng, cfg.g1_blocks)
     recompute, _ = ttft(f"{cfg.name}-recompute")
+    store = _open_store(eng, cfg)
+    conn = StoreConnector(store, eng.runner.kv_cache, eng.config.block_size)
+    conn.prefill_tokens_per_s = eng.prefill_tokens_per_s
+    eng.attach_store(conn)
     eng.scheduler.offload_cached()  # its blocks go down (to the disk tiers too)
     if store.lower and store.g2 is not None:
         store.g2.clear()
@@ -359,6 +359,7 @@ def guarantee_check(eng: LLMEngine, cfg: BenchConfig, tokens: list[int]) -> dict
     stored, cached = ttft(f"{cfg.name}-stored")
     eng.detach_store()
     conn.close()
+    _remove_tier_dirs(cfg.store)
     if held is not None:
         eng.block_manager.free_seq(held)
     return {
@@ -368,6 +369,12 @@ def guarantee_check(eng: LLMEngine, cfg: BenchConfig, tokens: list[int]) -> dict
         "cached_tokens": cached,
         "ratio": stored / recompute,
     }
+
+
+def _remove_tier_dirs(cfg: StoreConfig) -> None:
+    for d in (cfg.g3_dir, cfg.g4_dir):
+        if d:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _drop_page_cache(tier) -> None:
