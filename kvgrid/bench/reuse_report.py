@@ -170,6 +170,9 @@ def main(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.set_postfix_str(cfg.name)
             results[cfg.name] = run_config(eng, wl, cfg, bar)
+            if args.out:  # what is done so far survives a run cut short
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=1, default=str))
         lens = [int(x) for x in args.guarantee_tokens.split(",") if x] or [wl.context_tokens]
         for cfg in configs:
             if cfg.store is not None:
