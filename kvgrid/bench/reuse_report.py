@@ -21,6 +21,7 @@ from kvgrid.bench.reuse import (
     run_config,
     store_configs,
 )
+from kvgrid.gc_tuning import tune_gc
 
 # workload and engine sizes: "small" runs in minutes on a CPU with the default model;
 # "large" saturates one H200 with an 8B model (histories ~3x larger than the capped G1)
@@ -148,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
         max_model_len=wl.max_tokens + bs,
     )
     eng.warm_thread()
+    tune_gc()  # the engine is long-lived: out of the collector's reach, as in serving
     disk, shared, made = fresh_dirs(
         Path(args.disk_dir) if args.disk_dir else None,
         Path(args.shared_dir) if args.shared_dir else None,

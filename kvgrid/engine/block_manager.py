@@ -28,6 +28,7 @@ class Block:
     parent_key: bytes | None = None
     tenant: bytes = b""  # whose data it is: the store encrypts with that tenant's key
     below: bool = False  # the context store holds a copy: evicting it loses nothing
+    position: int = 0  # its index in the chain of blocks its key ends
     prospect: float = 0.0  # reuse prospects handed to the store with it
 
 
@@ -38,6 +39,7 @@ class EvictedBlock:
     parent_key: bytes | None
     tenant: bytes
     prospect: float = 0.0
+    position: int = 0
 
 
 # Called with the keyed blocks about to be overwritten, before their new owner's forward pass
@@ -166,6 +168,7 @@ class BlockManager:
             block.tenant = seq.tenant
             block.below = seq.stored_from <= i < seq.stored_to
             block.prospect = seq.prospect
+            block.position = i
             self.cached[key] = block.block_id
             if self.record_commits and not block.below:
                 self.pending_commits.append(self._named(block))
@@ -182,7 +185,7 @@ class BlockManager:
     @staticmethod
     def _named(block: Block) -> EvictedBlock:
         return EvictedBlock(block.block_id, block.key, block.parent_key, block.tenant,
-                            block.prospect)  # fmt: skip
+                            block.prospect, block.position)  # fmt: skip
 
     def _drop_key(self, block: Block) -> None:
         del self.cached[block.key]

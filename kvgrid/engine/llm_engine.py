@@ -444,6 +444,7 @@ class LLMEngine:
             "num_kv_blocks": bm.num_blocks,
             "block_size": bm.block_size,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_room_waits": self.scheduler.num_room_waits,
             "store_loaded_tokens": self.scheduler.store_loaded_tokens,
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_step_s": self.decode_step_s,

@@ -80,6 +80,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_room_waits = 0  # steps whose next admission waited for free G1 blocks
         self.store_loaded_tokens = 0
         # the waiting queue as last published to the store (_publish_queue)
         self._published_at = 0.0
@@ -143,6 +144,10 @@ class Scheduler:
                 continue  # its token still in flight is its last (asynchronous scheduling)
             if seq.load_future is not None:
                 self._try_finish_load(seq)
+            if seq.kv_landing is not None and len(self.running) > 1 and not seq.kv_landing.landed():
+                # its prefix is still crossing to G1: a forward with it would hold every
+                # other request of the batch at its landing; it joins once landed
+                continue
             prefilling = _prefilling(seq)
             cap = min(budget, prefill_budget) if prefilling else budget
             n = min(self._compute_limit(seq) - seq.num_computed_tokens, cap)
@@ -225,7 +230,10 @@ class Scheduler:
             n = min(seq.num_tokens - (g + n_store) * bs, budget)
             new_blocks = self.bm.blocks_needed((g + n_store) * bs + n) - g
             if new_blocks > self.bm.num_free_blocks - self.bm.num_revived(g1_hits):
-                break  # head-of-line: admit in arrival order only
+                # head-of-line: admit in arrival order only. A stored prefix waits for G1
+                # room like a recomputed one (a load is never given up for want of room)
+                self.num_room_waits += 1
+                break
             self.waiting.popleft()
             self._note_admission()
             if self.connector is not None:
@@ -461,5 +469,6 @@ class Scheduler:
                 [b.block_id for b in blocks],
                 hints=[b.prospect for b in blocks],
                 settle=settle,
+                positions=[b.position for b in blocks],
             )
             self.bm.mark_below([b for b, ok in zip(blocks, safe) if ok])

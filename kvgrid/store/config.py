@@ -61,7 +61,7 @@ class StoreConfig:
     # Writes to G3/G4 (the write-down): at most io_queue blocks waiting or being written,
     # ranked by reuse prospects; a full queue blocks the caller for at most io_block_s,
     # then the worst-ranked candidate is skipped (and counted).
-    io_workers: int = 2
+    io_workers: int = 4
     io_queue: int = 32
     io_block_s: float = 0.0
     # A block leaving G1 while every G2 slot is pinned waits this long (in all, per

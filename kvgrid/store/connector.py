@@ -97,6 +97,8 @@ class StoreConnector:
                 if bw:
                     self.probed[t.name] = bw
         self._seed.update(self.probed)
+        for tier, bw in self.probed.items():  # the first figure loads and prefetches refine
+            store.bandwidth.setdefault(tier, bw)
         self._last_plan: dict = {}  # tenant -> the LoadPlan of its last lookup
         self._last_rest: dict = {}  # tenant -> (keys, tiers) its last lookup looked at
         self._lock = threading.Lock()
@@ -283,18 +285,20 @@ class StoreConnector:
         block_ids: list[int],
         hints: list[float] | None = None,
         settle: bool = False,
+        positions: list[int] | None = None,
     ) -> list[bool]:
         """Hand blocks down from G1; per block, whether the store now holds it (in G2, or
         already below). On a GPU the copies are only issued: the current stream waits for
         them on the device, so whatever it runs next (a forward, a load into the same
-        blocks) comes after they have been read, and the host does not wait. ``hints``:
-        reuse prospects per block (``ContextStore.put_blocks``); ``settle``: at shutdown."""
+        blocks) comes after they have been read, and the host does not wait. ``hints``,
+        ``positions``: reuse prospects and chain positions per block (``put_blocks``);
+        ``settle``: at shutdown."""
         if not (len(keys) == len(parent_keys) == len(block_ids)):
             raise ValueError("save() needs as many keys, parent keys and block ids")
         blocks = [self.kv_cache[b] for b in block_ids]
         try:
             out = self.store.put_blocks(
-                keys, parent_keys, tenant, blocks, self.block_size, hints, settle
+                keys, parent_keys, tenant, blocks, self.block_size, hints, settle, positions
             )
         except Exception:
             log.exception("store write-back failed")

@@ -663,10 +663,13 @@ class ContextStore:
         token_count: int,
         hints: list[float] | None = None,
         settle: bool = False,
+        positions: list[int] | None = None,
     ) -> int:
         """Store blocks; how many were taken without error (stored, or dropped by policy).
         ``put_blocks`` says what became of each."""
-        out = self.put_blocks(keys, parent_keys, tenant, blocks, token_count, hints, settle)
+        out = self.put_blocks(
+            keys, parent_keys, tenant, blocks, token_count, hints, settle, positions
+        )
         return sum(o not in ("copy_failed", "error") for o in out)
 
     def put_blocks(
@@ -678,6 +681,7 @@ class ContextStore:
         token_count: int,
         hints: list[float] | None = None,
         settle: bool = False,
+        positions: list[int] | None = None,
     ) -> list[str]:
         """Store blocks handed down from G1; per block, its outcome: ``g2`` (now in G2),
         ``already_stored``, ``queued_below`` (no G2 copy: queued for the disk tiers),
@@ -689,7 +693,8 @@ class ContextStore:
         caller may reuse them at once. With every G2 slot pinned, the caller waits up to
         ``g2_wait_s`` for one (back-pressure) before a block is dropped. Disk and network
         writes go through the ranked write-down (``hints``: the engine's reuse prospects
-        per block, added to its sightings); ``settle`` (shutdown) waives disk admission."""
+        per block, added to its sightings; ``positions``: each block's place in its chain,
+        a prefix's head going first); ``settle`` (shutdown) waives disk admission."""
         if not (len(keys) == len(parent_keys) == len(blocks)):
             raise ValueError("put_many() needs as many keys, parent keys and blocks")
         if not keys:
@@ -709,9 +714,10 @@ class ContextStore:
         for i, key in enumerate(keys):
             in_g2 = out[i] in ("g2", "already_stored")
             try:
+                depth = positions[i] if positions else 0
                 o = self._offer_below(
                     tid, key, parent_keys[i], tenant, blocks[i], token_count, score[i], settle,
-                    in_g2=in_g2,
+                    in_g2, depth,
                 )  # fmt: skip
             except Exception:
                 log.exception("store write-back failed")
@@ -809,7 +815,7 @@ class ContextStore:
         self.g2.abort(slots)
 
     def _offer_below(
-        self, tid, key, parent_key, tenant, block, token_count, score, settle, in_g2
+        self, tid, key, parent_key, tenant, block, token_count, score, settle, in_g2, depth=0
     ) -> str:
         """Offer one block to the write-down for the disk tiers (by its G2 slot when G2
         holds it, else with a host copy of its own); the outcome for a block G2 lacks."""
@@ -834,7 +840,9 @@ class ContextStore:
         else:
             slot = None
             src, copied = self._off_device(block)
-        c = Candidate(tid, key, parent_key, tenant, token_count, score, targets, src, slot, copied)
+        c = Candidate(
+            tid, key, parent_key, tenant, token_count, score, targets, src, slot, copied, depth
+        )
         wait = self.config.io_block_s if not settle else 60.0
         return "queued_below" if self.writes.offer(c, wait_s=wait) else "outranked"
 

@@ -3,11 +3,12 @@
 A disk writes far slower than a busy GPU hands blocks down, so not everything can go.
 Every block offered becomes a candidate ranked by its reuse prospects: its sightings, plus
 the engine's hint that it belongs to a context that was already reused (a conversation's
-history beats a one-off prompt); the newest first among equals. Writer threads take the
-best candidate; when the candidates fill their bound (after waiting ``block_s`` for room)
-the worst one, perhaps the newcomer, is skipped. A candidate that G2 holds keeps its slot
-pinned until it is written or skipped (at most ``io_queue`` slots: G2 never evicts a block
-on its way down). Every skip is counted with its reason
+history beats a one-off prompt); among equals, the one nearest its chain's head (a block
+is worth something only with the blocks before it), then the one waiting longest. Writer
+threads take the best candidate; when the candidates fill their bound (after waiting
+``block_s`` for room) the worst one, perhaps the newcomer, is skipped. A candidate that G2
+holds keeps its slot pinned until it is written or skipped (at most ``io_queue`` slots: G2
+never evicts a block on its way down). Every skip is counted with its reason
 (``kvgrid_store_writedown{tier, outcome}``) and noted in the block ledger.
 
 At shutdown ``settle`` takes what G2 holds that no lower tier has, ranks it, and writes as
@@ -52,11 +53,15 @@ class Candidate:
     src: torch.Tensor  # its G2 slot's bytes, or a host copy of its own
     slot: Slot | None = None  # its G2 slot, pinned until written or skipped
     copied: CopyEvent | None = None  # the device copy into ``src`` still landing
+    depth: int = 0  # its place in its chain: a prefix is worth something only from its head
     seq: int = field(default=0)
 
     @property
-    def rank(self) -> tuple[float, int]:
-        return (self.score, self.seq)
+    def rank(self) -> tuple[float, int, int]:
+        """Higher is written sooner: prospects, then nearer its chain's head (a block is
+        useful only with those before it), then the longest waiting (a closed loop of
+        conversations wants back first what it handed down first)."""
+        return (self.score, -self.depth, -self.seq)
 
 
 class WriteDown:
@@ -84,7 +89,7 @@ class WriteDown:
     def offer(self, c: Candidate, wait_s: float | None = None) -> bool:
         """Queue ``c``; False if it was skipped (outranked, or the queue is closed). With
         the queue full, waits up to ``wait_s`` (default ``block_s``) for room, then skips
-        the worst candidate: the lowest score, the oldest among equals."""
+        the worst-ranked candidate (``Candidate.rank``), which may be ``c`` itself."""
         wait_s = self.block_s if wait_s is None else wait_s
         with self.cv:
             self._seq += 1
@@ -99,7 +104,7 @@ class WriteDown:
             out = c if self.closed else None
             if out is None and self.in_flight >= self.max_in_flight:
                 worst = min(self.queued, key=lambda q: q.rank, default=None)
-                out = c if worst is None or worst.rank > c.rank else worst
+                out = c if worst is None or worst.rank >= c.rank else worst
                 if out is worst:
                     self.queued.remove(worst)
             if out is not c:
