@@ -159,13 +159,19 @@ class KVCheck:
                     continue
                 copies = self.saved.setdefault(k, (tenant, []))[1]
                 if len(copies) < 4:
-                    copies.append(conn.kv_cache[b].to("cpu", copy=True))
+                    # queued on the engine's stream after the forward that wrote the block
+                    # and before any that overwrites it; the host never waits for it
+                    src = conn.kv_cache[b]
+                    dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+                    copies.append(dst.copy_(src, non_blocking=src.is_cuda))
             return inner(keys, parent_keys, tenant, block_ids, **kw)
 
         conn.save = save
 
     def verify(self, scratch_block: int) -> dict:
         store = self.conn.store
+        if self.conn.kv_cache.is_cuda:
+            torch.cuda.synchronize(self.conn.kv_cache.device)  # the copies aside have landed
         store.flush()
         if store.g2 is not None and store.lower:
             store.g2.clear()  # the disk tiers' copies, not G2's
