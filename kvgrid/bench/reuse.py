@@ -247,7 +247,8 @@ def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) ->
         if eng.prefill_tokens_per_s:
             conn.prefill_tokens_per_s = eng.prefill_tokens_per_s
         eng.attach_store(conn)
-        check = KVCheck(conn)
+        blocks = wl.conversations * -(-wl.max_tokens // eng.config.block_size)
+        check = KVCheck(conn, every=1 if blocks < 512 else 16)  # a sample of a few dozen
     meter = EnergyMeter(eng.device)
     pre0, waits0 = eng.scheduler.num_preemptions, eng.scheduler.num_room_waits
     if eng.device.type == "cuda":

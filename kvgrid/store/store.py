@@ -711,6 +711,7 @@ class ContextStore:
             for key, o in zip(keys, out):
                 if o in ("g2", "already_stored"):
                     self.ledger.handed_down(key, o)
+        g2_out = list(out)
         for i, key in enumerate(keys):
             in_g2 = out[i] in ("g2", "already_stored")
             try:
@@ -722,16 +723,23 @@ class ContextStore:
             except Exception:
                 log.exception("store write-back failed")
                 o = "error"
-            if not in_g2 and out[i] != "copy_failed":
+            if in_g2:
+                if o == "already_stored":
+                    out[i] = o
+                if self.g2.peek(tid, key) is None:  # its own batch filled G2 past it
+                    self.ledger.left_tier(key, "G2")
+                continue
+            # G2 did not take it: what the lower tiers did says where it went, unless they
+            # did not take it either (then G2's reason: full, or a failed copy)
+            if o in ("queued_below", "already_stored") or g2_out[i] == "not_admitted":
                 out[i] = o
-                self.ledger.handed_down(key, o)
-            elif o == "already_stored":
-                out[i] = o
+            self.ledger.handed_down(key, out[i])
         return out
 
     def _g2_put_many(self, tid, keys, parent_keys, blocks, token_count, score, out) -> None:
         """The G2 part of ``put_blocks``: new slots are reserved, filled (one asynchronous
-        batch for device blocks), then shown; ``out[i]`` says what became of each."""
+        batch for device blocks), then shown; ``out[i]`` says what became of each. A batch
+        larger than what G2 has free fills what it reserved before it waits for more."""
         quota = self._g2_quota(tid)
         fills: list[tuple[int, Slot]] = []
         sync: list[tuple[int, Slot]] = []
@@ -740,8 +748,16 @@ class ContextStore:
             if score[i] < self.config.admit_after.get("G2", 1):
                 continue
             b = blocks[i]
-            got = self._g2_reserve(tid, key, b.shape, b.dtype, parent_keys[i], token_count,
-                                   quota, wait_s=max(0.0, wait_end - time.monotonic()))  # fmt: skip
+            got = None
+            for _ in range(2):
+                wait = max(0.0, wait_end - time.monotonic())
+                got = self._g2_reserve(tid, key, b.shape, b.dtype, parent_keys[i], token_count,
+                                       quota, wait_s=wait)  # fmt: skip
+                if got is not None or not (fills or sync):
+                    break
+                # this batch's own slots, still being filled, may be what G2 waits for
+                self._g2_fill(tid, keys, parent_keys, blocks, token_count, fills, sync, out)
+                fills, sync = [], []
             if got is None:
                 out[i] = "dropped_full"
                 continue
@@ -754,6 +770,11 @@ class ContextStore:
                 fills.append((i, slot))
             else:
                 sync.append((i, slot))
+        self._g2_fill(tid, keys, parent_keys, blocks, token_count, fills, sync, out)
+
+    def _g2_fill(self, tid, keys, parent_keys, blocks, token_count, fills, sync, out) -> None:
+        """Copy into reserved G2 slots (``sync`` here, ``fills`` as one asynchronous batch)
+        and show them."""
         shown: list[tuple[int, Slot]] = []
         for i, slot in sync:
             try:

@@ -228,6 +228,7 @@ class WriteDown:
             range(len(items)), key=lambda i: (items[i][2].prospect, i), reverse=True
         )  # items are in LRU order: a higher index is more recently used
         budget = {t.name: int(t.capacity * store.config.high_watermark) for t in store.lower}
+        per_block = store.g2.slot_bytes + 512  # an object: the block (KV rarely shrinks), a header
         end = time.monotonic() + timeout_s
         offered = 0
         for i in order:
@@ -236,10 +237,10 @@ class WriteDown:
             for t in store.lower:
                 if t.name in slot.below or not t.up:
                     continue
-                if budget[t.name] < store.g2.slot_bytes:
+                if budget[t.name] < per_block:
                     store.metrics.inc("writedown", tier=t.name, outcome="over_capacity")
                     continue
-                budget[t.name] -= store.g2.slot_bytes
+                budget[t.name] -= per_block
                 targets.append(t)
             tenant = store._known_tenants.get(tid)
             got = store.g2.acquire(tid, key) if targets and tenant is not None else None
