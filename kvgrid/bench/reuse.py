@@ -394,19 +394,12 @@ def _remove_tier_dirs(cfg: StoreConfig) -> None:
 
 
 def _drop_page_cache(tier) -> None:
-    """Evict a directory tier's objects from the page cache (a cold read, as after a while)."""
-    root = getattr(tier, "objects", None)
-    if root is None or not hasattr(os, "posix_fadvise"):
-        return
-    for p in Path(root).rglob("*.kvo"):
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    """Evict a tier's objects from the page cache (a cold read, as after a while)."""
+    by_tenant: dict[bytes, list[bytes]] = {}
+    for info in tier.list():
+        by_tenant.setdefault(info.tenant_id, []).append(info.key)
+    for tid, ks in by_tenant.items():
+        tier.wont_need(tid, ks)
 
 
 def store_configs(

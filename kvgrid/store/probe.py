@@ -28,24 +28,6 @@ PROBE_TENANT = b"kvgrid-bandwidth-probe"
 PROBE_BYTES = 64 << 20  # at most this much KV per tier, at least two blocks
 
 
-def drop_page_cache(tier: ObjectTier, tid: bytes, keys: list[bytes]) -> None:
-    """Make the next reads of these objects cold, where the tier is a directory."""
-    path = getattr(tier, "path", None)
-    if path is None or not hasattr(os, "posix_fadvise"):
-        return
-    for k in keys:
-        try:
-            fd = os.open(path(tid, k), os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def probe_tier(store, tier: ObjectTier, threads: int) -> float | None:
     """Cold load bandwidth of ``tier`` (bytes of KV per second), or None if it failed."""
     shape, dtype = store.block_shape, store.block_dtype
@@ -65,7 +47,7 @@ def probe_tier(store, tier: ObjectTier, threads: int) -> float | None:
             )  # fmt: skip
             if not tier.put(tid, k, blob).stored:
                 return None
-        drop_page_cache(tier, tid, ks)
+        tier.wont_need(tid, ks)  # a cold read, as of a block written a while ago
 
         def read(k: bytes) -> int:
             got = tier.get(tid, k)

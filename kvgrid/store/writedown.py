@@ -32,6 +32,7 @@ from kvgrid.events import BlockStored
 from kvgrid.store.host_pool import FILLING, Slot
 from kvgrid.store.metrics import tenant_label
 from kvgrid.store.object import encode_object
+from kvgrid.store.policy import WorkerThreads
 from kvgrid.store.tier import PutResult
 from kvgrid.store.transfer import CopyEvent, wait_ready
 
@@ -64,7 +65,10 @@ class Candidate:
         return (self.score, -self.depth, -self.seq)
 
 
-class WriteDown:
+class WriteDown(WorkerThreads):
+    """The ranked write-down (the module's docstring); ``drain`` waits until every candidate
+    has been written or skipped."""
+
     def __init__(self, store: ContextStore, max_in_flight: int, workers: int, block_s: float):
         self.store = store
         self.max_in_flight, self.block_s = max_in_flight, block_s
@@ -252,22 +256,3 @@ class WriteDown:
                 offered += 1
         self.drain(max(0.0, end - time.monotonic()))
         return offered
-
-    def drain(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every candidate has been written or skipped."""
-        end = time.monotonic() + timeout_s
-        with self.cv:
-            while self.in_flight:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cv.wait(left)
-        return True
-
-    def close(self, timeout_s: float = 30.0) -> None:
-        self.drain(timeout_s)
-        with self.cv:
-            self.closed = True
-            self.cv.notify_all()
-        for t in self.threads:
-            t.join(timeout=1.0)
