@@ -112,6 +112,20 @@ class LLMEngine:
         # write-through: blocks go to the store as soon as prefill names them
         self.block_manager.record_commits = connector.store.config.write_through
 
+    def detach_store(self) -> StoreConnector | None:
+        """Take the context store away (G1 alone from now on) after handing it the blocks G1
+        evicted so far; returns its connector, still open (the caller closes it)."""
+        sched = self.scheduler
+        conn = sched.connector
+        if conn is None:
+            return None
+        sched._flush_evictions()
+        if sched.loader is not None:
+            sched.loader.close()
+        sched.connector = sched.loader = None
+        self.block_manager.record_commits = False
+        return conn
+
     def warm_thread(self) -> None:
         """Warm what the device keeps per thread, on a thread that will step this engine
         before it serves (done anyway at its first step there, delaying that request)."""
@@ -437,6 +451,7 @@ class LLMEngine:
             "num_kv_blocks": bm.num_blocks,
             "block_size": bm.block_size,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_room_waits": self.scheduler.num_room_waits,
             "store_loaded_tokens": self.scheduler.store_loaded_tokens,
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_step_s": self.decode_step_s,

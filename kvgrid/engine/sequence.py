@@ -61,6 +61,12 @@ class Sequence:
         # prompt tokens served from cache (G1 or the store) at first admission
         self.num_cached_tokens: int | None = None
         self.num_cached_tokens_g1 = 0
+        # blocks [stored_from, stored_to) were found in the context store at admission: once
+        # named in G1 they are known to be safe below it
+        self.stored_from = self.stored_to = 0
+        # reuse prospects of its blocks, for the store's write-down: 1 once it has reused a
+        # cached prefix (a context that comes back, such as a conversation's history)
+        self.prospect = 0.0
         # a load from the context store in flight: blocks [load_start_block, +load_count)
         self.load_future: Future | None = None
         self.load_start_block = 0

@@ -279,6 +279,12 @@ class DiskTier(ObjectTier):
     def will_need(self, tid: bytes, keys: list[bytes]) -> None:
         # the kernel queues the reads of the whole file and returns: the fetch threads find
         # it in the page cache (or in flight) instead of waiting for the disk one by one
+        self._advise(tid, keys, "POSIX_FADV_WILLNEED")
+
+    def wont_need(self, tid: bytes, keys: list[bytes]) -> None:
+        self._advise(tid, keys, "POSIX_FADV_DONTNEED")
+
+    def _advise(self, tid: bytes, keys: list[bytes], advice: str) -> None:
         if not hasattr(os, "posix_fadvise"):
             return
         for key in keys:
@@ -287,7 +293,7 @@ class DiskTier(ObjectTier):
             except OSError:
                 continue
             try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, 0, 0, getattr(os, advice))
             except OSError:
                 pass
             finally:

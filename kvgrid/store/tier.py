@@ -78,6 +78,11 @@ class ObjectTier(ABC):
         reads early (a file system's readahead) starts them; absent objects are skipped."""
         return None
 
+    def wont_need(self, tid: bytes, keys: list[bytes]) -> None:
+        """A hint: these objects will not be read soon (a file system drops them from its
+        page cache, so that the next read is cold)."""
+        return None
+
     def close(self) -> None:
         return None
 
