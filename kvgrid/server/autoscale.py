@@ -187,10 +187,10 @@ class LiveActuator:
                 break
             await asyncio.sleep(0.1)
         # stop following it first, so that nothing probes a stopping worker back in
-        r.where = self.launcher.describe(r.worker_id)
         self.launcher.detach(r.worker_id)
         await asyncio.to_thread(self.launcher.retire, r.worker_id)
         self.fe.router.remove_worker(r.worker_id)
+        r.where = self.launcher.describe(r.worker_id)
         r.stopped_at = self.clock()
         self.replicas.pop(r.worker_id, None)
         self.retired.append(r)

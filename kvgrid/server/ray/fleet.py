@@ -145,13 +145,14 @@ class RayFleet:
     def retire(self, worker_id: str) -> None:
         """Graceful stop (the engine writes its cached blocks down), then kill: blocking."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayError
+        from ray.exceptions import RayError
 
         m = self.members[worker_id]
         try:
-            ray.get(m.handle.shutdown.remote(), timeout=self.stop_timeout_s)
-        except (RayError, GetTimeoutError) as e:
-            log.warning("ray: %s did not stop gracefully: %s", m.actor_name, e)
+            # on a thread of the frontend's: wait on the reference's future, not ray.get
+            m.handle.shutdown.remote().future().result(timeout=self.stop_timeout_s)
+        except (RayError, TimeoutError) as e:
+            log.warning("ray: %s did not stop gracefully: %r", m.actor_name, e)
         ray.kill(m.handle, no_restart=True)
         m.status = "stopped"
 
