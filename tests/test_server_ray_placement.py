@@ -1,0 +1,138 @@
+"""kvgrid on Ray without a cluster: worker resources, sites as labelled node groups, the
+secrets handed to actors, and `kvgrid serve` staying free of Ray when --ray is not given.
+The cluster itself is tested in test_server_ray.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvgrid.router.sites import SITE_LABEL, Site, parse_site
+from kvgrid.server.ray.placement import (
+    WorkerResources,
+    check_sites,
+    choose_site,
+    site_capacity,
+    worker_resources,
+)
+from kvgrid.server.ray.secrets import ClusterSecrets
+
+
+def node(site: str | None, cpus: float = 0, gpus: float = 0, alive: bool = True, **labels):
+    """One entry of ``ray.nodes()``, as Ray returns it."""
+    res = {"CPU": cpus, "memory": 1e9, "object_store_memory": 1e8}
+    if gpus:
+        res["GPU"] = gpus
+    lab = {"ray.io/node-id": "x", **labels}
+    if site is not None:
+        lab[SITE_LABEL] = site
+    return {"Alive": alive, "Resources": res, "Labels": lab, "NodeManagerAddress": "10.0.0.1"}
+
+
+def test_one_gpu_per_worker_on_gpus_a_cpu_share_elsewhere():
+    assert worker_resources("auto", 8, 2.0) == WorkerResources(1.0, 1.0)
+    assert worker_resources("cuda", 8, 2.0).num_gpus == 1.0
+    assert worker_resources("auto", 0, 2.0) == WorkerResources(0.0, 2.0)
+    assert worker_resources("cpu", 8, 3.0) == WorkerResources(0.0, 3.0)
+    with pytest.raises(ValueError, match="no GPU"):
+        worker_resources("cuda", 0, 1.0)
+    with pytest.raises(ValueError, match="> 0"):
+        worker_resources("cpu", 0, 0.0)
+    opts = WorkerResources(1.0, 1.0, {"h200": 1.0}, {"zone": "z1"}).actor_options(Site("east"))
+    assert opts == {
+        "num_cpus": 1.0,
+        "num_gpus": 1.0,
+        "resources": {"h200": 1.0},
+        "label_selector": {"zone": "z1", SITE_LABEL: "east"},
+    }
+    assert "label_selector" not in WorkerResources().actor_options(None)
+
+
+def test_site_capacity_counts_live_labelled_nodes():
+    sites = [Site("east"), Site("west"), Site("empty")]
+    nodes = [
+        node("east", cpus=8, gpus=4),
+        node("east", cpus=8, gpus=2),
+        node("west", cpus=8, gpus=8, alive=False),  # dead: holds nothing
+        node("west", cpus=2, gpus=8),  # 8 GPUs, but a GPU worker needs a core too
+        node(None, cpus=64, gpus=8),  # no site label: in no site
+    ]
+    gpu = WorkerResources(1.0, 1.0)
+    assert site_capacity(nodes, sites, gpu) == {"east": 6, "west": 2, "empty": 0}
+    cpu = WorkerResources(0.0, 3.0)
+    assert site_capacity(nodes, sites, cpu) == {"east": 4, "west": 0, "empty": 0}
+    zoned = WorkerResources(1.0, 1.0, labels={"zone": "z1"})
+    assert (
+        site_capacity([node("east", 8, 4, zone="z1"), node("east", 8, 4)], sites, zoned)["east"]
+        == 4
+    )
+    assert check_sites(sites, nodes) == [
+        f"site 'empty': no live Ray node has the label {SITE_LABEL}=empty"
+    ]
+
+
+def test_new_workers_go_to_the_cheapest_site_with_room():
+    sites = [Site("dear", cost_per_gpu_hour=4.0), Site("cheap", cost_per_gpu_hour=1.0)]
+    cap = {"dear": 2, "cheap": 1}
+    assert choose_site(sites, cap, {}).name == "cheap"
+    assert choose_site(sites, cap, {"cheap": 1}).name == "dear"
+    # nowhere with room: the cheapest, where the worker waits for a node (Ray's autoscaler)
+    assert choose_site(sites, cap, {"cheap": 1, "dear": 2}).name == "cheap"
+    # equal prices: the site with more room
+    even = [Site("a", cost_per_gpu_hour=1.0), Site("b", cost_per_gpu_hour=1.0)]
+    assert choose_site(even, {"a": 1, "b": 3}, {}).name == "b"
+
+
+def test_parse_site():
+    assert parse_site("east:20:2.5") == Site("east", 0.02, 2.5, 1.0)
+    assert parse_site("west:0:1:0.25").share == 0.25
+    for bad in ("east", "east:x:1", ":1:1", "east:-1:1", "a:1:1:0"):
+        with pytest.raises(ValueError, match="site"):
+            parse_site(bad)
+
+
+def test_secrets_cross_once_and_never_show(monkeypatch, tmp_path):
+    monkeypatch.delenv("KVGRID_WORKER_TOKEN", raising=False)
+    monkeypatch.delenv("KVGRID_MASTER_KEY", raising=False)
+    monkeypatch.setenv("KVGRID_API_KEYS", '{"keys": {"sk-a": "a"}}')
+    monkeypatch.setenv("KVGRID_STORE_DIR", str(tmp_path))
+    s = ClusterSecrets.from_driver(None, kv_store=True)
+    # a credential is made when the operator set none: workers bind non-loopback addresses
+    assert len(s.worker_token) >= 32
+    assert s.worker()["KVGRID_WORKER_TOKEN"] == s.frontend()["KVGRID_WORKER_TOKEN"]
+    # every worker gets the driver's key ring (the one a shared tier needs), not its own
+    ring = (tmp_path / "master.key").read_text().strip()
+    assert s.worker()["KVGRID_MASTER_KEY"] == ring
+    assert "KVGRID_API_KEYS" in s.frontend() and "KVGRID_API_KEYS" not in s.worker()
+    assert "KVGRID_MASTER_KEY" not in s.frontend()
+    assert s.worker_token not in repr(s) and ring not in repr(s)
+    monkeypatch.setenv("KVGRID_WORKER_TOKEN", "operator-set")
+    assert ClusterSecrets.from_driver(None, kv_store=False).worker() == {
+        "KVGRID_WORKER_TOKEN": "operator-set"
+    }
+
+
+def test_serve_without_ray_never_imports_it():
+    code = (
+        "import sys; from kvgrid.cli import build_parser; "
+        "a = build_parser().parse_args(['serve', '--workers', '2']); "
+        "import kvgrid.server.serve, kvgrid.server.autoscale, kvgrid.server.frontend; "
+        "assert a.ray is None; print('ray' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ
+    )
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_site_without_ray_is_a_clear_error():
+    out = subprocess.run(
+        [sys.executable, "-m", "kvgrid.cli", "serve", "--site", "a:0:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "--site places workers on a Ray cluster" in out.stderr
