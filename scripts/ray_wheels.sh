@@ -39,5 +39,5 @@ mkdir "$tmp/x"
 rm -rf "$tmp/x/ray/jars" "$tmp/x/ray/dashboard/client" "$tmp/x/ray/data" "$tmp/x/ray/train" \
        "$tmp/x/ray/tune" "$tmp/x/ray/rllib" "$tmp/x/ray/serve" "$tmp/x/ray/llm"
 chmod +x "$tmp"/x/ray/core/src/ray/gcs/gcs_server "$tmp"/x/ray/core/src/ray/raylet/raylet
-tar -C "$tmp/x" -cf - . | xz -6 -T0 > "$DIR/ray-$RAY-cp${PYVER/./}-slim.tar.xz"
+tar -C "$tmp/x" -cf - . | xz -9 -T0 > "$DIR/ray-$RAY-cp${PYVER/./}-slim.tar.xz"
 du -ch "$DIR"/* | tail -1

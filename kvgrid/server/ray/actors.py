@@ -32,6 +32,18 @@ def _setup_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def _node_ip() -> str:
+    """The address this node joined the cluster with (``ray start --node-ip-address``), the
+    one other nodes reach it at."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    for n in ray.nodes():
+        if n.get("NodeID") == me:
+            return n["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -80,7 +92,7 @@ class WorkerActor(_Served):
         secrets.apply(env)
         _setup_logging()
         ctx = ray.get_runtime_context()
-        ip = ray.util.get_node_ip_address()
+        ip = _node_ip()
         sock = bind(ip)
         url = _url(ip, sock.getsockname()[1])
         ns = argparse.Namespace(**args)
@@ -154,7 +166,7 @@ class FrontendActor(_Served):
         if ns.autoscale or max_workers > ns.workers:
             fe.autoscaler = planner_loop(ns, fleet.actuator, max_workers)
         host = ns.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
-        ip = ray.util.get_node_ip_address()
+        ip = _node_ip()
         sock = bind(host, ns.port)
         self.http = HTTPThread(create_frontend_app(fe), sock, "kvgrid-frontend-http")
         self.http.start_serving()

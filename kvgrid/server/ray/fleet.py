@@ -73,25 +73,35 @@ class RayFleet:
         self.sites, self.resources = sites, resources
         self.max_restarts, self.initial = max_restarts, initial
         self.stop_timeout_s = stop_timeout_s
+        self.namespace: str = args["ray_namespace"]
         self.members: dict[str, _Member] = {}
         self.actuator: LiveActuator | None = None
 
     def actor_name(self, worker_id: str) -> str:
         return f"{self.name}-{worker_id}"
 
+    def _named(self) -> list[str]:
+        import ray
+
+        prefix = f"{self.name}-w"
+        return [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == self.namespace and a["name"].startswith(prefix)
+        ]
+
     def clear_leftovers(self, timeout_s: float = 30.0) -> None:
         """Workers of this deployment's earlier life (a restarted frontend): Ray ends them
         with their owner, but their names may still be taken for a moment."""
         import ray
 
-        prefix = f"{self.name}-w"
-        names = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]
+        names = self._named()
         for n in names:
             with contextlib.suppress(ValueError):
-                ray.kill(ray.get_actor(n), no_restart=True)
+                ray.kill(ray.get_actor(n, namespace=self.namespace), no_restart=True)
         deadline = time.monotonic() + timeout_s
         while names and time.monotonic() < deadline:
-            names = [n for n in ray.util.list_named_actors() if n in names]
+            names = [n for n in self._named() if n in names]
             time.sleep(0.2)
 
     # ---- lifecycle (the frontend app's start and stop) -----------------------------------
@@ -123,6 +133,7 @@ class RayFleet:
             _worker_class()
             .options(
                 name=name,
+                namespace=self.namespace,
                 max_restarts=self.max_restarts,
                 max_task_retries=0,
                 **self.resources.actor_options(site),

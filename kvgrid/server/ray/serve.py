@@ -74,6 +74,7 @@ class RayServer:
                 ray.remote(FrontendActor)
                 .options(
                     name=f"{name}-frontend",
+                    namespace=args.ray_namespace,
                     num_cpus=0,
                     max_restarts=args.ray_max_restarts,
                     max_task_retries=0,
