@@ -171,7 +171,6 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
         model = httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"]
         load = ChatLoad(url, model)
         load.start()
-        _wait(lambda: len(load.done) >= CLIENTS, 60, "first answers", url)
 
         # 1 -> 2 under load: the new worker lands on the other node (site b has no room left)
         r = httpx.post(f"{url}/admin/scale", json={"workers": 2}, timeout=10).json()
