@@ -5,7 +5,7 @@ worker, as without Ray). This measures that claim: a one-node Ray cluster starte
 head, with this machine's GPUs), one worker either way, the same closed-loop replay of a
 Mooncake conversation slice, output throughput and latencies side by side, and their ratio.
 
-    PYTHONPATH=. python3 bench/gpu_ray.py                        # H200: Llama-3-8B shape, dummy
+    PYTHONPATH=. python3 bench/gpu_ray.py                        # H200: Llama-3.1-8B shape, dummy
     PYTHONPATH=. python3 bench/gpu_ray.py --model PATH --load-format auto --limit 24 \\
         --concurrency 4 --serve-arg=--max-model-len=1024 ...     # a CPU trial at tiny size
 
@@ -190,7 +190,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--model", default="llama3.1-8b", help="Llama-3-8B layout, 128K context")
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--workload", default=WORKLOAD)
     p.add_argument("--concurrency", type=int, default=32)
