@@ -128,11 +128,16 @@ def test_serve_without_ray_never_imports_it():
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_site_without_ray_is_a_clear_error():
-    out = subprocess.run(
-        [sys.executable, "-m", "kvgrid.cli", "serve", "--site", "a:0:1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 2 and "--site places workers on a Ray cluster" in out.stderr
+def test_ray_flag_without_ray_installed_is_a_clear_error(monkeypatch, capsys):
+    from kvgrid.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(["serve", "--ray"]) == 2
+    assert "pip install 'kvgrid[ray]'" in capsys.readouterr().err
+
+
+def test_site_without_ray_is_a_clear_error(capsys):
+    from kvgrid.cli import main
+
+    assert main(["serve", "--site", "a:0:1"]) == 2
+    assert "--site places workers on a Ray cluster" in capsys.readouterr().err

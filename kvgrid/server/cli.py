@@ -246,12 +246,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     if args.ray is not None:
         try:
-            from kvgrid.server.ray.serve import run_serve_ray
-        except ModuleNotFoundError as e:
-            if e.name != "ray":
-                raise
+            import ray  # noqa: F401
+        except ImportError:
             print("error: --ray needs Ray: pip install 'kvgrid[ray]'", file=sys.stderr)
             return 2
+        from kvgrid.server.ray.serve import run_serve_ray
+
         return run_serve_ray(args)
     if args.site:
         print("error: --site places workers on a Ray cluster: add --ray", file=sys.stderr)
