@@ -159,11 +159,12 @@ class RayFleet:
         from ray.exceptions import RayError
 
         m = self.members[worker_id]
-        try:
-            # on a thread of the frontend's: wait on the reference's future, not ray.get
-            m.handle.shutdown.remote().future().result(timeout=self.stop_timeout_s)
-        except (RayError, TimeoutError) as e:
-            log.warning("ray: %s did not stop gracefully: %r", m.actor_name, e)
+        if m.status == "up":  # one still starting holds nothing worth a graceful stop
+            try:
+                # on a thread of the frontend's: wait on the reference's future, not ray.get
+                m.handle.shutdown.remote().future().result(timeout=self.stop_timeout_s)
+            except (RayError, TimeoutError) as e:
+                log.warning("ray: %s did not stop gracefully: %r", m.actor_name, e)
         ray.kill(m.handle, no_restart=True)
         m.status = "stopped"
 
