@@ -227,7 +227,7 @@ def main() -> int:
                 tmp / "head",
                 num_cpus=args.ray_cpus or os.cpu_count() or 1,
                 num_gpus=info["gpus"],
-                object_store_bytes=1 << 30,
+                object_store_bytes=256 << 20,
                 env=env,
             )
             head.wait_started()
