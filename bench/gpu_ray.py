@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,6 +238,7 @@ def main() -> int:
     finally:
         if head is not None:
             head.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     summary = summarize(runs)
     result = {"environment": info, "args": vars(args), "summary": summary, "runs": runs}
     (out / "gpu_ray.json").write_text(json.dumps(result, indent=1, default=str))
