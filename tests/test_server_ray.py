@@ -25,6 +25,8 @@ import httpx
 import pytest
 from ray_cluster import Unavailable, two_node_cluster
 
+from kvgrid.server.auth import NONCE_HEADER, ControlKey
+
 CLIENTS = 3
 TURNS = 5  # per conversation; then a new one (prompts stay well inside max-model-len)
 SYSTEM = (
@@ -144,6 +146,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _control_plane_is_closed(wid: str, w: dict, key: ControlKey) -> None:
+    """The worker actor answers its router's token for its own id only, proves its key on
+    /info, and publishes its events over CURVE."""
+    url = w["url"]
+    assert httpx.get(f"{url}/info", timeout=5).status_code == 401
+    other = key.router_headers("w9")  # a valid token, but another worker's
+    assert httpx.get(f"{url}/info", headers=other, timeout=5).status_code == 401
+    wrong = ControlKey.generate().router_headers(wid)
+    assert httpx.get(f"{url}/load", headers=wrong, timeout=5).status_code == 401
+    nonce = "n-" + os.urandom(8).hex()
+    r = httpx.get(
+        f"{url}/info", headers={**key.router_headers(wid), NONCE_HEADER: nonce}, timeout=5
+    )
+    info = r.json()
+    assert r.status_code == 200 and key.check_info_proof(wid, nonce, info["proof"]), info
+    assert info["events_secure"] and info["events_endpoint"].startswith(f"tcp://{w['node_ip']}:")
+
+
 def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -153,7 +173,8 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
            "--site", "a:0:2.0", "--site", "b:5:1.0", "--ray-worker-cpus", "1",
            "--model", str(default_model_dir), "--max-model-len", "1024",
            "--kv-cache-memory-gb", "0.2"]  # fmt: skip
-    env = {**cluster.env, "KVGRID_LOG": "INFO"}
+    key = ControlKey.generate()  # the operator's cluster key: the test checks the workers with it
+    env = {**cluster.env, "KVGRID_LOG": "INFO", "KVGRID_CONTROL_KEY": key.dumps()}
     env.pop("KVGRID_API_KEYS", None)
     log = tmp_path / "serve.log"
     with open(log, "w") as f:
@@ -166,8 +187,8 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
         w0 = _wait(lambda: _up(url, "w0"), 120, "w0 up", url)
         assert (w0["site"], w0["node_ip"]) == ("b", node_ip), w0
         phases["w0 up"] = time.monotonic() - t_start
-        # its internal API is on the node's address and closed to whoever lacks the credential
-        assert httpx.get(f"{w0['url']}/info", timeout=5).status_code == 401
+        # its internal API is on the node's address, open to its router only (its own key)
+        _control_plane_is_closed("w0", w0, key)
         model = httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"]
         load = ChatLoad(url, model)
         load.start()
@@ -233,9 +254,13 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        print(log.read_text()[-6000:])
+        text = log.read_text()
+        print(text[-6000:])
         print("phases (s since start):", {k: round(v, 1) for k, v in phases.items()})
     assert proc.returncode == 0
+    # no key in the driver's log, which carries every actor's too
+    assert key.key.hex() not in text
+    assert not any(key.for_worker(w).key.hex() in text for w in ("w0", "w1"))
 
     done = load.done
     ok = [d for d in done if d.status == 200]

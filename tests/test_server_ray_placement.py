@@ -94,25 +94,77 @@ def test_parse_site():
             parse_site(bad)
 
 
-def test_secrets_cross_once_and_never_show(monkeypatch, tmp_path):
-    monkeypatch.delenv("KVGRID_WORKER_TOKEN", raising=False)
-    monkeypatch.delenv("KVGRID_MASTER_KEY", raising=False)
+def _serve_args(*flags: str):
+    from kvgrid.cli import build_parser
+
+    return build_parser().parse_args(["serve", *flags])
+
+
+def test_secrets_cross_once_each_actor_its_part_and_never_show(monkeypatch, tmp_path):
+    from kvgrid.server.auth import ControlKey, CredentialError
+    from kvgrid.server.ray.secrets import actor_config, apply
+
+    for var in (
+        "KVGRID_CONTROL_KEY",
+        "KVGRID_CONTROL_KEY_FILE",
+        "KVGRID_MASTER_KEY",
+        "KVGRID_SERVER_SECRET",
+        "KVGRID_KV_STORE_REDIS",
+        "KVGRID_REDIS_PASSWORD",
+    ):
+        monkeypatch.delenv(var, raising=False)  # fmt: skip
     monkeypatch.setenv("KVGRID_API_KEYS", '{"keys": {"sk-a": "a"}}')
-    monkeypatch.setenv("KVGRID_STORE_DIR", str(tmp_path))
-    s = ClusterSecrets.from_driver(None, kv_store=True)
-    # a credential is made when the operator set none: workers bind non-loopback addresses
-    assert len(s.worker_token) >= 32
-    assert s.worker()["KVGRID_WORKER_TOKEN"] == s.frontend()["KVGRID_WORKER_TOKEN"]
+    monkeypatch.setenv("KVGRID_ADMIN_TOKEN", "admin-token-value")
+    monkeypatch.setenv("KVGRID_STORE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("KVGRID_HOME", str(tmp_path / "home"))
+    redis = "redis://u:redis-password-value@10.0.0.9:6379/0"
+    args = _serve_args("--kv-store-redis", redis)
+    s = ClusterSecrets.from_driver(args)
+    # a cluster key is made when the operator set none: workers bind non-loopback addresses
+    assert s.control_key.is_cluster
+    # each worker gets its own key only: it proves, signs and encrypts as that worker alone
+    w0, w1 = s.worker("w0"), s.worker("w1")
+    assert w0.key == s.control_key.for_worker("w0") and w0.key.worker_id == "w0"
+    assert w0.key.key != s.control_key.key and w0.key.key != w1.key.key
+    with pytest.raises(CredentialError):
+        w0.key.for_worker("w1")
+    assert w0.key.router_token("w0") == s.control_key.router_token("w0")
     # every worker gets the driver's key ring (the one a shared tier needs), not its own
-    ring = (tmp_path / "master.key").read_text().strip()
-    assert s.worker()["KVGRID_MASTER_KEY"] == ring
-    assert "KVGRID_API_KEYS" in s.frontend() and "KVGRID_API_KEYS" not in s.worker()
-    assert "KVGRID_MASTER_KEY" not in s.frontend()
-    assert s.worker_token not in repr(s) and ring not in repr(s)
-    monkeypatch.setenv("KVGRID_WORKER_TOKEN", "operator-set")
-    assert ClusterSecrets.from_driver(None, kv_store=False).worker() == {
-        "KVGRID_WORKER_TOKEN": "operator-set"
-    }
+    ring = (tmp_path / "store" / "master.key").read_text().strip()
+    assert w0.env["KVGRID_MASTER_KEY"] == w1.env["KVGRID_MASTER_KEY"] == ring
+    # the Redis URL crosses as the worker's environment, never as a flag
+    assert w0.env["KVGRID_KV_STORE_REDIS"] == redis
+    config = actor_config(args)
+    assert config["kv_store_redis"] is None and "func" not in config
+    assert redis not in repr(config)
+    # one server secret for every frontend of the deployment (the driver host's file here)
+    fe = s.frontend()
+    secret = (tmp_path / "home" / "server_secret").read_text().strip()
+    assert fe["KVGRID_SERVER_SECRET"] == secret
+    assert fe["KVGRID_API_KEYS"] and fe["KVGRID_ADMIN_TOKEN"] == "admin-token-value"
+    for frontend_only in ("KVGRID_SERVER_SECRET", "KVGRID_API_KEYS", "KVGRID_ADMIN_TOKEN"):
+        assert frontend_only not in w0.env
+    assert not {"KVGRID_MASTER_KEY", "KVGRID_KV_STORE_REDIS"} & set(fe)
+    assert not any(v.startswith("kvgrid-") for v in [*fe.values(), *w0.env.values()])
+    # no secret in a repr (log lines, tracebacks, Ray's error messages)
+    shown = repr(s) + repr(w0) + repr(w0.key) + repr(s.control_key)
+    for value in (s.control_key.key.hex(), w0.key.key.hex(), ring, secret, redis,
+                  "redis-password-value", "admin-token-value"):  # fmt: skip
+        assert value not in shown
+    assert "w0" in repr(w0)
+    # the operator's cluster key is used as given; a worker's key is refused
+    mine = ControlKey.generate()
+    monkeypatch.setenv("KVGRID_CONTROL_KEY", mine.dumps())
+    assert ClusterSecrets.from_driver(_serve_args("--no-kv-store")).control_key == mine
+    monkeypatch.setenv("KVGRID_CONTROL_KEY", mine.for_worker("w0").dumps())
+    with pytest.raises(CredentialError, match="cluster control key"):
+        ClusterSecrets.from_driver(_serve_args("--no-kv-store"))
+    # an actor's environment holds its part only, whatever its process inherited
+    monkeypatch.setenv("KVGRID_SERVER_SECRET", "inherited")
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # apply's changes end with the test
+    apply(w0.env)
+    assert "KVGRID_CONTROL_KEY" not in os.environ and "KVGRID_SERVER_SECRET" not in os.environ
+    assert os.environ["KVGRID_MASTER_KEY"] == ring
 
 
 def test_serve_without_ray_never_imports_it():

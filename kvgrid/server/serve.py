@@ -217,6 +217,12 @@ def _bind_host(args: argparse.Namespace, auth_required: bool) -> str:
     return host
 
 
+def frontend_host(args: argparse.Namespace) -> str:
+    """The frontend's address as the flags and API keys give it; ValueError when binding it
+    beyond loopback is not safe."""
+    return _bind_host(args, bool(args.api_keys or os.environ.get("KVGRID_API_KEYS")))
+
+
 def run_serve(args: argparse.Namespace) -> int:
 
     from kvgrid.server.frontend import create_frontend_app
@@ -387,29 +393,34 @@ def run_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
-    """The router's frontend from the command's flags, with its bind address checked; None
-    (message printed) if the model, the keys file or the address cannot be used."""
+def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
+    """The router's frontend from the command's flags, with its bind address checked
+    (``fe.bind_host``); ValueError or OSError if the model, the keys file or the address
+    cannot be used."""
     from kvgrid.server.frontend import build_frontend
 
+    host = frontend_host(args)  # before loading anything: fail fast
+    fe = build_frontend(
+        args.model,
+        args.load_format,
+        args.served_model_name,
+        workers,
+        args.policy,
+        args.api_keys,
+        args.max_concurrent,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        log_decisions=args.log_decisions,
+        control_key=key,
+        public=not is_loopback_host(host),
+    )
+    fe.bind_host = _bind_host(args, fe.tenants.auth_required)
+    return fe
+
+
+def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
+    """``frontend_from_args``, or None (message printed)."""
     try:
-        keys_set = bool(args.api_keys or os.environ.get("KVGRID_API_KEYS"))
-        host = _bind_host(args, keys_set)  # before loading anything: fail fast
-        fe = build_frontend(
-            args.model,
-            args.load_format,
-            args.served_model_name,
-            workers,
-            args.policy,
-            args.api_keys,
-            args.max_concurrent,
-            heartbeat_timeout_s=args.heartbeat_timeout,
-            log_decisions=args.log_decisions,
-            control_key=key,
-            public=not is_loopback_host(host),
-        )
-        fe.bind_host = _bind_host(args, fe.tenants.auth_required)
-        return fe
+        return frontend_from_args(args, workers, key)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None

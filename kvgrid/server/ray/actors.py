@@ -83,26 +83,31 @@ class _Served:
 
 
 class WorkerActor(_Served):
-    def __init__(self, worker_id: str, args: dict[str, Any], env: dict[str, str]) -> None:
+    def __init__(self, worker_id: str, args: dict[str, Any], part: secrets.WorkerSecrets) -> None:
+        """``part``: this worker's key (it proves, signs and encrypts as this worker only)
+        and the store's secrets."""
         import ray
 
         from kvgrid.router.sites import SITE_LABEL
         from kvgrid.server.worker import build_worker, create_worker_app
 
-        secrets.apply(env)
+        if part.key.worker_id != worker_id:
+            raise ValueError(f"worker {worker_id!r} was given worker {part.key.worker_id!r}'s key")
+        self.worker_id = worker_id
+        secrets.apply(part.env)
         _setup_logging()
         ctx = ray.get_runtime_context()
         ip = _node_ip()
         sock = bind(ip)
         url = _url(ip, sock.getsockname()[1])
         ns = argparse.Namespace(**args)
-        ns.kv_master_key_file = None  # the key ring came with ``env``: one for the cluster
         if ns.kv_store_dir:  # on every node; one G3 folder per worker (one owner per capacity)
             ns.kv_store_dir = os.path.join(ns.kv_store_dir, worker_id)
         cpus = ctx.get_assigned_resources().get("CPU")
         ns.threads = ns.threads or (max(1, int(cpus)) if cpus else None)
         site = ctx.get_node_labels().get(SITE_LABEL, "")
-        self.worker = build_worker(ns, worker_id, url, ip, advertise_host=ip, site=site)
+        # the event stream binds the node's address and is advertised there (CURVE, K_w)
+        self.worker = build_worker(ns, worker_id, url, ip, part.key, site=site)
         self.http = HTTPThread(create_worker_app(self.worker), sock, f"kvgrid-{worker_id}-http")
         self.http.start_serving()
         self.about = {
@@ -122,31 +127,28 @@ class WorkerActor(_Served):
             f"worker {worker_id}",
         )
 
+    def __repr__(self) -> str:  # Ray's log prefix and error messages: the id, nothing else
+        return f"WorkerActor({getattr(self, 'worker_id', '?')})"
+
 
 class FrontendActor(_Served):
     def __init__(self, name: str, args: dict[str, Any], cluster: secrets.ClusterSecrets) -> None:
+        """``cluster``: the deployment's secrets; the frontend keeps the cluster key (its
+        router checks every worker with it) and hands each worker actor its own part."""
         import ray
 
         from kvgrid.router.sites import parse_site
         from kvgrid.server.autoscale import LiveActuator
-        from kvgrid.server.frontend import build_frontend, create_frontend_app
+        from kvgrid.server.frontend import create_frontend_app
         from kvgrid.server.ray.fleet import RayFleet
         from kvgrid.server.ray.placement import WorkerResources
-        from kvgrid.server.serve import planner_loop
+        from kvgrid.server.serve import frontend_from_args, planner_loop
 
+        self.name = name
         secrets.apply(cluster.frontend())
         _setup_logging()
         ns = argparse.Namespace(**args)
-        fe = build_frontend(
-            ns.model,
-            ns.load_format,
-            ns.served_model_name,
-            [],
-            ns.policy,
-            ns.api_keys,
-            ns.max_concurrent,
-            log_decisions=ns.log_decisions,
-        )
+        fe = frontend_from_args(ns, [], cluster.control_key)
         sites = [parse_site(s) for s in ns.site]
         fe.router.site_rtt_s = {s.name: s.rtt_s for s in sites}
         max_workers = max(ns.workers, ns.max_workers or ns.workers)
@@ -154,7 +156,7 @@ class FrontendActor(_Served):
             fe,
             name,
             args,
-            cluster.worker(),
+            cluster,
             sites,
             WorkerResources(**ns.ray_worker_resources),
             ns.ray_max_restarts,
@@ -165,7 +167,7 @@ class FrontendActor(_Served):
         fe.fleet = fleet
         if ns.autoscale or max_workers > ns.workers:
             fe.autoscaler = planner_loop(ns, fleet.actuator, max_workers)
-        host = ns.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
+        host = fe.bind_host
         ip = _node_ip()
         sock = bind(host, ns.port)
         self.http = HTTPThread(create_frontend_app(fe), sock, "kvgrid-frontend-http")
@@ -179,3 +181,6 @@ class FrontendActor(_Served):
             "model": fe.config.model_name,
         }
         self._start_watchdog(self.http.serving, "frontend")
+
+    def __repr__(self) -> str:
+        return f"FrontendActor({getattr(self, 'name', '?')})"

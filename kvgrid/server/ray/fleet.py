@@ -30,7 +30,9 @@ from typing import Any
 
 from kvgrid.router.sites import Site
 from kvgrid.server.autoscale import POOL, LiveActuator, Replica
+from kvgrid.server.links import Refused
 from kvgrid.server.ray.placement import WorkerResources, choose_site, site_capacity
+from kvgrid.server.ray.secrets import ClusterSecrets
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +64,14 @@ class RayFleet:
         fe,
         name: str,
         args: dict[str, Any],
-        env: dict[str, str],
+        cluster: ClusterSecrets,
         sites: list[Site],
         resources: WorkerResources,
         max_restarts: int,
         initial: int = 1,
         stop_timeout_s: float = 60.0,
     ) -> None:
-        self.fe, self.name, self.args, self.env = fe, name, args, env
+        self.fe, self.name, self.args, self.cluster = fe, name, args, cluster
         self.sites, self.resources = sites, resources
         self.max_restarts, self.initial = max_restarts, initial
         self.stop_timeout_s = stop_timeout_s
@@ -138,7 +140,7 @@ class RayFleet:
                 max_task_retries=0,
                 **self.resources.actor_options(site),
             )
-            .remote(worker_id, self.args, self.env)
+            .remote(worker_id, self.args, self.cluster.worker(worker_id))
         )
         m = self.members[worker_id] = _Member(name, handle, site)
         m.task = asyncio.get_running_loop().create_task(self._follow(worker_id, m))
@@ -207,7 +209,10 @@ class RayFleet:
                 link.forget(old)
             m.about, m.status = about, "up"
             link.add_url(about["url"])
-            await link.register(about["url"])
+            # as the actor's id: its /info must prove that worker's key. A refusal is logged
+            # by the link, which keeps trying the address.
+            with contextlib.suppress(Refused):
+                await link.register(about["url"], worker_id)
             log.info(
                 "ray: %s serves at %s (node %s%s, epoch %s)",
                 m.actor_name,

@@ -41,13 +41,16 @@ class RayServer:
         from kvgrid.router.sites import parse_site
         from kvgrid.server.ray.actors import FrontendActor
         from kvgrid.server.ray.placement import check_sites, worker_resources
-        from kvgrid.server.ray.secrets import ClusterSecrets
+        from kvgrid.server.ray.secrets import ClusterSecrets, actor_config
+        from kvgrid.server.serve import frontend_host
 
         if args.workers < 1:
             raise ValueError("--workers must be at least 1")
         sites = [parse_site(s) for s in args.site]
         if len({s.name for s in sites}) != len(sites):
             raise ValueError("--site: each site name once")
+        frontend_host(args)  # an unsafe bind address fails here, not in the actor
+        cluster = ClusterSecrets.from_driver(args)
         if not ray.is_initialized():
             ray.init(
                 address=args.ray or None,
@@ -64,8 +67,7 @@ class RayServer:
         )
         for warning in check_sites(sites, ray.nodes()):
             log.warning("%s", warning)
-        cluster = ClusterSecrets.from_driver(args.kv_master_key_file, not args.no_kv_store)
-        config = {k: v for k, v in vars(args).items() if k != "func"}
+        config = actor_config(args)
         config["ray_worker_resources"] = asdict(res)
         node = ray.get_runtime_context().get_node_id()
         name = args.ray_name
@@ -100,7 +102,9 @@ class RayServer:
     # ---- what an operator does, through the same admin API ---------------------------------
 
     def _admin_headers(self) -> dict[str, str]:
-        token = os.environ.get("KVGRID_ADMIN_TOKEN")
+        from kvgrid.server.auth import admin_token
+
+        token = admin_token()
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def state(self) -> dict[str, Any]:
