@@ -199,7 +199,6 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
         w1 = _wait(lambda: _up(url, "w1"), 90, "w1 up", url)
         assert (w1["site"], w1["node_ip"]) == ("a", head_ip), w1
         phases["w1 up"] = time.monotonic() - t_start
-        _wait(lambda: sum(d.worker == "w1" for d in load.done) >= 3, 60, "w1 serving", url)
         # the router weighs each site's round trip on the real cluster
         route = httpx.get(f"{url}/debug/route", params={"prompt": "hi"}, timeout=5).json()
         net = {c["worker_id"]: c["ttft_parts"]["network_s"] for c in route["candidates"]}
@@ -244,8 +243,7 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
             url,
         )[0]
         phases["w1 drained"] = time.monotonic() - t_start
-        n_after = len(load.done)
-        _wait(lambda: len(load.done) >= n_after + CLIENTS, 60, "answers after the drain", url)
+        _wait(lambda: any(d.t0 > t_drain_ack for d in load.done), 60, "an answer after it", url)
     finally:
         if load is not None:
             load.join()
@@ -254,6 +252,7 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        phases["stopped"] = time.monotonic() - t_start
         text = log.read_text()
         print(text[-6000:])
         print("phases (s since start):", {k: round(v, 1) for k, v in phases.items()})
@@ -268,18 +267,13 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     assert {d.worker for d in ok} == {"w0", "w1"}
     # Every failure is a request in flight when w0 was killed, answered with an OpenAI error
     # body, never a hang or a dropped client connection. Without request migration such a
-    # request fails: a stream that broke mid-way is a 502 naming the worker; a request whose
-    # connection reset as it was sent is a 500 (httpx.ReadError escapes the frontend's
-    # retry; the control-plane work fixes that).
+    # request fails once its stream has begun (a 502 naming the worker); one whose connection
+    # broke before an answer is retried on another worker by the frontend.
     failed = [d for d in done if d.status != 200]
     at_kill = [
         d
         for d in failed
-        if d.t0 < t_kill < d.t1
-        and (
-            (d.status == 502 and "worker w0 failed" in d.error)
-            or (d.status == 500 and "ReadError" in d.error)
-        )
+        if d.t0 < t_kill < d.t1 and d.status == 502 and "worker w0 failed" in d.error
     ]
     assert failed == at_kill, failed
     print(f"{len(done)} requests; failed, all in flight at the kill: {failed}")
@@ -298,5 +292,8 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     assert later and sum(d.cached > 0 for d in later) >= 0.8 * len(later)
     steady = [d for d in ok if not (t_kill - 1 < d.t0 < t_back + 1)]
     match = sum(d.predicted == d.cached for d in steady) / len(steady)
+    for d in done:
+        print(round(d.t0 - t_kill, 1), round(d.t1 - t_kill, 1), d.status, d.worker, d.client, d.turn, d.cached, d.predicted)
+    print("drain", t_drain - t_kill, "back", t_back - t_kill)
     print(f"predicted cached tokens match the worker's for {match:.0%} of {len(steady)}")
     assert match >= 0.9

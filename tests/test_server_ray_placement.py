@@ -167,6 +167,17 @@ def test_secrets_cross_once_each_actor_its_part_and_never_show(monkeypatch, tmp_
     assert os.environ["KVGRID_MASTER_KEY"] == ring
 
 
+def test_the_driver_and_the_frontend_actor_start_without_torch():
+    """Neither loads an engine: importing torch would only delay the deployment's start (by
+    seconds on a small machine), the driver's key-ring read included."""
+    probe = (
+        "import sys, kvgrid.server.ray.actors, kvgrid.server.ray.fleet, kvgrid.server.ray.serve; "
+        "from kvgrid.store.crypto import load_keyring; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_serve_without_ray_never_imports_it():
     code = (
         "import sys; from kvgrid.cli import build_parser; "
