@@ -81,6 +81,30 @@ def _skeleton() -> bool:
     return torch.get_default_device().type == "meta"
 
 
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A skeleton's tensors as uninitialised storage on ``device`` (floating ones in
+    ``dtype``), allocated once: what ``to_empty(device).to(dtype)`` does, without the meta
+    reference ops behind ``to_empty`` (they import torch.fx's symbolic shapes and sympy).
+    A tensor two modules share stays shared."""
+    made: dict[int, torch.Tensor] = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            kind = dtype if t.is_floating_point() else t.dtype
+            new = torch.empty(t.shape, dtype=kind, device=device)
+            if isinstance(t, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=t.requires_grad)
+            made[id(t)] = new
+        return made[id(t)]
+
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = empty(t)
+    return model
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
