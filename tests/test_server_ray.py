@@ -290,10 +290,8 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     # KV reused across turns, and predicted by the router from the workers' events
     later = [d for d in ok if d.turn > 0]
     assert later and sum(d.cached > 0 for d in later) >= 0.8 * len(later)
-    steady = [d for d in ok if not (t_kill - 1 < d.t0 < t_back + 1)]
+    # (but for requests sent just as w0 died or came back, before the router heard of it)
+    steady = [d for d in ok if abs(d.t0 - t_kill) > 1 and abs(d.t0 - t_back) > 1]
     match = sum(d.predicted == d.cached for d in steady) / len(steady)
-    for d in done:
-        print(round(d.t0 - t_kill, 1), round(d.t1 - t_kill, 1), d.status, d.worker, d.client, d.turn, d.cached, d.predicted)
-    print("drain", t_drain - t_kill, "back", t_back - t_kill)
     print(f"predicted cached tokens match the worker's for {match:.0%} of {len(steady)}")
     assert match >= 0.9

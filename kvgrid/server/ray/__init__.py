@@ -3,9 +3,9 @@
 The frontend (OpenAI API, router, planner) and the engine workers are Ray actors; Ray places
 them by their resources and node labels, and restarts them when they die. Requests, KV events
 and snapshots travel as they do without Ray (HTTP and ZeroMQ between frontend and workers,
-authenticated by the control-plane credential), so Ray adds nothing to the data path.
+authenticated with the control keys of kvgrid.server.auth), so Ray adds nothing to the data path.
 
-    secrets.py    what crosses from the driver to the actors (credentials, master key)
+    secrets.py    what crosses from the driver to the actors (control keys, master key)
     placement.py  resources per worker, sites as groups of labelled nodes
     http.py       an actor's HTTP server, in a thread of its own
     actors.py     WorkerActor (one engine) and FrontendActor (router and planner)
