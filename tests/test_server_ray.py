@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from live_scale import free_port, inflight, scale_state, wait_for
 from ray_cluster import Unavailable, two_node_cluster
 
 from kvgrid.server.auth import NONCE_HEADER, ControlKey
@@ -118,32 +119,9 @@ class ChatLoad:
             conv += 1
 
 
-def _state(url: str) -> dict:
-    return httpx.get(f"{url}/admin/scale", timeout=5).json()
-
-
-def _wait(pred, timeout: float, what: str, url: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            got = pred()
-            if got:
-                return got
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout}s: {_state(url)}")
-
-
 def _up(url: str, wid: str) -> dict | None:
-    w = _state(url)["workers"][wid]
+    w = scale_state(url)["workers"][wid]
     return w["where"] if w["up"] and w["where"]["status"] == "up" else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _control_plane_is_closed(wid: str, w: dict, key: ControlKey) -> None:
@@ -165,7 +143,7 @@ def _control_plane_is_closed(wid: str, w: dict, key: ControlKey) -> None:
 
 
 def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     head_ip, node_ip = cluster.head.ip, cluster.node.ip
     cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--ray", cluster.address,
@@ -184,7 +162,7 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     phases: dict[str, float] = {}
     try:
         # one worker, on the cheaper site's node, restartable by Ray
-        w0 = _wait(lambda: _up(url, "w0"), 120, "w0 up", url)
+        w0 = wait_for(lambda: _up(url, "w0"), 120, "w0 up", url)
         assert (w0["site"], w0["node_ip"]) == ("b", node_ip), w0
         phases["w0 up"] = time.monotonic() - t_start
         # its internal API is on the node's address, open to its router only (its own key)
@@ -196,7 +174,7 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
         # 1 -> 2 under load: the new worker lands on the other node (site b has no room left)
         r = httpx.post(f"{url}/admin/scale", json={"workers": 2}, timeout=10).json()
         assert [a["kind"] for a in r["done"]] == ["add"], r
-        w1 = _wait(lambda: _up(url, "w1"), 90, "w1 up", url)
+        w1 = wait_for(lambda: _up(url, "w1"), 90, "w1 up", url)
         assert (w1["site"], w1["node_ip"]) == ("a", head_ip), w1
         phases["w1 up"] = time.monotonic() - t_start
         # the router weighs each site's round trip on the real cluster
@@ -205,20 +183,11 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
         assert net == {"w0": 0.005, "w1": 0.0}, route
 
         # a worker actor killed mid-run (a request in flight on it): Ray restarts it
-        _wait(
-            lambda: httpx.get(f"{url}/debug/router", timeout=5).json()["workers"]["w0"]["inflight"],
-            60,
-            "a request in flight on w0",
-            url,
-        )
+        wait_for(lambda: inflight(url).get("w0"), 60, "a request in flight on w0", url)
         t_kill = time.monotonic()
         os.kill(w0["pid"], signal.SIGKILL)
-        back = _wait(
-            lambda: (w := _up(url, "w0")) and w["restarts"] == 1 and w,
-            120,
-            "w0 restarted by Ray",
-            url,
-        )
+        restarted = lambda: (w := _up(url, "w0")) and w["restarts"] == 1 and w
+        back = wait_for(restarted, 120, "w0 restarted by Ray", url)
         t_back = time.monotonic()
         phases["w0 back"] = time.monotonic() - t_start
         assert back["pid"] != w0["pid"] and back["epoch"] != w0["epoch"], (w0, back)
@@ -226,24 +195,19 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
 
         # 2 -> 1 under load: the dear site's worker drains (it holds the conversations now,
         # so it has requests to finish), and the restarted w0 serves everything after
-        _wait(
-            lambda: httpx.get(f"{url}/debug/router", timeout=5).json()["workers"]["w1"]["inflight"],
-            60,
-            "w1 busy",
-            url,
-        )
+        wait_for(lambda: inflight(url).get("w1"), 60, "w1 busy", url)
         t_drain = time.monotonic()
         r = httpx.post(f"{url}/admin/scale", json={"workers": 1}, timeout=10).json()
         t_drain_ack = time.monotonic()
         assert [(a["kind"], a["worker_id"]) for a in r["done"]] == [("drain", "w1")], r
-        retired = _wait(
-            lambda: [x for x in _state(url)["retired"] if x["worker_id"] == "w1"],
+        retired = wait_for(
+            lambda: [x for x in scale_state(url)["retired"] if x["worker_id"] == "w1"],
             90,
             "w1 drained",
             url,
         )[0]
         phases["w1 drained"] = time.monotonic() - t_start
-        _wait(lambda: any(d.t0 > t_drain_ack for d in load.done), 60, "an answer after it", url)
+        wait_for(lambda: any(d.t0 > t_drain_ack for d in load.done), 60, "an answer after it", url)
     finally:
         if load is not None:
             load.join()
