@@ -107,12 +107,16 @@ class Router:
         policy: str | Policy = DEFAULT_POLICY,
         recent_ttl_s: float = 5.0,
         heartbeat_timeout_s: float = 5.0,
+        site_rtt_s: dict[str, float] | None = None,
         **policy_kwargs: Any,
     ) -> None:
+        """``site_rtt_s``: the round trip to each site's workers (kvgrid.router.sites), which
+        every request sent there pays before its first token."""
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, **policy_kwargs)
         self.index = KVIndex()
         self.recent = RecentDecisions(recent_ttl_s)
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.site_rtt_s = dict(site_rtt_s or {})
         self.workers: dict[str, WorkerState] = {}
         self._requests: dict[str, tuple[str, Sequence[int], list[bytes], bytes, int]] = {}
         self._speeds: tuple[float, float] = (DEFAULT_PREFILL_TOKENS_PER_S, DEFAULT_DECODE_STEP_S)
@@ -337,6 +341,7 @@ class Router:
         cands: list[Candidate] = []
         group_keys: dict[str, list[bytes]] = {}
         empty = Overlap()
+        site_rtt = self.site_rtt_s
         # fleet medians, fetched only for a worker without its own (a fetch may refresh them)
         speeds: tuple[float, float] | None = None
         for (digest, bs), members in groups.items():
@@ -398,6 +403,7 @@ class Router:
                     ds,
                     info.max_num_batched_tokens,
                     tier_load,
+                    site_rtt.get(info.site, 0.0) if site_rtt else 0.0,
                 )
                 predict_ttft(c)
                 cands.append(c)
@@ -483,6 +489,7 @@ class Router:
             "workers": {
                 wid: {
                     "url": w.info.url,
+                    "site": w.info.site,
                     "up": w.up,
                     "draining": w.draining,
                     "freshness": self.freshness(wid),

@@ -11,9 +11,10 @@ does not grow with the number of requests. Prompts are keyed by hashing their ha
 with kvgrid.keys (one id per block), so block keys are real keys of the one key function.
 
 Options: prefill/decode disaggregation (a prefill pool routed by the policy, a decode pool
-by least load, KV moved at ``link_bytes_per_s``), sites (network round trip added to what
-the client sees, cost per GPU-hour), a G2 host-memory tier, a candidate preselection for
-very large fleets, and a planner called every ``planner_interval_s``.
+by least load, KV moved at ``link_bytes_per_s``), sites (kvgrid.router.sites: a network
+round trip the router weighs and the client sees, a cost per GPU-hour the planner weighs),
+a G2 host-memory tier, a candidate preselection for very large fleets, and a planner called
+every ``planner_interval_s``.
 """
 
 from __future__ import annotations
@@ -37,18 +38,11 @@ from kvgrid.bench.sim.calibration import Calibration, load_calibration
 from kvgrid.bench.sim.worker import PREFILL, SimRequest, SimWorker
 from kvgrid.bench.workloads import Workload
 from kvgrid.router.router import Router, RouteRequest
+from kvgrid.router.sites import Site
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
 
 SIM_SCOPE = kvkeys.KVScope("sim:llama3-8b", "bfloat16")
 _WAKE, _DELIVER, _HANDOFF, _READY, _TICK = range(5)
-
-
-@dataclass
-class Site:
-    name: str = "default"
-    rtt_s: float = 0.0  # client <-> site round trip
-    cost_per_gpu_hour: float = 2.5
-    share: float = 1.0  # fraction of the workers placed here
 
 
 @dataclass
@@ -80,7 +74,12 @@ class Fleet:
         self.calib = cfg.calibration or load_calibration()
         self.bt = workload.block_tokens
         self.rng = random.Random(cfg.seed)
-        self.router = Router(cfg.policy, recent_ttl_s=cfg.recent_ttl_s, **cfg.policy_kwargs)
+        self.router = Router(
+            cfg.policy,
+            recent_ttl_s=cfg.recent_ttl_s,
+            site_rtt_s={s.name: s.rtt_s for s in cfg.sites},
+            **cfg.policy_kwargs,
+        )
         self.decode_router = Router("least_load") if cfg.disagg else None
         self.digest = SIM_SCOPE.digest
         self.heap: list = []
@@ -155,6 +154,7 @@ class Fleet:
             bytes_per_block=self.bt * c.kv_bytes_per_token,
             max_num_batched_tokens=c.max_num_batched_tokens,
             events=w.role != "decode",
+            site=w.site,
         )
         if router.add_worker(info, now):
             router.on_snapshot(w.worker_id, 0, {}, now)
@@ -401,6 +401,7 @@ class Fleet:
                     kv_usage=w.kv_usage(),
                     waiting_prefill_tokens=w.waiting_prefill_tokens(),
                     started_at=w.started_at,
+                    cost_per_hour=w.site_obj.cost_per_gpu_hour,  # type: ignore[attr-defined]
                 )
             )
         return pools
