@@ -59,6 +59,33 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--served-model-name", default=None)
     g.add_argument(
+        "--max-migrations",
+        type=int,
+        default=3,
+        help="times a request may move to another worker when its worker is lost "
+        "(0: never; it then ends with an error)",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a worker may stay silent on a request before it is probed; one that "
+        "does not answer is lost and its requests move",
+    )
+    g.add_argument(
+        "--worker-wait",
+        type=float,
+        default=10.0,
+        help="seconds a request waits for a worker when none is up (one starting or "
+        "restarting) before a 503",
+    )
+    g.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=600.0,
+        help="longest wait for an admission slot before a 503",
+    )
+    g.add_argument(
         "--log-decisions",
         action="store_true",
         help="log every routing decision with each candidate's numbers",
@@ -203,6 +230,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     _control_key_arg(p, "this worker's key, or the cluster key")
+    p.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop (as on SIGTERM) when the process that started this one dies",
+    )
+    p.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds in one engine step, with requests waiting, after which /health "
+        "reports the worker unhealthy",
+    )
     add_engine_args(p)
     p.set_defaults(func=_worker)
 

@@ -3,13 +3,18 @@
 HTTP (FastAPI), for routers only:
     GET  /info          identity, scope, block size, event endpoint (WorkerInfo); answers a
                         router's nonce (x-kvgrid-nonce) with a proof of the worker's key
-    GET  /health        200 while the engine loop is alive (no credential: a liveness probe)
+    GET  /health        200 while the engine loop is alive and not stuck in one step (no
+                        credential: a liveness probe)
     GET  /load          the current load report
     GET  /metrics       the context store's series
+    GET  /internal/state  what must return to idle (requests, G1 blocks, store pins, leases)
+    GET|POST /internal/faults  injected faults (only with KVGRID_FAULT_INJECTION=1)
     GET  /kv/snapshot   msgpack: every key per tier with the event seq it reflects
     POST /generate      {request_id, prompt_token_ids, params, tenant (hex), scope_id,
-                        shared_prefix_tokens} -> NDJSON stream of deltas; a dropped
-                        connection aborts the request (blocks freed)
+                        shared_prefix_tokens, resume?} -> NDJSON stream of deltas; a dropped
+                        connection aborts the request (blocks freed). ``resume``:
+                        {output_token_ids, emitted_text_len} of a request that another
+                        worker started (LLMEngine.add_request)
     POST /abort/{id}
 ZeroMQ PUB (msgpack, kvgrid.router.wire): topic ``kv`` numbered event batches, topic ``load``
 load reports every 0.5 s (the heartbeat), CURVE-encrypted (kvgrid.server.publisher).
@@ -23,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from typing import Any
@@ -36,7 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvgrid import keys
+from kvgrid import failpoints, keys
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router import wire
 from kvgrid.router.workers import WorkerInfo
@@ -70,12 +77,16 @@ class Worker:
         load_interval_s: float = 0.5,
         key: ControlKey | None = None,
         site: str = "",
+        stall_s: float = 60.0,
     ) -> None:
         """``events_endpoint``: the event stream's address as routers reach it (default:
-        the advertise URL's host and the bound port); never a wildcard address."""
+        the advertise URL's host and the bound port); never a wildcard address.
+        ``stall_s``: /health reports the worker unhealthy once its engine thread has been
+        in one step this long with requests waiting (the router then moves them away)."""
         from kvgrid.server.engine_loop import EngineLoop
 
         self.engine = engine
+        self.stall_s = stall_s
         self.key = key.for_worker(worker_id) if key is not None else None
         self.epoch = uuid.uuid4().hex[:12]
         host = url_host(advertise_url) or pub_host
@@ -159,7 +170,31 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
     async def health() -> Response:
         if worker.loop.failed is not None or not worker.loop.is_alive():
             return JSONResponse({"status": "engine failed"}, status_code=503)
+        stuck = worker.loop.stalled_for()
+        if stuck > worker.stall_s:
+            msg = f"engine stuck in one step for {stuck:.0f}s"
+            return JSONResponse({"status": msg}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/internal/state")
+    async def state() -> Response:
+        try:
+            report = await worker.loop.call(worker.loop.idle_report, timeout_s=10.0)
+        except TimeoutError:
+            return JSONResponse({"error": "engine thread busy"}, status_code=503)
+        report.update(worker_id=worker.info.worker_id, pid=os.getpid(), epoch=worker.epoch)
+        return JSONResponse(report)
+
+    @app.api_route("/internal/faults", methods=["GET", "POST"])
+    async def inject(request: Request) -> Response:
+        if not failpoints.ENABLED:
+            return JSONResponse({"error": "fault injection is off"}, status_code=404)
+        if request.method == "POST":
+            try:
+                failpoints.set_active(json.loads(await request.body()))
+            except (ValueError, TypeError) as e:
+                return JSONResponse({"error": str(e)}, status_code=400)
+        return JSONResponse(dataclasses.asdict(failpoints.active()))
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -193,9 +228,14 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
             tenant = bytes.fromhex(body.get("tenant", ""))
             shared = int(body.get("shared_prefix_tokens", 0))
             scope_id = body.get("scope_id") or None
+            resume = body.get("resume") or {}
+            resume = {
+                "resume_output": resume.get("output_token_ids"),
+                "emitted_text_len": resume.get("emitted_text_len"),
+            }
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             return JSONResponse({"error": f"bad generate request: {e!r}"}, status_code=400)
         if tenant != keys.PUBLIC_TENANT and worker.key is None:
             return JSONResponse(
@@ -215,9 +255,11 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda out: aloop.call_soon_threadsafe(q.put_nowait, out)
         try:
-            await worker.loop.add_request(rid, prompt, params, tenant, sink, shared)
+            await worker.loop.add_request(rid, prompt, params, tenant, sink, shared, **resume)
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
+        except TimeoutError:
+            return JSONResponse({"error": "engine thread busy"}, status_code=503)
         return StreamingResponse(_stream(worker, rid, q), media_type="application/x-ndjson")
 
     return app
@@ -302,6 +344,22 @@ def worker_identity(args) -> tuple[str, ControlKey | None]:
     return worker_id, key
 
 
+def _exit_with_parent() -> None:
+    """Stop as on SIGTERM (G1 is offloaded to the store) once the process that started this
+    one is gone: a supervisor killed outright must not leave its workers running."""
+    import signal
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.warning("parent process %d is gone: stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kvgrid-parent-watch", daemon=True).start()
+
+
 def build_worker(
     args,
     worker_id: str,
@@ -337,7 +395,10 @@ def build_worker(
         events_endpoint=events_endpoint,
         key=key,
         site=site,
+        stall_s=getattr(args, "engine_stall_timeout", 60.0),
     )
+    if getattr(args, "exit_with_parent", False):
+        _exit_with_parent()
     log.info(
         "worker %s: engine ready in %.1fs (%s), events on %s (%s)",
         worker.info.worker_id,
