@@ -75,9 +75,9 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--worker-wait",
         type=float,
-        default=10.0,
-        help="seconds a request waits for a worker when none is up (one starting or "
-        "restarting) before a 503",
+        default=0.0,
+        help="seconds a request that finds no worker up waits for one (starting, "
+        "restarting, rejoining a restarted router) before a 503 (default: none)",
     )
     g.add_argument(
         "--queue-timeout",

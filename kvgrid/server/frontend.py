@@ -74,7 +74,7 @@ class FrontendConfig:
     stall_s: float = 15.0  # a worker silent this long on a request is probed (/health)
     probe_s: float = 3.0  # ... and lost if the probe gets no answer in this time
     stall_check_s: float = 0.5  # how often a waiting request looks at its worker
-    worker_wait_s: float = 10.0  # with no worker up, a request waits this long for one
+    worker_wait_s: float = 0.0  # with no worker up, a request waits this long for one
     queue_timeout_s: float = 600.0  # the longest wait for an admission slot (then 503)
 
 
@@ -195,10 +195,10 @@ class Frontend:
     ) -> tuple[Decision, httpx.Response]:
         """Route and start the request on a worker, trying others if one cannot take it
         (unreachable, failing, stopped, refusing this router), and waiting up to
-        ``worker_wait_s`` for one to be up when none is. ``exclude``: workers (id -> epoch)
-        that failed this request; a new life of one of them may take it. ``resume``: the
-        output already delivered (a migrated request); the route then counts those tokens
-        as context."""
+        ``worker_wait_s`` for one to be up when there was none to try. ``exclude``: workers
+        (id -> epoch) that failed this request; a new life of one of them may take it.
+        ``resume``: the output already delivered (a migrated request); the route then
+        counts those tokens as context."""
         tried: dict[str, str] = dict(exclude or {})
         shared = self.shared_prefix_tokens(tenant, tokens)
         body = {
@@ -226,9 +226,11 @@ class Frontend:
                     exclude=self._still_excluded(tried),
                 )  # fmt: skip
             except NoWorkerError as e:
-                if time.monotonic() >= wait_until:
+                # a request that found no worker at all waits for one (starting, restarting,
+                # rejoining a restarted router); one whose workers failed it does not
+                if tried or time.monotonic() >= wait_until:
                     raise APIError(503, f"no worker available: {e}") from None
-                await asyncio.sleep(0.25)  # a worker starting, restarting or rejoining
+                await asyncio.sleep(0.25)
                 continue
             self.metrics.decision.observe(d.elapsed_s)
             if self.config.log_decisions:
@@ -518,7 +520,7 @@ def build_frontend(
     max_migrations: int = 3,
     stall_s: float = 15.0,
     queue_timeout_s: float = 600.0,
-    worker_wait_s: float = 10.0,
+    worker_wait_s: float = 0.0,
 ) -> Frontend:
     """The frontend for a model: its tokenizer, tenants, a router and the fleet link.
     ``control_key``: the cluster key workers are checked against (None: loopback workers

@@ -424,7 +424,7 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
         max_migrations=getattr(args, "max_migrations", 3),
         stall_s=getattr(args, "stall_timeout", 15.0),
         queue_timeout_s=getattr(args, "queue_timeout", 600.0),
-        worker_wait_s=getattr(args, "worker_wait", 10.0),
+        worker_wait_s=getattr(args, "worker_wait", 0.0),
     )
     fe.bind_host = _bind_host(args, fe.tenants.auth_required)
     return fe
