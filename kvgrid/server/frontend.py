@@ -32,7 +32,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
+from kvgrid.router.disagg import DisaggConfig
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
+from kvgrid.server.disagg import remote_spec, start_prefill
 from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
 from kvgrid.server.protocol import (
@@ -76,6 +78,7 @@ class Frontend:
         self.metrics = FrontendMetrics(router, config.model_name)
         # kvgrid.server.autoscale.Autoscaler when `kvgrid serve` may scale its workers
         self.autoscaler: Any = None
+        self.background: set[asyncio.Task] = set()  # remote prefills in flight
 
     # ---- request preparation -------------------------------------------------------------
 
@@ -151,20 +154,28 @@ class Frontend:
                 decision_log.info(d.log_line())
             else:
                 decision_log.debug(d.log_line())
+            if d.prefill is not None:
+                where = "remote" if d.remote_prefill else "local"
+                self.metrics.prefill_decisions.labels(where, d.prefill.reason).inc()
+            spec = remote_spec(d) if d.remote_prefill else None
             url = self.link.url(d.worker_id)
-            req = self.link.client.build_request("POST", f"{url}/generate", json=body)
+            req = self.link.client.build_request(
+                "POST", f"{url}/generate", json={**body, "remote_prefill": spec}
+            )
             try:
                 resp = await self.link.client.send(req, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
-                self.router.on_finish(rid, time.monotonic())
+                self._unroute(rid, d)
                 self.link.mark_down(d.worker_id, f"connect failed: {e!r}")
                 tried.append(d.worker_id)
                 continue
             if resp.status_code == 200:
+                if spec is not None:  # the decode worker expects the KV: now compute it
+                    start_prefill(self, d, rid, tokens, tenant.scope, spec)
                 return d, resp
             text = (await resp.aread()).decode(errors="replace")
             await resp.aclose()
-            self.router.on_finish(rid, time.monotonic())
+            self._unroute(rid, d)
             try:
                 msg = json.loads(text).get("error", text)
             except ValueError:
@@ -173,6 +184,13 @@ class Frontend:
                 raise APIError(400, msg)
             raise APIError(502, f"worker {d.worker_id} failed: {msg}")
         raise APIError(503, f"no worker reachable (tried {', '.join(tried)})")
+
+    def _unroute(self, rid: str, d: Decision) -> None:
+        """The decision was not carried out (the worker refused or is gone)."""
+        now = time.monotonic()
+        self.router.on_finish(rid, now)
+        if d.remote_prefill:
+            self.router.on_prefill_done(rid, now)
 
     async def deltas(self, d: Decision, resp: httpx.Response):
         """Worker messages; raises WorkerLost if the worker dies mid-stream."""
@@ -246,6 +264,8 @@ class Frontend:
             "x-kvgrid-worker": d.worker_id,
             "x-kvgrid-predicted-cached-tokens": str(d.predicted_cached_tokens),
         }
+        if d.remote_prefill:
+            headers["x-kvgrid-prefill-worker"] = d.prefill.worker_id
         if req.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
         return await run.whole(request, headers)
@@ -322,6 +342,11 @@ class _Run:
         m.gen_hist.labels(model).observe(u["completion_tokens"])
         cached = u["prompt_tokens_details"]["cached_tokens"]
         m.cached_tokens.labels(model).inc(cached)
+        t = self.final.get("transfer")
+        if t:
+            m.transfers.labels(t.get("outcome") or "unknown").inc()
+            m.transfer_bytes.inc(t.get("bytes", 0))
+            m.transfer_seconds.observe(t.get("seconds", 0.0))
         m.predicted_cached.inc(self.d.predicted_cached_tokens)
         m.prediction_match.labels(str(cached == self.d.predicted_cached_tokens).lower()).inc()
         m.success.labels(model, self.final.get("finish_reason") or "stop").inc()
@@ -610,6 +635,7 @@ def build_frontend(
     max_concurrent: int = 256,
     heartbeat_timeout_s: float = 10.0,
     log_decisions: bool = False,
+    disagg: DisaggConfig | None = None,
 ) -> Frontend:
     """The frontend for a model: its tokenizer, tenants, a router and the fleet link."""
     from kvgrid.models.loader import load_tokenizer, resolve_model
@@ -620,7 +646,7 @@ def build_frontend(
     keys_configured = bool(api_keys_file or os.environ.get("KVGRID_API_KEYS"))
     secret = load_server_secret() if keys_configured else None
     tenants = TenantRegistry.from_config(api_keys_file, secret)
-    router = Router(policy, heartbeat_timeout_s=heartbeat_timeout_s)
+    router = Router(policy, heartbeat_timeout_s=heartbeat_timeout_s, disagg=disagg)
     link = FleetLink(router, list(worker_urls))
     return Frontend(
         router,

@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+from kvgrid.transfer.auth import ensure_credential
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +42,9 @@ def _engine_flags() -> list[tuple[str, str, bool]]:
     ]
 
 
-def worker_argv(args: argparse.Namespace, worker_id: str, port: int, threads: int) -> list[str]:
+def worker_argv(
+    args: argparse.Namespace, worker_id: str, port: int, threads: int, role: str = "both"
+) -> list[str]:
     argv = [
         sys.executable,
         "-m",
@@ -54,7 +58,11 @@ def worker_argv(args: argparse.Namespace, worker_id: str, port: int, threads: in
         worker_id,
         "--threads",
         str(threads),
+        "--role",
+        role,
     ]
+    if getattr(args, "allow_fault_injection", False):
+        argv.append("--allow-fault-injection")
     if getattr(args, "served_model_name", None):
         argv += ["--served-model-name", args.served_model_name]
     for dest, flag, switch in _engine_flags():
@@ -154,6 +162,22 @@ class Supervisor(threading.Thread):
                 p.kill()
 
 
+def worker_pools(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(worker id, role) of each worker process `kvgrid serve` starts."""
+    pre = getattr(args, "prefill_workers", 0) or 0
+    dec = getattr(args, "decode_workers", 0) or 0
+    both = args.workers if args.workers is not None else (0 if pre or dec else 1)
+    if min(pre, dec, both) < 0:
+        raise ValueError("worker counts must be >= 0")
+    if both + dec < 1:
+        raise ValueError("at least one worker must decode: --workers or --decode-workers")
+    return (
+        [(f"w{i}", "both") for i in range(both)]
+        + [(f"p{i}", "prefill") for i in range(pre)]
+        + [(f"d{i}", "decode") for i in range(dec)]
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
 
     from kvgrid.server.frontend import create_frontend_app
@@ -163,24 +187,29 @@ def run_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.workers < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
+    try:
+        pools = worker_pools(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    n = len(pools)
     # resolves (and converts, once) the model before the workers start
     fe = _frontend_from_args(args, [])
     if fe is None:
         return 2
     host = args.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
-    max_workers = max(args.workers, getattr(args, "max_workers", None) or args.workers)
+    max_workers = max(n, getattr(args, "max_workers", None) or n)
     # cores are divided among as many processes as may run at once
     threads = args.threads or max(1, (os.cpu_count() or 1) // max_workers)
-    ports = [free_port() for _ in range(args.workers)]
-    argvs = [worker_argv(args, f"w{i}", p, threads) for i, p in enumerate(ports)]
+    ports = [free_port() for _ in range(n)]
+    argvs = [worker_argv(args, wid, p, threads, role) for (wid, role), p in zip(pools, ports)]
     for p in ports:
         fe.link.add_url(f"http://127.0.0.1:{p}")
-    sup = Supervisor(argvs)
+    env = dict(os.environ)
+    ensure_credential(env)  # workers authenticate KV transfers between them with it
+    sup = Supervisor(argvs, env)
     sup.start_all()
-    if getattr(args, "autoscale", False) or max_workers > args.workers:
+    if getattr(args, "autoscale", False) or max_workers > n:
         try:
             fe.autoscaler = _autoscaler(args, fe, sup, ports, threads, max_workers)
         except (ValueError, OSError) as e:
@@ -188,12 +217,13 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     log.info(
-        "kvgrid serve: %s on http://%s:%d with %d worker(s), policy %s",
+        "kvgrid serve: %s on http://%s:%d with worker(s) %s, policy %s, disaggregation %s",
         fe.config.model_name,
         host,
         args.port,
-        args.workers,
+        ", ".join(f"{wid} ({role})" for wid, role in pools),
         fe.router.policy.name,
+        fe.router.disagg.mode,
     )
     try:
         _run_http(create_frontend_app(fe), host, args.port)
@@ -236,6 +266,8 @@ def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_w
         port = free_port()
         return worker_argv(args, worker_id, port, threads), f"http://127.0.0.1:{port}"
 
+    if any(role != "both" for _, role in worker_pools(args)):
+        raise ValueError("autoscaling runs one pool of workers: --workers, not role pools")
     act = LiveActuator(fe, sup, argv_for, max_workers)
     for i, p in enumerate(ports):
         act.adopt(f"w{i}", f"http://127.0.0.1:{p}", i)
@@ -273,6 +305,7 @@ def run_router(args: argparse.Namespace) -> int:
 def _frontend_from_args(args: argparse.Namespace, workers: list[str]):
     """The router's frontend from the command's flags; None (message printed) if the model
     or the keys file cannot be used."""
+    from kvgrid.router.disagg import DisaggConfig
     from kvgrid.server.frontend import build_frontend
 
     try:
@@ -285,6 +318,13 @@ def _frontend_from_args(args: argparse.Namespace, workers: list[str]):
             args.api_keys,
             args.max_concurrent,
             log_decisions=args.log_decisions,
+            disagg=DisaggConfig(
+                mode=args.disagg,
+                itl_target_s=args.itl_target,
+                ttft_target_s=args.ttft_target,
+                stall_s=args.transfer_stall_s,
+                deadline_factor=args.transfer_deadline_factor,
+            ),
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

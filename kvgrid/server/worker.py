@@ -8,6 +8,7 @@ HTTP (FastAPI), for the router only; bind it to a private interface:
     POST /generate      {request_id, prompt_token_ids, params, tenant (hex)} -> NDJSON stream
                         of deltas; a dropped connection aborts the request (blocks freed)
     POST /abort/{id}
+    and the disaggregation endpoints of ``worker_transfers`` (/prefill, /role, ...)
 ZeroMQ PUB (msgpack, kvgrid.router.wire): topic ``kv`` numbered event batches, topic ``load``
 load reports every 0.5 s (the heartbeat).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -28,6 +30,7 @@ import threading
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import zmq
@@ -38,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router import wire
 from kvgrid.router.workers import WorkerInfo
+from kvgrid.server.worker_transfers import add_transfer_routes, remote_generate
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +87,18 @@ class Worker:
         pub_port: int = 0,
         advertise_host: str | None = None,
         load_interval_s: float = 0.5,
+        role: str = "both",
+        transfer_port: int | None = 0,
+        allow_fault_injection: bool = False,
     ) -> None:
+        """``transfer_port``: where KV transfers arrive (0: any free port; None: no
+        transfers). ``role``: see ``worker_transfers``."""
         from kvgrid.server.engine_loop import EngineLoop
+        from kvgrid.server.worker_transfers import ROLES, WorkerTransfers
 
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
         self.engine = engine
         self.epoch = uuid.uuid4().hex[:12]
         self.publisher = EventPublisher(pub_host, pub_port, self.epoch)
@@ -121,6 +134,22 @@ class Worker:
         )
         host = advertise_host or pub_host
         self.events_endpoint = f"tcp://{host}:{self.publisher.port}"
+        self.transfers = None
+        if transfer_port is not None:
+            self.transfers = WorkerTransfers.create(
+                self, pub_host, host, transfer_port, allow_fault_injection, role
+            )
+        elif role != "both":
+            raise ValueError(f"a {role} worker needs KV transfers")
+        endpoint = self.transfers.receiver.endpoint if self.transfers is not None else None
+        self.info = dataclasses.replace(self.info, role=role, transfer_endpoint=endpoint)
+        self.loop.load_extra.append(self._load_fields)
+
+    def _load_fields(self) -> dict:
+        out = {"role": self.role}
+        if self.transfers is not None:
+            out.update(self.transfers.load_fields())
+        return out
 
     def info_dict(self) -> dict:
         d = self.info.to_dict()
@@ -141,6 +170,8 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
         finally:
             if task:
                 task.cancel()
+            if worker.transfers is not None:
+                worker.transfers.close()
             worker.loop.stop()
             worker.publisher.close()
             worker.loop.engine.close()
@@ -199,6 +230,10 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
             return JSONResponse({"error": str(e)}, status_code=400)
         except (ValueError, KeyError, TypeError) as e:
             return JSONResponse({"error": f"bad generate request: {e!r}"}, status_code=400)
+        if body.get("remote_prefill") is not None:
+            return await remote_generate(
+                worker, rid, prompt, params, tenant, body["remote_prefill"]
+            )
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda out: aloop.call_soon_threadsafe(q.put_nowait, out)
@@ -206,12 +241,15 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
             await worker.loop.add_request(rid, prompt, params, tenant, sink)
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        return StreamingResponse(_stream(worker, rid, q), media_type="application/x-ndjson")
+        return StreamingResponse(stream_outputs(worker, rid, q), media_type="application/x-ndjson")
 
+    add_transfer_routes(app, worker)
     return app
 
 
-async def _stream(worker: Worker, rid: str, q: asyncio.Queue):
+async def stream_outputs(worker: Worker, rid: str, q: asyncio.Queue, final: dict | None = None):
+    """NDJSON lines of a request's outputs from its queue; ``final``: more fields for the
+    last line."""
     finished = False
     try:
         while True:
@@ -231,6 +269,7 @@ async def _stream(worker: Worker, rid: str, q: asyncio.Queue):
                     prompt_tokens=len(out.prompt_token_ids),
                     completion_tokens=len(c.token_ids),
                     kv_seq=worker.loop.seq,
+                    **(final or {}),
                 )
             yield json.dumps(msg) + "\n"
             if out.finished:
@@ -281,20 +320,31 @@ def run_worker(args) -> int:
     model_name = args.served_model_name or engine.spec.name
     tune_gc()  # the model, KV pool and graphs live as long as this process
     url = args.advertise_url or f"http://{args.host}:{args.port}"
-    worker = Worker(
-        engine,
-        worker_id,
-        url,
-        model_name,
-        pub_host=args.host,
-        pub_port=args.events_port,
-    )
+    try:
+        worker = Worker(
+            engine,
+            worker_id,
+            url,
+            model_name,
+            pub_host=args.host,
+            pub_port=args.events_port,
+            advertise_host=urlsplit(url).hostname,
+            role=args.role,
+            transfer_port=args.transfer_port,
+            allow_fault_injection=args.allow_fault_injection,
+        )
+    except (ValueError, OSError) as e:
+        log.error("worker %s cannot start: %s", worker_id, e)
+        engine.close()
+        return 2
     log.info(
-        "worker %s: engine ready in %.1fs (%s), events on %s",
+        "worker %s (%s): engine ready in %.1fs (%s), events on %s, transfers on %s",
         worker.info.worker_id,
+        worker.role,
         time.time() - t0,
         model_name,
         worker.events_endpoint,
+        worker.info.transfer_endpoint,
     )
     app = create_worker_app(worker, args.router)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

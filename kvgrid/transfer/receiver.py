@@ -1,0 +1,409 @@
+"""KVReceiver: the decode side of a transfer. Blocks arrive as stored objects and land in G2.
+
+A decode worker expects a transfer (``expect``: its id, the keys of the blocks in order,
+the tenant, a deadline and a stall limit) before the prefill worker connects. Each
+connection is authenticated (``auth``), then its blocks are verified and decoded into G2
+slots through the store's own path for objects from below (``ContextStore.accept``), one
+block decoding while the next is read. The slots stay pinned until the request has taken
+its KV (``release``); the engine then admits the request and finds the blocks in G2 like
+any stored prefix, so the load into G1 is the store's.
+
+A transfer ends exactly once, with an outcome: complete; partial (the sender ended early);
+rejected (a block failed verification); no_room (no G2 slot); connection_lost; stalled (no
+block or sign of progress for ``stall_s``); no_connection (nobody connected within
+``stall_s``); deadline; aborted (by the sender); cancelled (by the router). Whatever has
+landed by then is used, the rest is recomputed: a transfer never yields wrong KV, and never
+makes a decode wait past its deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from kvgrid.store.host_pool import Slot
+from kvgrid.store.object import max_object_len
+from kvgrid.store.store import ContextStore
+from kvgrid.transfer import auth, wire
+from kvgrid.transfer.metrics import TransferMetrics
+
+log = logging.getLogger(__name__)
+
+_WATCH_S = 0.02
+_HANDSHAKE_S = 5.0
+_EWMA = 0.2
+
+
+class _Arrived:
+    """One received object presented as a tier, so the store verifies and promotes it as it
+    does an object read from G3/G4 (its failures count under tier "transfer")."""
+
+    name = "transfer"
+    backend = "network"
+    up = True
+
+    def __init__(self, blob: memoryview) -> None:
+        self.blob = blob
+
+    def get(self, tid: bytes, key: bytes, buf=None) -> memoryview:
+        return self.blob
+
+    def delete(self, tid: bytes, key: bytes) -> bool:
+        return False  # nothing stored: a bad object is simply not taken
+
+
+class Inbound:
+    """One expected transfer."""
+
+    def __init__(
+        self, tid: bytes, keys: list[bytes], tenant: bytes, deadline: float, stall_s: float
+    ):
+        now = time.monotonic()
+        self.id, self.keys, self.tenant = tid, keys, tenant
+        self.deadline, self.stall_s = deadline, stall_s
+        self.created = self.last_progress = now
+        self.connected_at: float | None = None
+        self.ended_at: float | None = None
+        self.slots: list[Slot] = []  # the leading run landed, in order
+        self.ready: dict[int, tuple[Slot, int]] = {}  # landed ahead of an earlier block
+        self.decoding = 0  # blocks on the landing threads
+        self.bytes = 0
+        self.outcome: str | None = None
+        self.prefill_tail_s: float | None = None
+        self.sock: socket.socket | None = None
+        self.done: Future = Future()
+        self.lock = threading.Lock()
+        self._idle = threading.Condition(self.lock)
+
+    def landing_done(self) -> None:
+        with self.lock:
+            self.decoding -= 1
+            self._idle.notify_all()
+
+    def wait_landed(self) -> None:
+        with self.lock:
+            self._idle.wait_for(lambda: self.decoding == 0)
+
+    @property
+    def landed(self) -> int:
+        return len(self.slots)
+
+    def summary(self) -> dict:
+        t0 = self.connected_at or self.created
+        return {
+            "transfer_id": self.id.hex(),
+            "outcome": self.outcome,
+            "expected_blocks": len(self.keys),
+            "landed_blocks": self.landed,
+            "bytes": self.bytes,
+            "seconds": round((self.ended_at or time.monotonic()) - t0, 6),
+            "prefill_tail_s": self.prefill_tail_s,
+        }
+
+
+class KVReceiver:
+    def __init__(
+        self,
+        store: ContextStore,
+        secret: bytes,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        metrics: TransferMetrics | None = None,
+        decode_threads: int = 2,
+    ) -> None:
+        if store.block_shape is None or store.g2 is None:
+            raise ValueError("a KV receiver needs the context store's G2 with its block shape set")
+        self.store, self.secret = store, secret
+        self.metrics = metrics or TransferMetrics()
+        nbytes = int(store.g2.slot_bytes) or 0
+        self.max_object = max_object_len(nbytes)
+        self.server = socket.create_server((host, port))
+        self.endpoint = f"{advertise_host or host}:{self.server.getsockname()[1]}"
+        self.transfers: dict[bytes, Inbound] = {}
+        self.lock = threading.Lock()
+        self.bytes_per_s: float | None = None  # measured stream bandwidth (EWMA)
+        self.outcomes: dict[str, int] = {}
+        self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="kvt-land")
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._accept_loop, name="kvt-accept", daemon=True),
+            threading.Thread(target=self._watch, name="kvt-watch", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # ---- the decode worker's calls ---------------------------------------------------------
+
+    def expect(
+        self, tid: bytes, keys: list[bytes], tenant: bytes, deadline_s: float, stall_s: float
+    ) -> Inbound:
+        """Register a transfer about to start; its ``done`` future resolves when it ends."""
+        if len(tid) != auth.ID_BYTES or tid == wire.PROBE_ID:
+            raise ValueError("a transfer id is 16 bytes, not all zero")
+        t = Inbound(tid, list(keys), tenant, time.monotonic() + deadline_s, stall_s)
+        with self.lock:
+            if tid in self.transfers:
+                raise ValueError(f"transfer {tid.hex()} is already expected")
+            self.transfers[tid] = t
+        self.metrics.active.labels("receive").inc()
+        if not keys:
+            self._finish(t, "complete")
+        return t
+
+    def cancel(self, tid: bytes, reason: str = "cancelled") -> bool:
+        with self.lock:
+            t = self.transfers.get(tid)
+        return t is not None and self._finish(t, reason)
+
+    def release(self, t: Inbound) -> None:
+        """The request has taken its KV (or ended): unpin the slots, forget the transfer."""
+        self._finish(t, "cancelled")  # no-op once it has ended
+        with t.lock:
+            slots, t.slots = t.slots, []
+        if slots:
+            self.store.g2.release_run(slots)
+        with self.lock:
+            if self.transfers.get(t.id) is t:
+                del self.transfers[t.id]
+                self.metrics.active.labels("receive").dec()
+
+    def state(self) -> dict:
+        with self.lock:
+            active = [t.summary() for t in self.transfers.values()]
+        return {
+            "endpoint": self.endpoint,
+            "active": active,
+            "outcomes": dict(self.outcomes),
+            "bytes_per_s": self.bytes_per_s,
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+        with self.lock:
+            pending = list(self.transfers.values())
+        for t in pending:
+            self.release(t)
+        self._decoders.shutdown(wait=True)
+
+    # ---- ending a transfer -----------------------------------------------------------------
+
+    def _finish(self, t: Inbound, outcome: str) -> bool:
+        """End ``t`` with ``outcome`` unless it has ended; wakes its waiter, closes its socket."""
+        with t.lock:
+            if t.outcome is not None:
+                return False
+            t.outcome = outcome
+            t.ended_at = time.monotonic()
+            sock = t.sock
+            stray = [s for s, _ in t.ready.values()]
+            t.ready.clear()
+        if stray:
+            self.store.g2.release_run(stray)
+        if sock is not None and outcome != "complete":
+            _shutdown(sock)  # the reader thread stops; whatever it holds is released there
+        with self.lock:
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        m = self.metrics
+        m.outcome("receive", outcome)
+        m.blocks.labels("receive").inc(t.landed)
+        m.bytes.labels("receive").inc(t.bytes)
+        if t.connected_at is not None:
+            m.seconds.labels("receive").observe(t.ended_at - t.connected_at)
+        if outcome != "complete":
+            log.warning(
+                "transfer %s ended %s with %d of %d blocks: the rest is recomputed",
+                t.id.hex()[:12],
+                outcome,
+                t.landed,
+                len(t.keys),
+            )
+        t.done.set_result(t)
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_WATCH_S):
+            now = time.monotonic()
+            with self.lock:
+                live = [t for t in self.transfers.values() if t.outcome is None]
+            for t in live:
+                if now > t.deadline:
+                    self._finish(t, "deadline")
+                elif now - t.last_progress > t.stall_s:
+                    self._finish(t, "stalled" if t.connected_at is not None else "no_connection")
+
+    # ---- connections -----------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="kvt-conn", daemon=True).start()
+
+    def _claim(self, tid: bytes) -> int:
+        if tid == wire.PROBE_ID:
+            return auth.OK
+        with self.lock:
+            t = self.transfers.get(tid)
+        if t is None or t.outcome is not None:
+            return auth.UNKNOWN
+        return auth.OK if t.sock is None else auth.BUSY
+
+    def _serve(self, conn: socket.socket) -> None:
+        t = None
+        try:
+            conn.settimeout(_HANDSHAKE_S)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tid, status = auth.server_handshake(conn, self.secret, self._claim)
+            if status != auth.OK:
+                return
+            conn.settimeout(None)
+            if tid == wire.PROBE_ID:
+                self._probe(conn)
+                return
+            with self.lock:
+                t = self.transfers.get(tid)
+            with t.lock:
+                if t.outcome is not None or t.sock is not None:
+                    return
+                t.sock = conn
+                t.connected_at = t.last_progress = time.monotonic()
+            self._receive(conn, t)
+        except (OSError, auth.AuthError, wire.ProtocolError) as e:
+            if t is not None:
+                self._finish(t, "connection_lost")
+            else:
+                log.warning("transfer connection refused: %s", e)
+        finally:
+            if t is not None and t.outcome is not None:
+                with contextlib.suppress(OSError):
+                    wire.send_frame(conn, wire.RESULT, t.landed, t.outcome.encode())
+            conn.close()
+
+    def _receive(self, conn: socket.socket, t: Inbound) -> None:
+        """Frames until the transfer ends. Blocks decode on the landing threads while the
+        next ones are read, and land (join the transfer's leading run) as soon as they and
+        every block before them have."""
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(2):
+            free.put(bytearray(self.max_object))
+        prev_at: float | None = None
+        ended = False  # the sender's END or ABORT has been read
+        submitted = 0
+        try:
+            while t.outcome is None or (t.outcome == "complete" and not ended):
+                if t.outcome == "complete":
+                    conn.settimeout(_HANDSHAKE_S)  # its END follows the last block at once
+                kind, aux, length = wire.recv_head(conn)
+                now = time.monotonic()
+                if kind == wire.BLOCK:
+                    index = aux & ~wire.BACKLOGGED
+                    if index != submitted or index >= len(t.keys):
+                        raise wire.ProtocolError(f"block {index} out of order")
+                    if length > self.max_object:
+                        raise wire.ProtocolError(f"block object of {length} bytes")
+                    buf = free.get()  # a landing hands its buffer back
+                    view = memoryview(buf)[:length]
+                    wire.recv_into(conn, view)
+                    if aux & wire.BACKLOGGED and prev_at is not None:
+                        self._observe(length, now - prev_at)
+                    prev_at = now
+                    with t.lock:
+                        t.decoding += 1
+                    self._decoders.submit(self._land, t, index, buf, length, free)
+                    submitted += 1
+                    continue
+                t.wait_landed()  # control frames act once every earlier block has landed
+                payload = wire.recv_small(conn, length)
+                if kind == wire.PROGRESS:
+                    t.last_progress = now
+                elif kind == wire.END:
+                    ended = True
+                    if payload:
+                        t.prefill_tail_s = float(payload.decode())
+                        self.metrics.tail.observe(t.prefill_tail_s)
+                    if t.landed < len(t.keys):
+                        self._finish(t, "partial")
+                elif kind == wire.ABORT:
+                    ended = True
+                    self._finish(t, "aborted")
+                else:
+                    raise wire.ProtocolError(f"unexpected frame kind {kind}")
+        finally:
+            t.wait_landed()  # decodes in flight: their slots must not leak
+
+    def _land(self, t: Inbound, index: int, buf: bytearray, length: int, free) -> None:
+        """On a landing thread: verify block ``index`` into G2, then join it to the run."""
+        try:
+            slot, why = self.store.accept(
+                _Arrived(memoryview(buf)[:length]), t.keys[index], t.tenant
+            )
+        except Exception:
+            log.exception("landing a transferred block failed")
+            slot, why = None, "rejected"
+        finally:
+            free.put(buf)
+        stray: list[Slot] = []
+        with t.lock:
+            if slot is not None and t.outcome is None:
+                t.ready[index] = (slot, length)
+                while t.landed in t.ready:
+                    s, n = t.ready.pop(t.landed)
+                    t.slots.append(s)
+                    t.bytes += n
+                    t.last_progress = time.monotonic()
+            elif slot is not None:
+                stray.append(slot)  # the transfer ended meanwhile: nobody will use it
+            complete = t.outcome is None and t.landed == len(t.keys)
+        for s in stray:
+            self.store.g2.release(s)
+        if slot is None:
+            self._finish(t, why)
+        elif complete:
+            self._finish(t, "complete")
+        t.landing_done()
+
+    def _observe(self, nbytes: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = nbytes / seconds
+        old = self.bytes_per_s
+        self.bytes_per_s = rate if old is None else (1 - _EWMA) * old + _EWMA * rate
+        self.metrics.bandwidth.set(self.bytes_per_s)
+
+    def _probe(self, conn: socket.socket) -> None:
+        """A raw bandwidth probe: PROBE frames are read and dropped; END gets the totals."""
+        buf = memoryview(bytearray(1 << 20))
+        total, t0 = 0, None
+        while True:
+            kind, _, length = wire.recv_head(conn)
+            if kind == wire.END:
+                wire.recv_small(conn, length)
+                break
+            if kind != wire.PROBE:
+                raise wire.ProtocolError(f"unexpected frame kind {kind} in a probe")
+            t0 = t0 if t0 is not None else time.perf_counter()
+            left = length
+            while left:
+                n = min(left, len(buf))
+                wire.recv_into(conn, buf[:n])
+                left -= n
+            total += length
+        seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+        wire.send_frame(
+            conn, wire.RESULT, 0, json.dumps({"bytes": total, "seconds": seconds}).encode()
+        )
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
