@@ -71,7 +71,8 @@ class Inbound:
         self.connected_at: float | None = None
         self.ended_at: float | None = None
         self.slots: list[Slot] = []  # the leading run landed, in order
-        self.ready: dict[int, tuple[Slot, int]] = {}  # landed ahead of an earlier block
+        # blocks done ahead of an earlier one: (slot or None, bytes, why not)
+        self.ready: dict[int, tuple[Slot | None, int, str]] = {}
         self.decoding = 0  # blocks on the landing threads
         self.bytes = 0
         self.outcome: str | None = None
@@ -203,7 +204,7 @@ class KVReceiver:
             t.outcome = outcome
             t.ended_at = time.monotonic()
             sock = t.sock
-            stray = [s for s, _ in t.ready.values()]
+            stray = [s for s, _, _ in t.ready.values() if s is not None]
             t.ready.clear()
         if stray:
             self.store.g2.release_run(stray)
@@ -353,21 +354,27 @@ class KVReceiver:
         finally:
             free.put(buf)
         stray: list[Slot] = []
+        failed = None
         with t.lock:
-            if slot is not None and t.outcome is None:
-                t.ready[index] = (slot, length)
+            if t.outcome is None:
+                # in order: a block that fails ends the transfer only once every block
+                # before it has landed (one decoding on the other thread still counts)
+                t.ready[index] = (slot, length, why)
                 while t.landed in t.ready:
-                    s, n = t.ready.pop(t.landed)
+                    s, n, w = t.ready.pop(t.landed)
+                    if s is None:
+                        failed = w
+                        break
                     t.slots.append(s)
                     t.bytes += n
                     t.last_progress = time.monotonic()
             elif slot is not None:
                 stray.append(slot)  # the transfer ended meanwhile: nobody will use it
-            complete = t.outcome is None and t.landed == len(t.keys)
+            complete = t.outcome is None and failed is None and t.landed == len(t.keys)
         for s in stray:
             self.store.g2.release(s)
-        if slot is None:
-            self._finish(t, why)
+        if failed is not None:
+            self._finish(t, failed)
         elif complete:
             self._finish(t, "complete")
         t.landing_done()
