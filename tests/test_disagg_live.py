@@ -74,7 +74,8 @@ def serve(default_model_dir, tmp_path_factory):
         while time.monotonic() < deadline:
             try:
                 ws = httpx.get(f"{url}/debug/router", headers=ALICE, timeout=5).json()["workers"]
-                if {"p0", "d0"} <= {w for w, s in ws.items() if s["up"] and s["freshness"] == "exact"}:
+                ready = {w for w, s in ws.items() if s["up"] and s["freshness"] == "exact"}
+                if {"p0", "d0"} <= ready:
                     workers = {w: s["url"] for w, s in ws.items()}
                     break
             except (httpx.HTTPError, ValueError, KeyError):
