@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvgrid.router.policies import Candidate
-from kvgrid.transfer.model import TransferModel
+from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S, TransferModel
 
 MODES = ("auto", "always", "never")
 REMOTE_REASONS = ("lowers_ttft", "protects_itl", "forced")
@@ -32,7 +32,6 @@ LOCAL_REASONS = (
     "cached_prefix",
     "local_faster",
 )
-DEFAULT_G2_BYTES_PER_S = 20e9  # a decode worker's G2 -> G1 copy until it reports its own
 
 
 @dataclass(frozen=True)
@@ -147,10 +146,11 @@ def option(d: Side, p: Side, n_prompt: int, start: int, num: int) -> PrefillOpti
         compute += steps * pc.decode_step_s
     model = TransferModel.measured(d.transfer_bytes_per_s, p.transfer_setup_s)
     per_step = max(1, pc.max_num_batched_tokens // bs)
+    g2 = d.g2_bytes_per_s or DEFAULT_LAND_BYTES_PER_S
+    handoff = model.handoff_s(num, d.bytes_per_block, produce, per_step, g2)
     tail = model.tail_s(num, d.bytes_per_block, produce, per_step)
-    land = num * d.bytes_per_block / (d.g2_bytes_per_s or DEFAULT_G2_BYTES_PER_S)
     rest = n_prompt - upto
-    decode = (dc.backlog_tokens + rest) / dc.prefill_tokens_per_s + land
+    decode = (dc.backlog_tokens + rest) / dc.prefill_tokens_per_s + (handoff - tail)
     if dc.num_decoding:
         decode += dc.decode_step_s
     return PrefillOption(

@@ -379,9 +379,12 @@ class _Run:
         try:
             if self.chat:
                 yield event(self._chunk("", None, first=True))
+            # a model without a tokenizer (random weights of a shape) has no text: its
+            # tokens still show, as empty chunks, so a client sees the stream's timing
+            textless = self.fe.config.tokenizer is None
             async for msg in self._iterate():
                 finish = msg.get("finish_reason")
-                if msg.get("text") or finish:
+                if msg.get("text") or finish or (textless and msg.get("ids")):
                     yield event(self._chunk(msg.get("text", ""), finish))
             opts = self.req.stream_options
             if opts is not None and opts.include_usage:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 # waits for its KV, a too-low one keeps it local, so a middle value.
 DEFAULT_TRANSFER_BYTES_PER_S = 2e9
 DEFAULT_TRANSFER_SETUP_S = 0.002
+# G2 -> G1 on the decode worker, until it reports its own (a pinned host-to-GPU copy)
+DEFAULT_LAND_BYTES_PER_S = 20e9
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,19 @@ class TransferModel:
         return max(
             0.0, self.end_s(n_blocks, bytes_per_block, produce_s, blocks_per_step) - produce_s
         )
+
+    def handoff_s(
+        self,
+        n_blocks: int,
+        bytes_per_block: int,
+        produce_s: float,
+        blocks_per_step: int,
+        land_bytes_per_s: float,
+    ) -> float:
+        """What moving the KV adds to a prefill of ``produce_s`` seconds: the transfer's
+        tail, then landing the blocks from the decode worker's G2 into its G1."""
+        tail = self.tail_s(n_blocks, bytes_per_block, produce_s, blocks_per_step)
+        return tail + n_blocks * bytes_per_block / land_bytes_per_s
 
     @classmethod
     def measured(cls, bytes_per_s: float | None, setup_s: float | None = None) -> TransferModel:

@@ -25,6 +25,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvgrid.store.host_pool import Slot
@@ -69,8 +70,10 @@ class Inbound:
         self.deadline, self.stall_s = deadline, stall_s
         self.created = self.last_progress = now
         self.connected_at: float | None = None
+        self.first_block_at: float | None = None
         self.ended_at: float | None = None
-        self.slots: list[Slot] = []  # the leading run landed, in order
+        self.slots: list[Slot] = []  # the leading run landed, in order, until released
+        self.n_landed = 0
         # blocks done ahead of an earlier one: (slot or None, bytes, why not)
         self.ready: dict[int, tuple[Slot | None, int, str]] = {}
         self.decoding = 0  # blocks on the landing threads
@@ -93,7 +96,7 @@ class Inbound:
 
     @property
     def landed(self) -> int:
-        return len(self.slots)
+        return self.n_landed
 
     def summary(self) -> dict:
         t0 = self.connected_at or self.created
@@ -104,6 +107,12 @@ class Inbound:
             "landed_blocks": self.landed,
             "bytes": self.bytes,
             "seconds": round((self.ended_at or time.monotonic()) - t0, 6),
+            # from the first block's arrival to the end: what the stream itself took
+            "stream_s": (
+                round(self.ended_at - self.first_block_at, 6)
+                if self.ended_at is not None and self.first_block_at is not None
+                else None
+            ),
             "prefill_tail_s": self.prefill_tail_s,
         }
 
@@ -131,6 +140,7 @@ class KVReceiver:
         self.lock = threading.Lock()
         self.bytes_per_s: float | None = None  # measured stream bandwidth (EWMA)
         self.outcomes: dict[str, int] = {}
+        self.recent: deque[dict] = deque(maxlen=64)  # summaries of the last transfers
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="kvt-land")
         self._stop = threading.Event()
         self._threads = [
@@ -173,16 +183,19 @@ class KVReceiver:
         with self.lock:
             if self.transfers.get(t.id) is t:
                 del self.transfers[t.id]
+                self.recent.append(t.summary())
                 self.metrics.active.labels("receive").dec()
 
     def state(self) -> dict:
         with self.lock:
             active = [t.summary() for t in self.transfers.values()]
+            recent = list(self.recent)
         return {
             "endpoint": self.endpoint,
             "active": active,
             "outcomes": dict(self.outcomes),
             "bytes_per_s": self.bytes_per_s,
+            "recent": recent,
         }
 
     def close(self) -> None:
@@ -318,6 +331,8 @@ class KVReceiver:
                     if aux & wire.BACKLOGGED and prev_at is not None:
                         self._observe(length, now - prev_at)
                     prev_at = now
+                    if t.first_block_at is None:
+                        t.first_block_at = now
                     with t.lock:
                         t.decoding += 1
                     self._decoders.submit(self._land, t, index, buf, length, free)
@@ -366,6 +381,7 @@ class KVReceiver:
                         failed = w
                         break
                     t.slots.append(s)
+                    t.n_landed += 1
                     t.bytes += n
                     t.last_progress = time.monotonic()
             elif slot is not None:

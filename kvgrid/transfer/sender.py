@@ -58,7 +58,9 @@ class Outbound:
         self.fed = False  # END queued
         self.last_progress = 0.0
         self.started = time.monotonic()
+        self.attached_at: float | None = None
         self.prefill_end: float | None = None
+        self.tail_s: float | None = None  # from the end of the prefill to END sent
         self.setup_s: float | None = None
         self.blocks_sent = 0
         self.bytes_sent = 0
@@ -74,6 +76,12 @@ class Outbound:
             "bytes_sent": self.bytes_sent,
             "setup_s": self.setup_s,
             "seconds": round(time.monotonic() - self.started, 6),
+            "prefill_s": (
+                self.prefill_end - self.attached_at
+                if self.prefill_end is not None and self.attached_at is not None
+                else None
+            ),
+            "tail_s": self.tail_s,
         }
 
 
@@ -124,6 +132,7 @@ class KVSender:
         self.lock = threading.Lock()
         self.setup_s: float | None = None  # measured connect + handshake (EWMA)
         self.outcomes: dict[str, int] = {}
+        self.recent: deque[dict] = deque(maxlen=64)  # summaries of the last transfers
         self._encoders = ThreadPoolExecutor(encode_threads, thread_name_prefix="kvt-encode")
         self._buffers = _Buffers(max_object_len(self.connector.block_bytes), 4 * encode_threads)
 
@@ -154,7 +163,13 @@ class KVSender:
     def state(self) -> dict:
         with self.lock:
             active = [t.summary() for t in self.active.values()]
-        return {"active": active, "outcomes": dict(self.outcomes), "setup_s": self.setup_s}
+            recent = list(self.recent)
+        return {
+            "active": active,
+            "outcomes": dict(self.outcomes),
+            "setup_s": self.setup_s,
+            "recent": recent,
+        }
 
     def close(self) -> None:
         with self.lock:
@@ -168,7 +183,7 @@ class KVSender:
     def attach(self, t: Outbound) -> None:
         """The engine has just been given ``t``'s request (same engine-thread command)."""
         t.attached = True
-        t.last_progress = time.monotonic()
+        t.attached_at = t.last_progress = time.monotonic()
         t.q.put(("progress", None))
 
     def after_step(self) -> None:
@@ -269,8 +284,8 @@ class KVSender:
                 wire.send_frame(sock, wire.ABORT, 0, str(arg).encode())
                 return "aborted"
             elif kind == "end":
-                tail = time.monotonic() - (t.prefill_end or time.monotonic())
-                wire.send_frame(sock, wire.END, t.blocks_sent, f"{tail:.6f}".encode())
+                t.tail_s = time.monotonic() - (t.prefill_end or time.monotonic())
+                wire.send_frame(sock, wire.END, t.blocks_sent, f"{t.tail_s:.6f}".encode())
                 return self._result(t, sock)
             else:
                 done = self._send_block(t, sock, arg[0], fut, bool(pending) or not t.q.empty())
@@ -389,7 +404,10 @@ class KVSender:
         m.blocks.labels("send").inc(t.blocks_sent)
         m.bytes.labels("send").inc(t.bytes_sent)
         m.seconds.labels("send").observe(time.monotonic() - t.started)
-        t.done.set_result(t.summary())
+        summary = t.summary()
+        with self.lock:
+            self.recent.append(summary)
+        t.done.set_result(summary)
 
     def _observe_setup(self, seconds: float) -> None:
         old = self.setup_s
