@@ -1,6 +1,6 @@
 """Disaggregated serving with real processes: `kvgrid serve` with a prefill worker and a decode
-worker (the default model), every request's prompt computed on the prefill worker and its KV
-streamed to the decode worker (``--disagg always``).
+worker (a tiny random Llama with the default model's tokenizer), every request's prompt
+computed on the prefill worker and its KV streamed to the decode worker (``--disagg always``).
 
 Each answer is compared with the decode worker computing the same prompt itself (its internal
 API, under another tenant, so none of the transferred KV can serve it). The prompt is cut into
@@ -41,14 +41,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tok(default_model_dir):
+def tok(model_dir):
     from kvgrid.models.loader import load_tokenizer, resolve_model
 
-    return load_tokenizer(resolve_model(str(default_model_dir)))
+    return load_tokenizer(resolve_model(str(model_dir)))
 
 
 @pytest.fixture(scope="module")
-def serve(default_model_dir, tmp_path_factory):
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def serve(model_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("disagg") / "serve.log"
     env = dict(
@@ -59,7 +64,7 @@ def serve(default_model_dir, tmp_path_factory):
         KVGRID_LOG="WARNING",
     )
     cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--model", str(default_model_dir),
+           "--port", str(port), "--model", str(model_dir),
            "--prefill-workers", "1", "--decode-workers", "1", "--disagg", "always",
            "--transfer-stall-s", "3", "--allow-fault-injection",
            "--block-size", str(BS), "--max-num-batched-tokens", "64", "--max-model-len", "1024",
