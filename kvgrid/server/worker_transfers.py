@@ -95,6 +95,9 @@ def _bad(msg: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": msg}, status_code=status)
 
 
+_NO_SENDER = "this worker sends no KV transfers"
+
+
 def _block_keys(worker: Worker, prompt: list[int], tenant: bytes, blocks: int) -> list[bytes]:
     eng = worker.engine
     bs = eng.config.block_size
@@ -171,7 +174,7 @@ def add_transfer_routes(app: FastAPI, worker: Worker) -> None:
     async def prefill(request: Request) -> Response:
         tx = worker.transfers
         if tx is None:
-            return _bad("this worker sends no KV transfers")
+            return _bad(_NO_SENDER)
         eng = worker.engine
         try:
             body = json.loads(await request.body())
@@ -222,7 +225,7 @@ def add_transfer_routes(app: FastAPI, worker: Worker) -> None:
     async def probe(request: Request) -> Response:
         tx = worker.transfers
         if tx is None:
-            return _bad("this worker sends no KV transfers")
+            return _bad(_NO_SENDER)
         try:
             body = await request.json()
             endpoint, nbytes = str(body["endpoint"]), int(body["bytes"])
@@ -272,7 +275,7 @@ def add_transfer_routes(app: FastAPI, worker: Worker) -> None:
     async def faults(request: Request) -> Response:
         tx = worker.transfers
         if tx is None:
-            return _bad("this worker sends no KV transfers")
+            return _bad(_NO_SENDER)
         try:
             tx.faults.arm(Faults.from_dict(await request.json()))
         except PermissionError as e:

@@ -140,12 +140,8 @@ def decrypt_into(aead: AEAD, nonce: bytes, data, aad: bytes, out) -> None:
     ``InvalidTag``, and ``out`` then holds bytes that must not be used."""
     if isinstance(aead, OpenSSLGCM):
         aead.decrypt(nonce, data, aad, out)
-        return
-    plain = aead.decrypt(nonce, bytes(data), aad)
-    dst = np.frombuffer(out, dtype=np.uint8)
-    if dst.size != len(plain):
-        raise ValueError(f"output buffer must be {len(plain)} bytes")
-    np.copyto(dst, np.frombuffer(plain, dtype=np.uint8))
+    else:
+        _copy_into(out, aead.decrypt(nonce, bytes(data), aad))
 
 
 def encrypt_into(aead: AEAD, nonce: bytes, data, aad: bytes, out) -> None:
@@ -153,12 +149,15 @@ def encrypt_into(aead: AEAD, nonce: bytes, data, aad: bytes, out) -> None:
     with OpenSSL, through a new buffer with ``cryptography``."""
     if isinstance(aead, OpenSSLGCM):
         aead.encrypt(nonce, data, aad, out)
-        return
-    sealed = aead.encrypt(nonce, bytes(data), aad)
+    else:
+        _copy_into(out, aead.encrypt(nonce, bytes(data), aad))
+
+
+def _copy_into(out, data: bytes) -> None:
     dst = np.frombuffer(out, dtype=np.uint8)
-    if dst.size != len(sealed):
-        raise ValueError(f"output buffer must be {len(sealed)} bytes")
-    np.copyto(dst, np.frombuffer(sealed, dtype=np.uint8))
+    if dst.size != len(data):
+        raise ValueError(f"output buffer must be {len(data)} bytes")
+    np.copyto(dst, np.frombuffer(data, dtype=np.uint8))
 
 
 def make_aead(key: bytes, backend: str = "auto") -> AEAD:
