@@ -439,12 +439,15 @@ class Router:
                     digest,
                     w.info.block_size,
                 )
+        cached = pick.cached_tokens
+        if plan is not None and plan.remote:  # the moved blocks land there: served from cache
+            cached = (plan.start_block + plan.num_blocks) * w.info.block_size
         d = Decision(
             request_id=req.request_id,
             worker_id=wid,
             policy=self.policy.name,
             prompt_tokens=n_prompt,
-            predicted_cached_tokens=pick.cached_tokens,
+            predicted_cached_tokens=cached,
             predicted_ttft_s=pick.predicted_ttft_s,
             candidates=cands,
             decided_at=now,

@@ -37,6 +37,7 @@ from kvgrid.transfer.metrics import TransferMetrics
 log = logging.getLogger(__name__)
 
 _WATCH_S = 0.02
+_MAX_CONNECTIONS = 256
 _HANDSHAKE_S = 5.0
 _EWMA = 0.2
 
@@ -143,6 +144,7 @@ class KVReceiver:
         self.recent: deque[dict] = deque(maxlen=64)  # summaries of the last transfers
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="kvt-land")
         self._stop = threading.Event()
+        self._conns = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self._threads = [
             threading.Thread(target=self._accept_loop, name="kvt-accept", daemon=True),
             threading.Thread(target=self._watch, name="kvt-watch", daemon=True),
@@ -261,6 +263,12 @@ class KVReceiver:
                 conn, _ = self.server.accept()
             except OSError:
                 return
+            # a connection costs a thread until its handshake fails (or its transfer ends):
+            # beyond the limit, a flood of them is turned away instead of served
+            if not self._conns.acquire(blocking=False):
+                conn.close()
+                log.warning("transfer connection refused: %d open", _MAX_CONNECTIONS)
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="kvt-conn", daemon=True).start()
 
     def _claim(self, tid: bytes) -> int:
@@ -285,23 +293,31 @@ class KVReceiver:
                 self._probe(conn)
                 return
             with self.lock:
-                t = self.transfers.get(tid)
-            with t.lock:
-                if t.outcome is not None or t.sock is not None:
+                found = self.transfers.get(tid)
+            if found is None:
+                return  # released between the handshake and here
+            with found.lock:
+                if found.outcome is not None or found.sock is not None:
                     return
-                t.sock = conn
-                t.connected_at = t.last_progress = time.monotonic()
+                found.sock = conn
+                found.connected_at = found.last_progress = time.monotonic()
+            t = found
             self._receive(conn, t)
         except (OSError, auth.AuthError, wire.ProtocolError) as e:
             if t is not None:
                 self._finish(t, "connection_lost")
             else:
                 log.warning("transfer connection refused: %s", e)
+        except Exception:
+            log.exception("transfer connection failed")
+            if t is not None:
+                self._finish(t, "error")
         finally:
             if t is not None and t.outcome is not None:
                 with contextlib.suppress(OSError):
                     wire.send_frame(conn, wire.RESULT, t.landed, t.outcome.encode())
             conn.close()
+            self._conns.release()
 
     def _receive(self, conn: socket.socket, t: Inbound) -> None:
         """Frames until the transfer ends. Blocks decode on the landing threads while the
