@@ -15,9 +15,9 @@ Phases, each written to $OUT/gpu_disagg.json (or ./out/) as it ends:
   blocks queued, and the tail after the prefill ended, set against the tail the transfer
   time model predicts with those measured parameters (the model the router and simulator
   use: kvgrid.transfer.model).
-- mixed, twice with the same two processes: "both" (both workers prefill and decode, no
-  disaggregation) and "disagg" (W0 prefill, W1 decode, `--disagg auto`: decided per
-  request): --decoders streams decode while --long-count long prompts arrive every
+- mixed, three times with the same two processes: "both" (both workers prefill and decode,
+  no disaggregation), "disagg" (W0 prefill, W1 decode, `--disagg auto`: decided per
+  request) and "disagg-always" (the same pools, every prompt prefilled on W0): --decoders streams decode while --long-count long prompts arrive every
   --long-interval-s. Inter-token latency of the decoding streams while long prompts are in
   the system (p50/p99), time to first token of the long prompts (p50/p90), the router's
   decisions by reason, transfers by outcome.
@@ -323,13 +323,22 @@ def _ipc_child(q, back, reps: int) -> None:
     q.get()
 
 
+# the same two processes: both do everything; prefill/decode pools decided per request;
+# the same pools with every prompt prefilled on the prefill worker
+MIXED = (
+    ("both", ["both", "both"], "never"),
+    ("disagg", ["prefill", "decode"], "auto"),
+    ("disagg-always", ["prefill", "decode"], "always"),
+)
+
+
 def table(res: dict) -> str:
     m = res.get("mixed", {})
     rows = [
         "| config | ITL p50 / p99 ms | TTFT long p50 / p90 s | long remote | transfers |",
         "|---|---|---|---|---|",
     ]
-    for k in ("both", "disagg"):
+    for k, _, _ in MIXED:
         r = m.get(k)
         if not r:
             continue
@@ -421,11 +430,10 @@ def main() -> int:
             res["transfer"] = run_transfer(args, workers, out)
             save()
         if "mixed" in phases:
-            res["mixed"] = {
-                "both": run_mixed(args, workers, out, "both", ["both", "both"], "never", 1),
-                "disagg": run_mixed(args, workers, out, "disagg", ["prefill", "decode"], "auto", 2),
-            }
-            save()
+            res["mixed"] = {}
+            for i, (name, roles, mode) in enumerate(MIXED):
+                res["mixed"][name] = run_mixed(args, workers, out, name, roles, mode, i + 1)
+                save()
         res["leftover"] = {w["name"]: tstate(w) for w in workers}
         res["elapsed_s"] = time.monotonic() - T0
         save()

@@ -21,8 +21,8 @@ from kvgrid.store.crypto import KeyRing
 from kvgrid.store.object import encode_object, tenant_id
 from kvgrid.transfer import auth, wire
 from kvgrid.transfer.model import TransferModel
+from kvgrid.transfer.probe import probe_link
 from kvgrid.transfer.receiver import KVReceiver
-from kvgrid.transfer.sender import probe_link
 
 SHAPE = (2, 2, 16, 2, 8)  # layers, K/V, block tokens, kv heads, head dim
 SECRET = b"test-transfer-secret"

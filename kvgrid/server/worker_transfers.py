@@ -33,8 +33,9 @@ from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.transfer import auth
 from kvgrid.transfer.faults import Faults, FaultSwitch
 from kvgrid.transfer.metrics import TransferMetrics
+from kvgrid.transfer.probe import probe_link
 from kvgrid.transfer.receiver import Inbound, KVReceiver
-from kvgrid.transfer.sender import KVSender, probe_link
+from kvgrid.transfer.sender import KVSender
 
 if TYPE_CHECKING:
     from kvgrid.server.worker import Worker

@@ -19,7 +19,6 @@ makes a decode wait past its deadline.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import socket
@@ -33,6 +32,7 @@ from kvgrid.store.object import max_object_len
 from kvgrid.store.store import ContextStore
 from kvgrid.transfer import auth, wire
 from kvgrid.transfer.metrics import TransferMetrics
+from kvgrid.transfer.probe import serve_probe
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ class KVReceiver:
                 return
             conn.settimeout(None)
             if tid == wire.PROBE_ID:
-                self._probe(conn)
+                serve_probe(conn)
                 return
             with self.lock:
                 found = self.transfers.get(tid)
@@ -418,29 +418,6 @@ class KVReceiver:
         old = self.bytes_per_s
         self.bytes_per_s = rate if old is None else (1 - _EWMA) * old + _EWMA * rate
         self.metrics.bandwidth.set(self.bytes_per_s)
-
-    def _probe(self, conn: socket.socket) -> None:
-        """A raw bandwidth probe: PROBE frames are read and dropped; END gets the totals."""
-        buf = memoryview(bytearray(1 << 20))
-        total, t0 = 0, None
-        while True:
-            kind, _, length = wire.recv_head(conn)
-            if kind == wire.END:
-                wire.recv_small(conn, length)
-                break
-            if kind != wire.PROBE:
-                raise wire.ProtocolError(f"unexpected frame kind {kind} in a probe")
-            t0 = t0 if t0 is not None else time.perf_counter()
-            left = length
-            while left:
-                n = min(left, len(buf))
-                wire.recv_into(conn, buf[:n])
-                left -= n
-            total += length
-        seconds = time.perf_counter() - t0 if t0 is not None else 0.0
-        wire.send_frame(
-            conn, wire.RESULT, 0, json.dumps({"bytes": total, "seconds": seconds}).encode()
-        )
 
 
 def _shutdown(sock: socket.socket) -> None:

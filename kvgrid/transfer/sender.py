@@ -419,38 +419,3 @@ def _peer_spoke(sock: socket.socket) -> bool:
     end): a sender waiting on its prefill learns of it without sending."""
     readable, _, _ = select.select([sock], [], [], 0)
     return bool(readable)
-
-
-def probe_link(
-    endpoint: str, secret: bytes, nbytes: int, chunk: int = 8 << 20, timeout_s: float = 30.0
-) -> dict:
-    """Raw bandwidth of the authenticated channel to a receiver: ``nbytes`` sent in frames
-    of ``chunk`` bytes and dropped there, no object format, no verification (the ceiling a
-    transfer's stream is set against)."""
-    sock = socket.create_connection(wire.parse_endpoint(endpoint), timeout_s)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        auth.client_handshake(sock, secret, wire.PROBE_ID)
-        buf = memoryview(bytearray(chunk))
-        t0 = time.perf_counter()
-        sent = 0
-        while sent < nbytes:
-            n = min(chunk, nbytes - sent)
-            wire.send_frame(sock, wire.PROBE, 0, buf[:n])
-            sent += n
-        wire.send_frame(sock, wire.END)
-        kind, _, length = wire.recv_head(sock)
-        seconds = time.perf_counter() - t0
-        if kind != wire.RESULT:
-            raise wire.ProtocolError(f"expected RESULT, got frame kind {kind}")
-        import json
-
-        seen = json.loads(wire.recv_small(sock, length))
-    finally:
-        sock.close()
-    return {
-        "bytes": sent,
-        "seconds": seconds,
-        "bytes_per_s": sent / max(seconds, 1e-9),
-        "receiver": seen,
-    }
