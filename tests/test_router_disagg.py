@@ -151,3 +151,31 @@ def test_role_follows_the_load_report():
     r.on_load(WorkerLoad("p0", "e", prefill_tokens_per_s=10_000.0, role="decode"), 1.0)
     d = r.route(RouteRequest("r", toks(8192)), 1.0)
     assert d.prefill.reason == "no_prefill_worker"  # p0 decodes now: a second decode worker
+
+
+def test_the_simulator_hands_kv_over_with_the_live_model():
+    """The fleet simulator moves KV with the router's transfer model and the calibration's
+    measured parameters: a slower link shows in its first tokens by what the model says."""
+    from kvgrid.bench.sim.calibration import load_calibration
+    from kvgrid.bench.sim.fleet import SimConfig, simulate
+    from kvgrid.bench.workloads import no_reuse
+    from kvgrid.transfer.model import TransferModel
+
+    w = no_reuse(num_requests=40, input_tokens=4096, output_tokens=8, rate=0.5, spread=0.0)
+    calib = load_calibration()
+    ttft = {}
+    for name, bw in (("fast", 50e9), ("slow", 0.5e9)):
+        c = calib.replace(transfer=TransferModel(bw, 0.002))
+        r = simulate(w, SimConfig(num_workers=2, num_prefill=1, disagg=True, calibration=c))
+        r.pop("fleet")
+        assert r["completed"] == 40
+        ttft[name] = r["ttft_p50_s"]
+    bpb = 64 * calib.kv_bytes_per_token
+    n, produce = 4095 // 64, calib.prefill_s(4096)
+    per_step = calib.max_num_batched_tokens // 64
+    land = calib.tier_bytes_per_s["G2"]
+
+    def handoff(bw: float) -> float:
+        return TransferModel(bw, 0.002).handoff_s(n, bpb, produce, per_step, land)
+
+    assert ttft["slow"] - ttft["fast"] == pytest.approx(handoff(0.5e9) - handoff(50e9), rel=0.05)
