@@ -139,7 +139,8 @@ class KVReceiver:
         self.endpoint = f"{advertise_host or host}:{self.server.getsockname()[1]}"
         self.transfers: dict[bytes, Inbound] = {}
         self.lock = threading.Lock()
-        self.bytes_per_s: float | None = None  # measured stream bandwidth (EWMA)
+        self.bytes_per_s: float | None = None  # measured stream bandwidth
+        self._gap: tuple[float, float] | None = None  # EWMAs of a queued block's bytes, gap
         self.outcomes: dict[str, int] = {}
         self.recent: deque[dict] = deque(maxlen=64)  # summaries of the last transfers
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="kvt-land")
@@ -412,11 +413,17 @@ class KVReceiver:
         t.landing_done()
 
     def _observe(self, nbytes: int, seconds: float) -> None:
+        """One gap between two queued blocks. Bytes and seconds are averaged apart: a
+        reader held up for a moment reads the next header at once, and averaging the rates
+        of such short and long gaps would overstate the stream."""
         if seconds <= 0:
             return
-        rate = nbytes / seconds
-        old = self.bytes_per_s
-        self.bytes_per_s = rate if old is None else (1 - _EWMA) * old + _EWMA * rate
+        if self._gap is None:
+            self._gap = (float(nbytes), seconds)
+        else:
+            b, t = self._gap
+            self._gap = ((1 - _EWMA) * b + _EWMA * nbytes, (1 - _EWMA) * t + _EWMA * seconds)
+        self.bytes_per_s = self._gap[0] / self._gap[1]
         self.metrics.bandwidth.set(self.bytes_per_s)
 
 
