@@ -179,3 +179,25 @@ def test_the_simulator_hands_kv_over_with_the_live_model():
         return TransferModel(bw, 0.002).handoff_s(n, bpb, produce, per_step, land)
 
     assert ttft["slow"] - ttft["fast"] == pytest.approx(handoff(0.5e9) - handoff(50e9), rel=0.05)
+
+
+def test_serve_pools_and_their_worker_commands():
+    import argparse
+
+    from kvgrid.server.serve import worker_argv, worker_pools
+
+    def ns(**kw):
+        base = dict(workers=None, prefill_workers=0, decode_workers=0, allow_fault_injection=False)
+        return argparse.Namespace(**{**base, **kw})
+
+    assert worker_pools(ns()) == [("w0", "both")]
+    assert worker_pools(ns(prefill_workers=1, decode_workers=2)) == [
+        ("p0", "prefill"),
+        ("d0", "decode"),
+        ("d1", "decode"),
+    ]
+    assert worker_pools(ns(workers=1, prefill_workers=1)) == [("w0", "both"), ("p0", "prefill")]
+    with pytest.raises(ValueError, match="must decode"):
+        worker_pools(ns(prefill_workers=2))
+    argv = worker_argv(ns(allow_fault_injection=True), "p0", 9000, 1, "prefill")
+    assert argv[argv.index("--role") + 1] == "prefill" and "--allow-fault-injection" in argv

@@ -42,6 +42,7 @@ from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router import wire
 from kvgrid.router.workers import WorkerInfo
 from kvgrid.server.worker_transfers import add_transfer_routes, remote_generate
+from kvgrid.transfer.auth import credential
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,13 @@ def run_worker(args) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.role != "both" and credential() is None:
+        log.error(
+            "a %s worker moves KV to or from other workers: set KVGRID_WORKER_TOKEN (the "
+            "credential its transfers authenticate with)",
+            args.role,
+        )
+        return 2
     if args.threads:
         import torch
 
