@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -348,6 +349,8 @@ def table(res: dict) -> str:
         )
     t = res.get("transfer", {}).get("per_transfer", [])
     raw = res.get("raw", {})
+    if res.get("failed"):
+        rows.append(f"failed phases: {', '.join(res['failed'])} (tracebacks in the JSON)")
     if t:
         bw = [x["stream_GBps"] for x in t if x["stream_GBps"]]
         rows.append("")
@@ -413,27 +416,46 @@ def main() -> int:
 
     phases = args.phases.split(",")
     workers: list[dict] = []
+
+    def phase(name: str, fn) -> None:
+        """One phase; a failure is recorded and the next phase still runs."""
+        try:
+            fn()
+        except Exception as e:  # one broken phase must not cost the others' numbers
+            import traceback
+
+            res.setdefault("failed", {})[name] = traceback.format_exc()
+            say(f"phase {name} failed: {e!r}")
+        save()
+
+    def raw() -> None:
+        res["raw"] = {}
+        res["raw"]["probe"] = httpx.post(
+            f"{workers[0]['url']}/transfer/probe",
+            json={"endpoint": workers[1]["endpoint"], "bytes": args.probe_bytes},
+            headers=H,
+            timeout=600,
+        ).json()
+        res["raw"]["ipc"] = ipc_copy(min(args.probe_bytes, 1 << 30))
+        say(f"raw: {json.dumps(res['raw'])}")
+
+    def transfer() -> None:
+        res["transfer"] = run_transfer(args, workers, out)
+
+    def mixed_one(i: int, name: str, roles: list[str], mode: str) -> None:
+        res["mixed"][name] = run_mixed(args, workers, out, name, roles, mode, i + 1)
+
+    def mixed_all() -> None:
+        res["mixed"] = {}
+        for i, (name, roles, mode) in enumerate(MIXED):
+            phase(name, functools.partial(mixed_one, i, name, roles, mode))
+
     try:
         workers = [start_worker(args, f"W{i}", out) for i in range(2)]
         res["start_s"] = time.monotonic() - T0
-        if "raw" in phases:
-            p = httpx.post(
-                f"{workers[0]['url']}/transfer/probe",
-                json={"endpoint": workers[1]["endpoint"], "bytes": args.probe_bytes},
-                headers=H,
-                timeout=600,
-            ).json()
-            res["raw"] = {"probe": p, "ipc": ipc_copy(min(args.probe_bytes, 1 << 30))}
-            say(f"raw: {json.dumps(res['raw'])}")
-            save()
-        if "transfer" in phases:
-            res["transfer"] = run_transfer(args, workers, out)
-            save()
-        if "mixed" in phases:
-            res["mixed"] = {}
-            for i, (name, roles, mode) in enumerate(MIXED):
-                res["mixed"][name] = run_mixed(args, workers, out, name, roles, mode, i + 1)
-                save()
+        for name, fn in (("raw", raw), ("transfer", transfer), ("mixed", mixed_all)):
+            if name in phases:
+                phase(name, fn)
         res["leftover"] = {w["name"]: tstate(w) for w in workers}
         res["elapsed_s"] = time.monotonic() - T0
         save()

@@ -64,6 +64,7 @@ class Outbound:
         self.setup_s: float | None = None
         self.blocks_sent = 0
         self.bytes_sent = 0
+        self.queued = False  # the next block was queued when the last one was sent
         self.outcome: str | None = None
         self.done: Future = Future()
 
@@ -288,11 +289,13 @@ class KVSender:
                 wire.send_frame(sock, wire.END, t.blocks_sent, f"{t.tail_s:.6f}".encode())
                 return self._result(t, sock)
             else:
-                done = self._send_block(t, sock, arg[0], fut, bool(pending) or not t.q.empty())
+                done = self._send_block(t, sock, arg[0], fut)
                 if done is not None:
                     return done
+                # the next block already waits: the gap to it measures the stream
+                t.queued = bool(pending) or not t.q.empty()
 
-    def _send_block(self, t: Outbound, sock, index: int, fut: Future, backlog: bool) -> str | None:
+    def _send_block(self, t: Outbound, sock, index: int, fut: Future) -> str | None:
         got = fut.result()
         if got is None:  # the block is gone from this side: the receiver recomputes the rest
             wire.send_frame(sock, wire.END, t.blocks_sent)
@@ -309,7 +312,7 @@ class KVSender:
                 return "dropped"
             if f.corrupt_block == index:
                 view[len(view) - 20] ^= 0xFF  # inside the payload (or the GCM tag)
-            aux = index | (wire.BACKLOGGED if backlog else 0)
+            aux = index | (wire.BACKLOGGED if t.queued else 0)
             wire.send_frame(sock, wire.BLOCK, aux, view)
             t.blocks_sent += 1
             t.bytes_sent += len(view)

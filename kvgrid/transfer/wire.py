@@ -1,8 +1,9 @@
 """Frames on a transfer connection (after the handshake of ``auth``).
 
 header  u8 kind, u32 aux, u32 payload length (little-endian), then the payload
-BLOCK     aux: block index in the transfer (bit 31: the sender had more queued, so the
-          gap since the previous block measures the stream, not the prefill);
+BLOCK     aux: block index in the transfer (bit 31: it was queued before the previous
+          block had been sent, so the gap since that one measures the stream, not the
+          prefill);
           payload: one stored object (``kvgrid.store.object``)
 PROGRESS  aux: 0; the prefill side is alive and working on the request
 END       aux: blocks sent; payload: seconds from the end of the prefill to the last
