@@ -46,6 +46,9 @@ import numpy as np
 
 TOKEN = os.environ.get("KVGRID_WORKER_TOKEN") or os.urandom(16).hex()
 H = {"x-kvgrid-worker-token": TOKEN}
+# one tenant whose concurrency the frontend does not cap (the local tenant's default is 32)
+API_KEYS = {"keys": {"sk-bench": {"tenant": "bench", "max_concurrent": 4096}}}
+CLIENT = {"Authorization": "Bearer sk-bench"}
 T0 = time.monotonic()
 
 
@@ -65,7 +68,13 @@ class Proc:
     live: ClassVar[list[Proc]] = []
 
     def __init__(self, name: str, argv: list[str], out: Path) -> None:
-        env = dict(os.environ, KVGRID_WORKER_TOKEN=TOKEN, KVGRID_LOG="WARNING")
+        env = dict(
+            os.environ,
+            KVGRID_WORKER_TOKEN=TOKEN,
+            KVGRID_LOG="WARNING",
+            KVGRID_API_KEYS=json.dumps(API_KEYS),
+            KVGRID_SERVER_SECRET=os.urandom(16).hex(),
+        )
         self.log = out / f"{name}.log"
         with open(self.log, "w") as f:
             self.p = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -125,7 +134,7 @@ def start_router(args, workers: list[dict], mode: str, out: Path) -> tuple[Proc,
     url = f"http://127.0.0.1:{port}"
 
     def ready():
-        ws = httpx.get(f"{url}/debug/router", timeout=5).json()["workers"]
+        ws = httpx.get(f"{url}/debug/router", headers=CLIENT, timeout=5).json()["workers"]
         return len(ws) == len(workers) and all(
             w["up"] and w["freshness"] == "exact" for w in ws.values()
         )
@@ -149,7 +158,7 @@ async def stream(client: httpx.AsyncClient, url: str, ids: list[int], n: int, re
     """One streamed completion: the arrival time of each token chunk."""
     body = {"prompt": ids, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
     rec["t0"], rec["times"] = time.monotonic(), []
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=CLIENT) as r:
         rec["worker"] = r.headers.get("x-kvgrid-worker")
         rec["prefill_worker"] = r.headers.get("x-kvgrid-prefill-worker")
         async for line in r.aiter_lines():
@@ -234,7 +243,8 @@ def run_mixed(args, workers, out, name: str, roles: list[str], mode: str, seed: 
     router, url = start_router(args, workers, mode, out)
     try:
         res = asyncio.run(mixed(args, url, seed))
-        res["decisions"] = httpx.get(f"{url}/debug/router", timeout=10).json()["prefill_decisions"]
+        state = httpx.get(f"{url}/debug/router", headers=CLIENT, timeout=10).json()
+        res["decisions"] = state["prefill_decisions"]
     finally:
         router.stop()
     after = [tstate(w)["receiver"]["outcomes"] for w in workers]
@@ -254,7 +264,7 @@ def run_transfer(args, workers, out) -> dict:
     router, url = start_router(args, workers, "always", out)
     rng = random.Random(7)
     try:
-        with httpx.Client(timeout=600) as c:
+        with httpx.Client(timeout=600, headers=CLIENT) as c:
             for _ in range(args.isolated):
                 c.post(
                     f"{url}/v1/completions",
