@@ -44,12 +44,23 @@ from typing import ClassVar
 import httpx
 import numpy as np
 
-TOKEN = os.environ.get("KVGRID_WORKER_TOKEN") or os.urandom(16).hex()
-H = {"x-kvgrid-worker-token": TOKEN}
+from kvgrid.server.auth import ControlKey
+
+# the control plane: routers hold the cluster key, each worker its own key
+CLUSTER = ControlKey.generate()
+# every router of the run: one server secret (a worker serves one secret's tenant scopes)
+SERVER_SECRET = os.urandom(32).hex()
+ADMIN_TOKEN = os.urandom(16).hex()
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # one tenant whose concurrency the frontend does not cap (the local tenant's default is 32)
 API_KEYS = {"keys": {"sk-bench": {"tenant": "bench", "max_concurrent": 4096}}}
 CLIENT = {"Authorization": "Bearer sk-bench"}
 T0 = time.monotonic()
+
+
+def H(w: dict | str) -> dict:
+    """What the router sends a worker (a worker's dict or its name): its token."""
+    return CLUSTER.router_headers(w if isinstance(w, str) else w["name"])
 
 
 def say(msg: str) -> None:
@@ -67,14 +78,16 @@ class Proc:
 
     live: ClassVar[list[Proc]] = []
 
-    def __init__(self, name: str, argv: list[str], out: Path) -> None:
+    def __init__(self, name: str, argv: list[str], out: Path, key: ControlKey) -> None:
         env = dict(
             os.environ,
-            KVGRID_WORKER_TOKEN=TOKEN,
+            KVGRID_CONTROL_KEY=key.dumps(),
+            KVGRID_ADMIN_TOKEN=ADMIN_TOKEN,
             KVGRID_LOG="WARNING",
             KVGRID_API_KEYS=json.dumps(API_KEYS),
-            KVGRID_SERVER_SECRET=os.urandom(16).hex(),
+            KVGRID_SERVER_SECRET=SERVER_SECRET,
         )
+        env.pop("KVGRID_CONTROL_KEY_FILE", None)
         self.log = out / f"{name}.log"
         with open(self.log, "w") as f:
             self.p = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -114,10 +127,12 @@ def start_worker(args, name: str, out: Path) -> dict:
             "--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size)]  # fmt: skip
     if args.threads:
         argv += ["--threads", str(args.threads)]
-    proc = Proc(name, argv, out)
+    proc = Proc(name, argv, out, CLUSTER.for_worker(name))
     url = f"http://127.0.0.1:{port}"
     t = time.monotonic()
-    info = wait_for(lambda: httpx.get(f"{url}/info", headers=H, timeout=5).json(), 600, name, proc)
+    info = wait_for(
+        lambda: httpx.get(f"{url}/info", headers=H(name), timeout=5).json(), 600, name, proc
+    )
     wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 600, name, proc)
     say(f"{name} ready in {time.monotonic() - t:.1f}s, transfers on {info['transfer_endpoint']}")
     return {"name": name, "url": url, "endpoint": info["transfer_endpoint"], "proc": proc}
@@ -130,11 +145,11 @@ def start_router(args, workers: list[dict], mode: str, out: Path) -> tuple[Proc,
             "--max-concurrent", "4096", "--itl-target", str(args.itl_target)]  # fmt: skip
     for w in workers:
         argv += ["--worker", w["url"]]
-    proc = Proc(f"router-{mode}", argv, out)
+    proc = Proc(f"router-{mode}", argv, out, CLUSTER)
     url = f"http://127.0.0.1:{port}"
 
     def ready():
-        ws = httpx.get(f"{url}/debug/router", headers=CLIENT, timeout=5).json()["workers"]
+        ws = httpx.get(f"{url}/debug/router", headers=ADMIN, timeout=5).json()["workers"]
         return len(ws) == len(workers) and all(
             w["up"] and w["freshness"] == "exact" for w in ws.values()
         )
@@ -145,13 +160,13 @@ def start_router(args, workers: list[dict], mode: str, out: Path) -> tuple[Proc,
 
 def set_roles(workers: list[dict], roles: list[str]) -> None:
     for w, role in zip(workers, roles):
-        r = httpx.post(f"{w['url']}/role", json={"role": role}, headers=H, timeout=10)
+        r = httpx.post(f"{w['url']}/role", json={"role": role}, headers=H(w), timeout=10)
         r.raise_for_status()
     time.sleep(1.2)  # the next load reports carry the roles to any router
 
 
 def tstate(w: dict) -> dict:
-    return httpx.get(f"{w['url']}/debug/transfers", headers=H, timeout=10).json()
+    return httpx.get(f"{w['url']}/debug/transfers", headers=H(w), timeout=10).json()
 
 
 async def stream(client: httpx.AsyncClient, url: str, ids: list[int], n: int, rec: dict) -> None:
@@ -243,7 +258,7 @@ def run_mixed(args, workers, out, name: str, roles: list[str], mode: str, seed: 
     router, url = start_router(args, workers, mode, out)
     try:
         res = asyncio.run(mixed(args, url, seed))
-        state = httpx.get(f"{url}/debug/router", headers=CLIENT, timeout=10).json()
+        state = httpx.get(f"{url}/debug/router", headers=ADMIN, timeout=10).json()
         res["decisions"] = state["prefill_decisions"]
     finally:
         router.stop()
@@ -440,10 +455,25 @@ def main() -> int:
 
     def raw() -> None:
         res["raw"] = {}
+        # the receiver expects the probe; the sender proves it with the ticket the cluster
+        # key grants for it (as the router grants a transfer's)
+        pid = os.urandom(16)
+        sender, receiver = workers
+        httpx.post(
+            f"{receiver['url']}/transfer/probe/expect",
+            json={"probe_id": pid.hex()},
+            headers=H(receiver),
+            timeout=30,
+        ).raise_for_status()
         res["raw"]["probe"] = httpx.post(
-            f"{workers[0]['url']}/transfer/probe",
-            json={"endpoint": workers[1]["endpoint"], "bytes": args.probe_bytes},
-            headers=H,
+            f"{sender['url']}/transfer/probe",
+            json={
+                "endpoint": receiver["endpoint"],
+                "bytes": args.probe_bytes,
+                "probe_id": pid.hex(),
+                "ticket": CLUSTER.transfer_ticket(receiver["name"], pid).hex(),
+            },
+            headers=H(sender),
             timeout=600,
         ).json()
         res["raw"]["ipc"] = ipc_copy(min(args.probe_bytes, 1 << 30))

@@ -124,3 +124,27 @@ def block_keys(
         keys.append(key)
         parent_frame = _KEY_FRAME_PREFIX + key
     return keys
+
+
+def block_keys_shared(
+    tokens: Sequence[int],
+    scope: KVScope | bytes,
+    block_size: int,
+    shared_tokens: int,
+    shared_scope: KVScope | bytes,
+    parent: bytes | None = None,
+    start_block: int = 0,
+) -> list[bytes]:
+    """``block_keys`` of one chain whose leading blocks that lie wholly within the first
+    ``shared_tokens`` tokens (a prefix configured as shared across tenants) are keyed in
+    ``shared_scope``, the rest in ``scope``. Without shared tokens it is ``block_keys``."""
+    shared_blocks = max(0, shared_tokens) // block_size
+    out: list[bytes] = []
+    if start_block < shared_blocks:
+        end = min(shared_blocks, len(tokens) // block_size)
+        out = block_keys(tokens[: end * block_size], shared_scope, block_size, parent, start_block)
+        if out:
+            parent, start_block = out[-1], start_block + len(out)
+        if start_block < shared_blocks:
+            return out  # the tokens end inside the shared prefix
+    return out + block_keys(tokens, scope, block_size, parent, start_block)

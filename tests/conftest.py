@@ -169,8 +169,9 @@ def _redis_binary() -> str | None:
     return shutil.which(REDIS_SERVER) or shutil.which("redis-server")
 
 
-def _start_redis(workdir: Path):
-    """A real redis-server on 127.0.0.1 at a free port, no persistence: (process, url)."""
+def _start_redis(workdir: Path, *extra: str):
+    """A real redis-server on 127.0.0.1 at a free port, no persistence: (process, url).
+    ``extra``: more server arguments (``--requirepass``, ...)."""
     import socket
     import subprocess
     import time
@@ -186,14 +187,14 @@ def _start_redis(workdir: Path):
         port = s.getsockname()[1]
     workdir.mkdir(parents=True, exist_ok=True)
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
+            "--appendonly", "no", "--dir", str(workdir), *extra]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
                 c.sendall(b"PING\r\n")
-                if c.recv(16).startswith(b"+PONG"):
+                if c.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return proc, f"redis://127.0.0.1:{port}/0"
         except OSError:
             time.sleep(0.05)
@@ -212,11 +213,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def redis_factory(tmp_path: Path):
-    """Start private Redis servers a test may kill: ``proc, url = redis_factory()``."""
+    """Start private Redis servers a test may kill: ``proc, url = redis_factory()``
+    (arguments: more server arguments)."""
     procs = []
 
-    def start():
-        proc, url = _start_redis(tmp_path / f"redis{len(procs)}")
+    def start(*extra: str):
+        proc, url = _start_redis(tmp_path / f"redis{len(procs)}", *extra)
         procs.append(proc)
         return proc, url
 

@@ -25,11 +25,13 @@ import httpx
 import pytest
 
 from kvgrid import keys
+from kvgrid.server.auth import ControlKey
+from kvgrid.transfer import auth, wire
 
 SECRET = "disagg-test-secret"
-TOKEN = "disagg-worker-token"
+CLUSTER = ControlKey.generate()  # the router's; each worker gets its own key from serve
 ALICE = {"Authorization": "Bearer sk-alice"}
-INTERNAL = {"x-kvgrid-worker-token": TOKEN}
+ADMIN = {"Authorization": "Bearer disagg-admin"}
 REF_TENANT = "ab" * 16  # the reference runs' tenant scope: no KV shared with alice's
 BS = 16
 
@@ -60,7 +62,8 @@ def serve(model_dir, tmp_path_factory):
         os.environ,
         KVGRID_API_KEYS=json.dumps({"keys": {"sk-alice": "alice"}}),
         KVGRID_SERVER_SECRET=SECRET,
-        KVGRID_WORKER_TOKEN=TOKEN,
+        KVGRID_CONTROL_KEY=CLUSTER.dumps(),
+        KVGRID_ADMIN_TOKEN="disagg-admin",
         KVGRID_LOG="WARNING",
     )
     cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--host", "127.0.0.1",
@@ -78,16 +81,21 @@ def serve(model_dir, tmp_path_factory):
         workers: dict = {}
         while time.monotonic() < deadline:
             try:
-                ws = httpx.get(f"{url}/debug/router", headers=ALICE, timeout=5).json()["workers"]
+                ws = httpx.get(f"{url}/debug/router", headers=ADMIN, timeout=5).json()["workers"]
                 ready = {w for w, s in ws.items() if s["up"] and s["freshness"] == "exact"}
                 if {"p0", "d0"} <= ready:
-                    workers = {w: s["url"] for w, s in ws.items()}
+                    workers = ws
                     break
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.3)
         assert workers, "workers did not come up:\n" + log.read_text()[-3000:]
-        yield {"url": url, "P": workers["p0"], "D": workers["d0"]}
+        yield {
+            "url": url,
+            "P": workers["p0"]["url"],
+            "D": workers["d0"]["url"],
+            "D_endpoint": workers["d0"]["transfer_endpoint"],
+        }
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -105,7 +113,7 @@ def _reference(serve, ids: list[int], n: int) -> str:
         "params": {"max_tokens": n, "temperature": 0.0},
         "tenant": REF_TENANT,
     }
-    r = httpx.post(f"{serve['D']}/generate", json=body, headers=INTERNAL, timeout=120)
+    r = httpx.post(f"{serve['D']}/generate", json=body, headers=_as_router("D"), timeout=120)
     assert r.status_code == 200, r.text
     lines = [json.loads(x) for x in r.text.splitlines() if x]
     assert "error" not in lines[-1] and lines[-1]["completion_tokens"] == n
@@ -120,12 +128,18 @@ def _complete(serve, ids: list[int], n: int) -> tuple[str, dict, httpx.Headers]:
     return out["choices"][0]["text"], out["usage"], r.headers
 
 
-def _state(worker_url: str) -> dict:
-    return httpx.get(f"{worker_url}/debug/transfers", headers=INTERNAL, timeout=10).json()
+def _as_router(worker: str) -> dict:
+    """What the router sends worker P (p0) or D (d0): its token for that worker."""
+    return CLUSTER.router_headers({"P": "p0", "D": "d0"}[worker])
+
+
+def _state(serve, worker: str) -> dict:
+    r = httpx.get(f"{serve[worker]}/debug/transfers", headers=_as_router(worker), timeout=10)
+    return r.json()
 
 
 def _outcomes(serve) -> dict:
-    return dict(_state(serve["D"])["receiver"]["outcomes"])
+    return dict(_state(serve, "D")["receiver"]["outcomes"])
 
 
 def _delta(before: dict, after: dict) -> dict:
@@ -136,7 +150,7 @@ def _assert_no_leaks(serve, workers=("P", "D")) -> None:
     """Nothing left on either side once the requests are done."""
     deadline = time.monotonic() + 15
     while True:
-        states = {w: _state(serve[w]) for w in workers}
+        states = {w: _state(serve, w) for w in workers}
         leaks = {
             w: s
             for w, s in states.items()
@@ -161,7 +175,7 @@ def _alice_scope() -> bytes:
     return keys.tenant_scope(SECRET.encode(), "alice")
 
 
-def _warm(worker_url: str, ids: list[int]) -> None:
+def _warm(serve, worker: str, ids: list[int]) -> None:
     """Compute a prompt on one worker directly, as alice: its blocks stay in its caches."""
     body = {
         "request_id": f"warm-{time.monotonic_ns()}",
@@ -169,12 +183,13 @@ def _warm(worker_url: str, ids: list[int]) -> None:
         "params": {"max_tokens": 1, "temperature": 0.0},
         "tenant": _alice_scope().hex(),
     }
-    r = httpx.post(f"{worker_url}/generate", json=body, headers=INTERNAL, timeout=120)
+    r = httpx.post(f"{serve[worker]}/generate", json=body, headers=_as_router(worker), timeout=120)
     assert r.status_code == 200 and "error" not in r.text, r.text
 
 
-def _prefix_hits(worker_url: str) -> int:
-    return httpx.get(f"{worker_url}/load", headers=INTERNAL, timeout=10).json()["prefix_cache_hits"]
+def _prefix_hits(serve, worker: str) -> int:
+    r = httpx.get(f"{serve[worker]}/load", headers=_as_router(worker), timeout=10)
+    return r.json()["prefix_cache_hits"]
 
 
 STORY = (
@@ -199,12 +214,12 @@ def test_outputs_equal_local_ones_fresh_and_with_prefixes_cached_on_either_side(
     # a prefix cached on the prefill side: it computes only the rest, sends all of it
     shared = _ids(tok, "Chapter two. " + STORY * 5)[: 10 * BS]
     assert len(shared) == 10 * BS
-    _warm(serve["P"], shared + _ids(tok, " The first ending."))
-    hits = _prefix_hits(serve["P"])
+    _warm(serve, "P", shared + _ids(tok, " The first ending."))
+    hits = _prefix_hits(serve, "P")
     prompt = shared + _ids(tok, " Another ending: " + STORY)
     before = _outcomes(serve)
     text, usage, _ = _complete(serve, prompt, n)
-    assert _prefix_hits(serve["P"]) - hits >= 9 * BS  # its cached blocks were reused there
+    assert _prefix_hits(serve, "P") - hits >= 9 * BS  # its cached blocks were reused there
     assert _delta(before, _outcomes(serve)) == {"complete": 1}
     assert usage["prompt_tokens_details"]["cached_tokens"] == (len(prompt) - 1) // BS * BS
     assert text == _reference(serve, prompt, n)
@@ -212,7 +227,7 @@ def test_outputs_equal_local_ones_fresh_and_with_prefixes_cached_on_either_side(
     # a prefix cached on the decode side: only the blocks it lacks are moved
     shared = _ids(tok, "Chapter three. " + STORY * 5)[: 10 * BS]
     assert len(shared) == 10 * BS
-    _warm(serve["D"], shared + _ids(tok, " A short ending."))
+    _warm(serve, "D", shared + _ids(tok, " A short ending."))
     prompt = shared + _ids(tok, " The long ending: " + STORY)
     route = {}
     for _ in range(50):  # until the router has the decode worker's KV events
@@ -235,7 +250,7 @@ def test_outputs_equal_local_ones_fresh_and_with_prefixes_cached_on_either_side(
     metrics = httpx.get(f"{serve['url']}/metrics").text
     assert 'kvgrid:kv_transfers_total{outcome="complete"} 3.0' in metrics
     assert 'kvgrid:prefill_decisions_total{reason="forced",where="remote"} 3.0' in metrics
-    worker_metrics = httpx.get(f"{serve['D']}/metrics", headers=INTERNAL).text
+    worker_metrics = httpx.get(f"{serve['D']}/metrics", headers=_as_router("D")).text
     assert 'kvgrid_kv_transfers_total{outcome="complete",side="receive"} 3.0' in worker_metrics
     _assert_no_leaks(serve)
 
@@ -251,7 +266,7 @@ def test_outputs_equal_local_ones_fresh_and_with_prefixes_cached_on_either_side(
 )
 def test_a_failed_transfer_ends_in_the_same_answer_by_recompute(serve, tok, fault, outcome, landed):
     prompt = _ids(tok, f"Case {fault}. " + STORY * 3)
-    r = httpx.post(f"{serve['P']}/debug/faults", json=fault, headers=INTERNAL)
+    r = httpx.post(f"{serve['P']}/debug/faults", json=fault, headers=_as_router("P"))
     assert r.status_code == 200, r.text
     before = _outcomes(serve)
     t0 = time.monotonic()
@@ -264,11 +279,60 @@ def test_a_failed_transfer_ends_in_the_same_answer_by_recompute(serve, tok, faul
     _assert_no_leaks(serve)
 
 
+def test_only_the_router_and_its_ticket_open_a_transfer(serve, tok):
+    """Every door of the transfer path refuses a peer without the router's grant: the prefill
+    worker's API, a ticket handed to a worker that derives its own, and the receiver's socket
+    to anyone whose ticket is not the one the router made for that transfer into that worker."""
+    prompt = _ids(tok, "Nobody else may send this. " + STORY * 2)
+    other = ControlKey.generate()  # another cluster's key
+    for headers in ({}, other.router_headers("p0"), CLUSTER.router_headers("d0")):
+        r = httpx.post(f"{serve['P']}/prefill", json={}, headers=headers, timeout=10)
+        assert r.status_code == 401, r.text
+    tid = os.urandom(16)
+    spec = {"transfer_id": tid.hex(), "start_block": 0, "num_blocks": 3, "deadline_s": 30,
+            "stall_s": 5}  # fmt: skip
+    body = {
+        "request_id": f"door-{time.monotonic_ns()}",
+        "prompt_token_ids": prompt,
+        "params": {"max_tokens": 6, "temperature": 0.0},
+        "tenant": REF_TENANT,
+        "remote_prefill": {**spec, "ticket": auth.new_ticket().hex()},
+    }
+    r = httpx.post(f"{serve['D']}/generate", json=body, headers=_as_router("D"), timeout=30)
+    assert r.status_code == 400 and "derives its transfer tickets" in r.text
+    before = _outcomes(serve)
+    body["remote_prefill"] = spec
+    with httpx.stream(
+        "POST", f"{serve['D']}/generate", json=body, headers=_as_router("D"), timeout=60
+    ) as resp:
+        assert resp.status_code == 200
+        host, port = wire.parse_endpoint(serve["D_endpoint"])
+        for ticket in (
+            auth.new_ticket(),
+            other.transfer_ticket("d0", tid),
+            CLUSTER.transfer_ticket("p0", tid),  # made for another worker
+            CLUSTER.transfer_ticket("d0", os.urandom(16)),  # for another transfer
+        ):
+            sock = socket.create_connection((host, port), 5)
+            with sock, pytest.raises(auth.AuthError, match="ticket"):
+                auth.client_handshake(sock, ticket, tid)
+        assert _state(serve, "D")["receiver"]["active"][0]["landed_blocks"] == 0
+        with socket.create_connection((host, port), 5) as sock:  # the router's grant
+            auth.client_handshake(sock, CLUSTER.transfer_ticket("d0", tid), tid)
+            wire.send_frame(sock, wire.END, 0)  # nothing sent: D recomputes it all
+        lines = [json.loads(x) for x in resp.iter_lines() if x]
+    assert lines[-1]["transfer"]["outcome"] == "partial"
+    assert _delta(before, _outcomes(serve)) == {"partial": 1}
+    text = "".join(m.get("text", "") for m in lines)
+    assert text == _reference(serve, prompt, 6)
+    _assert_no_leaks(serve)
+
+
 def test_killed_prefill_worker_mid_transfer(serve, tok):
     prompt = _ids(tok, "The prefill worker dies. " + STORY * 3)
-    pid = httpx.get(f"{serve['P']}/info", headers=INTERNAL).json()["pid"]
+    pid = httpx.get(f"{serve['P']}/info", headers=_as_router("P")).json()["pid"]
     # hold the stream after two blocks, so the kill comes mid-transfer
-    httpx.post(f"{serve['P']}/debug/faults", json={"stall_after": 2}, headers=INTERNAL)
+    httpx.post(f"{serve['P']}/debug/faults", json={"stall_after": 2}, headers=_as_router("P"))
     before = _outcomes(serve)
     result: dict = {}
 
@@ -280,7 +344,7 @@ def test_killed_prefill_worker_mid_transfer(serve, tok):
     deadline = time.monotonic() + 60
     killed = False
     while time.monotonic() < deadline and not killed:
-        active = _state(serve["D"])["receiver"]["active"]
+        active = _state(serve, "D")["receiver"]["active"]
         if active and active[0]["landed_blocks"] >= 2:
             os.kill(pid, signal.SIGKILL)
             killed = True

@@ -33,6 +33,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(proc: subprocess.Popen, log) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    print(log.read_text()[-4000:])
+
+
 def _scale(url: str) -> dict:
     return httpx.get(f"{url}/admin/scale", timeout=5).json()
 
@@ -122,12 +131,7 @@ def test_scale_1_to_2_to_1_under_load_without_failures(default_model_dir, tmp_pa
         stop.set()
         for t in threads:
             t.join(60)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-4000:])
+        _stop(proc, log)
 
     failed = [d for d in done if d[2] != 200 or d[4] != d[5]]
     assert not failed, failed
@@ -144,3 +148,63 @@ def test_scale_1_to_2_to_1_under_load_without_failures(default_model_dir, tmp_pa
         s.settimeout(2)
         port_v = int(retired["url"].rsplit(":", 1)[1])
         assert s.connect_ex(("127.0.0.1", port_v)) != 0
+
+
+def test_the_planner_scales_on_load_from_speeds_it_measures(default_model_dir, tmp_path):
+    """`kvgrid serve --autoscale` without a calibration file: the planner models the workers
+    from the speeds their load reports carry (never another machine's), has an idle worker
+    measure itself, adds nothing while idle, and adds a worker when load comes."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, KVGRID_LOG="INFO")
+    env.pop("KVGRID_API_KEYS", None)
+    # targets this CPU cannot meet with one worker under load: the plan must be to add one
+    cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--autoscale", "--min-workers", "1",
+           "--max-workers", "2", "--autoscale-interval", "1", "--ttft-target", "0.05",
+           "--itl-target", "0.002", "--scale-down-cooldown", "600", "--port", str(port),
+           "--model", str(default_model_dir), "--max-model-len", "512",
+           "--kv-cache-memory-gb", "0.2", "--threads", "1"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    stop = threading.Event()
+    served: list[str] = []
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                body = {"prompt": f"Client {i}: tell a story.", "max_tokens": 8, "ignore_eos": True}
+                try:
+                    r = c.post(f"{url}/v1/completions", json=body)
+                    served.append(r.headers.get("x-kvgrid-worker", str(r.status_code)))
+                except httpx.HTTPError:
+                    served.append("error")
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
+    try:
+        _wait(lambda: _scale(url)["workers"]["w0"]["up"], 90, "w0 up", url)
+        # idle, the planner has the worker measure itself (a calibration request of its own)
+        _wait(lambda: _scale(url)["calibration"], 60, "a measured calibration", url)
+        time.sleep(2.5)  # intervals without load: nothing to add
+        assert not _scale(url)["actions"]
+        for t in threads:
+            t.start()
+        adds = _wait(
+            lambda: [a for a in _scale(url)["actions"] if a["by"] == "planner"], 60, "a plan", url
+        )
+        assert adds[0]["kind"] == "add", adds
+        state = _scale(url)
+        cal = state["calibration"]
+        assert cal["meta"]["measured"] and cal["meta"]["source"] == "router load reports"
+        w0 = httpx.get(f"{url}/debug/router", timeout=5).json()["workers"]["w0"]["load"]
+        # the planner's speeds are this machine's, as the router measured them (an EWMA
+        # that moves a little between the plan and now)
+        measured = 1 / cal["prefill"]["per_token_s"]
+        assert 0.5 < measured / w0["prefill_tokens_per_s"] < 2.0, (cal, w0)
+        _wait(lambda: _scale(url)["workers"]["w1"]["up"], 90, "w1 up", url)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        _stop(proc, log)
+    assert "error" not in served and all(s in ("w0", "w1") for s in served), set(served)

@@ -29,10 +29,12 @@ def test_keys_file_env_and_scopes(tmp_path, monkeypatch):
     assert a.name == "acme" and a.max_concurrent == 2
     assert reg.authenticate("Bearer sk-a2") is a  # two keys, one tenant
     b = reg.authenticate("bearer sk-b")
-    # scopes come from the server secret, differ per tenant, and only configured sharing
-    # maps to the public scope
+    # scopes come from the server secret and differ per tenant; a tenant that may share
+    # prefixes keeps its own scope (only the configured prefixes are keyed publicly)
     assert a.scope == keys.tenant_scope(b"secret", "acme") != b.scope
-    assert reg.authenticate("Bearer sk-p").scope == keys.PUBLIC_TENANT
+    p = reg.authenticate("Bearer sk-p")
+    assert p.scope == keys.tenant_scope(b"secret", "pub") and p.shares_prefixes
+    assert not a.shares_prefixes
     assert reg.authenticate("Bearer nope") is None
     assert reg.authenticate(None) is None and reg.authenticate("sk-a") is None
     # another secret, other scopes: nothing a client sends can choose them

@@ -80,8 +80,9 @@ def test_load_stops_at_the_first_bad_block(tmp_path):
 
 
 def test_lookup_weighs_load_against_recompute(tmp_path):
-    # G3 at 50 ms a block (a slow disk, so that splits are worth their fixed overhead)
-    store = make(tmp_path, seed_bytes_per_s={"G2": 10e9, "G3": 2048 / 0.05})
+    # G3 at 50 ms a block (a slow disk, so that splits are worth their fixed overhead); the
+    # start-up probe off, so that the planner starts from these figures
+    store = make(tmp_path, seed_bytes_per_s={"G2": 10e9, "G3": 2048 / 0.05}, probe_tiers=False)
     src = kv_cache()
     conn = StoreConnector(store, src, BS)
     ks = keys.block_keys(list(range(BS * 8)), MODEL.with_tenant(A), BS)

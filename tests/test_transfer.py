@@ -8,6 +8,7 @@ test can send exactly the damaged, missing or misordered stream it is about.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from kvgrid import keys as kvkeys
+from kvgrid.server.auth import ControlKey
 from kvgrid.store import ContextStore, StoreConfig
 from kvgrid.store.crypto import KeyRing
 from kvgrid.store.object import encode_object, tenant_id
@@ -25,8 +27,9 @@ from kvgrid.transfer.probe import probe_link
 from kvgrid.transfer.receiver import KVReceiver
 
 SHAPE = (2, 2, 16, 2, 8)  # layers, K/V, block tokens, kv heads, head dim
-SECRET = b"test-transfer-secret"
 TENANT = b"tenant-a"
+CLUSTER = ControlKey.generate()  # the router's
+WORKER = CLUSTER.for_worker("d0")  # the receiving worker's own key: all it holds
 
 
 @pytest.fixture
@@ -40,9 +43,16 @@ def store():
 
 @pytest.fixture
 def receiver(store):
-    r = KVReceiver(store, SECRET)
+    r = KVReceiver(store)
     yield r
     r.close()
+
+
+def _expect(receiver: KVReceiver, keys, deadline_s: float = 30, stall_s: float = 10, tid=None):
+    """A transfer the receiving worker expects, with the ticket it derives from its own key."""
+    tid = tid or os.urandom(16)
+    ticket = WORKER.transfer_ticket("d0", tid)
+    return receiver.expect(tid, ticket, keys, TENANT, deadline_s, stall_s)
 
 
 def _blocks(n: int, seed: int = 0) -> tuple[list[bytes], list[torch.Tensor]]:
@@ -55,9 +65,15 @@ def _object(store: ContextStore, key: bytes, block: torch.Tensor, tenant: bytes 
     return encode_object(block, key, None, tenant, 16, store.keyring, "none")
 
 
-def _connect(receiver: KVReceiver, tid: bytes, secret: bytes = SECRET) -> socket.socket:
+def _connect(receiver: KVReceiver, tid: bytes, ticket: bytes | None = None) -> socket.socket:
+    """A sender proving ``tid`` with ``ticket`` (default: the one the router grants it,
+    derived from the cluster key)."""
     sock = socket.create_connection(wire.parse_endpoint(receiver.endpoint), 5)
-    auth.client_handshake(sock, secret, tid)
+    try:
+        auth.client_handshake(sock, ticket or CLUSTER.transfer_ticket("d0", tid), tid)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -82,7 +98,7 @@ def _in_g2(store: ContextStore, key: bytes) -> torch.Tensor | None:
 def test_blocks_land_in_g2_verified_and_are_released(store, receiver):
     keys, blocks = _blocks(5)
     tid = os.urandom(16)
-    t = receiver.expect(tid, keys, TENANT, deadline_s=30, stall_s=10)
+    t = _expect(receiver, keys, 30, 10, tid)
     sock = _connect(receiver, tid)
     for i, (k, b) in enumerate(zip(keys, blocks)):
         wire.send_frame(sock, wire.BLOCK, i | wire.BACKLOGGED, _object(store, k, b))
@@ -105,7 +121,7 @@ def test_a_damaged_or_misplaced_block_ends_the_transfer_with_the_run_before_it(
 ):
     keys, blocks = _blocks(4, seed=1)
     tid = os.urandom(16)
-    t = receiver.expect(tid, keys, TENANT, deadline_s=30, stall_s=10)
+    t = _expect(receiver, keys, 30, 10, tid)
     sock = _connect(receiver, tid)
     objs = [bytearray(_object(store, k, b)) for k, b in zip(keys, blocks)]
     if damage == "flip":
@@ -128,19 +144,53 @@ def test_a_damaged_or_misplaced_block_ends_the_transfer_with_the_run_before_it(
     assert store.metrics.total("integrity_failures", tier="transfer") == 1
 
 
-def test_wrong_credential_or_unknown_transfer_is_refused(store, receiver):
-    keys, _ = _blocks(1)
+def test_an_unauthenticated_peer_or_unknown_transfer_is_refused(store, receiver):
+    keys, blocks = _blocks(1)
     tid = os.urandom(16)
-    t = receiver.expect(tid, keys, TENANT, deadline_s=30, stall_s=10)
-    with pytest.raises(auth.AuthError, match="credential"):
-        _connect(receiver, tid, secret=b"wrong")
+    t = _expect(receiver, keys, tid=tid)
+    # no ticket, someone else's ticket, another transfer's ticket, another worker's key
+    for ticket in (
+        auth.new_ticket(),
+        ControlKey.generate().transfer_ticket("d0", tid),
+        CLUSTER.transfer_ticket("d0", os.urandom(16)),
+        CLUSTER.transfer_ticket("d1", tid),
+    ):
+        with pytest.raises(auth.AuthError, match="rejected this transfer's ticket"):
+            _connect(receiver, tid, ticket)
+    assert t.outcome is None and t.sock is None  # refused peers never got the transfer
     with pytest.raises(auth.AuthError, match="unknown transfer"):
         _connect(receiver, os.urandom(16))
-    sock = _connect(receiver, tid)
+    sock = _connect(receiver, tid)  # the router's ticket opens it
     with pytest.raises(auth.AuthError, match="busy"):  # one connection per transfer
         _connect(receiver, tid)
+    wire.send_frame(sock, wire.BLOCK, 0, _object(store, keys[0], blocks[0]))
+    wire.send_frame(sock, wire.END, 1)
+    assert _result(sock) == "complete"
     sock.close()
-    assert _wait(t).outcome == "connection_lost"
+    assert _wait(t).outcome == "complete"
+    receiver.release(t)
+    with pytest.raises(auth.AuthError, match="unknown transfer"):  # ended: not again
+        _connect(receiver, tid)
+    assert store.g2.pinned_count() == 0
+
+
+def test_a_refused_peer_sends_no_block(store, receiver):
+    """Frames from a peer that failed the handshake are never read: nothing lands."""
+    keys, blocks = _blocks(1)
+    tid = os.urandom(16)
+    t = _expect(receiver, keys, tid=tid)
+    sock = socket.create_connection(wire.parse_endpoint(receiver.endpoint), 5)
+    hello = auth.recv_exact(sock, auth._HELLO.size)
+    assert hello[:4] == auth.MAGIC
+    sock.sendall(auth._CLIENT.pack(tid, os.urandom(16), os.urandom(32)))
+    with contextlib.suppress(OSError):
+        wire.send_frame(sock, wire.BLOCK, 0, _object(store, keys[0], blocks[0]))
+        wire.send_frame(sock, wire.END, 1)
+    status, _ = auth._REPLY.unpack(auth.recv_exact(sock, auth._REPLY.size))
+    assert status == auth.BAD_AUTH
+    sock.close()
+    time.sleep(0.2)
+    assert t.outcome is None and t.landed == 0 and _in_g2(store, keys[0]) is None
     receiver.release(t)
 
 
@@ -161,7 +211,7 @@ def test_a_receiver_that_fails_its_proof_is_not_trusted(store):
     th.start()
     sock = socket.create_connection(srv.getsockname(), 5)
     with pytest.raises(auth.AuthError, match="failed the transfer handshake"):
-        auth.client_handshake(sock, SECRET, os.urandom(16))
+        auth.client_handshake(sock, auth.new_ticket(), os.urandom(16))
     th.join()
     sock.close()
     srv.close()
@@ -170,14 +220,14 @@ def test_a_receiver_that_fails_its_proof_is_not_trusted(store):
 def test_stall_no_connection_deadline_partial_and_order(store, receiver):
     keys, blocks = _blocks(3, seed=2)
     # stalled: one block, then silence while the connection stays open
-    t1 = receiver.expect(os.urandom(16), keys, TENANT, deadline_s=30, stall_s=0.3)
+    t1 = _expect(receiver, keys, 30, 0.3)
     s1 = _connect(receiver, t1.id)
     wire.send_frame(s1, wire.BLOCK, 0, _object(store, keys[0], blocks[0]))
     t0 = time.monotonic()
     assert _wait(t1).outcome == "stalled" and t1.landed == 1
     assert time.monotonic() - t0 < 5
     # PROGRESS frames keep a slow prefill alive past the stall limit
-    t2 = receiver.expect(os.urandom(16), keys, TENANT, deadline_s=30, stall_s=0.3)
+    t2 = _expect(receiver, keys, 30, 0.3)
     s2 = _connect(receiver, t2.id)
     for _ in range(4):
         time.sleep(0.15)
@@ -187,10 +237,10 @@ def test_stall_no_connection_deadline_partial_and_order(store, receiver):
     wire.send_frame(s2, wire.END, 3)
     assert _wait(t2).outcome == "complete"
     # nobody connects
-    t3 = receiver.expect(os.urandom(16), keys, TENANT, deadline_s=30, stall_s=0.2)
+    t3 = _expect(receiver, keys, 30, 0.2)
     assert _wait(t3).outcome == "no_connection"
     # the deadline bounds a transfer that keeps showing progress
-    t4 = receiver.expect(os.urandom(16), keys, TENANT, deadline_s=0.5, stall_s=0.5)
+    t4 = _expect(receiver, keys, 0.5, 0.5)
     s4 = _connect(receiver, t4.id)
     for _ in range(10):
         if t4.outcome is not None:
@@ -202,18 +252,18 @@ def test_stall_no_connection_deadline_partial_and_order(store, receiver):
             break
     assert _wait(t4).outcome == "deadline"
     # the sender ends early: partial
-    t5 = receiver.expect(os.urandom(16), keys, TENANT, deadline_s=30, stall_s=10)
+    t5 = _expect(receiver, keys, 30, 10)
     s5 = _connect(receiver, t5.id)
     wire.send_frame(s5, wire.BLOCK, 0, _object(store, keys[0], blocks[0]))
     wire.send_frame(s5, wire.END, 1)
     assert _wait(t5).outcome == "partial" and t5.landed == 1
     # a block out of order breaks the protocol
-    t6 = receiver.expect(os.urandom(16), keys, TENANT, deadline_s=30, stall_s=10)
+    t6 = _expect(receiver, keys, 30, 10)
     s6 = _connect(receiver, t6.id)
     wire.send_frame(s6, wire.BLOCK, 1, _object(store, keys[1], blocks[1]))
     assert _wait(t6).outcome == "connection_lost" and t6.landed == 0
     # cancelled by the router
-    t7 = receiver.expect(os.urandom(16), keys, TENANT, deadline_s=30, stall_s=10)
+    t7 = _expect(receiver, keys, 30, 10)
     assert receiver.cancel(t7.id) and _wait(t7).outcome == "cancelled"
     for s in (s1, s2, s4, s5, s6):
         s.close()
@@ -222,12 +272,24 @@ def test_stall_no_connection_deadline_partial_and_order(store, receiver):
     assert store.g2.pinned_count() == 0 and not receiver.transfers
 
 
-def test_probe_measures_the_raw_channel(receiver):
-    out = probe_link(receiver.endpoint, SECRET, 3 << 20, chunk=1 << 20)
+def test_probe_measures_the_raw_channel_once_expected(receiver):
+    pid = os.urandom(16)
+    ticket = CLUSTER.transfer_ticket("d0", pid)
+    with pytest.raises(auth.AuthError, match="unknown transfer"):  # not expected yet
+        probe_link(receiver.endpoint, pid, ticket, 1 << 20)
+    receiver.expect_probe(pid, WORKER.transfer_ticket("d0", pid))
+    with pytest.raises(auth.AuthError, match="ticket"):
+        probe_link(receiver.endpoint, pid, auth.new_ticket(), 1 << 20)
+    out = probe_link(receiver.endpoint, pid, ticket, 3 << 20, chunk=1 << 20)
     assert out["bytes"] == 3 << 20 and out["receiver"]["bytes"] == 3 << 20
     assert out["bytes_per_s"] > 0
-    with pytest.raises(auth.AuthError):
-        probe_link(receiver.endpoint, b"wrong", 1 << 20)
+    with pytest.raises(auth.AuthError, match="unknown transfer"):  # one use
+        probe_link(receiver.endpoint, pid, ticket, 1 << 20)
+    late = os.urandom(16)
+    receiver.expect_probe(late, WORKER.transfer_ticket("d0", late), ttl_s=0.05)
+    time.sleep(0.1)
+    with pytest.raises(auth.AuthError, match="unknown transfer"):  # expired
+        probe_link(receiver.endpoint, late, CLUSTER.transfer_ticket("d0", late), 1 << 20)
 
 
 def test_transfer_model_overlaps_the_prefill():

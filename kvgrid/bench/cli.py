@@ -42,6 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(func=_cmd_replay)
 
+    ru = bsub.add_parser(
+        "reuse",
+        help="what the context store gives on this hardware: a saturating multi-turn agent "
+        "workload under no store, G2, G3, G4 and an unlimited-G1 ceiling",
+    )
+    from kvgrid.bench.reuse_report import add_args as _reuse_args
+
+    _reuse_args(ru)
+    ru.set_defaults(func=_cmd_reuse)
+
     sim = sub.add_parser("sim", help="discrete-event fleet simulator (the real router)")
     sim.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     sim.add_argument("--workers", type=int, default=16)
@@ -122,6 +132,16 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             print(f"wrote {q}")
         print(f"wrote {p}")
     return 0 if out["metrics"]["failed"] == 0 else 1
+
+
+def _cmd_reuse(args: argparse.Namespace) -> int:
+    from kvgrid.bench.reuse_report import main
+
+    try:
+        return main(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _parse_site(s: str):

@@ -427,13 +427,14 @@ class Planner:
     def resize(self, pools: dict[str, PoolState], pool: str, n: int) -> list[ScaleAction]:
         """Actions that bring ``pool`` to ``n`` serving replicas now (an operator's order),
         choosing what to drain as a scale-down of the planner's own would."""
-        serving = pools.get(pool, PoolState(pool)).serving()
-        if n > len(serving):
-            return [ScaleAction("add", pool, n - len(serving), reason=f"resize to {n}")]
-        return [
-            ScaleAction("drain", pool, 1, r.worker_id, f"resize to {n}")
-            for r in self._victims(serving, len(serving) - n)
-        ]
+        return resize_actions(pools, pool, n)
+
+    def recalibrate(self, calib: Calibration) -> None:
+        """New engine speeds (a live server's own measurements); the planner's history of
+        rates and misses stays."""
+        self.calib = calib
+        if self.cfg.startup_s is None:
+            self.startup_s = calib.startup_s
 
     @staticmethod
     def _victims(serving: list[ReplicaView], n: int) -> list[ReplicaView]:
@@ -448,3 +449,14 @@ class Planner:
             ),
         )
         return ranked[:n]
+
+
+def resize_actions(pools: dict[str, PoolState], pool: str, n: int) -> list[ScaleAction]:
+    """What brings ``pool`` to ``n`` serving replicas (Planner.resize; needs no model)."""
+    serving = pools.get(pool, PoolState(pool)).serving()
+    if n > len(serving):
+        return [ScaleAction("add", pool, n - len(serving), reason=f"resize to {n}")]
+    return [
+        ScaleAction("drain", pool, 1, r.worker_id, f"resize to {n}")
+        for r in Planner._victims(serving, len(serving) - n)
+    ]

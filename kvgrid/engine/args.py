@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from kvgrid.engine.config import EngineConfig
@@ -69,7 +70,13 @@ def add_store_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--kv-store-disk-gb", type=float, default=d.g3_bytes / GiB, help="0: no G3")
     g.add_argument("--kv-store-shared-dir", default=None, help="G4 on a shared filesystem path")
-    g.add_argument("--kv-store-redis", default=None, metavar="URL", help="G4 on Redis/Valkey")
+    g.add_argument(
+        "--kv-store-redis",
+        default=None,
+        metavar="URL",
+        help="G4 on Redis/Valkey: redis://[user:password@]host:port/db or rediss:// (TLS); "
+        "better in env KVGRID_KV_STORE_REDIS, since a command line is visible to every user",
+    )
     g.add_argument("--kv-store-shared-gb", type=float, default=d.g4_bytes / GiB)
     g.add_argument("--kv-store-codec", default=d.codec, choices=["zstd", "zlib", "none", "int8"])
     g.add_argument(
@@ -85,7 +92,8 @@ def store_config_from_args(args: argparse.Namespace, name: str = "local") -> Sto
     share a machine (each tier has one owner that accounts for its capacity)."""
     if args.no_kv_store:
         return None
-    if args.kv_store_shared_dir and args.kv_store_redis:
+    redis_url = args.kv_store_redis or os.environ.get("KVGRID_KV_STORE_REDIS") or None
+    if args.kv_store_shared_dir and redis_url:
         raise ValueError("G4 takes one backend: --kv-store-shared-dir or --kv-store-redis")
     g3 = None
     if args.kv_store_disk_gb > 0:
@@ -95,7 +103,7 @@ def store_config_from_args(args: argparse.Namespace, name: str = "local") -> Sto
         g3_dir=g3,
         g3_bytes=int(args.kv_store_disk_gb * GiB),
         g4_dir=args.kv_store_shared_dir,
-        g4_redis=args.kv_store_redis,
+        g4_redis=redis_url,
         g4_bytes=int(args.kv_store_shared_gb * GiB),
         codec=args.kv_store_codec,
         master_key_file=args.kv_master_key_file,

@@ -2,9 +2,12 @@
 
 Full blocks are named by their chained key (kvgrid.keys) and shared between sequences by
 reference count. A block whose count drops to zero keeps its key and contents and waits in
-an LRU free list: a later request with the same prefix revives it, and allocation takes the
-least recently freed block first. When a keyed block is reused for other data its key is
-dropped; that moment is the eviction the context store hooks into (write-back below G1).
+an LRU free list: a later request with the same prefix revives it. Allocation takes, in
+order: a block that holds nothing reusable, then the least recently freed of those a copy
+below G1 already keeps safe (the context store has it: evicting it loses nothing and costs
+no write-back), then the least recently freed of the rest. When a keyed block is reused for
+other data its key is dropped; that moment is the eviction the context store hooks into
+(write-back below G1).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ class Block:
     key: bytes | None = None
     parent_key: bytes | None = None
     tenant: bytes = b""  # whose data it is: the store encrypts with that tenant's key
+    below: bool = False  # the context store holds a copy: evicting it loses nothing
+    position: int = 0  # its index in the chain of blocks its key ends
+    prospect: float = 0.0  # reuse prospects handed to the store with it
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class EvictedBlock:
     key: bytes
     parent_key: bytes | None
     tenant: bytes
+    prospect: float = 0.0
+    position: int = 0
 
 
 # Called with the keyed blocks about to be overwritten, before their new owner's forward pass
@@ -45,6 +53,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.free_below: OrderedDict[int, None] = OrderedDict()  # keyed, stored below, free
         self.cached: dict[bytes, int] = {}
         self.events: list[KVEvent] = []
         self.pending_evictions: list[EvictedBlock] = []
@@ -91,6 +100,7 @@ class BlockManager:
             block = self.blocks[bid]
             if block.ref_count == 0:
                 del self.free[bid]
+                self.free_below.pop(bid, None)
             block.ref_count += 1
             seq.block_table.append(bid)
 
@@ -102,7 +112,11 @@ class BlockManager:
             raise RuntimeError("allocate called without enough free blocks")
         new = []
         for _ in range(num_blocks):
-            bid, _ = self.free.popitem(last=False)
+            bid = next(iter(self.free))
+            if self.blocks[bid].key is not None and self.free_below:
+                bid, _ = self.free_below.popitem(last=False)  # safe below: nothing is lost
+            del self.free[bid]
+            self.free_below.pop(bid, None)
             block = self.blocks[bid]
             if block.key is not None:
                 self._drop_key(block)
@@ -131,6 +145,8 @@ class BlockManager:
                 if block.key is None:
                     # unkeyed blocks hold nothing reusable: hand them out before cached ones
                     self.free.move_to_end(bid, last=False)
+                elif block.below:
+                    self.free_below[bid] = None
         seq.block_table = []
         seq.num_committed_blocks = 0
 
@@ -150,11 +166,12 @@ class BlockManager:
                 continue
             block.key, block.parent_key = key, (block_keys[i - 1] if i else None)
             block.tenant = seq.tenant
+            block.below = seq.stored_from <= i < seq.stored_to
+            block.prospect = seq.prospect
+            block.position = i
             self.cached[key] = block.block_id
-            if self.record_commits:
-                self.pending_commits.append(
-                    EvictedBlock(block.block_id, key, block.parent_key, block.tenant)
-                )
+            if self.record_commits and not block.below:
+                self.pending_commits.append(self._named(block))
             run.append(key)
         self._emit_stored(run, block_keys)
         seq.num_committed_blocks = max(seq.num_committed_blocks, len(block_keys))
@@ -165,19 +182,42 @@ class BlockManager:
             self.events.append(BlockStored(tuple(run), parent, "G1", len(run) * self.block_size))
             run.clear()
 
+    @staticmethod
+    def _named(block: Block) -> EvictedBlock:
+        return EvictedBlock(block.block_id, block.key, block.parent_key, block.tenant,
+                            block.prospect, block.position)  # fmt: skip
+
     def _drop_key(self, block: Block) -> None:
         del self.cached[block.key]
-        self.pending_evictions.append(
-            EvictedBlock(block.block_id, block.key, block.parent_key, block.tenant)
-        )
+        self.pending_evictions.append(self._named(block))
         self.events.append(BlockRemoved((block.key,), "G1"))
         block.key = block.parent_key = None
+        block.below = False
+
+    def mark_below(self, named: list[EvictedBlock]) -> None:
+        """The store now holds these blocks (those that still hold that key): when G1 needs
+        room they go first."""
+        for e in named:
+            block = self.blocks[e.block_id]
+            if block.key != e.key or block.below:
+                continue
+            block.below = True
+            if block.ref_count == 0:
+                self.free_below[e.block_id] = None
+
+    def named_blocks(self, seq: Sequence) -> list[EvictedBlock]:
+        """``seq``'s named blocks that no copy below G1 keeps yet."""
+        out = []
+        for bid in seq.block_table[: seq.num_committed_blocks]:
+            block = self.blocks[bid]
+            if block.key is not None and not block.below:
+                out.append(self._named(block))
+        return out
 
     def cached_blocks(self) -> list[EvictedBlock]:
         """Every keyed block, in the order they were named (write-back candidates; nothing
         is dropped from G1)."""
-        blocks = (self.blocks[bid] for bid in self.cached.values())
-        return [EvictedBlock(b.block_id, b.key, b.parent_key, b.tenant) for b in blocks]
+        return [self._named(self.blocks[bid]) for bid in self.cached.values()]
 
     def take_evictions(self) -> list[EvictedBlock]:
         out, self.pending_evictions = self.pending_evictions, []
@@ -194,7 +234,9 @@ class BlockManager:
             return False
         for block in self.blocks:
             block.key = block.parent_key = None
+            block.below = False
         self.cached.clear()
+        self.free_below.clear()
         self.events.append(AllCleared("G1"))
         return True
 

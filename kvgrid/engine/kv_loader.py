@@ -46,24 +46,43 @@ class LoadPlan:
     load_s: float | None = None  # predicted time of the loaded part alone, once started
 
 
+# Under load, a split recomputes as little as keeps the request within this share of its
+# own recompute time (the rest of the margin absorbs misjudged tier speeds).
+GUARANTEE_MARGIN = 0.9
+
+
 def plan_blocks(
     load_s: list[float],
     block_tokens: int,
     prefill_tokens_per_s: float | None,
     overhead_s: float = SPLIT_OVERHEAD_S,
     start_s: float = 0.0,
+    busy: bool = False,
 ) -> LoadPlan:
     """Split a stored prefix whose blocks cost ``load_s[i]`` seconds each to load: recompute
     the first c while loading the rest, minimising max(overhead + c * recompute, start +
     load of blocks c..), where the load starts ``start_s`` late (it waits for the engine to
     launch the step that computes the first part: ``KVLoader``). Split only where that beats
     loading everything by 10% (the costs are estimates); never recompute all of it
-    (``lookup`` decides whether to use it at all)."""
+    (``lookup`` decides whether to use it at all).
+
+    ``busy``: other requests wait for the GPU, so every block loaded instead of recomputed
+    is GPU time they get; the request itself need only not be slower than its own recompute.
+    Then c is the smallest split whose predicted time stays within ``GUARANTEE_MARGIN`` of
+    recomputing all n blocks (the most loaded), if there is one."""
     n = len(load_s)
     total = float(sum(load_s))
     if n < 2 or not prefill_tokens_per_s:
         return LoadPlan(0, n, start_s + total, total)
     tc = block_tokens / prefill_tokens_per_s
+    if busy:
+        bound, rest = GUARANTEE_MARGIN * n * tc, total
+        for c in range(n):
+            if c:
+                rest -= load_s[c - 1]
+            t = max(overhead_s + c * tc if c else 0.0, start_s + rest)
+            if t <= bound:
+                return LoadPlan(c, n - c, t, rest)
     best_c, best, rest = 0, start_s + total, total
     for c in range(1, n):
         rest -= load_s[c - 1]  # load time of blocks c..n-1

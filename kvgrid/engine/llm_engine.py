@@ -112,6 +112,20 @@ class LLMEngine:
         # write-through: blocks go to the store as soon as prefill names them
         self.block_manager.record_commits = connector.store.config.write_through
 
+    def detach_store(self) -> StoreConnector | None:
+        """Take the context store away (G1 alone from now on) after handing it the blocks G1
+        evicted so far; returns its connector, still open (the caller closes it)."""
+        sched = self.scheduler
+        conn = sched.connector
+        if conn is None:
+            return None
+        sched._flush_evictions()
+        if sched.loader is not None:
+            sched.loader.close()
+        sched.connector = sched.loader = None
+        self.block_manager.record_commits = False
+        return conn
+
     def warm_thread(self) -> None:
         """Warm what the device keeps per thread, on a thread that will step this engine
         before it serves (done anyway at its first step there, delaying that request)."""
@@ -136,13 +150,18 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         tenant: bytes = keys.PUBLIC_TENANT,
+        shared_prefix_tokens: int = 0,
     ) -> None:
+        """``shared_prefix_tokens``: leading prompt tokens of a prefix the server shares
+        across tenants (kvgrid.server.tenants); their blocks are keyed in the public scope."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
         text, prompt, max_tokens = self.check_request(prompt, params)
-        if tenant not in self._scope_digests:
-            self._scope_digests[tenant] = self.scope.with_tenant(tenant).digest
+        for t in (tenant, keys.PUBLIC_TENANT):
+            if t not in self._scope_digests:
+                self._scope_digests[t] = self.scope.with_tenant(t).digest
+        shared = min(max(0, int(shared_prefix_tokens)), len(prompt))
         seq = Sequence(
             request_id,
             prompt,
@@ -152,6 +171,8 @@ class LLMEngine:
             max_tokens,
             prompt=text,
             tenant=tenant,
+            shared_tokens=shared,
+            shared_digest=self._scope_digests[keys.PUBLIC_TENANT] if shared else None,
         )
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -438,6 +459,7 @@ class LLMEngine:
             "num_kv_blocks": bm.num_blocks,
             "block_size": bm.block_size,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_room_waits": self.scheduler.num_room_waits,
             "store_loaded_tokens": self.scheduler.store_loaded_tokens,
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_step_s": self.decode_step_s,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
@@ -24,6 +23,7 @@ from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.kv_loader import SPLIT_OVERHEAD_S, KVLoader
 from kvgrid.engine.sequence import Sequence, SequenceStatus
 from kvgrid.store.policy import LoadDeadline
+from kvgrid.store.prefetch import Queued
 
 if TYPE_CHECKING:
     from kvgrid.store.connector import StoreConnector
@@ -80,8 +80,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_room_waits = 0  # steps whose next admission waited for free G1 blocks
         self.store_loaded_tokens = 0
-        self._prefetched: weakref.WeakSet[Sequence] = weakref.WeakSet()  # prefetch started
+        # the waiting queue as last published to the store (_publish_queue)
+        self._published_at = 0.0
+        self._published_waiting = False
+        self._last_admit: float | None = None
+        self._admit_gap_s: float | None = None
         # step budget (see schedule): consecutive prefill-only steps of an admission burst,
         # and measured step times (EWMA, seconds) fed by the engine through observe_step
         self._burst_steps = 0
@@ -139,6 +144,10 @@ class Scheduler:
                 continue  # its token still in flight is its last (asynchronous scheduling)
             if seq.load_future is not None:
                 self._try_finish_load(seq)
+            if seq.kv_landing is not None and len(self.running) > 1 and not seq.kv_landing.landed():
+                # its prefix is still crossing to G1: a forward with it would hold every
+                # other request of the batch at its landing; it joins once landed
+                continue
             prefilling = _prefilling(seq)
             cap = min(budget, prefill_budget) if prefilling else budget
             n = min(self._compute_limit(seq) - seq.num_computed_tokens, cap)
@@ -212,16 +221,30 @@ class Scheduler:
             g = len(g1_hits)
             n_store = 0
             if self.loader is not None and self.bm.enable_prefix_caching:
-                n_store = self.connector.lookup(hit_keys, seq.tenant, g)
+                if self.bm.pending_evictions:
+                    # blocks the admissions before it evicted go down first: this one may
+                    # want them (a conversation's history, evicted by its neighbour)
+                    self._flush_evictions()
+                busy = len(self.running) + len(self.waiting) > 1  # others want the GPU
+                n_store = self.connector.lookup(hit_keys, seq.tenant, g, busy)
             n = min(seq.num_tokens - (g + n_store) * bs, budget)
             new_blocks = self.bm.blocks_needed((g + n_store) * bs + n) - g
             if new_blocks > self.bm.num_free_blocks - self.bm.num_revived(g1_hits):
-                break  # head-of-line: admit in arrival order only
+                # head-of-line: admit in arrival order only. A stored prefix waits for G1
+                # room like a recomputed one (a load is never given up for want of room)
+                self.num_room_waits += 1
+                break
             self.waiting.popleft()
+            self._note_admission()
             if self.connector is not None:
                 # once per admission, not per lookup: a request blocked at the head of the
                 # queue is looked up every step
                 self.connector.note_admitted(hit_keys)
+                if self.loader is not None and self.bm.enable_prefix_caching:
+                    self.connector.account_admission(seq.tenant, n_store)
+            seq.stored_from, seq.stored_to = g, g + n_store
+            if g + n_store:
+                seq.prospect = 1.0
             self.bm.take_cached(seq, g1_hits)
             fresh = self.bm.allocate(seq, new_blocks)
             seq.num_computed_tokens = g * bs
@@ -235,30 +258,54 @@ class Scheduler:
             if n > 0:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
-        if self.loader is not None and self.waiting:
-            self._prefetch_waiting()
+        if self.loader is not None:
+            self._publish_queue()
         return budget
 
     # ---- loads from the context store -----------------------------------------------------
 
-    _PREFETCH_SCAN = 16  # queued requests looked at per step (the queue can be long)
+    _QUEUE_SCAN = 16  # queued requests published per step (the queue can be long)
+    _PUBLISH_S = 0.01  # at most this often: the store plans on its own thread
 
-    def _prefetch_waiting(self) -> None:
-        """Queued requests' stored prefixes start coming up from G3/G4 into G2 now, so that at
-        admission their load is a host-to-device copy. Once per request."""
+    def _note_admission(self) -> None:
+        """Time between admissions while requests wait (EWMA): how soon the n-th queued
+        request is likely to start, whatever holds the queue (prefill work or full slots)."""
+        now = time.monotonic()
+        if self._last_admit is not None and self.waiting:
+            gap = now - self._last_admit
+            old = self._admit_gap_s
+            self._admit_gap_s = gap if old is None else 0.8 * old + 0.2 * gap
+        self._last_admit = now
+
+    def _publish_queue(self) -> None:
+        """Tell the store which stored prefixes the waiting requests will want and when the
+        GPU would start computing each (``kvgrid.store.prefetch``): it brings up from G3/G4
+        into G2 what can arrive before then, and keeps it there until admission. Whenever
+        the queue is re-evaluated, so a request whose blocks left G1 while it waited is
+        planned again."""
         if not self.bm.enable_prefix_caching:
             return
+        now = time.monotonic()
+        if not self.waiting and not self._published_waiting:
+            return
+        if self.waiting and now - self._published_at < self._PUBLISH_S:
+            return
+        self._published_at, self._published_waiting = now, bool(self.waiting)
         bs = self.bm.block_size
+        speed = self.connector.prefill_tokens_per_s
+        ahead = sum(s.num_tokens - s.num_computed_tokens - 1 for s in self.running)
+        queue = []
         for i, seq in enumerate(self.waiting):
-            if i >= self._PREFETCH_SCAN:
+            if i >= self._QUEUE_SCAN:
                 break
-            if seq in self._prefetched:
-                continue
-            self._prefetched.add(seq)
             keys = seq.block_keys((seq.num_tokens - 1) // bs)
-            rest = keys[len(self.bm.match_prefix(keys)) :]
-            if rest:
-                self.connector.prefetch(rest, seq.tenant)
+            g = len(self.bm.match_prefix(keys))
+            start = now + (ahead / speed if speed else 0.0)
+            if self._admit_gap_s is not None:
+                start = max(start, now + i * self._admit_gap_s)
+            queue.append(Queued(seq.tenant, tuple(keys[g:]), start))
+            ahead += seq.num_tokens - g * bs
+        self.connector.plan_queue(queue, bs / speed if speed else None)
 
     def wait_for_loads(self, timeout_s: float) -> bool:
         """Block until a running request's store load lands (at most ``timeout_s``); False if
@@ -301,13 +348,20 @@ class Scheduler:
         # the recomputed part must be done, and the loaded part landed
         if seq.num_computed_tokens < self._compute_limit(seq) or not seq.load_future.done():
             return
+        failed = False
         try:
             res = seq.load_future.result()
             loaded, seq.kv_landing = res.blocks, res.landing
         except Exception:
             log.exception("loading %d blocks from the store failed", seq.load_count)
-            loaded = 0
+            loaded, failed = 0, True
         seq.load_future = None
+        if loaded < seq.load_count:
+            ctl = seq.load_deadline
+            cut = not failed and ctl is not None and ctl.at is not None
+            cut = cut and time.monotonic() >= ctl.at
+            reason = "not_loaded_deadline" if cut else "not_loaded_error"
+            self.connector.store.ledger.count(reason, seq.load_count - loaded)
         if seq.status != SequenceStatus.RUNNING:
             return
         bs = self.bm.block_size
@@ -352,6 +406,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
+        self._keep_below(seq)
         self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -361,17 +416,32 @@ class Scheduler:
         out.preempted.append(seq)
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
 
+    def _keep_below(self, seq: Sequence) -> None:
+        """A request is preempted: what it has computed is kept. Its full blocks are named
+        now (with asynchronous scheduling the last step's are not yet) and handed to the
+        store, so they are safe below G1 and G1 gives them up first, before other requests'
+        blocks that nothing else holds. A request whose prefix is still landing from the
+        store keeps only what the engine named already."""
+        if seq.load_future is None and seq.kv_landing is None and self.bm.enable_prefix_caching:
+            full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.bm.block_size
+            self.bm.commit_full_blocks(seq, seq.block_keys(full))
+        if self.connector is not None:
+            self._save(self.bm.named_blocks(seq))
+
     def offload_cached(self) -> int:
-        """Write every cached G1 block to the store (at shutdown: G1 dies with the process,
-        the store's disk tiers do not). Returns how many blocks were offered."""
+        """Write every cached G1 block to the store, then what G2 holds to the disk tiers
+        within their capacity (at shutdown: G1 and G2 die with the process, the disk tiers
+        do not; disk admission is waived so a restart finds it all). Returns how many G1
+        blocks were offered."""
         if self.connector is None:
             return 0
         self._flush_evictions()
         blocks = self.bm.cached_blocks()
         step = max(1, self.connector.store.config.io_queue)
         for i in range(0, len(blocks), step):
-            self._save(blocks[i : i + step])
+            self._save(blocks[i : i + step], settle=True)
             self.connector.store.flush()  # the write queue is bounded: let it drain
+        self.connector.store.settle()
         return len(blocks)
 
     def _flush_evictions(self) -> None:
@@ -385,14 +455,20 @@ class Scheduler:
             if named and self.connector is not None:
                 self._save(named)
 
-    def _save(self, evicted: list) -> None:
+    def _save(self, named: list, settle: bool = False) -> None:
+        """Hand blocks down to the store; those still named in G1 (written through, kept at
+        preemption) are then known to be safe below it."""
         by_tenant: dict[bytes, list] = {}
-        for e in evicted:
+        for e in named:
             by_tenant.setdefault(e.tenant, []).append(e)
         for tenant, blocks in by_tenant.items():
-            self.connector.save(
+            safe = self.connector.save(
                 [b.key for b in blocks],
                 [b.parent_key for b in blocks],
                 tenant,
                 [b.block_id for b in blocks],
+                hints=[b.prospect for b in blocks],
+                settle=settle,
+                positions=[b.position for b in blocks],
             )
+            self.bm.mark_below([b for b, ok in zip(blocks, safe) if ok])

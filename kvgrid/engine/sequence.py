@@ -31,6 +31,8 @@ class Sequence:
         max_tokens: int,
         prompt: str | None = None,
         tenant: bytes = keys.PUBLIC_TENANT,
+        shared_tokens: int = 0,
+        shared_digest: bytes | None = None,
     ):
         self.request_id = request_id
         self.prompt = prompt
@@ -45,6 +47,10 @@ class Sequence:
         self.params = params
         self.scope_digest = scope_digest
         self.tenant = tenant
+        # leading prompt tokens of a prefix shared across tenants: their blocks are keyed in
+        # the public scope (shared_digest), the rest of the chain in the tenant's
+        self.shared_tokens = shared_tokens if shared_digest is not None else 0
+        self.shared_digest = shared_digest
         self.block_size = block_size
         self.max_tokens = max_tokens  # after capping to the context
         self.status = SequenceStatus.WAITING
@@ -55,6 +61,12 @@ class Sequence:
         # prompt tokens served from cache (G1 or the store) at first admission
         self.num_cached_tokens: int | None = None
         self.num_cached_tokens_g1 = 0
+        # blocks [stored_from, stored_to) were found in the context store at admission: once
+        # named in G1 they are known to be safe below it
+        self.stored_from = self.stored_to = 0
+        # reuse prospects of its blocks, for the store's write-down: 1 once it has reused a
+        # cached prefix (a context that comes back, such as a conversation's history)
+        self.prospect = 0.0
         # a load from the context store in flight: blocks [load_start_block, +load_count)
         self.load_future: Future | None = None
         self.load_start_block = 0
@@ -139,10 +151,12 @@ class Sequence:
                 raise RuntimeError(f"{self.request_id}: block keys over tokens not yet known")
             tokens = self.all_token_ids
             parent = self._keys[-1] if self._keys else None
-            self._keys += keys.block_keys(
+            self._keys += keys.block_keys_shared(
                 tokens[: num_blocks * self.block_size],
                 self.scope_digest,
                 self.block_size,
+                self.shared_tokens,
+                self.shared_digest or b"",
                 parent=parent,
                 start_block=len(self._keys),
             )

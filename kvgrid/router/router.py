@@ -58,6 +58,8 @@ class RouteRequest:
     # and num_tokens gives the prompt length.
     keys: list[bytes] | None = None
     num_tokens: int | None = None
+    # leading tokens of a prefix configured as shared across tenants (keys.block_keys_shared)
+    shared_prefix_tokens: int = 0
 
     @property
     def prompt_tokens(self) -> int:
@@ -75,6 +77,7 @@ class Decision:
     candidates: list[Candidate] = field(default_factory=list)
     decided_at: float = 0.0
     elapsed_s: float = 0.0  # time spent deciding (wall clock)
+    tenant: bytes = kvkeys.PUBLIC_TENANT  # whose request (never shown; /debug filters by it)
     prefill: PrefillPlan | None = None  # where the prompt is computed (with disaggregation)
 
     @property
@@ -360,6 +363,12 @@ class Router:
         for (digest, bs), members in groups.items():
             if req.keys is not None:
                 rkeys = req.keys
+            elif req.shared_prefix_tokens >= bs:
+                info0 = members[0][0].info
+                public = self._scope_digest(info0.scope, kvkeys.PUBLIC_TENANT)
+                rkeys = kvkeys.block_keys_shared(
+                    req.token_ids, digest, bs, req.shared_prefix_tokens, public
+                )
             else:
                 rkeys = kvkeys.block_keys(req.token_ids, digest, bs)
             overlaps = index.overlap(rkeys, self.recent.masks, stale_mask, within)
@@ -452,6 +461,7 @@ class Router:
             candidates=cands,
             decided_at=now,
             elapsed_s=time.perf_counter() - t0,
+            tenant=req.tenant,
             prefill=plan,
         )
         if not dry_run:

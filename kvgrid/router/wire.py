@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from kvgrid.events import AllCleared, BlockRemoved, BlockStored, EventBatch, KVEvent
+from kvgrid.events import TIERS, AllCleared, BlockRemoved, BlockStored, EventBatch, KVEvent
 
 TOPIC_KV = b"kv"
 TOPIC_LOAD = b"load"
@@ -42,15 +42,40 @@ def _encode_event(ev: KVEvent) -> list:
     raise TypeError(f"not a KV event: {ev!r}")
 
 
+def _int(x: Any, what: str) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+        raise WireError(f"{what} is {x!r}, not a non-negative integer")
+    return x
+
+
+def _tier(x: Any, none_ok: bool = False) -> str | None:
+    if (x is None and none_ok) or x in TIERS:
+        return x
+    raise WireError(f"unknown tier {x!r}")
+
+
+def _keys(x: Any) -> tuple[bytes, ...]:
+    if not isinstance(x, (list, tuple)) or not all(isinstance(k, bytes) for k in x):
+        raise WireError("block keys must be a list of byte strings")
+    return tuple(x)
+
+
 def _decode_event(raw: list) -> KVEvent:
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise WireError(f"a KV event is a non-empty array, not {type(raw).__name__}")
     tag = raw[0]
+    n = {_STORED: 5, _REMOVED: 3, _CLEARED: 2}.get(tag)
+    if n is None:
+        raise WireError(f"unknown KV event tag {tag!r}")
+    if len(raw) != n:
+        raise WireError(f"KV event {tag} has {len(raw)} fields, not {n}")
     if tag == _STORED:
-        return BlockStored(tuple(raw[1]), raw[2], raw[3], raw[4])
+        if raw[2] is not None and not isinstance(raw[2], bytes):
+            raise WireError("a parent key is bytes or nil")
+        return BlockStored(_keys(raw[1]), raw[2], _tier(raw[3]), _int(raw[4], "token_count"))
     if tag == _REMOVED:
-        return BlockRemoved(tuple(raw[1]), raw[2])
-    if tag == _CLEARED:
-        return AllCleared(raw[1])
-    raise WireError(f"unknown KV event tag {tag!r}")
+        return BlockRemoved(_keys(raw[1]), _tier(raw[2]))
+    return AllCleared(_tier(raw[1], none_ok=True))
 
 
 def encode_batch(batch: EventBatch, epoch: str = "") -> bytes:
@@ -70,7 +95,14 @@ def decode_batch(payload: bytes) -> tuple[EventBatch, str]:
     """(batch, epoch) from a ``kv`` payload."""
     try:
         worker_id, epoch, seq, ts, events = msgpack.unpackb(payload, raw=False)
-        return EventBatch(worker_id, seq, ts, [_decode_event(e) for e in events]), epoch
+        if not isinstance(worker_id, str) or not isinstance(epoch, str):
+            raise WireError("worker id and epoch must be strings")
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+            raise WireError(f"timestamp is {ts!r}")
+        if not isinstance(events, (list, tuple)):
+            raise WireError("events must be an array")
+        batch = EventBatch(worker_id, _int(seq, "seq"), ts, [_decode_event(e) for e in events])
+        return batch, epoch
     except WireError:
         raise
     except Exception as e:  # malformed bytes from the network: one clear error type
@@ -86,9 +118,34 @@ def decode_load(payload: bytes) -> dict[str, Any]:
         report = msgpack.unpackb(payload, raw=False)
     except Exception as e:
         raise WireError(f"bad load report: {e}") from e
-    if not isinstance(report, dict) or "worker_id" not in report:
+    if not isinstance(report, dict) or not isinstance(report.get("worker_id"), str):
         raise WireError("load report must be a map with a worker_id")
+    for name, value in report.items():
+        if name not in _LOAD_NUMBERS or value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise WireError(f"load report field {name} is {value!r}")
+    bw = report.get("tier_bytes_per_s", {})
+    if not isinstance(bw, dict) or not all(
+        k in TIERS and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        for k, v in bw.items()
+    ):
+        raise WireError("tier_bytes_per_s must map tier names to positive numbers")
+    if not isinstance(report.get("epoch", ""), str):
+        raise WireError("epoch must be a string")
     return report
+
+
+# numeric fields of a load report (kvgrid.router.workers.WorkerLoad): routing does arithmetic
+# on them, so a wrong type must stop at the wire, not inside a decision
+_LOAD_NUMBERS = frozenset(
+    {
+        "kv_seq", "num_running", "num_waiting", "waiting_prefill_tokens", "kv_usage",
+        "num_kv_blocks", "prefill_tokens_per_s", "decode_step_s", "prefix_cache_queries",
+        "prefix_cache_hits", "prompt_tokens", "generation_tokens", "num_preemptions",
+        "timestamp",
+    }
+)  # fmt: skip
 
 
 def encode_snapshot(worker_id: str, epoch: str, seq: int, tiers: dict[str, list[bytes]]) -> bytes:

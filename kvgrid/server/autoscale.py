@@ -7,6 +7,14 @@ tokens as clients saw them, and the queues from the workers' load reports. It ac
 the router when its engine is up); "drain" makes the router send nothing new there, waits
 until the requests in flight on it have finished, then stops the process and forgets it.
 An operator can also resize the pool at once (``POST /admin/scale``).
+
+The planner models the workers from what this router measures (``observed_calibration``:
+the prefill speed and decode step time in their load reports, their KV capacity, the time a
+started worker took to join), refreshed every interval; it decides nothing until a worker
+has measured itself. Engines measure their prefill speed only on long enough prefills, so
+while none has, the autoscaler runs a calibration request of its own on a worker (a prompt
+long enough, a few decode steps). A calibration file (``--calibration``, this machine's
+measured step times) replaces all that; never a model of another machine.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,11 +31,14 @@ from typing import TYPE_CHECKING, Any
 from kvgrid.bench.planner import (
     ObservationWindow,
     Planner,
+    PlannerConfig,
     PoolState,
     ReplicaView,
     ScaleAction,
     apply_actions,
+    resize_actions,
 )
+from kvgrid.bench.sim.calibration import Calibration
 
 if TYPE_CHECKING:
     from kvgrid.server.frontend import Frontend
@@ -43,6 +55,7 @@ class Replica:
     url: str
     slot: int  # the supervisor's process slot
     started_at: float
+    joined_at: float | None = None  # first seen up by the router
     draining_since: float | None = None
     inflight_at_drain: int = 0  # requests it still had to finish when the drain began
     stopped_at: float | None = None
@@ -55,12 +68,12 @@ class LiveActuator:
         self,
         fe: Frontend,
         supervisor: Supervisor,
-        argv_for: Callable[[str, int], tuple[list[str], str]],
+        argv_for: Callable[[str, int], tuple[list[str], dict[str, str] | None, str]],
         max_workers: int,
         drain_timeout_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``argv_for(worker_id, index) -> (argv, url)`` builds a new worker's command."""
+        """``argv_for(worker_id, index) -> (argv, env, url)`` builds a new worker's command."""
         self.fe, self.sup, self.argv_for = fe, supervisor, argv_for
         self.max_workers = max_workers
         self.drain_timeout_s = drain_timeout_s
@@ -85,6 +98,8 @@ class LiveActuator:
         for r in self.replicas.values():
             w = self.fe.router.workers.get(r.worker_id)
             up = w is not None and w.up
+            if up and r.joined_at is None:
+                r.joined_at = now
             views.append(
                 ReplicaView(
                     r.worker_id,
@@ -104,8 +119,8 @@ class LiveActuator:
         for _ in range(max(0, count)):
             wid = f"w{self._next}"
             self._next += 1
-            argv, url = self.argv_for(wid, self._next - 1)
-            slot = self.sup.add(argv)
+            argv, env, url = self.argv_for(wid, self._next - 1)
+            slot = self.sup.add(argv, env)
             self.fe.link.add_url(url)
             self.replicas[wid] = Replica(wid, url, slot, now)
             log.info("autoscale: started worker %s (%s)", wid, url)
@@ -173,24 +188,65 @@ class LiveActuator:
                 await t
 
 
+CALIBRATION_PROMPT = list(range(1000, 1000 + 320))  # one prefill step long enough to time
+CALIBRATION_EVERY_S = 30.0
+
+
+def observed_calibration(act: LiveActuator, default_startup_s: float = 30.0) -> Calibration | None:
+    """The planner's engine model from what the router measures of the workers it has: the
+    median prefill speed and decode step time of their load reports, their KV capacity, and
+    the time started workers took to join. None until a worker has measured itself."""
+    ups = [
+        w
+        for w in act.fe.router.workers.values()
+        if w.up and w.load.prefill_tokens_per_s and w.load.decode_step_s
+    ]
+    if not ups:
+        return None
+    info = ups[0].info
+    bs = info.block_size
+    joins = [r.joined_at - r.started_at for r in act.replicas.values() if r.joined_at is not None]
+    return Calibration(
+        step_fixed_s=0.0,  # the measured speed is per token of whole steps: fixed cost in it
+        per_token_s=1.0 / statistics.median(w.load.prefill_tokens_per_s for w in ups),
+        attn_s=0.0,
+        decode_fixed_s=statistics.median(w.load.decode_step_s for w in ups),
+        decode_per_seq_s=0.0,
+        decode_per_kv_token_s=0.0,
+        kv_bytes_per_token=max(1, info.bytes_per_block // bs),
+        kv_capacity_tokens=int(statistics.median(w.load.num_kv_blocks for w in ups)) * bs,
+        max_num_batched_tokens=info.max_num_batched_tokens,
+        max_num_seqs=256,
+        startup_s=statistics.median(joins) if joins else default_startup_s,
+        meta={"measured": True, "source": "router load reports", "workers": len(ups)},
+    )
+
+
 class Autoscaler:
     """The planner loop of a live server, and the operator's resize."""
 
     def __init__(
         self,
         actuator: LiveActuator,
-        planner: Planner,
+        planner: Planner | PlannerConfig,
         interval_s: float = 10.0,
         enabled: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.actuator, self.planner = actuator, planner
+        """``planner``: a Planner with its own calibration (a measured file), or the
+        config of one whose engine model is ``observed_calibration``, refreshed each tick."""
+        self.actuator = actuator
+        self.measured = isinstance(planner, PlannerConfig)
+        self.planner_config = planner if self.measured else planner.cfg
+        self.planner: Planner | None = None if self.measured else planner
         self.interval_s = interval_s
         self.enabled = enabled  # False: only operator resizes, no planner decisions
         self.clock = clock
         self.window = ObservationWindow(clock())
         self.actions: list[dict[str, Any]] = []
         self._task: asyncio.Task | None = None
+        self._probed: dict[str, float] = {}  # worker -> when it last got a calibration request
+        self._probes: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self.window = ObservationWindow(self.clock())
@@ -198,10 +254,11 @@ class Autoscaler:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for t in [self._task, *self._probes]:
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
         await self.actuator.close()
 
     async def _run(self) -> None:
@@ -212,6 +269,60 @@ class Autoscaler:
             except Exception:  # a planner bug must not take the server down with it
                 log.exception("autoscale: planner tick failed")
 
+    def _calibrate(self, now: float) -> bool:
+        if not self.measured:
+            return True
+        self.actuator.pool_states(now)  # notes when started workers joined
+        cal = observed_calibration(self.actuator)
+        if cal is None:
+            self._calibration_request(now)
+            return False
+        if self.planner is None:
+            self.planner = Planner(self.planner_config, cal)
+            log.info(
+                "autoscale: planning from measured speeds: %.0f prefill tok/s, %.3fs decode step",
+                1 / cal.per_token_s,
+                cal.decode_fixed_s,
+            )
+        else:
+            self.planner.recalibrate(cal)
+        return True
+
+    def _calibration_request(self, now: float) -> None:
+        """No worker has measured itself: have one measure (a long enough prefill, then a
+        few decode steps), at most every CALIBRATION_EVERY_S per worker."""
+        fe = self.actuator.fe
+        ups = [w for w in fe.router.workers.values() if w.up and not w.draining]
+        if not ups or fe.link.client is None:
+            return
+        w = min(ups, key=lambda w: self._probed.get(w.worker_id, float("-inf")))
+        if now - self._probed.get(w.worker_id, float("-inf")) < CALIBRATION_EVERY_S:
+            return
+        self._probed[w.worker_id] = now
+        body = {
+            "request_id": f"calibrate-{w.worker_id}-{int(now * 1000)}",
+            "prompt_token_ids": CALIBRATION_PROMPT,
+            "params": {"max_tokens": 8, "ignore_eos": True, "temperature": 0.0},
+            "tenant": "",
+        }
+
+        async def run() -> None:
+            try:
+                r = await fe.link.client.post(
+                    f"{w.info.url}/generate",
+                    json=body,
+                    headers=fe.link.headers(w.worker_id),
+                    timeout=120.0,
+                )
+                r.raise_for_status()
+                log.info("autoscale: ran a calibration request on %s", w.worker_id)
+            except Exception as e:  # the next interval tries again (another worker, maybe)
+                log.warning("autoscale: calibration request on %s failed: %r", w.worker_id, e)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
     def tick(self, now: float) -> list[ScaleAction]:
         ups = [w for w in self.actuator.fe.router.workers.values() if w.up]
         obs = self.window.close(
@@ -220,14 +331,20 @@ class Autoscaler:
             waiting_prefill_tokens=sum(w.load.waiting_prefill_tokens for w in ups),
             running_requests=sum(w.load.num_running for w in ups),
         )
+        if not self._calibrate(now):
+            return []  # no worker has measured itself yet: nothing to plan with
         acts = self.planner.step(now, obs, self.actuator)
         self._record(now, acts, "planner")
         return acts
 
     def resize(self, n: int) -> list[ScaleAction]:
+        """Bring the pool to ``n`` serving workers; ValueError (the caller's 400) outside
+        1..max_workers: a request for 99 workers is a mistake to report, not to clamp."""
+        hi = self.actuator.max_workers
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= hi:
+            raise ValueError(f"workers must be an integer from 1 to {hi} (--max-workers): {n!r}")
         now = self.clock()
-        n = max(1, min(self.actuator.max_workers, n))
-        acts = self.planner.resize(self.actuator.pool_states(now), POOL, n)
+        acts = resize_actions(self.actuator.pool_states(now), POOL, n)
         apply_actions(acts, self.actuator, now)
         self._record(now, acts, "operator")
         return acts
@@ -251,8 +368,10 @@ class Autoscaler:
     def state(self) -> dict[str, Any]:
         act = self.actuator
         router = act.fe.router
+        cal = self.planner.calib if self.planner is not None else None
         return {
             "planner": self.enabled,
+            "calibration": cal.to_dict() if cal is not None else None,
             "interval_s": self.interval_s,
             "max_workers": act.max_workers,
             "workers": {

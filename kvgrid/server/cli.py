@@ -1,8 +1,20 @@
-"""`kvgrid serve`, `kvgrid worker`, `kvgrid router` and `kvgrid bench-router`."""
+"""`kvgrid serve`, `kvgrid worker`, `kvgrid router`, `kvgrid control-key` and
+`kvgrid bench-router`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def _control_key_arg(p: argparse.ArgumentParser, who: str) -> None:
+    p.add_argument(
+        "--control-key-file",
+        default=None,
+        metavar="FILE",
+        help=f"{who} (mode 0600; or env KVGRID_CONTROL_KEY_FILE, or the key itself in "
+        "KVGRID_CONTROL_KEY); `kvgrid control-key new` makes one",
+    )
 
 
 def _frontend_args(p: argparse.ArgumentParser) -> None:
@@ -15,6 +27,17 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
         help="address to bind (default 127.0.0.1; 0.0.0.0 when API keys are set)",
     )
     g.add_argument("--port", type=int, default=8000)
+    g.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="serve beyond loopback without API keys (anyone who reaches it may use it)",
+    )
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a worker's heartbeat before it is marked down",
+    )
     g.add_argument(
         "--policy",
         default=DEFAULT_POLICY,
@@ -86,7 +109,8 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="JSON",
         help="engine step times the planner models workers with (kvgrid.bench.sim format; "
-        "measure this machine's with `python -m kvgrid.bench.sim_vs_live calibrate`)",
+        "measure this machine's with `python -m kvgrid.bench.sim_vs_live calibrate`); "
+        "default: the speeds the workers measure and report",
     )
     g.add_argument(
         "--worker-startup-s",
@@ -137,11 +161,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="torch threads per worker (default: cores / max workers)",
     )
     _autoscale_args(p)
+    _control_key_arg(p, "cluster control key (default: one generated for this run)")
     add_engine_args(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("worker", help="one engine worker (internal HTTP API + KV events)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (keep it private)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (anything beyond loopback needs a control key)",
+    )
     p.add_argument("--port", type=int, default=8100)
     p.add_argument(
         "--advertise-url",
@@ -154,6 +183,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="ZeroMQ PUB port for KV events (default: any free port)",
+    )
+    p.add_argument(
+        "--advertise-events",
+        default=None,
+        metavar="tcp://HOST:PORT",
+        help="event stream address routers connect to (default: the advertise URL's host "
+        "and the events port)",
     )
     p.add_argument(
         "--router", default=None, metavar="URL", help="announce this worker to a router at URL"
@@ -172,7 +208,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="TCP port KV transfers from prefill workers arrive on (default: any free port)",
     )
+    p.add_argument(
+        "--advertise-transfers",
+        default=None,
+        metavar="HOST:PORT",
+        help="address prefill workers send KV transfers to (default: the advertise URL's "
+        "host and the transfer port)",
+    )
     _worker_transfer_args(p)
+    _control_key_arg(p, "this worker's key, or the cluster key")
     add_engine_args(p)
     p.set_defaults(func=_worker)
 
@@ -189,7 +233,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", default=None, help="model whose tokenizer to use (default: the embedded default)"
     )
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    _control_key_arg(p, "cluster control key")
     p.set_defaults(func=_router)
+
+    p = sub.add_parser("control-key", help="make control-plane keys (router and workers)")
+    ksub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    k = ksub.add_parser("new", help="a new cluster key (for routers, or workers)")
+    k.add_argument("--out", required=True, metavar="FILE", help="written with mode 0600")
+    k.set_defaults(func=_control_key)
+    k = ksub.add_parser("worker", help="one worker's key, derived from the cluster key")
+    k.add_argument("worker_id")
+    k.add_argument("--cluster", required=True, metavar="FILE", help="the cluster key file")
+    k.add_argument("--out", required=True, metavar="FILE", help="written with mode 0600")
+    k.set_defaults(func=_control_key)
 
     p = sub.add_parser("bench-router", help="router alone: decision latency and index update rate")
     p.add_argument("--workers", type=int, default=64)
@@ -217,6 +273,26 @@ def _router(args: argparse.Namespace) -> int:
     from kvgrid.server.serve import run_router
 
     return run_router(args)
+
+
+def _control_key(args: argparse.Namespace) -> int:
+    from kvgrid.server.auth import ControlKey, CredentialError, load_control_key, write_secret_file
+
+    try:
+        if args.action == "new":
+            key = ControlKey.generate()
+        else:
+            cluster = load_control_key(args.cluster)
+            if cluster is None or not cluster.is_cluster:
+                raise CredentialError(f"{args.cluster} does not hold a cluster key")
+            key = cluster.for_worker(args.worker_id)
+        if not write_secret_file(args.out, key.dumps() + "\n"):
+            raise CredentialError(f"{args.out} exists; not overwriting it")
+    except (CredentialError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -3,9 +3,12 @@
 The engine is not thread-safe and one step can take a long time on a CPU, so HTTP handlers
 never touch it: they queue commands (add, abort, snapshot) with a future for the answer, and
 receive outputs through their asyncio queue. After each step the thread publishes the step's
-KV events as one numbered batch, and every ``load_interval_s`` a load report, both through
-the publisher it owns (ZeroMQ sockets are not thread-safe either). It keeps a mirror of the
-keys it announced, per tier, so a snapshot is exactly consistent with the last sequence number.
+KV events as one numbered batch and refreshes its load report. The heartbeat (the load report
+every ``load_interval_s``) runs on a thread of its own: one step of a long prefill on a CPU
+can take longer than the router's heartbeat timeout, and a busy worker is not a dead one. It
+stops when the engine thread dies, so that the router marks the worker down. It keeps a
+mirror of the keys it announced, per tier, so a snapshot is exactly consistent with the last
+sequence number.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ class EngineLoop(threading.Thread):
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._stopping = threading.Event()
-        self._last_load = 0.0
+        self._last_load = float("-inf")
+        self._report: dict | None = None  # the latest load report, refreshed by the engine
+        self._beat = threading.Thread(target=self._heartbeat, name=f"beat-{worker_id}", daemon=True)
         self.failed: BaseException | None = None
         # called on this thread after every turn of the loop (a KV transfer's sender
         # collects the blocks the step named); exceptions are logged, never fatal
@@ -67,10 +72,18 @@ class EngineLoop(threading.Thread):
         return await asyncio.wrap_future(self.submit(fn))
 
     async def add_request(
-        self, request_id: str, prompt: list[int], params, tenant: bytes, sink: Sink
+        self,
+        request_id: str,
+        prompt: list[int],
+        params,
+        tenant: bytes,
+        sink: Sink,
+        shared_prefix_tokens: int = 0,
     ) -> None:
         def add() -> None:
-            self.engine.add_request(request_id, prompt, params, tenant=tenant)
+            self.engine.add_request(
+                request_id, prompt, params, tenant=tenant, shared_prefix_tokens=shared_prefix_tokens
+            )
             self._sinks[request_id] = sink
 
         await self.call(add)
@@ -87,6 +100,10 @@ class EngineLoop(threading.Thread):
             lambda: (self.seq, {t: list(self.mirror[i]) for i, t in enumerate(TIERS)})
         )
 
+    def start(self) -> None:
+        super().start()
+        self._beat.start()
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop after the current step and wait for it: whoever closes the publisher and the
         engine next must not race a step still running on this thread."""
@@ -94,11 +111,14 @@ class EngineLoop(threading.Thread):
         self._cmds.put((lambda: None, Future()))
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout_s)
+        if self._beat.is_alive() and threading.current_thread() is not self._beat:
+            self._beat.join(timeout_s)
 
     # ---- the thread ----------------------------------------------------------------------
 
     def run(self) -> None:
         try:
+            self._refresh_report()  # the heartbeat has something to send from the start
             self.engine.warm_thread()  # requests queue meanwhile; the first is not delayed
             while not self._stopping.is_set():
                 busy = self.engine.has_unfinished_requests()
@@ -116,7 +136,7 @@ class EngineLoop(threading.Thread):
                         hook()
                     except Exception:
                         log.exception("after-step hook failed")
-                self._maybe_publish_load()
+                self._refresh_report()
         except BaseException as e:  # the engine broke: fail every stream, then stop
             log.exception("engine loop failed")
             self.failed = e
@@ -186,10 +206,24 @@ class EngineLoop(threading.Thread):
             report.update(extra())
         return report
 
-    def _maybe_publish_load(self) -> None:
+    def _refresh_report(self) -> None:
         now = time.monotonic()
-        if now - self._last_load < self.load_interval_s:
+        if now - self._last_load < self.load_interval_s / 2:
             return
         self._last_load = now
-        if self.publish_load is not None:
-            self.publish_load(self.load_report())
+        self._report = self.load_report()
+
+    def _heartbeat(self) -> None:
+        """The load report every ``load_interval_s``, whatever the engine thread is doing;
+        ``kv_seq`` is the seq of the engine's last published batch (the publisher's to set
+        under its lock, so that a report never runs ahead of the batches it counts)."""
+        while not self._stopping.wait(self.load_interval_s):
+            if self.failed is not None or not self.is_alive():
+                return  # a dead engine must look dead to the router
+            report = self._report
+            if report is None or self.publish_load is None:
+                continue
+            try:
+                self.publish_load({**report, "timestamp": time.time()})
+            except Exception:
+                log.exception("heartbeat: publishing the load report failed")

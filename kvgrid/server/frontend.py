@@ -5,13 +5,16 @@
     GET  /debug/route?prompt=...  (or POST with a completion body): explain a decision, dry run
     GET  /debug/decisions         the last decisions with every candidate's numbers
     GET  /debug/router            workers, freshness, load, counters
-    POST /internal/workers        {"url": ...}: a worker announces itself
+    POST /internal/workers        {"url", "worker_id"}: a worker announces itself
     GET  /admin/scale             `kvgrid serve` scaling: workers, draining, actions
     POST /admin/scale             {"workers": N} resize now, or {"drain": "w1"}
 
 A request: authenticate (API key -> tenant), parse and validate, tokenize (the router
 needs the tokens for block keys, and the worker then receives exactly those tokens), wait
 for a fair admission slot, route, stream from the worker. Errors use OpenAI's shape.
+
+/v1 needs an API key when keys are configured; who may call the operator routes is in
+kvgrid.server.operator; a request's life after it reached a worker in kvgrid.server.run.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse, Response
 
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router.disagg import DisaggConfig
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
+from kvgrid.server import auth
 from kvgrid.server.disagg import remote_spec, start_prefill
 from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
+from kvgrid.server.operator import add_operator_routes
 from kvgrid.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -44,6 +48,7 @@ from kvgrid.server.protocol import (
     check_max_tokens,
     parse_request,
 )
+from kvgrid.server.run import RequestRun, RunResponse, WorkerLost
 from kvgrid.server.tenants import FairScheduler, QueueFull, Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -52,16 +57,14 @@ decision_log = logging.getLogger("kvgrid.router.decisions")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
-class WorkerLost(Exception):
-    """The worker serving a stream went away after output had been sent."""
-
-
 @dataclass
 class FrontendConfig:
     model_name: str = DEFAULT_MODEL_NAME
     tokenizer: Any = None  # kvgrid.models.tokenizer.Tokenizer, None: token-id prompts only
     max_retries: int = 2  # other workers tried when one refuses the connection
     log_decisions: bool = False
+    public: bool = False  # bound beyond loopback: operator views need the admin token
+    scope_id: str = ""  # fingerprint of the server secret (tenants.scope_id)
 
 
 class Frontend:
@@ -75,10 +78,19 @@ class Frontend:
     ) -> None:
         self.router, self.link, self.tenants, self.scheduler = router, link, tenants, scheduler
         self.config = config
-        self.metrics = FrontendMetrics(router, config.model_name)
+        self.metrics = FrontendMetrics(router, config.model_name, link)
         # kvgrid.server.autoscale.Autoscaler when `kvgrid serve` may scale its workers
         self.autoscaler: Any = None
         self.background: set[asyncio.Task] = set()  # remote prefills in flight
+        self.bind_host = "127.0.0.1"  # set by the command that serves it
+        # token ids of the prefixes tenants may share (tenants.TenantRegistry.shared_prefixes)
+        self.shared_prefixes: list[list[int]] = []
+        if tenants.shared_prefixes and config.tokenizer is not None:
+            tok = config.tokenizer
+            for p in tenants.shared_prefixes:
+                text = tok.apply_chat_template(p, add_generation_prompt=False) if isinstance(
+                    p, list) else p  # fmt: skip
+                self.shared_prefixes.append(tok.encode(text, add_special_tokens=False))
 
     # ---- request preparation -------------------------------------------------------------
 
@@ -91,6 +103,34 @@ class Frontend:
                 code="invalid_api_key",
             )
         return tenant
+
+    def is_admin(self, request: Request) -> bool:
+        """The admin token, or (no token, no API keys, loopback) the machine's one user."""
+        if auth.admin_token():
+            return auth.check_admin(request.headers.get("authorization"))
+        return not (self.tenants.auth_required or self.config.public)
+
+    def require_admin(self, request: Request, what: str) -> None:
+        if self.is_admin(request):
+            return
+        if auth.admin_token():
+            raise APIError(401, f"{what} needs 'Authorization: Bearer <admin token>'")
+        raise APIError(403, f"{what} needs the admin token: set {auth.ENV_ADMIN} on the server")
+
+    def shared_prefix_tokens(self, tenant: Tenant, tokens: list[int]) -> int:
+        """Leading tokens of ``tokens`` inside a configured shared prefix (0: none): the
+        longest common start with any of them, so a prompt that merely begins like one
+        shares only what it has in common with it."""
+        if not tenant.shares_prefixes:
+            return 0
+        best = 0
+        for p in self.shared_prefixes:
+            n = min(len(p), len(tokens))
+            i = 0
+            while i < n and p[i] == tokens[i]:
+                i += 1
+            best = max(best, i)
+        return best
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.model_name:
@@ -134,19 +174,25 @@ class Frontend:
     ) -> tuple[Decision, httpx.Response]:
         """Route and start the request on a worker, trying others if one is unreachable."""
         tried: list[str] = []
+        shared = self.shared_prefix_tokens(tenant, tokens)
         body = {
             "request_id": rid,
             "prompt_token_ids": tokens,
             "params": asdict(params),
             "tenant": tenant.scope.hex(),
+            "scope_id": self.config.scope_id,
+            "shared_prefix_tokens": shared,
         }
         for _ in range(self.config.max_retries + 1):
             try:
                 d = self.router.route(
-                    RouteRequest(rid, tokens, tenant.scope, self.config.model_name),
+                    RouteRequest(
+                        rid, tokens, tenant.scope, self.config.model_name,
+                        shared_prefix_tokens=shared,
+                    ),
                     time.monotonic(),
                     exclude=tried,
-                )
+                )  # fmt: skip
             except NoWorkerError as e:
                 raise APIError(503, f"no worker available: {e}") from None
             self.metrics.decision.observe(d.elapsed_s)
@@ -157,31 +203,53 @@ class Frontend:
             if d.prefill is not None:
                 where = "remote" if d.remote_prefill else "local"
                 self.metrics.prefill_decisions.labels(where, d.prefill.reason).inc()
-            spec = remote_spec(d) if d.remote_prefill else None
+            spec, ticket = remote_spec(d, self.link.key) if d.remote_prefill else (None, b"")
             url = self.link.url(d.worker_id)
             req = self.link.client.build_request(
-                "POST", f"{url}/generate", json={**body, "remote_prefill": spec}
+                "POST",
+                f"{url}/generate",
+                json={**body, "remote_prefill": spec},
+                headers=self.link.headers(d.worker_id),
             )
             try:
                 resp = await self.link.client.send(req, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
+            except httpx.PoolTimeout:
+                # our own connection pool is full: not the worker's fault
                 self._unroute(rid, d)
-                self.link.mark_down(d.worker_id, f"connect failed: {e!r}")
+                raise APIError(503, "the router is overloaded; retry later") from None
+            except httpx.TransportError as e:
+                # refused, reset, timed out or broke before a response: that worker failed,
+                # and nothing has been generated yet, so another may take the request
+                self._unroute(rid, d)
+                self.link.mark_down(d.worker_id, f"request failed: {e!r}")
                 tried.append(d.worker_id)
                 continue
+            except BaseException:
+                self._unroute(rid, d)
+                raise
             if resp.status_code == 200:
                 if spec is not None:  # the decode worker expects the KV: now compute it
-                    start_prefill(self, d, rid, tokens, tenant.scope, spec)
+                    start_prefill(self, d, body, spec, ticket)
                 return d, resp
-            text = (await resp.aread()).decode(errors="replace")
-            await resp.aclose()
-            self._unroute(rid, d)
+            try:
+                text = (await resp.aread()).decode(errors="replace")
+            except httpx.HTTPError as e:
+                text = f"its answer broke off: {e!r}"
+            finally:
+                await resp.aclose()
+                self._unroute(rid, d)
             try:
                 msg = json.loads(text).get("error", text)
-            except ValueError:
+            except (ValueError, AttributeError):
                 msg = text
             if resp.status_code == 400:
                 raise APIError(400, msg)
+            if resp.status_code in (401, 403, 409):
+                # the worker does not take this router's requests (credential, scopes)
+                log.error("worker %s refused a request: %s", d.worker_id, msg)
+                self.link.mark_down(d.worker_id, f"refused this router ({resp.status_code})")
+                tried.append(d.worker_id)
+                continue
             raise APIError(502, f"worker {d.worker_id} failed: {msg}")
         raise APIError(503, f"no worker reachable (tried {', '.join(tried)})")
 
@@ -212,7 +280,9 @@ class Frontend:
         async def _abort():
             with contextlib.suppress(httpx.HTTPError, KeyError):
                 await self.link.client.post(
-                    f"{self.link.url(d.worker_id)}/abort/{rid}", timeout=5.0
+                    f"{self.link.url(d.worker_id)}/abort/{rid}",
+                    headers=self.link.headers(d.worker_id),
+                    timeout=5.0,
                 )
 
         asyncio.get_running_loop().create_task(_abort())
@@ -258,7 +328,14 @@ class Frontend:
             self.scheduler.release(tenant.name)
             self.metrics.errors.labels(self.config.model_name, str(e.status)).inc()
             return e.response()
-        run = _Run(self, rid, chat, req, tokens, tenant, d, resp, t_arrival)
+        except BaseException as e:  # a bug or a cancellation: the slot goes back all the same
+            self.scheduler.release(tenant.name)
+            self.metrics.errors.labels(self.config.model_name, "500").inc()
+            if not isinstance(e, Exception):
+                raise
+            log.exception("request %s failed before reaching a worker", rid)
+            return APIError(500, "internal error before the request reached a worker").response()
+        run = RequestRun(self, rid, chat, req, tokens, tenant, d, resp, t_arrival)
         headers = {
             "x-request-id": rid,
             "x-kvgrid-worker": d.worker_id,
@@ -267,191 +344,8 @@ class Frontend:
         if d.remote_prefill:
             headers["x-kvgrid-prefill-worker"] = d.prefill.worker_id
         if req.stream:
-            return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
+            return RunResponse(run, headers)
         return await run.whole(request, headers)
-
-
-class _Run:
-    """One request after it reached a worker: turns worker deltas into OpenAI responses and
-    does the bookkeeping (router, fair queue, metrics) exactly once."""
-
-    def __init__(self, fe: Frontend, rid, chat, req, tokens, tenant, d, resp, t_arrival):
-        self.fe, self.rid, self.chat, self.req, self.tokens = fe, rid, chat, req, tokens
-        self.tenant, self.d, self.resp, self.t_arrival = tenant, d, resp, t_arrival
-        self.created = int(time.time())
-        self.text: list[str] = []
-        self.ids: list[int] = []
-        self.final: dict | None = None
-        self._first = self._last = None
-        self._closed = False
-
-    async def _iterate(self):
-        m = self.fe.metrics
-        model = self.fe.config.model_name
-        async for msg in self.fe.deltas(self.d, self.resp):
-            now = time.monotonic()
-            if msg.get("ids"):
-                if self._first is None:
-                    self._first = now
-                    m.ttft.labels(model).observe(now - self.t_arrival)
-                    if self.fe.autoscaler is not None:
-                        self.fe.autoscaler.window.first_token(now - self.t_arrival)
-                    self.fe.router.on_first_token(self.rid, now)
-                elif self._last is not None:
-                    m.itl.labels(model).observe(now - self._last)
-                self._last = now
-            self.text.append(msg.get("text", ""))
-            self.ids.extend(msg.get("ids", ()))
-            if "finish_reason" in msg:
-                self.final = msg
-            yield msg
-
-    def usage(self) -> dict:
-        f = self.final or {}
-        prompt = f.get("prompt_tokens", len(self.tokens))
-        completion = f.get("completion_tokens", len(self.ids))
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": f.get("cached_tokens", 0)},
-        }
-
-    def close(self, error_status: int | None = None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        fe, m, model = self.fe, self.fe.metrics, self.fe.config.model_name
-        now = time.monotonic()
-        fe.router.on_finish(self.rid, now, self.ids if self.final else None)
-        fe.scheduler.release(self.tenant.name)
-        if error_status is not None:
-            m.errors.labels(model, str(error_status)).inc()
-            return
-        if self.final is None:  # client went away
-            m.success.labels(model, "abort").inc()
-            return
-        u = self.usage()
-        m.e2e.labels(model).observe(now - self.t_arrival)
-        n_out = u["completion_tokens"]
-        if fe.autoscaler is not None and n_out > 1 and self._first is not None:
-            fe.autoscaler.window.finished((self._last - self._first) / (n_out - 1))
-        m.prompt_tokens.labels(model).inc(u["prompt_tokens"])
-        m.generation_tokens.labels(model).inc(u["completion_tokens"])
-        m.prompt_hist.labels(model).observe(u["prompt_tokens"])
-        m.gen_hist.labels(model).observe(u["completion_tokens"])
-        cached = u["prompt_tokens_details"]["cached_tokens"]
-        m.cached_tokens.labels(model).inc(cached)
-        t = self.final.get("transfer")
-        if t:
-            m.transfers.labels(t.get("outcome") or "unknown").inc()
-            m.transfer_bytes.inc(t.get("bytes", 0))
-            m.transfer_seconds.observe(t.get("seconds", 0.0))
-        m.predicted_cached.inc(self.d.predicted_cached_tokens)
-        m.prediction_match.labels(str(cached == self.d.predicted_cached_tokens).lower()).inc()
-        m.success.labels(model, self.final.get("finish_reason") or "stop").inc()
-
-    def _chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return {
-            "id": self.rid,
-            "object": obj,
-            "created": self.created,
-            "model": self.fe.config.model_name,
-            "choices": [choice],
-        }
-
-    async def sse(self):
-        def event(obj: dict) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
-        error = None
-        try:
-            if self.chat:
-                yield event(self._chunk("", None, first=True))
-            # a model without a tokenizer (random weights of a shape) has no text: its
-            # tokens still show, as empty chunks, so a client sees the stream's timing
-            textless = self.fe.config.tokenizer is None
-            async for msg in self._iterate():
-                finish = msg.get("finish_reason")
-                if msg.get("text") or finish or (textless and msg.get("ids")):
-                    yield event(self._chunk(msg.get("text", ""), finish))
-            opts = self.req.stream_options
-            if opts is not None and opts.include_usage:
-                u = self._chunk(None, None)
-                u["choices"], u["usage"] = [], self.usage()
-                yield event(u)
-            yield "data: [DONE]\n\n"
-        except WorkerLost as e:
-            error = 502
-            yield event(APIError(502, f"the worker serving this request failed: {e}").body())
-            yield "data: [DONE]\n\n"
-        finally:
-            if self.final is None and error is None:  # client disconnected: free the blocks
-                self.fe.abort(self.d, self.rid)
-            self.close(error)
-
-    async def whole(self, request: Request, headers: dict) -> Response:
-        async def collect():
-            async for _ in self._iterate():
-                pass
-
-        task = asyncio.ensure_future(collect())
-        try:
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=0.5)
-                if not done and await request.is_disconnected():
-                    task.cancel()
-                    self.fe.abort(self.d, self.rid)
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                    self.close()
-                    return Response(status_code=499)
-            task.result()
-        except WorkerLost as e:
-            self.close(502)
-            return APIError(502, f"the worker serving this request failed: {e}").response()
-        finally:
-            if not task.done():
-                task.cancel()
-        self.close()
-        f = self.final or {}
-        text = "".join(self.text)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": f.get("finish_reason"),
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": f.get("finish_reason"),
-            }
-            obj = "text_completion"
-        body = {
-            "id": self.rid,
-            "object": obj,
-            "created": self.created,
-            "model": self.fe.config.model_name,
-            "choices": [choice],
-            "usage": self.usage(),
-        }
-        return JSONResponse(body, headers=headers)
 
 
 def create_frontend_app(fe: Frontend) -> FastAPI:
@@ -517,114 +411,7 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
             {"status": "ok" if up else "no workers", "workers_up": up}, status_code=status
         )
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(fe.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.api_route("/debug/route", methods=["GET", "POST"])
-    async def debug_route(request: Request) -> Response:
-        try:
-            tenant = fe.authenticate(request)
-            if request.method == "POST":
-                body = await request.body()
-                try:
-                    data = json.loads(body)
-                except ValueError:
-                    raise APIError(400, "request body is not valid JSON") from None
-                cls = ChatCompletionRequest if "messages" in data else CompletionRequest
-                req = parse_request(cls, body)
-            else:
-                prompt = request.query_params.get("prompt")
-                if prompt is None:
-                    raise APIError(400, "give ?prompt=... or POST a completion body")
-                req = CompletionRequest(prompt=prompt)
-            tokens = fe.prompt_tokens(req)
-            d = fe.router.route(
-                RouteRequest("debug", tokens, tenant.scope, fe.config.model_name),
-                time.monotonic(),
-                dry_run=True,
-            )
-        except APIError as e:
-            return e.response()
-        except NoWorkerError as e:
-            return APIError(503, str(e)).response()
-        return JSONResponse(d.to_dict())
-
-    @app.get("/debug/decisions")
-    async def debug_decisions(request: Request, limit: int = 20) -> Response:
-        try:
-            fe.authenticate(request)
-        except APIError as e:
-            return e.response()
-        return JSONResponse([d.to_dict() for d in list(fe.router.decisions)[-limit:]])
-
-    @app.get("/debug/router")
-    async def debug_router(request: Request) -> Response:
-        try:
-            fe.authenticate(request)
-        except APIError as e:
-            return e.response()
-        return JSONResponse(fe.router.snapshot_state())
-
-    def admin(request: Request) -> APIError | None:
-        """Scaling changes the whole server: with API keys configured, only the holder of
-        KVGRID_ADMIN_TOKEN may; without (one local tenant), anyone who can reach it."""
-        if fe.autoscaler is None:
-            return APIError(
-                404, "scaling is off: run `kvgrid serve` with --autoscale or --max-workers"
-            )
-        token = os.environ.get("KVGRID_ADMIN_TOKEN")
-        if token:
-            if request.headers.get("authorization") != f"Bearer {token}":
-                return APIError(401, "admin endpoints need 'Authorization: Bearer <admin token>'")
-        elif fe.tenants.auth_required:
-            return APIError(403, "set KVGRID_ADMIN_TOKEN to use admin endpoints")
-        return None
-
-    @app.get("/admin/scale")
-    async def scale_state(request: Request) -> Response:
-        err = admin(request)
-        if err is not None:
-            return err.response()
-        return JSONResponse(fe.autoscaler.state())
-
-    @app.post("/admin/scale")
-    async def scale(request: Request) -> Response:
-        err = admin(request)
-        if err is not None:
-            return err.response()
-        try:
-            body = await request.json()
-            if "workers" in body:
-                acts = fe.autoscaler.resize(int(body["workers"]))
-            elif "drain" in body:
-                acts = fe.autoscaler.drain(str(body["drain"]))
-            else:
-                raise ValueError
-        except KeyError as e:
-            return APIError(404, f"no worker {e} under this server's scaling").response()
-        except (ValueError, TypeError, AttributeError) as e:
-            msg = str(e) or 'body must be {"workers": N} or {"drain": "WORKER_ID"}'
-            return APIError(400, msg).response()
-        return JSONResponse({**fe.autoscaler.state(), "done": [a.to_dict() for a in acts]})
-
-    @app.post("/internal/workers")
-    async def register(request: Request) -> Response:
-        token = os.environ.get("KVGRID_WORKER_TOKEN")
-        if token and request.headers.get("x-kvgrid-worker-token") != token:
-            return APIError(401, "bad worker token").response()
-        try:
-            url = (await request.json())["url"]
-        except (ValueError, KeyError, TypeError):
-            return APIError(400, 'body must be {"url": ...}').response()
-        k = fe.link.known.get(url.rstrip("/"))
-        w = fe.router.workers.get(k.worker_id) if k and k.worker_id else None
-        if w is None or not w.up:
-            ok = await fe.link.register(url)
-        else:
-            ok = True
-        return JSONResponse({"registered": ok})
-
+    add_operator_routes(app, fe)
     return app
 
 
@@ -639,22 +426,41 @@ def build_frontend(
     heartbeat_timeout_s: float = 10.0,
     log_decisions: bool = False,
     disagg: DisaggConfig | None = None,
+    control_key: auth.ControlKey | None = None,
+    public: bool = False,
 ) -> Frontend:
-    """The frontend for a model: its tokenizer, tenants, a router and the fleet link."""
+    """The frontend for a model: its tokenizer, tenants, a router and the fleet link.
+    ``control_key``: the cluster key workers are checked against (None: loopback workers
+    only); ``public``: bound beyond loopback."""
     from kvgrid.models.loader import load_tokenizer, resolve_model
-    from kvgrid.server.tenants import load_server_secret
+    from kvgrid.server.tenants import load_server_secret, scope_id
 
+    if control_key is not None and not control_key.is_cluster:
+        raise auth.CredentialError(
+            f"a router needs the cluster control key, not worker {control_key.worker_id!r}'s"
+        )
     spec = resolve_model(model, load_format)
     tokenizer = load_tokenizer(spec)
     keys_configured = bool(api_keys_file or os.environ.get("KVGRID_API_KEYS"))
-    secret = load_server_secret() if keys_configured else None
+    secret = load_server_secret()[0] if keys_configured else None
     tenants = TenantRegistry.from_config(api_keys_file, secret)
+    if tenants.auth_required and control_key is None:
+        raise auth.CredentialError(
+            "tenants need a control key: workers take tenant scopes only from a router that "
+            "proves itself (--control-key-file, or KVGRID_CONTROL_KEY / KVGRID_CONTROL_KEY_FILE)"
+        )
     router = Router(policy, heartbeat_timeout_s=heartbeat_timeout_s, disagg=disagg)
-    link = FleetLink(router, list(worker_urls))
+    link = FleetLink(router, list(worker_urls), control_key, scope_id(secret))
     return Frontend(
         router,
         link,
         tenants,
         FairScheduler(max_concurrent),
-        FrontendConfig(served_model_name or spec.name, tokenizer, log_decisions=log_decisions),
+        FrontendConfig(
+            served_model_name or spec.name,
+            tokenizer,
+            log_decisions=log_decisions,
+            public=public,
+            scope_id=scope_id(secret),
+        ),
     )

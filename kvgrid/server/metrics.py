@@ -19,9 +19,10 @@ _TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 1310
 class _FromWorkers:
     """Reads the router's view of the fleet at scrape time."""
 
-    def __init__(self, router: Router, model: str) -> None:
+    def __init__(self, router: Router, model: str, link=None) -> None:
         self.router = router
         self.model = model
+        self.link = link  # kvgrid.server.links.FleetLink: messages it dropped
 
     def collect(self):
         labels = ["model_name", "worker"]
@@ -79,13 +80,20 @@ class _FromWorkers:
         lost.add_metric([], counters["workers_lost"])
         events = CounterMetricFamily("kvgrid:router_index_events", "KV events applied")
         events.add_metric([], self.router.index.events_applied)
+        bad = CounterMetricFamily(
+            "kvgrid:router_bad_messages",
+            "Messages from workers dropped (malformed, wrong worker, failed snapshots)",
+            labels=["reason"],
+        )
+        for reason, n in sorted((self.link.bad_messages if self.link else {}).items()):
+            bad.add_metric([reason], n)
         yield from g.values()
         yield from c.values()
-        yield from (fresh, up, resync, lost, events)
+        yield from (fresh, up, resync, lost, events, bad)
 
 
 class FrontendMetrics:
-    def __init__(self, router: Router, model: str) -> None:
+    def __init__(self, router: Router, model: str, link=None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         m = ["model_name"]
@@ -195,4 +203,4 @@ class FrontendMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(_FromWorkers(router, model))
+        r.register(_FromWorkers(router, model, link))

@@ -3,6 +3,12 @@
 Each worker is its own process (`kvgrid worker`), started and restarted by a small
 supervisor thread; the frontend finds them by URL and they rejoin after a restart. On more
 than one machine, run `kvgrid worker` and `kvgrid router` under a real cluster manager.
+
+The control plane is authenticated here too: `kvgrid serve` uses the configured cluster
+control key or generates one, and hands each worker its own worker key (kvgrid.server.auth)
+in its environment. Secrets never go on a command line, where any user of the machine reads
+them (``ps``): worker keys and the Redis URL (it may hold a password) travel in the
+environment.
 """
 
 from __future__ import annotations
@@ -17,7 +23,14 @@ import sys
 import threading
 import time
 
-from kvgrid.transfer.auth import ensure_credential
+from kvgrid.server.auth import (
+    ENV_KEY,
+    ENV_KEY_FILE,
+    ControlKey,
+    CredentialError,
+    is_loopback_host,
+    load_control_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +53,25 @@ def _engine_flags() -> list[tuple[str, str, bool]]:
         for a in p._actions
         if a.option_strings
     ]
+
+
+# flags whose values may hold secrets: passed to workers in the environment, not argv
+SECRET_FLAGS = {"kv_store_redis": "KVGRID_KV_STORE_REDIS"}
+
+
+def worker_env(args: argparse.Namespace, worker_id: str, key: ControlKey | None) -> dict[str, str]:
+    """The environment of a worker process: this one's, plus its worker key and the
+    secret-bearing flags; a cluster key of ours is not passed on."""
+    env = dict(os.environ)
+    for var in (ENV_KEY, ENV_KEY_FILE):
+        env.pop(var, None)
+    if key is not None:
+        env[ENV_KEY] = key.for_worker(worker_id).dumps()
+    for dest, var in SECRET_FLAGS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            env[var] = str(v)
+    return env
 
 
 def worker_argv(
@@ -66,6 +98,8 @@ def worker_argv(
     if getattr(args, "served_model_name", None):
         argv += ["--served-model-name", args.served_model_name]
     for dest, flag, switch in _engine_flags():
+        if dest in SECRET_FLAGS:
+            continue
         v = getattr(args, dest, None)
         if dest == "kv_store_dir" and v is not None:
             v = os.path.join(v, worker_id)  # one G3 folder per worker: one owner per capacity
@@ -81,10 +115,12 @@ class Supervisor(threading.Thread):
     """Keeps worker processes running; a crashed one is restarted with backoff. The
     autoscaler adds slots (``add``) and retires them (``retire``: stopped for good)."""
 
-    def __init__(self, argvs: list[list[str]], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argvs: list[list[str]], envs: list[dict[str, str] | None] | None = None
+    ) -> None:
         super().__init__(name="kvgrid-supervisor", daemon=True)
         self.argvs = list(argvs)
-        self.env = env
+        self.envs = list(envs) if envs is not None else [None] * len(argvs)
         self.procs: list[subprocess.Popen | None] = [None] * len(argvs)
         self.restarts = [0] * len(argvs)
         self.retired: set[int] = set()
@@ -98,13 +134,14 @@ class Supervisor(threading.Thread):
         self.start()
 
     def _spawn(self, i: int) -> None:
-        self.procs[i] = subprocess.Popen(self.argvs[i], env=self.env)
+        self.procs[i] = subprocess.Popen(self.argvs[i], env=self.envs[i])
         log.info("worker %d started (pid %d)", i, self.procs[i].pid)
 
-    def add(self, argv: list[str]) -> int:
+    def add(self, argv: list[str], env: dict[str, str] | None = None) -> int:
         """Start one more worker process; returns its slot."""
         with self._lock:
             self.argvs.append(argv)
+            self.envs.append(env)
             self.procs.append(None)
             self.restarts.append(0)
             i = len(self.argvs) - 1
@@ -178,26 +215,50 @@ def worker_pools(args: argparse.Namespace) -> list[tuple[str, str]]:
     )
 
 
-def run_serve(args: argparse.Namespace) -> int:
-
-    from kvgrid.server.frontend import create_frontend_app
-
+def _setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("KVGRID_LOG", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _default_host(args: argparse.Namespace) -> str:
+    keys_set = bool(args.api_keys or os.environ.get("KVGRID_API_KEYS"))
+    return args.host or ("0.0.0.0" if keys_set else "127.0.0.1")
+
+
+def _bind_host(args: argparse.Namespace, auth_required: bool) -> str:
+    """The frontend's address; ValueError when binding it beyond loopback is not safe."""
+    host = _default_host(args)
+    if not is_loopback_host(host) and not auth_required and not args.allow_anonymous:
+        raise ValueError(
+            f"binding {host} without API keys lets anyone who reaches it use this server: "
+            "configure --api-keys (or KVGRID_API_KEYS), or pass --allow-anonymous"
+        )
+    return host
+
+
+def run_serve(args: argparse.Namespace) -> int:
+
+    from kvgrid.server.frontend import create_frontend_app
+
+    _setup_logging()
     try:
         pools = worker_pools(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = len(pools)
+    try:
+        key = load_control_key(args.control_key_file) or ControlKey.generate()
+    except CredentialError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # resolves (and converts, once) the model before the workers start
-    fe = _frontend_from_args(args, [])
+    fe = _frontend_from_args(args, [], key)
     if fe is None:
         return 2
-    host = args.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
     max_workers = max(n, getattr(args, "max_workers", None) or n)
     # cores are divided among as many processes as may run at once
     threads = args.threads or max(1, (os.cpu_count() or 1) // max_workers)
@@ -205,13 +266,11 @@ def run_serve(args: argparse.Namespace) -> int:
     argvs = [worker_argv(args, wid, p, threads, role) for (wid, role), p in zip(pools, ports)]
     for p in ports:
         fe.link.add_url(f"http://127.0.0.1:{p}")
-    env = dict(os.environ)
-    ensure_credential(env)  # workers authenticate KV transfers between them with it
-    sup = Supervisor(argvs, env)
+    sup = Supervisor(argvs, [worker_env(args, wid, key) for wid, _ in pools])
     sup.start_all()
     if getattr(args, "autoscale", False) or max_workers > n:
         try:
-            fe.autoscaler = _autoscaler(args, fe, sup, ports, threads, max_workers)
+            fe.autoscaler = _autoscaler(args, fe, sup, ports, threads, max_workers, key)
         except (ValueError, OSError) as e:
             sup.stop()
             print(f"error: {e}", file=sys.stderr)
@@ -219,14 +278,14 @@ def run_serve(args: argparse.Namespace) -> int:
     log.info(
         "kvgrid serve: %s on http://%s:%d with worker(s) %s, policy %s, disaggregation %s",
         fe.config.model_name,
-        host,
+        fe.bind_host,
         args.port,
         ", ".join(f"{wid} ({role})" for wid, role in pools),
         fe.router.policy.name,
         fe.router.disagg.mode,
     )
     try:
-        _run_http(create_frontend_app(fe), host, args.port)
+        _run_http(create_frontend_app(fe), fe.bind_host, args.port)
     finally:
         sup.stop()
     return 0
@@ -256,19 +315,20 @@ def _run_http(app, host: str, port: int) -> None:
         signal.signal(signal.SIGTERM, old)
 
 
-def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_workers: int):
+def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_workers: int, key):
     """The planner loop (with --autoscale) and the operator's resize, on this machine."""
     from kvgrid.bench.planner import Planner, PlannerConfig
     from kvgrid.bench.sim.calibration import load_calibration
     from kvgrid.server.autoscale import Autoscaler, LiveActuator
 
-    def argv_for(worker_id: str, index: int) -> tuple[list[str], str]:
+    def launch(worker_id: str, index: int) -> tuple[list[str], dict[str, str], str]:
         port = free_port()
-        return worker_argv(args, worker_id, port, threads), f"http://127.0.0.1:{port}"
+        argv = worker_argv(args, worker_id, port, threads)
+        return argv, worker_env(args, worker_id, key), f"http://127.0.0.1:{port}"
 
     if any(role != "both" for _, role in worker_pools(args)):
         raise ValueError("autoscaling runs one pool of workers: --workers, not role pools")
-    act = LiveActuator(fe, sup, argv_for, max_workers)
+    act = LiveActuator(fe, sup, launch, max_workers)
     for i, p in enumerate(ports):
         act.adopt(f"w{i}", f"http://127.0.0.1:{p}", i)
     cfg = PlannerConfig(
@@ -281,7 +341,9 @@ def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_w
         cooldown_s=args.scale_down_cooldown,
         down_ticks=args.scale_down_ticks,
     )
-    planner = Planner(cfg, load_calibration(args.calibration))
+    # a calibration file is this machine's measured step times; without one the planner
+    # models the workers from the speeds they report (kvgrid.server.autoscale.observed)
+    planner = Planner(cfg, load_calibration(args.calibration)) if args.calibration else cfg
     return Autoscaler(act, planner, args.autoscale_interval, enabled=args.autoscale)
 
 
@@ -289,27 +351,38 @@ def run_router(args: argparse.Namespace) -> int:
 
     from kvgrid.server.frontend import create_frontend_app
 
-    logging.basicConfig(
-        level=os.environ.get("KVGRID_LOG", "INFO"),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    fe = _frontend_from_args(args, args.worker)
+    _setup_logging()
+    try:
+        key = load_control_key(args.control_key_file)
+    except CredentialError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    host = _default_host(args)
+    if key is None and not is_loopback_host(host):
+        print(
+            f"error: binding {host} needs a control key (--control-key-file, or "
+            f"{ENV_KEY} / {ENV_KEY_FILE}; `kvgrid control-key new` makes one): without it the "
+            "router cannot tell its workers from anyone else",
+            file=sys.stderr,
+        )
+        return 2
+    fe = _frontend_from_args(args, args.worker, key)
     if fe is None:
         return 2
-    host = args.host or ("0.0.0.0" if fe.tenants.auth_required else "127.0.0.1")
-    _run_http(create_frontend_app(fe), host, args.port)
+    _run_http(create_frontend_app(fe), fe.bind_host, args.port)
     return 0
 
 
-def _frontend_from_args(args: argparse.Namespace, workers: list[str]):
-    """The router's frontend from the command's flags; None (message printed) if the model
-    or the keys file cannot be used."""
+def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
+    """The router's frontend from the command's flags, with its bind address checked; None
+    (message printed) if the model, the keys file or the address cannot be used."""
     from kvgrid.router.disagg import DisaggConfig
     from kvgrid.server.frontend import build_frontend
 
     try:
-        return build_frontend(
+        keys_set = bool(args.api_keys or os.environ.get("KVGRID_API_KEYS"))
+        host = _bind_host(args, keys_set)  # before loading anything: fail fast
+        fe = build_frontend(
             args.model,
             args.load_format,
             args.served_model_name,
@@ -317,6 +390,7 @@ def _frontend_from_args(args: argparse.Namespace, workers: list[str]):
             args.policy,
             args.api_keys,
             args.max_concurrent,
+            heartbeat_timeout_s=args.heartbeat_timeout,
             log_decisions=args.log_decisions,
             disagg=DisaggConfig(
                 mode=args.disagg,
@@ -325,7 +399,11 @@ def _frontend_from_args(args: argparse.Namespace, workers: list[str]):
                 stall_s=args.transfer_stall_s,
                 deadline_factor=args.transfer_deadline_factor,
             ),
+            control_key=key,
+            public=not is_loopback_host(host),
         )
+        fe.bind_host = _bind_host(args, fe.tenants.auth_required)
+        return fe
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None

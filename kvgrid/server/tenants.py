@@ -4,7 +4,9 @@ Keys come from a file (JSON or TOML) or the environment variable KVGRID_API_KEYS
 
     {"keys": {"sk-abc": {"tenant": "acme", "max_concurrent": 8, "max_queued": 256},
               "sk-def": "beta"},
-     "shared_prefix_tenants": ["acme"],      # these share PUBLIC prefixes across tenants
+     "shared_prefixes": ["You are a support agent for ...",            # a prompt prefix, or
+                         [{"role": "system", "content": "You are ..."}]],  # a chat prefix
+     "shared_prefix_tenants": ["acme", "beta"],  # these share the prefixes above
      "default_max_concurrent": 32}
 
 KVGRID_API_KEYS may also be the short form ``sk-abc=acme,sk-def=beta``. With no key
@@ -12,14 +14,18 @@ configured there is one tenant, "local", whose blocks live in the PUBLIC scope.
 
 The scope that goes into block keys is an HMAC of the server's secret and the tenant name
 (keys.tenant_scope), derived here and never taken from the client, so two tenants never
-share a block unless the configuration says so.
+share a block unless the configuration says so. A tenant in ``shared_prefix_tenants`` shares
+only the blocks that lie wholly inside one of the ``shared_prefixes`` (keyed in the PUBLIC
+scope); everything after them, and every other prompt, stays in its own scope.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import tomllib
@@ -28,8 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvgrid import keys
+from kvgrid.secretfile import write_secret_file
+
+log = logging.getLogger(__name__)
 
 LOCAL_TENANT = "local"
+SECRET_ENV = "KVGRID_SERVER_SECRET"
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class Tenant:
     scope: bytes  # the tenant part of block keys
     max_concurrent: int = 32
     max_queued: int = 1024
+    shares_prefixes: bool = False  # its prompts may use the configured shared prefixes
 
 
 class TenantRegistry:
@@ -48,8 +59,16 @@ class TenantRegistry:
         shared_prefix_tenants: frozenset[str] = frozenset(),
         default_max_concurrent: int = 32,
         default_max_queued: int = 1024,
+        shared_prefixes: tuple[str | list[dict], ...] = (),
     ) -> None:
         self.auth_required = bool(api_keys)
+        # texts or chat-message lists; the frontend tokenizes them (it owns the tokenizer)
+        self.shared_prefixes = tuple(shared_prefixes)
+        if shared_prefix_tenants and not shared_prefixes:
+            log.warning(
+                "shared_prefix_tenants is set but no shared_prefixes: nothing is shared "
+                "across tenants (list the prefixes to share)"
+            )
         self._by_key: dict[str, Tenant] = {}
         self._tenants: dict[str, Tenant] = {}
         if not api_keys:
@@ -66,16 +85,12 @@ class TenantRegistry:
                 raise ValueError(f"API key entry {key[:6]}... has no tenant name")
             t = self._tenants.get(name)
             if t is None:
-                scope = (
-                    keys.PUBLIC_TENANT
-                    if name in shared_prefix_tenants
-                    else keys.tenant_scope(server_secret, name)
-                )
                 t = Tenant(
                     name,
-                    scope,
+                    keys.tenant_scope(server_secret, name),
                     int(spec.get("max_concurrent", default_max_concurrent)),
                     int(spec.get("max_queued", default_max_queued)),
+                    shares_prefixes=name in shared_prefix_tenants,
                 )
                 self._tenants[name] = t
             self._by_key[key] = t
@@ -118,32 +133,54 @@ class TenantRegistry:
                 if any(len(p) != 2 for p in pairs):
                     raise ValueError("KVGRID_API_KEYS must be JSON or key=tenant,key=tenant")
                 data = {"keys": {k.strip(): v.strip() for k, v in pairs}}
+        prefixes = data.get("shared_prefixes", [])
+        if not isinstance(prefixes, list) or not all(
+            isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) for m in p))
+            for p in prefixes
+        ):
+            raise ValueError("shared_prefixes must be a list of texts or of chat-message lists")
         return cls(
             data.get("keys") or None,
             server_secret,
             frozenset(data.get("shared_prefix_tenants", ())),
             int(data.get("default_max_concurrent", default_max_concurrent)),
+            shared_prefixes=tuple(prefixes),
         )
 
 
-def load_server_secret(path: str | Path | None = None) -> bytes:
-    """The secret tenant scopes derive from: KVGRID_SERVER_SECRET, else a file created once
-    (0600) so scopes, and so stored blocks, survive restarts."""
-    env = os.environ.get("KVGRID_SERVER_SECRET")
+def load_server_secret(path: str | Path | None = None) -> tuple[bytes, str]:
+    """(secret, where it comes from): the secret tenant scopes derive from.
+    KVGRID_SERVER_SECRET, else a file created once (0600) so that scopes, and so stored
+    blocks, survive restarts. Every router in front of the same workers needs the same one:
+    a generated file is this machine's alone, and the log says where it is."""
+    env = os.environ.get(SECRET_ENV)
     if env:
-        return env.encode()
+        return env.encode(), SECRET_ENV
     if path is None:
         base = Path(os.environ.get("KVGRID_HOME") or Path.home() / ".cache" / "kvgrid")
         path = base / "server_secret"
     p = Path(path)
-    if p.exists():
-        return p.read_bytes().strip()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_hex(32).encode()
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(value)
-    return value
+    if not p.exists() and write_secret_file(p, secrets.token_hex(32)):
+        log.warning(
+            "generated the server secret in %s (tenant scopes derive from it); every router "
+            "of this fleet needs the same one: copy it or set %s",
+            p,
+            SECRET_ENV,
+        )
+    else:
+        log.info("server secret from %s", p)
+    value = p.read_bytes().strip()
+    if not value:
+        raise ValueError(f"server secret file {p} is empty")
+    return value, str(p)
+
+
+def scope_id(server_secret: bytes | None) -> str:
+    """A fingerprint of the server secret, safe to show: routers that send a worker tenant
+    scopes must agree on it (kvgrid.server.worker refuses a second one)."""
+    if not server_secret:
+        return ""
+    return hmac.new(server_secret, b"kvgrid-scope-id-v1", hashlib.sha256).hexdigest()[:16]
 
 
 class QueueFull(Exception):

@@ -1,19 +1,23 @@
 """The worker process: one engine, an internal HTTP API for the router, a KV event stream.
 
-HTTP (FastAPI), for the router only; bind it to a private interface:
-    GET  /info          identity, scope, block size, event endpoint (WorkerInfo)
-    GET  /health        200 while the engine loop is alive
+HTTP (FastAPI), for routers only:
+    GET  /info          identity, scope, block size, event endpoint (WorkerInfo); answers a
+                        router's nonce (x-kvgrid-nonce) with a proof of the worker's key
+    GET  /health        200 while the engine loop is alive (no credential: a liveness probe)
     GET  /load          the current load report
+    GET  /metrics       the context store's series
     GET  /kv/snapshot   msgpack: every key per tier with the event seq it reflects
-    POST /generate      {request_id, prompt_token_ids, params, tenant (hex)} -> NDJSON stream
-                        of deltas; a dropped connection aborts the request (blocks freed)
+    POST /generate      {request_id, prompt_token_ids, params, tenant (hex), scope_id,
+                        shared_prefix_tokens} -> NDJSON stream of deltas; a dropped
+                        connection aborts the request (blocks freed)
     POST /abort/{id}
     and the disaggregation endpoints of ``worker_transfers`` (/prefill, /role, ...)
 ZeroMQ PUB (msgpack, kvgrid.router.wire): topic ``kv`` numbered event batches, topic ``load``
-load reports every 0.5 s (the heartbeat).
+load reports every 0.5 s (the heartbeat), CURVE-encrypted (kvgrid.server.publisher).
 
-When KVGRID_WORKER_TOKEN is set, the HTTP API requires it in ``x-kvgrid-worker-token``: the
-router passes tenant scopes here, so nothing but the router may call it.
+With a control key (kvgrid.server.auth) every endpoint but /health needs the router's token
+for this worker: only a router sends requests and tenant scopes. Without one the worker
+binds loopback only and takes requests of the public tenant scope only.
 """
 
 from __future__ import annotations
@@ -21,60 +25,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import json
 import logging
 import os
 import re
-import threading
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
-import zmq
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvgrid import keys
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router import wire
 from kvgrid.router.workers import WorkerInfo
+from kvgrid.server.auth import (
+    NONCE_HEADER,
+    ControlKey,
+    CredentialError,
+    is_loopback_host,
+    is_wildcard_host,
+    load_control_key,
+    require_router,
+    url_host,
+)
+from kvgrid.server.publisher import EventPublisher
 from kvgrid.server.worker_transfers import add_transfer_routes, remote_generate
-from kvgrid.transfer.auth import credential
 
 log = logging.getLogger(__name__)
 
 _PARAM_FIELDS = set(SamplingParams.__dataclass_fields__)
-
-
-class EventPublisher:
-    """ZeroMQ PUB socket; used from the engine thread only."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, epoch: str = "") -> None:
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.PUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        if port:
-            self.sock.bind(f"tcp://{host}:{port}")
-        else:
-            port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.port = port
-        self.epoch = epoch
-        self._lock = threading.Lock()
-
-    def publish_events(self, batch) -> None:
-        with self._lock:
-            self.sock.send_multipart([wire.TOPIC_KV, wire.encode_batch(batch, self.epoch)])
-
-    def publish_load(self, report: dict) -> None:
-        with self._lock:
-            self.sock.send_multipart([wire.TOPIC_LOAD, wire.encode_load(report)])
-
-    def close(self) -> None:
-        self.sock.close(0)
 
 
 class Worker:
@@ -86,14 +69,20 @@ class Worker:
         model_name: str,
         pub_host: str = "127.0.0.1",
         pub_port: int = 0,
-        advertise_host: str | None = None,
+        events_endpoint: str | None = None,
         load_interval_s: float = 0.5,
+        key: ControlKey | None = None,
         role: str = "both",
         transfer_port: int | None = 0,
+        transfer_endpoint: str | None = None,
         allow_fault_injection: bool = False,
     ) -> None:
-        """``transfer_port``: where KV transfers arrive (0: any free port; None: no
-        transfers). ``role``: see ``worker_transfers``."""
+        """``events_endpoint``: the event stream's address as routers reach it (default:
+        the advertise URL's host and the bound port); never a wildcard address.
+        ``transfer_port``: where KV transfers arrive (0: any free port; None: no
+        transfers), ``transfer_endpoint`` the HOST:PORT prefill workers reach it at
+        (default: the advertise URL's host and that port). ``role``: see
+        ``worker_transfers``."""
         from kvgrid.server.engine_loop import EngineLoop
         from kvgrid.server.worker_transfers import ROLES, WorkerTransfers
 
@@ -101,8 +90,18 @@ class Worker:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role = role
         self.engine = engine
+        self.key = key.for_worker(worker_id) if key is not None else None
         self.epoch = uuid.uuid4().hex[:12]
-        self.publisher = EventPublisher(pub_host, pub_port, self.epoch)
+        host = url_host(advertise_url) or pub_host
+        if events_endpoint is None and is_wildcard_host(host):
+            raise ValueError(
+                f"the advertise URL {advertise_url!r} names no address other hosts can reach"
+            )
+        self.publisher = EventPublisher(pub_host, pub_port, self.epoch, self.key, worker_id)
+        self.events_endpoint = events_endpoint or f"tcp://{host}:{self.publisher.port}"
+        # the first router's server-secret fingerprint: tenant scopes of a router with
+        # another secret would give one tenant two scopes here
+        self.scope_id: str | None = None
         self.loop = EngineLoop(
             engine,
             worker_id,
@@ -133,15 +132,17 @@ class Worker:
             ),
             max_num_batched_tokens=cfg.max_num_batched_tokens,
         )
-        host = advertise_host or pub_host
-        self.events_endpoint = f"tcp://{host}:{self.publisher.port}"
         self.transfers = None
-        if transfer_port is not None:
-            self.transfers = WorkerTransfers.create(
-                self, pub_host, host, transfer_port, allow_fault_injection, role
-            )
-        elif role != "both":
-            raise ValueError(f"a {role} worker needs KV transfers")
+        try:
+            if transfer_port is not None:
+                self.transfers = WorkerTransfers.create(
+                    self, pub_host, host, transfer_port, transfer_endpoint, allow_fault_injection
+                )
+            elif role != "both":
+                raise ValueError(f"a {role} worker needs KV transfers")
+        except BaseException:
+            self.publisher.close()
+            raise
         endpoint = self.transfers.receiver.endpoint if self.transfers is not None else None
         self.info = dataclasses.replace(self.info, role=role, transfer_endpoint=endpoint)
         self.loop.load_extra.append(self._load_fields)
@@ -155,13 +156,13 @@ class Worker:
     def info_dict(self) -> dict:
         d = self.info.to_dict()
         d["events_endpoint"] = self.events_endpoint
+        d["events_secure"] = self.publisher.secure
+        d["scope_id"] = self.scope_id
         d["pid"] = os.getpid()
         return d
 
 
 def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
-    token = os.environ.get("KVGRID_WORKER_TOKEN")
-
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.loop.start()
@@ -179,23 +180,21 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
 
     app = FastAPI(title="kvgrid worker", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def check_token(request: Request, call_next):
-        if token and request.url.path != "/health":
-            given = request.headers.get("x-kvgrid-worker-token", "")
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"error": "bad worker token"}, status_code=401)
-        return await call_next(request)
+    require_router(app, worker.key, worker.info.worker_id)
 
     @app.get("/info")
-    async def info() -> dict:
-        return worker.info_dict()
+    async def info(request: Request) -> dict:
+        d = worker.info_dict()
+        nonce = request.headers.get(NONCE_HEADER)
+        if nonce and worker.key is not None:
+            d["proof"] = worker.key.info_proof(worker.info.worker_id, nonce)
+        return d
 
     @app.get("/health")
     async def health() -> Response:
         if worker.loop.failed is not None or not worker.loop.is_alive():
             return JSONResponse({"status": "engine failed"}, status_code=503)
-        return JSONResponse({"status": "ok", "worker_id": worker.info.worker_id})
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -227,25 +226,50 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
             raw = {k: v for k, v in (body.get("params") or {}).items() if k in _PARAM_FIELDS}
             params = SamplingParams(**raw)
             tenant = bytes.fromhex(body.get("tenant", ""))
+            shared = int(body.get("shared_prefix_tokens", 0))
+            scope_id = body.get("scope_id") or None
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         except (ValueError, KeyError, TypeError) as e:
             return JSONResponse({"error": f"bad generate request: {e!r}"}, status_code=400)
+        refused = check_scope(worker, tenant, scope_id)
+        if refused is not None:
+            return refused
         if body.get("remote_prefill") is not None:
             return await remote_generate(
-                worker, rid, prompt, params, tenant, body["remote_prefill"]
+                worker, rid, prompt, params, tenant, shared, body["remote_prefill"]
             )
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda out: aloop.call_soon_threadsafe(q.put_nowait, out)
         try:
-            await worker.loop.add_request(rid, prompt, params, tenant, sink)
+            await worker.loop.add_request(rid, prompt, params, tenant, sink, shared)
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         return StreamingResponse(stream_outputs(worker, rid, q), media_type="application/x-ndjson")
 
     add_transfer_routes(app, worker)
     return app
+
+
+def check_scope(worker: Worker, tenant: bytes, scope_id: str | None) -> JSONResponse | None:
+    """The refusal of a request in ``tenant``'s scope from a router with ``scope_id``, or None
+    when this worker may take it."""
+    if tenant != keys.PUBLIC_TENANT and worker.key is None:
+        return JSONResponse(
+            {"error": "tenant scopes need a control key (this worker runs without one)"},
+            status_code=403,
+        )
+    if scope_id is not None:
+        if worker.scope_id is None:
+            worker.scope_id = scope_id
+        elif scope_id != worker.scope_id:
+            return JSONResponse(
+                {"error": "a router with another server secret already sends tenant "
+                 "scopes here: give every router the same KVGRID_SERVER_SECRET"},
+                status_code=409,
+            )  # fmt: skip
+    return None
 
 
 async def stream_outputs(worker: Worker, rid: str, q: asyncio.Queue, final: dict | None = None):
@@ -282,24 +306,58 @@ async def stream_outputs(worker: Worker, rid: str, q: asyncio.Queue, final: dict
 
 async def _register_loop(worker: Worker, router_url: str, every_s: float = 2.0) -> None:
     """Announce ourselves to the router, again and again: a restarted router relearns us."""
-    headers = {}
-    if os.environ.get("KVGRID_WORKER_TOKEN"):
-        headers["x-kvgrid-worker-token"] = os.environ["KVGRID_WORKER_TOKEN"]
+    wid = worker.info.worker_id
+    headers = worker.key.worker_headers(wid) if worker.key is not None else {}
+    body = {"url": worker.info.url, "worker_id": wid}
+    last = None
     async with httpx.AsyncClient(timeout=5.0) as client:
         while True:
             try:
-                await client.post(
-                    f"{router_url.rstrip('/')}/internal/workers",
-                    json={"url": worker.info.url},
-                    headers=headers,
+                r = await client.post(
+                    f"{router_url.rstrip('/')}/internal/workers", json=body, headers=headers
                 )
+                status = r.status_code
+                if status != last and status >= 400:
+                    log.warning("router %s refused this worker: %s", router_url, r.text)
             except httpx.HTTPError as e:
+                status = None
                 log.debug("router %s not reachable: %s", router_url, e)
+            last = status
             await asyncio.sleep(every_s)
+
+
+def worker_identity(args) -> tuple[str, ControlKey | None]:
+    """The worker id and control key the flags and environment give; ValueError (a message
+    for the operator) when they do not fit together or the bind address needs a key."""
+    key = load_control_key(getattr(args, "control_key_file", None))
+    if key is not None and not key.is_cluster:
+        if args.worker_id and args.worker_id != key.worker_id:
+            raise CredentialError(
+                f"the control key belongs to worker {key.worker_id!r}, not {args.worker_id!r}"
+            )
+        worker_id = key.worker_id
+    else:
+        worker_id = args.worker_id or f"{args.host}:{args.port}"
+    if key is None and not is_loopback_host(args.host):
+        raise CredentialError(
+            f"binding {args.host} needs a control key (--control-key-file, or "
+            "KVGRID_CONTROL_KEY / KVGRID_CONTROL_KEY_FILE): without one anyone who reaches "
+            "this worker could send it requests and tenant scopes"
+        )
+    if is_wildcard_host(args.host) and not args.advertise_url:
+        raise ValueError(
+            f"--host {args.host} needs --advertise-url: the address other hosts reach this "
+            "worker at (it is also where its event stream is advertised)"
+        )
+    if args.advertise_url and is_wildcard_host(url_host(args.advertise_url)):
+        raise ValueError(f"--advertise-url {args.advertise_url} must name a reachable host")
+    return worker_id, key
 
 
 def run_worker(args) -> int:
     """`kvgrid worker`: load the engine, then serve until stopped."""
+    import sys
+
     import uvicorn
 
     from kvgrid.engine.args import engine_config_from_args
@@ -311,20 +369,21 @@ def run_worker(args) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.role != "both" and credential() is None:
-        log.error(
-            "a %s worker moves KV to or from other workers: set KVGRID_WORKER_TOKEN (the "
-            "credential its transfers authenticate with)",
-            args.role,
-        )
+    try:
+        worker_id, key = worker_identity(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    worker_id = args.worker_id or f"{args.host}:{args.port}"
-    engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
+    try:
+        engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
+    except ValueError as e:  # a configuration the engine or its store cannot use
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model_name = args.served_model_name or engine.spec.name
     tune_gc()  # the model, KV pool and graphs live as long as this process
     url = args.advertise_url or f"http://{args.host}:{args.port}"
@@ -336,9 +395,11 @@ def run_worker(args) -> int:
             model_name,
             pub_host=args.host,
             pub_port=args.events_port,
-            advertise_host=urlsplit(url).hostname,
+            events_endpoint=args.advertise_events,
+            key=key,
             role=args.role,
             transfer_port=args.transfer_port,
+            transfer_endpoint=args.advertise_transfers,
             allow_fault_injection=args.allow_fault_injection,
         )
     except (ValueError, OSError) as e:
@@ -346,12 +407,13 @@ def run_worker(args) -> int:
         engine.close()
         return 2
     log.info(
-        "worker %s (%s): engine ready in %.1fs (%s), events on %s, transfers on %s",
+        "worker %s (%s): engine ready in %.1fs (%s), events on %s (%s), transfers on %s",
         worker.info.worker_id,
         worker.role,
         time.time() - t0,
         model_name,
         worker.events_endpoint,
+        "CURVE" if worker.publisher.secure else "no control key: loopback only",
         worker.info.transfer_endpoint,
     )
     app = create_worker_app(worker, args.router)
@@ -359,4 +421,4 @@ def run_worker(args) -> int:
     return 0
 
 
-__all__ = ["Worker", "create_worker_app", "run_worker"]
+__all__ = ["Worker", "create_worker_app", "run_worker", "worker_identity"]

@@ -36,16 +36,18 @@ class StoreConfig:
     g3_bytes: int = 20 * GiB
     # G4: a shared tier, either a POSIX directory (NFS, Lustre...) or a Redis/Valkey URL.
     g4_dir: str | Path | None = None
-    g4_redis: str | None = None
+    g4_redis: str | None = field(default=None, repr=False)  # may hold a password
     g4_bytes: int = 100 * GiB
     g4_prefix: str = "kvgrid:"
     # Watermarks (fractions of capacity): above `high` a write first evicts down to `low`.
     high_watermark: float = 0.95
     low_watermark: float = 0.85
     # A block goes to a tier only once it has been seen this many times (lookups that wanted
-    # it, counting its first save as one sighting). Disk tiers default to 2, to spare SSD
-    # wear on blocks nobody asks for again; G2 takes everything.
-    admit_after: dict[str, int] = field(default_factory=lambda: {"G2": 1, "G3": 2, "G4": 2})
+    # it, counting its first save as one sighting, plus one when the engine says it belongs
+    # to a context already reused). Every tier takes everything by default: what reaches
+    # the disks is bounded by their bandwidth, best reuse prospects first (writedown.py);
+    # 2 for G3/G4 spares an SSD the blocks nobody has asked for again.
+    admit_after: dict[str, int] = field(default_factory=lambda: {"G2": 1, "G3": 1, "G4": 1})
     # Payload codec: "zstd" (lossless, default), "zlib", "none", or "int8" (lossy, per
     # channel, used only where a block's round-trip relative error <= lossy_max_rel_error,
     # otherwise that block is stored lossless).
@@ -56,11 +58,18 @@ class StoreConfig:
     encrypt: bool = True
     master_key_file: str | Path | None = None
     model_fingerprint: str = ""
-    # Background writes: bounded queue, worker threads; a full queue blocks the caller for
-    # at most io_block_s, then the write is dropped (and counted).
-    io_workers: int = 2
+    # Writes to G3/G4 (the write-down): at most io_queue blocks waiting or being written,
+    # ranked by reuse prospects; a full queue blocks the caller for at most io_block_s,
+    # then the worst-ranked candidate is skipped (and counted).
+    io_workers: int = 4
     io_queue: int = 32
     io_block_s: float = 0.0
+    # A block leaving G1 while every G2 slot is pinned waits this long (in all, per
+    # hand-down) for one to be let go before it is dropped (and counted).
+    g2_wait_s: float = 1.0
+    # At start, time a few block-sized objects through each disk tier (write, then a cold
+    # read) so that load-versus-recompute starts from this machine's bandwidth.
+    probe_tiers: bool = True
     # Loads from G3/G4: this many threads read, verify, decrypt and decode blocks (2 per
     # thread in flight), each into a pinned G2 slot that feeds an asynchronous copy to G1.
     load_workers: int = 8
@@ -68,7 +77,8 @@ class StoreConfig:
     # context is below G1 at once (costs a device-to-host copy per block after prefill).
     write_through: bool = False
     lease_timeout_s: float = 30.0
-    # Tier bandwidth seeds (bytes/s) for load-vs-recompute until loads are measured.
+    # Tier load bandwidths (bytes/s) used only where neither the start-up probe nor a load
+    # has measured one (probe_tiers off, or the probe failed).
     seed_bytes_per_s: dict[str, float] = field(
         default_factory=lambda: {"G2": 10e9, "G3": 1e9, "G4": 3e8}
     )
@@ -95,5 +105,7 @@ class StoreConfig:
             raise ValueError("G4 takes one backend: g4_dir or g4_redis, not both")
         if self.codec not in ("zstd", "zlib", "none", "int8"):
             raise ValueError(f"unknown codec {self.codec!r}: zstd, zlib, none or int8")
+        if self.g2_wait_s < 0:
+            raise ValueError("g2_wait_s must be >= 0")
         if self.io_queue < 1 or self.io_workers < 1 or self.load_workers < 1:
             raise ValueError("io_queue, io_workers and load_workers must be >= 1")

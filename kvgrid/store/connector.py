@@ -4,7 +4,8 @@ The engine's KV cache is one tensor ``[num_blocks, num_layers, 2, block_size, kv
 block ``i`` is ``kv_cache[i]``, contiguous, and is what the store keeps as one object.
 
 ``lookup`` decides load versus recompute from measured numbers: each tier's load bandwidth
-(EWMA of observed loads, seeded by a copy probe for G2 and by configuration for disks) and
+(EWMA of observed loads and prefetches, from a probe at start: a copy for G2, a cold read of
+a few objects for the disk tiers, ``probe.py``) and
 the engine's measured prefill speed (``prefill_tokens_per_s``, set by the engine). A stored
 prefix is used as a split (``kv_loader.plan_blocks``: recompute its first blocks while the
 later ones load), so even a tier slower than recomputing pays; ``lookup`` offers the prefix
@@ -25,6 +26,7 @@ import torch
 from kvgrid.events import KVEvent
 from kvgrid.store.landing import LayerLanding
 from kvgrid.store.policy import LoadDeadline
+from kvgrid.store.probe import probe_tier
 from kvgrid.store.store import ContextStore
 
 log = logging.getLogger(__name__)
@@ -85,9 +87,20 @@ class StoreConnector:
         self.block_bytes = kv_cache[0].nbytes
         store.configure_blocks(tuple(kv_cache.shape[1:]), kv_cache.dtype)
         self._seed = dict(store.config.seed_bytes_per_s)
+        # measured at start (probe.py), then by every load and prefetch
+        self.probed: dict[str, float] = {}
         if store.g2 is not None:
-            self._seed["G2"] = self._probe_g2()
+            self.probed["G2"] = self._probe_g2()
+        if store.config.probe_tiers:
+            for t in store.lower:
+                bw = probe_tier(store, t, store.config.load_workers)
+                if bw:
+                    self.probed[t.name] = bw
+        self._seed.update(self.probed)
+        for tier, bw in self.probed.items():  # the first figure loads and prefetches refine
+            store.bandwidth.setdefault(tier, bw)
         self._last_plan: dict = {}  # tenant -> the LoadPlan of its last lookup
+        self._last_rest: dict = {}  # tenant -> (keys, tiers) its last lookup looked at
         self._lock = threading.Lock()
         self.loaded_blocks = 0
         self.saved_blocks = 0
@@ -124,18 +137,28 @@ class StoreConnector:
     # ---- the engine's calls -------------------------------------------------------------
 
     @_engine_timed("lookup")
-    def lookup(self, keys: list[bytes], tenant: bytes, num_computed_blocks: int) -> int:
+    def lookup(
+        self, keys: list[bytes], tenant: bytes, num_computed_blocks: int, busy: bool = False
+    ) -> int:
         """How many of ``keys[num_computed_blocks:]`` (leading, consecutive) to take from the
-        store; ``load_plan`` then says how many of those to recompute while the rest load."""
+        store; ``load_plan`` then says how many of those to recompute while the rest load.
+        ``busy``: other requests wait for the GPU: load as much as keeps this request no
+        slower than recomputing (``plan_blocks``); otherwise its first token as soon as can
+        be."""
         from kvgrid.engine.kv_loader import LoadPlan, plan_blocks
 
         rest = keys[num_computed_blocks:]
+        with self._lock:
+            self._last_rest[tenant] = (rest, [None] * len(rest))
         if not rest:
             return 0
         try:
-            tiers = self.store.contains(rest, tenant)
-        except Exception:  # a store problem is a miss, never the engine's problem
+            tiers = self.store.contains(rest, tenant, leading=False)
+        except Exception as e:  # a store problem is a miss, never the engine's problem
+            self.store.failed("store", "lookup", repr(e))
             return 0
+        with self._lock:
+            self._last_rest[tenant] = (rest, tiers)
         stored = next((i for i, t in enumerate(tiers) if t is None), len(tiers))
         if not stored:
             return 0
@@ -150,16 +173,20 @@ class StoreConnector:
             # after the load, like the rest of the prompt.
             recompute = self.block_size / speed
             ratio = self.store.config.max_load_ratio
-            n, plan, best = 0, None, stored * recompute
+            n, plan, best = 0, None, None
             for m in range(1, stored + 1):
                 if m < stored and tiers[m] == tiers[m - 1]:
                     continue
-                cand = plan_blocks(load[:m], self.block_size, speed, start_s=self.load_start_s)
-                if cand.expected_s >= ratio * m * recompute:
-                    continue
+                cand = plan_blocks(
+                    load[:m], self.block_size, speed, start_s=self.load_start_s, busy=busy
+                )
                 ttft = cand.expected_s + (stored - m) * recompute
-                if ttft < best:
-                    n, plan, best = m, cand, ttft
+                if cand.expected_s >= ratio * m * recompute or ttft >= stored * recompute:
+                    continue
+                # busy: the most blocks loaded among the plans no slower than recomputing
+                rank = (-cand.load_blocks, ttft) if busy else (ttft, 0)
+                if best is None or rank < best:
+                    n, plan, best = m, cand, rank
         with self._lock:
             self._last_plan[tenant] = plan
         return n
@@ -176,6 +203,19 @@ class StoreConnector:
             self.store.note_seen(keys)
         except Exception:  # a store problem is never the engine's problem
             log.exception("context store: counting sightings failed")
+
+    def account_admission(self, tenant: bytes, num_store_blocks: int) -> None:
+        """The request of the last ``lookup`` was admitted taking the ``num_store_blocks``
+        it offered: the blocks after those that were once stored are lost hits, counted by
+        reason (``BlockLedger.account_misses``)."""
+        with self._lock:
+            rest, tiers = self._last_rest.pop(tenant, ((), ()))
+        try:
+            self.store.ledger.account_misses(
+                list(rest[num_store_blocks:]), list(tiers[num_store_blocks:])
+            )
+        except Exception:
+            log.exception("context store: counting lost hits failed")
 
     def load_plan(self, tenant: bytes, n_blocks: int):
         """The split ``lookup`` chose for the ``n_blocks`` it offered (a ``LoadPlan``)."""
@@ -216,7 +256,8 @@ class StoreConnector:
         try:
             dsts = [self.kv_cache[b] for b in block_ids]
             served = self.store.load_into(keys, tenant, dsts, deadline)
-        except Exception:
+        except Exception as e:  # recomputed instead; counted and logged, never silent
+            self.store.failed("store", "load", repr(e))
             return 0
         self.loaded_blocks += len(served)
         return len(served)
@@ -244,25 +285,42 @@ class StoreConnector:
         parent_keys: list[bytes | None],
         tenant: bytes,
         block_ids: list[int],
-    ) -> None:
-        """Write back blocks leaving G1. On a GPU the copies are only issued: the current
-        stream waits for them on the device, so whatever it runs next (a forward, a load
-        into the same blocks) comes after they have been read, and the host does not wait."""
+        hints: list[float] | None = None,
+        settle: bool = False,
+        positions: list[int] | None = None,
+    ) -> list[bool]:
+        """Hand blocks down from G1; per block, whether the store now holds it (in G2, or
+        already below). On a GPU the copies are only issued: the current stream waits for
+        them on the device, so whatever it runs next (a forward, a load into the same
+        blocks) comes after they have been read, and the host does not wait. ``hints``,
+        ``positions``: reuse prospects and chain positions per block (``put_blocks``);
+        ``settle``: at shutdown."""
         if not (len(keys) == len(parent_keys) == len(block_ids)):
             raise ValueError("save() needs as many keys, parent keys and block ids")
         blocks = [self.kv_cache[b] for b in block_ids]
         try:
-            n = self.store.put_many(keys, parent_keys, tenant, blocks, self.block_size)
+            out = self.store.put_blocks(
+                keys, parent_keys, tenant, blocks, self.block_size, hints, settle, positions
+            )
         except Exception:
             log.exception("store write-back failed")
-            return
+            return [False] * len(keys)
+        n = sum(o not in ("copy_failed", "error") for o in out)
         self.saved_blocks += n
         self.saved_bytes += n * self.block_bytes
+        return [o in ("g2", "already_stored") for o in out]
 
     @_engine_timed("prefetch")
     def prefetch(self, keys: list[bytes], tenant: bytes) -> bool:
         """Start bringing stored blocks up to G2 (e.g. when a request is queued)."""
         return self.store.prefetch(keys, tenant)
+
+    @_engine_timed("prefetch")
+    def plan_queue(self, queue: list, block_compute_s: float | None) -> None:
+        """The engine's waiting requests (``prefetch.Queued``, in order) and the GPU's time
+        per block: the store plans their prefixes' way up (``PrefetchPlanner``)."""
+        if self.store.prefetcher is not None:
+            self.store.prefetcher.publish(queue, block_compute_s)
 
     def drain_events(self) -> list[KVEvent]:
         return self.store.drain_events()

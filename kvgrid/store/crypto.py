@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from kvgrid.secretfile import write_secret_file
 from kvgrid.store.aead import AEAD, make_aead
 
 ENV_VAR = "KVGRID_MASTER_KEY"
@@ -90,12 +91,11 @@ class KeyRing:
 
 
 def generate_key_file(path: str | Path) -> Path:
-    """Create a key file with one fresh key (id 1), 0600, never overwriting one."""
+    """Create a key file with one fresh key (id 1), 0600, never overwriting one; safe when
+    several workers start at once (the file appears whole or not at all)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"1:{secrets.token_hex(32)}\n")
+    if not write_secret_file(p, f"1:{secrets.token_hex(32)}\n"):
+        raise FileExistsError(f"{p} exists")
     return p
 
 

@@ -251,9 +251,40 @@ class DiskTier(ObjectTier):
         self._touch(path)
         return data
 
+    def read_meta(self, name: str) -> bytes | None:
+        try:
+            return (self.root / f"meta-{name}").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_meta(self, name: str, data: bytes, replace: bool = False) -> bool:
+        dst = self.root / f"meta-{name}"
+        tmp = self.tmp / f"meta-{name}.{os.getpid()}.{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            if replace:
+                os.replace(tmp, dst)
+                return True
+            try:
+                os.link(tmp, dst)  # fails if another server wrote it first
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def will_need(self, tid: bytes, keys: list[bytes]) -> None:
         # the kernel queues the reads of the whole file and returns: the fetch threads find
         # it in the page cache (or in flight) instead of waiting for the disk one by one
+        self._advise(tid, keys, "POSIX_FADV_WILLNEED")
+
+    def wont_need(self, tid: bytes, keys: list[bytes]) -> None:
+        self._advise(tid, keys, "POSIX_FADV_DONTNEED")
+
+    def _advise(self, tid: bytes, keys: list[bytes], advice: str) -> None:
         if not hasattr(os, "posix_fadvise"):
             return
         for key in keys:
@@ -262,7 +293,7 @@ class DiskTier(ObjectTier):
             except OSError:
                 continue
             try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, 0, 0, getattr(os, advice))
             except OSError:
                 pass
             finally:

@@ -3,7 +3,10 @@
 One slab tensor ``[num_slots, *block_shape]`` is allocated once, at the first block; the
 slot count is capacity // block bytes, so usage can never exceed capacity. LRU eviction
 with high/low watermarks skips pinned slots (pins are leases held by readers and by
-background writes still reading a slot). Entries are named by (tenant id, block key).
+background writes still reading a slot) and takes first the blocks a lower tier also holds
+(evicting those loses nothing). Entries are named by (tenant id, block key). A write that
+finds every slot pinned may wait for one to be released (``reserve(wait_s=...)``): a block
+leaving G1 then waits for room instead of being dropped.
 
 G2 lives inside the worker process, next to G1, so it holds the raw block bytes: it is not
 encrypted or checksummed (that happens when a block leaves the process for G3/G4).
@@ -39,6 +42,8 @@ class Slot:
     # lower tiers known to hold this block (written there, or promoted from there): a
     # write-back of a block already below G2 is then skipped without asking the tier
     below: set[str] = field(default_factory=set)
+    # reuse prospects the engine gave it (sightings plus hint): ranks it for the write-down
+    prospect: float = 0.0
     # FILLING until committed; then the event of a copy still landing, or None once ready
     ready: Any = None
     name: tuple[bytes, bytes] | None = None  # (tenant id, key)
@@ -69,6 +74,7 @@ class HostPool:
         self.free: list[int] = []
         self.per_tenant: dict[bytes, int] = {}
         self.lock = threading.RLock()
+        self.released = threading.Condition(self.lock)  # a slot's last pin went, or it was freed
 
     up = True  # in-process memory is never unreachable
 
@@ -108,7 +114,11 @@ class HostPool:
         def n() -> int:
             return len(self.entries) if tid is None else self.per_tenant.get(tid, 0)
 
-        for k in [k for k, s in self.entries.items() if not s.pins and (tid in (None, k[0]))]:
+        if n() <= target_slots:
+            return
+        free = [(k, s) for k, s in self.entries.items() if not s.pins and tid in (None, k[0])]
+        # what a lower tier also holds goes first, then the least recently used
+        for k, _ in [e for e in free if e[1].below] + [e for e in free if not e[1].below]:
             if n() <= target_slots:
                 break
             self._drop(k)
@@ -124,42 +134,56 @@ class HostPool:
         token_count: int,
         quota: int | None = None,
         created: float | None = None,
+        wait_s: float = 0.0,
     ) -> tuple[Slot | None, bool, list]:
         """A pinned slot for a block of ``shape`` and ``dtype``: (slot, new, evicted). A new
         slot is for the caller to fill, then ``commit`` (or ``abort``); an existing one is
         ready to read once ``wait_ready``. (None, False, ...) while another fill of the key
-        is under way; (None, True, ...) when there is no room."""
+        is under way; (None, True, ...) when there is no room, after waiting up to
+        ``wait_s`` for a pinned slot to be let go."""
         evicted: list = []
+        end = time.monotonic() + wait_s
         with self.lock:
-            if not self.configure(tuple(shape), dtype):
+            while True:
+                got = self._reserve(tid, key, shape, dtype, parent_key, token_count, quota,
+                                    created, evicted)  # fmt: skip
+                left = end - time.monotonic()
+                if got is not None or left <= 0:
+                    break
+                self.released.wait(left)  # every slot pinned: back-pressure, not a drop
+        return got if got is not None else (None, True, evicted)
+
+    def _reserve(self, tid, key, shape, dtype, parent_key, token_count, quota, created, evicted):
+        """``reserve`` under the lock; None when every slot is pinned (the caller may wait)."""
+        if not self.configure(tuple(shape), dtype):
+            return None, True, evicted
+        k = (tid, key)
+        s = self.entries.get(k)
+        if s is not None:
+            if s.ready is FILLING:
+                return None, False, evicted
+            self.entries.move_to_end(k)
+            s.pins += 1
+            return s, False, evicted
+        if quota is not None:
+            allowed = quota // self.slot_bytes
+            if allowed < 1:
                 return None, True, evicted
-            k = (tid, key)
-            s = self.entries.get(k)
-            if s is not None:
-                if s.ready is FILLING:
-                    return None, False, evicted
-                self.entries.move_to_end(k)
-                s.pins += 1
-                return s, False, evicted
-            if quota is not None:
-                allowed = quota // self.slot_bytes
-                if allowed < 1:
-                    return None, True, evicted
-                self._evict(allowed - 1, tid, "quota", evicted)
-                if self.per_tenant.get(tid, 0) >= allowed:
-                    return None, True, evicted
-            used = len(self.entries) * self.slot_bytes
-            target = watermark_target(self.capacity, self.high, self.low, used, self.slot_bytes)
-            if target is not None:
-                self._evict(target // self.slot_bytes, None, "capacity", evicted)
-            if not self.free:
-                return None, True, evicted  # every slot pinned
-            idx = self.free.pop()
-            t = time.time() if created is None else created
-            # pinned: nobody may take the slot while it is being filled
-            s = Slot(idx, t, token_count, parent_key, pins=1, ready=FILLING, name=k)
-            self.entries[k] = s
-            self.per_tenant[tid] = self.per_tenant.get(tid, 0) + 1
+            self._evict(allowed - 1, tid, "quota", evicted)
+            if self.per_tenant.get(tid, 0) >= allowed:
+                return None, True, evicted
+        used = len(self.entries) * self.slot_bytes
+        target = watermark_target(self.capacity, self.high, self.low, used, self.slot_bytes)
+        if target is not None:
+            self._evict(target // self.slot_bytes, None, "capacity", evicted)
+        if not self.free:
+            return None  # every slot pinned
+        idx = self.free.pop()
+        t = time.time() if created is None else created
+        # pinned: nobody may take the slot while it is being filled
+        s = Slot(idx, t, token_count, parent_key, pins=1, ready=FILLING, name=k)
+        self.entries[k] = s
+        self.per_tenant[tid] = self.per_tenant.get(tid, 0) + 1
         return s, True, evicted
 
     def fill(self, slot: Slot, block: torch.Tensor) -> None:
@@ -207,8 +231,10 @@ class HostPool:
 
     def _unpin(self, s: Slot) -> None:
         s.pins -= 1
-        if s.dead and s.pins == 0:
-            self.free.append(s.index)
+        if s.pins == 0:
+            if s.dead:
+                self.free.append(s.index)
+            self.released.notify_all()
 
     def acquire(self, tid: bytes, key: bytes) -> tuple[Slot, torch.Tensor] | None:
         """Pin a slot for reading; the caller must ``release`` it."""

@@ -50,6 +50,10 @@ class LayerLanding:
         if self.events:
             stream_wait(torch.cuda.current_stream(), self.events[-1], "landing")
 
+    def landed(self) -> bool:
+        """Whether every layer is in G1 already (asks the device; never waits)."""
+        return not self.events or self.events[-1].query()
+
     def synchronize(self) -> None:
         if self.events:
             self.events[-1].synchronize()

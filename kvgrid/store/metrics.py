@@ -54,10 +54,54 @@ class StoreMetrics:
                 ["mode"],
                 registry=r,
             ),
+            "errors": Counter(
+                "kvgrid_store_errors",
+                "store operations that failed with an error, by tier and operation (lookup, "
+                "load, read); each is also logged",
+                ["tier", "op"],
+                registry=r,
+            ),
             "writes_dropped": Counter(
                 "kvgrid_store_writes_dropped",
                 "writes not done, by reason (queue_full, quota, full, too_big, error, copy_failed)",
                 ["tier", "reason"],
+                registry=r,
+            ),
+            "g1_writebacks": Counter(
+                "kvgrid_store_g1_writebacks",
+                "blocks handed down from G1 (evicted, written through, preempted, at shutdown), "
+                "by outcome (g2, already_stored, queued_below, dropped_full, not_admitted, "
+                "copy_failed, error)",
+                ["outcome"],
+                registry=r,
+            ),
+            "lost_hits": Counter(
+                "kvgrid_store_lost_hits",
+                "blocks an admitted request recomputed although they were once stored, by "
+                "reason (never written: not_written_<why>; evicted_<tier>; found but not "
+                "loaded: not_loaded_plan, behind_miss, not_loaded_deadline, "
+                "not_loaded_error; in_flight)",
+                ["reason"],
+                registry=r,
+            ),
+            "writedown": Counter(
+                "kvgrid_store_writedown",
+                "blocks considered for the disk tiers, by tier and outcome (written, "
+                "already_below, and skips: outranked, evicted_before_write, not_admitted, "
+                "full, quota, error)",
+                ["tier", "outcome"],
+                registry=r,
+            ),
+            "prefetch": Counter(
+                "kvgrid_store_prefetch_blocks",
+                "blocks of queued requests planned for G2, by outcome (fetched, late: "
+                "could not arrive before the GPU would compute them, failed)",
+                ["outcome"],
+                registry=r,
+            ),
+            "backpressure_s": Counter(
+                "kvgrid_store_g2_backpressure_seconds",
+                "seconds write-backs waited for a G2 slot to be released (instead of dropping)",
                 registry=r,
             ),
         }
@@ -83,7 +127,8 @@ class StoreMetrics:
         self._lock = threading.Lock()
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        self._c[name].labels(**labels).inc(value)
+        c = self._c[name]
+        (c.labels(**labels) if labels else c).inc(value)
         with self._lock:
             self.counts[(name, *sorted(labels.items()))] += value
 

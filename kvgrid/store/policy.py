@@ -125,7 +125,36 @@ class LeaseManager:
         return len(late)
 
 
-class BoundedWorkQueue:
+class WorkerThreads:
+    """Background threads working through jobs under one condition: ``in_flight`` jobs are
+    queued or running, ``closed`` stops the threads once the queue is empty."""
+
+    cv: threading.Condition
+    threads: list[threading.Thread]
+    closed: bool
+    in_flight: int
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every submitted job has finished."""
+        end = time.monotonic() + timeout_s
+        with self.cv:
+            while self.in_flight:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cv.wait(left)
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.drain(timeout_s)
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+        for t in self.threads:
+            t.join(timeout=1.0)
+
+
+class BoundedWorkQueue(WorkerThreads):
     """Background I/O with at most ``max_in_flight`` jobs queued or running.
 
     ``submit`` waits at most ``block_s`` for room, then drops the job (counted): the engine
@@ -187,22 +216,3 @@ class BoundedWorkQueue:
                 self.failed += not ok
                 self.cv.notify_all()
             self.slots.release()
-
-    def drain(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every submitted job has finished."""
-        end = time.monotonic() + timeout_s
-        with self.cv:
-            while self.in_flight:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cv.wait(left)
-        return True
-
-    def close(self, timeout_s: float = 30.0) -> None:
-        self.drain(timeout_s)
-        with self.cv:
-            self.closed = True
-            self.cv.notify_all()
-        for t in self.threads:
-            t.join(timeout=1.0)

@@ -11,14 +11,20 @@ Admission, eviction and the capacity check run in one Lua script, so usage never
 capacity however many machines write at once. Any Redis error marks the backend down for a
 short while (reads are misses, writes are dropped) instead of raising to the caller: the
 store keeps serving from its other tiers. Single-node Redis/Valkey (not cluster mode).
+
+Credentials: ``redis://user:password@host:port/db`` (AUTH, ACL users too), or a password in
+KVGRID_REDIS_PASSWORD; ``rediss://`` for TLS (``?ssl_ca_certs=/path/ca.pem`` to name the CA).
+The URL is never logged as given: ``url`` is the form without the password.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -93,6 +99,22 @@ def _member(tid: bytes, key: bytes) -> str:
     return f"{tid.hex()}:{key.hex()}"
 
 
+PASSWORD_ENV = "KVGRID_REDIS_PASSWORD"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (user names stay: they say which ACL user)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _split(member: str | bytes) -> tuple[bytes, bytes]:
     if isinstance(member, bytes):
         member = member.decode()
@@ -114,13 +136,18 @@ class RedisTier(ObjectTier):
         retry_s: float = 2.0,
         timeout_s: float = 2.0,
     ) -> None:
-        self.url, self.capacity, self.name, self.prefix = url, int(capacity), name, prefix
+        self.url = redact_url(url)  # for logs and metrics; the real one stays in the client
+        self.capacity, self.name, self.prefix = int(capacity), name, prefix
         self.high, self.low, self.retry_s = high, low, retry_s
+        extra = {}
+        if urlsplit(url).password is None and os.environ.get(PASSWORD_ENV):
+            extra["password"] = os.environ[PASSWORD_ENV]
         self.client = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=min(timeout_s, 1.0),
             retry=Retry(NoBackoff(), 0),
+            **extra,
         )
         self._put = self.client.register_script(_PUT)
         self._del = self.client.register_script(_DEL)
@@ -230,6 +257,12 @@ class RedisTier(ObjectTier):
 
     def clear(self, tid: bytes | None = None) -> int:
         return sum(self.delete(i.tenant_id, i.key) for i in list(self.list(tid)))
+
+    def read_meta(self, name: str) -> bytes | None:
+        return self._call(self.client.get, self.prefix + "meta:" + name)
+
+    def write_meta(self, name: str, data: bytes, replace: bool = False) -> bool:
+        return bool(self._call(self.client.set, self.prefix + "meta:" + name, data, nx=not replace))
 
     def close(self) -> None:
         self.client.close()

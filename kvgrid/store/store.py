@@ -31,6 +31,7 @@ from kvgrid.store.crypto import KeyRing, load_keyring
 from kvgrid.store.disk_tier import DiskTier
 from kvgrid.store.host_pool import HostPool, Slot
 from kvgrid.store.landing import LayerLanding, land_layers
+from kvgrid.store.ledger import BlockLedger
 from kvgrid.store.metrics import StoreMetrics, tenant_label
 from kvgrid.store.object import (
     MAX_HEADER,
@@ -39,13 +40,14 @@ from kvgrid.store.object import (
     check_object,
     decode_object,
     dtype_of,
-    encode_object,
     read_header,
     tenant_id,
 )
 from kvgrid.store.policy import BoundedWorkQueue, Lease, LeaseManager, LoadDeadline, Sightings
-from kvgrid.store.tier import ObjectTier, PutResult, ReadBuffer
+from kvgrid.store.prefetch import PrefetchPlanner
+from kvgrid.store.tier import ObjectTier, ReadBuffer
 from kvgrid.store.transfer import Copier, CopyEvent, CudaCopier, copy_run, host_copy, wait_ready
+from kvgrid.store.writedown import Candidate, WriteDown
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -79,8 +81,17 @@ class ContextStore:
         )
         self.leases = LeaseManager(self.g2, cfg.lease_timeout_s) if self.g2 else None
         self.lower: list[ObjectTier] = tiers if tiers is not None else self._build_tiers(cfg)
+        self._error_logged: dict[tuple[str, str], float] = {}
+        if self.keyring is not None:
+            from kvgrid.store.keycheck import check_shared_tier
+
+            for t in self.lower:
+                if t.name == "G4":
+                    check_shared_tier(t, self.keyring)  # refuse another server's master key
         self.sightings = Sightings()
-        self.writes = BoundedWorkQueue(cfg.io_queue, cfg.io_workers, cfg.io_block_s, "write")
+        self.ledger = BlockLedger(self.metrics)
+        # what goes below G2, best reuse prospects first (writedown.py)
+        self.writes = WriteDown(self, cfg.io_queue, cfg.io_workers, cfg.io_block_s)
         self.reads = BoundedWorkQueue(cfg.io_queue, 1, 0.0, "prefetch")
         # reads below G2 (loads and prefetches): file/network read, verification, decryption
         # and decoding all release the GIL, so these threads run in parallel
@@ -111,6 +122,8 @@ class ContextStore:
                 t.capacity_bytes if t is self.g2 else t.capacity
             )
         self.rebuilt = {t.name: self._rebuild(t) for t in self.lower if isinstance(t, DiskTier)}
+        # the waiting requests' prefixes come up into G2 ahead of admission (prefetch.py)
+        self.prefetcher = PrefetchPlanner(self) if self.g2 is not None else None
         self._janitor = None
         if cfg.sweep_interval_s > 0:
             self._janitor = threading.Thread(
@@ -163,6 +176,7 @@ class ContextStore:
     def _removed(self, tier: str, evicted: list[tuple[bytes, bytes, str]]) -> None:
         for _, key, reason in evicted:
             self.metrics.inc("evictions", tier=tier, reason=reason)
+            self.ledger.left_tier(key, tier)
             self._emit(BlockRemoved((key,), tier))
 
     def _observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
@@ -188,8 +202,9 @@ class ContextStore:
 
     # ---- lookups ---------------------------------------------------------------------------
 
-    def contains(self, keys: list[bytes], tenant: bytes) -> list[str | None]:
-        """The tier holding each key, for the leading run of keys held somewhere; None after."""
+    def contains(self, keys: list[bytes], tenant: bytes, leading: bool = True) -> list[str | None]:
+        """The tier holding each key, for the leading run of keys held somewhere; None after
+        (``leading=False``: for every key, past gaps too)."""
         tid = _tid(tenant)
         now = time.time()
         out: list[str | None] = [None] * len(keys)
@@ -207,7 +222,8 @@ class ContextStore:
                 continue
             try:
                 created = tier.created_many(tid, [keys[i] for i in remaining])
-            except OSError:
+            except OSError as e:
+                self.failed(tier.name, "lookup", e)
                 continue
             still = []
             for i, c in zip(remaining, created):
@@ -216,6 +232,8 @@ class ContextStore:
                 else:
                     still.append(i)
             remaining = still
+        if not leading:
+            return out
         for i, t in enumerate(out):
             if t is None:
                 return out[:i] + [None] * (len(keys) - i)
@@ -238,7 +256,7 @@ class ContextStore:
         try:
             blob = tier.get(tid, key, self._read_buffer() if out is not None else None)
         except OSError as e:
-            log.warning("%s read failed: %s", tier.name, e)
+            self.failed(tier.name, "read", e)
             blob = None
         if blob is None:
             reason = "absent" if tier.up else "backend_down"
@@ -259,6 +277,13 @@ class ContextStore:
             self.metrics.inc("integrity_failures", tier=tier.name, kind=e.kind)
             self.metrics.inc("misses", tier=tier.name, tenant=tl, reason=e.kind)
             log.warning("%s object %s failed verification (%s)", tier.name, key.hex()[:16], e)
+            if e.kind == "decrypt" and tier.name == "G4":
+                self.failed(
+                    "G4",
+                    "decrypt",
+                    "an object of the shared tier does not open with this server's master key: "
+                    "every server of a shared tier needs the same key",
+                )
             if e.kind != "decrypt":  # damaged or misplaced: never this block; drop it
                 with contextlib.suppress(OSError):
                     if tier.delete(tid, key):
@@ -274,6 +299,16 @@ class ContextStore:
         self.metrics.inc("hits", tier=tier.name, tenant=tl)
         self.metrics.inc("bytes_out", len(blob), tier=tier.name, tenant=tl)
         return h, t
+
+    def failed(self, tier: str, op: str, error: object) -> None:
+        """A store operation failed: counted always, logged at most every 30 s per kind (a
+        broken disk fails every request; the log must say so without flooding)."""
+        self.metrics.inc("errors", tier=tier, op=op)
+        now = time.monotonic()
+        if now - self._error_logged.get((tier, op), float("-inf")) >= 30.0:
+            self._error_logged[(tier, op)] = now
+            n = self.metrics.total("errors", tier=tier, op=op)
+            log.error("context store %s %s failed (%d so far): %s", tier, op, n, error)
 
     def _g2_acquire(self, tid: bytes, key: bytes) -> tuple[Slot, torch.Tensor] | None:
         if self.g2 is None:
@@ -386,13 +421,18 @@ class ContextStore:
         return self._policy(tid).quota_bytes.get("G2")
 
     def _g2_reserve(
-        self, tid, key, shape, dtype, parent_key, token_count, quota, created=None
+        self, tid, key, shape, dtype, parent_key, token_count, quota, created=None, wait_s=0.0
     ) -> tuple[Slot, bool] | None:
-        """A pinned G2 slot for a block: (slot, new), or None (no room, or the block being
-        filled by another thread); evictions and drops are accounted."""
+        """A pinned G2 slot for a block: (slot, new), or None (no room after waiting up to
+        ``wait_s`` for a pinned slot to be let go, or the block being filled by another
+        thread); evictions, waits and drops are accounted."""
+        t0 = time.perf_counter()
         slot, new, evicted = self.g2.reserve(
-            tid, key, shape, dtype, parent_key, token_count, quota, created
+            tid, key, shape, dtype, parent_key, token_count, quota, created, wait_s
         )
+        waited = time.perf_counter() - t0
+        if wait_s > 0 and waited > 1e-3:
+            self.metrics.inc("backpressure_s", waited)
         self._removed("G2", evicted)
         if slot is None:
             if new:
@@ -615,22 +655,29 @@ class ContextStore:
             futs: deque[Future] = deque()
             ok = True
             ahead = ReadAhead(self, tid, todo)
+            nbytes: dict[str, int] = {}
+            t0 = time.perf_counter()
             for j, k in enumerate(todo):
                 futs.append(self._fetchers.submit(self._fetch_lower, tid, k, tenant))
                 ahead.hint(j + 1)
                 while futs and (len(futs) >= self._window or not ok):
-                    ok = self._end_prefetch(futs.popleft()) and ok
+                    ok = self._end_prefetch(futs.popleft(), nbytes) and ok
                 if not ok:
                     break
             while futs:
-                ok = self._end_prefetch(futs.popleft()) and ok
+                ok = self._end_prefetch(futs.popleft(), nbytes) and ok
+            seconds = time.perf_counter() - t0
+            for tier, b in nbytes.items():  # a prefetch measures its tiers as a load does
+                self._observe_load(tier, b, seconds)
 
         return self.reads.submit(job)
 
-    def _end_prefetch(self, fut: Future) -> bool:
+    def _end_prefetch(self, fut: Future, nbytes: dict[str, int]) -> bool:
         r = fut.result()
-        if r is not None and r[1] is not None:
-            self.g2.release(r[1])
+        if r is not None:
+            nbytes[r[0]] = nbytes.get(r[0], 0) + r[2].nbytes
+            if r[1] is not None:
+                self.g2.release(r[1])
         return r is not None
 
     def lease(
@@ -662,56 +709,120 @@ class ContextStore:
         tenant: bytes,
         blocks: list[torch.Tensor],
         token_count: int,
+        hints: list[float] | None = None,
+        settle: bool = False,
+        positions: list[int] | None = None,
     ) -> int:
         """Store blocks; how many were taken without error (stored, or dropped by policy).
+        ``put_blocks`` says what became of each."""
+        out = self.put_blocks(
+            keys, parent_keys, tenant, blocks, token_count, hints, settle, positions
+        )
+        return sum(o not in ("copy_failed", "error") for o in out)
+
+    def put_blocks(
+        self,
+        keys: list[bytes],
+        parent_keys: list[bytes | None],
+        tenant: bytes,
+        blocks: list[torch.Tensor],
+        token_count: int,
+        hints: list[float] | None = None,
+        settle: bool = False,
+        positions: list[int] | None = None,
+    ) -> list[str]:
+        """Store blocks handed down from G1; per block, its outcome: ``g2`` (now in G2),
+        ``already_stored``, ``queued_below`` (no G2 copy: queued for the disk tiers),
+        ``dropped_full``, ``not_admitted``, ``outranked``, ``copy_failed`` or ``error``.
 
         Host blocks are read before this returns. GPU blocks are copied into G2 on the
         copier's stream: the caller's current stream waits for those copies on the device,
         so its later kernels cannot overwrite the blocks before they are read, and the
-        caller may reuse them at once. Disk and network writes finish in the background
-        (``flush`` waits for them)."""
+        caller may reuse them at once. With every G2 slot pinned, the caller waits up to
+        ``g2_wait_s`` for one (back-pressure) before a block is dropped. Disk and network
+        writes go through the ranked write-down (``hints``: the engine's reuse prospects
+        per block, added to its sightings; ``positions``: each block's place in its chain,
+        a prefix's head going first); ``settle`` (shutdown) waives disk admission."""
         if not (len(keys) == len(parent_keys) == len(blocks)):
             raise ValueError("put_many() needs as many keys, parent keys and blocks")
         if not keys:
-            return 0
+            return []
         if self.block_shape is None:
             self.configure_blocks(tuple(blocks[0].shape), blocks[0].dtype)
         tid = _tid(tenant)
         self._known_tenants.setdefault(tid, tenant)
-        seen = [self.sightings.bump(k, at_least=1) for k in keys]
-        ok = [True] * len(keys)
+        hints = hints or [0.0] * len(keys)
+        score = [self.sightings.bump(k, at_least=1) + h for k, h in zip(keys, hints)]
+        out = ["not_admitted"] * len(keys)
         if self.g2 is not None:
-            self._g2_put_many(tid, keys, parent_keys, blocks, token_count, seen, ok)
+            self._g2_put_many(tid, keys, parent_keys, blocks, token_count, score, out)
+            for key, o in zip(keys, out):
+                if o in ("g2", "already_stored"):
+                    self.ledger.handed_down(key, o)
+        g2_out = list(out)
         for i, key in enumerate(keys):
+            in_g2 = out[i] in ("g2", "already_stored")
             try:
-                self._write_back_lower(
-                    tid, key, parent_keys[i], tenant, blocks[i], token_count, seen[i]
-                )
+                depth = positions[i] if positions else 0
+                o = self._offer_below(
+                    tid, key, parent_keys[i], tenant, blocks[i], token_count, score[i], settle,
+                    in_g2, depth,
+                )  # fmt: skip
             except Exception:
                 log.exception("store write-back failed")
-                ok[i] = False
-        return sum(ok)
+                o = "error"
+            if in_g2:
+                if o == "already_stored":
+                    out[i] = o
+                if self.g2.peek(tid, key) is None:  # its own batch filled G2 past it
+                    self.ledger.left_tier(key, "G2")
+                continue
+            # G2 did not take it: what the lower tiers did says where it went, unless they
+            # did not take it either (then G2's reason: full, or a failed copy)
+            if o in ("queued_below", "already_stored") or g2_out[i] == "not_admitted":
+                out[i] = o
+            self.ledger.handed_down(key, out[i])
+        return out
 
-    def _g2_put_many(self, tid, keys, parent_keys, blocks, token_count, seen, ok) -> None:
-        """The G2 part of ``put_many``: new slots are reserved, filled (one asynchronous
-        batch for device blocks), then shown; ``ok[i]`` cleared where filling failed."""
+    def _g2_put_many(self, tid, keys, parent_keys, blocks, token_count, score, out) -> None:
+        """The G2 part of ``put_blocks``: new slots are reserved, filled (one asynchronous
+        batch for device blocks), then shown; ``out[i]`` says what became of each. A batch
+        larger than what G2 has free fills what it reserved before it waits for more."""
         quota = self._g2_quota(tid)
         fills: list[tuple[int, Slot]] = []
         sync: list[tuple[int, Slot]] = []
+        wait_end = time.monotonic() + self.config.g2_wait_s  # one bound for the whole call
         for i, key in enumerate(keys):
-            if seen[i] < self.config.admit_after.get("G2", 1):
+            if score[i] < self.config.admit_after.get("G2", 1):
                 continue
             b = blocks[i]
-            got = self._g2_reserve(tid, key, b.shape, b.dtype, parent_keys[i], token_count, quota)
+            got = None
+            for _ in range(2):
+                wait = max(0.0, wait_end - time.monotonic())
+                got = self._g2_reserve(tid, key, b.shape, b.dtype, parent_keys[i], token_count,
+                                       quota, wait_s=wait)  # fmt: skip
+                if got is not None or not (fills or sync):
+                    break
+                # this batch's own slots, still being filled, may be what G2 waits for
+                self._g2_fill(tid, keys, parent_keys, blocks, token_count, fills, sync, out)
+                fills, sync = [], []
             if got is None:
+                out[i] = "dropped_full"
                 continue
             slot, new = got
+            slot.prospect = max(slot.prospect, score[i])
             if not new:
+                out[i] = "already_stored"
                 self.g2.release(slot)
             elif self.copier is not None and self.copier.accepts(b, self.g2.pool):
                 fills.append((i, slot))
             else:
                 sync.append((i, slot))
+        self._g2_fill(tid, keys, parent_keys, blocks, token_count, fills, sync, out)
+
+    def _g2_fill(self, tid, keys, parent_keys, blocks, token_count, fills, sync, out) -> None:
+        """Copy into reserved G2 slots (``sync`` here, ``fills`` as one asynchronous batch)
+        and show them."""
         shown: list[tuple[int, Slot]] = []
         for i, slot in sync:
             try:
@@ -719,7 +830,7 @@ class ContextStore:
             except Exception:
                 log.exception("G2 write-back copy failed")
                 self.metrics.inc("writes_dropped", tier="G2", reason="copy_failed")
-                ok[i] = False
+                out[i] = "copy_failed"
                 continue
             self.g2.release(slot)
             shown.append((i, slot))
@@ -733,7 +844,7 @@ class ContextStore:
                 self._abandon_issued(slots, blocks[fills[0][0]].device)
                 self.metrics.inc("writes_dropped", len(slots), tier="G2", reason="copy_failed")
                 for i, _ in fills:
-                    ok[i] = False
+                    out[i] = "copy_failed"
             else:
                 self.g2.commit(slots, ev)
                 self._landings.submit(self._copied, slots, ev)
@@ -743,6 +854,7 @@ class ContextStore:
             self.metrics.inc("writebacks", len(sync), mode="sync")
         tl = tenant_label(tid)
         for i, _ in shown:
+            out[i] = "g2"
             self.metrics.inc("bytes_in", blocks[i].nbytes, tier="G2", tenant=tl)
             self._emit(BlockStored((keys[i],), parent_keys[i], "G2", token_count))
 
@@ -755,6 +867,7 @@ class ContextStore:
             self.g2.abort(slots)
             self.metrics.inc("writes_dropped", len(slots), tier="G2", reason="copy_failed")
             for s in slots:
+                self.ledger.record(s.name[1], "dropped:copy_failed")
                 self._emit(BlockRemoved((s.name[1],), "G2"))
             return
         self.g2.settle(slots)
@@ -770,42 +883,43 @@ class ContextStore:
             self.g2.retire(slots)
         self.g2.abort(slots)
 
-    def _write_back_lower(self, tid, key, parent_key, tenant, block, token_count, seen) -> None:
-        """Queue the G3/G4 writes of one block (from its G2 slot when it has one)."""
+    def _offer_below(
+        self, tid, key, parent_key, tenant, block, token_count, score, settle, in_g2, depth=0
+    ) -> str:
+        """Offer one block to the write-down for the disk tiers (by its G2 slot when G2
+        holds it, else with a host copy of its own); the outcome for a block G2 lacks."""
         admit = self.config.admit_after
-        targets = [t for t in self.lower if seen >= admit.get(t.name, 1) and t.up]
-        got = self.g2.acquire(tid, key) if self.g2 is not None and targets else None
+        targets = [t for t in self.lower if t.up and (settle or score >= admit.get(t.name, 1))]
+        for t in self.lower:
+            if t.up and t not in targets:
+                self.metrics.inc("writedown", tier=t.name, outcome="not_admitted")
+        got = self.g2.acquire(tid, key) if in_g2 and targets else None
         if got is not None:
-            below = got[0].below
-            targets = [t for t in targets if t.name not in below]  # already there
+            targets = [t for t in targets if t.name not in got[0].below]  # already there
             if not targets:
                 self.g2.release(got[0])
+                return "already_stored"
         if not targets:
-            return
-        copied: CopyEvent | None = None
+            if self.lower and in_g2:
+                self.ledger.skipped_below(key, "not_admitted")
+            return "not_admitted"
+        copied = None
         if got is not None:
-            slot, src = got  # pinned until the write has read it
+            slot, src = got  # pinned until written or skipped
         else:
             slot = None
             src, copied = self._off_device(block)
+        c = Candidate(
+            tid, key, parent_key, tenant, token_count, score, targets, src, slot, copied, depth
+        )
+        wait = self.config.io_block_s if not settle else 60.0
+        return "queued_below" if self.writes.offer(c, wait_s=wait) else "outranked"
 
-        def job() -> None:
-            try:
-                if slot is not None:
-                    wait_ready([slot])
-                elif copied is not None:
-                    copied.synchronize()
-                self._write_lower(targets, tid, key, parent_key, tenant, src, token_count)
-            finally:
-                if slot is not None:
-                    self.g2.release(slot)
-
-        if not self.writes.submit(job):
-            if slot is not None:
-                self.g2.release(slot)
-            for t in targets:
-                self.metrics.inc("writes_dropped", tier=t.name, reason="queue_full")
-        self.metrics.in_flight.set(self.writes.in_flight)
+    def settle(self, timeout_s: float = 120.0) -> int:
+        """At shutdown, after G1's blocks have been handed down: what G2 holds that no
+        lower tier has goes down, best prospects first, within each tier's capacity
+        (``WriteDown.settle``). Returns how many blocks were offered."""
+        return self.writes.settle(timeout_s)
 
     def _off_device(self, block: torch.Tensor) -> tuple[torch.Tensor, CopyEvent | None]:
         """A host copy of ``block`` for a write below G2 (no G2 slot holds it), and the
@@ -817,44 +931,6 @@ class ContextStore:
             return dst, self.copier.copy([(dst, block)])
         host_copy(dst, block)
         return dst, None
-
-    def _write_lower(self, targets, tid, key, parent_key, tenant, src, token_count) -> None:
-        todo = []
-        for t in targets:
-            with contextlib.suppress(OSError):
-                if t.created_many(tid, [key])[0] is None:
-                    todo.append(t)
-        if not todo:
-            return
-        blob = encode_object(
-            src,
-            key,
-            parent_key,
-            tenant,
-            token_count,
-            self.keyring,
-            self.config.codec,
-            self.config.compression_level,
-            self.config.lossy_max_rel_error,
-            self.config.model_fingerprint,
-            kvkeys.KV_LAYOUT_VERSION,
-        )
-        pol = self._policy(tid)
-        for t in todo:
-            try:
-                res = t.put(tid, key, blob, pol.quota_bytes.get(t.name))
-            except OSError as e:
-                log.warning("%s write failed: %s", t.name, e)
-                res = PutResult(False, reason="error")
-            self._removed(t.name, res.evicted)
-            if res.stored:
-                self.metrics.inc("bytes_in", len(blob), tier=t.name, tenant=tenant_label(tid))
-                self._emit(BlockStored((key,), parent_key, t.name, token_count))
-                slot = self.g2.peek(tid, key) if self.g2 is not None else None
-                if slot is not None:
-                    slot.below.add(t.name)
-            else:
-                self.metrics.inc("writes_dropped", tier=t.name, reason=res.reason or "error")
 
     def flush(self, timeout_s: float = 60.0) -> bool:
         """Wait for write-back copies, queued background writes and prefetches to finish."""
@@ -1013,6 +1089,8 @@ class ContextStore:
 
     def close(self) -> None:
         self._closed.set()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.writes.close()
         self.reads.close()
         self._fetchers.shutdown(wait=True)

@@ -64,9 +64,23 @@ class ObjectTier(ABC):
     @abstractmethod
     def clear(self, tid: bytes | None = None) -> int: ...
 
+    def read_meta(self, name: str) -> bytes | None:
+        """A small record about the tier itself (kvgrid.store.keycheck), or None."""
+        return None
+
+    def write_meta(self, name: str, data: bytes, replace: bool = False) -> bool:
+        """Store a record about the tier; without ``replace`` only if none exists yet (one
+        of several servers starting at once wins). True if written."""
+        return False
+
     def will_need(self, tid: bytes, keys: list[bytes]) -> None:
         """A hint: these objects are about to be read. A tier whose device can start the
         reads early (a file system's readahead) starts them; absent objects are skipped."""
+        return None
+
+    def wont_need(self, tid: bytes, keys: list[bytes]) -> None:
+        """A hint: these objects will not be read soon (a file system drops them from its
+        page cache, so that the next read is cold)."""
         return None
 
     def close(self) -> None:

@@ -1,7 +1,9 @@
 """A raw bandwidth probe of the transfer channel: bytes, no object format, no verification.
 
 The ceiling a transfer's stream is set against, measured on the same authenticated
-connection a transfer uses (``POST /transfer/probe`` on a sending worker).
+connection a transfer uses: the receiving worker expects the probe (its id and ticket, as
+for a transfer; ``POST /transfer/probe/expect``), the sending one runs it
+(``POST /transfer/probe``).
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ from kvgrid.transfer import auth, wire
 
 
 def probe_link(
-    endpoint: str, secret: bytes, nbytes: int, chunk: int = 8 << 20, timeout_s: float = 30.0
+    endpoint: str,
+    probe_id: bytes,
+    ticket: bytes,
+    nbytes: int,
+    chunk: int = 8 << 20,
+    timeout_s: float = 30.0,
 ) -> dict:
     """``nbytes`` sent to a receiver in frames of ``chunk`` bytes, dropped there."""
     sock = socket.create_connection(wire.parse_endpoint(endpoint), timeout_s)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        auth.client_handshake(sock, secret, wire.PROBE_ID)
+        auth.client_handshake(sock, ticket, probe_id)
         buf = memoryview(bytearray(chunk))
         t0 = time.perf_counter()
         sent = 0

@@ -1,12 +1,13 @@
 """KVReceiver: the decode side of a transfer. Blocks arrive as stored objects and land in G2.
 
-A decode worker expects a transfer (``expect``: its id, the keys of the blocks in order,
-the tenant, a deadline and a stall limit) before the prefill worker connects. Each
-connection is authenticated (``auth``), then its blocks are verified and decoded into G2
-slots through the store's own path for objects from below (``ContextStore.accept``), one
-block decoding while the next is read. The slots stay pinned until the request has taken
-its KV (``release``); the engine then admits the request and finds the blocks in G2 like
-any stored prefix, so the load into G1 is the store's.
+A decode worker expects a transfer (``expect``: its id and ticket, the keys of the blocks
+in order, the tenant, a deadline and a stall limit) before the prefill worker connects.
+Each connection is authenticated with the ticket of the transfer it names (``auth``), then
+its blocks are verified and decoded into G2 slots through the store's own path for objects
+from below (``ContextStore.accept``), one block decoding while the next is read. The
+slots stay pinned until the request has taken its KV (``release``); the engine then admits
+the request and finds the blocks in G2 like any stored prefix, so the load into G1 is the
+store's.
 
 A transfer ends exactly once, with an outcome: complete; partial (the sender ended early);
 rejected (a block failed verification); no_room (no G2 slot); connection_lost; stalled (no
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 _WATCH_S = 0.02
 _MAX_CONNECTIONS = 256
 _HANDSHAKE_S = 5.0
+PROBE_TTL_S = 30.0  # an expected probe not started by then is forgotten
 _EWMA = 0.2
 
 
@@ -64,10 +66,16 @@ class Inbound:
     """One expected transfer."""
 
     def __init__(
-        self, tid: bytes, keys: list[bytes], tenant: bytes, deadline: float, stall_s: float
+        self,
+        tid: bytes,
+        ticket: bytes,
+        keys: list[bytes],
+        tenant: bytes,
+        deadline: float,
+        stall_s: float,
     ):
         now = time.monotonic()
-        self.id, self.keys, self.tenant = tid, keys, tenant
+        self.id, self.ticket, self.keys, self.tenant = tid, ticket, keys, tenant
         self.deadline, self.stall_s = deadline, stall_s
         self.created = self.last_progress = now
         self.connected_at: float | None = None
@@ -122,7 +130,6 @@ class KVReceiver:
     def __init__(
         self,
         store: ContextStore,
-        secret: bytes,
         host: str = "127.0.0.1",
         port: int = 0,
         advertise_host: str | None = None,
@@ -131,13 +138,14 @@ class KVReceiver:
     ) -> None:
         if store.block_shape is None or store.g2 is None:
             raise ValueError("a KV receiver needs the context store's G2 with its block shape set")
-        self.store, self.secret = store, secret
+        self.store = store
         self.metrics = metrics or TransferMetrics()
         nbytes = int(store.g2.slot_bytes) or 0
         self.max_object = max_object_len(nbytes)
         self.server = socket.create_server((host, port))
         self.endpoint = f"{advertise_host or host}:{self.server.getsockname()[1]}"
         self.transfers: dict[bytes, Inbound] = {}
+        self.probes: dict[bytes, tuple[bytes, float]] = {}  # id -> (ticket, expiry)
         self.lock = threading.Lock()
         self.bytes_per_s: float | None = None  # measured stream bandwidth
         self._gap: tuple[float, float] | None = None  # EWMAs of a queued block's bytes, gap
@@ -156,20 +164,40 @@ class KVReceiver:
     # ---- the decode worker's calls ---------------------------------------------------------
 
     def expect(
-        self, tid: bytes, keys: list[bytes], tenant: bytes, deadline_s: float, stall_s: float
+        self,
+        tid: bytes,
+        ticket: bytes,
+        keys: list[bytes],
+        tenant: bytes,
+        deadline_s: float,
+        stall_s: float,
     ) -> Inbound:
-        """Register a transfer about to start; its ``done`` future resolves when it ends."""
-        if len(tid) != auth.ID_BYTES or tid == wire.PROBE_ID:
-            raise ValueError("a transfer id is 16 bytes, not all zero")
-        t = Inbound(tid, list(keys), tenant, time.monotonic() + deadline_s, stall_s)
+        """Register a transfer about to start, which a sender proves with ``ticket``; its
+        ``done`` future resolves when it ends."""
+        _check_id(tid, ticket)
+        t = Inbound(tid, ticket, list(keys), tenant, time.monotonic() + deadline_s, stall_s)
         with self.lock:
-            if tid in self.transfers:
+            if tid in self.transfers or tid in self.probes:
                 raise ValueError(f"transfer {tid.hex()} is already expected")
             self.transfers[tid] = t
         self.metrics.active.labels("receive").inc()
         if not keys:
             self._finish(t, "complete")
         return t
+
+    def expect_probe(self, pid: bytes, ticket: bytes, ttl_s: float = PROBE_TTL_S) -> None:
+        """Accept one bandwidth probe (``kvgrid.transfer.probe``) with id ``pid`` within
+        ``ttl_s``, proved with ``ticket``."""
+        _check_id(pid, ticket)
+        now = time.monotonic()
+        with self.lock:
+            for k in [k for k, (_, exp) in self.probes.items() if exp < now]:
+                del self.probes[k]
+            if pid in self.transfers or pid in self.probes:
+                raise ValueError(f"transfer {pid.hex()} is already expected")
+            if len(self.probes) >= _MAX_CONNECTIONS:
+                raise ValueError(f"{_MAX_CONNECTIONS} probes are already expected")
+            self.probes[pid] = (ticket, now + ttl_s)
 
     def cancel(self, tid: bytes, reason: str = "cancelled") -> bool:
         with self.lock:
@@ -272,25 +300,35 @@ class KVReceiver:
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="kvt-conn", daemon=True).start()
 
-    def _claim(self, tid: bytes) -> int:
-        if tid == wire.PROBE_ID:
-            return auth.OK
+    def _claim(self, tid: bytes) -> tuple[int, bytes | None]:
+        """(status, ticket) of the transfer or probe ``tid`` names; changes nothing."""
         with self.lock:
             t = self.transfers.get(tid)
-        if t is None or t.outcome is not None:
-            return auth.UNKNOWN
-        return auth.OK if t.sock is None else auth.BUSY
+            probe = self.probes.get(tid)
+        if probe is not None:
+            ticket, expiry = probe
+            return (auth.OK if time.monotonic() <= expiry else auth.UNKNOWN), ticket
+        if t is None:
+            return auth.UNKNOWN, None
+        if t.outcome is not None:
+            return auth.UNKNOWN, t.ticket
+        return (auth.OK if t.sock is None else auth.BUSY), t.ticket
+
+    def _take_probe(self, pid: bytes) -> bool:
+        """Whether ``pid`` is an expected probe, which it then is no longer (one use)."""
+        with self.lock:
+            return self.probes.pop(pid, None) is not None
 
     def _serve(self, conn: socket.socket) -> None:
         t = None
         try:
             conn.settimeout(_HANDSHAKE_S)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tid, status = auth.server_handshake(conn, self.secret, self._claim)
+            tid, status = auth.server_handshake(conn, self._claim)
             if status != auth.OK:
                 return
             conn.settimeout(None)
-            if tid == wire.PROBE_ID:
+            if self._take_probe(tid):
                 serve_probe(conn)
                 return
             with self.lock:
@@ -425,6 +463,13 @@ class KVReceiver:
             self._gap = ((1 - _EWMA) * b + _EWMA * nbytes, (1 - _EWMA) * t + _EWMA * seconds)
         self.bytes_per_s = self._gap[0] / self._gap[1]
         self.metrics.bandwidth.set(self.bytes_per_s)
+
+
+def _check_id(tid: bytes, ticket: bytes) -> None:
+    if len(tid) != auth.ID_BYTES:
+        raise ValueError(f"a transfer id is {auth.ID_BYTES} bytes")
+    if len(ticket) != auth.TICKET_BYTES:
+        raise ValueError(f"a transfer ticket is {auth.TICKET_BYTES} bytes")
 
 
 def _shutdown(sock: socket.socket) -> None:

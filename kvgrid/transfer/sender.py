@@ -48,8 +48,8 @@ _EWMA = 0.2
 class Outbound:
     """One transfer this worker sends."""
 
-    def __init__(self, tid, endpoint, request_id, keys, parents, tenant, faults: Faults):
-        self.id, self.endpoint, self.request_id = tid, endpoint, request_id
+    def __init__(self, tid, ticket, endpoint, request_id, keys, parents, tenant, faults: Faults):
+        self.id, self.ticket, self.endpoint, self.request_id = tid, ticket, endpoint, request_id
         self.keys, self.parents, self.tenant = keys, parents, tenant
         self.faults = faults
         self.next = 0  # blocks handed to the stream
@@ -110,7 +110,6 @@ class KVSender:
     def __init__(
         self,
         engine: Any,
-        secret: bytes,
         abort_request: Callable[[str], object],
         metrics: TransferMetrics | None = None,
         faults: FaultSwitch | None = None,
@@ -120,7 +119,7 @@ class KVSender:
     ) -> None:
         if engine.connector is None:
             raise ValueError("a KV sender needs the engine's context store")
-        self.engine, self.secret = engine, secret
+        self.engine = engine
         self.connector = engine.connector
         self.store = self.connector.store
         self.abort_request = abort_request
@@ -140,13 +139,22 @@ class KVSender:
     # ---- any thread --------------------------------------------------------------------
 
     def open(
-        self, tid: bytes, endpoint: str, request_id: str, keys: list[bytes], parents, tenant: bytes
+        self,
+        tid: bytes,
+        ticket: bytes,
+        endpoint: str,
+        request_id: str,
+        keys: list[bytes],
+        parents,
+        tenant: bytes,
     ) -> Outbound:
-        """Start connecting; blocks flow once the engine has the request (``attach``)."""
+        """Start connecting (proving the transfer with ``ticket``); blocks flow once the
+        engine has the request (``attach``)."""
         wire.parse_endpoint(endpoint)
         t = Outbound(
-            tid, endpoint, request_id, list(keys), list(parents), tenant, self.faults.take()
-        )
+            tid, ticket, endpoint, request_id, list(keys), list(parents), tenant,
+            self.faults.take(),
+        )  # fmt: skip
         with self.lock:
             if tid in self.active:
                 raise ValueError(f"transfer {tid.hex()} is already being sent")
@@ -244,7 +252,7 @@ class KVSender:
             t0 = time.monotonic()
             sock = socket.create_connection(wire.parse_endpoint(t.endpoint), self.connect_timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            auth.client_handshake(sock, self.secret, t.id)
+            auth.client_handshake(sock, t.ticket, t.id)
             sock.settimeout(_SEND_TIMEOUT_S)
             t.setup_s = time.monotonic() - t0
             self._observe_setup(t.setup_s)

@@ -21,7 +21,6 @@ import struct
 
 BLOCK, PROGRESS, END, ABORT, PROBE, RESULT = 1, 2, 3, 4, 5, 6
 BACKLOGGED = 1 << 31
-PROBE_ID = bytes(16)  # the transfer id of a bandwidth probe
 _HEAD = struct.Struct("<BII")
 HEAD_BYTES = _HEAD.size
 _SMALL = 64 << 10

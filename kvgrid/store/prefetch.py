@@ -1,0 +1,201 @@
+"""Queue-level load planning: the waiting requests' stored prefixes come up to G2 before they
+are scheduled, as far as the slow tiers' bandwidth allows.
+
+On a busy server the GPU is the bottleneck and the disk is idle: a block read from G3/G4
+into G2 before the GPU would reach it is prefill work saved. The engine publishes its queue
+(``Queued``: each waiting request's block keys past its G1 hits, and when the GPU would start
+computing them, from the prefill work ahead of it). ``plan_fetches`` gives every stored block
+a deadline, the moment the GPU would compute it (``start_at + j * block_compute_s``), and
+schedules the fetches tier by tier, earliest deadline first in queue order, each tier at
+its measured bandwidth; a block that cannot arrive in time is not fetched (counted as
+``late``): the request recomputes it, or loads it beside recomputing its first blocks at
+admission, never later than its own recompute (``kv_loader.plan_blocks``). A planner thread
+runs the plan and keeps what it brought up (and the queued requests' blocks already in G2)
+pinned until the request is admitted or leaves the queue, within half of G2.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvgrid.store.host_pool import Slot
+    from kvgrid.store.store import ContextStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Queued:
+    tenant: bytes
+    keys: tuple[bytes, ...]  # its prompt's block keys that G1 does not hold, in order
+    start_at: float  # time.monotonic() when the GPU would start computing the first of them
+
+
+def plan_fetches(
+    queue: list[Queued],
+    where: list[list[str | None]],
+    fetch_s: dict[str, float],
+    block_compute_s: float | None,
+    now: float,
+    busy_until: dict[str, float] | None = None,
+) -> tuple[list[tuple[int, int]], int]:
+    """Which blocks to bring up: ``(request index, block index)`` pairs in the order to
+    fetch them, and how many stored blocks below G2 cannot arrive before the GPU would
+    compute them. ``where[i][j]``: the tier holding block j of request i (None: nowhere);
+    only each request's leading stored run counts. ``fetch_s``: seconds per block per tier;
+    ``busy_until``: when each tier finishes what is already in flight. Without a measured
+    prefill speed (``block_compute_s`` None) every stored block is fetched."""
+    busy = dict(busy_until or {})
+    plan: list[tuple[int, int]] = []
+    late = 0
+    for i, q in enumerate(queue):
+        for j, tier in enumerate(where[i]):
+            if tier is None:
+                break  # a gap: blocks after it cannot be loaded for this request
+            if tier == "G2":
+                continue
+            lands = max(busy.get(tier, now), now) + fetch_s.get(tier, 0.0)
+            deadline = None if block_compute_s is None else q.start_at + j * block_compute_s
+            if deadline is not None and lands > deadline:
+                late += 1
+                continue
+            busy[tier] = lands
+            plan.append((i, j))
+    return plan, late
+
+
+class PrefetchPlanner:
+    """Runs ``plan_fetches`` on its own thread each time the engine publishes its queue."""
+
+    MAX_IN_FLIGHT = 32  # fetches submitted at once (the fetch pool works them in order)
+
+    def __init__(self, store: ContextStore) -> None:
+        self.store = store
+        self._cv = threading.Condition()
+        self._queue: list[Queued] | None = None
+        self._block_compute_s: float | None = None
+        self._closed = False
+        self._in_flight: dict[tuple[bytes, bytes], Future] = {}
+        self._held: dict[tuple[bytes, bytes], Slot] = {}  # (tid, key) -> pinned G2 slot
+        self._batch: list = [0.0, 0.0, {}]  # fetches in flight: start, last end, tier -> bytes
+        self._thread = threading.Thread(target=self._run, name="kvgrid-prefetch", daemon=True)
+        self._thread.start()
+
+    def publish(self, queue: list[Queued], block_compute_s: float | None) -> None:
+        """The engine's waiting requests, in order (the latest snapshot replaces the last)."""
+        with self._cv:
+            self._queue, self._block_compute_s = queue, block_compute_s
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._queue is None and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                queue, bcs, self._queue = self._queue, self._block_compute_s, None
+            try:
+                self._plan(queue, bcs)
+            except Exception:
+                log.exception("context store: prefetch planning failed")
+
+    def _plan(self, queue: list[Queued], block_compute_s: float | None) -> None:
+        from kvgrid.store.store import _tid
+
+        store = self.store
+        if store.g2 is None:
+            return
+        self._reap()
+        tids = [_tid(q.tenant) for q in queue]
+        where = [store.contains(list(q.keys), q.tenant) for q in queue]
+        wanted = {(tid, k) for tid, q in zip(tids, queue) for k in q.keys}
+        self._let_go(wanted)
+        cap = max(1, store.g2.num_slots // 2)
+        for tid, q, w in zip(tids, queue, where):  # keep what the queue needs in G2
+            for k, t in zip(q.keys, w):
+                if t != "G2" or (tid, k) in self._held or len(self._held) >= cap:
+                    continue
+                got = store.g2.acquire(tid, k)
+                if got is not None:
+                    self._held[(tid, k)] = got[0]
+        bw = store.bandwidth
+        fetch_s = {
+            t.name: (store.g2.slot_bytes / bw[t.name]) if bw.get(t.name) else 0.0
+            for t in store.lower
+        }
+        now = time.monotonic()
+        busy = {t: now + len(self._in_flight) * s for t, s in fetch_s.items()}
+        plan, late = plan_fetches(queue, where, fetch_s, block_compute_s, now, busy)
+        if late:
+            store.metrics.inc("prefetch", late, outcome="late")
+        for i, j in plan:
+            name = (tids[i], queue[i].keys[j])
+            if name in self._in_flight or name in self._held:
+                continue
+            if len(self._in_flight) >= self.MAX_IN_FLIGHT or len(self._held) >= cap:
+                break
+            if not self._in_flight:
+                self._batch = [time.perf_counter(), 0.0, {}]  # start, last end, tier -> bytes
+            self._in_flight[name] = store._fetchers.submit(self._fetch, name, queue[i].tenant)
+
+    def _fetch(self, name: tuple[bytes, bytes], tenant: bytes):
+        r = self.store._fetch_lower(name[0], name[1], tenant)
+        return r, time.perf_counter()
+
+    def _reap(self) -> None:
+        """Collect finished fetches: their G2 slots stay pinned for the queued request. Once
+        a batch of fetches is done, its bytes over its time measure the tiers it read (as
+        a load's do)."""
+        for name, fut in list(self._in_flight.items()):
+            if not fut.done():
+                continue
+            del self._in_flight[name]
+            r, done = (None, 0.0) if fut.cancelled() or fut.exception() else fut.result()
+            if r is None:
+                self.store.metrics.inc("prefetch", outcome="failed")
+                continue
+            tier, slot, t = r
+            self.store.metrics.inc("prefetch", outcome="fetched")
+            self._batch[1] = max(self._batch[1], done)
+            self._batch[2][tier] = self._batch[2].get(tier, 0) + t.nbytes
+            if slot is not None:
+                if name in self._held:
+                    self.store.g2.release(slot)
+                else:
+                    self._held[name] = slot
+        if not self._in_flight and self._batch[2]:
+            start, end, nbytes = self._batch
+            for tier, b in nbytes.items():
+                self.store._observe_load(tier, b, end - start)
+            self._batch = [0.0, 0.0, {}]
+
+    def _let_go(self, wanted: set[tuple[bytes, bytes]]) -> None:
+        """Unpin the blocks no queued request wants any more (admitted, or gone)."""
+        for name in [n for n in self._held if n not in wanted]:
+            self.store.g2.release(self._held.pop(name))
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=5.0)
+        for fut in self._in_flight.values():
+            fut.cancel()
+        for fut in list(self._in_flight.values()):
+            if fut.cancelled():
+                continue
+            try:
+                r = fut.result(timeout=5.0)[0]
+            except Exception:
+                continue
+            if r is not None and r[1] is not None:
+                self.store.g2.release(r[1])
+        self._in_flight.clear()
+        self._let_go(set())

@@ -1,0 +1,258 @@
+"""WriteDown: what goes from G2 to the disk tiers (G3, G4), best reuse prospects first.
+
+A disk writes far slower than a busy GPU hands blocks down, so not everything can go.
+Every block offered becomes a candidate ranked by its reuse prospects: its sightings, plus
+the engine's hint that it belongs to a context that was already reused (a conversation's
+history beats a one-off prompt); among equals, the one nearest its chain's head (a block
+is worth something only with the blocks before it), then the one waiting longest. Writer
+threads take the best candidate; when the candidates fill their bound (after waiting
+``block_s`` for room) the worst one, perhaps the newcomer, is skipped. A candidate that G2
+holds keeps its slot pinned until it is written or skipped (at most ``io_queue`` slots: G2
+never evicts a block on its way down). Every skip is counted with its reason
+(``kvgrid_store_writedown{tier, outcome}``) and noted in the block ledger.
+
+At shutdown ``settle`` takes what G2 holds that no lower tier has, ranks it, and writes as
+much as each tier can hold (admission waived: a restarted engine finds it at once, without
+a second sighting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvgrid import keys as kvkeys
+from kvgrid.events import BlockStored
+from kvgrid.store.host_pool import FILLING, Slot
+from kvgrid.store.metrics import tenant_label
+from kvgrid.store.object import encode_object
+from kvgrid.store.policy import WorkerThreads
+from kvgrid.store.tier import PutResult
+from kvgrid.store.transfer import CopyEvent, wait_ready
+
+if TYPE_CHECKING:
+    from kvgrid.store.store import ContextStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    tid: bytes
+    key: bytes
+    parent_key: bytes | None
+    tenant: bytes
+    token_count: int
+    score: float  # reuse prospects: sightings plus the engine's hint
+    targets: list  # the lower tiers it is admitted to
+    src: torch.Tensor  # its G2 slot's bytes, or a host copy of its own
+    slot: Slot | None = None  # its G2 slot, pinned until written or skipped
+    copied: CopyEvent | None = None  # the device copy into ``src`` still landing
+    depth: int = 0  # its place in its chain: a prefix is worth something only from its head
+    seq: int = field(default=0)
+
+    @property
+    def rank(self) -> tuple[float, int, int]:
+        """Higher is written sooner: prospects, then nearer its chain's head (a block is
+        useful only with those before it), then the longest waiting (a closed loop of
+        conversations wants back first what it handed down first)."""
+        return (self.score, -self.depth, -self.seq)
+
+
+class WriteDown(WorkerThreads):
+    """The ranked write-down (the module's docstring); ``drain`` waits until every candidate
+    has been written or skipped."""
+
+    def __init__(self, store: ContextStore, max_in_flight: int, workers: int, block_s: float):
+        self.store = store
+        self.max_in_flight, self.block_s = max_in_flight, block_s
+        self.queued: list[Candidate] = []  # a few dozen: linear scans are cheap
+        self.cv = threading.Condition()
+        self.running = 0
+        self.max_seen = 0
+        self.dropped = self.done = self.failed = 0
+        self.closed = False
+        self._seq = 0
+        self.threads = [
+            threading.Thread(target=self._run, name=f"kvgrid-store-write-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self.threads:
+            t.start()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queued) + self.running
+
+    def offer(self, c: Candidate, wait_s: float | None = None) -> bool:
+        """Queue ``c``; False if it was skipped (outranked, or the queue is closed). With
+        the queue full, waits up to ``wait_s`` (default ``block_s``) for room, then skips
+        the worst-ranked candidate (``Candidate.rank``), which may be ``c`` itself."""
+        wait_s = self.block_s if wait_s is None else wait_s
+        with self.cv:
+            self._seq += 1
+            c.seq = self._seq
+            if wait_s > 0:
+                end = time.monotonic() + wait_s
+                while self.in_flight >= self.max_in_flight and not self.closed:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cv.wait(left)
+            out = c if self.closed else None
+            if out is None and self.in_flight >= self.max_in_flight:
+                worst = min(self.queued, key=lambda q: q.rank, default=None)
+                out = c if worst is None or worst.rank >= c.rank else worst
+                if out is worst:
+                    self.queued.remove(worst)
+            if out is not c:
+                self.queued.append(c)
+                self.max_seen = max(self.max_seen, self.in_flight)
+                self.cv.notify()
+            if out is not None:
+                self.dropped += 1
+        if out is not None:
+            self._skipped(out, "outranked")
+        self.store.metrics.in_flight.set(self.in_flight)
+        return out is not c
+
+    def _skipped(self, c: Candidate, why: str) -> None:
+        if c.slot is not None:
+            self.store.g2.release(c.slot)
+        m = self.store.metrics
+        for t in c.targets:
+            m.inc("writedown", tier=t.name, outcome=why)
+            if why == "outranked":
+                m.inc("writes_dropped", tier=t.name, reason="queue_full")
+        self.store.ledger.skipped_below(c.key, why)
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.queued and not self.closed:
+                    self.cv.wait()
+                if not self.queued:
+                    return
+                c = max(self.queued, key=lambda q: q.rank)
+                self.queued.remove(c)
+                self.running += 1
+            try:
+                self._write(c)
+                ok = True
+            except Exception:
+                log.exception("store write-down failed")
+                ok = False
+            with self.cv:
+                self.running -= 1
+                self.done += ok
+                self.failed += not ok
+                self.cv.notify_all()
+
+    def _write(self, c: Candidate) -> None:
+        """Write one candidate to its tiers (on a writer thread)."""
+        store, slot = self.store, c.slot
+        targets = c.targets
+        try:
+            if slot is not None:
+                wait_ready([slot])
+                targets = [t for t in targets if t.name not in slot.below]
+            elif c.copied is not None:
+                c.copied.synchronize()
+            if targets:
+                self._write_lower(c, targets, c.src)
+            for t in c.targets:
+                if t not in targets:
+                    store.metrics.inc("writedown", tier=t.name, outcome="already_below")
+        finally:
+            if slot is not None:
+                store.g2.release(slot)
+
+    def _write_lower(self, c: Candidate, targets: list, src: torch.Tensor) -> None:
+        store = self.store
+        todo = []
+        for t in targets:
+            with contextlib.suppress(OSError):
+                if t.created_many(c.tid, [c.key])[0] is None:
+                    todo.append(t)
+                    continue
+            store.metrics.inc("writedown", tier=t.name, outcome="already_below")
+        if not todo:
+            return
+        cfg = store.config
+        blob = encode_object(
+            src,
+            c.key,
+            c.parent_key,
+            c.tenant,
+            c.token_count,
+            store.keyring,
+            cfg.codec,
+            cfg.compression_level,
+            cfg.lossy_max_rel_error,
+            cfg.model_fingerprint,
+            kvkeys.KV_LAYOUT_VERSION,
+        )
+        pol = store._policy(c.tid)
+        for t in todo:
+            try:
+                res = t.put(c.tid, c.key, blob, pol.quota_bytes.get(t.name))
+            except OSError as e:
+                log.warning("%s write failed: %s", t.name, e)
+                res = PutResult(False, reason="error")
+            store._removed(t.name, res.evicted)
+            if res.stored:
+                store.metrics.inc("bytes_in", len(blob), tier=t.name, tenant=tenant_label(c.tid))
+                store.metrics.inc("writedown", tier=t.name, outcome="written")
+                store._emit(BlockStored((c.key,), c.parent_key, t.name, c.token_count))
+                store.ledger.stored(c.key, t.name)
+                slot = store.g2.peek(c.tid, c.key) if store.g2 is not None else None
+                if slot is not None:
+                    slot.below.add(t.name)
+            else:
+                reason = res.reason or "error"
+                store.metrics.inc("writes_dropped", tier=t.name, reason=reason)
+                store.metrics.inc("writedown", tier=t.name, outcome=reason)
+
+    def settle(self, timeout_s: float = 120.0) -> int:
+        """At shutdown: G2's blocks that no lower tier holds go down, the best prospects
+        first (then the most recently used), up to what each tier holds at its high
+        watermark; the rest are counted as ``over_capacity``. Waits for the writes; returns
+        how many blocks were offered."""
+        store = self.store
+        if store.g2 is None or not store.lower:
+            return 0
+        items = [(t, k, s) for t, k, s in store.g2.items() if s.ready is not FILLING]
+        order = sorted(
+            range(len(items)), key=lambda i: (items[i][2].prospect, i), reverse=True
+        )  # items are in LRU order: a higher index is more recently used
+        budget = {t.name: int(t.capacity * store.config.high_watermark) for t in store.lower}
+        per_block = store.g2.slot_bytes + 512  # an object: the block (KV rarely shrinks), a header
+        end = time.monotonic() + timeout_s
+        offered = 0
+        for i in order:
+            tid, key, slot = items[i]
+            targets = []
+            for t in store.lower:
+                if t.name in slot.below or not t.up:
+                    continue
+                if budget[t.name] < per_block:
+                    store.metrics.inc("writedown", tier=t.name, outcome="over_capacity")
+                    continue
+                budget[t.name] -= per_block
+                targets.append(t)
+            tenant = store._known_tenants.get(tid)
+            got = store.g2.acquire(tid, key) if targets and tenant is not None else None
+            if got is None:
+                continue
+            c = Candidate(tid, key, slot.parent_key, tenant, slot.token_count, slot.prospect,
+                          targets, got[1], got[0])  # fmt: skip
+            if self.offer(c, wait_s=max(0.0, end - time.monotonic())):
+                offered += 1
+        self.drain(max(0.0, end - time.monotonic()))
+        return offered

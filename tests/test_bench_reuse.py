@@ -1,0 +1,63 @@
+"""`kvgrid bench reuse`: the closed-loop agent workload and a short run of every
+configuration on the CPU (JSON, plot, hit rates against the theoretical one, bit-exact KV)."""
+
+from __future__ import annotations
+
+import json
+
+from kvgrid.bench.reuse import AgentWorkload
+
+
+def test_theoretical_hit_rate_counts_each_rounds_reusable_full_blocks():
+    wl = AgentWorkload(conversations=2, rounds=3, context_tokens=40, user_tokens=10,
+                       answer_tokens=6, system_tokens=16)  # fmt: skip
+    # prompts 56, 72, 88 per conversation; round r reuses the full 16-token blocks of the
+    # last prompt plus its answer but the last token (61 -> 48, 77 -> 64); the second
+    # conversation also finds the shared system prompt (16) in its first round
+    hit = 2 * (48 + 64) + 16
+    assert wl.theoretical_hit_rate(16) == hit / (2 * (56 + 72 + 88))
+    assert wl.max_tokens == 16 + 40 + 2 * 10 + 3 * 6
+    vocab = 1000
+    assert wl.first_prompt(0, vocab)[:16] == wl.first_prompt(1, vocab)[:16]  # shared system
+    assert wl.first_prompt(0, vocab)[16:] != wl.first_prompt(1, vocab)[16:]
+    assert wl.user_turn(0, 1, vocab) == wl.user_turn(0, 1, vocab)  # seeded, repeatable
+
+
+def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
+    from kvgrid.cli import main
+
+    out = tmp_path / "reuse.json"
+    rc = main([
+        "bench", "reuse", "--model", str(tiny_model_dir("llama")), "--device", "cpu",
+        "--conversations", "3", "--rounds", "2", "--context-tokens", "48",
+        "--user-tokens", "16", "--answer-tokens", "4", "--max-num-seqs", "1",
+        "--block-size", "16", "--guarantee-tokens", "48", "--no-progress",
+        "--disk-dir", str(tmp_path / "d3"), "--shared-dir", str(tmp_path / "d4"),
+        "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ceiling" in printed and "theoretical hit rate" in printed
+    res = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    r = res["results"]
+    assert list(r) == ["none", "g2", "g3", "g4", "ceiling"]
+    theory = res["workload"]["theoretical_hit_rate"]
+    assert 0.4 < theory < 0.7
+    # G1 capped to one running conversation: without a store the histories are lost; with
+    # G2 (room for all of them) or an unbounded G1 every reusable block is reused
+    assert r["none"]["hit_rate"] < theory - 0.1
+    assert abs(r["ceiling"]["hit_rate"] - theory) < 1e-9
+    assert r["g2"]["hit_rate"] > r["ceiling"]["hit_rate"] - 0.02
+    for name in ("g2", "g3", "g4"):
+        kv = r[name]["kv_check"]
+        assert kv["loaded"] > 0 and kv["bit_exact"] == kv["loaded"]
+        assert r[name]["guarantee"][0]["cached_tokens"] > 0
+        assert r[name]["store"]["g1_writebacks"]
+    # greedy answers do not depend on where the KV came from
+    answers = {n: sorted((q["conversation"], q["round"], q["answer_sha"])
+                         for q in r[n]["per_request"]) for n in r}  # fmt: skip
+    assert all(a == answers["none"] for a in answers.values())
+    s = res["summary"]
+    assert s["ceiling"]["ceiling_gain_fraction"] == 1.0 and s["none"]["speedup_vs_none"] == 1.0
+    assert res["workload"]["conversations"] == 3 and len(r["g3"]["per_request"]) == 6
