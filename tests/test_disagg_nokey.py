@@ -78,6 +78,7 @@ def fleet(tiny_model_dir):
             w = Worker(_engine(model), wid, url, "m", role=role)  # no key
             served.append(_Served(w, port))
             urls[wid] = url
+            urls[wid + "_worker"] = w
         yield urls
     finally:
         for s in served:
@@ -88,7 +89,7 @@ def _frontend(urls: dict) -> Frontend:
     router = Router(
         "round_robin", heartbeat_timeout_s=30.0, disagg=DisaggConfig(mode="always", stall_s=3.0)
     )
-    link = FleetLink(router, list(urls.values()))  # no control key
+    link = FleetLink(router, [urls["p0"], urls["d0"]])  # no control key
     return Frontend(
         router, link, TenantRegistry(None, None), FairScheduler(8), FrontendConfig(model_name="m")
     )
@@ -99,6 +100,12 @@ async def _complete(fe: Frontend, ids: list[int], n: int) -> httpx.Response:
     async with httpx.AsyncClient(transport=transport, base_url="http://fe") as c:
         body = {"prompt": ids, "max_tokens": n, "temperature": 0}
         return await c.post("/v1/completions", json=body, timeout=120)
+
+
+def _keys(worker: Worker, ids: list[int], n: int) -> list[bytes]:
+    from kvgrid import keys
+
+    return keys.block_keys(ids[: n * BS], worker.engine.scope.with_tenant(b"").digest, BS)
 
 
 def _generate(url: str, ids: list[int], n: int) -> str:
@@ -140,6 +147,10 @@ def test_the_router_hands_a_random_ticket_to_both_sides(fleet):
     st = httpx.get(f"{fleet['d0']}/debug/transfers", timeout=10).json()
     assert st["receiver"]["outcomes"] == {"complete": 1} and st["g2_pinned_blocks"] == 0
     assert r.json()["choices"][0]["text"] == want
+    # the sent blocks went through the prefill worker's store: its G1 gives them up first
+    bm = fleet["p0_worker"].engine.block_manager
+    sent = [bm.cached.get(k) for k in _keys(fleet["p0_worker"], ids, 7)]
+    assert None not in sent and all(bm.blocks[b].below for b in sent)
 
 
 def test_a_keyless_worker_takes_public_scopes_on_loopback_only(fleet):

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from kvgrid import keys as kvkeys
+from kvgrid.engine.block_manager import EvictedBlock
 from kvgrid.store.object import max_object_len, tenant_id
 from kvgrid.store.transfer import wait_ready
 from kvgrid.transfer import auth, wire
@@ -234,7 +235,15 @@ class KVSender:
             # the store's write-back: into G2 (on a GPU asynchronously, the engine's stream
             # ordered after the copies, so a later step cannot overwrite them first), each
             # slot pinned until its block is sent
-            self.connector.save(keys, t.parents[first : first + len(ids)], t.tenant, ids)
+            parents = t.parents[first : first + len(ids)]
+            positions = list(range(first, first + len(ids)))
+            safe = self.connector.save(keys, parents, t.tenant, ids, positions=positions)
+            # what the store now holds is what G1 gives up first, as for any write-back
+            self.engine.block_manager.mark_below([
+                EvictedBlock(b, k, p, t.tenant, position=i)
+                for b, k, p, i, ok in zip(ids, keys, parents, positions, safe)
+                if ok
+            ])  # fmt: skip
             tid = tenant_id(t.tenant)
             for i, key in enumerate(keys):
                 t.q.put(("block", (first + i, g2.acquire(tid, key), None)))
