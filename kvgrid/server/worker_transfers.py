@@ -58,14 +58,25 @@ PREFILL_SUFFIX = "#prefill"  # the prefill worker's request id for a remote pref
 class WorkerTransfers:
     """The receiver and sender of one worker (None of it without a store to land KV in)."""
 
-    def __init__(self, worker: Worker, host: str, advertise_host: str, port: int,
-                 endpoint: str | None, allow_faults: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        worker: Worker,
+        host: str,
+        advertise_host: str,
+        port: int,
+        endpoint: str | None,
+        allow_faults: bool,
+    ) -> None:
+        """Receive on ``host``:``port``, advertised at ``endpoint`` (HOST:PORT; None: the
+        bound port at ``advertise_host``)."""
         if worker.key is None and not is_loopback_host(host):
             raise ValueError(
                 f"taking KV transfers on {host} needs a control key: without one, transfers "
                 "stay on loopback"
             )
-        if endpoint is None and is_wildcard_host(advertise_host):
+        if endpoint is not None:
+            wire.parse_endpoint(endpoint)
+        elif is_wildcard_host(advertise_host):
             raise ValueError(f"{advertise_host!r} is no address prefill workers can reach")
         engine = worker.engine
         self.worker_id = worker.info.worker_id
@@ -75,7 +86,6 @@ class WorkerTransfers:
         self.faults = FaultSwitch(allow_faults)
         self.receiver = KVReceiver(engine.connector.store, host, port, advertise_host, self.metrics)
         if endpoint is not None:
-            wire.parse_endpoint(endpoint)
             self.receiver.endpoint = endpoint
         self.sender = KVSender(
             engine, lambda rid: worker.loop.abort(rid), self.metrics, self.faults
@@ -83,8 +93,16 @@ class WorkerTransfers:
         worker.loop.after_step.append(self.sender.after_step)
 
     @classmethod
-    def create(cls, worker: Worker, host: str, advertise_host: str, port: int,
-               endpoint: str | None, allow_faults: bool) -> WorkerTransfers | None:  # fmt: skip
+    def create(
+        cls,
+        worker: Worker,
+        host: str,
+        advertise_host: str,
+        port: int,
+        endpoint: str | None,
+        allow_faults: bool,
+    ) -> WorkerTransfers | None:
+        """The worker's transfers, or None for a worker of role "both" without G2."""
         conn = worker.engine.connector
         if conn is not None and conn.store.g2 is not None:
             return cls(worker, host, advertise_host, port, endpoint, allow_faults)

@@ -61,6 +61,14 @@ def parse_ticket(text: object) -> bytes:
     return ticket
 
 
+def check_grant(transfer_id: bytes, ticket: bytes) -> None:
+    """ValueError unless ``transfer_id`` and ``ticket`` have the sizes of a transfer's."""
+    if len(transfer_id) != ID_BYTES:
+        raise ValueError(f"a transfer id is {ID_BYTES} bytes")
+    if len(ticket) != TICKET_BYTES:
+        raise ValueError(f"a transfer ticket is {TICKET_BYTES} bytes")
+
+
 def _mac(ticket: bytes, side: bytes, ns: bytes, nc: bytes, tid: bytes, extra: bytes = b"") -> bytes:
     msg = b"kvgrid-kvt2/" + side + ns + nc + tid + extra
     return hmac.new(ticket, msg, hashlib.sha256).digest()

@@ -10,9 +10,52 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 from kvgrid.transfer import auth, wire
+
+PROBE_TTL_S = 30.0  # an expected probe not started by then is forgotten
+
+
+class ExpectedProbes:
+    """The probes a receiver has been told to expect: each id once, within its time."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._probes: dict[bytes, tuple[bytes, float]] = {}  # id -> (ticket, expiry)
+        self._lock = threading.Lock()
+
+    def __contains__(self, pid: bytes) -> bool:
+        with self._lock:
+            return pid in self._probes
+
+    def add(self, pid: bytes, ticket: bytes, ttl_s: float = PROBE_TTL_S) -> None:
+        auth.check_grant(pid, ticket)
+        now = time.monotonic()
+        with self._lock:
+            for k in [k for k, (_, exp) in self._probes.items() if exp < now]:
+                del self._probes[k]
+            if pid in self._probes:
+                raise ValueError(f"probe {pid.hex()} is already expected")
+            if len(self._probes) >= self.limit:
+                raise ValueError(f"{self.limit} probes are already expected")
+            self._probes[pid] = (ticket, now + ttl_s)
+
+    def claim(self, pid: bytes) -> tuple[int, bytes] | None:
+        """(handshake status, ticket) of probe ``pid``, None if it is not one; changes
+        nothing."""
+        with self._lock:
+            got = self._probes.get(pid)
+        if got is None:
+            return None
+        ticket, expiry = got
+        return (auth.OK if time.monotonic() <= expiry else auth.UNKNOWN), ticket
+
+    def take(self, pid: bytes) -> bool:
+        """Whether ``pid`` is an expected probe, which it then is no longer (one use)."""
+        with self._lock:
+            return self._probes.pop(pid, None) is not None
 
 
 def probe_link(

@@ -33,14 +33,13 @@ from kvgrid.store.object import max_object_len
 from kvgrid.store.store import ContextStore
 from kvgrid.transfer import auth, wire
 from kvgrid.transfer.metrics import TransferMetrics
-from kvgrid.transfer.probe import serve_probe
+from kvgrid.transfer.probe import PROBE_TTL_S, ExpectedProbes, serve_probe
 
 log = logging.getLogger(__name__)
 
 _WATCH_S = 0.02
 _MAX_CONNECTIONS = 256
 _HANDSHAKE_S = 5.0
-PROBE_TTL_S = 30.0  # an expected probe not started by then is forgotten
 _EWMA = 0.2
 
 
@@ -145,7 +144,7 @@ class KVReceiver:
         self.server = socket.create_server((host, port))
         self.endpoint = f"{advertise_host or host}:{self.server.getsockname()[1]}"
         self.transfers: dict[bytes, Inbound] = {}
-        self.probes: dict[bytes, tuple[bytes, float]] = {}  # id -> (ticket, expiry)
+        self.probes = ExpectedProbes(_MAX_CONNECTIONS)
         self.lock = threading.Lock()
         self.bytes_per_s: float | None = None  # measured stream bandwidth
         self._gap: tuple[float, float] | None = None  # EWMAs of a queued block's bytes, gap
@@ -174,7 +173,7 @@ class KVReceiver:
     ) -> Inbound:
         """Register a transfer about to start, which a sender proves with ``ticket``; its
         ``done`` future resolves when it ends."""
-        _check_id(tid, ticket)
+        auth.check_grant(tid, ticket)
         t = Inbound(tid, ticket, list(keys), tenant, time.monotonic() + deadline_s, stall_s)
         with self.lock:
             if tid in self.transfers or tid in self.probes:
@@ -188,16 +187,10 @@ class KVReceiver:
     def expect_probe(self, pid: bytes, ticket: bytes, ttl_s: float = PROBE_TTL_S) -> None:
         """Accept one bandwidth probe (``kvgrid.transfer.probe``) with id ``pid`` within
         ``ttl_s``, proved with ``ticket``."""
-        _check_id(pid, ticket)
-        now = time.monotonic()
         with self.lock:
-            for k in [k for k, (_, exp) in self.probes.items() if exp < now]:
-                del self.probes[k]
-            if pid in self.transfers or pid in self.probes:
+            if pid in self.transfers:
                 raise ValueError(f"transfer {pid.hex()} is already expected")
-            if len(self.probes) >= _MAX_CONNECTIONS:
-                raise ValueError(f"{_MAX_CONNECTIONS} probes are already expected")
-            self.probes[pid] = (ticket, now + ttl_s)
+            self.probes.add(pid, ticket, ttl_s)
 
     def cancel(self, tid: bytes, reason: str = "cancelled") -> bool:
         with self.lock:
@@ -302,22 +295,16 @@ class KVReceiver:
 
     def _claim(self, tid: bytes) -> tuple[int, bytes | None]:
         """(status, ticket) of the transfer or probe ``tid`` names; changes nothing."""
+        probe = self.probes.claim(tid)
+        if probe is not None:
+            return probe
         with self.lock:
             t = self.transfers.get(tid)
-            probe = self.probes.get(tid)
-        if probe is not None:
-            ticket, expiry = probe
-            return (auth.OK if time.monotonic() <= expiry else auth.UNKNOWN), ticket
         if t is None:
             return auth.UNKNOWN, None
         if t.outcome is not None:
             return auth.UNKNOWN, t.ticket
         return (auth.OK if t.sock is None else auth.BUSY), t.ticket
-
-    def _take_probe(self, pid: bytes) -> bool:
-        """Whether ``pid`` is an expected probe, which it then is no longer (one use)."""
-        with self.lock:
-            return self.probes.pop(pid, None) is not None
 
     def _serve(self, conn: socket.socket) -> None:
         t = None
@@ -328,7 +315,7 @@ class KVReceiver:
             if status != auth.OK:
                 return
             conn.settimeout(None)
-            if self._take_probe(tid):
+            if self.probes.take(tid):
                 serve_probe(conn)
                 return
             with self.lock:
@@ -463,13 +450,6 @@ class KVReceiver:
             self._gap = ((1 - _EWMA) * b + _EWMA * nbytes, (1 - _EWMA) * t + _EWMA * seconds)
         self.bytes_per_s = self._gap[0] / self._gap[1]
         self.metrics.bandwidth.set(self.bytes_per_s)
-
-
-def _check_id(tid: bytes, ticket: bytes) -> None:
-    if len(tid) != auth.ID_BYTES:
-        raise ValueError(f"a transfer id is {auth.ID_BYTES} bytes")
-    if len(ticket) != auth.TICKET_BYTES:
-        raise ValueError(f"a transfer ticket is {auth.TICKET_BYTES} bytes")
 
 
 def _shutdown(sock: socket.socket) -> None:
