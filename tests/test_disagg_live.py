@@ -328,6 +328,24 @@ def test_only_the_router_and_its_ticket_open_a_transfer(serve, tok):
     _assert_no_leaks(serve)
 
 
+def test_a_bandwidth_probe_runs_only_where_it_is_expected(serve):
+    pid = os.urandom(16)
+    probe = {"endpoint": serve["D_endpoint"], "bytes": 4 << 20, "probe_id": pid.hex(),
+             "ticket": CLUSTER.transfer_ticket("d0", pid).hex()}  # fmt: skip
+    url, h = f"{serve['P']}/transfer/probe", _as_router("P")
+    r = httpx.post(url, json=probe, headers=h, timeout=30)
+    assert r.status_code == 502 and "unknown transfer" in r.text  # D does not expect it
+    r = httpx.post(
+        f"{serve['D']}/transfer/probe/expect", json={"probe_id": pid.hex()},
+        headers=_as_router("D"), timeout=10,
+    )  # fmt: skip
+    assert r.status_code == 200 and r.json()["endpoint"] == serve["D_endpoint"]
+    r = httpx.post(url, json=probe, headers=h, timeout=30)
+    assert r.status_code == 200 and r.json()["receiver"]["bytes"] == 4 << 20, r.text
+    r = httpx.post(url, json=probe, headers=h, timeout=30)
+    assert r.status_code == 502  # once
+
+
 def test_killed_prefill_worker_mid_transfer(serve, tok):
     prompt = _ids(tok, "The prefill worker dies. " + STORY * 3)
     pid = httpx.get(f"{serve['P']}/info", headers=_as_router("P")).json()["pid"]
