@@ -201,3 +201,17 @@ def test_serve_pools_and_their_worker_commands():
         worker_pools(ns(prefill_workers=2))
     argv = worker_argv(ns(allow_fault_injection=True), "p0", 9000, 1, "prefill")
     assert argv[argv.index("--role") + 1] == "prefill" and "--allow-fault-injection" in argv
+
+
+def test_serve_on_ray_runs_one_pool():
+    """Ray's launcher starts workers of one kind: role pools are refused before Ray starts,
+    and --workers alone still defaults to one."""
+    from kvgrid.cli import build_parser
+    from kvgrid.server.ray.serve import RayServer
+
+    args = build_parser().parse_args(["serve", "--ray", "--prefill-workers", "1"])
+    with pytest.raises(ValueError, match="one pool of workers"):
+        RayServer.start(args)
+    args = build_parser().parse_args(["serve", "--ray", "--workers", "0"])
+    with pytest.raises(ValueError, match="at least 1"):
+        RayServer.start(args)

@@ -31,8 +31,8 @@ Model (per pool, from the engine calibration):
   while the load is still at that miss's level, not within ``cooldown_s`` of a scale-up, and
   by at most ``max_down_step`` per interval.
 - Consolidation on scale-down: replicas still starting go first (no cache, no work), then
-  the ones with the least in-flight work and KV (they drain soonest and lose the least
-  cache).
+  those of the dearest site (sites price their GPUs differently), then the ones with the
+  least in-flight work and KV (they drain soonest and lose the least cache).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class ReplicaView:
     kv_usage: float = 0.0
     waiting_prefill_tokens: int = 0
     started_at: float = 0.0
+    cost_per_hour: float = 0.0  # its site's price: of replicas alike, the dearest goes first
 
 
 @dataclass
@@ -442,6 +443,7 @@ class Planner:
             serving,
             key=lambda r: (
                 r.ready,
+                -r.cost_per_hour,
                 r.num_active,
                 r.waiting_prefill_tokens,
                 r.kv_usage,

@@ -125,14 +125,18 @@ class Router:
         recent_ttl_s: float = 5.0,
         heartbeat_timeout_s: float = 5.0,
         disagg: DisaggConfig | None = None,
+        site_rtt_s: dict[str, float] | None = None,
         **policy_kwargs: Any,
     ) -> None:
+        """``site_rtt_s``: the round trip to each site's workers (kvgrid.router.sites), which
+        every request sent there pays before its first token."""
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, **policy_kwargs)
         # None: no per-request prefill decision (a fleet without transfers, the simulator)
         self.disagg = disagg
         self.index = KVIndex()
         self.recent = RecentDecisions(recent_ttl_s)
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.site_rtt_s = dict(site_rtt_s or {})
         self.workers: dict[str, WorkerState] = {}
         self._requests: dict[str, tuple[str, Sequence[int], list[bytes], bytes, int]] = {}
         self._speeds: tuple[float, float] = (DEFAULT_PREFILL_TOKENS_PER_S, DEFAULT_DECODE_STEP_S)
@@ -358,6 +362,7 @@ class Router:
         cands: list[Candidate] = []
         group_keys: dict[str, list[bytes]] = {}
         empty = Overlap()
+        site_rtt = self.site_rtt_s
         # fleet medians, fetched only for a worker without its own (a fetch may refresh them)
         speeds: tuple[float, float] | None = None
         for (digest, bs), members in groups.items():
@@ -419,6 +424,7 @@ class Router:
                     ds,
                     info.max_num_batched_tokens,
                     tier_load,
+                    site_rtt.get(info.site, 0.0) if site_rtt else 0.0,
                 )
                 predict_ttft(c)
                 cands.append(c)
@@ -574,6 +580,7 @@ class Router:
                     "url": w.info.url,
                     "role": w.role,
                     "transfer_endpoint": w.info.transfer_endpoint,
+                    "site": w.info.site,
                     "up": w.up,
                     "draining": w.draining,
                     "freshness": self.freshness(wid),

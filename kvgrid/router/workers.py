@@ -29,6 +29,7 @@ class WorkerInfo:
     bytes_per_block: int = 0  # KV bytes of one block (all layers), for tier load times
     max_num_batched_tokens: int = 2048
     events: bool = True  # False: no KV event stream; the router predicts from its decisions
+    site: str = ""  # kvgrid.router.sites: the group of nodes it runs in ("": none named)
     role: str = "both"  # prefill | decode | both (its first; load reports carry changes)
     transfer_endpoint: str | None = None  # HOST:PORT it takes KV transfers on; None: none
 

@@ -133,6 +133,60 @@ def _worker_transfer_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "Ray cluster",
+        "run the frontend and the workers as Ray actors, placed and restarted by Ray "
+        "(pip install 'kvgrid[ray]')",
+    )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="on the Ray cluster at ADDRESS (alone: $RAY_ADDRESS, else the cluster `ray start` "
+        "made on this host, else a new local one)",
+    )
+    g.add_argument("--ray-name", default="kvgrid", help="prefix of the deployment's actor names")
+    g.add_argument("--ray-namespace", default="kvgrid")
+    g.add_argument(
+        "--ray-worker-cpus",
+        type=float,
+        default=1.0,
+        help="cores per worker on CPU nodes (on a cluster with GPUs: one GPU per worker)",
+    )
+    g.add_argument(
+        "--ray-worker-resource",
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="a custom Ray resource each worker needs (repeatable)",
+    )
+    g.add_argument(
+        "--ray-node-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a node label each worker needs (repeatable)",
+    )
+    g.add_argument(
+        "--ray-max-restarts",
+        type=int,
+        default=8,
+        help="times Ray restarts a dead actor (-1: always)",
+    )
+    g.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME:RTT_MS:COST",
+        help="a site: the Ray nodes labelled kvgrid.io/site=NAME, RTT_MS away from the router, "
+        "at COST per GPU-hour (repeatable; the router weighs the round trip, new workers go "
+        "to the cheapest site with room)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from kvgrid.engine.args import add_engine_args
 
@@ -162,6 +216,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _autoscale_args(p)
     _control_key_arg(p, "cluster control key (default: one generated for this run)")
+    _ray_args(p)
     add_engine_args(p)
     p.set_defaults(func=_serve)
 
@@ -258,6 +313,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("error: --ray needs Ray: pip install 'kvgrid[ray]'", file=sys.stderr)
+            return 2
+        from kvgrid.server.ray.serve import run_serve_ray
+
+        return run_serve_ray(args)
+    if args.site:
+        print("error: --site places workers on a Ray cluster: add --ray", file=sys.stderr)
+        return 2
     from kvgrid.server.serve import run_serve
 
     return run_serve(args)

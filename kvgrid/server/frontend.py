@@ -91,6 +91,9 @@ class Frontend:
                 text = tok.apply_chat_template(p, add_generation_prompt=False) if isinstance(
                     p, list) else p  # fmt: skip
                 self.shared_prefixes.append(tok.encode(text, add_special_tokens=False))
+        # kvgrid.server.ray.fleet.RayFleet when the workers are Ray actors (started and
+        # stopped with the app, between the fleet link and the autoscaler)
+        self.fleet: Any = None
 
     # ---- request preparation -------------------------------------------------------------
 
@@ -354,6 +357,8 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
         from kvgrid.gc_tuning import tune_gc
 
         await fe.link.start()
+        if fe.fleet is not None:
+            await fe.fleet.start()
         if fe.autoscaler is not None:
             fe.autoscaler.start()
         tune_gc()
@@ -362,6 +367,8 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
         finally:
             if fe.autoscaler is not None:
                 await fe.autoscaler.stop()
+            if fe.fleet is not None:
+                await fe.fleet.stop()
             await fe.link.stop()
 
     app = FastAPI(title="kvgrid", lifespan=lifespan)

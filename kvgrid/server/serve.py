@@ -239,6 +239,12 @@ def _bind_host(args: argparse.Namespace, auth_required: bool) -> str:
     return host
 
 
+def frontend_host(args: argparse.Namespace) -> str:
+    """The frontend's address as the flags and API keys give it; ValueError when binding it
+    beyond loopback is not safe."""
+    return _bind_host(args, bool(args.api_keys or os.environ.get("KVGRID_API_KEYS")))
+
+
 def run_serve(args: argparse.Namespace) -> int:
 
     from kvgrid.server.frontend import create_frontend_app
@@ -315,22 +321,63 @@ def _run_http(app, host: str, port: int) -> None:
         signal.signal(signal.SIGTERM, old)
 
 
+class ProcessLauncher:
+    """The autoscaler's launcher (kvgrid.server.autoscale.Launcher) on this machine: worker
+    processes under the serve supervisor."""
+
+    def __init__(
+        self, args: argparse.Namespace, fe, sup: Supervisor, threads: int, key: ControlKey | None
+    ) -> None:
+        self.args, self.fe, self.sup, self.threads, self.key = args, fe, sup, threads, key
+        self.slots: dict[str, tuple[int, str]] = {}  # worker id -> (supervisor slot, url)
+
+    def adopt(self, worker_id: str, slot: int, url: str):
+        from kvgrid.server.autoscale import Replica
+
+        self.slots[worker_id] = (slot, url)
+        return Replica(worker_id, url, time.monotonic())
+
+    def launch(self, worker_id: str):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = worker_argv(self.args, worker_id, port, self.threads)
+        slot = self.sup.add(argv, worker_env(self.args, worker_id, self.key))
+        self.fe.link.add_url(url)
+        return self.adopt(worker_id, slot, url)
+
+    def detach(self, worker_id: str) -> None:
+        self.fe.link.forget(self.slots[worker_id][1])
+
+    def retire(self, worker_id: str) -> None:
+        self.sup.retire(self.slots[worker_id][0])
+
+    def describe(self, worker_id: str) -> dict:
+        slot = self.slots.get(worker_id, (None, None))[0]
+        p = self.sup.procs[slot] if slot is not None else None
+        restarts = self.sup.restarts[slot] if slot is not None else 0
+        return {"slot": slot, "pid": p.pid if p else None, "restarts": restarts}
+
+
 def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_workers: int, key):
     """The planner loop (with --autoscale) and the operator's resize, on this machine."""
-    from kvgrid.bench.planner import Planner, PlannerConfig
-    from kvgrid.bench.sim.calibration import load_calibration
-    from kvgrid.server.autoscale import Autoscaler, LiveActuator
-
-    def launch(worker_id: str, index: int) -> tuple[list[str], dict[str, str], str]:
-        port = free_port()
-        argv = worker_argv(args, worker_id, port, threads)
-        return argv, worker_env(args, worker_id, key), f"http://127.0.0.1:{port}"
+    from kvgrid.server.autoscale import LiveActuator
 
     if any(role != "both" for _, role in worker_pools(args)):
         raise ValueError("autoscaling runs one pool of workers: --workers, not role pools")
-    act = LiveActuator(fe, sup, launch, max_workers)
+    launcher = ProcessLauncher(args, fe, sup, threads, key)
+    act = LiveActuator(fe, launcher, max_workers)
     for i, p in enumerate(ports):
-        act.adopt(f"w{i}", f"http://127.0.0.1:{p}", i)
+        act.adopt(launcher.adopt(f"w{i}", i, f"http://127.0.0.1:{p}"))
+    return planner_loop(args, act, max_workers)
+
+
+def planner_loop(args: argparse.Namespace, act, max_workers: int):
+    """The Autoscaler (the SLA planner with --autoscale, and the operator's resize) that
+    `kvgrid serve`'s scaling flags describe, acting through ``act``."""
+    from kvgrid.bench.planner import Planner, PlannerConfig
+    from kvgrid.bench.sim.calibration import load_calibration
+    from kvgrid.server.autoscale import Autoscaler
+
     cfg = PlannerConfig(
         ttft_target_s=args.ttft_target,
         itl_target_s=args.itl_target,
@@ -373,37 +420,42 @@ def run_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
-    """The router's frontend from the command's flags, with its bind address checked; None
-    (message printed) if the model, the keys file or the address cannot be used."""
+def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
+    """The router's frontend from the command's flags, with its bind address checked
+    (``fe.bind_host``); ValueError or OSError if the model, the keys file or the address
+    cannot be used."""
     from kvgrid.router.disagg import DisaggConfig
     from kvgrid.server.frontend import build_frontend
 
+    host = frontend_host(args)  # before loading anything: fail fast
+    fe = build_frontend(
+        args.model,
+        args.load_format,
+        args.served_model_name,
+        workers,
+        args.policy,
+        args.api_keys,
+        args.max_concurrent,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        log_decisions=args.log_decisions,
+        disagg=DisaggConfig(
+            mode=args.disagg,
+            itl_target_s=args.itl_target,
+            ttft_target_s=args.ttft_target,
+            stall_s=args.transfer_stall_s,
+            deadline_factor=args.transfer_deadline_factor,
+        ),
+        control_key=key,
+        public=not is_loopback_host(host),
+    )
+    fe.bind_host = _bind_host(args, fe.tenants.auth_required)
+    return fe
+
+
+def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
+    """``frontend_from_args``, or None (message printed)."""
     try:
-        keys_set = bool(args.api_keys or os.environ.get("KVGRID_API_KEYS"))
-        host = _bind_host(args, keys_set)  # before loading anything: fail fast
-        fe = build_frontend(
-            args.model,
-            args.load_format,
-            args.served_model_name,
-            workers,
-            args.policy,
-            args.api_keys,
-            args.max_concurrent,
-            heartbeat_timeout_s=args.heartbeat_timeout,
-            log_decisions=args.log_decisions,
-            disagg=DisaggConfig(
-                mode=args.disagg,
-                itl_target_s=args.itl_target,
-                ttft_target_s=args.ttft_target,
-                stall_s=args.transfer_stall_s,
-                deadline_factor=args.transfer_deadline_factor,
-            ),
-            control_key=key,
-            public=not is_loopback_host(host),
-        )
-        fe.bind_host = _bind_host(args, fe.tenants.auth_required)
-        return fe
+        return frontend_from_args(args, workers, key)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None

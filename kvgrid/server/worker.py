@@ -72,6 +72,7 @@ class Worker:
         events_endpoint: str | None = None,
         load_interval_s: float = 0.5,
         key: ControlKey | None = None,
+        site: str = "",
         role: str = "both",
         transfer_port: int | None = 0,
         transfer_endpoint: str | None = None,
@@ -131,6 +132,7 @@ class Worker:
                 * dtype_bytes
             ),
             max_num_batched_tokens=cfg.max_num_batched_tokens,
+            site=site,
         )
         self.transfers = None
         try:
@@ -354,58 +356,51 @@ def worker_identity(args) -> tuple[str, ControlKey | None]:
     return worker_id, key
 
 
-def run_worker(args) -> int:
-    """`kvgrid worker`: load the engine, then serve until stopped."""
-    import sys
-
-    import uvicorn
-
+def build_worker(
+    args,
+    worker_id: str,
+    url: str,
+    host: str,
+    key: ControlKey | None,
+    events_port: int = 0,
+    events_endpoint: str | None = None,
+    site: str = "",
+) -> Worker:
+    """Load the engine the engine flags in ``args`` describe and wrap it in a Worker whose
+    HTTP API is reached at ``url`` and whose event stream and KV transfers bind ``host``
+    (its role and transfer port from `kvgrid worker`'s flags; without them: both, any free
+    port). ValueError: a configuration the engine or its store cannot use."""
     from kvgrid.engine.args import engine_config_from_args
     from kvgrid.engine.llm_engine import LLMEngine
     from kvgrid.gc_tuning import tune_gc
 
-    logging.basicConfig(
-        level=os.environ.get("KVGRID_LOG", "INFO"),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        worker_id, key = worker_identity(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.threads:
+    if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    try:
-        engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
-    except ValueError as e:  # a configuration the engine or its store cannot use
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    model_name = args.served_model_name or engine.spec.name
+    engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
+    model_name = getattr(args, "served_model_name", None) or engine.spec.name
     tune_gc()  # the model, KV pool and graphs live as long as this process
-    url = args.advertise_url or f"http://{args.host}:{args.port}"
     try:
         worker = Worker(
             engine,
             worker_id,
             url,
             model_name,
-            pub_host=args.host,
-            pub_port=args.events_port,
-            events_endpoint=args.advertise_events,
+            pub_host=host,
+            pub_port=events_port,
+            events_endpoint=events_endpoint,
             key=key,
-            role=args.role,
-            transfer_port=args.transfer_port,
-            transfer_endpoint=args.advertise_transfers,
-            allow_fault_injection=args.allow_fault_injection,
+            site=site,
+            role=getattr(args, "role", "both"),
+            transfer_port=getattr(args, "transfer_port", 0),
+            transfer_endpoint=getattr(args, "advertise_transfers", None),
+            allow_fault_injection=getattr(args, "allow_fault_injection", False),
         )
-    except (ValueError, OSError) as e:
-        log.error("worker %s cannot start: %s", worker_id, e)
+    except BaseException:
         engine.close()
-        return 2
+        raise
     log.info(
         "worker %s (%s): engine ready in %.1fs (%s), events on %s (%s), transfers on %s",
         worker.info.worker_id,
@@ -416,9 +411,32 @@ def run_worker(args) -> int:
         "CURVE" if worker.publisher.secure else "no control key: loopback only",
         worker.info.transfer_endpoint,
     )
+    return worker
+
+
+def run_worker(args) -> int:
+    """`kvgrid worker`: load the engine, then serve until stopped."""
+    import sys
+
+    import uvicorn
+
+    logging.basicConfig(
+        level=os.environ.get("KVGRID_LOG", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        worker_id, key = worker_identity(args)
+        url = args.advertise_url or f"http://{args.host}:{args.port}"
+        worker = build_worker(
+            args, worker_id, url, args.host, key, args.events_port, args.advertise_events
+        )
+    except (ValueError, OSError) as e:  # a configuration the worker cannot use, a port taken
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     app = create_worker_app(worker, args.router)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
-__all__ = ["Worker", "create_worker_app", "run_worker", "worker_identity"]
+__all__ = ["Worker", "build_worker", "create_worker_app", "run_worker", "worker_identity"]

@@ -12,8 +12,9 @@ with kvgrid.keys (one id per block), so block keys are real keys of the one key 
 
 Options: prefill/decode disaggregation (a prefill pool routed by the policy, a decode pool
 by least load, KV moved as the live path's time model says: ``kvgrid.transfer.model``),
-sites (network round trip added to what the client sees, cost per GPU-hour), a G2
-host-memory tier, a candidate preselection for very large fleets, and a planner called
+sites (kvgrid.router.sites: a network round trip the router weighs and the client sees, a
+cost per GPU-hour the planner weighs), a G2 host-memory tier, a candidate preselection for
+very large fleets, and a planner called
 every ``planner_interval_s``.
 """
 
@@ -38,19 +39,12 @@ from kvgrid.bench.sim.calibration import Calibration, load_calibration
 from kvgrid.bench.sim.worker import PREFILL, SimRequest, SimWorker
 from kvgrid.bench.workloads import Workload
 from kvgrid.router.router import Router, RouteRequest
+from kvgrid.router.sites import Site
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
 from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S, TransferModel
 
 SIM_SCOPE = kvkeys.KVScope("sim:llama3-8b", "bfloat16")
 _WAKE, _DELIVER, _HANDOFF, _READY, _TICK = range(5)
-
-
-@dataclass
-class Site:
-    name: str = "default"
-    rtt_s: float = 0.0  # client <-> site round trip
-    cost_per_gpu_hour: float = 2.5
-    share: float = 1.0  # fraction of the workers placed here
 
 
 @dataclass
@@ -83,7 +77,12 @@ class Fleet:
         self.calib = cfg.calibration or load_calibration()
         self.bt = workload.block_tokens
         self.rng = random.Random(cfg.seed)
-        self.router = Router(cfg.policy, recent_ttl_s=cfg.recent_ttl_s, **cfg.policy_kwargs)
+        self.router = Router(
+            cfg.policy,
+            recent_ttl_s=cfg.recent_ttl_s,
+            site_rtt_s={s.name: s.rtt_s for s in cfg.sites},
+            **cfg.policy_kwargs,
+        )
         self.decode_router = Router("least_load") if cfg.disagg else None
         self.digest = SIM_SCOPE.digest
         self.heap: list = []
@@ -158,6 +157,7 @@ class Fleet:
             bytes_per_block=self.bt * c.kv_bytes_per_token,
             max_num_batched_tokens=c.max_num_batched_tokens,
             events=w.role != "decode",
+            site=w.site,
         )
         if router.add_worker(info, now):
             router.on_snapshot(w.worker_id, 0, {}, now)
@@ -415,6 +415,7 @@ class Fleet:
                     kv_usage=w.kv_usage(),
                     waiting_prefill_tokens=w.waiting_prefill_tokens(),
                     started_at=w.started_at,
+                    cost_per_hour=w.site_obj.cost_per_gpu_hour,  # type: ignore[attr-defined]
                 )
             )
         return pools
