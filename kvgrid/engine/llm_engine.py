@@ -155,9 +155,42 @@ class LLMEngine:
         """``shared_prefix_tokens``: leading prompt tokens of a prefix the server shares
         across tenants (kvgrid.server.tenants); their blocks are keyed in the public scope."""
         params = params or SamplingParams()
-        params.validate()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
+        text, prompt, max_tokens = self.check_request(prompt, params)
+        for t in (tenant, keys.PUBLIC_TENANT):
+            if t not in self._scope_digests:
+                self._scope_digests[t] = self.scope.with_tenant(t).digest
+        shared = min(max(0, int(shared_prefix_tokens)), len(prompt))
+        seq = Sequence(
+            request_id,
+            prompt,
+            params,
+            self._scope_digests[tenant],
+            self.config.block_size,
+            max_tokens,
+            prompt=text,
+            tenant=tenant,
+            shared_tokens=shared,
+            shared_digest=self._scope_digests[keys.PUBLIC_TENANT] if shared else None,
+        )
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if self.tokenizer is not None:
+            from kvgrid.models.tokenizer import IncrementalDetokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, params.skip_special_tokens, prompt_ids=prompt
+            )
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def check_request(
+        self, prompt: str | list[int], params: SamplingParams
+    ) -> tuple[str | None, list[int], int]:
+        """Validate a request without adding it (thread-safe: reads configuration only):
+        (prompt text or None, prompt token ids, max tokens). Raises RequestError."""
+        params.validate()
         text = None
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -191,32 +224,7 @@ class LLMEngine:
             raise RequestError(
                 f"request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}"
             )
-        for t in (tenant, keys.PUBLIC_TENANT):
-            if t not in self._scope_digests:
-                self._scope_digests[t] = self.scope.with_tenant(t).digest
-        shared = min(max(0, int(shared_prefix_tokens)), len(prompt))
-        seq = Sequence(
-            request_id,
-            prompt,
-            params,
-            self._scope_digests[tenant],
-            self.config.block_size,
-            max_tokens,
-            prompt=text,
-            tenant=tenant,
-            shared_tokens=shared,
-            shared_digest=self._scope_digests[keys.PUBLIC_TENANT] if shared else None,
-        )
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        if self.tokenizer is not None:
-            from kvgrid.models.tokenizer import IncrementalDetokenizer
-
-            seq.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, params.skip_special_tokens, prompt_ids=prompt
-            )
-        self.seqs[request_id] = seq
-        self.scheduler.add(seq)
+        return text, prompt, max_tokens
 
     def abort_request(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
@@ -455,6 +463,7 @@ class LLMEngine:
             "store_loaded_tokens": self.scheduler.store_loaded_tokens,
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_step_s": self.decode_step_s,
+            "mixed_prefill_tokens": self.scheduler._mixed_prefill_budget(),
             "waiting_prefill_tokens": sum(
                 s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting
             )
