@@ -4,19 +4,18 @@ out of a worker, and a slow disk (a delay before each object read of a disk tier
 
 Faults that the operating system can produce are injected from outside (signals, network
 namespaces, full or read-only filesystems, damaged files); these two cannot be, short of a
-kernel module. They are off unless the process runs with ``KVGRID_FAULT_INJECTION=1``, and
-then set through the worker's authenticated ``POST /internal/faults``.
+kernel module. They are off unless the worker was started with ``--allow-fault-injection``
+(``enable``), and then set through its authenticated ``POST /internal/faults``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import threading
 from dataclasses import dataclass
 
-ENABLED = os.environ.get("KVGRID_FAULT_INJECTION") == "1"
+ENABLED = False  # only a process that called enable() (a drill) takes faults
 
 
 @dataclass(frozen=True)
@@ -47,6 +46,11 @@ _lock = threading.Lock()
 _rng = random.Random(0)
 
 
+def enable() -> None:
+    global ENABLED
+    ENABLED = True
+
+
 def active() -> Faults:
     return _active
 
@@ -55,7 +59,9 @@ def set_active(spec: dict) -> Faults:
     """Replace the active faults (fields of ``Faults``; the ones left out are off)."""
     global _active, _rng
     if not ENABLED:
-        raise PermissionError("fault injection is off (start with KVGRID_FAULT_INJECTION=1)")
+        raise PermissionError(
+            "fault injection is off: start the worker with --allow-fault-injection"
+        )
     names = {f.name for f in dataclasses.fields(Faults)}
     unknown = set(spec) - names
     if unknown:

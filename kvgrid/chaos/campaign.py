@@ -286,7 +286,7 @@ def busy(state: dict) -> dict:
     """What the frontend's /admin/state says is still held; {} when all is idle."""
     held = {}
     adm = state.get("admission", {})
-    for k in ("running", "waiting", "runs"):
+    for k in ("running", "waiting", "runs", "remote_prefills"):
         if adm.get(k):
             held[f"admission.{k}"] = adm[k]
     for wid, n in state.get("router", {}).get("inflight", {}).items():

@@ -57,15 +57,14 @@ class System:
         self.logs.mkdir(exist_ok=True)
         self.admin_token = secrets.token_hex(16)
         master = secrets.token_hex(32)
+        self.cluster_key = ControlKey.generate()
         self.env = dict(
             os.environ,
-            # the cluster key: `kvgrid serve` derives its workers' keys from it, and the
-            # worker outside derives its own (it proves it to the router to join)
-            KVGRID_CONTROL_KEY=ControlKey.generate().dumps(),
+            # the cluster key: `kvgrid serve` gives each of its workers only its own key
+            KVGRID_CONTROL_KEY=self.cluster_key.dumps(),
             KVGRID_ADMIN_TOKEN=self.admin_token,
             KVGRID_MASTER_KEY=f"1:{master}",  # one key for every worker: G4 is shared
             KVGRID_STORE_DIR=str(self.dir / "keys"),
-            KVGRID_FAULT_INJECTION="1",
             KVGRID_LOG=os.environ.get("KVGRID_CHAOS_LOG", "WARNING"),
         )
         self.mounts: list[Path] = []
@@ -132,6 +131,7 @@ class System:
                 "--stall-timeout", str(c.stall_timeout_s),
                 "--heartbeat-timeout", str(c.heartbeat_timeout_s),
                 "--worker-wait", str(c.worker_wait_s),
+                "--allow-fault-injection",
                 "--kv-store-dir", str(self.g3), *self._engine_flags()]  # fmt: skip
         if self.netns is not None:
             argv.append("--allow-anonymous")  # bound to the link's address, no API keys
@@ -146,13 +146,16 @@ class System:
         argv = [sys.executable, "-m", "kvgrid.cli", "worker", "--host", self.netns.ns_ip,
                 "--port", str(port), "--worker-id", self.outside_id, "--threads", "1",
                 "--router", self.url, "--kv-store-dir", str(self.g3 / self.outside_id),
-                *self._engine_flags(outside=True)]  # fmt: skip
-        self.outside = self._spawn(self.netns.exec_argv(argv), f"{self.outside_id}.log")
+                "--allow-fault-injection", *self._engine_flags(outside=True)]  # fmt: skip
+        # like a worker on another host: it holds its own key only (it proves it to join)
+        own = self.cluster_key.for_worker(self.outside_id).dumps()
+        env = {**self.env, "KVGRID_CONTROL_KEY": own}
+        self.outside = self._spawn(self.netns.exec_argv(argv), f"{self.outside_id}.log", env=env)
 
-    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, argv: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
         fd = os.open(self.logs / log_name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            return subprocess.Popen(argv, env=self.env, stdout=fd, stderr=subprocess.STDOUT)
+            return subprocess.Popen(argv, env=env or self.env, stdout=fd, stderr=subprocess.STDOUT)
         finally:
             os.close(fd)
 

@@ -90,6 +90,33 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="log every routing decision with each candidate's numbers",
     )
+    g.add_argument("--ttft-target", type=float, default=3.0, help="seconds, at p95")
+    g.add_argument("--itl-target", type=float, default=0.1, help="seconds")
+    g = p.add_argument_group(
+        "disaggregation",
+        "prefill on another worker that streams the KV to the one that decodes",
+    )
+    g.add_argument(
+        "--disagg",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="auto: per request, when it lowers the predicted time to first token or keeps "
+        "the decode worker's ITL within --itl-target (default); always: whenever a prefill "
+        "worker can; never",
+    )
+    g.add_argument(
+        "--transfer-stall-s",
+        type=float,
+        default=5.0,
+        help="a transfer with no block and no sign of progress this long is given up, and "
+        "the decode worker recomputes what is missing",
+    )
+    g.add_argument(
+        "--transfer-deadline-factor",
+        type=float,
+        default=3.0,
+        help="a transfer's deadline: this times its predicted end, plus 2 s",
+    )
 
 
 def _autoscale_args(p: argparse.ArgumentParser) -> None:
@@ -103,8 +130,6 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-workers", type=int, default=None, help="most worker processes (default --workers)"
     )
-    g.add_argument("--ttft-target", type=float, default=3.0, help="seconds, at p95")
-    g.add_argument("--itl-target", type=float, default=0.1, help="seconds")
     g.add_argument("--autoscale-interval", type=float, default=10.0, help="planner interval, s")
     g.add_argument(
         "--calibration",
@@ -123,6 +148,17 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-down-cooldown", type=float, default=60.0, help="s after a scale-up")
     g.add_argument(
         "--scale-down-ticks", type=int, default=12, help="intervals of headroom before draining"
+    )
+
+
+def _worker_transfer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-fault-injection",
+        action="store_true",
+        help="accept injected faults (drills and tests of recovery; never in production): "
+        "POST /debug/faults damages, drops or stalls the next outgoing KV transfer; "
+        "POST /internal/faults drops, duplicates, reorders or garbles KV event batches and "
+        "slows disk-tier reads (kvgrid chaos)",
     )
 
 
@@ -185,7 +221,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="OpenAI-compatible server: router plus worker processes")
     _frontend_args(p)
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes that prefill and decode (default 1, or 0 with role pools)",
+    )
+    p.add_argument(
+        "--prefill-workers", type=int, default=0, help="worker processes that only prefill"
+    )
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=0,
+        help="worker processes that decode (and prefill themselves when that is faster)",
+    )
+    _worker_transfer_args(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -229,6 +280,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument(
+        "--role",
+        default="both",
+        choices=["prefill", "decode", "both"],
+        help="what the router uses this worker for (POST /role changes it)",
+    )
+    p.add_argument(
+        "--transfer-port",
+        type=int,
+        default=0,
+        help="TCP port KV transfers from prefill workers arrive on (default: any free port)",
+    )
+    p.add_argument(
+        "--advertise-transfers",
+        default=None,
+        metavar="HOST:PORT",
+        help="address prefill workers send KV transfers to (default: the advertise URL's "
+        "host and the transfer port)",
+    )
+    _worker_transfer_args(p)
     _control_key_arg(p, "this worker's key, or the cluster key")
     p.add_argument(
         "--exit-with-parent",

@@ -56,6 +56,11 @@ class EngineLoop(threading.Thread):
         self._beat = threading.Thread(target=self._heartbeat, name=f"beat-{worker_id}", daemon=True)
         self.failed: BaseException | None = None
         self.beat = time.monotonic()  # the thread's last pass through its loop
+        # called on this thread after every turn of the loop (a KV transfer's sender
+        # collects the blocks the step named); exceptions are logged, never fatal
+        self.after_step: list[Callable[[], None]] = []
+        # more fields for the load report (a worker's role, its transfer measurements)
+        self.load_extra: list[Callable[[], dict]] = []
 
     # ---- called from other threads -------------------------------------------------------
 
@@ -149,6 +154,11 @@ class EngineLoop(threading.Thread):
                         self._sinks.pop(out.request_id, None)
                     if sink is not None:
                         sink(out)
+                for hook in self.after_step:
+                    try:
+                        hook()
+                    except Exception:
+                        log.exception("after-step hook failed")
                 self._refresh_report()
         except BaseException as e:  # the engine broke: fail every stream, then stop
             log.exception("engine loop failed")
@@ -219,7 +229,7 @@ class EngineLoop(threading.Thread):
         st = self.engine.stats()
         conn = getattr(self.engine, "connector", None)
         tier_bw = dict(getattr(conn, "tier_bytes_per_s", None) or {})
-        return {
+        report = {
             "worker_id": self.worker_id,
             "epoch": self.epoch,
             "kv_seq": self.seq,
@@ -236,8 +246,12 @@ class EngineLoop(threading.Thread):
             "prompt_tokens": st.get("prompt_tokens", 0),
             "generation_tokens": st.get("generation_tokens", 0),
             "num_preemptions": st.get("num_preemptions", 0),
+            "mixed_prefill_tokens": st.get("mixed_prefill_tokens"),
             "timestamp": time.time(),
         }
+        for extra in self.load_extra:
+            report.update(extra())
+        return report
 
     def _refresh_report(self) -> None:
         now = time.monotonic()

@@ -39,8 +39,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
+from kvgrid.router.disagg import DisaggConfig
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
 from kvgrid.server import auth, relay
+from kvgrid.server.disagg import remote_spec, start_prefill
 from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
 from kvgrid.server.operator import add_operator_routes
@@ -93,6 +95,7 @@ class Frontend:
         self.runs: set[RequestRun] = set()  # requests that reached a worker, not closed
         # kvgrid.server.autoscale.Autoscaler when `kvgrid serve` may scale its workers
         self.autoscaler: Any = None
+        self.background: set[asyncio.Task] = set()  # remote prefills in flight
         self.bind_host = "127.0.0.1"  # set by the command that serves it
         # token ids of the prefixes tenants may share (tenants.TenantRegistry.shared_prefixes)
         self.shared_prefixes: list[list[int]] = []
@@ -237,28 +240,37 @@ class Frontend:
                 decision_log.info(d.log_line())
             else:
                 decision_log.debug(d.log_line())
-            w = self.router.workers[d.worker_id]
+            if d.prefill is not None:
+                where = "remote" if d.remote_prefill else "local"
+                self.metrics.prefill_decisions.labels(where, d.prefill.reason).inc()
+            spec, ticket = remote_spec(d, self.link.key) if d.remote_prefill else (None, b"")
+            epoch = self.router.workers[d.worker_id].info.epoch
             req = self.link.client.build_request(
-                "POST", f"{w.info.url}/generate", json=body, headers=self.link.headers(d.worker_id)
+                "POST",
+                f"{self.link.url(d.worker_id)}/generate",
+                json={**body, "remote_prefill": spec},
+                headers=self.link.headers(d.worker_id),
             )
             try:
                 resp = await relay.send(self, d, req)
             except httpx.PoolTimeout:
                 # our own connection pool is full: not the worker's fault
-                self.router.on_finish(rid, time.monotonic())
+                self._unroute(rid, d)
                 raise APIError(503, "the router is overloaded; retry later") from None
             except (httpx.TransportError, WorkerLost) as e:
                 # refused, reset, timed out, stopped answering or broke before a response:
                 # that worker failed, and nothing has been generated there, so another may
                 # take the request
-                self.router.on_finish(rid, time.monotonic())
+                self._unroute(rid, d)
                 self.link.mark_down(d.worker_id, f"request failed: {e!r}")
                 msg = repr(e)
             except BaseException:
-                self.router.on_finish(rid, time.monotonic())
+                self._unroute(rid, d)
                 raise
             else:
                 if resp.status_code == 200:
+                    if spec is not None:  # the decode worker expects the KV: now compute it
+                        start_prefill(self, d, {**body, "prompt_token_ids": context}, spec, ticket)
                     return d, resp
                 try:
                     text = (await resp.aread()).decode(errors="replace")
@@ -266,7 +278,7 @@ class Frontend:
                     text = f"its answer broke off: {e!r}"
                 finally:
                     await resp.aclose()
-                    self.router.on_finish(rid, time.monotonic())
+                    self._unroute(rid, d)
                 try:
                     msg = json.loads(text).get("error", text)
                 except (ValueError, AttributeError):
@@ -280,12 +292,19 @@ class Frontend:
                 else:  # failing or busy (a stuck engine answers 503): another may take it
                     log.warning("worker %s could not take %s (%d): %s", d.worker_id, rid,
                                 resp.status_code, msg)  # fmt: skip
-            tried[d.worker_id] = w.info.epoch
+            tried[d.worker_id] = epoch
             attempts += 1
             if attempts > self.config.max_retries:
                 raise APIError(
                     503, f"no worker could take the request (tried {', '.join(tried)}): {msg}"
                 )
+
+    def _unroute(self, rid: str, d: Decision) -> None:
+        """The decision was not carried out (the worker refused or is gone)."""
+        now = time.monotonic()
+        self.router.on_finish(rid, now)
+        if d.remote_prefill:
+            self.router.on_prefill_done(rid, now)
 
     def _still_excluded(self, tried: dict[str, str]) -> list[str]:
         """The workers of ``tried`` still in the life that failed (a restarted one is new)."""
@@ -331,7 +350,8 @@ class Frontend:
                         migrations[k] = migrations.get(k, 0) + sample.value
         return {
             "admission": {"running": sched.running, "waiting": sched.waiting(),
-                          "max_concurrent": sched.max_concurrent, "runs": len(self.runs)},
+                          "max_concurrent": sched.max_concurrent, "runs": len(self.runs),
+                          "remote_prefills": len(self.background)},
             "router": {"inflight": {wid: len(w.inflight) for wid, w in ws.items()}},
             "migrations": migrations,
             "workers": {
@@ -422,6 +442,8 @@ class Frontend:
             "x-kvgrid-worker": d.worker_id,
             "x-kvgrid-predicted-cached-tokens": str(d.predicted_cached_tokens),
         }
+        if d.remote_prefill:
+            headers["x-kvgrid-prefill-worker"] = d.prefill.worker_id
         if req.stream:
             return RunResponse(run, headers)
         return await run.whole(request, headers)
@@ -515,6 +537,7 @@ def build_frontend(
     max_concurrent: int = 256,
     heartbeat_timeout_s: float = 10.0,
     log_decisions: bool = False,
+    disagg: DisaggConfig | None = None,
     control_key: auth.ControlKey | None = None,
     public: bool = False,
     max_migrations: int = 3,
@@ -542,7 +565,7 @@ def build_frontend(
             "tenants need a control key: workers take tenant scopes only from a router that "
             "proves itself (--control-key-file, or KVGRID_CONTROL_KEY / KVGRID_CONTROL_KEY_FILE)"
         )
-    router = Router(policy, heartbeat_timeout_s=heartbeat_timeout_s)
+    router = Router(policy, heartbeat_timeout_s=heartbeat_timeout_s, disagg=disagg)
     link = FleetLink(router, list(worker_urls), control_key, scope_id(secret))
     return Frontend(
         router,

@@ -151,7 +151,7 @@ def add_operator_routes(app: FastAPI, fe) -> None:
 
     @app.post("/admin/faults")
     async def faults(request: Request) -> Response:
-        """Fault injection (workers started with KVGRID_FAULT_INJECTION=1 only)."""
+        """Fault injection (workers started with --allow-fault-injection only)."""
         try:
             fe.require_admin(request, "/admin/faults")
             spec = await request.json()

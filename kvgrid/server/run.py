@@ -148,6 +148,11 @@ class RequestRun:
         m.gen_hist.labels(model).observe(u["completion_tokens"])
         cached = u["prompt_tokens_details"]["cached_tokens"]
         m.cached_tokens.labels(model).inc(cached)
+        t = self.final.get("transfer")
+        if t:
+            m.transfers.labels(t.get("outcome") or "unknown").inc()
+            m.transfer_bytes.inc(t.get("bytes", 0))
+            m.transfer_seconds.observe(t.get("seconds", 0.0))
         m.predicted_cached.inc(self.d.predicted_cached_tokens)
         m.prediction_match.labels(str(cached == self.d.predicted_cached_tokens).lower()).inc()
         m.success.labels(model, self.final.get("finish_reason") or "stop").inc()
@@ -191,9 +196,12 @@ class RequestRun:
         try:
             if self.chat:
                 yield event(self._chunk("", None, first=True))
+            # a model without a tokenizer (random weights of a shape) has no text: its
+            # tokens still show, as empty chunks, so a client sees the stream's timing
+            textless = self.fe.config.tokenizer is None
             async for msg in self._iterate():
                 finish = msg.get("finish_reason")
-                if msg.get("text") or finish:
+                if msg.get("text") or finish or (textless and msg.get("ids")):
                     yield event(self._chunk(msg.get("text", ""), finish))
             opts = self.req.stream_options
             if opts is not None and opts.include_usage:

@@ -77,7 +77,9 @@ def worker_env(args: argparse.Namespace, worker_id: str, key: ControlKey | None)
     return env
 
 
-def worker_argv(args: argparse.Namespace, worker_id: str, port: int, threads: int) -> list[str]:
+def worker_argv(
+    args: argparse.Namespace, worker_id: str, port: int, threads: int, role: str = "both"
+) -> list[str]:
     argv = [
         sys.executable,
         "-m",
@@ -92,7 +94,11 @@ def worker_argv(args: argparse.Namespace, worker_id: str, port: int, threads: in
         "--threads",
         str(threads),
         "--exit-with-parent",
+        "--role",
+        role,
     ]
+    if getattr(args, "allow_fault_injection", False):
+        argv.append("--allow-fault-injection")
     if getattr(args, "served_model_name", None):
         argv += ["--served-model-name", args.served_model_name]
     for dest, flag, switch in _engine_flags():
@@ -202,6 +208,22 @@ class Supervisor(threading.Thread):
                 p.kill()
 
 
+def worker_pools(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(worker id, role) of each worker process `kvgrid serve` starts."""
+    pre = getattr(args, "prefill_workers", 0) or 0
+    dec = getattr(args, "decode_workers", 0) or 0
+    both = args.workers if args.workers is not None else (0 if pre or dec else 1)
+    if min(pre, dec, both) < 0:
+        raise ValueError("worker counts must be >= 0")
+    if both + dec < 1:
+        raise ValueError("at least one worker must decode: --workers or --decode-workers")
+    return (
+        [(f"w{i}", "both") for i in range(both)]
+        + [(f"p{i}", "prefill") for i in range(pre)]
+        + [(f"d{i}", "decode") for i in range(dec)]
+    )
+
+
 def _setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("KVGRID_LOG", "INFO"),
@@ -237,9 +259,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from kvgrid.server.frontend import create_frontend_app
 
     _setup_logging()
-    if args.workers < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
+    try:
+        pools = worker_pools(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    n = len(pools)
     try:
         key = load_control_key(args.control_key_file) or ControlKey.generate()
     except CredentialError as e:
@@ -249,17 +274,16 @@ def run_serve(args: argparse.Namespace) -> int:
     fe = _frontend_from_args(args, [], key)
     if fe is None:
         return 2
-    max_workers = max(args.workers, getattr(args, "max_workers", None) or args.workers)
+    max_workers = max(n, getattr(args, "max_workers", None) or n)
     # cores are divided among as many processes as may run at once
     threads = args.threads or max(1, (os.cpu_count() or 1) // max_workers)
-    ports = [free_port() for _ in range(args.workers)]
-    ids = [f"w{i}" for i in range(args.workers)]
-    argvs = [worker_argv(args, w, p, threads) for w, p in zip(ids, ports)]
+    ports = [free_port() for _ in range(n)]
+    argvs = [worker_argv(args, wid, p, threads, role) for (wid, role), p in zip(pools, ports)]
     for p in ports:
         fe.link.add_url(f"http://127.0.0.1:{p}")
-    sup = Supervisor(argvs, [worker_env(args, w, key) for w in ids])
+    sup = Supervisor(argvs, [worker_env(args, wid, key) for wid, _ in pools])
     sup.start_all()
-    if getattr(args, "autoscale", False) or max_workers > args.workers:
+    if getattr(args, "autoscale", False) or max_workers > n:
         try:
             fe.autoscaler = _autoscaler(args, fe, sup, ports, threads, max_workers, key)
         except (ValueError, OSError) as e:
@@ -267,12 +291,13 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     log.info(
-        "kvgrid serve: %s on http://%s:%d with %d worker(s), policy %s",
+        "kvgrid serve: %s on http://%s:%d with worker(s) %s, policy %s, disaggregation %s",
         fe.config.model_name,
         fe.bind_host,
         args.port,
-        args.workers,
+        ", ".join(f"{wid} ({role})" for wid, role in pools),
         fe.router.policy.name,
+        fe.router.disagg.mode,
     )
     try:
         _run_http(create_frontend_app(fe), fe.bind_host, args.port)
@@ -346,6 +371,8 @@ def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_w
     """The planner loop (with --autoscale) and the operator's resize, on this machine."""
     from kvgrid.server.autoscale import LiveActuator
 
+    if any(role != "both" for _, role in worker_pools(args)):
+        raise ValueError("autoscaling runs one pool of workers: --workers, not role pools")
     launcher = ProcessLauncher(args, fe, sup, threads, key)
     act = LiveActuator(fe, launcher, max_workers)
     for i, p in enumerate(ports):
@@ -406,6 +433,7 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
     """The router's frontend from the command's flags, with its bind address checked
     (``fe.bind_host``); ValueError or OSError if the model, the keys file or the address
     cannot be used."""
+    from kvgrid.router.disagg import DisaggConfig
     from kvgrid.server.frontend import build_frontend
 
     host = frontend_host(args)  # before loading anything: fail fast
@@ -419,6 +447,13 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
         args.max_concurrent,
         heartbeat_timeout_s=args.heartbeat_timeout,
         log_decisions=args.log_decisions,
+        disagg=DisaggConfig(
+            mode=args.disagg,
+            itl_target_s=args.itl_target,
+            ttft_target_s=args.ttft_target,
+            stall_s=args.transfer_stall_s,
+            deadline_factor=args.transfer_deadline_factor,
+        ),
         control_key=key,
         public=not is_loopback_host(host),
         max_migrations=getattr(args, "max_migrations", 3),

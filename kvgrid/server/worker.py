@@ -8,7 +8,7 @@ HTTP (FastAPI), for routers only:
     GET  /load          the current load report
     GET  /metrics       the context store's series
     GET  /internal/state  what must return to idle (requests, G1 blocks, store pins, leases)
-    GET|POST /internal/faults  injected faults (only with KVGRID_FAULT_INJECTION=1)
+    GET|POST /internal/faults  injected faults (kvgrid.failpoints; --allow-fault-injection only)
     GET  /kv/snapshot   msgpack: every key per tier with the event seq it reflects
     POST /generate      {request_id, prompt_token_ids, params, tenant (hex), scope_id,
                         shared_prefix_tokens, resume?} -> NDJSON stream of deltas; a dropped
@@ -16,6 +16,7 @@ HTTP (FastAPI), for routers only:
                         {output_token_ids, emitted_text_len} of a request that another
                         worker started (LLMEngine.add_request)
     POST /abort/{id}
+    and the disaggregation endpoints of ``worker_transfers`` (/prefill, /role, ...)
 ZeroMQ PUB (msgpack, kvgrid.router.wire): topic ``kv`` numbered event batches, topic ``load``
 load reports every 0.5 s (the heartbeat), CURVE-encrypted (kvgrid.server.publisher).
 
@@ -58,6 +59,7 @@ from kvgrid.server.auth import (
     url_host,
 )
 from kvgrid.server.publisher import EventPublisher
+from kvgrid.server.worker_transfers import add_transfer_routes, remote_generate
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +79,29 @@ class Worker:
         load_interval_s: float = 0.5,
         key: ControlKey | None = None,
         site: str = "",
+        role: str = "both",
+        transfer_port: int | None = 0,
+        transfer_endpoint: str | None = None,
+        allow_fault_injection: bool = False,
         stall_s: float = 60.0,
     ) -> None:
         """``events_endpoint``: the event stream's address as routers reach it (default:
         the advertise URL's host and the bound port); never a wildcard address.
-        ``stall_s``: /health reports the worker unhealthy once its engine thread has been
-        in one step this long with requests waiting (the router then moves them away)."""
+        ``transfer_port``: where KV transfers arrive (0: any free port; None: no
+        transfers), ``transfer_endpoint`` the HOST:PORT prefill workers reach it at
+        (default: the advertise URL's host and that port). ``role``: see
+        ``worker_transfers``. ``stall_s``: /health reports the worker unhealthy once its
+        engine thread has been in one step this long with requests waiting (the router
+        then moves them away). ``allow_fault_injection``: drills only (transfer faults,
+        kvgrid.failpoints)."""
         from kvgrid.server.engine_loop import EngineLoop
+        from kvgrid.server.worker_transfers import ROLES, WorkerTransfers
 
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        if allow_fault_injection:
+            failpoints.enable()
         self.engine = engine
         self.stall_s = stall_s
         self.key = key.for_worker(worker_id) if key is not None else None
@@ -130,6 +147,26 @@ class Worker:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             site=site,
         )
+        self.transfers = None
+        try:
+            if transfer_port is not None:
+                self.transfers = WorkerTransfers.create(
+                    self, pub_host, host, transfer_port, transfer_endpoint, allow_fault_injection
+                )
+            elif role != "both":
+                raise ValueError(f"a {role} worker needs KV transfers")
+        except BaseException:
+            self.publisher.close()
+            raise
+        endpoint = self.transfers.receiver.endpoint if self.transfers is not None else None
+        self.info = dataclasses.replace(self.info, role=role, transfer_endpoint=endpoint)
+        self.loop.load_extra.append(self._load_fields)
+
+    def _load_fields(self) -> dict:
+        out = {"role": self.role}
+        if self.transfers is not None:
+            out.update(self.transfers.load_fields())
+        return out
 
     def info_dict(self) -> dict:
         d = self.info.to_dict()
@@ -150,6 +187,8 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
         finally:
             if task:
                 task.cancel()
+            if worker.transfers is not None:
+                worker.transfers.close()
             worker.loop.stop()
             worker.publisher.close()
             worker.loop.engine.close()
@@ -237,20 +276,13 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
             return JSONResponse({"error": str(e)}, status_code=400)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             return JSONResponse({"error": f"bad generate request: {e!r}"}, status_code=400)
-        if tenant != keys.PUBLIC_TENANT and worker.key is None:
-            return JSONResponse(
-                {"error": "tenant scopes need a control key (this worker runs without one)"},
-                status_code=403,
+        refused = check_scope(worker, tenant, scope_id)
+        if refused is not None:
+            return refused
+        if body.get("remote_prefill") is not None:
+            return await remote_generate(
+                worker, rid, prompt, params, tenant, shared, body["remote_prefill"], resume
             )
-        if scope_id is not None:
-            if worker.scope_id is None:
-                worker.scope_id = scope_id
-            elif scope_id != worker.scope_id:
-                return JSONResponse(
-                    {"error": "a router with another server secret already sends tenant "
-                     "scopes here: give every router the same KVGRID_SERVER_SECRET"},
-                    status_code=409,
-                )  # fmt: skip
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda out: aloop.call_soon_threadsafe(q.put_nowait, out)
@@ -260,12 +292,35 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
             return JSONResponse({"error": str(e)}, status_code=400)
         except TimeoutError:
             return JSONResponse({"error": "engine thread busy"}, status_code=503)
-        return StreamingResponse(_stream(worker, rid, q), media_type="application/x-ndjson")
+        return StreamingResponse(stream_outputs(worker, rid, q), media_type="application/x-ndjson")
 
+    add_transfer_routes(app, worker)
     return app
 
 
-async def _stream(worker: Worker, rid: str, q: asyncio.Queue):
+def check_scope(worker: Worker, tenant: bytes, scope_id: str | None) -> JSONResponse | None:
+    """The refusal of a request in ``tenant``'s scope from a router with ``scope_id``, or None
+    when this worker may take it."""
+    if tenant != keys.PUBLIC_TENANT and worker.key is None:
+        return JSONResponse(
+            {"error": "tenant scopes need a control key (this worker runs without one)"},
+            status_code=403,
+        )
+    if scope_id is not None:
+        if worker.scope_id is None:
+            worker.scope_id = scope_id
+        elif scope_id != worker.scope_id:
+            return JSONResponse(
+                {"error": "a router with another server secret already sends tenant "
+                 "scopes here: give every router the same KVGRID_SERVER_SECRET"},
+                status_code=409,
+            )  # fmt: skip
+    return None
+
+
+async def stream_outputs(worker: Worker, rid: str, q: asyncio.Queue, final: dict | None = None):
+    """NDJSON lines of a request's outputs from its queue; ``final``: more fields for the
+    last line."""
     finished = False
     try:
         while True:
@@ -285,6 +340,7 @@ async def _stream(worker: Worker, rid: str, q: asyncio.Queue):
                     prompt_tokens=len(out.prompt_token_ids),
                     completion_tokens=len(c.token_ids),
                     kv_seq=worker.loop.seq,
+                    **(final or {}),
                 )
             yield json.dumps(msg) + "\n"
             if out.finished:
@@ -371,8 +427,9 @@ def build_worker(
     site: str = "",
 ) -> Worker:
     """Load the engine the engine flags in ``args`` describe and wrap it in a Worker whose
-    HTTP API is reached at ``url`` and whose event stream binds ``host``. ValueError: a
-    configuration the engine or its store cannot use."""
+    HTTP API is reached at ``url`` and whose event stream and KV transfers bind ``host``
+    (its role and transfer port from `kvgrid worker`'s flags; without them: both, any free
+    port). ValueError: a configuration the engine or its store cannot use."""
     from kvgrid.engine.args import engine_config_from_args
     from kvgrid.engine.llm_engine import LLMEngine
     from kvgrid.gc_tuning import tune_gc
@@ -385,27 +442,37 @@ def build_worker(
     engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
     model_name = getattr(args, "served_model_name", None) or engine.spec.name
     tune_gc()  # the model, KV pool and graphs live as long as this process
-    worker = Worker(
-        engine,
-        worker_id,
-        url,
-        model_name,
-        pub_host=host,
-        pub_port=events_port,
-        events_endpoint=events_endpoint,
-        key=key,
-        site=site,
-        stall_s=getattr(args, "engine_stall_timeout", 60.0),
-    )
+    try:
+        worker = Worker(
+            engine,
+            worker_id,
+            url,
+            model_name,
+            pub_host=host,
+            pub_port=events_port,
+            events_endpoint=events_endpoint,
+            key=key,
+            site=site,
+            role=getattr(args, "role", "both"),
+            transfer_port=getattr(args, "transfer_port", 0),
+            transfer_endpoint=getattr(args, "advertise_transfers", None),
+            allow_fault_injection=getattr(args, "allow_fault_injection", False),
+            stall_s=getattr(args, "engine_stall_timeout", 60.0),
+        )
+    except BaseException:
+        engine.close()
+        raise
     if getattr(args, "exit_with_parent", False):
         _exit_with_parent()
     log.info(
-        "worker %s: engine ready in %.1fs (%s), events on %s (%s)",
+        "worker %s (%s): engine ready in %.1fs (%s), events on %s (%s), transfers on %s",
         worker.info.worker_id,
+        worker.role,
         time.time() - t0,
         model_name,
         worker.events_endpoint,
         "CURVE" if worker.publisher.secure else "no control key: loopback only",
+        worker.info.transfer_endpoint,
     )
     return worker
 
@@ -427,7 +494,7 @@ def run_worker(args) -> int:
         worker = build_worker(
             args, worker_id, url, args.host, key, args.events_port, args.advertise_events
         )
-    except ValueError as e:  # a configuration the worker, its engine or store cannot use
+    except (ValueError, OSError) as e:  # a configuration the worker cannot use, a port taken
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_worker_app(worker, args.router)

@@ -11,9 +11,10 @@ does not grow with the number of requests. Prompts are keyed by hashing their ha
 with kvgrid.keys (one id per block), so block keys are real keys of the one key function.
 
 Options: prefill/decode disaggregation (a prefill pool routed by the policy, a decode pool
-by least load, KV moved at ``link_bytes_per_s``), sites (kvgrid.router.sites: a network
-round trip the router weighs and the client sees, a cost per GPU-hour the planner weighs),
-a G2 host-memory tier, a candidate preselection for very large fleets, and a planner called
+by least load, KV moved as the live path's time model says: ``kvgrid.transfer.model``),
+sites (kvgrid.router.sites: a network round trip the router weighs and the client sees, a
+cost per GPU-hour the planner weighs), a G2 host-memory tier, a candidate preselection for
+very large fleets, and a planner called
 every ``planner_interval_s``.
 """
 
@@ -40,6 +41,7 @@ from kvgrid.bench.workloads import Workload
 from kvgrid.router.router import Router, RouteRequest
 from kvgrid.router.sites import Site
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
+from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S, TransferModel
 
 SIM_SCOPE = kvkeys.KVScope("sim:llama3-8b", "bfloat16")
 _WAKE, _DELIVER, _HANDOFF, _READY, _TICK = range(5)
@@ -53,7 +55,8 @@ class SimConfig:
     calibration: Calibration | None = None
     disagg: bool = False
     num_prefill: int = 0  # with disagg; num_workers - num_prefill decode
-    link_bytes_per_s: float = 50e9  # prefill -> decode KV transfer (400 Gb/s)
+    # prefill -> decode KV transfer; None: the calibration's (what the live path measured)
+    transfer: TransferModel | None = None
     sites: list[Site] = field(default_factory=lambda: [Site()])
     candidates: int | None = None  # route among cache holders + this many sampled workers
     slo_ttft_s: float = 2.0
@@ -248,8 +251,19 @@ class Fleet:
         )
         dw = self.by_id[d.worker_id]
         r.decode_worker = dw.index
-        xfer = r.input_len * self.calib.kv_bytes_per_token / self.cfg.link_bytes_per_s
-        self._push(now + xfer, _HANDOFF, dw, r)
+        self._push(now + self._handoff_s(r), _HANDOFF, dw, r)
+
+    def _handoff_s(self, r: SimRequest) -> float:
+        """The transfer's tail after this prefill, then the landing in the decode worker's
+        G1: the time model the router decides with, with the same parameters."""
+        c, bt = self.calib, self.bt
+        model = self.cfg.transfer or c.transfer
+        per_step = max(1, c.max_num_batched_tokens // bt)
+        produce = c.prefill_s(r.uncached, r.input_len - r.uncached)
+        g2 = c.tier_bytes_per_s.get("G2") or DEFAULT_LAND_BYTES_PER_S
+        return model.handoff_s(
+            max(0, (r.input_len - 1) // bt), bt * c.kv_bytes_per_token, produce, per_step, g2
+        )
 
     def _record(self, r: SimRequest, now: float) -> None:
         i = r.idx

@@ -44,6 +44,13 @@ class RayServer:
         from kvgrid.server.ray.secrets import ClusterSecrets, actor_config
         from kvgrid.server.serve import frontend_host
 
+        if getattr(args, "prefill_workers", 0) or getattr(args, "decode_workers", 0):
+            raise ValueError(
+                "--ray runs one pool of workers (--workers): prefill and decode pools run "
+                "with kvgrid serve, or kvgrid worker --role"
+            )
+        if args.workers is None:
+            args.workers = 1
         if args.workers < 1:
             raise ValueError("--workers must be at least 1")
         sites = [parse_site(s) for s in args.site]
