@@ -61,6 +61,9 @@ class _Arrived:
         return False  # nothing stored: a bad object is simply not taken
 
 
+_RELEASE_WAIT_S = 5.0
+
+
 class Inbound:
     """One expected transfer."""
 
@@ -98,9 +101,9 @@ class Inbound:
             self.decoding -= 1
             self._idle.notify_all()
 
-    def wait_landed(self) -> None:
+    def wait_landed(self, timeout_s: float | None = None) -> bool:
         with self.lock:
-            self._idle.wait_for(lambda: self.decoding == 0)
+            return self._idle.wait_for(lambda: self.decoding == 0, timeout_s)
 
     @property
     def landed(self) -> int:
@@ -200,6 +203,10 @@ class KVReceiver:
     def release(self, t: Inbound) -> None:
         """The request has taken its KV (or ended): unpin the slots, forget the transfer."""
         self._finish(t, "cancelled")  # no-op once it has ended
+        # a block still landing takes a slot and, the transfer being over, gives it back:
+        # once released, a transfer pins nothing (a decode takes milliseconds)
+        if not t.wait_landed(_RELEASE_WAIT_S):
+            log.warning("transfer %s: a block still landing after release", t.id.hex()[:12])
         with t.lock:
             slots, t.slots = t.slots, []
         if slots:
