@@ -1,5 +1,7 @@
 """Request migration and bounded waits on a live `kvgrid serve`: two worker processes (a tiny
-random model, so that they start fast), workers killed or stopped under real requests."""
+random model, so that they start fast), workers killed or stopped under real requests; and a
+disaggregated `kvgrid serve` (a prefill worker, two decode workers) whose decode worker dies
+mid-stream."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import time
 import httpx
 import pytest
 
+from kvgrid.chaos.campaign import busy
+from kvgrid.server.auth import ControlKey
 from kvgrid.server.serve import free_port
 
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -21,6 +25,15 @@ BODY = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "igno
 
 def state(url: str) -> dict:
     return httpx.get(f"{url}/admin/state", headers=ADMIN, timeout=10).json()
+
+
+def wait_idle(url: str, timeout: float = 30.0) -> None:
+    """Until nothing is held: slots, routes, remote prefills, each worker's requests, G1
+    blocks, G2 pins and leases (kvgrid.chaos.campaign.busy)."""
+    end = time.monotonic() + timeout
+    while (held := busy(state(url))) and time.monotonic() < end:
+        time.sleep(0.3)
+    assert not held, held
 
 
 def wait_workers(url: str, n: int = 2, timeout: float = 120.0) -> dict:
@@ -42,12 +55,15 @@ def pid_of(url: str, worker: str) -> int:
     return state(url)["workers"][worker]["state"]["pid"]
 
 
-def stream(url: str, body: dict, on_event=None) -> tuple[str, list[dict], bool]:
+def stream(
+    url: str, body: dict, on_event=None, headers: dict | None = None
+) -> tuple[str, list[dict], bool]:
     """(text, error events, ended with [DONE]); ``on_event(n, worker)`` after each chunk."""
     text, errors, done, n = [], [], False, 0
     with httpx.stream(
-        "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120
-    ) as r:
+        "POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=headers,
+        timeout=120,
+    ) as r:  # fmt: skip
         assert r.status_code == 200
         worker = r.headers["x-kvgrid-worker"]
         for line in r.iter_lines():
@@ -68,21 +84,16 @@ def stream(url: str, body: dict, on_event=None) -> tuple[str, list[dict], bool]:
     return "".join(text), errors, done
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+def _serve(args: list[str], log, n: int, env: dict | None = None):
+    """`kvgrid serve` with ``args``; its URL once ``n`` workers are up."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = dict(os.environ, KVGRID_ADMIN_TOKEN="admin-secret", KVGRID_LOG="WARNING")
-    cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--workers", "2", "--port", str(port),
-           "--model", str(tiny_model_dir("llama")), "--max-model-len", "512",
-           "--kv-cache-memory-gb", "0.02", "--threads", "1", "--max-concurrent", "2",
-           "--stall-timeout", "2", "--heartbeat-timeout", "60",
-           "--max-migrations", "1"]  # fmt: skip
+    env = dict(os.environ, KVGRID_ADMIN_TOKEN="admin-secret", KVGRID_LOG="WARNING", **(env or {}))
+    cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--port", str(port), *args]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_workers(url, 2, 180)
+        wait_workers(url, n, 180)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -91,6 +102,17 @@ def server(tiny_model_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         print(log.read_text()[-4000:])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    yield from _serve(
+        ["--workers", "2", "--model", str(tiny_model_dir("llama")), "--max-model-len", "512",
+         "--kv-cache-memory-gb", "0.02", "--threads", "1", "--max-concurrent", "2",
+         "--stall-timeout", "2", "--heartbeat-timeout", "60", "--max-migrations", "1"],
+        log, 2,
+    )  # fmt: skip
 
 
 def test_a_worker_killed_mid_stream_hands_the_request_on_with_identical_text(server):
@@ -184,3 +206,53 @@ async def test_health_says_unhealthy_while_no_request_can_be_admitted(tiny_model
         assert h.json()["admission"] == {"running": 2, "max_concurrent": 2, "waiting": 0}
         fe.scheduler.release(tenant.name)
         assert (await c.get("/health")).status_code == 200
+
+
+CLUSTER = ControlKey.generate()
+
+
+@pytest.fixture(scope="module")
+def disagg_server(tiny_model_dir, tmp_path_factory):
+    """Every prompt computed on the prefill worker p0 and streamed to decode worker d0 or d1,
+    on the closed control plane (each worker holds its own key)."""
+    log = tmp_path_factory.mktemp("disagg") / "serve.log"
+    yield from _serve(
+        ["--prefill-workers", "1", "--decode-workers", "2", "--disagg", "always",
+         "--model", str(tiny_model_dir("llama")), "--block-size", "16",
+         "--max-num-batched-tokens", "64", "--max-model-len", "1024",
+         "--kv-cache-memory-gb", "0.05", "--kv-store-host-gb", "0.1",
+         "--kv-store-disk-gb", "0", "--threads", "1", "--stall-timeout", "2",
+         "--heartbeat-timeout", "60"],
+        log, 3, env={"KVGRID_CONTROL_KEY": CLUSTER.dumps()},
+    )  # fmt: skip
+
+
+def test_a_decode_worker_killed_mid_stream_hands_the_request_on_with_identical_text(
+    disagg_server,
+):
+    """The request moves to the other decode worker; its context (prompt plus the tokens
+    delivered) is prefilled on p0 again and streamed there, and the text is the same."""
+    url = disagg_server
+    body = {"prompt": "The harbour at dawn: " + "gulls over grey water, " * 12,
+            "max_tokens": 120, "temperature": 0, "ignore_eos": True}  # fmt: skip
+    ref_text, errors, done = stream(url, body, headers=ADMIN)
+    assert done and not errors
+    before = state(url)["migrations"]
+    killed: list[str] = []
+
+    def kill(n, worker):
+        if n == 30 and not killed:
+            os.kill(pid_of(url, worker), signal.SIGKILL)
+            killed.append(worker)
+
+    text, errors, done = stream(url, body, kill, headers=ADMIN)
+    assert killed and killed[0].startswith("d") and done and not errors
+    assert text == ref_text
+    after = state(url)["migrations"]
+    assert after.get("resumed", 0) == before.get("resumed", 0) + 1
+    assert after.get("completed", 0) == before.get("completed", 0) + 1
+    # the resumed attempt prefilled prompt plus delivered output remotely, on p0
+    first, last = httpx.get(f"{url}/debug/decisions", headers=ADMIN, timeout=10).json()[-2:]
+    assert first["worker_id"] == killed[0] and last["worker_id"] not in killed, (first, last)
+    assert last["prefill"]["remote"] and last["prompt_tokens"] > first["prompt_tokens"], last
+    wait_idle(url)

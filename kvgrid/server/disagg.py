@@ -107,7 +107,7 @@ async def _prefill(fe: Frontend, d: Decision, body: dict, spec: dict, ticket: by
     except (httpx.HTTPError, KeyError, ValueError) as e:
         failure = repr(e)
     finally:
-        router.on_prefill_done(rid, time.monotonic())
+        router.on_prefill_done(d.request_id, time.monotonic())  # the router's id (not rid~N)
     log.warning(
         "prefill of %s on %s failed (%s): %s recomputes it", rid, p.worker_id, failure, d.worker_id
     )
