@@ -279,9 +279,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, list[int]]:
-        """Run one forward pass; logits [n_sampled, vocab] for the rows that sample."""
+        self,
+        batch: list[ScheduledSeq],
+        prev_tokens: torch.Tensor | None = None,
+        extra_rows: list[int] | None = None,
+    ) -> tuple[torch.Tensor | None, list[int], torch.Tensor | None]:
+        """Run one forward pass; logits [n_sampled, vocab] for the rows that sample, and the
+        hidden states of ``extra_rows`` (rows of the flattened batch: prompt positions whose
+        logprobs a request asked for), whose logits the caller computes a few at a time."""
         self.warm_thread()
         ids, pos, meta, sample_idx = self.prepare(batch, prev_tokens)
         # prefixes still landing from the store: this forward waits for them layer by layer
@@ -298,8 +303,11 @@ class ModelRunner:
         else:
             meta.landings = landings
             hidden = self.model(ids, pos, self.kv_cache, meta, self.backend)
+        extra = None
+        if extra_rows:
+            extra = hidden[torch.tensor(extra_rows, device=hidden.device)]
         if not sample_idx:
-            return None, sample_idx
+            return None, sample_idx, extra
         if len(sample_idx) < hidden.shape[0]:  # decode-only steps sample every row
             hidden = hidden[self._sample_rows]
-        return self.model.compute_logits(hidden), sample_idx
+        return self.model.compute_logits(hidden), sample_idx, extra

@@ -366,6 +366,7 @@ def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
             log_decisions=args.log_decisions,
             control_key=key,
             public=not is_loopback_host(host),
+            tool_call_parser=getattr(args, "tool_call_parser", "auto"),
         )
         fe.bind_host = _bind_host(args, fe.tenants.auth_required)
         return fe
