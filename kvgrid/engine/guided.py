@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from kvgrid.engine.sampling_params import GuidedDecoding, RequestError
 
@@ -167,9 +168,10 @@ class GuidedDecoder:
 
     # ---- per step ------------------------------------------------------------------------
 
-    def masks(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, bitmask) on the device for the constrained rows of a step's ``seqs``; the
-        bitmask holds one bit per token id, 32 to an int32, set where the token is allowed."""
+    def masks(self, seqs: list[Sequence]) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """(rows, bitmask) on the device for the constrained rows of a step's ``seqs`` (rows
+        None: all of them); the bitmask holds one bit per token id, 32 to an int32, set where
+        the token is allowed."""
         todo = [
             (s.matcher, i)
             for i, s in enumerate(seqs)
@@ -177,21 +179,24 @@ class GuidedDecoder:
         ]
         if not todo:
             return None
-        import llguidance.torch as llt
-
         t0 = time.perf_counter()
         k = self._next
         self._next = (k + 1) % len(self._host)
         if self._events[k] is not None:
             self._events[k].synchronize()  # the copy that last read this buffer is done
         host = self._host[k][: len(todo)]
-        llt.fill_next_token_bitmask_par(
-            self._executor, [(m, j) for j, (m, _) in enumerate(todo)], host
+        # in parallel, GIL dropped (llguidance.torch's wrapper; importing that module
+        # compiles a kernel kvgrid does not use)
+        self._executor.unsafe_compute_mask_ptr(
+            [(m, j) for j, (m, _) in enumerate(todo)], host.data_ptr(), self.words * 4, len(todo)
         )
-        rows = torch.tensor([i for _, i in todo], dtype=torch.int64)
+        rows = None
+        if len(todo) < len(seqs):
+            rows = torch.tensor([i for _, i in todo], dtype=torch.int64)
         if self.device.type == "cuda":
             bitmask = host.to(self.device, non_blocking=True)
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
+            if rows is not None:
+                rows = rows.pin_memory().to(self.device, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record()
             self._events[k] = ev
@@ -203,10 +208,29 @@ class GuidedDecoder:
         return rows, bitmask
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set to -inf, in place, every logit of ``rows`` whose bit in ``bitmask`` is clear."""
+_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8]: for each byte of a bitmask, what its 8 tokens add to their logits."""
+    lut = _LUTS.get((device, dtype))
+    if lut is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        lut = torch.zeros(256, 8).masked_fill(bits == 0, float("-inf"))
+        lut = _LUTS[(device, dtype)] = lut.to(device=device, dtype=dtype)
+    return lut
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor
+) -> None:
+    """Set to -inf, in place, every logit of ``rows`` (None: every row) whose bit in
+    ``bitmask`` is clear. Each byte of the mask looks its 8 tokens up in a table: one
+    gather, where unpacking the bits takes several passes over a vocabulary per row."""
     vocab = logits.shape[-1]
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
-    sub = logits[rows]
-    logits[rows] = sub.masked_fill(~allowed[:, : sub.shape[-1]], float("-inf"))
+    idx = bitmask.view(torch.uint8).long()  # little-endian: byte j holds tokens 8j..8j+7
+    add = F.embedding(idx, _lut(logits.device, logits.dtype)).flatten(1)[:, :vocab]
+    if rows is None:
+        logits.add_(add)
+    else:
+        logits.index_add_(0, rows, add)

@@ -65,7 +65,7 @@ def sample(
     logits: torch.Tensor,
     seqs: list[Sequence],
     eos_ids: frozenset[int],
-    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    masks: tuple[torch.Tensor | None, torch.Tensor] | None = None,
 ) -> SamplerOutput:
     """Pick one token per row of `logits` ([B, vocab], float32) for `seqs`."""
     tokens, logprobs_all = sample_on_device(logits, seqs, eos_ids, masks)
@@ -77,7 +77,7 @@ def sample_on_device(
     logits: torch.Tensor,
     seqs: list[Sequence],
     eos_ids: frozenset[int],
-    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    masks: tuple[torch.Tensor | None, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The tokens as a device tensor [B] (int64), without waiting for them, and the
     log-softmax of every row when some row asks for logprobs (else None).

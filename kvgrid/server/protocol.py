@@ -13,7 +13,7 @@ import json
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 
@@ -92,6 +92,21 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None  # an earlier answer's refusal text: metadata here
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        # a precise message rather than the union's first failure
+        if isinstance(v, list):
+            for i, p in enumerate(v):
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind != "text":
+                    raise ValueError(
+                        f"part {i}: only text content parts are supported, got {kind!r}"
+                    )
+                if not isinstance(p.get("text"), str):
+                    raise ValueError(f"part {i}: 'text' must be a string")
+        return v
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
