@@ -28,9 +28,7 @@ def serve(args: list[str], log: Path, env: dict[str, str], timeout_s: float = 12
     cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), *args]
     with open(log, "w") as f:
-        proc = subprocess.Popen(
-            cmd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
