@@ -41,7 +41,7 @@ from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
 from kvgrid.server.openapi import install_openapi
 from kvgrid.server.operator import add_operator_routes
-from kvgrid.server.prepare import Prepared, choice_states, prepare, prompt_tokens
+from kvgrid.server.prepare import prepare, prompt_tokens
 from kvgrid.server.protocol import (
     APIError,
     ChatCompletionRequest,
