@@ -340,12 +340,16 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
     async def completions(request: Request) -> Response:
         return await fe.handle(request, chat=False)
 
+    async def parse_for(request: Request, cls: type) -> Any:
+        fe.authenticate(request)
+        req = parse_request(cls, await request.body())
+        fe.check_model(req.model)
+        return req
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         try:
-            fe.authenticate(request)
-            req = parse_request(TokenizeRequest, await request.body())
-            fe.check_model(req.model)
+            req = await parse_for(request, TokenizeRequest)
             if (req.prompt is None) == (req.messages is None):
                 raise APIError(400, "give either prompt or messages", param="prompt")
             tokens = fe.prompt_tokens(req)
@@ -358,9 +362,7 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         try:
-            fe.authenticate(request)
-            req = parse_request(DetokenizeRequest, await request.body())
-            fe.check_model(req.model)
+            req = await parse_for(request, DetokenizeRequest)
             tok = fe.config.tokenizer
             if tok is None:
                 raise APIError(400, "this model has no tokenizer")

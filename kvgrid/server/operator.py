@@ -52,7 +52,11 @@ def add_operator_routes(app: FastAPI, fe) -> None:
                     data = json.loads(body)
                 except ValueError:
                     raise APIError(400, "request body is not valid JSON") from None
-                cls = ChatCompletionRequest if "messages" in data else CompletionRequest
+                cls = (
+                    ChatCompletionRequest
+                    if isinstance(data, dict) and "messages" in data
+                    else CompletionRequest
+                )
                 req = parse_request(cls, body)
             else:
                 prompt = request.query_params.get("prompt")
