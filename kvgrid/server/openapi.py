@@ -114,6 +114,21 @@ _ERRORS = {
 }
 
 
+# one server-sent event (OpenAPI describes a stream by its events)
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a chunk (JSON: chat.completion.chunk or text_completion), an error "
+            "({'error': {...}}), or [DONE] last",
+        },
+        "event": {"type": "string"},
+    },
+    "required": ["data"],
+}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -149,7 +164,7 @@ def build_schema(app: FastAPI) -> dict[str, Any]:
         }
         ok: dict[str, Any] = {"application/json": {"schema": _ref(resp.__name__)}}
         if streams:  # with "stream": true, server-sent events of chunks
-            ok["text/event-stream"] = {"schema": {"type": "string"}}
+            ok["text/event-stream"] = {"schema": _SSE_EVENT}
         op["responses"] = {"200": {"description": "OK", "content": ok}, **errors}
         op["security"] = [{"bearer": []}]
     for path in _GETS:

@@ -10,12 +10,20 @@ is in docs/API.md.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
-from kvgrid.engine.sampling_params import RequestError, SamplingParams
+from kvgrid.engine.sampling_params import MAX_N, SEED_MAX, SEED_MIN, RequestError, SamplingParams
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -167,19 +175,45 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
 }
 
 
+def _refused(schema: dict[str, Any], why: str) -> Any:
+    """A field kvgrid refuses unless neutral: parsed as anything (so that the 400 can say
+    why), documented as what is accepted."""
+    return Annotated[Any, WithJsonSchema({**schema, "description": f"Not supported: {why}"})]
+
+
+_NULL = {"type": "null"}
+TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]
+Logprobs = Annotated[int, Field(ge=0, le=20)]
+
+
 class _Common(_Strict):
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    seed: int | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=100)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: (
+        Annotated[
+            dict[TokenId, Annotated[float, Field(ge=-100, le=100)]],
+            WithJsonSchema(
+                {
+                    "type": "object",
+                    "patternProperties": {
+                        "^[0-9]+$": {"type": "number", "minimum": -100, "maximum": 100}
+                    },
+                    "additionalProperties": False,
+                    "description": "token id -> bias added to its logit",
+                }
+            ),
+        ]
+        | None
+    ) = None
     response_format: ResponseFormat | None = None
     # metadata only: accepted, change nothing
     user: str | None = None
@@ -189,12 +223,12 @@ class _Common(_Strict):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # vLLM's extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool | None = None
-    min_tokens: int | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -202,12 +236,15 @@ class _Common(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     # OpenAI fields kvgrid refuses unless neutral (see _UNSUPPORTED)
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
-    web_search_options: Any = None
+    audio: _refused(_NULL, "audio output") = None
+    modalities: _refused(
+        {"anyOf": [_NULL, {"type": "array", "items": {"const": "text"}, "maxItems": 1}]},
+        "output other than text",
+    ) = None
+    prediction: _refused(_NULL, "predicted outputs") = None
+    reasoning_effort: _refused(_NULL, "reasoning effort") = None
+    verbosity: _refused(_NULL, "verbosity") = None
+    web_search_options: _refused(_NULL, "web search") = None
 
     @property
     def choices(self) -> int:
@@ -246,10 +283,14 @@ class _Common(_Strict):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0: with echo, the prompt only (max_tokens is at least 1 otherwise)
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     echo: bool | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    logprobs: Logprobs | None = None
+    best_of: _refused(
+        {"anyOf": [_NULL, {"type": "integer", "minimum": 1}]}, "best_of other than n"
+    ) = None
+    suffix: _refused({"anyOf": [_NULL, {"type": "string", "maxLength": 0}]}, "suffix") = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -265,17 +306,17 @@ class CompletionRequest(_Common):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Logprobs | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # vLLM's chat extensions
     add_generation_prompt: bool | None = None
     # OpenAI's deprecated function calling (refused: see _UNSUPPORTED)
-    functions: Any = None
-    function_call: Any = None
+    functions: _refused(_NULL, "'functions': send 'tools'") = None
+    function_call: _refused(_NULL, "'function_call': send 'tool_choice'") = None
 
     @property
     def wanted_max_tokens(self) -> int | None:
