@@ -338,10 +338,12 @@ class LLMEngine:
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+        prev_tokens = prev.tokens if prev is not None else None
         rows, targets = choices.prompt_rows(sched.scheduled)
-        logits, _, prompt_hidden = self.runner.execute(
-            sched.scheduled, prev.tokens if prev is not None else None, rows
-        )
+        if rows:
+            logits, _ = self.runner.execute(sched.scheduled, prev_tokens, extra_rows=rows)
+        else:
+            logits, _ = self.runner.execute(sched.scheduled, prev_tokens)
         sampled = [
             s.seq
             for s in sched.scheduled
@@ -365,7 +367,7 @@ class LLMEngine:
                 seq.push_pending(row)
         step = _Step(sched, sampled, tokens, logprobs_all, t0)
         if targets:
-            step.prompt_hidden, step.prompt_targets = prompt_hidden, targets
+            step.prompt_hidden, step.prompt_targets = self.runner.extra_hidden, targets
         # logprobs are read on the host against the chosen token: such steps complete now
         step.deferred = self._async and logprobs_all is None
         if timed and step.deferred:

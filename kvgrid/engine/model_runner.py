@@ -74,6 +74,7 @@ class ModelRunner:
         )
         # ---- CUDA path (owner: cuda_graphs.py): decode steps replay captured graphs ----
         self.staging_in = self.staging_out = None
+        self.extra_hidden: torch.Tensor | None = None  # see execute
         if self.device.type == "cuda":
             from kvgrid.engine.staging import PinnedRing
 
@@ -282,11 +283,13 @@ class ModelRunner:
         self,
         batch: list[ScheduledSeq],
         prev_tokens: torch.Tensor | None = None,
+        *,
         extra_rows: list[int] | None = None,
-    ) -> tuple[torch.Tensor | None, list[int], torch.Tensor | None]:
-        """Run one forward pass; logits [n_sampled, vocab] for the rows that sample, and the
-        hidden states of ``extra_rows`` (rows of the flattened batch: prompt positions whose
-        logprobs a request asked for), whose logits the caller computes a few at a time."""
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """Run one forward pass; logits [n_sampled, vocab] for the rows that sample. With
+        ``extra_rows`` (rows of the flattened batch: prompt positions whose logprobs a request
+        asked for), their hidden states are left in ``extra_hidden`` for the caller to turn
+        into logits a few at a time (a vocabulary-wide row each)."""
         self.warm_thread()
         ids, pos, meta, sample_idx = self.prepare(batch, prev_tokens)
         # prefixes still landing from the store: this forward waits for them layer by layer
@@ -303,11 +306,11 @@ class ModelRunner:
         else:
             meta.landings = landings
             hidden = self.model(ids, pos, self.kv_cache, meta, self.backend)
-        extra = None
+        self.extra_hidden = None
         if extra_rows:
-            extra = hidden[torch.tensor(extra_rows, device=hidden.device)]
+            self.extra_hidden = hidden[torch.tensor(extra_rows, device=hidden.device)]
         if not sample_idx:
-            return None, sample_idx, extra
+            return None, sample_idx
         if len(sample_idx) < hidden.shape[0]:  # decode-only steps sample every row
             hidden = hidden[self._sample_rows]
-        return self.model.compute_logits(hidden), sample_idx, extra
+        return self.model.compute_logits(hidden), sample_idx

@@ -258,7 +258,9 @@ class MistralParser(ToolParser):
         arr = {"type": "array", "items": items, "minItems": 1, "x-guidance": _JSON_STYLE}
         if not parallel:
             arr["maxItems"] = 1
-        return f'start: "[TOOL_CALLS]" calls\ncalls: %json {json.dumps(arr)}\n'
+        # the marker is a special token, which a grammar of text cannot ask for; the array
+        # alone is read as calls all the same
+        return f"start: calls\ncalls: %json {json.dumps(arr)}\n"
 
     def system_prompt(self, tools: list[dict[str, Any]]) -> str:
         return "[AVAILABLE_TOOLS] " + json.dumps(tools, ensure_ascii=False) + "[/AVAILABLE_TOOLS]"
