@@ -156,6 +156,9 @@ def model_dir(shape: str, tokenizer: Path, tmp: Path) -> Path:
         cfg = json.loads((Path(shape) / "config.json").read_text())
     else:
         cfg = shape_dict(shape)
+    # end of sequence as this tokenizer says (the shape's ids are ordinary tokens here)
+    cfg.pop("eos_token_id", None)
+    cfg.pop("bos_token_id", None)
     (d / "config.json").write_text(json.dumps(cfg))
     for f in TOKENIZER_FILES:
         if (tokenizer / f).is_file():
