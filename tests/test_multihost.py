@@ -6,13 +6,16 @@ namespace (its own address on one bridge), started with the README's multi-machi
   missing heartbeats would show within seconds; the down count is checked over the run);
 - an outsider fails at every door (registration, worker API, event stream, debug, admin);
 - tenant B learns nothing of tenant A, both pinned to one worker by a second router that
-  knows only that worker (and shares the first router's server secret, as it must).
+  knows only that worker (and shares the first router's server secret, as it must);
+- KV moves between workers on different hosts on the router's grant only: a transfer from
+  w1 to w2 at w2's advertised transfer address, and none for the outsider.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 
@@ -24,6 +27,8 @@ from netns import Net
 
 from kvgrid.cli import main as kvgrid
 from kvgrid.server.auth import ControlKey
+from kvgrid.transfer import auth as transfer_auth
+from kvgrid.transfer import wire as transfer_wire
 
 ALICE = {"Authorization": "Bearer sk-alice"}
 BOB = {"Authorization": "Bearer sk-bob"}
@@ -107,6 +112,9 @@ def _start(net: Net, d, model) -> dict:
         return sum(w["up"] and w["freshness"] == "exact" for w in ws.values()) >= n
 
     client.call(_wait, lambda: ready(fleet["url"], 2), 180, "two workers on the router")
+    state = client.call(lambda: httpx.get(f"{fleet['url']}/debug/router", headers=ADMIN).json())
+    for w in ("w1", "w2"):
+        fleet[f"{w}_transfers"] = state["workers"][w]["transfer_endpoint"]
     client.call(_wait, lambda: ready(fleet["url2"], 1), 60, "w1 on the second router")
     fleet["ready_at"] = time.monotonic()
     return fleet
@@ -160,6 +168,18 @@ def _outsider_doors(fleet: dict) -> dict:
             got["router" + path] = c.get(f"{url}{path}")
         got["debug_route"] = c.get(f"{url}/debug/route", params={"prompt": "hi"})
         got["completions"] = c.post(f"{url}/v1/completions", json={"prompt": "hi"})
+        got["prefill"] = c.post(f"{w1}/prefill", json={})
+    # the KV transfer port: no transfer opens without the router's ticket for it
+    got["transfer"] = []
+    for ticket in (transfer_auth.new_ticket(), fleet["cluster"].transfer_ticket("w2", bytes(16))):
+        sock = socket.create_connection(transfer_wire.parse_endpoint(fleet["w1_transfers"]), 5)
+        try:
+            transfer_auth.client_handshake(sock, ticket, os.urandom(16))
+            got["transfer"].append("opened")
+        except transfer_auth.AuthError as e:
+            got["transfer"].append(str(e))
+        finally:
+            sock.close()
     # the event stream: a subscriber with keys of its own, and one without CURVE
     from zmq.utils.monitor import recv_monitor_message
 
@@ -190,12 +210,13 @@ def test_an_outsider_fails_at_every_door(fleet):
     assert got["register"].status_code == 401 and got["register_forged"].status_code == 401
     for door in ("generate", "generate_as_router", "/info", "/kv/snapshot", "/load", "/metrics",
                  "abort", "router/debug/router", "router/admin/scale", "router/metrics",
-                 "router/debug/decisions", "debug_route", "completions"):  # fmt: skip
+                 "router/debug/decisions", "debug_route", "completions", "prefill"):  # fmt: skip
         assert got[door].status_code in (401, 403), (door, got[door].status_code, got[door].text)
     assert got["health"].status_code == 200 and got["health"].json() == {"status": "ok"}
     ev = got["events_handshake"]
     assert ev is not None and ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and ev["value"] == 400
     assert not got["events_messages"]
+    assert got["transfer"] == ["transfer refused: unknown transfer"] * 2
     # nothing of it reached the router's fleet
     state = net.hosts["client"].call(
         lambda: httpx.get(f"{fleet['url']}/debug/router", headers=ADMIN).json()
@@ -274,6 +295,56 @@ def test_tenant_b_learns_nothing_of_tenant_a_on_the_same_worker(fleet):
         assert got["b" + path].status_code in (401, 403), path
     all_ids = {d["request_id"] for d in got["admin_decisions"].json()}
     assert mine_a | mine_b <= all_ids  # the operator sees everyone's
+
+
+def _transfer_across_hosts(fleet: dict) -> dict:
+    """What the router does for a remote prefill, by hand: w2 expects the transfer (it
+    derives the ticket from its own key), w1 computes the prompt and sends it with the
+    ticket the cluster key grants; then w2 computes the same prompt itself under another
+    tenant scope (none of the moved KV can serve it)."""
+    cluster = fleet["cluster"]
+    prompt = [(i * 31) % 5000 + 10 for i in range(3 * 64 + 9)]
+    tid = os.urandom(16)
+    out: dict = {}
+
+    def gen(tenant: str, remote: dict | None):
+        body = {"request_id": f"x-{tenant}-{time.monotonic_ns()}", "prompt_token_ids": prompt,
+                "params": {"max_tokens": 4, "temperature": 0.0}, "tenant": tenant,
+                "remote_prefill": remote}  # fmt: skip
+        return httpx.stream(
+            "POST", f"{fleet['w2']}/generate", json=body, headers=cluster.router_headers("w2"),
+            timeout=120,
+        )  # fmt: skip
+
+    spec = {"transfer_id": tid.hex(), "start_block": 0, "num_blocks": 3, "deadline_s": 60,
+            "stall_s": 30}  # fmt: skip
+    prefill = {"request_id": "x", "prompt_token_ids": prompt, "tenant": "11" * 32,
+               "transfer": {"transfer_id": tid.hex(), "endpoint": fleet["w2_transfers"],
+                            "ticket": cluster.transfer_ticket("w2", tid).hex(),
+                            "start_block": 0, "num_blocks": 3}}  # fmt: skip
+    with gen("11" * 32, spec) as decode:  # answered: w2 expects the transfer
+        assert decode.status_code == 200
+        out["sent"] = httpx.post(
+            f"{fleet['w1']}/prefill",
+            json=prefill,
+            headers=cluster.router_headers("w1"),
+            timeout=120,
+        ).json()
+        out["remote"] = [json.loads(x) for x in decode.iter_lines() if x]
+    with gen("22" * 32, None) as local:
+        out["local"] = [json.loads(x) for x in local.iter_lines() if x]
+    return out
+
+
+def test_kv_moves_between_hosts_on_the_routers_ticket(fleet):
+    got = fleet["net"].hosts["router"].call(_transfer_across_hosts, fleet)
+    assert fleet["w2_transfers"].startswith(fleet["w2"].split("//")[1].split(":")[0] + ":")
+    assert got["sent"]["outcome"] == "complete" and got["sent"]["blocks_sent"] == 3, got["sent"]
+    last = got["remote"][-1]
+    assert last["transfer"]["outcome"] == "complete" and last["cached_tokens"] == 3 * 64, last
+    ids = [[t for m in got[k] for t in m.get("ids", ())] for k in ("remote", "local")]
+    assert ids[0] == ids[1] and len(ids[0]) == 4
+    assert got["local"][-1]["cached_tokens"] == 0
 
 
 def test_no_worker_was_ever_marked_down(fleet):

@@ -159,3 +159,23 @@ def test_dynamo_cost_credits_lower_tiers_less():
     d = r.route(RouteRequest("a", toks(1024)), 0.0)
     c = {c.worker_id: c for c in d.candidates}
     assert d.worker_id == "w0" and c["w0"].score < c["w1"].score
+
+
+def test_ttft_weighs_each_sites_round_trip():
+    r = Router("ttft", site_rtt_s={"near": 0.0, "far": 0.3})
+    for wid, site in (("n", "near"), ("f", "far")):
+        r.add_worker(WorkerInfo(wid, epoch="e", scope=SCOPE, site=site), 0.0)
+        r.on_snapshot(wid, 0, {}, 0.0)
+        r.on_load(WorkerLoad(wid, "e", prefill_tokens_per_s=1000.0, decode_step_s=0.01), 0.0)
+    d = r.route(RouteRequest("a", toks(100)), 1.0, dry_run=True)
+    c = {c.worker_id: c for c in d.candidates}
+    assert c["f"].ttft_parts()["network_s"] == 0.3 and c["n"].ttft_parts()["network_s"] == 0.0
+    assert c["f"].predicted_ttft_s == pytest.approx(c["n"].predicted_ttft_s + 0.3)
+    assert d.worker_id == "n"
+    # once the near worker queues more than the round trip costs, the far one wins
+    r.on_load(
+        WorkerLoad("n", "e", waiting_prefill_tokens=500, num_waiting=1,
+                   prefill_tokens_per_s=1000.0, decode_step_s=0.01),
+        1.0,
+    )  # fmt: skip
+    assert r.route(RouteRequest("b", toks(100)), 1.0).worker_id == "f"

@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+from live_scale import free_port, inflight, scale_state, wait_for
 
 CLIENTS = 4
 
@@ -27,12 +28,6 @@ def _max_tokens(client: int) -> int:
     return 12 + 5 * client
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen, log) -> None:
     proc.send_signal(signal.SIGINT)
     try:
@@ -42,30 +37,8 @@ def _stop(proc: subprocess.Popen, log) -> None:
     print(log.read_text()[-4000:])
 
 
-def _scale(url: str) -> dict:
-    return httpx.get(f"{url}/admin/scale", timeout=5).json()
-
-
-def _inflight(url: str) -> dict[str, int]:
-    ws = httpx.get(f"{url}/debug/router", timeout=5).json()["workers"]
-    return {wid: w["inflight"] for wid, w in ws.items() if w["up"]}
-
-
-def _wait(pred, timeout: float, what: str, url: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            got = pred()
-            if got:
-                return got
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout}s: {_scale(url)}")
-
-
 def test_scale_1_to_2_to_1_under_load_without_failures(default_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, KVGRID_LOG="INFO")
     env.pop("KVGRID_API_KEYS", None)
@@ -100,33 +73,33 @@ def test_scale_1_to_2_to_1_under_load_without_failures(default_model_dir, tmp_pa
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
     try:
-        _wait(lambda: _scale(url)["workers"]["w0"]["up"], 90, "w0 up", url)
+        wait_for(lambda: scale_state(url)["workers"]["w0"]["up"], 90, "w0 up", url)
         for t in threads:
             t.start()
-        _wait(lambda: len(done) >= CLIENTS, 30, "first requests", url)
+        wait_for(lambda: len(done) >= CLIENTS, 30, "first requests", url)
 
         r = httpx.post(f"{url}/admin/scale", json={"workers": 2}, timeout=10).json()
         assert [a["kind"] for a in r["done"]] == ["add"], r
-        _wait(lambda: _scale(url)["workers"]["w1"]["up"], 60, "w1 up", url)
-        _wait(lambda: sum(d[3] == "w1" for d in done) >= 3, 30, "w1 serving", url)
+        wait_for(lambda: scale_state(url)["workers"]["w1"]["up"], 60, "w1 up", url)
+        wait_for(lambda: sum(d[3] == "w1" for d in done) >= 3, 30, "w1 serving", url)
 
         # both workers busy, so that whichever is drained has requests to finish
-        _wait(lambda: all(_inflight(url).values()), 30, "both busy", url)
+        wait_for(lambda: all(inflight(url).values()), 30, "both busy", url)
         t_drain = time.monotonic()
         r = httpx.post(f"{url}/admin/scale", json={"workers": 1}, timeout=10).json()
         t_drain_ack = time.monotonic()
         (act,) = r["done"]
         victim = act["worker_id"]
         assert act["kind"] == "drain" and victim in ("w0", "w1"), r
-        retired = _wait(
-            lambda: [x for x in _scale(url)["retired"] if x["worker_id"] == victim],
+        retired = wait_for(
+            lambda: [x for x in scale_state(url)["retired"] if x["worker_id"] == victim],
             60,
             "drain finished",
             url,
         )[0]
         # the survivor keeps serving after the drained process is gone
         n_after = len(done)
-        _wait(lambda: len(done) >= n_after + CLIENTS, 30, "requests after the drain", url)
+        wait_for(lambda: len(done) >= n_after + CLIENTS, 30, "requests after the drain", url)
     finally:
         stop.set()
         for t in threads:
@@ -154,7 +127,7 @@ def test_the_planner_scales_on_load_from_speeds_it_measures(default_model_dir, t
     """`kvgrid serve --autoscale` without a calibration file: the planner models the workers
     from the speeds their load reports carry (never another machine's), has an idle worker
     measure itself, adds nothing while idle, and adds a worker when load comes."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, KVGRID_LOG="INFO")
     env.pop("KVGRID_API_KEYS", None)
@@ -182,18 +155,21 @@ def test_the_planner_scales_on_load_from_speeds_it_measures(default_model_dir, t
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
     try:
-        _wait(lambda: _scale(url)["workers"]["w0"]["up"], 90, "w0 up", url)
+        wait_for(lambda: scale_state(url)["workers"]["w0"]["up"], 90, "w0 up", url)
         # idle, the planner has the worker measure itself (a calibration request of its own)
-        _wait(lambda: _scale(url)["calibration"], 60, "a measured calibration", url)
+        wait_for(lambda: scale_state(url)["calibration"], 60, "a measured calibration", url)
         time.sleep(2.5)  # intervals without load: nothing to add
-        assert not _scale(url)["actions"]
+        assert not scale_state(url)["actions"]
         for t in threads:
             t.start()
-        adds = _wait(
-            lambda: [a for a in _scale(url)["actions"] if a["by"] == "planner"], 60, "a plan", url
+        adds = wait_for(
+            lambda: [a for a in scale_state(url)["actions"] if a["by"] == "planner"],
+            60,
+            "a plan",
+            url,
         )
         assert adds[0]["kind"] == "add", adds
-        state = _scale(url)
+        state = scale_state(url)
         cal = state["calibration"]
         assert cal["meta"]["measured"] and cal["meta"]["source"] == "router load reports"
         w0 = httpx.get(f"{url}/debug/router", timeout=5).json()["workers"]["w0"]["load"]
@@ -201,7 +177,7 @@ def test_the_planner_scales_on_load_from_speeds_it_measures(default_model_dir, t
         # that moves a little between the plan and now)
         measured = 1 / cal["prefill"]["per_token_s"]
         assert 0.5 < measured / w0["prefill_tokens_per_s"] < 2.0, (cal, w0)
-        _wait(lambda: _scale(url)["workers"]["w1"]["up"], 90, "w1 up", url)
+        wait_for(lambda: scale_state(url)["workers"]["w1"]["up"], 90, "w1 up", url)
     finally:
         stop.set()
         for t in threads:

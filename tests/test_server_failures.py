@@ -175,10 +175,11 @@ def test_heartbeats_continue_through_a_long_engine_step(tiny_model_dir):
 async def test_admin_scale_out_of_range_is_a_400():
     from kvgrid.bench.planner import PlannerConfig
     from kvgrid.server.autoscale import Autoscaler, LiveActuator
-    from kvgrid.server.serve import Supervisor
+    from kvgrid.server.serve import ProcessLauncher, Supervisor
 
     fe = _frontend()
-    act = LiveActuator(fe, Supervisor([]), lambda w, i: ([], None, ""), max_workers=2)
+    launcher = ProcessLauncher(SimpleNamespace(), fe, Supervisor([]), 1, None)
+    act = LiveActuator(fe, launcher, max_workers=2)
     fe.autoscaler = Autoscaler(act, PlannerConfig(), enabled=False)
     transport = httpx.ASGITransport(app=create_frontend_app(fe))
     async with httpx.AsyncClient(transport=transport, base_url="http://fe") as c:

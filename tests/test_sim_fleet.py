@@ -104,11 +104,27 @@ def test_disaggregation_sites_and_candidates_run():
     assert {sw.role for sw in fleet.workers} == {"prefill", "decode"}
     assert all(sw.idle() and sw.private == 0 for sw in fleet.workers)
     assert d["energy_j_per_output_token"] > 0 and d["cost"] > 0
-    far = [i for i, wi in enumerate(fleet.worker_of) if fleet.workers[wi].site == "far"]
-    assert far and np.all(fleet.ttft[far] >= 0.08)
+    # the router weighs each site's round trip: the near workers answer well within the far
+    # site's 80 ms, so no prefill goes there at this load
+    assert {fleet.workers[wi].site for wi in fleet.worker_of} == {"near"}
     c = simulate(w, SimConfig(num_workers=8, candidates=2))
     c.pop("fleet")
     assert c["completed"] == len(w)
+
+
+def test_sites_round_trips_weighed_and_paid():
+    """The near site takes more of the work (blind to the round trip, the router splits it
+    205/195); once the near workers queue longer than the far site's round trip, requests go
+    far, and each pays that round trip in its TTFT (the client sees it, not only the router)."""
+    w = no_reuse(num_requests=400, input_tokens=2048, output_tokens=16, rate=20.0, seed=0)
+    sites = [Site("near", 0.0, 3.0, 1), Site("far", 0.02, 1.0, 1)]
+    d = simulate(w, SimConfig(num_workers=4, sites=sites))
+    fleet = d.pop("fleet")
+    assert d["completed"] == len(w)
+    far = [i for i, wi in enumerate(fleet.worker_of) if fleet.workers[wi].site == "far"]
+    near = [i for i, wi in enumerate(fleet.worker_of) if fleet.workers[wi].site == "near"]
+    assert far and len(near) > 1.3 * len(far)
+    assert np.all(fleet.ttft[far] >= 0.02)
 
 
 def test_quiet_gc_restores_the_collector():

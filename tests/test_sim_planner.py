@@ -121,3 +121,18 @@ def test_idle_window_keeps_the_pools_of_the_mode():
     assert [a for a in p.decide(0, _obs(0.0), _pool(1)) if a.kind == "add"] == []
     pd = Planner(PlannerConfig(disagg=True))
     assert pd.required(0.0, 0, 0) == {"prefill": 1, "decode": 1}
+
+
+def test_scale_down_drains_the_dearest_site_first():
+    p = Planner()
+    views = [
+        ReplicaView("cheap-busy", num_active=3, cost_per_hour=1.0),
+        ReplicaView("dear-busy", num_active=3, cost_per_hour=4.0),
+        ReplicaView("cheap-idle", num_active=0, cost_per_hour=1.0),
+    ]
+    pools = {"mixed": PoolState("mixed", views)}
+    drains = [a.worker_id for a in p.resize(pools, "mixed", 1)]
+    assert drains == ["dear-busy", "cheap-idle"]
+    # a replica still starting goes before any serving one, whatever its site costs
+    views.append(ReplicaView("starting", ready=False, cost_per_hour=0.5))
+    assert p.resize(pools, "mixed", 3)[0].worker_id == "starting"

@@ -145,12 +145,9 @@ def _cmd_reuse(args: argparse.Namespace) -> int:
 
 
 def _parse_site(s: str):
-    from kvgrid.bench.sim.fleet import Site
+    from kvgrid.router.sites import parse_site
 
-    parts = s.split(":")
-    if len(parts) != 4:
-        raise ValueError(f"--site wants NAME:RTT_MS:COST:SHARE, got {s!r}")
-    return Site(parts[0], float(parts[1]) / 1000, float(parts[2]), float(parts[3]))
+    return parse_site(s)
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:

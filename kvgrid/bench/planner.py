@@ -31,8 +31,8 @@ Model (per pool, from the engine calibration):
   while the load is still at that miss's level, not within ``cooldown_s`` of a scale-up, and
   by at most ``max_down_step`` per interval.
 - Consolidation on scale-down: replicas still starting go first (no cache, no work), then
-  the ones with the least in-flight work and KV (they drain soonest and lose the least
-  cache).
+  those of the dearest site (sites price their GPUs differently), then the ones with the
+  least in-flight work and KV (they drain soonest and lose the least cache).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from kvgrid.bench.sim.calibration import Calibration, load_calibration
+from kvgrid.keys import DEFAULT_BLOCK_SIZE
+from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S
 
 
 @dataclass
@@ -68,6 +70,7 @@ class ReplicaView:
     kv_usage: float = 0.0
     waiting_prefill_tokens: int = 0
     started_at: float = 0.0
+    cost_per_hour: float = 0.0  # its site's price: of replicas alike, the dearest goes first
 
 
 @dataclass
@@ -226,13 +229,25 @@ class Planner:
             )
         return s
 
-    def _ttft_ok(self, n: int, lam: float, s: float) -> bool:
+    def _handoff_s(self, mean_in: float, prefill_s: float) -> float:
+        """The KV transfer after a disaggregated prefill (the router's and the simulator's
+        model: ``kvgrid.transfer.model``)."""
+        c = self.calib
+        bt = DEFAULT_BLOCK_SIZE
+        per_step = max(1, c.max_num_batched_tokens // bt)
+        g2 = c.tier_bytes_per_s.get("G2") or DEFAULT_LAND_BYTES_PER_S
+        n = int(mean_in) // bt
+        return c.transfer.handoff_s(n, bt * c.kv_bytes_per_token, prefill_s, per_step, g2)
+
+    def _ttft_ok(self, n: int, lam: float, s: float, after_s: float = 0.0) -> bool:
+        """``after_s``: what every first token also waits for after its prefill (a
+        disaggregated pool's KV transfer)."""
         cfg = self.cfg
         a = lam * s
         if a >= n * cfg.max_utilization:
             return False
         mu = 1 / s
-        budget = cfg.ttft_target_s - s
+        budget = cfg.ttft_target_s - s - after_s
         if budget <= 0:
             return False
         pw = erlang_c(n, a) * (1 + cfg.service_cv**2) / 2
@@ -267,7 +282,8 @@ class Planner:
             return {"mixed": cfg.min_replicas}
         if cfg.disagg:
             s = self._prefill_service(mean_in, hit, 0)
-            n_p = self._search(lambda n: self._ttft_ok(n, lam, s))
+            handoff = self._handoff_s(mean_in, s)
+            n_p = self._search(lambda n: self._ttft_ok(n, lam, s, handoff))
             n_d = self._search(lambda n: self._decode_ok(n, lam, mean_in, mean_out, 0.0))
             return {"prefill": n_p, "decode": n_d}
 
@@ -427,6 +443,7 @@ class Planner:
             serving,
             key=lambda r: (
                 r.ready,
+                -r.cost_per_hour,
                 r.num_active,
                 r.waiting_prefill_tokens,
                 r.kv_usage,

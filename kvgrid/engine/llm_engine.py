@@ -162,47 +162,10 @@ class LLMEngine:
         """``shared_prefix_tokens``: leading prompt tokens of a prefix the server shares
         across tenants (kvgrid.server.tenants); their blocks are keyed in the public scope."""
         params = params or SamplingParams()
-        params.validate()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
-        text = None
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer: send prompt token ids")
-            text, prompt = prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            raise RequestError("prompt must be a string or a list of token ids")
-        if not prompt:
-            raise RequestError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab})")
-        if len(prompt) >= self.max_model_len:
-            raise RequestError(
-                f"prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} "
-                "tokens and at least one must be left to generate"
-            )
-        room = self.max_model_len - len(prompt)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise RequestError(
-                f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"this model's context of {self.max_model_len} tokens"
-            )
-        for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(params, name)
-            if v is not None and v > self.config.max_logprobs:
-                raise RequestError(f"{name} must be at most {self.config.max_logprobs}")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise RequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab})")
+        text, prompt, max_tokens = self.check_request(prompt, params)
         matcher = self.guided_matcher(params)
-        max_tokens = params.max_tokens or room
-        need = self.block_manager.blocks_needed(len(prompt) + max_tokens)
-        if need > self.block_manager.num_blocks:
-            raise RequestError(
-                f"request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}"
-            )
         for t in (tenant, keys.PUBLIC_TENANT):
             if t not in self._scope_digests:
                 self._scope_digests[t] = self.scope.with_tenant(t).digest
@@ -246,6 +209,52 @@ class LLMEngine:
         else:
             for seq in group[1:]:
                 self.scheduler.add(seq)
+
+    def check_request(
+        self, prompt: str | list[int], params: SamplingParams
+    ) -> tuple[str | None, list[int], int]:
+        """Validate a request without adding it (thread-safe: reads configuration only):
+        (prompt text or None, prompt token ids, max tokens). Raises RequestError. A grammar
+        is checked by ``guided_matcher``, which compiles it."""
+        params.validate()
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: send prompt token ids")
+            text, prompt = prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise RequestError("prompt must be a string or a list of token ids")
+        if not prompt:
+            raise RequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} "
+                "tokens and at least one must be left to generate"
+            )
+        room = self.max_model_len - len(prompt)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise RequestError(
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"this model's context of {self.max_model_len} tokens"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > self.config.max_logprobs:
+                raise RequestError(f"{name} must be at most {self.config.max_logprobs}")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise RequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab})")
+        max_tokens = params.max_tokens or room
+        need = self.block_manager.blocks_needed(len(prompt) + max_tokens)
+        if need > self.block_manager.num_blocks:
+            raise RequestError(
+                f"request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}"
+            )
+        return text, prompt, max_tokens
 
     def guided_matcher(self, params: SamplingParams):
         """A grammar matcher for ``params.guided`` (None without one); compiled grammars are
@@ -511,6 +520,7 @@ class LLMEngine:
             "store_loaded_tokens": self.scheduler.store_loaded_tokens,
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_step_s": self.decode_step_s,
+            "mixed_prefill_tokens": self.scheduler._mixed_prefill_budget(),
             "waiting_prefill_tokens": sum(
                 s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting
             )

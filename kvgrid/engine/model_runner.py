@@ -13,7 +13,7 @@ from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
 from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.sampler import argmax_rows
 from kvgrid.engine.scheduler import ScheduledSeq
-from kvgrid.models.llama import LlamaForCausalLM, RotaryEmbedding
+from kvgrid.models.llama import LlamaForCausalLM, RotaryEmbedding, materialize
 from kvgrid.models.loader import ModelSpec, iter_weights
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class ModelRunner:
         # build on the meta device: no time spent initialising weights that get overwritten
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg, self.max_model_len)
-        model = model.to_empty(device=self.device).to(self.dtype)
+        model = materialize(model, self.device, self.dtype)
         model.rope = RotaryEmbedding(cfg, self.max_model_len).to(self.device)
         t0 = time.perf_counter()
         if self.spec.load_format == "dummy":

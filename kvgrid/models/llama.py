@@ -74,15 +74,48 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _skeleton() -> bool:
+    """Is the model being built on the meta device (a skeleton whose weights are loaded
+    later)? Meta tensors run torch's Python reference ops, and their first use imports
+    torch._dynamo: seconds of a worker's start-up, for numbers nobody reads."""
+    return torch.get_default_device().type == "meta"
+
+
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A skeleton's tensors as uninitialised storage on ``device`` (floating ones in
+    ``dtype``), allocated once: what ``to_empty(device).to(dtype)`` does, without the meta
+    reference ops behind ``to_empty`` (they import torch.fx's symbolic shapes and sympy).
+    A tensor two modules share stays shared."""
+    made: dict[int, torch.Tensor] = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            kind = dtype if t.is_floating_point() else t.dtype
+            new = torch.empty(t.shape, dtype=kind, device=device)
+            if isinstance(t, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=t.requires_grad)
+            made[id(t)] = new
+        return made[id(t)]
+
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = empty(t)
+    return model
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, rope_inv_freq(cfg))
-        # [max_pos, head_dim]: cos/sin duplicated over both halves (rotate-half layout)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        where = torch.get_default_device()
+        with torch.device("cpu" if _skeleton() else where):
+            t = torch.arange(max_positions, dtype=torch.float32)
+            freqs = torch.outer(t, rope_inv_freq(cfg))
+            # [max_pos, head_dim]: cos/sin duplicated over both halves (rotate-half layout)
+            emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos().to(where), persistent=False)
+        self.register_buffer("sin", emb.sin().to(where), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         return (
@@ -184,7 +217,11 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # a skeleton's embedding skips its random init (see _skeleton)
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(
+            *shape, _weight=torch.empty(shape) if _skeleton() else None
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg, max_positions)

@@ -55,6 +55,7 @@ class Candidate:
     decode_step_s: float
     max_num_batched_tokens: int
     tier_load_s: float = 0.0  # time to bring lower-tier blocks up to G1
+    network_s: float = 0.0  # the round trip to the worker's site
     predicted_ttft_s: float = 0.0
     score: float = 0.0
 
@@ -69,6 +70,7 @@ class Candidate:
             "prefill_s": self.uncached_tokens / pf,
             "tier_load_s": self.tier_load_s,
             "decode_interference_s": steps * self.decode_step_s if self.num_decoding else 0.0,
+            "network_s": self.network_s,
         }
 
     def to_dict(self) -> dict:
@@ -237,13 +239,14 @@ class PredictedTTFT(Policy):
 
 
 def predict_ttft(c: Candidate) -> float:
-    """Queue wait + this request's uncached prefill + loads from lower tiers, in seconds.
+    """Queue wait + this request's uncached prefill + loads from lower tiers + the round
+    trip to the worker's site, in seconds.
 
     With chunked prefill each step also carries the running decodes, so every step the
     prefill needs costs one decode step on top when the worker is decoding.
     """
     work = c.backlog_tokens + c.uncached_tokens
-    t = work / c.prefill_tokens_per_s + c.tier_load_s
+    t = work / c.prefill_tokens_per_s + c.tier_load_s + c.network_s
     if c.num_decoding:
         t += -(-work // c.max_num_batched_tokens) * c.decode_step_s
     c.predicted_ttft_s = t

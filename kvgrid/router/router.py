@@ -18,6 +18,7 @@ from typing import Any
 
 from kvgrid import keys as kvkeys
 from kvgrid.events import EventBatch
+from kvgrid.router.disagg import DisaggConfig, PrefillPlan, Side, plan_prefill
 from kvgrid.router.index import KVIndex, Overlap, WorkerEntry
 from kvgrid.router.policies import (
     DEFAULT_POLICY,
@@ -40,6 +41,7 @@ from kvgrid.router.workers import (
 log = logging.getLogger(__name__)
 
 FRESHNESS = ("exact", "predicted", "stale", "down")
+PREFILL_SUFFIX = "#prefill"  # a remote prefill's in-flight entry on its prefill worker
 
 
 class NoWorkerError(RuntimeError):
@@ -76,6 +78,11 @@ class Decision:
     decided_at: float = 0.0
     elapsed_s: float = 0.0  # time spent deciding (wall clock)
     tenant: bytes = kvkeys.PUBLIC_TENANT  # whose request (never shown; /debug filters by it)
+    prefill: PrefillPlan | None = None  # where the prompt is computed (with disaggregation)
+
+    @property
+    def remote_prefill(self) -> bool:
+        return self.prefill is not None and self.prefill.remote
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +94,7 @@ class Decision:
             "predicted_ttft_s": round(self.predicted_ttft_s, 6),
             "decision_us": round(self.elapsed_s * 1e6, 1),
             "candidates": [c.to_dict() for c in self.candidates],
+            "prefill": self.prefill.to_dict() if self.prefill is not None else None,
         }
 
     def log_line(self) -> str:
@@ -95,10 +103,19 @@ class Decision:
             f"ttft={c.predicted_ttft_s * 1e3:.1f}ms,{c.freshness}"
             for c in self.candidates
         ]
-        return (
+        line = (
             f"route {self.request_id} -> {self.worker_id} [{self.policy}] "
             f"cached~{self.predicted_cached_tokens}/{self.prompt_tokens} | " + " ".join(parts)
         )
+        p = self.prefill
+        if p is not None:
+            where = f"remote@{p.worker_id}" if p.remote else "local"
+            remote = f"{p.remote_ttft_s * 1e3:.1f}ms" if p.remote_ttft_s is not None else "-"
+            line += (
+                f" | prefill {where} ({p.reason}: ttft local {p.local_ttft_s * 1e3:.1f}ms "
+                f"remote {remote}, itl local {p.local_itl_s * 1e3:.1f}ms)"
+            )
+        return line
 
 
 class Router:
@@ -107,12 +124,19 @@ class Router:
         policy: str | Policy = DEFAULT_POLICY,
         recent_ttl_s: float = 5.0,
         heartbeat_timeout_s: float = 5.0,
+        disagg: DisaggConfig | None = None,
+        site_rtt_s: dict[str, float] | None = None,
         **policy_kwargs: Any,
     ) -> None:
+        """``site_rtt_s``: the round trip to each site's workers (kvgrid.router.sites), which
+        every request sent there pays before its first token."""
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, **policy_kwargs)
+        # None: no per-request prefill decision (a fleet without transfers, the simulator)
+        self.disagg = disagg
         self.index = KVIndex()
         self.recent = RecentDecisions(recent_ttl_s)
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.site_rtt_s = dict(site_rtt_s or {})
         self.workers: dict[str, WorkerState] = {}
         self._requests: dict[str, tuple[str, Sequence[int], list[bytes], bytes, int]] = {}
         self._speeds: tuple[float, float] = (DEFAULT_PREFILL_TOKENS_PER_S, DEFAULT_DECODE_STEP_S)
@@ -122,6 +146,7 @@ class Router:
         self._groups: dict[str, tuple[WorkerInfo, bytes, tuple[bytes, int]]] = {}
         self.decisions: deque[Decision] = deque(maxlen=256)  # for /debug
         self.counters = {"decisions": 0, "resyncs_requested": 0, "gaps": 0, "workers_lost": 0}
+        self.prefill_reasons: dict[str, int] = {}  # disaggregation decisions by reason
 
     # ---- registry ------------------------------------------------------------------------
 
@@ -337,6 +362,7 @@ class Router:
         cands: list[Candidate] = []
         group_keys: dict[str, list[bytes]] = {}
         empty = Overlap()
+        site_rtt = self.site_rtt_s
         # fleet medians, fetched only for a worker without its own (a fetch may refresh them)
         speeds: tuple[float, float] | None = None
         for (digest, bs), members in groups.items():
@@ -398,16 +424,27 @@ class Router:
                     ds,
                     info.max_num_batched_tokens,
                     tier_load,
+                    site_rtt.get(info.site, 0.0) if site_rtt else 0.0,
                 )
                 predict_ttft(c)
                 cands.append(c)
-        pick = self.policy.choose(cands)
+        workers = self.workers
+        decoders = [c for c in cands if workers[c.worker_id].role != "prefill"]
+        if not decoders:
+            raise NoWorkerError("no live worker decodes (every one is prefill-only)")
+        pick = self.policy.choose(decoders)
         wid = pick.worker_id
         rkeys = group_keys[wid]
-        w = self.workers[wid]
+        w = workers[wid]
+        plan = None
+        if self.disagg is not None:
+            plan = self._plan_prefill(w, pick, cands, n_prompt, tenant)
         if not dry_run:
             self.recent.record(self.index.bit(wid), rkeys, now)
-            w.add_inflight(req.request_id, InFlight(wid, now, n_prompt, pick.uncached_tokens))
+            if plan is not None and plan.remote:
+                self._start_remote(req.request_id, w, plan, rkeys, n_prompt, now)
+            else:
+                w.add_inflight(req.request_id, InFlight(wid, now, n_prompt, pick.uncached_tokens))
             if req.token_ids or req.keys is not None:  # finish/first-token find it in O(1)
                 digest = self._scope_digest(w.info.scope, req.tenant)
                 self._requests[req.request_id] = (
@@ -417,22 +454,80 @@ class Router:
                     digest,
                     w.info.block_size,
                 )
+        cached = pick.cached_tokens
+        if plan is not None and plan.remote:  # the moved blocks land there: served from cache
+            cached = (plan.start_block + plan.num_blocks) * w.info.block_size
         d = Decision(
             request_id=req.request_id,
             worker_id=wid,
             policy=self.policy.name,
             prompt_tokens=n_prompt,
-            predicted_cached_tokens=pick.cached_tokens,
+            predicted_cached_tokens=cached,
             predicted_ttft_s=pick.predicted_ttft_s,
             candidates=cands,
             decided_at=now,
             elapsed_s=time.perf_counter() - t0,
             tenant=req.tenant,
+            prefill=plan,
         )
         if not dry_run:
             self.decisions.append(d)
             self.counters["decisions"] += 1
+            if plan is not None:
+                key = ("remote:" if plan.remote else "local:") + plan.reason
+                self.prefill_reasons[key] = self.prefill_reasons.get(key, 0) + 1
         return d
+
+    # ---- disaggregation --------------------------------------------------------------------
+
+    def _side(self, w: WorkerState, c: Candidate) -> Side:
+        ld = w.load
+        return Side(
+            c,
+            ld.mixed_prefill_tokens,
+            ld.transfer_bytes_per_s,
+            ld.transfer_setup_s,
+            ld.tier_bytes_per_s.get("G2"),
+            w.info.bytes_per_block,
+        )
+
+    def _plan_prefill(
+        self, w: WorkerState, pick: Candidate, cands: list[Candidate], n_prompt: int, tenant: bytes
+    ) -> PrefillPlan:
+        """Prefill where ``pick`` decodes, or on a worker that streams the KV to it: only a
+        worker of the same key chain (model, dtype, block size), itself able to transfer."""
+        group = self._group_of(w.info, tenant)
+        others = []
+        for c in cands:
+            o = self.workers[c.worker_id]
+            if (
+                c is not pick
+                and o.role != "decode"
+                and o.info.transfer_endpoint
+                and self._group_of(o.info, tenant) == group
+            ):
+                others.append(self._side(o, c))
+        can_receive = bool(w.info.transfer_endpoint)
+        return plan_prefill(self.disagg, self._side(w, pick), others, n_prompt, can_receive)
+
+    def _start_remote(
+        self, rid: str, w: WorkerState, plan: PrefillPlan, rkeys: list[bytes], n: int, now: float
+    ) -> None:
+        """Book a remote prefill: the decode worker computes only the prompt's last tokens,
+        the prefill worker the rest (until ``on_prefill_done``); both will hold its blocks."""
+        bs = w.info.block_size
+        upto = plan.start_block + plan.num_blocks
+        w.add_inflight(rid, InFlight(w.worker_id, now, n, n - upto * bs))
+        pw = self.workers[plan.worker_id]
+        opt = next(o for o in plan.options if o.worker_id == plan.worker_id)
+        pw.add_inflight(rid + PREFILL_SUFFIX, InFlight(pw.worker_id, now, n, opt.uncached_tokens))
+        self.recent.record(self.index.bit(pw.worker_id), rkeys[:upto], now)
+
+    def on_prefill_done(self, request_id: str, now: float) -> None:
+        """A remote prefill ended (its transfer finished, or failed): its worker is free of it."""
+        found = self._inflight(request_id + PREFILL_SUFFIX)
+        if found:
+            found[0].remove_inflight(request_id + PREFILL_SUFFIX, finished=True)
 
     # ---- request lifecycle ---------------------------------------------------------------
 
@@ -483,6 +578,9 @@ class Router:
             "workers": {
                 wid: {
                     "url": w.info.url,
+                    "role": w.role,
+                    "transfer_endpoint": w.info.transfer_endpoint,
+                    "site": w.info.site,
                     "up": w.up,
                     "draining": w.draining,
                     "freshness": self.freshness(wid),
@@ -497,4 +595,6 @@ class Router:
             },
             "recent_entries": len(self.recent),
             "counters": dict(self.counters),
+            "disagg": self.disagg.mode if self.disagg is not None else None,
+            "prefill_decisions": dict(self.prefill_reasons),
         }

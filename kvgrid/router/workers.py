@@ -29,6 +29,9 @@ class WorkerInfo:
     bytes_per_block: int = 0  # KV bytes of one block (all layers), for tier load times
     max_num_batched_tokens: int = 2048
     events: bool = True  # False: no KV event stream; the router predicts from its decisions
+    site: str = ""  # kvgrid.router.sites: the group of nodes it runs in ("": none named)
+    role: str = "both"  # prefill | decode | both (its first; load reports carry changes)
+    transfer_endpoint: str | None = None  # HOST:PORT it takes KV transfers on; None: none
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -71,6 +74,10 @@ class WorkerLoad:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_preemptions: int = 0
+    role: str = ""  # the worker's current role ("": as in its WorkerInfo)
+    mixed_prefill_tokens: int | None = None  # prompt tokens a step that also decodes takes
+    transfer_bytes_per_s: float | None = None  # measured stream bandwidth of transfers in
+    transfer_setup_s: float | None = None  # measured connect + handshake of transfers out
     timestamp: float = 0.0
 
     @classmethod
@@ -120,6 +127,10 @@ class WorkerState:
     @property
     def worker_id(self) -> str:
         return self.info.worker_id
+
+    @property
+    def role(self) -> str:
+        return self.load.role or self.info.role
 
     def add_inflight(self, request_id: str, r: InFlight) -> None:
         self.remove_inflight(request_id)

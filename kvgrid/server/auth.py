@@ -16,6 +16,9 @@ worker key it can speak only as that worker. All proofs are keyed by K_w:
   registers (or replaces) a worker whose key they do not hold.
 - ``GET /info`` answers a router's nonce with HMAC(K_w, "info" | nonce): the router trusts
   (and connects to) only addresses where the worker's key answers.
+- KV transfers between workers (kvgrid.transfer.auth): a transfer into worker w is keyed
+  by its ticket HMAC(K_w, "kvgrid-transfer-v1" | transfer id); the router hands it to the
+  sending worker, the receiving one derives it. No worker needs another's key.
 - ZeroMQ events: the worker's PUB socket is a CURVE server whose key pair derives from K_w,
   and its ZAP handler admits only the client key that also derives from K_w; the router's SUB
   connects with those keys. The stream is encrypted and only key holders can subscribe.
@@ -55,6 +58,7 @@ _CLUSTER = "kvgrid-cluster-v1"
 _WORKER = "kvgrid-worker-v1"
 _ROUTER_TOKEN = "kvr1"
 _WORKER_TOKEN = "kvw1"
+_TRANSFER = "kvgrid-transfer-v1"
 
 
 class CredentialError(ValueError):
@@ -160,6 +164,13 @@ class ControlKey:
         except CredentialError:
             return False
         return hmac.compare_digest(proof.encode(), want.encode())
+
+    # ---- KV transfers --------------------------------------------------------------------
+
+    def transfer_ticket(self, worker_id: str, transfer_id: bytes) -> bytes:
+        """The secret of one KV transfer (or bandwidth probe) into ``worker_id``: the router
+        hands it to the sender, the receiver derives it from its own key."""
+        return _mac(self._worker_key(worker_id), _TRANSFER, transfer_id)
 
     # ---- ZeroMQ CURVE --------------------------------------------------------------------
 

@@ -3,10 +3,11 @@
 The frontend process runs it. Every interval the planner (kvgrid.bench.planner.Planner, the
 same class the fleet simulator drives) sees what the frontend observed: arrivals and first
 tokens as clients saw them, and the queues from the workers' load reports. It acts through
-``LiveActuator``: "add" starts a `kvgrid worker` process under the serve supervisor (it joins
-the router when its engine is up); "drain" makes the router send nothing new there, waits
-until the requests in flight on it have finished, then stops the process and forgets it.
-An operator can also resize the pool at once (``POST /admin/scale``).
+``LiveActuator``: "add" has a ``Launcher`` start a worker (a `kvgrid worker` process under
+the serve supervisor, or a Ray actor: kvgrid.server.ray), which joins the router when its
+engine is up; "drain" makes the router send nothing new there, waits until the requests in
+flight on it have finished, then has the launcher stop it, and forgets it. An operator can
+also resize the pool at once (``POST /admin/scale``).
 
 The planner models the workers from what this router measures (``observed_calibration``:
 the prefill speed and decode step time in their load reports, their KV capacity, the time a
@@ -26,7 +27,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvgrid.bench.planner import (
     ObservationWindow,
@@ -42,7 +43,6 @@ from kvgrid.bench.sim.calibration import Calibration
 
 if TYPE_CHECKING:
     from kvgrid.server.frontend import Frontend
-    from kvgrid.server.serve import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +52,48 @@ POOL = "mixed"  # one machine, no disaggregation: one pool
 @dataclass
 class Replica:
     worker_id: str
-    url: str
-    slot: int  # the supervisor's process slot
+    url: str | None  # None until the launcher knows it (a Ray actor picks its own port)
     started_at: float
     joined_at: float | None = None  # first seen up by the router
     draining_since: float | None = None
     inflight_at_drain: int = 0  # requests it still had to finish when the drain began
     stopped_at: float | None = None
+    cost_per_hour: float = 0.0  # its site's price (kvgrid.router.sites)
+    where: dict[str, Any] | None = None  # the launcher's view: process, node, site, restarts
+
+
+class Launcher(Protocol):
+    """Starts and stops the workers of one server: local processes or Ray actors."""
+
+    def launch(self, worker_id: str) -> Replica:
+        """Start a worker (it registers with the router once its engine is up)."""
+        ...
+
+    def detach(self, worker_id: str) -> None:
+        """Stop following the worker (it is about to stop; no probe may bring it back)."""
+        ...
+
+    def retire(self, worker_id: str) -> None:
+        """Stop it for good, blocking until it is gone (called from a thread)."""
+        ...
+
+    def describe(self, worker_id: str) -> dict[str, Any]:
+        """Where and how it runs, for ``GET /admin/scale``."""
+        ...
 
 
 class LiveActuator:
-    """The planner's actuator (kvgrid.bench.planner.Actuator) on local worker processes."""
+    """The planner's actuator (kvgrid.bench.planner.Actuator) on live workers."""
 
     def __init__(
         self,
         fe: Frontend,
-        supervisor: Supervisor,
-        argv_for: Callable[[str, int], tuple[list[str], dict[str, str] | None, str]],
+        launcher: Launcher,
         max_workers: int,
         drain_timeout_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``argv_for(worker_id, index) -> (argv, env, url)`` builds a new worker's command."""
-        self.fe, self.sup, self.argv_for = fe, supervisor, argv_for
+        self.fe, self.launcher = fe, launcher
         self.max_workers = max_workers
         self.drain_timeout_s = drain_timeout_s
         self.clock = clock
@@ -83,10 +102,10 @@ class LiveActuator:
         self._next = 0
         self._tasks: set[asyncio.Task] = set()
 
-    def adopt(self, worker_id: str, url: str, slot: int) -> None:
-        """A worker `kvgrid serve` started itself."""
-        self.replicas[worker_id] = Replica(worker_id, url, slot, self.clock())
-        self._next = max(self._next, _index(worker_id) + 1)
+    def adopt(self, r: Replica) -> None:
+        """A worker started before the actuator (`kvgrid serve`'s first ones)."""
+        self.replicas[r.worker_id] = r
+        self._next = max(self._next, _index(r.worker_id) + 1)
 
     def live(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.draining_since is None]
@@ -109,6 +128,7 @@ class LiveActuator:
                     kv_usage=w.load.kv_usage if up else 0.0,
                     waiting_prefill_tokens=w.backlog_tokens() if up else 0,
                     started_at=r.started_at,
+                    cost_per_hour=r.cost_per_hour,
                 )
             )
         return {POOL: PoolState(POOL, views)}
@@ -119,11 +139,10 @@ class LiveActuator:
         for _ in range(max(0, count)):
             wid = f"w{self._next}"
             self._next += 1
-            argv, env, url = self.argv_for(wid, self._next - 1)
-            slot = self.sup.add(argv, env)
-            self.fe.link.add_url(url)
-            self.replicas[wid] = Replica(wid, url, slot, now)
-            log.info("autoscale: started worker %s (%s)", wid, url)
+            r = self.launcher.launch(wid)
+            r.started_at = now
+            self.replicas[wid] = r
+            log.info("autoscale: started worker %s (%s)", wid, r.url or "address pending")
 
     def drain(self, worker_id: str, now: float) -> None:
         r = self.replicas.get(worker_id)
@@ -167,10 +186,11 @@ class LiveActuator:
                 )
                 break
             await asyncio.sleep(0.1)
-        # forget the URL first, so that the fleet link does not probe a stopping process back
-        self.fe.link.forget(r.url)
-        await asyncio.to_thread(self.sup.retire, r.slot)
+        # stop following it first, so that nothing probes a stopping worker back in
+        self.launcher.detach(r.worker_id)
+        await asyncio.to_thread(self.launcher.retire, r.worker_id)
         self.fe.router.remove_worker(r.worker_id)
+        r.where = self.launcher.describe(r.worker_id)
         r.stopped_at = self.clock()
         self.replicas.pop(r.worker_id, None)
         self.retired.append(r)
@@ -377,6 +397,7 @@ class Autoscaler:
             "workers": {
                 r.worker_id: {
                     **asdict(r),
+                    "where": act.launcher.describe(r.worker_id),
                     "up": bool(router.workers.get(r.worker_id) and router.workers[r.worker_id].up),
                 }
                 for r in act.replicas.values()

@@ -70,6 +70,33 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="log every routing decision with each candidate's numbers",
     )
+    g.add_argument("--ttft-target", type=float, default=3.0, help="seconds, at p95")
+    g.add_argument("--itl-target", type=float, default=0.1, help="seconds")
+    g = p.add_argument_group(
+        "disaggregation",
+        "prefill on another worker that streams the KV to the one that decodes",
+    )
+    g.add_argument(
+        "--disagg",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="auto: per request, when it lowers the predicted time to first token or keeps "
+        "the decode worker's ITL within --itl-target (default); always: whenever a prefill "
+        "worker can; never",
+    )
+    g.add_argument(
+        "--transfer-stall-s",
+        type=float,
+        default=5.0,
+        help="a transfer with no block and no sign of progress this long is given up, and "
+        "the decode worker recomputes what is missing",
+    )
+    g.add_argument(
+        "--transfer-deadline-factor",
+        type=float,
+        default=3.0,
+        help="a transfer's deadline: this times its predicted end, plus 2 s",
+    )
 
 
 def _autoscale_args(p: argparse.ArgumentParser) -> None:
@@ -83,8 +110,6 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-workers", type=int, default=None, help="most worker processes (default --workers)"
     )
-    g.add_argument("--ttft-target", type=float, default=3.0, help="seconds, at p95")
-    g.add_argument("--itl-target", type=float, default=0.1, help="seconds")
     g.add_argument("--autoscale-interval", type=float, default=10.0, help="planner interval, s")
     g.add_argument(
         "--calibration",
@@ -106,12 +131,90 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _worker_transfer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-fault-injection",
+        action="store_true",
+        help="accept POST /debug/faults: damage, drop or stall this worker's next outgoing "
+        "KV transfer (drills and tests of recovery; never in production)",
+    )
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "Ray cluster",
+        "run the frontend and the workers as Ray actors, placed and restarted by Ray "
+        "(pip install 'kvgrid[ray]')",
+    )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="on the Ray cluster at ADDRESS (alone: $RAY_ADDRESS, else the cluster `ray start` "
+        "made on this host, else a new local one)",
+    )
+    g.add_argument("--ray-name", default="kvgrid", help="prefix of the deployment's actor names")
+    g.add_argument("--ray-namespace", default="kvgrid")
+    g.add_argument(
+        "--ray-worker-cpus",
+        type=float,
+        default=1.0,
+        help="cores per worker on CPU nodes (on a cluster with GPUs: one GPU per worker)",
+    )
+    g.add_argument(
+        "--ray-worker-resource",
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="a custom Ray resource each worker needs (repeatable)",
+    )
+    g.add_argument(
+        "--ray-node-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a node label each worker needs (repeatable)",
+    )
+    g.add_argument(
+        "--ray-max-restarts",
+        type=int,
+        default=8,
+        help="times Ray restarts a dead actor (-1: always)",
+    )
+    g.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME:RTT_MS:COST",
+        help="a site: the Ray nodes labelled kvgrid.io/site=NAME, RTT_MS away from the router, "
+        "at COST per GPU-hour (repeatable; the router weighs the round trip, new workers go "
+        "to the cheapest site with room)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from kvgrid.engine.args import add_engine_args
 
     p = sub.add_parser("serve", help="OpenAI-compatible server: router plus worker processes")
     _frontend_args(p)
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes that prefill and decode (default 1, or 0 with role pools)",
+    )
+    p.add_argument(
+        "--prefill-workers", type=int, default=0, help="worker processes that only prefill"
+    )
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=0,
+        help="worker processes that decode (and prefill themselves when that is faster)",
+    )
+    _worker_transfer_args(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -120,6 +223,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _autoscale_args(p)
     _control_key_arg(p, "cluster control key (default: one generated for this run)")
+    _ray_args(p)
     add_engine_args(p)
     p.set_defaults(func=_serve)
 
@@ -154,6 +258,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument(
+        "--role",
+        default="both",
+        choices=["prefill", "decode", "both"],
+        help="what the router uses this worker for (POST /role changes it)",
+    )
+    p.add_argument(
+        "--transfer-port",
+        type=int,
+        default=0,
+        help="TCP port KV transfers from prefill workers arrive on (default: any free port)",
+    )
+    p.add_argument(
+        "--advertise-transfers",
+        default=None,
+        metavar="HOST:PORT",
+        help="address prefill workers send KV transfers to (default: the advertise URL's "
+        "host and the transfer port)",
+    )
+    _worker_transfer_args(p)
     _control_key_arg(p, "this worker's key, or the cluster key")
     add_engine_args(p)
     p.set_defaults(func=_worker)
@@ -196,6 +320,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("error: --ray needs Ray: pip install 'kvgrid[ray]'", file=sys.stderr)
+            return 2
+        from kvgrid.server.ray.serve import run_serve_ray
+
+        return run_serve_ray(args)
+    if args.site:
+        print("error: --site places workers on a Ray cluster: add --ray", file=sys.stderr)
+        return 2
     from kvgrid.server.serve import run_serve
 
     return run_serve(args)

@@ -55,6 +55,11 @@ class EngineLoop(threading.Thread):
         self._report: dict | None = None  # the latest load report, refreshed by the engine
         self._beat = threading.Thread(target=self._heartbeat, name=f"beat-{worker_id}", daemon=True)
         self.failed: BaseException | None = None
+        # called on this thread after every turn of the loop (a KV transfer's sender
+        # collects the blocks the step named); exceptions are logged, never fatal
+        self.after_step: list[Callable[[], None]] = []
+        # more fields for the load report (a worker's role, its transfer measurements)
+        self.load_extra: list[Callable[[], dict]] = []
 
     # ---- called from other threads -------------------------------------------------------
 
@@ -126,6 +131,11 @@ class EngineLoop(threading.Thread):
                         self._sinks.pop(out.request_id, None)
                     if sink is not None:
                         sink(out)
+                for hook in self.after_step:
+                    try:
+                        hook()
+                    except Exception:
+                        log.exception("after-step hook failed")
                 self._refresh_report()
         except BaseException as e:  # the engine broke: fail every stream, then stop
             log.exception("engine loop failed")
@@ -172,7 +182,7 @@ class EngineLoop(threading.Thread):
         st = self.engine.stats()
         conn = getattr(self.engine, "connector", None)
         tier_bw = dict(getattr(conn, "tier_bytes_per_s", None) or {})
-        return {
+        report = {
             "worker_id": self.worker_id,
             "epoch": self.epoch,
             "kv_seq": self.seq,
@@ -193,8 +203,12 @@ class EngineLoop(threading.Thread):
             # refused (sampled outside their mask: a fault, logged by the engine)
             "guided_mask_s": st.get("guided_mask_s"),
             "guided_errors": st.get("guided_errors", 0),
+            "mixed_prefill_tokens": st.get("mixed_prefill_tokens"),
             "timestamp": time.time(),
         }
+        for extra in self.load_extra:
+            report.update(extra())
+        return report
 
     def _refresh_report(self) -> None:
         now = time.monotonic()

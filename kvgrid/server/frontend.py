@@ -35,8 +35,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from kvgrid.engine.sampling_params import SamplingParams
+from kvgrid.router.disagg import DisaggConfig
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
 from kvgrid.server import auth
+from kvgrid.server.disagg import remote_spec, start_prefill
 from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
 from kvgrid.server.openapi import install_openapi
@@ -86,6 +88,7 @@ class Frontend:
         self.tool_parser = get_parser(config.tool_call_parser, config.tokenizer)
         # kvgrid.server.autoscale.Autoscaler when `kvgrid serve` may scale its workers
         self.autoscaler: Any = None
+        self.background: set[asyncio.Task] = set()  # remote prefills in flight
         self.bind_host = "127.0.0.1"  # set by the command that serves it
         # token ids of the prefixes tenants may share (tenants.TenantRegistry.shared_prefixes)
         self.shared_prefixes: list[list[int]] = []
@@ -95,6 +98,9 @@ class Frontend:
                 text = tok.apply_chat_template(p, add_generation_prompt=False) if isinstance(
                     p, list) else p  # fmt: skip
                 self.shared_prefixes.append(tok.encode(text, add_special_tokens=False))
+        # kvgrid.server.ray.fleet.RayFleet when the workers are Ray actors (started and
+        # stopped with the app, between the fleet link and the autoscaler)
+        self.fleet: Any = None
 
     # ---- request preparation -------------------------------------------------------------
 
@@ -179,6 +185,7 @@ class Frontend:
                     RouteRequest(
                         rid, tokens, tenant.scope, self.config.model_name,
                         shared_prefix_tokens=shared,
+                        whole_prompt=params.prompt_logprobs is not None,
                     ),
                     time.monotonic(),
                     exclude=tried,
@@ -190,27 +197,36 @@ class Frontend:
                 decision_log.info(d.log_line())
             else:
                 decision_log.debug(d.log_line())
+            if d.prefill is not None:
+                where = "remote" if d.remote_prefill else "local"
+                self.metrics.prefill_decisions.labels(where, d.prefill.reason).inc()
+            spec, ticket = remote_spec(d, self.link.key) if d.remote_prefill else (None, b"")
             url = self.link.url(d.worker_id)
             req = self.link.client.build_request(
-                "POST", f"{url}/generate", json=body, headers=self.link.headers(d.worker_id)
+                "POST",
+                f"{url}/generate",
+                json={**body, "remote_prefill": spec},
+                headers=self.link.headers(d.worker_id),
             )
             try:
                 resp = await self.link.client.send(req, stream=True)
             except httpx.PoolTimeout:
                 # our own connection pool is full: not the worker's fault
-                self.router.on_finish(rid, time.monotonic())
+                self._unroute(rid, d)
                 raise APIError(503, "the router is overloaded; retry later") from None
             except httpx.TransportError as e:
                 # refused, reset, timed out or broke before a response: that worker failed,
                 # and nothing has been generated yet, so another may take the request
-                self.router.on_finish(rid, time.monotonic())
+                self._unroute(rid, d)
                 self.link.mark_down(d.worker_id, f"request failed: {e!r}")
                 tried.append(d.worker_id)
                 continue
             except BaseException:
-                self.router.on_finish(rid, time.monotonic())
+                self._unroute(rid, d)
                 raise
             if resp.status_code == 200:
+                if spec is not None:  # the decode worker expects the KV: now compute it
+                    start_prefill(self, d, body, spec, ticket)
                 return d, resp
             try:
                 text = (await resp.aread()).decode(errors="replace")
@@ -218,7 +234,7 @@ class Frontend:
                 text = f"its answer broke off: {e!r}"
             finally:
                 await resp.aclose()
-                self.router.on_finish(rid, time.monotonic())
+                self._unroute(rid, d)
             try:
                 msg = json.loads(text).get("error", text)
             except (ValueError, AttributeError):
@@ -233,6 +249,13 @@ class Frontend:
                 continue
             raise APIError(502, f"worker {d.worker_id} failed: {msg}")
         raise APIError(503, f"no worker reachable (tried {', '.join(tried)})")
+
+    def _unroute(self, rid: str, d: Decision) -> None:
+        """The decision was not carried out (the worker refused or is gone)."""
+        now = time.monotonic()
+        self.router.on_finish(rid, now)
+        if d.remote_prefill:
+            self.router.on_prefill_done(rid, now)
 
     async def deltas(self, d: Decision, resp: httpx.Response):
         """Worker messages; raises WorkerLost if the worker dies mid-stream."""
@@ -303,6 +326,8 @@ class Frontend:
             "x-kvgrid-worker": d.worker_id,
             "x-kvgrid-predicted-cached-tokens": str(d.predicted_cached_tokens),
         }
+        if d.remote_prefill:
+            headers["x-kvgrid-prefill-worker"] = d.prefill.worker_id
         if req.stream:
             return RunResponse(run, headers)
         return await run.whole(request, headers)
@@ -314,6 +339,8 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
         from kvgrid.gc_tuning import tune_gc
 
         await fe.link.start()
+        if fe.fleet is not None:
+            await fe.fleet.start()
         if fe.autoscaler is not None:
             fe.autoscaler.start()
         tune_gc()
@@ -322,6 +349,8 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
         finally:
             if fe.autoscaler is not None:
                 await fe.autoscaler.stop()
+            if fe.fleet is not None:
+                await fe.fleet.stop()
             await fe.link.stop()
 
     app = FastAPI(title="kvgrid", lifespan=lifespan)
@@ -420,6 +449,7 @@ def build_frontend(
     max_concurrent: int = 256,
     heartbeat_timeout_s: float = 10.0,
     log_decisions: bool = False,
+    disagg: DisaggConfig | None = None,
     control_key: auth.ControlKey | None = None,
     public: bool = False,
     tool_call_parser: str = "auto",
@@ -444,7 +474,7 @@ def build_frontend(
             "tenants need a control key: workers take tenant scopes only from a router that "
             "proves itself (--control-key-file, or KVGRID_CONTROL_KEY / KVGRID_CONTROL_KEY_FILE)"
         )
-    router = Router(policy, heartbeat_timeout_s=heartbeat_timeout_s)
+    router = Router(policy, heartbeat_timeout_s=heartbeat_timeout_s, disagg=disagg)
     link = FleetLink(router, list(worker_urls), control_key, scope_id(secret))
     return Frontend(
         router,

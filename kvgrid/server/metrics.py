@@ -176,4 +176,31 @@ class FrontendMetrics:
         self.tenant_requests = Counter(
             "kvgrid:tenant_requests", "Requests admitted per tenant", ["tenant"], registry=r
         )
+        self.prefill_decisions = Counter(
+            "kvgrid:prefill_decisions",
+            "Where prompts were computed: remote (a prefill worker streams the KV) or local, "
+            "by the reason the router gave",
+            ["where", "reason"],
+            registry=r,
+        )
+        self.prefill_failures = Counter(
+            "kvgrid:prefill_failures",
+            "Remote prefills the prefill worker did not run (unreachable, refused)",
+            registry=r,
+        )
+        self.transfers = Counter(
+            "kvgrid:kv_transfers",
+            "KV transfers as the decode worker saw them end, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.transfer_bytes = Counter(
+            "kvgrid:kv_transfer_bytes", "Object bytes that landed through KV transfers", registry=r
+        )
+        self.transfer_seconds = Histogram(
+            "kvgrid:kv_transfer_seconds",
+            "KV transfers from connection to their end",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(_FromWorkers(router, model, link))

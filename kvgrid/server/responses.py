@@ -165,7 +165,9 @@ class ChoiceState:
                 if done:
                     rest, self.calls = self.tools.finish()
                     text += rest
-            if text or (entries and self.top is not None):
+            # a model without a tokenizer (random weights of a shape) has no text: its
+            # tokens still show, as empty chunks, so a client sees the stream's timing
+            if text or (entries and self.top is not None) or (self.tok is None and ids):
                 out.append(self._chunk({"content": text}, self._logprobs(ids, entries)))
             if self.calls:
                 deltas = [{"index": i, **c.to_dict()} for i, c in enumerate(self.calls)]
@@ -173,7 +175,7 @@ class ChoiceState:
             if done:
                 out.append(self._chunk({}, finish=self._finish()))
             return out
-        if text or done or entries:
+        if text or done or entries or (self.tok is None and ids):
             offset = len(self.echo[0] if self.echo else "") + len(self.text) - len(text)
             out.append(
                 {

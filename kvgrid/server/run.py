@@ -110,6 +110,11 @@ class RequestRun:
         m.gen_hist.labels(model).observe(u["completion_tokens"])
         cached = u["prompt_tokens_details"]["cached_tokens"]
         m.cached_tokens.labels(model).inc(cached)
+        t = self.final.get("transfer")
+        if t:
+            m.transfers.labels(t.get("outcome") or "unknown").inc()
+            m.transfer_bytes.inc(t.get("bytes", 0))
+            m.transfer_seconds.observe(t.get("seconds", 0.0))
         m.predicted_cached.inc(self.d.predicted_cached_tokens)
         m.prediction_match.labels(str(cached == self.d.predicted_cached_tokens).lower()).inc()
         m.success.labels(model, self.final.get("finish_reason") or "stop").inc()

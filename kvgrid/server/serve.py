@@ -74,7 +74,9 @@ def worker_env(args: argparse.Namespace, worker_id: str, key: ControlKey | None)
     return env
 
 
-def worker_argv(args: argparse.Namespace, worker_id: str, port: int, threads: int) -> list[str]:
+def worker_argv(
+    args: argparse.Namespace, worker_id: str, port: int, threads: int, role: str = "both"
+) -> list[str]:
     argv = [
         sys.executable,
         "-m",
@@ -88,7 +90,11 @@ def worker_argv(args: argparse.Namespace, worker_id: str, port: int, threads: in
         worker_id,
         "--threads",
         str(threads),
+        "--role",
+        role,
     ]
+    if getattr(args, "allow_fault_injection", False):
+        argv.append("--allow-fault-injection")
     if getattr(args, "served_model_name", None):
         argv += ["--served-model-name", args.served_model_name]
     for dest, flag, switch in _engine_flags():
@@ -193,6 +199,22 @@ class Supervisor(threading.Thread):
                 p.kill()
 
 
+def worker_pools(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(worker id, role) of each worker process `kvgrid serve` starts."""
+    pre = getattr(args, "prefill_workers", 0) or 0
+    dec = getattr(args, "decode_workers", 0) or 0
+    both = args.workers if args.workers is not None else (0 if pre or dec else 1)
+    if min(pre, dec, both) < 0:
+        raise ValueError("worker counts must be >= 0")
+    if both + dec < 1:
+        raise ValueError("at least one worker must decode: --workers or --decode-workers")
+    return (
+        [(f"w{i}", "both") for i in range(both)]
+        + [(f"p{i}", "prefill") for i in range(pre)]
+        + [(f"d{i}", "decode") for i in range(dec)]
+    )
+
+
 def _setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("KVGRID_LOG", "INFO"),
@@ -217,14 +239,23 @@ def _bind_host(args: argparse.Namespace, auth_required: bool) -> str:
     return host
 
 
+def frontend_host(args: argparse.Namespace) -> str:
+    """The frontend's address as the flags and API keys give it; ValueError when binding it
+    beyond loopback is not safe."""
+    return _bind_host(args, bool(args.api_keys or os.environ.get("KVGRID_API_KEYS")))
+
+
 def run_serve(args: argparse.Namespace) -> int:
 
     from kvgrid.server.frontend import create_frontend_app
 
     _setup_logging()
-    if args.workers < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
+    try:
+        pools = worker_pools(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    n = len(pools)
     try:
         key = load_control_key(args.control_key_file) or ControlKey.generate()
     except CredentialError as e:
@@ -234,17 +265,16 @@ def run_serve(args: argparse.Namespace) -> int:
     fe = _frontend_from_args(args, [], key)
     if fe is None:
         return 2
-    max_workers = max(args.workers, getattr(args, "max_workers", None) or args.workers)
+    max_workers = max(n, getattr(args, "max_workers", None) or n)
     # cores are divided among as many processes as may run at once
     threads = args.threads or max(1, (os.cpu_count() or 1) // max_workers)
-    ports = [free_port() for _ in range(args.workers)]
-    ids = [f"w{i}" for i in range(args.workers)]
-    argvs = [worker_argv(args, w, p, threads) for w, p in zip(ids, ports)]
+    ports = [free_port() for _ in range(n)]
+    argvs = [worker_argv(args, wid, p, threads, role) for (wid, role), p in zip(pools, ports)]
     for p in ports:
         fe.link.add_url(f"http://127.0.0.1:{p}")
-    sup = Supervisor(argvs, [worker_env(args, w, key) for w in ids])
+    sup = Supervisor(argvs, [worker_env(args, wid, key) for wid, _ in pools])
     sup.start_all()
-    if getattr(args, "autoscale", False) or max_workers > args.workers:
+    if getattr(args, "autoscale", False) or max_workers > n:
         try:
             fe.autoscaler = _autoscaler(args, fe, sup, ports, threads, max_workers, key)
         except (ValueError, OSError) as e:
@@ -252,12 +282,13 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     log.info(
-        "kvgrid serve: %s on http://%s:%d with %d worker(s), policy %s",
+        "kvgrid serve: %s on http://%s:%d with worker(s) %s, policy %s, disaggregation %s",
         fe.config.model_name,
         fe.bind_host,
         args.port,
-        args.workers,
+        ", ".join(f"{wid} ({role})" for wid, role in pools),
         fe.router.policy.name,
+        fe.router.disagg.mode,
     )
     try:
         _run_http(create_frontend_app(fe), fe.bind_host, args.port)
@@ -290,20 +321,63 @@ def _run_http(app, host: str, port: int) -> None:
         signal.signal(signal.SIGTERM, old)
 
 
+class ProcessLauncher:
+    """The autoscaler's launcher (kvgrid.server.autoscale.Launcher) on this machine: worker
+    processes under the serve supervisor."""
+
+    def __init__(
+        self, args: argparse.Namespace, fe, sup: Supervisor, threads: int, key: ControlKey | None
+    ) -> None:
+        self.args, self.fe, self.sup, self.threads, self.key = args, fe, sup, threads, key
+        self.slots: dict[str, tuple[int, str]] = {}  # worker id -> (supervisor slot, url)
+
+    def adopt(self, worker_id: str, slot: int, url: str):
+        from kvgrid.server.autoscale import Replica
+
+        self.slots[worker_id] = (slot, url)
+        return Replica(worker_id, url, time.monotonic())
+
+    def launch(self, worker_id: str):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = worker_argv(self.args, worker_id, port, self.threads)
+        slot = self.sup.add(argv, worker_env(self.args, worker_id, self.key))
+        self.fe.link.add_url(url)
+        return self.adopt(worker_id, slot, url)
+
+    def detach(self, worker_id: str) -> None:
+        self.fe.link.forget(self.slots[worker_id][1])
+
+    def retire(self, worker_id: str) -> None:
+        self.sup.retire(self.slots[worker_id][0])
+
+    def describe(self, worker_id: str) -> dict:
+        slot = self.slots.get(worker_id, (None, None))[0]
+        p = self.sup.procs[slot] if slot is not None else None
+        restarts = self.sup.restarts[slot] if slot is not None else 0
+        return {"slot": slot, "pid": p.pid if p else None, "restarts": restarts}
+
+
 def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_workers: int, key):
     """The planner loop (with --autoscale) and the operator's resize, on this machine."""
+    from kvgrid.server.autoscale import LiveActuator
+
+    if any(role != "both" for _, role in worker_pools(args)):
+        raise ValueError("autoscaling runs one pool of workers: --workers, not role pools")
+    launcher = ProcessLauncher(args, fe, sup, threads, key)
+    act = LiveActuator(fe, launcher, max_workers)
+    for i, p in enumerate(ports):
+        act.adopt(launcher.adopt(f"w{i}", i, f"http://127.0.0.1:{p}"))
+    return planner_loop(args, act, max_workers)
+
+
+def planner_loop(args: argparse.Namespace, act, max_workers: int):
+    """The Autoscaler (the SLA planner with --autoscale, and the operator's resize) that
+    `kvgrid serve`'s scaling flags describe, acting through ``act``."""
     from kvgrid.bench.planner import Planner, PlannerConfig
     from kvgrid.bench.sim.calibration import load_calibration
-    from kvgrid.server.autoscale import Autoscaler, LiveActuator
+    from kvgrid.server.autoscale import Autoscaler
 
-    def launch(worker_id: str, index: int) -> tuple[list[str], dict[str, str], str]:
-        port = free_port()
-        argv = worker_argv(args, worker_id, port, threads)
-        return argv, worker_env(args, worker_id, key), f"http://127.0.0.1:{port}"
-
-    act = LiveActuator(fe, sup, launch, max_workers)
-    for i, p in enumerate(ports):
-        act.adopt(f"w{i}", f"http://127.0.0.1:{p}", i)
     cfg = PlannerConfig(
         ttft_target_s=args.ttft_target,
         itl_target_s=args.itl_target,
@@ -346,30 +420,43 @@ def run_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
-    """The router's frontend from the command's flags, with its bind address checked; None
-    (message printed) if the model, the keys file or the address cannot be used."""
+def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
+    """The router's frontend from the command's flags, with its bind address checked
+    (``fe.bind_host``); ValueError or OSError if the model, the keys file or the address
+    cannot be used."""
+    from kvgrid.router.disagg import DisaggConfig
     from kvgrid.server.frontend import build_frontend
 
+    host = frontend_host(args)  # before loading anything: fail fast
+    fe = build_frontend(
+        args.model,
+        args.load_format,
+        args.served_model_name,
+        workers,
+        args.policy,
+        args.api_keys,
+        args.max_concurrent,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        log_decisions=args.log_decisions,
+        disagg=DisaggConfig(
+            mode=args.disagg,
+            itl_target_s=args.itl_target,
+            ttft_target_s=args.ttft_target,
+            stall_s=args.transfer_stall_s,
+            deadline_factor=args.transfer_deadline_factor,
+        ),
+        control_key=key,
+        public=not is_loopback_host(host),
+        tool_call_parser=getattr(args, "tool_call_parser", "auto"),
+    )
+    fe.bind_host = _bind_host(args, fe.tenants.auth_required)
+    return fe
+
+
+def _frontend_from_args(args: argparse.Namespace, workers: list[str], key):
+    """``frontend_from_args``, or None (message printed)."""
     try:
-        keys_set = bool(args.api_keys or os.environ.get("KVGRID_API_KEYS"))
-        host = _bind_host(args, keys_set)  # before loading anything: fail fast
-        fe = build_frontend(
-            args.model,
-            args.load_format,
-            args.served_model_name,
-            workers,
-            args.policy,
-            args.api_keys,
-            args.max_concurrent,
-            heartbeat_timeout_s=args.heartbeat_timeout,
-            log_decisions=args.log_decisions,
-            control_key=key,
-            public=not is_loopback_host(host),
-            tool_call_parser=getattr(args, "tool_call_parser", "auto"),
-        )
-        fe.bind_host = _bind_host(args, fe.tenants.auth_required)
-        return fe
+        return frontend_from_args(args, workers, key)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None

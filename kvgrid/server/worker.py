@@ -11,6 +11,7 @@ HTTP (FastAPI), for routers only:
                         shared_prefix_tokens} -> NDJSON stream of deltas; a dropped
                         connection aborts the request (blocks freed)
     POST /abort/{id}
+    and the disaggregation endpoints of ``worker_transfers`` (/prefill, /role, ...)
 ZeroMQ PUB (msgpack, kvgrid.router.wire): topic ``kv`` numbered event batches, topic ``load``
 load reports every 0.5 s (the heartbeat), CURVE-encrypted (kvgrid.server.publisher).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -51,6 +53,7 @@ from kvgrid.server.auth import (
     url_host,
 )
 from kvgrid.server.publisher import EventPublisher
+from kvgrid.server.worker_transfers import add_transfer_routes, remote_generate
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +72,24 @@ class Worker:
         events_endpoint: str | None = None,
         load_interval_s: float = 0.5,
         key: ControlKey | None = None,
+        site: str = "",
+        role: str = "both",
+        transfer_port: int | None = 0,
+        transfer_endpoint: str | None = None,
+        allow_fault_injection: bool = False,
     ) -> None:
         """``events_endpoint``: the event stream's address as routers reach it (default:
-        the advertise URL's host and the bound port); never a wildcard address."""
+        the advertise URL's host and the bound port); never a wildcard address.
+        ``transfer_port``: where KV transfers arrive (0: any free port; None: no
+        transfers), ``transfer_endpoint`` the HOST:PORT prefill workers reach it at
+        (default: the advertise URL's host and that port). ``role``: see
+        ``worker_transfers``."""
         from kvgrid.server.engine_loop import EngineLoop
+        from kvgrid.server.worker_transfers import ROLES, WorkerTransfers
 
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
         self.engine = engine
         self.key = key.for_worker(worker_id) if key is not None else None
         self.epoch = uuid.uuid4().hex[:12]
@@ -116,7 +132,28 @@ class Worker:
                 * dtype_bytes
             ),
             max_num_batched_tokens=cfg.max_num_batched_tokens,
+            site=site,
         )
+        self.transfers = None
+        try:
+            if transfer_port is not None:
+                self.transfers = WorkerTransfers.create(
+                    self, pub_host, host, transfer_port, transfer_endpoint, allow_fault_injection
+                )
+            elif role != "both":
+                raise ValueError(f"a {role} worker needs KV transfers")
+        except BaseException:
+            self.publisher.close()
+            raise
+        endpoint = self.transfers.receiver.endpoint if self.transfers is not None else None
+        self.info = dataclasses.replace(self.info, role=role, transfer_endpoint=endpoint)
+        self.loop.load_extra.append(self._load_fields)
+
+    def _load_fields(self) -> dict:
+        out = {"role": self.role}
+        if self.transfers is not None:
+            out.update(self.transfers.load_fields())
+        return out
 
     def info_dict(self) -> dict:
         d = self.info.to_dict()
@@ -137,6 +174,8 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
         finally:
             if task:
                 task.cancel()
+            if worker.transfers is not None:
+                worker.transfers.close()
             worker.loop.stop()
             worker.publisher.close()
             worker.loop.engine.close()
@@ -195,37 +234,31 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
             return JSONResponse({"error": str(e)}, status_code=400)
         except (ValueError, KeyError, TypeError) as e:
             return JSONResponse({"error": f"bad generate request: {e!r}"}, status_code=400)
-        if tenant != keys.PUBLIC_TENANT and worker.key is None:
-            return JSONResponse(
-                {"error": "tenant scopes need a control key (this worker runs without one)"},
-                status_code=403,
+        refused = check_scope(worker, tenant, scope_id)
+        if refused is not None:
+            return refused
+        if body.get("remote_prefill") is not None:
+            return await remote_generate(
+                worker, rid, prompt, params, tenant, shared, body["remote_prefill"]
             )
-        if scope_id is not None:
-            if worker.scope_id is None:
-                worker.scope_id = scope_id
-            elif scope_id != worker.scope_id:
-                return JSONResponse(
-                    {"error": "a router with another server secret already sends tenant "
-                     "scopes here: give every router the same KVGRID_SERVER_SECRET"},
-                    status_code=409,
-                )  # fmt: skip
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda out: aloop.call_soon_threadsafe(q.put_nowait, out)
         try:
-            if params.guided is not None:  # compile here, not on the thread that steps
-                await asyncio.to_thread(worker.loop.engine.guided_matcher, params)
+            await compile_grammar(worker, params)
             await worker.loop.add_request(rid, prompt, params, tenant, sink, shared)
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        return StreamingResponse(_stream(worker, rid, q), media_type="application/x-ndjson")
+        return StreamingResponse(stream_outputs(worker, rid, q), media_type="application/x-ndjson")
 
+    add_transfer_routes(app, worker)
     return app
 
 
-def stream_message(out: Any, first: bool, kv_seq: int) -> dict:
+def stream_message(out: Any, first: bool, kv_seq: int, final: dict | None = None) -> dict:
     """One engine output as a line of the /generate stream: choice ``index``'s delta (its
-    logprobs as {token id: logprob}), its finish, and on the last line (``done``) the usage."""
+    logprobs as {token id: logprob}), its finish, and on the last line (``done``) the usage
+    and ``final``'s fields."""
     c = out.outputs[out.index]
     msg: dict[str, Any] = {"index": out.index, "text": out.new_text, "ids": out.new_token_ids}
     if out.new_logprobs is not None:
@@ -244,11 +277,41 @@ def stream_message(out: Any, first: bool, kv_seq: int) -> dict:
             prompt_tokens=len(out.prompt_token_ids),
             completion_tokens=sum(len(o.token_ids) for o in out.outputs),
             kv_seq=kv_seq,
+            **(final or {}),
         )
     return msg
 
 
-async def _stream(worker: Worker, rid: str, q: asyncio.Queue):
+async def compile_grammar(worker: Worker, params: SamplingParams) -> None:
+    """Compile (and so check) the request's grammar, if any, here rather than on the thread
+    that steps: compiled grammars are cached, so add_request then finds it."""
+    if params.guided is not None:
+        await asyncio.to_thread(worker.loop.engine.guided_matcher, params)
+
+
+def check_scope(worker: Worker, tenant: bytes, scope_id: str | None) -> JSONResponse | None:
+    """The refusal of a request in ``tenant``'s scope from a router with ``scope_id``, or None
+    when this worker may take it."""
+    if tenant != keys.PUBLIC_TENANT and worker.key is None:
+        return JSONResponse(
+            {"error": "tenant scopes need a control key (this worker runs without one)"},
+            status_code=403,
+        )
+    if scope_id is not None:
+        if worker.scope_id is None:
+            worker.scope_id = scope_id
+        elif scope_id != worker.scope_id:
+            return JSONResponse(
+                {"error": "a router with another server secret already sends tenant "
+                 "scopes here: give every router the same KVGRID_SERVER_SECRET"},
+                status_code=409,
+            )  # fmt: skip
+    return None
+
+
+async def stream_outputs(worker: Worker, rid: str, q: asyncio.Queue, final: dict | None = None):
+    """NDJSON lines of a request's outputs from its queue; ``final``: more fields for the
+    last line."""
     finished = False
     first = True
     try:
@@ -258,7 +321,7 @@ async def _stream(worker: Worker, rid: str, q: asyncio.Queue):
                 yield json.dumps({"error": f"engine failed: {out!r}"}) + "\n"
                 finished = True
                 return
-            yield json.dumps(stream_message(out, first, worker.loop.seq)) + "\n"
+            yield json.dumps(stream_message(out, first, worker.loop.seq, final)) + "\n"
             first = False
             if out.finished:
                 finished = True
@@ -318,15 +381,69 @@ def worker_identity(args) -> tuple[str, ControlKey | None]:
     return worker_id, key
 
 
+def build_worker(
+    args,
+    worker_id: str,
+    url: str,
+    host: str,
+    key: ControlKey | None,
+    events_port: int = 0,
+    events_endpoint: str | None = None,
+    site: str = "",
+) -> Worker:
+    """Load the engine the engine flags in ``args`` describe and wrap it in a Worker whose
+    HTTP API is reached at ``url`` and whose event stream and KV transfers bind ``host``
+    (its role and transfer port from `kvgrid worker`'s flags; without them: both, any free
+    port). ValueError: a configuration the engine or its store cannot use."""
+    from kvgrid.engine.args import engine_config_from_args
+    from kvgrid.engine.llm_engine import LLMEngine
+    from kvgrid.gc_tuning import tune_gc
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
+    model_name = getattr(args, "served_model_name", None) or engine.spec.name
+    tune_gc()  # the model, KV pool and graphs live as long as this process
+    try:
+        worker = Worker(
+            engine,
+            worker_id,
+            url,
+            model_name,
+            pub_host=host,
+            pub_port=events_port,
+            events_endpoint=events_endpoint,
+            key=key,
+            site=site,
+            role=getattr(args, "role", "both"),
+            transfer_port=getattr(args, "transfer_port", 0),
+            transfer_endpoint=getattr(args, "advertise_transfers", None),
+            allow_fault_injection=getattr(args, "allow_fault_injection", False),
+        )
+    except BaseException:
+        engine.close()
+        raise
+    log.info(
+        "worker %s (%s): engine ready in %.1fs (%s), events on %s (%s), transfers on %s",
+        worker.info.worker_id,
+        worker.role,
+        time.time() - t0,
+        model_name,
+        worker.events_endpoint,
+        "CURVE" if worker.publisher.secure else "no control key: loopback only",
+        worker.info.transfer_endpoint,
+    )
+    return worker
+
+
 def run_worker(args) -> int:
     """`kvgrid worker`: load the engine, then serve until stopped."""
     import sys
 
     import uvicorn
-
-    from kvgrid.engine.args import engine_config_from_args
-    from kvgrid.engine.llm_engine import LLMEngine
-    from kvgrid.gc_tuning import tune_gc
 
     logging.basicConfig(
         level=os.environ.get("KVGRID_LOG", "INFO"),
@@ -335,43 +452,16 @@ def run_worker(args) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         worker_id, key = worker_identity(args)
-    except ValueError as e:
+        url = args.advertise_url or f"http://{args.host}:{args.port}"
+        worker = build_worker(
+            args, worker_id, url, args.host, key, args.events_port, args.advertise_events
+        )
+    except (ValueError, OSError) as e:  # a configuration the worker cannot use, a port taken
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
-    try:
-        engine = LLMEngine(engine_config_from_args(args, re.sub(r"[^\w.-]", "-", worker_id)))
-    except ValueError as e:  # a configuration the engine or its store cannot use
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    model_name = args.served_model_name or engine.spec.name
-    tune_gc()  # the model, KV pool and graphs live as long as this process
-    url = args.advertise_url or f"http://{args.host}:{args.port}"
-    worker = Worker(
-        engine,
-        worker_id,
-        url,
-        model_name,
-        pub_host=args.host,
-        pub_port=args.events_port,
-        events_endpoint=args.advertise_events,
-        key=key,
-    )
-    log.info(
-        "worker %s: engine ready in %.1fs (%s), events on %s (%s)",
-        worker.info.worker_id,
-        time.time() - t0,
-        model_name,
-        worker.events_endpoint,
-        "CURVE" if worker.publisher.secure else "no control key: loopback only",
-    )
     app = create_worker_app(worker, args.router)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
-__all__ = ["Worker", "create_worker_app", "run_worker", "worker_identity"]
+__all__ = ["Worker", "build_worker", "create_worker_app", "run_worker", "worker_identity"]

@@ -78,8 +78,9 @@ class OpenSSLGCM:
         n = len(data)
         if out is not None:
             arr = np.frombuffer(out, dtype=np.uint8)
-            if arr.size != n or not arr.flags.writeable:
-                raise ValueError(f"output buffer must be {n} writable bytes")
+            want = n + (TAG_BYTES if enc else 0)
+            if arr.size != want or not arr.flags.writeable:
+                raise ValueError(f"output buffer must be {want} writable bytes")
         else:
             # np.empty, not bytearray: a bytearray is zeroed through fresh pages on every
             # call, and the page faults of parallel threads serialise on the memory map
@@ -117,9 +118,11 @@ class OpenSSLGCM:
             lib.EVP_CIPHER_CTX_free(ctx)
         return out
 
-    def encrypt(self, nonce: bytes, data, aad: bytes) -> memoryview:
-        """``ciphertext || tag`` (a bytes-like view)."""
-        return self._run(True, nonce, data, aad, None)
+    def encrypt(self, nonce: bytes, data, aad: bytes, out=None) -> memoryview:
+        """``ciphertext || tag`` (a bytes-like view), written into ``out`` if given (a
+        writable buffer of exactly that size: a reused one spares the page faults of fresh
+        memory, which cost more than the encryption)."""
+        return self._run(True, nonce, data, aad, None, out)
 
     def decrypt(self, nonce: bytes, data, aad: bytes, out=None) -> memoryview:
         """Plaintext (a writable bytes-like view) of ``ciphertext || tag``, written into
@@ -137,12 +140,24 @@ def decrypt_into(aead: AEAD, nonce: bytes, data, aad: bytes, out) -> None:
     ``InvalidTag``, and ``out`` then holds bytes that must not be used."""
     if isinstance(aead, OpenSSLGCM):
         aead.decrypt(nonce, data, aad, out)
-        return
-    plain = aead.decrypt(nonce, bytes(data), aad)
+    else:
+        _copy_into(out, aead.decrypt(nonce, bytes(data), aad))
+
+
+def encrypt_into(aead: AEAD, nonce: bytes, data, aad: bytes, out) -> None:
+    """Encrypt ``data`` into the writable buffer ``out`` (``len(data)`` + the tag): in place
+    with OpenSSL, through a new buffer with ``cryptography``."""
+    if isinstance(aead, OpenSSLGCM):
+        aead.encrypt(nonce, data, aad, out)
+    else:
+        _copy_into(out, aead.encrypt(nonce, bytes(data), aad))
+
+
+def _copy_into(out, data: bytes) -> None:
     dst = np.frombuffer(out, dtype=np.uint8)
-    if dst.size != len(plain):
-        raise ValueError(f"output buffer must be {len(plain)} bytes")
-    np.copyto(dst, np.frombuffer(plain, dtype=np.uint8))
+    if dst.size != len(data):
+        raise ValueError(f"output buffer must be {len(data)} bytes")
+    np.copyto(dst, np.frombuffer(data, dtype=np.uint8))
 
 
 def make_aead(key: bytes, backend: str = "auto") -> AEAD:

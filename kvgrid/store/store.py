@@ -332,64 +332,87 @@ class ContextStore:
 
     def _fetch_lower(self, tid: bytes, key: bytes, tenant: bytes):
         """(tier, pinned G2 slot or None, CPU tensor) of one block from the first lower tier
-        with a valid copy, promoted into G2; None if none has one. Runs on a fetch thread.
+        with a valid copy, promoted into G2; None if none has one. Runs on a fetch thread."""
+        t0 = time.perf_counter()
+        for tier in self.lower:
+            got = self._fetch_from(tier, tid, key, tenant, t0)
+            if got is not None:
+                return got
+        return None
+
+    def _fetch_from(self, tier, tid: bytes, key: bytes, tenant: bytes, t0: float):
+        """One block from ``tier``, verified and promoted into G2: (tier name, pinned G2
+        slot or None, CPU tensor), or None (a counted miss).
 
         The object is decoded straight into a G2 slot reserved for it (decryption writes
         the plaintext in place), which is shown only once the object has verified: one pass
         over the bytes fewer than decoding first and copying after."""
-        t0 = time.perf_counter()
-        for tier in self.lower:
-            held: list[tuple[Slot, bool]] = []  # the block's G2 slot, and whether new
+        held: list[tuple[Slot, bool]] = []  # the block's G2 slot, and whether new
 
-            def into(h: ObjectHeader, held: list = held) -> torch.Tensor | None:
-                if self.g2 is None:
-                    return None
-                got = self._g2_reserve(
-                    tid,
-                    key,
-                    h.shape,
-                    dtype_of(h.dtype),
-                    h.parent_key,
-                    h.token_count,
-                    self._g2_quota(tid),
-                    h.created,
-                )
-                if got is None:
-                    return None
-                held.append(got)
-                return self.g2.pool[got[0].index] if got[1] else None
-
-            try:
-                got = self._read_lower(tier, tid, key, tenant, into)
-            except BaseException:
-                self._g2_unreserve(held)
-                raise
+        def into(h: ObjectHeader) -> torch.Tensor | None:
+            if self.g2 is None:
+                return None
+            got = self._g2_reserve(
+                tid,
+                key,
+                h.shape,
+                dtype_of(h.dtype),
+                h.parent_key,
+                h.token_count,
+                self._g2_quota(tid),
+                h.created,
+            )
             if got is None:
-                self._g2_unreserve(held)
-                continue
-            h, t = got
-            slot = None
-            if held:
-                slot, new = held[0]
-                if new:
-                    self.g2.commit([slot])
-                    tl = tenant_label(tid)
-                    self.metrics.inc("bytes_in", t.nbytes, tier="G2", tenant=tl)
-                    self._emit(BlockStored((key,), h.parent_key, "G2", h.token_count))
-                else:
-                    # already there, its write-back perhaps still landing; if that copy
-                    # failed, the block just read and verified serves instead
-                    try:
-                        wait_ready([slot])
-                        t = self.g2.pool[slot.index]  # pinned: the device copy can be async
-                    except Exception:
-                        self.g2.release(slot)
-                        slot = None
-                if slot is not None:
-                    slot.below.add(tier.name)
-            self.metrics.load_seconds.labels(tier=tier.name).observe(time.perf_counter() - t0)
-            return tier.name, slot, t
-        return None
+                return None
+            held.append(got)
+            return self.g2.pool[got[0].index] if got[1] else None
+
+        try:
+            got = self._read_lower(tier, tid, key, tenant, into)
+        except BaseException:
+            self._g2_unreserve(held)
+            raise
+        if got is None:
+            self._g2_unreserve(held)
+            return None
+        h, t = got
+        slot = None
+        if held:
+            slot, new = held[0]
+            if new:
+                self.g2.commit([slot])
+                tl = tenant_label(tid)
+                self.metrics.inc("bytes_in", t.nbytes, tier="G2", tenant=tl)
+                self._emit(BlockStored((key,), h.parent_key, "G2", h.token_count))
+            else:
+                # already there, its write-back perhaps still landing; if that copy
+                # failed, the block just read and verified serves instead
+                try:
+                    wait_ready([slot])
+                    t = self.g2.pool[slot.index]  # pinned: the device copy can be async
+                except Exception:
+                    self.g2.release(slot)
+                    slot = None
+            if slot is not None:
+                slot.below.add(tier.name)
+        self.metrics.load_seconds.labels(tier=tier.name).observe(time.perf_counter() - t0)
+        return tier.name, slot, t
+
+    def accept(self, source: ObjectTier, key: bytes, tenant: bytes) -> tuple[Slot | None, str]:
+        """Take one object that arrived from elsewhere (a KV transfer from another worker,
+        ``source`` holding it) into G2 through the path loads from G3/G4 take: verified
+        (a failure is a counted miss of ``source.name``), decoded into a slot, announced as
+        a G2 block. Returns the slot, pinned until the caller releases it (``g2.release``),
+        and "ok"; or None and why: "rejected" (failed verification) or "no_room" (no G2,
+        or no slot free)."""
+        if self.g2 is None:
+            return None, "no_room"
+        got = self._fetch_from(source, _tid(tenant), key, tenant, time.perf_counter())
+        if got is None:
+            return None, "rejected"
+        if got[1] is None:
+            return None, "no_room"
+        return got[1], "ok"
 
     def _g2_quota(self, tid: bytes) -> int | None:
         """The tenant's G2 quota, after expired leases let go of their slots."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvgrid.transfer.model import TransferModel
+
 DEFAULT_CALIBRATION = Path(__file__).with_name("llama3-8b-h100.json")
 
 
@@ -32,6 +34,8 @@ class Calibration:
     idle_w: float = 100.0
     busy_w: float = 700.0
     startup_s: float = 60.0
+    # prefill -> decode KV transfers (disaggregation): the live path's parameters
+    transfer: TransferModel = field(default_factory=TransferModel)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def prefill_s(self, n: int, ctx: int = 0) -> float:
@@ -73,6 +77,7 @@ class Calibration:
             "tiers": {k: {"bytes_per_s": v} for k, v in self.tier_bytes_per_s.items()},
             "power": {"idle_w": self.idle_w, "busy_w": self.busy_w},
             "startup_s": self.startup_s,
+            "transfer": self.transfer.to_dict(),
         }
 
     @classmethod
@@ -96,6 +101,7 @@ class Calibration:
                 idle_w=float(d.get("power", {}).get("idle_w", 100.0)),
                 busy_w=float(d.get("power", {}).get("busy_w", 700.0)),
                 startup_s=float(d.get("startup_s", 60.0)),
+                transfer=TransferModel.from_dict(d.get("transfer")),
                 meta=dict(d.get("meta", {})),
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -11,9 +11,11 @@ does not grow with the number of requests. Prompts are keyed by hashing their ha
 with kvgrid.keys (one id per block), so block keys are real keys of the one key function.
 
 Options: prefill/decode disaggregation (a prefill pool routed by the policy, a decode pool
-by least load, KV moved at ``link_bytes_per_s``), sites (network round trip added to what
-the client sees, cost per GPU-hour), a G2 host-memory tier, a candidate preselection for
-very large fleets, and a planner called every ``planner_interval_s``.
+by least load, KV moved as the live path's time model says: ``kvgrid.transfer.model``),
+sites (kvgrid.router.sites: a network round trip the router weighs and the client sees, a
+cost per GPU-hour the planner weighs), a G2 host-memory tier, a candidate preselection for
+very large fleets, and a planner called
+every ``planner_interval_s``.
 """
 
 from __future__ import annotations
@@ -37,18 +39,12 @@ from kvgrid.bench.sim.calibration import Calibration, load_calibration
 from kvgrid.bench.sim.worker import PREFILL, SimRequest, SimWorker
 from kvgrid.bench.workloads import Workload
 from kvgrid.router.router import Router, RouteRequest
+from kvgrid.router.sites import Site
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
+from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S, TransferModel
 
 SIM_SCOPE = kvkeys.KVScope("sim:llama3-8b", "bfloat16")
 _WAKE, _DELIVER, _HANDOFF, _READY, _TICK = range(5)
-
-
-@dataclass
-class Site:
-    name: str = "default"
-    rtt_s: float = 0.0  # client <-> site round trip
-    cost_per_gpu_hour: float = 2.5
-    share: float = 1.0  # fraction of the workers placed here
 
 
 @dataclass
@@ -59,7 +55,8 @@ class SimConfig:
     calibration: Calibration | None = None
     disagg: bool = False
     num_prefill: int = 0  # with disagg; num_workers - num_prefill decode
-    link_bytes_per_s: float = 50e9  # prefill -> decode KV transfer (400 Gb/s)
+    # prefill -> decode KV transfer; None: the calibration's (what the live path measured)
+    transfer: TransferModel | None = None
     sites: list[Site] = field(default_factory=lambda: [Site()])
     candidates: int | None = None  # route among cache holders + this many sampled workers
     slo_ttft_s: float = 2.0
@@ -80,7 +77,12 @@ class Fleet:
         self.calib = cfg.calibration or load_calibration()
         self.bt = workload.block_tokens
         self.rng = random.Random(cfg.seed)
-        self.router = Router(cfg.policy, recent_ttl_s=cfg.recent_ttl_s, **cfg.policy_kwargs)
+        self.router = Router(
+            cfg.policy,
+            recent_ttl_s=cfg.recent_ttl_s,
+            site_rtt_s={s.name: s.rtt_s for s in cfg.sites},
+            **cfg.policy_kwargs,
+        )
         self.decode_router = Router("least_load") if cfg.disagg else None
         self.digest = SIM_SCOPE.digest
         self.heap: list = []
@@ -155,6 +157,7 @@ class Fleet:
             bytes_per_block=self.bt * c.kv_bytes_per_token,
             max_num_batched_tokens=c.max_num_batched_tokens,
             events=w.role != "decode",
+            site=w.site,
         )
         if router.add_worker(info, now):
             router.on_snapshot(w.worker_id, 0, {}, now)
@@ -248,8 +251,19 @@ class Fleet:
         )
         dw = self.by_id[d.worker_id]
         r.decode_worker = dw.index
-        xfer = r.input_len * self.calib.kv_bytes_per_token / self.cfg.link_bytes_per_s
-        self._push(now + xfer, _HANDOFF, dw, r)
+        self._push(now + self._handoff_s(r), _HANDOFF, dw, r)
+
+    def _handoff_s(self, r: SimRequest) -> float:
+        """The transfer's tail after this prefill, then the landing in the decode worker's
+        G1: the time model the router decides with, with the same parameters."""
+        c, bt = self.calib, self.bt
+        model = self.cfg.transfer or c.transfer
+        per_step = max(1, c.max_num_batched_tokens // bt)
+        produce = c.prefill_s(r.uncached, r.input_len - r.uncached)
+        g2 = c.tier_bytes_per_s.get("G2") or DEFAULT_LAND_BYTES_PER_S
+        return model.handoff_s(
+            max(0, (r.input_len - 1) // bt), bt * c.kv_bytes_per_token, produce, per_step, g2
+        )
 
     def _record(self, r: SimRequest, now: float) -> None:
         i = r.idx
@@ -401,6 +415,7 @@ class Fleet:
                     kv_usage=w.kv_usage(),
                     waiting_prefill_tokens=w.waiting_prefill_tokens(),
                     started_at=w.started_at,
+                    cost_per_hour=w.site_obj.cost_per_gpu_hour,  # type: ignore[attr-defined]
                 )
             )
         return pools
