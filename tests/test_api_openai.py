@@ -100,7 +100,12 @@ def test_tool_choice_required_named_auto_none(client):
 def test_tool_results_next_turn_and_streamed_auto(client):
     c, model = client
     first = c.chat.completions.create(
-        model=model, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=80
+        model=model,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        max_tokens=80,
+        temperature=0,
     )
     call = first.choices[0].message.tool_calls[0]
     msgs = ASK + [
