@@ -379,13 +379,11 @@ def test_agent_api_features_compose_with_a_remote_prefill(serve, tok):
                "logit_bias": {str(prompt[5]): 4.0}}  # fmt: skip
     schema = {"type": "object", "properties": {"k": {"enum": ["a", "b"]}}, "required": ["k"],
               "additionalProperties": False}  # fmt: skip
+    guided = {"guided": {"kind": "json_schema", "spec": json.dumps(schema)},
+              "temperature": 0.0, "max_tokens": 20}  # fmt: skip
     cases = [
         (sampled, dict(sampled)),
-        (
-            {"guided_json": schema, "temperature": 0, "max_tokens": 20},
-            {"guided": {"kind": "json_schema", "spec": json.dumps(schema)}, "temperature": 0.0,
-             "max_tokens": 20},
-        ),  # fmt: skip
+        ({"guided_json": schema, "temperature": 0, "max_tokens": 20}, guided),
     ]
     before = _outcomes(serve)
     # each case has its own prompt: one already on the decode side would be prefilled there
