@@ -118,7 +118,13 @@ class RequestRun:
         with contextlib.suppress(Exception):
             await self.resp.aclose()
 
-    def _chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def _chunk(
+        self,
+        text: str | None,
+        finish: str | None,
+        first: bool = False,
+        token_ids: list[int] | None = None,
+    ) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
             if first:
@@ -130,6 +136,8 @@ class RequestRun:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
+        if token_ids:
+            choice["token_ids"] = token_ids
         return {
             "id": self.rid,
             "object": obj,
@@ -147,12 +155,13 @@ class RequestRun:
             if self.chat:
                 yield event(self._chunk("", None, first=True))
             # a model without a tokenizer (random weights of a shape) has no text: its
-            # tokens still show, as empty chunks, so a client sees the stream's timing
+            # chunks carry the token ids, so a client sees each token and the stream's timing
             textless = self.fe.config.tokenizer is None
             async for msg in self._iterate():
                 finish = msg.get("finish_reason")
-                if msg.get("text") or finish or (textless and msg.get("ids")):
-                    yield event(self._chunk(msg.get("text", ""), finish))
+                ids = msg.get("ids") if textless else None
+                if msg.get("text") or finish or ids:
+                    yield event(self._chunk(msg.get("text", ""), finish, token_ids=ids))
             opts = self.req.stream_options
             if opts is not None and opts.include_usage:
                 u = self._chunk(None, None)
