@@ -166,9 +166,12 @@ class ChoiceState:
                     rest, self.calls = self.tools.finish()
                     text += rest
             # a model without a tokenizer (random weights of a shape) has no text: its
-            # tokens still show, as empty chunks, so a client sees the stream's timing
-            if text or (entries and self.top is not None) or (self.tok is None and ids):
+            # chunks carry the token ids, so a client sees each token and the stream's timing
+            textless = self.tok is None and ids
+            if text or (entries and self.top is not None) or textless:
                 out.append(self._chunk({"content": text}, self._logprobs(ids, entries)))
+                if textless:
+                    out[-1]["token_ids"] = ids
             if self.calls:
                 deltas = [{"index": i, **c.to_dict()} for i, c in enumerate(self.calls)]
                 out.append(self._chunk({"tool_calls": deltas}))
@@ -185,6 +188,8 @@ class ChoiceState:
                     "finish_reason": self.finish_reason if done else None,
                 }
             )
+            if self.tok is None and ids:
+                out[-1]["token_ids"] = ids
         return out
 
     def _chunk(self, delta: dict, logprobs: Any = None, finish: str | None = None) -> dict:
