@@ -19,6 +19,7 @@ def _control_key_arg(p: argparse.ArgumentParser, who: str) -> None:
 
 def _frontend_args(p: argparse.ArgumentParser) -> None:
     from kvgrid.router.policies import DEFAULT_POLICY, POLICIES
+    from kvgrid.server.tool_parsers import PARSERS
 
     g = p.add_argument_group("frontend")
     g.add_argument(
@@ -58,6 +59,12 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
         help="requests in flight across all workers; more wait in a fair queue",
     )
     g.add_argument("--served-model-name", default=None)
+    g.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=list(PARSERS),
+        help="format of the model's tool calls (auto: from its tokenizer; hermes otherwise)",
+    )
     g.add_argument(
         "--log-decisions",
         action="store_true",

@@ -10,11 +10,12 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvgrid.server.prepare import Prepared, choice_states
 from kvgrid.server.protocol import APIError
 
 if TYPE_CHECKING:
@@ -31,12 +32,13 @@ class RequestRun:
     """One request after it reached a worker: turns worker deltas into OpenAI responses and
     does the bookkeeping (router, fair queue, metrics) exactly once."""
 
-    def __init__(self, fe: Frontend, rid, chat, req, tokens, tenant, d, resp, t_arrival):
-        self.fe, self.rid, self.chat, self.req, self.tokens = fe, rid, chat, req, tokens
+    def __init__(
+        self, fe: Frontend, rid, chat, req, prep: Prepared, tenant, d, resp, t_arrival
+    ) -> None:
+        self.fe, self.rid, self.chat, self.req, self.tokens = fe, rid, chat, req, prep.tokens
         self.tenant, self.d, self.resp, self.t_arrival = tenant, d, resp, t_arrival
         self.created = int(time.time())
-        self.text: list[str] = []
-        self.ids: list[int] = []
+        self.choices = choice_states(prep, chat, fe.config.tokenizer, fe.tool_parser)
         self.final: dict | None = None
         self._first = self._last = None
         self._closed = False
@@ -56,16 +58,26 @@ class RequestRun:
                 elif self._last is not None:
                     m.itl.labels(model).observe(now - self._last)
                 self._last = now
-            self.text.append(msg.get("text", ""))
-            self.ids.extend(msg.get("ids", ()))
-            if "finish_reason" in msg:
+            choice = self.choices[msg.get("index", 0)]
+            if "prompt_logprobs" in msg:
+                for c in self.choices:
+                    c.echo = (c.echo[0], c.echo[1], msg["prompt_logprobs"]) if c.echo else None
+            choice.add(msg)
+            if msg.get("done"):
                 self.final = msg
             yield msg
+
+    @property
+    def ids(self) -> list[int]:
+        """The first choice's output tokens (what the router follows the conversation by)."""
+        return self.choices[0].ids
 
     def usage(self) -> dict:
         f = self.final or {}
         prompt = f.get("prompt_tokens", len(self.tokens))
-        completion = f.get("completion_tokens", len(self.ids))
+        completion = sum(len(c.ids) for c in self.choices)
+        if not self.choices[0].drop:
+            completion = f.get("completion_tokens", completion)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -118,32 +130,13 @@ class RequestRun:
         with contextlib.suppress(Exception):
             await self.resp.aclose()
 
-    def _chunk(
-        self,
-        text: str | None,
-        finish: str | None,
-        first: bool = False,
-        token_ids: list[int] | None = None,
-    ) -> dict:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        if token_ids:
-            choice["token_ids"] = token_ids
+    def _chunk(self, choices: list[dict]) -> dict:
         return {
             "id": self.rid,
-            "object": obj,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,
             "model": self.fe.config.model_name,
-            "choices": [choice],
+            "choices": choices,
         }
 
     async def sse(self):
@@ -151,21 +144,25 @@ class RequestRun:
             return f"data: {json.dumps(obj)}\n\n"
 
         error = None
+        opts = self.req.stream_options
         try:
             if self.chat:
-                yield event(self._chunk("", None, first=True))
-            # a model without a tokenizer (random weights of a shape) has no text: its
-            # chunks carry the token ids, so a client sees each token and the stream's timing
-            textless = self.fe.config.tokenizer is None
+                yield event(self._chunk([c.opening() for c in self.choices]))
             async for msg in self._iterate():
-                finish = msg.get("finish_reason")
-                ids = msg.get("ids") if textless else None
-                if msg.get("text") or finish or ids:
-                    yield event(self._chunk(msg.get("text", ""), finish, token_ids=ids))
-            opts = self.req.stream_options
+                choice = self.choices[msg.get("index", 0)]
+                parts = []
+                if not choice.started:  # a completion's echoed prompt
+                    opening = choice.opening()
+                    parts += [opening] if opening is not None else []
+                parts += choice.chunks(msg)
+                for part in parts:
+                    chunk = self._chunk([part])
+                    if opts is not None and opts.continuous_usage_stats:
+                        chunk["usage"] = self.usage()
+                    yield event(chunk)
             if opts is not None and opts.include_usage:
-                u = self._chunk(None, None)
-                u["choices"], u["usage"] = [], self.usage()
+                u = self._chunk([])
+                u["usage"] = self.usage()
                 yield event(u)
             yield "data: [DONE]\n\n"
         except WorkerLost as e:
@@ -206,30 +203,13 @@ class RequestRun:
                 task.cancel()
             await self.release()  # cancelled: the worker, the connection and the slot go back
         self.close()
-        f = self.final or {}
-        text = "".join(self.text)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": f.get("finish_reason"),
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": f.get("finish_reason"),
-            }
-            obj = "text_completion"
+        obj = "chat.completion" if self.chat else "text_completion"
         body = {
             "id": self.rid,
             "object": obj,
             "created": self.created,
             "model": self.fe.config.model_name,
-            "choices": [choice],
+            "choices": [c.choice() for c in self.choices],
             "usage": self.usage(),
         }
         return JSONResponse(body, headers=headers)

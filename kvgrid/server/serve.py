@@ -447,6 +447,7 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
         ),
         control_key=key,
         public=not is_loopback_host(host),
+        tool_call_parser=getattr(args, "tool_call_parser", "auto"),
     )
     fe.bind_host = _bind_host(args, fe.tenants.auth_required)
     return fe

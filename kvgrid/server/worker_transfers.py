@@ -188,7 +188,7 @@ async def remote_generate(
     spec: Any,
 ) -> Response:
     """/generate whose prompt KV comes from a prefill worker (see the module doc)."""
-    from kvgrid.server.worker import stream_outputs
+    from kvgrid.server.worker import compile_grammar, stream_outputs
 
     tx = worker.transfers
     if tx is None:
@@ -204,6 +204,7 @@ async def remote_generate(
             raise ValueError("need 0 < deadline_s <= 3600 and stall_s > 0")
         stall_s = min(stall_s, deadline_s)
         worker.engine.check_request(prompt, params)
+        await compile_grammar(worker, params)
         keys = _block_keys(worker, prompt, tenant, shared, start + num)[start:]
         inbound = tx.receiver.expect(tid, ticket, keys, tenant, deadline_s, stall_s)
     except RequestError as e:
