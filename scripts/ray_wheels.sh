@@ -22,7 +22,7 @@ WHEELS=(
   annotated-types==0.7.0 typing-inspection==0.4.2 uvicorn==0.55.0
   pyzmq==27.3.0 zstandard==0.25.0 cryptography==48.0.0 cffi==2.0.0 pycparser==3.0
   redis==8.1.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0
-  rpds-py==0.30.0
+  rpds-py==0.30.0 opentelemetry-api==1.45.2 annotated-doc==0.0.7
 )
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64

@@ -237,3 +237,28 @@ def tmpfs(tmp_path: Path):
     yield mount
     for p in reversed(mounts):
         disk.unmount(p)
+
+
+# ---- server ---------------------------------------------------------------------------
+
+API_KEY = "sk-agent-tests"
+
+
+@pytest.fixture(scope="session")
+def api_server(default_model_dir, tmp_path_factory):
+    """One `kvgrid serve` (one worker, the default model) shared by the API tests:
+    ``(url, headers)`` of a tenant with an API key."""
+    import json
+
+    from live_server import serve
+
+    env = {
+        "KVGRID_API_KEYS": json.dumps({"keys": {API_KEY: "agents"}}),
+        "KVGRID_SERVER_SECRET": "test-secret",
+        "KVGRID_LOG": "WARNING",
+    }
+    args = ["--model", str(default_model_dir), "--max-model-len", "2048"]
+    args += ["--kv-cache-memory-gb", "0.5", "--threads", "2"]
+    log = tmp_path_factory.mktemp("api-serve") / "serve.log"
+    with serve(args, log, env) as url:
+        yield url, {"Authorization": f"Bearer {API_KEY}"}

@@ -346,6 +346,93 @@ def test_a_bandwidth_probe_runs_only_where_it_is_expected(serve):
     assert r.status_code == 502  # once
 
 
+def _reference_choices(serve, ids: list[int], params: dict) -> dict[int, dict]:
+    """Per choice index: the decode worker's text, token ids and sampled tokens' logprobs
+    for ``params``, computing the whole prompt itself."""
+    body = {
+        "request_id": f"ref-{time.monotonic_ns()}",
+        "prompt_token_ids": ids,
+        "params": params,
+        "tenant": REF_TENANT,
+    }
+    r = httpx.post(f"{serve['D']}/generate", json=body, headers=_as_router("D"), timeout=120)
+    assert r.status_code == 200, r.text
+    out: dict[int, dict] = {}
+    for m in (json.loads(x) for x in r.text.splitlines() if x):
+        assert "error" not in m, m
+        c = out.setdefault(m["index"], {"text": "", "ids": [], "lps": []})
+        c["text"] += m.get("text", "")
+        c["ids"] += m.get("ids", [])
+        c["lps"] += [e[str(t)] for t, e in zip(m.get("ids", []), m.get("logprobs", []))]
+    return out
+
+
+def test_agent_api_features_compose_with_a_remote_prefill(serve, tok):
+    """n, seeds, logprobs, penalties, logit_bias, a grammar and a forced tool call on the
+    decode worker of a remote prefill answer as that worker computing the prompt itself;
+    a request for prompt logprobs (echo) is prefilled where it decodes."""
+    url = serve["url"]
+    prompts = [_ids(tok, f"Features, part {i}. " + STORY * 3) for i in range(3)]
+    prompt = prompts[0]
+    sampled = {"n": 3, "seed": 11, "temperature": 0.9, "logprobs": 2, "max_tokens": 8,
+               "frequency_penalty": 0.5, "presence_penalty": 0.3, "repetition_penalty": 1.2,
+               "logit_bias": {str(prompt[5]): 4.0}}  # fmt: skip
+    schema = {"type": "object", "properties": {"k": {"enum": ["a", "b"]}}, "required": ["k"],
+              "additionalProperties": False}  # fmt: skip
+    guided = {"guided": {"kind": "json_schema", "spec": json.dumps(schema)},
+              "temperature": 0.0, "max_tokens": 20}  # fmt: skip
+    cases = [
+        (sampled, dict(sampled)),
+        ({"guided_json": schema, "temperature": 0, "max_tokens": 20}, guided),
+    ]
+    before = _outcomes(serve)
+    # each case has its own prompt: one already on the decode side would be prefilled there
+    for (api, internal), prompt in zip(cases, prompts):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, **api}, headers=ALICE,
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.headers.get("x-kvgrid-prefill-worker") == "p0", r.headers
+        got = r.json()["choices"]
+        ref = _reference_choices(serve, prompt, internal)
+        assert len(got) == len(ref) == api.get("n", 1)
+        for c in got:
+            want = ref[c["index"]]
+            assert c["text"] == want["text"]
+            if c["logprobs"] is not None:
+                assert c["logprobs"]["token_logprobs"] == pytest.approx(want["lps"], abs=1e-4)
+        if "guided_json" in api:
+            assert json.loads(got[0]["text"]) in ({"k": "a"}, {"k": "b"})
+    assert _delta(before, _outcomes(serve)) == {"complete": 2}
+
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"x": {"enum": ["up", "down"]}}, "required": ["x"],
+        "additionalProperties": False}}}  # fmt: skip
+    msgs = [{"role": "user", "content": "Pick a direction. " + STORY * 3}]
+    body = {"messages": msgs, "tools": [tool], "tool_choice": "required", "max_tokens": 40,
+            "temperature": 0}  # fmt: skip
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=ALICE, timeout=120)
+    assert r.status_code == 200 and r.headers["x-kvgrid-prefill-worker"] == "p0", r.text
+    ch = r.json()["choices"][0]
+    assert ch["finish_reason"] == "tool_calls", ch
+    assert json.loads(ch["message"]["tool_calls"][0]["function"]["arguments"])["x"] in (
+        "up",
+        "down",
+    )
+
+    # prompt logprobs need every prompt position's logits: computed where it decodes
+    prompt = prompts[2]
+    body = {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 2, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=ALICE, timeout=120)
+    assert r.status_code == 200, r.text
+    assert "x-kvgrid-prefill-worker" not in r.headers
+    decision = httpx.get(f"{url}/debug/decisions", headers=ALICE).json()[-1]
+    assert decision["prefill"] == {**decision["prefill"], "remote": False,
+                                   "reason": "prompt_logprobs"}  # fmt: skip
+    lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert lps[0] is None and len(lps) == len(prompt) + 2 and all(v < 0 for v in lps[1:])
+    _assert_no_leaks(serve)
+
+
 def test_killed_prefill_worker_mid_transfer(serve, tok):
     prompt = _ids(tok, "The prefill worker dies. " + STORY * 3)
     pid = httpx.get(f"{serve['P']}/info", headers=_as_router("P")).json()["pid"]

@@ -10,7 +10,7 @@ from kvgrid import LLM, SamplingParams
 from kvgrid.engine.scheduler import ScheduledSeq
 from kvgrid.engine.sequence import Sequence
 
-ARCHS = ["llama", "llama-tied", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "llama-tied", "llama-rope-scaled", "mistral", "qwen2", "qwen3"]
 
 
 def hf_model(path):

@@ -151,6 +151,29 @@ def test_unsupported_architecture(tiny_model_dir, tmp_path):
         resolve_model(str(path))
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_config_naming_only_model_type_loads_like_transformers(tiny_model_dir, tmp_path, arch):
+    """transformers loads a config.json without `architectures` by its model_type; so does
+    kvgrid, as that family's causal LM, with the same weights and greedy tokens."""
+    from kvgrid import LLM, SamplingParams
+
+    src = tiny_model_dir(arch)
+    path = _copy(src, tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    want = cfg.pop("architectures")[0]
+    (path / "config.json").write_text(json.dumps(cfg))
+    spec = resolve_model(str(path))
+    assert spec.config.architecture == want
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    got = LLM(str(path), block_size=16, num_kv_blocks=16).generate([[5, 6, 7, 8]], p)
+    ref = LLM(str(src), block_size=16, num_kv_blocks=16).generate([[5, 6, 7, 8]], p)
+    assert got[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    cfg["model_type"] = "gpt2"  # still refused by name when the family is unknown
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=r"unsupported architecture.*gpt2"):
+        resolve_model(str(path))
+
+
 def test_sharded_checkpoint_loads_the_same_tensors(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvgrid import keys
+from kvgrid.engine import choices
 from kvgrid.engine.block_manager import BlockManager
 from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.model_runner import ModelRunner
-from kvgrid.engine.outputs import CompletionOutput, RequestOutput
+from kvgrid.engine.outputs import RequestOutput
 from kvgrid.engine.sampler import sample_on_device, sampler_output
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.engine.scheduler import Scheduler, SchedulerOutput
@@ -40,6 +42,9 @@ class _Step:
     deferred: bool = False  # completed after the next step is launched
     host_tokens: torch.Tensor | None = None  # pinned copy of tokens, in flight
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # start, end on the GPU
+    # hidden states of prompt positions whose next token a request scores (prompt logprobs)
+    prompt_hidden: torch.Tensor | None = None
+    prompt_targets: list | None = None
 
 
 class LLMEngine:
@@ -69,7 +74,9 @@ class LLMEngine:
             self.model_config.eos_token_ids
             or (self.tokenizer.eos_token_ids if self.tokenizer else ())
         )
-        self.seqs: dict[str, Sequence] = {}
+        self.seqs: dict[str, Sequence] = {}  # request id -> its first choice
+        self.guided = None  # kvgrid.engine.guided.GuidedDecoder, built at the first grammar
+        self._guided_lock = threading.Lock()
         self._async = (
             config.async_scheduling
             if config.async_scheduling is not None
@@ -169,40 +176,59 @@ class LLMEngine:
         text, prompt, max_tokens = self.check_request(prompt, params)
         room = self.max_model_len - len(prompt)
         resumed = self._check_resume(resume_output, params, max_tokens, room)
+        matcher = self.guided_matcher(params)
         for t in (tenant, keys.PUBLIC_TENANT):
             if t not in self._scope_digests:
                 self._scope_digests[t] = self.scope.with_tenant(t).digest
         shared = min(max(0, int(shared_prefix_tokens)), len(prompt))
-        seq = Sequence(
-            request_id,
-            prompt,
-            params,
-            self._scope_digests[tenant],
-            self.config.block_size,
-            max_tokens,
-            prompt=text,
-            tenant=tenant,
-            shared_tokens=shared,
-            shared_digest=self._scope_digests[keys.PUBLIC_TENANT] if shared else None,
-        )
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        if self.tokenizer is not None:
-            from kvgrid.models.tokenizer import IncrementalDetokenizer
-
-            seq.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, params.skip_special_tokens, prompt_ids=prompt
+        group: list[Sequence] = []
+        for i in range(params.n):
+            seq = Sequence(
+                request_id,
+                prompt,
+                params,
+                self._scope_digests[tenant],
+                self.config.block_size,
+                max_tokens,
+                prompt=text,
+                tenant=tenant,
+                shared_tokens=shared,
+                shared_digest=self._scope_digests[keys.PUBLIC_TENANT] if shared else None,
             )
+            seq.index, seq.group = i, group
+            if i:
+                seq.prompt_logprobs = None  # the first choice scores the prompt
+            if params.seed is not None:
+                seed = choices.choice_seed(params.seed, i)
+                seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+            if self.tokenizer is not None:
+                from kvgrid.models.tokenizer import IncrementalDetokenizer
+
+                seq.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, params.skip_special_tokens, prompt_ids=prompt
+                )
+            if matcher is not None:
+                seq.matcher = matcher if i == 0 else matcher.deep_copy()
+            seq.completion = choices.new_completion(seq)
+            group.append(seq)
         if resumed:
-            self._resume(seq, resumed, emitted_text_len)
-        self.seqs[request_id] = seq
-        self.scheduler.add(seq)
+            self._resume(group[0], resumed, emitted_text_len)
+        self.seqs[request_id] = group[0]
+        self.scheduler.add(group[0])
+        # siblings wait until the first choice's prompt blocks are in the prefix cache, then
+        # take them from there (only the last, partial block is computed again)
+        if self.block_manager.enable_prefix_caching and len(prompt) > self.config.block_size:
+            group[0].held = group[1:]
+        else:
+            for seq in group[1:]:
+                self.scheduler.add(seq)
 
     def check_request(
         self, prompt: str | list[int], params: SamplingParams
     ) -> tuple[str | None, list[int], int]:
         """Validate a request without adding it (thread-safe: reads configuration only):
-        (prompt text or None, prompt token ids, max tokens). Raises RequestError."""
+        (prompt text or None, prompt token ids, max tokens). Raises RequestError. A grammar
+        is checked by ``guided_matcher``, which compiles it."""
         params.validate()
         text = None
         if isinstance(prompt, str):
@@ -229,8 +255,12 @@ class LLMEngine:
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"this model's context of {self.max_model_len} tokens"
             )
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise RequestError(f"logprobs must be at most {self.config.max_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > self.config.max_logprobs:
+                raise RequestError(f"{name} must be at most {self.config.max_logprobs}")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise RequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab})")
         max_tokens = params.max_tokens or room
         need = self.block_manager.blocks_needed(len(prompt) + max_tokens)
         if need > self.block_manager.num_blocks:
@@ -254,8 +284,10 @@ class LLMEngine:
             raise RequestError(
                 f"resume_output has {len(output)} tokens: nothing is left to generate"
             )
-        if params.logprobs is not None:
+        if params.logprobs is not None or params.prompt_logprobs is not None:
             raise RequestError("a request that returns logprobs cannot be resumed")
+        if params.n != 1:
+            raise RequestError("a request with several choices cannot be resumed")
         return list(output)
 
     def _resume(self, seq: Sequence, output: list[int], emitted_text_len: int | None) -> None:
@@ -274,13 +306,45 @@ class LLMEngine:
             )
             for _ in output:
                 noise.exponential_(generator=seq.generator)
+        if seq.matcher is not None:  # the grammar continues after what was generated
+            for t in output:
+                self.guided.accept(seq, t)
+
+    def guided_matcher(self, params: SamplingParams):
+        """A grammar matcher for ``params.guided`` (None without one); compiled grammars are
+        cached, so calling this ahead of add_request (from any thread) moves the compile
+        off the thread that steps."""
+        if params.guided is None:
+            return None
+        with self._guided_lock:
+            if self.guided is None:
+                if self.tokenizer is None:
+                    raise RequestError("guided decoding needs the model's tokenizer")
+                from kvgrid.engine.guided import GuidedDecoder
+
+                self.guided = GuidedDecoder(
+                    self.tokenizer,
+                    self.model_config.vocab_size,
+                    self.eos_ids,
+                    self.device,
+                    self.config.max_num_seqs,
+                )
+        return self.guided.matcher(params.guided)
 
     def abort_request(self, request_id: str) -> bool:
-        seq = self.seqs.pop(request_id, None)
-        if seq is None:
+        leader = self.seqs.pop(request_id, None)
+        if leader is None:
             return False
-        seq.finish_reason = "abort"
-        self.scheduler.finish(seq)
+        held = leader.held
+        leader.held = []
+        for seq in leader.group:
+            if seq.is_finished:
+                continue
+            seq.finish_reason = "abort"
+            if seq in held:
+                seq.status = SequenceStatus.FINISHED
+            else:
+                self.scheduler.finish(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -314,36 +378,59 @@ class LLMEngine:
             # spin, which would keep the loader threads from the GIL between their copies
             self.scheduler.wait_for_loads(0.002)
             return []
-        step = self._launch(sched, prev)
+        step, early = self._launch(sched, prev)
         if loader is not None:  # loads planned with this step start now (kv_loader)
             loader.step_launched()
-        outputs = self._complete(prev) if prev is not None else []
+        if early is not None:
+            outputs = early
+        else:
+            outputs = self._complete(prev) if prev is not None else []
         if step.deferred:
             self._in_flight = step
             return outputs
         return outputs + self._complete(step)
 
-    def _launch(self, sched: SchedulerOutput, prev: _Step | None) -> _Step:
+    def _launch(
+        self, sched: SchedulerOutput, prev: _Step | None
+    ) -> tuple[_Step, list[RequestOutput] | None]:
+        """Launch ``sched``; the outputs of ``prev`` too when this step's sampling needed
+        its tokens first (None when ``prev`` is left for the caller to complete)."""
         t0 = time.perf_counter()
         timed = self._async and self.device.type == "cuda"
         start = end = None
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        logits, _ = self.runner.execute(sched.scheduled, prev.tokens if prev is not None else None)
+        prev_tokens = prev.tokens if prev is not None else None
+        rows, targets = choices.prompt_rows(sched.scheduled)
+        if rows:
+            logits, _ = self.runner.execute(sched.scheduled, prev_tokens, extra_rows=rows)
+        else:
+            logits, _ = self.runner.execute(sched.scheduled, prev_tokens)
         sampled = [
             s.seq
             for s in sched.scheduled
             if s.seq.num_computed_tokens + s.num_tokens == s.seq.num_tokens
         ]
-        tokens = logprobs_all = None
-        if sampled:
-            tokens, logprobs_all = sample_on_device(logits, sampled, self.eos_ids)
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
+        early = None
+        if prev is not None and any(s.params.needs_history for s in sampled):
+            # grammars and penalties read every earlier token: take the last step's now,
+            # while the device runs this step's forward pass
+            early = self._complete(prev)
+        tokens = logprobs_all = None
+        if sampled:
+            masks = None
+            if self.guided is not None and any(s.matcher is not None for s in sampled):
+                masks = self.guided.masks(sampled)
+            tokens, logprobs_all = sample_on_device(logits, sampled, self.eos_ids, masks)
         for row, seq in enumerate(sampled):
-            seq.push_pending(row)
+            if not seq.is_finished:  # (stopped on the token ``early`` just read)
+                seq.push_pending(row)
         step = _Step(sched, sampled, tokens, logprobs_all, t0)
+        if targets:
+            step.prompt_hidden, step.prompt_targets = self.runner.extra_hidden, targets
         # logprobs are read on the host against the chosen token: such steps complete now
         step.deferred = self._async and logprobs_all is None
         if timed and step.deferred:
@@ -351,7 +438,7 @@ class LLMEngine:
                 step.host_tokens = self.runner.staging_out.from_device(tokens)
             end.record()
             step.events = (start, end)
-        return step
+        return step, early
 
     def _complete(self, step: _Step) -> list[RequestOutput]:
         """Read back ``step``'s tokens (waiting for its GPU work only), then do its host
@@ -369,6 +456,10 @@ class LLMEngine:
             seconds = time.perf_counter() - step.t0
         token_list = host.tolist() if host is not None else []
         result = sampler_output(token_list, step.logprobs_all, step.sampled)
+        if step.prompt_targets:
+            live = [(s, p) for s, p in step.prompt_targets if not s.is_finished]
+            if live:
+                choices.record_prompt_logprobs(self.runner.model, step.prompt_hidden, live)
         self._record_speed(step.sched, seconds)
         if self.device.type == "cuda":  # CPU step times are too noisy to steer batching
             self.scheduler.observe_step(step.sched, seconds)
@@ -393,12 +484,16 @@ class LLMEngine:
                 self.counters["prompt_tokens"] += seq.num_prompt_tokens
                 self.counters["prefix_cache_queries"] += seq.num_prompt_tokens
                 self.counters["prefix_cache_hits"] += seq.num_cached_tokens or 0
+                for sibling in seq.held:  # the prompt's blocks are named now
+                    self.scheduler.add(sibling)
+                seq.held = []
             self._accept_token(seq, token_list[i], result.logprobs[i])
             if seq.is_finished:
                 self.scheduler.finish(seq)
-                self.seqs.pop(seq.request_id, None)
-                self.counters["requests_finished"] += 1
-            outputs.append(self._make_output(seq))
+                if all(s.is_finished for s in seq.group):
+                    self.seqs.pop(seq.request_id, None)
+                    self.counters["requests_finished"] += 1
+            outputs.append(choices.make_output(seq))
         return outputs
 
     def _accept_token(self, seq: Sequence, token: int, lp) -> None:
@@ -411,6 +506,8 @@ class LLMEngine:
         n_out = len(seq.output_token_ids)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.push([token])
+        if seq.matcher is not None:
+            self.guided.accept(seq, token)
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 return self._finish(seq, "stop", token)
@@ -420,6 +517,8 @@ class LLMEngine:
                 return None
         if n_out >= seq.max_tokens or seq.num_known_tokens >= self.max_model_len:
             self._finish(seq, "length", None)
+        elif seq.matcher is not None and self.guided.done(seq):
+            self._finish(seq, "stop", None)  # the grammar is complete
         return None
 
     def _check_stop_strings(self, seq: Sequence) -> bool:
@@ -441,43 +540,6 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.drop_pending()
-
-    def _make_output(self, seq: Sequence) -> RequestOutput:
-        # hold back text that may be the start of a stop string until it is decided
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1
-        visible = (
-            len(seq.text) if seq.is_finished else max(seq.emitted_text_len, len(seq.text) - hold)
-        )
-        new_text = seq.text[seq.emitted_text_len : visible]
-        seq.emitted_text_len = visible
-        new_ids = seq.output_token_ids[seq.emitted_token_count :]
-        seq.emitted_token_count = len(seq.output_token_ids)
-        metrics = {"arrival_time": seq.arrival_time}
-        if seq.first_token_time is not None:
-            metrics["first_token_time"] = seq.first_token_time
-        # a running request's output shares its live lists (copying them every step would make
-        # a step cost grow with output length); the final output is a snapshot
-        snap = list if seq.is_finished else (lambda x: x)
-        comp = CompletionOutput(
-            index=0,
-            text=seq.text,
-            token_ids=snap(seq.output_token_ids),
-            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-            logprobs=snap(seq.logprobs) if seq.logprobs is not None else None,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.prompt_token_ids,
-            outputs=[comp],
-            finished=seq.is_finished,
-            num_cached_tokens=seq.num_cached_tokens or 0,
-            new_token_ids=new_ids,
-            new_text=new_text,
-            metrics=metrics,
-        )
 
     def _record_speed(self, sched: SchedulerOutput, seconds: float) -> None:
         prefill = sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)
@@ -518,4 +580,5 @@ class LLMEngine:
             )
             + sum(s.num_tokens - s.num_computed_tokens - 1 for s in self.scheduler.running),
             **self.counters,
+            **(self.guided.stats() if self.guided is not None else {}),
         }

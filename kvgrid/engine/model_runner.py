@@ -74,6 +74,7 @@ class ModelRunner:
         )
         # ---- CUDA path (owner: cuda_graphs.py): decode steps replay captured graphs ----
         self.staging_in = self.staging_out = None
+        self.extra_hidden: torch.Tensor | None = None  # see execute
         if self.device.type == "cuda":
             from kvgrid.engine.staging import PinnedRing
 
@@ -279,9 +280,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
+        self,
+        batch: list[ScheduledSeq],
+        prev_tokens: torch.Tensor | None = None,
+        *,
+        extra_rows: list[int] | None = None,
     ) -> tuple[torch.Tensor | None, list[int]]:
-        """Run one forward pass; logits [n_sampled, vocab] for the rows that sample."""
+        """Run one forward pass; logits [n_sampled, vocab] for the rows that sample. With
+        ``extra_rows`` (rows of the flattened batch: prompt positions whose logprobs a request
+        asked for), their hidden states are left in ``extra_hidden`` for the caller to turn
+        into logits a few at a time (a vocabulary-wide row each)."""
         self.warm_thread()
         ids, pos, meta, sample_idx = self.prepare(batch, prev_tokens)
         # prefixes still landing from the store: this forward waits for them layer by layer
@@ -298,6 +306,9 @@ class ModelRunner:
         else:
             meta.landings = landings
             hidden = self.model(ids, pos, self.kv_cache, meta, self.backend)
+        self.extra_hidden = None
+        if extra_rows:
+            self.extra_hidden = hidden[torch.tensor(extra_rows, device=hidden.device)]
         if not sample_idx:
             return None, sample_idx
         if len(sample_idx) < hidden.shape[0]:  # decode-only steps sample every row

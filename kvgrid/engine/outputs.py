@@ -19,9 +19,10 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """One request's state after a step. While it runs, `outputs[0].token_ids` is a live view
-    of the growing output (copy it to keep it); `new_token_ids`/`new_text` are this step's
-    delta. The output with `finished=True` is a snapshot."""
+    """One request's state after a step. While it runs, `outputs[i].token_ids` is a live view
+    of choice i's growing output (copy it to keep it); `new_token_ids`/`new_text` are this
+    step's delta of choice `index` (a request with n > 1 choices gives one output per choice
+    that advanced). The output with `finished=True` (every choice done) is a snapshot."""
 
     request_id: str
     prompt: str | None
@@ -33,3 +34,7 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished times
+    index: int = 0  # the choice this step's delta belongs to
+    new_logprobs: list[dict[int, float]] | None = None  # per new token, when asked for
+    # per prompt position: {token: logprob} (None at position 0), when asked for
+    prompt_logprobs: list[dict[int, float] | None] | None = None

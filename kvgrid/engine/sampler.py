@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvgrid.engine.guided import apply_token_bitmask
+from kvgrid.engine.logits_processors import apply_logit_bias, apply_penalties
 from kvgrid.engine.sequence import Sequence
 
 
@@ -59,19 +61,34 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return (best * width + idx.gather(1, best)).squeeze(1)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> SamplerOutput:
+def sample(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    eos_ids: frozenset[int],
+    masks: tuple[torch.Tensor | None, torch.Tensor] | None = None,
+) -> SamplerOutput:
     """Pick one token per row of `logits` ([B, vocab], float32) for `seqs`."""
-    tokens, logprobs_all = sample_on_device(logits, seqs, eos_ids)
+    tokens, logprobs_all = sample_on_device(logits, seqs, eos_ids, masks)
     return sampler_output(tokens.tolist(), logprobs_all, seqs)
 
 
 @torch.inference_mode()  # the logits come out of the forward's inference mode
 def sample_on_device(
-    logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    eos_ids: frozenset[int],
+    masks: tuple[torch.Tensor | None, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The tokens as a device tensor [B] (int64), without waiting for them, and the
-    log-softmax of every row when some row asks for logprobs (else None)."""
+    log-softmax of every row when some row asks for logprobs (else None).
+
+    Before sampling: logit_bias, the penalties, min_tokens' ban on stop tokens, then the
+    grammar ``masks`` (rows, bitmask; kvgrid.engine.guided). Logprobs are those of the
+    distribution after these, before temperature and top-k/top-p/min-p.
+    """
     device = logits.device
+    apply_logit_bias(logits, seqs)
+    apply_penalties(logits, seqs)
     # suppress stop tokens until min_tokens are out
     for i, seq in enumerate(seqs):
         p = seq.params
@@ -79,6 +96,8 @@ def sample_on_device(
             banned = list(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids))
             if banned:
                 logits[i, banned] = float("-inf")
+    if masks is not None:
+        apply_token_bitmask(logits, *masks)
 
     need_logprobs = any(s.params.logprobs is not None for s in seqs)
     logprobs_all = logits.log_softmax(dim=-1) if need_logprobs else None

@@ -220,8 +220,13 @@ class Scheduler:
         bs = self.bm.block_size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            # the last token is always computed: its logits choose the next token
-            hit_keys = seq.block_keys((seq.num_tokens - 1) // bs)
+            # the last token is always computed: its logits choose the next token; a request
+            # for prompt logprobs computes its whole prompt (cached blocks have no logits)
+            hit_keys = (
+                []
+                if seq.prompt_logprobs is not None
+                else seq.block_keys((seq.num_tokens - 1) // bs)
+            )
             g1_hits = self.bm.match_prefix(hit_keys)
             g = len(g1_hits)
             n_store = 0

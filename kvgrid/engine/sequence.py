@@ -81,6 +81,17 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.generator: torch.Generator | None = None
+        # choice ``index`` of ``n`` (SamplingParams.n): the siblings of one request, in order;
+        # ``held`` are those not yet admitted (they wait for the first one's prompt blocks)
+        self.index = 0
+        self.group: list[Sequence] = [self]
+        self.held: list[Sequence] = []
+        self.matcher = None  # llguidance matcher when the output follows a grammar
+        # per prompt position: {token: logprob} of the prompt token there (and the top ones)
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
+        )
+        self.completion = None  # its CompletionOutput, updated as tokens arrive
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.detokenizer = None  # set by the engine when it has a tokenizer

@@ -16,6 +16,11 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+# `model_type` of each supported family: a config.json that names no `architectures`
+# (transformers loads those by model_type) is read as that family's causal LM
+MODEL_TYPES = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()}
+
+
 class ModelError(ValueError):
     """A model directory or config the engine cannot serve; the message names why."""
 
@@ -85,6 +90,8 @@ class ModelConfig:
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and not archs:
+            arch = MODEL_TYPES.get(cfg.get("model_type"))
         if arch is None:
             raise ModelError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "

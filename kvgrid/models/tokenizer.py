@@ -6,7 +6,9 @@ transformers' AutoTokenizer gives on the same directory (the tests hold it to th
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property
@@ -130,6 +132,11 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(eos_ids)
         self._cleanup = bool(cfg.get("clean_up_tokenization_spaces", False))
         self.chat_template = chat_template
+        self._bytes: dict[int, bytes] = {}
+        self._added = set(backend.get_added_tokens_decoder())
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
+        self._byte_level = "ByteLevel" in kinds
 
     @classmethod
     def from_dir(cls, path: Path | str) -> Tokenizer:
@@ -156,6 +163,36 @@ class Tokenizer:
         return cls(backend, path.name, cfg, template, eos)
 
     # ---- ids and text ------------------------------------------------------------------
+
+    def backend_json(self) -> str:
+        """The tokenizer as HF tokenizers' JSON (what grammar engines read it from)."""
+        return self._tok.to_str()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (part of a character, for some tokens)."""
+        b = self._bytes.get(token_id)
+        if b is None:
+            b = self._bytes[token_id] = self._token_bytes(token_id)
+        return b
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added:
+            return piece.encode("utf-8")
+        if self._byte_level:
+            table = _byte_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+            return piece.encode("utf-8")
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def token_text(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -197,6 +234,20 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             # raise_exception() in a template reports bad conversations (e.g. role order)
             raise ValueError(f"chat template of {self.name!r}: {e}") from None
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: each byte is written as one printable character."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
 
 
 def _clean_up_spaces(text: str) -> str:

@@ -26,6 +26,7 @@ MODES = ("auto", "always", "never")
 REMOTE_REASONS = ("lowers_ttft", "protects_itl", "forced")
 LOCAL_REASONS = (
     "disabled",
+    "prompt_logprobs",
     "no_transfer",
     "no_prefill_worker",
     "short_prompt",
@@ -159,10 +160,16 @@ def option(d: Side, p: Side, n_prompt: int, start: int, num: int) -> PrefillOpti
 
 
 def plan_prefill(
-    cfg: DisaggConfig, d: Side, others: list[Side], n_prompt: int, can_receive: bool
+    cfg: DisaggConfig,
+    d: Side,
+    others: list[Side],
+    n_prompt: int,
+    can_receive: bool,
+    whole_prompt: bool = False,
 ) -> PrefillPlan:
     """Where ``d``'s request is prefilled. ``others``: workers that may prefill for others
-    and stream to ``d`` (not ``d`` itself); ``can_receive``: ``d`` takes transfers."""
+    and stream to ``d`` (not ``d`` itself); ``can_receive``: ``d`` takes transfers;
+    ``whole_prompt``: ``d`` computes every prompt position anyway (prompt logprobs)."""
     c = d.candidate
     bs = c.block_size
     hit_cap = max(0, (n_prompt - 1) // bs)  # the last prompt token is computed where it decodes
@@ -181,6 +188,9 @@ def plan_prefill(
     )
     if cfg.mode == "never":
         plan.reason = "disabled"
+        return plan
+    if whole_prompt:
+        plan.reason = "prompt_logprobs"
         return plan
     if not can_receive:
         plan.reason = "no_transfer"

@@ -60,6 +60,9 @@ class RouteRequest:
     num_tokens: int | None = None
     # leading tokens of a prefix configured as shared across tenants (keys.block_keys_shared)
     shared_prefix_tokens: int = 0
+    # every prompt position is computed where the request decodes (prompt logprobs need
+    # their logits): no cached block serves it, and no other worker prefills it
+    whole_prompt: bool = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -377,7 +380,8 @@ class Router:
             else:
                 rkeys = kvkeys.block_keys(req.token_ids, digest, bs)
             overlaps = index.overlap(rkeys, self.recent.masks, stale_mask, within)
-            hit_cap = max(0, (n_prompt - 1) // bs)  # the last prompt token is always computed
+            # the last prompt token is always computed
+            hit_cap = 0 if req.whole_prompt else max(0, (n_prompt - 1) // bs)
             for w, e in members:
                 ld, info = w.load, w.info
                 wid = info.worker_id
@@ -438,7 +442,7 @@ class Router:
         w = workers[wid]
         plan = None
         if self.disagg is not None:
-            plan = self._plan_prefill(w, pick, cands, n_prompt, tenant)
+            plan = self._plan_prefill(w, pick, cands, n_prompt, tenant, req.whole_prompt)
         if not dry_run:
             self.recent.record(self.index.bit(wid), rkeys, now)
             if plan is not None and plan.remote:
@@ -492,7 +496,13 @@ class Router:
         )
 
     def _plan_prefill(
-        self, w: WorkerState, pick: Candidate, cands: list[Candidate], n_prompt: int, tenant: bytes
+        self,
+        w: WorkerState,
+        pick: Candidate,
+        cands: list[Candidate],
+        n_prompt: int,
+        tenant: bytes,
+        whole_prompt: bool = False,
     ) -> PrefillPlan:
         """Prefill where ``pick`` decodes, or on a worker that streams the KV to it: only a
         worker of the same key chain (model, dtype, block size), itself able to transfer."""
@@ -508,7 +518,9 @@ class Router:
             ):
                 others.append(self._side(o, c))
         can_receive = bool(w.info.transfer_endpoint)
-        return plan_prefill(self.disagg, self._side(w, pick), others, n_prompt, can_receive)
+        return plan_prefill(
+            self.disagg, self._side(w, pick), others, n_prompt, can_receive, whole_prompt
+        )
 
     def _start_remote(
         self, rid: str, w: WorkerState, plan: PrefillPlan, rkeys: list[bytes], n: int, now: float

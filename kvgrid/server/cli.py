@@ -19,6 +19,7 @@ def _control_key_arg(p: argparse.ArgumentParser, who: str) -> None:
 
 def _frontend_args(p: argparse.ArgumentParser) -> None:
     from kvgrid.router.policies import DEFAULT_POLICY, POLICIES
+    from kvgrid.server.tool_parsers import PARSERS
 
     g = p.add_argument_group("frontend")
     g.add_argument(
@@ -84,6 +85,12 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=600.0,
         help="longest wait for an admission slot before a 503",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=list(PARSERS),
+        help="format of the model's tool calls (auto: from its tokenizer; hermes otherwise)",
     )
     g.add_argument(
         "--log-decisions",

@@ -246,6 +246,10 @@ class EngineLoop(threading.Thread):
             "prompt_tokens": st.get("prompt_tokens", 0),
             "generation_tokens": st.get("generation_tokens", 0),
             "num_preemptions": st.get("num_preemptions", 0),
+            # guided decoding: host time of a step's token masks (EWMA), tokens a grammar
+            # refused (sampled outside their mask: a fault, logged by the engine)
+            "guided_mask_s": st.get("guided_mask_s"),
+            "guided_errors": st.get("guided_errors", 0),
             "mixed_prefill_tokens": st.get("mixed_prefill_tokens"),
             "timestamp": time.time(),
         }

@@ -1,7 +1,8 @@
 """The frontend: OpenAI-compatible HTTP API in front of the router and its workers.
 
     POST /v1/chat/completions, /v1/completions   (streaming SSE or not)
-    GET  /v1/models, /health, /metrics
+    POST /tokenize, /detokenize
+    GET  /v1/models, /health, /metrics, /openapi.json (the public routes only)
     GET  /debug/route?prompt=...  (or POST with a completion body): explain a decision, dry run
     GET  /debug/decisions         the last decisions with every candidate's numbers
     GET  /debug/router            workers, freshness, load, counters
@@ -38,24 +39,28 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from kvgrid.engine.sampling_params import RequestError, SamplingParams
+from kvgrid.engine.sampling_params import SamplingParams
 from kvgrid.router.disagg import DisaggConfig
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
 from kvgrid.server import auth, relay
 from kvgrid.server.disagg import remote_spec, start_prefill
 from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
+from kvgrid.server.openapi import install_openapi
 from kvgrid.server.operator import add_operator_routes
+from kvgrid.server.prepare import prepare, prompt_tokens
 from kvgrid.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    check_max_tokens,
+    DetokenizeRequest,
+    TokenizeRequest,
     parse_request,
 )
 from kvgrid.server.relay import WorkerLost
 from kvgrid.server.run import RequestRun, RunResponse
 from kvgrid.server.tenants import FairScheduler, QueueFull, Tenant, TenantRegistry
+from kvgrid.server.tool_parsers import get_parser
 
 log = logging.getLogger(__name__)
 decision_log = logging.getLogger("kvgrid.router.decisions")
@@ -78,6 +83,7 @@ class FrontendConfig:
     stall_check_s: float = 0.5  # how often a waiting request looks at its worker
     worker_wait_s: float = 0.0  # with no worker up, a request waits this long for one
     queue_timeout_s: float = 600.0  # the longest wait for an admission slot (then 503)
+    tool_call_parser: str = "auto"  # kvgrid.server.tool_parsers.PARSERS
 
 
 class Frontend:
@@ -93,6 +99,7 @@ class Frontend:
         self.config = config
         self.metrics = FrontendMetrics(router, config.model_name, link)
         self.runs: set[RequestRun] = set()  # requests that reached a worker, not closed
+        self.tool_parser = get_parser(config.tool_call_parser, config.tokenizer)
         # kvgrid.server.autoscale.Autoscaler when `kvgrid serve` may scale its workers
         self.autoscaler: Any = None
         self.background: set[asyncio.Task] = set()  # remote prefills in flight
@@ -159,30 +166,16 @@ class Frontend:
                 code="model_not_found",
             )
 
-    def _tok(self):
-        if self.config.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer: send the prompt as token ids")
-        return self.config.tokenizer
+    def prompt_tokens(
+        self, req: ChatCompletionRequest | CompletionRequest | TokenizeRequest
+    ) -> list[int]:
+        return prompt_tokens(self.config.tokenizer, req, self.tool_parser)
 
-    def prompt_tokens(self, req: ChatCompletionRequest | CompletionRequest) -> list[int]:
-        if isinstance(req, ChatCompletionRequest):
-            tok = self._tok()
-            try:
-                msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-                text = tok.apply_chat_template(msgs)
-            except ValueError as e:
-                raise APIError(400, f"messages: {e}", param="messages") from None
-            return tok.encode(text, add_special_tokens=False)
-        p = req.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise APIError(400, "only one prompt per request is supported", param="prompt")
-            p = p[0]
-        if isinstance(p, str):
-            return self._tok().encode(p)
-        if not p:
-            raise APIError(400, "prompt is empty", param="prompt")
-        return list(p)
+    def max_model_len(self) -> int | None:
+        """The context of the workers that are up (the smallest, if they differ)."""
+        return min(
+            (w.info.max_model_len for w in self.router.workers.values() if w.up), default=None
+        )
 
     # ---- talking to a worker -------------------------------------------------------------
 
@@ -224,6 +217,7 @@ class Frontend:
                     RouteRequest(
                         rid, context, tenant.scope, self.config.model_name,
                         shared_prefix_tokens=shared,
+                        whole_prompt=params.prompt_logprobs is not None,
                     ),
                     time.monotonic(),
                     exclude=self._still_excluded(tried),
@@ -393,20 +387,8 @@ class Frontend:
             body = await request.body()
             req = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
             self.check_model(req.model)
-            max_tokens = req.wanted_max_tokens if chat else req.max_tokens
-            check_max_tokens(
-                max_tokens,
-                "max_completion_tokens"
-                if chat and req.max_completion_tokens is not None
-                else "max_tokens",
-            )
-            if not chat and req.logprobs is not None:
-                raise APIError(400, "logprobs are not supported yet", param="logprobs")
-            try:
-                params = req.sampling_params(max_tokens)
-            except RequestError as e:
-                raise APIError(400, str(e)) from None
-            tokens = self.prompt_tokens(req)
+            prep = prepare(req, self.config.tokenizer, self.tool_parser)
+            params, tokens = prep.params, prep.tokens
             if self.autoscaler is not None:
                 self.autoscaler.window.arrived(len(tokens), params.max_tokens or 0)
             try:
@@ -436,7 +418,7 @@ class Frontend:
                 raise
             log.exception("request %s failed before reaching a worker", rid)
             return APIError(500, "internal error before the request reached a worker").response()
-        run = RequestRun(self, rid, chat, req, tokens, params, tenant, d, resp, t_arrival)
+        run = RequestRun(self, rid, chat, req, prep, tenant, d, resp, t_arrival)
         headers = {
             "x-request-id": rid,
             "x-kvgrid-worker": d.worker_id,
@@ -470,6 +452,7 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
             await fe.link.stop()
 
     app = FastAPI(title="kvgrid", lifespan=lifespan)
+    install_openapi(app)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
@@ -483,6 +466,43 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await fe.handle(request, chat=False)
+
+    async def parse_for(request: Request, cls: type) -> Any:
+        fe.authenticate(request)
+        req = parse_request(cls, await request.body())
+        fe.check_model(req.model)
+        return req
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        try:
+            req = await parse_for(request, TokenizeRequest)
+            if (req.prompt is None) == (req.messages is None):
+                raise APIError(400, "give either prompt or messages", param="prompt")
+            tokens = fe.prompt_tokens(req)
+        except APIError as e:
+            return e.response()
+        return JSONResponse(
+            {"count": len(tokens), "max_model_len": fe.max_model_len(), "tokens": tokens}
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        try:
+            req = await parse_for(request, DetokenizeRequest)
+            tok = fe.config.tokenizer
+            if tok is None:
+                raise APIError(400, "this model has no tokenizer")
+            vocab = tok.vocab_size
+            bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens"
+                )
+            text = tok.decode(req.tokens)
+        except APIError as e:
+            return e.response()
+        return JSONResponse({"prompt": text})
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -499,10 +519,7 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
                         "object": "model",
                         "created": 0,
                         "owned_by": "kvgrid",
-                        "max_model_len": min(
-                            (w.info.max_model_len for w in fe.router.workers.values() if w.up),
-                            default=None,
-                        ),
+                        "max_model_len": fe.max_model_len(),
                     }
                 ],
             }
@@ -544,6 +561,7 @@ def build_frontend(
     stall_s: float = 15.0,
     queue_timeout_s: float = 600.0,
     worker_wait_s: float = 0.0,
+    tool_call_parser: str = "auto",
 ) -> Frontend:
     """The frontend for a model: its tokenizer, tenants, a router and the fleet link.
     ``control_key``: the cluster key workers are checked against (None: loopback workers
@@ -582,5 +600,6 @@ def build_frontend(
             stall_s=stall_s,
             queue_timeout_s=queue_timeout_s,
             worker_wait_s=worker_wait_s,
+            tool_call_parser=tool_call_parser,
         ),
     )

@@ -176,7 +176,7 @@ class FrontendMetrics:
         self.migrations = Counter(
             "kvgrid:request_migrations",
             "Requests moved off a lost worker, by outcome (resumed on another worker; "
-            "limit, no_worker, failed: ended with an error)",
+            "limit, unsupported, no_worker, failed: ended with an error)",
             [*m, "outcome"],
             registry=r,
         )

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kvgrid.router.router import NoWorkerError, RouteRequest
 from kvgrid.server import auth
 from kvgrid.server.links import Refused
+from kvgrid.server.prepare import prepare
 from kvgrid.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from kvgrid.server.tenants import Tenant
 
@@ -53,19 +54,25 @@ def add_operator_routes(app: FastAPI, fe) -> None:
                     data = json.loads(body)
                 except ValueError:
                     raise APIError(400, "request body is not valid JSON") from None
-                cls = ChatCompletionRequest if "messages" in data else CompletionRequest
+                cls = (
+                    ChatCompletionRequest
+                    if isinstance(data, dict) and "messages" in data
+                    else CompletionRequest
+                )
                 req = parse_request(cls, body)
             else:
                 prompt = request.query_params.get("prompt")
                 if prompt is None:
                     raise APIError(400, "give ?prompt=... or POST a completion body")
                 req = CompletionRequest(prompt=prompt)
-            tokens = fe.prompt_tokens(req)
+            prep = prepare(req, fe.config.tokenizer, fe.tool_parser)
+            tokens = prep.tokens
             # the caller's own scope: another tenant's blocks never match
             d = fe.router.route(
                 RouteRequest(
                     "debug", tokens, tenant.scope, fe.config.model_name,
                     shared_prefix_tokens=fe.shared_prefix_tokens(tenant, tokens),
+                    whole_prompt=prep.params.prompt_logprobs is not None,
                 ),
                 time.monotonic(),
                 dry_run=True,

@@ -125,7 +125,7 @@ async def deltas(fe: Frontend, d: Decision, resp: httpx.Response):
             if "error" in msg:
                 raise WorkerLost(f"worker {wid}: {msg['error']}")
             yield msg
-            if "finish_reason" in msg:
+            if msg.get("done"):  # the last line; each choice has finished before it
                 return
     finally:
         task.cancel()

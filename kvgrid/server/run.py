@@ -12,11 +12,12 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvgrid.server.prepare import Prepared, choice_states
 from kvgrid.server.protocol import APIError
 from kvgrid.server.relay import Migration, WorkerLost
 
@@ -31,14 +32,14 @@ class RequestRun:
     moves the request to another worker when its worker is lost, and does the bookkeeping
     (router, fair queue, metrics) exactly once."""
 
-    def __init__(self, fe: Frontend, rid, chat, req, tokens, params, tenant, d, resp, t_arrival):
-        self.fe, self.rid, self.chat, self.req, self.tokens = fe, rid, chat, req, tokens
-        self.params, self.tenant, self.d, self.resp = params, tenant, d, resp
+    def __init__(
+        self, fe: Frontend, rid, chat, req, prep: Prepared, tenant, d, resp, t_arrival
+    ) -> None:
+        self.fe, self.rid, self.chat, self.req, self.tokens = fe, rid, chat, req, prep.tokens
+        self.params, self.tenant, self.d, self.resp = prep.params, tenant, d, resp
         self.t_arrival = t_arrival
         self.created = int(time.time())
-        self.text: list[str] = []
-        self.chars = 0  # characters of text delivered so far
-        self.ids: list[int] = []
+        self.choices = choice_states(prep, chat, fe.config.tokenizer, fe.tool_parser)
         self.final: dict | None = None
         self._first = self._last = None
         self._closed = False
@@ -69,8 +70,12 @@ class RequestRun:
         if mig.count >= fe.config.max_migrations:
             fe.metrics.migrations.labels(model, "limit").inc()
             raise WorkerLost(f"{err}; not resumed (limit of {mig.count} migrations)")
+        p = self.params
+        if p.n != 1 or p.logprobs is not None or p.prompt_logprobs is not None:
+            fe.metrics.migrations.labels(model, "unsupported").inc()
+            raise WorkerLost(f"{err}; not resumed (a request with several choices or logprobs)")
         mig.count += 1
-        resume = Migration.resume_body(self.ids, self.chars)
+        resume = Migration.resume_body(self.ids, len(self.choices[0].text))
         try:
             self.d, self.resp = await fe.open_stream(
                 self.rid, self.tokens, self.params, self.tenant, resume, mig.lost, self.worker_rid
@@ -99,17 +104,26 @@ class RequestRun:
                 elif self._last is not None:
                     m.itl.labels(model).observe(now - self._last)
                 self._last = now
-            self.text.append(msg.get("text", ""))
-            self.chars += len(self.text[-1])
-            self.ids.extend(msg.get("ids", ()))
-            if "finish_reason" in msg:
+            choice = self.choices[msg.get("index", 0)]
+            if "prompt_logprobs" in msg:
+                for c in self.choices:
+                    c.echo = (c.echo[0], c.echo[1], msg["prompt_logprobs"]) if c.echo else None
+            choice.add(msg)
+            if msg.get("done"):
                 self.final = msg
             yield msg
+
+    @property
+    def ids(self) -> list[int]:
+        """The first choice's output tokens (what the router follows the conversation by)."""
+        return self.choices[0].ids
 
     def usage(self) -> dict:
         f = self.final or {}
         prompt = f.get("prompt_tokens", len(self.tokens))
-        completion = f.get("completion_tokens", len(self.ids))
+        completion = sum(len(c.ids) for c in self.choices)
+        if not self.choices[0].drop:
+            completion = f.get("completion_tokens", completion)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -168,24 +182,13 @@ class RequestRun:
         with contextlib.suppress(Exception):
             await self.resp.aclose()
 
-    def _chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
+    def _chunk(self, choices: list[dict]) -> dict:
         return {
             "id": self.rid,
-            "object": obj,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,
             "model": self.fe.config.model_name,
-            "choices": [choice],
+            "choices": choices,
         }
 
     async def sse(self):
@@ -193,20 +196,25 @@ class RequestRun:
             return f"data: {json.dumps(obj)}\n\n"
 
         error = None
+        opts = self.req.stream_options
         try:
             if self.chat:
-                yield event(self._chunk("", None, first=True))
-            # a model without a tokenizer (random weights of a shape) has no text: its
-            # tokens still show, as empty chunks, so a client sees the stream's timing
-            textless = self.fe.config.tokenizer is None
+                yield event(self._chunk([c.opening() for c in self.choices]))
             async for msg in self._iterate():
-                finish = msg.get("finish_reason")
-                if msg.get("text") or finish or (textless and msg.get("ids")):
-                    yield event(self._chunk(msg.get("text", ""), finish))
-            opts = self.req.stream_options
+                choice = self.choices[msg.get("index", 0)]
+                parts = []
+                if not choice.started:  # a completion's echoed prompt
+                    opening = choice.opening()
+                    parts += [opening] if opening is not None else []
+                parts += choice.chunks(msg)
+                for part in parts:
+                    chunk = self._chunk([part])
+                    if opts is not None and opts.continuous_usage_stats:
+                        chunk["usage"] = self.usage()
+                    yield event(chunk)
             if opts is not None and opts.include_usage:
-                u = self._chunk(None, None)
-                u["choices"], u["usage"] = [], self.usage()
+                u = self._chunk([])
+                u["usage"] = self.usage()
                 yield event(u)
             yield "data: [DONE]\n\n"
         except WorkerLost as e:
@@ -247,30 +255,13 @@ class RequestRun:
                 task.cancel()
             await self.release()  # cancelled: the worker, the connection and the slot go back
         self.close()
-        f = self.final or {}
-        text = "".join(self.text)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": f.get("finish_reason"),
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": f.get("finish_reason"),
-            }
-            obj = "text_completion"
+        obj = "chat.completion" if self.chat else "text_completion"
         body = {
             "id": self.rid,
             "object": obj,
             "created": self.created,
             "model": self.fe.config.model_name,
-            "choices": [choice],
+            "choices": [c.choice() for c in self.choices],
             "usage": self.usage(),
         }
         return JSONResponse(body, headers=headers)

@@ -460,6 +460,7 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
         stall_s=getattr(args, "stall_timeout", 15.0),
         queue_timeout_s=getattr(args, "queue_timeout", 600.0),
         worker_wait_s=getattr(args, "worker_wait", 0.0),
+        tool_call_parser=getattr(args, "tool_call_parser", "auto"),
     )
     fe.bind_host = _bind_host(args, fe.tenants.auth_required)
     return fe

@@ -287,6 +287,7 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda out: aloop.call_soon_threadsafe(q.put_nowait, out)
         try:
+            await compile_grammar(worker, params)
             await worker.loop.add_request(rid, prompt, params, tenant, sink, shared, **resume)
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
@@ -296,6 +297,40 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
 
     add_transfer_routes(app, worker)
     return app
+
+
+def stream_message(out: Any, first: bool, kv_seq: int, final: dict | None = None) -> dict:
+    """One engine output as a line of the /generate stream: choice ``index``'s delta (its
+    logprobs as {token id: logprob}), its finish, and on the last line (``done``) the usage
+    and ``final``'s fields."""
+    c = out.outputs[out.index]
+    msg: dict[str, Any] = {"index": out.index, "text": out.new_text, "ids": out.new_token_ids}
+    if out.new_logprobs is not None:
+        msg["logprobs"] = [{str(k): v for k, v in d.items()} for d in out.new_logprobs]
+    if first and out.prompt_logprobs is not None:
+        msg["prompt_logprobs"] = [
+            None if d is None else {str(k): v for k, v in d.items()} for d in out.prompt_logprobs
+        ]
+    if c.finish_reason is not None:
+        msg["finish_reason"] = c.finish_reason
+        msg["stop_reason"] = c.stop_reason if not isinstance(c.stop_reason, bytes) else None
+    if out.finished:
+        msg.update(
+            done=True,
+            cached_tokens=out.num_cached_tokens,
+            prompt_tokens=len(out.prompt_token_ids),
+            completion_tokens=sum(len(o.token_ids) for o in out.outputs),
+            kv_seq=kv_seq,
+            **(final or {}),
+        )
+    return msg
+
+
+async def compile_grammar(worker: Worker, params: SamplingParams) -> None:
+    """Compile (and so check) the request's grammar, if any, here rather than on the thread
+    that steps: compiled grammars are cached, so add_request then finds it."""
+    if params.guided is not None:
+        await asyncio.to_thread(worker.loop.engine.guided_matcher, params)
 
 
 def check_scope(worker: Worker, tenant: bytes, scope_id: str | None) -> JSONResponse | None:
@@ -322,6 +357,7 @@ async def stream_outputs(worker: Worker, rid: str, q: asyncio.Queue, final: dict
     """NDJSON lines of a request's outputs from its queue; ``final``: more fields for the
     last line."""
     finished = False
+    first = True
     try:
         while True:
             out = await q.get()
@@ -329,21 +365,10 @@ async def stream_outputs(worker: Worker, rid: str, q: asyncio.Queue, final: dict
                 yield json.dumps({"error": f"engine failed: {out!r}"}) + "\n"
                 finished = True
                 return
-            c = out.outputs[0]
-            msg = {"text": out.new_text, "ids": out.new_token_ids}
+            yield json.dumps(stream_message(out, first, worker.loop.seq, final)) + "\n"
+            first = False
             if out.finished:
                 finished = True
-                msg.update(
-                    finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason if not isinstance(c.stop_reason, bytes) else None,
-                    cached_tokens=out.num_cached_tokens,
-                    prompt_tokens=len(out.prompt_token_ids),
-                    completion_tokens=len(c.token_ids),
-                    kv_seq=worker.loop.seq,
-                    **(final or {}),
-                )
-            yield json.dumps(msg) + "\n"
-            if out.finished:
                 return
     finally:
         if not finished:  # the router (or its client) went away: free the blocks now

@@ -191,7 +191,7 @@ async def remote_generate(
     """/generate whose prompt KV comes from a prefill worker (see the module doc).
     ``resume``: a migrated request's ``resume_output`` and ``emitted_text_len``
     (LLMEngine.add_request); its context, whose blocks arrive, is prompt plus that output."""
-    from kvgrid.server.worker import stream_outputs
+    from kvgrid.server.worker import compile_grammar, stream_outputs
 
     tx = worker.transfers
     if tx is None:
@@ -212,6 +212,7 @@ async def remote_generate(
             raise ValueError("need 0 < deadline_s <= 3600 and stall_s > 0")
         stall_s = min(stall_s, deadline_s)
         worker.engine.check_request(prompt, params)
+        await compile_grammar(worker, params)
         keys = _block_keys(worker, context, tenant, shared, start + num)[start:]
         inbound = tx.receiver.expect(tid, ticket, keys, tenant, deadline_s, stall_s)
     except RequestError as e:

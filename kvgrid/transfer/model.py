@@ -37,13 +37,15 @@ class TransferModel:
     ) -> float:
         """When the last of ``n_blocks`` has landed, counted from the start of a prefill
         that names them over ``produce_s`` seconds, ``blocks_per_step`` at a time: bound by
-        the link (all of them back to back after the setup) or by the last step's blocks,
-        sent once that step is done."""
+        the link (all of them back to back, from when the first step has named its blocks
+        and the connection is set up) or by the last step's blocks, sent once that step is
+        done."""
         if n_blocks <= 0:
             return 0.0
         b = self.block_s(bytes_per_block)
-        last = min(max(1, blocks_per_step), n_blocks)
-        return max(self.setup_s + n_blocks * b, produce_s + last * b)
+        step = min(max(1, blocks_per_step), n_blocks)
+        first = produce_s * step / n_blocks
+        return max(max(first, self.setup_s) + n_blocks * b, produce_s + step * b)
 
     def tail_s(
         self, n_blocks: int, bytes_per_block: int, produce_s: float, blocks_per_step: int

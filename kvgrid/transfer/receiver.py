@@ -41,6 +41,7 @@ _WATCH_S = 0.02
 _MAX_CONNECTIONS = 256
 _HANDSHAKE_S = 5.0
 _EWMA = 0.2
+_RELEASE_WAIT_S = 5.0  # bound on waiting for a block in verification at release
 
 
 class _Arrived:
@@ -203,10 +204,10 @@ class KVReceiver:
     def release(self, t: Inbound) -> None:
         """The request has taken its KV (or ended): unpin the slots, forget the transfer."""
         self._finish(t, "cancelled")  # no-op once it has ended
-        # a block still landing takes a slot and, the transfer being over, gives it back:
-        # once released, a transfer pins nothing (a decode takes milliseconds)
+        # a block still decoding lands as a stray and unpins itself: wait for it (one
+        # block's verification), so that nothing of this transfer is pinned once it is gone
         if not t.wait_landed(_RELEASE_WAIT_S):
-            log.warning("transfer %s: a block still landing after release", t.id.hex()[:12])
+            log.warning("transfer %s released with a block still landing", t.id.hex()[:12])
         with t.lock:
             slots, t.slots = t.slots, []
         if slots:

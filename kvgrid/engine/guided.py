@@ -1,0 +1,236 @@
+"""Guided decoding: token masks from llguidance, one matcher per constrained sequence.
+
+A request's grammar (JSON schema, regex, choice list or Lark grammar) is compiled once per
+engine and cached; each sequence gets a copy of the compiled matcher and advances it with
+every token it accepts. Before a step samples, the masks of its constrained rows are
+computed on the host, in parallel across rows (llguidance drops the GIL), into a pinned
+buffer that is copied to the device with the step's other work: on a GPU the forward pass
+is already queued, so the host computes while the device runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from kvgrid.engine.sampling_params import GuidedDecoding, RequestError
+
+if TYPE_CHECKING:
+    from kvgrid.engine.sequence import Sequence
+    from kvgrid.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CACHE_SIZE = 256  # compiled grammars kept per engine
+# JSON without free whitespace between tokens: a model cannot stall on blank lines, and the
+# separators read the way people write JSON. A schema's own "x-guidance" overrides these.
+JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+# integers every JSON reader keeps exactly (IEEE doubles): what an unbounded one is held to
+SAFE_INT = (-(2**53 - 1), 2**53 - 1)
+
+
+def bound_integers(schema: Any) -> Any:
+    """``schema`` with integers that set no bound held to JSON's safe range: a small model
+    otherwise writes digits until max_tokens."""
+    if isinstance(schema, list):
+        return [bound_integers(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bound_integers(v) for k, v in schema.items()}
+    types = out.get("type")
+    if types == "integer" or (isinstance(types, list) and "integer" in types):
+        if not {"minimum", "exclusiveMinimum"} & out.keys():
+            out["minimum"] = SAFE_INT[0]
+        if not {"maximum", "exclusiveMaximum"} & out.keys():
+            out["maximum"] = SAFE_INT[1]
+    return out
+
+
+def _grammar_text(g: GuidedDecoding) -> str:
+    import llguidance as llg
+
+    if g.kind == "json_schema":
+        try:
+            schema = json.loads(g.spec)
+        except ValueError as e:
+            raise RequestError(f"JSON schema is not valid JSON: {e}") from None
+        if not isinstance(schema, dict | bool):
+            raise RequestError("a JSON schema must be an object")
+        return llg.LLMatcher.grammar_from_json_schema(
+            bound_integers(schema), defaults=JSON_DEFAULTS
+        )
+    if g.kind == "regex":
+        return llg.LLMatcher.grammar_from_regex(g.spec)
+    if g.kind == "choice":
+        try:
+            choices = json.loads(g.spec)
+        except ValueError:
+            choices = None
+        if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
+            raise RequestError("guided_choice must be a non-empty list of strings")
+        return llg.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c) for c in choices)
+        )
+    try:  # Lark, or llama.cpp's GBNF (converted)
+        return llg.grammar_from("grammar", g.spec)
+    except ValueError as e:
+        raise RequestError(f"cannot read this grammar: {e}") from None
+
+
+class GuidedDecoder:
+    """Compiles and caches grammars, builds per-step token masks for one engine."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        eos_ids: frozenset[int],
+        device: torch.device,
+        max_rows: int,
+    ) -> None:
+        import llguidance as llg
+
+        self.vocab_size = vocab_size
+        self.device = device
+        self.words = (vocab_size + 31) // 32
+        self._llt = llg.LLTokenizer(
+            tokenizer.backend_json(), n_vocab=vocab_size, eos_token=sorted(eos_ids) or None
+        )
+        self._executor = llg.LLExecutor()
+        self._cache: OrderedDict[GuidedDecoding, Any] = OrderedDict()
+        self._lock = threading.Lock()  # the frontend may validate while the engine steps
+        pin = device.type == "cuda"
+        self._host = [
+            torch.empty(max_rows, self.words, dtype=torch.int32, pin_memory=pin) for _ in range(3)
+        ]
+        self._events: list[torch.cuda.Event | None] = [None] * len(self._host)
+        self._next = 0
+        self.mask_s: float | None = None  # EWMA of host time per masked step
+        self.masked_steps = 0
+        self.errors = 0  # tokens a matcher refused (sampled outside its mask)
+
+    # ---- grammars ------------------------------------------------------------------------
+
+    def matcher(self, g: GuidedDecoding) -> Any:
+        """A fresh matcher for ``g``: compiled once, then copied."""
+        import llguidance as llg
+
+        with self._lock:
+            template = self._cache.get(g)
+            if template is not None:
+                self._cache.move_to_end(g)
+                return template.deep_copy()
+        text = _grammar_text(g)
+        template = llg.LLMatcher(self._llt, text, log_level=0)
+        if template.is_error():
+            why = template.get_error().split("LexerSpec")[0].strip()[:500]
+            raise RequestError(f"cannot use this {g.kind.replace('_', ' ')}: {why}")
+        with self._lock:
+            self._cache[g] = template
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return template.deep_copy()
+
+    def stats(self) -> dict:
+        return {
+            "guided_mask_s": self.mask_s,
+            "guided_masked_steps": self.masked_steps,
+            "guided_grammars_cached": len(self._cache),
+            "guided_errors": self.errors,
+        }
+
+    # ---- per token -----------------------------------------------------------------------
+
+    def accept(self, seq: Sequence, token: int) -> None:
+        """Advance ``seq``'s matcher past ``token``."""
+        m = seq.matcher
+        if m.is_stopped():
+            return
+        if not m.consume_token(token):
+            self.errors += 1
+            log.warning(
+                "%s: token %d is outside its grammar: %s", seq.request_id, token, m.get_error()
+            )
+
+    @staticmethod
+    def done(seq: Sequence) -> bool:
+        """The grammar is complete: nothing but end-of-sequence may follow."""
+        return seq.matcher.is_stopped()
+
+    # ---- per step ------------------------------------------------------------------------
+
+    def masks(self, seqs: list[Sequence]) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """(rows, bitmask) on the device for the constrained rows of a step's ``seqs`` (rows
+        None: all of them); the bitmask holds one bit per token id, 32 to an int32, set where
+        the token is allowed."""
+        todo = [
+            (s.matcher, i)
+            for i, s in enumerate(seqs)
+            if s.matcher is not None and not s.is_finished
+        ]
+        if not todo:
+            return None
+        t0 = time.perf_counter()
+        k = self._next
+        self._next = (k + 1) % len(self._host)
+        if self._events[k] is not None:
+            self._events[k].synchronize()  # the copy that last read this buffer is done
+        host = self._host[k][: len(todo)]
+        # in parallel, GIL dropped (llguidance.torch's wrapper; importing that module
+        # compiles a kernel kvgrid does not use)
+        self._executor.unsafe_compute_mask_ptr(
+            [(m, j) for j, (m, _) in enumerate(todo)], host.data_ptr(), self.words * 4, len(todo)
+        )
+        rows = None
+        if len(todo) < len(seqs):
+            rows = torch.tensor([i for _, i in todo], dtype=torch.int64)
+        if self.device.type == "cuda":
+            bitmask = host.to(self.device, non_blocking=True)
+            if rows is not None:
+                rows = rows.pin_memory().to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._events[k] = ev
+        else:
+            bitmask = host.clone()  # the next step fills this buffer again
+        dt = time.perf_counter() - t0
+        self.mask_s = dt if self.mask_s is None else 0.9 * self.mask_s + 0.1 * dt
+        self.masked_steps += 1
+        return rows, bitmask
+
+
+_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8]: for each byte of a bitmask, what its 8 tokens add to their logits."""
+    lut = _LUTS.get((device, dtype))
+    if lut is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        lut = torch.zeros(256, 8).masked_fill(bits == 0, float("-inf"))
+        lut = _LUTS[(device, dtype)] = lut.to(device=device, dtype=dtype)
+    return lut
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor
+) -> None:
+    """Set to -inf, in place, every logit of ``rows`` (None: every row) whose bit in
+    ``bitmask`` is clear. Each byte of the mask looks its 8 tokens up in a table: one
+    gather, where unpacking the bits takes several passes over a vocabulary per row."""
+    vocab = logits.shape[-1]
+    idx = bitmask.view(torch.uint8).long()  # little-endian: byte j holds tokens 8j..8j+7
+    add = F.embedding(idx, _lut(logits.device, logits.dtype)).flatten(1)[:, :vocab]
+    if rows is None:
+        logits.add_(add)
+    else:
+        logits.index_add_(0, rows, add)
