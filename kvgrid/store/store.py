@@ -990,6 +990,8 @@ class ContextStore:
             self._landings.submit(lambda: None).result(timeout_s)
         except FutureTimeout:
             return False
+        if self.prefetcher is not None and not self.prefetcher.settle(timeout_s):
+            return False
         return self.writes.drain(timeout_s) and self.reads.drain(timeout_s)
 
     # ---- restart, retention, maintenance ---------------------------------------------------
