@@ -78,13 +78,15 @@ def absolute_pythonpath() -> dict[str, str]:
 class Server:
     """One `kvgrid serve` (or `kvgrid serve --ray ADDRESS`) process."""
 
-    def __init__(self, mode: str, args, ray_address: str | None, env, log_dir: Path) -> None:
+    def __init__(
+        self, mode: str, args, ray_address: str | None, env, log_dir: Path, store_dir: Path
+    ) -> None:
         self.mode = mode
         self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--port", str(self.port),
                "--model", args.model, "--load-format", args.load_format,
-               *args.serve_arg]  # fmt: skip
+               "--kv-store-dir", str(store_dir), *args.serve_arg]  # fmt: skip
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         if mode == "ray":
@@ -127,9 +129,11 @@ def replay(url: str, spec: str, concurrency: int, limit: int | None, progress: b
     return report(w, results, duration, None, 64, {"closed_loop": True, "concurrency": concurrency})
 
 
-def one_run(mode: str, args, ray_address, env, out: Path) -> dict:
+def one_run(mode: str, args, ray_address, env, out: Path, store_dir: Path) -> dict:
+    """One server's replay. ``store_dir``: its own, empty G3 (the embedded default's folder
+    persists across runs, and a later run would load what an earlier one stored)."""
     log(f"{mode}: starting the server")
-    srv = Server(mode, args, ray_address, env, out)
+    srv = Server(mode, args, ray_address, env, out, store_dir)
     try:
         ready_s = srv.wait_ready(args.ready_timeout_s)
         log(f"{mode}: ready in {ready_s:.1f}s; warm-up")
@@ -233,8 +237,9 @@ def main() -> int:
             )
             head.wait_started()
             log(f"Ray head at {head.address}")
-        for mode in modes:
-            runs.append(one_run(mode, args, head.address if head else None, env, out))
+        for i, mode in enumerate(modes):
+            address = head.address if head else None
+            runs.append(one_run(mode, args, address, env, out, tmp / f"store-{i}-{mode}"))
     finally:
         if head is not None:
             head.stop()

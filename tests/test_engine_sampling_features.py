@@ -101,6 +101,8 @@ def test_guided_output_follows_its_grammar_sync_and_async(tiny):
         st = eng.stats()
         assert st["guided_masked_steps"] > 0 and st["guided_errors"] == 0
         assert st["guided_mask_s"] > 0
+        # the asynchronous loop builds masks while it makes the last step's outputs
+        assert (st["guided_overlapped_steps"] > 0) == async_scheduling
         outs.append({rid: [c.token_ids for c in o.outputs] for rid, o in final.items()})
     assert outs[0] == outs[1]
 

@@ -3,9 +3,10 @@
 A request's grammar (JSON schema, regex, choice list or Lark grammar) is compiled once per
 engine and cached; each sequence gets a copy of the compiled matcher and advances it with
 every token it accepts. Before a step samples, the masks of its constrained rows are
-computed on the host, in parallel across rows (llguidance drops the GIL), into a pinned
-buffer that is copied to the device with the step's other work: on a GPU the forward pass
-is already queued, so the host computes while the device runs.
+computed on the host, in parallel across rows and off the engine thread (llguidance drops
+the GIL), into a pinned buffer that is copied to the device with the step's other work: on
+a GPU the forward pass is already queued, so the masks are built while the device runs and
+while the engine thread turns the last step's tokens into outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -106,6 +109,8 @@ class GuidedDecoder:
             tokenizer.backend_json(), n_vocab=vocab_size, eos_token=sorted(eos_ids) or None
         )
         self._executor = llg.LLExecutor()
+        # one step's masks at a time, built off the engine thread (start_masks)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-guided")
         self._cache: OrderedDict[GuidedDecoding, Any] = OrderedDict()
         self._lock = threading.Lock()  # the frontend may validate while the engine steps
         pin = device.type == "cuda"
@@ -116,6 +121,7 @@ class GuidedDecoder:
         self._next = 0
         self.mask_s: float | None = None  # EWMA of host time per masked step
         self.masked_steps = 0
+        self.overlapped_steps = 0  # masks built while the last step's outputs were made
         self.errors = 0  # tokens a matcher refused (sampled outside its mask)
 
     # ---- grammars ------------------------------------------------------------------------
@@ -144,6 +150,7 @@ class GuidedDecoder:
         return {
             "guided_mask_s": self.mask_s,
             "guided_masked_steps": self.masked_steps,
+            "guided_overlapped_steps": self.overlapped_steps,
             "guided_grammars_cached": len(self._cache),
             "guided_errors": self.errors,
         }
@@ -172,6 +179,12 @@ class GuidedDecoder:
         """(rows, bitmask) on the device for the constrained rows of a step's ``seqs`` (rows
         None: all of them); the bitmask holds one bit per token id, 32 to an int32, set where
         the token is allowed."""
+        return self.finish_masks(self.start_masks(seqs))
+
+    def start_masks(self, seqs: list[Sequence]) -> MaskJob | None:
+        """Begin ``masks(seqs)`` on the decoder's thread and return at once: llguidance
+        drops the GIL, so the caller's own host work (the last step's outputs) runs
+        meanwhile. No matcher of ``seqs`` may be touched until ``finish_masks``."""
         todo = [
             (s.matcher, i)
             for i, s in enumerate(seqs)
@@ -185,27 +198,48 @@ class GuidedDecoder:
         if self._events[k] is not None:
             self._events[k].synchronize()  # the copy that last read this buffer is done
         host = self._host[k][: len(todo)]
-        # in parallel, GIL dropped (llguidance.torch's wrapper; importing that module
+        # in parallel across rows (llguidance.torch's wrapper; importing that module
         # compiles a kernel kvgrid does not use)
-        self._executor.unsafe_compute_mask_ptr(
-            [(m, j) for j, (m, _) in enumerate(todo)], host.data_ptr(), self.words * 4, len(todo)
+        future = self._pool.submit(
+            self._executor.unsafe_compute_mask_ptr,
+            [(m, j) for j, (m, _) in enumerate(todo)],
+            host.data_ptr(),
+            self.words * 4,
+            len(todo),
         )
-        rows = None
-        if len(todo) < len(seqs):
-            rows = torch.tensor([i for _, i in todo], dtype=torch.int64)
+        rows = [i for _, i in todo] if len(todo) < len(seqs) else None
+        return MaskJob(k, host, rows, future, t0)
+
+    def finish_masks(self, job: MaskJob | None) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """Wait for ``job`` and hand its masks to the device (see ``masks``)."""
+        if job is None:
+            return None
+        job.future.result()
+        rows = None if job.rows is None else torch.tensor(job.rows, dtype=torch.int64)
         if self.device.type == "cuda":
-            bitmask = host.to(self.device, non_blocking=True)
+            bitmask = job.host.to(self.device, non_blocking=True)
             if rows is not None:
                 rows = rows.pin_memory().to(self.device, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record()
-            self._events[k] = ev
+            self._events[job.buffer] = ev
         else:
-            bitmask = host.clone()  # the next step fills this buffer again
-        dt = time.perf_counter() - t0
+            bitmask = job.host.clone()  # the next step fills this buffer again
+        dt = time.perf_counter() - job.t0
         self.mask_s = dt if self.mask_s is None else 0.9 * self.mask_s + 0.1 * dt
         self.masked_steps += 1
         return rows, bitmask
+
+
+@dataclass
+class MaskJob:
+    """Masks being built: the pinned buffer they land in and the rows they are for."""
+
+    buffer: int
+    host: torch.Tensor
+    rows: list[int] | None
+    future: Future
+    t0: float
 
 
 _LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

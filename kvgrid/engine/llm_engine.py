@@ -25,6 +25,7 @@ from kvgrid.events import KVEvent
 from kvgrid.models.loader import load_tokenizer, resolve_model
 
 if TYPE_CHECKING:
+    from kvgrid.engine.guided import MaskJob
     from kvgrid.store.connector import StoreConnector
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class _Step:
     # hidden states of prompt positions whose next token a request scores (prompt logprobs)
     prompt_hidden: torch.Tensor | None = None
     prompt_targets: list | None = None
+    # the next step's grammar masks, begun when this step's tokens were read (_complete)
+    mask_job: MaskJob | None = None
 
 
 class LLMEngine:
@@ -414,16 +417,19 @@ class LLMEngine:
         ]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
-        early = None
+        early = job = None
+        guided = self.guided is not None and any(s.matcher is not None for s in sampled)
         if prev is not None and any(s.params.needs_history for s in sampled):
             # grammars and penalties read every earlier token: take the last step's now,
-            # while the device runs this step's forward pass
-            early = self._complete(prev)
+            # while the device runs this step's forward pass; this step's grammar masks are
+            # built from them meanwhile
+            early = self._complete(prev, sampled if guided else None)
+            job = prev.mask_job
         tokens = logprobs_all = None
         if sampled:
             masks = None
-            if self.guided is not None and any(s.matcher is not None for s in sampled):
-                masks = self.guided.masks(sampled)
+            if guided:
+                masks = self.guided.finish_masks(job) if job else self.guided.masks(sampled)
             tokens, logprobs_all = sample_on_device(logits, sampled, self.eos_ids, masks)
         for row, seq in enumerate(sampled):
             if not seq.is_finished:  # (stopped on the token ``early`` just read)
@@ -440,9 +446,14 @@ class LLMEngine:
             step.events = (start, end)
         return step, early
 
-    def _complete(self, step: _Step) -> list[RequestOutput]:
+    def _complete(
+        self, step: _Step, masks_for: list[Sequence] | None = None
+    ) -> list[RequestOutput]:
         """Read back ``step``'s tokens (waiting for its GPU work only), then do its host
-        work: name its full blocks, append tokens, check stops, build outputs."""
+        work: name its full blocks, append tokens, check stops, build outputs. With
+        ``masks_for``, the grammars take the tokens first and the masks of ``masks_for``
+        (the next step's sampled sequences) are built while the rest of the work runs
+        (``step.mask_job``)."""
         if step.events is not None:
             step.events[1].synchronize()
             seconds = step.events[0].elapsed_time(step.events[1]) / 1e3
@@ -455,6 +466,15 @@ class LLMEngine:
                 torch.cuda.current_stream().synchronize()
             seconds = time.perf_counter() - step.t0
         token_list = host.tolist() if host is not None else []
+        grammar_done: dict[int, bool] = {}
+        if masks_for is not None:
+            for i, seq in enumerate(step.sampled):
+                if seq.matcher is not None and not seq.is_finished:
+                    self.guided.accept(seq, token_list[i])
+                    grammar_done[i] = self.guided.done(seq)
+            # no matcher is touched from here until the job is finished
+            step.mask_job = self.guided.start_masks(masks_for)
+            self.guided.overlapped_steps += step.mask_job is not None
         result = sampler_output(token_list, step.logprobs_all, step.sampled)
         if step.prompt_targets:
             live = [(s, p) for s, p in step.prompt_targets if not s.is_finished]
@@ -487,7 +507,7 @@ class LLMEngine:
                 for sibling in seq.held:  # the prompt's blocks are named now
                     self.scheduler.add(sibling)
                 seq.held = []
-            self._accept_token(seq, token_list[i], result.logprobs[i])
+            self._accept_token(seq, token_list[i], result.logprobs[i], grammar_done.get(i))
             if seq.is_finished:
                 self.scheduler.finish(seq)
                 if all(s.is_finished for s in seq.group):
@@ -496,7 +516,11 @@ class LLMEngine:
             outputs.append(choices.make_output(seq))
         return outputs
 
-    def _accept_token(self, seq: Sequence, token: int, lp) -> None:
+    def _accept_token(
+        self, seq: Sequence, token: int, lp, grammar_done: bool | None = None
+    ) -> None:
+        """Append ``token`` to ``seq`` and check its stops. ``grammar_done``: its matcher
+        has taken the token already, and this is whether the grammar is complete."""
         seq.resolve_pending(token)
         self.counters["generation_tokens"] += 1
         if lp is not None:
@@ -506,8 +530,9 @@ class LLMEngine:
         n_out = len(seq.output_token_ids)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.push([token])
-        if seq.matcher is not None:
+        if seq.matcher is not None and grammar_done is None:
             self.guided.accept(seq, token)
+            grammar_done = self.guided.done(seq)
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 return self._finish(seq, "stop", token)
@@ -517,7 +542,7 @@ class LLMEngine:
                 return None
         if n_out >= seq.max_tokens or seq.num_known_tokens >= self.max_model_len:
             self._finish(seq, "length", None)
-        elif seq.matcher is not None and self.guided.done(seq):
+        elif grammar_done:
             self._finish(seq, "stop", None)  # the grammar is complete
         return None
 
