@@ -133,6 +133,14 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
 
 def _worker_transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--device-group",
+        default=None,
+        metavar="NAME",
+        help="name of the compute device the worker runs on, for disaggregation decisions: "
+        "workers with the same name share its compute (default: the GPU's UUID, or "
+        "HOST/cpu on the CPU)",
+    )
+    p.add_argument(
         "--allow-fault-injection",
         action="store_true",
         help="accept POST /debug/faults: damage, drop or stall this worker's next outgoing "

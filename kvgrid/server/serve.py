@@ -95,6 +95,8 @@ def worker_argv(
     ]
     if getattr(args, "allow_fault_injection", False):
         argv.append("--allow-fault-injection")
+    if getattr(args, "device_group", None):
+        argv += ["--device-group", args.device_group]
     if getattr(args, "served_model_name", None):
         argv += ["--served-model-name", args.served_model_name]
     for dest, flag, switch in _engine_flags():

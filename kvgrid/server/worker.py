@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import uuid
 from typing import Any
@@ -60,6 +61,19 @@ log = logging.getLogger(__name__)
 _PARAM_FIELDS = set(SamplingParams.__dataclass_fields__)
 
 
+def device_identity(device: Any) -> str:
+    """What the engine computes on, as the router compares it: processes with the same
+    identity share one device's compute (a GPU's UUID; on CPU, the host's cores)."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        idx = torch.device(device).index
+        idx = torch.cuda.current_device() if idx is None else idx
+        props = torch.cuda.get_device_properties(idx)
+        return f"cuda:{props.uuid}"
+    return f"{socket.gethostname()}/cpu"
+
+
 class Worker:
     def __init__(
         self,
@@ -77,13 +91,15 @@ class Worker:
         transfer_port: int | None = 0,
         transfer_endpoint: str | None = None,
         allow_fault_injection: bool = False,
+        device_group: str = "",
     ) -> None:
         """``events_endpoint``: the event stream's address as routers reach it (default:
         the advertise URL's host and the bound port); never a wildcard address.
         ``transfer_port``: where KV transfers arrive (0: any free port; None: no
         transfers), ``transfer_endpoint`` the HOST:PORT prefill workers reach it at
         (default: the advertise URL's host and that port). ``role``: see
-        ``worker_transfers``."""
+        ``worker_transfers``. ``device_group``: the device's name in routing decisions
+        (default: ``device_identity``)."""
         from kvgrid.server.engine_loop import EngineLoop
         from kvgrid.server.worker_transfers import ROLES, WorkerTransfers
 
@@ -133,6 +149,7 @@ class Worker:
             ),
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             site=site,
+            device=device_group or device_identity(getattr(engine, "device", None)),
         )
         self.transfers = None
         try:
@@ -422,6 +439,7 @@ def build_worker(
             transfer_port=getattr(args, "transfer_port", 0),
             transfer_endpoint=getattr(args, "advertise_transfers", None),
             allow_fault_injection=getattr(args, "allow_fault_injection", False),
+            device_group=getattr(args, "device_group", None) or "",
         )
     except BaseException:
         engine.close()
