@@ -110,6 +110,19 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-workers", type=int, default=None, help="most worker processes (default --workers)"
     )
+    for role in ("prefill", "decode"):
+        g.add_argument(
+            f"--min-{role}-workers",
+            type=int,
+            default=None,
+            help=f"fewest {role} workers with role pools (default --min-workers)",
+        )
+        g.add_argument(
+            f"--max-{role}-workers",
+            type=int,
+            default=None,
+            help=f"most {role} workers with role pools (default --{role}-workers)",
+        )
     g.add_argument("--autoscale-interval", type=float, default=10.0, help="planner interval, s")
     g.add_argument(
         "--calibration",
