@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import threading
 
 import httpx
 import pytest
-from live_scale import free_port, scale_state, wait_for
+from live_scale import free_port, scale_state, stop_server, wait_for
 
 from kvgrid.bench.planner import ObservedMetrics, Planner, PlannerConfig, PoolState, ReplicaView
 from kvgrid.server.cli import register
@@ -125,12 +124,7 @@ def test_planner_sizes_prefill_and_decode_pools_live(tiny_model_dir, tmp_path):
         assert "remote:forced" in httpx.get(f"{url}/debug/router", timeout=5).text
     finally:
         stop.set()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-5000:])
+        stop_server(proc, log)
     assert done and all(s == 200 and n == 4 for s, n in done), done
 
 
