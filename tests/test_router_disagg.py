@@ -169,6 +169,30 @@ def test_on_a_shared_device_remote_prefill_wins_where_the_prefill_worker_holds_t
     assert idle.route(RouteRequest("i", toks(8192)), 1.0).prefill.reason == "local_faster"
 
 
+def test_of_two_prefill_workers_the_one_on_another_device_takes_the_prompt():
+    r = fleet(d_load=BUSY, devices=SHARED)
+    # p1 has a queue (slower on paper than p0), but p0 shares d0's device
+    info = WorkerInfo(
+        "p1",
+        epoch="e",
+        scope=SCOPE,
+        max_num_batched_tokens=2048,
+        bytes_per_block=BPB,
+        role="prefill",
+        transfer_endpoint="127.0.0.1:3",
+        device="cuda:GPU-b",
+    )
+    r.add_worker(info, 0.0)
+    r.on_snapshot("p1", 0, {}, 0.0)
+    load = dict(prefill_tokens_per_s=10_000.0, decode_step_s=0.02, role="prefill")
+    r.on_load(WorkerLoad("p1", "e", waiting_prefill_tokens=1000, **load), 0.0)
+    p = r.route(RouteRequest("two", toks(8192)), 1.0).prefill
+    by = {o.worker_id: o for o in p.options}
+    assert by["p0"].shared_device and not by["p1"].shared_device
+    assert by["p0"].predicted_ttft_s < by["p1"].predicted_ttft_s  # p0 first on TTFT alone
+    assert p.remote and p.worker_id == "p1" and p.reason == "lowers_ttft"
+
+
 def test_workers_report_the_device_they_compute_on():
     import socket
 

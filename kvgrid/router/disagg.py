@@ -262,13 +262,14 @@ def _choose(
 ) -> PrefillOption | None:
     """The option to prefill on (``plan`` gets the reason and the remote predictions), or
     None: prefill locally (``plan.reason`` says why)."""
-    best = min(options, key=lambda o: (o.predicted_ttft_s, o.worker_id))
-    plan.remote_ttft_s = best.predicted_ttft_s
-    plan.remote_itl_s = best.itl_s
     # a prefill sharing the decode worker's device may stretch its steps past the target
     # where the local one would not: a faster first token does not pay for that
-    itl_kept = plan.remote_itl_s <= max(cfg.itl_target_s, plan.local_itl_s)
-    faster = best.predicted_ttft_s < (1 - cfg.min_gain) * local and itl_kept
+    kept = [o for o in options if o.itl_s <= max(cfg.itl_target_s, plan.local_itl_s)]
+    pool = kept if kept and cfg.mode != "always" else options
+    best = min(pool, key=lambda o: (o.predicted_ttft_s, o.worker_id))
+    plan.remote_ttft_s = best.predicted_ttft_s
+    plan.remote_itl_s = best.itl_s
+    faster = best.predicted_ttft_s < (1 - cfg.min_gain) * local and best in kept
     itl_at_risk = plan.local_itl_s > cfg.itl_target_s >= plan.remote_itl_s
     bound = cfg.ttft_target_s if cfg.ttft_target_s is not None else 1.5 * local
     within = best.predicted_ttft_s <= bound
