@@ -13,6 +13,7 @@ _PARTS = (
     "kvgrid.server.cli",  # serve, worker, router
     "kvgrid.store.cli",  # store
     "kvgrid.bench.cli",  # bench, sim
+    "kvgrid.chaos.cli",  # chaos
 )
 
 

@@ -173,33 +173,18 @@ def _start_redis(workdir: Path, *extra: str):
     """A real redis-server on 127.0.0.1 at a free port, no persistence: (process, url).
     ``extra``: more server arguments (``--requirepass``, ...)."""
     import socket
-    import subprocess
-    import time
     import warnings
 
-    binary = _redis_binary()
-    if binary is None:
+    from kvgrid.chaos.redis_server import start_redis
+
+    if _redis_binary() is None:
         msg = "redis-server is not installed and `apt-get install -y redis-server` failed"
         warnings.warn(f"SKIPPING Redis tests: {msg}", stacklevel=2)
         pytest.skip(f"SKIPPED LOUDLY: {msg}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    workdir.mkdir(parents=True, exist_ok=True)
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(workdir), *extra]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
-                c.sendall(b"PING\r\n")
-                if c.recv(16).startswith((b"+PONG", b"-NOAUTH")):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"redis-server did not start on port {port}")
+    return start_redis(port, workdir, extra=extra), f"redis://127.0.0.1:{port}/0"
 
 
 @pytest.fixture(scope="session")
@@ -226,6 +211,32 @@ def redis_factory(tmp_path: Path):
     for p in procs:
         p.kill()
         p.wait()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """Mount small real filesystems a test can fill or make read-only:
+    ``path = tmpfs(size_bytes)`` (see kvgrid.chaos.disk for filling and remounting).
+    Needs root (CI runs as root); skips loudly where mounting is not permitted."""
+    import warnings
+
+    from kvgrid.chaos import disk
+
+    mounts: list[Path] = []
+
+    def mount(size: int) -> Path:
+        p = tmp_path / f"fs{len(mounts)}"
+        try:
+            disk.mount_tmpfs(p, size)
+        except disk.MountError as e:
+            warnings.warn(f"SKIPPING: {e}", stacklevel=2)
+            pytest.skip(f"SKIPPED LOUDLY: {e}")
+        mounts.append(p)
+        return p
+
+    yield mount
+    for p in reversed(mounts):
+        disk.unmount(p)
 
 
 # ---- server ---------------------------------------------------------------------------

@@ -160,12 +160,17 @@ def _outsider_doors(fleet: dict) -> dict:
         got["generate_as_router"] = c.post(
             f"{w1}/generate", json=gen, headers={"authorization": "Bearer kvr1." + "0" * 64}
         )
-        for path in ("/info", "/kv/snapshot", "/load", "/metrics"):
+        for path in ("/info", "/kv/snapshot", "/load", "/metrics", "/internal/state",
+                     "/internal/faults", "/debug/transfers"):  # fmt: skip
             got[path] = c.get(f"{w1}{path}")
+        got["set_faults"] = c.post(f"{w1}/internal/faults", json={"event_drop": 1.0})
+        got["transfer_faults"] = c.post(f"{w1}/debug/faults", json={"drop_after": 0})
         got["abort"] = c.post(f"{w1}/abort/anything")
         got["health"] = c.get(f"{w1}/health")
-        for path in ("/debug/router", "/debug/decisions", "/admin/scale", "/metrics"):
+        for path in ("/debug/router", "/debug/decisions", "/admin/scale", "/metrics",
+                     "/admin/state"):  # fmt: skip
             got["router" + path] = c.get(f"{url}{path}")
+        got["router/admin/faults"] = c.post(f"{url}/admin/faults", json={"event_drop": 1.0})
         got["debug_route"] = c.get(f"{url}/debug/route", params={"prompt": "hi"})
         got["completions"] = c.post(f"{url}/v1/completions", json={"prompt": "hi"})
         got["prefill"] = c.post(f"{w1}/prefill", json={})
@@ -209,7 +214,9 @@ def test_an_outsider_fails_at_every_door(fleet):
     got = net.hosts["outsider"].call(_outsider_doors, fleet)
     assert got["register"].status_code == 401 and got["register_forged"].status_code == 401
     for door in ("generate", "generate_as_router", "/info", "/kv/snapshot", "/load", "/metrics",
-                 "abort", "router/debug/router", "router/admin/scale", "router/metrics",
+                 "/internal/state", "/internal/faults", "set_faults", "/debug/transfers",
+                 "transfer_faults", "abort", "router/debug/router", "router/admin/scale",
+                 "router/metrics", "router/admin/state", "router/admin/faults",
                  "router/debug/decisions", "debug_route", "completions", "prefill"):  # fmt: skip
         assert got[door].status_code in (401, 403), (door, got[door].status_code, got[door].text)
     assert got["health"].status_code == 200 and got["health"].json() == {"status": "ok"}

@@ -295,7 +295,7 @@ def test_workers_run_the_context_store_by_default(server):
 
 
 def test_worker_death_mid_stream_then_rejoin(server):
-    body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    body = {"prompt": "Once upon a time", "max_tokens": 60, "ignore_eos": True, "stream": True}
     events = []
     with httpx.stream(
         "POST", f"{server}/v1/completions", json=body, headers=ALICE, timeout=60
@@ -312,8 +312,10 @@ def test_worker_death_mid_stream_then_rejoin(server):
             if len(events) == 2:
                 os.kill(pid, signal.SIGKILL)
     assert events[-1] == "[DONE]"
-    err = json.loads(events[-2])
-    assert "error" in err and "failed" in err["error"]["message"]
+    # the request moved to the surviving worker and finished there (request migration)
+    assert not any("error" in json.loads(e) for e in events[:-1])
+    final = json.loads(events[-2])
+    assert final["choices"][0]["finish_reason"] == "length"
     # new requests go to the surviving worker without errors
     for _ in range(2):
         ok = httpx.post(

@@ -132,7 +132,8 @@ def _control_plane_is_closed(wid: str, w: dict, key: ControlKey) -> None:
     other = key.router_headers("w9")  # a valid token, but another worker's
     assert httpx.get(f"{url}/info", headers=other, timeout=5).status_code == 401
     wrong = ControlKey.generate().router_headers(wid)
-    assert httpx.get(f"{url}/load", headers=wrong, timeout=5).status_code == 401
+    for path in ("/load", "/internal/state", "/internal/faults"):
+        assert httpx.get(f"{url}{path}", headers=wrong, timeout=5).status_code == 401, path
     nonce = "n-" + os.urandom(8).hex()
     r = httpx.get(
         f"{url}/info", headers={**key.router_headers(wid), NONCE_HEADER: nonce}, timeout=5
@@ -208,6 +209,8 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
         )[0]
         phases["w1 drained"] = time.monotonic() - t_start
         wait_for(lambda: any(d.t0 > t_drain_ack for d in load.done), 60, "an answer after it", url)
+        load.join()
+        migrations = httpx.get(f"{url}/admin/state", timeout=10).json()["migrations"]
     finally:
         if load is not None:
             load.join()
@@ -229,18 +232,15 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     ok = [d for d in done if d.status == 200]
     # served on both nodes
     assert {d.worker for d in ok} == {"w0", "w1"}
-    # Every failure is a request in flight when w0 was killed, answered with an OpenAI error
-    # body, never a hang or a dropped client connection. Without request migration such a
-    # request fails once its stream has begun (a 502 naming the worker); one whose connection
-    # broke before an answer is retried on another worker by the frontend.
+    # No request failed: those in flight on w0 when it was killed moved to w1 (request
+    # migration, on by default) and finished there, with the text they would have had
     failed = [d for d in done if d.status != 200]
-    at_kill = [
-        d
-        for d in failed
-        if d.t0 < t_kill < d.t1 and d.status == 502 and "worker w0 failed" in d.error
-    ]
-    assert failed == at_kill, failed
-    print(f"{len(done)} requests; failed, all in flight at the kill: {failed}")
+    assert not failed, failed
+    moved = [d for d in ok if d.worker == "w0" and d.t0 < t_kill < d.t1]
+    assert moved, "no request was in flight on w0 when it was killed"
+    assert migrations.get("resumed", 0) >= 1 and migrations.get("completed", 0) >= 1, migrations
+    assert not migrations.get("error") and not migrations.get("limit"), migrations
+    print(f"{len(done)} requests, none failed; {len(moved)} moved off w0: {migrations}")
     # the drain lost nothing and sent nothing new to the drained worker
     assert retired["inflight_at_drain"] >= 1, retired
     during = [d for d in done if d.t1 > t_drain]
@@ -254,8 +254,13 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     # KV reused across turns, and predicted by the router from the workers' events
     later = [d for d in ok if d.turn > 0]
     assert later and sum(d.cached > 0 for d in later) >= 0.8 * len(later)
-    # (but for requests sent just as w0 died or came back, before the router heard of it)
-    steady = [d for d in ok if abs(d.t0 - t_kill) > 1 and abs(d.t0 - t_back) > 1]
+    # (but for requests sent just as w0 died or came back, before the router heard of it,
+    # and those in flight on it when it died: they moved to w1 and finished with its cache)
+    steady = [
+        d
+        for d in ok
+        if abs(d.t0 - t_kill) > 1 and abs(d.t0 - t_back) > 1 and not d.t0 < t_kill < d.t1
+    ]
     match = sum(d.predicted == d.cached for d in steady) / len(steady)
     print(f"predicted cached tokens match the worker's for {match:.0%} of {len(steady)}")
     assert match >= 0.9

@@ -212,6 +212,9 @@ def test_store_cli(tmp_path, monkeypatch, capsys):
     data[-3] ^= 1
     p.write_bytes(bytes(data))
     assert main(["store", "verify", "--dir", d, "--tenant", A.hex()]) == 1
+    assert "would remove" in capsys.readouterr().out and p.exists()  # reported, kept
+    assert main(["store", "verify", "--dir", d, "--tenant", A.hex(), "--remove"]) == 1
+    assert not p.exists()
     assert main(["store", "clear", "--dir", d]) == 2  # asks for --yes
     assert main(["store", "clear", "--dir", d, "--yes"]) == 0
     assert "removed 2 objects" in capsys.readouterr().out

@@ -161,13 +161,24 @@ class LLMEngine:
         params: SamplingParams | None = None,
         tenant: bytes = keys.PUBLIC_TENANT,
         shared_prefix_tokens: int = 0,
+        resume_output: list[int] | None = None,
+        emitted_text_len: int | None = None,
     ) -> None:
-        """``shared_prefix_tokens``: leading prompt tokens of a prefix the server shares
-        across tenants (kvgrid.server.tenants); their blocks are keyed in the public scope."""
+        """Queue a request. ``shared_prefix_tokens``: leading prompt tokens of a prefix the
+        server shares across tenants (kvgrid.server.tenants); their blocks are keyed in the
+        public scope. ``resume_output``: tokens the request already generated on another
+        engine (one that died mid-request); it continues after them exactly as if it had
+        generated them here: ``max_tokens`` and ``min_tokens`` count from its start, stop
+        strings see the whole text, a seeded generator is advanced past them (the same
+        tokens as an uninterrupted run on the same kind of device), and outputs carry only
+        what follows, the first ``emitted_text_len`` characters of text being delivered
+        already (default: all the text of ``resume_output``)."""
         params = params or SamplingParams()
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
         text, prompt, max_tokens = self.check_request(prompt, params)
+        room = self.max_model_len - len(prompt)
+        resumed = self._check_resume(resume_output, params, max_tokens, room)
         matcher = self.guided_matcher(params)
         for t in (tenant, keys.PUBLIC_TENANT):
             if t not in self._scope_digests:
@@ -203,6 +214,8 @@ class LLMEngine:
                 seq.matcher = matcher if i == 0 else matcher.deep_copy()
             seq.completion = choices.new_completion(seq)
             group.append(seq)
+        if resumed:
+            self._resume(group[0], resumed, emitted_text_len)
         self.seqs[request_id] = group[0]
         self.scheduler.add(group[0])
         # siblings wait until the first choice's prompt blocks are in the prefix cache, then
@@ -258,6 +271,47 @@ class LLMEngine:
                 f"request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}"
             )
         return text, prompt, max_tokens
+
+    def _check_resume(
+        self, output: list[int] | None, params: SamplingParams, max_tokens: int, room: int
+    ) -> list[int]:
+        if not output:
+            return []
+        if not isinstance(output, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in output
+        ):
+            raise RequestError("resume_output must be a list of token ids")
+        if any(t < 0 or t >= self.model_config.vocab_size for t in output):
+            raise RequestError("resume_output has token ids outside the vocabulary")
+        if len(output) >= min(max_tokens, room):
+            raise RequestError(
+                f"resume_output has {len(output)} tokens: nothing is left to generate"
+            )
+        if params.logprobs is not None or params.prompt_logprobs is not None:
+            raise RequestError("a request that returns logprobs cannot be resumed")
+        if params.n != 1:
+            raise RequestError("a request with several choices cannot be resumed")
+        return list(output)
+
+    def _resume(self, seq: Sequence, output: list[int], emitted_text_len: int | None) -> None:
+        """Make ``seq`` look as it would after generating ``output`` itself."""
+        for t in output:
+            seq.append_token(t)
+        seq.emitted_token_count = len(output)
+        if seq.detokenizer is not None:
+            seq.text = seq.detokenizer.push(output)
+            n = len(seq.text) if emitted_text_len is None else int(emitted_text_len)
+            seq.emitted_text_len = max(0, min(n, len(seq.text)))
+        if seq.generator is not None and seq.params.temperature != 0:
+            # the sampler draws one row of noise per sampled token (sampler.sample_on_device)
+            noise = torch.empty(
+                self.model_config.vocab_size, dtype=torch.float32, device=self.device
+            )
+            for _ in output:
+                noise.exponential_(generator=seq.generator)
+        if seq.matcher is not None:  # the grammar continues after what was generated
+            for t in output:
+                self.guided.accept(seq, t)
 
     def guided_matcher(self, params: SamplingParams):
         """A grammar matcher for ``params.guided`` (None without one); compiled grammars are

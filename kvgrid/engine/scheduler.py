@@ -40,6 +40,11 @@ MIN_MIXED_PREFILL_TOKENS = 256
 # cost of the step that would recompute them (a cut a few blocks before the end cannot pay
 # for it); then those are recomputed.
 LATE_LOAD_WAIT = 0.5
+# Before the engine has measured its prefill speed, a load still has a deadline: this many
+# times its predicted time, and at least UNMEASURED_LOAD_MIN_S (a stuck tier read must
+# never hold a request for good).
+UNMEASURED_LOAD_FACTOR = 4.0
+UNMEASURED_LOAD_MIN_S = 1.0
 
 
 def _prefilling(seq: Sequence) -> bool:
@@ -329,14 +334,18 @@ class Scheduler:
         seq.load_start_block, seq.load_count = first, plan.load_blocks
         # A stalled or misjudged tier (a hung network mount, say): once the load has taken
         # twice its prediction, and longer than recomputing its blocks would have, whatever
-        # has not landed is recomputed instead. No deadline while prefill speed is unknown.
-        # The engine brings it forward once the recomputed part has run (bound_late_load).
+        # has not landed is recomputed instead (with the prefill speed not measured yet, a
+        # few times its prediction). The engine brings it forward once the recomputed part
+        # has run (bound_late_load).
         seq.load_deadline = LoadDeadline()
         speed = self.connector.prefill_tokens_per_s
         now = time.monotonic()
         if plan.load_s is not None and speed:
             recompute_s = plan.load_blocks * self.bm.block_size / speed
             seq.load_deadline.at = now + max(2 * plan.load_s, recompute_s) + 0.5
+        else:
+            wait = UNMEASURED_LOAD_FACTOR * (plan.expected_s or 0.0)
+            seq.load_deadline.at = now + max(wait, UNMEASURED_LOAD_MIN_S)
         seq.load_expected_end = now + (plan.expected_s or 0.0)
         seq.load_future = self.loader.submit(
             hit_keys[first : g + n_store],
@@ -399,7 +408,10 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         fut = seq.load_future
         if fut is not None:
-            # a load still writing into these blocks must land before they are handed out
+            # a load still writing into these blocks must land before they are handed out;
+            # it stops at the next block it would wait for, so this wait is a copy's length
+            if seq.load_deadline is not None:
+                seq.load_deadline.at = time.monotonic()
             if not fut.cancel() and fut.exception() is None:
                 seq.kv_landing = seq.kv_landing or fut.result().landing
             seq.load_future = None

@@ -60,6 +60,33 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--served-model-name", default=None)
     g.add_argument(
+        "--max-migrations",
+        type=int,
+        default=3,
+        help="times a request may move to another worker when its worker is lost "
+        "(0: never; it then ends with an error)",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a worker may stay silent on a request before it is probed; one that "
+        "does not answer is lost and its requests move",
+    )
+    g.add_argument(
+        "--worker-wait",
+        type=float,
+        default=0.0,
+        help="seconds a request that finds no worker up waits for one (starting, "
+        "restarting, rejoining a restarted router) before a 503 (default: none)",
+    )
+    g.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=600.0,
+        help="longest wait for an admission slot before a 503",
+    )
+    g.add_argument(
         "--tool-call-parser",
         default="auto",
         choices=list(PARSERS),
@@ -156,8 +183,10 @@ def _worker_transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-fault-injection",
         action="store_true",
-        help="accept POST /debug/faults: damage, drop or stall this worker's next outgoing "
-        "KV transfer (drills and tests of recovery; never in production)",
+        help="accept injected faults (drills and tests of recovery; never in production): "
+        "POST /debug/faults damages, drops or stalls the next outgoing KV transfer; "
+        "POST /internal/faults drops, duplicates, reorders or garbles KV event batches and "
+        "slows disk-tier reads (kvgrid chaos)",
     )
 
 
@@ -300,6 +329,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _worker_transfer_args(p)
     _control_key_arg(p, "this worker's key, or the cluster key")
+    p.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop (as on SIGTERM) when the process that started this one dies",
+    )
+    p.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds in one engine step, with requests waiting, after which /health "
+        "reports the worker unhealthy",
+    )
     add_engine_args(p)
     p.set_defaults(func=_worker)
 

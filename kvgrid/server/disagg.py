@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PREFILL_GRACE_S = 30.0
+
 
 def grant(key: ControlKey | None, worker_id: str) -> tuple[bytes, bytes]:
     """(transfer id, ticket) of a new transfer into ``worker_id``."""
@@ -85,8 +87,13 @@ async def _prefill(fe: Frontend, d: Decision, body: dict, spec: dict, ticket: by
                 "num_blocks": p.num_blocks,
             },
         }
+        # it answers when the transfer has ended, by its deadline at the latest; a prefill
+        # worker that stopped answering is given up a while after that
         r = await link.client.post(
-            f"{url}/prefill", json=req, headers=link.headers(p.worker_id), timeout=None
+            f"{url}/prefill",
+            json=req,
+            headers=link.headers(p.worker_id),
+            timeout=httpx.Timeout(5.0, read=float(spec["deadline_s"]) + PREFILL_GRACE_S),
         )
         if r.status_code == 200:
             summary = r.json()
@@ -100,7 +107,7 @@ async def _prefill(fe: Frontend, d: Decision, body: dict, spec: dict, ticket: by
     except (httpx.HTTPError, KeyError, ValueError) as e:
         failure = repr(e)
     finally:
-        router.on_prefill_done(rid, time.monotonic())
+        router.on_prefill_done(d.request_id, time.monotonic())  # the router's id (not rid~N)
     log.warning(
         "prefill of %s on %s failed (%s): %s recomputes it", rid, p.worker_id, failure, d.worker_id
     )

@@ -55,6 +55,7 @@ class EngineLoop(threading.Thread):
         self._report: dict | None = None  # the latest load report, refreshed by the engine
         self._beat = threading.Thread(target=self._heartbeat, name=f"beat-{worker_id}", daemon=True)
         self.failed: BaseException | None = None
+        self.beat = time.monotonic()  # the thread's last pass through its loop
         # called on this thread after every turn of the loop (a KV transfer's sender
         # collects the blocks the step named); exceptions are logged, never fatal
         self.after_step: list[Callable[[], None]] = []
@@ -68,8 +69,21 @@ class EngineLoop(threading.Thread):
         self._cmds.put((fn, fut))
         return fut
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.wrap_future(self.submit(fn))
+    async def call(self, fn: Callable[[], Any], timeout_s: float | None = 60.0) -> Any:
+        """Run ``fn`` on the engine thread; TimeoutError if it has not run by ``timeout_s``
+        (the thread is stuck in a step): it is then never run."""
+        fut = self.submit(fn)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+    def stalled_for(self) -> float:
+        """Seconds the thread has been in one step while it has work (0 when idle)."""
+        if not self.engine.has_unfinished_requests():
+            return 0.0
+        return max(0.0, time.monotonic() - self.beat)
 
     async def add_request(
         self,
@@ -79,10 +93,18 @@ class EngineLoop(threading.Thread):
         tenant: bytes,
         sink: Sink,
         shared_prefix_tokens: int = 0,
+        **resume,
     ) -> None:
+        """``resume``: ``resume_output`` and ``emitted_text_len`` (LLMEngine.add_request)."""
+
         def add() -> None:
             self.engine.add_request(
-                request_id, prompt, params, tenant=tenant, shared_prefix_tokens=shared_prefix_tokens
+                request_id,
+                prompt,
+                params,
+                tenant=tenant,
+                shared_prefix_tokens=shared_prefix_tokens,
+                **resume,
             )
             self._sinks[request_id] = sink
 
@@ -121,6 +143,7 @@ class EngineLoop(threading.Thread):
             self._refresh_report()  # the heartbeat has something to send from the start
             self.engine.warm_thread()  # requests queue meanwhile; the first is not delayed
             while not self._stopping.is_set():
+                self.beat = time.monotonic()
                 busy = self.engine.has_unfinished_requests()
                 self._run_commands(block=not busy)
                 outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
@@ -177,6 +200,30 @@ class EngineLoop(threading.Thread):
         self.seq += 1
         if self.publish_events is not None:
             self.publish_events(EventBatch(self.worker_id, self.seq, time.time(), events))
+
+    def idle_report(self) -> dict:
+        """What must return to idle once no request is in flight (on the engine thread):
+        requests, G1 blocks held by requests, store pins, leases and background I/O."""
+        st = self.engine.stats()
+        out = {
+            "num_running": st.get("num_running", 0),
+            "num_waiting": st.get("num_waiting", 0),
+            "sinks": len(self._sinks),
+            "g1_blocks_in_use": round(st.get("kv_usage", 0.0) * st.get("num_kv_blocks", 0)),
+            "g1_blocks": st.get("num_kv_blocks", 0),
+        }
+        conn = getattr(self.engine, "connector", None)
+        if conn is not None:
+            store = conn.store
+            out["store"] = {
+                "pinned_blocks": store.g2.pinned_count() if store.g2 else 0,
+                "leases": len(store.leases.active) if store.leases else 0,
+                "writes_in_flight": store.writes.in_flight,
+                "prefetches_in_flight": store.reads.in_flight,
+                "tiers": {t.name: {"up": t.up, "fault": t.fault} for t in store.lower}
+                | {name: {"up": False, "fault": why} for name, why in store.disabled.items()},
+            }
+        return out
 
     def load_report(self) -> dict:
         st = self.engine.stats()

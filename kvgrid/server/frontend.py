@@ -9,10 +9,15 @@
     POST /internal/workers        {"url", "worker_id"}: a worker announces itself
     GET  /admin/scale             `kvgrid serve` scaling: workers, draining, actions
     POST /admin/scale             {"workers": N} resize now, or {"drain": "w1"}
+    GET  /admin/state             what is held: admission slots, routes, and each worker's
+                                  requests, G1 blocks, store pins and leases
+    POST /admin/faults            injected faults of every worker (kvgrid.failpoints)
 
 A request: authenticate (API key -> tenant), parse and validate, tokenize (the router
 needs the tokens for block keys, and the worker then receives exactly those tokens), wait
-for a fair admission slot, route, stream from the worker. Errors use OpenAI's shape.
+for a fair admission slot, route, stream from the worker. A worker lost on the way (dead,
+stopped, cut off) hands the request to another one (kvgrid.server.relay). Errors use
+OpenAI's shape.
 
 /v1 needs an API key when keys are configured; who may call the operator routes is in
 kvgrid.server.operator; a request's life after it reached a worker in kvgrid.server.run.
@@ -37,7 +42,7 @@ from fastapi.responses import JSONResponse, Response
 from kvgrid.engine.sampling_params import SamplingParams
 from kvgrid.router.disagg import DisaggConfig
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
-from kvgrid.server import auth
+from kvgrid.server import auth, relay
 from kvgrid.server.disagg import remote_spec, start_prefill
 from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
@@ -52,7 +57,8 @@ from kvgrid.server.protocol import (
     TokenizeRequest,
     parse_request,
 )
-from kvgrid.server.run import RequestRun, RunResponse, WorkerLost
+from kvgrid.server.relay import WorkerLost
+from kvgrid.server.run import RequestRun, RunResponse
 from kvgrid.server.tenants import FairScheduler, QueueFull, Tenant, TenantRegistry
 from kvgrid.server.tool_parsers import get_parser
 
@@ -66,10 +72,17 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 class FrontendConfig:
     model_name: str = DEFAULT_MODEL_NAME
     tokenizer: Any = None  # kvgrid.models.tokenizer.Tokenizer, None: token-id prompts only
-    max_retries: int = 2  # other workers tried when one refuses the connection
+    max_retries: int = 2  # other workers tried when one cannot take a request
     log_decisions: bool = False
     public: bool = False  # bound beyond loopback: operator views need the admin token
     scope_id: str = ""  # fingerprint of the server secret (tenants.scope_id)
+    # a request whose worker is lost resumes on another at most this often (0: never)
+    max_migrations: int = 3
+    stall_s: float = 15.0  # a worker silent this long on a request is probed (/health)
+    probe_s: float = 3.0  # ... and lost if the probe gets no answer in this time
+    stall_check_s: float = 0.5  # how often a waiting request looks at its worker
+    worker_wait_s: float = 0.0  # with no worker up, a request waits this long for one
+    queue_timeout_s: float = 600.0  # the longest wait for an admission slot (then 503)
     tool_call_parser: str = "auto"  # kvgrid.server.tool_parsers.PARSERS
 
 
@@ -85,6 +98,7 @@ class Frontend:
         self.router, self.link, self.tenants, self.scheduler = router, link, tenants, scheduler
         self.config = config
         self.metrics = FrontendMetrics(router, config.model_name, link)
+        self.runs: set[RequestRun] = set()  # requests that reached a worker, not closed
         self.tool_parser = get_parser(config.tool_call_parser, config.tokenizer)
         # kvgrid.server.autoscale.Autoscaler when `kvgrid serve` may scale its workers
         self.autoscaler: Any = None
@@ -166,32 +180,55 @@ class Frontend:
     # ---- talking to a worker -------------------------------------------------------------
 
     async def open_stream(
-        self, rid: str, tokens: list[int], params: SamplingParams, tenant: Tenant
+        self,
+        rid: str,
+        tokens: list[int],
+        params: SamplingParams,
+        tenant: Tenant,
+        resume: dict | None = None,
+        exclude: dict[str, str] | None = None,
+        worker_rid: str | None = None,
     ) -> tuple[Decision, httpx.Response]:
-        """Route and start the request on a worker, trying others if one is unreachable."""
-        tried: list[str] = []
+        """Route and start the request on a worker, trying others if one cannot take it
+        (unreachable, failing, stopped, refusing this router), and waiting up to
+        ``worker_wait_s`` for one to be up when there was none to try. ``exclude``: workers
+        (id -> epoch) that failed this request; a new life of one of them may take it.
+        ``resume``: the output already delivered (a migrated request); the route then
+        counts those tokens as context."""
+        tried: dict[str, str] = dict(exclude or {})
         shared = self.shared_prefix_tokens(tenant, tokens)
         body = {
-            "request_id": rid,
+            "request_id": worker_rid or rid,
             "prompt_token_ids": tokens,
             "params": asdict(params),
             "tenant": tenant.scope.hex(),
             "scope_id": self.config.scope_id,
             "shared_prefix_tokens": shared,
         }
-        for _ in range(self.config.max_retries + 1):
+        context = tokens
+        if resume is not None:
+            body["resume"] = resume
+            context = tokens + resume["output_token_ids"]
+        attempts = 0
+        wait_until = time.monotonic() + self.config.worker_wait_s
+        while True:
             try:
                 d = self.router.route(
                     RouteRequest(
-                        rid, tokens, tenant.scope, self.config.model_name,
+                        rid, context, tenant.scope, self.config.model_name,
                         shared_prefix_tokens=shared,
                         whole_prompt=params.prompt_logprobs is not None,
                     ),
                     time.monotonic(),
-                    exclude=tried,
+                    exclude=self._still_excluded(tried),
                 )  # fmt: skip
             except NoWorkerError as e:
-                raise APIError(503, f"no worker available: {e}") from None
+                # a request that found no worker at all waits for one (starting, restarting,
+                # rejoining a restarted router); one whose workers failed it does not
+                if tried or time.monotonic() >= wait_until:
+                    raise APIError(503, f"no worker available: {e}") from None
+                await asyncio.sleep(0.25)
+                continue
             self.metrics.decision.observe(d.elapsed_s)
             if self.config.log_decisions:
                 decision_log.info(d.log_line())
@@ -201,54 +238,60 @@ class Frontend:
                 where = "remote" if d.remote_prefill else "local"
                 self.metrics.prefill_decisions.labels(where, d.prefill.reason).inc()
             spec, ticket = remote_spec(d, self.link.key) if d.remote_prefill else (None, b"")
-            url = self.link.url(d.worker_id)
+            epoch = self.router.workers[d.worker_id].info.epoch
             req = self.link.client.build_request(
                 "POST",
-                f"{url}/generate",
+                f"{self.link.url(d.worker_id)}/generate",
                 json={**body, "remote_prefill": spec},
                 headers=self.link.headers(d.worker_id),
             )
             try:
-                resp = await self.link.client.send(req, stream=True)
+                resp = await relay.send(self, d, req)
             except httpx.PoolTimeout:
                 # our own connection pool is full: not the worker's fault
                 self._unroute(rid, d)
                 raise APIError(503, "the router is overloaded; retry later") from None
-            except httpx.TransportError as e:
-                # refused, reset, timed out or broke before a response: that worker failed,
-                # and nothing has been generated yet, so another may take the request
+            except (httpx.TransportError, WorkerLost) as e:
+                # refused, reset, timed out, stopped answering or broke before a response:
+                # that worker failed, and nothing has been generated there, so another may
+                # take the request
                 self._unroute(rid, d)
                 self.link.mark_down(d.worker_id, f"request failed: {e!r}")
-                tried.append(d.worker_id)
-                continue
+                msg = repr(e)
             except BaseException:
                 self._unroute(rid, d)
                 raise
-            if resp.status_code == 200:
-                if spec is not None:  # the decode worker expects the KV: now compute it
-                    start_prefill(self, d, body, spec, ticket)
-                return d, resp
-            try:
-                text = (await resp.aread()).decode(errors="replace")
-            except httpx.HTTPError as e:
-                text = f"its answer broke off: {e!r}"
-            finally:
-                await resp.aclose()
-                self._unroute(rid, d)
-            try:
-                msg = json.loads(text).get("error", text)
-            except (ValueError, AttributeError):
-                msg = text
-            if resp.status_code == 400:
-                raise APIError(400, msg)
-            if resp.status_code in (401, 403, 409):
-                # the worker does not take this router's requests (credential, scopes)
-                log.error("worker %s refused a request: %s", d.worker_id, msg)
-                self.link.mark_down(d.worker_id, f"refused this router ({resp.status_code})")
-                tried.append(d.worker_id)
-                continue
-            raise APIError(502, f"worker {d.worker_id} failed: {msg}")
-        raise APIError(503, f"no worker reachable (tried {', '.join(tried)})")
+            else:
+                if resp.status_code == 200:
+                    if spec is not None:  # the decode worker expects the KV: now compute it
+                        start_prefill(self, d, {**body, "prompt_token_ids": context}, spec, ticket)
+                    return d, resp
+                try:
+                    text = (await resp.aread()).decode(errors="replace")
+                except httpx.HTTPError as e:
+                    text = f"its answer broke off: {e!r}"
+                finally:
+                    await resp.aclose()
+                    self._unroute(rid, d)
+                try:
+                    msg = json.loads(text).get("error", text)
+                except (ValueError, AttributeError):
+                    msg = text
+                if resp.status_code == 400:
+                    raise APIError(400, msg)
+                if resp.status_code in (401, 403, 409):
+                    # the worker does not take this router's requests (credential, scopes)
+                    log.error("worker %s refused a request: %s", d.worker_id, msg)
+                    self.link.mark_down(d.worker_id, f"refused this router ({resp.status_code})")
+                else:  # failing or busy (a stuck engine answers 503): another may take it
+                    log.warning("worker %s could not take %s (%d): %s", d.worker_id, rid,
+                                resp.status_code, msg)  # fmt: skip
+            tried[d.worker_id] = epoch
+            attempts += 1
+            if attempts > self.config.max_retries:
+                raise APIError(
+                    503, f"no worker could take the request (tried {', '.join(tried)}): {msg}"
+                )
 
     def _unroute(self, rid: str, d: Decision) -> None:
         """The decision was not carried out (the worker refused or is gone)."""
@@ -257,21 +300,18 @@ class Frontend:
         if d.remote_prefill:
             self.router.on_prefill_done(rid, now)
 
-    async def deltas(self, d: Decision, resp: httpx.Response):
-        """Worker messages; raises WorkerLost if the worker dies mid-stream."""
-        try:
-            async for line in resp.aiter_lines():
-                if not line:
-                    continue
-                msg = json.loads(line)
-                if "error" in msg:
-                    raise WorkerLost(msg["error"])
-                yield msg
-        except (httpx.HTTPError, json.JSONDecodeError) as e:
-            self.link.mark_down(d.worker_id, f"stream broke: {e!r}")
-            raise WorkerLost(f"worker {d.worker_id} failed mid-stream: {e!r}") from None
-        finally:
-            await resp.aclose()
+    def _still_excluded(self, tried: dict[str, str]) -> list[str]:
+        """The workers of ``tried`` still in the life that failed (a restarted one is new)."""
+        out = []
+        for wid, epoch in tried.items():
+            w = self.router.workers.get(wid)
+            if w is not None and w.info.epoch == epoch:
+                out.append(wid)
+        return out
+
+    def deltas(self, d: Decision, resp: httpx.Response):
+        """Worker messages; raises WorkerLost if the worker dies or stalls mid-stream."""
+        return relay.deltas(self, d, resp)
 
     def abort(self, d: Decision, rid: str) -> None:
         async def _abort():
@@ -279,10 +319,64 @@ class Frontend:
                 await self.link.client.post(
                     f"{self.link.url(d.worker_id)}/abort/{rid}",
                     headers=self.link.headers(d.worker_id),
-                    timeout=5.0,
+                    timeout=self.config.probe_s,
                 )
 
         asyncio.get_running_loop().create_task(_abort())
+
+    # ---- introspection -------------------------------------------------------------------
+
+    async def state(self) -> dict:
+        """What is held now, for checks that everything returns to idle: admission slots,
+        open requests, routes in flight per worker, migrations, and each worker's own
+        report (requests, G1 blocks in use, store pins and leases, background I/O)."""
+        sched = self.scheduler
+        ws = dict(self.router.workers)
+        up = [wid for wid, w in ws.items() if w.up]
+        reports = await asyncio.gather(*(self._worker_get(wid, "/internal/state") for wid in up))
+        by_worker = dict(zip(up, reports))
+        migrations: dict[str, float] = {}
+        for counter in (self.metrics.migrations, self.metrics.migrated_requests):
+            for metric in counter.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        k = sample.labels["outcome"]
+                        migrations[k] = migrations.get(k, 0) + sample.value
+        return {
+            "admission": {"running": sched.running, "waiting": sched.waiting(),
+                          "max_concurrent": sched.max_concurrent, "runs": len(self.runs),
+                          "remote_prefills": len(self.background)},
+            "router": {"inflight": {wid: len(w.inflight) for wid, w in ws.items()}},
+            "migrations": migrations,
+            "workers": {
+                wid: {"up": w.up, "url": w.info.url, "freshness": self.router.freshness(wid),
+                      "state": by_worker.get(wid)}
+                for wid, w in ws.items()
+            },
+        }  # fmt: skip
+
+    async def _worker_get(self, wid: str, path: str, body: dict | None = None) -> dict | None:
+        """A worker's JSON answer on its internal API (POST with ``body``); None if none."""
+        w = self.router.workers.get(wid)
+        if w is None:
+            return None
+        url, hdr = f"{w.info.url}{path}", self.link.headers(wid)
+        try:
+            if body is None:
+                r = await self.link.client.get(url, headers=hdr, timeout=self.config.probe_s)
+            else:
+                r = await self.link.client.post(
+                    url, json=body, headers=hdr, timeout=self.config.probe_s
+                )
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    async def set_faults(self, spec: dict) -> dict[str, dict | None]:
+        """Set the injected faults (kvgrid.failpoints) of every worker up; their answers."""
+        up = [wid for wid, w in self.router.workers.items() if w.up]
+        answers = await asyncio.gather(*(self._worker_get(w, "/internal/faults", spec) for w in up))
+        return dict(zip(up, answers))
 
     # ---- the endpoint body ---------------------------------------------------------------
 
@@ -298,9 +392,13 @@ class Frontend:
             if self.autoscaler is not None:
                 self.autoscaler.window.arrived(len(tokens), params.max_tokens or 0)
             try:
-                await self.scheduler.acquire(tenant)
+                await asyncio.wait_for(self.scheduler.acquire(tenant), self.config.queue_timeout_s)
             except QueueFull as e:
                 raise APIError(429, str(e), code="rate_limit_exceeded") from None
+            except TimeoutError:
+                raise APIError(
+                    503, f"no admission slot within {self.config.queue_timeout_s:.0f}s"
+                ) from None
         except APIError as e:
             self.metrics.errors.labels(self.config.model_name, str(e.status)).inc()
             return e.response()
@@ -429,10 +527,17 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
+        """503 whenever a request could not be admitted now: no worker up, or every
+        admission slot held."""
         up = [wid for wid, w in fe.router.workers.items() if w.up]
-        status = 200 if up else 503
+        adm = fe.scheduler
+        full = adm.running >= adm.max_concurrent
+        status = "ok" if up and not full else "no workers" if not up else "no admission slot free"
+        admission = {"running": adm.running, "max_concurrent": adm.max_concurrent,
+                     "waiting": adm.waiting()}  # fmt: skip
         return JSONResponse(
-            {"status": "ok" if up else "no workers", "workers_up": up}, status_code=status
+            {"status": status, "workers_up": up, "admission": admission},
+            status_code=200 if status == "ok" else 503,
         )
 
     add_operator_routes(app, fe)
@@ -452,6 +557,10 @@ def build_frontend(
     disagg: DisaggConfig | None = None,
     control_key: auth.ControlKey | None = None,
     public: bool = False,
+    max_migrations: int = 3,
+    stall_s: float = 15.0,
+    queue_timeout_s: float = 600.0,
+    worker_wait_s: float = 0.0,
     tool_call_parser: str = "auto",
 ) -> Frontend:
     """The frontend for a model: its tokenizer, tenants, a router and the fleet link.
@@ -487,6 +596,10 @@ def build_frontend(
             log_decisions=log_decisions,
             public=public,
             scope_id=scope_id(secret),
+            max_migrations=max_migrations,
+            stall_s=stall_s,
+            queue_timeout_s=queue_timeout_s,
+            worker_wait_s=worker_wait_s,
             tool_call_parser=tool_call_parser,
         ),
     )

@@ -173,6 +173,19 @@ class FrontendMetrics:
             ["match"],
             registry=r,
         )
+        self.migrations = Counter(
+            "kvgrid:request_migrations",
+            "Requests moved off a lost worker, by outcome (resumed on another worker; "
+            "limit, unsupported, no_worker, failed: ended with an error)",
+            [*m, "outcome"],
+            registry=r,
+        )
+        self.migrated_requests = Counter(
+            "kvgrid:migrated_requests",
+            "Requests that lost a worker, by how they ended (completed, error, aborted)",
+            [*m, "outcome"],
+            registry=r,
+        )
         self.tenant_requests = Counter(
             "kvgrid:tenant_requests", "Requests admitted per tenant", ["tenant"], registry=r
         )

@@ -1,5 +1,6 @@
-"""The frontend's operator and control-plane routes: /metrics, /debug/*, /admin/*, and
-/internal/workers (a worker's registration, with its control-key token).
+"""The frontend's operator and control-plane routes: /metrics, /debug/*, /admin/* (scaling,
+what is held, fault injection), and /internal/workers (a worker's registration, with its
+control-key token).
 
 Who sees what: a tenant sees its own requests only (/debug/route, /debug/decisions); the
 admin token (KVGRID_ADMIN_TOKEN) sees everything. /debug/router and /admin need it whenever
@@ -153,6 +154,30 @@ def add_operator_routes(app: FastAPI, fe) -> None:
         except ValueError as e:
             return APIError(400, str(e)).response()
         return JSONResponse({**fe.autoscaler.state(), "done": [a.to_dict() for a in acts]})
+
+    @app.get("/admin/state")
+    async def state(request: Request) -> Response:
+        try:
+            fe.require_admin(request, "/admin/state")
+        except APIError as e:
+            return e.response()
+        return JSONResponse(await fe.state())
+
+    @app.post("/admin/faults")
+    async def faults(request: Request) -> Response:
+        """Fault injection (workers started with --allow-fault-injection only)."""
+        try:
+            fe.require_admin(request, "/admin/faults")
+            spec = await request.json()
+            if not isinstance(spec, dict):
+                raise ValueError
+        except APIError as e:
+            return e.response()
+        except ValueError:
+            return APIError(
+                400, "body must be a JSON object of kvgrid.failpoints fields"
+            ).response()
+        return JSONResponse(await fe.set_faults(spec))
 
     @app.post("/internal/workers")
     async def register(request: Request) -> Response:

@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+from kvgrid import failpoints
 from kvgrid.router import wire
 from kvgrid.server.auth import ControlKey, EventAuthenticator
 
@@ -43,15 +44,37 @@ class EventPublisher:
         self.epoch = epoch
         self.last_seq = 0
         self._lock = threading.Lock()
+        self._held: list[bytes] | None = None  # a batch held back (injected reordering)
 
     @property
     def secure(self) -> bool:
         return self.auth is not None
 
     def publish_events(self, batch) -> None:
+        msg = [wire.TOPIC_KV, wire.encode_batch(batch, self.epoch)]
         with self._lock:
-            self.sock.send_multipart([wire.TOPIC_KV, wire.encode_batch(batch, self.epoch)])
+            if failpoints.ENABLED and failpoints.active().events:
+                self._send_faulty(msg)
+            else:
+                self.sock.send_multipart(msg)
             self.last_seq = batch.seq
+
+    def _send_faulty(self, msg: list[bytes]) -> None:
+        """Send ``msg`` through the injected event faults (kvgrid.failpoints)."""
+        f = failpoints.active()
+        if failpoints.chance(f.event_drop):
+            return
+        if failpoints.chance(f.event_garble):
+            msg = [msg[0], failpoints.garble(msg[1])]
+        if self._held is None and failpoints.chance(f.event_reorder):
+            self._held = msg
+            return
+        self.sock.send_multipart(msg)
+        if failpoints.chance(f.event_dup):
+            self.sock.send_multipart(msg)
+        if self._held is not None:
+            self.sock.send_multipart(self._held)
+            self._held = None
 
     def publish_load(self, report: dict[str, Any]) -> None:
         with self._lock:

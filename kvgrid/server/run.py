@@ -1,6 +1,8 @@
 """One request after it reached a worker: worker deltas become OpenAI responses (SSE or a
-whole body), and the bookkeeping (router, fair queue, metrics) happens exactly once however
-the response ends: finished, failed, cancelled, or left by its client before the first byte.
+whole body), a worker lost on the way hands the request to another (the delivered output
+goes with it, kvgrid.server.relay), and the bookkeeping (router, fair queue, metrics) happens
+exactly once however the response ends: finished, failed, cancelled, or left by its client
+before the first byte.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvgrid.server.prepare import Prepared, choice_states
 from kvgrid.server.protocol import APIError
+from kvgrid.server.relay import Migration, WorkerLost
 
 if TYPE_CHECKING:
     from kvgrid.server.frontend import Frontend
@@ -24,29 +27,72 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class WorkerLost(Exception):
-    """The worker serving a stream went away after output had been sent."""
-
-
 class RequestRun:
-    """One request after it reached a worker: turns worker deltas into OpenAI responses and
-    does the bookkeeping (router, fair queue, metrics) exactly once."""
+    """One request after it reached a worker: turns worker deltas into OpenAI responses,
+    moves the request to another worker when its worker is lost, and does the bookkeeping
+    (router, fair queue, metrics) exactly once."""
 
     def __init__(
         self, fe: Frontend, rid, chat, req, prep: Prepared, tenant, d, resp, t_arrival
     ) -> None:
         self.fe, self.rid, self.chat, self.req, self.tokens = fe, rid, chat, req, prep.tokens
-        self.tenant, self.d, self.resp, self.t_arrival = tenant, d, resp, t_arrival
+        self.params, self.tenant, self.d, self.resp = prep.params, tenant, d, resp
+        self.t_arrival = t_arrival
         self.created = int(time.time())
         self.choices = choice_states(prep, chat, fe.config.tokenizer, fe.tool_parser)
         self.final: dict | None = None
         self._first = self._last = None
         self._closed = False
+        self.migration = Migration()
+        fe.runs.add(self)
+
+    @property
+    def worker_rid(self) -> str:
+        """The request's id at its current worker."""
+        return self.migration.worker_request_id(self.rid)
+
+    async def _messages(self):
+        """The workers' messages for this request, across migrations."""
+        while True:
+            try:
+                async for msg in self.fe.deltas(self.d, self.resp):
+                    yield msg
+                return
+            except WorkerLost as e:
+                await self._migrate(e)
+
+    async def _migrate(self, err: WorkerLost) -> None:
+        """Resume on another worker from what was delivered, or raise WorkerLost."""
+        fe, mig, model = self.fe, self.migration, self.fe.config.model_name
+        w = fe.router.workers.get(self.d.worker_id)
+        mig.lost[self.d.worker_id] = w.info.epoch if w is not None else ""
+        fe.router.on_finish(self.rid, time.monotonic())
+        if mig.count >= fe.config.max_migrations:
+            fe.metrics.migrations.labels(model, "limit").inc()
+            raise WorkerLost(f"{err}; not resumed (limit of {mig.count} migrations)")
+        p = self.params
+        if p.n != 1 or p.logprobs is not None or p.prompt_logprobs is not None:
+            fe.metrics.migrations.labels(model, "unsupported").inc()
+            raise WorkerLost(f"{err}; not resumed (a request with several choices or logprobs)")
+        mig.count += 1
+        resume = Migration.resume_body(self.ids, len(self.choices[0].text))
+        try:
+            self.d, self.resp = await fe.open_stream(
+                self.rid, self.tokens, self.params, self.tenant, resume, mig.lost, self.worker_rid
+            )
+        except APIError as e:
+            outcome = "no_worker" if e.status == 503 else "failed"
+            fe.metrics.migrations.labels(model, outcome).inc()
+            raise WorkerLost(f"{err}; could not resume it: {e.message}") from None
+        mig.resume_at = len(self.ids)
+        fe.metrics.migrations.labels(model, "resumed").inc()
+        log.warning("request %s resumed on %s after %d tokens (%s)",
+                    self.rid, self.d.worker_id, len(self.ids), err)  # fmt: skip
 
     async def _iterate(self):
         m = self.fe.metrics
         model = self.fe.config.model_name
-        async for msg in self.fe.deltas(self.d, self.resp):
+        async for msg in self._messages():
             now = time.monotonic()
             if msg.get("ids"):
                 if self._first is None:
@@ -90,9 +136,15 @@ class RequestRun:
             return
         self._closed = True
         fe, m, model = self.fe, self.fe.metrics, self.fe.config.model_name
+        fe.runs.discard(self)
         now = time.monotonic()
-        fe.router.on_finish(self.rid, now, self.ids if self.final else None)
+        # the last route counted the resumed tokens as context: only what followed is output
+        out = self.ids[self.migration.resume_at :] if self.final else None
+        fe.router.on_finish(self.rid, now, out)
         fe.scheduler.release(self.tenant.name)
+        if self.migration.lost:
+            fate = "error" if error_status else "completed" if self.final else "aborted"
+            m.migrated_requests.labels(model, fate).inc()
         if error_status is not None:
             m.errors.labels(model, str(error_status)).inc()
             return
@@ -125,7 +177,7 @@ class RequestRun:
         if self._closed:
             return
         if self.final is None:
-            self.fe.abort(self.d, self.rid)
+            self.fe.abort(self.d, self.worker_rid)
         self.close()
         with contextlib.suppress(Exception):
             await self.resp.aclose()
@@ -167,11 +219,11 @@ class RequestRun:
             yield "data: [DONE]\n\n"
         except WorkerLost as e:
             error = 502
-            yield event(APIError(502, f"the worker serving this request failed: {e}").body())
+            yield event(APIError(502, f"the worker serving this request was lost: {e}").body())
             yield "data: [DONE]\n\n"
         finally:
             if self.final is None and error is None:  # client disconnected: free the blocks
-                self.fe.abort(self.d, self.rid)
+                self.fe.abort(self.d, self.worker_rid)
             self.close(error)
 
     async def whole(self, request: Request, headers: dict) -> Response:
@@ -185,7 +237,7 @@ class RequestRun:
                 done, _ = await asyncio.wait({task}, timeout=0.5)
                 if not done and await request.is_disconnected():
                     task.cancel()
-                    self.fe.abort(self.d, self.rid)
+                    self.fe.abort(self.d, self.worker_rid)
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                     self.close()
@@ -193,7 +245,7 @@ class RequestRun:
             task.result()
         except WorkerLost as e:
             self.close(502)
-            return APIError(502, f"the worker serving this request failed: {e}").response()
+            return APIError(502, f"the worker serving this request was lost: {e}").response()
         except Exception:
             log.exception("request %s failed while streaming from %s", self.rid, self.d.worker_id)
             self.close(500)

@@ -34,6 +34,9 @@ from kvgrid.server.auth import (
 
 log = logging.getLogger(__name__)
 
+# a worker that ran this long before it exited is restarted without backoff
+HEALTHY_RUN_S = 60.0
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -90,6 +93,7 @@ def worker_argv(
         worker_id,
         "--threads",
         str(threads),
+        "--exit-with-parent",
         "--role",
         role,
     ]
@@ -125,6 +129,7 @@ class Supervisor(threading.Thread):
         self.envs = list(envs) if envs is not None else [None] * len(argvs)
         self.procs: list[subprocess.Popen | None] = [None] * len(argvs)
         self.restarts = [0] * len(argvs)
+        self.started = [0.0] * len(argvs)
         self.retired: set[int] = set()
         self._next_try: dict[int, float] = {}
         self._lock = threading.Lock()  # the autoscaler changes slots from another thread
@@ -136,6 +141,7 @@ class Supervisor(threading.Thread):
         self.start()
 
     def _spawn(self, i: int) -> None:
+        self.started[i] = time.monotonic()
         self.procs[i] = subprocess.Popen(self.argvs[i], env=self.envs[i])
         log.info("worker %d started (pid %d)", i, self.procs[i].pid)
 
@@ -146,6 +152,7 @@ class Supervisor(threading.Thread):
             self.envs.append(env)
             self.procs.append(None)
             self.restarts.append(0)
+            self.started.append(0.0)
             i = len(self.argvs) - 1
             self._spawn(i)
         return i
@@ -174,6 +181,8 @@ class Supervisor(threading.Thread):
                         continue
                     now = time.monotonic()
                     if self._next_try.get(i, 0.0) == 0.0:
+                        if now - self.started[i] > HEALTHY_RUN_S:
+                            self.restarts[i] = 0  # it had been running fine: no backoff
                         delay = min(30.0, 2.0 ** min(self.restarts[i], 5))
                         log.warning(
                             "worker %d exited with %s; restarting in %.0fs", i, p.returncode, delay
@@ -504,6 +513,10 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
         ),
         control_key=key,
         public=not is_loopback_host(host),
+        max_migrations=getattr(args, "max_migrations", 3),
+        stall_s=getattr(args, "stall_timeout", 15.0),
+        queue_timeout_s=getattr(args, "queue_timeout", 600.0),
+        worker_wait_s=getattr(args, "worker_wait", 0.0),
         tool_call_parser=getattr(args, "tool_call_parser", "auto"),
     )
     fe.bind_host = _bind_host(args, fe.tenants.auth_required)

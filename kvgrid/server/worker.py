@@ -3,13 +3,18 @@
 HTTP (FastAPI), for routers only:
     GET  /info          identity, scope, block size, event endpoint (WorkerInfo); answers a
                         router's nonce (x-kvgrid-nonce) with a proof of the worker's key
-    GET  /health        200 while the engine loop is alive (no credential: a liveness probe)
+    GET  /health        200 while the engine loop is alive and not stuck in one step (no
+                        credential: a liveness probe)
     GET  /load          the current load report
     GET  /metrics       the context store's series
+    GET  /internal/state  what must return to idle (requests, G1 blocks, store pins, leases)
+    GET|POST /internal/faults  injected faults (kvgrid.failpoints; --allow-fault-injection only)
     GET  /kv/snapshot   msgpack: every key per tier with the event seq it reflects
     POST /generate      {request_id, prompt_token_ids, params, tenant (hex), scope_id,
-                        shared_prefix_tokens} -> NDJSON stream of deltas; a dropped
-                        connection aborts the request (blocks freed)
+                        shared_prefix_tokens, resume?} -> NDJSON stream of deltas; a dropped
+                        connection aborts the request (blocks freed). ``resume``:
+                        {output_token_ids, emitted_text_len} of a request that another
+                        worker started (LLMEngine.add_request)
     POST /abort/{id}
     and the disaggregation endpoints of ``worker_transfers`` (/prefill, /role, ...)
 ZeroMQ PUB (msgpack, kvgrid.router.wire): topic ``kv`` numbered event batches, topic ``load``
@@ -30,6 +35,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from typing import Any
@@ -39,7 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvgrid import keys
+from kvgrid import failpoints, keys
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router import wire
 from kvgrid.router.workers import WorkerInfo
@@ -92,13 +98,17 @@ class Worker:
         transfer_endpoint: str | None = None,
         allow_fault_injection: bool = False,
         device_group: str = "",
+        stall_s: float = 60.0,
     ) -> None:
         """``events_endpoint``: the event stream's address as routers reach it (default:
         the advertise URL's host and the bound port); never a wildcard address.
         ``transfer_port``: where KV transfers arrive (0: any free port; None: no
         transfers), ``transfer_endpoint`` the HOST:PORT prefill workers reach it at
         (default: the advertise URL's host and that port). ``role``: see
-        ``worker_transfers``. ``device_group``: the device's name in routing decisions
+        ``worker_transfers``. ``stall_s``: /health reports the worker unhealthy once its
+        engine thread has been in one step this long with requests waiting (the router
+        then moves them away). ``allow_fault_injection``: drills only (transfer faults,
+        kvgrid.failpoints). ``device_group``: the device's name in routing decisions
         (default: ``device_identity``)."""
         from kvgrid.server.engine_loop import EngineLoop
         from kvgrid.server.worker_transfers import ROLES, WorkerTransfers
@@ -106,7 +116,10 @@ class Worker:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role = role
+        if allow_fault_injection:
+            failpoints.enable()
         self.engine = engine
+        self.stall_s = stall_s
         self.key = key.for_worker(worker_id) if key is not None else None
         self.epoch = uuid.uuid4().hex[:12]
         host = url_host(advertise_url) or pub_host
@@ -213,7 +226,31 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
     async def health() -> Response:
         if worker.loop.failed is not None or not worker.loop.is_alive():
             return JSONResponse({"status": "engine failed"}, status_code=503)
+        stuck = worker.loop.stalled_for()
+        if stuck > worker.stall_s:
+            msg = f"engine stuck in one step for {stuck:.0f}s"
+            return JSONResponse({"status": msg}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/internal/state")
+    async def state() -> Response:
+        try:
+            report = await worker.loop.call(worker.loop.idle_report, timeout_s=10.0)
+        except TimeoutError:
+            return JSONResponse({"error": "engine thread busy"}, status_code=503)
+        report.update(worker_id=worker.info.worker_id, pid=os.getpid(), epoch=worker.epoch)
+        return JSONResponse(report)
+
+    @app.api_route("/internal/faults", methods=["GET", "POST"])
+    async def inject(request: Request) -> Response:
+        if not failpoints.ENABLED:
+            return JSONResponse({"error": "fault injection is off"}, status_code=404)
+        if request.method == "POST":
+            try:
+                failpoints.set_active(json.loads(await request.body()))
+            except (ValueError, TypeError) as e:
+                return JSONResponse({"error": str(e)}, status_code=400)
+        return JSONResponse(dataclasses.asdict(failpoints.active()))
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -247,25 +284,32 @@ def create_worker_app(worker: Worker, router_url: str | None = None) -> FastAPI:
             tenant = bytes.fromhex(body.get("tenant", ""))
             shared = int(body.get("shared_prefix_tokens", 0))
             scope_id = body.get("scope_id") or None
+            resume = body.get("resume") or {}
+            resume = {
+                "resume_output": resume.get("output_token_ids"),
+                "emitted_text_len": resume.get("emitted_text_len"),
+            }
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             return JSONResponse({"error": f"bad generate request: {e!r}"}, status_code=400)
         refused = check_scope(worker, tenant, scope_id)
         if refused is not None:
             return refused
         if body.get("remote_prefill") is not None:
             return await remote_generate(
-                worker, rid, prompt, params, tenant, shared, body["remote_prefill"]
+                worker, rid, prompt, params, tenant, shared, body["remote_prefill"], resume
             )
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda out: aloop.call_soon_threadsafe(q.put_nowait, out)
         try:
             await compile_grammar(worker, params)
-            await worker.loop.add_request(rid, prompt, params, tenant, sink, shared)
+            await worker.loop.add_request(rid, prompt, params, tenant, sink, shared, **resume)
         except RequestError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
+        except TimeoutError:
+            return JSONResponse({"error": "engine thread busy"}, status_code=503)
         return StreamingResponse(stream_outputs(worker, rid, q), media_type="application/x-ndjson")
 
     add_transfer_routes(app, worker)
@@ -398,6 +442,22 @@ def worker_identity(args) -> tuple[str, ControlKey | None]:
     return worker_id, key
 
 
+def _exit_with_parent() -> None:
+    """Stop as on SIGTERM (G1 is offloaded to the store) once the process that started this
+    one is gone: a supervisor killed outright must not leave its workers running."""
+    import signal
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.warning("parent process %d is gone: stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kvgrid-parent-watch", daemon=True).start()
+
+
 def build_worker(
     args,
     worker_id: str,
@@ -440,10 +500,13 @@ def build_worker(
             transfer_endpoint=getattr(args, "advertise_transfers", None),
             allow_fault_injection=getattr(args, "allow_fault_injection", False),
             device_group=getattr(args, "device_group", None) or "",
+            stall_s=getattr(args, "engine_stall_timeout", 60.0),
         )
     except BaseException:
         engine.close()
         raise
+    if getattr(args, "exit_with_parent", False):
+        _exit_with_parent()
     log.info(
         "worker %s (%s): engine ready in %.1fs (%s), events on %s (%s), transfers on %s",
         worker.info.worker_id,

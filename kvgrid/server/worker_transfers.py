@@ -186,8 +186,11 @@ async def remote_generate(
     tenant: bytes,
     shared: int,
     spec: Any,
+    resume: dict | None = None,
 ) -> Response:
-    """/generate whose prompt KV comes from a prefill worker (see the module doc)."""
+    """/generate whose prompt KV comes from a prefill worker (see the module doc).
+    ``resume``: a migrated request's ``resume_output`` and ``emitted_text_len``
+    (LLMEngine.add_request); its context, whose blocks arrive, is prompt plus that output."""
     from kvgrid.server.worker import compile_grammar, stream_outputs
 
     tx = worker.transfers
@@ -198,14 +201,19 @@ async def remote_generate(
             raise TypeError("remote_prefill must be an object")
         tid = bytes.fromhex(spec["transfer_id"])
         ticket = tx.ticket(tid, spec.get("ticket"))
-        start, num = _span(worker, spec, prompt)
+        resume = resume or {}
+        output = resume.get("resume_output") or []
+        if not isinstance(output, list):
+            raise TypeError("resume output_token_ids must be a list")
+        context = prompt + output
+        start, num = _span(worker, spec, context)
         deadline_s, stall_s = float(spec["deadline_s"]), float(spec["stall_s"])
         if not (0 < deadline_s <= 3600 and stall_s > 0):
             raise ValueError("need 0 < deadline_s <= 3600 and stall_s > 0")
         stall_s = min(stall_s, deadline_s)
         worker.engine.check_request(prompt, params)
         await compile_grammar(worker, params)
-        keys = _block_keys(worker, prompt, tenant, shared, start + num)[start:]
+        keys = _block_keys(worker, context, tenant, shared, start + num)[start:]
         inbound = tx.receiver.expect(tid, ticket, keys, tenant, deadline_s, stall_s)
     except RequestError as e:
         return _bad(str(e))
@@ -223,9 +231,12 @@ async def remote_generate(
         try:
             await asyncio.wrap_future(inbound.done)
             try:
-                await worker.loop.add_request(rid, prompt, params, tenant, sink, shared)
+                await worker.loop.add_request(rid, prompt, params, tenant, sink, shared, **resume)
             except RequestError as e:
                 yield json.dumps({"error": str(e)}) + "\n"
+                return
+            except TimeoutError:  # the engine thread is stuck: the router moves the request
+                yield json.dumps({"error": "engine thread busy"}) + "\n"
                 return
             async for line in stream_outputs(worker, rid, q, {"transfer": inbound.summary()}):
                 yield line

@@ -1,4 +1,8 @@
-"""`kvgrid store stats|ls|verify|clear`: look into a context store's disk and shared tiers."""
+"""`kvgrid store stats|ls|verify|clear`: look into a context store's disk and shared tiers.
+
+``stats``, ``ls`` and ``verify`` only read: they create, change, delete or touch nothing
+(not even last-use times). ``verify`` lists the objects it would remove; ``verify --remove``
+and ``clear --yes`` are the commands that change a store."""
 
 from __future__ import annotations
 
@@ -32,13 +36,15 @@ def register(subparsers) -> None:
         if name == "ls":
             q.add_argument("--limit", type=int, default=50)
         if name == "verify":
-            q.add_argument("--keep-bad", action="store_true", help="report bad objects, keep them")
+            q.add_argument(
+                "--remove", action="store_true", help="remove the bad objects it reports"
+            )
         if name == "clear":
             q.add_argument("--yes", action="store_true", help="really remove")
         q.set_defaults(func=_run)
 
 
-def _open(args, with_keys: bool):
+def _open(args, with_keys: bool, read_only: bool):
     from kvgrid.store.crypto import ENV_VAR, load_keyring
     from kvgrid.store.store import ContextStore
 
@@ -55,7 +61,7 @@ def _open(args, with_keys: bool):
         encrypt=False,
         sweep_interval_s=0,
     )
-    store = ContextStore(cfg)
+    store = ContextStore(cfg, read_only=read_only)
     if with_keys:
         default_key = default_store_dir() / "master.key"
         if args.master_key_file or os.environ.get(ENV_VAR) or default_key.exists():
@@ -90,7 +96,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.dir and not Path(args.dir).exists():
         console.print(f"[red]no store at {args.dir}[/red]")
         return 2
-    store = _open(args, with_keys=args.store_cmd == "verify")
+    from kvgrid.store.crypto import MasterKeyError
+
+    writes = args.store_cmd == "clear" or (args.store_cmd == "verify" and args.remove)
+    try:
+        store = _open(args, with_keys=args.store_cmd == "verify", read_only=not writes)
+    except (MasterKeyError, OSError) as e:
+        console.print(f"[red]cannot open the store: {e}[/red]")
+        return 2
     try:
         if args.store_cmd == "stats":
             t = Table(title="kvgrid context store")
@@ -131,17 +144,24 @@ def _run(args: argparse.Namespace) -> int:
                         shown += 1
             console.print(t)
         elif args.store_cmd == "verify":
-            report = store.verify(tenants, remove_bad=not args.keep_bad)
+            report = store.verify(tenants, remove_bad=args.remove)
             t = Table(title="verify" + ("" if store.keyring else " (no key: checksums only)"))
             for c in ("tier", "ok", "checksum only", "bad", "removed"):
                 t.add_column(c)
-            bad = 0
+            bad = []
             for name, r in report.items():
                 t.add_row(
                     name, str(r["ok"]), str(r["checksum_only"]), str(r["bad"]), str(r["removed"])
                 )
-                bad += r["bad"]
+                bad += [(name, *b) for b in r["bad_objects"]]
             console.print(t)
+            for tier_name, tid, key, kind in bad:
+                fate = "kept: the key may be wrong" if kind == "decrypt" else "removed"
+                if not args.remove:
+                    fate = "kept" if kind == "decrypt" else "would remove"
+                console.print(f"bad {tier_name} {tid.hex()[:12]} {key.hex()} ({kind}): {fate}")
+            if bad and not args.remove:
+                console.print("nothing removed; run with --remove to remove them")
             return 1 if bad else 0
         elif args.store_cmd == "clear":
             if not args.yes:

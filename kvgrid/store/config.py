@@ -87,6 +87,10 @@ class StoreConfig:
     max_load_ratio: float = 1.0
     sweep_interval_s: float = 60.0  # TTL sweeper period; 0 disables the thread
     redis_retry_s: float = 2.0  # after a Redis failure, treat it as down this long
+    # a disk tier turned off by a fault (full, read-only, I/O error) is retried this often
+    disk_retry_s: float = 10.0
+    # the longest wait for a disk tier's ledger lock (another process may hold it)
+    lock_timeout_s: float = 5.0
     tenants: dict[bytes, TenantPolicy] = field(default_factory=dict)
     default_tenant: TenantPolicy = field(default_factory=TenantPolicy)
 

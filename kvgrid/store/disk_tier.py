@@ -15,7 +15,14 @@ killed mid-write leaves a temp file, removed at the next open (or by age on othe
 and at worst an over-reservation that the next open's rescan corrects.
 
 The directory itself is the index: a lookup is one stat(), so objects written by other
-processes are seen at once; the ledger is rebuilt from a scan when the tier is opened.
+processes are seen at once; the ledger is rebuilt from a scan when the tier is opened, and
+whenever it is found damaged.
+
+Faults turn the tier off rather than fail the process (``ObjectTier._fail``): a full or
+read-only directory, an I/O error, a lock another process holds for longer than
+``lock_timeout_s`` (a writer stopped mid-update). A tier that cannot be opened at start is
+off from the start, and every ``retry_s`` the next use tries to open it again.
+A ``read_only`` tier (inspection tools) never writes, creates, deletes or touches a file.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import secrets
 import socket
@@ -32,7 +40,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from kvgrid import failpoints
 from kvgrid.store.tier import ObjectInfo, ObjectTier, PutResult, ReadBuffer, watermark_target
+
+log = logging.getLogger(__name__)
 
 SUFFIX = ".kvo"
 _STALE_TMP_S = 3600.0  # another host's temp file older than this is abandoned
@@ -48,19 +59,55 @@ class DiskTier(ObjectTier):
         high: float = 0.95,
         low: float = 0.85,
         fsync: bool = True,
+        retry_s: float = 30.0,
+        lock_timeout_s: float = 5.0,
+        read_only: bool = False,
     ) -> None:
         self.root = Path(root)
         self.capacity, self.name, self.backend = int(capacity), name, backend
         self.high, self.low, self.fsync = high, low, fsync
+        self.lock_timeout_s, self.read_only = lock_timeout_s, read_only
         self.objects, self.tmp = self.root / "objects", self.root / "tmp"
-        self.objects.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
         self._host = socket.gethostname().replace("-", "_")
         self._tlock = threading.Lock()
-        self._lockfd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lockfd: int | None = None
+        self.removed_tmp = 0
+        self.ledger_repairs = 0  # damaged ledgers rebuilt from the directory
+        self._init_health(retry_s)
+        if not read_only:
+            try:
+                self._open()
+            except OSError as e:
+                self._fail(e)
+
+    def _open(self) -> None:
+        """Create the layout, take the lock file, drop dead writers' temp files and recount
+        usage; raises OSError when the directory cannot be used."""
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        if self._lockfd is None:
+            # read-only is enough for flock, and holds no write access to the filesystem
+            # (which would keep it from being remounted read-only, by an operator or the kernel)
+            self._lockfd = os.open(self.root / ".lock", os.O_RDONLY | os.O_CREAT, 0o600)
         with self._locked():
-            self.removed_tmp = self._clean_tmp()
+            self.removed_tmp += self._clean_tmp()
+            self._read_ledger()  # only to report a damaged one: it is recounted anyway
             self._write_ledger(self._scan_ledger())
+
+    def _probe(self) -> None:
+        self._open()
+        # a directory that takes no new file is still full (or read-only)
+        probe = self.tmp / f"{self._host}-{os.getpid()}-probe.tmp"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, bytes(4096))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                probe.unlink()
 
     # ---- paths, locking, ledger ---------------------------------------------------------
 
@@ -78,23 +125,60 @@ class DiskTier(ObjectTier):
 
     @contextlib.contextmanager
     def _locked(self):
-        with self._tlock:
-            fcntl.flock(self._lockfd, fcntl.LOCK_EX)
+        """The ledger lock, across threads and processes, waited for at most
+        ``lock_timeout_s`` (TimeoutError, an OSError: a holder stopped mid-update must not
+        stop every other writer)."""
+        if self._lockfd is None:
+            raise OSError(errno.EBADF, f"{self.name} at {self.root} is not open")
+        end = time.monotonic() + self.lock_timeout_s
+        if not self._tlock.acquire(timeout=self.lock_timeout_s):
+            raise TimeoutError(f"{self.name} lock busy for {self.lock_timeout_s}s")
+        try:
+            pause = 0.001
+            while True:
+                try:
+                    fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= end:
+                        raise TimeoutError(
+                            f"{self.root / '.lock'} held by another process for "
+                            f"{self.lock_timeout_s}s"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.05)
             try:
                 yield
             finally:
                 fcntl.flock(self._lockfd, fcntl.LOCK_UN)
+        finally:
+            self._tlock.release()
 
     def _read_ledger(self) -> dict:
+        path = self.root / "ledger.json"
         try:
-            led = json.loads((self.root / "ledger.json").read_text())
-            if isinstance(led.get("used"), int) and isinstance(led.get("tenants"), dict):
-                return led
-        except (OSError, ValueError):
-            pass
-        return self._scan_ledger()  # missing or damaged: the directory is the truth
+            with self._open_read(path) as f:
+                led = json.loads(f.read())
+        except FileNotFoundError:
+            return self._scan_ledger()
+        except (OSError, ValueError) as e:
+            return self._repair_ledger(repr(e))
+        if _valid_ledger(led):
+            return led
+        return self._repair_ledger("unexpected content")
+
+    def _repair_ledger(self, why: str) -> dict:
+        """A damaged ledger: the directory is the truth (the caller writes the recount)."""
+        self.ledger_repairs += 1
+        log.warning("%s ledger %s damaged (%s): recounted from the directory",
+                    self.name, self.root / "ledger.json", why)  # fmt: skip
+        if self.on_state is not None:
+            self.on_state(self, True, "ledger")
+        return self._scan_ledger()
 
     def _write_ledger(self, led: dict) -> None:
+        if self.read_only:
+            return
         led["tenants"] = {t: n for t, n in led["tenants"].items() if n > 0}
         tmp = self.root / f"ledger.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(led))
@@ -106,7 +190,11 @@ class DiskTier(ObjectTier):
             t = info.tenant_id.hex()
             tenants[t] = tenants.get(t, 0) + info.size
         # temp files of writers still running hold reservations too
-        pending = sum(e.stat().st_size for e in os.scandir(self.tmp) if e.is_file())
+        pending = 0
+        with contextlib.suppress(FileNotFoundError):
+            for e in os.scandir(self.tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    pending += e.stat().st_size if e.is_file() else 0
         return {"used": sum(tenants.values()) + pending, "tenants": tenants}
 
     def _clean_tmp(self) -> int:
@@ -147,6 +235,8 @@ class DiskTier(ObjectTier):
 
     def _tenant_dirs(self) -> list[Path]:
         out = []
+        if not self.objects.is_dir():
+            return out
         for e in os.scandir(self.objects):
             if e.is_dir() and len(e.name) == 32:
                 with contextlib.suppress(ValueError):
@@ -185,6 +275,17 @@ class DiskTier(ObjectTier):
     # ---- the tier interface -------------------------------------------------------------
 
     def put(self, tid: bytes, key: bytes, blob: bytes, quota: int | None = None) -> PutResult:
+        if self.read_only:
+            return PutResult(False, reason="read_only")
+        if not self.up:
+            return PutResult(False, reason="tier_off")
+        try:
+            return self._put(tid, key, blob, quota)
+        except OSError as e:
+            self._fail(e)
+            return PutResult(False, reason="error")
+
+    def _put(self, tid: bytes, key: bytes, blob: bytes, quota: int | None) -> PutResult:
         path = self.path(tid, key)
         if path.exists():  # same key, same bytes: keep the durable copy
             self._touch(path)
@@ -226,28 +327,37 @@ class DiskTier(ObjectTier):
             os.rename(tmp, path)
             if self.fsync:
                 _fsync_dir(path.parent)
-        except OSError:
-            with contextlib.suppress(FileNotFoundError):
+        except OSError as e:
+            with contextlib.suppress(OSError):
                 tmp.unlink()
-            with self._locked():
+            # the reservation goes back; if even that fails, the next open's recount fixes it
+            with contextlib.suppress(OSError), self._locked():
                 led = self._read_ledger()
                 led["used"] = max(0, led["used"] - size)
                 t = tid.hex()
                 led["tenants"][t] = max(0, led["tenants"].get(t, 0) - size)
                 self._write_ledger(led)
+            self._fail(e)
             return PutResult(False, evicted, "error")
         return PutResult(True, evicted)
 
     def get(self, tid: bytes, key: bytes, into: ReadBuffer | None = None) -> bytes | None:
+        if not self.up:
+            return None
+        if failpoints.ENABLED and failpoints.active().disk_read_delay_s:
+            time.sleep(failpoints.active().disk_read_delay_s)  # a slow disk (kvgrid chaos)
         path = self.path(tid, key)
         try:
-            with open(path, "rb", buffering=0) as f:
+            with self._open_read(path) as f:
                 if into is None:
                     data = f.read()
                 else:
                     data = _read_into(f, into)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            self._fail(e)
+            raise  # the store counts and logs it (a miss for the engine)
         self._touch(path)
         return data
 
@@ -285,11 +395,12 @@ class DiskTier(ObjectTier):
         self._advise(tid, keys, "POSIX_FADV_DONTNEED")
 
     def _advise(self, tid: bytes, keys: list[bytes], advice: str) -> None:
-        if not hasattr(os, "posix_fadvise"):
+        if not hasattr(os, "posix_fadvise") or not self.up:
             return
         for key in keys:
             try:
-                fd = os.open(self.path(tid, key), os.O_RDONLY)
+                # non-blocking: a special file put in the directory must not hold this thread
+                fd = os.open(self.path(tid, key), os.O_RDONLY | os.O_NONBLOCK)
             except OSError:
                 continue
             try:
@@ -301,43 +412,77 @@ class DiskTier(ObjectTier):
 
     def read_prefix(self, tid: bytes, key: bytes, n: int) -> bytes | None:
         try:
-            with open(self.path(tid, key), "rb") as f:
+            with self._open_read(self.path(tid, key)) as f:
                 return f.read(n)
         except FileNotFoundError:
             return None
 
+    def _open_read(self, path: Path):
+        """An object opened for reading; read-only, without moving its last-access time
+        (O_NOATIME where the kernel allows it), so that inspecting leaves the LRU order."""
+        flags = os.O_RDONLY
+        if self.read_only:
+            flags |= getattr(os, "O_NOATIME", 0)
+        try:
+            fd = os.open(path, flags)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY)  # O_NOATIME needs to own the file
+        return open(fd, "rb", buffering=0)
+
     def _touch(self, path: Path) -> None:
         # LRU order is the atime; mtime (= creation, for TTL) is left exactly as it was
+        if self.read_only:
+            return
         with contextlib.suppress(OSError):
             st = path.stat()
             os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
 
     def created_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
+        if not self.up:
+            return [None] * len(keys)
         d = self._tenant_dir(tid)  # at admission, once per block of a prompt
         out: list[float | None] = []
-        for k in keys:
-            try:
-                out.append(os.stat(self._file_in(d, k)).st_mtime)
-            except FileNotFoundError:
-                out.append(None)
+        try:
+            for k in keys:
+                try:
+                    out.append(os.stat(self._file_in(d, k)).st_mtime)
+                except FileNotFoundError:
+                    out.append(None)
+        except OSError as e:
+            self._fail(e)
+            raise  # the store counts and logs it (a miss for the engine)
         return out
 
     def delete(self, tid: bytes, key: bytes) -> bool:
-        with self._locked():
-            led = self._read_ledger()
-            ok = self._unlink(led, tid, key)
-            self._write_ledger(led)
+        if self.read_only:
+            return False
+        try:
+            with self._locked():
+                led = self._read_ledger()
+                ok = self._unlink(led, tid, key)
+                self._write_ledger(led)
+        except OSError as e:
+            self._fail(e)
+            return False
         return ok
 
     def list(self, tid: bytes | None = None) -> Iterator[ObjectInfo]:
         return self._scan(tid)
 
     def used(self, tid: bytes | None = None) -> int:
-        with self._locked():
-            led = self._read_ledger()
+        try:
+            if self.read_only or self._lockfd is None:
+                led = self._read_ledger()
+            else:
+                with self._locked():
+                    led = self._read_ledger()
+        except OSError:
+            return 0
         return led["used"] if tid is None else led["tenants"].get(tid.hex(), 0)
 
     def clear(self, tid: bytes | None = None) -> int:
+        if self.read_only:
+            return 0
         with self._locked():
             led = self._read_ledger()
             n = sum(self._unlink(led, i.tenant_id, i.key) for i in list(self._scan(tid)))
@@ -350,8 +495,23 @@ class DiskTier(ObjectTier):
             self._write_ledger(self._scan_ledger())
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._lockfd)
+        if self._lockfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lockfd)
+            self._lockfd = None
+
+
+def _valid_ledger(led) -> bool:
+    return (
+        isinstance(led, dict)
+        and _count(led.get("used"))
+        and isinstance(led.get("tenants"), dict)
+        and all(isinstance(t, str) and _count(n) for t, n in led["tenants"].items())
+    )
+
+
+def _count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 def _read_into(f, into: ReadBuffer) -> memoryview:

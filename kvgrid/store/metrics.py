@@ -61,6 +61,13 @@ class StoreMetrics:
                 ["tier", "op"],
                 registry=r,
             ),
+            "tier_faults": Counter(
+                "kvgrid_store_tier_faults",
+                "times a tier was turned off, by reason (disk_full, read_only, permission, "
+                "io_error, timeout, unreachable, bad_key)",
+                ["tier", "reason"],
+                registry=r,
+            ),
             "writes_dropped": Counter(
                 "kvgrid_store_writes_dropped",
                 "writes not done, by reason (queue_full, quota, full, too_big, error, copy_failed)",

@@ -3,14 +3,17 @@ deadlines."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+
+import torch
 
 from kvgrid.store.host_pool import HostPool, Slot
 
@@ -63,15 +66,41 @@ class Sightings:
             return self.counts.get(key, 0)
 
 
+class LeaseExpired(Exception):
+    """The lease ran out (or was released): its slots may no longer be read through it."""
+
+
 class Lease:
-    """Pins on G2 slots; released on exit, on ``release()``, or when its time is up."""
+    """Pins on G2 slots; released on exit, on ``release()``, or when its time is up.
+
+    Read the slots inside ``use()``: a lease that expires while a ``use()`` is open keeps
+    its pins until that block ends, so a slot is never evicted and refilled under a reader
+    that may still be reading it; after expiry ``use()`` raises ``LeaseExpired``."""
 
     def __init__(self, mgr: LeaseManager, slots: list[Slot], deadline: float) -> None:
         self.mgr, self.slots, self.deadline = mgr, slots, deadline
         self.released = False
+        self.expired = False
+        self.users = 0
 
     def __len__(self) -> int:
         return len(self.slots)
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[list[torch.Tensor]]:
+        """The leased slots' tensors, valid until the block ends."""
+        with self.mgr.lock:
+            if self.released or self.expired:
+                raise LeaseExpired(f"a lease on {len(self.slots)} G2 blocks has run out")
+            self.users += 1
+        try:
+            yield [self.mgr.pool.pool[s.index] for s in self.slots]
+        finally:
+            with self.mgr.lock:
+                self.users -= 1
+                late = self.expired and not self.users
+            if late:
+                self.mgr._release(self)
 
     def release(self) -> None:
         self.mgr._release(self)
@@ -89,6 +118,7 @@ class LeaseManager:
         self.active: set[Lease] = set()
         self.lock = threading.Lock()
         self.expired = 0
+        self.expired_in_use = 0  # of those, read at the moment: freed when the read ended
 
     def acquire(self, tid: bytes, keys: list[bytes], timeout_s: float | None = None) -> Lease:
         """Pin the leading ``keys`` present in G2 (stops at the first absent one)."""
@@ -114,15 +144,26 @@ class LeaseManager:
             self.pool.release(s)
 
     def reap(self) -> int:
-        """Release leases past their deadline (a holder that never let go)."""
+        """Expire leases past their deadline (a holder that never let go): their pins are
+        released now, or, for one being read, when that read ends."""
         now = time.monotonic()
+        free, busy = [], []
         with self.lock:
-            late = [le for le in self.active if le.deadline <= now]
-        for le in late:
-            log.warning("a G2 lease on %d blocks timed out; released", len(le.slots))
+            for le in self.active:
+                if le.deadline <= now and not le.expired:
+                    le.expired = True
+                    (busy if le.users else free).append(le)
+            self.active.difference_update(busy)
+        for le in free + busy:
+            log.warning(
+                "a G2 lease on %d blocks timed out%s", len(le.slots),
+                "; its pins go when its read ends" if le in busy else "; released",
+            )  # fmt: skip
+        for le in free:
             self._release(le)
-        self.expired += len(late)
-        return len(late)
+        self.expired += len(free) + len(busy)
+        self.expired_in_use += len(busy)
+        return len(free) + len(busy)
 
 
 class WorkerThreads:

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +82,7 @@ class PrefetchPlanner:
         self._queue: list[Queued] | None = None
         self._block_compute_s: float | None = None
         self._closed = False
+        self._planning = False
         self._in_flight: dict[tuple[bytes, bytes], Future] = {}
         self._held: dict[tuple[bytes, bytes], Slot] = {}  # (tid, key) -> pinned G2 slot
         self._batch: list = [0.0, 0.0, {}]  # fetches in flight: start, last end, tier -> bytes
@@ -101,10 +103,35 @@ class PrefetchPlanner:
                 if self._closed:
                     return
                 queue, bcs, self._queue = self._queue, self._block_compute_s, None
+                self._planning = True
             try:
                 self._plan(queue, bcs)
             except Exception:
                 log.exception("context store: prefetch planning failed")
+            finally:
+                with self._cv:
+                    self._planning = False
+                    self._cv.notify_all()
+
+    def settle(self, timeout_s: float) -> bool:
+        """Wait until the last published queue is planned and its fetches have landed
+        (``ContextStore.flush``). False if that took longer than ``timeout_s``."""
+        end = time.monotonic() + timeout_s
+        with self._cv:
+            while self._queue is not None or self._planning:
+                left = end - time.monotonic()
+                if left <= 0 or self._closed:
+                    return self._closed
+                self._cv.wait(left)
+            pending = list(self._in_flight.values())
+        for fut in pending:
+            try:
+                fut.result(max(0.0, end - time.monotonic()))
+            except FutureTimeout:
+                return False
+            except Exception:
+                pass  # counted as failed when reaped
+        return True
 
     def _plan(self, queue: list[Queued], block_compute_s: float | None) -> None:
         from kvgrid.store.store import _tid

@@ -8,9 +8,10 @@ Keys (under a prefix, default "kvgrid:"), with member = "<tenant id hex>:<block 
     used, tused:<tid>   bytes stored, in all and per tenant
 
 Admission, eviction and the capacity check run in one Lua script, so usage never exceeds
-capacity however many machines write at once. Any Redis error marks the backend down for a
-short while (reads are misses, writes are dropped) instead of raising to the caller: the
-store keeps serving from its other tiers. Single-node Redis/Valkey (not cluster mode).
+capacity however many machines write at once. Every call has a socket timeout, and any
+Redis error turns the tier off for ``retry_s`` (reads are misses, writes are dropped)
+instead of raising to the caller: the store keeps serving from its other tiers.
+Single-node Redis/Valkey (not cluster mode).
 
 Credentials: ``redis://user:password@host:port/db`` (AUTH, ACL users too), or a password in
 KVGRID_REDIS_PASSWORD; ``rediss://`` for TLS (``?ssl_ca_certs=/path/ca.pem`` to name the CA).
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -135,10 +135,12 @@ class RedisTier(ObjectTier):
         low: float = 0.85,
         retry_s: float = 2.0,
         timeout_s: float = 2.0,
+        read_only: bool = False,
     ) -> None:
+        """``read_only``: reads leave the LRU order as it is (for inspection tools)."""
         self.url = redact_url(url)  # for logs and metrics; the real one stays in the client
         self.capacity, self.name, self.prefix = int(capacity), name, prefix
-        self.high, self.low, self.retry_s = high, low, retry_s
+        self.high, self.low = high, low
         extra = {}
         if urlsplit(url).password is None and os.environ.get(PASSWORD_ENV):
             extra["password"] = os.environ[PASSWORD_ENV]
@@ -151,37 +153,32 @@ class RedisTier(ObjectTier):
         )
         self._put = self.client.register_script(_PUT)
         self._del = self.client.register_script(_DEL)
-        self._down_until = 0.0
-        self._up = True
-        self._lock = threading.Lock()
+        self.read_only = read_only
         self.errors = 0
+        self._init_health(retry_s)
         self._call(self.client.ping)
 
-    # ---- availability: a failure marks the backend down for retry_s --------------------
+    # ---- availability: a failure turns the tier off for retry_s (ObjectTier.up) ---------
 
-    @property
-    def up(self) -> bool:
-        if not self._up and time.monotonic() >= self._down_until:
-            self._call(self.client.ping)  # time to look again
-        return self._up
+    def _probe(self) -> None:
+        self.client.ping()
 
-    def _call(self, fn, *args, default=None, **kw):
-        if not self._up and time.monotonic() < self._down_until:
+    def _call(self, fn, *args, default=None, refused=None, **kw):
+        """``fn``'s result; ``default`` when the tier is off or the server cannot be reached
+        (which turns it off), ``refused`` (default: ``default``) when the server answered
+        with an error (full, say): it is up, only that command failed."""
+        if not self.up:
             return default
         try:
-            out = fn(*args, **kw)
+            return fn(*args, **kw)
+        except redis.ResponseError as e:
+            self.errors += 1
+            log.debug("redis refused %s: %s", getattr(fn, "__name__", fn), e)
+            return default if refused is None else refused
         except redis.RedisError as e:
-            with self._lock:
-                self.errors += 1
-                if self._up:
-                    log.warning("redis %s unreachable (%s): G4 reads are misses", self.url, e)
-                self._up = False
-                self._down_until = time.monotonic() + self.retry_s
+            self.errors += 1
+            self._fail(e, "timeout" if isinstance(e, redis.TimeoutError) else "unreachable")
             return default
-        if not self._up:
-            log.info("redis %s is back", self.url)
-        self._up = True
-        return out
 
     # ---- the tier interface -------------------------------------------------------------
 
@@ -198,7 +195,7 @@ class RedisTier(ObjectTier):
             time.time(),
             blob,
         ]
-        res = self._call(self._put, keys=[], args=args)
+        res = self._call(self._put, keys=[], args=args, refused=[0, "refused"])
         if res is None:
             return PutResult(False, reason="error")
         stored = bool(res[0])
@@ -216,11 +213,17 @@ class RedisTier(ObjectTier):
         m = _member(tid, key)
 
         def fetch():
+            if self.read_only:
+                return self.client.get(self.prefix + "obj:" + m)
             pipe = self.client.pipeline(transaction=False)
             pipe.get(self.prefix + "obj:" + m)
             pipe.zadd(self.prefix + "lru", {m: time.time()}, xx=True)
             pipe.zadd(self.prefix + "lru:" + tid.hex(), {m: time.time()}, xx=True)
-            return pipe.execute()[0]
+            # a full server refuses the LRU updates (writes); the read stands
+            got = pipe.execute(raise_on_error=False)[0]
+            if isinstance(got, Exception):
+                raise got
+            return got
 
         return self._call(fetch)
 

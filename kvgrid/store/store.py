@@ -20,14 +20,14 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvgrid import keys as kvkeys
 from kvgrid.events import AllCleared, BlockRemoved, BlockStored, KVEvent
 from kvgrid.store.config import StoreConfig, TenantPolicy, default_store_dir
-from kvgrid.store.crypto import KeyRing, load_keyring
+from kvgrid.store.crypto import KeyRing, MasterKeyError, load_keyring
 from kvgrid.store.disk_tier import DiskTier
 from kvgrid.store.host_pool import HostPool, Slot
 from kvgrid.store.landing import LayerLanding, land_layers
@@ -66,27 +66,51 @@ class ContextStore:
         keyring: KeyRing | None = None,
         tiers: list[ObjectTier] | None = None,
         copier: Copier | None = None,
+        read_only: bool = False,
     ) -> None:
         """``tiers`` replaces the G3/G4 tiers built from the config (for tools and tests);
-        ``copier`` the asynchronous G1 -> G2 copies (default: on CUDA, a side stream)."""
+        ``copier`` the asynchronous G1 -> G2 copies (default: on CUDA, a side stream).
+        ``read_only`` (inspection tools): nothing on any tier is created, changed, deleted
+        or touched, and no key is generated."""
         self.config = cfg = config or StoreConfig()
         cfg.validate()
+        self.read_only = read_only
         self.metrics = StoreMetrics(registry)
+        self.disabled: dict[str, str] = {}  # tiers never opened -> why
+        self.keyring = None
         if cfg.encrypt:
-            self.keyring = keyring or load_keyring(cfg.master_key_file, default_store_dir())
-        else:
-            self.keyring = None
+            try:
+                self.keyring = keyring or load_keyring(cfg.master_key_file, default_store_dir())
+            except (MasterKeyError, OSError) as e:
+                # stored KV leaves the process encrypted or not at all: below G2 is off
+                for name in (
+                    "G3" if cfg.g3_dir else None,
+                    "G4" if cfg.g4_dir or cfg.g4_redis else None,
+                ):
+                    if name and tiers is None:
+                        self.disabled[name] = "bad_key"
+                        self.metrics.inc("tier_faults", tier=name, reason="bad_key")
+                log.error(
+                    "context store: the master key cannot be used (%s); %s off until it is "
+                    "fixed and the worker restarted (G2 still serves)",
+                    e, ", ".join(self.disabled) or "nothing below G2",
+                )  # fmt: skip
         self.g2 = (
             HostPool(cfg.g2_bytes, cfg.high_watermark, cfg.low_watermark) if cfg.g2_bytes else None
         )
         self.leases = LeaseManager(self.g2, cfg.lease_timeout_s) if self.g2 else None
-        self.lower: list[ObjectTier] = tiers if tiers is not None else self._build_tiers(cfg)
+        if tiers is not None:
+            self.lower: list[ObjectTier] = tiers
+        elif self.disabled:
+            self.lower = []
+        else:
+            self.lower = self._build_tiers(cfg, read_only)
         self._error_logged: dict[tuple[str, str], float] = {}
-        if self.keyring is not None:
+        if self.keyring is not None and not read_only:
             from kvgrid.store.keycheck import check_shared_tier
 
             for t in self.lower:
-                if t.name == "G4":
+                if t.name == "G4" and t.up:
                     check_shared_tier(t, self.keyring)  # refuse another server's master key
         self.sightings = Sightings()
         self.ledger = BlockLedger(self.metrics)
@@ -121,24 +145,38 @@ class ContextStore:
             self.metrics.capacity.labels(tier=t.name).set(
                 t.capacity_bytes if t is self.g2 else t.capacity
             )
-        self.rebuilt = {t.name: self._rebuild(t) for t in self.lower if isinstance(t, DiskTier)}
+        for t in self.lower:
+            self.metrics.backend_up.labels(tier=t.name, backend=t.backend).set(1 if t.up else 0)
+            if t.fault is not None:
+                self.metrics.inc("tier_faults", tier=t.name, reason=t.fault)
+            if getattr(t, "ledger_repairs", 0):  # found while opening it
+                self.metrics.inc("tier_faults", t.ledger_repairs, tier=t.name, reason="ledger")
+            t.on_state = self._tier_state
+        self.rebuilt = {}
+        if not read_only:
+            self.rebuilt = {
+                t.name: self._rebuild(t)
+                for t in self.lower
+                if isinstance(t, DiskTier) and t.fault is None
+            }
         # the waiting requests' prefixes come up into G2 ahead of admission (prefetch.py)
         self.prefetcher = PrefetchPlanner(self) if self.g2 is not None else None
         self._janitor = None
-        if cfg.sweep_interval_s > 0:
+        if cfg.sweep_interval_s > 0 and not read_only:
             self._janitor = threading.Thread(
                 target=self._sweep_loop, name="kvgrid-store-ttl", daemon=True
             )
             self._janitor.start()
 
     @staticmethod
-    def _build_tiers(cfg: StoreConfig) -> list[ObjectTier]:
-        hw = dict(high=cfg.high_watermark, low=cfg.low_watermark)
+    def _build_tiers(cfg: StoreConfig, read_only: bool = False) -> list[ObjectTier]:
+        hw = dict(high=cfg.high_watermark, low=cfg.low_watermark, read_only=read_only)
+        disk = dict(hw, retry_s=cfg.disk_retry_s, lock_timeout_s=cfg.lock_timeout_s)
         out: list[ObjectTier] = []
         if cfg.g3_dir:
-            out.append(DiskTier(cfg.g3_dir, cfg.g3_bytes, "G3", "disk", **hw))
+            out.append(DiskTier(cfg.g3_dir, cfg.g3_bytes, "G3", "disk", **disk))
         if cfg.g4_dir:
-            out.append(DiskTier(cfg.g4_dir, cfg.g4_bytes, "G4", "fs", **hw))
+            out.append(DiskTier(cfg.g4_dir, cfg.g4_bytes, "G4", "fs", **disk))
         elif cfg.g4_redis:
             from kvgrid.store.redis_tier import RedisTier
 
@@ -148,6 +186,18 @@ class ContextStore:
                 )
             )
         return out
+
+    def _tier_state(self, tier: ObjectTier, up: bool, reason: str) -> None:
+        """A tier turned off (a fault) or back on: metrics, and the router's view. Off, its
+        blocks are unreachable (AllCleared); back, they are announced again (a rebuild on
+        the background read thread)."""
+        if reason:
+            self.metrics.inc("tier_faults", tier=tier.name, reason=reason)
+        self.metrics.backend_up.labels(tier=tier.name, backend=tier.backend).set(1 if up else 0)
+        if not up:
+            self._emit(AllCleared(tier.name))
+        elif not reason and isinstance(tier, DiskTier) and not self.read_only:
+            self.reads.submit(lambda: self._rebuild(tier))
 
     def _tiers(self) -> list:
         return ([self.g2] if self.g2 else []) + self.lower
@@ -940,6 +990,8 @@ class ContextStore:
             self._landings.submit(lambda: None).result(timeout_s)
         except FutureTimeout:
             return False
+        if self.prefetcher is not None and not self.prefetcher.settle(timeout_s):
+            return False
         return self.writes.drain(timeout_s) and self.reads.drain(timeout_s)
 
     # ---- restart, retention, maintenance ---------------------------------------------------
@@ -948,7 +1000,12 @@ class ContextStore:
         """Read every object's header after a restart: announce the valid ones (BlockStored),
         drop the ones whose header is damaged or does not match their name."""
         n = 0
-        for info in list(tier.list()):
+        try:
+            infos = list(tier.list())
+        except OSError as e:
+            tier._fail(e)
+            return 0
+        for info in infos:
             try:
                 head = tier.read_prefix(info.tenant_id, info.key, MAX_HEADER)
                 if head is None:
@@ -956,6 +1013,9 @@ class ContextStore:
                 h = read_header(head)
                 if h.key != info.key or h.tenant_id != info.tenant_id or h.object_len != info.size:
                     raise ObjectError("mismatch", "header does not match the object's name")
+            except OSError as e:
+                tier._fail(e)
+                return n
             except ObjectError as e:
                 self.metrics.inc("integrity_failures", tier=tier.name, kind=e.kind)
                 if tier.delete(info.tenant_id, info.key):
@@ -998,18 +1058,25 @@ class ContextStore:
                 log.exception("TTL sweep failed")
 
     def verify(
-        self, tenants: list[bytes] = (), remove_bad: bool = True
-    ) -> dict[str, dict[str, int]]:
+        self, tenants: list[bytes] = (), remove_bad: bool = False
+    ) -> dict[str, dict[str, Any]]:
         """Read back every object below G2. Objects of a known tenant are fully checked
-        (checksum, key, decryption, decoding); others by header and checksum only."""
+        (checksum, key, decryption, decoding); others by header and checksum only. Bad
+        objects are listed (``bad_objects``: tenant id, key, kind) and removed only with
+        ``remove_bad`` (an object that fails decryption is kept: the key may be wrong)."""
         known = dict(self._known_tenants)
         for t in tenants:
             known[_tid(t)] = t
-        report: dict[str, dict[str, int]] = {}
+        report: dict[str, dict[str, Any]] = {}
         for tier in self.lower:
             r = report[tier.name] = {"ok": 0, "checksum_only": 0, "bad": 0, "removed": 0}
+            bad: list[tuple[bytes, bytes, str]] = r.setdefault("bad_objects", [])
             for info in list(tier.list()):
-                blob = tier.get(info.tenant_id, info.key)
+                try:
+                    blob = tier.get(info.tenant_id, info.key)
+                except OSError as e:
+                    self.failed(tier.name, "read", e)
+                    continue
                 if blob is None:
                     continue
                 try:
@@ -1023,6 +1090,7 @@ class ContextStore:
                         r["checksum_only"] += 1
                 except ObjectError as e:
                     r["bad"] += 1
+                    bad.append((info.tenant_id, info.key, e.kind))
                     self.metrics.inc("integrity_failures", tier=tier.name, kind=e.kind)
                     if remove_bad and e.kind != "decrypt" and tier.delete(info.tenant_id, info.key):
                         r["removed"] += 1
@@ -1061,12 +1129,16 @@ class ContextStore:
                 "capacity_bytes": cap,
                 "used_bytes": used,
                 "up": up,
+                "fault": getattr(t, "fault", None),
             }
             self.metrics.capacity.labels(tier=t.name).set(cap)
             self.metrics.used.labels(tier=t.name).set(used)
             self.metrics.backend_up.labels(tier=t.name, backend=t.backend).set(1 if up else 0)
             if t is self.g2:
                 tiers["G2"]["blocks"] = len(self.g2.entries)
+        for name, reason in self.disabled.items():
+            tiers[name] = {"backend": None, "capacity_bytes": 0, "used_bytes": 0, "up": False,
+                           "fault": reason}  # fmt: skip
         pinned = self.g2.pinned_count() if self.g2 else 0
         self.metrics.pinned.set(pinned)
         self.metrics.in_flight.set(self.writes.in_flight)

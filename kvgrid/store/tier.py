@@ -7,11 +7,17 @@ they evicted so the store can publish BlockRemoved events.
 
 from __future__ import annotations
 
+import errno
+import logging
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,15 +36,85 @@ class ObjectInfo:
     last_access: float
 
 
+def fault_reason(e: BaseException) -> str:
+    """A short name for why a tier operation failed (the label of the fault metric)."""
+    if isinstance(e, TimeoutError):
+        return "timeout"
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full"
+    if code == errno.EROFS:
+        return "read_only"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission"
+    return "io_error" if isinstance(e, OSError) else "unreachable"
+
+
 class ObjectTier(ABC):
+    """A tier below G2. A fault (a full or read-only directory, an unreachable server, a
+    lock held too long) turns it off: reads are misses and writes are dropped, so the store
+    serves from its other tiers and the engine recomputes. After ``retry_s`` the next use
+    probes the backend (``_probe``) and turns the tier back on if it answers."""
+
     name: str  # "G3" or "G4"
     backend: str  # "disk", "fs", "redis"
     capacity: int
+    # set by the store: called with (tier, up, reason) when the tier turns off or back on,
+    # and with (tier, True, reason) for a fault repaired in place (a recounted ledger)
+    on_state: Callable[[ObjectTier, bool, str], None] | None = None
+
+    def _init_health(self, retry_s: float) -> None:
+        self.retry_s = retry_s
+        self.fault: str | None = None  # why the tier is off; None while it is on
+        self._retry_at = 0.0
+        self._health = threading.Lock()
 
     @property
     def up(self) -> bool:
-        """False while the backend is unreachable (everything then reads as a miss)."""
-        return True
+        """False while the tier is off (everything then reads as a miss)."""
+        if self.fault is None:
+            return True
+        if time.monotonic() < self._retry_at or not self._health.acquire(blocking=False):
+            return False
+        try:  # one thread probes; the others see the tier off meanwhile
+            if self.fault is None:
+                return True
+            try:
+                self._probe()
+            except Exception as e:
+                self._retry_at = time.monotonic() + self.retry_s
+                log.debug("%s still off: %s", self.name, e)
+                return False
+            self._set_on()
+            return True
+        finally:
+            self._health.release()
+
+    def _probe(self) -> None:
+        """Raise unless the backend works again (called at most every ``retry_s``)."""
+        return None
+
+    def _fail(self, e: BaseException, reason: str | None = None) -> None:
+        """Turn the tier off for ``retry_s`` because of ``e``; logged once per outage."""
+        reason = reason or fault_reason(e)
+        was_on = self.fault is None
+        self.fault, self._retry_at = reason, time.monotonic() + self.retry_s
+        if was_on:
+            log.warning(
+                "%s (%s) off: %s (%s); its reads are misses and writes are dropped, "
+                "the other tiers serve; retrying every %.0fs",
+                self.name, self.backend, reason, e, self.retry_s,
+            )  # fmt: skip
+            if self.on_state is not None:
+                self.on_state(self, False, reason)
+
+    def _set_on(self) -> None:
+        if self.fault is None:
+            return
+        log.warning("%s (%s) is back after %s", self.name, self.backend, self.fault)
+        self.fault = None
+        if self.on_state is not None:
+            self.on_state(self, True, "")
 
     @abstractmethod
     def put(self, tid: bytes, key: bytes, blob: bytes, quota: int | None = None) -> PutResult: ...

@@ -62,6 +62,9 @@ class _Arrived:
         return False  # nothing stored: a bad object is simply not taken
 
 
+_RELEASE_WAIT_S = 5.0
+
+
 class Inbound:
     """One expected transfer."""
 
