@@ -13,11 +13,13 @@ SCOPE = keys.KVScope("m", "float32")
 BPB = 8 << 20  # an 8B model's 64-token block
 
 
-def fleet(mode="auto", d_load=None, p_load=None, d_endpoint="127.0.0.1:1", **cfg) -> Router:
+def fleet(
+    mode="auto", d_load=None, p_load=None, d_endpoint="127.0.0.1:1", devices=("", ""), **cfg
+) -> Router:
     r = Router("ttft", disagg=DisaggConfig(mode=mode, **cfg))
-    for wid, role, endpoint, extra in (
-        ("d0", "decode", d_endpoint, d_load or {}),
-        ("p0", "prefill", "127.0.0.1:2", p_load or {}),
+    for wid, role, endpoint, extra, device in (
+        ("d0", "decode", d_endpoint, d_load or {}, devices[0]),
+        ("p0", "prefill", "127.0.0.1:2", p_load or {}, devices[1]),
     ):
         info = WorkerInfo(
             wid,
@@ -27,6 +29,7 @@ def fleet(mode="auto", d_load=None, p_load=None, d_endpoint="127.0.0.1:1", **cfg
             bytes_per_block=BPB,
             role=role,
             transfer_endpoint=endpoint,
+            device=device,
         )
         r.add_worker(info, 0.0)
         r.on_snapshot(wid, 0, {}, 0.0)
@@ -109,6 +112,98 @@ def test_itl_protection_trades_some_ttft_within_the_target():
     # with a TTFT target the remote prefill would miss, the prompt stays local
     r = fleet(d_load=d_load, p_load=dict(waiting_prefill_tokens=2000), ttft_target_s=0.5)
     assert r.route(RouteRequest("itl2", toks(8192)), 1.0).prefill.reason == "local_faster"
+
+
+SHARED = ("cuda:GPU-a", "cuda:GPU-a")
+APART = ("cuda:GPU-a", "cuda:GPU-b")
+
+
+def test_a_prefill_worker_on_the_decode_workers_device_must_still_win():
+    # apart, p0 takes the busy decode worker's long prompt (it is faster there)
+    for devices in (("", ""), APART, ("", "cuda:GPU-a")):
+        p = fleet(d_load=BUSY, devices=devices).route(RouteRequest("x", toks(8192)), 1.0).prefill
+        assert p.remote and p.reason == "lowers_ttft" and not p.options[0].shared_device
+    # on one device, p0's 2048-token steps run between d0's decode steps: its ITL would go
+    # from 0.046 s (256-token mixed steps) to 0.225 s, past the 0.1 s target
+    r = fleet(d_load=BUSY, devices=SHARED)
+    d = r.route(RouteRequest("x", toks(8192)), 1.0)
+    p = d.prefill
+    o = p.options[0]
+    assert o.shared_device and not p.remote and p.reason == "shared_device"
+    assert p.local_itl_s == pytest.approx(0.02 + 256 / 10_000)
+    assert p.remote_itl_s == pytest.approx(0.02 + 2048 / 10_000)
+    # d0's decode steps stretch p0's prefill too: one per p0 step
+    apart = fleet(d_load=BUSY, devices=APART).route(RouteRequest("x", toks(8192)), 1.0).prefill
+    assert o.compute_s == pytest.approx(apart.options[0].compute_s + 4 * 0.02)
+    assert d.to_dict()["prefill"]["options"][0]["shared_device"] is True
+    assert "shared_device" in d.log_line()
+    assert r.prefill_reasons == {"local:shared_device": 1} and not r.workers["p0"].inflight
+    # "protects_itl" never holds on a shared device: the remote prefill takes the same steps
+    d_load = dict(num_running=16, mixed_prefill_tokens=2048, transfer_bytes_per_s=5e9)
+    queued = dict(waiting_prefill_tokens=2000)
+    for devices, remote in ((APART, True), (SHARED, False)):
+        r = fleet(d_load=d_load, p_load=queued, ttft_target_s=3.0, devices=devices)
+        p = r.route(RouteRequest("itl", toks(8192)), 1.0).prefill
+        assert p.remote is remote and p.reason == ("protects_itl" if remote else "shared_device")
+    # forced is forced
+    assert (
+        fleet("always", d_load=BUSY, devices=SHARED)
+        .route(RouteRequest("f", toks(8192)), 1.0)
+        .prefill.remote
+    )
+
+
+def test_on_a_shared_device_remote_prefill_wins_where_the_prefill_worker_holds_the_prefix():
+    prompt = toks(8192, 300)
+    ks = keys.block_keys(prompt[:8128], SCOPE.digest)
+    stored = EventBatch("p0", 1, 0.0, [BlockStored(tuple(ks), None, "G1", 8128)])
+    r = fleet(d_load=BUSY, devices=SHARED)
+    r.on_events(stored, 1.0)
+    d = r.route(RouteRequest("hit", prompt), 1.0)
+    p = d.prefill
+    # p0 computes its last block alone: 64 tokens between d0's steps keep its ITL in target
+    assert p.remote and p.reason == "lowers_ttft" and p.options[0].shared_device
+    assert p.options[0].uncached_tokens == 64 and p.remote_itl_s < 0.1
+    # an idle decode worker: nothing of its decoding to slow down, sharing changes nothing
+    idle = fleet(devices=SHARED, p_load=dict())
+    assert idle.route(RouteRequest("i", toks(8192)), 1.0).prefill.reason == "local_faster"
+
+
+def test_of_two_prefill_workers_the_one_on_another_device_takes_the_prompt():
+    r = fleet(d_load=BUSY, devices=SHARED)
+    # p1 has a queue (slower on paper than p0), but p0 shares d0's device
+    info = WorkerInfo(
+        "p1",
+        epoch="e",
+        scope=SCOPE,
+        max_num_batched_tokens=2048,
+        bytes_per_block=BPB,
+        role="prefill",
+        transfer_endpoint="127.0.0.1:3",
+        device="cuda:GPU-b",
+    )
+    r.add_worker(info, 0.0)
+    r.on_snapshot("p1", 0, {}, 0.0)
+    load = dict(prefill_tokens_per_s=10_000.0, decode_step_s=0.02, role="prefill")
+    r.on_load(WorkerLoad("p1", "e", waiting_prefill_tokens=1000, **load), 0.0)
+    p = r.route(RouteRequest("two", toks(8192)), 1.0).prefill
+    by = {o.worker_id: o for o in p.options}
+    assert by["p0"].shared_device and not by["p1"].shared_device
+    assert by["p0"].predicted_ttft_s < by["p1"].predicted_ttft_s  # p0 first on TTFT alone
+    assert p.remote and p.worker_id == "p1" and p.reason == "lowers_ttft"
+
+
+def test_workers_report_the_device_they_compute_on():
+    import socket
+
+    import torch
+
+    from kvgrid.server.worker import device_identity
+
+    assert device_identity(torch.device("cpu")) == f"{socket.gethostname()}/cpu"
+    assert device_identity(None) == f"{socket.gethostname()}/cpu"
+    info = WorkerInfo("w", device="cuda:GPU-x")
+    assert WorkerInfo.from_dict(info.to_dict()).device == "cuda:GPU-x"
 
 
 def test_a_slow_link_keeps_prefill_local():

@@ -23,7 +23,10 @@ Model (per pool, from the engine calibration):
 - Feedback: when the observed TTFT percentile misses the target the planned load is scaled
   up (and relaxes back slowly), which absorbs what the model misses (cache hits, skew).
   Misses right after a scale-up (replicas starting, the old backlog draining) are already
-  being answered and do not count.
+  being answered and do not count. Disaggregated, the decode pool has its own: the observed
+  inter-token latency percentile against the ITL target scales the load it plans for.
+- Bounds: ``min_replicas``/``max_replicas`` for every pool, ``pool_min``/``pool_max`` for
+  one (a live server's --max-prefill-workers).
 - Hysteresis: scale up at once (counting replicas still starting). Scale down only to the
   largest size wanted over the last ``down_ticks`` intervals at ``down_margin`` more load
   (sustained headroom, so Poisson noise in a steady rate cannot drain a replica that the next
@@ -114,6 +117,16 @@ class PlannerConfig:
     trend_z: float = 3.0
     service_cv: float = 0.5  # coefficient of variation of prefill service times
     disagg: bool = False
+    # bounds of single pools ({"prefill": 4}); pools not named: min_replicas, max_replicas
+    pool_min: dict[str, int] = field(default_factory=dict)
+    pool_max: dict[str, int] = field(default_factory=dict)
+
+    def bounds(self, pool: str) -> tuple[int, int]:
+        """(fewest, most) replicas of ``pool``."""
+        return (
+            self.pool_min.get(pool, self.min_replicas),
+            self.pool_max.get(pool, self.max_replicas),
+        )
 
 
 class Actuator(Protocol):
@@ -207,6 +220,8 @@ class Planner:
         self.mean_in = 0.0
         self.mean_out = 0.0
         self.boost = 1.0  # feedback on observed TTFT misses
+        self.itl_boost = 1.0  # the decode pool's, on observed ITL misses (disaggregated)
+        self.last_obs: dict[str, float | None] = {}  # what the last decision saw, to explain it
         self.down_hist: dict[str, deque[int]] = {}  # per pool: sizes wanted, last intervals
         self.miss_floor: dict[str, tuple[int, float]] = {}  # per pool: (size, rate) at a miss
         self.missed = False
@@ -277,14 +292,14 @@ class Planner:
         """Replicas per pool for arrival rate ``lam`` (requests/s)."""
         cfg = self.cfg
         if lam <= 0:
-            if cfg.disagg:
-                return {"prefill": cfg.min_replicas, "decode": cfg.min_replicas}
-            return {"mixed": cfg.min_replicas}
+            pools = ("prefill", "decode") if cfg.disagg else ("mixed",)
+            return {p: cfg.bounds(p)[0] for p in pools}
         if cfg.disagg:
             s = self._prefill_service(mean_in, hit, 0)
             handoff = self._handoff_s(mean_in, s)
             n_p = self._search(lambda n: self._ttft_ok(n, lam, s, handoff))
-            n_d = self._search(lambda n: self._decode_ok(n, lam, mean_in, mean_out, 0.0))
+            lam_d = lam * self.itl_boost
+            n_d = self._search(lambda n: self._decode_ok(n, lam_d, mean_in, mean_out, 0.0))
             return {"prefill": n_p, "decode": n_d}
 
         def ok(n: int) -> bool:
@@ -310,6 +325,10 @@ class Planner:
         self.rate = (
             obs.arrival_rate if self.rate is None else a * obs.arrival_rate + (1 - a) * self.rate
         )
+        if obs.arrival_rate == 0 and self.rate * obs.window_s < 0.5:
+            # not one request in this window, nor half of one expected: the load is gone
+            # (a smoothed rate only ever approaches zero, and any rate plans for capacity)
+            self.rate = 0.0
         self.rates.append(obs.arrival_rate)
         self.slow_rates.append(obs.arrival_rate)
         if obs.arrival_rate > 0:
@@ -320,13 +339,16 @@ class Planner:
         # Not while settling after a scale-up or while the backlog shrinks: those misses are
         # already being answered.
         self.missed = False
+        self.last_obs = {
+            "ttft_p": _percentile(obs.ttft_s, cfg.ttft_percentile),
+            "itl_p": _percentile(obs.tpot_s, cfg.ttft_percentile),
+        }
         # a backlog that shrinks means the capacity suffices: its misses are old work
         draining = obs.waiting_prefill_tokens < 0.9 * self.prev_waiting
         self.prev_waiting = obs.waiting_prefill_tokens
         settling = settling or draining
         if len(obs.ttft_s) >= 20:
-            xs = sorted(obs.ttft_s)
-            p = xs[min(len(xs) - 1, int(cfg.ttft_percentile * len(xs)))]
+            p = self.last_obs["ttft_p"]
             # requests that waited p seconds arrived before the replicas of the last
             # scale-up were ready: their miss says nothing about the pool as it is now
             before_up = now - p < max(self.last_up.values(), default=-1e18) + self.startup_s
@@ -335,6 +357,12 @@ class Planner:
                 self.missed = True
             elif p < 0.5 * cfg.ttft_target_s:
                 self.boost = max(1.0, self.boost * 0.97)
+        if cfg.disagg and len(obs.tpot_s) >= 20:
+            p = self.last_obs["itl_p"]
+            if p > cfg.itl_target_s and not settling:
+                self.itl_boost = min(3.0, self.itl_boost * 1.15)
+            elif p < 0.5 * cfg.itl_target_s:
+                self.itl_boost = max(1.0, self.itl_boost * 0.97)
         # trend over the last windows, extrapolated to when a new replica would be ready
         horizon = self.startup_s + cfg.interval_s
         # only a ramp that Poisson noise cannot explain counts: the least-squares slope over
@@ -384,7 +412,8 @@ class Planner:
             pool = pools.get(name, PoolState(name))
             serving = pool.serving()
             have = len(serving)
-            want = max(cfg.min_replicas, min(cfg.max_replicas, want))
+            lo, hi = cfg.bounds(name)
+            want = max(lo, min(hi, want))
             hist = self.down_hist.setdefault(name, deque(maxlen=max(1, cfg.down_ticks)))
             hist.append(max(want, need_down.get(name, want)))
             if self.missed:
@@ -394,9 +423,10 @@ class Planner:
             if want > have:
                 self.last_up[name] = now
                 hist.clear()
-                actions.append(ScaleAction("add", name, want - have, reason=f"need {want}"))
+                why = f"need {want}: {self._explain(name, lam, observed)}"
+                actions.append(ScaleAction("add", name, want - have, reason=why))
                 continue
-            keep = max(cfg.min_replicas, max(hist))
+            keep = max(lo, max(hist))
             floor, at_rate = self.miss_floor.get(name, (0, 0.0))
             fallen = (
                 len(self.slow_rates) == self.slow_rates.maxlen
@@ -412,12 +442,30 @@ class Planner:
                 and now - self.last_up.get(name, -1e18) >= cfg.cooldown_s
             ):
                 n = min(cfg.max_down_step, have - keep)
+                why = f"keep {keep}: {self._explain(name, lam, observed)}"
                 for r in self._victims(serving, n):
-                    actions.append(ScaleAction("drain", name, 1, r.worker_id, f"keep {keep}"))
+                    actions.append(ScaleAction("drain", name, 1, r.worker_id, why))
         self.history.append(
             {"t": now, "rate": lam, "need": need, "boost": self.boost, "actions": len(actions)}
         )
         return actions
+
+    def _explain(self, pool: str, lam: float, obs: ObservedMetrics) -> str:
+        """The numbers a decision for ``pool`` rests on: the load planned for, and what was
+        observed against the target that pool answers for."""
+        cfg = self.cfg
+        pct = f"p{round(cfg.ttft_percentile * 100)}"
+        load = f"{lam:.2f} req/s planned, {self.mean_in:.0f}+{self.mean_out:.0f} tokens"
+        if pool == "decode":
+            itl = self.last_obs.get("itl_p")
+            seen = f"{itl * 1e3:.0f}ms" if itl is not None else "-"
+            return f"{load}, ITL {pct} {seen} vs {cfg.itl_target_s * 1e3:.0f}ms target"
+        ttft = self.last_obs.get("ttft_p")
+        seen = f"{ttft:.3g}s" if ttft is not None else "-"
+        return (
+            f"{load}, TTFT {pct} {seen} vs {cfg.ttft_target_s:.3g}s target, "
+            f"{obs.waiting_prefill_tokens} prompt tokens queued"
+        )
 
     def step(self, now: float, observed: ObservedMetrics, actuator: Actuator) -> list[ScaleAction]:
         """One planner interval against an actuator: decide, then act."""
@@ -451,6 +499,13 @@ class Planner:
             ),
         )
         return ranked[:n]
+
+
+def _percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(q * len(ys)))]
 
 
 def resize_actions(pools: dict[str, PoolState], pool: str, n: int) -> list[ScaleAction]:

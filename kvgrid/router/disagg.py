@@ -10,13 +10,21 @@ the predicted time to first token (by ``min_gain``), or when prefilling locally 
 the decode worker's running requests past the ITL target while the remote prefill keeps them
 within it and its first token within the TTFT target. Otherwise the prompt is computed where
 it decodes: short prompts (little to move), prefixes the decode worker already holds, idle
-decode workers. Pure and clock-free, like the router.
+decode workers.
+
+A prefill worker on the decode worker's own device (two processes sharing one GPU: workers
+report the device they compute on) takes its compute from the same device. Its prefill then
+stretches the decode worker's steps just as a local prefill would (one prefill step between
+two decode steps), and those decode steps stretch the prefill: remote prefill there protects
+no ITL and wins only where it still lowers the time to first token (a shorter queue there,
+its cache holding the prefix). A request that would have gone remote but for the shared
+device stays local with the reason ``shared_device``. Pure and clock-free, like the router.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kvgrid.router.policies import Candidate
@@ -32,6 +40,7 @@ LOCAL_REASONS = (
     "short_prompt",
     "cached_prefix",
     "local_faster",
+    "shared_device",
 )
 
 
@@ -65,6 +74,9 @@ class PrefillOption:
     transfer_tail_s: float  # the transfer's part after that prefill ends
     decode_tail_s: float  # on the decode worker: its queue, landing, the last tokens
     predicted_ttft_s: float
+    # the decode worker's ITL while this prefill runs (its steps share a device with it)
+    itl_s: float = 0.0
+    shared_device: bool = False  # computes on the decode worker's device
 
 
 @dataclass
@@ -107,6 +119,11 @@ class Side:
     transfer_setup_s: float | None = None  # measured on its sending side
     g2_bytes_per_s: float | None = None
     bytes_per_block: int = 0
+    device: str = ""  # WorkerInfo.device ("": unknown, shared with no one)
+
+
+def shares_device(a: Side, b: Side) -> bool:
+    return bool(a.device) and a.device == b.device
 
 
 def local_ttft_s(s: Side) -> float:
@@ -132,9 +149,12 @@ def _itl_s(s: Side, prompt_tokens: int) -> float:
     return c.decode_step_s + min(prompt_tokens, chunk) / c.prefill_tokens_per_s
 
 
-def option(d: Side, p: Side, n_prompt: int, start: int, num: int) -> PrefillOption:
+def option(
+    d: Side, p: Side, n_prompt: int, start: int, num: int, shared: bool | None = None
+) -> PrefillOption:
     """Prefill of blocks [0, start + num) on ``p`` (it computes what it lacks and sends
-    blocks start..), then the decode worker ``d`` lands them and computes the rest."""
+    blocks start..), then the decode worker ``d`` lands them and computes the rest.
+    ``shared``: whether ``p`` computes on ``d``'s device (default: as they report)."""
     dc, pc = d.candidate, p.candidate
     bs = dc.block_size
     upto = (start + num) * bs
@@ -142,9 +162,17 @@ def option(d: Side, p: Side, n_prompt: int, start: int, num: int) -> PrefillOpti
     p_uncached = upto - p_cached
     produce = p_uncached / pc.prefill_tokens_per_s
     compute = pc.backlog_tokens / pc.prefill_tokens_per_s + produce
+    steps = math.ceil((pc.backlog_tokens + p_uncached) / pc.max_num_batched_tokens)
     if pc.num_decoding:
-        steps = math.ceil((pc.backlog_tokens + p_uncached) / pc.max_num_batched_tokens)
         compute += steps * pc.decode_step_s
+    shared = shares_device(d, p) if shared is None else shared
+    itl = _itl_s(d, n_prompt - upto)
+    if shared and dc.num_decoding:
+        # the local prefill's model with the prefill worker's steps: the device runs one of
+        # them between two of the decode worker's steps, each slowing the other
+        compute += steps * dc.decode_step_s
+        chunk = min(p_uncached, pc.max_num_batched_tokens)
+        itl = max(itl, dc.decode_step_s + chunk / pc.prefill_tokens_per_s)
     model = TransferModel.measured(d.transfer_bytes_per_s, p.transfer_setup_s)
     per_step = max(1, pc.max_num_batched_tokens // bs)
     g2 = d.g2_bytes_per_s or DEFAULT_LAND_BYTES_PER_S
@@ -155,7 +183,15 @@ def option(d: Side, p: Side, n_prompt: int, start: int, num: int) -> PrefillOpti
     if dc.num_decoding:
         decode += dc.decode_step_s
     return PrefillOption(
-        p.candidate.worker_id, p_cached, p_uncached, compute, tail, decode, compute + tail + decode
+        p.candidate.worker_id,
+        p_cached,
+        p_uncached,
+        compute,
+        tail,
+        decode,
+        compute + tail + decode,
+        itl,
+        shared,
     )
 
 
@@ -202,10 +238,38 @@ def plan_prefill(
         plan.reason = "cached_prefix" if start >= cfg.min_blocks else "short_prompt"
         return plan
     plan.options = [option(d, p, n_prompt, start, num) for p in others]
-    best = min(plan.options, key=lambda o: (o.predicted_ttft_s, o.worker_id))
+    best = _choose(cfg, plan, plan.options, local, c.cached_tokens, n_prompt)
+    if best is None and any(o.shared_device for o in plan.options):
+        # would another device have made it remote? then the sharing is why it stays local
+        apart = [option(d, p, n_prompt, start, num, shared=False) for p in others]
+        if _choose(cfg, replace(plan), apart, local, c.cached_tokens, n_prompt) is not None:
+            plan.reason = "shared_device"
+    if best is None:
+        return plan
+    plan.worker_id = best.worker_id
+    predicted = cfg.deadline_factor * (best.compute_s + best.transfer_tail_s)
+    plan.deadline_s = max(predicted, cfg.stall_s) + cfg.deadline_slack_s
+    return plan
+
+
+def _choose(
+    cfg: DisaggConfig,
+    plan: PrefillPlan,
+    options: list[PrefillOption],
+    local: float,
+    cached: int,
+    n: int,
+) -> PrefillOption | None:
+    """The option to prefill on (``plan`` gets the reason and the remote predictions), or
+    None: prefill locally (``plan.reason`` says why)."""
+    # a prefill sharing the decode worker's device may stretch its steps past the target
+    # where the local one would not: a faster first token does not pay for that
+    kept = [o for o in options if o.itl_s <= max(cfg.itl_target_s, plan.local_itl_s)]
+    pool = kept if kept and cfg.mode != "always" else options
+    best = min(pool, key=lambda o: (o.predicted_ttft_s, o.worker_id))
     plan.remote_ttft_s = best.predicted_ttft_s
-    plan.remote_itl_s = _itl_s(d, n_prompt - hit_cap * bs)
-    faster = best.predicted_ttft_s < (1 - cfg.min_gain) * local
+    plan.remote_itl_s = best.itl_s
+    faster = best.predicted_ttft_s < (1 - cfg.min_gain) * local and best in kept
     itl_at_risk = plan.local_itl_s > cfg.itl_target_s >= plan.remote_itl_s
     bound = cfg.ttft_target_s if cfg.ttft_target_s is not None else 1.5 * local
     within = best.predicted_ttft_s <= bound
@@ -216,9 +280,6 @@ def plan_prefill(
     elif itl_at_risk and within:
         plan.remote, plan.reason = True, "protects_itl"
     else:
-        plan.reason = "cached_prefix" if c.cached_tokens * 2 >= n_prompt else "local_faster"
-        return plan
-    plan.worker_id = best.worker_id
-    predicted = cfg.deadline_factor * (best.compute_s + best.transfer_tail_s)
-    plan.deadline_s = max(predicted, cfg.stall_s) + cfg.deadline_slack_s
-    return plan
+        plan.reason = "cached_prefix" if cached * 2 >= n else "local_faster"
+        return None
+    return best

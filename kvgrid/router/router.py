@@ -116,7 +116,8 @@ class Decision:
             remote = f"{p.remote_ttft_s * 1e3:.1f}ms" if p.remote_ttft_s is not None else "-"
             line += (
                 f" | prefill {where} ({p.reason}: ttft local {p.local_ttft_s * 1e3:.1f}ms "
-                f"remote {remote}, itl local {p.local_itl_s * 1e3:.1f}ms)"
+                f"remote {remote}, itl local {p.local_itl_s * 1e3:.1f}ms "
+                f"remote {p.remote_itl_s * 1e3:.1f}ms)"
             )
         return line
 
@@ -493,6 +494,7 @@ class Router:
             ld.transfer_setup_s,
             ld.tier_bytes_per_s.get("G2"),
             w.info.bytes_per_block,
+            w.info.device,
         )
 
     def _plan_prefill(
@@ -593,6 +595,7 @@ class Router:
                     "role": w.role,
                     "transfer_endpoint": w.info.transfer_endpoint,
                     "site": w.info.site,
+                    "device": w.info.device,
                     "up": w.up,
                     "draining": w.draining,
                     "freshness": self.freshness(wid),

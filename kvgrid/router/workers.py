@@ -32,6 +32,9 @@ class WorkerInfo:
     site: str = ""  # kvgrid.router.sites: the group of nodes it runs in ("": none named)
     role: str = "both"  # prefill | decode | both (its first; load reports carry changes)
     transfer_endpoint: str | None = None  # HOST:PORT it takes KV transfers on; None: none
+    # the compute device it runs on (a GPU's UUID, HOST/cpu, or an operator's group name):
+    # workers with the same one take turns on it ("": unknown, taken as its own)
+    device: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

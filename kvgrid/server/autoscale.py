@@ -9,6 +9,13 @@ engine is up; "drain" makes the router send nothing new there, waits until the r
 flight on it have finished, then has the launcher stop it, and forgets it. An operator can
 also resize the pool at once (``POST /admin/scale``).
 
+With role pools (`kvgrid serve --prefill-workers N --decode-workers M --autoscale`) the
+planner sizes the prefill and the decode pool apart, as it does in the simulator: the
+prefill pool against the TTFT target (the first tokens clients saw, the prompt tokens queued
+on the workers), the decode pool against the ITL target (the inter-token latencies clients
+saw), each within its own bounds. A new worker starts in the role of its pool; a drained
+one is a worker of the pool that shrinks.
+
 The planner models the workers from what this router measures (``observed_calibration``:
 the prefill speed and decode step time in their load reports, their KV capacity, the time a
 started worker took to join), refreshed every interval; it decides nothing until a worker
@@ -46,7 +53,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POOL = "mixed"  # one machine, no disaggregation: one pool
+POOL = "mixed"  # no disaggregation: one pool of workers that prefill and decode
+ROLE_OF_POOL = {POOL: "both", "prefill": "prefill", "decode": "decode"}
+POOL_OF_ROLE = {role: pool for pool, role in ROLE_OF_POOL.items()}
+PREFIX = {POOL: "w", "prefill": "p", "decode": "d"}  # of the worker ids of each pool
 
 
 @dataclass
@@ -60,13 +70,18 @@ class Replica:
     stopped_at: float | None = None
     cost_per_hour: float = 0.0  # its site's price (kvgrid.router.sites)
     where: dict[str, Any] | None = None  # the launcher's view: process, node, site, restarts
+    role: str = "both"  # prefill | decode | both: the pool it belongs to
+
+    @property
+    def pool(self) -> str:
+        return POOL_OF_ROLE[self.role]
 
 
 class Launcher(Protocol):
     """Starts and stops the workers of one server: local processes or Ray actors."""
 
-    def launch(self, worker_id: str) -> Replica:
-        """Start a worker (it registers with the router once its engine is up)."""
+    def launch(self, worker_id: str, role: str = "both") -> Replica:
+        """Start a worker in ``role`` (it registers with the router once its engine is up)."""
         ...
 
     def detach(self, worker_id: str) -> None:
@@ -92,34 +107,48 @@ class LiveActuator:
         max_workers: int,
         drain_timeout_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        pool_max: dict[str, int] | None = None,
     ) -> None:
+        """``max_workers``: processes at once, all pools together (the machine's cores are
+        divided among that many); ``pool_max``: the most of one pool."""
         self.fe, self.launcher = fe, launcher
         self.max_workers = max_workers
+        self.pool_max = dict(pool_max or {})
         self.drain_timeout_s = drain_timeout_s
         self.clock = clock
         self.replicas: dict[str, Replica] = {}
         self.retired: list[Replica] = []
-        self._next = 0
+        self._next: dict[str, int] = {}  # per worker id prefix
         self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def pools(self) -> list[str]:
+        """The pools this server runs: role pools, or the one mixed pool."""
+        return [p for p in ("prefill", "decode") if p in self.pool_max] or [POOL]
 
     def adopt(self, r: Replica) -> None:
         """A worker started before the actuator (`kvgrid serve`'s first ones)."""
         self.replicas[r.worker_id] = r
-        self._next = max(self._next, _index(r.worker_id) + 1)
+        prefix, i = _index(r.worker_id)
+        self._next[prefix] = max(self._next.get(prefix, 0), i + 1)
 
-    def live(self) -> list[Replica]:
-        return [r for r in self.replicas.values() if r.draining_since is None]
+    def live(self, pool: str | None = None) -> list[Replica]:
+        return [
+            r
+            for r in self.replicas.values()
+            if r.draining_since is None and (pool is None or r.pool == pool)
+        ]
 
     # ---- Actuator ------------------------------------------------------------------------
 
     def pool_states(self, now: float) -> dict[str, PoolState]:
-        views = []
+        pools = {p: PoolState(p) for p in self.pools}
         for r in self.replicas.values():
             w = self.fe.router.workers.get(r.worker_id)
             up = w is not None and w.up
             if up and r.joined_at is None:
                 r.joined_at = now
-            views.append(
+            pools.setdefault(r.pool, PoolState(r.pool)).replicas.append(
                 ReplicaView(
                     r.worker_id,
                     ready=up,
@@ -131,18 +160,24 @@ class LiveActuator:
                     cost_per_hour=r.cost_per_hour,
                 )
             )
-        return {POOL: PoolState(POOL, views)}
+        return pools
 
     def add_replicas(self, pool: str, count: int, now: float) -> None:
         # the machine's cores were divided among max_workers processes: never start more
-        count = min(count, self.max_workers - len(self.replicas))
+        in_pool = sum(r.pool == pool for r in self.replicas.values())
+        count = min(
+            count,
+            self.max_workers - len(self.replicas),
+            self.pool_max.get(pool, self.max_workers) - in_pool,
+        )
+        role, prefix = ROLE_OF_POOL[pool], PREFIX[pool]
         for _ in range(max(0, count)):
-            wid = f"w{self._next}"
-            self._next += 1
-            r = self.launcher.launch(wid)
-            r.started_at = now
+            wid = f"{prefix}{self._next.get(prefix, 0)}"
+            self._next[prefix] = self._next.get(prefix, 0) + 1
+            r = self.launcher.launch(wid, role) if role != "both" else self.launcher.launch(wid)
+            r.started_at, r.role = now, role
             self.replicas[wid] = r
-            log.info("autoscale: started worker %s (%s)", wid, r.url or "address pending")
+            log.info("autoscale: started %s worker %s (%s)", role, wid, r.url or "address pending")
 
     def drain(self, worker_id: str, now: float) -> None:
         r = self.replicas.get(worker_id)
@@ -215,22 +250,22 @@ CALIBRATION_EVERY_S = 30.0
 def observed_calibration(act: LiveActuator, default_startup_s: float = 30.0) -> Calibration | None:
     """The planner's engine model from what the router measures of the workers it has: the
     median prefill speed and decode step time of their load reports, their KV capacity, and
-    the time started workers took to join. None until a worker has measured itself."""
-    ups = [
-        w
-        for w in act.fe.router.workers.values()
-        if w.up and w.load.prefill_tokens_per_s and w.load.decode_step_s
-    ]
-    if not ups:
+    the time started workers took to join. None until workers have measured both (a prefill
+    worker measures only its prefill speed, a decode worker may measure only its steps)."""
+    ups = [w for w in act.fe.router.workers.values() if w.up]
+    pf = [w.load.prefill_tokens_per_s for w in ups if w.load.prefill_tokens_per_s]
+    ds = [w.load.decode_step_s for w in ups if w.load.decode_step_s]
+    if not (pf and ds):
         return None
+    ups = [w for w in ups if w.load.prefill_tokens_per_s or w.load.decode_step_s]
     info = ups[0].info
     bs = info.block_size
     joins = [r.joined_at - r.started_at for r in act.replicas.values() if r.joined_at is not None]
     return Calibration(
         step_fixed_s=0.0,  # the measured speed is per token of whole steps: fixed cost in it
-        per_token_s=1.0 / statistics.median(w.load.prefill_tokens_per_s for w in ups),
+        per_token_s=1.0 / statistics.median(pf),
         attn_s=0.0,
-        decode_fixed_s=statistics.median(w.load.decode_step_s for w in ups),
+        decode_fixed_s=statistics.median(ds),
         decode_per_seq_s=0.0,
         decode_per_kv_token_s=0.0,
         kv_bytes_per_token=max(1, info.bytes_per_block // bs),
@@ -312,7 +347,10 @@ class Autoscaler:
         """No worker has measured itself: have one measure (a long enough prefill, then a
         few decode steps), at most every CALIBRATION_EVERY_S per worker."""
         fe = self.actuator.fe
-        ups = [w for w in fe.router.workers.values() if w.up and not w.draining]
+        # a worker that decodes: its load reports then carry both speeds
+        ups = [
+            w for w in fe.router.workers.values() if w.up and not w.draining and w.role != "prefill"
+        ]
         if not ups or fe.link.client is None:
             return
         w = min(ups, key=lambda w: self._probed.get(w.worker_id, float("-inf")))
@@ -355,35 +393,69 @@ class Autoscaler:
             return []  # no worker has measured itself yet: nothing to plan with
         acts = self.planner.step(now, obs, self.actuator)
         self._record(now, acts, "planner")
+        self._count_workers(now)
         return acts
 
-    def resize(self, n: int) -> list[ScaleAction]:
-        """Bring the pool to ``n`` serving workers; ValueError (the caller's 400) outside
-        1..max_workers: a request for 99 workers is a mistake to report, not to clamp."""
-        hi = self.actuator.max_workers
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= hi:
-            raise ValueError(f"workers must be an integer from 1 to {hi} (--max-workers): {n!r}")
+    def bounds(self, pool: str) -> tuple[int, int]:
+        """(fewest, most) serving workers of ``pool`` an operator may ask for: a pool that
+        decodes keeps one; prefill workers may all go (decode workers prefill themselves)."""
+        act = self.actuator
+        return (0 if pool == "prefill" else 1), act.pool_max.get(pool, act.max_workers)
+
+    def resize(self, n: int, pool: str = POOL) -> list[ScaleAction]:
+        """Bring ``pool`` to ``n`` serving workers; ValueError (the caller's 400) outside its
+        bounds, or for a pool this server does not run: a request for 99 workers is a
+        mistake to report, not to clamp."""
+        if pool not in self.actuator.pools:
+            raise ValueError(f"this server runs no {pool} pool (it runs {self.actuator.pools})")
+        lo, hi = self.bounds(pool)
+        flag = "--max-workers" if pool == POOL else f"--max-{pool}-workers"
+        if not isinstance(n, int) or isinstance(n, bool) or not lo <= n <= hi:
+            raise ValueError(f"{pool} workers must be an integer from {lo} to {hi} ({flag}): {n!r}")
         now = self.clock()
-        acts = resize_actions(self.actuator.pool_states(now), POOL, n)
+        acts = resize_actions(self.actuator.pool_states(now), pool, n)
         apply_actions(acts, self.actuator, now)
         self._record(now, acts, "operator")
         return acts
 
     def drain(self, worker_id: str) -> list[ScaleAction]:
-        if worker_id not in self.actuator.replicas:
+        r = self.actuator.replicas.get(worker_id)
+        if r is None:
             raise KeyError(worker_id)
-        if len(self.actuator.live()) <= 1:
-            raise ValueError("the last serving worker cannot be drained")
+        if r.role != "prefill" and sum(x.role != "prefill" for x in self.actuator.live()) <= 1:
+            raise ValueError("the last serving worker that decodes cannot be drained")
         now = self.clock()
-        acts = [ScaleAction("drain", POOL, 1, worker_id, "operator")]
+        acts = [ScaleAction("drain", r.pool, 1, worker_id, "operator")]
         apply_actions(acts, self.actuator, now)
         self._record(now, acts, "operator")
         return acts
 
     def _record(self, now: float, acts: list[ScaleAction], by: str) -> None:
+        metrics = getattr(self.actuator.fe, "metrics", None)
         for a in acts:
-            self.actions.append({"t": now, "by": by, **a.to_dict()})
-            log.info("autoscale (%s): %s %s %s", by, a.kind, a.worker_id or a.count, a.reason)
+            self.actions.append({"t": now, "by": by, "role": ROLE_OF_POOL[a.pool], **a.to_dict()})
+            log.info(
+                "autoscale (%s): %s %s %s: %s",
+                by,
+                a.kind,
+                a.pool,
+                a.worker_id or a.count,
+                a.reason,
+            )
+            if metrics is not None:
+                metrics.scale_actions.labels(ROLE_OF_POOL[a.pool], a.kind, by).inc(a.count)
+
+    def _count_workers(self, now: float) -> None:
+        metrics = getattr(self.actuator.fe, "metrics", None)
+        if metrics is None:
+            return
+        need = self.planner.history[-1]["need"] if self.planner and self.planner.history else {}
+        for pool, st in self.actuator.pool_states(now).items():
+            role = ROLE_OF_POOL[pool]
+            metrics.scale_workers.labels(role).set(len(st.serving()))
+            if pool in need:
+                lo, hi = self.planner_config.bounds(pool)
+                metrics.scale_target.labels(role).set(max(lo, min(hi, need[pool])))
 
     def state(self) -> dict[str, Any]:
         act = self.actuator
@@ -394,6 +466,15 @@ class Autoscaler:
             "calibration": cal.to_dict() if cal is not None else None,
             "interval_s": self.interval_s,
             "max_workers": act.max_workers,
+            "pools": {
+                p: {
+                    "role": ROLE_OF_POOL[p],
+                    "serving": len(act.live(p)),
+                    "min": self.planner_config.bounds(p)[0],
+                    "max": act.pool_max.get(p, act.max_workers),
+                }
+                for p in act.pools
+            },
             "workers": {
                 r.worker_id: {
                     **asdict(r),
@@ -407,8 +488,10 @@ class Autoscaler:
         }
 
 
-def _index(worker_id: str) -> int:
+def _index(worker_id: str) -> tuple[str, int]:
+    """(prefix, number) of a worker id like p3."""
+    prefix = worker_id.rstrip("0123456789")
     try:
-        return int(worker_id.lstrip("w"))
+        return prefix, int(worker_id[len(prefix) :])
     except ValueError:
-        return -1
+        return prefix, -1

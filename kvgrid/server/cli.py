@@ -137,6 +137,19 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-workers", type=int, default=None, help="most worker processes (default --workers)"
     )
+    for role in ("prefill", "decode"):
+        g.add_argument(
+            f"--min-{role}-workers",
+            type=int,
+            default=None,
+            help=f"fewest {role} workers with role pools (default --min-workers)",
+        )
+        g.add_argument(
+            f"--max-{role}-workers",
+            type=int,
+            default=None,
+            help=f"most {role} workers with role pools (default --{role}-workers)",
+        )
     g.add_argument("--autoscale-interval", type=float, default=10.0, help="planner interval, s")
     g.add_argument(
         "--calibration",
@@ -159,6 +172,14 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
 
 
 def _worker_transfer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device-group",
+        default=None,
+        metavar="NAME",
+        help="name of the compute device the worker runs on, for disaggregation decisions: "
+        "workers with the same name share its compute (default: the GPU's UUID, or "
+        "HOST/cpu on the CPU)",
+    )
     p.add_argument(
         "--allow-fault-injection",
         action="store_true",

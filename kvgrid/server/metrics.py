@@ -7,7 +7,7 @@ come from each worker's latest load report, labelled by worker.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvgrid.router.router import FRESHNESS, Router
@@ -214,6 +214,24 @@ class FrontendMetrics:
             "kvgrid:kv_transfer_seconds",
             "KV transfers from connection to their end",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.scale_actions = Counter(
+            "kvgrid:autoscale_actions",
+            "Workers started (add) and drained (drain) by the planner or an operator, per role",
+            ["role", "action", "by"],
+            registry=r,
+        )
+        self.scale_workers = Gauge(
+            "kvgrid:autoscale_workers",
+            "Serving workers per role (not draining)",
+            ["role"],
+            registry=r,
+        )
+        self.scale_target = Gauge(
+            "kvgrid:autoscale_target_workers",
+            "Workers per role the planner's last decision wanted (within the bounds)",
+            ["role"],
             registry=r,
         )
         r.register(_FromWorkers(router, model, link))

@@ -128,7 +128,10 @@ def add_operator_routes(app: FastAPI, fe) -> None:
         err = admin(request)
         if err is not None:
             return err.response()
-        usage = 'body must be {"workers": N} or {"drain": "WORKER_ID"}'
+        usage = (
+            'body must be {"workers": N}, {"prefill_workers": N}, {"decode_workers": N} '
+            'or {"drain": "WORKER_ID"}'
+        )
         try:
             body = await request.json()
         except ValueError:
@@ -138,6 +141,10 @@ def add_operator_routes(app: FastAPI, fe) -> None:
                 raise ValueError(usage)
             if "workers" in body:
                 acts = fe.autoscaler.resize(body["workers"])
+            elif "prefill_workers" in body:
+                acts = fe.autoscaler.resize(body["prefill_workers"], "prefill")
+            elif "decode_workers" in body:
+                acts = fe.autoscaler.resize(body["decode_workers"], "decode")
             elif "drain" in body and isinstance(body["drain"], str):
                 acts = fe.autoscaler.drain(body["drain"])
             else:

@@ -99,6 +99,8 @@ def worker_argv(
     ]
     if getattr(args, "allow_fault_injection", False):
         argv.append("--allow-fault-injection")
+    if getattr(args, "device_group", None):
+        argv += ["--device-group", args.device_group]
     if getattr(args, "served_model_name", None):
         argv += ["--served-model-name", args.served_model_name]
     for dest, flag, switch in _engine_flags():
@@ -224,6 +226,44 @@ def worker_pools(args: argparse.Namespace) -> list[tuple[str, str]]:
     )
 
 
+def pool_bounds(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """(fewest, most) workers of each role pool `kvgrid serve` may scale ({} without role
+    pools); ValueError for bounds that contradict each other or the pools it starts."""
+    pools = worker_pools(args)
+    roles = {role for _, role in pools}
+    if roles == {"both"}:
+        for role in ("prefill", "decode"):
+            for flag in (f"min_{role}_workers", f"max_{role}_workers"):
+                if getattr(args, flag, None) is not None:
+                    raise ValueError(
+                        f"--{flag.replace('_', '-')} needs role pools: --{role}-workers"
+                    )
+        return {}
+    if "both" in roles:
+        if getattr(args, "autoscale", False):
+            raise ValueError(
+                "--autoscale sizes one pool of workers (--workers) or the role pools "
+                "(--prefill-workers, --decode-workers), not both at once"
+            )
+        return {}  # workers of every kind side by side: only the mixed pool is resized
+    floor = getattr(args, "min_workers", 1)
+    out = {}
+    for role in ("prefill", "decode"):
+        have = sum(r == role for _, r in pools)
+        lo = getattr(args, f"min_{role}_workers", None)
+        hi = getattr(args, f"max_{role}_workers", None)
+        lo = min(floor, have) if lo is None else lo
+        lo = max(lo, 1) if role == "decode" else max(lo, 0)
+        hi = have if hi is None else hi
+        if not lo <= have <= hi:
+            raise ValueError(
+                f"--{role}-workers {have} must lie within --min-{role}-workers {lo} and "
+                f"--max-{role}-workers {hi}"
+            )
+        out[role] = (lo, hi)
+    return out
+
+
 def _setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("KVGRID_LOG", "INFO"),
@@ -274,7 +314,17 @@ def run_serve(args: argparse.Namespace) -> int:
     fe = _frontend_from_args(args, [], key)
     if fe is None:
         return 2
-    max_workers = max(n, getattr(args, "max_workers", None) or n)
+    try:
+        bounds = pool_bounds(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if bounds:  # role pools: as many processes as their maxima allow at once
+        max_workers = n + sum(
+            hi - sum(r == role for _, r in pools) for role, (_, hi) in bounds.items()
+        )
+    else:
+        max_workers = max(n, getattr(args, "max_workers", None) or n)
     # cores are divided among as many processes as may run at once
     threads = args.threads or max(1, (os.cpu_count() or 1) // max_workers)
     ports = [free_port() for _ in range(n)]
@@ -285,7 +335,7 @@ def run_serve(args: argparse.Namespace) -> int:
     sup.start_all()
     if getattr(args, "autoscale", False) or max_workers > n:
         try:
-            fe.autoscaler = _autoscaler(args, fe, sup, ports, threads, max_workers, key)
+            fe.autoscaler = _autoscaler(args, fe, sup, pools, ports, threads, max_workers, key)
         except (ValueError, OSError) as e:
             sup.stop()
             print(f"error: {e}", file=sys.stderr)
@@ -346,10 +396,10 @@ class ProcessLauncher:
         self.slots[worker_id] = (slot, url)
         return Replica(worker_id, url, time.monotonic())
 
-    def launch(self, worker_id: str):
+    def launch(self, worker_id: str, role: str = "both"):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        argv = worker_argv(self.args, worker_id, port, self.threads)
+        argv = worker_argv(self.args, worker_id, port, self.threads, role)
         slot = self.sup.add(argv, worker_env(self.args, worker_id, self.key))
         self.fe.link.add_url(url)
         return self.adopt(worker_id, slot, url)
@@ -367,16 +417,19 @@ class ProcessLauncher:
         return {"slot": slot, "pid": p.pid if p else None, "restarts": restarts}
 
 
-def _autoscaler(args, fe, sup: Supervisor, ports: list[int], threads: int, max_workers: int, key):
-    """The planner loop (with --autoscale) and the operator's resize, on this machine."""
-    from kvgrid.server.autoscale import LiveActuator
+def _autoscaler(args, fe, sup: Supervisor, pools, ports, threads: int, max_workers: int, key):
+    """The planner loop (with --autoscale) and the operator's resize, on this machine:
+    ``pools`` and ``ports``, the workers started and where they listen."""
+    from kvgrid.server.autoscale import POOL_OF_ROLE, LiveActuator
 
-    if any(role != "both" for _, role in worker_pools(args)):
-        raise ValueError("autoscaling runs one pool of workers: --workers, not role pools")
+    bounds = pool_bounds(args)
     launcher = ProcessLauncher(args, fe, sup, threads, key)
-    act = LiveActuator(fe, launcher, max_workers)
-    for i, p in enumerate(ports):
-        act.adopt(launcher.adopt(f"w{i}", i, f"http://127.0.0.1:{p}"))
+    pool_max = {POOL_OF_ROLE[role]: hi for role, (_, hi) in bounds.items()}
+    act = LiveActuator(fe, launcher, max_workers, pool_max=pool_max)
+    for i, ((wid, role), p) in enumerate(zip(pools, ports)):
+        r = launcher.adopt(wid, i, f"http://127.0.0.1:{p}")
+        r.role = role
+        act.adopt(r)
     return planner_loop(args, act, max_workers)
 
 
@@ -387,6 +440,7 @@ def planner_loop(args: argparse.Namespace, act, max_workers: int):
     from kvgrid.bench.sim.calibration import load_calibration
     from kvgrid.server.autoscale import Autoscaler
 
+    bounds = pool_bounds(args)  # role pools: sized apart, as in the simulator
     cfg = PlannerConfig(
         ttft_target_s=args.ttft_target,
         itl_target_s=args.itl_target,
@@ -396,6 +450,9 @@ def planner_loop(args: argparse.Namespace, act, max_workers: int):
         startup_s=args.worker_startup_s,
         cooldown_s=args.scale_down_cooldown,
         down_ticks=args.scale_down_ticks,
+        disagg=bool(bounds),
+        pool_min={role: lo for role, (lo, _) in bounds.items()},
+        pool_max={role: hi for role, (_, hi) in bounds.items()},
     )
     # a calibration file is this machine's measured step times; without one the planner
     # models the workers from the speeds they report (kvgrid.server.autoscale.observed)

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -66,6 +67,19 @@ log = logging.getLogger(__name__)
 _PARAM_FIELDS = set(SamplingParams.__dataclass_fields__)
 
 
+def device_identity(device: Any) -> str:
+    """What the engine computes on, as the router compares it: processes with the same
+    identity share one device's compute (a GPU's UUID; on CPU, the host's cores)."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        idx = torch.device(device).index
+        idx = torch.cuda.current_device() if idx is None else idx
+        props = torch.cuda.get_device_properties(idx)
+        return f"cuda:{props.uuid}"
+    return f"{socket.gethostname()}/cpu"
+
+
 class Worker:
     def __init__(
         self,
@@ -83,6 +97,7 @@ class Worker:
         transfer_port: int | None = 0,
         transfer_endpoint: str | None = None,
         allow_fault_injection: bool = False,
+        device_group: str = "",
         stall_s: float = 60.0,
     ) -> None:
         """``events_endpoint``: the event stream's address as routers reach it (default:
@@ -93,7 +108,8 @@ class Worker:
         ``worker_transfers``. ``stall_s``: /health reports the worker unhealthy once its
         engine thread has been in one step this long with requests waiting (the router
         then moves them away). ``allow_fault_injection``: drills only (transfer faults,
-        kvgrid.failpoints)."""
+        kvgrid.failpoints). ``device_group``: the device's name in routing decisions
+        (default: ``device_identity``)."""
         from kvgrid.server.engine_loop import EngineLoop
         from kvgrid.server.worker_transfers import ROLES, WorkerTransfers
 
@@ -146,6 +162,7 @@ class Worker:
             ),
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             site=site,
+            device=device_group or device_identity(getattr(engine, "device", None)),
         )
         self.transfers = None
         try:
@@ -482,6 +499,7 @@ def build_worker(
             transfer_port=getattr(args, "transfer_port", 0),
             transfer_endpoint=getattr(args, "advertise_transfers", None),
             allow_fault_injection=getattr(args, "allow_fault_injection", False),
+            device_group=getattr(args, "device_group", None) or "",
             stall_s=getattr(args, "engine_stall_timeout", 60.0),
         )
     except BaseException:

@@ -119,8 +119,11 @@ class RayFleet:
 
     # ---- Launcher ------------------------------------------------------------------------
 
-    def launch(self, worker_id: str) -> Replica:
+    def launch(self, worker_id: str, role: str = "both") -> Replica:
         import ray
+
+        if role != "both":
+            raise ValueError("a Ray deployment runs one pool of workers that prefill and decode")
 
         site = None
         if self.sites:
