@@ -40,6 +40,7 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
             batch=3,
             prompt_len=8,
             max_tokens=12,
+            mask_threads=[1],
             out=str(tmp_path),
         )
     )
@@ -49,3 +50,4 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
     for mode in ("unconstrained", "json_schema"):
         assert saved[mode]["tokens"] == 3 * 12 and saved[mode]["finish"] == ["length"]
     assert saved["json_schema"]["mask_ms_median"] > 0 and "ratio" in saved
+    assert saved["json_schema_threads_1"]["mask_threads"] == 1 and "ratio_threads_1" in saved

@@ -51,6 +51,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-gemv", action="store_true", help="decode projections through cuBLAS, not Triton"
     )
+    g.add_argument(
+        "--guided-mask-threads",
+        type=int,
+        default=EngineConfig.guided_mask_threads,
+        help="threads building grammar masks for guided decoding (default: llguidance's)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     add_store_args(parser)
 
@@ -130,5 +136,6 @@ def engine_config_from_args(args: argparse.Namespace, name: str = "local") -> En
         prefill_graph_tokens=args.prefill_graph_tokens,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         gemv=not args.no_gemv,
+        guided_mask_threads=args.guided_mask_threads,
         kv_store=store_config_from_args(args, name),
     )

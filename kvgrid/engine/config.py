@@ -39,10 +39,14 @@ class EngineConfig:
     # few-token projections (decode) through the Triton GEMV on CUDA (engine/gemv.py)
     gemv: bool = True
     max_logprobs: int = 20
+    # threads building grammar masks (llguidance's executor); None: its own default
+    guided_mask_threads: int | None = None
     # The context store below G1 (G2 host memory, G3 disk, G4 shared); None: G1 only.
     kv_store: StoreConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.guided_mask_threads is not None and self.guided_mask_threads < 1:
+            raise ValueError(f"guided_mask_threads must be >= 1, got {self.guided_mask_threads}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.load_format not in ("auto", "dummy"):

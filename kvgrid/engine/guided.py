@@ -99,7 +99,9 @@ class GuidedDecoder:
         eos_ids: frozenset[int],
         device: torch.device,
         max_rows: int,
+        threads: int | None = None,
     ) -> None:
+        """``threads``: llguidance's mask-building threads (None: its default)."""
         import llguidance as llg
 
         self.vocab_size = vocab_size
@@ -108,7 +110,7 @@ class GuidedDecoder:
         self._llt = llg.LLTokenizer(
             tokenizer.backend_json(), n_vocab=vocab_size, eos_token=sorted(eos_ids) or None
         )
-        self._executor = llg.LLExecutor()
+        self.use_threads(threads)
         # one step's masks at a time, built off the engine thread (start_masks)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-guided")
         self._cache: OrderedDict[GuidedDecoding, Any] = OrderedDict()
@@ -123,6 +125,13 @@ class GuidedDecoder:
         self.masked_steps = 0
         self.overlapped_steps = 0  # masks built while the last step's outputs were made
         self.errors = 0  # tokens a matcher refused (sampled outside its mask)
+
+    def use_threads(self, threads: int | None) -> None:
+        """Build masks on ``threads`` threads from now on (None: llguidance's default)."""
+        import llguidance as llg
+
+        self._executor = llg.LLExecutor(num_threads=threads)
+        self.threads = threads
 
     # ---- grammars ------------------------------------------------------------------------
 

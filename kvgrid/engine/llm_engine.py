@@ -331,6 +331,7 @@ class LLMEngine:
                     self.eos_ids,
                     self.device,
                     self.config.max_num_seqs,
+                    self.config.guided_mask_threads,
                 )
         return self.guided.matcher(params.guided)
 
