@@ -1,4 +1,4 @@
-"""GPU sweep of the small-M Triton GEMV (kvgrid/engine/gemv.py) against cuBLAS (issue #3).
+"""GPU sweep of the small-M Triton GEMV (kvgrid/engine/gemv.py) against cuBLAS.
 
     PYTHONPATH=. python3 bench/gpu_gemv.py              # Llama-3-8B shapes, M = 1, 2, 4, 8
     PYTHONPATH=. python3 bench/gpu_gemv.py --shape llama3-70b --ms 1

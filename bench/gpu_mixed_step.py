@@ -261,7 +261,7 @@ def main() -> int:
     default_min_rows = getattr(backend, "mixed_decode_min_rows", None)
     for k, sc in enumerate(QUICK if args.quick else SCENARIOS):
         for split in args.split_mixed.split(","):
-            if hasattr(backend, "mixed_decode_min_rows"):  # off: never (the old path)
+            if hasattr(backend, "mixed_decode_min_rows"):  # off: all to the prefill kernel
                 backend.mixed_decode_min_rows = default_min_rows if split == "on" else 1 << 30
             res = run_scenario(eng, sc, rng, profile=args.profile and k == 0 and split == "on")
             res["split_mixed"] = split

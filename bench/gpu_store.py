@@ -1,4 +1,4 @@
-"""GPU benchmark of the context store (issue 4): correctness first, then speed, in one run.
+"""GPU benchmark of the context store: correctness first, then speed, in one run.
 
     PYTHONPATH=. python3 bench/gpu_store.py                      # everything (one H100)
     PYTHONPATH=. python3 bench/gpu_store.py --phases env,correct,ttft

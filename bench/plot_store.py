@@ -1,7 +1,7 @@
 """Plots of a ``bench/gpu_store.py`` result: the replay's TTFT with and without the store
 (by arrival, and as CDFs), and each prompt size's time to first token by source.
 
-    python3 bench/plot_store.py bench/results/2026-12-03-h200-s8/call3/gpu_store.json
+    python3 bench/plot_store.py bench/results/2026-12-03-h200-store-replay/gpu_store.json
 
 Writes ``store_replay.png`` and ``store_ttft.png`` beside the JSON (for the phases it has).
 """

@@ -1,6 +1,6 @@
 """Workers whose store cannot be used still serve: one with its store directory on a full
-disk, one with a garbage master key. Both used to crash at start, again and again under
-`kvgrid serve`'s supervisor, so the server was never healthy."""
+disk, one with a garbage master key. Neither may crash at start (under `kvgrid serve`'s
+supervisor that would repeat forever, and the server would never be healthy)."""
 
 from __future__ import annotations
 

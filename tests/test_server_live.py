@@ -335,7 +335,7 @@ def test_worker_death_mid_stream_then_rejoin(server):
 def test_sigterm_stops_serve_and_its_workers(server):
     """Last in this module: it stops the server. A process manager's SIGTERM must take the
     worker processes down with it (uvicorn re-raises the signal after its shutdown, which
-    used to kill `kvgrid serve` before it stopped them, leaving them running)."""
+    must not kill `kvgrid serve` before it has stopped them and leave them running)."""
     workers = _router_state(server)["workers"]
     pids = [
         httpx.get(f"{w['url']}/info", headers=_as_router(wid)).json()["pid"]

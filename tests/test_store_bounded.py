@@ -77,9 +77,9 @@ def _generate(engine, rid: str, prompt: list[int], n: int, limit_s: float) -> li
 
 def test_a_stuck_tier_read_is_cut_by_the_load_deadline_and_recomputed(tmp_path, tiny_model_dir):
     """One stored object turns into a FIFO: opening it blocks for good, as a read from a
-    hung network mount does. The engine has not measured its prefill speed yet (loads used
-    to wait without any deadline then): the request must still finish, with the tokens of
-    a cold run, its first blocks loaded and the rest recomputed."""
+    hung network mount does. The engine has not measured its prefill speed yet (the load's
+    deadline is then a few times its prediction): the request must still finish, with the
+    tokens of a cold run, its first blocks loaded and the rest recomputed."""
     from kvgrid.engine.llm_engine import LLMEngine
 
     model = str(tiny_model_dir("llama"))

@@ -71,8 +71,8 @@ def test_read_only_commands_change_nothing_and_verify_removes_only_when_told(
     tmp_path, monkeypatch, capsys
 ):
     """`kvgrid store stats`/`ls`/`verify` on a store with damaged objects, a stale temp
-    file and a damaged ledger leave every byte and every time stamp as they were (stats
-    used to delete damaged objects on open)."""
+    file and a damaged ledger leave every byte and every time stamp as they were (opening
+    the store for stats must not delete damaged objects)."""
     from kvgrid.cli import main
 
     monkeypatch.setenv("KVGRID_MASTER_KEY", "1:" + KR.masters[1].hex())
@@ -107,7 +107,7 @@ def test_damaged_ledger_is_recounted_with_a_log_line_and_a_metric(tmp_path, cont
     ks = chain(3)
     put_all(store, ks)
     ledger = g3 / "ledger.json"
-    # damaged while the store runs: every later write used to fail (AttributeError...)
+    # damaged while the store runs: later writes must still succeed
     ledger.write_text(content, errors="surrogateescape")
     with caplog.at_level(logging.WARNING):
         put_all(store, chain(2, start=1000))
@@ -169,7 +169,7 @@ def test_full_disk_at_start_turns_g3_off_then_it_comes_back(tmpfs, caplog):
     fs = tmpfs(256 * 1024)
     filler = disk.fill(fs)
     with caplog.at_level(logging.WARNING):
-        store = make(fs / "g3")  # used to raise OSError (ENOSPC): the worker crash-looped
+        store = make(fs / "g3")  # must not raise OSError (ENOSPC): the worker would crash-loop
     g3 = store.tier("G3")
     assert g3.fault == "disk_full" and not g3.up
     assert "G3 (disk) off: disk_full" in caplog.text
@@ -217,8 +217,8 @@ def test_disk_full_and_read_only_at_runtime_turn_g3_off_and_g2_serves(tmpfs, cap
 
 
 def test_a_lock_held_by_a_stopped_process_is_waited_for_a_bounded_time(tmp_path):
-    """A writer stopped (SIGSTOP) while holding the ledger lock used to block every other
-    writer of the directory for good; now each waits lock_timeout_s, then the tier is off."""
+    """A writer stopped (SIGSTOP) while holding the ledger lock must not block every other
+    writer of the directory for good: each waits lock_timeout_s, then the tier is off."""
     g3 = tmp_path / "g3"
     store = make(g3, lock_timeout_s=0.3)
     holder = subprocess.Popen(
@@ -252,8 +252,8 @@ def test_a_lock_held_by_a_stopped_process_is_waited_for_a_bounded_time(tmp_path)
 
 
 def test_a_full_redis_refuses_writes_but_keeps_serving_reads(redis_factory):
-    """A Redis at its maxmemory refuses writes; it used to be taken for unreachable (the
-    tier off, its reads misses too)."""
+    """A Redis at its maxmemory refuses writes; that is not the same as unreachable (the
+    tier stays on and its reads still hit)."""
     import redis
 
     _, url = redis_factory()

@@ -16,7 +16,7 @@
    seeded workload (open loop at its own times).
 3. ``kvgrid sim`` of the same workload: N workers, the same policy, that calibration.
 4. TTFT p50/p90/mean and request/output-token throughput of both, and their relative
-   differences (the issue's target: within 15%), printed and saved to DIR/compare.json.
+   differences (the target: within 15%), printed and saved to DIR/compare.json.
 """
 
 from __future__ import annotations

@@ -134,11 +134,11 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_logits(self, max_rows: int) -> None:
         """Run the logits projection (and greedy pick) once for every row count a decode step
-        can have. With asynchronous scheduling on an H200, a step's launch stalled for a whole
-        step each time the batch shrank onto a new multiple of 8 (once every 20-40 steps of
-        workload A: ITL p99 twice p50): the logits GEMM meets a new shape, and cuBLAS's kernel
-        for it is loaded at first use, which waits for the device to go idle. Loading them
-        all here is the fix (see docs/BENCHMARKS.md)."""
+        can have. Each time the batch shrinks onto a new multiple of 8 the logits GEMM meets a new
+        shape, and cuBLAS loads its kernel at first use, which waits for the device to go
+        idle; with asynchronous scheduling that costs the step in flight (on an H200, once
+        every 20-40 steps of a 256-request load: ITL p99 twice p50). Loading them all here
+        keeps that out of serving."""
         hidden = torch.zeros(
             max_rows, self.spec.config.hidden_size, dtype=self.dtype, device=self.device
         )

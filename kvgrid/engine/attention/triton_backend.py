@@ -43,9 +43,9 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_decode_splits = max_decode_splits
         self.fuse_decode_rope = fuse_decode_rope
         # decode rows of a mixed batch go through the decode kernel from this many rows on
-        # (more than max_num_seqs: never, as before). Each layer then launches two kernels
-        # more (~0.14 ms of host time), which 8 rows at 4K context did not repay (0.3 ms
-        # less GPU time per step) and 16-32 rows did (3-10 ms); H200, 8B shape,
+        # (more than max_num_seqs: never). Each layer then launches two kernels
+        # more (~0.14 ms of host time), which 8 rows at 4K context do not repay (0.3 ms
+        # less GPU time per step) and 16-32 rows do (3-10 ms); H200, 8B shape,
         # bench/gpu_mixed_step.py
         self.mixed_decode_min_rows = mixed_decode_min_rows
         self._split: tuple[AttentionMetadata, MixedSplit] | None = None
