@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 
@@ -42,13 +39,3 @@ def wait_for(pred, timeout: float, what: str, url: str):
             pass
         time.sleep(0.2)
     raise AssertionError(f"{what} not within {timeout}s: {scale_state(url)}")
-
-
-def stop_server(proc: subprocess.Popen, log: Path) -> None:
-    """Stop a `kvgrid serve` as Ctrl-C does (it stops its workers), and show its log's end."""
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    print(log.read_text()[-5000:])

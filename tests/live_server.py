@@ -43,10 +43,23 @@ def serve(args: list[str], log: Path, env: dict[str, str], timeout_s: float = 12
             time.sleep(0.3)
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        print(log.read_text()[-3000:])
+        stop(proc, log, wait_s=20, tail=3000)
+
+
+def stop(
+    proc: subprocess.Popen,
+    log: Path | None = None,
+    sig: int = signal.SIGINT,
+    wait_s: float = 30.0,
+    tail: int = 4000,
+) -> None:
+    """Stop a `kvgrid serve` (or worker) as Ctrl-C does (it stops its workers), killing it
+    after ``wait_s``, and show the end of its log."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if log is not None:
+        print(log.read_text()[-tail:])

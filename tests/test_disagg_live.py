@@ -23,6 +23,7 @@ import time
 
 import httpx
 import pytest
+from live_server import stop
 
 from kvgrid import keys
 from kvgrid.server.auth import ControlKey
@@ -97,12 +98,7 @@ def serve(model_dir, tmp_path_factory):
             "D_endpoint": workers["d0"]["transfer_endpoint"],
         }
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-4000:])
+        stop(proc, log, wait_s=20)
 
 
 def _reference(serve, ids: list[int], n: int) -> str:

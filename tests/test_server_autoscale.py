@@ -7,7 +7,6 @@ the simulated fleet in test_sim_planner.py.
 """
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,15 +25,6 @@ def _max_tokens(client: int) -> int:
     # at once. Waves are spread too now (test_router_policies), but this test is about
     # scaling, not about that.
     return 12 + 5 * client
-
-
-def _stop(proc: subprocess.Popen, log) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    print(log.read_text()[-4000:])
 
 
 def test_scale_1_to_2_to_1_under_load_without_failures(default_model_dir, tmp_path):
@@ -104,7 +94,7 @@ def test_scale_1_to_2_to_1_under_load_without_failures(default_model_dir, tmp_pa
         stop.set()
         for t in threads:
             t.join(60)
-        _stop(proc, log)
+        stop(proc, log)
 
     failed = [d for d in done if d[2] != 200 or d[4] != d[5]]
     assert not failed, failed
@@ -182,5 +172,5 @@ def test_the_planner_scales_on_load_from_speeds_it_measures(default_model_dir, t
         stop.set()
         for t in threads:
             t.join(60)
-        _stop(proc, log)
+        stop(proc, log)
     assert "error" not in served and all(s in ("w0", "w1") for s in served), set(served)

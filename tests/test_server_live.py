@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 from chat_sessions import multi_turn
+from live_server import stop
 
 from kvgrid.server.auth import ControlKey
 
@@ -106,12 +107,7 @@ def server(default_model_dir, tmp_path_factory):
         _wait_workers(url, 2, 120)
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-3000:])
+        stop(proc, log, wait_s=20, tail=3000)
 
 
 def test_openai_sdk_chat_and_completions(server):

@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+from live_server import stop
 
 from kvgrid.chaos.campaign import busy
 from kvgrid.server.auth import ControlKey
@@ -96,12 +97,7 @@ def _serve(args: list[str], log, n: int, env: dict | None = None):
         wait_workers(url, n, 180)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-4000:])
+        stop(proc, log, sig=signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")

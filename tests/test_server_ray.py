@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from live_scale import free_port, inflight, scale_state, wait_for
+from live_server import stop
 from ray_cluster import Unavailable, two_node_cluster
 
 from kvgrid.server.auth import NONCE_HEADER, ControlKey
@@ -214,11 +215,7 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     finally:
         if load is not None:
             load.join()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, wait_s=60)
         phases["stopped"] = time.monotonic() - t_start
         text = log.read_text()
         print(text[-6000:])

@@ -1,27 +1,19 @@
 """`kvgrid router` and `kvgrid worker` as separate processes: a worker announces itself."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 
 import httpx
+from live_server import stop
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def test_worker_registers_itself_with_a_router(default_model_dir, tmp_path):
@@ -97,6 +89,6 @@ def test_worker_registers_itself_with_a_router(default_model_dir, tmp_path):
         assert httpx.get(f"{url}/health").status_code == 200
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(router)
+            stop(worker, wait_s=15)
+        stop(router, wait_s=15)
         log.close()

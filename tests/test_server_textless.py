@@ -3,13 +3,13 @@ carries token ids, so the replay (and any client) sees every token and its timin
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 
 import httpx
+from live_server import stop
 
 from kvgrid.bench.replay import Replayer, report
 from kvgrid.bench.workloads import no_reuse
@@ -47,8 +47,4 @@ def test_replay_counts_the_tokens_of_a_model_without_a_tokenizer(tmp_path):
         assert m["total_output_tokens"] == 3 * 8
         assert all(r.ttft_s is not None and r.chunk_times_s for r in results)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
