@@ -84,4 +84,31 @@ def test_resume_refuses_what_cannot_continue(engines):
         a.add_request("full", PROMPT, p, resume_output=[5, 6, 7, 8])
     with pytest.raises(RequestError, match="vocabulary"):
         a.add_request("bad", PROMPT, p, resume_output=[-1])
+    with pytest.raises(RequestError, match="several choices"):
+        a.add_request("n2", PROMPT, SamplingParams(max_tokens=4, n=2), resume_output=[5])
+    with pytest.raises(RequestError, match="logprobs"):
+        a.add_request("lp", PROMPT, SamplingParams(max_tokens=4, logprobs=1), resume_output=[5])
     assert not a.has_unfinished_requests()
+
+
+def test_a_guided_request_resumes_inside_its_grammar(engines):
+    """The new engine's grammar takes the delivered tokens first: the rest follows the
+    schema from where the answer stood, and the whole answer equals an uninterrupted one
+    (without the matcher advanced, the resumed output would start the JSON again)."""
+    import json
+
+    from kvgrid.engine.sampling_params import GuidedDecoding
+
+    a, b = engines
+    schema = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]},
+              "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["kind", "n"], "additionalProperties": False}  # fmt: skip
+    spec = GuidedDecoding("json_schema", json.dumps(schema))
+    params = SamplingParams(max_tokens=40, temperature=0, guided=spec)
+    ref_ids, ref_text, ref_finish = run(a, "g-ref", params)
+    assert ref_finish == "stop" and json.loads(ref_text)["kind"] in ("cat", "dog")
+    ids, text, _ = run(a, "g-cut", params, stop_after=3)
+    rest_ids, rest_text, finish = run(
+        b, "g-resume", params, resume_output=ids, emitted_text_len=len(text)
+    )
+    assert rest_ids == ref_ids and text + rest_text == ref_text and finish == "stop"
