@@ -108,10 +108,10 @@ class GatedDisk(DiskTier):
         self.gate = threading.Event()
         self.order: list[bytes] = []
 
-    def put(self, tid, key, blob, quota=None):
+    def stage(self, tid, key, blob, quota=None):
         assert self.gate.wait(10)
         self.order.append(key)
-        return super().put(tid, key, blob, quota)
+        return super().stage(tid, key, blob, quota)
 
 
 class SlowDisk(DiskTier):
@@ -121,9 +121,9 @@ class SlowDisk(DiskTier):
         super().__init__(*a, **kw)
         self.delay = delay
 
-    def put(self, tid, key, blob, quota=None):
+    def stage(self, tid, key, blob, quota=None):
         time.sleep(self.delay)
-        return super().put(tid, key, blob, quota)
+        return super().stage(tid, key, blob, quota)
 
 
 def _until_writing(store: ContextStore) -> None:

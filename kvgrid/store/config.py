@@ -65,6 +65,8 @@ class StoreConfig:
     io_workers: int = 4
     io_queue: int = 32
     io_block_s: float = 0.0
+    # a writer writes up to this many objects before one flush of the tier (group commit)
+    io_batch: int = 8
     # A block leaving G1 while every G2 slot is pinned waits this long (in all, per
     # hand-down) for one to be let go before it is dropped (and counted).
     g2_wait_s: float = 1.0
@@ -116,5 +118,5 @@ class StoreConfig:
             raise ValueError(f"unknown codec {self.codec!r}: zstd, zlib, none or int8")
         if self.g2_wait_s < 0 or self.g2_spare_s < 0:
             raise ValueError("g2_wait_s and g2_spare_s must be >= 0")
-        if self.io_queue < 1 or self.io_workers < 1 or self.load_workers < 1:
-            raise ValueError("io_queue, io_workers and load_workers must be >= 1")
+        if min(self.io_queue, self.io_workers, self.load_workers, self.io_batch) < 1:
+            raise ValueError("io_queue, io_workers, io_batch and load_workers must be >= 1")

@@ -115,7 +115,7 @@ class ContextStore:
         self.sightings = Sightings()
         self.ledger = BlockLedger(self.metrics)
         # what goes below G2, best reuse prospects first (writedown.py)
-        self.writes = WriteDown(self, cfg.io_queue, cfg.io_workers, cfg.io_block_s)
+        self.writes = WriteDown(self, cfg.io_queue, cfg.io_workers, cfg.io_block_s, cfg.io_batch)
         self.reads = BoundedWorkQueue(cfg.io_queue, 1, 0.0, "prefetch")
         # reads below G2 (loads and prefetches): file/network read, verification, decryption
         # and decoding all release the GIL, so these threads run in parallel

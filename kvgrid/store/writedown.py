@@ -17,9 +17,13 @@ written; when they fill the bound (after waiting ``block_s`` for room) the worst
 perhaps the newcomer, is skipped. Every skip is counted with its reason
 (``kvgrid_store_writedown{tier, outcome}``) and noted in the block ledger.
 
-Each writer encodes into a buffer of its own (no fresh pages per object) and tells the codec
-what its tier writes per second (measured on every write), so a block is compressed only
-where that is faster than writing the bytes it would save (``codec.pays``).
+A writer takes a batch of the best candidates (up to ``batch``, fewer while the queue is
+short, so that all writers have work): each is encoded and staged in turn (a temp file,
+not yet synced), then the tier commits the batch (sync, rename, one directory flush), so a
+disk flushes once per batch, not once per object. Each writer encodes into a buffer of its
+own (no fresh pages per object) and tells the codec what its tier writes per second
+(measured on every batch), so a block is compressed only where that is faster than writing
+the bytes it would save (``codec.pays``).
 
 At shutdown ``settle`` takes what G2 holds that no lower tier has, ranks it, and writes as
 much as each tier can hold (admission waived: a restarted engine finds it at once, without
@@ -43,7 +47,7 @@ from kvgrid.store.host_pool import FILLING, Slot
 from kvgrid.store.metrics import tenant_label
 from kvgrid.store.object import encode_object, max_object_len
 from kvgrid.store.policy import WorkerThreads
-from kvgrid.store.tier import PutResult
+from kvgrid.store.tier import PutResult, Staged
 from kvgrid.store.transfer import CopyEvent, wait_ready
 
 if TYPE_CHECKING:
@@ -80,9 +84,11 @@ class WriteDown(WorkerThreads):
     """The ranked write-down (the module's docstring); ``drain`` waits until every candidate
     has been written or skipped."""
 
-    def __init__(self, store: ContextStore, max_in_flight: int, workers: int, block_s: float):
+    def __init__(
+        self, store: ContextStore, max_in_flight: int, workers: int, block_s: float, batch: int
+    ):
         self.store = store
-        self.max_in_flight, self.block_s = max_in_flight, block_s
+        self.max_in_flight, self.block_s, self.batch = max_in_flight, block_s, max(1, batch)
         self.queued: list[Candidate] = []  # scanned linearly: G2's backlog at most
         self.waiting: dict[tuple[bytes, bytes], Candidate] = {}  # the ones G2 holds
         self.cv = threading.Condition()
@@ -208,62 +214,58 @@ class WriteDown(WorkerThreads):
                     self.cv.wait()
                 if not self.queued:
                     return
-                c = max(self.queued, key=lambda q: q.rank)
-                self.queued.remove(c)
-                if c.in_g2:
-                    self.waiting.pop((c.tid, c.key), None)
-                self.running += 1
+                # a batch shares its tier's flushes; a short queue is shared among writers
+                n = min(self.batch, -(-len(self.queued) // len(self.threads)))
+                batch = []
+                for _ in range(n):
+                    c = max(self.queued, key=lambda q: q.rank)
+                    self.queued.remove(c)
+                    if c.in_g2:
+                        self.waiting.pop((c.tid, c.key), None)
+                    batch.append(c)
+                self.running += len(batch)
             try:
-                self._write(c)
+                self._write(batch)
                 ok = True
             except Exception:
                 log.exception("store write-down failed")
                 ok = False
             with self.cv:
-                self.running -= 1
-                self.done += ok
-                self.failed += not ok
+                self.running -= len(batch)
+                self.done += ok * len(batch)
+                self.failed += (not ok) * len(batch)
                 self.cv.notify_all()
 
-    def _write(self, c: Candidate) -> None:
-        """Write one candidate to its tiers (on a writer thread)."""
+    def _write(self, batch: list[Candidate]) -> None:
+        """Write a batch of candidates to their tiers (on a writer thread): each is encoded
+        and staged at once, then each tier commits the batch (one flush of its directory)."""
         store = self.store
-        if c.in_g2:
-            got = store.g2.acquire(c.tid, c.key)
-            if got is None:  # G2 let it go between the pick and the pin
-                self._skipped(c, "outranked")
-                return
-            c.slot, c.src = got
-            with store.g2.lock:
-                c.slot.queued_below = False
-        slot = c.slot
+        staged: dict = {}  # tier -> [(candidate, Staged, seconds staging)]
+        for c in batch:
+            if c.in_g2:
+                got = store.g2.acquire(c.tid, c.key)
+                if got is None:  # G2 let it go between the pick and the pin
+                    self._skipped(c, "outranked")
+                    continue
+                c.slot, c.src = got
+                with store.g2.lock:
+                    c.slot.queued_below = False
+            try:
+                self._stage(c, staged)
+            finally:  # its bytes are in the tier's hands now: G2 may let go of it
+                if c.slot is not None:
+                    store.g2.release(c.slot)
+        for t, items in staged.items():
+            self._commit(t, items)
+
+    def _stage(self, c: Candidate, staged: dict) -> None:
+        store = self.store
         targets = c.targets
-        try:
-            if slot is not None:
-                wait_ready([slot])
-                targets = [t for t in targets if t.name not in slot.below]
-            elif c.copied is not None:
-                c.copied.synchronize()
-            if targets:
-                self._write_lower(c, targets, c.src)
-            for t in c.targets:
-                if t not in targets:
-                    store.metrics.inc("writedown", tier=t.name, outcome="already_below")
-        finally:
-            if slot is not None:
-                store.g2.release(slot)
-
-    def _buffer(self, raw_len: int) -> bytearray:
-        """This writer's object buffer: fresh pages per 8 MiB object cost more than its
-        encryption."""
-        buf = getattr(self._local, "buf", None)
-        need = max_object_len(raw_len)
-        if buf is None or len(buf) < need:
-            buf = self._local.buf = bytearray(need)
-        return buf
-
-    def _write_lower(self, c: Candidate, targets: list, src: torch.Tensor) -> None:
-        store = self.store
+        if c.slot is not None:
+            wait_ready([c.slot])
+            targets = [t for t in targets if t.name not in c.slot.below]
+        elif c.copied is not None:
+            c.copied.synchronize()
         todo = []
         for t in targets:
             with contextlib.suppress(OSError):
@@ -271,12 +273,15 @@ class WriteDown(WorkerThreads):
                     todo.append(t)
                     continue
             store.metrics.inc("writedown", tier=t.name, outcome="already_below")
+        for t in c.targets:
+            if t not in targets:
+                store.metrics.inc("writedown", tier=t.name, outcome="already_below")
         if not todo:
             return
         cfg = store.config
         rates = [self.write_rate.get(t.name) for t in todo]
         blob = encode_object(
-            src,
+            c.src,
             c.key,
             c.parent_key,
             c.tenant,
@@ -287,22 +292,35 @@ class WriteDown(WorkerThreads):
             cfg.lossy_max_rel_error,
             cfg.model_fingerprint,
             kvkeys.KV_LAYOUT_VERSION,
-            out=self._buffer(src.nbytes),
+            out=self._buffer(c.src.nbytes),
             write_bytes_per_s=None if None in rates else max(rates),
         )
         pol = store._policy(c.tid)
         for t in todo:
             t0 = time.perf_counter()
-            try:
-                res = t.put(c.tid, c.key, blob, pol.quota_bytes.get(t.name))
+            try:  # the buffer is written out (or the put done) before the next encode
+                st = t.stage(c.tid, c.key, blob, pol.quota_bytes.get(t.name))
             except OSError as e:
                 log.warning("%s write failed: %s", t.name, e)
-                res = PutResult(False, reason="error")
-            if res.stored:
-                self._observe_write(t.name, len(blob), time.perf_counter() - t0)
+                st = Staged(c.tid, c.key, len(blob), PutResult(False, reason="error"))
+            staged.setdefault(t, []).append((c, st, time.perf_counter() - t0))
+
+    def _commit(self, t, items: list) -> None:
+        store = self.store
+        t0 = time.perf_counter()
+        try:
+            results = t.commit([st for _, st, _ in items])
+        except OSError as e:
+            log.warning("%s write failed: %s", t.name, e)
+            results = [PutResult(False, reason="error") for _ in items]
+        spent = time.perf_counter() - t0 + sum(dt for _, _, dt in items)
+        done = sum(st.size for (_, st, _), res in zip(items, results) if res.stored)
+        if done:
+            self._observe_write(t.name, done, spent)
+        for (c, st, _), res in zip(items, results):
             store._removed(t.name, res.evicted)
             if res.stored:
-                store.metrics.inc("bytes_in", len(blob), tier=t.name, tenant=tenant_label(c.tid))
+                store.metrics.inc("bytes_in", st.size, tier=t.name, tenant=tenant_label(c.tid))
                 store.metrics.inc("writedown", tier=t.name, outcome="written")
                 store._emit(BlockStored((c.key,), c.parent_key, t.name, c.token_count))
                 store.ledger.stored(c.key, t.name)
@@ -313,6 +331,15 @@ class WriteDown(WorkerThreads):
                 reason = res.reason or "error"
                 store.metrics.inc("writes_dropped", tier=t.name, reason=reason)
                 store.metrics.inc("writedown", tier=t.name, outcome=reason)
+
+    def _buffer(self, raw_len: int) -> bytearray:
+        """This writer's object buffer: fresh pages per 8 MiB object cost more than its
+        encryption."""
+        buf = getattr(self._local, "buf", None)
+        need = max_object_len(raw_len)
+        if buf is None or len(buf) < need:
+            buf = self._local.buf = bytearray(need)
+        return buf
 
     def _observe_write(self, tier: str, nbytes: int, seconds: float) -> None:
         rate = nbytes / max(seconds, 1e-9)
