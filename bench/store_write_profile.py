@@ -45,6 +45,7 @@ from kvgrid.store import codec as codecs
 from kvgrid.store.crypto import KeyRing
 from kvgrid.store.disk_tier import DiskTier, _fsync_dir
 from kvgrid.store.object import encode_object
+from kvgrid.store.probe import probe_tier
 
 SHAPES = {
     "smollm2-135m": (30, 2, 64, 3, 64),  # the default model: 1.4 MiB per block
@@ -136,6 +137,7 @@ def write_down(root: Path, blocks: list[torch.Tensor], threads: int, codec: str)
     ks = keys.block_keys(list(range(64 * n)), os.urandom(16), 64)
     store.put_blocks(ks, [None, *ks[:-1]], TENANT, blocks, 64)
     store.flush(60)
+    probe_tier(store, store.tier("G3"), threads)  # as at start: load and write bandwidth
     t0, c0 = time.perf_counter(), time.process_time()
     store.settle(600)  # G2 -> G3 alone: every block G2 holds, through the writers
     ok = store.flush(600)

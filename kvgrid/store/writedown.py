@@ -185,6 +185,20 @@ class WriteDown(WorkerThreads):
         self.max_seen = max(self.max_seen, self.in_flight)
         self.cv.notify()
 
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write what is queued for up to ``timeout_s``; what is left then is skipped
+        (counted as ``shutdown``), and the writers stop."""
+        self.drain(timeout_s)
+        with self.cv:
+            left, self.queued = self.queued, []
+            self.waiting.clear()
+            self.closed = True
+            self.cv.notify_all()
+        for c in left:
+            self._skipped(c, "shutdown")
+        for t in self.threads:
+            t.join(timeout=1.0)
+
     def forget(self, tid: bytes, key: bytes) -> None:
         """G2 let go of a block before it was written: the worst-ranked of those waiting
         (G2 gives up the blocks below, and those not waiting, first)."""
@@ -316,7 +330,7 @@ class WriteDown(WorkerThreads):
         spent = time.perf_counter() - t0 + sum(dt for _, _, dt in items)
         done = sum(st.size for (_, st, _), res in zip(items, results) if res.stored)
         if done:
-            self._observe_write(t.name, done, spent)
+            self.observe_write(t.name, done, spent)
         for (c, st, _), res in zip(items, results):
             store._removed(t.name, res.evicted)
             if res.stored:
@@ -341,7 +355,8 @@ class WriteDown(WorkerThreads):
             buf = self._local.buf = bytearray(need)
         return buf
 
-    def _observe_write(self, tier: str, nbytes: int, seconds: float) -> None:
+    def observe_write(self, tier: str, nbytes: int, seconds: float) -> None:
+        """One writer put ``nbytes`` into ``tier`` in ``seconds`` (moving average)."""
         rate = nbytes / max(seconds, 1e-9)
         old = self.write_rate.get(tier)
         self.write_rate[tier] = rate if old is None else 0.8 * old + 0.2 * rate
