@@ -198,8 +198,11 @@ class HostPool:
         target = watermark_target(self.capacity, self.high, self.low, used, self.slot_bytes)
         if target is not None:
             self._evict(target // self.slot_bytes, None, "capacity", evicted, spare=True)
-            if not self.free and not spare:  # of the write-down's candidates, one slot only
-                self._evict(len(self.entries) - 1, None, "capacity", evicted)
+            if not self.free and not spare:
+                # of the write-down's candidates, a few: a scan per block would cost more
+                # than the copy on a large G2, and each one given up is a lost write
+                n = max(1, self.num_slots // 64)
+                self._evict(len(self.entries) - n, None, "capacity", evicted)
         if not self.free:
             return None  # every slot pinned
         idx = self.free.pop()
