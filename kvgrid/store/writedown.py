@@ -255,22 +255,24 @@ class WriteDown(WorkerThreads):
         and staged at once, then each tier commits the batch (one flush of its directory)."""
         store = self.store
         staged: dict = {}  # tier -> [(candidate, Staged, seconds staging)]
-        for c in batch:
-            if c.in_g2:
-                got = store.g2.acquire(c.tid, c.key)
-                if got is None:  # G2 let it go between the pick and the pin
-                    self._skipped(c, "outranked")
-                    continue
-                c.slot, c.src = got
-                with store.g2.lock:
-                    c.slot.queued_below = False
-            try:
-                self._stage(c, staged)
-            finally:  # its bytes are in the tier's hands now: G2 may let go of it
-                if c.slot is not None:
-                    store.g2.release(c.slot)
-        for t, items in staged.items():
-            self._commit(t, items)
+        try:
+            for c in batch:
+                if c.in_g2:
+                    got = store.g2.acquire(c.tid, c.key)
+                    if got is None:  # G2 let it go between the pick and the pin
+                        self._skipped(c, "outranked")
+                        continue
+                    c.slot, c.src = got
+                    with store.g2.lock:
+                        c.slot.queued_below = False
+                try:
+                    self._stage(c, staged)
+                finally:  # its bytes are in the tier's hands now: G2 may let go of it
+                    if c.slot is not None:
+                        store.g2.release(c.slot)
+        finally:  # what was staged is committed (or fails cleanly) whatever came after
+            for t, items in staged.items():
+                self._commit(t, items)
 
     def _stage(self, c: Candidate, staged: dict) -> None:
         store = self.store
