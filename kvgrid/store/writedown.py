@@ -93,6 +93,7 @@ class WriteDown(WorkerThreads):
         self.waiting: dict[tuple[bytes, bytes], Candidate] = {}  # the ones G2 holds
         self.cv = threading.Condition()
         self.running = 0
+        self.running_own = 0  # of those, candidates with a host copy of their own
         self.max_seen = 0
         self.dropped = self.done = self.failed = 0
         self.closed = False
@@ -113,7 +114,7 @@ class WriteDown(WorkerThreads):
 
     def _held(self) -> int:
         """Candidates holding memory of their own: waiting with a host copy, or running."""
-        return len(self.queued) - len(self.waiting) + self.running
+        return len(self.queued) - len(self.waiting) + self.running_own
 
     def offer(self, c: Candidate, wait_s: float | None = None) -> bool:
         """Queue ``c``; False if it was skipped (outranked, or the queue is closed). A
@@ -237,7 +238,9 @@ class WriteDown(WorkerThreads):
                     if c.in_g2:
                         self.waiting.pop((c.tid, c.key), None)
                     batch.append(c)
+                own = sum(not c.in_g2 for c in batch)
                 self.running += len(batch)
+                self.running_own += own
             try:
                 self._write(batch)
                 ok = True
@@ -246,6 +249,7 @@ class WriteDown(WorkerThreads):
                 ok = False
             with self.cv:
                 self.running -= len(batch)
+                self.running_own -= own
                 self.done += ok * len(batch)
                 self.failed += (not ok) * len(batch)
                 self.cv.notify_all()
