@@ -108,34 +108,131 @@ class GatedDisk(DiskTier):
         self.gate = threading.Event()
         self.order: list[bytes] = []
 
-    def put(self, tid, key, blob, quota=None):
+    def stage(self, tid, key, blob, quota=None):
         assert self.gate.wait(10)
         self.order.append(key)
-        return super().put(tid, key, blob, quota)
+        return super().stage(tid, key, blob, quota)
 
 
-def test_write_down_writes_the_best_prospects_first_and_counts_what_it_skips(tmp_path):
-    disk = GatedDisk(tmp_path / "g3", 1 << 24, "G3")
-    store = make(tmp_path, g2_bytes=64 * BLOCK_BYTES, tiers=[disk], io_workers=1, io_queue=4)
+class SlowDisk(DiskTier):
+    """A directory tier that takes ``delay`` seconds per write."""
+
+    def __init__(self, *a, delay: float = 0.05, **kw):
+        super().__init__(*a, **kw)
+        self.delay = delay
+
+    def stage(self, tid, key, blob, quota=None):
+        time.sleep(self.delay)
+        return super().stage(tid, key, blob, quota)
+
+
+def _until_writing(store: ContextStore) -> None:
+    end = time.monotonic() + 10
+
+    def writing() -> bool:
+        return bool(store.g2.pinned_count() if store.g2 is not None else store.writes.running)
+
+    while not writing():
+        assert time.monotonic() < end, "the writer never took the block"
+        time.sleep(0.01)
+
+
+# (hint, position): a reused context's head, its tail, a one-off prompt, ...
+OFFERS = [(0.0, 0), (1.0, 5), (1.0, 1), (0.0, 3), (1.0, 0), (0.0, 9)]
+
+
+def _offer_ranked(store: ContextStore, disk: GatedDisk) -> tuple[bytes, list[bytes]]:
     first = chain(1, start=5000)
     store.put_blocks(first, [None], A, [block(0)], 16)  # taken by the one writer, stalled
-    time.sleep(0.1)
+    _until_writing(store)
     ks = chain(6)
-    # (hint, position): a reused context's head, its tail, a one-off prompt, ...
-    offers = [(0.0, 0), (1.0, 5), (1.0, 1), (0.0, 3), (1.0, 0), (0.0, 9)]
-    for k, (hint, pos) in zip(ks, offers):
+    for k, (hint, pos) in zip(ks, OFFERS):
         store.put_blocks([k], [None], A, [block(1)], 16, hints=[hint], positions=[pos])
+    return first[0], ks
+
+
+def test_write_down_writes_g2s_backlog_best_prospects_first(tmp_path):
+    """Blocks G2 holds wait there for the writers, whatever io_queue says: all are written,
+    in rank order (prospects, then the head of a chain first, then the oldest)."""
+    disk = GatedDisk(tmp_path / "g3", 1 << 24, "G3")
+    store = make(tmp_path, g2_bytes=64 * BLOCK_BYTES, tiers=[disk], io_workers=1, io_queue=4)
+    first, ks = _offer_ranked(store, disk)
+    assert store.writes.max_seen == 7 and store.g2.pinned_count() == 1  # the one being written
+    disk.gate.set()
+    assert store.flush(10)
+    assert disk.order == [first, ks[4], ks[2], ks[1], ks[0], ks[3], ks[5]]
+    assert store.metrics.total("writedown", outcome="outranked") == 0
+    assert store.metrics.total("writedown", outcome="written") == 7
+    assert store.g2.pinned_count() == 0
+    store.close()
+
+
+def test_write_down_of_host_copies_is_bounded_and_skips_the_worst(tmp_path):
+    """Without G2 each candidate holds a host copy of its own: at most io_queue of them; the
+    worst-ranked are skipped and counted."""
+    disk = GatedDisk(tmp_path / "g3", 1 << 24, "G3")
+    store = make(tmp_path, g2_bytes=0, tiers=[disk], io_workers=1, io_queue=4)
+    first, ks = _offer_ranked(store, disk)
     assert store.writes.max_seen == 4
     disk.gate.set()
     assert store.flush(10)
-    # 3 queue places behind the stalled write: the best three, in rank order (prospects,
-    # then the head of a chain first); the worst three were skipped and counted
-    assert disk.order == [first[0], ks[4], ks[2], ks[1]]
+    # 3 queue places behind the stalled write: the best three, in rank order
+    assert disk.order == [first, ks[4], ks[2], ks[1]]
     assert store.metrics.total("writedown", outcome="outranked") == 3
     assert store.metrics.total("writedown", outcome="written") == 4
     for k in (ks[0], ks[3], ks[5]):
-        assert store.ledger.fate(k) == "in:G2:outranked"
-    assert store.g2.pinned_count() == 0
+        assert store.ledger.fate(k) == "dropped:outranked"
+    store.close()
+
+
+def test_a_full_g2_gives_up_the_worst_ranked_waiting_block_first(tmp_path):
+    """G2 (4 slots) is full of blocks waiting for a stalled disk: it gives up the one-off
+    prompts' blocks (counted, ledger says why) and keeps the reused contexts' for the disk."""
+    disk = GatedDisk(tmp_path / "g3", 1 << 24, "G3")
+    store = make(tmp_path, g2_bytes=4 * BLOCK_BYTES, tiers=[disk], io_workers=1,
+                 high_watermark=1.0, low_watermark=1.0)  # fmt: skip
+    first = chain(1, start=5000)
+    store.put_blocks(first, [None], A, [block(0)], 16)  # being written: pinned
+    _until_writing(store)
+    ks = chain(5)
+    hints = [1.0, 0.0, 1.0, 0.0, 1.0]  # reused, one-off, reused, one-off, reused
+    for k, h in zip(ks, hints):
+        assert store.put_blocks([k], [None], A, [block(2)], 16, hints=[h]) == ["g2"]
+    assert store.contains(ks, A, leading=False) == ["G2", None, "G2", None, "G2"]
+    assert store.metrics.total("writedown", outcome="outranked") == 2
+    assert store.ledger.account_misses([ks[1]], [None]) == {"evicted_g2_outranked": 1}
+    disk.gate.set()
+    assert store.flush(10)
+    assert disk.order == [first[0], ks[0], ks[2], ks[4]]
+    store.close()
+
+
+@pytest.mark.parametrize("spare_s", [5.0, 0.0])
+def test_a_small_g2_under_write_pressure_loses_no_block_the_disk_had_room_for(tmp_path, spare_s):
+    """A slow disk (50 ms a write), G2 of 4 slots, 10 blocks handed down back to back: G2
+    waits for a write in flight to finish and gives up the written block, so every block
+    reaches the disk. Without that wait (spare_s 0) it gives up blocks still waiting."""
+    disk = SlowDisk(tmp_path / "g3", 1 << 24, "G3", delay=0.05)
+    store = make(tmp_path, g2_bytes=4 * BLOCK_BYTES, tiers=[disk], io_workers=1, io_queue=1,
+                 g2_wait_s=5.0, g2_spare_s=spare_s, high_watermark=1.0,
+                 low_watermark=1.0)  # fmt: skip
+    ks = chain(10)
+    t0 = time.monotonic()
+    for i, k in enumerate(ks):
+        assert store.put_blocks([k], [None], A, [block(i)], 16) == ["g2"]
+    assert store.flush(10)
+    on_disk = {i.key for i in disk.list()}
+    lost = store.metrics.total("writedown", outcome="outranked")
+    if spare_s:
+        assert on_disk == set(ks) and lost == 0
+        assert store.metrics.total("backpressure_s") > 0.1
+        assert time.monotonic() - t0 < 3.0
+    else:
+        assert lost > 0 and len(on_disk) == 10 - lost
+    for i, k in enumerate(ks):
+        if k in on_disk:
+            store.g2.clear()
+            assert torch.equal(store.get(k, A), block(i))
     store.close()
 
 

@@ -221,29 +221,38 @@ class GatedTier(DiskTier):
 
     gate = threading.Event()
 
-    def put(self, *a, **kw):
+    def stage(self, *a, **kw):
         assert self.gate.wait(10)
-        return super().put(*a, **kw)
+        return super().stage(*a, **kw)
 
 
-def test_back_pressure_bounds_in_flight_writes(tmp_path):
+@pytest.mark.parametrize("g2_bytes", [1 << 20, 0])
+def test_back_pressure_bounds_in_flight_writes(tmp_path, g2_bytes):
+    """A stalled disk never stalls the engine. What G2 holds waits there for the disk (all
+    of it is written once the disk moves); blocks with host copies of their own (no G2) are
+    bounded by io_queue, the rest skipped and counted."""
     GatedTier.gate.clear()
-    cfg = StoreConfig(g2_bytes=1 << 20, io_queue=4, io_workers=1, sweep_interval_s=0,
+    cfg = StoreConfig(g2_bytes=g2_bytes, io_queue=4, io_workers=1, sweep_interval_s=0,
                       admit_after={"G2": 1, "G3": 1})  # fmt: skip
     store = ContextStore(cfg, keyring=KR, tiers=[GatedTier(tmp_path / "d", 1 << 20, "G3")])
     ks = chain(A, 30)
     t0 = time.perf_counter()
     for i, k in enumerate(ks):
         store.put(k, None, A, block(i), 16)
-        assert store.writes.in_flight <= 4
+        assert g2_bytes or store.writes.in_flight <= 4
     assert time.perf_counter() - t0 < 5  # the engine never waited on the stalled disk
-    assert store.writes.max_seen == 4
-    assert store.writes.dropped == 26
-    assert store.metrics.total("writes_dropped", reason="queue_full") == 26
-    assert store.contains(ks, A) == ["G2"] * 30  # G2 still took every block
+    if g2_bytes:
+        assert store.writes.max_seen == 30 and store.writes.dropped == 0
+        assert store.contains(ks, A) == ["G2"] * 30  # G2 took every block
+        assert store.g2.pinned_count() <= 1  # only the one the writer holds
+    else:
+        assert store.writes.max_seen == 4
+        assert store.writes.dropped == 26
+        assert store.metrics.total("writes_dropped", reason="queue_full") == 26
     GatedTier.gate.set()
     assert store.flush()
-    assert sum(t is not None for t in store.tier("G3").created_many(tenant_id(A), ks)) == 4
+    written = sum(t is not None for t in store.tier("G3").created_many(tenant_id(A), ks))
+    assert written == (30 if g2_bytes else 4)
     store.close()
 
 
@@ -260,4 +269,38 @@ def test_back_pressure_blocks_for_at_most_the_configured_time(tmp_path):
     assert 0.18 <= waited < 1.0
     assert store.writes.dropped == 1
     GatedTier.gate.set()
+    store.close()
+
+
+@pytest.mark.parametrize("batch", [8, 1])
+def test_the_write_down_flushes_a_directory_once_per_batch(tmp_path, monkeypatch, batch):
+    """Group commit: a writer stages a batch of objects (temp files, invisible) and the
+    tier syncs and renames them, then flushes the directory once for the batch."""
+    from kvgrid.store import disk_tier
+
+    flushes = []
+    real = disk_tier._fsync_dir
+    monkeypatch.setattr(disk_tier, "_fsync_dir", lambda d: (flushes.append(d), real(d)))
+    disk = DiskTier(tmp_path / "g3", 1 << 24, "G3")
+    tid = tenant_id(A)
+    ks = chain(A, 8)
+    staged = [disk.stage(tid, k, os.urandom(1000)) for k in ks]
+    assert disk.created_many(tid, ks) == [None] * 8  # not visible before the commit
+    assert all(r.stored for r in disk.commit(staged)) and len(flushes) == 1
+    assert None not in disk.created_many(tid, ks)
+    assert not list(disk.tmp.iterdir())
+    # through the store: 16 blocks, one writer (stalled on the first), batches of ``batch``
+    flushes.clear()
+    GatedTier.gate.clear()
+    cfg = StoreConfig(g2_bytes=1 << 20, io_workers=1, io_batch=batch, sweep_interval_s=0,
+                      admit_after={"G2": 1, "G3": 1})  # fmt: skip
+    store = ContextStore(cfg, keyring=KR, tiers=[GatedTier(tmp_path / "s3", 1 << 24, "G3")])
+    ks = chain(A, 16, start=100)
+    store.put_blocks(ks, [None] * 16, A, [block(i) for i in range(16)], 16)
+    GatedTier.gate.set()
+    assert store.flush(30)
+    assert store.metrics.total("writedown", outcome="written") == 16
+    assert len(flushes) == 16 if batch == 1 else len(flushes) <= 3  # stalled first, 8, rest
+    store.g2.clear()
+    assert all(torch.equal(store.get(k, A), block(i)) for i, k in enumerate(ks))
     store.close()

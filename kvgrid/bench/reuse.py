@@ -323,9 +323,19 @@ def _store_summary(conn: StoreConnector, elapsed: float) -> dict:
             # the loads' average rate over the run, as a share of the tier's bandwidth
             "bandwidth_used": (out_b / elapsed) / bw[t] if bw[t] else None,
         }
+    written = {}
+    for t in conn.store.lower:
+        in_b = m.total("bytes_in", tier=t.name)
+        written[t.name] = {
+            "bytes_written": in_b,
+            "bytes_per_s_over_run": in_b / elapsed if elapsed > 0 else None,
+            # what one writer put into the tier per second (probe, then every batch)
+            "writer_bytes_per_s": conn.store.writes.write_rate.get(t.name),
+        }
     c = st["counters"]
     return {
         "tiers": tiers,
+        "written": written,
         "loaded_blocks": st["loaded_blocks"],
         "saved_blocks": st["saved_blocks"],
         "g1_writebacks": c.get("g1_writebacks", {}),

@@ -301,6 +301,13 @@ def format_table(out: dict) -> str:
             for t, v in st["tiers"].items()
         )
         lines.append(f"  {name}: {bw}")
+        for t, w in st.get("written", {}).items():
+            run, one = w["bytes_per_s_over_run"], w["writer_bytes_per_s"]
+            lines.append(
+                f"  {name}: {t}: {w['bytes_written'] / 1e9:.2f} GB written down, "
+                f"{_f(run and run / 1e9, '.2f')} GB/s over the run, "
+                f"{_f(one and one / 1e9, '.2f')} GB/s per writer"
+            )
         if st["lost_hits"]:
             lines.append(f"  {name} lost hits: {st['lost_hits']}")
     return "\n".join(lines)

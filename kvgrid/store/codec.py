@@ -2,7 +2,11 @@
 
 Lossless: zstd (or zlib), skipped for a block that does not shrink by at least 3%, since
 decompressing costs load bandwidth for nothing (bf16 KV often compresses little); a large
-block is first tried on a 256 KiB slice, so a block that will not shrink costs little.
+block is first tried on a 256 KiB slice, so a block that will not shrink costs little. Given
+the write bandwidth of where the object goes, a block is compressed only where that pays:
+the bytes the slice says it saves per second of compressing must exceed what the tier
+writes per second (bf16 KV of random weights shrinks by a fifth at ~0.5 GB/s: 0.1 GB/s
+saved, less than any disk writes, so it is stored raw). The codec is in the object's header.
 Lossy ("int8"): symmetric int8 per channel (one scale per layer, K/V, head and dim, over
 the block's tokens). It is applied to a block only if the block's round-trip relative error
 ||x - q(x)|| / ||x|| is at most the configured bound; otherwise the block is stored
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import time
 import warnings
 import zlib
 
@@ -127,10 +132,26 @@ def _int8_decode(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> tor
     return (q.float() * scale).to(dtype)
 
 
+def pays(
+    saved_fraction: float, compress_bytes_per_s: float, write_bytes_per_s: float | None
+) -> bool:
+    """Whether compressing is faster than writing the bytes it saves: one thread compresses
+    then writes, so compressing N bytes costs N / compress and saves N x saved / write."""
+    if write_bytes_per_s is None:
+        return True
+    return saved_fraction * compress_bytes_per_s > write_bytes_per_s
+
+
 def encode(
-    t: torch.Tensor, codec: str, level: int = 1, max_rel_error: float = 0.01
+    t: torch.Tensor,
+    codec: str,
+    level: int = 1,
+    max_rel_error: float = 0.01,
+    write_bytes_per_s: float | None = None,
 ) -> tuple[int, bytes | memoryview]:
-    """(codec id, payload) for a contiguous CPU tensor."""
+    """(codec id, payload) for a contiguous CPU tensor. ``write_bytes_per_s``: what the
+    destination writes per second (per writer), if known: a large block is then compressed
+    only where its sample says that pays (``pays``)."""
     raw = as_bytes(t)
     if codec == "int8":
         q = _int8_encode(t, max_rel_error)
@@ -144,7 +165,10 @@ def encode(
         # a block that will not shrink is not compressed at all: try a slice of it first,
         # so incompressible KV (random-looking bf16) costs a sliver of the compressor's time
         mid = (len(raw) // 2) & ~4095
-        if len(_compress(raw[mid : mid + _SAMPLE], cid, level)) > _MIN_GAIN * _SAMPLE:
+        t0 = time.perf_counter()
+        got = len(_compress(raw[mid : mid + _SAMPLE], cid, level))
+        speed = _SAMPLE / max(time.perf_counter() - t0, 1e-9)
+        if got > _MIN_GAIN * _SAMPLE or not pays(1 - got / _SAMPLE, speed, write_bytes_per_s):
             return NONE, raw
     packed = _compress(raw, cid, level)
     if len(packed) > _MIN_GAIN * len(raw):

@@ -58,15 +58,22 @@ class StoreConfig:
     encrypt: bool = True
     master_key_file: str | Path | None = None
     model_fingerprint: str = ""
-    # Writes to G3/G4 (the write-down): at most io_queue blocks waiting or being written,
-    # ranked by reuse prospects; a full queue blocks the caller for at most io_block_s,
-    # then the worst-ranked candidate is skipped (and counted).
+    # Writes to G3/G4 (the write-down), ranked by reuse prospects: what G2 holds waits
+    # there; at most io_queue blocks with a host copy of their own wait or are written, a
+    # full queue blocks the caller for at most io_block_s, then the worst-ranked candidate
+    # is skipped (and counted).
     io_workers: int = 4
     io_queue: int = 32
     io_block_s: float = 0.0
+    # a writer writes up to this many objects before one flush of the tier (group commit)
+    io_batch: int = 8
     # A block leaving G1 while every G2 slot is pinned waits this long (in all, per
     # hand-down) for one to be let go before it is dropped (and counted).
     g2_wait_s: float = 1.0
+    # ... and while the only blocks G2 could give up wait for the write-down, it waits up
+    # to this long (in all, per hand-down) for a write in flight to finish before it gives
+    # up the worst-ranked of them (a busy GPU must not wait for a disk for long).
+    g2_spare_s: float = 0.02
     # At start, time a few block-sized objects through each disk tier (write, then a cold
     # read) so that load-versus-recompute starts from this machine's bandwidth.
     probe_tiers: bool = True
@@ -109,7 +116,7 @@ class StoreConfig:
             raise ValueError("G4 takes one backend: g4_dir or g4_redis, not both")
         if self.codec not in ("zstd", "zlib", "none", "int8"):
             raise ValueError(f"unknown codec {self.codec!r}: zstd, zlib, none or int8")
-        if self.g2_wait_s < 0:
-            raise ValueError("g2_wait_s must be >= 0")
-        if self.io_queue < 1 or self.io_workers < 1 or self.load_workers < 1:
-            raise ValueError("io_queue, io_workers and load_workers must be >= 1")
+        if self.g2_wait_s < 0 or self.g2_spare_s < 0:
+            raise ValueError("g2_wait_s and g2_spare_s must be >= 0")
+        if min(self.io_queue, self.io_workers, self.load_workers, self.io_batch) < 1:
+            raise ValueError("io_queue, io_workers, io_batch and load_workers must be >= 1")

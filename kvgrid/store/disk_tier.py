@@ -7,7 +7,8 @@ Layout under the root:
     .lock                                         flock: serialises ledger and eviction
 
 A write goes: reserve its bytes in the ledger (evicting LRU objects first if that crosses
-the high watermark), write a temp file, fsync, rename into place, fsync the directory. So
+the high watermark), write a temp file, fsync, rename into place, fsync the directory (a
+batch of writes, ``stage`` then ``commit``, shares the directory's fsync). So
 only complete, durable objects are ever visible under their name, and since space is
 reserved before the bytes land, usage never exceeds capacity, even with several processes
 (workers of one machine, or many machines on a shared path) writing at once. A process
@@ -41,7 +42,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvgrid import failpoints
-from kvgrid.store.tier import ObjectInfo, ObjectTier, PutResult, ReadBuffer, watermark_target
+from kvgrid.store.tier import (
+    ObjectInfo,
+    ObjectTier,
+    PutResult,
+    ReadBuffer,
+    Staged,
+    watermark_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,69 +285,127 @@ class DiskTier(ObjectTier):
     def put(self, tid: bytes, key: bytes, blob: bytes, quota: int | None = None) -> PutResult:
         if self.read_only:
             return PutResult(False, reason="read_only")
-        if not self.up:
-            return PutResult(False, reason="tier_off")
-        try:
-            return self._put(tid, key, blob, quota)
-        except OSError as e:
-            self._fail(e)
-            return PutResult(False, reason="error")
+        return self.commit([self.stage(tid, key, blob, quota)])[0]
 
-    def _put(self, tid: bytes, key: bytes, blob: bytes, quota: int | None) -> PutResult:
+    def stage(self, tid: bytes, key: bytes, blob, quota: int | None = None) -> Staged:
+        """Reserve the object's bytes and write its temp file (not yet synced: ``commit``
+        syncs a batch of them, then renames them into place)."""
+        st = Staged(tid, key, len(blob))
+        if self.read_only:
+            st.result = PutResult(False, reason="read_only")
+            return st
+        if not self.up:
+            st.result = PutResult(False, reason="tier_off")
+            return st
+        try:
+            self._stage(st, blob, quota)
+        except OSError as e:
+            self._failed(st, e)
+        return st
+
+    def _stage(self, st: Staged, blob, quota: int | None) -> None:
+        tid, key = st.tid, st.key
         path = self.path(tid, key)
         if path.exists():  # same key, same bytes: keep the durable copy
             self._touch(path)
-            return PutResult(True)
+            st.result = PutResult(True)
+            return
         size = len(blob)
         if size > self.capacity:
-            return PutResult(False, reason="too_big")
+            st.result = PutResult(False, reason="too_big")
+            return
         if quota is not None and size > quota:
-            return PutResult(False, reason="quota")
-        evicted: list = []
+            st.result = PutResult(False, reason="quota")
+            return
         with self._locked():
             led = self._read_ledger()
             if quota is not None:
-                self._evict(led, quota - size, tid, "quota", evicted)
+                self._evict(led, quota - size, tid, "quota", st.evicted)
                 if led["tenants"].get(tid.hex(), 0) + size > quota:
                     self._write_ledger(led)
-                    return PutResult(False, evicted, "quota")
+                    st.result = PutResult(False, st.evicted, "quota")
+                    return
             target = watermark_target(self.capacity, self.high, self.low, led["used"], size)
             if target is not None:
-                self._evict(led, target, None, "capacity", evicted)
+                self._evict(led, target, None, "capacity", st.evicted)
             if led["used"] + size > self.capacity:
                 self._write_ledger(led)
-                return PutResult(False, evicted, "full")
+                st.result = PutResult(False, st.evicted, "full")
+                return
             led["used"] += size
             led["tenants"][tid.hex()] = led["tenants"].get(tid.hex(), 0) + size
             self._write_ledger(led)
-        tmp = self.tmp / f"{self._host}-{os.getpid()}-{secrets.token_hex(6)}.tmp"
+        st.tmp = str(self.tmp / f"{self._host}-{os.getpid()}-{secrets.token_hex(6)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(blob)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            path.parent.mkdir(exist_ok=True)
-            os.rename(tmp, path)
-            if self.fsync:
-                _fsync_dir(path.parent)
+            st.fd = os.open(st.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            view = memoryview(blob).cast("B")
+            while view:
+                view = view[os.write(st.fd, view) :]
         except OSError as e:
+            self._failed(st, e)
+
+    def commit(self, staged: list[Staged]) -> list[PutResult]:
+        """Sync the staged temp files, rename them into place, then sync each directory
+        once: a batch shares the directory flushes, and its files' data go to the disk
+        together, not one flush per file."""
+        todo = [s for s in staged if s.result is None]
+        for s in todo:
+            try:
+                if self.fsync:
+                    os.fsync(s.fd)
+            except OSError as e:
+                self._failed(s, e)
+            finally:
+                with contextlib.suppress(OSError):
+                    if s.fd >= 0:
+                        os.close(s.fd)
+                s.fd = -1
+        dirs: dict[str, list[Staged]] = {}
+        for s in todo:
+            if s.result is not None:
+                continue
+            path = self.path(s.tid, s.key)
+            try:
+                path.parent.mkdir(exist_ok=True)
+                os.rename(s.tmp, path)
+                dirs.setdefault(str(path.parent), []).append(s)
+            except OSError as e:
+                self._failed(s, e)
+        for d, group in dirs.items():
+            try:
+                if self.fsync:
+                    _fsync_dir(Path(d))
+                err = None
+            except OSError as e:
+                err = e
+            for s in group:
+                if err is None:
+                    s.result = PutResult(True, s.evicted)
+                else:  # renamed, but not known durable: not offered as stored
+                    with contextlib.suppress(OSError):
+                        self.delete(s.tid, s.key)
+                    self._fail(err)
+                    s.result = PutResult(False, s.evicted, "error")
+        return [s.result for s in staged]
+
+    def _failed(self, s: Staged, e: OSError) -> None:
+        """A staged write failed: its temp file and its reservation go, the tier is off."""
+        if s.fd >= 0:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.close(s.fd)
+            s.fd = -1
+        if s.tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(s.tmp)
             # the reservation goes back; if even that fails, the next open's recount fixes it
             with contextlib.suppress(OSError), self._locked():
                 led = self._read_ledger()
-                led["used"] = max(0, led["used"] - size)
-                t = tid.hex()
-                led["tenants"][t] = max(0, led["tenants"].get(t, 0) - size)
+                led["used"] = max(0, led["used"] - s.size)
+                t = s.tid.hex()
+                led["tenants"][t] = max(0, led["tenants"].get(t, 0) - s.size)
                 self._write_ledger(led)
-            self._fail(e)
-            return PutResult(False, evicted, "error")
-        return PutResult(True, evicted)
+        self._fail(e)
+        s.result = PutResult(False, s.evicted, "error")
 
     def get(self, tid: bytes, key: bytes, into: ReadBuffer | None = None) -> bytes | None:
         if not self.up:

@@ -4,9 +4,12 @@ One slab tensor ``[num_slots, *block_shape]`` is allocated once, at the first bl
 slot count is capacity // block bytes, so usage can never exceed capacity. LRU eviction
 with high/low watermarks skips pinned slots (pins are leases held by readers and by
 background writes still reading a slot) and takes first the blocks a lower tier also holds
-(evicting those loses nothing). Entries are named by (tenant id, block key). A write that
-finds every slot pinned may wait for one to be released (``reserve(wait_s=...)``): a block
-leaving G1 then waits for room instead of being dropped.
+(evicting those loses nothing), then those no lower tier is waiting for, and last those
+waiting for the write-down, the worst prospects first. Entries are named by (tenant id,
+block key). A write that finds every slot pinned may wait for one to be released
+(``reserve(wait_s=...)``): a block leaving G1 then waits for room instead of being dropped;
+before it takes the place of a block waiting for the write-down it waits up to
+``spare_s`` for a write in flight to finish (a written block goes first).
 
 G2 lives inside the worker process, next to G1, so it holds the raw block bytes: it is not
 encrypted or checksummed (that happens when a block leaves the process for G3/G4).
@@ -44,6 +47,8 @@ class Slot:
     below: set[str] = field(default_factory=set)
     # reuse prospects the engine gave it (sightings plus hint): ranks it for the write-down
     prospect: float = 0.0
+    # waiting for the write-down: given up last, the worst prospects first
+    queued_below: bool = False
     # FILLING until committed; then the event of a copy still landing, or None once ready
     ready: Any = None
     name: tuple[bytes, bytes] | None = None  # (tenant id, key)
@@ -110,15 +115,23 @@ class HostPool:
         self.free.append(s.index)
         self.per_tenant[k[0]] -= 1
 
-    def _evict(self, target_slots: int, tid: bytes | None, reason: str, out: list) -> None:
+    def _evict(
+        self, target_slots: int, tid: bytes | None, reason: str, out: list, spare: bool = False
+    ) -> None:
         def n() -> int:
             return len(self.entries) if tid is None else self.per_tenant.get(tid, 0)
 
         if n() <= target_slots:
             return
         free = [(k, s) for k, s in self.entries.items() if not s.pins and tid in (None, k[0])]
-        # what a lower tier also holds goes first, then the least recently used
-        for k, _ in [e for e in free if e[1].below] + [e for e in free if not e[1].below]:
+        # what a lower tier also holds goes first, then the least recently used of what no
+        # lower tier waits for; then (unless spared) the write-down's worst candidates
+        order = [e for e in free if e[1].below]
+        order += [e for e in free if not e[1].below and not e[1].queued_below]
+        if not spare:
+            waiting = [e for e in free if not e[1].below and e[1].queued_below]
+            order += sorted(waiting, key=lambda e: e[1].prospect)  # stable: LRU among equals
+        for k, _ in order:
             if n() <= target_slots:
                 break
             self._drop(k)
@@ -135,26 +148,35 @@ class HostPool:
         quota: int | None = None,
         created: float | None = None,
         wait_s: float = 0.0,
+        spare_s: float = 0.0,
     ) -> tuple[Slot | None, bool, list]:
         """A pinned slot for a block of ``shape`` and ``dtype``: (slot, new, evicted). A new
         slot is for the caller to fill, then ``commit`` (or ``abort``); an existing one is
         ready to read once ``wait_ready``. (None, False, ...) while another fill of the key
         is under way; (None, True, ...) when there is no room, after waiting up to
-        ``wait_s`` for a pinned slot to be let go."""
+        ``wait_s`` for a pinned slot to be let go. Blocks waiting for the write-down are
+        spared for up to ``spare_s`` of that (a write finishing frees a block to evict)."""
         evicted: list = []
-        end = time.monotonic() + wait_s
+        start = time.monotonic()
+        end = start + wait_s
         with self.lock:
             while True:
+                spare = time.monotonic() - start < min(spare_s, wait_s)
                 got = self._reserve(tid, key, shape, dtype, parent_key, token_count, quota,
-                                    created, evicted)  # fmt: skip
+                                    created, evicted, spare)  # fmt: skip
                 left = end - time.monotonic()
                 if got is not None or left <= 0:
                     break
-                self.released.wait(left)  # every slot pinned: back-pressure, not a drop
+                if spare:  # a write in flight may free a block: back-pressure, not a loss
+                    left = min(left, start + spare_s - time.monotonic())
+                self.released.wait(max(left, 0.0))  # every slot pinned (or spared)
         return got if got is not None else (None, True, evicted)
 
-    def _reserve(self, tid, key, shape, dtype, parent_key, token_count, quota, created, evicted):
-        """``reserve`` under the lock; None when every slot is pinned (the caller may wait)."""
+    def _reserve(
+        self, tid, key, shape, dtype, parent_key, token_count, quota, created, evicted, spare
+    ):
+        """``reserve`` under the lock; None when every slot is pinned or spared (the caller
+        may wait)."""
         if not self.configure(tuple(shape), dtype):
             return None, True, evicted
         k = (tid, key)
@@ -175,7 +197,12 @@ class HostPool:
         used = len(self.entries) * self.slot_bytes
         target = watermark_target(self.capacity, self.high, self.low, used, self.slot_bytes)
         if target is not None:
-            self._evict(target // self.slot_bytes, None, "capacity", evicted)
+            self._evict(target // self.slot_bytes, None, "capacity", evicted, spare=True)
+            if not self.free and not spare:
+                # of the write-down's candidates, a few: a scan per block would cost more
+                # than the copy on a large G2, and each one given up is a lost write
+                n = max(1, self.num_slots // 64)
+                self._evict(len(self.entries) - n, None, "capacity", evicted)
         if not self.free:
             return None  # every slot pinned
         idx = self.free.pop()

@@ -186,12 +186,14 @@ def encode_object(
     layout_version: int = 1,
     created: float | None = None,
     out: bytearray | memoryview | None = None,
+    write_bytes_per_s: float | None = None,
 ) -> bytes | memoryview:
     """Serialise one block (a contiguous CPU tensor). ``keyring=None`` stores it unencrypted.
     With ``out`` (a writable buffer of at least ``max_object_len`` bytes) the object is
     written there and a view of it returned: a sender reusing its buffers spares the page
-    faults of a fresh buffer per object, which cost more than encrypting it."""
-    cid, payload = codecs.encode(block, codec, level, max_rel_error)
+    faults of a fresh buffer per object, which cost more than encrypting it.
+    ``write_bytes_per_s``: the destination's write bandwidth, where known (``codec.pays``)."""
+    cid, payload = codecs.encode(block, codec, level, max_rel_error, write_bytes_per_s)
     key_id = keyring.current_id if keyring is not None else 0
     nonce = os.urandom(12) if keyring is not None else bytes(12)
     plen = len(payload) + (16 if keyring is not None else 0)  # GCM tag

@@ -5,7 +5,8 @@ probe writes a few block-sized objects (random values of the engine's block shap
 through the store's codec and encryption) under a tenant of its own, drops them from the page
 cache, and reads them back cold with the store's load threads, verifying and decoding each as
 a load does: bytes of KV per second. The objects are removed afterwards. Every load and
-prefetch after that refines the figure (``ContextStore._observe_load``).
+prefetch after that refines the figure (``ContextStore._observe_load``). The writes are
+timed too: the write-down's first figure of what one writer puts into the tier per second.
 """
 
 from __future__ import annotations
@@ -39,14 +40,21 @@ def probe_tier(store, tier: ObjectTier, threads: int) -> float | None:
     cfg = store.config
     ks = kvkeys.block_keys(list(range(n)), os.urandom(16), 1)
     try:
+        spent = written = 0
         for k in ks:
             blob = encode_object(
                 block, k, None, PROBE_TENANT, 1, store.keyring, cfg.codec,
                 cfg.compression_level, cfg.lossy_max_rel_error, cfg.model_fingerprint,
                 kvkeys.KV_LAYOUT_VERSION,
             )  # fmt: skip
+            t0 = time.perf_counter()
             if not tier.put(tid, k, blob).stored:
                 return None
+            spent += time.perf_counter() - t0
+            written += len(blob)
+        # what one writer puts into the tier per second: the write-down's codec decides
+        # from it whether compressing pays, from its first object on
+        store.writes.observe_write(tier.name, written, spent)
         tier.wont_need(tid, ks)  # a cold read, as of a block written a while ago
 
         def read(k: bytes) -> int:

@@ -115,7 +115,7 @@ class ContextStore:
         self.sightings = Sightings()
         self.ledger = BlockLedger(self.metrics)
         # what goes below G2, best reuse prospects first (writedown.py)
-        self.writes = WriteDown(self, cfg.io_queue, cfg.io_workers, cfg.io_block_s)
+        self.writes = WriteDown(self, cfg.io_queue, cfg.io_workers, cfg.io_block_s, cfg.io_batch)
         self.reads = BoundedWorkQueue(cfg.io_queue, 1, 0.0, "prefetch")
         # reads below G2 (loads and prefetches): file/network read, verification, decryption
         # and decoding all release the GIL, so these threads run in parallel
@@ -224,7 +224,9 @@ class ContextStore:
         return ttl is not None and created + ttl < (now or time.time())
 
     def _removed(self, tier: str, evicted: list[tuple[bytes, bytes, str]]) -> None:
-        for _, key, reason in evicted:
+        for tid, key, reason in evicted:
+            if tier == "G2":  # if it was still waiting for the write-down, it never will
+                self.writes.forget(tid, key)
             self.metrics.inc("evictions", tier=tier, reason=reason)
             self.ledger.left_tier(key, tier)
             self._emit(BlockRemoved((key,), tier))
@@ -471,14 +473,25 @@ class ContextStore:
         return self._policy(tid).quota_bytes.get("G2")
 
     def _g2_reserve(
-        self, tid, key, shape, dtype, parent_key, token_count, quota, created=None, wait_s=0.0
+        self,
+        tid,
+        key,
+        shape,
+        dtype,
+        parent_key,
+        token_count,
+        quota,
+        created=None,
+        wait_s=0.0,
+        spare_s=0.0,
     ) -> tuple[Slot, bool] | None:
         """A pinned G2 slot for a block: (slot, new), or None (no room after waiting up to
         ``wait_s`` for a pinned slot to be let go, or the block being filled by another
-        thread); evictions, waits and drops are accounted."""
+        thread); blocks waiting for the write-down are spared up to ``spare_s`` of that
+        wait; evictions, waits and drops are accounted."""
         t0 = time.perf_counter()
         slot, new, evicted = self.g2.reserve(
-            tid, key, shape, dtype, parent_key, token_count, quota, created, wait_s
+            tid, key, shape, dtype, parent_key, token_count, quota, created, wait_s, spare_s
         )
         waited = time.perf_counter() - t0
         if wait_s > 0 and waited > 1e-3:
@@ -841,16 +854,19 @@ class ContextStore:
         quota = self._g2_quota(tid)
         fills: list[tuple[int, Slot]] = []
         sync: list[tuple[int, Slot]] = []
-        wait_end = time.monotonic() + self.config.g2_wait_s  # one bound for the whole call
+        now = time.monotonic()
+        wait_end = now + self.config.g2_wait_s  # one bound for the whole call
+        spare_end = now + self.config.g2_spare_s
         for i, key in enumerate(keys):
             if score[i] < self.config.admit_after.get("G2", 1):
                 continue
             b = blocks[i]
             got = None
             for _ in range(2):
-                wait = max(0.0, wait_end - time.monotonic())
+                now = time.monotonic()
                 got = self._g2_reserve(tid, key, b.shape, b.dtype, parent_keys[i], token_count,
-                                       quota, wait_s=wait)  # fmt: skip
+                                       quota, wait_s=max(0.0, wait_end - now),
+                                       spare_s=max(0.0, spare_end - now))  # fmt: skip
                 if got is not None or not (fills or sync):
                     break
                 # this batch's own slots, still being filled, may be what G2 waits for

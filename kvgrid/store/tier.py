@@ -27,6 +27,20 @@ class PutResult:
     reason: str = ""  # why not stored: too_big, quota, full, error
 
 
+@dataclass
+class Staged:
+    """A put in two halves (``ObjectTier.stage``, then ``commit``): ``result`` is set once
+    the object is durable and visible, or has failed."""
+
+    tid: bytes
+    key: bytes
+    size: int
+    result: PutResult | None = None
+    evicted: list = field(default_factory=list)
+    tmp: str = ""  # a tier's work in progress (a temp file)
+    fd: int = -1
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     tenant_id: bytes
@@ -118,6 +132,16 @@ class ObjectTier(ABC):
 
     @abstractmethod
     def put(self, tid: bytes, key: bytes, blob: bytes, quota: int | None = None) -> PutResult: ...
+
+    def stage(self, tid: bytes, key: bytes, blob, quota: int | None = None) -> Staged:
+        """The first half of a put whose durability a tier may share among several objects
+        (one flush of many files): the object is not visible until ``commit``. Here, the
+        whole put at once."""
+        return Staged(tid, key, len(blob), self.put(tid, key, blob, quota))
+
+    def commit(self, staged: list[Staged]) -> list[PutResult]:
+        """Make staged objects durable, then visible; one result each."""
+        return [s.result or PutResult(False, reason="error") for s in staged]
 
     @abstractmethod
     def get(self, tid: bytes, key: bytes, into: ReadBuffer | None = None) -> bytes | None:
