@@ -18,6 +18,7 @@ import threading
 import httpx
 import pytest
 from live_scale import free_port, scale_state, wait_for
+from live_server import stop as stop_server
 
 from kvgrid.bench.planner import ObservedMetrics, Planner, PlannerConfig, PoolState, ReplicaView
 from kvgrid.server.cli import register
@@ -124,7 +125,7 @@ def test_planner_sizes_prefill_and_decode_pools_live(tiny_model_dir, tmp_path):
         assert "remote:forced" in httpx.get(f"{url}/debug/router", timeout=5).text
     finally:
         stop.set()
-        stop(proc, log, tail=5000)
+        stop_server(proc, log, tail=5000)
     assert done and all(s == 200 and n == 4 for s, n in done), done
 
 

@@ -15,6 +15,7 @@ import time
 
 import httpx
 from live_scale import free_port, inflight, scale_state, wait_for
+from live_server import stop as stop_server
 
 CLIENTS = 4
 
@@ -94,7 +95,7 @@ def test_scale_1_to_2_to_1_under_load_without_failures(default_model_dir, tmp_pa
         stop.set()
         for t in threads:
             t.join(60)
-        stop(proc, log)
+        stop_server(proc, log)
 
     failed = [d for d in done if d[2] != 200 or d[4] != d[5]]
     assert not failed, failed
@@ -172,5 +173,5 @@ def test_the_planner_scales_on_load_from_speeds_it_measures(default_model_dir, t
         stop.set()
         for t in threads:
             t.join(60)
-        stop(proc, log)
+        stop_server(proc, log)
     assert "error" not in served and all(s in ("w0", "w1") for s in served), set(served)
