@@ -377,7 +377,7 @@ def run(args) -> dict:
         run_batch(eng, args.batch, args.prompt_len, 32, spec, seed=2)  # the grammar's lexer
         default = eng.guided.threads
         runs = [("unconstrained", None, default), ("json_schema", spec, default)]
-        runs += [(f"json_schema_threads_{n}", spec, n) for n in args.mask_threads]
+        runs += [(f"json_schema_threads_{n}", spec, n or None) for n in args.mask_threads]
         for name, guided, threads in runs:
             if guided is not None:
                 eng.guided.use_threads(threads)
@@ -437,9 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument(
         "--mask-threads",
-        default="1,2,4,8",
+        default="0,2,4",
         type=lambda v: [int(x) for x in v.split(",") if x],
-        help="mask-building thread counts to run the schema with, besides the default",
+        help="mask-building thread counts to run the schema with, besides the engine's "
+        "default (0: llguidance's own pool, 80%% of the CPUs)",
     )
     ap.add_argument("--out", default=None, help="where gpu_guided.json goes (default $OUT)")
     args = ap.parse_args(argv)

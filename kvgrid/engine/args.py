@@ -55,7 +55,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--guided-mask-threads",
         type=int,
         default=EngineConfig.guided_mask_threads,
-        help="threads building grammar masks for guided decoding (default: llguidance's)",
+        help="threads building grammar masks for guided decoding",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     add_store_args(parser)
