@@ -1122,7 +1122,7 @@ def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
 
 
 def phase_calibration(args, eng) -> dict:
-    """Fit kvgrid.bench.sim.calibration's step-time model to the steps measured in this run.
+    """Fit kvgrid.planner.calibration's step-time model to the steps measured in this run.
 
     decode_step_s(B, K) = fixed + per_seq * B + per_kv_token * K, from A's decode-only steps;
     prefill_s(n, ctx) = steps * step_fixed + per_token * n + attn * n * (ctx + n / 2), from
@@ -1433,7 +1433,7 @@ def main(argv=None) -> int:
     cal = RESULTS["phases"].get("calibration")
     if cal and cal.get("kv_bytes_per_token"):
         # top level, so that the results file is itself a simulator calibration
-        # (kvgrid.bench.sim.calibration.load_calibration reads these keys)
+        # (kvgrid.planner.calibration.load_calibration reads these keys)
         RESULTS.update(cal)
     summary()
     save()

@@ -20,7 +20,7 @@ import pytest
 from live_scale import free_port, scale_state, wait_for
 from live_server import stop as stop_server
 
-from kvgrid.bench.planner import ObservedMetrics, Planner, PlannerConfig, PoolState, ReplicaView
+from kvgrid.planner.planner import ObservedMetrics, Planner, PlannerConfig, PoolState, ReplicaView
 from kvgrid.server.cli import register
 from kvgrid.server.serve import pool_bounds
 

@@ -251,9 +251,9 @@ def test_role_follows_the_load_report():
 def test_the_simulator_hands_kv_over_with_the_live_model():
     """The fleet simulator moves KV with the router's transfer model and the calibration's
     measured parameters: a slower link shows in its first tokens by what the model says."""
-    from kvgrid.bench.sim.calibration import load_calibration
     from kvgrid.bench.sim.fleet import SimConfig, simulate
     from kvgrid.bench.workloads import no_reuse
+    from kvgrid.planner.calibration import load_calibration
     from kvgrid.transfer.model import TransferModel
 
     w = no_reuse(num_requests=40, input_tokens=4096, output_tokens=8, rate=0.5, spread=0.0)

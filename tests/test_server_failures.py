@@ -173,7 +173,7 @@ def test_heartbeats_continue_through_a_long_engine_step(tiny_model_dir):
 
 
 async def test_admin_scale_out_of_range_is_a_400():
-    from kvgrid.bench.planner import PlannerConfig
+    from kvgrid.planner.planner import PlannerConfig
     from kvgrid.server.autoscale import Autoscaler, LiveActuator
     from kvgrid.server.serve import ProcessLauncher, Supervisor
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvgrid.bench.sim.calibration import load_calibration
 from kvgrid.bench.sim.fleet import SimConfig, Site, simulate
 from kvgrid.bench.workloads import multi_turn_chat, no_reuse, shared_system_prompt
+from kvgrid.planner.calibration import load_calibration
 
 
 def _chat():

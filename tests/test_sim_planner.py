@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from kvgrid.bench.planner import (
+from kvgrid.bench.sim.fleet import SimConfig, simulate
+from kvgrid.bench.workloads import bursty_sinusoidal
+from kvgrid.planner.planner import (
     ObservedMetrics,
     Planner,
     PlannerConfig,
@@ -11,8 +13,6 @@ from kvgrid.bench.planner import (
     ReplicaView,
     erlang_c,
 )
-from kvgrid.bench.sim.fleet import SimConfig, simulate
-from kvgrid.bench.workloads import bursty_sinusoidal
 
 
 def _obs(rate: float, ttft: float = 0.5) -> ObservedMetrics:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kvgrid.bench.sim.calibration import load_calibration
 from kvgrid.bench.sim_vs_live import fit
+from kvgrid.planner.calibration import load_calibration
 
 
 def test_fit_recovers_step_time_model(tmp_path):

@@ -52,6 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _reuse_args(ru)
     ru.set_defaults(func=_cmd_reuse)
 
+    rb = bsub.add_parser("router", help="the router alone: decision latency, index update rate")
+    from kvgrid.bench.router_bench import add_args as _router_args
+
+    _router_args(rb)
+    rb.set_defaults(func=_cmd_router)
+
     sim = sub.add_parser("sim", help="discrete-event fleet simulator (the real router)")
     sim.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     sim.add_argument("--workers", type=int, default=16)
@@ -134,6 +140,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0 if out["metrics"]["failed"] == 0 else 1
 
 
+def _cmd_router(args: argparse.Namespace) -> int:
+    from kvgrid.bench.router_bench import run
+
+    return run(args)
+
+
 def _cmd_reuse(args: argparse.Namespace) -> int:
     from kvgrid.bench.reuse_report import main
 
@@ -151,10 +163,10 @@ def _parse_site(s: str):
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    from kvgrid.bench.planner import Planner, PlannerConfig
-    from kvgrid.bench.sim.calibration import load_calibration
     from kvgrid.bench.sim.fleet import SimConfig, Site, simulate
     from kvgrid.bench.workloads import load_workload
+    from kvgrid.planner.calibration import load_calibration
+    from kvgrid.planner.planner import Planner, PlannerConfig
 
     try:
         w = load_workload(args.workload)

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from kvgrid.bench.mooncake import load_mooncake
-from kvgrid.bench.planner import Planner, PlannerConfig
-from kvgrid.bench.sim.calibration import load_calibration
 from kvgrid.bench.sim.fleet import SimConfig, quiet_gc, simulate
 from kvgrid.bench.workloads import bursty_sinusoidal, constant_rate, no_reuse, shared_system_prompt
+from kvgrid.planner.calibration import load_calibration
+from kvgrid.planner.planner import Planner, PlannerConfig
 
 POLICIES = ("round_robin", "least_load", "prefix_affinity", "dynamo_cost", "ttft")
 

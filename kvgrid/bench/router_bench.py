@@ -12,7 +12,7 @@ Two measurements, both on the pure router code the server and the simulator use:
    grows as it would live. Reports p50/p99/max decision time and the share of one core the
    router needs at that rate.
 
-Run: python -m kvgrid.bench.router_bench [--workers 64] [--rate 1000] [--out FILE]
+Run: kvgrid bench router [--workers 64] [--rate 1000] [--out FILE]
 """
 
 from __future__ import annotations
@@ -174,16 +174,20 @@ def bench_routing(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvgrid bench router`` (and ``python -m kvgrid.bench.router_bench``)."""
     p.add_argument("--workers", type=int, default=64)
     p.add_argument("--rate", type=float, default=1000.0, help="requests per second")
     p.add_argument("--duration", type=float, default=5.0, help="simulated seconds of arrivals")
     p.add_argument("--policy", default="ttft")
     p.add_argument("--index-batches", type=int, default=50_000)
     p.add_argument("--out", default="router_bench.json")
-    args = p.parse_args(argv)
-    return run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_args(p)
+    return run(p.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

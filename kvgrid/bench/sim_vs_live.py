@@ -10,7 +10,7 @@
    at once only part of the time (docs/BENCHMARKS.md compares both). Each process times whole
    ``LLMEngine.step()`` calls of prefill-only steps (n new tokens after ctx cached ones) and
    decode-only steps (batch B, KV K); the samples of all processes are fitted with
-   non-negative least squares to kvgrid.bench.sim.calibration's model and written in its
+   non-negative least squares to kvgrid.planner.calibration's model and written in its
    JSON format (the one bench/gpu_engine.py writes for GPUs).
 2. ``kvgrid serve --workers N`` on a free port, then ``kvgrid bench replay`` of a small
    seeded workload (open loop at its own times).
@@ -131,7 +131,7 @@ def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
 
 
 def fit(samples: list[dict[str, Any]], engines: int, threads: int, startup_s: float) -> dict:
-    """kvgrid.bench.sim.calibration JSON from the processes' samples."""
+    """kvgrid.planner.calibration JSON from the processes' samples."""
     s0 = samples[0]
     pre = [p for s in samples for p in s["prefill"]]
     dec = [d for s in samples for d in s["decode"]]
@@ -251,9 +251,9 @@ def live_replay(workload: str, workers: int, policy: str, out: Path) -> dict:
 
 
 def simulated(workload: str, workers: int, policy: str, calib_path: Path, out: Path) -> dict:
-    from kvgrid.bench.sim.calibration import load_calibration
     from kvgrid.bench.sim.fleet import SimConfig, simulate
     from kvgrid.bench.workloads import load_workload
+    from kvgrid.planner.calibration import load_calibration
 
     w = load_workload(workload)
     res = simulate(

@@ -1,6 +1,6 @@
 """Live scaling for `kvgrid serve`: the SLA planner of the simulator on real worker processes.
 
-The frontend process runs it. Every interval the planner (kvgrid.bench.planner.Planner, the
+The frontend process runs it. Every interval the planner (kvgrid.planner.planner.Planner, the
 same class the fleet simulator drives) sees what the frontend observed: arrivals and first
 tokens as clients saw them, and the queues from the workers' load reports. It acts through
 ``LiveActuator``: "add" has a ``Launcher`` start a worker (a `kvgrid worker` process under
@@ -36,7 +36,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kvgrid.bench.planner import (
+from kvgrid.planner.calibration import Calibration
+from kvgrid.planner.planner import (
     ObservationWindow,
     Planner,
     PlannerConfig,
@@ -46,7 +47,6 @@ from kvgrid.bench.planner import (
     apply_actions,
     resize_actions,
 )
-from kvgrid.bench.sim.calibration import Calibration
 
 if TYPE_CHECKING:
     from kvgrid.server.frontend import Frontend
@@ -98,7 +98,7 @@ class Launcher(Protocol):
 
 
 class LiveActuator:
-    """The planner's actuator (kvgrid.bench.planner.Actuator) on live workers."""
+    """The planner's actuator (kvgrid.planner.planner.Actuator) on live workers."""
 
     def __init__(
         self,

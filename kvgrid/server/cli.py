@@ -1,5 +1,4 @@
-"""`kvgrid serve`, `kvgrid worker`, `kvgrid router`, `kvgrid control-key` and
-`kvgrid bench-router`."""
+"""`kvgrid serve`, `kvgrid worker`, `kvgrid router` and `kvgrid control-key`."""
 
 from __future__ import annotations
 
@@ -371,15 +370,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--out", required=True, metavar="FILE", help="written with mode 0600")
     k.set_defaults(func=_control_key)
 
-    p = sub.add_parser("bench-router", help="router alone: decision latency and index update rate")
-    p.add_argument("--workers", type=int, default=64)
-    p.add_argument("--rate", type=float, default=1000.0)
-    p.add_argument("--duration", type=float, default=5.0)
-    p.add_argument("--policy", default="ttft")
-    p.add_argument("--index-batches", type=int, default=50_000)
-    p.add_argument("--out", default="router_bench.json")
-    p.set_defaults(func=_bench)
-
 
 def _serve(args: argparse.Namespace) -> int:
     if args.ray is not None:
@@ -429,9 +419,3 @@ def _control_key(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {args.out}")
     return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from kvgrid.bench.router_bench import run
-
-    return run(args)

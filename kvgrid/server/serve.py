@@ -436,8 +436,8 @@ def _autoscaler(args, fe, sup: Supervisor, pools, ports, threads: int, max_worke
 def planner_loop(args: argparse.Namespace, act, max_workers: int):
     """The Autoscaler (the SLA planner with --autoscale, and the operator's resize) that
     `kvgrid serve`'s scaling flags describe, acting through ``act``."""
-    from kvgrid.bench.planner import Planner, PlannerConfig
-    from kvgrid.bench.sim.calibration import load_calibration
+    from kvgrid.planner.calibration import load_calibration
+    from kvgrid.planner.planner import Planner, PlannerConfig
     from kvgrid.server.autoscale import Autoscaler
 
     bounds = pool_bounds(args)  # role pools: sized apart, as in the simulator

@@ -1,7 +1,7 @@
 """Discrete-event fleet simulator: simulated engines behind the real router.
 
 The router, KV index, policies and planner here are the live system's classes
-(kvgrid.router.Router, kvgrid.bench.planner.Planner), driven with explicit simulated times:
+(kvgrid.router.Router, kvgrid.planner.planner.Planner), driven with explicit simulated times:
 workers register with ``add_worker``, publish their stored/evicted blocks as numbered
 ``EventBatch``es, send ``WorkerLoad`` reports whenever their state changes, and every request
 is placed by ``Router.route``. Only the engines are modelled (kvgrid.bench.sim.worker).
@@ -34,10 +34,10 @@ import numpy as np
 
 from kvgrid import gc_tuning
 from kvgrid import keys as kvkeys
-from kvgrid.bench.planner import ObservationWindow, PoolState, ReplicaView
-from kvgrid.bench.sim.calibration import Calibration, load_calibration
 from kvgrid.bench.sim.worker import PREFILL, SimRequest, SimWorker
 from kvgrid.bench.workloads import Workload
+from kvgrid.planner.calibration import Calibration, load_calibration
+from kvgrid.planner.planner import ObservationWindow, PoolState, ReplicaView
 from kvgrid.router.router import Router, RouteRequest
 from kvgrid.router.sites import Site
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
@@ -183,7 +183,7 @@ class Fleet:
             now,
         )
 
-    # ---- the planner's actuator (kvgrid.bench.planner.Actuator) ---------------------------
+    # ---- the planner's actuator (kvgrid.planner.planner.Actuator) ---------------------------
 
     def add_replicas(self, pool: str, count: int, now: float) -> None:
         for _ in range(count):

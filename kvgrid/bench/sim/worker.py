@@ -24,8 +24,8 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict, deque
 
-from kvgrid.bench.sim.calibration import Calibration
 from kvgrid.events import BlockRemoved, BlockStored, EventBatch
+from kvgrid.planner.calibration import Calibration
 
 IDLE, PREFILL, DECODE = 0, 1, 2
 EPS = 1e-9

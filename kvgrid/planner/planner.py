@@ -45,8 +45,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from kvgrid.bench.sim.calibration import Calibration, load_calibration
 from kvgrid.keys import DEFAULT_BLOCK_SIZE
+from kvgrid.planner.calibration import Calibration, load_calibration
 from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S
 
 
