@@ -247,8 +247,11 @@ def test_a_decode_worker_killed_mid_stream_hands_the_request_on_with_identical_t
     after = state(url)["migrations"]
     assert after.get("resumed", 0) == before.get("resumed", 0) + 1
     assert after.get("completed", 0) == before.get("completed", 0) + 1
-    # the resumed attempt prefilled prompt plus delivered output remotely, on p0
+    # the resumed attempt's context is prompt plus delivered output, prefilled on p0, unless
+    # the new decode worker already held all but a block of it (the reference run may have
+    # left the prompt there: then too little is left to move)
     first, last = httpx.get(f"{url}/debug/decisions", headers=ADMIN, timeout=10).json()[-2:]
     assert first["worker_id"] == killed[0] and last["worker_id"] not in killed, (first, last)
-    assert last["prefill"]["remote"] and last["prompt_tokens"] > first["prompt_tokens"], last
+    assert last["prompt_tokens"] > first["prompt_tokens"], last
+    assert last["prefill"]["remote"] or last["prefill"]["reason"] == "cached_prefix", last
     wait_idle(url)
