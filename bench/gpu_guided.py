@@ -195,8 +195,8 @@ class StepTimer:
         g = self.eng.guided
         start, finish = g.start_masks, g.finish_masks
 
-        def start_masks(seqs):
-            job = start(seqs)
+        def start_masks(seqs, background=True):
+            job = start(seqs, background)
             if job is not None:
                 job.bench_t0 = time.perf_counter()
             return job

@@ -188,9 +188,9 @@ class GuidedDecoder:
         """(rows, bitmask) on the device for the constrained rows of a step's ``seqs`` (rows
         None: all of them); the bitmask holds one bit per token id, 32 to an int32, set where
         the token is allowed."""
-        return self.finish_masks(self.start_masks(seqs))
+        return self.finish_masks(self.start_masks(seqs, background=False))
 
-    def start_masks(self, seqs: list[Sequence]) -> MaskJob | None:
+    def start_masks(self, seqs: list[Sequence], background: bool = True) -> MaskJob | None:
         """Begin ``masks(seqs)`` on the decoder's thread and return at once: llguidance
         drops the GIL, so the caller's own host work (the last step's outputs) runs
         meanwhile. No matcher of ``seqs`` may be touched until ``finish_masks``."""
@@ -209,13 +209,14 @@ class GuidedDecoder:
         host = self._host[k][: len(todo)]
         # in parallel across rows (llguidance.torch's wrapper; importing that module
         # compiles a kernel kvgrid does not use)
-        future = self._pool.submit(
-            self._executor.unsafe_compute_mask_ptr,
-            [(m, j) for j, (m, _) in enumerate(todo)],
-            host.data_ptr(),
-            self.words * 4,
-            len(todo),
-        )
+        rows_of = [(m, j) for j, (m, _) in enumerate(todo)]
+        args = (rows_of, host.data_ptr(), self.words * 4, len(todo))
+        if background:
+            future = self._pool.submit(self._executor.unsafe_compute_mask_ptr, *args)
+        else:  # nothing to overlap: no hop to the pool's thread
+            self._executor.unsafe_compute_mask_ptr(*args)
+            future = Future()
+            future.set_result(None)
         rows = [i for _, i in todo] if len(todo) < len(seqs) else None
         return MaskJob(k, host, rows, future, t0)
 
