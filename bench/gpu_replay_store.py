@@ -2,7 +2,7 @@
 store: goodput at a TTFT limit, at offered loads that saturate the server without the store.
 
     # one H200, Llama-3-8B shape, random bf16 weights (the server needs fastapi, uvicorn,
-    # pyzmq... on the GPU machine: see docs/BENCHMARKS.md for the wheels to carry)
+    # pyzmq... on the GPU machine: see docs/benchmarks.md for the wheels to carry)
     PYTHONPATH=. python3 bench/gpu_replay_store.py --model llama3-8b --load-format dummy \\
         --trace conversation=bench/data/mooncake_conversation_slice.jsonl \\
         --trace toolagent=/path/to/toolagent_trace.jsonl --speeds 10,20,40 --out out/replay

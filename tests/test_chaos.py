@@ -5,7 +5,7 @@ that leave. Every answer must be identical to the fault-free reference or a clea
 nothing may hang, and every slot, lease, pin and G1 block must be free afterwards.
 
 The full campaign (2,000 requests, every fault kind, the default model) is `kvgrid chaos`;
-docs/BENCHMARKS.md has its result."""
+docs/benchmarks.md has its result."""
 
 from __future__ import annotations
 

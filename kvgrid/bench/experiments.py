@@ -1,4 +1,4 @@
-"""The simulator experiments of docs/BENCHMARKS.md, one subcommand each.
+"""The simulator experiments of docs/benchmarks.md, one subcommand each.
 
     python -m kvgrid.bench.experiments policy   [--out DIR]   # policy table, Mooncake traces
     python -m kvgrid.bench.experiments balance  [--out DIR]   # shared system prompt / no reuse

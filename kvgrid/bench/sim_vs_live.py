@@ -7,7 +7,7 @@
    the torch threads `kvgrid serve --workers N` gives a worker (cores / N). ``--engines N``
    runs N engine processes at once, all measuring, so every step is timed while the others
    compute too: the worst case of the shared cores, where a live run has its workers busy
-   at once only part of the time (docs/BENCHMARKS.md compares both). Each process times whole
+   at once only part of the time (docs/benchmarks.md compares both). Each process times whole
    ``LLMEngine.step()`` calls of prefill-only steps (n new tokens after ctx cached ones) and
    decode-only steps (batch B, KV K); the samples of all processes are fitted with
    non-negative least squares to kvgrid.planner.calibration's model and written in its

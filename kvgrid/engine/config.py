@@ -41,7 +41,7 @@ class EngineConfig:
     max_logprobs: int = 20
     # threads building grammar masks (llguidance's executor; None: its default, 80% of the
     # CPUs). One: a batch of 64 JSON-schema masks is built faster on one thread than on
-    # llguidance's pool of 12 (docs/BENCHMARKS.md, guided decoding)
+    # llguidance's pool of 12 (docs/benchmarks.md, guided decoding)
     guided_mask_threads: int | None = 1
     # The context store below G1 (G2 host memory, G3 disk, G4 shared); None: G1 only.
     kv_store: StoreConfig | None = None

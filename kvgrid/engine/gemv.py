@@ -2,7 +2,7 @@
 
 At batch 1 a decode step is a stream over every weight once: its floor is the weight bytes
 over HBM bandwidth. On an H200, cuBLAS's M=1 products reach 56-99% of the copy bandwidth
-depending on the shape, this kernel 68-104% (bench/gpu_gemv.py, docs/BENCHMARKS.md).
+depending on the shape, this kernel 68-104% (bench/gpu_gemv.py, docs/benchmarks.md).
 Here each program owns BLOCK_N rows of ``w`` and streams them along K in
 wide loads, with x (a few KiB) re-read from L1; split-K gives the N=4096 shapes enough
 programs to fill the SMs, its fp32 partials summed in a fixed order by a second kernel
