@@ -23,8 +23,8 @@ CLIENTS = 4
 def _max_tokens(client: int) -> int:
     # unequal lengths, so that the clients do not move in lock-step waves (equal requests
     # finish in one step and are resent together): the drain below needs both workers busy
-    # at once. Waves are spread too now (test_router_policies), but this test is about
-    # scaling, not about that.
+    # at once. The router spreads waves as well (test_router_policies), but this test is
+    # about scaling, not about that.
     return 12 + 5 * client
 
 

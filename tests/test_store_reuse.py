@@ -73,7 +73,7 @@ def test_lost_hits_are_counted_by_reason_and_exported(tmp_path):
 @pytest.mark.parametrize("wait_s", [1.0, 0.0])
 def test_a_full_g2_applies_back_pressure_instead_of_dropping(tmp_path, wait_s):
     """Every G2 slot is pinned by a reader; a block handed down waits for one to be let go
-    (``g2_wait_s``); without the wait it is dropped (what the store did before)."""
+    (``g2_wait_s``); without the wait it is dropped (so the test fails without the mechanism)."""
     store = make(tmp_path, g2_bytes=2 * BLOCK_BYTES, g2_wait_s=wait_s, high_watermark=1.0)
     held = chain(2, start=100)
     for i, k in enumerate(held):
