@@ -206,8 +206,8 @@ class PredictedTTFT(Policy):
       little more than the time it saves this request.
     - A per-request load check, soft: every active request a worker carries beyond
       ``1 + spread_rel`` times the least loaded worker's count costs ``excess_s`` seconds.
-      A cached prefix still wins wherever it saves more than that, but a hot prefix no
-      longer piles up on the workers that happen to hold it while others sit idle: once its
+      A cached prefix still wins wherever it saves more than that, but a hot prefix never
+      piles up on the workers that happen to hold it while others sit idle: once its
       holders are busier than the rest, a cold worker takes a request, computes the prefix
       once and holds it from then on. No fleet-wide switch: each request weighs its own
       saving against each worker's excess load.
