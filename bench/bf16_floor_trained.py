@@ -28,7 +28,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     path = ensure_default_model()
     tok = AutoTokenizer.from_pretrained(path)
-    text = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
     gen = torch.Generator().manual_seed(0)
     prompts = {
         "text": tok(text, return_tensors="pt").input_ids[:, :700],
