@@ -6,7 +6,7 @@
     python -m kvgrid.bench.experiments scale    [--out DIR]   # 1,000 workers, 1,000,000 requests
 
 Each prints a table and writes JSON (and PNGs where useful) under DIR ($OUT or ./out/sim).
-Simulated workers are Llama-3-8B on H100 from the default calibration (DESIGN.md numbers,
+Simulated workers are Llama-3-8B on H100 from the default calibration (reference figures,
 not a measured GPU run) unless --calibration names another file.
 """
 

@@ -1,8 +1,8 @@
 """Engine speed model of a simulated worker, loaded from a calibration JSON.
 
 The GPU benchmark writes one per model and GPU; ``llama3-8b-h100.json`` next to this file is
-a default derived from DESIGN.md's numbers table until a measured one exists (its
-``meta.measured`` is false and its ``meta.source`` says so).
+a default derived from reference figures, not from a measured run (its ``meta.measured`` is
+false and its ``meta.source`` lists the figures).
 """
 
 from __future__ import annotations
