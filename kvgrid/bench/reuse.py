@@ -192,6 +192,69 @@ class BenchConfig:
     store: StoreConfig | None
 
 
+class StepProfile:
+    """Where a configuration's time goes, step by step: what each step ran (decodes,
+    prompt tokens), how long it took on the host's clock, and the requests admitted but
+    held out of it by their store loads (loading, or landing in G1). Steps that run
+    nothing while loads are in flight are the engine idling on the store."""
+
+    def __init__(self, eng: LLMEngine) -> None:
+        self.sched = eng.scheduler
+        self.inner = self.sched.schedule
+        self.steps: list[tuple[int, int, int, int, int]] = []
+        self.seconds: list[float] = []
+        self._t = None
+        self.sched.schedule = self._schedule
+
+    def _schedule(self):
+        now = time.perf_counter()
+        if self._t is not None:
+            self.seconds.append(now - self._t)
+        self._t = now
+        out = self.inner()
+        ran = {id(s.seq) for s in out.scheduled}
+        held = sum(
+            1
+            for s in self.sched.running
+            if id(s) not in ran
+            and (
+                s.load_future is not None
+                or (s.kv_landing is not None and not s.kv_landing.landed())
+            )
+        )
+        decodes = sum(1 for s in out.scheduled if s.num_tokens == 1)
+        prompt = sum(s.num_tokens for s in out.scheduled if s.num_tokens > 1)
+        self.steps.append((decodes, prompt, held, len(self.sched.running), len(self.sched.waiting)))
+        return out
+
+    def close(self) -> dict:
+        self.sched.schedule = self.inner
+        n = len(self.seconds)
+        rows, secs = self.steps[:n], self.seconds
+        idle = [t for (d, p, *_), t in zip(rows, secs) if not d and not p]
+        decode_only = [t for (d, p, *_), t in zip(rows, secs) if d and not p]
+        with_prompt = [t for (d, p, *_), t in zip(rows, secs) if p]
+        dec = [d for d, *_ in rows if d]
+        return {
+            "steps": n,
+            "idle_steps": len(idle),
+            "idle_s": sum(idle),
+            "decode_only_steps": len(decode_only),
+            "decode_only_s": sum(decode_only),
+            "prompt_steps": len(with_prompt),
+            "prompt_s": sum(with_prompt),
+            "prompt_tokens": sum(p for _, p, *_ in rows),
+            "decode_batch_mean": statistics.fmean(dec) if dec else None,
+            "running_mean": statistics.fmean(r[3] for r in rows) if rows else None,
+            "waiting_mean": statistics.fmean(r[4] for r in rows) if rows else None,
+            # request-steps spent admitted but held out by a load (per step, summed)
+            "load_held_seq_steps": sum(r[2] for r in rows),
+            "load_held_steps": sum(1 for r in rows if r[2]),
+            # per step: host seconds, decodes, prompt tokens, held by loads, running, waiting
+            "trace": [[round(t, 5), *r] for t, r in zip(secs, rows)],
+        }
+
+
 def drive(eng: LLMEngine, wl: AgentWorkload, name: str, bar=None) -> list[dict]:
     """Run the closed loop to the end; one record per request."""
     vocab = eng.model_config.vocab_size
@@ -254,7 +317,11 @@ def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) ->
     if eng.device.type == "cuda":
         torch.cuda.synchronize()
     j0, t0 = meter.joules(), time.perf_counter()
-    records = drive(eng, wl, cfg.name, bar)
+    profile = StepProfile(eng)
+    try:
+        records = drive(eng, wl, cfg.name, bar)
+    finally:
+        steps = profile.close()
     if eng.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed, j1 = time.perf_counter() - t0, meter.joules()
@@ -276,6 +343,7 @@ def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) ->
         "energy_j": None if j0 is None or j1 is None else j1 - j0,
         "preemptions": eng.scheduler.num_preemptions - pre0,
         "room_waits": eng.scheduler.num_room_waits - waits0,
+        "steps": steps,
         "per_request": records,
     }
     res["j_per_output_token"] = res["energy_j"] / out_tokens if res["energy_j"] else None

@@ -291,6 +291,16 @@ def format_table(out: dict) -> str:
             f"{kvs:>9} {_f(row.get('worst_stored_vs_recompute'), '9.2f')}"
         )
     for name, r in out["results"].items():
+        sp = r.get("steps")
+        if sp:
+            lines.append(
+                f"  {name} steps: {sp['steps']} ({sp['prompt_steps']} with prompt tokens "
+                f"{sp['prompt_s']:.2f} s, {sp['decode_only_steps']} decode-only "
+                f"{sp['decode_only_s']:.2f} s, {sp['idle_steps']} idle {sp['idle_s']:.2f} s); "
+                f"decode batch {_f(sp['decode_batch_mean'], '.1f')}, running "
+                f"{_f(sp['running_mean'], '.1f')}, held by loads {sp['load_held_seq_steps']} "
+                f"request-steps"
+            )
         st = r.get("store")
         if not st:
             continue
