@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton
 import triton.language as tl
 
-from kvgrid.engine.attention import triton_kernels as tk
-from kvgrid.engine.attention.torch_ref import TorchAttentionBackend
+from kvgrid.layers.attention import triton_kernels as tk
+from kvgrid.layers.attention.torch_ref import TorchAttentionBackend
 
 H, KVH, D, BS, LAYERS = 32, 8, 128, 64, 32
 DT = torch.bfloat16
@@ -77,7 +77,7 @@ def case(batch: int, seq_len: int):
 
 
 def reference(cache, tables, lens, q, layer: int) -> torch.Tensor:
-    from kvgrid.engine.attention.base import AttentionMetadata
+    from kvgrid.layers.attention.base import AttentionMetadata
 
     b, seq = q.shape[0], int(lens[0])
     meta = AttentionMetadata(

@@ -211,7 +211,7 @@ def phase_tests(args) -> dict:
 def phase_kernels(args) -> dict:
     import torch.nn.functional as F
 
-    from kvgrid.engine.attention import triton_kernels as tk
+    from kvgrid.layers.attention import triton_kernels as tk
 
     H, KVH, D, BS = 32, 8, 128, 64
     dt = torch.bfloat16
@@ -372,7 +372,7 @@ def gemv_bandwidth(bw: float) -> list[dict]:
 
 def fused_ops_bandwidth() -> list[dict]:
     """The fused elementwise ops at batch 1 (launch-bound) and at 8K tokens (bandwidth)."""
-    from kvgrid.engine import fused_ops as fo
+    from kvgrid.layers import fused_ops as fo
     from kvgrid.models.config import ModelConfig
     from kvgrid.models.llama import RotaryEmbedding
     from kvgrid.models.shapes import shape_dict
@@ -521,7 +521,7 @@ def weights_checksum(model) -> float:
 
 
 def _meta(ctx_lens, q_lens, tables, block_size):
-    from kvgrid.engine.attention.base import AttentionMetadata
+    from kvgrid.layers.attention.base import AttentionMetadata
 
     qsl, slots = [0], []
     for i, (c, n) in enumerate(zip(ctx_lens, q_lens)):

@@ -1,4 +1,4 @@
-"""GPU sweep of the small-M Triton GEMV (kvgrid/engine/gemv.py) against cuBLAS.
+"""GPU sweep of the small-M Triton GEMV (kvgrid/layers/gemv.py) against cuBLAS.
 
     PYTHONPATH=. python3 bench/gpu_gemv.py              # Llama-3-8B shapes, M = 1, 2, 4, 8
     PYTHONPATH=. python3 bench/gpu_gemv.py --shape llama3-70b --ms 1
@@ -10,7 +10,7 @@ of the weight per call, so no L2 hits), as is F.linear (cuBLAS). Achieved bandwi
 weight bytes over time, set against a device copy measured in the same run (2 x bytes
 over time). Prints a table last; writes $OUT/gemv.json (all rows) and
 $OUT/gemv_configs.json (the winners: KVGRID_GEMV_CONFIGS=that file pins them in an engine
-run), and prints the winners as a PINNED dict to paste into kvgrid/engine/gemv.py.
+run), and prints the winners as a PINNED dict to paste into kvgrid/layers/gemv.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvgrid.engine import gemv as G
+from kvgrid.layers import gemv as G
 from kvgrid.models.shapes import dummy_config
 
 MAX_REL_ERR = 1e-2  # one bf16 rounding of the output is ~2e-3

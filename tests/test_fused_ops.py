@@ -16,8 +16,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from kvgrid.engine import fused_ops as fo
-from kvgrid.engine.attention.base import write_kv_reference
+from kvgrid.layers import fused_ops as fo
 from kvgrid.models.config import ModelConfig
 from kvgrid.models.llama import RotaryEmbedding
 
@@ -107,7 +106,7 @@ def test_rope_kv_write(dtype, heads, kv_heads, head_dim, scaled):
 
     q_ref, k_ref = fo.rope_ref(positions, q, cos, sin), fo.rope_ref(positions, k, cos, sin)
     keep = slots >= 0
-    write_kv_reference(k_ref[keep], v[keep], ref_kv, 1, slots[keep])
+    fo.write_kv_reference(k_ref[keep], v[keep], ref_kv, 1, slots[keep])
     q_out, k_out = fo.rope_kv_write(positions, q, k, v, cos, sin, kv[:, 1], slots)
     assert rel_err(q_out, q_ref) < TOL[dtype]
     assert rel_err(k_out, k_ref) < TOL[dtype]

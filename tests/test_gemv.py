@@ -1,4 +1,4 @@
-"""The small-M Triton GEMV (kvgrid.engine.gemv) against F.linear, and its dispatch.
+"""The small-M Triton GEMV (kvgrid.layers.gemv) against F.linear, and its dispatch.
 
 Without a GPU the kernel runs under Triton's interpreter in float32 on tiny odd shapes;
 on a GPU also in bfloat16 at the Llama-3-8B projection shapes, every tuner candidate.
@@ -14,8 +14,8 @@ import triton_interp
 triton_interp.setup()
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from kvgrid.engine import gemv as G  # noqa: E402
-from kvgrid.engine.gemv import GemvConfig  # noqa: E402
+from kvgrid.layers import gemv as G  # noqa: E402
+from kvgrid.layers.gemv import GemvConfig  # noqa: E402
 from kvgrid.models.config import ModelConfig  # noqa: E402
 from kvgrid.models.llama import LlamaForCausalLM  # noqa: E402
 from kvgrid.models.shapes import dummy_config  # noqa: E402
@@ -152,7 +152,7 @@ def test_bad_layouts_raise():
 )
 def test_gemv_silu_mul_epilogue_is_the_two_ops(m, inter, k, config, monkeypatch):
     """The fused epilogue gives what the GEMV then fused_ops.silu_mul's kernel give."""
-    from kvgrid.engine import fused_ops
+    from kvgrid.layers import fused_ops
 
     monkeypatch.setattr(fused_ops, "force_triton", True)  # its kernel on CPU tensors too
     x, w, _ = operands(m, 2 * inter, k, seed=inter + m)
@@ -252,7 +252,7 @@ def test_first_use_tunes_once_and_keeps_the_fastest(kernel_calls, monkeypatch):
 
 
 def test_linear_silu_mul_fuses_only_where_the_config_allows(kernel_calls, monkeypatch):
-    from kvgrid.engine import fused_ops
+    from kvgrid.layers import fused_ops
 
     x, w, _ = operands(1, 74, 64)
     ref = fused_ops.silu_mul_ref(F.linear(x, w))
@@ -340,7 +340,7 @@ def test_real_shapes_bf16_every_candidate(name):
 @cuda_only
 @pytest.mark.parametrize("config", [GemvConfig(4, 1024), GemvConfig(16, 128, dot=True)])
 def test_gate_up_silu_mul_epilogue_bf16_is_bitwise_the_two_ops(config):
-    from kvgrid.engine import fused_ops
+    from kvgrid.layers import fused_ops
 
     n, k = LLAMA3_8B["gate_up_proj"]
     _, w, _ = operands(1, n, k, dtype=torch.bfloat16)

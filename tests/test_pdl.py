@@ -1,10 +1,10 @@
-"""Programmatic dependent launch is asked for only where it exists (engine/pdl.py)."""
+"""Programmatic dependent launch is asked for only where it exists (layers/pdl.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from kvgrid.engine import pdl
+from kvgrid.layers import pdl
 
 
 def test_cpu_tensors_and_the_switch_turn_pdl_off(monkeypatch):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from small_llama import HEAD_DIM, KV_HEADS, LAYERS, small_llama
 
-from kvgrid.engine.attention.base import AttentionMetadata
-from kvgrid.engine.attention.torch_ref import TorchAttentionBackend
 from kvgrid.engine.prefill_graphs import PrefillGraphRunner, prefill_buckets
+from kvgrid.layers.attention.base import AttentionMetadata
+from kvgrid.layers.attention.torch_ref import TorchAttentionBackend
 
 GPU = torch.cuda.is_available()
 BS, NBLOCKS = 16, 64
@@ -139,7 +139,7 @@ def test_decode_steps_and_oversized_steps_are_not_taken():
 @torch.inference_mode()
 def test_captured_pieces_match_the_eager_triton_forward():
     pytest.importorskip("triton")
-    from kvgrid.engine.attention.triton_backend import TritonAttentionBackend
+    from kvgrid.layers.attention.triton_backend import TritonAttentionBackend
 
     backend = TritonAttentionBackend()
     gen, model, cache0, cache, runner = _setup(torch.device("cuda"), torch.bfloat16, backend, 2)

@@ -17,10 +17,10 @@ import triton_interp
 triton_interp.setup()
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from kvgrid.engine.attention import triton_kernels as tk  # noqa: E402
-from kvgrid.engine.attention.base import AttentionMetadata  # noqa: E402
-from kvgrid.engine.attention.torch_ref import TorchAttentionBackend  # noqa: E402
-from kvgrid.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from kvgrid.layers.attention import triton_kernels as tk  # noqa: E402
+from kvgrid.layers.attention.base import AttentionMetadata  # noqa: E402
+from kvgrid.layers.attention.torch_ref import TorchAttentionBackend  # noqa: E402
+from kvgrid.layers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -153,7 +153,7 @@ def test_decode_with_rope_is_the_separate_rope_kernel_then_decode(splits, monkey
     and output as the separate rope_kv kernel then decode, bit for bit, and the torch
     reference's within tolerance. The new token opens a block, ends one, sits alone, and
     one row is CUDA-graph padding (no slot, nothing stored, zeros out)."""
-    from kvgrid.engine import fused_ops
+    from kvgrid.layers import fused_ops
 
     monkeypatch.setattr(fused_ops, "force_triton", True)  # the separate kernel on CPU too
     gen = torch.Generator().manual_seed(splits)
@@ -222,7 +222,7 @@ def test_sdpa_not_used_over_a_cached_prefix():
 
 
 def test_sdpa_padding_lengths():
-    from kvgrid.engine.attention.triton_backend import sdpa_padded_len
+    from kvgrid.layers.attention.triton_backend import sdpa_padded_len
 
     for n in (1, 3, 64, 65, 511, 512, 513, 8190, 8192, 8193, 32768, 40000):
         p = sdpa_padded_len(n)
@@ -233,7 +233,7 @@ def test_sdpa_padding_lengths():
 
 @pytest.mark.parametrize("top", [1, 64, 65, 5000, 8192, 20000])
 def test_sdpa_lengths_are_every_padded_length(top):
-    from kvgrid.engine.attention.triton_backend import sdpa_lengths, sdpa_padded_len
+    from kvgrid.layers.attention.triton_backend import sdpa_lengths, sdpa_padded_len
 
     assert sdpa_lengths(top) == sorted({sdpa_padded_len(n) for n in range(1, top + 1)})
 
@@ -335,7 +335,7 @@ def test_mixed_batch_decode_rows_through_the_decode_kernel(split_mixed, monkeypa
 
 
 def test_leading_decodes():
-    from kvgrid.engine.attention.triton_backend import leading_decodes
+    from kvgrid.layers.attention.triton_backend import leading_decodes
 
     assert leading_decodes([0, 1, 2, 30]) == 2
     assert leading_decodes([0, 5, 6, 7]) == 0  # a q_len-1 row after a prefill stays there

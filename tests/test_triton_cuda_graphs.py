@@ -13,10 +13,10 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from small_llama import small_llama
 
-from kvgrid.engine.attention.base import AttentionMetadata
-from kvgrid.engine.attention.torch_ref import TorchAttentionBackend
-from kvgrid.engine.attention.triton_backend import TritonAttentionBackend
 from kvgrid.engine.cuda_graphs import DecodeGraphRunner, decode_buckets
+from kvgrid.layers.attention.base import AttentionMetadata
+from kvgrid.layers.attention.torch_ref import TorchAttentionBackend
+from kvgrid.layers.attention.triton_backend import TritonAttentionBackend
 
 DEV = torch.device("cuda")
 
@@ -88,7 +88,7 @@ def test_graph_replay_matches_eager_and_reference():
 def test_pdl_launches_replay_bitwise_what_plain_launches_compute(monkeypatch):
     """Programmatic dependent launch only moves when kernels start: graphs captured with
     and without it write the same KV and return the same hidden states, bit for bit."""
-    from kvgrid.engine import pdl
+    from kvgrid.layers import pdl
 
     model = small_llama(DEV, torch.bfloat16)
     bs, nblocks = 16, 128

@@ -36,7 +36,7 @@ class EngineConfig:
     # launch each step before reading back the last one's tokens (host work overlaps the
     # GPU's); None: on for CUDA, off on the CPU where nothing runs asynchronously
     async_scheduling: bool | None = None
-    # few-token projections (decode) through the Triton GEMV on CUDA (engine/gemv.py)
+    # few-token projections (decode) through the Triton GEMV on CUDA (layers/gemv.py)
     gemv: bool = True
     max_logprobs: int = 20
     # threads building grammar masks (llguidance's executor; None: its default, 80% of the

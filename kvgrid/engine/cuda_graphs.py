@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvgrid.engine.attention.base import AttentionMetadata
+from kvgrid.layers.attention.base import AttentionMetadata
 
 log = logging.getLogger(__name__)
 

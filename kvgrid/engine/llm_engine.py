@@ -17,10 +17,12 @@ from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.model_runner import ModelRunner
 from kvgrid.engine.outputs import RequestOutput
+from kvgrid.engine.request_checks import RequestChecker
 from kvgrid.engine.sampler import sample_on_device, sampler_output
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.engine.scheduler import Scheduler, SchedulerOutput
 from kvgrid.engine.sequence import Sequence, SequenceStatus
+from kvgrid.engine.stops import check_stops
 from kvgrid.events import KVEvent
 from kvgrid.models.loader import load_tokenizer, resolve_model
 
@@ -70,6 +72,13 @@ class LLMEngine:
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config, self.block_manager)
+        self.checker = RequestChecker(
+            self.tokenizer,
+            self.model_config.vocab_size,
+            self.max_model_len,
+            config.max_logprobs,
+            self.block_manager,
+        )
         self.scope = keys.KVScope(
             self.spec.fingerprint, str(self.runner.dtype).removeprefix("torch.")
         )
@@ -178,14 +187,14 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         text, prompt, max_tokens = self.check_request(prompt, params)
         room = self.max_model_len - len(prompt)
-        resumed = self._check_resume(resume_output, params, max_tokens, room)
+        resumed = self.checker.check_resume(resume_output, params, max_tokens, room)
         matcher = self.guided_matcher(params)
         for t in (tenant, keys.PUBLIC_TENANT):
             if t not in self._scope_digests:
                 self._scope_digests[t] = self.scope.with_tenant(t).digest
         shared = min(max(0, int(shared_prefix_tokens)), len(prompt))
         group: list[Sequence] = []
-        for i in range(params.n):
+        for _ in range(params.n):
             seq = Sequence(
                 request_id,
                 prompt,
@@ -198,30 +207,42 @@ class LLMEngine:
                 shared_tokens=shared,
                 shared_digest=self._scope_digests[keys.PUBLIC_TENANT] if shared else None,
             )
-            seq.index, seq.group = i, group
-            if i:
-                seq.prompt_logprobs = None  # the first choice scores the prompt
-            if params.seed is not None:
-                seed = choices.choice_seed(params.seed, i)
-                seq.generator = torch.Generator(device=self.device).manual_seed(seed)
-            if self.tokenizer is not None:
-                from kvgrid.models.tokenizer import IncrementalDetokenizer
-
-                seq.detokenizer = IncrementalDetokenizer(
-                    self.tokenizer, params.skip_special_tokens, prompt_ids=prompt
-                )
-            if matcher is not None:
-                seq.matcher = matcher if i == 0 else matcher.deep_copy()
-            seq.completion = choices.new_completion(seq)
-            group.append(seq)
+            self._add_choice(group, seq, matcher)
         if resumed:
             self._resume(group[0], resumed, emitted_text_len)
-        self.seqs[request_id] = group[0]
-        self.scheduler.add(group[0])
+        self._enqueue(group)
+
+    def _add_choice(self, group: list[Sequence], seq: Sequence, matcher) -> None:
+        """Give ``seq``, the next choice of its request, its seed, detokenizer and grammar."""
+        i, params = len(group), seq.params
+        seq.index, seq.group = i, group
+        if i:
+            seq.prompt_logprobs = None  # the first choice scores the prompt
+        if params.seed is not None:
+            seed = choices.choice_seed(params.seed, i)
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if self.tokenizer is not None:
+            from kvgrid.models.tokenizer import IncrementalDetokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, params.skip_special_tokens, prompt_ids=seq.prompt_token_ids
+            )
+        if matcher is not None:
+            seq.matcher = matcher if i == 0 else matcher.deep_copy()
+        seq.completion = choices.new_completion(seq)
+        group.append(seq)
+
+    def _enqueue(self, group: list[Sequence]) -> None:
+        leader = group[0]
+        self.seqs[leader.request_id] = leader
+        self.scheduler.add(leader)
         # siblings wait until the first choice's prompt blocks are in the prefix cache, then
         # take them from there (only the last, partial block is computed again)
-        if self.block_manager.enable_prefix_caching and len(prompt) > self.config.block_size:
-            group[0].held = group[1:]
+        if (
+            self.block_manager.enable_prefix_caching
+            and leader.num_prompt_tokens > self.config.block_size
+        ):
+            leader.held = group[1:]
         else:
             for seq in group[1:]:
                 self.scheduler.add(seq)
@@ -232,66 +253,7 @@ class LLMEngine:
         """Validate a request without adding it (thread-safe: reads configuration only):
         (prompt text or None, prompt token ids, max tokens). Raises RequestError. A grammar
         is checked by ``guided_matcher``, which compiles it."""
-        params.validate()
-        text = None
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer: send prompt token ids")
-            text, prompt = prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            raise RequestError("prompt must be a string or a list of token ids")
-        if not prompt:
-            raise RequestError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab})")
-        if len(prompt) >= self.max_model_len:
-            raise RequestError(
-                f"prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} "
-                "tokens and at least one must be left to generate"
-            )
-        room = self.max_model_len - len(prompt)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise RequestError(
-                f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"this model's context of {self.max_model_len} tokens"
-            )
-        for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(params, name)
-            if v is not None and v > self.config.max_logprobs:
-                raise RequestError(f"{name} must be at most {self.config.max_logprobs}")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise RequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab})")
-        max_tokens = params.max_tokens or room
-        need = self.block_manager.blocks_needed(len(prompt) + max_tokens)
-        if need > self.block_manager.num_blocks:
-            raise RequestError(
-                f"request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}"
-            )
-        return text, prompt, max_tokens
-
-    def _check_resume(
-        self, output: list[int] | None, params: SamplingParams, max_tokens: int, room: int
-    ) -> list[int]:
-        if not output:
-            return []
-        if not isinstance(output, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in output
-        ):
-            raise RequestError("resume_output must be a list of token ids")
-        if any(t < 0 or t >= self.model_config.vocab_size for t in output):
-            raise RequestError("resume_output has token ids outside the vocabulary")
-        if len(output) >= min(max_tokens, room):
-            raise RequestError(
-                f"resume_output has {len(output)} tokens: nothing is left to generate"
-            )
-        if params.logprobs is not None or params.prompt_logprobs is not None:
-            raise RequestError("a request that returns logprobs cannot be resumed")
-        if params.n != 1:
-            raise RequestError("a request with several choices cannot be resumed")
-        return list(output)
+        return self.checker.check(prompt, params)
 
     def _resume(self, seq: Sequence, output: list[int], emitted_text_len: int | None) -> None:
         """Make ``seq`` look as it would after generating ``output`` itself."""
@@ -455,6 +417,35 @@ class LLMEngine:
         ``masks_for``, the grammars take the tokens first and the masks of ``masks_for``
         (the next step's sampled sequences) are built while the rest of the work runs
         (``step.mask_job``)."""
+        token_list, seconds = self._read_back(step)
+        grammar_done = {} if masks_for is None else self._grammars_take(step, token_list, masks_for)
+        result = sampler_output(token_list, step.logprobs_all, step.sampled)
+        if step.prompt_targets:
+            live = [(s, p) for s, p in step.prompt_targets if not s.is_finished]
+            if live:
+                choices.record_prompt_logprobs(self.runner.model, step.prompt_hidden, live)
+        self._record_speed(step.sched, seconds)
+        if self.device.type == "cuda":  # CPU step times are too noisy to steer batching
+            self.scheduler.observe_step(step.sched, seconds)
+        now = time.monotonic()
+        self._commit_blocks(step.sched, now)
+        outputs = []
+        for i, seq in enumerate(step.sampled):
+            if seq.is_finished:
+                continue  # stopped (or aborted) on an earlier token while this step ran
+            if seq.first_token_time is None:
+                self._first_token(seq, now)
+            self._accept_token(seq, token_list[i], result.logprobs[i], grammar_done.get(i))
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+                if all(s.is_finished for s in seq.group):
+                    self.seqs.pop(seq.request_id, None)
+                    self.counters["requests_finished"] += 1
+            outputs.append(choices.make_output(seq))
+        return outputs
+
+    def _read_back(self, step: _Step) -> tuple[list[int], float]:
+        """``step``'s sampled tokens on the host, and the seconds the step took."""
         if step.events is not None:
             step.events[1].synchronize()
             seconds = step.events[0].elapsed_time(step.events[1]) / 1e3
@@ -466,28 +457,27 @@ class LLMEngine:
                 # up the step (a forward over their blocks has waited for them on this stream)
                 torch.cuda.current_stream().synchronize()
             seconds = time.perf_counter() - step.t0
-        token_list = host.tolist() if host is not None else []
-        grammar_done: dict[int, bool] = {}
-        if masks_for is not None:
-            for i, seq in enumerate(step.sampled):
-                if seq.matcher is not None and not seq.is_finished:
-                    self.guided.accept(seq, token_list[i])
-                    grammar_done[i] = self.guided.done(seq)
-            # no matcher is touched from here until the job is finished
-            step.mask_job = self.guided.start_masks(masks_for)
-            self.guided.overlapped_steps += step.mask_job is not None
-        result = sampler_output(token_list, step.logprobs_all, step.sampled)
-        if step.prompt_targets:
-            live = [(s, p) for s, p in step.prompt_targets if not s.is_finished]
-            if live:
-                choices.record_prompt_logprobs(self.runner.model, step.prompt_hidden, live)
-        self._record_speed(step.sched, seconds)
-        if self.device.type == "cuda":  # CPU step times are too noisy to steer batching
-            self.scheduler.observe_step(step.sched, seconds)
+        return (host.tolist() if host is not None else []), seconds
 
+    def _grammars_take(
+        self, step: _Step, token_list: list[int], masks_for: list[Sequence]
+    ) -> dict[int, bool]:
+        """Hand ``step``'s tokens to their grammars, then start the masks of ``masks_for``;
+        returns, per row of ``step.sampled`` with a grammar, whether it is complete."""
+        grammar_done: dict[int, bool] = {}
+        for i, seq in enumerate(step.sampled):
+            if seq.matcher is not None and not seq.is_finished:
+                self.guided.accept(seq, token_list[i])
+                grammar_done[i] = self.guided.done(seq)
+        # no matcher is touched from here until the job is finished
+        step.mask_job = self.guided.start_masks(masks_for)
+        self.guided.overlapped_steps += step.mask_job is not None
+        return grammar_done
+
+    def _commit_blocks(self, sched: SchedulerOutput, now: float) -> None:
+        """Name the blocks this step filled (and bound loads whose recompute has run)."""
         bs = self.config.block_size
-        now = time.monotonic()
-        for item in step.sched.scheduled:
+        for item in sched.scheduled:
             seq = item.seq
             if seq.is_finished:
                 continue
@@ -496,26 +486,16 @@ class LLMEngine:
             # only blocks whose tokens are all known can be named
             full = min(seq.num_computed_tokens, seq.num_known_tokens) // bs
             self.block_manager.commit_full_blocks(seq, seq.block_keys(full))
-        outputs = []
-        for i, seq in enumerate(step.sampled):
-            if seq.is_finished:
-                continue  # stopped (or aborted) on an earlier token while this step ran
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-                self.counters["prompt_tokens"] += seq.num_prompt_tokens
-                self.counters["prefix_cache_queries"] += seq.num_prompt_tokens
-                self.counters["prefix_cache_hits"] += seq.num_cached_tokens or 0
-                for sibling in seq.held:  # the prompt's blocks are named now
-                    self.scheduler.add(sibling)
-                seq.held = []
-            self._accept_token(seq, token_list[i], result.logprobs[i], grammar_done.get(i))
-            if seq.is_finished:
-                self.scheduler.finish(seq)
-                if all(s.is_finished for s in seq.group):
-                    self.seqs.pop(seq.request_id, None)
-                    self.counters["requests_finished"] += 1
-            outputs.append(choices.make_output(seq))
-        return outputs
+
+    def _first_token(self, seq: Sequence, now: float) -> None:
+        """Count ``seq``'s prompt, and let its held siblings in: its prompt's blocks are named."""
+        seq.first_token_time = now
+        self.counters["prompt_tokens"] += seq.num_prompt_tokens
+        self.counters["prefix_cache_queries"] += seq.num_prompt_tokens
+        self.counters["prefix_cache_hits"] += seq.num_cached_tokens or 0
+        for sibling in seq.held:
+            self.scheduler.add(sibling)
+        seq.held = []
 
     def _accept_token(
         self, seq: Sequence, token: int, lp, grammar_done: bool | None = None
@@ -527,45 +507,12 @@ class LLMEngine:
         if lp is not None:
             seq.cumulative_logprob += lp[0]
             seq.logprobs.append(lp[1])
-        p = seq.params
-        n_out = len(seq.output_token_ids)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.push([token])
         if seq.matcher is not None and grammar_done is None:
             self.guided.accept(seq, token)
             grammar_done = self.guided.done(seq)
-        if n_out >= p.min_tokens:
-            if token in p.stop_token_ids:
-                return self._finish(seq, "stop", token)
-            if token in self.eos_ids and not p.ignore_eos:
-                return self._finish(seq, "stop", token)
-            if p.stop and self._check_stop_strings(seq):
-                return None
-        if n_out >= seq.max_tokens or seq.num_known_tokens >= self.max_model_len:
-            self._finish(seq, "length", None)
-        elif grammar_done:
-            self._finish(seq, "stop", None)  # the grammar is complete
-        return None
-
-    def _check_stop_strings(self, seq: Sequence) -> bool:
-        longest = max(len(s) for s in seq.params.stop)
-        window_start = max(0, seq.emitted_text_len - longest)
-        for stop in seq.params.stop:
-            at = seq.text.find(stop, window_start)
-            if at >= 0:
-                end = at + len(stop) if seq.params.include_stop_str_in_output else at
-                seq.text = seq.text[:end]
-                self._finish(seq, "stop", stop)
-                return True
-        return False
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
-        if seq.detokenizer is not None and not isinstance(stop_reason, str):
-            # release text held back for an unfinished character (a stop string already cut it)
-            seq.text += seq.detokenizer.flush()
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        seq.drop_pending()
+        check_stops(seq, token, self.eos_ids, self.max_model_len, grammar_done)
 
     def _record_speed(self, sched: SchedulerOutput, seconds: float) -> None:
         prefill = sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import torch
 
-from kvgrid.engine import gemv
-from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
 from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.sampler import argmax_rows
 from kvgrid.engine.scheduler import ScheduledSeq
+from kvgrid.layers import gemv
+from kvgrid.layers.attention.base import AttentionBackend, AttentionMetadata
 from kvgrid.models.llama import LlamaForCausalLM, RotaryEmbedding, materialize
 from kvgrid.models.loader import ModelSpec, iter_weights
 
@@ -39,11 +39,11 @@ def make_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
-        from kvgrid.engine.attention.torch_ref import TorchAttentionBackend
+        from kvgrid.layers.attention.torch_ref import TorchAttentionBackend
 
         return TorchAttentionBackend()
     if name == "triton":
-        from kvgrid.engine.attention.triton_backend import TritonAttentionBackend
+        from kvgrid.layers.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r} (torch, triton)")

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
+from kvgrid.layers.attention.base import AttentionBackend, AttentionMetadata
 
 log = logging.getLogger(__name__)
 

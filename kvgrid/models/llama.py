@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvgrid.engine import fused_ops, gemv
-from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
+from kvgrid.layers import fused_ops, gemv
+from kvgrid.layers.attention.base import AttentionBackend, AttentionMetadata
 from kvgrid.models.config import ModelConfig, ModelError
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose few-token products on the GPU run the Triton GEMV (engine/gemv.py);
+    """nn.Linear whose few-token products on the GPU run the Triton GEMV (layers/gemv.py);
     on the CPU, and with ``use_gemv`` off, exactly F.linear."""
 
     use_gemv = True

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvgrid.engine import fused_ops
+from kvgrid.layers import fused_ops
 
 
 @dataclass
@@ -86,13 +86,3 @@ class AttentionBackend(ABC):
         layer_cache = kv_cache[:, layer] if fused else None
         q, k = fused_ops.rope_kv_write(positions, q, k, v, cos, sin, layer_cache, meta.slot_mapping)
         return self.forward(q, k, v, kv_cache, layer, meta, scale, kv_written=fused)
-
-
-def write_kv_reference(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int, slots: torch.Tensor
-) -> None:
-    """Scatter new K/V into their slots (the plain path fused kernels are checked against)."""
-    block_size = kv_cache.shape[3]
-    blocks, offsets = slots // block_size, slots % block_size
-    kv_cache[blocks, layer, 0, offsets] = k.to(kv_cache.dtype)
-    kv_cache[blocks, layer, 1, offsets] = v.to(kv_cache.dtype)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvgrid.engine import pdl
+from kvgrid.layers import pdl
 
 # tests set this to run the Triton kernels on CPU tensors (TRITON_INTERPRET=1)
 force_triton = False
@@ -36,7 +36,7 @@ def _pow2(n: int) -> int:
 
 
 def _k():
-    from kvgrid.engine import fused_kernels
+    from kvgrid.layers import fused_kernels
 
     return fused_kernels
 
@@ -110,6 +110,16 @@ def rope_ref(
     return x * c + torch.cat([-x2, x1], dim=-1) * s
 
 
+def write_kv_reference(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int, slots: torch.Tensor
+) -> None:
+    """Scatter new K/V into their slots (the plain path fused kernels are checked against)."""
+    block_size = kv_cache.shape[3]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[blocks, layer, 0, offsets] = k.to(kv_cache.dtype)
+    kv_cache[blocks, layer, 1, offsets] = v.to(kv_cache.dtype)
+
+
 def rope_kv_write(
     positions: torch.Tensor,
     q: torch.Tensor,  # [T, H, D], last dim contiguous (a view of the fused qkv output is fine)
@@ -125,8 +135,6 @@ def rope_kv_write(
     if not use_triton(q):
         q_r, k_r = rope_ref(positions, q, cos, sin), rope_ref(positions, k, cos, sin)
         if layer_cache is not None:
-            from kvgrid.engine.attention.base import write_kv_reference
-
             write_kv_reference(k_r, v, layer_cache.unsqueeze(1), 0, slots)
         return q_r, k_r
     t, h, d = q.shape
@@ -215,4 +223,5 @@ __all__ = [
     "rope_ref",
     "silu_mul",
     "silu_mul_ref",
+    "write_kv_reference",
 ]

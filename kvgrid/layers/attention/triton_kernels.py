@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvgrid.engine import pdl
-from kvgrid.engine.pdl_kernels import pdl_start
+from kvgrid.layers import pdl
+from kvgrid.layers.pdl_kernels import pdl_start
 
 LOG2E = 1.4426950408889634
 
@@ -134,7 +134,7 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     ROPE: tl.constexpr,
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (layers/pdl.py)
 ):
     pdl_start(PDL)
     s = tl.program_id(0)
@@ -243,7 +243,7 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (layers/pdl.py)
 ):
     pdl_start(PDL)
     s = tl.program_id(0)

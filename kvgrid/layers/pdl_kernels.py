@@ -1,4 +1,4 @@
-"""The device side of programmatic dependent launch (engine/pdl.py), shared by every kernel
+"""The device side of programmatic dependent launch (layers/pdl.py), shared by every kernel
 that takes a ``PDL`` flag (imported with triton, so a CPU-only run never loads it)."""
 
 import triton

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kvgrid.engine.attention import triton_kernels as tk
-from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata
+from kvgrid.layers.attention import triton_kernels as tk
+from kvgrid.layers.attention.base import AttentionBackend, AttentionMetadata
 
 
 class TritonAttentionBackend(AttentionBackend):

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from kvgrid.engine import pdl
+from kvgrid.layers import pdl
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def gemv(
     ``fused_ops.silu_mul`` of the plain result computes it, in the same kernel.
     """
     _check(x, w, bias, config)
-    from kvgrid.engine import gemv_kernels as gk
+    from kvgrid.layers import gemv_kernels as gk
 
     m, k = x.shape
     n = w.shape[0]
@@ -416,7 +416,7 @@ def linear_silu_mul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     when the GEMV runs (a batch-1 step saves one kernel per layer), else the two ops."""
     config = _choose(x, w, None)
     if not fuses_silu_mul(config, w.shape[0]):
-        from kvgrid.engine import fused_ops
+        from kvgrid.layers import fused_ops
 
         return fused_ops.silu_mul(linear(x, w))
     k, n = x.shape[-1], w.shape[0]

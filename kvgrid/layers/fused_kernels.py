@@ -1,4 +1,4 @@
-"""Triton kernels of kvgrid.engine.fused_ops (imported on first GPU use, so a CPU-only run
+"""Triton kernels of kvgrid.layers.fused_ops (imported on first GPU use, so a CPU-only run
 never imports triton and tests can switch on the interpreter before these are defined)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvgrid.engine.pdl_kernels import pdl_start
+from kvgrid.layers.pdl_kernels import pdl_start
 
 
 @triton.jit
@@ -22,7 +22,7 @@ def _add_rms_norm_kernel(
     eps,
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (layers/pdl.py)
 ):
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -76,7 +76,7 @@ def _rope_kv_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     WRITE_CACHE: tl.constexpr,
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (layers/pdl.py)
 ):
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)

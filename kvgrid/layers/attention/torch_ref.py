@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvgrid.engine.attention.base import AttentionBackend, AttentionMetadata, write_kv_reference
+from kvgrid.layers.attention.base import AttentionBackend, AttentionMetadata
+from kvgrid.layers.fused_ops import write_kv_reference
 
 
 class TorchAttentionBackend(AttentionBackend):

@@ -1,4 +1,4 @@
-"""Triton kernels of kvgrid.engine.gemv (imported on first use, so a CPU-only run never
+"""Triton kernels of kvgrid.layers.gemv (imported on first use, so a CPU-only run never
 imports triton and tests can switch on the interpreter before these are defined)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvgrid.engine.pdl_kernels import pdl_start
+from kvgrid.layers.pdl_kernels import pdl_start
 
 
 # M is not specialised on 1: the tensor-core variant then serves every M with one compile
@@ -35,7 +35,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (layers/pdl.py)
 ):
     pdl_start(PDL)
     pid_n = tl.program_id(0)
@@ -124,7 +124,7 @@ def _gemv_reduce_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (engine/pdl.py)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (layers/pdl.py)
 ):
     pdl_start(PDL)
     # a fixed summation order over the splits: results do not depend on scheduling
