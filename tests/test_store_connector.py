@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from kvgrid import keys
-from kvgrid.engine.kv_loader import SPLIT_OVERHEAD_S, LoadPlan
 from kvgrid.events import BlockRemoved, BlockStored
 from kvgrid.store import ContextStore, StoreConfig, StoreConnector
 from kvgrid.store.crypto import KeyRing
 from kvgrid.store.landing import land_layers
+from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadPlan
 from kvgrid.store.object import tenant_id
 
 MODEL = keys.KVScope("test-model", "bfloat16")
@@ -552,7 +552,7 @@ def test_deadline_moved_earlier_stops_a_waiting_load():
     from concurrent.futures import Future
     from concurrent.futures import TimeoutError as FutureTimeout
 
-    from kvgrid.store.policy import LoadDeadline
+    from kvgrid.store.load_plan import LoadDeadline
 
     done: Future = Future()
     done.set_result("x")

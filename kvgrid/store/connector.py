@@ -7,7 +7,7 @@ block ``i`` is ``kv_cache[i]``, contiguous, and is what the store keeps as one o
 (EWMA of observed loads and prefetches, from a probe at start: a copy for G2, a cold read of
 a few objects for the disk tiers, ``probe.py``) and
 the engine's measured prefill speed (``prefill_tokens_per_s``, set by the engine). A stored
-prefix is used as a split (``kv_loader.plan_blocks``: recompute its first blocks while the
+prefix is used as a split (``load_plan.plan_blocks``: recompute its first blocks while the
 later ones load), so even a tier slower than recomputing pays; ``lookup`` offers the prefix
 length whose predicted time to first token is lowest, and none where using it is not
 predicted faster than recomputing (times ``max_load_ratio``).
@@ -25,7 +25,7 @@ import torch
 
 from kvgrid.events import KVEvent
 from kvgrid.store.landing import LayerLanding
-from kvgrid.store.policy import LoadDeadline
+from kvgrid.store.load_plan import LoadDeadline, LoadPlan, plan_blocks
 from kvgrid.store.probe import probe_tier
 from kvgrid.store.store import ContextStore
 
@@ -145,8 +145,6 @@ class StoreConnector:
         ``busy``: other requests wait for the GPU: load as much as keeps this request no
         slower than recomputing (``plan_blocks``); otherwise its first token as soon as can
         be."""
-        from kvgrid.engine.kv_loader import LoadPlan, plan_blocks
-
         rest = keys[num_computed_blocks:]
         with self._lock:
             self._last_rest[tenant] = (rest, [None] * len(rest))
@@ -219,8 +217,6 @@ class StoreConnector:
 
     def load_plan(self, tenant: bytes, n_blocks: int):
         """The split ``lookup`` chose for the ``n_blocks`` it offered (a ``LoadPlan``)."""
-        from kvgrid.engine.kv_loader import LoadPlan
-
         with self._lock:
             plan = self._last_plan.get(tenant)
         if plan is None or plan.compute_blocks + plan.load_blocks != n_blocks:
