@@ -1,4 +1,23 @@
-"""StoreConnector: what the engine calls to use the context store below G1.
+"""StoreConnector: what the engine calls to use the context store below G1; the one module of
+the store the engine uses (the store imports nothing from the engine).
+
+Scheduler side (planning a step, on the engine's thread; bookkeeping, no data moves):
+    lookup(keys, tenant, num_computed_blocks, busy)  how many stored blocks to take
+    load_plan(tenant, n_blocks)                      how many of those to recompute, load the rest
+    load_seconds_per_block(tenant)                   the predicted load time per loaded block
+    account_admission(tenant, num_store_blocks)      the request took them: count lost hits
+    note_admitted(keys)                              a sighting of each block (disk admission)
+    plan_queue(queue, block_compute_s)               the waiting requests: prefetch their prefixes
+    prefetch(keys, tenant)                           bring stored blocks up to G2 now
+
+Worker side (moving blocks between the engine's KV cache and the store):
+    will_load(keys, tenant)                          the disks start reading a load about to start
+    load(keys, tenant, block_ids, deadline)          copy stored blocks into the cache, in order
+    load_layered(keys, tenant, block_ids)            land G2 blocks layer by layer under a forward
+    observe_load_start(seconds)                      how late a split's load started
+    save(keys, parent_keys, tenant, block_ids, ...)  hand blocks down from the cache to G2 and below
+
+Both: ``drain_events`` (tier changes as KV events for the router), ``stats``, ``close``.
 
 The engine's KV cache is one tensor ``[num_blocks, num_layers, 2, block_size, kvh, hd]``;
 block ``i`` is ``kv_cache[i]``, contiguous, and is what the store keeps as one object.
