@@ -9,6 +9,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from kvgrid.store.load_plan import LoadDeadline
 from kvgrid.store.metrics import tenant_label
 from kvgrid.store.object import cached_tenant_id
 from kvgrid.store.transfer import copy_run, wait_ready
+
+if TYPE_CHECKING:
+    from kvgrid.store.store import ContextStore
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +241,7 @@ class ReadAhead:
     verify, decrypt and decode (each thread alone leaves the disk idle meanwhile: cold zstd
     loads reached 77% of a plain read of the same files with as many threads)."""
 
-    def __init__(self, store: LoadPath, tid: bytes, keys: list[bytes]) -> None:
+    def __init__(self, store: ContextStore, tid: bytes, keys: list[bytes]) -> None:
         self.store, self.tid, self.keys = store, tid, keys
         self._hinted = 0
 

@@ -315,14 +315,3 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class ReadAhead:
-    """Readahead for one load below G2: the tiers are told about the next ``window`` blocks
-    beyond those handed to the fetch threads, so a disk keeps reading while those threads
-    verify, decrypt and decode (each thread alone leaves the disk idle meanwhile: cold zstd
-    loads reached 77% of a plain read of the same files with as many threads)."""
-
-    def __init__(self, store: ContextStore, tid: bytes, keys: list[bytes]) -> None:
-        self.store, self.tid, self.keys = store, tid, keys
-        self._hinted = 0
