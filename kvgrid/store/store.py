@@ -199,6 +199,8 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
     def tier(self, name: str) -> ObjectTier | HostPool | None:
         return next((t for t in self._tiers() if t.name == name), None)
 
+    # ---- events, tenant policies, measurements ---------------------------------------------
+
     def _emit(self, ev: KVEvent) -> None:
         with self._ev_lock:
             self._events.append(ev)
@@ -253,6 +255,8 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
             self._error_logged[(tier, op)] = now
             n = self.metrics.total("errors", tier=tier, op=op)
             log.error("context store %s %s failed (%d so far): %s", tier, op, n, error)
+
+    # ---- G2 slots: reserved by fetches (read.py) and write-backs (write.py) alike --------
 
     def _g2_quota(self, tid: bytes) -> int | None:
         """The tenant's G2 quota, after expired leases let go of their slots."""
