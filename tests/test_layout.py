@@ -38,6 +38,18 @@ def test_nothing_outside_bench_imports_bench():
     assert not {f: m for f, m in offenders.items() if m}
 
 
+def test_the_store_never_imports_the_engine():
+    """The engine calls the store through ``store/connector.py``; the store imports nothing
+    of the engine, so the two packages stay one-way."""
+    offenders = {
+        str(p.relative_to(ROOT.parent)): sorted(
+            m for m in imported_modules(p) if m == "kvgrid.engine" or m.startswith("kvgrid.engine.")
+        )
+        for p in (ROOT / "store").rglob("*.py")
+    }
+    assert not {f: m for f, m in offenders.items() if m}
+
+
 def test_the_check_sees_an_import_of_bench(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def g():\n    from kvgrid.bench.planner import Planner\n")

@@ -15,8 +15,8 @@ from kvgrid import keys
 from kvgrid.store import ContextStore, StoreConfig
 from kvgrid.store.crypto import KeyRing
 from kvgrid.store.disk_tier import DiskTier
+from kvgrid.store.lease import LeaseExpired
 from kvgrid.store.object import tenant_id
-from kvgrid.store.policy import LeaseExpired
 
 SCOPE = keys.KVScope("test-model", "bfloat16")
 A = keys.tenant_scope(b"server-secret", "tenant-a")

@@ -14,10 +14,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from kvgrid import keys
-from kvgrid.engine.kv_loader import GUARANTEE_MARGIN, plan_blocks
 from kvgrid.store import ContextStore, StoreConfig, StoreConnector
 from kvgrid.store.crypto import KeyRing
 from kvgrid.store.disk_tier import DiskTier
+from kvgrid.store.load_plan import GUARANTEE_MARGIN, plan_blocks
 from kvgrid.store.object import tenant_id
 from kvgrid.store.prefetch import Queued, plan_fetches
 

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 from kvgrid.engine.block_manager import BlockManager
 from kvgrid.engine.config import EngineConfig
-from kvgrid.engine.kv_loader import SPLIT_OVERHEAD_S, KVLoader
+from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.sequence import Sequence, SequenceStatus
-from kvgrid.store.policy import LoadDeadline
+from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadDeadline
 from kvgrid.store.prefetch import Queued
 
 if TYPE_CHECKING:

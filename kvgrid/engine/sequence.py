@@ -71,7 +71,7 @@ class Sequence:
         self.load_future: Future | None = None
         self.load_start_block = 0
         self.load_count = 0
-        self.load_deadline = None  # its LoadDeadline (kvgrid.store.policy), moved by the engine
+        self.load_deadline = None  # its LoadDeadline (kvgrid.store.load_plan), moved by the engine
         self.load_expected_end = 0.0  # time.monotonic() by which the plan expected it done
         # a layered load still landing (kvgrid.store.landing): the next forward waits on it
         self.kv_landing = None

@@ -1,4 +1,23 @@
-"""StoreConnector: what the engine calls to use the context store below G1.
+"""StoreConnector: what the engine calls to use the context store below G1; the one module of
+the store the engine uses (the store imports nothing from the engine).
+
+Scheduler side (planning a step, on the engine's thread; bookkeeping, no data moves):
+    lookup(keys, tenant, num_computed_blocks, busy)  how many stored blocks to take
+    load_plan(tenant, n_blocks)                      how many of those to recompute, load the rest
+    load_seconds_per_block(tenant)                   the predicted load time per loaded block
+    account_admission(tenant, num_store_blocks)      the request took them: count lost hits
+    note_admitted(keys)                              a sighting of each block (disk admission)
+    plan_queue(queue, block_compute_s)               the waiting requests: prefetch their prefixes
+    prefetch(keys, tenant)                           bring stored blocks up to G2 now
+
+Worker side (moving blocks between the engine's KV cache and the store):
+    will_load(keys, tenant)                          the disks start reading a load about to start
+    load(keys, tenant, block_ids, deadline)          copy stored blocks into the cache, in order
+    load_layered(keys, tenant, block_ids)            land G2 blocks layer by layer under a forward
+    observe_load_start(seconds)                      how late a split's load started
+    save(keys, parent_keys, tenant, block_ids, ...)  hand blocks down from the cache to G2 and below
+
+Both: ``drain_events`` (tier changes as KV events for the router), ``stats``, ``close``.
 
 The engine's KV cache is one tensor ``[num_blocks, num_layers, 2, block_size, kvh, hd]``;
 block ``i`` is ``kv_cache[i]``, contiguous, and is what the store keeps as one object.
@@ -7,7 +26,7 @@ block ``i`` is ``kv_cache[i]``, contiguous, and is what the store keeps as one o
 (EWMA of observed loads and prefetches, from a probe at start: a copy for G2, a cold read of
 a few objects for the disk tiers, ``probe.py``) and
 the engine's measured prefill speed (``prefill_tokens_per_s``, set by the engine). A stored
-prefix is used as a split (``kv_loader.plan_blocks``: recompute its first blocks while the
+prefix is used as a split (``load_plan.plan_blocks``: recompute its first blocks while the
 later ones load), so even a tier slower than recomputing pays; ``lookup`` offers the prefix
 length whose predicted time to first token is lowest, and none where using it is not
 predicted faster than recomputing (times ``max_load_ratio``).
@@ -25,7 +44,7 @@ import torch
 
 from kvgrid.events import KVEvent
 from kvgrid.store.landing import LayerLanding
-from kvgrid.store.policy import LoadDeadline
+from kvgrid.store.load_plan import LoadDeadline, LoadPlan, plan_blocks
 from kvgrid.store.probe import probe_tier
 from kvgrid.store.store import ContextStore
 
@@ -145,8 +164,6 @@ class StoreConnector:
         ``busy``: other requests wait for the GPU: load as much as keeps this request no
         slower than recomputing (``plan_blocks``); otherwise its first token as soon as can
         be."""
-        from kvgrid.engine.kv_loader import LoadPlan, plan_blocks
-
         rest = keys[num_computed_blocks:]
         with self._lock:
             self._last_rest[tenant] = (rest, [None] * len(rest))
@@ -219,8 +236,6 @@ class StoreConnector:
 
     def load_plan(self, tenant: bytes, n_blocks: int):
         """The split ``lookup`` chose for the ``n_blocks`` it offered (a ``LoadPlan``)."""
-        from kvgrid.engine.kv_loader import LoadPlan
-
         with self._lock:
             plan = self._last_plan.get(tenant)
         if plan is None or plan.compute_blocks + plan.load_blocks != n_blocks:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvgrid import failpoints
+from kvgrid.store.disk_io import locked, pid_alive, read_into, valid_ledger
 from kvgrid.store.tier import (
     ObjectInfo,
     ObjectTier,
@@ -131,36 +131,13 @@ class DiskTier(ObjectTier):
     def _file_in(tenant_dir: str, key: bytes) -> str:
         return os.path.join(tenant_dir, key.hex() + SUFFIX)
 
-    @contextlib.contextmanager
     def _locked(self):
-        """The ledger lock, across threads and processes, waited for at most
-        ``lock_timeout_s`` (TimeoutError, an OSError: a holder stopped mid-update must not
-        stop every other writer)."""
+        """The ledger lock (``disk_io.locked``); an OSError when the tier is not open."""
         if self._lockfd is None:
             raise OSError(errno.EBADF, f"{self.name} at {self.root} is not open")
-        end = time.monotonic() + self.lock_timeout_s
-        if not self._tlock.acquire(timeout=self.lock_timeout_s):
-            raise TimeoutError(f"{self.name} lock busy for {self.lock_timeout_s}s")
-        try:
-            pause = 0.001
-            while True:
-                try:
-                    fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= end:
-                        raise TimeoutError(
-                            f"{self.root / '.lock'} held by another process for "
-                            f"{self.lock_timeout_s}s"
-                        ) from None
-                    time.sleep(pause)
-                    pause = min(2 * pause, 0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lockfd, fcntl.LOCK_UN)
-        finally:
-            self._tlock.release()
+        return locked(
+            self._lockfd, self._tlock, self.lock_timeout_s, self.root / ".lock", self.name
+        )
 
     def _read_ledger(self) -> dict:
         path = self.root / "ledger.json"
@@ -171,7 +148,7 @@ class DiskTier(ObjectTier):
             return self._scan_ledger()
         except (OSError, ValueError) as e:
             return self._repair_ledger(repr(e))
-        if _valid_ledger(led):
+        if valid_ledger(led):
             return led
         return self._repair_ledger("unexpected content")
 
@@ -213,7 +190,7 @@ class DiskTier(ObjectTier):
             pid = rest.partition("-")[0]
             try:
                 if host == self._host and pid.isdigit():
-                    stale = not _alive(int(pid))
+                    stale = not pid_alive(int(pid))
                 else:
                     stale = now - e.stat().st_mtime > _STALE_TMP_S
                 if stale:
@@ -418,7 +395,7 @@ class DiskTier(ObjectTier):
                 if into is None:
                     data = f.read()
                 else:
-                    data = _read_into(f, into)
+                    data = read_into(f, into)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -565,44 +542,6 @@ class DiskTier(ObjectTier):
             with contextlib.suppress(OSError):
                 os.close(self._lockfd)
             self._lockfd = None
-
-
-def _valid_ledger(led) -> bool:
-    return (
-        isinstance(led, dict)
-        and _count(led.get("used"))
-        and isinstance(led.get("tenants"), dict)
-        and all(isinstance(t, str) and _count(n) for t, n in led["tenants"].items())
-    )
-
-
-def _count(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
-
-
-def _read_into(f, into: ReadBuffer) -> memoryview:
-    """The whole file, read into ``into``. Objects are replaced by rename, never written in
-    place, so the open file keeps its size; a short read is a truncated object (the
-    caller's length check rejects it)."""
-    size = os.fstat(f.fileno()).st_size
-    view = into.view(size)
-    n = 0
-    while n < size:
-        got = f.readinto(view[n:])
-        if not got:
-            break
-        n += got
-    return view[:n]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(d: Path) -> None:

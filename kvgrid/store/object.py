@@ -18,6 +18,7 @@ store turns into a counted miss.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -57,6 +58,10 @@ class ObjectError(Exception):
 def tenant_id(tenant: bytes) -> bytes:
     """A short, fixed-size name for a tenant scope (16 bytes), used in paths and headers."""
     return hashlib.blake2b(tenant, digest_size=16, person=b"kvgrid-tid-v1").digest()
+
+
+# the store names the tenant of every call it serves, and a server sees few tenants
+cached_tenant_id = functools.lru_cache(maxsize=4096)(tenant_id)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

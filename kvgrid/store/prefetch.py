@@ -9,7 +9,7 @@ a deadline, the moment the GPU would compute it (``start_at + j * block_compute_
 schedules the fetches tier by tier, earliest deadline first in queue order, each tier at
 its measured bandwidth; a block that cannot arrive in time is not fetched (counted as
 ``late``): the request recomputes it, or loads it beside recomputing its first blocks at
-admission, never later than its own recompute (``kv_loader.plan_blocks``). A planner thread
+admission, never later than its own recompute (``load_plan.plan_blocks``). A planner thread
 runs the plan and keeps what it brought up (and the queued requests' blocks already in G2)
 pinned until the request is admitted or leaves the queue, within half of G2.
 """
@@ -23,6 +23,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from kvgrid.store.object import cached_tenant_id
 
 if TYPE_CHECKING:
     from kvgrid.store.host_pool import Slot
@@ -134,13 +136,11 @@ class PrefetchPlanner:
         return True
 
     def _plan(self, queue: list[Queued], block_compute_s: float | None) -> None:
-        from kvgrid.store.store import _tid
-
         store = self.store
         if store.g2 is None:
             return
         self._reap()
-        tids = [_tid(q.tenant) for q in queue]
+        tids = [cached_tenant_id(q.tenant) for q in queue]
         where = [store.contains(list(q.keys), q.tenant) for q in queue]
         wanted = {(tid, k) for tid, q in zip(tids, queue) for k in q.keys}
         self._let_go(wanted)

@@ -46,9 +46,9 @@ from kvgrid.events import BlockStored
 from kvgrid.store.host_pool import FILLING, Slot
 from kvgrid.store.metrics import tenant_label
 from kvgrid.store.object import encode_object, max_object_len
-from kvgrid.store.policy import WorkerThreads
 from kvgrid.store.tier import PutResult, Staged
 from kvgrid.store.transfer import CopyEvent, wait_ready
+from kvgrid.store.workqueue import WorkerThreads
 
 if TYPE_CHECKING:
     from kvgrid.store.store import ContextStore

@@ -1,0 +1,268 @@
+"""The read path of ``ContextStore``: lookups, and single blocks fetched from the tiers below
+G2, verified, decrypted and promoted into G2 (``get``, ``accept``, and each block a load or a
+prefetch brings up, ``load.py``); leases on G2 blocks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+
+from kvgrid.events import BlockStored
+from kvgrid.store.host_pool import Slot
+from kvgrid.store.lease import Lease
+from kvgrid.store.metrics import tenant_label
+from kvgrid.store.object import (
+    ObjectError,
+    ObjectHeader,
+    cached_tenant_id,
+    decode_object,
+    dtype_of,
+)
+from kvgrid.store.tier import ObjectTier, ReadBuffer
+from kvgrid.store.transfer import wait_ready
+
+log = logging.getLogger(__name__)
+
+
+class ReadPath:
+    """Lookups and fetches of ``ContextStore`` (mixed into it, ``store.py``)."""
+
+    def contains(self, keys: list[bytes], tenant: bytes, leading: bool = True) -> list[str | None]:
+        """The tier holding each key, for the leading run of keys held somewhere; None after
+        (``leading=False``: for every key, past gaps too)."""
+        tid = cached_tenant_id(tenant)
+        now = time.time()
+        out: list[str | None] = [None] * len(keys)
+        remaining = []
+        for i, k in enumerate(keys):
+            s = self.g2.peek(tid, k) if self.g2 else None
+            if s is not None and not self._expired(tid, s.created, now):
+                out[i] = "G2"
+            else:
+                remaining.append(i)
+        for tier in self.lower:
+            if not remaining:
+                break
+            if not tier.up:
+                continue
+            try:
+                created = tier.created_many(tid, [keys[i] for i in remaining])
+            except OSError as e:
+                self.failed(tier.name, "lookup", e)
+                continue
+            still = []
+            for i, c in zip(remaining, created):
+                if c is not None and not self._expired(tid, c, now):
+                    out[i] = tier.name
+                else:
+                    still.append(i)
+            remaining = still
+        if not leading:
+            return out
+        for i, t in enumerate(out):
+            if t is None:
+                return out[:i] + [None] * (len(keys) - i)
+        return out
+
+    def note_seen(self, keys: list[bytes]) -> None:
+        """Count a sighting of each key (a request wanted it): drives disk admission."""
+        for k in keys:
+            self.sightings.bump(k)
+
+    def _read_lower(self, tier: ObjectTier, tid: bytes, key: bytes, tenant: bytes, out=None):
+        """(header, CPU tensor) of a verified object, or None (a counted miss). ``out`` as
+        in ``decode_object``: with it, the object is read into this thread's reused buffer."""
+        tl = tenant_label(tid)
+        if not tier.up:
+            self.metrics.inc("misses", tier=tier.name, tenant=tl, reason="backend_down")
+            return None
+        try:
+            blob = tier.get(tid, key, self._read_buffer() if out is not None else None)
+        except OSError as e:
+            self.failed(tier.name, "read", e)
+            blob = None
+        if blob is None:
+            reason = "absent" if tier.up else "backend_down"
+            self.metrics.inc("misses", tier=tier.name, tenant=tl, reason=reason)
+            return None
+        try:
+            h, t = decode_object(
+                blob,
+                key,
+                tenant,
+                self.keyring,
+                self.block_dtype,
+                self.block_shape,
+                self.config.model_fingerprint or None,
+                out,
+            )
+        except ObjectError as e:
+            self.metrics.inc("integrity_failures", tier=tier.name, kind=e.kind)
+            self.metrics.inc("misses", tier=tier.name, tenant=tl, reason=e.kind)
+            log.warning("%s object %s failed verification (%s)", tier.name, key.hex()[:16], e)
+            if e.kind == "decrypt" and tier.name == "G4":
+                self.failed(
+                    "G4",
+                    "decrypt",
+                    "an object of the shared tier does not open with this server's master key: "
+                    "every server of a shared tier needs the same key",
+                )
+            if e.kind != "decrypt":  # damaged or misplaced: never this block; drop it
+                with contextlib.suppress(OSError):
+                    if tier.delete(tid, key):
+                        self._removed(tier.name, [(tid, key, "corrupt")])
+            return None
+        if self._expired(tid, h.created):
+            self.metrics.inc("misses", tier=tier.name, tenant=tl, reason="expired")
+            with contextlib.suppress(OSError):
+                if tier.delete(tid, key):
+                    self._removed(tier.name, [(tid, key, "ttl")])
+            return None
+        self._known_tenants.setdefault(tid, tenant)
+        self.metrics.inc("hits", tier=tier.name, tenant=tl)
+        self.metrics.inc("bytes_out", len(blob), tier=tier.name, tenant=tl)
+        return h, t
+
+    def _g2_acquire(self, tid: bytes, key: bytes) -> tuple[Slot, torch.Tensor] | None:
+        if self.g2 is None:
+            return None
+        got = self.g2.acquire(tid, key)
+        if got is None:
+            return None
+        if self._expired(tid, got[0].created):
+            self.g2.release(got[0])
+            self.metrics.inc("misses", tier="G2", tenant=tenant_label(tid), reason="expired")
+            if self.g2.delete(tid, key):
+                self._removed("G2", [(tid, key, "ttl")])
+            return None
+        return got
+
+    def _read_buffer(self) -> ReadBuffer:
+        buf = getattr(self._local, "read_buffer", None)
+        if buf is None:
+            buf = self._local.read_buffer = ReadBuffer()
+        return buf
+
+    def _fetch_lower(self, tid: bytes, key: bytes, tenant: bytes):
+        """(tier, pinned G2 slot or None, CPU tensor) of one block from the first lower tier
+        with a valid copy, promoted into G2; None if none has one. Runs on a fetch thread."""
+        t0 = time.perf_counter()
+        for tier in self.lower:
+            got = self._fetch_from(tier, tid, key, tenant, t0)
+            if got is not None:
+                return got
+        return None
+
+    def _fetch_from(self, tier, tid: bytes, key: bytes, tenant: bytes, t0: float):
+        """One block from ``tier``, verified and promoted into G2: (tier name, pinned G2
+        slot or None, CPU tensor), or None (a counted miss).
+
+        The object is decoded straight into a G2 slot reserved for it (decryption writes
+        the plaintext in place), which is shown only once the object has verified: one pass
+        over the bytes fewer than decoding first and copying after."""
+        held: list[tuple[Slot, bool]] = []  # the block's G2 slot, and whether new
+
+        def into(h: ObjectHeader) -> torch.Tensor | None:
+            if self.g2 is None:
+                return None
+            got = self._g2_reserve(
+                tid,
+                key,
+                h.shape,
+                dtype_of(h.dtype),
+                h.parent_key,
+                h.token_count,
+                self._g2_quota(tid),
+                h.created,
+            )
+            if got is None:
+                return None
+            held.append(got)
+            return self.g2.pool[got[0].index] if got[1] else None
+
+        try:
+            got = self._read_lower(tier, tid, key, tenant, into)
+        except BaseException:
+            self._g2_unreserve(held)
+            raise
+        if got is None:
+            self._g2_unreserve(held)
+            return None
+        h, t = got
+        slot = None
+        if held:
+            slot, new = held[0]
+            if new:
+                self.g2.commit([slot])
+                tl = tenant_label(tid)
+                self.metrics.inc("bytes_in", t.nbytes, tier="G2", tenant=tl)
+                self._emit(BlockStored((key,), h.parent_key, "G2", h.token_count))
+            else:
+                # already there, its write-back perhaps still landing; if that copy
+                # failed, the block just read and verified serves instead
+                try:
+                    wait_ready([slot])
+                    t = self.g2.pool[slot.index]  # pinned: the device copy can be async
+                except Exception:
+                    self.g2.release(slot)
+                    slot = None
+            if slot is not None:
+                slot.below.add(tier.name)
+        self.metrics.load_seconds.labels(tier=tier.name).observe(time.perf_counter() - t0)
+        return tier.name, slot, t
+
+    def accept(self, source: ObjectTier, key: bytes, tenant: bytes) -> tuple[Slot | None, str]:
+        """Take one object that arrived from elsewhere (a KV transfer from another worker,
+        ``source`` holding it) into G2 through the path loads from G3/G4 take: verified
+        (a failure is a counted miss of ``source.name``), decoded into a slot, announced as
+        a G2 block. Returns the slot, pinned until the caller releases it (``g2.release``),
+        and "ok"; or None and why: "rejected" (failed verification) or "no_room" (no G2,
+        or no slot free)."""
+        if self.g2 is None:
+            return None, "no_room"
+        got = self._fetch_from(source, cached_tenant_id(tenant), key, tenant, time.perf_counter())
+        if got is None:
+            return None, "rejected"
+        if got[1] is None:
+            return None, "no_room"
+        return got[1], "ok"
+
+    def get(self, key: bytes, tenant: bytes) -> torch.Tensor | None:
+        """One block as a new CPU tensor, from the fastest tier that holds a valid copy."""
+        tid = cached_tenant_id(tenant)
+        got = self._g2_acquire(tid, key)
+        if got is not None:
+            try:
+                wait_ready([got[0]])
+            except Exception:  # its write-back copy failed: the entry is gone, look below
+                log.exception("G2 block %s never landed", key.hex()[:16])
+                self.metrics.inc("misses", tier="G2", tenant=tenant_label(tid), reason="copy")
+                self.g2.release(got[0])
+                got = None
+        if got is not None:
+            try:
+                self.metrics.inc("hits", tier="G2", tenant=tenant_label(tid))
+                return got[1].clone()
+            finally:
+                self.g2.release(got[0])
+        r = self._fetch_lower(tid, key, tenant)
+        if r is None:
+            return None
+        _, slot, t = r
+        try:
+            return t.clone()
+        finally:
+            if slot is not None:
+                self.g2.release(slot)
+
+    def lease(
+        self, keys: list[bytes], tenant: bytes, timeout_s: float | None = None
+    ) -> Lease | None:
+        """Pin the leading G2 blocks of ``keys`` (``with store.lease(...) as l:``); they are not
+        evicted until the lease is released or times out."""
+        if self.leases is None:
+            return None
+        return self.leases.acquire(cached_tenant_id(tenant), keys, timeout_s)

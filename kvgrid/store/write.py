@@ -1,0 +1,261 @@
+"""The write path of ``ContextStore``: blocks handed down from G1 land in G2 (from a GPU on
+the copier's side stream, from host memory at once), then are offered to the ranked write-down
+for the tiers below (``writedown.py``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from kvgrid.events import BlockRemoved, BlockStored
+from kvgrid.store.host_pool import Slot
+from kvgrid.store.metrics import tenant_label
+from kvgrid.store.object import cached_tenant_id
+from kvgrid.store.transfer import CopyEvent, host_copy
+from kvgrid.store.writedown import Candidate
+
+log = logging.getLogger(__name__)
+
+
+class WritePath:
+    """Write-backs of ``ContextStore`` (mixed into it, ``store.py``)."""
+
+    def put(
+        self,
+        key: bytes,
+        parent_key: bytes | None,
+        tenant: bytes,
+        block_tensor: torch.Tensor,
+        token_count: int,
+    ) -> None:
+        """Store one block (``put_many`` of one)."""
+        self.put_many([key], [parent_key], tenant, [block_tensor], token_count)
+
+    def put_many(
+        self,
+        keys: list[bytes],
+        parent_keys: list[bytes | None],
+        tenant: bytes,
+        blocks: list[torch.Tensor],
+        token_count: int,
+        hints: list[float] | None = None,
+        settle: bool = False,
+        positions: list[int] | None = None,
+    ) -> int:
+        """Store blocks; how many were taken without error (stored, or dropped by policy).
+        ``put_blocks`` says what became of each."""
+        out = self.put_blocks(
+            keys, parent_keys, tenant, blocks, token_count, hints, settle, positions
+        )
+        return sum(o not in ("copy_failed", "error") for o in out)
+
+    def put_blocks(
+        self,
+        keys: list[bytes],
+        parent_keys: list[bytes | None],
+        tenant: bytes,
+        blocks: list[torch.Tensor],
+        token_count: int,
+        hints: list[float] | None = None,
+        settle: bool = False,
+        positions: list[int] | None = None,
+    ) -> list[str]:
+        """Store blocks handed down from G1; per block, its outcome: ``g2`` (now in G2),
+        ``already_stored``, ``queued_below`` (no G2 copy: queued for the disk tiers),
+        ``dropped_full``, ``not_admitted``, ``outranked``, ``copy_failed`` or ``error``.
+
+        Host blocks are read before this returns. GPU blocks are copied into G2 on the
+        copier's stream: the caller's current stream waits for those copies on the device,
+        so its later kernels cannot overwrite the blocks before they are read, and the
+        caller may reuse them at once. With every G2 slot pinned, the caller waits up to
+        ``g2_wait_s`` for one (back-pressure) before a block is dropped. Disk and network
+        writes go through the ranked write-down (``hints``: the engine's reuse prospects
+        per block, added to its sightings; ``positions``: each block's place in its chain,
+        a prefix's head going first); ``settle`` (shutdown) waives disk admission."""
+        if not (len(keys) == len(parent_keys) == len(blocks)):
+            raise ValueError("put_many() needs as many keys, parent keys and blocks")
+        if not keys:
+            return []
+        if self.block_shape is None:
+            self.configure_blocks(tuple(blocks[0].shape), blocks[0].dtype)
+        tid = cached_tenant_id(tenant)
+        self._known_tenants.setdefault(tid, tenant)
+        hints = hints or [0.0] * len(keys)
+        score = [self.sightings.bump(k, at_least=1) + h for k, h in zip(keys, hints)]
+        out = ["not_admitted"] * len(keys)
+        if self.g2 is not None:
+            self._g2_put_many(tid, keys, parent_keys, blocks, token_count, score, out)
+            for key, o in zip(keys, out):
+                if o in ("g2", "already_stored"):
+                    self.ledger.handed_down(key, o)
+        g2_out = list(out)
+        for i, key in enumerate(keys):
+            in_g2 = out[i] in ("g2", "already_stored")
+            try:
+                depth = positions[i] if positions else 0
+                o = self._offer_below(
+                    tid, key, parent_keys[i], tenant, blocks[i], token_count, score[i], settle,
+                    in_g2, depth,
+                )  # fmt: skip
+            except Exception:
+                log.exception("store write-back failed")
+                o = "error"
+            if in_g2:
+                if o == "already_stored":
+                    out[i] = o
+                if self.g2.peek(tid, key) is None:  # its own batch filled G2 past it
+                    self.ledger.left_tier(key, "G2")
+                continue
+            # G2 did not take it: what the lower tiers did says where it went, unless they
+            # did not take it either (then G2's reason: full, or a failed copy)
+            if o in ("queued_below", "already_stored") or g2_out[i] == "not_admitted":
+                out[i] = o
+            self.ledger.handed_down(key, out[i])
+        return out
+
+    def _g2_put_many(self, tid, keys, parent_keys, blocks, token_count, score, out) -> None:
+        """The G2 part of ``put_blocks``: new slots are reserved, filled (one asynchronous
+        batch for device blocks), then shown; ``out[i]`` says what became of each. A batch
+        larger than what G2 has free fills what it reserved before it waits for more."""
+        quota = self._g2_quota(tid)
+        fills: list[tuple[int, Slot]] = []
+        sync: list[tuple[int, Slot]] = []
+        now = time.monotonic()
+        wait_end = now + self.config.g2_wait_s  # one bound for the whole call
+        spare_end = now + self.config.g2_spare_s
+        for i, key in enumerate(keys):
+            if score[i] < self.config.admit_after.get("G2", 1):
+                continue
+            b = blocks[i]
+            got = None
+            for _ in range(2):
+                now = time.monotonic()
+                got = self._g2_reserve(tid, key, b.shape, b.dtype, parent_keys[i], token_count,
+                                       quota, wait_s=max(0.0, wait_end - now),
+                                       spare_s=max(0.0, spare_end - now))  # fmt: skip
+                if got is not None or not (fills or sync):
+                    break
+                # this batch's own slots, still being filled, may be what G2 waits for
+                self._g2_fill(tid, keys, parent_keys, blocks, token_count, fills, sync, out)
+                fills, sync = [], []
+            if got is None:
+                out[i] = "dropped_full"
+                continue
+            slot, new = got
+            slot.prospect = max(slot.prospect, score[i])
+            if not new:
+                out[i] = "already_stored"
+                self.g2.release(slot)
+            elif self.copier is not None and self.copier.accepts(b, self.g2.pool):
+                fills.append((i, slot))
+            else:
+                sync.append((i, slot))
+        self._g2_fill(tid, keys, parent_keys, blocks, token_count, fills, sync, out)
+
+    def _g2_fill(self, tid, keys, parent_keys, blocks, token_count, fills, sync, out) -> None:
+        """Copy into reserved G2 slots (``sync`` here, ``fills`` as one asynchronous batch)
+        and show them."""
+        shown: list[tuple[int, Slot]] = []
+        for i, slot in sync:
+            try:
+                self.g2.fill(slot, blocks[i])
+            except Exception:
+                log.exception("G2 write-back copy failed")
+                self.metrics.inc("writes_dropped", tier="G2", reason="copy_failed")
+                out[i] = "copy_failed"
+                continue
+            self.g2.release(slot)
+            shown.append((i, slot))
+        if fills:
+            slots = [s for _, s in fills]
+            pool = self.g2.pool
+            try:
+                ev = self.copier.copy([(pool[s.index], blocks[i]) for i, s in fills])
+            except Exception:
+                log.exception("G2 write-back copy failed")
+                self._abandon_issued(slots, blocks[fills[0][0]].device)
+                self.metrics.inc("writes_dropped", len(slots), tier="G2", reason="copy_failed")
+                for i, _ in fills:
+                    out[i] = "copy_failed"
+            else:
+                self.g2.commit(slots, ev)
+                self._landings.submit(self._copied, slots, ev)
+                shown += fills
+            self.metrics.inc("writebacks", len(fills), mode="async")
+        if sync:
+            self.metrics.inc("writebacks", len(sync), mode="sync")
+        tl = tenant_label(tid)
+        for i, _ in shown:
+            out[i] = "g2"
+            self.metrics.inc("bytes_in", blocks[i].nbytes, tier="G2", tenant=tl)
+            self._emit(BlockStored((keys[i],), parent_keys[i], "G2", token_count))
+
+    def _copied(self, slots: list[Slot], ev: CopyEvent) -> None:
+        """On the landing thread: an asynchronous write-back batch has landed (or failed)."""
+        try:
+            ev.synchronize()
+        except Exception:
+            log.exception("G2 write-back copy failed on the device")
+            self.g2.abort(slots)
+            self.metrics.inc("writes_dropped", len(slots), tier="G2", reason="copy_failed")
+            for s in slots:
+                self.ledger.record(s.name[1], "dropped:copy_failed")
+                self._emit(BlockRemoved((s.name[1],), "G2"))
+            return
+        self.g2.settle(slots)
+
+    def _abandon_issued(self, slots: list[Slot], dev: torch.device) -> None:
+        """A batch failed while its copies were being issued: some may still be running, so
+        their slots are reused only once the copy stream is idle; if that cannot be known
+        (the device is broken), never."""
+        try:
+            self.copier.synchronize(dev)
+        except Exception:
+            log.exception("device unusable: %d G2 slots retired", len(slots))
+            self.g2.retire(slots)
+        self.g2.abort(slots)
+
+    def _offer_below(
+        self, tid, key, parent_key, tenant, block, token_count, score, settle, in_g2, depth=0
+    ) -> str:
+        """Offer one block to the write-down for the disk tiers (by its G2 slot when G2
+        holds it, else with a host copy of its own); the outcome for a block G2 lacks."""
+        admit = self.config.admit_after
+        targets = [t for t in self.lower if t.up and (settle or score >= admit.get(t.name, 1))]
+        for t in self.lower:
+            if t.up and t not in targets:
+                self.metrics.inc("writedown", tier=t.name, outcome="not_admitted")
+        got = self.g2.acquire(tid, key) if in_g2 and targets else None
+        if got is not None:
+            targets = [t for t in targets if t.name not in got[0].below]  # already there
+            if not targets:
+                self.g2.release(got[0])
+                return "already_stored"
+        if not targets:
+            if self.lower and in_g2:
+                self.ledger.skipped_below(key, "not_admitted")
+            return "not_admitted"
+        copied = None
+        if got is not None:
+            slot, src = got  # pinned until written or skipped
+        else:
+            slot = None
+            src, copied = self._off_device(block)
+        c = Candidate(
+            tid, key, parent_key, tenant, token_count, score, targets, src, slot, copied, depth
+        )
+        wait = self.config.io_block_s if not settle else 60.0
+        return "queued_below" if self.writes.offer(c, wait_s=wait) else "outranked"
+
+    def _off_device(self, block: torch.Tensor) -> tuple[torch.Tensor, CopyEvent | None]:
+        """A host copy of ``block`` for a write below G2 (no G2 slot holds it), and the
+        event it lands with. From a GPU it is issued on the copier's stream, the caller's
+        stream ordered after it as for G2 write-backs: a synchronous copy would make the
+        engine's thread wait for the step in flight, then for a pageable copy."""
+        dst = torch.empty(block.shape, dtype=block.dtype, pin_memory=block.is_cuda)
+        if self.copier is not None and self.copier.accepts(block, dst):
+            return dst, self.copier.copy([(dst, block)])
+        host_copy(dst, block)
+        return dst, None
