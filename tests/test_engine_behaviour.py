@@ -154,3 +154,41 @@ def test_abort_frees_blocks(tiny):
     assert eng.block_manager.num_free_blocks == free0
     assert not eng.has_unfinished_requests()
     assert not eng.abort_request("a")
+
+
+def test_packed_step_inputs_start_on_16_bytes():
+    """Kernels are compiled per 16-byte alignment of their pointers: every view of the
+    packed step inputs starts aligned whatever the parts' lengths, and holds its part."""
+    import numpy as np
+
+    from kvgrid.engine.model_runner import ALIGN_BYTES, pack_aligned
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.int64, np.int32):
+        for _ in range(20):
+            parts = [rng.integers(0, 99, rng.integers(0, 9)).astype(dtype) for _ in range(5)]
+            packed, spans = pack_aligned(parts, dtype)
+            for (a, b), p in zip(spans, parts):
+                assert (a * packed.itemsize) % ALIGN_BYTES == 0
+                assert np.array_equal(packed[a:b], p)
+
+
+def test_attention_metadata_views_are_aligned_for_every_batch(tiny):
+    """Odd and even batch sizes and token counts, prefill and decode: each device view the
+    runner hands the kernels (lengths, tables, slots, positions) starts on 16 bytes."""
+    llm = LLM(tiny, block_size=16, num_kv_blocks=128, max_num_seqs=8)
+    runner = llm.engine.runner
+    inner, seen = runner.prepare, []
+
+    def prepare(*a, **kw):
+        ids, pos, meta, sample_idx = inner(*a, **kw)
+        views = (ids, pos, meta.query_start_loc, meta.seq_lens, meta.context_lens,
+                 meta.block_tables, meta.slot_mapping)  # fmt: skip
+        seen.append([v.data_ptr() % 16 for v in views if v.numel()])
+        return ids, pos, meta, sample_idx
+
+    runner.prepare = prepare
+    for n in (1, 2, 3, 5):
+        llm.generate(prompts(n, 17 + n, 1000), SamplingParams(max_tokens=3, temperature=0))
+    assert len(seen) > 8
+    assert all(not any(r) for r in seen), seen

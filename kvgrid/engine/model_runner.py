@@ -49,6 +49,27 @@ def make_backend(name: str, device: torch.device) -> AttentionBackend:
     raise ValueError(f"unknown attention backend {name!r} (torch, triton)")
 
 
+# Views into the packed step inputs start on 16-byte boundaries. Triton specialises a
+# kernel on each pointer argument's 16-byte alignment: views at offsets that follow the
+# batch's size would compile a new variant of the attention and K/V kernels (about half a
+# second on the engine thread) at the first step of each new alignment, mid-serving.
+ALIGN_BYTES = 16
+
+
+def pack_aligned(parts: list[np.ndarray], dtype) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``parts`` in one array of ``dtype``, each starting at a multiple of ``ALIGN_BYTES``;
+    and each part's (start, end) in it."""
+    step = ALIGN_BYTES // np.dtype(dtype).itemsize
+    spans, at = [], 0
+    for p in parts:
+        spans.append((at, at + p.size))
+        at += -(-p.size // step) * step
+    out = np.zeros(at, dtype=dtype)
+    for (a, b), p in zip(spans, parts):
+        out[a:b] = p.ravel()
+    return out, spans
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int):
         self.config = config
@@ -236,42 +257,38 @@ class ModelRunner:
 
         # two packed host buffers (int64, int32), two copies: each separate small copy costs
         # a pinned allocation and a launch, and a decode step is a few milliseconds
-        n_tok = int(qsl[-1])
-        ids_np = np.asarray(input_ids, dtype=np.int64)
-        n_pend = len(pending_at)
-        i64 = np.concatenate(
+        i64, at64 = pack_aligned(
             [
-                ids_np,
+                np.asarray(input_ids, dtype=np.int64),
                 positions,
                 slots,
-                np.asarray(pending_at + pending_rows, np.int64),
+                np.asarray(pending_at, np.int64),
+                np.asarray(pending_rows, np.int64),
                 np.asarray(sample_idx, np.int64),
-            ]
+            ],
+            np.int64,
         )
-        i32 = np.concatenate([qsl, seq_lens, starts, tables.ravel()]).astype(np.int32)
+        i32, at32 = pack_aligned([qsl, seq_lens, starts, tables.ravel()], np.int32)
         d64, d32 = self._to_device(i64), self._to_device(i32)
-        s1 = n_seq + 1
+        ids, pos, slot_map, at, rows, self._sample_rows = (d64[a:b] for a, b in at64)
+        qsl_d, lens_d, ctx_d, tables_d = (d32[a:b] for a, b in at32)
         meta = AttentionMetadata(
-            query_start_loc=d32[:s1],
-            seq_lens=d32[s1 : s1 + n_seq],
-            context_lens=d32[s1 + n_seq : s1 + 2 * n_seq],
-            block_tables=d32[s1 + 2 * n_seq :].view(n_seq, max_blocks),
-            slot_mapping=d64[2 * n_tok : 3 * n_tok],
+            query_start_loc=qsl_d,
+            seq_lens=lens_d,
+            context_lens=ctx_d,
+            block_tables=tables_d.view(n_seq, max_blocks),
+            slot_mapping=slot_map,
             max_query_len=int(counts.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
             context_lens_cpu=starts.tolist(),
         )
-        self._sample_rows = d64[3 * n_tok + 2 * n_pend :]
-        ids = d64[:n_tok]
-        if n_pend:
+        if len(pending_at):
             if prev_tokens is None:
                 raise RuntimeError("a batch input is a pending token but no step is in flight")
-            at = d64[3 * n_tok : 3 * n_tok + n_pend]
-            rows = d64[3 * n_tok + n_pend : 3 * n_tok + 2 * n_pend]
             ids[at] = prev_tokens[rows]  # on the device: the host has not seen them yet
-        return ids, d64[n_tok : 2 * n_tok], meta, sample_idx
+        return ids, pos, meta, sample_idx
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         if self.staging_in is None:

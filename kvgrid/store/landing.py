@@ -109,7 +109,13 @@ def _land_triton(
     from kvgrid.store import landing_kernel
 
     block_bytes, layer_bytes = dst[0].nbytes, dst[0, 0].nbytes
-    addrs = np.concatenate([src.data_ptr() + si * block_bytes, dst.data_ptr() + di * block_bytes])
+    n = si.size
+    # the destinations' addresses start on 16 bytes, as the sources' do: the kernel is
+    # compiled for that alignment once, not again for every odd number of blocks
+    m = n + n % 2
+    addrs = np.zeros(m + n, np.int64)
+    addrs[:n] = src.data_ptr() + si * block_bytes
+    addrs[m:] = dst.data_ptr() + di * block_bytes
     # the widest word that divides the layer and the slab addresses: 16-byte vector accesses
     word, wdtype = next(
         (w, t)
@@ -118,12 +124,11 @@ def _land_triton(
         and src.data_ptr() % w == 0 and dst.data_ptr() % w == 0
     )  # fmt: skip
     a = torch.from_numpy(addrs).pin_memory().to(dst.device, non_blocking=True)
-    n = si.size
     start = torch.cuda.Event(enable_timing=True)
     start.record()
     events = []
     for layer in range(dst.shape[1]):
-        landing_kernel.copy_layer(a[:n], a[n:], layer, layer_bytes // word, wdtype)
+        landing_kernel.copy_layer(a[:n], a[m:], layer, layer_bytes // word, wdtype)
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         events.append(ev)
