@@ -171,7 +171,8 @@ def test_the_driver_and_the_frontend_actor_start_without_torch():
     """Neither loads an engine: importing torch would only delay the deployment's start (by
     seconds on a small machine), the driver's key-ring read included."""
     probe = (
-        "import sys, kvgrid.server.ray.actors, kvgrid.server.ray.fleet, kvgrid.server.ray.serve; "
+        "import sys, kvgrid.server.ray.actors, kvgrid.server.ray.fleet, "
+        "kvgrid.server.ray.frontend_actor, kvgrid.server.ray.serve; "
         "from kvgrid.store.crypto import load_keyring; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

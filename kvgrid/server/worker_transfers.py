@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kvgrid import keys as kvkeys
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.server.auth import ControlKey, is_loopback_host, is_wildcard_host
+from kvgrid.server.worker_stream import check_scope, compile_grammar, stream_outputs
 from kvgrid.transfer import auth, wire
 from kvgrid.transfer.faults import Faults, FaultSwitch
 from kvgrid.transfer.metrics import TransferMetrics
@@ -191,8 +192,6 @@ async def remote_generate(
     """/generate whose prompt KV comes from a prefill worker (see the module doc).
     ``resume``: a migrated request's ``resume_output`` and ``emitted_text_len``
     (LLMEngine.add_request); its context, whose blocks arrive, is prompt plus that output."""
-    from kvgrid.server.worker import compile_grammar, stream_outputs
-
     tx = worker.transfers
     if tx is None:
         return _bad("this worker takes no KV transfers")
@@ -252,8 +251,6 @@ def _receiver_state(worker: Worker) -> dict:
 
 
 def add_transfer_routes(app: FastAPI, worker: Worker) -> None:
-    from kvgrid.server.worker import check_scope
-
     @app.post("/prefill")
     async def prefill(request: Request) -> Response:
         tx = worker.transfers

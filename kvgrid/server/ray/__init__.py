@@ -8,8 +8,9 @@ authenticated with the control keys of kvgrid.server.auth), so Ray adds nothing 
     secrets.py    what crosses from the driver to the actors (control keys, master key)
     placement.py  resources per worker, sites as groups of labelled nodes
     http.py       an actor's HTTP server, in a thread of its own
-    actors.py     WorkerActor (one engine) and FrontendActor (router and planner)
+    actors.py     WorkerActor (one engine) and what every actor shares (serving, watchdog)
     fleet.py      RayFleet: workers as named actors; discovery, health and restarts from Ray
+    frontend_actor.py  FrontendActor (API, router and planner; its workers are a RayFleet)
     serve.py      the driver: `kvgrid serve --ray` and ``start_on_ray``
 """
 

@@ -1,11 +1,11 @@
-"""The two actor classes of a kvgrid deployment on Ray.
+"""The worker actor of a kvgrid deployment on Ray, and what every actor shares.
 
 ``WorkerActor``: one engine (one GPU, or a share of a CPU node) with the worker's HTTP API
-and KV event stream bound to its node's address. ``FrontendActor``: the OpenAI API, the
-router and the planner, whose workers are WorkerActors (kvgrid.server.ray.fleet). Each serves
-HTTP on a thread of its own (kvgrid.server.ray.http); the actor methods only say where it
-serves, wait for it to die (``watch``) and stop it. A watchdog ends the process when the
-engine or the server fails, so that Ray restarts the actor: health is Ray's to act on.
+and KV event stream bound to its node's address; the RayFleet (kvgrid.server.ray.fleet)
+creates and follows them for the FrontendActor (kvgrid.server.ray.frontend_actor). Each
+actor serves HTTP on a thread of its own (kvgrid.server.ray.http); the actor methods only say
+where it serves, wait for it to die (``watch``) and stop it. A watchdog ends the process when
+the engine or the server fails, so that Ray restarts the actor: health is Ray's to act on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kvgrid.server.ray.http import HTTPThread, bind
 log = logging.getLogger(__name__)
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("KVGRID_LOG", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -32,7 +32,7 @@ def _setup_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _node_ip() -> str:
+def node_ip() -> str:
     """The address this node joined the cluster with (``ray start --node-ip-address``), the
     one other nodes reach it at."""
     import ray
@@ -41,14 +41,14 @@ def _node_ip() -> str:
     for n in ray.nodes():
         if n.get("NodeID") == me:
             return n["NodeManagerAddress"]
-    return ray.util.get_node_ip_address()
+    return ray.util.getnode_ip_address()
 
 
-def _url(host: str, port: int) -> str:
+def http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-class _Served:
+class Served:
     """What both actors share: where they serve, a watchdog, a graceful stop."""
 
     http: HTTPThread
@@ -82,7 +82,7 @@ class _Served:
         await asyncio.to_thread(self.http.stop)
 
 
-class WorkerActor(_Served):
+class WorkerActor(Served):
     def __init__(self, worker_id: str, args: dict[str, Any], part: secrets.WorkerSecrets) -> None:
         """``part``: this worker's key (it proves, signs and encrypts as this worker only)
         and the store's secrets."""
@@ -95,11 +95,11 @@ class WorkerActor(_Served):
             raise ValueError(f"worker {worker_id!r} was given worker {part.key.worker_id!r}'s key")
         self.worker_id = worker_id
         secrets.apply(part.env)
-        _setup_logging()
+        setup_logging()
         ctx = ray.get_runtime_context()
-        ip = _node_ip()
+        ip = node_ip()
         sock = bind(ip)
-        url = _url(ip, sock.getsockname()[1])
+        url = http_url(ip, sock.getsockname()[1])
         ns = argparse.Namespace(**args)
         if ns.kv_store_dir:  # on every node; one G3 folder per worker (one owner per capacity)
             ns.kv_store_dir = os.path.join(ns.kv_store_dir, worker_id)
@@ -129,58 +129,3 @@ class WorkerActor(_Served):
 
     def __repr__(self) -> str:  # Ray's log prefix and error messages: the id, nothing else
         return f"WorkerActor({getattr(self, 'worker_id', '?')})"
-
-
-class FrontendActor(_Served):
-    def __init__(self, name: str, args: dict[str, Any], cluster: secrets.ClusterSecrets) -> None:
-        """``cluster``: the deployment's secrets; the frontend keeps the cluster key (its
-        router checks every worker with it) and hands each worker actor its own part."""
-        import ray
-
-        from kvgrid.router.sites import parse_site
-        from kvgrid.server.autoscale import LiveActuator
-        from kvgrid.server.frontend import create_frontend_app
-        from kvgrid.server.ray.fleet import RayFleet
-        from kvgrid.server.ray.placement import WorkerResources
-        from kvgrid.server.serve import frontend_from_args, planner_loop
-
-        self.name = name
-        secrets.apply(cluster.frontend())
-        _setup_logging()
-        ns = argparse.Namespace(**args)
-        fe = frontend_from_args(ns, [], cluster.control_key)
-        sites = [parse_site(s) for s in ns.site]
-        fe.router.site_rtt_s = {s.name: s.rtt_s for s in sites}
-        max_workers = max(ns.workers, ns.max_workers or ns.workers)
-        fleet = RayFleet(
-            fe,
-            name,
-            args,
-            cluster,
-            sites,
-            WorkerResources(**ns.ray_worker_resources),
-            ns.ray_max_restarts,
-            initial=ns.workers,
-        )
-        fleet.clear_leftovers()
-        fleet.actuator = LiveActuator(fe, fleet, max_workers)
-        fe.fleet = fleet
-        if ns.autoscale or max_workers > ns.workers:
-            fe.autoscaler = planner_loop(ns, fleet.actuator, max_workers)
-        host = fe.bind_host
-        ip = _node_ip()
-        sock = bind(host, ns.port)
-        self.http = HTTPThread(create_frontend_app(fe), sock, "kvgrid-frontend-http")
-        self.http.start_serving()
-        shown = ip if host in ("0.0.0.0", "::") else host
-        self.about = {
-            "url": _url(shown, self.http.port),
-            "node_ip": ip,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-            "model": fe.config.model_name,
-        }
-        self._start_watchdog(self.http.serving, "frontend")
-
-    def __repr__(self) -> str:
-        return f"FrontendActor({getattr(self, 'name', '?')})"

@@ -39,7 +39,7 @@ class RayServer:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from kvgrid.router.sites import parse_site
-        from kvgrid.server.ray.actors import FrontendActor
+        from kvgrid.server.ray.frontend_actor import FrontendActor
         from kvgrid.server.ray.placement import check_sites, worker_resources
         from kvgrid.server.ray.secrets import ClusterSecrets, actor_config
         from kvgrid.server.serve import frontend_host
