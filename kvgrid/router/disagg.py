@@ -27,7 +27,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from kvgrid.router.policies import Candidate
+from kvgrid.router.candidates import Candidate
+from kvgrid.router.workers import WorkerState
 from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S, TransferModel
 
 MODES = ("auto", "always", "never")
@@ -121,6 +122,19 @@ class Side:
     bytes_per_block: int = 0
     device: str = ""  # WorkerInfo.device ("": unknown, shared with no one)
 
+    @classmethod
+    def of(cls, w: WorkerState, c: Candidate) -> Side:
+        ld = w.load
+        return cls(
+            c,
+            ld.mixed_prefill_tokens,
+            ld.transfer_bytes_per_s,
+            ld.transfer_setup_s,
+            ld.tier_bytes_per_s.get("G2"),
+            w.info.bytes_per_block,
+            w.info.device,
+        )
+
 
 def shares_device(a: Side, b: Side) -> bool:
     return bool(a.device) and a.device == b.device
@@ -131,22 +145,24 @@ def local_ttft_s(s: Side) -> float:
     most ``mixed_prefill_tokens`` of prompt (the engine keeps its ITL in check that way),
     so a long prompt takes many steps, each a decode step long on top."""
     c = s.candidate
-    if not (c.num_decoding and s.mixed_prefill_tokens):
+    w = c.worker
+    if not (w.num_decoding and s.mixed_prefill_tokens):
         return c.predicted_ttft_s
-    chunk = max(1, min(c.max_num_batched_tokens, s.mixed_prefill_tokens))
-    work = c.backlog_tokens + c.uncached_tokens
-    t = work / c.prefill_tokens_per_s + c.tier_load_s + math.ceil(work / chunk) * c.decode_step_s
+    chunk = max(1, min(w.max_num_batched_tokens, s.mixed_prefill_tokens))
+    work = w.backlog_tokens + c.prompt.uncached_tokens
+    t = work / w.prefill_tokens_per_s + c.prompt.tier_load_s
+    t += math.ceil(work / chunk) * w.decode_step_s
     return max(t, c.predicted_ttft_s)
 
 
 def _itl_s(s: Side, prompt_tokens: int) -> float:
     """The decode worker's inter-token latency while ``prompt_tokens`` are prefilled there
     (0 when nothing decodes there: nobody's ITL is at stake)."""
-    c = s.candidate
-    if not c.num_decoding:
+    w = s.candidate.worker
+    if not w.num_decoding:
         return 0.0
-    chunk = min(c.max_num_batched_tokens, s.mixed_prefill_tokens or c.max_num_batched_tokens)
-    return c.decode_step_s + min(prompt_tokens, chunk) / c.prefill_tokens_per_s
+    chunk = min(w.max_num_batched_tokens, s.mixed_prefill_tokens or w.max_num_batched_tokens)
+    return w.decode_step_s + min(prompt_tokens, chunk) / w.prefill_tokens_per_s
 
 
 def option(
@@ -155,33 +171,33 @@ def option(
     """Prefill of blocks [0, start + num) on ``p`` (it computes what it lacks and sends
     blocks start..), then the decode worker ``d`` lands them and computes the rest.
     ``shared``: whether ``p`` computes on ``d``'s device (default: as they report)."""
-    dc, pc = d.candidate, p.candidate
-    bs = dc.block_size
+    dw, pw = d.candidate.worker, p.candidate.worker
+    bs = d.candidate.prompt.block_size
     upto = (start + num) * bs
-    p_cached = min(pc.overlap.blocks, start + num - 1) * bs  # its last block is computed
+    p_cached = min(p.candidate.overlap.blocks, start + num - 1) * bs  # its last block is computed
     p_uncached = upto - p_cached
-    produce = p_uncached / pc.prefill_tokens_per_s
-    compute = pc.backlog_tokens / pc.prefill_tokens_per_s + produce
-    steps = math.ceil((pc.backlog_tokens + p_uncached) / pc.max_num_batched_tokens)
-    if pc.num_decoding:
-        compute += steps * pc.decode_step_s
+    produce = p_uncached / pw.prefill_tokens_per_s
+    compute = pw.backlog_tokens / pw.prefill_tokens_per_s + produce
+    steps = math.ceil((pw.backlog_tokens + p_uncached) / pw.max_num_batched_tokens)
+    if pw.num_decoding:
+        compute += steps * pw.decode_step_s
     shared = shares_device(d, p) if shared is None else shared
     itl = _itl_s(d, n_prompt - upto)
-    if shared and dc.num_decoding:
+    if shared and dw.num_decoding:
         # the local prefill's model with the prefill worker's steps: the device runs one of
         # them between two of the decode worker's steps, each slowing the other
-        compute += steps * dc.decode_step_s
-        chunk = min(p_uncached, pc.max_num_batched_tokens)
-        itl = max(itl, dc.decode_step_s + chunk / pc.prefill_tokens_per_s)
+        compute += steps * dw.decode_step_s
+        chunk = min(p_uncached, pw.max_num_batched_tokens)
+        itl = max(itl, dw.decode_step_s + chunk / pw.prefill_tokens_per_s)
     model = TransferModel.measured(d.transfer_bytes_per_s, p.transfer_setup_s)
-    per_step = max(1, pc.max_num_batched_tokens // bs)
+    per_step = max(1, pw.max_num_batched_tokens // bs)
     g2 = d.g2_bytes_per_s or DEFAULT_LAND_BYTES_PER_S
     handoff = model.handoff_s(num, d.bytes_per_block, produce, per_step, g2)
     tail = model.tail_s(num, d.bytes_per_block, produce, per_step)
     rest = n_prompt - upto
-    decode = (dc.backlog_tokens + rest) / dc.prefill_tokens_per_s + (handoff - tail)
-    if dc.num_decoding:
-        decode += dc.decode_step_s
+    decode = (dw.backlog_tokens + rest) / dw.prefill_tokens_per_s + (handoff - tail)
+    if dw.num_decoding:
+        decode += dw.decode_step_s
     return PrefillOption(
         p.candidate.worker_id,
         p_cached,
@@ -207,7 +223,7 @@ def plan_prefill(
     and stream to ``d`` (not ``d`` itself); ``can_receive``: ``d`` takes transfers;
     ``whole_prompt``: ``d`` computes every prompt position anyway (prompt logprobs)."""
     c = d.candidate
-    bs = c.block_size
+    bs = c.prompt.block_size
     hit_cap = max(0, (n_prompt - 1) // bs)  # the last prompt token is computed where it decodes
     start = min(c.overlap.blocks, hit_cap)
     num = hit_cap - start
@@ -219,7 +235,7 @@ def plan_prefill(
         start_block=start,
         num_blocks=num,
         local_ttft_s=local,
-        local_itl_s=_itl_s(d, c.uncached_tokens),
+        local_itl_s=_itl_s(d, c.prompt.uncached_tokens),
         stall_s=cfg.stall_s,
     )
     if cfg.mode == "never":
@@ -238,11 +254,12 @@ def plan_prefill(
         plan.reason = "cached_prefix" if start >= cfg.min_blocks else "short_prompt"
         return plan
     plan.options = [option(d, p, n_prompt, start, num) for p in others]
-    best = _choose(cfg, plan, plan.options, local, c.cached_tokens, n_prompt)
+    cached = c.prompt.cached_tokens
+    best = _choose(cfg, plan, plan.options, local, cached, n_prompt)
     if best is None and any(o.shared_device for o in plan.options):
         # would another device have made it remote? then the sharing is why it stays local
         apart = [option(d, p, n_prompt, start, num, shared=False) for p in others]
-        if _choose(cfg, replace(plan), apart, local, c.cached_tokens, n_prompt) is not None:
+        if _choose(cfg, replace(plan), apart, local, cached, n_prompt) is not None:
             plan.reason = "shared_device"
     if best is None:
         return plan

@@ -1,8 +1,9 @@
 """Routing policies behind one interface: given scored candidates, pick one.
 
-The router fills each ``Candidate`` (cache overlap, backlog, measured speeds and a predicted
-time to first token) before calling a policy, so every policy sees the same facts and every
-decision can be explained with them. Policies differ only in how they weigh those facts:
+The router fills each ``Candidate`` (kvgrid.router.candidates: cache overlap, backlog,
+measured speeds and a predicted time to first token) before calling a policy, so every policy
+sees the same facts and every decision can be explained with them. Policies differ only in
+how they weigh those facts:
 
 - ``round_robin``      cycle over the workers, ignoring everything.
 - ``least_load``       fewest active requests, then the smallest prefill backlog.
@@ -23,79 +24,15 @@ decision can be explained with them. Policies differ only in how they weigh thos
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from operator import attrgetter
 
-from kvgrid.router.index import Overlap
+from kvgrid.router.candidates import Candidate
 
-_RANK = attrgetter("score", "num_active", "backlog_tokens")
+_RANK = attrgetter("score", "worker.num_active", "worker.backlog_tokens")
 
 # Dynamo-style credit of a cached block by the tier it sits in (G1 .. G4); predicted blocks
 # are freshly computed, so G1.
 TIER_CREDIT = (1.0, 0.75, 0.5, 0.25)
-
-
-@dataclass(slots=True)
-class Candidate:
-    worker_id: str
-    freshness: str  # exact | predicted | stale
-    overlap: Overlap
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens the worker should serve from cache (engine's rule)
-    uncached_tokens: int
-    backlog_tokens: int  # prefill tokens queued in front of this request
-    num_decoding: int
-    num_active: int
-    kv_usage: float
-    num_cached_blocks: int  # blocks the index holds for the worker (all tiers)
-    active_kv_blocks: float  # G1 blocks held by running requests
-    block_size: int
-    prefill_tokens_per_s: float
-    decode_step_s: float
-    max_num_batched_tokens: int
-    tier_load_s: float = 0.0  # time to bring lower-tier blocks up to G1
-    network_s: float = 0.0  # the round trip to the worker's site
-    predicted_ttft_s: float = 0.0
-    score: float = 0.0
-
-    def ttft_parts(self) -> dict[str, float]:
-        """The terms of ``predicted_ttft_s`` (see predict_ttft)."""
-        pf = self.prefill_tokens_per_s
-        steps = math.ceil(
-            (self.backlog_tokens + self.uncached_tokens) / self.max_num_batched_tokens
-        )
-        return {
-            "queue_s": self.backlog_tokens / pf,
-            "prefill_s": self.uncached_tokens / pf,
-            "tier_load_s": self.tier_load_s,
-            "decode_interference_s": steps * self.decode_step_s if self.num_decoding else 0.0,
-            "network_s": self.network_s,
-        }
-
-    def to_dict(self) -> dict:
-        o = self.overlap
-        return {
-            "worker_id": self.worker_id,
-            "freshness": self.freshness,
-            "matched_blocks": o.blocks,
-            "matched_by_tier": {
-                "G1": o.by_tier[0],
-                "G2": o.by_tier[1],
-                "G3": o.by_tier[2],
-                "G4": o.by_tier[3],
-                "predicted": o.predicted,
-            },
-            "cached_tokens": self.cached_tokens,
-            "uncached_tokens": self.uncached_tokens,
-            "backlog_tokens": self.backlog_tokens,
-            "num_decoding": self.num_decoding,
-            "num_active": self.num_active,
-            "kv_usage": round(self.kv_usage, 4),
-            "predicted_ttft_s": round(self.predicted_ttft_s, 6),
-            "ttft_parts": {k: round(v, 6) for k, v in self.ttft_parts().items()},
-            "score": round(self.score, 6),
-        }
 
 
 class Policy:
@@ -112,8 +49,12 @@ class Policy:
         # (The worker id need not break ties in `min`: several tied candidates are sorted
         # by id below, and a single one is the minimum whatever the order.)
         best = min(cands, key=_RANK)
-        s, a, b = best.score, best.num_active, best.backlog_tokens
-        tied = [c for c in cands if c.score == s and c.num_active == a and c.backlog_tokens == b]
+        s, a, b = best.score, best.worker.num_active, best.worker.backlog_tokens
+        tied = [
+            c
+            for c in cands
+            if c.score == s and c.worker.num_active == a and c.worker.backlog_tokens == b
+        ]
         if len(tied) == 1:
             return best
         tied.sort(key=lambda c: c.worker_id)
@@ -142,7 +83,7 @@ class LeastLoad(Policy):
 
     def choose(self, cands: list[Candidate]) -> Candidate:
         for c in cands:
-            c.score = c.num_active + c.backlog_tokens / 1e6
+            c.score = c.worker.num_active + c.worker.backlog_tokens / 1e6
         return self._min(cands)
 
 
@@ -160,21 +101,23 @@ class PrefixAffinity(Policy):
         self.balance_rel_threshold = balance_rel_threshold
 
     def choose(self, cands: list[Candidate]) -> Candidate:
-        loads = [c.num_active for c in cands]
+        loads = [c.worker.num_active for c in cands]
         hi, lo = max(loads), min(loads)
         if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
             for c in cands:
-                c.score = float(c.num_active)
+                c.score = float(c.worker.num_active)
             return self._min(cands)
         for c in cands:
-            c.score = -c.cached_tokens / max(1, c.prompt_tokens)  # minus the match rate
+            c.score = -c.prompt.cached_tokens / max(
+                1, c.prompt.prompt_tokens
+            )  # minus the match rate
         best = self._min(cands)
         if -best.score > self.cache_threshold:
             return best
         # no good match: the worker with the most room (least cached data), like the
         # smallest radix tree
         for c in cands:
-            c.score = float(c.num_cached_blocks)
+            c.score = float(c.worker.num_cached_blocks)
         return self._min(cands)
 
 
@@ -186,14 +129,14 @@ class DynamoCost(Policy):
 
     def choose(self, cands: list[Candidate]) -> Candidate:
         for c in cands:
-            bs = c.block_size
+            bs = c.prompt.block_size
             o = c.overlap
             credited = (o.by_tier[0] + o.predicted) * TIER_CREDIT[0] + sum(
                 n * w for n, w in zip(o.by_tier[1:], TIER_CREDIT[1:])
             )
-            request_blocks = c.prompt_tokens / bs - credited
-            prefill_blocks = c.backlog_tokens / bs + max(0.0, request_blocks)
-            decode_blocks = c.active_kv_blocks
+            request_blocks = c.prompt.prompt_tokens / bs - credited
+            prefill_blocks = c.worker.backlog_tokens / bs + max(0.0, request_blocks)
+            decode_blocks = c.worker.active_kv_blocks
             c.score = self.overlap_weight * prefill_blocks + decode_blocks
         return self._min(cands)
 
@@ -226,31 +169,17 @@ class PredictedTTFT(Policy):
         self.excess_s = excess_s
 
     def choose(self, cands: list[Candidate]) -> Candidate:
-        least = min([c.num_active for c in cands])
+        least = min([c.worker.num_active for c in cands])
         allowed = (1 + self.spread_rel) * least
         rw, xs = self.recompute_weight, self.excess_s
         for c in cands:
+            w = c.worker
             c.score = (
                 c.predicted_ttft_s
-                + rw * (c.uncached_tokens / c.prefill_tokens_per_s)
-                + xs * max(0.0, c.num_active - allowed)
+                + rw * (c.prompt.uncached_tokens / w.prefill_tokens_per_s)
+                + xs * max(0.0, w.num_active - allowed)
             )
         return self._min(cands)
-
-
-def predict_ttft(c: Candidate) -> float:
-    """Queue wait + this request's uncached prefill + loads from lower tiers + the round
-    trip to the worker's site, in seconds.
-
-    With chunked prefill each step also carries the running decodes, so every step the
-    prefill needs costs one decode step on top when the worker is decoding.
-    """
-    work = c.backlog_tokens + c.uncached_tokens
-    t = work / c.prefill_tokens_per_s + c.tier_load_s + c.network_s
-    if c.num_decoding:
-        t += -(-work // c.max_num_batched_tokens) * c.decode_step_s
-    c.predicted_ttft_s = t
-    return t
 
 
 POLICIES = {p.name: p for p in (RoundRobin, LeastLoad, PrefixAffinity, DynamoCost, PredictedTTFT)}

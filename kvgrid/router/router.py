@@ -8,40 +8,33 @@ it for a ``Decision`` per request, and reports first tokens and completions back
 
 from __future__ import annotations
 
+import functools
 import logging
-import statistics
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvgrid import keys as kvkeys
 from kvgrid.events import EventBatch
+from kvgrid.router.candidates import Candidate, score_group
+from kvgrid.router.decision import Decision
 from kvgrid.router.disagg import DisaggConfig, PrefillPlan, Side, plan_prefill
-from kvgrid.router.index import KVIndex, Overlap, WorkerEntry
-from kvgrid.router.policies import (
-    DEFAULT_POLICY,
-    Candidate,
-    Policy,
-    make_policy,
-    predict_ttft,
-)
+from kvgrid.router.index import KVIndex, WorkerEntry
+from kvgrid.router.keychains import KeyChains
+from kvgrid.router.policies import DEFAULT_POLICY, Policy, make_policy
 from kvgrid.router.recent import RecentDecisions
-from kvgrid.router.workers import (
-    DEFAULT_DECODE_STEP_S,
-    DEFAULT_PREFILL_TOKENS_PER_S,
-    DEFAULT_TIER_BYTES_PER_S,
-    InFlight,
-    WorkerInfo,
-    WorkerLoad,
-    WorkerState,
-)
+from kvgrid.router.workers import FleetSpeeds, InFlight, WorkerInfo, WorkerLoad, WorkerState
 
 log = logging.getLogger(__name__)
 
 FRESHNESS = ("exact", "predicted", "stale", "down")
 PREFILL_SUFFIX = "#prefill"  # a remote prefill's in-flight entry on its prefill worker
+
+
+# eligible workers by key chain (scope digest, block size), with their index entries
+_Groups = dict[tuple[bytes, int], list[tuple[WorkerState, WorkerEntry]]]
 
 
 class NoWorkerError(RuntimeError):
@@ -69,59 +62,6 @@ class RouteRequest:
         return self.num_tokens if self.num_tokens is not None else len(self.token_ids)
 
 
-@dataclass
-class Decision:
-    request_id: str
-    worker_id: str
-    policy: str
-    prompt_tokens: int
-    predicted_cached_tokens: int
-    predicted_ttft_s: float
-    candidates: list[Candidate] = field(default_factory=list)
-    decided_at: float = 0.0
-    elapsed_s: float = 0.0  # time spent deciding (wall clock)
-    tenant: bytes = kvkeys.PUBLIC_TENANT  # whose request (never shown; /debug filters by it)
-    prefill: PrefillPlan | None = None  # where the prompt is computed (with disaggregation)
-
-    @property
-    def remote_prefill(self) -> bool:
-        return self.prefill is not None and self.prefill.remote
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id,
-            "worker_id": self.worker_id,
-            "policy": self.policy,
-            "prompt_tokens": self.prompt_tokens,
-            "predicted_cached_tokens": self.predicted_cached_tokens,
-            "predicted_ttft_s": round(self.predicted_ttft_s, 6),
-            "decision_us": round(self.elapsed_s * 1e6, 1),
-            "candidates": [c.to_dict() for c in self.candidates],
-            "prefill": self.prefill.to_dict() if self.prefill is not None else None,
-        }
-
-    def log_line(self) -> str:
-        parts = [
-            f"{c.worker_id}:match={c.overlap.blocks}b,backlog={c.backlog_tokens},"
-            f"ttft={c.predicted_ttft_s * 1e3:.1f}ms,{c.freshness}"
-            for c in self.candidates
-        ]
-        line = (
-            f"route {self.request_id} -> {self.worker_id} [{self.policy}] "
-            f"cached~{self.predicted_cached_tokens}/{self.prompt_tokens} | " + " ".join(parts)
-        )
-        p = self.prefill
-        if p is not None:
-            where = f"remote@{p.worker_id}" if p.remote else "local"
-            remote = f"{p.remote_ttft_s * 1e3:.1f}ms" if p.remote_ttft_s is not None else "-"
-            line += (
-                f" | prefill {where} ({p.reason}: ttft local {p.local_ttft_s * 1e3:.1f}ms "
-                f"remote {remote}, itl local {p.local_itl_s * 1e3:.1f}ms "
-                f"remote {p.remote_itl_s * 1e3:.1f}ms)"
-            )
-        return line
-
-
 class Router:
     def __init__(
         self,
@@ -143,11 +83,8 @@ class Router:
         self.site_rtt_s = dict(site_rtt_s or {})
         self.workers: dict[str, WorkerState] = {}
         self._requests: dict[str, tuple[str, Sequence[int], list[bytes], bytes, int]] = {}
-        self._speeds: tuple[float, float] = (DEFAULT_PREFILL_TOKENS_PER_S, DEFAULT_DECODE_STEP_S)
-        self._speeds_dirty = True
-        self._speeds_at = float("-inf")
-        self._scope_digests: dict[tuple[kvkeys.KVScope, bytes], bytes] = {}
-        self._groups: dict[str, tuple[WorkerInfo, bytes, tuple[bytes, int]]] = {}
+        self.speeds = FleetSpeeds()
+        self.chains = KeyChains()
         self.decisions: deque[Decision] = deque(maxlen=256)  # for /debug
         self.counters = {"decisions": 0, "resyncs_requested": 0, "gaps": 0, "workers_lost": 0}
         self.prefill_reasons: dict[str, int] = {}  # disaggregation decisions by reason
@@ -166,7 +103,7 @@ class Router:
             self._drop_worker_state(info.worker_id)
         self.workers[info.worker_id] = WorkerState(info, last_seen=now)
         self.index.add_worker(info.worker_id)
-        self._speeds_dirty = True
+        self.speeds.dirty = True
         if not info.events:
             self.index.apply_snapshot(info.worker_id, 0, {})  # nothing will come: not stale
             return False
@@ -176,7 +113,7 @@ class Router:
         if worker_id in self.workers:
             self._drop_worker_state(worker_id)
             del self.workers[worker_id]
-            self._groups.pop(worker_id, None)
+            self.chains.forget(worker_id)
             self.index.remove_worker(worker_id)
 
     def mark_down(self, worker_id: str, now: float, reason: str = "") -> None:
@@ -189,7 +126,7 @@ class Router:
         self.index.reset_worker(worker_id)
         w.up, w.down_since = False, now
         self.counters["workers_lost"] += 1
-        self._speeds_dirty = True
+        self.speeds.dirty = True
 
     def set_draining(self, worker_id: str, draining: bool = True) -> None:
         self.workers[worker_id].draining = draining
@@ -238,7 +175,7 @@ class Router:
         w.set_load(report)
         w.last_seen = now
         if speeds_changed:
-            self._speeds_dirty = True
+            self.speeds.dirty = True
         if not w.info.events:
             return False
         if self.index.note_seq(report.worker_id, report.kv_seq):
@@ -276,48 +213,6 @@ class Router:
 
     # ---- routing -------------------------------------------------------------------------
 
-    def _scope_digest(self, scope: kvkeys.KVScope, tenant: bytes) -> bytes:
-        k = (scope, tenant)
-        d = self._scope_digests.get(k)
-        if d is None:
-            d = self._scope_digests[k] = scope.with_tenant(tenant).digest
-        return d
-
-    def _group_of(self, info: WorkerInfo, tenant: bytes) -> tuple[bytes, int]:
-        """(scope digest for ``tenant``, block size): workers alike here share a key chain.
-
-        Remembered per worker for the last tenant it was asked with: the lookup by scope
-        hashes the scope's fields, and routing asks for every candidate of every decision.
-        """
-        memo = self._groups.get(info.worker_id)
-        if memo is None or memo[0] is not info or memo[1] != tenant:
-            g = (self._scope_digest(info.scope, tenant), info.block_size)
-            memo = self._groups[info.worker_id] = (info, tenant, g)
-        return memo[2]
-
-    # Fleet medians only stand in for workers that have not measured themselves yet, and
-    # speeds move slowly: recompute them at most once per load-report interval, not per
-    # decision (each recompute walks the whole fleet).
-    SPEEDS_REFRESH_S = 0.5
-
-    def _fleet_speeds(self, now: float) -> tuple[float, float]:
-        if self._speeds_dirty and now - self._speeds_at >= self.SPEEDS_REFRESH_S:
-            pf = [
-                w.load.prefill_tokens_per_s
-                for w in self.workers.values()
-                if w.up and w.load.prefill_tokens_per_s
-            ]
-            ds = [
-                w.load.decode_step_s for w in self.workers.values() if w.up and w.load.decode_step_s
-            ]
-            self._speeds = (
-                statistics.median(pf) if pf else DEFAULT_PREFILL_TOKENS_PER_S,
-                statistics.median(ds) if ds else DEFAULT_DECODE_STEP_S,
-            )
-            self._speeds_dirty = False
-            self._speeds_at = now
-        return self._speeds
-
     def route(
         self,
         req: RouteRequest,
@@ -331,12 +226,48 @@ class Router:
         those workers (a preselection that keeps decisions cheap in very large fleets)."""
         t0 = time.perf_counter()
         self.recent.expire(now)
+        groups, stale_mask, within = self._eligible(req, exclude, candidates)
+        cands, chain_keys = self._candidates(req, groups, stale_mask, within, now)
+        pick = self._choose(cands)
+        w = self.workers[pick.worker_id]
+        plan = None
+        if self.disagg is not None:
+            plan = self._plan_prefill(
+                w, pick, cands, req.prompt_tokens, req.tenant, req.whole_prompt
+            )
+        if not dry_run:
+            rkeys = chain_keys[self.chains.group_of(w.info, req.tenant)]
+            self._book(req, w, pick, plan, rkeys, now)
+        cached = pick.prompt.cached_tokens
+        if plan is not None and plan.remote:  # the moved blocks land there: served from cache
+            cached = (plan.start_block + plan.num_blocks) * w.info.block_size
+        d = Decision(
+            request_id=req.request_id,
+            worker_id=pick.worker_id,
+            policy=self.policy.name,
+            prompt_tokens=req.prompt_tokens,
+            predicted_cached_tokens=cached,
+            predicted_ttft_s=pick.predicted_ttft_s,
+            candidates=cands,
+            decided_at=now,
+            elapsed_s=time.perf_counter() - t0,
+            tenant=req.tenant,
+            prefill=plan,
+        )
+        if not dry_run:
+            self._count(d)
+        return d
+
+    def _eligible(
+        self, req: RouteRequest, exclude: Iterable[str], candidates: Iterable[str] | None
+    ) -> tuple[_Groups, int, int | None]:
+        """The workers that may take ``req``, grouped by key chain (workers sharing a scope
+        and block size share one: it is computed once per group); the index bits of the stale
+        ones; and the bits of the preselected ``candidates`` (None: no preselection)."""
         excluded = set(exclude) if exclude else ()
-        index = self.index
-        entry = index.entry
+        entry = self.index.entry
         tenant, model = req.tenant, req.model
-        # Workers sharing a scope and block size share one key chain: compute it once.
-        groups: dict[tuple[bytes, int], list[tuple[WorkerState, WorkerEntry]]] = {}
+        groups: _Groups = {}
         stale_mask = 0
         within: int | None = None
         if candidates is None:
@@ -355,147 +286,72 @@ class Router:
                 continue
             if model is not None and info.model != model:
                 continue
-            groups.setdefault(self._group_of(info, tenant), []).append((w, e))
+            groups.setdefault(self.chains.group_of(info, tenant), []).append((w, e))
             if e.stale:
                 stale_mask |= 1 << e.bit
         if not groups:
             raise NoWorkerError(
                 "no live worker" + (f" serves model {req.model!r}" if req.model else "")
             )
-        n_prompt = req.prompt_tokens
+        return groups, stale_mask, within
+
+    def _candidates(
+        self, req: RouteRequest, groups: _Groups, stale_mask: int, within: int | None, now: float
+    ) -> tuple[list[Candidate], dict[tuple[bytes, int], list[bytes]]]:
+        """Every eligible worker as a Candidate with its predicted TTFT, and the request's
+        block keys in each key chain."""
         cands: list[Candidate] = []
-        group_keys: dict[str, list[bytes]] = {}
-        empty = Overlap()
-        site_rtt = self.site_rtt_s
-        # fleet medians, fetched only for a worker without its own (a fetch may refresh them)
-        speeds: tuple[float, float] | None = None
+        chain_keys: dict[tuple[bytes, int], list[bytes]] = {}
+        speeds = functools.partial(self.speeds.get, self.workers.values(), now)
         for (digest, bs), members in groups.items():
-            if req.keys is not None:
-                rkeys = req.keys
-            elif req.shared_prefix_tokens >= bs:
-                info0 = members[0][0].info
-                public = self._scope_digest(info0.scope, kvkeys.PUBLIC_TENANT)
-                rkeys = kvkeys.block_keys_shared(
-                    req.token_ids, digest, bs, req.shared_prefix_tokens, public
-                )
-            else:
-                rkeys = kvkeys.block_keys(req.token_ids, digest, bs)
-            overlaps = index.overlap(rkeys, self.recent.masks, stale_mask, within)
-            # the last prompt token is always computed
-            hit_cap = 0 if req.whole_prompt else max(0, (n_prompt - 1) // bs)
-            for w, e in members:
-                ld, info = w.load, w.info
-                wid = info.worker_id
-                group_keys[wid] = rkeys
-                o = overlaps.get(wid, empty)
-                blocks = o.blocks
-                cached = (blocks if blocks < hit_cap else hit_cap) * bs
-                pf = ld.prefill_tokens_per_s
-                if not pf:
-                    speeds = speeds or self._fleet_speeds(now)
-                    pf = speeds[0]
-                ds = ld.decode_step_s
-                if not ds:
-                    speeds = speeds or self._fleet_speeds(now)
-                    ds = speeds[1]
-                tier_load = 0.0
-                if blocks > o.by_tier[0] + o.predicted and info.bytes_per_block:
-                    # lower-tier blocks: loading them competes with recomputing them
-                    for ti, tier in enumerate(("G2", "G3", "G4"), start=1):
-                        n = o.by_tier[ti]
-                        if n:
-                            bw = ld.tier_bytes_per_s.get(tier) or DEFAULT_TIER_BYTES_PER_S[tier]
-                            tier_load += min(n * info.bytes_per_block / bw, n * bs / pf)
-                if not info.events:
-                    fresh = "predicted"
-                else:
-                    fresh = "stale" if e.stale else "exact"
-                backlog, decoding, active = w.loads()
-                c = Candidate(
-                    wid,
-                    fresh,
-                    o,
-                    n_prompt,
-                    cached,
-                    n_prompt - cached,
-                    backlog,
-                    decoding,
-                    active,
-                    ld.kv_usage,
-                    e.num_blocks(),
-                    ld.kv_usage * ld.num_kv_blocks,
-                    bs,
-                    pf,
-                    ds,
-                    info.max_num_batched_tokens,
-                    tier_load,
-                    site_rtt.get(info.site, 0.0) if site_rtt else 0.0,
-                )
-                predict_ttft(c)
-                cands.append(c)
+            rkeys = chain_keys[digest, bs] = self.chains.request_keys(
+                req, digest, bs, members[0][0].info.scope
+            )
+            overlaps = self.index.overlap(rkeys, self.recent.masks, stale_mask, within)
+            cands += score_group(
+                members, overlaps, req.prompt_tokens, bs, req.whole_prompt, speeds, self.site_rtt_s
+            )
+        return cands, chain_keys
+
+    def _choose(self, cands: list[Candidate]) -> Candidate:
+        """The policy's pick among the candidates that decode."""
         workers = self.workers
         decoders = [c for c in cands if workers[c.worker_id].role != "prefill"]
         if not decoders:
             raise NoWorkerError("no live worker decodes (every one is prefill-only)")
-        pick = self.policy.choose(decoders)
-        wid = pick.worker_id
-        rkeys = group_keys[wid]
-        w = workers[wid]
-        plan = None
-        if self.disagg is not None:
-            plan = self._plan_prefill(w, pick, cands, n_prompt, tenant, req.whole_prompt)
-        if not dry_run:
-            self.recent.record(self.index.bit(wid), rkeys, now)
-            if plan is not None and plan.remote:
-                self._start_remote(req.request_id, w, plan, rkeys, n_prompt, now)
-            else:
-                w.add_inflight(req.request_id, InFlight(wid, now, n_prompt, pick.uncached_tokens))
-            if req.token_ids or req.keys is not None:  # finish/first-token find it in O(1)
-                digest = self._scope_digest(w.info.scope, req.tenant)
-                self._requests[req.request_id] = (
-                    wid,
-                    req.token_ids,
-                    rkeys,
-                    digest,
-                    w.info.block_size,
-                )
-        cached = pick.cached_tokens
-        if plan is not None and plan.remote:  # the moved blocks land there: served from cache
-            cached = (plan.start_block + plan.num_blocks) * w.info.block_size
-        d = Decision(
-            request_id=req.request_id,
-            worker_id=wid,
-            policy=self.policy.name,
-            prompt_tokens=n_prompt,
-            predicted_cached_tokens=cached,
-            predicted_ttft_s=pick.predicted_ttft_s,
-            candidates=cands,
-            decided_at=now,
-            elapsed_s=time.perf_counter() - t0,
-            tenant=req.tenant,
-            prefill=plan,
-        )
-        if not dry_run:
-            self.decisions.append(d)
-            self.counters["decisions"] += 1
-            if plan is not None:
-                key = ("remote:" if plan.remote else "local:") + plan.reason
-                self.prefill_reasons[key] = self.prefill_reasons.get(key, 0) + 1
-        return d
+        return self.policy.choose(decoders)
+
+    def _book(
+        self,
+        req: RouteRequest,
+        w: WorkerState,
+        pick: Candidate,
+        plan: PrefillPlan | None,
+        rkeys: list[bytes],
+        now: float,
+    ) -> None:
+        """Record the choice: the prefix as recently sent to ``w``, the request in flight
+        there (and on its prefill worker), and what on_finish needs to find it in O(1)."""
+        wid, n_prompt = w.worker_id, req.prompt_tokens
+        self.recent.record(self.index.bit(wid), rkeys, now)
+        if plan is not None and plan.remote:
+            self._start_remote(req.request_id, w, plan, rkeys, n_prompt, now)
+        else:
+            inflight = InFlight(wid, now, n_prompt, pick.prompt.uncached_tokens)
+            w.add_inflight(req.request_id, inflight)
+        if req.token_ids or req.keys is not None:
+            digest = self.chains.digest(w.info.scope, req.tenant)
+            entry = (wid, req.token_ids, rkeys, digest, w.info.block_size)
+            self._requests[req.request_id] = entry
+
+    def _count(self, d: Decision) -> None:
+        self.decisions.append(d)
+        self.counters["decisions"] += 1
+        if d.prefill is not None:
+            key = ("remote:" if d.prefill.remote else "local:") + d.prefill.reason
+            self.prefill_reasons[key] = self.prefill_reasons.get(key, 0) + 1
 
     # ---- disaggregation --------------------------------------------------------------------
-
-    def _side(self, w: WorkerState, c: Candidate) -> Side:
-        ld = w.load
-        return Side(
-            c,
-            ld.mixed_prefill_tokens,
-            ld.transfer_bytes_per_s,
-            ld.transfer_setup_s,
-            ld.tier_bytes_per_s.get("G2"),
-            w.info.bytes_per_block,
-            w.info.device,
-        )
 
     def _plan_prefill(
         self,
@@ -508,7 +364,7 @@ class Router:
     ) -> PrefillPlan:
         """Prefill where ``pick`` decodes, or on a worker that streams the KV to it: only a
         worker of the same key chain (model, dtype, block size), itself able to transfer."""
-        group = self._group_of(w.info, tenant)
+        group = self.chains.group_of(w.info, tenant)
         others = []
         for c in cands:
             o = self.workers[c.worker_id]
@@ -516,12 +372,12 @@ class Router:
                 c is not pick
                 and o.role != "decode"
                 and o.info.transfer_endpoint
-                and self._group_of(o.info, tenant) == group
+                and self.chains.group_of(o.info, tenant) == group
             ):
-                others.append(self._side(o, c))
+                others.append(Side.of(o, c))
         can_receive = bool(w.info.transfer_endpoint)
         return plan_prefill(
-            self.disagg, self._side(w, pick), others, n_prompt, can_receive, whole_prompt
+            self.disagg, Side.of(w, pick), others, n_prompt, can_receive, whole_prompt
         )
 
     def _start_remote(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -188,3 +190,31 @@ class WorkerState:
             max(ld.num_running - done, self._mine_decoding),
             max(ld.num_running + ld.num_waiting - done, len(self.inflight)),
         )
+
+
+class FleetSpeeds:
+    """The fleet's median speeds (prefill tokens/s, decode step s): they stand in for workers
+    that have not measured themselves yet.
+
+    Speeds move slowly: after a change (``dirty``) they are recomputed at most once per
+    load-report interval (``refresh_s``), not per decision (each recompute walks the fleet).
+    """
+
+    def __init__(self, refresh_s: float = 0.5) -> None:
+        self.refresh_s = refresh_s
+        self.dirty = True
+        self._at = float("-inf")
+        self._speeds = (DEFAULT_PREFILL_TOKENS_PER_S, DEFAULT_DECODE_STEP_S)
+
+    def get(self, workers: Iterable[WorkerState], now: float) -> tuple[float, float]:
+        if self.dirty and now - self._at >= self.refresh_s:
+            up = [w.load for w in workers if w.up]
+            pf = [ld.prefill_tokens_per_s for ld in up if ld.prefill_tokens_per_s]
+            ds = [ld.decode_step_s for ld in up if ld.decode_step_s]
+            self._speeds = (
+                statistics.median(pf) if pf else DEFAULT_PREFILL_TOKENS_PER_S,
+                statistics.median(ds) if ds else DEFAULT_DECODE_STEP_S,
+            )
+            self.dirty = False
+            self._at = now
+        return self._speeds

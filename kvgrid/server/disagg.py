@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from kvgrid.router.router import Decision
+from kvgrid.router.decision import Decision
 from kvgrid.server.auth import ControlKey
 from kvgrid.transfer.auth import new_ticket
 

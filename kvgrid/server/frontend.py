@@ -13,14 +13,12 @@
                                   requests, G1 blocks, store pins and leases
     POST /admin/faults            injected faults of every worker (kvgrid.failpoints)
 
-A request: authenticate (API key -> tenant), parse and validate, tokenize (the router
-needs the tokens for block keys, and the worker then receives exactly those tokens), wait
-for a fair admission slot, route, stream from the worker. A worker lost on the way (dead,
-stopped, cut off) hands the request to another one (kvgrid.server.relay). Errors use
-OpenAI's shape.
-
-/v1 needs an API key when keys are configured; who may call the operator routes is in
-kvgrid.server.operator; a request's life after it reached a worker in kvgrid.server.run.
+Here: the Frontend (authentication, routing a request and starting it on a worker, trying
+another when one cannot take it), its config, and the app. The public routes are in
+kvgrid.server.public_routes, the operator routes (and who may call them) in
+kvgrid.server.operator; a request's life after it reached a worker is in kvgrid.server.run,
+and a worker lost on the way hands the request to another one (kvgrid.server.relay).
+/v1 needs an API key when keys are configured.
 """
 
 from __future__ import annotations
@@ -31,35 +29,34 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from kvgrid.engine.sampling_params import SamplingParams
+from kvgrid.router.decision import Decision
 from kvgrid.router.disagg import DisaggConfig
-from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
+from kvgrid.router.router import NoWorkerError, Router, RouteRequest
 from kvgrid.server import auth, relay
 from kvgrid.server.disagg import remote_spec, start_prefill
 from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
 from kvgrid.server.openapi import install_openapi
 from kvgrid.server.operator import add_operator_routes
-from kvgrid.server.prepare import prepare, prompt_tokens
+from kvgrid.server.prepare import prompt_tokens
 from kvgrid.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    DetokenizeRequest,
     TokenizeRequest,
-    parse_request,
 )
+from kvgrid.server.public_routes import add_completion_routes, add_model_routes, add_token_routes
 from kvgrid.server.relay import WorkerLost
-from kvgrid.server.run import RequestRun, RunResponse
-from kvgrid.server.tenants import FairScheduler, QueueFull, Tenant, TenantRegistry
+from kvgrid.server.run import RequestRun
+from kvgrid.server.tenants import FairScheduler, Tenant, TenantRegistry
 from kvgrid.server.tool_parsers import get_parser
 
 log = logging.getLogger(__name__)
@@ -209,22 +206,34 @@ class Frontend:
         if resume is not None:
             body["resume"] = resume
             context = tokens + resume["output_token_ids"]
-        attempts = 0
+        route_req = RouteRequest(
+            rid, context, tenant.scope, self.config.model_name,
+            shared_prefix_tokens=shared,
+            whole_prompt=params.prompt_logprobs is not None,
+        )  # fmt: skip
         wait_until = time.monotonic() + self.config.worker_wait_s
+        attempts = 0
+        while True:
+            d = await self._route(route_req, tried, wait_until)
+            epoch = self.router.workers[d.worker_id].info.epoch
+            resp, msg = await self._start_on(rid, d, body, context)
+            if resp is not None:
+                return d, resp
+            tried[d.worker_id] = epoch
+            attempts += 1
+            if attempts > self.config.max_retries:
+                raise APIError(
+                    503, f"no worker could take the request (tried {', '.join(tried)}): {msg}"
+                )
+
+    async def _route(self, req: RouteRequest, tried: dict[str, str], wait_until: float) -> Decision:
+        """The router's decision, leaving out the workers that failed this request; a
+        request that found no worker at all waits for one (starting, restarting, rejoining a
+        restarted router) until ``wait_until``, one whose workers failed it does not."""
         while True:
             try:
-                d = self.router.route(
-                    RouteRequest(
-                        rid, context, tenant.scope, self.config.model_name,
-                        shared_prefix_tokens=shared,
-                        whole_prompt=params.prompt_logprobs is not None,
-                    ),
-                    time.monotonic(),
-                    exclude=self._still_excluded(tried),
-                )  # fmt: skip
+                d = self.router.route(req, time.monotonic(), exclude=self._still_excluded(tried))
             except NoWorkerError as e:
-                # a request that found no worker at all waits for one (starting, restarting,
-                # rejoining a restarted router); one whose workers failed it does not
                 if tried or time.monotonic() >= wait_until:
                     raise APIError(503, f"no worker available: {e}") from None
                 await asyncio.sleep(0.25)
@@ -237,61 +246,66 @@ class Frontend:
             if d.prefill is not None:
                 where = "remote" if d.remote_prefill else "local"
                 self.metrics.prefill_decisions.labels(where, d.prefill.reason).inc()
-            spec, ticket = remote_spec(d, self.link.key) if d.remote_prefill else (None, b"")
-            epoch = self.router.workers[d.worker_id].info.epoch
-            req = self.link.client.build_request(
-                "POST",
-                f"{self.link.url(d.worker_id)}/generate",
-                json={**body, "remote_prefill": spec},
-                headers=self.link.headers(d.worker_id),
-            )
-            try:
-                resp = await relay.send(self, d, req)
-            except httpx.PoolTimeout:
-                # our own connection pool is full: not the worker's fault
-                self._unroute(rid, d)
-                raise APIError(503, "the router is overloaded; retry later") from None
-            except (httpx.TransportError, WorkerLost) as e:
-                # refused, reset, timed out, stopped answering or broke before a response:
-                # that worker failed, and nothing has been generated there, so another may
-                # take the request
-                self._unroute(rid, d)
-                self.link.mark_down(d.worker_id, f"request failed: {e!r}")
-                msg = repr(e)
-            except BaseException:
-                self._unroute(rid, d)
-                raise
-            else:
-                if resp.status_code == 200:
-                    if spec is not None:  # the decode worker expects the KV: now compute it
-                        start_prefill(self, d, {**body, "prompt_token_ids": context}, spec, ticket)
-                    return d, resp
-                try:
-                    text = (await resp.aread()).decode(errors="replace")
-                except httpx.HTTPError as e:
-                    text = f"its answer broke off: {e!r}"
-                finally:
-                    await resp.aclose()
-                    self._unroute(rid, d)
-                try:
-                    msg = json.loads(text).get("error", text)
-                except (ValueError, AttributeError):
-                    msg = text
-                if resp.status_code == 400:
-                    raise APIError(400, msg)
-                if resp.status_code in (401, 403, 409):
-                    # the worker does not take this router's requests (credential, scopes)
-                    log.error("worker %s refused a request: %s", d.worker_id, msg)
-                    self.link.mark_down(d.worker_id, f"refused this router ({resp.status_code})")
-                else:  # failing or busy (a stuck engine answers 503): another may take it
-                    log.warning("worker %s could not take %s (%d): %s", d.worker_id, rid,
-                                resp.status_code, msg)  # fmt: skip
-            tried[d.worker_id] = epoch
-            attempts += 1
-            if attempts > self.config.max_retries:
-                raise APIError(
-                    503, f"no worker could take the request (tried {', '.join(tried)}): {msg}"
-                )
+            return d
+
+    async def _start_on(
+        self, rid: str, d: Decision, body: dict, context: list[int]
+    ) -> tuple[httpx.Response | None, str]:
+        """Send the request to ``d``'s worker (and start its remote prefill, if any): the
+        worker's streaming response, or None and why the worker could not take it (then the
+        decision is undone and another worker may take it)."""
+        spec, ticket = remote_spec(d, self.link.key) if d.remote_prefill else (None, b"")
+        req = self.link.client.build_request(
+            "POST",
+            f"{self.link.url(d.worker_id)}/generate",
+            json={**body, "remote_prefill": spec},
+            headers=self.link.headers(d.worker_id),
+        )
+        try:
+            resp = await relay.send(self, d, req)
+        except httpx.PoolTimeout:
+            # our own connection pool is full: not the worker's fault
+            self._unroute(rid, d)
+            raise APIError(503, "the router is overloaded; retry later") from None
+        except (httpx.TransportError, WorkerLost) as e:
+            # refused, reset, timed out, stopped answering or broke before a response: that
+            # worker failed, and nothing has been generated there, so another may take it
+            self._unroute(rid, d)
+            self.link.mark_down(d.worker_id, f"request failed: {e!r}")
+            return None, repr(e)
+        except BaseException:
+            self._unroute(rid, d)
+            raise
+        if resp.status_code == 200:
+            if spec is not None:  # the decode worker expects the KV: now compute it
+                start_prefill(self, d, {**body, "prompt_token_ids": context}, spec, ticket)
+            return resp, ""
+        return None, await self._refusal(rid, d, resp)
+
+    async def _refusal(self, rid: str, d: Decision, resp: httpx.Response) -> str:
+        """Why the worker answered ``resp`` (not 200), after undoing the decision. A 400 is
+        the request's own fault (raised); a worker that refuses this router is marked down."""
+        try:
+            text = (await resp.aread()).decode(errors="replace")
+        except httpx.HTTPError as e:
+            text = f"its answer broke off: {e!r}"
+        finally:
+            await resp.aclose()
+            self._unroute(rid, d)
+        try:
+            msg = json.loads(text).get("error", text)
+        except (ValueError, AttributeError):
+            msg = text
+        if resp.status_code == 400:
+            raise APIError(400, msg)
+        if resp.status_code in (401, 403, 409):
+            # the worker does not take this router's requests (credential, scopes)
+            log.error("worker %s refused a request: %s", d.worker_id, msg)
+            self.link.mark_down(d.worker_id, f"refused this router ({resp.status_code})")
+        else:  # failing or busy (a stuck engine answers 503): another may take it
+            log.warning("worker %s could not take %s (%d): %s", d.worker_id, rid,
+                        resp.status_code, msg)  # fmt: skip
+        return msg
 
     def _unroute(self, rid: str, d: Decision) -> None:
         """The decision was not carried out (the worker refused or is gone)."""
@@ -324,114 +338,11 @@ class Frontend:
 
         asyncio.get_running_loop().create_task(_abort())
 
-    # ---- introspection -------------------------------------------------------------------
 
-    async def state(self) -> dict:
-        """What is held now, for checks that everything returns to idle: admission slots,
-        open requests, routes in flight per worker, migrations, and each worker's own
-        report (requests, G1 blocks in use, store pins and leases, background I/O)."""
-        sched = self.scheduler
-        ws = dict(self.router.workers)
-        up = [wid for wid, w in ws.items() if w.up]
-        reports = await asyncio.gather(*(self._worker_get(wid, "/internal/state") for wid in up))
-        by_worker = dict(zip(up, reports))
-        migrations: dict[str, float] = {}
-        for counter in (self.metrics.migrations, self.metrics.migrated_requests):
-            for metric in counter.collect():
-                for sample in metric.samples:
-                    if sample.name.endswith("_total"):
-                        k = sample.labels["outcome"]
-                        migrations[k] = migrations.get(k, 0) + sample.value
-        return {
-            "admission": {"running": sched.running, "waiting": sched.waiting(),
-                          "max_concurrent": sched.max_concurrent, "runs": len(self.runs),
-                          "remote_prefills": len(self.background)},
-            "router": {"inflight": {wid: len(w.inflight) for wid, w in ws.items()}},
-            "migrations": migrations,
-            "workers": {
-                wid: {"up": w.up, "url": w.info.url, "freshness": self.router.freshness(wid),
-                      "state": by_worker.get(wid)}
-                for wid, w in ws.items()
-            },
-        }  # fmt: skip
+def _lifespan(fe: Frontend):
+    """What the app starts and stops with it, in order: the fleet link, the Ray fleet (if
+    any) and the autoscaler (if any); stopped in reverse."""
 
-    async def _worker_get(self, wid: str, path: str, body: dict | None = None) -> dict | None:
-        """A worker's JSON answer on its internal API (POST with ``body``); None if none."""
-        w = self.router.workers.get(wid)
-        if w is None:
-            return None
-        url, hdr = f"{w.info.url}{path}", self.link.headers(wid)
-        try:
-            if body is None:
-                r = await self.link.client.get(url, headers=hdr, timeout=self.config.probe_s)
-            else:
-                r = await self.link.client.post(
-                    url, json=body, headers=hdr, timeout=self.config.probe_s
-                )
-            return r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
-
-    async def set_faults(self, spec: dict) -> dict[str, dict | None]:
-        """Set the injected faults (kvgrid.failpoints) of every worker up; their answers."""
-        up = [wid for wid, w in self.router.workers.items() if w.up]
-        answers = await asyncio.gather(*(self._worker_get(w, "/internal/faults", spec) for w in up))
-        return dict(zip(up, answers))
-
-    # ---- the endpoint body ---------------------------------------------------------------
-
-    async def handle(self, request: Request, chat: bool) -> Response:
-        t_arrival = time.monotonic()
-        try:
-            tenant = self.authenticate(request)
-            body = await request.body()
-            req = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
-            self.check_model(req.model)
-            prep = prepare(req, self.config.tokenizer, self.tool_parser)
-            params, tokens = prep.params, prep.tokens
-            if self.autoscaler is not None:
-                self.autoscaler.window.arrived(len(tokens), params.max_tokens or 0)
-            try:
-                await asyncio.wait_for(self.scheduler.acquire(tenant), self.config.queue_timeout_s)
-            except QueueFull as e:
-                raise APIError(429, str(e), code="rate_limit_exceeded") from None
-            except TimeoutError:
-                raise APIError(
-                    503, f"no admission slot within {self.config.queue_timeout_s:.0f}s"
-                ) from None
-        except APIError as e:
-            self.metrics.errors.labels(self.config.model_name, str(e.status)).inc()
-            return e.response()
-        self.metrics.queue.labels(self.config.model_name).observe(time.monotonic() - t_arrival)
-        self.metrics.tenant_requests.labels(tenant.name).inc()
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        try:
-            d, resp = await self.open_stream(rid, tokens, params, tenant)
-        except APIError as e:
-            self.scheduler.release(tenant.name)
-            self.metrics.errors.labels(self.config.model_name, str(e.status)).inc()
-            return e.response()
-        except BaseException as e:  # a bug or a cancellation: the slot goes back all the same
-            self.scheduler.release(tenant.name)
-            self.metrics.errors.labels(self.config.model_name, "500").inc()
-            if not isinstance(e, Exception):
-                raise
-            log.exception("request %s failed before reaching a worker", rid)
-            return APIError(500, "internal error before the request reached a worker").response()
-        run = RequestRun(self, rid, chat, req, prep, tenant, d, resp, t_arrival)
-        headers = {
-            "x-request-id": rid,
-            "x-kvgrid-worker": d.worker_id,
-            "x-kvgrid-predicted-cached-tokens": str(d.predicted_cached_tokens),
-        }
-        if d.remote_prefill:
-            headers["x-kvgrid-prefill-worker"] = d.prefill.worker_id
-        if req.stream:
-            return RunResponse(run, headers)
-        return await run.whole(request, headers)
-
-
-def create_frontend_app(fe: Frontend) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         from kvgrid.gc_tuning import tune_gc
@@ -451,95 +362,23 @@ def create_frontend_app(fe: Frontend) -> FastAPI:
                 await fe.fleet.stop()
             await fe.link.stop()
 
-    app = FastAPI(title="kvgrid", lifespan=lifespan)
+    return lifespan
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return APIError(500, f"internal error: {exc!r}").response()
+
+
+def create_frontend_app(fe: Frontend) -> FastAPI:
+    """The HTTP app serving ``fe``: the public routes (kvgrid.server.public_routes) and the
+    operator ones (kvgrid.server.operator)."""
+    app = FastAPI(title="kvgrid", lifespan=_lifespan(fe))
     install_openapi(app)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return APIError(500, f"internal error: {exc!r}").response()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await fe.handle(request, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await fe.handle(request, chat=False)
-
-    async def parse_for(request: Request, cls: type) -> Any:
-        fe.authenticate(request)
-        req = parse_request(cls, await request.body())
-        fe.check_model(req.model)
-        return req
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        try:
-            req = await parse_for(request, TokenizeRequest)
-            if (req.prompt is None) == (req.messages is None):
-                raise APIError(400, "give either prompt or messages", param="prompt")
-            tokens = fe.prompt_tokens(req)
-        except APIError as e:
-            return e.response()
-        return JSONResponse(
-            {"count": len(tokens), "max_model_len": fe.max_model_len(), "tokens": tokens}
-        )
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        try:
-            req = await parse_for(request, DetokenizeRequest)
-            tok = fe.config.tokenizer
-            if tok is None:
-                raise APIError(400, "this model has no tokenizer")
-            vocab = tok.vocab_size
-            bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise APIError(
-                    400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens"
-                )
-            text = tok.decode(req.tokens)
-        except APIError as e:
-            return e.response()
-        return JSONResponse({"prompt": text})
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        try:
-            fe.authenticate(request)
-        except APIError as e:
-            return e.response()
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": fe.config.model_name,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "kvgrid",
-                        "max_model_len": fe.max_model_len(),
-                    }
-                ],
-            }
-        )
-
-    @app.get("/health")
-    async def health() -> Response:
-        """503 whenever a request could not be admitted now: no worker up, or every
-        admission slot held."""
-        up = [wid for wid, w in fe.router.workers.items() if w.up]
-        adm = fe.scheduler
-        full = adm.running >= adm.max_concurrent
-        status = "ok" if up and not full else "no workers" if not up else "no admission slot free"
-        admission = {"running": adm.running, "max_concurrent": adm.max_concurrent,
-                     "waiting": adm.waiting()}  # fmt: skip
-        return JSONResponse(
-            {"status": status, "workers_up": up, "admission": admission},
-            status_code=200 if status == "ok" else 503,
-        )
-
+    app.add_exception_handler(Exception, _internal_error)
+    add_completion_routes(app, fe)
+    add_token_routes(app, fe)
+    add_model_routes(app, fe)
     add_operator_routes(app, fe)
     return app
 

@@ -10,9 +10,12 @@ loopback (its labels name tenants).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from typing import TYPE_CHECKING
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,9 +27,71 @@ from kvgrid.server.prepare import prepare
 from kvgrid.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from kvgrid.server.tenants import Tenant
 
+if TYPE_CHECKING:
+    from kvgrid.server.frontend import Frontend
 
-def add_operator_routes(app: FastAPI, fe) -> None:
-    """``fe``: the kvgrid.server.frontend.Frontend the routes read."""
+
+async def held_state(fe: Frontend) -> dict:
+    """What is held now, for checks that everything returns to idle: admission slots,
+    open requests, routes in flight per worker, migrations, and each worker's own
+    report (requests, G1 blocks in use, store pins and leases, background I/O)."""
+    sched = fe.scheduler
+    ws = dict(fe.router.workers)
+    up = [wid for wid, w in ws.items() if w.up]
+    reports = await asyncio.gather(*(_worker_json(fe, wid, "/internal/state") for wid in up))
+    by_worker = dict(zip(up, reports))
+    migrations: dict[str, float] = {}
+    for counter in (fe.metrics.migrations, fe.metrics.migrated_requests):
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    k = sample.labels["outcome"]
+                    migrations[k] = migrations.get(k, 0) + sample.value
+    return {
+        "admission": {"running": sched.running, "waiting": sched.waiting(),
+                      "max_concurrent": sched.max_concurrent, "runs": len(fe.runs),
+                      "remote_prefills": len(fe.background)},
+        "router": {"inflight": {wid: len(w.inflight) for wid, w in ws.items()}},
+        "migrations": migrations,
+        "workers": {
+            wid: {"up": w.up, "url": w.info.url, "freshness": fe.router.freshness(wid),
+                  "state": by_worker.get(wid)}
+            for wid, w in ws.items()
+        },
+    }  # fmt: skip
+
+
+async def set_worker_faults(fe: Frontend, spec: dict) -> dict[str, dict | None]:
+    """Set the injected faults (kvgrid.failpoints) of every worker up; their answers."""
+    up = [wid for wid, w in fe.router.workers.items() if w.up]
+    answers = await asyncio.gather(*(_worker_json(fe, w, "/internal/faults", spec) for w in up))
+    return dict(zip(up, answers))
+
+
+async def _worker_json(fe: Frontend, wid: str, path: str, body: dict | None = None) -> dict | None:
+    """A worker's JSON answer on its internal API (POST with ``body``); None if none."""
+    w = fe.router.workers.get(wid)
+    if w is None:
+        return None
+    url, hdr, timeout = f"{w.info.url}{path}", fe.link.headers(wid), fe.config.probe_s
+    try:
+        if body is None:
+            r = await fe.link.client.get(url, headers=hdr, timeout=timeout)
+        else:
+            r = await fe.link.client.post(url, json=body, headers=hdr, timeout=timeout)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def add_operator_routes(app: FastAPI, fe: Frontend) -> None:
+    _add_debug_routes(app, fe)
+    _add_admin_routes(app, fe)
+    _add_registration_route(app, fe)
+
+
+def _add_debug_routes(app: FastAPI, fe: Frontend) -> None:
+    """/metrics and /debug/*: the series, and the router's decisions and view."""
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -104,6 +169,10 @@ def add_operator_routes(app: FastAPI, fe) -> None:
         state["bad_messages"] = dict(fe.link.bad_messages)
         return JSONResponse(state)
 
+
+def _add_admin_routes(app: FastAPI, fe: Frontend) -> None:
+    """/admin/*: scaling, what is held, fault injection; the admin's alone."""
+
     def admin(request: Request) -> APIError | None:
         """Scaling changes the whole server: the admin's alone."""
         try:
@@ -161,7 +230,7 @@ def add_operator_routes(app: FastAPI, fe) -> None:
             fe.require_admin(request, "/admin/state")
         except APIError as e:
             return e.response()
-        return JSONResponse(await fe.state())
+        return JSONResponse(await held_state(fe))
 
     @app.post("/admin/faults")
     async def faults(request: Request) -> Response:
@@ -177,7 +246,11 @@ def add_operator_routes(app: FastAPI, fe) -> None:
             return APIError(
                 400, "body must be a JSON object of kvgrid.failpoints fields"
             ).response()
-        return JSONResponse(await fe.set_faults(spec))
+        return JSONResponse(await set_worker_faults(fe, spec))
+
+
+def _add_registration_route(app: FastAPI, fe: Frontend) -> None:
+    """/internal/workers: a worker announces itself (with its control-key token)."""
 
     @app.post("/internal/workers")
     async def register(request: Request) -> Response:

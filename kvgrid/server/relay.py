@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from kvgrid.router.router import Decision
+    from kvgrid.router.decision import Decision
     from kvgrid.server.frontend import Frontend
 
 log = logging.getLogger(__name__)
