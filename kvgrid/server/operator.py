@@ -1,6 +1,7 @@
 """The frontend's operator and control-plane routes: /metrics, /debug/*, /admin/* (scaling,
 what is held, fault injection), and /internal/workers (a worker's registration, with its
-control-key token).
+control-key token). What is held (``held_state``) and the fault settings
+(``set_worker_faults``) gather every worker's answer on its internal API.
 
 Who sees what: a tenant sees its own requests only (/debug/route, /debug/decisions); the
 admin token (KVGRID_ADMIN_TOKEN) sees everything. /debug/router and /admin need it whenever
