@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from kvgrid import envs
+
 DEFAULT_WORKLOAD = (
     "chat:num_sessions=12,turns=3,system_tokens=128,user_tokens=96,output_tokens=24,"
     "session_rate=0.5,think_time_s=6,seed=0"
@@ -208,8 +210,8 @@ def live_replay(workload: str, workers: int, policy: str, out: Path) -> dict:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, KVGRID_LOG="WARNING")
-    env.pop("KVGRID_API_KEYS", None)
+    env = {**os.environ, envs.KVGRID_LOG.name: "WARNING"}
+    env.pop(envs.KVGRID_API_KEYS.name, None)
     cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--workers", str(workers),
            "--port", str(port), "--policy", policy, "--max-model-len", str(MAX_MODEL_LEN),
            "--kv-cache-memory-gb", str(KV_CACHE_GB)]  # fmt: skip

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from kvgrid import envs
 from kvgrid.engine.config import EngineConfig
 from kvgrid.store.config import GiB, StoreConfig, default_store_dir
 
@@ -98,7 +98,7 @@ def store_config_from_args(args: argparse.Namespace, name: str = "local") -> Sto
     share a machine (each tier has one owner that accounts for its capacity)."""
     if args.no_kv_store:
         return None
-    redis_url = args.kv_store_redis or os.environ.get("KVGRID_KV_STORE_REDIS") or None
+    redis_url = args.kv_store_redis or envs.KVGRID_KV_STORE_REDIS.get()
     if args.kv_store_shared_dir and redis_url:
         raise ValueError("G4 takes one backend: --kv-store-shared-dir or --kv-store-redis")
     g3 = None

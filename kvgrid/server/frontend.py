@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from kvgrid import envs
 from kvgrid.engine.sampling_params import SamplingParams
 from kvgrid.router.disagg import DisaggConfig
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
@@ -139,7 +139,8 @@ class Frontend:
             return
         if auth.admin_token():
             raise APIError(401, f"{what} needs 'Authorization: Bearer <admin token>'")
-        raise APIError(403, f"{what} needs the admin token: set {auth.ENV_ADMIN} on the server")
+        need = envs.KVGRID_ADMIN_TOKEN.name
+        raise APIError(403, f"{what} needs the admin token: set {need} on the server")
 
     def shared_prefix_tokens(self, tenant: Tenant, tokens: list[int]) -> int:
         """Leading tokens of ``tokens`` inside a configured shared prefix (0: none): the
@@ -575,7 +576,7 @@ def build_frontend(
         )
     spec = resolve_model(model, load_format)
     tokenizer = load_tokenizer(spec)
-    keys_configured = bool(api_keys_file or os.environ.get("KVGRID_API_KEYS"))
+    keys_configured = bool(api_keys_file or envs.KVGRID_API_KEYS.is_set())
     secret = load_server_secret()[0] if keys_configured else None
     tenants = TenantRegistry.from_config(api_keys_file, secret)
     if tenants.auth_required and control_key is None:

@@ -23,9 +23,8 @@ import sys
 import threading
 import time
 
+from kvgrid import envs
 from kvgrid.server.auth import (
-    ENV_KEY,
-    ENV_KEY_FILE,
     ControlKey,
     CredentialError,
     is_loopback_host,
@@ -59,17 +58,17 @@ def _engine_flags() -> list[tuple[str, str, bool]]:
 
 
 # flags whose values may hold secrets: passed to workers in the environment, not argv
-SECRET_FLAGS = {"kv_store_redis": "KVGRID_KV_STORE_REDIS"}
+SECRET_FLAGS = {"kv_store_redis": envs.KVGRID_KV_STORE_REDIS.name}
 
 
 def worker_env(args: argparse.Namespace, worker_id: str, key: ControlKey | None) -> dict[str, str]:
     """The environment of a worker process: this one's, plus its worker key and the
     secret-bearing flags; a cluster key of ours is not passed on."""
     env = dict(os.environ)
-    for var in (ENV_KEY, ENV_KEY_FILE):
+    for var in (envs.KVGRID_CONTROL_KEY.name, envs.KVGRID_CONTROL_KEY_FILE.name):
         env.pop(var, None)
     if key is not None:
-        env[ENV_KEY] = key.for_worker(worker_id).dumps()
+        env[envs.KVGRID_CONTROL_KEY.name] = key.for_worker(worker_id).dumps()
     for dest, var in SECRET_FLAGS.items():
         v = getattr(args, dest, None)
         if v is not None:
@@ -266,14 +265,14 @@ def pool_bounds(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
 
 def _setup_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("KVGRID_LOG", "INFO"),
+        level=envs.KVGRID_LOG.get(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _default_host(args: argparse.Namespace) -> str:
-    keys_set = bool(args.api_keys or os.environ.get("KVGRID_API_KEYS"))
+    keys_set = bool(args.api_keys or envs.KVGRID_API_KEYS.is_set())
     return args.host or ("0.0.0.0" if keys_set else "127.0.0.1")
 
 
@@ -291,7 +290,7 @@ def _bind_host(args: argparse.Namespace, auth_required: bool) -> str:
 def frontend_host(args: argparse.Namespace) -> str:
     """The frontend's address as the flags and API keys give it; ValueError when binding it
     beyond loopback is not safe."""
-    return _bind_host(args, bool(args.api_keys or os.environ.get("KVGRID_API_KEYS")))
+    return _bind_host(args, bool(args.api_keys or envs.KVGRID_API_KEYS.is_set()))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -474,7 +473,8 @@ def run_router(args: argparse.Namespace) -> int:
     if key is None and not is_loopback_host(host):
         print(
             f"error: binding {host} needs a control key (--control-key-file, or "
-            f"{ENV_KEY} / {ENV_KEY_FILE}; `kvgrid control-key new` makes one): without it the "
+            f"{envs.KVGRID_CONTROL_KEY.name} / {envs.KVGRID_CONTROL_KEY_FILE.name}; "
+            "`kvgrid control-key new` makes one): without it the "
             "router cannot tell its workers from anyone else",
             file=sys.stderr,
         )

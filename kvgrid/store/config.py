@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvgrid import envs
 from kvgrid.models.default import kvgrid_home
 
 GiB = 1 << 30
@@ -14,9 +14,7 @@ GiB = 1 << 30
 def default_store_dir() -> Path:
     """Where the embedded default keeps G3 and its local master key: $KVGRID_STORE_DIR, else
     the store folder of kvgrid's cache root."""
-    if os.environ.get("KVGRID_STORE_DIR"):
-        return Path(os.environ["KVGRID_STORE_DIR"]).expanduser()
-    return kvgrid_home() / "store"
+    return envs.KVGRID_STORE_DIR.get() or kvgrid_home() / "store"
 
 
 @dataclass
