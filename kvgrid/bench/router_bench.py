@@ -31,13 +31,9 @@ from kvgrid.router import wire
 from kvgrid.router.index import KVIndex
 from kvgrid.router.router import Router, RouteRequest
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
+from kvgrid.stats import percentile
 
 SCOPE = keys.KVScope("bench-model", "bfloat16")
-
-
-def _percentile(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def bench_index(num_workers: int, num_batches: int, seed: int = 0) -> dict:
@@ -167,8 +163,8 @@ def bench_routing(
         "policy": policy,
         "rate_per_s": rate,
         "requests": n_requests,
-        "decision_p50_ms": _percentile(times, 50) * 1e3,
-        "decision_p99_ms": _percentile(times, 99) * 1e3,
+        "decision_p50_ms": percentile(times, 50, "nearest") * 1e3,
+        "decision_p99_ms": percentile(times, 99, "nearest") * 1e3,
         "decision_max_ms": max(times) * 1e3,
         "core_share_at_rate": busy / duration_s,
     }
