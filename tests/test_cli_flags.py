@@ -50,3 +50,17 @@ def test_every_flag_keeps_its_name_default_and_kind():
         for name, old in flags.items():
             assert name in by_string, f"`kvgrid {command}` lost {name}"
             assert by_string[name] == old, f"`kvgrid {command} {name}` changed"
+
+
+def test_flag_defaults_are_the_configs_defaults():
+    from kvgrid.planner.planner import PlannerConfig
+    from kvgrid.router.disagg import DisaggConfig
+    from kvgrid.router.policies import DEFAULT_POLICY
+
+    p = build_parser()
+    for argv in (["serve"], ["router"], ["sim", "--workload", "w"]):
+        args = p.parse_args(argv)
+        assert args.ttft_target == PlannerConfig().ttft_target_s
+        assert args.itl_target == PlannerConfig().itl_target_s == DisaggConfig().itl_target_s
+        assert args.policy == DEFAULT_POLICY
+    assert p.parse_args(["bench", "router"]).policy == DEFAULT_POLICY

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from kvgrid import envs
+from kvgrid.router.policies import DEFAULT_POLICY
 
 DEFAULT_WORKLOAD = (
     "chat:num_sessions=12,turns=3,system_tokens=128,user_tokens=96,output_tokens=24,"
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--calibrate-engines", type=int, default=1)
     r.add_argument("--workload", default=DEFAULT_WORKLOAD)
     r.add_argument("--workers", type=int, default=2)
-    r.add_argument("--policy", default="ttft")
+    r.add_argument("--policy", default=DEFAULT_POLICY)
     m = sub.add_parser("_measure")  # internal: one calibration process
     m.add_argument("--threads", type=int, required=True)
     m.add_argument("--start-at", type=float, required=True)

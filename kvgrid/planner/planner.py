@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 from kvgrid.keys import DEFAULT_BLOCK_SIZE
 from kvgrid.planner.calibration import Calibration, load_calibration
+from kvgrid.slo import DEFAULT_ITL_TARGET_S, DEFAULT_TTFT_PERCENTILE, DEFAULT_TTFT_TARGET_S
 from kvgrid.stats import ewma, quantile
 from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S
 
@@ -101,9 +102,9 @@ class ScaleAction:
 
 @dataclass
 class PlannerConfig:
-    ttft_target_s: float = 3.0
-    ttft_percentile: float = 0.95
-    itl_target_s: float = 0.1
+    ttft_target_s: float = DEFAULT_TTFT_TARGET_S
+    ttft_percentile: float = DEFAULT_TTFT_PERCENTILE
+    itl_target_s: float = DEFAULT_ITL_TARGET_S
     min_replicas: int = 1
     max_replicas: int = 1024
     max_utilization: float = 0.85  # of a replica's prefill time and KV

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kvgrid.router.policies import Candidate
+from kvgrid.slo import DEFAULT_ITL_TARGET_S
 from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S, TransferModel
 
 MODES = ("auto", "always", "never")
@@ -47,7 +48,7 @@ LOCAL_REASONS = (
 @dataclass(frozen=True)
 class DisaggConfig:
     mode: str = "auto"  # auto: decided per request; always: remote whenever possible; never
-    itl_target_s: float = 0.1
+    itl_target_s: float = DEFAULT_ITL_TARGET_S
     # protects_itl only where remote prefill stays within this (None: within 1.5x local)
     ttft_target_s: float | None = None
     min_blocks: int = 2  # fewer blocks to move than this: never worth a transfer

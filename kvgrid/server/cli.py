@@ -19,6 +19,7 @@ def _control_key_arg(p: argparse.ArgumentParser, who: str) -> None:
 def _frontend_args(p: argparse.ArgumentParser) -> None:
     from kvgrid.router.policies import DEFAULT_POLICY, POLICIES
     from kvgrid.server.tool_parsers import PARSERS
+    from kvgrid.slo import DEFAULT_ITL_TARGET_S, DEFAULT_TTFT_PERCENTILE, DEFAULT_TTFT_TARGET_S
 
     g = p.add_argument_group("frontend")
     g.add_argument(
@@ -96,8 +97,13 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="log every routing decision with each candidate's numbers",
     )
-    g.add_argument("--ttft-target", type=float, default=3.0, help="seconds, at p95")
-    g.add_argument("--itl-target", type=float, default=0.1, help="seconds")
+    g.add_argument(
+        "--ttft-target",
+        type=float,
+        default=DEFAULT_TTFT_TARGET_S,
+        help=f"seconds, at p{round(DEFAULT_TTFT_PERCENTILE * 100)}",
+    )
+    g.add_argument("--itl-target", type=float, default=DEFAULT_ITL_TARGET_S, help="seconds")
     g = p.add_argument_group(
         "disaggregation",
         "prefill on another worker that streams the KV to the one that decodes",

@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from kvgrid import envs
 from kvgrid.engine.sampling_params import SamplingParams
 from kvgrid.router.disagg import DisaggConfig
+from kvgrid.router.policies import DEFAULT_POLICY
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
 from kvgrid.server import auth, relay
 from kvgrid.server.disagg import remote_spec, start_prefill
@@ -550,7 +551,7 @@ def build_frontend(
     load_format: str = "auto",
     served_model_name: str | None = None,
     worker_urls: list[str] = (),
-    policy: str = "ttft",
+    policy: str = DEFAULT_POLICY,
     api_keys_file: str | None = None,
     max_concurrent: int = 256,
     heartbeat_timeout_s: float = 10.0,

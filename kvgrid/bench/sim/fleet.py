@@ -38,6 +38,7 @@ from kvgrid.bench.sim.worker import PREFILL, SimRequest, SimWorker
 from kvgrid.bench.workloads import Workload
 from kvgrid.planner.calibration import Calibration, load_calibration
 from kvgrid.planner.planner import ObservationWindow, PoolState, ReplicaView
+from kvgrid.router.policies import DEFAULT_POLICY
 from kvgrid.router.router import Router, RouteRequest
 from kvgrid.router.sites import Site
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
@@ -51,7 +52,7 @@ _WAKE, _DELIVER, _HANDOFF, _READY, _TICK = range(5)
 @dataclass
 class SimConfig:
     num_workers: int = 16
-    policy: str = "ttft"
+    policy: str = DEFAULT_POLICY
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None
     disagg: bool = False
