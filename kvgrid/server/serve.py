@@ -43,18 +43,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _engine_flags() -> list[tuple[str, str, bool]]:
-    """(dest, flag, is_switch) of every engine and store flag, read off the parser itself so
-    that a new engine flag reaches the workers without being listed twice."""
+def _engine_flags() -> list[argparse.Action]:
+    """Every engine and store flag, read off the parser itself so that a new engine flag
+    reaches the workers without being listed twice."""
     from kvgrid.engine.args import add_engine_args
 
     p = argparse.ArgumentParser(add_help=False)
     add_engine_args(p)
-    return [
-        (a.dest, a.option_strings[0], isinstance(a, argparse._StoreTrueAction))
-        for a in p._actions
-        if a.option_strings
-    ]
+    return [a for a in p._actions if a.option_strings]
+
+
+def _flag_argv(action: argparse.Action, value) -> list[str]:
+    """The arguments that give ``action``'s flag ``value`` (none for None)."""
+    if value is None:
+        return []
+    if isinstance(action, argparse.BooleanOptionalAction):  # ["--x", "--no-x"]
+        return [action.option_strings[0 if value else 1]]
+    if isinstance(action, argparse._StoreTrueAction):
+        return [action.option_strings[0]] if value else []
+    return [action.option_strings[0], str(value)]
 
 
 # flags whose values may hold secrets: passed to workers in the environment, not argv
@@ -102,17 +109,13 @@ def worker_argv(
         argv += ["--device-group", args.device_group]
     if getattr(args, "served_model_name", None):
         argv += ["--served-model-name", args.served_model_name]
-    for dest, flag, switch in _engine_flags():
-        if dest in SECRET_FLAGS:
+    for action in _engine_flags():
+        if action.dest in SECRET_FLAGS:
             continue
-        v = getattr(args, dest, None)
-        if dest == "kv_store_dir" and v is not None:
+        v = getattr(args, action.dest, None)
+        if action.dest == "kv_store_dir" and v is not None:
             v = os.path.join(v, worker_id)  # one G3 folder per worker: one owner per capacity
-        if switch:
-            if v:
-                argv.append(flag)
-        elif v is not None:
-            argv += [flag, str(v)]
+        argv += _flag_argv(action, v)
     return argv
 
 
