@@ -59,15 +59,14 @@ def flag_table(parser: argparse.ArgumentParser) -> dict[str, dict[str, dict]]:
 
 
 def _same_switch(old: dict, new: dict) -> bool:
-    """`--no-x` (store_true, off by default) became `--x/--no-x` (on by default): the same
-    flag, giving the same meaning."""
-    return (
-        old["action"] == "_StoreTrueAction"
-        and old["default"] is False
-        and new["action"] == "BooleanOptionalAction"
-        and new["default"] is True
-        and new["flags"] == [old["flags"][0].replace("--no-", "--", 1), old["flags"][0]]
-    )
+    """A store_true switch became a `--x/--no-x` pair with the same meaning: `--no-x` (off
+    by default) now defaults to on; `--x` (off by default) still defaults to off."""
+    if old["action"] != "_StoreTrueAction" or new["action"] != "BooleanOptionalAction":
+        return False
+    flag = old["flags"][0]
+    if flag.startswith("--no-"):
+        return new["default"] is True and new["flags"] == ["--" + flag[5:], flag]
+    return new["default"] is False and new["flags"] == [flag, "--no-" + flag[2:]]
 
 
 def test_every_flag_keeps_its_name_default_and_kind():
@@ -82,7 +81,10 @@ def test_every_flag_keeps_its_name_default_and_kind():
             assert new == old or _same_switch(old, new), f"`kvgrid {command} {name}` changed"
         was = {s for spec in flags.values() for s in spec["flags"]} | set(flags)
         added = set(by_string) - was
-        assert added == (ADDED if command in ENGINE_COMMANDS else set()), command
+        want = (ADDED if command in ENGINE_COMMANDS else set()) | (
+            {"--no-log-decisions"} if command in ("serve", "router") else set()
+        )
+        assert added == want, command
 
 
 def test_engine_flags_build_the_engine_config_they_did(monkeypatch, tmp_path):
@@ -185,3 +187,22 @@ def test_flags_from_a_dataclass_types_defaults_help_and_round_trip():
     )
     with pytest.raises(SystemExit):
         p.parse_args(["--mode", "c"])
+
+
+def test_server_flags_build_the_frontend_and_disagg_configs():
+    from kvgrid.flags import dataclass_kwargs
+    from kvgrid.router.disagg import DISAGG_FLAG_FIELDS, DisaggConfig
+    from kvgrid.server.config import FrontendConfig
+
+    argv = ["--max-migrations", "0", "--stall-timeout", "2", "--worker-wait", "1",
+            "--queue-timeout", "9", "--log-decisions", "--disagg", "never",
+            "--transfer-stall-s", "1", "--transfer-deadline-factor", "4"]  # fmt: skip
+    args = build_parser().parse_args(["router", *argv])
+    assert FrontendConfig(**dataclass_kwargs(FrontendConfig, args)) == FrontendConfig(
+        log_decisions=True, max_migrations=0, stall_s=2.0, worker_wait_s=1.0, queue_timeout_s=9.0
+    )
+    disagg = dataclass_from_args(DisaggConfig, args, DISAGG_FLAG_FIELDS)
+    assert disagg == DisaggConfig(mode="never", stall_s=1.0, deadline_factor=4.0)
+    args = build_parser().parse_args(["serve"])
+    assert FrontendConfig(**dataclass_kwargs(FrontendConfig, args)) == FrontendConfig()
+    assert dataclass_from_args(DisaggConfig, args, DISAGG_FLAG_FIELDS) == DisaggConfig()

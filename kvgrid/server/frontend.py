@@ -31,7 +31,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import httpx
@@ -44,6 +44,7 @@ from kvgrid.router.disagg import DisaggConfig
 from kvgrid.router.policies import DEFAULT_POLICY
 from kvgrid.router.router import Decision, NoWorkerError, Router, RouteRequest
 from kvgrid.server import auth, relay
+from kvgrid.server.config import FrontendConfig
 from kvgrid.server.disagg import remote_spec, start_prefill
 from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
@@ -65,26 +66,6 @@ from kvgrid.server.tool_parsers import get_parser
 
 log = logging.getLogger(__name__)
 decision_log = logging.getLogger("kvgrid.router.decisions")
-
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-@dataclass
-class FrontendConfig:
-    model_name: str = DEFAULT_MODEL_NAME
-    tokenizer: Any = None  # kvgrid.models.tokenizer.Tokenizer, None: token-id prompts only
-    max_retries: int = 2  # other workers tried when one cannot take a request
-    log_decisions: bool = False
-    public: bool = False  # bound beyond loopback: operator views need the admin token
-    scope_id: str = ""  # fingerprint of the server secret (tenants.scope_id)
-    # a request whose worker is lost resumes on another at most this often (0: never)
-    max_migrations: int = 3
-    stall_s: float = 15.0  # a worker silent this long on a request is probed (/health)
-    probe_s: float = 3.0  # ... and lost if the probe gets no answer in this time
-    stall_check_s: float = 0.5  # how often a waiting request looks at its worker
-    worker_wait_s: float = 0.0  # with no worker up, a request waits this long for one
-    queue_timeout_s: float = 600.0  # the longest wait for an admission slot (then 503)
-    tool_call_parser: str = "auto"  # kvgrid.server.tool_parsers.PARSERS
 
 
 class Frontend:
@@ -555,19 +536,14 @@ def build_frontend(
     api_keys_file: str | None = None,
     max_concurrent: int = 256,
     heartbeat_timeout_s: float = 10.0,
-    log_decisions: bool = False,
     disagg: DisaggConfig | None = None,
     control_key: auth.ControlKey | None = None,
     public: bool = False,
-    max_migrations: int = 3,
-    stall_s: float = 15.0,
-    queue_timeout_s: float = 600.0,
-    worker_wait_s: float = 0.0,
-    tool_call_parser: str = "auto",
+    **options: Any,
 ) -> Frontend:
     """The frontend for a model: its tokenizer, tenants, a router and the fleet link.
     ``control_key``: the cluster key workers are checked against (None: loopback workers
-    only); ``public``: bound beyond loopback."""
+    only); ``public``: bound beyond loopback; ``options``: more FrontendConfig fields."""
     from kvgrid.models.loader import load_tokenizer, resolve_model
     from kvgrid.server.tenants import load_server_secret, scope_id
 
@@ -595,13 +571,8 @@ def build_frontend(
         FrontendConfig(
             served_model_name or spec.name,
             tokenizer,
-            log_decisions=log_decisions,
             public=public,
             scope_id=scope_id(secret),
-            max_migrations=max_migrations,
-            stall_s=stall_s,
-            queue_timeout_s=queue_timeout_s,
-            worker_wait_s=worker_wait_s,
-            tool_call_parser=tool_call_parser,
+            **options,
         ),
     )

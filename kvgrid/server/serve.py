@@ -493,7 +493,9 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
     """The router's frontend from the command's flags, with its bind address checked
     (``fe.bind_host``); ValueError or OSError if the model, the keys file or the address
     cannot be used."""
-    from kvgrid.router.disagg import DisaggConfig
+    from kvgrid.flags import dataclass_from_args, dataclass_kwargs
+    from kvgrid.router.disagg import DISAGG_FLAG_FIELDS, DisaggConfig
+    from kvgrid.server.config import FrontendConfig
     from kvgrid.server.frontend import build_frontend
 
     host = frontend_host(args)  # before loading anything: fail fast
@@ -506,21 +508,17 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
         args.api_keys,
         args.max_concurrent,
         heartbeat_timeout_s=args.heartbeat_timeout,
-        log_decisions=args.log_decisions,
-        disagg=DisaggConfig(
-            mode=args.disagg,
+        disagg=dataclass_from_args(
+            DisaggConfig,
+            args,
+            DISAGG_FLAG_FIELDS,
             itl_target_s=args.itl_target,
             ttft_target_s=args.ttft_target,
-            stall_s=args.transfer_stall_s,
-            deadline_factor=args.transfer_deadline_factor,
         ),
         control_key=key,
         public=not is_loopback_host(host),
-        max_migrations=getattr(args, "max_migrations", 3),
-        stall_s=getattr(args, "stall_timeout", 15.0),
-        queue_timeout_s=getattr(args, "queue_timeout", 600.0),
-        worker_wait_s=getattr(args, "worker_wait", 0.0),
-        tool_call_parser=getattr(args, "tool_call_parser", "auto"),
+        tool_call_parser=args.tool_call_parser,
+        **dataclass_kwargs(FrontendConfig, args),
     )
     fe.bind_host = _bind_host(args, fe.tenants.auth_required)
     return fe
