@@ -19,6 +19,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Iterable
+from pathlib import PurePath
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
@@ -123,8 +124,12 @@ def _flags(cls: type, fields: Iterable[str] | None) -> list[_Flag]:
             if meta["scale"]:
                 tp, default = float, default / meta["scale"]
             if tp in (int, float):
-                kw["type"] = tp  # anything else (text, paths) arrives as the text given
-            kw["default"] = default
+                kw["type"] = tp
+            elif tp is not str and not (isinstance(tp, type) and issubclass(tp, PurePath)):
+                raise TypeError(
+                    f"{cls.__name__}.{name}: no flag for {tp!r}; mark it flag(cli=False)"
+                )
+            kw["default"] = default  # text and paths arrive as the text given
         out.append(_Flag(name, option, dest, kw, kind, meta["scale"]))
     return out
 

@@ -188,6 +188,13 @@ def test_flags_from_a_dataclass_types_defaults_help_and_round_trip():
     with pytest.raises(SystemExit):
         p.parse_args(["--mode", "c"])
 
+    @dataclasses.dataclass
+    class Bad:
+        table: dict = dataclasses.field(default_factory=dict)
+
+    with pytest.raises(TypeError, match=r"Bad\.table"):  # no flag for it, and it is not skipped
+        add_dataclass_args(argparse.ArgumentParser(), Bad)
+
 
 def test_server_flags_build_the_frontend_and_disagg_configs():
     from kvgrid.flags import dataclass_kwargs
