@@ -82,10 +82,10 @@ def test_mixed_steps_carry_a_measured_prompt_budget():
     # nothing measured yet: the whole step budget
     assert step(sched) == [("d", 1), ("long", 2047)]
     # decode step 20 ms, 20 µs per prompt token: 1.4x a decode step leaves 400 tokens
-    sched.decode_step_s, sched.prefill_token_s = 0.020, 20e-6
+    sched.decode_step.value, sched.prefill_token.value = 0.020, 20e-6
     assert step(sched) == [("d", 1), ("long", 400)]
     # never below the floor, however fast decode steps are
-    sched.decode_step_s = 1e-4
+    sched.decode_step.value = 1e-4
     assert step(sched) == [("d", 1), ("long", MIN_MIXED_PREFILL_TOKENS)]
 
 
@@ -95,11 +95,11 @@ def test_observe_step_measures_decode_and_marginal_prefill_cost():
     step(sched)
     out = sched.schedule()  # a decode step
     sched.observe_step(out, 0.010)
-    assert sched.decode_step_s == 0.010
+    assert sched.decode_step.value == 0.010
     a.num_computed_tokens += 1
     a.append_token(7)
     add(sched, 1000, "b")
     out = sched.schedule()  # decode + 1000 prompt tokens
     assert out.num_batched_tokens == 1001
     sched.observe_step(out, 0.030)
-    assert abs(sched.prefill_token_s - 20e-6) < 1e-12  # (30 ms - 10 ms) / 1000
+    assert abs(sched.prefill_token.value - 20e-6) < 1e-12  # (30 ms - 10 ms) / 1000

@@ -210,9 +210,11 @@ def test_no_package_import_cycles():
 
 def test_models_build_on_layers_and_layers_on_nothing_of_kvgrid():
     graph = kvgrid_graph()
+    # kvgrid.envs (the declared environment variables) is a leaf: it imports nothing of kvgrid
+    assert graph["kvgrid.envs"] == set()
     allowed = {
-        "kvgrid.layers": ("kvgrid.layers",),
-        "kvgrid.models": ("kvgrid.models", "kvgrid.layers"),
+        "kvgrid.layers": ("kvgrid.layers", "kvgrid.envs"),
+        "kvgrid.models": ("kvgrid.models", "kvgrid.layers", "kvgrid.envs"),
     }
     wrong = sorted(
         f"{m} -> {t}"

@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from kvgrid.router.policies import DEFAULT_POLICY
+from kvgrid.slo import DEFAULT_ITL_TARGET_S, DEFAULT_TTFT_TARGET_S
+
 WORKLOAD_HELP = (
     "mooncake:conversation | mooncake:synthetic | mooncake:PATH.jsonl, options after commas "
     "(tokens_per_block=64,max_input_tokens=1536,limit=200,repeat=2,speed=2); or a generator: "
@@ -61,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim = sub.add_parser("sim", help="discrete-event fleet simulator (the real router)")
     sim.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     sim.add_argument("--workers", type=int, default=16)
-    sim.add_argument("--policy", default="ttft")
+    sim.add_argument("--policy", default=DEFAULT_POLICY)
     sim.add_argument("--calibration", default=None, help="engine calibration JSON")
     sim.add_argument("--disagg", action="store_true", help="separate prefill/decode pools")
     sim.add_argument("--prefill-workers", type=int, default=0)
@@ -77,8 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--slo-ttft", type=float, default=2.0)
     sim.add_argument("--slo-tpot", type=float, default=0.1)
     sim.add_argument("--planner", action="store_true", help="scale with the SLA planner")
-    sim.add_argument("--ttft-target", type=float, default=3.0)
-    sim.add_argument("--itl-target", type=float, default=0.1)
+    sim.add_argument("--ttft-target", type=float, default=DEFAULT_TTFT_TARGET_S)
+    sim.add_argument("--itl-target", type=float, default=DEFAULT_ITL_TARGET_S)
     sim.add_argument("--out", default=None, help="JSON result file")
     sim.add_argument("--seed", type=int, default=0)
     sim.set_defaults(func=_cmd_sim)

@@ -27,6 +27,8 @@ from kvgrid.bench.sim.fleet import SimConfig, quiet_gc, simulate
 from kvgrid.bench.workloads import bursty_sinusoidal, constant_rate, no_reuse, shared_system_prompt
 from kvgrid.planner.calibration import load_calibration
 from kvgrid.planner.planner import Planner, PlannerConfig
+from kvgrid.router.policies import DEFAULT_POLICY
+from kvgrid.slo import DEFAULT_TTFT_TARGET_S
 
 POLICIES = ("round_robin", "least_load", "prefix_affinity", "dynamo_cost", "ttft")
 
@@ -214,7 +216,7 @@ def _within(fleet, w, target: float, after_s: float) -> float:
 def run_planner(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     calib = load_calibration(args.calibration)
-    target = 3.0
+    target = DEFAULT_TTFT_TARGET_S
     period = 1200.0
     w = bursty_sinusoidal(
         duration_s=3 * period,
@@ -233,7 +235,7 @@ def run_planner(args: argparse.Namespace) -> int:
         w,
         SimConfig(
             num_workers=2,
-            policy="ttft",
+            policy=DEFAULT_POLICY,
             calibration=calib,
             planner=pl,
             slo_ttft_s=target,
@@ -264,7 +266,11 @@ def run_planner(args: argparse.Namespace) -> int:
         r = simulate(
             w,
             SimConfig(
-                num_workers=n, policy="ttft", calibration=calib, slo_ttft_s=target, slo_tpot_s=1e9
+                num_workers=n,
+                policy=DEFAULT_POLICY,
+                calibration=calib,
+                slo_ttft_s=target,
+                slo_tpot_s=1e9,
             ),
         )
         f = r.pop("fleet")
@@ -295,7 +301,7 @@ def run_planner(args: argparse.Namespace) -> int:
         wc,
         SimConfig(
             num_workers=2,
-            policy="ttft",
+            policy=DEFAULT_POLICY,
             calibration=calib,
             planner=plc,
             slo_ttft_s=target,
@@ -391,7 +397,7 @@ def _scale_run(args: argparse.Namespace, calib, t0: float) -> dict[str, Any]:
         w,
         SimConfig(
             num_workers=args.workers[0] if args.workers else 1000,
-            policy="ttft",
+            policy=DEFAULT_POLICY,
             calibration=calib,
             candidates=args.candidates,
         ),

@@ -13,10 +13,10 @@ drops the blocks past a cap, and ``max_output_tokens`` caps outputs.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from kvgrid import envs
 from kvgrid.bench.workloads import DEFAULT_VOCAB_SIZE, Request, Workload
 
 MOONCAKE_BLOCK_TOKENS = 512
@@ -29,9 +29,8 @@ TRACE_NAMES = {
 
 def trace_dir() -> Path:
     """$KVGRID_TRACES, else ../shared/traces/mooncake next to the repository, else /work/..."""
-    env = os.environ.get("KVGRID_TRACES")
-    if env:
-        return Path(env)
+    if envs.KVGRID_TRACES.is_set():
+        return envs.KVGRID_TRACES.get()
     here = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake"
     if here.is_dir():
         return here

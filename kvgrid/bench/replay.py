@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 
 from kvgrid.bench.workloads import Request, Workload
+from kvgrid.stats import Summary
 
 PERCENTILES = (50, 90, 99)
 
@@ -83,14 +84,7 @@ class SLO:
 
 def summarize(xs: list[float], scale: float = 1000.0) -> dict[str, float | None]:
     """mean/std/p50/p90/p99/max, in ms by default (vLLM's ``*_ms`` fields)."""
-    if not xs:
-        return {"mean": None, "std": None, **{f"p{p}": None for p in PERCENTILES}, "max": None}
-    a = np.asarray(xs, dtype=float) * scale
-    out = {"mean": float(a.mean()), "std": float(a.std())}
-    for p in PERCENTILES:
-        out[f"p{p}"] = float(np.percentile(a, p))
-    out["max"] = float(a.max())
-    return out
+    return Summary.of(np.asarray(xs, dtype=float) * scale, PERCENTILES).as_dict()
 
 
 def compute_metrics(

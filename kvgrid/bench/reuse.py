@@ -40,6 +40,7 @@ import torch
 
 from kvgrid.engine.llm_engine import LLMEngine
 from kvgrid.engine.sampling_params import SamplingParams
+from kvgrid.stats import percentile
 from kvgrid.store import ContextStore, StoreConfig, StoreConnector
 from kvgrid.store.crypto import KeyRing
 
@@ -295,10 +296,6 @@ def drive(eng: LLMEngine, wl: AgentWorkload, name: str, bar=None) -> list[dict]:
     return records
 
 
-def _pct(xs: list[float], q: float) -> float | None:
-    return float(np.percentile(xs, q)) if xs else None
-
-
 def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) -> dict:
     """One configuration: cap G1, attach its store, run the workload, detach; results."""
     held = cap_g1(eng, cfg.g1_blocks)
@@ -336,9 +333,9 @@ def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) ->
         "output_tok_s": out_tokens / elapsed,
         "hit_rate": sum(r["cached_tokens"] for r in records) / max(1, prompt_tokens),
         "computed_prompt_tokens": prompt_tokens - sum(r["cached_tokens"] for r in records),
-        "ttft_p50_s": _pct(ttft, 50),
-        "ttft_p90_s": _pct(ttft, 90),
-        "ttft_p99_s": _pct(ttft, 99),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p90_s": percentile(ttft, 90),
+        "ttft_p99_s": percentile(ttft, 99),
         "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
         "energy_j": None if j0 is None or j1 is None else j1 - j0,
         "preemptions": eng.scheduler.num_preemptions - pre0,

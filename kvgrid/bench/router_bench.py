@@ -29,15 +29,12 @@ from kvgrid.events import BlockRemoved, BlockStored, EventBatch
 from kvgrid.gc_tuning import tune_gc
 from kvgrid.router import wire
 from kvgrid.router.index import KVIndex
+from kvgrid.router.policies import DEFAULT_POLICY
 from kvgrid.router.router import Router, RouteRequest
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
+from kvgrid.stats import percentile
 
 SCOPE = keys.KVScope("bench-model", "bfloat16")
-
-
-def _percentile(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def bench_index(num_workers: int, num_batches: int, seed: int = 0) -> dict:
@@ -98,7 +95,7 @@ def bench_index(num_workers: int, num_batches: int, seed: int = 0) -> dict:
 
 
 def bench_routing(
-    num_workers: int, rate: float, duration_s: float, policy: str = "ttft", seed: int = 0
+    num_workers: int, rate: float, duration_s: float, policy: str = DEFAULT_POLICY, seed: int = 0
 ) -> dict:
     rng = random.Random(seed)
     router = Router(policy)
@@ -167,8 +164,8 @@ def bench_routing(
         "policy": policy,
         "rate_per_s": rate,
         "requests": n_requests,
-        "decision_p50_ms": _percentile(times, 50) * 1e3,
-        "decision_p99_ms": _percentile(times, 99) * 1e3,
+        "decision_p50_ms": percentile(times, 50, "nearest") * 1e3,
+        "decision_p99_ms": percentile(times, 99, "nearest") * 1e3,
         "decision_max_ms": max(times) * 1e3,
         "core_share_at_rate": busy / duration_s,
     }
@@ -179,7 +176,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=64)
     p.add_argument("--rate", type=float, default=1000.0, help="requests per second")
     p.add_argument("--duration", type=float, default=5.0, help="simulated seconds of arrivals")
-    p.add_argument("--policy", default="ttft")
+    p.add_argument("--policy", default=DEFAULT_POLICY)
     p.add_argument("--index-batches", type=int, default=50_000)
     p.add_argument("--out", default="router_bench.json")
 

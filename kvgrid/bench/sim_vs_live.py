@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from kvgrid import envs
+from kvgrid.router.policies import DEFAULT_POLICY
+
 DEFAULT_WORKLOAD = (
     "chat:num_sessions=12,turns=3,system_tokens=128,user_tokens=96,output_tokens=24,"
     "session_rate=0.5,think_time_s=6,seed=0"
@@ -208,8 +211,8 @@ def live_replay(workload: str, workers: int, policy: str, out: Path) -> dict:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, KVGRID_LOG="WARNING")
-    env.pop("KVGRID_API_KEYS", None)
+    env = {**os.environ, envs.KVGRID_LOG.name: "WARNING"}
+    env.pop(envs.KVGRID_API_KEYS.name, None)
     cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--workers", str(workers),
            "--port", str(port), "--policy", policy, "--max-model-len", str(MAX_MODEL_LEN),
            "--kv-cache-memory-gb", str(KV_CACHE_GB)]  # fmt: skip
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--calibrate-engines", type=int, default=1)
     r.add_argument("--workload", default=DEFAULT_WORKLOAD)
     r.add_argument("--workers", type=int, default=2)
-    r.add_argument("--policy", default="ttft")
+    r.add_argument("--policy", default=DEFAULT_POLICY)
     m = sub.add_parser("_measure")  # internal: one calibration process
     m.add_argument("--threads", type=int, required=True)
     m.add_argument("--start-at", type=float, required=True)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from kvgrid.stats import percentile
+
 DEFAULT_VOCAB_SIZE = 32_000
 # Low ids are special tokens in most vocabularies (BOS/EOS/pad/chat markers): keep clear.
 MIN_TOKEN_ID = 256
@@ -166,7 +168,7 @@ class Workload:
             "duration_s": dur,
             "mean_rate_rps": (len(self.requests) - 1) / dur if dur > 0 else None,
             "input_tokens_mean": float(ins.mean()),
-            "input_tokens_p50": float(np.percentile(ins, 50)),
+            "input_tokens_p50": percentile(ins, 50),
             "input_tokens_max": int(ins.max()),
             "output_tokens_mean": float(outs.mean()),
             "block_tokens": self.block_tokens,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from kvgrid import envs
 from kvgrid.chaos import disk
 from kvgrid.chaos.netns import Netns, NetnsError
 from kvgrid.server.auth import ControlKey
@@ -58,15 +59,15 @@ class System:
         self.admin_token = secrets.token_hex(16)
         master = secrets.token_hex(32)
         self.cluster_key = ControlKey.generate()
-        self.env = dict(
-            os.environ,
+        self.env = {
+            **os.environ,
             # the cluster key: `kvgrid serve` gives each of its workers only its own key
-            KVGRID_CONTROL_KEY=self.cluster_key.dumps(),
-            KVGRID_ADMIN_TOKEN=self.admin_token,
-            KVGRID_MASTER_KEY=f"1:{master}",  # one key for every worker: G4 is shared
-            KVGRID_STORE_DIR=str(self.dir / "keys"),
-            KVGRID_LOG=os.environ.get("KVGRID_CHAOS_LOG", "WARNING"),
-        )
+            envs.KVGRID_CONTROL_KEY.name: self.cluster_key.dumps(),
+            envs.KVGRID_ADMIN_TOKEN.name: self.admin_token,
+            envs.KVGRID_MASTER_KEY.name: f"1:{master}",  # one key for every worker: G4 is shared
+            envs.KVGRID_STORE_DIR.name: str(self.dir / "keys"),
+            envs.KVGRID_LOG.name: envs.KVGRID_CHAOS_LOG.get(),
+        }
         self.mounts: list[Path] = []
         self.g3 = self._mount("g3", cfg.g3_mib * (cfg.workers + 1) + 64)
         self.g4_dir = self._mount("g4", cfg.g4_mib + 64) if cfg.g4 == "fs" else None
@@ -149,7 +150,7 @@ class System:
                 "--allow-fault-injection", *self._engine_flags(outside=True)]  # fmt: skip
         # like a worker on another host: it holds its own key only (it proves it to join)
         own = self.cluster_key.for_worker(self.outside_id).dumps()
-        env = {**self.env, "KVGRID_CONTROL_KEY": own}
+        env = {**self.env, envs.KVGRID_CONTROL_KEY.name: own}
         self.outside = self._spawn(self.netns.exec_argv(argv), f"{self.outside_id}.log", env=env)
 
     def _spawn(self, argv: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:

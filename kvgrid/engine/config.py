@@ -2,49 +2,74 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
+from kvgrid.flags import flag
 from kvgrid.keys import DEFAULT_BLOCK_SIZE
 from kvgrid.store.config import StoreConfig
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # HF-format directory, a dummy shape name, or None for the default
-    load_format: str = "auto"  # "auto": read weights from `model`; "dummy": random weights
-    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"  # "auto": cuda if available else cpu
-    seed: int = 0  # for dummy weights
+    """Every field is also a flag of the commands that start an engine (kvgrid.flags): its
+    docstring is the flag's help."""
+
+    model: str | None = None
+    """HF-format model directory, or a shape name with --load-format dummy (default: the
+    embedded SmolLM2-135M-Instruct)"""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """auto: read the weights from --model; dummy: random weights of its shape"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: float32 on the CPU, bfloat16 on CUDA"""
+    device: str = "auto"
+    """auto: cuda if available, else cpu"""
+    seed: int = 0
+    """seed of dummy weights"""
     block_size: int = DEFAULT_BLOCK_SIZE
-    num_kv_blocks: int | None = None  # G1 size; None: from kv_cache_memory / gpu_memory_utilization
-    kv_cache_memory_gb: float = 1.0  # CPU: memory for the KV pool when num_kv_blocks is None
+    """tokens per KV block (a power of two)"""
+    num_kv_blocks: int | None = None
+    """blocks in G1 (default: from --kv-cache-memory-gb on the CPU, from
+    --gpu-memory-utilization on CUDA)"""
+    kv_cache_memory_gb: float = 1.0
+    """CPU: memory for the KV pool when --num-kv-blocks is not given"""
     gpu_memory_utilization: float = 0.90
-    max_model_len: int | None = None  # None: the model's own limit
+    """CUDA: share of the GPU's memory the engine may fill (weights, activations, KV)"""
+    max_model_len: int | None = None
+    """longest context (default: the model's own limit)"""
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
-    # a burst of arrivals is prefilled before any of it decodes (steady inter-token latency)
+    """most sequences in one step"""
+    max_num_batched_tokens: int = 2048
+    """token budget of one step (longer prompts are prefilled in chunks)"""
     prefill_first_burst: bool = True
-    # once decoding, a step may carry prompt tokens up to this multiple of a decode step's
-    # time (measured; GPU engines only); 0: the whole step budget
+    """prefill a burst of arrivals before any of it decodes (steady inter-token latency)"""
     mixed_step_slowdown: float = 1.4
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # "torch" | "triton"; auto picks triton on CUDA
+    """once decoding, a step carries prompt tokens up to this multiple of a decode step's
+    measured time (GPU engines only; 0: the whole step budget)"""
+    enable_prefix_caching: bool = field(default=True, metadata=flag("prefix-caching"))
+    """reuse the KV of prompt prefixes G1 already holds"""
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    """auto: triton on CUDA, torch on the CPU"""
     cuda_graphs: bool = True
-    # steps that prefill, up to this many tokens, run as CUDA graphs cut around attention
-    # (engine/prefill_graphs.py; with cuda_graphs on a GPU); 0: launched eagerly
+    """replay decode steps as CUDA graphs (on a GPU)"""
     prefill_graph_tokens: int = 512
-    # launch each step before reading back the last one's tokens (host work overlaps the
-    # GPU's); None: on for CUDA, off on the CPU where nothing runs asynchronously
+    """steps that prefill up to this many tokens replay CUDA graphs cut around their
+    attention (engine/prefill_graphs.py; with CUDA graphs on a GPU); 0: eager"""
     async_scheduling: bool | None = None
-    # few-token projections (decode) through the Triton GEMV on CUDA (layers/gemv.py)
+    """launch each step before reading back the last one's tokens, so that host work
+    overlaps the GPU's (auto: on for CUDA, off on the CPU where nothing runs asynchronously)"""
     gemv: bool = True
+    """few-token projections (decode) through the Triton GEMV on CUDA (layers/gemv.py);
+    --no-gemv: through cuBLAS"""
     max_logprobs: int = 20
-    # threads building grammar masks (llguidance's executor; None: its default, 80% of the
-    # CPUs). One: a batch of 64 JSON-schema masks is built faster on one thread than on
-    # llguidance's pool of 12 (docs/benchmarks.md, guided decoding)
+    """most log-probabilities a request may ask for per token"""
     guided_mask_threads: int | None = 1
-    # The context store below G1 (G2 host memory, G3 disk, G4 shared); None: G1 only.
-    kv_store: StoreConfig | None = None
+    """threads building grammar masks for guided decoding (llguidance's executor; None:
+    its default, 80% of the CPUs). One: a batch of 64 JSON-schema masks is built faster on
+    one thread than on llguidance's pool of 12 (docs/benchmarks.md, guided decoding)"""
+    kv_store: StoreConfig | None = field(default=None, metadata=flag(cli=False))
+    """the context store below G1 (G2 host memory, G3 disk, G4 shared); None: G1 only
+    (its flags: kvgrid.engine.args.add_store_args)"""
 
     def __post_init__(self) -> None:
         if self.guided_mask_threads is not None and self.guided_mask_threads < 1:

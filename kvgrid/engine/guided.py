@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvgrid.engine.sampling_params import GuidedDecoding, RequestError
+from kvgrid.stats import ewma
 
 if TYPE_CHECKING:
     from kvgrid.engine.sequence import Sequence
@@ -236,7 +237,7 @@ class GuidedDecoder:
         else:
             bitmask = job.host.clone()  # the next step fills this buffer again
         dt = time.perf_counter() - job.t0
-        self.mask_s = dt if self.mask_s is None else 0.9 * self.mask_s + 0.1 * dt
+        self.mask_s = ewma(self.mask_s, dt, 0.1)
         self.masked_steps += 1
         return rows, bitmask
 

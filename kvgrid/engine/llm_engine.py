@@ -25,6 +25,7 @@ from kvgrid.engine.sequence import Sequence, SequenceStatus
 from kvgrid.engine.stops import check_stops
 from kvgrid.events import KVEvent
 from kvgrid.models.loader import load_tokenizer, resolve_model
+from kvgrid.stats import ewma
 
 if TYPE_CHECKING:
     from kvgrid.engine.guided import MaskJob
@@ -104,7 +105,6 @@ class LLMEngine:
             "requests_finished": 0,
         }
         self.prefill_tokens_per_s: float | None = None  # EWMA, from steps that prefill
-        self.decode_step_s: float | None = None  # EWMA, from decode-only steps
         if config.kv_store is not None:
             self.attach_store(self._build_store(config.kv_store))
 
@@ -425,8 +425,8 @@ class LLMEngine:
             if live:
                 choices.record_prompt_logprobs(self.runner.model, step.prompt_hidden, live)
         self._record_speed(step.sched, seconds)
-        if self.device.type == "cuda":  # CPU step times are too noisy to steer batching
-            self.scheduler.observe_step(step.sched, seconds)
+        # CPU step times are too noisy to steer batching by
+        self.scheduler.observe_step(step.sched, seconds, steer=self.device.type == "cuda")
         now = time.monotonic()
         self._commit_blocks(step.sched, now)
         outputs = []
@@ -517,14 +517,14 @@ class LLMEngine:
     def _record_speed(self, sched: SchedulerOutput, seconds: float) -> None:
         prefill = sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)
         if prefill >= 256:
-            rate = prefill / seconds
-            old = self.prefill_tokens_per_s
-            self.prefill_tokens_per_s = rate if old is None else 0.8 * old + 0.2 * rate
+            self.prefill_tokens_per_s = ewma(self.prefill_tokens_per_s, prefill / seconds, 0.2)
             if self.connector is not None:
                 self.connector.prefill_tokens_per_s = self.prefill_tokens_per_s
-        elif prefill == 0:
-            old = self.decode_step_s
-            self.decode_step_s = seconds if old is None else 0.9 * old + 0.1 * seconds
+
+    @property
+    def decode_step_s(self) -> float | None:
+        """Time of a decode-only step (the scheduler's estimate, EWMA), None until one ran."""
+        return self.scheduler.decode_step.value
 
     # ---- introspection -------------------------------------------------------------------
 

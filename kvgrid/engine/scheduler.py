@@ -22,6 +22,7 @@ from kvgrid.engine.block_manager import BlockManager
 from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.sequence import Sequence, SequenceStatus
+from kvgrid.stats import Ewma
 from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadDeadline
 from kvgrid.store.prefetch import Queued
 
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 MAX_BURST_STEPS = 128
 # the least prompt tokens a mixed step carries, however fast decode steps are
 MIN_MIXED_PREFILL_TOKENS = 256
+# share of each decode-only step in the decode step time: the budget of mixed steps follows
+# a change of batch within a few steps, and a load report (hundreds of steps apart) sees
+# the settled value
+DECODE_STEP_WEIGHT = 0.2
 # Once a load's recomputed part (if any) has run, the load is waited for at most this
 # share of the time that recomputing its blocks not landed yet would take, plus the fixed
 # cost of the step that would recompute them (a cut a few blocks before the end cannot pay
@@ -91,12 +96,14 @@ class Scheduler:
         self._published_at = 0.0
         self._published_waiting = False
         self._last_admit: float | None = None
-        self._admit_gap_s: float | None = None
+        self._admit_gap = Ewma(0.2)
         # step budget (see schedule): consecutive prefill-only steps of an admission burst,
-        # and measured step times (EWMA, seconds) fed by the engine through observe_step
+        # and measured step times (seconds) fed by the engine through observe_step: the one
+        # estimate of a decode step's time (also what the worker reports to routers and the
+        # planner) and a prompt token's marginal cost
         self._burst_steps = 0
-        self.decode_step_s: float | None = None
-        self.prefill_token_s: float | None = None
+        self.decode_step = Ewma(DECODE_STEP_WEIGHT)
+        self.prefill_token = Ewma(0.2)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -188,26 +195,25 @@ class Scheduler:
         step budget until both have been measured)."""
         cap = self.config.max_num_batched_tokens
         slow = self.config.mixed_step_slowdown
-        if not slow or self.decode_step_s is None or self.prefill_token_s is None:
+        decode_s, token_s = self.decode_step.value, self.prefill_token.value
+        if not slow or decode_s is None or token_s is None:
             return cap
-        tokens = round((slow - 1.0) * self.decode_step_s / max(self.prefill_token_s, 1e-9))
+        tokens = round((slow - 1.0) * decode_s / max(token_s, 1e-9))
         return max(min(tokens, cap), min(cap, MIN_MIXED_PREFILL_TOKENS))
 
-    def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
-        """Feed one step's measured time (GPU engines): decode-step time, and the marginal
-        cost of one prompt token in steps that prefill."""
+    def observe_step(self, sched: SchedulerOutput, seconds: float, steer: bool = True) -> None:
+        """Feed one step's measured time: decode-step time, and (``steer``: where step times
+        are steady enough to size mixed steps by, GPU engines) the marginal cost of one
+        prompt token in steps that prefill."""
         prefill = sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)
         if prefill == 0:
-            old = self.decode_step_s
-            self.decode_step_s = seconds if old is None else 0.8 * old + 0.2 * seconds
+            self.decode_step.update(seconds)
             return
-        if prefill < MIN_MIXED_PREFILL_TOKENS // 2:
+        if not steer or prefill < MIN_MIXED_PREFILL_TOKENS // 2:
             return  # too few tokens for a clean slope
         decoding = len(sched.scheduled) > sum(1 for s in sched.scheduled if s.num_tokens > 1)
-        base = self.decode_step_s if decoding and self.decode_step_s is not None else 0.0
-        per_token = max(seconds - base, 0.0) / prefill
-        old = self.prefill_token_s
-        self.prefill_token_s = per_token if old is None else 0.8 * old + 0.2 * per_token
+        base = self.decode_step.value if decoding and self.decode_step.value is not None else 0.0
+        self.prefill_token.update(max(seconds - base, 0.0) / prefill)
 
     @staticmethod
     def _compute_limit(seq: Sequence) -> int:
@@ -282,9 +288,7 @@ class Scheduler:
         request is likely to start, whatever holds the queue (prefill work or full slots)."""
         now = time.monotonic()
         if self._last_admit is not None and self.waiting:
-            gap = now - self._last_admit
-            old = self._admit_gap_s
-            self._admit_gap_s = gap if old is None else 0.8 * old + 0.2 * gap
+            self._admit_gap.update(now - self._last_admit)
         self._last_admit = now
 
     def _publish_queue(self) -> None:
@@ -311,8 +315,8 @@ class Scheduler:
             keys = seq.block_keys((seq.num_tokens - 1) // bs)
             g = len(self.bm.match_prefix(keys))
             start = now + (ahead / speed if speed else 0.0)
-            if self._admit_gap_s is not None:
-                start = max(start, now + i * self._admit_gap_s)
+            if self._admit_gap.value is not None:
+                start = max(start, now + i * self._admit_gap.value)
             queue.append(Queued(seq.tenant, tuple(keys[g:]), start))
             ahead += seq.num_tokens - g * bs
         self.connector.plan_queue(queue, bs / speed if speed else None)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from kvgrid import envs
 from kvgrid.layers import pdl
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 # Largest row count (tokens) that takes the GEMV (the kernel takes up to 16). Decode
 # batches up to here are bandwidth-bound; the tuner still keeps cuBLAS where it wins.
 MAX_M = 8
-ENABLED = os.environ.get("KVGRID_GEMV", "1") != "0"
+ENABLED = envs.KVGRID_GEMV.get()
 # tests set this to run the kernels on CPU tensors (TRITON_INTERPRET=1), float32 included
 force_triton = False
 
@@ -138,8 +139,8 @@ def load_configs(path: str | os.PathLike) -> dict[tuple[int, int, int], GemvConf
 
 
 # a sweep's winners for this process, without editing PINNED (an A/B run on a fresh GPU)
-if os.environ.get("KVGRID_GEMV_CONFIGS"):
-    PINNED.update(load_configs(os.environ["KVGRID_GEMV_CONFIGS"]))
+if envs.KVGRID_GEMV_CONFIGS.is_set():
+    PINNED.update(load_configs(envs.KVGRID_GEMV_CONFIGS.get()))
 
 
 def m_bucket(m: int) -> int:

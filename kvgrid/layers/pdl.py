@@ -16,11 +16,12 @@ graph's memory pool reuses buffers). ``KVGRID_PDL=0`` switches it off.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-ENABLED = os.environ.get("KVGRID_PDL", "1") != "0"
+from kvgrid import envs
+
+ENABLED = envs.KVGRID_PDL.get()
 
 
 @functools.cache

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kvgrid import envs
 from kvgrid.models.config import ModelError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -37,8 +38,8 @@ _IM_END, _ENDOFTEXT = "<|im_end|>", "<|endoftext|>"
 
 def kvgrid_home() -> Path:
     """kvgrid's cache root: $KVGRID_HOME, else $XDG_CACHE_HOME/kvgrid, else ~/.cache/kvgrid."""
-    if os.environ.get("KVGRID_HOME"):
-        return Path(os.environ["KVGRID_HOME"]).expanduser()
+    if envs.KVGRID_HOME.is_set():
+        return envs.KVGRID_HOME.get()
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "kvgrid"

@@ -47,6 +47,8 @@ from typing import Any, Protocol
 
 from kvgrid.keys import DEFAULT_BLOCK_SIZE
 from kvgrid.planner.calibration import Calibration, load_calibration
+from kvgrid.slo import DEFAULT_ITL_TARGET_S, DEFAULT_TTFT_PERCENTILE, DEFAULT_TTFT_TARGET_S
+from kvgrid.stats import ewma, quantile
 from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S
 
 
@@ -100,9 +102,9 @@ class ScaleAction:
 
 @dataclass
 class PlannerConfig:
-    ttft_target_s: float = 3.0
-    ttft_percentile: float = 0.95
-    itl_target_s: float = 0.1
+    ttft_target_s: float = DEFAULT_TTFT_TARGET_S
+    ttft_percentile: float = DEFAULT_TTFT_PERCENTILE
+    itl_target_s: float = DEFAULT_ITL_TARGET_S
     min_replicas: int = 1
     max_replicas: int = 1024
     max_utilization: float = 0.85  # of a replica's prefill time and KV
@@ -322,9 +324,7 @@ class Planner:
     def _observe(self, obs: ObservedMetrics, now: float, settling: bool) -> float:
         cfg = self.cfg
         a = cfg.rate_smoothing
-        self.rate = (
-            obs.arrival_rate if self.rate is None else a * obs.arrival_rate + (1 - a) * self.rate
-        )
+        self.rate = ewma(self.rate, obs.arrival_rate, a)
         if obs.arrival_rate == 0 and self.rate * obs.window_s < 0.5:
             # not one request in this window, nor half of one expected: the load is gone
             # (a smoothed rate only ever approaches zero, and any rate plans for capacity)
@@ -332,16 +332,16 @@ class Planner:
         self.rates.append(obs.arrival_rate)
         self.slow_rates.append(obs.arrival_rate)
         if obs.arrival_rate > 0:
-            w = a if self.mean_in else 1.0
-            self.mean_in = w * obs.mean_input_tokens + (1 - w) * self.mean_in
-            self.mean_out = w * obs.mean_output_tokens + (1 - w) * self.mean_out
+            first = not self.mean_in  # the first window's means are taken whole
+            self.mean_in = ewma(None if first else self.mean_in, obs.mean_input_tokens, a)
+            self.mean_out = ewma(None if first else self.mean_out, obs.mean_output_tokens, a)
         # feedback: misses raise the planned load; meeting it comfortably lowers it again.
         # Not while settling after a scale-up or while the backlog shrinks: those misses are
         # already being answered.
         self.missed = False
         self.last_obs = {
-            "ttft_p": _percentile(obs.ttft_s, cfg.ttft_percentile),
-            "itl_p": _percentile(obs.tpot_s, cfg.ttft_percentile),
+            "ttft_p": quantile(obs.ttft_s, cfg.ttft_percentile, "rank"),
+            "itl_p": quantile(obs.tpot_s, cfg.ttft_percentile, "rank"),
         }
         # a backlog that shrinks means the capacity suffices: its misses are old work
         draining = obs.waiting_prefill_tokens < 0.9 * self.prev_waiting
@@ -499,13 +499,6 @@ class Planner:
             ),
         )
         return ranked[:n]
-
-
-def _percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    ys = sorted(xs)
-    return ys[min(len(ys) - 1, int(q * len(ys)))]
 
 
 def resize_actions(pools: dict[str, PoolState], pool: str, n: int) -> list[ScaleAction]:

@@ -25,13 +25,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
+from kvgrid.flags import flag
 from kvgrid.router.candidates import Candidate
 from kvgrid.router.workers import WorkerState
+from kvgrid.slo import DEFAULT_ITL_TARGET_S
 from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S, TransferModel
 
-MODES = ("auto", "always", "never")
+Mode = Literal["auto", "always", "never"]
+MODES = get_args(Mode)
+# DisaggConfig's fields a server takes as flags (the ITL and TTFT targets it shares with the
+# planner)
+DISAGG_FLAG_FIELDS = ("mode", "stall_s", "deadline_factor")
 REMOTE_REASONS = ("lowers_ttft", "protects_itl", "forced")
 LOCAL_REASONS = (
     "disabled",
@@ -47,15 +53,21 @@ LOCAL_REASONS = (
 
 @dataclass(frozen=True)
 class DisaggConfig:
-    mode: str = "auto"  # auto: decided per request; always: remote whenever possible; never
-    itl_target_s: float = 0.1
+    mode: Mode = field(default="auto", metadata=flag("disagg"))
+    """auto: per request, when it lowers the predicted time to first token or keeps the
+    decode worker's ITL within --itl-target (default); always: whenever a prefill worker
+    can; never"""
+    itl_target_s: float = DEFAULT_ITL_TARGET_S
     # protects_itl only where remote prefill stays within this (None: within 1.5x local)
     ttft_target_s: float | None = None
     min_blocks: int = 2  # fewer blocks to move than this: never worth a transfer
     min_gain: float = 0.1  # remote must be this fraction faster than local
-    deadline_factor: float = 3.0  # a transfer's deadline: this x its predicted end, plus
+    deadline_factor: float = field(default=3.0, metadata=flag("transfer-deadline-factor"))
+    """a transfer's deadline: this times its predicted end, plus 2 s"""
     deadline_slack_s: float = 2.0
-    stall_s: float = 5.0  # no block and no sign of progress this long: recompute the rest
+    stall_s: float = field(default=5.0, metadata=flag("transfer-stall-s"))
+    """a transfer with no block and no sign of progress this long is given up, and the
+    decode worker recomputes what is missing"""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -45,13 +45,11 @@ from urllib.parse import urlsplit
 import zmq
 from zmq.utils import z85
 
+from kvgrid import envs
 from kvgrid.secretfile import write_secret_file
 
 log = logging.getLogger(__name__)
 
-ENV_KEY = "KVGRID_CONTROL_KEY"
-ENV_KEY_FILE = "KVGRID_CONTROL_KEY_FILE"
-ENV_ADMIN = "KVGRID_ADMIN_TOKEN"
 NONCE_HEADER = "x-kvgrid-nonce"
 
 _CLUSTER = "kvgrid-cluster-v1"
@@ -237,7 +235,7 @@ def _bearer(authorization: str | None) -> str | None:
 def load_control_key(path: str | os.PathLike | None = None) -> ControlKey | None:
     """The control key from ``path``, else $KVGRID_CONTROL_KEY_FILE, else $KVGRID_CONTROL_KEY;
     None when none is configured."""
-    path = path or os.environ.get(ENV_KEY_FILE)
+    path = path or envs.KVGRID_CONTROL_KEY_FILE.get()
     if path:
         p = Path(path)
         try:
@@ -248,8 +246,8 @@ def load_control_key(path: str | os.PathLike | None = None) -> ControlKey | None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise CredentialError(f"control key file {p} is readable by others; chmod 600 it")
         return ControlKey.loads(text)
-    if os.environ.get(ENV_KEY):
-        return ControlKey.loads(os.environ[ENV_KEY])
+    if envs.KVGRID_CONTROL_KEY.is_set():
+        return ControlKey.loads(envs.KVGRID_CONTROL_KEY.get())
     return None
 
 
@@ -297,7 +295,7 @@ def require_router(app, key: ControlKey | None, worker_id: str, open_paths=("/he
 
 
 def admin_token() -> str | None:
-    return os.environ.get(ENV_ADMIN) or None
+    return envs.KVGRID_ADMIN_TOKEN.get()
 
 
 def check_admin(authorization: str | None) -> bool:
@@ -333,9 +331,6 @@ def url_host(url: str) -> str:
 
 
 __all__ = [
-    "ENV_ADMIN",
-    "ENV_KEY",
-    "ENV_KEY_FILE",
     "NONCE_HEADER",
     "ControlKey",
     "CredentialError",

@@ -17,8 +17,12 @@ def _control_key_arg(p: argparse.ArgumentParser, who: str) -> None:
 
 
 def _frontend_args(p: argparse.ArgumentParser) -> None:
+    from kvgrid.flags import add_dataclass_args
+    from kvgrid.router.disagg import DISAGG_FLAG_FIELDS, DisaggConfig
     from kvgrid.router.policies import DEFAULT_POLICY, POLICIES
+    from kvgrid.server.config import FrontendConfig
     from kvgrid.server.tool_parsers import PARSERS
+    from kvgrid.slo import DEFAULT_ITL_TARGET_S, DEFAULT_TTFT_PERCENTILE, DEFAULT_TTFT_TARGET_S
 
     g = p.add_argument_group("frontend")
     g.add_argument(
@@ -58,71 +62,25 @@ def _frontend_args(p: argparse.ArgumentParser) -> None:
         help="requests in flight across all workers; more wait in a fair queue",
     )
     g.add_argument("--served-model-name", default=None)
-    g.add_argument(
-        "--max-migrations",
-        type=int,
-        default=3,
-        help="times a request may move to another worker when its worker is lost "
-        "(0: never; it then ends with an error)",
-    )
-    g.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=15.0,
-        help="seconds a worker may stay silent on a request before it is probed; one that "
-        "does not answer is lost and its requests move",
-    )
-    g.add_argument(
-        "--worker-wait",
-        type=float,
-        default=0.0,
-        help="seconds a request that finds no worker up waits for one (starting, "
-        "restarting, rejoining a restarted router) before a 503 (default: none)",
-    )
-    g.add_argument(
-        "--queue-timeout",
-        type=float,
-        default=600.0,
-        help="longest wait for an admission slot before a 503",
-    )
+    add_dataclass_args(g, FrontendConfig)
     g.add_argument(
         "--tool-call-parser",
-        default="auto",
+        default=FrontendConfig.tool_call_parser,
         choices=list(PARSERS),
         help="format of the model's tool calls (auto: from its tokenizer; hermes otherwise)",
     )
     g.add_argument(
-        "--log-decisions",
-        action="store_true",
-        help="log every routing decision with each candidate's numbers",
+        "--ttft-target",
+        type=float,
+        default=DEFAULT_TTFT_TARGET_S,
+        help=f"seconds, at p{round(DEFAULT_TTFT_PERCENTILE * 100)}",
     )
-    g.add_argument("--ttft-target", type=float, default=3.0, help="seconds, at p95")
-    g.add_argument("--itl-target", type=float, default=0.1, help="seconds")
+    g.add_argument("--itl-target", type=float, default=DEFAULT_ITL_TARGET_S, help="seconds")
     g = p.add_argument_group(
         "disaggregation",
         "prefill on another worker that streams the KV to the one that decodes",
     )
-    g.add_argument(
-        "--disagg",
-        default="auto",
-        choices=["auto", "always", "never"],
-        help="auto: per request, when it lowers the predicted time to first token or keeps "
-        "the decode worker's ITL within --itl-target (default); always: whenever a prefill "
-        "worker can; never",
-    )
-    g.add_argument(
-        "--transfer-stall-s",
-        type=float,
-        default=5.0,
-        help="a transfer with no block and no sign of progress this long is given up, and "
-        "the decode worker recomputes what is missing",
-    )
-    g.add_argument(
-        "--transfer-deadline-factor",
-        type=float,
-        default=3.0,
-        help="a transfer's deadline: this times its predicted end, plus 2 s",
-    )
+    add_dataclass_args(g, DisaggConfig, DISAGG_FLAG_FIELDS)
 
 
 def _autoscale_args(p: argparse.ArgumentParser) -> None:

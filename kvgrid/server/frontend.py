@@ -27,20 +27,22 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from kvgrid import envs
 from kvgrid.engine.sampling_params import SamplingParams
 from kvgrid.router.decision import Decision
 from kvgrid.router.disagg import DisaggConfig
+from kvgrid.router.policies import DEFAULT_POLICY
 from kvgrid.router.router import NoWorkerError, Router, RouteRequest
 from kvgrid.server import auth, relay
+from kvgrid.server.config import FrontendConfig
 from kvgrid.server.disagg import remote_spec, start_prefill
 from kvgrid.server.links import FleetLink
 from kvgrid.server.metrics import FrontendMetrics
@@ -61,26 +63,6 @@ from kvgrid.server.tool_parsers import get_parser
 
 log = logging.getLogger(__name__)
 decision_log = logging.getLogger("kvgrid.router.decisions")
-
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-@dataclass
-class FrontendConfig:
-    model_name: str = DEFAULT_MODEL_NAME
-    tokenizer: Any = None  # kvgrid.models.tokenizer.Tokenizer, None: token-id prompts only
-    max_retries: int = 2  # other workers tried when one cannot take a request
-    log_decisions: bool = False
-    public: bool = False  # bound beyond loopback: operator views need the admin token
-    scope_id: str = ""  # fingerprint of the server secret (tenants.scope_id)
-    # a request whose worker is lost resumes on another at most this often (0: never)
-    max_migrations: int = 3
-    stall_s: float = 15.0  # a worker silent this long on a request is probed (/health)
-    probe_s: float = 3.0  # ... and lost if the probe gets no answer in this time
-    stall_check_s: float = 0.5  # how often a waiting request looks at its worker
-    worker_wait_s: float = 0.0  # with no worker up, a request waits this long for one
-    queue_timeout_s: float = 600.0  # the longest wait for an admission slot (then 503)
-    tool_call_parser: str = "auto"  # kvgrid.server.tool_parsers.PARSERS
 
 
 class Frontend:
@@ -136,7 +118,8 @@ class Frontend:
             return
         if auth.admin_token():
             raise APIError(401, f"{what} needs 'Authorization: Bearer <admin token>'")
-        raise APIError(403, f"{what} needs the admin token: set {auth.ENV_ADMIN} on the server")
+        need = envs.KVGRID_ADMIN_TOKEN.name
+        raise APIError(403, f"{what} needs the admin token: set {need} on the server")
 
     def shared_prefix_tokens(self, tenant: Tenant, tokens: list[int]) -> int:
         """Leading tokens of ``tokens`` inside a configured shared prefix (0: none): the
@@ -388,23 +371,18 @@ def build_frontend(
     load_format: str = "auto",
     served_model_name: str | None = None,
     worker_urls: list[str] = (),
-    policy: str = "ttft",
+    policy: str = DEFAULT_POLICY,
     api_keys_file: str | None = None,
     max_concurrent: int = 256,
     heartbeat_timeout_s: float = 10.0,
-    log_decisions: bool = False,
     disagg: DisaggConfig | None = None,
     control_key: auth.ControlKey | None = None,
     public: bool = False,
-    max_migrations: int = 3,
-    stall_s: float = 15.0,
-    queue_timeout_s: float = 600.0,
-    worker_wait_s: float = 0.0,
-    tool_call_parser: str = "auto",
+    **options: Any,
 ) -> Frontend:
     """The frontend for a model: its tokenizer, tenants, a router and the fleet link.
     ``control_key``: the cluster key workers are checked against (None: loopback workers
-    only); ``public``: bound beyond loopback."""
+    only); ``public``: bound beyond loopback; ``options``: more FrontendConfig fields."""
     from kvgrid.models.loader import load_tokenizer, resolve_model
     from kvgrid.server.tenants import load_server_secret, scope_id
 
@@ -414,7 +392,7 @@ def build_frontend(
         )
     spec = resolve_model(model, load_format)
     tokenizer = load_tokenizer(spec)
-    keys_configured = bool(api_keys_file or os.environ.get("KVGRID_API_KEYS"))
+    keys_configured = bool(api_keys_file or envs.KVGRID_API_KEYS.is_set())
     secret = load_server_secret()[0] if keys_configured else None
     tenants = TenantRegistry.from_config(api_keys_file, secret)
     if tenants.auth_required and control_key is None:
@@ -432,13 +410,8 @@ def build_frontend(
         FrontendConfig(
             served_model_name or spec.name,
             tokenizer,
-            log_decisions=log_decisions,
             public=public,
             scope_id=scope_id(secret),
-            max_migrations=max_migrations,
-            stall_s=stall_s,
-            queue_timeout_s=queue_timeout_s,
-            worker_wait_s=worker_wait_s,
-            tool_call_parser=tool_call_parser,
+            **options,
         ),
     )

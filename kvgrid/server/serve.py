@@ -23,9 +23,8 @@ import sys
 import threading
 import time
 
+from kvgrid import envs
 from kvgrid.server.auth import (
-    ENV_KEY,
-    ENV_KEY_FILE,
     ControlKey,
     CredentialError,
     is_loopback_host,
@@ -44,32 +43,39 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _engine_flags() -> list[tuple[str, str, bool]]:
-    """(dest, flag, is_switch) of every engine and store flag, read off the parser itself so
-    that a new engine flag reaches the workers without being listed twice."""
+def _engine_flags() -> list[argparse.Action]:
+    """Every engine and store flag, read off the parser itself so that a new engine flag
+    reaches the workers without being listed twice."""
     from kvgrid.engine.args import add_engine_args
 
     p = argparse.ArgumentParser(add_help=False)
     add_engine_args(p)
-    return [
-        (a.dest, a.option_strings[0], isinstance(a, argparse._StoreTrueAction))
-        for a in p._actions
-        if a.option_strings
-    ]
+    return [a for a in p._actions if a.option_strings]
+
+
+def _flag_argv(action: argparse.Action, value) -> list[str]:
+    """The arguments that give ``action``'s flag ``value`` (none for None)."""
+    if value is None:
+        return []
+    if isinstance(action, argparse.BooleanOptionalAction):  # ["--x", "--no-x"]
+        return [action.option_strings[0 if value else 1]]
+    if isinstance(action, argparse._StoreTrueAction):
+        return [action.option_strings[0]] if value else []
+    return [action.option_strings[0], str(value)]
 
 
 # flags whose values may hold secrets: passed to workers in the environment, not argv
-SECRET_FLAGS = {"kv_store_redis": "KVGRID_KV_STORE_REDIS"}
+SECRET_FLAGS = {"kv_store_redis": envs.KVGRID_KV_STORE_REDIS.name}
 
 
 def worker_env(args: argparse.Namespace, worker_id: str, key: ControlKey | None) -> dict[str, str]:
     """The environment of a worker process: this one's, plus its worker key and the
     secret-bearing flags; a cluster key of ours is not passed on."""
     env = dict(os.environ)
-    for var in (ENV_KEY, ENV_KEY_FILE):
+    for var in (envs.KVGRID_CONTROL_KEY.name, envs.KVGRID_CONTROL_KEY_FILE.name):
         env.pop(var, None)
     if key is not None:
-        env[ENV_KEY] = key.for_worker(worker_id).dumps()
+        env[envs.KVGRID_CONTROL_KEY.name] = key.for_worker(worker_id).dumps()
     for dest, var in SECRET_FLAGS.items():
         v = getattr(args, dest, None)
         if v is not None:
@@ -103,17 +109,13 @@ def worker_argv(
         argv += ["--device-group", args.device_group]
     if getattr(args, "served_model_name", None):
         argv += ["--served-model-name", args.served_model_name]
-    for dest, flag, switch in _engine_flags():
-        if dest in SECRET_FLAGS:
+    for action in _engine_flags():
+        if action.dest in SECRET_FLAGS:
             continue
-        v = getattr(args, dest, None)
-        if dest == "kv_store_dir" and v is not None:
+        v = getattr(args, action.dest, None)
+        if action.dest == "kv_store_dir" and v is not None:
             v = os.path.join(v, worker_id)  # one G3 folder per worker: one owner per capacity
-        if switch:
-            if v:
-                argv.append(flag)
-        elif v is not None:
-            argv += [flag, str(v)]
+        argv += _flag_argv(action, v)
     return argv
 
 
@@ -266,14 +268,14 @@ def pool_bounds(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
 
 def _setup_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("KVGRID_LOG", "INFO"),
+        level=envs.KVGRID_LOG.get(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _default_host(args: argparse.Namespace) -> str:
-    keys_set = bool(args.api_keys or os.environ.get("KVGRID_API_KEYS"))
+    keys_set = bool(args.api_keys or envs.KVGRID_API_KEYS.is_set())
     return args.host or ("0.0.0.0" if keys_set else "127.0.0.1")
 
 
@@ -291,7 +293,7 @@ def _bind_host(args: argparse.Namespace, auth_required: bool) -> str:
 def frontend_host(args: argparse.Namespace) -> str:
     """The frontend's address as the flags and API keys give it; ValueError when binding it
     beyond loopback is not safe."""
-    return _bind_host(args, bool(args.api_keys or os.environ.get("KVGRID_API_KEYS")))
+    return _bind_host(args, bool(args.api_keys or envs.KVGRID_API_KEYS.is_set()))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -474,7 +476,8 @@ def run_router(args: argparse.Namespace) -> int:
     if key is None and not is_loopback_host(host):
         print(
             f"error: binding {host} needs a control key (--control-key-file, or "
-            f"{ENV_KEY} / {ENV_KEY_FILE}; `kvgrid control-key new` makes one): without it the "
+            f"{envs.KVGRID_CONTROL_KEY.name} / {envs.KVGRID_CONTROL_KEY_FILE.name}; "
+            "`kvgrid control-key new` makes one): without it the "
             "router cannot tell its workers from anyone else",
             file=sys.stderr,
         )
@@ -490,7 +493,9 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
     """The router's frontend from the command's flags, with its bind address checked
     (``fe.bind_host``); ValueError or OSError if the model, the keys file or the address
     cannot be used."""
-    from kvgrid.router.disagg import DisaggConfig
+    from kvgrid.flags import dataclass_from_args, dataclass_kwargs
+    from kvgrid.router.disagg import DISAGG_FLAG_FIELDS, DisaggConfig
+    from kvgrid.server.config import FrontendConfig
     from kvgrid.server.frontend import build_frontend
 
     host = frontend_host(args)  # before loading anything: fail fast
@@ -503,21 +508,17 @@ def frontend_from_args(args: argparse.Namespace, workers: list[str], key):
         args.api_keys,
         args.max_concurrent,
         heartbeat_timeout_s=args.heartbeat_timeout,
-        log_decisions=args.log_decisions,
-        disagg=DisaggConfig(
-            mode=args.disagg,
+        disagg=dataclass_from_args(
+            DisaggConfig,
+            args,
+            DISAGG_FLAG_FIELDS,
             itl_target_s=args.itl_target,
             ttft_target_s=args.ttft_target,
-            stall_s=args.transfer_stall_s,
-            deadline_factor=args.transfer_deadline_factor,
         ),
         control_key=key,
         public=not is_loopback_host(host),
-        max_migrations=getattr(args, "max_migrations", 3),
-        stall_s=getattr(args, "stall_timeout", 15.0),
-        queue_timeout_s=getattr(args, "queue_timeout", 600.0),
-        worker_wait_s=getattr(args, "worker_wait", 0.0),
-        tool_call_parser=getattr(args, "tool_call_parser", "auto"),
+        tool_call_parser=args.tool_call_parser,
+        **dataclass_kwargs(FrontendConfig, args),
     )
     fe.bind_host = _bind_host(args, fe.tenants.auth_required)
     return fe

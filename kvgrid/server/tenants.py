@@ -26,20 +26,18 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import tomllib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvgrid import keys
+from kvgrid import envs, keys
 from kvgrid.secretfile import write_secret_file
 
 log = logging.getLogger(__name__)
 
 LOCAL_TENANT = "local"
-SECRET_ENV = "KVGRID_SERVER_SECRET"
 
 
 @dataclass(frozen=True)
@@ -124,8 +122,8 @@ class TenantRegistry:
             p = Path(path)
             text = p.read_text()
             data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-        elif os.environ.get("KVGRID_API_KEYS"):
-            raw = os.environ["KVGRID_API_KEYS"].strip()
+        elif envs.KVGRID_API_KEYS.is_set():
+            raw = envs.KVGRID_API_KEYS.get().strip()
             if raw.startswith("{"):
                 data = json.loads(raw)
             else:
@@ -153,11 +151,11 @@ def load_server_secret(path: str | Path | None = None) -> tuple[bytes, str]:
     KVGRID_SERVER_SECRET, else a file created once (0600) so that scopes, and so stored
     blocks, survive restarts. Every router in front of the same workers needs the same one:
     a generated file is this machine's alone, and the log says where it is."""
-    env = os.environ.get(SECRET_ENV)
+    env = envs.KVGRID_SERVER_SECRET.get()
     if env:
-        return env.encode(), SECRET_ENV
+        return env.encode(), envs.KVGRID_SERVER_SECRET.name
     if path is None:
-        base = Path(os.environ.get("KVGRID_HOME") or Path.home() / ".cache" / "kvgrid")
+        base = envs.KVGRID_HOME.get() or Path.home() / ".cache" / "kvgrid"
         path = base / "server_secret"
     p = Path(path)
     if not p.exists() and write_secret_file(p, secrets.token_hex(32)):
@@ -165,7 +163,7 @@ def load_server_secret(path: str | Path | None = None) -> tuple[bytes, str]:
             "generated the server secret in %s (tenant scopes derive from it); every router "
             "of this fleet needs the same one: copy it or set %s",
             p,
-            SECRET_ENV,
+            envs.KVGRID_SERVER_SECRET.name,
         )
     else:
         log.info("server secret from %s", p)

@@ -7,10 +7,10 @@ and ``clear --yes`` are the commands that change a store."""
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
+from kvgrid import envs
 from kvgrid.store.config import StoreConfig, default_store_dir
 
 
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 
 def _open(args, with_keys: bool, read_only: bool):
-    from kvgrid.store.crypto import ENV_VAR, load_keyring
+    from kvgrid.store.crypto import load_keyring
     from kvgrid.store.store import ContextStore
 
     g3 = args.dir or (None if (args.g4_dir or args.redis) else str(default_store_dir() / "g3"))
@@ -64,7 +64,7 @@ def _open(args, with_keys: bool, read_only: bool):
     store = ContextStore(cfg, read_only=read_only)
     if with_keys:
         default_key = default_store_dir() / "master.key"
-        if args.master_key_file or os.environ.get(ENV_VAR) or default_key.exists():
+        if args.master_key_file or envs.KVGRID_MASTER_KEY.is_set() or default_key.exists():
             store.keyring = load_keyring(args.master_key_file)
     return store
 

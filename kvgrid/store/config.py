@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
+from kvgrid import envs
+from kvgrid.flags import flag
 from kvgrid.models.default import kvgrid_home
 
 GiB = 1 << 30
+Codec = Literal["zstd", "zlib", "none", "int8"]
 
 
 def default_store_dir() -> Path:
     """Where the embedded default keeps G3 and its local master key: $KVGRID_STORE_DIR, else
     the store folder of kvgrid's cache root."""
-    if os.environ.get("KVGRID_STORE_DIR"):
-        return Path(os.environ["KVGRID_STORE_DIR"]).expanduser()
-    return kvgrid_home() / "store"
+    return envs.KVGRID_STORE_DIR.get() or kvgrid_home() / "store"
 
 
 @dataclass
@@ -29,15 +30,23 @@ class TenantPolicy:
 
 @dataclass
 class StoreConfig:
-    # G2: host memory (pinned where CUDA is available). 0 disables it.
-    g2_bytes: int = 2 * GiB
-    # G3: a local directory. None disables it.
-    g3_dir: str | Path | None = None
-    g3_bytes: int = 20 * GiB
+    g2_bytes: int = field(default=2 * GiB, metadata=flag("kv-store-host-gb", scale=GiB))
+    """G2 host memory (pinned where CUDA is available); 0: no G2"""
+    g3_dir: str | Path | None = field(default=None, metadata=flag("kv-store-dir"))
+    """G3 local-disk directory (default: <store dir>/g3/<worker id>; the store dir is
+    $KVGRID_STORE_DIR or $KVGRID_HOME/store)"""
+    g3_bytes: int = field(default=20 * GiB, metadata=flag("kv-store-disk-gb", scale=GiB))
+    """G3 size; 0: no G3"""
     # G4: a shared tier, either a POSIX directory (NFS, Lustre...) or a Redis/Valkey URL.
-    g4_dir: str | Path | None = None
-    g4_redis: str | None = field(default=None, repr=False)  # may hold a password
-    g4_bytes: int = 100 * GiB
+    g4_dir: str | Path | None = field(default=None, metadata=flag("kv-store-shared-dir"))
+    """G4 on a shared filesystem path"""
+    g4_redis: str | None = field(
+        default=None, repr=False, metadata=flag("kv-store-redis", metavar="URL")
+    )
+    """G4 on Redis/Valkey: redis://[user:password@]host:port/db or rediss:// (TLS); better
+    in env KVGRID_KV_STORE_REDIS, since a command line is visible to every user"""
+    g4_bytes: int = field(default=100 * GiB, metadata=flag("kv-store-shared-gb", scale=GiB))
+    """G4 size"""
     g4_prefix: str = "kvgrid:"
     # Watermarks (fractions of capacity): above `high` a write first evicts down to `low`.
     high_watermark: float = 0.95
@@ -48,15 +57,17 @@ class StoreConfig:
     # the disks is bounded by their bandwidth, best reuse prospects first (writedown.py);
     # 2 for G3/G4 spares an SSD the blocks nobody has asked for again.
     admit_after: dict[str, int] = field(default_factory=lambda: {"G2": 1, "G3": 1, "G4": 1})
-    # Payload codec: "zstd" (lossless, default), "zlib", "none", or "int8" (lossy, per
-    # channel, used only where a block's round-trip relative error <= lossy_max_rel_error,
-    # otherwise that block is stored lossless).
-    codec: str = "zstd"
+    codec: Codec = field(default="zstd", metadata=flag("kv-store-codec"))
+    """payload codec: zstd (lossless), zlib, none, or int8 (lossy, per channel, used only
+    where a block's round-trip relative error is within lossy_max_rel_error, otherwise that
+    block is stored lossless)"""
     compression_level: int = 1
     lossy_max_rel_error: float = 0.01
     # AES-256-GCM of objects leaving the process (G3/G4). Off only for benchmarks.
     encrypt: bool = True
-    master_key_file: str | Path | None = None
+    master_key_file: str | Path | None = field(default=None, metadata=flag("kv-master-key-file"))
+    """master key for stored KV (or env KVGRID_MASTER_KEY; default: a local key generated
+    once, mode 0600, in the store dir)"""
     model_fingerprint: str = ""
     # Writes to G3/G4 (the write-down), ranked by reuse prospects: what G2 holds waits
     # there; at most io_queue blocks with a host copy of their own wait or are written, a
@@ -114,7 +125,7 @@ class StoreConfig:
             raise ValueError("watermarks need 0 < low_watermark <= high_watermark <= 1")
         if self.g4_dir and self.g4_redis:
             raise ValueError("G4 takes one backend: g4_dir or g4_redis, not both")
-        if self.codec not in ("zstd", "zlib", "none", "int8"):
+        if self.codec not in get_args(Codec):
             raise ValueError(f"unknown codec {self.codec!r}: zstd, zlib, none or int8")
         if self.g2_wait_s < 0 or self.g2_spare_s < 0:
             raise ValueError("g2_wait_s and g2_spare_s must be >= 0")

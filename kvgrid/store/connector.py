@@ -43,6 +43,7 @@ from collections import defaultdict
 import torch
 
 from kvgrid.events import KVEvent
+from kvgrid.stats import ewma
 from kvgrid.store.landing import LayerLanding, land_layers
 from kvgrid.store.load_plan import LoadDeadline, LoadPlan, plan_blocks
 from kvgrid.store.probe import probe_tier
@@ -219,7 +220,7 @@ class StoreConnector:
 
     def observe_load_start(self, seconds: float) -> None:
         """A split's load started ``seconds`` after it was submitted (called by the loader)."""
-        self.load_start_s = 0.5 * self.load_start_s + 0.5 * seconds
+        self.load_start_s = ewma(self.load_start_s, seconds, 0.5)
 
     @_engine_timed("note_admitted")
     def note_admitted(self, keys: list[bytes]) -> None:

@@ -11,7 +11,6 @@ with that tenant's key even if two objects were swapped on disk.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import stat
 import struct
@@ -21,10 +20,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from kvgrid import envs
 from kvgrid.secretfile import write_secret_file
 from kvgrid.store.aead import AEAD, make_aead
 
-ENV_VAR = "KVGRID_MASTER_KEY"
 _INFO = b"kvgrid-store-tenant-key-v1"
 
 
@@ -116,8 +115,8 @@ def load_keyring(
     default file under ``default_dir`` (generated on first use)."""
     if master_key_file:
         return KeyRing.from_file(master_key_file)
-    if os.environ.get(ENV_VAR):
-        return KeyRing(parse_keys(os.environ[ENV_VAR]))
+    if envs.KVGRID_MASTER_KEY.is_set():
+        return KeyRing(parse_keys(envs.KVGRID_MASTER_KEY.get()))
     if default_dir is None:
         from kvgrid.store.config import default_store_dir
 

@@ -21,7 +21,6 @@ The URL is never logged as given: ``url`` is the form without the password.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -30,6 +29,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from kvgrid import envs
 from kvgrid.store.tier import ObjectInfo, ObjectTier, PutResult, ReadBuffer
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,6 @@ def _member(tid: bytes, key: bytes) -> str:
     return f"{tid.hex()}:{key.hex()}"
 
 
-PASSWORD_ENV = "KVGRID_REDIS_PASSWORD"
-
-
 def redact_url(url: str) -> str:
     """``url`` without its password (user names stay: they say which ACL user)."""
     parts = urlsplit(url)
@@ -142,8 +139,8 @@ class RedisTier(ObjectTier):
         self.capacity, self.name, self.prefix = int(capacity), name, prefix
         self.high, self.low = high, low
         extra = {}
-        if urlsplit(url).password is None and os.environ.get(PASSWORD_ENV):
-            extra["password"] = os.environ[PASSWORD_ENV]
+        if urlsplit(url).password is None and envs.KVGRID_REDIS_PASSWORD.is_set():
+            extra["password"] = envs.KVGRID_REDIS_PASSWORD.get()
         self.client = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,

@@ -22,6 +22,7 @@ import torch
 
 from kvgrid import keys as kvkeys
 from kvgrid.events import AllCleared, BlockRemoved, KVEvent
+from kvgrid.stats import ewma
 from kvgrid.store.config import StoreConfig, TenantPolicy, default_store_dir
 from kvgrid.store.crypto import KeyRing, MasterKeyError, load_keyring
 from kvgrid.store.disk_tier import DiskTier
@@ -229,8 +230,7 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
         if seconds <= 0:
             return
         rate = nbytes / seconds
-        old = self.bandwidth.get(tier)
-        self.bandwidth[tier] = rate if old is None else (1 - _EWMA) * old + _EWMA * rate
+        self.bandwidth[tier] = ewma(self.bandwidth.get(tier), rate, _EWMA)
         self.metrics.bandwidth.labels(tier=tier).set(self.bandwidth[tier])
 
     def configure_blocks(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:

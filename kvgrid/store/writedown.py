@@ -43,6 +43,7 @@ import torch
 
 from kvgrid import keys as kvkeys
 from kvgrid.events import BlockStored
+from kvgrid.stats import ewma
 from kvgrid.store.host_pool import FILLING, Slot
 from kvgrid.store.metrics import tenant_label
 from kvgrid.store.object import encode_object, max_object_len
@@ -364,8 +365,7 @@ class WriteDown(WorkerThreads):
     def observe_write(self, tier: str, nbytes: int, seconds: float) -> None:
         """One writer put ``nbytes`` into ``tier`` in ``seconds`` (moving average)."""
         rate = nbytes / max(seconds, 1e-9)
-        old = self.write_rate.get(tier)
-        self.write_rate[tier] = rate if old is None else 0.8 * old + 0.2 * rate
+        self.write_rate[tier] = ewma(self.write_rate.get(tier), rate, 0.2)
 
     def settle(self, timeout_s: float = 120.0) -> int:
         """At shutdown: G2's blocks that no lower tier holds go down, the best prospects

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from kvgrid.stats import ewma
 from kvgrid.store.host_pool import Slot
 from kvgrid.store.object import max_object_len
 from kvgrid.store.store import ContextStore
@@ -451,11 +452,8 @@ class KVReceiver:
         of such short and long gaps would overstate the stream."""
         if seconds <= 0:
             return
-        if self._gap is None:
-            self._gap = (float(nbytes), seconds)
-        else:
-            b, t = self._gap
-            self._gap = ((1 - _EWMA) * b + _EWMA * nbytes, (1 - _EWMA) * t + _EWMA * seconds)
+        b, t = self._gap or (None, None)
+        self._gap = (ewma(b, float(nbytes), _EWMA), ewma(t, seconds, _EWMA))
         self.bytes_per_s = self._gap[0] / self._gap[1]
         self.metrics.bandwidth.set(self.bytes_per_s)
 

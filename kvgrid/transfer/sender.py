@@ -32,6 +32,7 @@ import torch
 
 from kvgrid import keys as kvkeys
 from kvgrid.engine.block_manager import EvictedBlock
+from kvgrid.stats import ewma
 from kvgrid.store.object import max_object_len, tenant_id
 from kvgrid.store.transfer import wait_ready
 from kvgrid.transfer import auth, wire
@@ -430,8 +431,7 @@ class KVSender:
         t.done.set_result(summary)
 
     def _observe_setup(self, seconds: float) -> None:
-        old = self.setup_s
-        self.setup_s = seconds if old is None else (1 - _EWMA) * old + _EWMA * seconds
+        self.setup_s = ewma(self.setup_s, seconds, _EWMA)
 
 
 def _peer_spoke(sock: socket.socket) -> bool:

@@ -38,9 +38,11 @@ from kvgrid.bench.sim.worker import PREFILL, SimRequest, SimWorker
 from kvgrid.bench.workloads import Workload
 from kvgrid.planner.calibration import Calibration, load_calibration
 from kvgrid.planner.planner import ObservationWindow, PoolState, ReplicaView
+from kvgrid.router.policies import DEFAULT_POLICY
 from kvgrid.router.router import Router, RouteRequest
 from kvgrid.router.sites import Site
 from kvgrid.router.workers import WorkerInfo, WorkerLoad
+from kvgrid.stats import percentile
 from kvgrid.transfer.model import DEFAULT_LAND_BYTES_PER_S, TransferModel
 
 SIM_SCOPE = kvkeys.KVScope("sim:llama3-8b", "bfloat16")
@@ -50,7 +52,7 @@ _WAKE, _DELIVER, _HANDOFF, _READY, _TICK = range(5)
 @dataclass
 class SimConfig:
     num_workers: int = 16
-    policy: str = "ttft"
+    policy: str = DEFAULT_POLICY
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None
     disagg: bool = False
@@ -448,10 +450,6 @@ class Fleet:
         routed = np.array([w.routed for w in self.workers if w.role != "decode"], dtype=float)
         busy = np.array([w.busy_s for w in self.workers if w.role != "decode"], dtype=float)
 
-        def pct(a: np.ndarray, p: float) -> float | None:
-            a = a[~np.isnan(a)]
-            return float(np.percentile(a, p)) if a.size else None
-
         gpu_h = cost = energy_j = 0.0
         for w in self.workers:
             stop = w.stopped_at if w.stopped_at is not None else end
@@ -481,12 +479,12 @@ class Fleet:
             "wall_s": self.wall_s,
             "events": self.events,
             "hit_rate": float(self.cached[m].sum() / max(1, ins[m].sum())),
-            "ttft_p50_s": pct(ttft, 50),
-            "ttft_p90_s": pct(ttft, 90),
-            "ttft_p99_s": pct(ttft, 99),
-            "tpot_p50_s": pct(tpot, 50),
-            "tpot_p99_s": pct(tpot, 99),
-            "e2e_p50_s": pct(self.e2e[m], 50),
+            "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p90_s": percentile(ttft, 90),
+            "ttft_p99_s": percentile(ttft, 99),
+            "tpot_p50_s": percentile(tpot, 50),
+            "tpot_p99_s": percentile(tpot, 99),
+            "e2e_p50_s": percentile(self.e2e[m], 50),
             "goodput_fraction": float(good.mean()) if good.size else 0.0,
             "goodput_rps": float(good.sum() / span),
             "output_tokens_per_s": out_tok / span,

@@ -26,6 +26,7 @@ from collections import OrderedDict, deque
 
 from kvgrid.events import BlockRemoved, BlockStored, EventBatch
 from kvgrid.planner.calibration import Calibration
+from kvgrid.stats import ewma
 
 IDLE, PREFILL, DECODE = 0, 1, 2
 EPS = 1e-9
@@ -394,7 +395,7 @@ class SimWorker:
             self.phase_rate = 0.0
         if tokens:
             measured = tokens / max(compute, 1e-9)
-            self.prefill_tps = 0.8 * self.prefill_tps + 0.2 * measured
+            self.prefill_tps = ewma(self.prefill_tps, measured, 0.2)
         self.batch = batch
         self.phase_tokens = tokens
         self.phase_end = now + dur

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from kvgrid import envs
 from kvgrid.server.ray import secrets
 from kvgrid.server.ray.http import HTTPThread, bind
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def setup_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("KVGRID_LOG", "INFO"),
+        level=envs.KVGRID_LOG.get(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)

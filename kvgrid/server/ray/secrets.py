@@ -22,20 +22,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvgrid.server.auth import ENV_KEY, ENV_KEY_FILE, ControlKey, CredentialError, load_control_key
+from kvgrid import envs
+from kvgrid.server.auth import ControlKey, CredentialError, load_control_key
 from kvgrid.server.serve import SECRET_FLAGS
-from kvgrid.server.tenants import SECRET_ENV, load_server_secret
-from kvgrid.store.crypto import ENV_VAR as MASTER_KEY_ENV
-from kvgrid.store.redis_tier import PASSWORD_ENV as REDIS_PASSWORD_ENV
+from kvgrid.server.tenants import load_server_secret
 
 # read by the frontend (tenants, admin endpoints) from its environment
-FRONTEND_ENV = ("KVGRID_API_KEYS", "KVGRID_ADMIN_TOKEN")
-SHARED_ENV = ("KVGRID_LOG",)
+FRONTEND_ENV = (envs.KVGRID_API_KEYS.name, envs.KVGRID_ADMIN_TOKEN.name)
+SHARED_ENV = (envs.KVGRID_LOG.name,)
 # flags that name files on the driver's node only, or hold secrets: never sent as flags
 _DRIVER_ONLY = ("control_key_file", "kv_master_key_file", *SECRET_FLAGS)
 # every variable that may hold a secret: an actor's environment has only those of its part
-_SECRET_ENV = (ENV_KEY, ENV_KEY_FILE, SECRET_ENV, MASTER_KEY_ENV, REDIS_PASSWORD_ENV,
-               *SECRET_FLAGS.values(), *FRONTEND_ENV)  # fmt: skip
+_SECRET_ENV = tuple(name for name, var in envs.ALL.items() if var.secret)
 
 
 @dataclass(frozen=True, repr=False)
@@ -75,7 +73,7 @@ class ClusterSecrets:
             )
         pick = lambda names: {k: os.environ[k] for k in names if os.environ.get(k)}
         secret = None
-        if getattr(args, "api_keys", None) or os.environ.get("KVGRID_API_KEYS"):
+        if getattr(args, "api_keys", None) or envs.KVGRID_API_KEYS.is_set():
             secret = load_server_secret()[0].decode()
         ring = None
         if not getattr(args, "no_kv_store", False):
@@ -83,7 +81,7 @@ class ClusterSecrets:
 
             keys = load_keyring(getattr(args, "kv_master_key_file", None))
             ring = ",".join(f"{i}:{k.hex()}" for i, k in sorted(keys.masters.items()))
-        store = pick([*SECRET_FLAGS.values(), REDIS_PASSWORD_ENV])
+        store = pick([*SECRET_FLAGS.values(), envs.KVGRID_REDIS_PASSWORD.name])
         for dest, var in SECRET_FLAGS.items():
             if getattr(args, dest, None):
                 store[var] = str(getattr(args, dest))
@@ -93,13 +91,13 @@ class ClusterSecrets:
         """The frontend actor's environment (its control key it is given as an object)."""
         env = {**self.shared_env, **self.frontend_env}
         if self.server_secret:
-            env[SECRET_ENV] = self.server_secret
+            env[envs.KVGRID_SERVER_SECRET.name] = self.server_secret
         return env
 
     def worker(self, worker_id: str) -> WorkerSecrets:
         env = {**self.shared_env, **self.store_env}
         if self.master_key:
-            env[MASTER_KEY_ENV] = self.master_key
+            env[envs.KVGRID_MASTER_KEY.name] = self.master_key
         return WorkerSecrets(self.control_key.for_worker(worker_id), env)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -19,6 +18,8 @@ from dataclasses import asdict
 from typing import Any
 
 import httpx
+
+from kvgrid import envs
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def run_serve_ray(args: argparse.Namespace) -> int:
     from ray.exceptions import RayError
 
     logging.basicConfig(
-        level=os.environ.get("KVGRID_LOG", "INFO"),
+        level=envs.KVGRID_LOG.get(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
