@@ -279,3 +279,45 @@ def test_a_load_behind_its_plan_is_cut_once_the_recomputed_part_is_done(
     else:  # cut at the stall deadline, (5 or 6) x 50 ms + 0.5 s, three blocks landed
         assert took > 0.7 and loaded >= 3 * BS, (took, loaded)
     store.close()
+
+
+class _Landing:
+    """A prefix still crossing to G1 (the device never says it has landed)."""
+
+    def landed(self) -> bool:
+        return False
+
+    def wait_all(self) -> None:
+        pass
+
+
+def test_a_landing_prefix_joins_a_prefill_step_and_waits_out_a_decode_step(tiny_model_dir):
+    """Requests whose prefixes are still landing are scheduled together in a step that only
+    prefills (one step for all of them, not one each as they land); a step that decodes
+    goes without them, so no decode row waits for a landing."""
+    from kvgrid import SamplingParams
+    from kvgrid.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(model=str(tiny_model_dir("llama")), block_size=BS, num_kv_blocks=40,
+                    max_num_batched_tokens=256)  # fmt: skip
+    params = SamplingParams(max_tokens=8, temperature=0)
+    eng.add_request("b", list(range(20, 60)), params)
+    eng.add_request("c", list(range(70, 110)), params)
+    sched = eng.scheduler
+    assert len(sched.schedule().scheduled) == 2  # admitted (not run: no step executes it)
+    for seq in sched.running:
+        seq.kv_landing = _Landing()
+    assert sorted(s.seq.request_id for s in sched.schedule().scheduled) == ["b", "c"]
+
+    eng = LLMEngine(model=str(tiny_model_dir("llama")), block_size=BS, num_kv_blocks=40,
+                    max_num_batched_tokens=256)  # fmt: skip
+    eng.add_request("a", list(range(10, 50)), params)
+    for _ in range(3):
+        eng.step()  # "a" decodes
+    eng.add_request("b", list(range(20, 60)), params)
+    sched = eng.scheduler
+    sched.schedule()  # admits "b" (and decodes "a")
+    landing = next(s for s in sched.running if s.request_id == "b")
+    landing.kv_landing = _Landing()
+    ran = {s.seq.request_id for s in sched.schedule().scheduled}
+    assert "a" in ran and "b" not in ran

@@ -135,7 +135,14 @@ class Scheduler:
             prefill_budget = budget
         else:
             prefill_budget = self._mixed_prefill_budget()
-        budget, prefill_budget = self._schedule_running(order, out, budget, prefill_budget)
+        # a prefix still landing in G1 holds its step's forward, layer by layer, until it
+        # has landed: it waits out of a step that decodes (every decode row would wait),
+        # and joins one that only prefills (they all wait for their first token anyway,
+        # and one step for all of them costs less than a step for each as it lands)
+        hold = any(not _prefilling(s) for s in order)
+        budget, prefill_budget = self._schedule_running(
+            order, out, budget, prefill_budget, hold_landing=hold
+        )
         if not out.preempted:
             self._admit(out, min(budget, prefill_budget))
         if burst and not out.scheduled and not out.preempted:
@@ -147,7 +154,12 @@ class Scheduler:
         return out
 
     def _schedule_running(
-        self, order: list[Sequence], out: SchedulerOutput, budget: int, prefill_budget: int
+        self,
+        order: list[Sequence],
+        out: SchedulerOutput,
+        budget: int,
+        prefill_budget: int,
+        hold_landing: bool = True,
     ) -> tuple[int, int]:
         for seq in order:
             if seq.status != SequenceStatus.RUNNING or budget == 0:
@@ -156,10 +168,8 @@ class Scheduler:
                 continue  # its token still in flight is its last (asynchronous scheduling)
             if seq.load_future is not None:
                 self._try_finish_load(seq)
-            if seq.kv_landing is not None and len(self.running) > 1 and not seq.kv_landing.landed():
-                # its prefix is still crossing to G1: a forward with it would hold every
-                # other request of the batch at its landing; it joins once landed
-                continue
+            if hold_landing and seq.kv_landing is not None and not seq.kv_landing.landed():
+                continue  # its prefix is still crossing to G1; it joins once landed
             prefilling = _prefilling(seq)
             cap = min(budget, prefill_budget) if prefilling else budget
             n = min(self._compute_limit(seq) - seq.num_computed_tokens, cap)
