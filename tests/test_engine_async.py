@@ -151,3 +151,21 @@ def test_aborting_the_only_request_in_flight_leaves_nothing_unfinished(tiny):
     while eng.has_unfinished_requests():
         outs += eng.step()
     assert {o.request_id for o in outs} == {"b"} and len(outs[-1].outputs[0].token_ids) == 3
+
+
+def test_an_asynchronous_engine_switches_threads_within_a_step(tiny):
+    """Work the engine thread hands off (grammar masks, store loads) must start within a
+    step, not at CPython's default 5 ms thread switch: an asynchronous engine lowers it."""
+    import sys
+
+    from kvgrid.engine.llm_engine import GIL_SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        LLMEngine(model=tiny, async_scheduling=False, num_kv_blocks=16)
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        LLMEngine(model=tiny, async_scheduling=True, num_kv_blocks=16)
+        assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL_S
+    finally:
+        sys.setswitchinterval(before)

@@ -270,8 +270,22 @@ def apply_token_bitmask(
     logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor
 ) -> None:
     """Set to -inf, in place, every logit of ``rows`` (None: every row) whose bit in
-    ``bitmask`` is clear. Each byte of the mask looks its 8 tokens up in a table: one
-    gather, where unpacking the bits takes several passes over a vocabulary per row."""
+    ``bitmask`` is clear. On a GPU one kernel reads the mask once and writes only the
+    refused logits (the table lookup below makes several passes over [rows, vocab] and
+    costs ~0.7 ms a step at batch 64 and 128K tokens on an H200, a tenth of the step)."""
+    if logits.is_cuda:
+        from kvgrid.layers.token_mask_kernels import mask_logits
+
+        mask_logits(logits, rows, bitmask)
+        return
+    apply_token_bitmask_reference(logits, rows, bitmask)
+
+
+def apply_token_bitmask_reference(
+    logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor
+) -> None:
+    """``apply_token_bitmask`` with torch operations: each byte of the mask looks its 8
+    tokens up in a table (one gather, where unpacking the bits takes several passes)."""
     vocab = logits.shape[-1]
     idx = bitmask.view(torch.uint8).long()  # little-endian: byte j holds tokens 8j..8j+7
     add = F.embedding(idx, _lut(logits.device, logits.dtype)).flatten(1)[:, :vocab]

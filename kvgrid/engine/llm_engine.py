@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -53,6 +54,13 @@ class _Step:
     mask_job: MaskJob | None = None
 
 
+# While the engine thread turns a step's tokens into outputs (Python work, the GIL held), a
+# thread it hands work to (a step's grammar masks, a store load) starts only when CPython
+# next switches threads: every 5 ms by default, as long as a decode step on an H200. Steps
+# run asynchronously on a GPU, so the engine switches every 0.5 ms instead, process-wide.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides):
         if config is None:
@@ -96,6 +104,8 @@ class LLMEngine:
             else self.device.type == "cuda"
         )
         self._in_flight: _Step | None = None
+        if self._async and sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._scope_digests: dict[bytes, bytes] = {}
         self.counters = {
             "prompt_tokens": 0,
