@@ -1,17 +1,12 @@
-"""bench/gpu_guided.py on the CPU: the tokenizer it trains is a byte-level BPE of the size
+"""kvgrid.bench.gpu.guided on the CPU: the tokenizer it trains is a byte-level BPE of the size
 asked for with Llama 3's special tokens at the end, and `--tiny` runs the whole benchmark
 (the same command as on the GPU, at tiny sizes) and writes its numbers."""
 
 import json
-import sys
-from pathlib import Path
 
 import tokenizers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import gpu_guided
-
+from kvgrid.bench.gpu import guided as gpu_guided
 from kvgrid.models.tokenizer import Tokenizer
 
 

@@ -61,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _router_args(rb)
     rb.set_defaults(func=_cmd_router)
 
+    from kvgrid.bench.gpu import add_cli as _gpu_cli
+
+    _gpu_cli(bsub)
+
     sim = sub.add_parser("sim", help="discrete-event fleet simulator (the real router)")
     sim.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     sim.add_argument("--workers", type=int, default=16)

@@ -5,8 +5,8 @@ One command (the device has no tokenizer of Llama 3's size, so one is trained fi
 byte-level BPE of 128000 tokens over the Python sources installed there, plus 256 special
 tokens, ~10-30 s):
 
-    PYTHONPATH=. python3 bench/gpu_guided.py --out $OUT        # Llama-3-8B shape, batch 64
-    PYTHONPATH=. python3 bench/gpu_guided.py --tiny --out /tmp/g   # a check on a CPU
+    python -m kvgrid.bench.gpu.guided --out $OUT        # Llama-3-8B shape, batch 64
+    python -m kvgrid.bench.gpu.guided --tiny --out /tmp/g   # a check on a CPU
 
 Phases: correct (guided requests on the engine: no token outside its grammar, finished
 answers parse and validate), masks (the host building 64 masks, and the device applying
@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from kvgrid.bench.gpu.harness import log
 from kvgrid.engine.sampling_params import GuidedDecoding, SamplingParams
 
 ITEMS = {  # structure in every token: keys, enums, bounded integers, short strings
@@ -76,10 +75,6 @@ TINY = {
     "tie_word_embeddings": False,
     "torch_dtype": "float32",
 }
-
-
-def log(*a) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
 # ---- the tokenizer -----------------------------------------------------------------------
@@ -427,7 +422,9 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.guided", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--tiny", action="store_true", help="a check on a CPU: tiny model and load")
     ap.add_argument("--shape", default=None, help="a shape name or a model directory")
     ap.add_argument("--tokenizer", default=None, help="a tokenizer directory (else trained)")

@@ -3,8 +3,10 @@
 All requests arrive at once (offline batch); prompt and output lengths are uniform in the
 given ranges, token ids random, EOS ignored, so every run does the same work.
 
-    python bench/engine_bench.py --num-requests 16 --input-len 64 256 --output-len 16 64
-    python bench/engine_bench.py --model llama3-8b --load-format dummy --num-requests 256 \
+    python -m kvgrid.bench.gpu.engine_offline --num-requests 16 --input-len 64 256 \
+        --output-len 16 64
+    python -m kvgrid.bench.gpu.engine_offline --model llama3-8b --load-format dummy \
+        --num-requests 256 \
         --input-len 100 1024 --output-len 100 1024          # on a GPU
 
 Prints a short table last and writes JSON (default out/engine_bench.json, or $OUT).
@@ -22,8 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvgrid.engine.args import add_engine_args, engine_config_from_args
 from kvgrid.engine.llm_engine import LLMEngine
@@ -94,8 +94,12 @@ def run(engine: LLMEngine, workload, progress: bool = True) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.engine_offline",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     add_engine_args(ap)
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--input-len", type=int, nargs=2, default=[64, 256])

@@ -1,7 +1,7 @@
-"""Plots of a ``bench/gpu_store.py`` result: the replay's TTFT with and without the store
+"""Plots of a ``kvgrid.bench.gpu.store`` result: the replay's TTFT with and without the store
 (by arrival, and as CDFs), and each prompt size's time to first token by source.
 
-    python3 bench/plot_store.py bench/results/2026-12-03-h200-store-replay/gpu_store.json
+    python -m kvgrid.bench.gpu.plot_store bench/results/2026-12-03-h200-store-replay/gpu_store.json
 
 Writes ``store_replay.png`` and ``store_ttft.png`` beside the JSON (for the phases it has).
 """
@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 
+def _pyplot():
+    """matplotlib, imported when a plot is drawn (--help stays fast)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_replay(rep: dict, title: str, path: Path) -> None:
+    plt = _pyplot()
     fig, (by_time, cdf) = plt.subplots(1, 2, figsize=(12, 4))
     for run in ("no_store", "store"):
         if run not in rep:
@@ -45,6 +53,7 @@ _COLORS = {"recompute": "tab:gray", "choice": "tab:green", "warm": "tab:orange"}
 
 
 def plot_ttft(ttft: dict, title: str, path: Path) -> None:
+    plt = _pyplot()
     sizes = sorted(ttft, key=int)
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
     for ax, n in zip(axes[0], sizes):
@@ -71,10 +80,10 @@ def plot_ttft(ttft: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvgrid.bench.gpu.plot_store")
     ap.add_argument("result", type=Path, help="gpu_store.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     res = json.loads(args.result.read_text())
     env = res["phases"].get("env", {})
     title = " ".join(str(env[k]) for k in ("device", "shape") if k in env) or "gpu_store"
@@ -83,7 +92,8 @@ def main() -> None:
         plot_replay(phases["replay"], title, args.result.with_name("store_replay.png"))
     if "ttft" in phases:
         plot_ttft(phases["ttft"], title, args.result.with_name("store_ttft.png"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,11 +3,11 @@ store: goodput at a TTFT limit, at offered loads that saturate the server withou
 
     # one H200, Llama-3-8B shape, random bf16 weights (the server needs fastapi, uvicorn,
     # pyzmq... on the GPU machine: see docs/benchmarks.md for the wheels to carry)
-    PYTHONPATH=. python3 bench/gpu_replay_store.py --model llama3-8b --load-format dummy \\
+    python -m kvgrid.bench.gpu.serve_replay --model llama3-8b --load-format dummy \\
         --trace conversation=bench/data/mooncake_conversation_slice.jsonl \\
         --trace toolagent=/path/to/toolagent_trace.jsonl --speeds 10,20,40 --out out/replay
     # CPU smoke run (default model)
-    PYTHONPATH=. python3 bench/gpu_replay_store.py --speeds 1 --limit 12 --max-input 256 \\
+    python -m kvgrid.bench.gpu.serve_replay --speeds 1 --limit 12 --max-input 256 \\
         --num-kv-blocks 64 --out out/replay-cpu
 
 For each trace and each configuration (``no_store``: G1 only; ``store``: the same G1 with G2
@@ -32,8 +32,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvgrid.bench.mooncake import load_mooncake
 from kvgrid.bench.replay import SLO, Replayer, compute_metrics
@@ -115,9 +113,11 @@ def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m kvgrid.bench.gpu.serve_replay",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--model", default=None)
     ap.add_argument("--load-format", default="dummy")
@@ -139,7 +139,7 @@ def main() -> int:
     ap.add_argument("--g3-gb", type=float, default=40.0)
     ap.add_argument("--start-timeout-s", type=float, default=600.0)
     ap.add_argument("--out", default="out/replay-store")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     traces = dict(t.split("=", 1) for t in args.trace) or {"conversation": str(DATA)}

@@ -1,7 +1,7 @@
 """GPU sweep of the small-M Triton GEMV (kvgrid/layers/gemv.py) against cuBLAS.
 
-    PYTHONPATH=. python3 bench/gpu_gemv.py              # Llama-3-8B shapes, M = 1, 2, 4, 8
-    PYTHONPATH=. python3 bench/gpu_gemv.py --shape llama3-70b --ms 1
+    python -m kvgrid.bench.gpu.gemv              # Llama-3-8B shapes, M = 1, 2, 4, 8
+    python -m kvgrid.bench.gpu.gemv --shape llama3-70b --ms 1
 
 For every projection shape of the model and every M: each tuner candidate is checked
 against an fp32 reference (relative error; a candidate over 1e-2 cannot win), then timed
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import sys
 import time
@@ -27,16 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from kvgrid.bench.gpu.harness import add_common_args, log
 from kvgrid.layers import gemv as G
 from kvgrid.models.shapes import dummy_config
 
 MAX_REL_ERR = 1e-2  # one bf16 rounding of the output is ~2e-3
-
-
-def log(*a) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,15 +80,18 @@ def sweep_shape(name: str, n: int, k: int, m: int, w: torch.Tensor, sms: int) ->
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.gemv", description=__doc__.split("\n")[0]
+    )
+    add_common_args(ap)
     ap.add_argument("--shape", default="llama3-8b", help="a kvgrid.models.shapes name")
     ap.add_argument("--ms", default="1,2,4,8", help="row counts (tokens) to sweep")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/gpu_gemv.py needs CUDA (a GPU); nothing was measured", file=sys.stderr)
+        print("kvgrid.bench.gpu.gemv needs CUDA (a GPU); nothing was measured", file=sys.stderr)
         return 2
-    out = Path(os.environ.get("OUT", "out"))
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
     import triton
@@ -160,7 +157,7 @@ def report(env: dict, shape: str, cfg, results: list[dict], winners: dict, out: 
     summary = {"env": env, "shape": shape, "step_ms": steps, "results": results}
     (out / "gemv.json").write_text(json.dumps(summary, indent=1))
 
-    print("\nPINNED = {  # bench/gpu_gemv.py on", env["gpu"])
+    print("\nPINNED = {  # kvgrid.bench.gpu.gemv on", env["gpu"])
     for key, c in sorted(winners.items()):
         print(f"    {key}: {c!r},")
     print("}")

@@ -11,8 +11,8 @@ torch.profiler's host-side op totals over a few steps. Each scenario runs with t
 rows of mixed steps in the decode kernel and, for comparison, in the prefill kernel
 (``--split-mixed``).
 
-    PYTHONPATH=. python3 bench/gpu_mixed_step.py                    # one H200: ~2 min
-    KVGRID_BENCH_SHAPE=smollm2-135m PYTHONPATH=. python bench/gpu_mixed_step.py --quick
+    python -m kvgrid.bench.gpu.mixed_step                    # one H200: ~2 min
+    KVGRID_BENCH_SHAPE=smollm2-135m python -m kvgrid.bench.gpu.mixed_step --quick
 
 Model: the Llama-3.1-8B shape, random bf16 weights, block 64, CUDA graphs for decode,
 asynchronous scheduling. Writes $OUT/gpu_mixed_step.json (or ./out/).
@@ -26,25 +26,18 @@ import cProfile
 import dataclasses
 import io
 import json
-import os
 import pstats
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from kvgrid.bench.gpu.harness import GPU, add_common_args, default_shape, log
 from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.llm_engine import LLMEngine
 from kvgrid.engine.sampling_params import SamplingParams
-
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-GPU = DEV.type == "cuda"
-SHAPE = os.environ.get("KVGRID_BENCH_SHAPE", "llama3.1-8b" if GPU else "smollm2-135m")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +58,6 @@ SCENARIOS = [
     Scenario("chunk 256 + 16 decode at 8K", 16, 8192, 4096, 256),
 ]
 QUICK = [Scenario("chunk 64 + 4 decode", 4, 128, 512, 64)]
-
-
-def log(*a) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
 class StepTimes:
@@ -131,7 +120,7 @@ class StepTimes:
 def build_engine(args) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
-            model=SHAPE,
+            model=args.shape,
             load_format="dummy",
             dtype="bfloat16" if GPU else "float32",
             max_model_len=16384,
@@ -243,19 +232,20 @@ def run_scenario(eng: LLMEngine, sc: Scenario, rng: random.Random, profile: bool
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvgrid.bench.gpu.mixed_step")
+    add_common_args(ap, shape=default_shape())
     ap.add_argument("--num-kv-blocks", type=int, default=3000 if GPU else 400)
     ap.add_argument("--quick", action="store_true", help="one small scenario (CPU smoke)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--split-mixed", default="on,off",
                     help="decode rows of mixed steps in the decode kernel (on), the prefill kernel (off)")  # fmt: skip
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     t0 = time.perf_counter()
     eng = build_engine(args)
     log(f"engine ready in {time.perf_counter() - t0:.1f}s")
     rng = random.Random(0)
-    results = {"device": torch.cuda.get_device_name() if GPU else "cpu", "shape": SHAPE,
+    results = {"device": torch.cuda.get_device_name() if GPU else "cpu", "shape": args.shape,
                "torch": torch.__version__, "scenarios": []}  # fmt: skip
     backend = eng.runner.backend
     default_min_rows = getattr(backend, "mixed_decode_min_rows", None)
@@ -271,14 +261,14 @@ def main() -> int:
             if "cprofile_tottime" in res:
                 print(res["cprofile_tottime"], res["cprofile_cumtime"], res["torch_ops"], sep="\n")
     eng.close()
-    out = Path(os.environ.get("OUT", "out"))
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_mixed_step.json").write_text(json.dumps(results, indent=1, default=str))
 
     def f(v) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    print(f"\nmixed steps, {results['device']}, {SHAPE}: ms per step (async: as the engine runs; "
+    print(f"\nmixed steps, {results['device']}, {args.shape}: ms per step (async: as the engine runs; "
           "synced: GPU idle at each launch; kernels: GPU kernel time)")  # fmt: skip
     print(
         "| scenario | decode rows in | steps | async launch | async device | synced launch (prepare/forward/logits) | synced device | kernels |"

@@ -2,22 +2,23 @@
 
 The engine's logits target is 1e-2 (relative norm) from transformers'. On random
 Llama-3-8B-shape weights transformers' own bf16 logits are 1.7e-2 from its float32
-(bench/bf16_error_budget.py). This asks the same of trained weights: the default model
+(kvgrid.bench.gpu.bf16_error_budget). This asks the same of trained weights: the default model
 (SmolLM2-135M-Instruct, 30 layers), a 700-token English prompt and 700 random tokens,
 transformers bf16 (SDPA and eager attention) against transformers float32.
 
-    PYTHONPATH=. python bench/bf16_floor_trained.py   # ~1 min on 2 cores; writes $OUT (./out)
+    python -m kvgrid.bench.gpu.bf16_floor_trained   # ~1 min on 2 cores; writes $OUT (./out)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
+import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kvgrid.bench.gpu.harness import add_common_args
 from kvgrid.models.default import ensure_default_model
 
 
@@ -25,7 +26,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.bf16_floor_trained",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = ensure_default_model()
     tok = AutoTokenizer.from_pretrained(path)
     text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
@@ -50,10 +60,11 @@ def main() -> None:
             "bf16_eager_vs_bf16_sdpa": rel(logits["bf16_eager"], logits["bf16"]),
         }
         print(name, {k: f"{v:.1e}" for k, v in out[name].items()})
-    dst = Path(os.environ.get("OUT", "out"))
+    dst = args.out
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "bf16_floor_trained.json").write_text(json.dumps(out, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

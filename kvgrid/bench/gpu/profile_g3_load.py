@@ -1,7 +1,7 @@
 """Where a warm-cache G3 load goes: the per-block path against plain reads of the same files.
 
-    PYTHONPATH=. python bench/g3_load_profile.py                  # 48 blocks of 8 MiB
-    PYTHONPATH=. python bench/g3_load_profile.py --blocks 96 --threads 1,2,4
+    python -m kvgrid.bench.gpu.profile_g3_load                  # 48 blocks of 8 MiB
+    python -m kvgrid.bench.gpu.profile_g3_load --blocks 96 --threads 1,2,4
 
 Objects of the Llama-3-8B block shape (8 MiB, random bf16: incompressible, so zstd stores
 them raw, as real bf16 KV mostly is) are written to a G3 directory, encrypted and not, and
@@ -22,8 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvgrid import keys
 from kvgrid.store import ContextStore, StoreConfig
@@ -124,13 +122,13 @@ def stages(store: ContextStore, ks: list[bytes], kv_bytes: int) -> dict[str, flo
     return {"read": n / t_read, "decode": n / t_dec, "copy_to_slot": n / t_copy}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvgrid.bench.gpu.profile_g3_load")
     ap.add_argument("--blocks", type=int, default=48)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--codecs", default="none,zstd")
     ap.add_argument("--root", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     threads = [int(x) for x in args.threads.split(",")]
     kv_bytes = torch.Size(SHAPE).numel() * 2
     root = Path(args.root or tempfile.mkdtemp(prefix="kvgrid-g3prof-"))
@@ -152,7 +150,8 @@ def main() -> None:
             pct = f"{ld / r:.0%} of raw"
             print(f"{name:10s} {th} thread(s): raw {r:8,.0f} MB/s  load {ld:8,.0f} MB/s  ({pct})")
         store.close()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """GPU benchmark of disaggregated serving, in one command: two engine processes share one GPU, a
 prefill worker and a decode worker, each with its share of memory (its own KV blocks).
 
-    PYTHONPATH=. python3 bench/gpu_disagg.py           # Llama-3-8B shape, random bf16 weights
-    PYTHONPATH=. python3 bench/gpu_disagg.py --tiny    # CPU smoke test at tiny sizes
+    python -m kvgrid.bench.gpu.disagg           # Llama-3-8B shape, random bf16 weights
+    python -m kvgrid.bench.gpu.disagg --tiny    # CPU smoke test at tiny sizes
 
 Phases, each written to $OUT/gpu_disagg.json (or ./out/) as it ends:
 - start: two `kvgrid worker` processes (W0, W1), one after the other, each with
@@ -44,6 +44,7 @@ from typing import ClassVar
 import httpx
 import numpy as np
 
+from kvgrid.bench.gpu.harness import add_common_args
 from kvgrid.server.auth import ControlKey
 
 # the control plane: routers hold the cluster key, each worker its own key
@@ -394,9 +395,12 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.disagg", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes (SmolLM2 shape)")
+    add_common_args(ap)
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--num-kv-blocks", type=int, default=4096, help="G1 blocks per worker")
@@ -419,7 +423,7 @@ def main() -> int:
     ap.add_argument("--isolated", type=int, default=4)
     ap.add_argument("--probe-bytes", type=int, default=4 << 30)
     ap.add_argument("--phases", default="raw,transfer,mixed")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.tiny:
         args.model, args.load_format, args.block_size, args.max_batched = (
             "smollm2-135m",
@@ -432,7 +436,7 @@ def main() -> int:
         args.decoders, args.decode_prompt, args.decode_max_tokens, args.settle_s = 3, 32, 200, 0.5
         args.long_tokens, args.long_count, args.long_interval_s, args.long_out = 400, 3, 0.5, 4
         args.isolated, args.probe_bytes, args.itl_target = 2, 64 << 20, 0.5
-    out = Path(os.environ.get("OUT") or "out")
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"args": vars(args)}
 

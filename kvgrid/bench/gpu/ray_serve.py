@@ -5,8 +5,8 @@ worker, as without Ray). This measures that claim: a one-node Ray cluster starte
 head, with this machine's GPUs), one worker either way, the same closed-loop replay of a
 Mooncake conversation slice, output throughput and latencies side by side, and their ratio.
 
-    PYTHONPATH=. python3 bench/gpu_ray.py                        # H200: Llama-3.1-8B shape, dummy
-    PYTHONPATH=. python3 bench/gpu_ray.py --model PATH --load-format auto --limit 24 \\
+    python -m kvgrid.bench.gpu.ray_serve                        # H200: Llama-3.1-8B shape, dummy
+    python -m kvgrid.bench.gpu.ray_serve --model PATH --load-format auto --limit 24 \\
         --concurrency 4 --serve-arg=--max-model-len=1024 ...     # a CPU trial at tiny size
 
 Prints a table and writes ``gpu_ray.json`` (every run's replay report) and ``gpu_ray.png``
@@ -193,8 +193,10 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.ray_serve", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--model", default="llama3.1-8b", help="Llama-3-8B layout, 128K context")
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--workload", default=WORKLOAD)
@@ -212,7 +214,7 @@ def main() -> int:
     )
     p.add_argument("--ready-timeout-s", type=float, default=600.0)
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out or os.environ.get("OUT") or ROOT / f"bench/results/ray-{date.today()}")
     out.mkdir(parents=True, exist_ok=True)
     env = absolute_pythonpath()

@@ -2,24 +2,25 @@
 
 The engine's logits target is 1e-2 (relative norm) from transformers'. On Llama-3-8B-shape random
 weights, transformers' own bf16 logits are 1.7e-2 from float32 and 2.1e-2 between its two
-attention paths (bench/gpu_engine.py, H200). This script shows why, on a narrower model of
+attention paths (kvgrid.bench.gpu.engine, H200). This script shows why, on a narrower model of
 the same depth (32 layers) and the same scale-preserving init as
 ``LlamaForCausalLM.init_dummy``: the float32 forward over bf16-representable weights, with
 the output of one operation at a time rounded to bf16, and then all of them. Each rounding
 site alone costs 2-7e-3; together they add up (in quadrature) to the bf16 floor, and even a
 float32 residual stream leaves it above 1e-2.
 
-    PYTHONPATH=. python bench/bf16_error_budget.py   # ~30 s on 2 cores; writes $OUT (./out)
+    python -m kvgrid.bench.gpu.bf16_error_budget   # ~30 s on 2 cores; writes $OUT (./out)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from kvgrid.bench.gpu.harness import add_common_args
 
 H, LAYERS, HEADS, KV_HEADS, D, INTER, VOCAB, T = 1024, 32, 8, 2, 128, 3584, 8000, 256
 SITES = ("h", "qkv", "rope", "attn", "o", "res", "gu", "act", "down", "logits")
@@ -84,7 +85,14 @@ def forward(m: dict, rounded: set[str]) -> torch.Tensor:
     return r(rms(x) @ m["lm"].T, "logits")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.bf16_error_budget",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(ap)
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     m = build()
     ref = forward(m, set())
@@ -102,7 +110,7 @@ def main() -> int:
     print(f"logits relative error vs float32 ({shape}; torch {torch.__version__}, CPU)")
     for k, v in rows.items():
         print(f"  {k:<48} {v:.2e}")
-    out = Path(os.environ.get("OUT", "out"))
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "bf16_error_budget.json").write_text(
         json.dumps({"shape": shape, "rel_err": rows}, indent=1)

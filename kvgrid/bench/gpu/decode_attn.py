@@ -7,33 +7,29 @@ replays the graph, and divides. Llama-3-8B attention shape (32 query heads, 8 KV
 head dim 128, 64-token blocks), bf16. Correctness first: every configuration against the
 unsplit kernel and the torch reference.
 
-    PYTHONPATH=. python3 bench/gpu_decode_attn.py   # ~1 min on an H200; $OUT/decode_attn.json
+    python -m kvgrid.bench.gpu.decode_attn   # ~1 min on an H200; $OUT/decode_attn.json
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import triton
 import triton.language as tl
 
+from kvgrid.bench.gpu.harness import add_common_args
 from kvgrid.layers.attention import triton_kernels as tk
 from kvgrid.layers.attention.torch_ref import TorchAttentionBackend
 
 H, KVH, D, BS, LAYERS = 32, 8, 128, 64, 32
 DT = torch.bfloat16
 DEV = torch.device("cuda")
-ENGINE_MAX_LEN = 32768 + 1024  # bench/gpu_engine.py's max_model_len: graphs pick splits by it
+ENGINE_MAX_LEN = 32768 + 1024  # kvgrid.bench.gpu.engine's max_model_len: graphs pick splits by it
 
 
 @triton.jit
@@ -156,8 +152,15 @@ def run_case(batch: int, seq_len: int, sms: int) -> tuple[list, list]:
     return rows, failures
 
 
-def main() -> int:
-    out = Path(os.environ.get("OUT", "out"))
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.decode_attn",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     x = torch.zeros(1024, device=DEV, dtype=torch.int32)

@@ -1,7 +1,7 @@
 """Where the write-down's time goes: G2 -> G3 on a real directory, stage by stage, and end to end.
 
-    PYTHONPATH=. python bench/store_write_profile.py                       # default model's block
-    PYTHONPATH=. python bench/store_write_profile.py --shape llama3-8b --blocks 64 --threads 1,2,4
+    python -m kvgrid.bench.gpu.profile_store_write                       # default model's block
+    python -m kvgrid.bench.gpu.profile_store_write --shape llama3-8b --blocks 64 --threads 1,2,4
 
 Blocks of the chosen shape (the default model's, SmolLM2-135M: 1.4 MiB per 64-token block;
 or Llama-3-8B's, 8 MiB) hold random bf16 values (what a model with random weights produces:
@@ -36,8 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvgrid import keys
 from kvgrid.store import ContextStore, StoreConfig
@@ -178,8 +176,10 @@ def disk_ceiling(root: Path, nbytes: int, n: int, threads: int, batch: int = 8) 
     return n * nbytes / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.profile_store_write", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     ap.add_argument("--blocks", type=int, default=96)
     ap.add_argument("--threads", default="1,2,4")
@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--codec", default="zstd")
     ap.add_argument("--root", default=None, help="a directory on the disk to measure")
     ap.add_argument("--out", default="store_write_profile.json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     shape = SHAPES[a.shape]
     blocks = make_blocks(shape, a.blocks, a.data)
     nbytes = blocks[0].nbytes
@@ -220,7 +220,8 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
