@@ -2,7 +2,7 @@
 
 On a machine without a GPU these run under Triton's interpreter (TRITON_INTERPRET=1, set
 below before triton is imported) in float32: the interpreter mis-computes ``tl.dot`` on
-bfloat16 operands, so 16-bit inputs are checked on the GPU (bench/gpu_engine.py) only.
+bfloat16 operands, so 16-bit inputs are checked on the GPU (kvgrid.bench.gpu.engine) only.
 """
 
 from __future__ import annotations

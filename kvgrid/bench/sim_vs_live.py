@@ -11,7 +11,7 @@
    ``LLMEngine.step()`` calls of prefill-only steps (n new tokens after ctx cached ones) and
    decode-only steps (batch B, KV K); the samples of all processes are fitted with
    non-negative least squares to kvgrid.planner.calibration's model and written in its
-   JSON format (the one bench/gpu_engine.py writes for GPUs).
+   JSON format (the one kvgrid.bench.gpu.engine writes for GPUs).
 2. ``kvgrid serve --workers N`` on a free port, then ``kvgrid bench replay`` of a small
    seeded workload (open loop at its own times).
 3. ``kvgrid sim`` of the same workload: N workers, the same policy, that calibration.

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # Started at once, a split's load threads (a dozen, each taking the GIL between its reads,
 # decryptions and copies) held the engine thread's launch of the recomputed part to the
 # load's own pace: 821 ms to launch a 21K-token prefill step (an eager step launches in
-# ~23 ms whatever its length; H200, bench/gpu_store.py).
+# ~23 ms whatever its length; H200, kvgrid.bench.gpu.store).
 LAUNCH_GATE_S = 0.25
 
 

@@ -2,7 +2,7 @@
 
 Decode-only steps replay one graph each (engine/cuda_graphs.py). Steps that prefill were
 launched eagerly: a few hundred kernels from Python, which on an 8B model take 15-20 ms of
-host time per step (H200, bench/gpu_mixed_step.py), longer than the GPU needs for a chunk
+host time per step (H200, kvgrid.bench.gpu.mixed_step), longer than the GPU needs for a chunk
 of a few hundred tokens, so the GPU idled inside every such step. Their attention cannot be
 captured: its grid and its choice of kernel follow the batch's sequence lengths. Everything
 around it can, per token-count bucket: piece ``i`` is layer ``i-1``'s output projection,

@@ -2,7 +2,7 @@
 
 At batch 1 a decode step is a stream over every weight once: its floor is the weight bytes
 over HBM bandwidth. On an H200, cuBLAS's M=1 products reach 56-99% of the copy bandwidth
-depending on the shape, this kernel 68-104% (bench/gpu_gemv.py, docs/benchmarks.md).
+depending on the shape, this kernel 68-104% (kvgrid.bench.gpu.gemv, docs/benchmarks.md).
 Here each program owns BLOCK_N rows of ``w`` and streams them along K in
 wide loads, with x (a few KiB) re-read from L1; split-K gives the N=4096 shapes enough
 programs to fill the SMs, its fp32 partials summed in a fixed order by a second kernel
@@ -12,7 +12,7 @@ tensor cores on x padded to 16 rows (any M up to 16; the MMA work is free at thi
 intensity, and Triton pipelines the loads through shared memory).
 
 The best tile depends on the shape and on M, so ``linear`` looks it up per (M bucket, N, K):
-first in ``PINNED`` (winners pasted from bench/gpu_gemv.py), then in the tuner's cache;
+first in ``PINNED`` (winners pasted from kvgrid.bench.gpu.gemv), then in the tuner's cache;
 an unseen shape is tuned on first use by timing ``candidates`` against ``F.linear``, whose
 win is recorded as ``None`` (keep cuBLAS). Tuning launches and synchronises, so it never
 runs inside CUDA-graph capture: the model runner tunes its shapes before capture (``tune``),
@@ -20,7 +20,7 @@ and a capture that still meets an unseen shape uses ``F.linear`` there.
 
 ``KVGRID_GEMV=0`` in the environment switches the kernel off process-wide (for A/B runs);
 EngineConfig.gemv switches it per engine. ``KVGRID_GEMV_CONFIGS=path`` pins the winners a
-bench/gpu_gemv.py run wrote, so an engine started after it tunes nothing.
+kvgrid.bench.gpu.gemv run wrote, so an engine started after it tunes nothing.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class GemvConfig:
     dot: bool = False
 
 
-# (M bucket, N, K) -> winner from bench/gpu_gemv.py; None: F.linear (cuBLAS) was faster.
+# (M bucket, N, K) -> winner from kvgrid.bench.gpu.gemv; None: F.linear (cuBLAS) was faster.
 # Per card (torch.cuda.get_device_name): Llama-3-8B shapes on an NVIDIA H200
 # (bench/results/2026-12-02-h200-async/gemv.log). Other shapes and cards are tuned at start.
 _H200: dict[tuple[int, int, int], GemvConfig | None] = {
@@ -129,7 +129,7 @@ def save_configs(
 
 
 def load_configs(path: str | os.PathLike) -> dict[tuple[int, int, int], GemvConfig | None]:
-    """Read winners that bench/gpu_gemv.py wrote (``$OUT/gemv_configs.json``)."""
+    """Read winners that kvgrid.bench.gpu.gemv wrote (``$OUT/gemv_configs.json``)."""
     with open(path) as f:
         rows = json.load(f)
     return {

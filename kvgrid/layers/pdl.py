@@ -2,7 +2,7 @@
 
 A batch-1 decode step of a 32-layer model is ~260 kernels back to back in one CUDA graph;
 the GPU-side cost of starting each after the previous one drains is paid every time (an
-empty kernel costs 0.7 us in a graph on an H200, bench/gpu_decode_attn.py). On an H200 PDL
+empty kernel costs 0.7 us in a graph on an H200, kvgrid.bench.gpu.decode_attn). On an H200 PDL
 takes that graph from 3.94 to 3.81 ms (docs/benchmarks.md). Launched with PDL, a kernel's
 blocks are scheduled as soon as every block of the kernel before it has started, then wait
 at ``griddepcontrol.wait`` until that kernel has finished and its writes are visible:

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = ensure_default_model()
     tok = AutoTokenizer.from_pretrained(path)
-    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    text = (Path(__file__).resolve().parents[3] / "docs" / "architecture.md").read_text()
     gen = torch.Generator().manual_seed(0)
     prompts = {
         "text": tok(text, return_tensors="pt").input_ids[:, :700],

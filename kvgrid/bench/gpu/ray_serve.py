@@ -31,12 +31,11 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from kvgrid.bench.replay import Replayer, format_table, report
+from kvgrid.bench.workloads import load_workload
+from kvgrid.server.ray.local import free_port, start_node
 
-from kvgrid.bench.replay import Replayer, format_table, report  # noqa: E402
-from kvgrid.bench.workloads import load_workload  # noqa: E402
-from kvgrid.server.ray.local import free_port, start_node  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]  # the repository: traces and results
 
 WORKLOAD = (
     f"mooncake:{ROOT}/bench/data/mooncake_conversation_slice.jsonl,tokens_per_block=128,"

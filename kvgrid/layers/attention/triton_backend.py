@@ -46,7 +46,7 @@ class TritonAttentionBackend(AttentionBackend):
         # (more than max_num_seqs: never). Each layer then launches two kernels
         # more (~0.14 ms of host time), which 8 rows at 4K context do not repay (0.3 ms
         # less GPU time per step) and 16-32 rows do (3-10 ms); H200, 8B shape,
-        # bench/gpu_mixed_step.py
+        # kvgrid.bench.gpu.mixed_step
         self.mixed_decode_min_rows = mixed_decode_min_rows
         self._split: tuple[AttentionMetadata, MixedSplit] | None = None
         self._num_sms: int | None = None

@@ -327,7 +327,7 @@ def paged_decode(
     partial results a second kernel combines. With ``rope``, ``q`` is unrotated and the
     new K/V are not in the cache yet: this kernel does what ``fused_ops.rope_kv_write``
     would have done first. The tile defaults are the best or within 2% of it in
-    bench/gpu_decode_attn.py's sweep (H200) for batch 1 to 128 at 1K context."""
+    kvgrid.bench.gpu.decode_attn's sweep (H200) for batch 1 to 128 at 1K context."""
     s, h, d = q.shape
     kvh = layer_cache.shape[3]
     group = h // kvh
