@@ -36,3 +36,11 @@ def test_help_through_both_entry_points(name, capsys):
 def test_unknown_benchmark_is_named():
     with pytest.raises(KeyError, match="unknown GPU benchmark 'nope'"):
         gpu.load("nope")
+
+
+def test_the_smoke_run_covers_every_benchmark():
+    from kvgrid.bench.gpu.smoke import SMOKES
+
+    # phase modules run inside `engine` and `store`; the trained-weights floor needs a download
+    covered = {n for n in BENCHES if n.startswith(("engine_", "store_")) and n != "engine_offline"}
+    assert set(BENCHES) - covered - {"smoke", "bf16_floor_trained"} == set(SMOKES)

@@ -38,6 +38,7 @@ BENCHES: dict[str, str] = {
     "bf16_error_budget": "where bf16 rounding error enters a forward pass",
     "bf16_floor_trained": "the bf16 error floor on trained weights",
     "plot_store": "plots of a store benchmark's JSON",
+    "smoke": "every benchmark above once at small sizes (does each still run?)",
 }
 
 

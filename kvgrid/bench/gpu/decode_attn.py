@@ -159,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_args(ap)
+    ap.add_argument(
+        "--cases",
+        default=",".join(f"{b}x{n}" for b, n in CASES),
+        help="BATCHxCONTEXT pairs to sweep",
+    )
     args = ap.parse_args(argv)
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{res['device']}, torch {res['torch']}, triton {res['triton']}; "
         f"an empty kernel in a graph: {res['noop_kernel_us']:.2f} us"
     )
-    for batch, seq_len in CASES:
+    for batch, seq_len in cases:
         rows, failures = run_case(batch, seq_len, sms)
         torch.cuda.empty_cache()
         res["rows"] += rows

@@ -36,7 +36,7 @@ from pathlib import Path
 from kvgrid.bench.mooncake import load_mooncake
 from kvgrid.bench.replay import SLO, Replayer, compute_metrics
 
-DATA = Path(__file__).resolve().parent / "data" / "mooncake_conversation_slice.jsonl"
+DATA = Path(__file__).resolve().parents[3] / "bench" / "data" / "mooncake_conversation_slice.jsonl"
 
 
 def free_port() -> int:

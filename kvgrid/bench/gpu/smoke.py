@@ -1,0 +1,179 @@
+"""Every GPU benchmark once at small sizes, to show that each still runs end to end.
+
+    python -m kvgrid.bench.gpu.smoke --out $OUT/smoke --jobs 3      # one H200: ~4 min
+    python -m kvgrid.bench.gpu.smoke --only store,guided             # a subset
+
+Each benchmark runs as its own process (``python -m kvgrid.bench.gpu.NAME``, the smoke
+arguments below), in ``--jobs`` lanes at once: the 8B engine benchmark in one lane, the rest,
+at small shapes and fixed KV pools so that they fit beside it, in the others. Its output goes to
+``--out/NAME/`` (``log.txt`` and its JSON). A benchmark whose packages are missing (the
+servers' ``fastapi``/``uvicorn``/``zmq``, Ray) is reported as skipped, naming them. Numbers
+from a smoke run are not measurements: lanes share the GPU. Prints a table last and writes
+``smoke.json``; exits non-zero if any benchmark failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvgrid.bench.gpu.harness import add_common_args, log, markdown_table, versions
+
+SERVER = ("fastapi", "uvicorn", "zmq", "httpx")
+STORE_ROOT = Path(tempfile.gettempdir()) / "kvgrid-smoke-store"
+SMALL = "--shape smollm2-135m"
+DUMMY = "--model smollm2-135m --load-format dummy"
+
+
+@dataclass(frozen=True)
+class Smoke:
+    args: str  # its arguments; {out} is its folder
+    needs: tuple[str, ...] = ()  # packages beyond torch
+    limit_s: int = 120
+
+
+# in lane order: the longest first
+SMOKES: dict[str, Smoke] = {
+    "engine": Smoke(
+        "--phases env,kernels,correct,B,C,A,sync,hf --num-requests 8 --hf-deadline-s 15 "
+        "--num-kv-blocks 1200",
+        ("transformers",),
+        330,
+    ),
+    "store": Smoke(
+        f"{SMALL} --phases env,correct,ttft,split,enc,replay --sizes 1024,2048 "
+        "--num-kv-blocks 400 --g2-gib 1 --auto-reps 1 --enc-reps 1 --replay-limit 16 "
+        "--replay-cap-s 20 --replay-g1-blocks 60 --replay-g2-gib 1 --replay-max-input 1024 "
+        f"--budget-s 150 --root {STORE_ROOT}",
+        ("cryptography", "zstandard"),
+        240,
+    ),
+    "plot_store": Smoke("{out}/../store/gpu_store.json", ("matplotlib",), 60),
+    "serve_replay": Smoke(
+        f"{DUMMY} --speeds 4 --limit 12 --max-input 256 --num-kv-blocks 64 --out {{out}}",
+        SERVER,
+        180,
+    ),
+    "disagg": Smoke("--tiny", (*SERVER, "cryptography"), 180),
+    "ray_serve": Smoke(
+        "--model smollm2-135m --limit 12 --concurrency 4 --warmup 2 "
+        "--serve-arg=--max-model-len=1024 --serve-arg=--num-kv-blocks=64 --out {out}",
+        (*SERVER, "ray"),
+        240,
+    ),
+    "gemv": Smoke("--ms 1"),
+    "decode_attn": Smoke("--cases 1x1280,16x1024", (), 90),
+    "mixed_step": Smoke(f"{SMALL} --quick --no-profile --num-kv-blocks 256"),
+    "guided": Smoke("--tiny --out {out}", ("xgrammar", "tokenizers")),
+    "engine_offline": Smoke(
+        f"{DUMMY} --num-requests 16 --input-len 64 256 --output-len 16 64 --num-kv-blocks 256 "
+        "--out {out}/engine_bench.json"
+    ),
+    "profile_store_write": Smoke(
+        f"--blocks 8 --threads 1,2 --root {STORE_ROOT / 'w'} "
+        "--out {out}/store_write_profile.json",
+        ("cryptography", "zstandard"),
+        90,
+    ),
+    "profile_g3_load": Smoke(
+        f"--blocks 8 --threads 1,2 --root {STORE_ROOT / 'r'}", ("cryptography", "zstandard"), 90
+    ),
+    "bf16_error_budget": Smoke(""),
+}
+# not in the smoke: bf16_floor_trained needs the default model's trained weights (a download)
+
+
+def missing(packages: tuple[str, ...]) -> list[str]:
+    return [p for p in packages if importlib.util.find_spec(p) is None]
+
+
+def run_one(name: str, out: Path) -> dict:
+    smoke = SMOKES[name]
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    lacks = missing(smoke.needs)
+    if lacks:
+        log(f"{name}: skipped, missing {', '.join(lacks)}")
+        return {"bench": name, "status": "skipped", "reason": f"missing {', '.join(lacks)}"}
+    argv = [a.replace("{out}", str(folder)) for a in smoke.args.split()]
+    cmd = [sys.executable, "-m", f"kvgrid.bench.gpu.{name}", *argv]
+    env = {**os.environ, "OUT": str(folder), "PYTHONUNBUFFERED": "1"}
+    log(f"{name}: start ({' '.join(cmd[1:])})")
+    t0 = time.perf_counter()
+    with open(folder / "log.txt", "w") as f:
+        try:
+            rc = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=smoke.limit_s
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    wall = time.perf_counter() - t0
+    tail = (folder / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    status = "ok" if rc == 0 else ("timeout" if rc is None else f"rc {rc}")
+    log(f"{name}: {status} in {wall:.0f}s")
+    return {"bench": name, "status": status, "seconds": round(wall, 1), "last_line": tail[0][:160],
+            "command": " ".join(["python", "-m", f"kvgrid.bench.gpu.{name}", *argv])}  # fmt: skip
+
+
+def lanes(names: list[str], jobs: int) -> list[list[str]]:
+    """The engine benchmark alone in the first lane; the rest spread over the others, in
+    order (plot_store after store, in the same lane)."""
+    first = [n for n in names if n == "engine"]
+    rest = [n for n in names if n != "engine"]
+    k = max(1, jobs - 1) if first else max(1, jobs)
+    out = [first] if first else []
+    out += [rest[i::k] for i in range(k)]
+    for lane in out:  # plot_store reads store's JSON: keep them together, store first
+        if "plot_store" in lane and "store" in names and "store" not in lane:
+            lane.remove("plot_store")
+            next(ln for ln in out if "store" in ln).append("plot_store")
+    return [ln for ln in out if ln]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvgrid.bench.gpu.smoke",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(ap)
+    ap.add_argument("--jobs", type=int, default=1, help="benchmarks run at once")
+    ap.add_argument("--only", default="", help="comma-separated names (default all)")
+    ap.add_argument("--skip", default="", help="comma-separated names to leave out")
+    args = ap.parse_args(argv)
+    names = [n for n in (args.only.split(",") if args.only else SMOKES) if n]
+    if unknown := set(names) - set(SMOKES):
+        ap.error(f"unknown --only {sorted(unknown)}: choose from {', '.join(SMOKES)}")
+    names = [n for n in names if n not in set(args.skip.split(","))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def lane(ns: list[str]) -> list[dict]:
+        return [run_one(n, out) for n in ns]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as ex:
+        rows = [r for rs in ex.map(lane, lanes(names, args.jobs)) for r in rs]
+    rows.sort(key=lambda r: names.index(r["bench"]))
+    res = {"versions": versions(), "wall_s": round(time.perf_counter() - t0, 1), "runs": rows}
+    (out / "smoke.json").write_text(json.dumps(res, indent=1))
+    table = [
+        [r["bench"], r["status"], r.get("seconds", ""), r.get("last_line", r.get("reason", ""))]
+        for r in rows
+    ]
+    print(markdown_table(["bench", "status", "s", "last line / reason"], table))
+    print(f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} ok, wall {res['wall_s']} s")
+    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
