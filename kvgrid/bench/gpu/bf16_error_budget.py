@@ -14,12 +14,12 @@ float32 residual stream leaves it above 1e-2.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 import torch.nn.functional as F
 
+from kvgrid.bench.gpu import harness
 from kvgrid.bench.gpu.harness import add_common_args
 
 H, LAYERS, HEADS, KV_HEADS, D, INTER, VOCAB, T = 1024, 32, 8, 2, 128, 3584, 8000, 256
@@ -86,11 +86,7 @@ def forward(m: dict, rounded: set[str]) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m kvgrid.bench.gpu.bf16_error_budget",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = harness.parser("kvgrid.bench.gpu.bf16_error_budget", __doc__)
     add_common_args(ap)
     args = ap.parse_args(argv)
     torch.manual_seed(0)

@@ -11,13 +11,13 @@ transformers bf16 (SDPA and eager attention) against transformers float32.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from kvgrid.bench.gpu import harness
 from kvgrid.bench.gpu.harness import add_common_args
 from kvgrid.models.default import ensure_default_model
 
@@ -27,11 +27,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m kvgrid.bench.gpu.bf16_floor_trained",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = harness.parser("kvgrid.bench.gpu.bf16_floor_trained", __doc__)
     add_common_args(ap)
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer

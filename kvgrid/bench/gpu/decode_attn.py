@@ -12,7 +12,6 @@ unsplit kernel and the torch reference.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics
@@ -22,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvgrid.bench.gpu import harness
 from kvgrid.bench.gpu.harness import add_common_args
 from kvgrid.layers.attention import triton_kernels as tk
 from kvgrid.layers.attention.torch_ref import TorchAttentionBackend
@@ -153,11 +153,7 @@ def run_case(batch: int, seq_len: int, sms: int) -> tuple[list, list]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m kvgrid.bench.gpu.decode_attn",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = harness.parser("kvgrid.bench.gpu.decode_attn", __doc__)
     add_common_args(ap)
     ap.add_argument(
         "--cases",

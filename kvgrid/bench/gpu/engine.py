@@ -45,7 +45,7 @@ MODULES = [
 
 def main(argv: list[str] | None = None) -> int:
     return engine_common.main(
-        argv, MODULES, "kvgrid.bench.gpu.engine", "env,tests,kernels,correct,B,C,A,sync,hf"
+        argv, MODULES, "env,tests,kernels,correct,B,C,A,sync,hf", "kvgrid.bench.gpu.engine"
     )
 
 

@@ -16,11 +16,6 @@ import torch
 
 from kvgrid.bench.gpu import engine_common as common
 from kvgrid.bench.gpu import engine_env, engine_prefill, engine_vs_transformers
-from kvgrid.bench.gpu.engine_common import (
-    RESULTS,
-    STEPS,
-    Bench,
-)
 from kvgrid.bench.gpu.harness import DEV, GPU
 
 
@@ -44,8 +39,8 @@ def phase_calibration(args, eng) -> dict:
     A's prefill-only steps and C's prompts (one-shot and in 2048-token chunks).
     Step times are the engine's own (forward + sampling, synchronised)."""
     cfg = eng.model_config
-    env = RESULTS.phases.get("env", {})
-    a_steps, c_steps = STEPS.get("A", []), STEPS.get("C", [])
+    env = common.RESULTS.phases.get("env", {})
+    a_steps, c_steps = common.STEPS.get("A", []), common.STEPS.get("C", [])
     dec = [st for st in a_steps if max(st[2]) == 1]
     pre = [st for st in a_steps + c_steps if min(st[2]) > 1]
     if len(dec) < 10 or len(pre) < 3:
@@ -65,7 +60,7 @@ def phase_calibration(args, eng) -> dict:
     total = torch.cuda.get_device_properties(DEV).total_memory if GPU else 80e9
     # the engine's own sizing at gpu_memory_utilization 0.9 (this run used a fixed pool)
     capacity = int((0.9 * total - weight_bytes - 2 * 2**30) // kv_tok)
-    a = RESULTS.phases.get("A_ours", {})
+    a = common.RESULTS.phases.get("A_ours", {})
     busy_w = None
     if a.get("J_per_token") and a.get("elapsed_s"):
         busy_w = a["J_per_token"] * a["output_tokens"] / a["elapsed_s"]
@@ -112,7 +107,7 @@ def phase_calibration(args, eng) -> dict:
     }
 
 
-def run(b: Bench) -> None:
+def run(b: common.Bench) -> None:
     if b.engine_built:
         b.results.run_phase("calibration", phase_calibration, b.args, b.engine)
 
@@ -135,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     return common.main(
         argv,
         [engine_env, engine_prefill, engine_vs_transformers, sys.modules[__name__]],
-        "kvgrid.bench.gpu.engine_calibration",
         "C,A",
     )
 

@@ -246,7 +246,12 @@ class Bench:
             self.results.run_phase(name, fn, vocab)
 
 
-def main(argv: list[str] | None, modules: Sequence[ModuleType], module: str, phases: str) -> int:
+def main(
+    argv: list[str] | None, modules: Sequence[ModuleType], phases: str, module: str = ""
+) -> int:
+    """Run ``modules`` in order on one engine; ``phases``: the default --phases; ``module``:
+    the command's name (default: the last module's)."""
+    module = module or modules[-1].__spec__.name
     ap = argparse.ArgumentParser(
         prog=f"python -m {module}", description=(modules[-1].__doc__ or "").split("\n\n")[0]
     )

@@ -16,11 +16,6 @@ import torch
 
 from kvgrid.bench.gpu import engine_common as common
 from kvgrid.bench.gpu import engine_env
-from kvgrid.bench.gpu.engine_common import (
-    Bench,
-    hf_from_state,
-    meta,
-)
 from kvgrid.bench.gpu.harness import DEV, GPU
 
 
@@ -55,12 +50,12 @@ def phase_reference(args) -> dict:
     state = m.hf_state_dict()
     REF["weights_checksum"] = weights_checksum(m)
     prompt = correctness_prompt(cfg.vocab_size)[None].to(DEV)
-    hf = hf_from_state(state, args.shape)
+    hf = common.hf_from_state(state, args.shape)
     REF["bf16"] = hf(prompt).logits[0].float().cpu()
     hf.config._attn_implementation = "eager"
     REF["bf16_eager"] = hf(prompt).logits[0].float().cpu()
     del hf
-    hf32 = hf_from_state({k: v.float() for k, v in state.items()}, args.shape)
+    hf32 = common.hf_from_state({k: v.float() for k, v in state.items()}, args.shape)
     del m, state
     gc.collect()
     REF["fp32"] = hf32(prompt).logits[0].float().cpu()
@@ -106,10 +101,10 @@ def phase_correct(args, eng, hf) -> dict:
             res[name + "_vs_fp32"] = rel(logits, ref32[rows])
 
     # 1. fresh prefill of n-1 tokens (SDPA path: no cached prefix, long chunk)
-    m = meta([0], [n - 1], table, bs)
+    m = common.meta([0], [n - 1], table, bs)
     check("prefill_sdpa", fwd(prompt[: n - 1], 0, m), slice(0, n - 1))
     # 2. decode of the last token over the cache, through the CUDA graph when there is one
-    m = meta([n - 1], [1], table, bs)
+    m = common.meta([n - 1], [1], table, bs)
     graph = run.graphs is not None
     check(
         "decode_graph" if graph else "decode",
@@ -119,22 +114,24 @@ def phase_correct(args, eng, hf) -> dict:
     check("decode_eager", fwd(prompt[n - 1 :], n - 1, m), slice(n - 1, n))
     # 3. prefill over a cached prefix: tokens 256.. on top of the first 256 in the cache
     c = 4 * bs
-    m = meta([c], [n - c], table, bs)
+    m = common.meta([c], [n - c], table, bs)
     check("prefill_cached_prefix", fwd(prompt[c:], c, m), slice(c, n))
     # 4. fresh prefill through the Triton kernel instead of SDPA
     saved = run.backend.sdpa_min_query_len
     run.backend.sdpa_min_query_len = 10**9
-    m = meta([0], [n], table, bs)
+    m = common.meta([0], [n], table, bs)
     check("prefill_triton", fwd(prompt, 0, m), slice(0, n))
     run.backend.sdpa_min_query_len = saved
     # 5. a mixed batch: one decode and one cached-prefix chunk in the same step
-    m = meta([n - 1, c], [1, n - c], table * 2, bs)
+    m = common.meta([n - 1, c], [1, n - c], table * 2, bs)
     ids = torch.cat([prompt[n - 1 :], prompt[c:]])
     pos = torch.cat([torch.tensor([n - 1]), torch.arange(c, n)]).to(DEV)
     lg = model.compute_logits(model(ids.to(DEV), pos, run.kv_cache, m, run.backend))
     check("mixed_batch", lg, [n - 1, *range(c, n)])
     res["greedy_agree_prefill"] = float(
-        (fwd(prompt, 0, meta([0], [n], table, bs)).argmax(-1) == ref.argmax(-1)).float().mean()
+        (fwd(prompt, 0, common.meta([0], [n], table, bs)).argmax(-1) == ref.argmax(-1))
+        .float()
+        .mean()
     )
     res["pass"] = all(
         v <= 1e-2
@@ -159,7 +156,7 @@ def phase_correct(args, eng, hf) -> dict:
     return res
 
 
-def run(b: Bench) -> None:
+def run(b: common.Bench) -> None:
     if not b.wants("correct"):
         return
     b.results.run_phase("reference", phase_reference, b.args)
@@ -193,9 +190,7 @@ def rows(P: dict) -> list[tuple[str, str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(
-        argv, [engine_env, sys.modules[__name__]], "kvgrid.bench.gpu.engine_correct", "correct"
-    )
+    return common.main(argv, [engine_env, sys.modules[__name__]], "correct")
 
 
 if __name__ == "__main__":

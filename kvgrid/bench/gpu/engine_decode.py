@@ -15,14 +15,6 @@ import torch
 
 from kvgrid.bench.gpu import engine_common as common
 from kvgrid.bench.gpu import engine_env
-from kvgrid.bench.gpu.engine_common import (
-    PROFILES,
-    RESULTS,
-    Bench,
-    make_workload,
-    meta,
-    sync_row,
-)
 from kvgrid.bench.gpu.engine_steps import StepRecorder, profile_steps, run_engine
 from kvgrid.bench.gpu.harness import DEV, GPU, bench_ms, sync
 from kvgrid.engine.sampler import argmax_rows
@@ -38,7 +30,7 @@ def profile_eager_decode(eng) -> None:
     bs = run.block_size
     ctx = 1100
     table = [list(range(1, 1 + -(-(ctx + 1) // bs)))]
-    m = meta([ctx], [1], table, bs)
+    m = common.meta([ctx], [1], table, bs)
     ids = torch.tensor([5], device=DEV)
     pos = torch.tensor([ctx], device=DEV)
     for _ in range(3):
@@ -48,7 +40,7 @@ def profile_eager_decode(eng) -> None:
         h = run.model(ids, pos, run.kv_cache, m, run.backend)
         argmax_rows(run.model.compute_logits(h))
         sync()
-    PROFILES.append(
+    common.PROFILES.append(
         "==== B: one eager batch-1 decode step (by CUDA time)\n"
         + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     )
@@ -66,7 +58,7 @@ def profile_graph_decode(bucket, reps: int) -> None:
         for _ in range(reps):
             bucket.graph.replay()
         sync()
-    PROFILES.append(
+    common.PROFILES.append(
         f"==== B: batch-1 decode graph, {reps} replays (by CUDA time)\n"
         + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     )
@@ -75,8 +67,8 @@ def profile_graph_decode(bucket, reps: int) -> None:
 @torch.inference_mode()
 def phase_B(args, eng, energy) -> dict:
     cfg = eng.model_config
-    env = RESULTS.phases["env"]
-    wl = make_workload(1, 1024, 1024, cfg.vocab_size, seed=2)
+    env = common.RESULTS.phases["env"]
+    wl = common.make_workload(1, 1024, 1024, cfg.vocab_size, seed=2)
     wl = [(wl[0][0], 256)]
     run_engine(eng, [(wl[0][0], 8)])  # warm-up, this prompt length too (cuDNN plans)
     eng.block_manager.reset_prefix_cache()
@@ -112,7 +104,7 @@ def phase_B(args, eng, energy) -> dict:
     return r
 
 
-def run(b: Bench) -> None:
+def run(b: common.Bench) -> None:
     if not b.wants("B") or b.engine is None:
         return
     eng = b.engine
@@ -144,14 +136,12 @@ def rows(P: dict) -> list[tuple[str, str, str]]:
                     "",
                 )
             )
-    rows += sync_row(P, "B_sync", "B", "B, sync sched.")
+    rows += common.sync_row(P, "B_sync", "B", "B, sync sched.")
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(
-        argv, [engine_env, sys.modules[__name__]], "kvgrid.bench.gpu.engine_decode", "B,sync"
-    )
+    return common.main(argv, [engine_env, sys.modules[__name__]], "B,sync")
 
 
 if __name__ == "__main__":

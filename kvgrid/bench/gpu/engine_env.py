@@ -14,9 +14,6 @@ import time
 import torch
 
 from kvgrid.bench.gpu import engine_common as common
-from kvgrid.bench.gpu.engine_common import (
-    Bench,
-)
 from kvgrid.bench.gpu.harness import DEV, GPU, bench_ms, log, versions
 
 
@@ -88,7 +85,7 @@ def phase_tests(args) -> dict:
     }
 
 
-def run(b: Bench) -> None:
+def run(b: common.Bench) -> None:
     # every engine phase reads the ceilings: env always runs
     b.results.run_phase("env", phase_env, b.args)
     log(b.results.phases.get("env"))
@@ -109,31 +106,11 @@ def rows(P: dict) -> list[tuple[str, str, str]]:
         )
     if "tests" in P:
         rows.append(("GPU tests", P["tests"]["summary"], ""))
-    if "correct" in P:
-        c = P["correct"]
-        for label, keep in (
-            ("rel err vs HF", lambda k: not k.endswith("_vs_fp32") and not k.startswith("floor")),
-            ("rel err vs fp32", lambda k: k.endswith("_vs_fp32")),
-            ("bf16 floors", lambda k: k.startswith("floor")),
-        ):
-            rows.append(
-                (
-                    label,
-                    ", ".join(
-                        f"{k.removesuffix('_vs_fp32')} {v:.1e}"
-                        for k, v in c.items()
-                        if isinstance(v, float)
-                        and not k.startswith(("greedy", "reference"))
-                        and keep(k)
-                    ),
-                    ("pass" if c["pass"] else "FAIL") if label == "rel err vs HF" else "",
-                )
-            )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(argv, [sys.modules[__name__]], "kvgrid.bench.gpu.engine_env", "env,tests")
+    return common.main(argv, [sys.modules[__name__]], "env,tests")
 
 
 if __name__ == "__main__":

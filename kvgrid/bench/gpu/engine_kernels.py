@@ -16,10 +16,6 @@ import torch
 
 from kvgrid.bench.gpu import engine_common as common
 from kvgrid.bench.gpu import engine_env
-from kvgrid.bench.gpu.engine_common import (
-    RESULTS,
-    Bench,
-)
 from kvgrid.bench.gpu.harness import DEV, bench_ms, log, sync
 
 
@@ -31,7 +27,7 @@ def phase_kernels(args) -> dict:
     H, KVH, D, BS = 32, 8, 128, 64
     dt = torch.bfloat16
     out: dict = {"decode": [], "prefill": []}
-    bw = RESULTS.phases.get("env", {}).get("copy_bw_GBps", 3000.0)
+    bw = common.RESULTS.phases.get("env", {}).get("copy_bw_GBps", 3000.0)
 
     def paged(num_seqs: int, seq_len: int):
         nblk = -(-seq_len // BS)
@@ -223,7 +219,7 @@ def fused_ops_bandwidth(shape: str) -> list[dict]:
     return rows
 
 
-def run(b: Bench) -> None:
+def run(b: common.Bench) -> None:
     if b.wants("kernels"):
         b.results.run_phase("kernels", phase_kernels, b.args)
 
@@ -235,9 +231,7 @@ def rows(P: dict) -> list[tuple[str, str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(
-        argv, [engine_env, sys.modules[__name__]], "kvgrid.bench.gpu.engine_kernels", "kernels"
-    )
+    return common.main(argv, [engine_env, sys.modules[__name__]], "kernels")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Prints a short table last and writes JSON (default out/engine_bench.json, or $OU
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kvgrid.bench.gpu import harness
 from kvgrid.engine.args import add_engine_args, engine_config_from_args
 from kvgrid.engine.llm_engine import LLMEngine
 from kvgrid.engine.sampling_params import SamplingParams
@@ -95,11 +95,7 @@ def run(engine: LLMEngine, workload, progress: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m kvgrid.bench.gpu.engine_offline",
-        description=__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    ap = harness.parser("kvgrid.bench.gpu.engine_offline", __doc__)
     add_engine_args(ap)
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--input-len", type=int, nargs=2, default=[64, 256])

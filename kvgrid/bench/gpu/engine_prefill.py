@@ -15,13 +15,6 @@ import torch
 
 from kvgrid.bench.gpu import engine_common as common
 from kvgrid.bench.gpu import engine_env
-from kvgrid.bench.gpu.engine_common import (
-    PROFILES,
-    STEPS,
-    Bench,
-    make_workload,
-    with_budget,
-)
 from kvgrid.bench.gpu.engine_steps import StepRecorder, profile_steps, run_engine
 from kvgrid.bench.gpu.harness import DEV, log, sync
 
@@ -30,9 +23,9 @@ def phase_C_ours(args, eng, energy) -> dict:
     cfg = eng.model_config
     out = {}
     for budget_name, budget in (("oneshot", 32768 + 64), ("chunked", 2048)):
-        with_budget(eng, budget)
+        common.with_budget(eng, budget)
         for n in (8192, 32768):
-            prompt = make_workload(1, n, n, cfg.vocab_size, seed=3 + n)[0][0]
+            prompt = common.make_workload(1, n, n, cfg.vocab_size, seed=3 + n)[0][0]
             ts, fwd = [], []
             for rep in range(3):
                 eng.block_manager.reset_prefix_cache()
@@ -42,7 +35,7 @@ def phase_C_ours(args, eng, energy) -> dict:
                 r = run_engine(eng, [(prompt[: n - rep], 1)])  # distinct prompts: no cache hit
                 if rec is not None:
                     rec.close()
-                    STEPS.setdefault("C", []).extend(rec.steps)
+                    common.STEPS.setdefault("C", []).extend(rec.steps)
                     fwd.append(sum(st[3] for st in rec.steps))
                 ts.append(r["ttft_p50_s"])
                 jpt = energy.per_token(j0, n)
@@ -57,10 +50,10 @@ def phase_C_ours(args, eng, energy) -> dict:
                 "J_per_prompt_token": jpt,
             }
             log("C ours", budget_name, n, out[f"{budget_name}_{n}"])
-    with_budget(eng, 32768 + 64)
-    prompt = make_workload(1, 8192, 8192, cfg.vocab_size, seed=5)[0][0]
+    common.with_budget(eng, 32768 + 64)
+    prompt = common.make_workload(1, 8192, 8192, cfg.vocab_size, seed=5)[0][0]
     profile_steps(eng, prompt, 1, "C: kvgrid 8K prefill (by CUDA time)", sort="cuda_time_total")
-    with_budget(eng, args.max_num_batched_tokens)
+    common.with_budget(eng, args.max_num_batched_tokens)
     eng.block_manager.reset_prefix_cache()
     return out
 
@@ -69,7 +62,9 @@ def phase_C_ours(args, eng, energy) -> dict:
 def phase_C_hf(args, hf, vocab) -> dict:
     out = {}
     for n in (8192, 32768):
-        prompt = torch.tensor(make_workload(1, n, n, vocab, seed=3 + n)[0][0], device=DEV)[None]
+        prompt = torch.tensor(common.make_workload(1, n, n, vocab, seed=3 + n)[0][0], device=DEV)[
+            None
+        ]
         ts = []
         for _ in range(3):
             sync()
@@ -85,14 +80,14 @@ def phase_C_hf(args, hf, vocab) -> dict:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 hf(prompt, logits_to_keep=1, use_cache=False)
                 sync()
-            PROFILES.append(
+            common.PROFILES.append(
                 "==== C: transformers 8K forward (by CUDA time)\n"
                 + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
             )
     return out
 
 
-def run(b: Bench) -> None:
+def run(b: common.Bench) -> None:
     if not b.wants("C") or b.engine is None:
         return
     b.results.run_phase("C_ours", phase_C_ours, b.args, b.engine, b.energy)
@@ -120,9 +115,7 @@ def rows(P: dict) -> list[tuple[str, str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(
-        argv, [engine_env, sys.modules[__name__]], "kvgrid.bench.gpu.engine_prefill", "C"
-    )
+    return common.main(argv, [engine_env, sys.modules[__name__]], "C")
 
 
 if __name__ == "__main__":

@@ -15,22 +15,14 @@ import time
 
 from kvgrid.bench.gpu import engine_common as common
 from kvgrid.bench.gpu import engine_env
-from kvgrid.bench.gpu.engine_common import (
-    RESULTS,
-    STEPS,
-    Bench,
-    make_workload,
-    sync_row,
-    with_budget,
-)
 from kvgrid.bench.gpu.engine_steps import StepRecorder, roofline_seconds, run_engine
 from kvgrid.bench.gpu.harness import pct, sync
 
 
 def phase_A_ours(args, eng, energy) -> dict:
     cfg = eng.model_config
-    env = RESULTS.phases["env"]
-    wl = make_workload(args.num_requests, 100, 1024, cfg.vocab_size, seed=0)
+    env = common.RESULTS.phases["env"]
+    wl = common.make_workload(args.num_requests, 100, 1024, cfg.vocab_size, seed=0)
     # warm-up: compiles, and plans SDPA for these prompt lengths (cuDNN builds a plan per
     # new length, ~45 ms each, which would land in whichever run comes first)
     run_engine(eng, [(p, 1) for p, _ in wl])
@@ -38,7 +30,7 @@ def phase_A_ours(args, eng, energy) -> dict:
     rec = StepRecorder(eng)
     r = run_engine(eng, wl, energy)
     rec.close()
-    STEPS.setdefault("A", []).extend(rec.steps)
+    common.STEPS.setdefault("A", []).extend(rec.steps)
     r["host_per_decode_step"] = rec.host_breakdown()
     # every step call's host parts (ms), to place the slow ones (index = step call)
     keys_ = ("step", "schedule", "prepare", "execute", "launch", "complete")
@@ -66,7 +58,7 @@ def phase_A_hf(args, hf, vocab, energy) -> dict:
     except ImportError:
         from transformers.generation import ContinuousBatchingConfig
 
-    wl = make_workload(args.num_requests, 100, 1024, vocab, seed=0)
+    wl = common.make_workload(args.num_requests, 100, 1024, vocab, seed=0)
     gen = GenerationConfig(do_sample=False, max_new_tokens=1024, eos_token_id=None, pad_token_id=0)
     cb_kwargs = {"max_memory_percent": 0.85}
     cb = ContinuousBatchingConfig(**cb_kwargs)
@@ -129,7 +121,7 @@ def phase_A_hf(args, hf, vocab, energy) -> dict:
     return res
 
 
-def run(b: Bench) -> None:
+def run(b: common.Bench) -> None:
     if b.engine is None:
         return
     eng, args = b.engine, b.args
@@ -141,9 +133,9 @@ def run(b: Bench) -> None:
             eng._async = eng.config.async_scheduling is not False
         if args.small_budget:
             # the same workload with a smaller step budget: shorter mixed steps
-            with_budget(eng, args.small_budget)
+            common.with_budget(eng, args.small_budget)
             b.results.run_phase("A_ours_small_budget", phase_A_ours, args, eng, b.energy)
-            with_budget(eng, args.max_num_batched_tokens)
+            common.with_budget(eng, args.max_num_batched_tokens)
     if b.wants("hf") and b.hf is not None:
         hf, energy = b.hf, b.energy
         b.later("A_hf", lambda vocab: phase_A_hf(args, hf, vocab, energy))
@@ -174,12 +166,12 @@ def rows(P: dict) -> list[tuple[str, str, str]]:
         a = P["A_ours_small_budget"]
         rows.append(
             (
-                f"A budget {RESULTS.data['args']['small_budget']}",
+                f"A budget {common.RESULTS.data['args']['small_budget']}",
                 f"{a['output_tok_s']:.0f} out tok/s, TTFT p50 {a['ttft_p50_s']:.2f}s, ITL p50/p99 {a['itl_p50_ms']:.1f}/{a['itl_p99_ms']:.1f} ms (x{a['itl_p99_over_p50']:.2f})",
                 f"{a['of_roofline']:.0%} of roofline",
             )
         )
-    rows += sync_row(P, "A_ours_sync", "A_ours", "A, sync sched.")
+    rows += common.sync_row(P, "A_ours_sync", "A_ours", "A, sync sched.")
     if "A_ours" in P and P["A_ours"].get("host_per_decode_step"):
         h = P["A_ours"]["host_per_decode_step"]
         rows.append(
@@ -197,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     return common.main(
         argv,
         [engine_env, sys.modules[__name__]],
-        "kvgrid.bench.gpu.engine_vs_transformers",
         "A,sync,hf",
     )
 

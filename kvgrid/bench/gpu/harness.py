@@ -75,6 +75,16 @@ def default_shape(gpu: str = "llama3.1-8b", cpu: str = "smollm2-135m") -> str:
     return os.environ.get("KVGRID_BENCH_SHAPE", gpu if GPU else cpu)
 
 
+def parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: named as run (``python -m module``), its docstring as
+    the help text, line breaks kept."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def add_common_args(
     ap: argparse.ArgumentParser, *, shape: str | None = None, reps: int | None = None
 ) -> None:

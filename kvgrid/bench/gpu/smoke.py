@@ -14,7 +14,6 @@ from a smoke run are not measurements: lanes share the GPU. Prints a table last 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvgrid.bench.gpu import harness
 from kvgrid.bench.gpu.harness import add_common_args, log, markdown_table, versions
 
 SERVER = ("fastapi", "uvicorn", "zmq", "httpx")
@@ -140,11 +140,7 @@ def lanes(names: list[str], jobs: int) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m kvgrid.bench.gpu.smoke",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = harness.parser("kvgrid.bench.gpu.smoke", __doc__)
     add_common_args(ap)
     ap.add_argument("--jobs", type=int, default=1, help="benchmarks run at once")
     ap.add_argument("--only", default="", help="comma-separated names (default all)")

@@ -307,8 +307,10 @@ def rand_prompt(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(256, vocab, (n,), generator=g).tolist()
 
 
-def main(argv: list[str] | None, phases: Sequence[ModuleType], module: str) -> int:
-    """Run ``phases`` (the ones --phases names, default all) on one engine."""
+def main(argv: list[str] | None, phases: Sequence[ModuleType], module: str = "") -> int:
+    """Run ``phases`` (the ones --phases names, default all) on one engine; ``module``: the
+    command's name (default: the last phase module's)."""
+    module = module or phases[-1].__spec__.name
     ap = argparse.ArgumentParser(
         prog=f"python -m {module}", description=phases[0].__doc__ if len(phases) == 1 else None
     )

@@ -19,19 +19,13 @@ import torch
 
 from kvgrid.bench.gpu import store_common as common
 from kvgrid.bench.gpu.harness import log
-from kvgrid.bench.gpu.store_common import (
-    PUBLIC,
-    attach,
-    fresh_g1,
-    make_store,
-    prompt_keys,
-    rand_prompt,
-    run_one,
-    save_from_g1,
-)
 from kvgrid.store.object import tenant_id
 
 NAME = "correct"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.main(argv, [sys.modules[__name__]])
 
 
 def _compare(ref: dict, got: dict) -> dict:
@@ -44,29 +38,29 @@ def _kv_exact(eng, ks: list[bytes], snap: dict[bytes, torch.Tensor]) -> int:
     return sum(1 for k in ks if k in bm.cached and torch.equal(kv[bm.cached[k]], snap[k]))
 
 
-def phase_correct(args, eng, root: Path) -> dict:
+def run(args, eng, root: Path) -> dict:
     n = min(8192, max(args.sizes))
-    prompt = rand_prompt(n, eng.model_config.vocab_size, seed=11)
-    ks = prompt_keys(eng, prompt)
-    attach(eng, None)
-    fresh_g1(eng)
-    cold = run_one(eng, prompt, max_tokens=8)
+    prompt = common.rand_prompt(n, eng.model_config.vocab_size, seed=11)
+    ks = common.prompt_keys(eng, prompt)
+    common.attach(eng, None)
+    common.fresh_g1(eng)
+    cold = common.run_one(eng, prompt, max_tokens=8)
     bm = eng.block_manager
     snap = {k: eng.runner.kv_cache[bm.cached[k]].clone() for k in ks}
-    g1 = run_one(eng, prompt, max_tokens=8)  # over G1's prefix cache: the reference path
+    g1 = common.run_one(eng, prompt, max_tokens=8)  # over G1's prefix cache: the reference path
     assert g1["cached"] == len(ks) * eng.config.block_size
     out: dict = {"prompt_tokens": n, "blocks": len(ks), "cold_vs_g1": _compare(cold, g1)}
     if cold["logprobs"] and g1["logprobs"]:
         a, b = cold["logprobs"][0], g1["logprobs"][0]
-        common = set(a) & set(b)
+        shared = set(a) & set(b)
         out["cold_vs_g1"]["first_logprob_max_abs_diff"] = max(
-            (abs(a[t] - b[t]) for t in common), default=None
+            (abs(a[t] - b[t]) for t in shared), default=None
         )
     # populate through write-through: recompute with the store attached, then one idle step
-    store = make_store(eng, root, "correct", args, g3=True, write_through=True)
-    conn = attach(eng, store)
-    fresh_g1(eng)
-    again = run_one(eng, prompt, max_tokens=8)
+    store = common.make_store(eng, root, "correct", args, g3=True, write_through=True)
+    conn = common.attach(eng, store)
+    common.fresh_g1(eng)
+    again = common.run_one(eng, prompt, max_tokens=8)
     eng.step()
     assert store.flush(600)
     out["recompute_deterministic"] = {
@@ -74,17 +68,17 @@ def phase_correct(args, eng, root: Path) -> dict:
         "kv_exact_blocks": _kv_exact(eng, ks, snap),
     }
     out["write_through_blocks_in_G3"] = sum(
-        1 for t in store.tier("G3").created_many(tenant_id(PUBLIC), ks) if t
+        1 for t in store.tier("G3").created_many(tenant_id(common.PUBLIC), ks) if t
     )
-    g4 = make_store(eng, root, "correct4", args, g4=True)
+    g4 = common.make_store(eng, root, "correct4", args, g4=True)
     checks = {}
     for tier, st in (("G2", store), ("G3", store), ("G4", g4), ("G3-split", store)):
         if st is g4 and tier == "G4":
-            conn = attach(eng, g4)
-            save_from_g1(eng, conn, ks)
+            conn = common.attach(eng, g4)
+            common.save_from_g1(eng, conn, ks)
         elif st is store and conn.store is not store:
-            conn = attach(eng, store)
-        fresh_g1(eng)
+            conn = common.attach(eng, store)
+        common.fresh_g1(eng)
         if tier != "G2":
             st.g2.clear()
         conn.prefill_tokens_per_s = None  # load everything
@@ -95,8 +89,8 @@ def phase_correct(args, eng, root: Path) -> dict:
             kv_bytes = len(ks) * conn.block_bytes
             st.bandwidth["G3"] = min(st.bandwidth.get("G3") or float("inf"), kv_bytes / 0.5)
             conn.prefill_tokens_per_s = eng.config.block_size / conn.block_load_seconds("G3")
-        r = run_one(eng, prompt, max_tokens=8)
-        plan = conn.load_plan(PUBLIC, len(ks))
+        r = common.run_one(eng, prompt, max_tokens=8)
+        plan = conn.load_plan(common.PUBLIC, len(ks))
         checks[tier] = {
             **_compare(g1, r),
             "cached_tokens": r["cached"],
@@ -113,16 +107,12 @@ def phase_correct(args, eng, root: Path) -> dict:
         for c in checks.values()
     ) and all(checks[t]["kv_exact_blocks"] == len(ks) for t in ("G2", "G3", "G4"))
     out["pass"] = ok
-    attach(eng, None)
+    common.attach(eng, None)
     store.close()
     g4.close()
     shutil.rmtree(root / "correct", ignore_errors=True)
     shutil.rmtree(root / "correct4", ignore_errors=True)
     return out
-
-
-def run(args, eng, root: Path) -> dict:
-    return phase_correct(args, eng, root)
 
 
 def summary(res: dict) -> list[str]:
@@ -132,10 +122,6 @@ def summary(res: dict) -> list[str]:
                      + "; ".join(f"{t}: tokens {v['tokens_equal']}, logprobs {v['logprobs_equal']}, KV exact {v['kv_exact_blocks']}/{c['blocks']}, plan {v['plan']}"
                                  for t, v in c["loads"].items()))  # fmt: skip
     return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.main(argv, [sys.modules[__name__]], "kvgrid.bench.gpu.store_correct")
 
 
 if __name__ == "__main__":

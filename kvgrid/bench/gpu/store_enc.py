@@ -13,22 +13,17 @@ from pathlib import Path
 
 from kvgrid.bench.gpu import store_common as common
 from kvgrid.bench.gpu.harness import log, med
-from kvgrid.bench.gpu.store_common import (
-    attach,
-    fresh_g1,
-    make_store,
-    prompt_keys,
-    rand_prompt,
-    run_one,
-    save_from_g1,
-)
 from kvgrid.bench.gpu.store_probes import LoadLog
 from kvgrid.bench.gpu.store_ttft import tier_runs
 
 NAME = "enc"
 
 
-def phase_enc(args, eng, root: Path) -> dict:
+def main(argv: list[str] | None = None) -> int:
+    return common.main(argv, [sys.modules[__name__]])
+
+
+def run(args, eng, root: Path) -> dict:
     """Encryption's cost on G3 as an interleaved A/B: the same prompt stored encrypted and
     plain (codec none) in two directories, loaded alternately (cold, then warm) ``--enc-reps``
     times each. A cold disk's speed swings by 10-20% between back-to-back rows of the ttft
@@ -36,29 +31,31 @@ def phase_enc(args, eng, root: Path) -> dict:
     out: dict = {}
     vocab = eng.model_config.vocab_size
     for n in args.sizes:
-        prompt = rand_prompt(n, vocab, seed=100 + n)
-        ks = prompt_keys(eng, prompt)
-        attach(eng, None)
-        fresh_g1(eng)
-        run_one(eng, prompt)
-        ref = run_one(eng, prompt)  # over G1: the tokens every load must reproduce
+        prompt = common.rand_prompt(n, vocab, seed=100 + n)
+        ks = common.prompt_keys(eng, prompt)
+        common.attach(eng, None)
+        common.fresh_g1(eng)
+        common.run_one(eng, prompt)
+        ref = common.run_one(eng, prompt)  # over G1: the tokens every load must reproduce
         stores = {}
         for name, enc in (("enc", True), ("plain", False)):
-            store = make_store(eng, root, f"ab_{name}", args, g3=True, codec="none", encrypt=enc)
-            save_from_g1(eng, attach(eng, store), ks)
+            store = common.make_store(
+                eng, root, f"ab_{name}", args, g3=True, codec="none", encrypt=enc
+            )
+            common.save_from_g1(eng, common.attach(eng, store), ks)
             stores[name] = store
         runs: dict = {name: {"cold": [], "warm": []} for name in stores}
         for rep in range(args.enc_reps):
             for name in ("enc", "plain") if rep % 2 == 0 else ("plain", "enc"):
                 store = stores[name]
-                conn, llog = attach(eng, store), LoadLog(store)
+                conn, llog = common.attach(eng, store), LoadLog(store)
                 for cache in ("cold", "warm"):
                     r = tier_runs(eng, conn, store, llog, prompt, ks, "G3", args, ref, cache, 1)
                     assert r["exact_and_complete"], f"{name} {cache}: load not exact"
                     runs[name][cache].append(
                         {k: r[k] for k in ("kv_GBps", "of_raw")} | {"raw_GBps": r["raw"]["GBps"]}
                     )
-        attach(eng, None)
+        common.attach(eng, None)
         for store in stores.values():
             store.close()
         res: dict = {"runs": runs}
@@ -76,10 +73,6 @@ def phase_enc(args, eng, root: Path) -> dict:
     return out
 
 
-def run(args, eng, root: Path) -> dict:
-    return phase_enc(args, eng, root)
-
-
 def add_args(ap) -> None:
     ap.add_argument("--enc-reps", type=int, default=4, help="loads per variant")
 
@@ -95,10 +88,6 @@ def summary(res: dict) -> list[str]:
                 f"(medians), cost {c['cost']:+.1%}; pairs {pairs}"
             )
     return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.main(argv, [sys.modules[__name__]], "kvgrid.bench.gpu.store_enc")
 
 
 if __name__ == "__main__":

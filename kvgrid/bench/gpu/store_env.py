@@ -25,6 +25,10 @@ from kvgrid.bench.gpu.harness import DEV, GPU, log, sync
 NAME = "env"
 
 
+def main(argv: list[str] | None = None) -> int:
+    return common.main(argv, [sys.modules[__name__]])
+
+
 def phase_env(args, eng) -> dict:
     env = {
         "shape": args.shape,
@@ -159,10 +163,6 @@ def summary(res: dict) -> list[str]:
             f"GB/s by programs {land['GBps_by_programs']}"
         )
     return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.main(argv, [sys.modules[__name__]], "kvgrid.bench.gpu.store_env")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,18 @@ from pathlib import Path
 
 from kvgrid.bench.gpu import store_common as common
 from kvgrid.bench.gpu.harness import GPU, log, pct
-from kvgrid.bench.gpu.store_common import RESULTS, attach, fresh_g1, make_store, with_budget
 from kvgrid.bench.gpu.store_probes import HostProbe, quiesce
 from kvgrid.bench.gpu.store_steps import KernelWindow, StepLog, step_summary, step_table
 from kvgrid.engine.sampling_params import SamplingParams
 from kvgrid.gc_tuning import tune_gc
 
 NAME = "replay"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.main(argv, [sys.modules[__name__]])
+
+
 DATA = Path(__file__).resolve().parents[3] / "bench" / "data" / "mooncake_conversation_slice.jsonl"
 
 
@@ -159,17 +164,17 @@ REPLAY_RUNS = {
 }
 
 
-def phase_replay(args, eng, root: Path) -> dict:
+def run(args, eng, root: Path) -> dict:
     wl = replay_workload(eng.model_config.vocab_size, args.replay_max_input)
     if args.replay_limit:
         wl = dataclasses.replace(wl, requests=wl.requests[: args.replay_limit])
     wl.materialize()
     out = {"workload": wl.stats(), "theoretical_hit_rate": wl.theoretical_hit_rate(eng.config.block_size),
            "g1_blocks": args.replay_g1_blocks}  # fmt: skip
-    with_budget(eng, args.replay_budget)
+    common.with_budget(eng, args.replay_budget)
     bm = eng.block_manager
-    attach(eng, None)
-    fresh_g1(eng)
+    common.attach(eng, None)
+    common.fresh_g1(eng)
     # G1 held down to replay_g1_blocks: the rest of the pool is taken out of the free list
     held = [
         bm.free.popitem(last=False)[0] for _ in range(max(0, bm.num_blocks - args.replay_g1_blocks))
@@ -180,13 +185,13 @@ def phase_replay(args, eng, root: Path) -> dict:
         _replay_run(eng, warm, 120)  # compiles and warms kernels for these shapes
         for name in args.replay_runs:
             run = REPLAY_RUNS[name]
-            fresh_g1(eng)
+            common.fresh_g1(eng)
             store = None
             if run.get("store"):
-                store = make_store(eng, root, "replay", args, g2_gib=args.replay_g2_gib, g3=True,
+                store = common.make_store(eng, root, "replay", args, g2_gib=args.replay_g2_gib, g3=True,
                                    admit={"G2": 1, "G3": 2, "G4": 2}, io_queue=64,
                                    io_workers=run.get("io_workers", args.load_workers))  # fmt: skip
-            conn = attach(eng, store)
+            conn = common.attach(eng, store)
             quiet = quiesce(store)
             tune_gc()  # as a worker process does once built; undone when the store goes
             switch = sys.getswitchinterval()
@@ -218,21 +223,17 @@ def phase_replay(args, eng, root: Path) -> dict:
                 name,
                 json.dumps({k: v for k, v in r.items() if k != "per_step"}, default=str),
             )
-            attach(eng, None)
+            common.attach(eng, None)
             if store is not None:
                 store.close()
             gc.unfreeze()  # the next run's quiesce collects this run's store
-            RESULTS.save()
+            common.RESULTS.save()
     finally:
         for b in held:
             bm.free[b] = None
-        with_budget(eng, max(args.sizes) + 64)
+        common.with_budget(eng, max(args.sizes) + 64)
     shutil.rmtree(root / "replay", ignore_errors=True)
     return out
-
-
-def run(args, eng, root: Path) -> dict:
-    return phase_replay(args, eng, root)
 
 
 def add_args(ap) -> None:
@@ -308,10 +309,6 @@ def summary(res: dict) -> list[str]:
                     + "; ".join(f"{n[:48]} {c}x {ms}" for n, c, ms in kw["top_kernels"][:8])
                 )
     return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.main(argv, [sys.modules[__name__]], "kvgrid.bench.gpu.store_replay")
 
 
 if __name__ == "__main__":

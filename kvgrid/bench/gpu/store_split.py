@@ -16,51 +16,41 @@ from pathlib import Path
 from kvgrid.bench.gpu import store_common as common
 from kvgrid.bench.gpu import store_ttft
 from kvgrid.bench.gpu.harness import log, med
-from kvgrid.bench.gpu.store_common import (
-    PUBLIC,
-    RESULTS,
-    attach,
-    fresh_g1,
-    make_store,
-    object_files,
-    prompt_keys,
-    rand_prompt,
-    raw_read,
-    run_one,
-)
 from kvgrid.bench.gpu.store_probes import LoadLog
 
 NAME = "split"
 
 
-def phase_split(args, eng, root: Path) -> dict:
+def run(args, eng, root: Path) -> dict:
     n = max(args.sizes)
-    ttft = RESULTS.phases["ttft"][str(n)]
-    prompt = rand_prompt(n, eng.model_config.vocab_size, seed=100 + n)
-    ks = prompt_keys(eng, prompt)
+    ttft = common.RESULTS.phases["ttft"][str(n)]
+    prompt = common.rand_prompt(n, eng.model_config.vocab_size, seed=100 + n)
+    ks = common.prompt_keys(eng, prompt)
     keep = root / "keep_g3"
     if not keep.exists():
         raise RuntimeError("the ttft phase left no G3 directory to throttle")
     recompute = ttft["recompute"]["ttft_s"]
     kv_bytes = len(ks) * eng.runner.kv_cache[0].nbytes
     even = kv_bytes / recompute  # bytes/s at which loading takes as long as recomputing
-    attach(eng, None)
-    fresh_g1(eng)
-    ref = run_one(eng, prompt)
+    common.attach(eng, None)
+    common.fresh_g1(eng)
+    ref = common.run_one(eng, prompt)
     out = {"recompute_s": recompute, "even_GBps": even / 1e9}
     for label, factor in (("half", 0.5), ("even", 1.0)):
         bw = even * factor
-        store = make_store(eng, root, "thr", args, throttle=bw, throttle_dir=keep)
-        conn = attach(eng, store)
+        store = common.make_store(eng, root, "thr", args, throttle=bw, throttle_dir=keep)
+        conn = common.attach(eng, store)
         llog = LoadLog(store)
         row = {"throttle_GBps": bw / 1e9}
         # forced load (warm page cache: the throttle is the disk)
         for _ in range(2):
-            raw_read(object_files(store, "G3", ks), args.load_workers)  # warm the cache
-        fresh_g1(eng)
+            common.raw_read(
+                common.object_files(store, "G3", ks), args.load_workers
+            )  # warm the cache
+        common.fresh_g1(eng)
         store.g2.clear()
         conn.prefill_tokens_per_s = None
-        r = run_one(eng, prompt)
+        r = common.run_one(eng, prompt)
         rec = llog.take()
         row["load"] = {"ttft_s": r["ttft_s"], "kv_GBps": rec[0]["bytes"] / rec[0]["s"] / 1e9 if rec else None,
                        "exact": r["tokens"] == ref["tokens"]}  # fmt: skip
@@ -68,11 +58,11 @@ def phase_split(args, eng, root: Path) -> dict:
         store.bandwidth["G3"] = rec[0]["bytes"] / rec[0]["s"] if rec else bw
         autos = []
         for _ in range(2):
-            fresh_g1(eng)
+            common.fresh_g1(eng)
             store.g2.clear()
             conn.prefill_tokens_per_s = n / recompute
-            r = run_one(eng, prompt)
-            plan = conn.load_plan(PUBLIC, len(ks))
+            r = common.run_one(eng, prompt)
+            plan = conn.load_plan(common.PUBLIC, len(ks))
             autos.append({"ttft_s": r["ttft_s"], "plan": [plan.compute_blocks, plan.load_blocks],
                           "expected_s": plan.expected_s, "exact_vs_g1": r["tokens"] == ref["tokens"],
                           "cached": r["cached"]})  # fmt: skip
@@ -82,13 +72,9 @@ def phase_split(args, eng, root: Path) -> dict:
         row["auto_over_load"] = row["auto_ttft_s"] / row["load"]["ttft_s"]
         out[label] = row
         log("split", label, json.dumps(row, default=str))
-        attach(eng, None)
+        common.attach(eng, None)
         store.close()
     return out
-
-
-def run(args, eng, root: Path) -> dict:
-    return phase_split(args, eng, root)
 
 
 def summary(res: dict) -> list[str]:
@@ -110,7 +96,7 @@ def summary(res: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     # the break-even bandwidth comes from the ttft phase of the same run
-    return common.main(argv, [store_ttft, sys.modules[__name__]], "kvgrid.bench.gpu.store_split")
+    return common.main(argv, [store_ttft, sys.modules[__name__]])
 
 
 if __name__ == "__main__":

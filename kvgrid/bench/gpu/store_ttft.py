@@ -21,20 +21,6 @@ from pathlib import Path
 
 from kvgrid.bench.gpu import store_common as common
 from kvgrid.bench.gpu.harness import T_START, log, med
-from kvgrid.bench.gpu.store_common import (
-    PUBLIC,
-    RESULTS,
-    attach,
-    drop_cache,
-    fresh_g1,
-    make_store,
-    object_files,
-    prompt_keys,
-    rand_prompt,
-    raw_read,
-    run_one,
-    save_from_g1,
-)
 from kvgrid.bench.gpu.store_probes import LoadLog
 from kvgrid.bench.gpu.store_steps import StepLog
 from kvgrid.store import ContextStore
@@ -43,19 +29,23 @@ from kvgrid.store.object import tenant_id
 NAME = "ttft"
 
 
+def main(argv: list[str] | None = None) -> int:
+    return common.main(argv, [sys.modules[__name__]])
+
+
 def tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, reps: int) -> dict:
     """Forced full loads of ``prompt`` from ``tier`` (G2 emptied first for lower tiers)."""
-    files = object_files(store, tier, ks) if tier != "G2" else []
+    files = common.object_files(store, tier, ks) if tier != "G2" else []
     ttfts, loads, starts, gcs, quiet, ok = [], [], [], [], [], True
     for _ in range(reps):
-        fresh_g1(eng)
+        common.fresh_g1(eng)
         if tier != "G2":
             store.g2.clear()
             if cache == "cold":
-                drop_cache(files, args)
+                common.drop_cache(files, args)
         conn.prefill_tokens_per_s = None  # speed unknown to the store: load it all
         llog.take()
-        r = run_one(eng, prompt)
+        r = common.run_one(eng, prompt)
         recs = llog.take()
         ok &= r["cached"] == len(ks) * eng.config.block_size and r["tokens"] == ref["tokens"]
         ttfts.append(r["ttft_s"])
@@ -85,13 +75,13 @@ def tier_runs(eng, conn, store, llog, prompt, ks, tier, args, ref, cache: str, r
     }
     if files:
         if cache == "cold":
-            drop_cache(files, args)
-        res["raw"] = raw_read(files, args.load_workers)
+            common.drop_cache(files, args)
+        res["raw"] = common.raw_read(files, args.load_workers)
         res["of_raw"] = res["object_GBps"] / res["raw"]["GBps"] if best else None
     return res
 
 
-def phase_ttft(args, eng, root: Path) -> dict:
+def run(args, eng, root: Path) -> dict:
     out: dict = {}
     vocab = eng.model_config.vocab_size
     variants = [
@@ -103,49 +93,49 @@ def phase_ttft(args, eng, root: Path) -> dict:
         ("G4 enc zstd", {"g4": True}, "G4"),
     ]
     for n in args.sizes:
-        prompt = rand_prompt(n, vocab, seed=100 + n)
-        ks = prompt_keys(eng, prompt)
+        prompt = common.rand_prompt(n, vocab, seed=100 + n)
+        ks = common.prompt_keys(eng, prompt)
         res: dict = {"prompt_tokens": n, "blocks": len(ks)}
-        attach(eng, None)
-        fresh_g1(eng)
-        run_one(eng, prompt)  # warm-up (kernels for this length)
+        common.attach(eng, None)
+        common.fresh_g1(eng)
+        common.run_one(eng, prompt)  # warm-up (kernels for this length)
         rec = []
         steplog = None
         for i in range(3):
-            fresh_g1(eng)
+            common.fresh_g1(eng)
             steplog = StepLog(eng, 0.0) if i == 2 else None
             common.PROFILE_NEXT = args.profile_auto and i == 2
-            r = run_one(eng, prompt, steplog=steplog)
+            r = common.run_one(eng, prompt, steplog=steplog)
             common.PROFILE_NEXT = False
             rec.append(r["ttft_s"])
             if r["first_step_profile"]:
                 log("recompute's first step, profiled\n" + r["first_step_profile"])
-        ref = run_one(eng, prompt)  # over G1: the tokens every load must reproduce
+        ref = common.run_one(eng, prompt)  # over G1: the tokens every load must reproduce
         res["recompute"] = {"ttft_s": med(rec), "all": rec, "per_step": steplog.close()}
         res["g1_hit_ttft_s"] = ref["ttft_s"]
         log(f"ttft {n}: recompute {res['recompute']}, G1 hit {ref['ttft_s']:.4f}s")
         # G2
-        store = make_store(eng, root, "g2", args)
-        conn = attach(eng, store)
+        store = common.make_store(eng, root, "g2", args)
+        conn = common.attach(eng, store)
         llog = LoadLog(store)
-        save_from_g1(eng, conn, ks)
+        common.save_from_g1(eng, conn, ks)
         # the engine's default (layer by layer where the loader can), then block by block
         default = eng.scheduler.loader.layered
         for name, layered in (("G2", default), ("G2 block", False)):
             eng.scheduler.loader.layered = layered
             res[name] = tier_runs(eng, conn, store, llog, prompt, ks, "G2", args, ref, "warm", 3)
-            res[name]["raw_pinned_GBps"] = RESULTS.phases.get("env", {}).get("h2d_GBps", {})
+            res[name]["raw_pinned_GBps"] = common.RESULTS.phases.get("env", {}).get("h2d_GBps", {})
             if name == "G2" and n == max(args.sizes):
                 common.PROFILE_NEXT = True
-                fresh_g1(eng)
-                r = run_one(eng, prompt)
+                common.fresh_g1(eng)
+                r = common.run_one(eng, prompt)
                 common.PROFILE_NEXT = False
                 res[name]["profiled_rep"] = {
                     k: r[k] for k in ("ttft_s", "gc_pauses", "load_submits_s", "first_step_profile")
                 }
                 log("admission profile\n" + (r["first_step_profile"] or ""))
             log(f"ttft {n} {name}", {k: v for k, v in res[name].items() if k != "raw_pinned_GBps"})
-        attach(eng, None)
+        common.attach(eng, None)
         store.close()
         for name, kw, tier in variants if args.disk_tiers else ():
             if (
@@ -153,13 +143,13 @@ def phase_ttft(args, eng, root: Path) -> dict:
                 and n == max(args.sizes)
                 and name != "G3 enc zstd"
             ):
-                RESULTS.notes.append(f"ttft {n} {name}: skipped (time budget)")
+                common.RESULTS.notes.append(f"ttft {n} {name}: skipped (time budget)")
                 continue
-            store = make_store(eng, root, "v", args, **kw)
-            conn = attach(eng, store)
+            store = common.make_store(eng, root, "v", args, **kw)
+            conn = common.attach(eng, store)
             llog = LoadLog(store)
             t0 = time.perf_counter()
-            save_from_g1(eng, conn, ks)
+            common.save_from_g1(eng, conn, ks)
             write_s = time.perf_counter() - t0
             v = {"write_s": write_s}
             for cache in ("cold", "warm"):
@@ -175,15 +165,15 @@ def phase_ttft(args, eng, root: Path) -> dict:
                 autos = []
                 for rep in range(args.auto_reps):
                     common.PROFILE_NEXT = args.profile_auto and rep == args.auto_reps - 1
-                    fresh_g1(eng)
+                    common.fresh_g1(eng)
                     store.g2.clear()
-                    drop_cache(object_files(store, tier, ks), args)
+                    common.drop_cache(common.object_files(store, tier, ks), args)
                     start_s = conn.load_start_s
                     misses = store.metrics.total("misses", tier=tier, reason="deadline")
                     steplog = StepLog(eng, 0.0)
-                    r = run_one(eng, prompt, steplog=steplog)
+                    r = common.run_one(eng, prompt, steplog=steplog)
                     common.PROFILE_NEXT = False
-                    plan = conn.load_plan(PUBLIC, len(ks))
+                    plan = conn.load_plan(common.PUBLIC, len(ks))
                     autos.append({
                         "ttft_s": r["ttft_s"], "plan": [plan.compute_blocks, plan.load_blocks],
                         "expected_s": plan.expected_s, "planned_load_start_s": start_s,
@@ -208,16 +198,16 @@ def phase_ttft(args, eng, root: Path) -> dict:
                 if n == max(args.sizes):
                     keep = root / "keep_g3"
                     shutil.rmtree(keep, ignore_errors=True)
-                    attach(eng, None)
+                    common.attach(eng, None)
                     store.close()
                     shutil.move(str(root / "v" / "g3"), str(keep))  # the split phase reuses it
                     shutil.rmtree(root / "v", ignore_errors=True)
                     continue
-            attach(eng, None)
+            common.attach(eng, None)
             store.close()
             shutil.rmtree(root / "v", ignore_errors=True)
         out[str(n)] = res
-        RESULTS.save()
+        common.RESULTS.save()
     return out
 
 
@@ -228,15 +218,11 @@ def _codecs(store: ContextStore, tier: str, ks: list[bytes]) -> dict:
     counts: dict[str, int] = {}
     t = store.tier(tier)
     for k in ks:
-        head = t.read_prefix(tenant_id(PUBLIC), k, 4096)
+        head = t.read_prefix(tenant_id(common.PUBLIC), k, 4096)
         if head:
             c = NAMES.get(read_header(head).codec, "?")
             counts[c] = counts.get(c, 0) + 1
     return counts
-
-
-def run(args, eng, root: Path) -> dict:
-    return phase_ttft(args, eng, root)
 
 
 def add_args(ap) -> None:
@@ -303,10 +289,6 @@ def summary(res: dict) -> list[str]:
                     f"codec zstd vs none, G3 {n}: objects {z['codec_counts']}, warm {z['warm']['kv_GBps']:.2f} vs {nz['warm']['kv_GBps']:.2f} GB/s"
                 )
     return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.main(argv, [sys.modules[__name__]], "kvgrid.bench.gpu.store_ttft")
 
 
 if __name__ == "__main__":
