@@ -79,7 +79,7 @@ SMOKES: dict[str, Smoke] = {
         "--out {out}/engine_bench.json"
     ),
     "profile_store_write": Smoke(
-        f"--blocks 8 --threads 1,2 --root {STORE_ROOT / 'w'} "
+        f"--blocks 8 --threads 1,2 --root {tempfile.gettempdir()} "
         "--out {out}/store_write_profile.json",
         ("cryptography", "zstandard"),
         90,
