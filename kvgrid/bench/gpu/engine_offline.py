@@ -112,11 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         engine.block_manager.reset_prefix_cache()
     result = run(engine, workload)
     env = {
+        **harness.versions(),
         "device": torch.cuda.get_device_name()
         if engine.device.type == "cuda"
         else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
         "model": engine.spec.name,
         "dtype": str(engine.runner.dtype),
         "attention_backend": engine.runner.backend.name,

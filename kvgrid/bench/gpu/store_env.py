@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kvgrid.bench.gpu import store_common as common
-from kvgrid.bench.gpu.harness import DEV, GPU, log, sync
+from kvgrid.bench.gpu.harness import DEV, GPU, log, sync, versions
 
 NAME = "env"
 
@@ -32,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 def phase_env(args, eng) -> dict:
     env = {
         "shape": args.shape,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
+        **versions(),
         "block_bytes": eng.runner.kv_cache[0].nbytes,
         "kv_blocks_g1": eng.runner.num_blocks,
         "root": str(args.root),
@@ -56,12 +52,7 @@ def phase_env(args, eng) -> dict:
             env[k] = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
     with contextlib.suppress(Exception):
         env["meminfo"] = Path("/proc/meminfo").read_text().splitlines()[:2]
-    if GPU:
-        import triton
-
-        env["device"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-        env["triton"] = triton.__version__
+    if GPU:  # the PCIe link the host->GPU copies go over
         with contextlib.suppress(Exception):
             env["nvidia_smi"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current",
