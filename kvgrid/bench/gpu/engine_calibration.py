@@ -1,4 +1,4 @@
-# ruff: noqa: E501  (timing lambdas run inside their loop iteration; summary rows are long)
+# ruff: noqa: E501  (summary rows are long)
 """The fleet simulator's calibration from this run's engine steps: a step-time fit over workload
 A's decode-only and prefill-only steps and C's prompts, the KV size and capacity, the G2 copy
 rate and power. The result file (``gpu_engine.json``) is itself a simulator calibration

@@ -1,4 +1,4 @@
-# ruff: noqa: E501  (timing lambdas run inside their loop iteration; summary rows are long)
+# ruff: noqa: E501  (summary rows are long)
 """The engine benchmark's B phase: batch-1 decode of a 1K prompt, 256 new tokens, against its
 roofline (weights and KV read once per token at the measured copy bandwidth); the graph
 replay's own GPU time, kernel profiles of one decode step; with ``sync`` in --phases, the same

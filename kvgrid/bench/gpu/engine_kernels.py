@@ -1,4 +1,4 @@
-# ruff: noqa: B023  (timing lambdas run inside their loop iteration; summary rows are long)
+# ruff: noqa: B023  (timing lambdas run inside their loop iteration)
 """The engine benchmark's kernels phase: Triton paged attention (decode and prefill) against
 torch SDPA, the cost of a new prompt length for SDPA, the decode GEMV and the fused ops
 against their bandwidth.

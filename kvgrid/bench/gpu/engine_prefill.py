@@ -1,4 +1,4 @@
-# ruff: noqa: E501  (timing lambdas run inside their loop iteration; summary rows are long)
+# ruff: noqa: E501  (summary rows are long)
 """The engine benchmark's C phase: prefill of 8K and 32K prompts, one-shot and in 2048-token
 chunks, against transformers' SDPA forward on the same weights (run after the engine has
 given its memory back).

@@ -1,4 +1,4 @@
-# ruff: noqa: E501  (timing lambdas run inside their loop iteration; summary rows are long)
+# ruff: noqa: E501  (summary rows are long)
 """The engine benchmark's A phase: 256 requests, prompt and output lengths uniform in [100, 1024],
 seed 0, EOS ignored, against its roofline; with ``sync`` the same without asynchronous
 scheduling, with --small-budget again with smaller prefill chunks; with ``hf`` the same token
@@ -122,7 +122,7 @@ def phase_A_hf(args, hf, vocab, energy) -> dict:
 
 
 def run(b: common.Bench) -> None:
-    if b.engine is None:
+    if not (b.wants("A") or b.wants("hf")) or b.engine is None:
         return
     eng, args = b.engine, b.args
     if b.wants("A"):
