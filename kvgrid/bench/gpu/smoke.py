@@ -14,9 +14,11 @@ from a smoke run are not measurements: lanes share the GPU. Prints a table last 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,10 +98,24 @@ def missing(packages: tuple[str, ...]) -> list[str]:
     return [p for p in packages if importlib.util.find_spec(p) is None]
 
 
-def run_one(name: str, out: Path) -> dict:
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT first (its own clean-up stops the servers and Ray nodes it started), then the
+    whole group."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_one(name: str, out: Path, deadline: float) -> dict:
     smoke = SMOKES[name]
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
+    left = deadline - time.monotonic()
+    if left < 10:
+        return {"bench": name, "status": "skipped", "reason": "time budget (--budget-s)"}
     lacks = missing(smoke.needs)
     if lacks:
         log(f"{name}: skipped, missing {', '.join(lacks)}")
@@ -110,12 +126,15 @@ def run_one(name: str, out: Path) -> dict:
     log(f"{name}: start ({' '.join(cmd[1:])})")
     t0 = time.perf_counter()
     with open(folder / "log.txt", "w") as f:
+        # its own process group: what it started goes with it when it runs out of time
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
-            rc = subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=smoke.limit_s
-            ).returncode
+            rc = proc.wait(timeout=min(smoke.limit_s, left))
         except subprocess.TimeoutExpired:
             rc = None
+            stop(proc)
     wall = time.perf_counter() - t0
     tail = (folder / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or [""]
     status = "ok" if rc == 0 else ("timeout" if rc is None else f"rc {rc}")
@@ -145,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="benchmarks run at once")
     ap.add_argument("--only", default="", help="comma-separated names (default all)")
     ap.add_argument("--skip", default="", help="comma-separated names to leave out")
+    ap.add_argument(
+        "--budget-s", type=float, default=540.0, help="no benchmark runs past this (skipped)"
+    )
     args = ap.parse_args(argv)
     names = [n for n in (args.only.split(",") if args.only else SMOKES) if n]
     if unknown := set(names) - set(SMOKES):
@@ -153,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    deadline = time.monotonic() + args.budget_s
+
     def lane(ns: list[str]) -> list[dict]:
-        return [run_one(n, out) for n in ns]
+        return [run_one(n, out, deadline) for n in ns]
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as ex:
