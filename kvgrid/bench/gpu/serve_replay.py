@@ -65,18 +65,22 @@ def start_server(args, config: str, port: int, out: Path) -> subprocess.Popen:
     import httpx
 
     deadline = time.monotonic() + args.start_timeout_s
-    while True:
-        try:  # ready once the router sees its worker up, with an exact index
-            ws = httpx.get(f"http://127.0.0.1:{port}/debug/router", timeout=2).json()["workers"]
-            if any(w["up"] and w["freshness"] == "exact" for w in ws.values()):
-                time.sleep(2.0)  # the worker's first load report is in
-                return proc
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"server ({config}) did not start: see {log.name}")
-        time.sleep(1.0)
+    try:
+        while True:
+            try:  # ready once the router sees its worker up, with an exact index
+                url = f"http://127.0.0.1:{port}/debug/router"
+                ws = httpx.get(url, timeout=2).json()["workers"]
+                if any(w["up"] and w["freshness"] == "exact" for w in ws.values()):
+                    time.sleep(2.0)  # the worker's first load report is in
+                    return proc
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server ({config}) did not start: see {log.name}")
+            time.sleep(1.0)
+    except BaseException:  # interrupted or failed while it starts: it goes too
+        stop(proc)
+        raise
 
 
 def stop(proc: subprocess.Popen) -> None:
