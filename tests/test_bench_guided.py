@@ -36,6 +36,7 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
             prompt_len=8,
             max_tokens=12,
             mask_threads=[1],
+            reps=2,
             out=str(tmp_path),
         )
     )
@@ -45,4 +46,5 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
     for mode in ("unconstrained", "json_schema"):
         assert saved[mode]["tokens"] == 3 * 12 and saved[mode]["finish"] == ["length"]
     assert saved["json_schema"]["mask_ms_median"] > 0 and "ratio" in saved
+    assert len(saved["pairs"]) == 2 and saved["ratio"] in saved["ratios"]
     assert saved["json_schema_threads_1"]["mask_threads"] == 1 and "ratio_threads_1" in saved

@@ -76,7 +76,7 @@ SMOKES: dict[str, Smoke] = {
     "gemv": Smoke("--ms 1"),
     "decode_attn": Smoke("--cases 1x1280,16x1024", (), 90),
     "mixed_step": Smoke(f"{SMALL} --quick --no-profile --num-kv-blocks 256"),
-    "guided": Smoke("--tiny --out {out}", ("xgrammar", "tokenizers")),
+    "guided": Smoke("--tiny --reps 1 --out {out}", ("llguidance", "tokenizers")),
     "engine_offline": Smoke(
         f"{DUMMY} --num-requests 16 --input-len 64 256 --output-len 16 64 --num-kv-blocks 256 "
         "--out {out}/engine_bench.json"
