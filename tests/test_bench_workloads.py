@@ -9,17 +9,14 @@ import pytest
 
 from kvgrid import keys
 from kvgrid.bench import workloads as wl
-from kvgrid.bench.mooncake import load_mooncake, trace_dir
-
-needs_traces = pytest.mark.skipif(
-    not (trace_dir() / "conversation_trace.jsonl").exists(), reason="Mooncake traces absent"
-)
+from kvgrid.bench.mooncake import BUNDLED_TRACES, load_mooncake
 
 
-@needs_traces
-def test_mooncake_hit_rates_match_readme():
+def test_mooncake_hit_rates_match_readme(monkeypatch):
+    monkeypatch.delenv("KVGRID_TRACES", raising=False)  # the traces shipped with the package
     conv = load_mooncake("conversation")
     syn = load_mooncake("synthetic")
+    assert conv.meta["trace"] == str(BUNDLED_TRACES / "conversation_trace.jsonl")
     assert len(conv) == 12_031 and len(syn) == 3_993
     c, s = conv.theoretical_hit_rate(), syn.theoretical_hit_rate()
     assert round(100 * c["block_weighted"], 1) == 36.6
@@ -29,8 +26,18 @@ def test_mooncake_hit_rates_match_readme():
     assert conv.requests[-1].arrival_s == pytest.approx(3536.999)
 
 
-@needs_traces
-def test_mooncake_scaled_tokens_keep_prefix_chains():
+def test_mooncake_traces_folder_overrides_the_bundled_one(tmp_path, monkeypatch):
+    head = [line for line in (BUNDLED_TRACES / "synthetic_trace.jsonl").open()][:5]
+    (tmp_path / "conversation_trace.jsonl").write_text("".join(head))
+    monkeypatch.setenv("KVGRID_TRACES", str(tmp_path))
+    w = load_mooncake("conversation")
+    assert len(w) == 5 and w.meta["trace"] == str(tmp_path / "conversation_trace.jsonl")
+    with pytest.raises(FileNotFoundError, match="KVGRID_TRACES"):
+        load_mooncake("synthetic")
+
+
+def test_mooncake_scaled_tokens_keep_prefix_chains(monkeypatch):
+    monkeypatch.delenv("KVGRID_TRACES", raising=False)
     w = load_mooncake("conversation", tokens_per_block=64, max_input_tokens=640, limit=40)
     assert all(r.input_length <= 640 for r in w.requests)
     w.materialize()

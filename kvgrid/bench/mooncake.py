@@ -1,9 +1,9 @@
 """Mooncake FAST'25 traces as workloads.
 
-Record format (see ../shared/traces/mooncake/README.md): ``timestamp`` (ms from the trace's
-start), ``input_length``, ``output_length`` and ``hash_ids``, one id per 512-token block of
-the prompt, the last block possibly partial. Ids are chained prefix hashes: equal ids mean
-a reusable prefix.
+Record format (see data/mooncake/README.md, which also gives the traces' source and
+licence): ``timestamp`` (ms from the trace's start), ``input_length``, ``output_length`` and
+``hash_ids``, one id per 512-token block of the prompt, the last block possibly partial. Ids
+are chained prefix hashes: equal ids mean a reusable prefix.
 
 To fit small models, ``tokens_per_block`` shrinks every 512-token block to fewer tokens (the
 prefix structure is unchanged, lengths scale by tokens_per_block/512), ``max_input_tokens``
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvgrid import envs
-from kvgrid.bench.workloads import DEFAULT_VOCAB_SIZE, Request, Workload
+from kvgrid.bench.workload import DEFAULT_VOCAB_SIZE, Request, Workload
 
 MOONCAKE_BLOCK_TOKENS = 512
 TRACE_NAMES = {
@@ -27,14 +27,13 @@ TRACE_NAMES = {
 }
 
 
+# The conversation and synthetic traces ship with the package; toolagent is not included.
+BUNDLED_TRACES = Path(__file__).resolve().parent / "data" / "mooncake"
+
+
 def trace_dir() -> Path:
-    """$KVGRID_TRACES, else ../shared/traces/mooncake next to the repository, else /work/..."""
-    if envs.KVGRID_TRACES.is_set():
-        return envs.KVGRID_TRACES.get()
-    here = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake"
-    if here.is_dir():
-        return here
-    return Path("/work/shared/traces/mooncake")
+    """Where trace names resolve: $KVGRID_TRACES, else the traces shipped with kvgrid."""
+    return envs.KVGRID_TRACES.get() if envs.KVGRID_TRACES.is_set() else BUNDLED_TRACES
 
 
 def resolve_trace(name_or_path: str) -> Path:
@@ -51,7 +50,10 @@ def resolve_trace(name_or_path: str) -> Path:
         )
     p = trace_dir() / fname
     if not p.exists():
-        raise FileNotFoundError(f"Mooncake trace not found: {p} (set KVGRID_TRACES)")
+        raise FileNotFoundError(
+            f"Mooncake trace not found: {p} (give a .jsonl path, or set KVGRID_TRACES to the "
+            "folder holding it)"
+        )
     return p
 
 

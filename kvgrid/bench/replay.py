@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from kvgrid.bench.workloads import Request, Workload
+from kvgrid.bench.workload import Request, Workload
 from kvgrid.stats import Summary
 
 PERCENTILES = (50, 90, 99)

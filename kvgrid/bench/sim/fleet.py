@@ -35,7 +35,7 @@ import numpy as np
 from kvgrid import gc_tuning
 from kvgrid import keys as kvkeys
 from kvgrid.bench.sim.worker import PREFILL, SimRequest, SimWorker
-from kvgrid.bench.workloads import Workload
+from kvgrid.bench.workload import Workload
 from kvgrid.planner.calibration import Calibration, load_calibration
 from kvgrid.planner.planner import ObservationWindow, PoolState, ReplicaView
 from kvgrid.router.policies import DEFAULT_POLICY
