@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from kvgrid import envs
+from kvgrid.logs import LEVELS, setup_logging
 
 # module -> it provides `register(subparsers)`, adding one or more subcommands whose
 # parsers set `func` (called with the parsed args, returning an exit code).
@@ -15,11 +19,22 @@ _PARTS = (
     "kvgrid.bench.cli",  # bench, sim
     "kvgrid.chaos.cli",  # chaos
 )
+# Long-running services log what they do; the other commands print their results and log
+# only what goes wrong.
+_LOG_DEFAULTS = {"serve": "INFO", "worker": "INFO", "router": "INFO"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvgrid", description="LLM inference that keeps and reuses the KV cache"
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LEVELS,
+        default=None,
+        help="log level of this process and the ones it starts (default: $KVGRID_LOG, else "
+        "INFO for serve, worker and router, WARNING for the others)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _PARTS:
@@ -39,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.log_level:  # the processes this one starts (workers, benchmarks) log alike
+        os.environ[envs.KVGRID_LOG.name] = args.log_level
+    try:
+        setup_logging(args.log_level, _LOG_DEFAULTS.get(args.command, "WARNING"))
+    except ValueError as e:
+        parser.error(str(e))
     return int(args.func(args) or 0)
 
 

@@ -82,7 +82,8 @@ KVGRID_TRACES: EnvVar[Path | None] = _declare(
     "KVGRID_TRACES",
     _path,
     None,
-    "folder of the Mooncake traces the replay benchmarks read",
+    "folder of the Mooncake traces that workload specs name (default: the conversation and "
+    "synthetic traces shipped in `kvgrid/bench/data/mooncake/`)",
     "path",
 )
 # Secrets
@@ -153,9 +154,23 @@ KVGRID_API_KEYS: EnvVar[str | None] = _declare(
     "secret",
     secret=True,
 )
+KVGRID_API_KEY: EnvVar[str | None] = _declare(
+    "KVGRID_API_KEY",
+    str,
+    None,
+    "the API key the clients send (`kvgrid chat --url`, `kvgrid bench replay`; what "
+    "`--api-key` takes)",
+    "secret",
+    secret=True,
+)
 # Logging
 KVGRID_LOG: EnvVar[str] = _declare(
-    "KVGRID_LOG", str, "INFO", "log level of servers and workers", "level"
+    "KVGRID_LOG",
+    str,
+    "INFO",
+    "log level of every kvgrid process (`--log-level` wins); unset, the commands other than "
+    "serve, worker and router log at WARNING",
+    "level",
 )
 KVGRID_CHAOS_LOG: EnvVar[str] = _declare(
     "KVGRID_CHAOS_LOG",

@@ -1,9 +1,9 @@
 """The simulator experiments of docs/benchmarks.md, one subcommand each.
 
-    python -m kvgrid.bench.experiments policy   [--out DIR]   # policy table, Mooncake traces
-    python -m kvgrid.bench.experiments balance  [--out DIR]   # shared system prompt / no reuse
-    python -m kvgrid.bench.experiments planner  [--out DIR]   # SLA planner vs static pools
-    python -m kvgrid.bench.experiments scale    [--out DIR]   # 1,000 workers, 1,000,000 requests
+    kvgrid bench experiments policy   [--out DIR]   # policy table, Mooncake traces
+    kvgrid bench experiments balance  [--out DIR]   # shared system prompt / no reuse
+    kvgrid bench experiments planner  [--out DIR]   # SLA planner vs static pools
+    kvgrid bench experiments scale    [--out DIR]   # 1,000 workers, 1,000,000 requests
 
 Each prints a table and writes JSON (and PNGs where useful) under DIR ($OUT or ./out/sim).
 Simulated workers are Llama-3-8B on H100 from the default calibration (reference figures,
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -408,9 +407,17 @@ def _scale_run(args: argparse.Namespace, calib, t0: float) -> dict[str, Any]:
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvgrid.bench.experiments")
-    p.add_argument("experiment", choices=("policy", "balance", "planner", "scale"))
+EXPERIMENTS = {
+    "policy": run_policy,
+    "balance": run_balance,
+    "planner": run_planner,
+    "scale": run_scale,
+}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvgrid bench experiments``."""
+    p.add_argument("experiment", choices=list(EXPERIMENTS))
     p.add_argument("--out", default=None)
     p.add_argument("--calibration", default=None)
     p.add_argument("--workers", type=int, nargs="*", default=None)
@@ -423,12 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=8)
     p.add_argument("--static-from", type=int, default=14)
     p.add_argument("--static-to", type=int, default=32)
-    args = p.parse_args(argv)
-    fn = {"policy": run_policy, "balance": run_balance, "planner": run_planner, "scale": run_scale}[
-        args.experiment
-    ]
-    return fn(args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace) -> int:
+    """``kvgrid bench experiments NAME``."""
+    return EXPERIMENTS[args.experiment](args)

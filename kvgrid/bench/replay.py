@@ -21,10 +21,12 @@ Cached tokens come from ``usage.prompt_tokens_details.cached_tokens``; the measu
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +35,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from kvgrid import envs
 from kvgrid.bench.workload import Request, Workload
+from kvgrid.bench.workloads import SPEC_HELP, load_workload
 from kvgrid.stats import Summary
 
 PERCENTILES = (50, 90, 99)
@@ -407,3 +411,68 @@ def format_table(rep: dict[str, Any]) -> str:
         f"theoretical (infinite cache) {100 * th:.1f}%"
     )
     return "\n".join(lines)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvgrid bench replay``."""
+    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--workload", required=True, help=SPEC_HELP)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--speed", type=float, default=None, help="open loop, time speed-up")
+    mode.add_argument("--concurrency", type=int, default=None, help="closed loop")
+    p.add_argument("--model", default=None, help="model name (default: the server's first)")
+    p.add_argument(
+        "--api-key",
+        default=envs.KVGRID_API_KEY.get(),
+        help="API key for a server started with --api-keys (default: $KVGRID_API_KEY)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="first N requests only")
+    p.add_argument("--slo-ttft-ms", type=float, default=None)
+    p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument("--slo-e2el-ms", type=float, default=None)
+    p.add_argument("--block-size", type=int, default=64, help="server's KV block size")
+    p.add_argument("--no-ignore-eos", action="store_true")
+    p.add_argument("--out", default=None, help="JSON file (plots next to it)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``kvgrid bench replay``: replay, print the table, write JSON and plots."""
+    try:
+        w = load_workload(args.workload)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.limit:
+        w.requests = w.requests[: args.limit]
+    slo = SLO(
+        None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000,
+        None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000,
+        None if args.slo_e2el_ms is None else args.slo_e2el_ms / 1000,
+    )
+    rep = Replayer(args.url, args.model, args.api_key, ignore_eos=not args.no_ignore_eos)
+    speed = args.speed if args.concurrency is None else None
+    try:
+        results, duration = asyncio.run(
+            rep.run(
+                w, speed=speed or 1.0, concurrency=args.concurrency, progress=not args.no_progress
+            )
+        )
+    except (httpx.HTTPError, RuntimeError, ValueError) as e:
+        print(f"error: {args.url}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    mode = (
+        {"closed_loop": True, "concurrency": args.concurrency}
+        if args.concurrency
+        else {"open_loop": True, "speed": speed or 1.0}
+    )
+    out = report(w, results, duration, slo, args.block_size, mode)
+    print(format_table(out))
+    if args.out:
+        p = Path(args.out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(out, indent=1))
+        for q in plot(results, p.with_suffix(""), w.name):
+            print(f"wrote {q}")
+        print(f"wrote {p}")
+    return 0 if out["metrics"]["failed"] == 0 else 1

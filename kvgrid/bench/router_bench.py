@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -172,19 +171,13 @@ def bench_routing(
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    """The flags of ``kvgrid bench router`` (and ``python -m kvgrid.bench.router_bench``)."""
+    """The flags of ``kvgrid bench router``."""
     p.add_argument("--workers", type=int, default=64)
     p.add_argument("--rate", type=float, default=1000.0, help="requests per second")
     p.add_argument("--duration", type=float, default=5.0, help="simulated seconds of arrivals")
     p.add_argument("--policy", default=DEFAULT_POLICY)
     p.add_argument("--index-batches", type=int, default=50_000)
     p.add_argument("--out", default="router_bench.json")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_args(p)
-    return run(p.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,7 +213,3 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return 0 if result["pass"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Does the fleet simulator reproduce a real run? Calibrate, replay live, simulate, compare.
 
-    python -m kvgrid.bench.sim_vs_live calibrate --out out/sim_vs_live/calibration.json
-    python -m kvgrid.bench.sim_vs_live run --out out/sim_vs_live       # all four steps
+    kvgrid bench sim-vs-live calibrate --out out/sim_vs_live/calibration.json
+    kvgrid bench sim-vs-live run --out out/sim_vs_live       # all four steps
 
 1. ``calibrate``: measures this machine's engine (the default model unless --model) with
    the torch threads `kvgrid serve --workers N` gives a worker (cores / N). ``--engines N``
@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -45,6 +46,7 @@ DEFAULT_WORKLOAD = (
 KV_CACHE_GB = 0.3
 MAX_MODEL_LEN = 2048
 TARGET = 0.15
+MEASURE = "_measure"  # the subcommand of one calibration process
 
 
 # ---- 1. calibration ----------------------------------------------------------------------
@@ -127,10 +129,29 @@ def _measure(model: str | None, threads: int, kv_gb: float, start_at: float) -> 
     }
 
 
-def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
-    from scipy.optimize import nnls
+def nnls(rows: list[list[float]], y: list[float]) -> list[float]:
+    """Non-negative least squares, exact for the few coefficients of a step-time model.
 
-    return [float(c) for c in nnls(np.asarray(rows, float), np.asarray(y, float))[0]]
+    The optimum is the ordinary least-squares fit on some subset of the columns with every
+    coefficient >= 0 (the others held at 0): try every subset, keep the best feasible fit.
+    """
+    a, b = np.asarray(rows, float), np.asarray(y, float)
+    n = a.shape[1]
+    if n > 12:
+        raise ValueError(f"nnls over every subset is for few coefficients, not {n}")
+    best, best_err = np.zeros(n), float(b @ b)
+    for cols in itertools.chain.from_iterable(
+        itertools.combinations(range(n), k) for k in range(1, n + 1)
+    ):
+        sub = list(cols)
+        coef = np.linalg.lstsq(a[:, sub], b, rcond=None)[0]
+        if (coef < 0).any():
+            continue
+        err = float(np.sum((a[:, sub] @ coef - b) ** 2))
+        if err < best_err:
+            best, best_err = np.zeros(n), err
+            best[sub] = coef
+    return [float(c) for c in best]
 
 
 def fit(samples: list[dict[str, Any]], engines: int, threads: int, startup_s: float) -> dict:
@@ -142,8 +163,8 @@ def fit(samples: list[dict[str, Any]], engines: int, threads: int, startup_s: fl
     p_y = [t for *_, t in pre]
     d_rows = [[1.0, b, kv] for b, kv, _ in dec]
     d_y = [t for *_, t in dec]
-    p = _nnls(p_rows, p_y)
-    d = _nnls(d_rows, d_y)
+    p = nnls(p_rows, p_y)
+    d = nnls(d_rows, d_y)
 
     def err(rows, coef, y) -> float:
         pred = np.asarray(rows) @ np.asarray(coef)
@@ -156,7 +177,7 @@ def fit(samples: list[dict[str, Any]], engines: int, threads: int, startup_s: fl
             "dtype": s0["dtype"],
             "measured": True,
             "source": (
-                f"kvgrid.bench.sim_vs_live calibrate: {len(pre)} prefill-only and {len(dec)} "
+                f"kvgrid bench sim-vs-live calibrate: {len(pre)} prefill-only and {len(dec)} "
                 f"decode-only LLMEngine.step() times from {engines} engine processes running "
                 "at once (as `kvgrid serve` runs them)"
             ),
@@ -180,7 +201,7 @@ def calibrate(
     """Measure, fit and write the calibration JSON to ``out`` (samples next to it)."""
     threads = threads or max(1, (os.cpu_count() or 1) // 2)
     start_at = time.time() + 15  # after every process has loaded its engine
-    argv = [sys.executable, "-m", "kvgrid.bench.sim_vs_live", "_measure"]
+    argv = [sys.executable, "-m", "kvgrid.cli", "bench", "sim-vs-live", MEASURE]
     argv += ["--threads", str(threads), "--start-at", str(start_at)]
     argv += ["--model", model] if model else []
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE) for _ in range(engines)]
@@ -305,35 +326,62 @@ def _print(cmp: dict) -> None:
     print(f"within 15%: {'all' if ok else cmp['within_15pct']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvgrid.bench.sim_vs_live")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("calibrate")
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvgrid bench sim-vs-live``."""
+    sub = p.add_subparsers(dest="step", required=True, metavar="{calibrate,run}")
+    c = sub.add_parser("calibrate", help="measure this machine's engine, write the calibration")
     c.add_argument("--out", default="out/sim_vs_live/calibration.json")
     c.add_argument("--engines", type=int, default=1, help="engine processes measuring at once")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--model", default=None)
-    r = sub.add_parser("run")
+    r = sub.add_parser("run", help="calibrate, replay live, simulate, compare")
     r.add_argument("--out", default="out/sim_vs_live")
     r.add_argument("--calibration", default=None, help="reuse one (default: calibrate now)")
     r.add_argument("--calibrate-engines", type=int, default=1)
     r.add_argument("--workload", default=DEFAULT_WORKLOAD)
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--policy", default=DEFAULT_POLICY)
-    m = sub.add_parser("_measure")  # internal: one calibration process
+    m = sub.add_parser(MEASURE)  # one calibration process (started by calibrate)
     m.add_argument("--threads", type=int, required=True)
     m.add_argument("--start-at", type=float, required=True)
     m.add_argument("--model", default=None)
-    args = p.parse_args(argv)
-    if args.cmd == "_measure":
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """What the later steps need, checked before minutes of calibration: the workload, the
+    calibration given, the policy, the output folder, the model, the plotting library."""
+    import matplotlib  # noqa: F401  (the live replay's plots)
+
+    from kvgrid.bench.workloads import load_workload
+    from kvgrid.planner.calibration import load_calibration
+    from kvgrid.router.policies import make_policy
+
+    load_workload(args.workload)
+    if args.calibration:
+        load_calibration(args.calibration)
+    make_policy(args.policy)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if not args.calibration:
+        from kvgrid.models.default import ensure_default_model
+
+        ensure_default_model()
+
+
+def run(args: argparse.Namespace) -> int:
+    """``kvgrid bench sim-vs-live {calibrate,run}``."""
+    if args.step == MEASURE:
         print(json.dumps(_measure(args.model, args.threads, KV_CACHE_GB, args.start_at)))
         return 0
-    if args.cmd == "calibrate":
+    if args.step == "calibrate":
         cal = calibrate(Path(args.out), args.engines, args.threads, args.model)
         print(json.dumps(cal, indent=1))
         return 0
+    try:
+        _preflight(args)
+    except (ImportError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     calib_path = Path(args.calibration) if args.calibration else out / "calibration.json"
     if not args.calibration:
         print("calibrating ...", flush=True)
@@ -354,7 +402,3 @@ def main(argv: list[str] | None = None) -> int:
     (out / "compare.json").write_text(json.dumps(cmp, indent=1))
     _print(cmp)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

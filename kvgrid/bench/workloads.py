@@ -7,7 +7,11 @@ returns a ``kvgrid.bench.workload.Workload``.
 
 from __future__ import annotations
 
+import argparse
+import functools
+import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -368,6 +372,14 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
 }
 
 
+SPEC_HELP = (
+    "mooncake:conversation | mooncake:synthetic | mooncake:PATH.jsonl, options after commas "
+    "(tokens_per_block=64,max_input_tokens=1536,max_output_tokens=32,limit=200,repeat=2,"
+    "speed=2); or a generator: chat, agent, system_prompt, docqa, sinusoidal, constant, "
+    "no_reuse with key=value options"
+)
+
+
 def _parse_value(v: str) -> Any:
     for cast in (int, float):
         try:
@@ -392,9 +404,10 @@ def load_workload(spec: str, **overrides: Any) -> Workload:
             target = part.strip()
     opts.update({k: v for k, v in overrides.items() if v is not None})
     if name == "mooncake":
-        return load_mooncake(target or "conversation", **opts)
-    gen = GENERATORS.get(name)
-    if gen is None:
+        gen: Callable[..., Workload] = functools.partial(load_mooncake, target or "conversation")
+    elif name in GENERATORS:
+        gen = GENERATORS[name]
+    else:
         raise ValueError(
             f"unknown workload {name!r}; use mooncake:<trace> or one of {', '.join(GENERATORS)}"
         )
@@ -402,3 +415,24 @@ def load_workload(spec: str, **overrides: Any) -> Workload:
         return gen(**opts)
     except TypeError as e:
         raise ValueError(f"bad options for workload {name!r}: {e}") from None
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvgrid bench workload``."""
+    p.add_argument("spec", help=SPEC_HELP)
+    p.add_argument("--block-size", type=int, default=None, help="engine block size")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``kvgrid bench workload``: a workload's statistics and theoretical hit rate."""
+    try:
+        w = load_workload(args.spec)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = w.stats()
+    out["theoretical_hit_rate"] = w.theoretical_hit_rate()
+    if args.block_size:
+        out["theoretical_hit_rate_engine_blocks"] = w.theoretical_hit_rate(args.block_size)
+    print(json.dumps(out, indent=1))
+    return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import tempfile
 from dataclasses import replace
@@ -56,7 +55,6 @@ def _run(args: argparse.Namespace) -> int:
     from kvgrid.chaos.faults import all_faults
     from kvgrid.chaos.system import SystemConfig
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     faults = tuple(all_faults()) if args.faults == "all" else tuple(args.faults.split(","))
     workdir = args.workdir or tempfile.mkdtemp(prefix="kvgrid-chaos-")
     system = replace(

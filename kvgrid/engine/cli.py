@@ -1,10 +1,12 @@
-"""`kvgrid generate` and `kvgrid chat`: the engine on the command line, no server."""
+"""`kvgrid generate` and `kvgrid chat`: the engine on the command line, no server (or, for
+`chat --url`, a running server through its OpenAI API)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from kvgrid import envs
 from kvgrid.engine.args import add_engine_args, engine_config_from_args
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 
@@ -37,12 +39,67 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_sampling_args(p, 64)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="chat with the model (one question, or interactive)")
+    p = sub.add_parser(
+        "chat",
+        help="chat with the model (one question, or interactive): with its own engine in this "
+        "process, or with a running server (--url)",
+        description="Without --url, chat loads the model into an engine of its own in this "
+        "process (the engine flags below apply). With --url, it talks to a running server "
+        "(`kvgrid serve`, or any OpenAI-compatible one) through /v1/chat/completions; "
+        "--model then names the served model (default: the server's first).",
+    )
     p.add_argument("message", nargs="?", help="ask one question and exit")
     p.add_argument("--system", default=None, help="system prompt")
+    g = p.add_argument_group("server (instead of a local engine)")
+    g.add_argument("--url", default=None, help="the server, e.g. http://127.0.0.1:8000")
+    g.add_argument(
+        "--api-key",
+        default=envs.KVGRID_API_KEY.get(),
+        help="API key for a server started with --api-keys (default: $KVGRID_API_KEY)",
+    )
     add_engine_args(p)
     _add_sampling_args(p, 256)
-    p.set_defaults(func=cmd_chat)
+    p.set_defaults(func=cmd_chat, engine_defaults=_engine_defaults())
+
+
+def _engine_defaults() -> dict:
+    """The engine flags' defaults (a flag changed from its default has no effect with --url)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_engine_args(p)
+    return {a.dest: a.default for a in p._actions if a.option_strings}
+
+
+def _chat_with_server(args: argparse.Namespace) -> int:
+    from kvgrid.chat_client import ChatError, RemoteChat, chat
+
+    engine_flags = [
+        "--" + k.replace("_", "-")
+        for k, v in args.engine_defaults.items()
+        if k != "model" and getattr(args, k, v) != v
+    ]
+    if engine_flags:
+        print(
+            f"error: {', '.join(engine_flags)} configure a local engine; with --url the "
+            "server's engine answers",
+            file=sys.stderr,
+        )
+        return 2
+    sampling = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.sampling_seed,
+        "stop": args.stop,
+    }
+    remote = RemoteChat(args.url, args.api_key, args.model)
+    try:
+        return chat(remote, args.message, args.system, sampling)
+    except ChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        remote.close()
 
 
 def _engine(args):
@@ -97,6 +154,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.url:
+        return _chat_with_server(args)
     engine = None
     try:
         params = _params(args)

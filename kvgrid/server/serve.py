@@ -266,14 +266,6 @@ def pool_bounds(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=envs.KVGRID_LOG.get(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def _default_host(args: argparse.Namespace) -> str:
     keys_set = bool(args.api_keys or envs.KVGRID_API_KEYS.is_set())
     return args.host or ("0.0.0.0" if keys_set else "127.0.0.1")
@@ -300,7 +292,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from kvgrid.server.frontend import create_frontend_app
 
-    _setup_logging()
     try:
         pools = worker_pools(args)
     except ValueError as e:
@@ -466,7 +457,6 @@ def run_router(args: argparse.Namespace) -> int:
 
     from kvgrid.server.frontend import create_frontend_app
 
-    _setup_logging()
     try:
         key = load_control_key(args.control_key_file)
     except CredentialError as e:

@@ -45,7 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvgrid import envs, failpoints
+from kvgrid import failpoints
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 from kvgrid.router import wire
 from kvgrid.router.workers import WorkerInfo
@@ -455,11 +455,6 @@ def run_worker(args) -> int:
 
     import uvicorn
 
-    logging.basicConfig(
-        level=envs.KVGRID_LOG.get(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         worker_id, key = worker_identity(args)
         url = args.advertise_url or f"http://{args.host}:{args.port}"

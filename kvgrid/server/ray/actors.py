@@ -18,19 +18,11 @@ import threading
 import time
 from typing import Any
 
-from kvgrid import envs
+from kvgrid.logs import setup_logging
 from kvgrid.server.ray import secrets
 from kvgrid.server.ray.http import HTTPThread, bind
 
 log = logging.getLogger(__name__)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=envs.KVGRID_LOG.get(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def node_ip() -> str:

@@ -8,8 +8,9 @@ import argparse
 import os
 from typing import Any
 
+from kvgrid.logs import setup_logging
 from kvgrid.server.ray import secrets
-from kvgrid.server.ray.actors import Served, http_url, node_ip, setup_logging
+from kvgrid.server.ray.actors import Served, http_url, node_ip
 from kvgrid.server.ray.fleet import RayFleet
 from kvgrid.server.ray.http import HTTPThread, bind
 

@@ -19,8 +19,6 @@ from typing import Any
 
 import httpx
 
-from kvgrid import envs
-
 log = logging.getLogger(__name__)
 
 
@@ -195,11 +193,6 @@ def run_serve_ray(args: argparse.Namespace) -> int:
     import ray
     from ray.exceptions import RayError
 
-    logging.basicConfig(
-        level=envs.KVGRID_LOG.get(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         server = RayServer.start(args)
     except (ValueError, OSError, RayError) as e:
