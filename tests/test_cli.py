@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import json
 import re
 from pathlib import Path
 
@@ -113,3 +114,19 @@ def test_chat_help_says_what_runs_where(capsys):
         main(["chat", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Without --url, chat loads the model into an engine of its own" in text
+
+
+def test_sim_runs_and_its_link_flag_reaches_the_simulator(tmp_path, capsys):
+    argv = ["sim", "--workload", "docqa:seed=1", "--workers", "4", "--disagg"]
+    argv += ["--prefill-workers", "2"]
+    ttft = []
+    for extra in ([], ["--link-gbps", "1"]):
+        out = tmp_path / f"sim{len(extra)}.json"
+        assert main([*argv, *extra, "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["completed"] == 80
+        ttft.append(res["ttft_p50_s"])
+    assert ttft[1] > 2 * ttft[0]  # a 1 Gb/s link makes every remote prefill wait for its KV
+    capsys.readouterr()
+    assert main([*argv, "--link-gbps", "0"]) == 2
+    assert "--link-gbps must be positive" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The CPU calibration of kvgrid.bench.sim_vs_live: its fit recovers known step-time
+"""The CPU calibration of `kvgrid bench sim-vs-live`: its fit recovers known step-time
 coefficients, and the result loads as a simulator calibration."""
 
 from __future__ import annotations

@@ -255,8 +255,17 @@ class Replayer:
             t0 = time.perf_counter()
             first = reqs[0].arrival_s
 
+            in_flight = failed = 0
+
             async def tracked(req: Request, scheduled: float) -> RequestResult:
+                # the bar moves as requests are sent, not only as long ones complete
+                nonlocal in_flight, failed
+                in_flight += 1
+                bar.set_postfix_str(f"in flight {in_flight}, failed {failed}")
                 r = await self._one(client, w, req, model, t0, scheduled)
+                in_flight -= 1
+                failed += not r.success
+                bar.set_postfix_str(f"in flight {in_flight}, failed {failed}", refresh=False)
                 bar.update(1)
                 return r
 
@@ -293,6 +302,9 @@ class Replayer:
 
 class _NoBar:
     def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
         pass
 
     def close(self) -> None:

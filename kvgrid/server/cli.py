@@ -113,7 +113,7 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="JSON",
         help="engine step times the planner models workers with (kvgrid.bench.sim format; "
-        "measure this machine's with `python -m kvgrid.bench.sim_vs_live calibrate`); "
+        "measure this machine's with `kvgrid bench sim-vs-live calibrate`); "
         "default: the speeds the workers measure and report",
     )
     g.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from kvgrid.bench.workloads import SPEC_HELP
@@ -20,7 +21,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None, help="engine calibration JSON")
     p.add_argument("--disagg", action="store_true", help="separate prefill/decode pools")
     p.add_argument("--prefill-workers", type=int, default=0)
-    p.add_argument("--link-gbps", type=float, default=400.0, help="prefill->decode link")
+    p.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        help="prefill->decode KV transfer bandwidth (default: the calibration's)",
+    )
     p.add_argument("--candidates", type=int, default=None, help="preselect K per decision")
     p.add_argument("--g2-tokens", type=int, default=0, help="host-memory tier per worker")
     p.add_argument(
@@ -50,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         w = load_workload(args.workload)
         calib = load_calibration(args.calibration)
         sites = [parse_site(s) for s in args.site] or [Site()]
+        if args.link_gbps is not None and args.link_gbps <= 0:
+            raise ValueError(f"--link-gbps must be positive, got {args.link_gbps}")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -67,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         calibration=calib,
         disagg=args.disagg,
         num_prefill=args.prefill_workers,
-        link_bytes_per_s=args.link_gbps * 1e9 / 8,
+        transfer=None
+        if args.link_gbps is None
+        else replace(calib.transfer, bytes_per_s=args.link_gbps * 1e9 / 8),
         sites=sites,
         candidates=args.candidates,
         slo_ttft_s=args.slo_ttft,
