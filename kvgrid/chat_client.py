@@ -2,14 +2,15 @@
 
 Each turn posts the whole conversation to ``/v1/chat/completions`` with streaming on, prints
 the answer as it arrives and then the usage the server reports (the prompt tokens its prefix
-cache or context store supplied), as the local chat does with its own engine.
+cache or context store supplied). The turn-taking (``questions``) and the usage line
+(``print_usage``) are the local chat's too.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,30 @@ def _error_text(r: httpx.Response) -> str:
     return f"HTTP {r.status_code} from {r.request.url}: {msg}"
 
 
+def questions(message: str | None) -> Iterator[str]:
+    """The one question given; else what the user types, turn by turn, until end of input,
+    an empty line, /exit or /quit."""
+    if message is not None:
+        yield message
+        return
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            return
+        if question in ("", "/exit", "/quit"):
+            return
+        sys.stdout.write("assistant> ")
+        yield question
+
+
+def print_usage(completion_tokens: int | str, cached: int, prompt_tokens: int | str) -> None:
+    print(
+        f"[{completion_tokens} tokens; {cached} of {prompt_tokens} prompt tokens from cache]",
+        file=sys.stderr,
+    )
+
+
 def _print_now(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -131,17 +156,7 @@ def chat(
     """One question (``message``) or an interactive loop; prints as the local chat does.
     A turn the server refuses ends a one-question chat; an interactive one goes on."""
     history = [{"role": "system", "content": system}] if system else []
-    while True:
-        if message is not None:
-            question = message
-        else:
-            try:
-                question = input("you> ").strip()
-            except EOFError:
-                return 0
-            if question in ("", "/exit", "/quit"):
-                return 0
-            sys.stdout.write("assistant> ")
+    for question in questions(message):
         history.append({"role": "user", "content": question})
         try:
             turn = remote.ask(history, sampling, _print_now)
@@ -156,10 +171,5 @@ def chat(
         history.append({"role": "assistant", "content": turn.text})
         u = turn.usage
         cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        print(
-            f"[{u.get('completion_tokens', '?')} tokens; {cached} of "
-            f"{u.get('prompt_tokens', '?')} prompt tokens from cache]",
-            file=sys.stderr,
-        )
-        if message is not None:
-            return 0
+        print_usage(u.get("completion_tokens", "?"), cached, u.get("prompt_tokens", "?"))
+    return 0

@@ -5,15 +5,21 @@ Every command is a module with ``add_args(parser)`` and ``run(args) -> int``; a 
 commands is one module too, whose ``add_args`` adds the group's own subcommands (each with
 its ``func``). Adding a command, or a group, is one line in ``BENCH_COMMANDS``. The GPU
 benchmarks (``kvgrid bench gpu NAME``) add their own group, each benchmark parsing its own
-arguments.
+arguments. Input a command cannot use (a ValueError, a missing file) ends it with one line
+naming the problem and exit status 2 (the traceback at --log-level DEBUG).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import sys
+from collections.abc import Callable
 
 from kvgrid.bench.gpu import add_cli as add_gpu_cli
+
+log = logging.getLogger(__name__)
 
 # name -> (module, help)
 BENCH_COMMANDS: dict[str, tuple[str, str]] = {
@@ -46,11 +52,23 @@ BENCH_COMMANDS: dict[str, tuple[str, str]] = {
 SIM_COMMAND = ("kvgrid.bench.sim.cli", "discrete-event fleet simulator (the real router)")
 
 
+def _clean_errors(run: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    def call(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError) as e:
+            log.debug("kvgrid %s failed", args.command, exc_info=True)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return call
+
+
 def _add(sub: argparse._SubParsersAction, name: str, module_name: str, help: str) -> None:
     module = importlib.import_module(module_name)
     p = sub.add_parser(name, help=help, description=help)
     module.add_args(p)
-    p.set_defaults(func=module.run)
+    p.set_defaults(func=_clean_errors(module.run))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

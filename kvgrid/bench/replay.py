@@ -450,11 +450,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``kvgrid bench replay``: replay, print the table, write JSON and plots."""
-    try:
-        w = load_workload(args.workload)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    w = load_workload(args.workload)
     if args.limit:
         w.requests = w.requests[: args.limit]
     slo = SLO(

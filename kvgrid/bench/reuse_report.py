@@ -113,14 +113,6 @@ def _sizes(args: argparse.Namespace, gpu: bool) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """``kvgrid bench reuse``: every configuration, the table, JSON and plot."""
-    try:
-        return _run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from kvgrid.engine.llm_engine import LLMEngine
 
     gpu = torch.cuda.is_available() and args.device in ("auto", "cuda")

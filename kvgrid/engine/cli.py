@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from kvgrid import envs
+from kvgrid.chat_client import print_usage, questions
 from kvgrid.engine.args import add_engine_args, engine_config_from_args
 from kvgrid.engine.sampling_params import RequestError, SamplingParams
 
@@ -164,31 +165,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if tok is None:
             raise RequestError("this model has no tokenizer, so no chat template")
         history = [{"role": "system", "content": args.system}] if args.system else []
-        turn = 0
-        while True:
-            if args.message is not None:
-                question = args.message
-            else:
-                try:
-                    question = input("you> ").strip()
-                except EOFError:
-                    return 0
-                if question in ("", "/exit", "/quit"):
-                    return 0
+        for turn, question in enumerate(questions(args.message)):
             history.append({"role": "user", "content": question})
             prompt = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
-            if args.message is None:
-                sys.stdout.write("assistant> ")
             out = _stream(engine, f"chat-{turn}", prompt, params)
             history.append({"role": "assistant", "content": out.outputs[0].text})
-            print(
-                f"[{len(out.outputs[0].token_ids)} tokens; {out.num_cached_tokens} of "
-                f"{len(out.prompt_token_ids)} prompt tokens from cache]",
-                file=sys.stderr,
+            print_usage(
+                len(out.outputs[0].token_ids), out.num_cached_tokens, len(out.prompt_token_ids)
             )
-            turn += 1
-            if args.message is not None:
-                return 0
+        return 0
     except (RequestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,15 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from kvgrid.planner.planner import Planner, PlannerConfig
     from kvgrid.router.sites import parse_site
 
-    try:
-        w = load_workload(args.workload)
-        calib = load_calibration(args.calibration)
-        sites = [parse_site(s) for s in args.site] or [Site()]
-        if args.link_gbps is not None and args.link_gbps <= 0:
-            raise ValueError(f"--link-gbps must be positive, got {args.link_gbps}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    w = load_workload(args.workload)
+    calib = load_calibration(args.calibration)
+    sites = [parse_site(s) for s in args.site] or [Site()]
+    if args.link_gbps is not None and args.link_gbps <= 0:
+        raise ValueError(f"--link-gbps must be positive, got {args.link_gbps}")
     planner = None
     if args.planner:
         planner = Planner(
@@ -86,11 +82,7 @@ def run(args: argparse.Namespace) -> int:
         planner=planner,
         seed=args.seed,
     )
-    try:
-        res = simulate(w, cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = simulate(w, cfg)
     fleet = res.pop("fleet")
     res["scale_actions_log"] = fleet.actions[:200]
     if not calib.meta.get("measured", False):
