@@ -157,3 +157,23 @@ def test_replay_closed_loop_respects_concurrency(sse_server):
     spans = sorted((r.sent_s, r.sent_s + r.e2el_s) for r in results)
     for t, _ in spans:
         assert sum(1 for s, e in spans if s <= t + 1e-4 < e) <= 2
+
+
+def test_replay_command_with_the_shipped_mooncake_trace(sse_server, tmp_path, capsys):
+    """`kvgrid bench replay` as the README runs it on a CPU: a slice of the bundled trace,
+    prompts scaled and capped; JSON and plots written."""
+    from kvgrid.cli import main
+
+    url, log = sse_server
+    out = tmp_path / "replay.json"
+    spec = "mooncake:conversation,tokens_per_block=64,max_input_tokens=512,max_output_tokens=4"
+    argv = ["bench", "replay", "--url", url, "--limit", "6", "--workload", spec]
+    assert main([*argv, "--concurrency", "3", "--out", str(out), "--no-progress"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["metrics"]["completed"] == 6 and rep["workload"]["requests"] == 6
+    sent = log[-6:]
+    assert all(len(b["prompt"]) <= 512 and b["max_tokens"] <= 4 for b in sent)
+    assert (tmp_path / "replay_cdf.png").exists()
+    assert "completed 6" in capsys.readouterr().out
+    assert main(["bench", "replay", "--url", url, "--workload", "mooncake:nope"]) == 2
+    assert "unknown Mooncake trace 'nope'" in capsys.readouterr().err
