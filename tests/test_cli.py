@@ -80,7 +80,7 @@ def test_chat_with_a_running_server(api_server, monkeypatch, capsys):
     key = headers["Authorization"].removeprefix("Bearer ")
     argv = ["chat", "--url", url, "--system", SYSTEM, "--max-tokens", "8"]
 
-    monkeypatch.setenv("KVGRID_API_KEY", key)  # the flag's default, read when the parser is built
+    monkeypatch.setenv("KVGRID_API_KEY", key)  # what --api-key defaults to
     assert main([*argv, QUESTION]) == 0
     out = capsys.readouterr()
     assert out.out == want + "\n"

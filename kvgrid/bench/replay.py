@@ -435,7 +435,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument(
         "--api-key",
-        default=envs.KVGRID_API_KEY.get(),
+        default=None,
         help="API key for a server started with --api-keys (default: $KVGRID_API_KEY)",
     )
     p.add_argument("--limit", type=int, default=None, help="first N requests only")
@@ -458,7 +458,8 @@ def run(args: argparse.Namespace) -> int:
         None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000,
         None if args.slo_e2el_ms is None else args.slo_e2el_ms / 1000,
     )
-    rep = Replayer(args.url, args.model, args.api_key, ignore_eos=not args.no_ignore_eos)
+    key = args.api_key or envs.KVGRID_API_KEY.get()
+    rep = Replayer(args.url, args.model, key, ignore_eos=not args.no_ignore_eos)
     speed = args.speed if args.concurrency is None else None
     try:
         results, duration = asyncio.run(

@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--url", default=None, help="the server, e.g. http://127.0.0.1:8000")
     g.add_argument(
         "--api-key",
-        default=envs.KVGRID_API_KEY.get(),
+        default=None,
         help="API key for a server started with --api-keys (default: $KVGRID_API_KEY)",
     )
     add_engine_args(p)
@@ -93,7 +93,7 @@ def _chat_with_server(args: argparse.Namespace) -> int:
         "seed": args.sampling_seed,
         "stop": args.stop,
     }
-    remote = RemoteChat(args.url, args.api_key, args.model)
+    remote = RemoteChat(args.url, args.api_key or envs.KVGRID_API_KEY.get(), args.model)
     try:
         return chat(remote, args.message, args.system, sampling)
     except ChatError as e:
