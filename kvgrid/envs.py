@@ -191,7 +191,7 @@ KVGRID_GEMV_CONFIGS: EnvVar[Path | None] = _declare(
     "KVGRID_GEMV_CONFIGS",
     _path,
     None,
-    "JSON of pinned GEMV launch configs (what `bench/gpu_gemv.py` saves)",
+    "JSON of pinned GEMV launch configs (what `kvgrid bench gpu gemv` saves)",
     "path",
 )
 KVGRID_PDL: EnvVar[bool] = _declare(
@@ -200,6 +200,24 @@ KVGRID_PDL: EnvVar[bool] = _declare(
     True,
     "`0`: no programmatic dependent launch between decode kernels",
     "bool",
+)
+
+
+# GPU benchmarks (kvgrid.bench.gpu)
+KVGRID_BENCH_SHAPE: EnvVar[str | None] = _declare(
+    "KVGRID_BENCH_SHAPE",
+    str,
+    None,
+    "model shape the GPU benchmarks run by default (else an 8B shape on a GPU, SmolLM2-135M "
+    "on a CPU)",
+    "str",
+)
+KVGRID_BENCH_DIR: EnvVar[Path | None] = _declare(
+    "KVGRID_BENCH_DIR",
+    _path,
+    None,
+    "store directories of `kvgrid bench gpu store` (default `/tmp/kvgrid-store-bench`)",
+    "path",
 )
 
 

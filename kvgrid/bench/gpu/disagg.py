@@ -44,6 +44,7 @@ from typing import ClassVar
 import httpx
 import numpy as np
 
+from kvgrid import envs
 from kvgrid.bench.gpu.harness import add_common_args
 from kvgrid.server.auth import ControlKey
 
@@ -80,15 +81,17 @@ class Proc:
     live: ClassVar[list[Proc]] = []
 
     def __init__(self, name: str, argv: list[str], out: Path, key: ControlKey) -> None:
-        env = dict(
-            os.environ,
-            KVGRID_CONTROL_KEY=key.dumps(),
-            KVGRID_ADMIN_TOKEN=ADMIN_TOKEN,
-            KVGRID_LOG="WARNING",
-            KVGRID_API_KEYS=json.dumps(API_KEYS),
-            KVGRID_SERVER_SECRET=SERVER_SECRET,
+        env = dict(os.environ)
+        env.update(
+            {
+                envs.KVGRID_CONTROL_KEY.name: key.dumps(),
+                envs.KVGRID_ADMIN_TOKEN.name: ADMIN_TOKEN,
+                envs.KVGRID_LOG.name: "WARNING",
+                envs.KVGRID_API_KEYS.name: json.dumps(API_KEYS),
+                envs.KVGRID_SERVER_SECRET.name: SERVER_SECRET,
+            }
         )
-        env.pop("KVGRID_CONTROL_KEY_FILE", None)
+        env.pop(envs.KVGRID_CONTROL_KEY_FILE.name, None)
         self.log = out / f"{name}.log"
         with open(self.log, "w") as f:
             self.p = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)

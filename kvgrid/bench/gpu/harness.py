@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from kvgrid import envs
+
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEV.type == "cuda"
 GiB = 1 << 30
@@ -72,7 +74,7 @@ def bench_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float
 def default_shape(gpu: str = "llama3.1-8b", cpu: str = "smollm2-135m") -> str:
     """The model shape a benchmark runs by default: an 8B shape on a GPU, a small one on the
     CPU; ``KVGRID_BENCH_SHAPE`` overrides both."""
-    return os.environ.get("KVGRID_BENCH_SHAPE", gpu if GPU else cpu)
+    return envs.KVGRID_BENCH_SHAPE.get() or (gpu if GPU else cpu)
 
 
 def parser(module: str, doc: str | None) -> argparse.ArgumentParser:

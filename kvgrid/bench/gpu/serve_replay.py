@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvgrid import envs
 from kvgrid.bench.mooncake import load_mooncake
 from kvgrid.bench.replay import SLO, Replayer, compute_metrics
 
@@ -58,8 +59,9 @@ def start_server(args, config: str, port: int, out: Path) -> subprocess.Popen:
         d = out / f"g3-{port}"
         cmd += ["--kv-store-host-gb", str(args.g2_gb), "--kv-store-dir", str(d),
                 "--kv-store-disk-gb", str(args.g3_gb)]  # fmt: skip
-    env = dict(os.environ, KVGRID_LOG="WARNING")
-    env.pop("KVGRID_API_KEYS", None)
+    env = dict(os.environ)
+    env[envs.KVGRID_LOG.name] = "WARNING"
+    env.pop(envs.KVGRID_API_KEYS.name, None)
     log = open(out / f"serve-{config}-{port}.log", "w")  # noqa: SIM115  (the server's)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     import httpx

@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from kvgrid import keys
+from kvgrid import envs, keys
 from kvgrid.bench.gpu.harness import GPU, T_START, GiB, Results, add_common_args, default_shape, log
 from kvgrid.bench.gpu.store_probes import attached_store, quiesce
 from kvgrid.engine.sampling_params import SamplingParams
@@ -323,7 +323,7 @@ def main(argv: list[str] | None, phases: Sequence[ModuleType], module: str = "")
     ap.add_argument("--sizes", default="8192,32768", help="prompt lengths (tokens)")
     ap.add_argument(
         "--root",
-        default=os.environ.get("KVGRID_BENCH_DIR", "/tmp/kvgrid-store-bench"),
+        default=str(envs.KVGRID_BENCH_DIR.get() or "/tmp/kvgrid-store-bench"),
         help="store directories (removed first)",
     )
     ap.add_argument("--num-kv-blocks", type=int, default=1100 if GPU else None)
