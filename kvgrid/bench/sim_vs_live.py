@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from kvgrid import envs
+from kvgrid.bench.procs import interrupt
 from kvgrid.router.policies import DEFAULT_POLICY
 
 DEFAULT_WORKLOAD = (
@@ -261,12 +261,7 @@ def live_replay(workload: str, workers: int, policy: str, out: Path) -> dict:
         if rc not in (0, 1):
             raise RuntimeError(f"replay failed ({rc})")
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        interrupt(server, 30)
         log.close()
     return json.loads((out / "live.json").read_text())
 

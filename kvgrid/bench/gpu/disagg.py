@@ -33,7 +33,6 @@ import functools
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import numpy as np
 
 from kvgrid import envs
 from kvgrid.bench.gpu.harness import add_common_args
+from kvgrid.bench.procs import interrupt
 from kvgrid.server.auth import ControlKey
 
 # the control plane: routers hold the cluster key, each worker its own key
@@ -98,13 +98,7 @@ class Proc:
         Proc.live.append(self)
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGINT)
-            try:
-                self.p.wait(30)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        interrupt(self.p, 30)
 
 
 def wait_for(check, timeout: float, what: str, proc: Proc | None = None):

@@ -371,16 +371,20 @@ def run(args) -> dict:
         run_batch(eng, args.batch, args.prompt_len, 8, None, seed=2)  # warm-up
         run_batch(eng, args.batch, args.prompt_len, 32, spec, seed=2)  # the grammar's lexer
         default = eng.guided.threads
+
+        def speed(name: str, guided, threads) -> dict:
+            eng.guided.use_threads(threads)
+            r = run_batch(eng, args.batch, args.prompt_len, args.max_tokens, guided, seed=3)
+            r.pop("outputs")
+            r["mask_threads"] = threads
+            log(name, r)
+            return r
+
         # pairs, alternating: a shared machine's slow spell hits one pair, not one mode
         pairs = []
         for rep in range(args.reps):
-            pair = {}
-            for name, guided in (("unconstrained", None), ("json_schema", spec)):
-                r = run_batch(eng, args.batch, args.prompt_len, args.max_tokens, guided, seed=3)
-                r.pop("outputs")
-                r["mask_threads"] = default
-                pair[name] = r
-                log(rep, name, r)
+            pair = {n: speed(f"{rep} {n}", g, default) for n, g in
+                    (("unconstrained", None), ("json_schema", spec))}  # fmt: skip
             u, g = pair["unconstrained"], pair["json_schema"]
             pair["ratio"] = round(g["decode_tok_s"] / u["decode_tok_s"], 4)
             pairs.append(pair)
@@ -388,12 +392,7 @@ def run(args) -> dict:
         mid = sorted(pairs, key=lambda p: p["ratio"])[len(pairs) // 2]
         res["unconstrained"], res["json_schema"] = mid["unconstrained"], mid["json_schema"]
         for n in args.mask_threads:
-            eng.guided.use_threads(n or None)
-            r = run_batch(eng, args.batch, args.prompt_len, args.max_tokens, spec, seed=3)
-            r.pop("outputs")
-            r["mask_threads"] = n or None
-            res[f"json_schema_threads_{n}"] = r
-            log(f"json_schema_threads_{n}", r)
+            res[f"json_schema_threads_{n}"] = speed(f"json_schema_threads_{n}", spec, n or None)
         eng.guided.use_threads(default)
     u, g = res["unconstrained"], res["json_schema"]
     if u["decode_tok_s"] and g["decode_tok_s"]:

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from kvgrid.bench.procs import interrupt
 from kvgrid.bench.replay import Replayer, format_table, report
 from kvgrid.bench.workloads import load_workload
 from kvgrid.server.ray.local import free_port, start_node
@@ -110,13 +110,7 @@ class Server:
         raise RuntimeError(f"{self.mode}: not ready in {timeout_s}s:\n{tail}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        interrupt(self.proc, 120)
 
 
 def replay(url: str, spec: str, concurrency: int, limit: int | None, progress: bool) -> dict:

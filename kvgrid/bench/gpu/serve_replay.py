@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from kvgrid import envs
 from kvgrid.bench.mooncake import load_mooncake
+from kvgrid.bench.procs import interrupt
 from kvgrid.bench.replay import SLO, Replayer, compute_metrics
 
 DATA = Path(__file__).resolve().parents[3] / "bench" / "data" / "mooncake_conversation_slice.jsonl"
@@ -86,12 +86,7 @@ def start_server(args, config: str, port: int, out: Path) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    interrupt(proc, 60)
 
 
 def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
