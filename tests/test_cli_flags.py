@@ -27,6 +27,7 @@ ADDED = {
     "--no-prefill-first-burst",
     "--mixed-step-slowdown",
     "--max-logprobs",
+    "--max-parked-seqs",
 }
 # commands added since the dump (the one command tree: the simulator's experiments and its
 # check against a live run under `kvgrid bench`, and `kvgrid --log-level`) and flags added to

@@ -151,8 +151,9 @@ def test_a_preempted_request_keeps_what_it_computed_below_g1(model, tmp_path, mo
 def test_the_waiting_queue_is_published_with_its_prefixes(model, tmp_path):
     """Each step the store learns the waiting requests' keys past their G1 hits, in order,
     with when the GPU would start on them: a request whose blocks left G1 while it waited
-    is planned again (the store's planner fetches and holds them)."""
-    eng, conn = engine(model, tmp_path, max_num_seqs=1)
+    is planned again (the store's planner fetches and holds them). (No parking: a request
+    parked is admitted, and leaves the queue.)"""
+    eng, conn = engine(model, tmp_path, max_num_seqs=1, max_parked_seqs=0)
     seen = []
     conn.plan_queue = lambda queue, bcs: seen.append(queue)
     p = tokens(BS * 4 + 3, 9)
@@ -174,3 +175,67 @@ def test_the_waiting_queue_is_published_with_its_prefixes(model, tmp_path):
         eng.step()
     assert seen[-1] == []  # the queue emptied: the store lets go of what it held
     conn.close()
+
+
+def test_a_stored_prefix_lands_while_every_slot_is_taken(model, tmp_path):
+    """With the one slot busy decoding, a request whose prefix is stored is admitted parked:
+    its load starts at once, it computes nothing until the slot frees, then its first step
+    computes only its new tokens. Outputs equal a cold run's; without parking it waits in
+    the queue and loads only once admitted."""
+    p = tokens(BS * 6 + 3, 21)
+    busy = tokens(BS * 2 + 5, 22)
+    want = cold(model, {"p2": p, "busy": busy}, n=6)
+
+    def measure(parked: int):
+        eng, conn = engine(model, tmp_path / str(parked), max_num_seqs=1, max_parked_seqs=parked)
+        run(eng, {"p": p})
+        eng.scheduler.offload_cached()
+        assert eng.block_manager.reset_prefix_cache()  # p's prefix: in the store only
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        eng.add_request("busy", busy, params)
+        eng.step()  # busy prefills
+        eng.add_request("p2", p, params)
+        sched, loads_before_slot = eng.scheduler, 0
+        outs = {}
+        while eng.has_unfinished_requests():
+            p2 = next((s for s in sched.running if s.request_id == "p2"), None)
+            busy_running = any(s.request_id == "busy" for s in sched.running)
+            if p2 is not None and busy_running:
+                assert p2 not in sched.active()
+                loads_before_slot += p2.load_future is not None or p2.kv_landing is not None
+            for o in eng.step():
+                if o.finished:
+                    outs[o.request_id] = (list(o.outputs[0].token_ids), o.num_cached_tokens)
+        conn.close()
+        return outs, loads_before_slot
+
+    parked, early = measure(4)
+    waited, none = measure(0)
+    assert {r: v[0] for r, v in parked.items()} == want == {r: v[0] for r, v in waited.items()}
+    assert parked["p2"][1] == waited["p2"][1] == BS * 6
+    assert early > 0 and none == 0
+
+
+def test_a_short_prompt_tail_joins_its_chunk(model, tmp_path):
+    """A mixed step's prompt chunk takes the rest of the prompt when what would be left is
+    at most PROMPT_TAIL_TOKENS: no step of its own for a short tail."""
+    from kvgrid.engine.scheduler import MIN_MIXED_PREFILL_TOKENS, PROMPT_TAIL_TOKENS
+
+    eng = LLMEngine(model=model, block_size=BS, num_kv_blocks=64, max_num_batched_tokens=1024)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    eng.add_request("d", tokens(20, 31), params)
+    eng.step()
+    eng.step()  # "d" decodes from here on
+    sched = eng.scheduler
+    sched.decode_step.update(0.01)
+    sched.prefill_token.update(1.0)  # the mixed budget falls to its floor
+    n = MIN_MIXED_PREFILL_TOKENS + PROMPT_TAIL_TOKENS
+    eng.add_request("p", tokens(n, 32), params)
+    eng.add_request("q", tokens(n + 1, 33), params)
+    out = sched.schedule()
+    chunk = {s.seq.request_id: s.num_tokens for s in out.scheduled}
+    assert chunk == {"d": 1, "p": n}  # the whole prompt; and no budget left for "q"
+    for _ in range(2):  # "q" is one token too long: a chunk now, its tail next
+        eng.step()
+    q = next(s for s in sched.running if s.request_id == "q")
+    assert q.num_computed_tokens == MIN_MIXED_PREFILL_TOKENS

@@ -202,7 +202,7 @@ class StepProfile:
     def __init__(self, eng: LLMEngine) -> None:
         self.sched = eng.scheduler
         self.inner = self.sched.schedule
-        self.steps: list[tuple[int, int, int, int, int]] = []
+        self.steps: list[tuple[int, int, int, int, int, float]] = []
         self.seconds: list[float] = []
         self._t = None
         self.sched.schedule = self._schedule
@@ -213,6 +213,7 @@ class StepProfile:
             self.seconds.append(now - self._t)
         self._t = now
         out = self.inner()
+        sched_s = time.perf_counter() - now
         ran = {id(s.seq) for s in out.scheduled}
         held = sum(
             1
@@ -225,7 +226,8 @@ class StepProfile:
         )
         decodes = sum(1 for s in out.scheduled if s.num_tokens == 1)
         prompt = sum(s.num_tokens for s in out.scheduled if s.num_tokens > 1)
-        self.steps.append((decodes, prompt, held, len(self.sched.running), len(self.sched.waiting)))
+        row = (decodes, prompt, held, len(self.sched.running), len(self.sched.waiting), sched_s)
+        self.steps.append(row)
         return out
 
     def close(self) -> dict:
@@ -251,8 +253,26 @@ class StepProfile:
             # request-steps spent admitted but held out by a load (per step, summed)
             "load_held_seq_steps": sum(r[2] for r in rows),
             "load_held_steps": sum(1 for r in rows if r[2]),
-            # per step: host seconds, decodes, prompt tokens, held by loads, running, waiting
-            "trace": [[round(t, 5), *r] for t, r in zip(secs, rows)],
+            # the engine thread's time planning steps (admissions, lookups, write-backs)
+            "schedule_s": sum(r[5] for r in rows),
+            "loads": self._loads(),
+            # per step: host seconds, decodes, prompt tokens, held by loads, running,
+            # waiting, host seconds planning it
+            "trace": [[round(t, 5), *r[:5], round(r[5], 5)] for t, r in zip(secs, rows)],
+        }
+
+    def _loads(self) -> dict | None:
+        """How the store loads went: queued (thread and launch gate) and issued."""
+        loader = self.sched.loader
+        if loader is None or not loader.timings:
+            return None
+        t = list(loader.timings)
+        return {
+            "loads": len(t),
+            "layered": sum(x.layered for x in t),
+            "blocks": sum(x.blocks for x in t),
+            "queued_s_p50_p90": [percentile([x.queued_s for x in t], q) for q in (50, 90)],
+            "issue_s_p50_p90": [percentile([x.issue_s for x in t], q) for q in (50, 90)],
         }
 
 

@@ -39,6 +39,9 @@ class EngineConfig:
     """longest context (default: the model's own limit)"""
     max_num_seqs: int = 128
     """most sequences in one step"""
+    max_parked_seqs: int = 4
+    """with a context store: requests admitted beyond --max-num-seqs to land their stored
+    prefixes in free G1 blocks while every slot is taken (they compute once one frees)"""
     max_num_batched_tokens: int = 2048
     """token budget of one step (longer prompts are prefilled in chunks)"""
     prefill_first_burst: bool = True
@@ -82,5 +85,7 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least block_size")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
+        if self.max_parked_seqs < 0:
+            raise ValueError(f"max_parked_seqs must be >= 0, got {self.max_parked_seqs}")
         if self.prefill_graph_tokens < 0:
             raise ValueError("prefill_graph_tokens must be >= 0 (0 turns prefill graphs off)")

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -123,6 +123,8 @@ class GuidedDecoder:
         self._events: list[torch.cuda.Event | None] = [None] * len(self._host)
         self._next = 0
         self.mask_s: float | None = None  # EWMA of host time per masked step
+        self.build_s: float | None = None  # EWMA of llguidance's own time per step's masks
+        self.build_times: deque[float] = deque(maxlen=4096)  # the latest, each
         self.masked_steps = 0
         self.overlapped_steps = 0  # masks built while the last step's outputs were made
         self.errors = 0  # tokens a matcher refused (sampled outside its mask)
@@ -159,6 +161,7 @@ class GuidedDecoder:
     def stats(self) -> dict:
         return {
             "guided_mask_s": self.mask_s,
+            "guided_build_s": self.build_s,
             "guided_masked_steps": self.masked_steps,
             "guided_overlapped_steps": self.overlapped_steps,
             "guided_grammars_cached": len(self._cache),
@@ -213,13 +216,20 @@ class GuidedDecoder:
         rows_of = [(m, j) for j, (m, _) in enumerate(todo)]
         args = (rows_of, host.data_ptr(), self.words * 4, len(todo))
         if background:
-            future = self._pool.submit(self._executor.unsafe_compute_mask_ptr, *args)
+            future = self._pool.submit(self._build, args)
         else:  # nothing to overlap: no hop to the pool's thread
-            self._executor.unsafe_compute_mask_ptr(*args)
+            self._build(args)
             future = Future()
             future.set_result(None)
         rows = [i for _, i in todo] if len(todo) < len(seqs) else None
         return MaskJob(k, host, rows, future, t0)
+
+    def _build(self, args: tuple) -> None:
+        t0 = time.perf_counter()
+        self._executor.unsafe_compute_mask_ptr(*args)
+        dt = time.perf_counter() - t0
+        self.build_times.append(dt)
+        self.build_s = ewma(self.build_s, dt, 0.1)
 
     def finish_masks(self, job: MaskJob | None) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """Wait for ``job`` and hand its masks to the device (see ``masks``)."""

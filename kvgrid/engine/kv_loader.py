@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +32,17 @@ if TYPE_CHECKING:
 # load's own pace: 821 ms to launch a 21K-token prefill step (an eager step launches in
 # ~23 ms whatever its length; H200, kvgrid.bench.gpu.store).
 LAUNCH_GATE_S = 0.25
+
+
+@dataclass(frozen=True)
+class LoadTiming:
+    """One load's way: queued (submit to its thread starting, the launch gate included),
+    then issued (until its result: with ``layered`` the copies are then in flight)."""
+
+    queued_s: float
+    issue_s: float
+    layered: bool
+    blocks: int
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class KVLoader:
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-load")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._gate = threading.Event()  # set once the step being scheduled is launched
+        self.timings: deque[LoadTiming] = deque(maxlen=4096)  # the latest loads' ways
 
     def submit(
         self,
@@ -70,8 +83,7 @@ class KVLoader:
         stops and the rest is recomputed. ``split``: the step being scheduled computes the
         request's first blocks; how late the load then starts is measured for the planner."""
         t0 = time.perf_counter()
-        timed = t0 if split else None
-        fut = self.pool.submit(self._load, keys, tenant, block_ids, deadline, self._gate, timed)
+        fut = self.pool.submit(self._load, keys, tenant, block_ids, deadline, self._gate, t0, split)
         self.connector.engine_time.add("load_submit", time.perf_counter() - t0)
         return fut
 
@@ -82,27 +94,39 @@ class KVLoader:
         gate.set()
 
     def _load(
-        self, keys: list[bytes], tenant: bytes, block_ids: list[int], deadline, gate, t_submit
+        self,
+        keys: list[bytes],
+        tenant: bytes,
+        block_ids: list[int],
+        deadline,
+        gate,
+        t_submit: float,
+        split: bool,
     ) -> LoadResult:
         if not gate.is_set():
             # the disk can read while the engine launches: its readahead takes no GIL
             self.connector.will_load(keys, tenant)
             gate.wait(LAUNCH_GATE_S)
-        if t_submit is not None:
-            self.connector.observe_load_start(time.perf_counter() - t_submit)
+        t_start = time.perf_counter()
+        if split:
+            self.connector.observe_load_start(t_start - t_submit)
         ctx = (
             torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         )
+        landing = None
         with ctx:
             if self.layered:
                 landing = self.connector.load_layered(keys, tenant, block_ids)
-                if landing is not None:
-                    return LoadResult(len(keys), landing)
-            n = self.connector.load(keys, tenant, block_ids, deadline)
-        if self.stream is not None:
-            # the blocks must be in device memory before any forward pass reads them
-            self.stream.synchronize()
-        return LoadResult(n)
+            if landing is None:
+                n = self.connector.load(keys, tenant, block_ids, deadline)
+                if self.stream is not None:
+                    # the blocks must be in device memory before any forward pass reads them
+                    self.stream.synchronize()
+        done = time.perf_counter()
+        self.timings.append(
+            LoadTiming(t_start - t_submit, done - t_start, landing is not None, len(keys))
+        )
+        return LoadResult(len(keys), landing) if landing is not None else LoadResult(n)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -548,6 +548,7 @@ class LLMEngine:
         bm = self.block_manager
         return {
             "num_running": len(self.scheduler.running),
+            "num_parked": len(self.scheduler.running) - len(self.scheduler.active()),
             "num_waiting": len(self.scheduler.waiting),
             "kv_usage": bm.usage(),
             "num_kv_blocks": bm.num_blocks,

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 MAX_BURST_STEPS = 128
 # the least prompt tokens a mixed step carries, however fast decode steps are
 MIN_MIXED_PREFILL_TOKENS = 256
+# a prompt whose rest after this step's chunk would be at most this many tokens is finished
+# in this step instead: a step of its own for a short tail costs a whole decode step, where
+# the tail adds a fraction of one to this step
+PROMPT_TAIL_TOKENS = MIN_MIXED_PREFILL_TOKENS // 2
 # share of each decode-only step in the decode step time: the budget of mixed steps follows
 # a change of batch within a few steps, and a load report (hundreds of steps apart) sees
 # the settled value
@@ -54,6 +58,15 @@ UNMEASURED_LOAD_MIN_S = 1.0
 
 def _prefilling(seq: Sequence) -> bool:
     return seq.num_tokens - seq.num_computed_tokens > 1
+
+
+def _chunk(left: int, budget: int, prefill_budget: int) -> int:
+    """Prompt tokens to compute of ``left`` under the step's ``budget`` and its share for
+    prompts, ``prefill_budget``; a tail of up to PROMPT_TAIL_TOKENS joins the chunk."""
+    n = min(left, budget, prefill_budget)
+    if 0 < n < left <= min(n + PROMPT_TAIL_TOKENS, budget):
+        return left
+    return n
 
 
 @dataclass
@@ -126,7 +139,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # decodes first, then unfinished prefills, in admission order
-        order = sorted(self.running, key=_prefilling)
+        order = sorted(self.active(), key=_prefilling)
         burst = self._prefill_first()
         if burst:
             # an admission burst: its prompts go in before anyone decodes, so no decode
@@ -144,10 +157,10 @@ class Scheduler:
             order, out, budget, prefill_budget, hold_landing=hold
         )
         if not out.preempted:
-            self._admit(out, min(budget, prefill_budget))
+            self._admit(out, budget, prefill_budget)
         if burst and not out.scheduled and not out.preempted:
             # nothing could be prefilled (no blocks, or a full batch): decode after all
-            decodes = [s for s in self.running if not _prefilling(s)]
+            decodes = [s for s in self.active() if not _prefilling(s)]
             self._schedule_running(decodes, out, budget, 0)
         self._burst_steps = self._burst_steps + 1 if burst else 0
         self._flush_evictions()
@@ -171,8 +184,8 @@ class Scheduler:
             if hold_landing and seq.kv_landing is not None and not seq.kv_landing.landed():
                 continue  # its prefix is still crossing to G1; it joins once landed
             prefilling = _prefilling(seq)
-            cap = min(budget, prefill_budget) if prefilling else budget
-            n = min(self._compute_limit(seq) - seq.num_computed_tokens, cap)
+            left = self._compute_limit(seq) - seq.num_computed_tokens
+            n = _chunk(left, budget, prefill_budget) if prefilling else min(left, budget)
             if n <= 0:
                 continue  # waiting for its blocks to arrive from the store, or no budget
             while not self.bm.ensure_slots(seq, seq.num_computed_tokens + n):
@@ -187,6 +200,12 @@ class Scheduler:
                     prefill_budget -= n
         return budget, prefill_budget
 
+    def active(self) -> list[Sequence]:
+        """The running requests a step may compute: the first ``max_num_seqs`` admitted. The
+        others are parked: admitted early to land their stored prefixes in G1 while the
+        batch is full (``_admit``), they compute once a slot frees."""
+        return self.running[: self.config.max_num_seqs]
+
     # ---- step budget ----------------------------------------------------------------------
 
     def _prefill_first(self) -> bool:
@@ -195,9 +214,10 @@ class Scheduler:
         arrivals. Bounded, so arrivals that never stop cannot starve the decodes."""
         if not self.config.prefill_first_burst or self._burst_steps >= MAX_BURST_STEPS:
             return False
-        if not (self.waiting or any(_prefilling(s) for s in self.running)):
+        active = self.active()
+        if not (self.waiting or any(_prefilling(s) for s in active)):
             return False
-        return all(s.num_output_tokens <= 1 for s in self.running if not _prefilling(s))
+        return all(s.num_output_tokens <= 1 for s in active if not _prefilling(s))
 
     def _mixed_prefill_budget(self) -> int:
         """Prompt tokens a step that also decodes may carry: as many as keep it within
@@ -232,9 +252,12 @@ class Scheduler:
             return seq.load_start_block * seq.block_size
         return seq.num_tokens
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+    def _admit(self, out: SchedulerOutput, budget: int, prefill_budget: int) -> None:
         bs = self.bm.block_size
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        slots = self.config.max_num_seqs
+        most = slots + (self.config.max_parked_seqs if self.loader is not None else 0)
+        while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < most:
+            parking = len(self.running) >= slots
             seq = self.waiting[0]
             # the last token is always computed: its logits choose the next token; a request
             # for prompt logprobs computes its whole prompt (cached blocks have no logits)
@@ -253,9 +276,12 @@ class Scheduler:
                     self._flush_evictions()
                 busy = len(self.running) + len(self.waiting) > 1  # others want the GPU
                 n_store = self.connector.lookup(hit_keys, seq.tenant, g, busy)
-            n = min(seq.num_tokens - (g + n_store) * bs, budget)
+            n = _chunk(seq.num_tokens - (g + n_store) * bs, budget, prefill_budget)
             new_blocks = self.bm.blocks_needed((g + n_store) * bs + n) - g
-            if new_blocks > self.bm.num_free_blocks - self.bm.num_revived(g1_hits):
+            room = self.bm.num_free_blocks - self.bm.num_revived(g1_hits)
+            if parking and not self._may_park(seq, n_store, new_blocks, room):
+                break
+            if new_blocks > room:
                 # head-of-line: admit in arrival order only. A stored prefix waits for G1
                 # room like a recomputed one (a load is never given up for want of room)
                 self.num_room_waits += 1
@@ -280,13 +306,23 @@ class Scheduler:
                 seq.num_cached_tokens = min(g * bs, seq.num_prompt_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(self._compute_limit(seq) - seq.num_computed_tokens, budget)
-            if n > 0:
+            n = _chunk(self._compute_limit(seq) - seq.num_computed_tokens, budget, prefill_budget)
+            if n > 0 and not parking:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+                prefill_budget -= n
         if self.loader is not None:
             self._publish_queue()
-        return budget
+
+    def _may_park(self, seq: Sequence, n_store: int, new_blocks: int, room: int) -> bool:
+        """Whether ``seq`` is admitted while every slot is taken, to land its stored prefix
+        in G1 before a slot frees (its first step then computes only its new tokens,
+        where admitted at that moment it would wait for the whole load): only a prefix the
+        store loads whole (a split recomputes part, and needs a slot for it), and only into
+        room the running requests do not need next (a block of growth each)."""
+        if not n_store or self.connector.load_plan(seq.tenant, n_store).compute_blocks:
+            return False
+        return new_blocks + len(self.running) <= room
 
     # ---- loads from the context store -----------------------------------------------------
 

@@ -9,10 +9,11 @@ import triton.language as tl
 
 _TL = {torch.int64: tl.int64, torch.int32: tl.int32, torch.int16: tl.int16, torch.int8: tl.int8}
 CHUNK_BYTES = 16384  # per program and iteration: 128 B of loads in flight per thread
-# Programs per layer copy. The copy is bound by PCIe, not by SMs: a few dozen programs keep
-# enough reads in flight to fill it, and the rest of the GPU stays free for the forward
-# that runs alongside (a grid over every chunk would crowd that forward's kernels out).
-MAX_PROGRAMS = 48
+# Programs per layer copy. The copy is bound by PCIe, not by SMs: 16 programs keep enough
+# reads in flight to fill it (51 GB/s on an H200, as many as 96 or one per chunk), and the
+# rest of the GPU stays free for the forward that runs alongside: every SM a copy holds
+# slows that forward's kernels (kvgrid.bench.gpu.store_env measures both).
+MAX_PROGRAMS = 16
 
 
 @triton.jit

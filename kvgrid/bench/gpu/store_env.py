@@ -100,10 +100,13 @@ def _landing_speed(eng, host: torch.Tensor, dev: torch.Tensor) -> dict:
     si, di = list(range(n)), list(range(n - 1, -1, -1))
     stream = torch.cuda.Stream()
 
+    def issue():  # one landing, started
+        with torch.cuda.stream(stream):
+            return land_layers(hb, si, db, di)
+
     def land():  # one landing, to completion; and the host time its issue took
         t0 = time.perf_counter()
-        with torch.cuda.stream(stream):
-            landing = land_layers(hb, si, db, di)
+        landing = issue()
         issue_s = time.perf_counter() - t0
         landing.synchronize()
         return landing, issue_s
@@ -118,11 +121,12 @@ def _landing_speed(eng, host: torch.Tensor, dev: torch.Tensor) -> dict:
     first_layer = last.start.elapsed_time(last.events[0]) / 1e3
     from kvgrid.store import landing_kernel
 
-    default, by_programs = landing_kernel.MAX_PROGRAMS, {}
+    default, by_programs, alongside = landing_kernel.MAX_PROGRAMS, {}, {}
     for cap in (8, 16, 32, 48, 96, 1 << 20):
         landing_kernel.MAX_PROGRAMS = cap
         best = min(land()[0].device_seconds() for _ in range(3))
         by_programs[cap] = round(n * host.shape[1] / best / 1e9, 2)
+        alongside[cap] = _work_alongside(issue)
     landing_kernel.MAX_PROGRAMS = default
     return {
         "exact": exact,
@@ -132,29 +136,32 @@ def _landing_speed(eng, host: torch.Tensor, dev: torch.Tensor) -> dict:
         "host_issue_s": min(host_s),
         "programs": default,
         "GBps_by_programs": by_programs,
+        "work_slowdown_by_programs": alongside,
     }
 
 
-def run(args, eng, root: Path) -> dict:
-    return phase_env(args, eng)
+def _work_alongside(issue) -> float:
+    """How much slower a decode-like load (bf16 matrix-vector products over 1 GiB of
+    weights, on the default stream) runs while a landing ``issue()`` started copies on its
+    own stream: the share of SMs a landing takes from the forward beside it."""
+    w = torch.empty(16, 4096, 8192, dtype=torch.bfloat16, device=DEV).normal_()
+    x = torch.randn(8, 4096, dtype=torch.bfloat16, device=DEV)
 
+    def work() -> float:  # ~5 ms of device time, well inside one landing
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(16):
+            for i in range(w.shape[0]):
+                x[:, :1].copy_((x @ w[i])[:, :1])
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
 
-def summary(res: dict) -> list[str]:
-    lines: list[str] = []
-    if "h2d_GBps" in res:
-        lines.append(
-            "raw host->GPU GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in res["h2d_GBps"].items())
-        )
-    land = res.get("layered_landing")
-    if land:
-        lines.append(
-            f"layer-by-layer landing kernel: {land['GBps']:.1f} GB/s, exact {land['exact']}, "
-            f"first layer after {land['first_layer_s'] * 1e3:.1f} ms of {land['all_s'] * 1e3:.1f} ms, "
-            f"issued in {land['host_issue_s'] * 1e3:.1f} ms of host time, {land['programs']} programs; "
-            f"GB/s by programs {land['GBps_by_programs']}"
-        )
-    return lines
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    work()
+    alone = min(work() for _ in range(3))
+    side = []
+    for _ in range(3):
+        landing = issue()
+        side.append(work())
+        landing.synchronize()
+    return round(min(side) / alone, 3)
