@@ -250,7 +250,7 @@ def api_server(default_model_dir, tmp_path_factory):
     ``(url, headers)`` of a tenant with an API key."""
     import json
 
-    from live_server import serve
+    from tests.support.live_server import serve
 
     env = {
         "KVGRID_API_KEYS": json.dumps({"keys": {API_KEY: "agents"}}),

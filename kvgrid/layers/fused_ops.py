@@ -7,7 +7,7 @@ they make several extra passes over [tokens, hidden] tensors. Each op here reads
 once and writes its outputs once.
 
 Every op has a plain-torch reference (``*_ref``): the CPU path runs it, so CPU results are
-unchanged, and the Triton kernels are tested against it (tests/test_fused_ops.py). The
+unchanged, and the Triton kernels are tested against it (tests/layers/test_fused_ops.py). The
 Triton path is taken for CUDA tensors; ``force_triton`` lets the tests run the kernels
 under Triton's interpreter on the CPU.
 

@@ -23,11 +23,11 @@ import time
 
 import httpx
 import pytest
-from live_server import stop
 
 from kvgrid import keys
 from kvgrid.server.auth import ControlKey
 from kvgrid.transfer import auth, wire
+from tests.support.live_server import stop
 
 SECRET = "disagg-test-secret"
 CLUSTER = ControlKey.generate()  # the router's; each worker gets its own key from serve

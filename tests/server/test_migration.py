@@ -14,11 +14,11 @@ import time
 
 import httpx
 import pytest
-from live_server import stop
 
 from kvgrid.chaos.campaign import busy
 from kvgrid.server.auth import ControlKey
 from kvgrid.server.serve import free_port
+from tests.support.live_server import stop
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 BODY = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "ignore_eos": True}

@@ -11,12 +11,11 @@ if not torch.cuda.is_available():
     pytest.skip("CUDA graphs need a CUDA device", allow_module_level=True)
 pytest.importorskip("triton", reason="triton is not installed")
 
-from small_llama import small_llama
-
 from kvgrid.engine.cuda_graphs import DecodeGraphRunner, decode_buckets
 from kvgrid.layers.attention.base import AttentionMetadata
 from kvgrid.layers.attention.torch_ref import TorchAttentionBackend
 from kvgrid.layers.attention.triton_backend import TritonAttentionBackend
+from tests.support.small_llama import small_llama
 
 DEV = torch.device("cuda")
 

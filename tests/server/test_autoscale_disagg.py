@@ -17,12 +17,12 @@ import threading
 
 import httpx
 import pytest
-from live_scale import free_port, scale_state, wait_for
-from live_server import stop as stop_server
 
 from kvgrid.planner.planner import ObservedMetrics, Planner, PlannerConfig, PoolState, ReplicaView
 from kvgrid.server.cli import register
 from kvgrid.server.serve import pool_bounds
+from tests.support.live_scale import free_port, scale_state, wait_for
+from tests.support.live_server import stop as stop_server
 
 PROMPT = " ".join(f"word{i}" for i in range(150))  # a few hundred tokens: worth moving
 

@@ -3,7 +3,7 @@ the default model and clients that never stop sending, and not one request fails
 
 The resize goes through the planner's actuator (kvgrid.server.autoscale.LiveActuator), the
 same path the planner's own decisions take; the planner loop itself is exercised against
-the simulated fleet in test_sim_planner.py.
+the simulated fleet in tests/planner/test_planner.py.
 """
 
 import os
@@ -14,8 +14,9 @@ import threading
 import time
 
 import httpx
-from live_scale import free_port, inflight, scale_state, wait_for
-from live_server import stop as stop_server
+
+from tests.support.live_scale import free_port, inflight, scale_state, wait_for
+from tests.support.live_server import stop as stop_server
 
 CLIENTS = 4
 
@@ -23,7 +24,7 @@ CLIENTS = 4
 def _max_tokens(client: int) -> int:
     # unequal lengths, so that the clients do not move in lock-step waves (equal requests
     # finish in one step and are resent together): the drain below needs both workers busy
-    # at once. The router spreads waves as well (test_router_policies), but this test is
+    # at once. The router spreads waves as well (tests/router/test_policies.py), but this test is
     # about scaling, not about that.
     return 12 + 5 * client
 

@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from store_engine import BS, KR, MODEL, A, engine_with_store, kv_cache, make, run_request
 
 from kvgrid import keys
 from kvgrid.events import BlockRemoved, BlockStored
 from kvgrid.store import ContextStore, StoreConfig, StoreConnector
 from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadPlan
 from kvgrid.store.object import tenant_id
+from tests.support.store_engine import (
+    BS,
+    KR,
+    MODEL,
+    A,
+    engine_with_store,
+    kv_cache,
+    make,
+    run_request,
+)
 
 
 def test_save_then_load_is_bit_exact_from_every_tier(tmp_path):

@@ -6,7 +6,7 @@ One deployment, one run, in the order an operator would see it: one worker (plac
 cheap site's node), scale to two under load (the second lands on the other node), requests
 on both nodes with KV reused and predicted, a worker actor SIGKILLed mid-run and restarted
 by Ray, scale back to one under load (the dear site's worker drains). The cluster helper is
-tests/ray_cluster.py.
+tests/support/ray_cluster.py.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from live_scale import free_port, inflight, scale_state, wait_for
-from live_server import stop
-from ray_cluster import Unavailable, two_node_cluster
 
 from kvgrid.server.auth import NONCE_HEADER, ControlKey
+from tests.support.live_scale import free_port, inflight, scale_state, wait_for
+from tests.support.live_server import stop
+from tests.support.ray_cluster import Unavailable, two_node_cluster
 
 CLIENTS = 3
 TURNS = 5  # per conversation; then a new one (prompts stay well inside max-model-len)

@@ -9,10 +9,10 @@ import sys
 import time
 
 import httpx
-from live_server import stop
 
 from kvgrid.bench.replay import Replayer, report
 from kvgrid.bench.workloads import no_reuse
+from tests.support.live_server import stop
 
 
 def _free_port() -> int:

@@ -22,13 +22,13 @@ import time
 import httpx
 import pytest
 import zmq
-from chat_sessions import multi_turn
-from netns import Net
 
 from kvgrid.cli import main as kvgrid
 from kvgrid.server.auth import ControlKey
 from kvgrid.transfer import auth as transfer_auth
 from kvgrid.transfer import wire as transfer_wire
+from tests.support.chat_sessions import multi_turn
+from tests.support.netns import Net
 
 ALICE = {"Authorization": "Bearer sk-alice"}
 BOB = {"Authorization": "Bearer sk-bob"}

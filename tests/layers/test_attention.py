@@ -12,7 +12,8 @@ import time
 
 import pytest
 import torch
-import triton_interp
+
+from tests.support import triton_interp
 
 triton_interp.setup()
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import triton_interp
+
+from tests.support import triton_interp
 
 triton_interp.setup()
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")

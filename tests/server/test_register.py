@@ -7,7 +7,8 @@ import sys
 import time
 
 import httpx
-from live_server import stop
+
+from tests.support.live_server import stop
 
 
 def _free_port() -> int:

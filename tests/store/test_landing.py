@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from store_engine import BS, engine_with_store, kv_cache, make, run_request
 
 from kvgrid.store import StoreConnector
 from kvgrid.store.landing import land_layers
+from tests.support.store_engine import BS, engine_with_store, kv_cache, make, run_request
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

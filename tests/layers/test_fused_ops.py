@@ -1,7 +1,7 @@
 """Fused decoder-layer ops (Triton) against their plain-torch references, on random inputs.
 
 Without a GPU the kernels run under Triton's interpreter in float32 (see
-test_triton_attention.py for why only float32 there); on a GPU in bfloat16 as well.
+tests/layers/test_attention.py for why only float32 there); on a GPU in bfloat16 as well.
 """
 
 from __future__ import annotations

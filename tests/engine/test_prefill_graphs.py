@@ -12,11 +12,11 @@ import itertools
 
 import pytest
 import torch
-from small_llama import HEAD_DIM, KV_HEADS, LAYERS, small_llama
 
 from kvgrid.engine.prefill_graphs import PrefillGraphRunner, prefill_buckets
 from kvgrid.layers.attention.base import AttentionMetadata
 from kvgrid.layers.attention.torch_ref import TorchAttentionBackend
+from tests.support.small_llama import HEAD_DIM, KV_HEADS, LAYERS, small_llama
 
 GPU = torch.cuda.is_available()
 BS, NBLOCKS = 16, 64

@@ -14,10 +14,10 @@ import time
 
 import httpx
 import pytest
-from chat_sessions import multi_turn
-from live_server import stop
 
 from kvgrid.server.auth import ControlKey
+from tests.support.chat_sessions import multi_turn
+from tests.support.live_server import stop
 
 KEYS = {"keys": {"sk-alice": "alice", "sk-bob": {"tenant": "bob", "max_concurrent": 4}}}
 ALICE = {"Authorization": "Bearer sk-alice"}

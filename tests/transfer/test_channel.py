@@ -2,8 +2,8 @@
 landing in G2 verified, every way a transfer can end, and no G2 slot left pinned.
 
 The sending side here is written frame by frame with the wire and auth modules (the engine's
-sender is exercised end to end, with real worker processes, in test_disagg_live.py), so each
-test can send exactly the damaged, missing or misordered stream it is about.
+sender is exercised end to end, with real worker processes, in tests/server/test_disagg_live.py),
+so each test can send exactly the damaged, missing or misordered stream it is about.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """kvgrid on Ray without a cluster: worker resources, sites as labelled node groups, the
 secrets handed to actors, and `kvgrid serve` staying free of Ray when --ray is not given.
-The cluster itself is tested in test_server_ray.py."""
+The cluster itself is tested in tests/server/test_ray.py."""
 
 from __future__ import annotations
 

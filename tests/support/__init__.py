@@ -1,0 +1,1 @@
+"""Helpers the tests share: small models, live servers and fleets, network namespaces, Ray."""
