@@ -41,7 +41,7 @@ import torch
 from kvgrid.engine.llm_engine import LLMEngine
 from kvgrid.engine.sampling_params import SamplingParams
 from kvgrid.stats import percentile
-from kvgrid.store import ContextStore, StoreConfig, StoreConnector
+from kvgrid.store import ContextStore, StoreConfig, StoreConnector, transfer
 from kvgrid.store.crypto import KeyRing
 
 CONFIGS = ("none", "g2", "g3", "g4", "ceiling")
@@ -335,10 +335,18 @@ def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) ->
         torch.cuda.synchronize()
     j0, t0 = meter.joules(), time.perf_counter()
     profile = StepProfile(eng)
+    # how long the engine's stream stalls at the store's cross-stream waits, by kind
+    waits = transfer.STREAM_WAITS = transfer.StreamWaits() if eng.device.type == "cuda" else None
     try:
         records = drive(eng, wl, cfg.name, bar)
     finally:
+        transfer.STREAM_WAITS = None
         steps = profile.close()
+    if waits is not None:
+        stalls: dict[str, float] = {}
+        for _, kind, ms in waits.take():
+            stalls[kind] = stalls.get(kind, 0.0) + ms / 1e3
+        steps["stream_waits_s"] = stalls
     if eng.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed, j1 = time.perf_counter() - t0, meter.joules()

@@ -302,6 +302,9 @@ def format_table(out: dict) -> str:
                 f"{_f(sp['running_mean'], '.1f')}, held by loads {sp['load_held_seq_steps']} "
                 f"request-steps"
             )
+            if sp.get("stream_waits_s"):
+                waits = ", ".join(f"{k} {v:.3f} s" for k, v in sp["stream_waits_s"].items())
+                lines.append(f"  {name} stream stalls at the store's waits: {waits}")
         st = r.get("store")
         if not st:
             continue

@@ -101,8 +101,10 @@ class GuidedDecoder:
         device: torch.device,
         max_rows: int,
         threads: int | None = None,
+        copies: int = 1,
     ) -> None:
-        """``threads``: llguidance's mask-building threads (None: its default)."""
+        """``threads``: llguidance's mask-building threads (None: its default);
+        ``copies``: compiled templates per grammar (``matcher``)."""
         import llguidance as llg
 
         self.vocab_size = vocab_size
@@ -114,7 +116,9 @@ class GuidedDecoder:
         self.use_threads(threads)
         # one step's masks at a time, built off the engine thread (start_masks)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-guided")
-        self._cache: OrderedDict[GuidedDecoding, Any] = OrderedDict()
+        self._cache: OrderedDict[GuidedDecoding, list[Any]] = OrderedDict()
+        self.copies = max(1, copies)
+        self._turn = 0
         self._lock = threading.Lock()  # the frontend may validate while the engine steps
         pin = device.type == "cuda"
         self._host = [
@@ -139,21 +143,28 @@ class GuidedDecoder:
     # ---- grammars ------------------------------------------------------------------------
 
     def matcher(self, g: GuidedDecoding) -> Any:
-        """A fresh matcher for ``g``: compiled once, then copied."""
+        """A fresh matcher for ``g``: copied from one of ``copies`` compiled templates,
+        in turn (each compiled once, on first use). Copies of one template share its
+        lexer, and build their masks one at a time however many threads build them:
+        templates of their own let a step's rows build in parallel."""
         import llguidance as llg
 
         with self._lock:
-            template = self._cache.get(g)
-            if template is not None:
+            templates = self._cache.get(g)
+            if templates is not None:
                 self._cache.move_to_end(g)
-                return template.deep_copy()
+                if len(templates) >= self.copies:
+                    self._turn += 1
+                    return templates[self._turn % len(templates)].deep_copy()
         text = _grammar_text(g)
         template = llg.LLMatcher(self._llt, text, log_level=0)
         if template.is_error():
             why = template.get_error().split("LexerSpec")[0].strip()[:500]
             raise RequestError(f"cannot use this {g.kind.replace('_', ' ')}: {why}")
         with self._lock:
-            self._cache[g] = template
+            templates = self._cache.setdefault(g, [])
+            if len(templates) < self.copies:
+                templates.append(template)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
             return template.deep_copy()

@@ -88,6 +88,15 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.scheduled
 
+    def written_blocks(self, block_size: int) -> list[int]:
+        """The G1 blocks this step's forward writes (its new tokens' KV), before it runs."""
+        out: list[int] = []
+        for item in self.scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_tokens - 1
+            out.extend(seq.block_table[start // block_size : end // block_size + 1])
+        return out
+
 
 class Scheduler:
     def __init__(

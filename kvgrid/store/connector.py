@@ -16,6 +16,8 @@ Worker side (moving blocks between the engine's KV cache and the store):
     load_layered(keys, tenant, block_ids)            land G2 blocks layer by layer under a forward
     observe_load_start(seconds)                      how late a split's load started
     save(keys, parent_keys, tenant, block_ids, ...)  hand blocks down from the cache to G2 and below
+    writers_fence() / fence_writes(block_ids)        the engine orders each forward after the
+                                                     write-backs of the blocks it overwrites
 
 Both: ``drain_events`` (tier changes as KV events for the router), ``stats``, ``close``.
 
@@ -39,6 +41,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
 
@@ -302,6 +305,26 @@ class StoreConnector:
         if landing is not None:
             self.loaded_blocks += len(keys)
         return landing
+
+    def fence_writes(self, block_ids: Iterable[int]) -> None:
+        """The engine is about to overwrite ``kv_cache[block_ids]`` (the blocks its next
+        forward writes): its current stream waits for the write-backs still reading them.
+        An engine that calls this before every forward turns on ``writers_fence``: then
+        write-backs run beside its other work instead of holding up its next step."""
+        copier = self.store.copier
+        if copier is None or not self.kv_cache.is_cuda:
+            return
+        base, step = self.kv_cache.data_ptr(), self.block_bytes
+        copier.fence(self.kv_cache.device, [base + b * step for b in block_ids])
+
+    def writers_fence(self) -> bool:
+        """Let write-backs stop ordering the engine's stream after them (the engine fences
+        its writes, ``fence_writes``); whether it applies (a GPU cache with a copier)."""
+        copier = self.store.copier
+        if copier is None or not self.kv_cache.is_cuda:
+            return False
+        copier.writers_fence = True
+        return True
 
     @_engine_timed("save")
     def save(

@@ -105,6 +105,9 @@ class CudaCopier:
 
     def __init__(self) -> None:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        # the writers of the sources fence themselves (``fence`` with the blocks they are
+        # about to overwrite): the current stream then need not wait for every copy
+        self.writers_fence = False
         self._last: dict[torch.device, torch.cuda.Event] = {}
         self._read = ReadEvents()  # per source block: the event of its latest copy
         self._lock = threading.Lock()
@@ -132,7 +135,10 @@ class CudaCopier:
         # No later kernel of the engine's stream may overwrite the blocks before they are
         # read. This also covers the caching allocator: a source freed to this stream is
         # reused only by work ordered after the event, so no record_stream is needed.
-        stream_wait(cur, ev, "writeback")
+        # Unless the writers fence: an engine's forward then waits only when it writes a
+        # block still being read, not at every write-back (its sources are its own cache)
+        if not self.writers_fence:
+            stream_wait(cur, ev, "writeback")
         with self._lock:
             self._last[dev] = ev
             self._read.note(dev, (src.data_ptr() for _, src in pairs), ev)

@@ -242,7 +242,8 @@ def test_queued_request_prefetches_its_prefix_into_g2(tmp_path, tiny_model_dir):
         engine_with_store(tiny_model_dir, make(tmp_path / "cold"))[0], "c", prompt, 5
     )
     store = make(tmp_path, write_through=True)
-    eng, _ = engine_with_store(tiny_model_dir, store, max_num_seqs=1)
+    # not parked (which would load it straight into G1): it waits in the queue
+    eng, _ = engine_with_store(tiny_model_dir, store, max_num_seqs=1, max_parked_seqs=0)
     run_request(eng, "warm", prompt, 2)
     eng.step()
     store.flush()

@@ -340,6 +340,39 @@ def test_cuda_write_back_is_exact_while_the_engine_overwrites_the_blocks(tmp_pat
 
 
 @cuda
+def test_cuda_writers_fence_only_the_blocks_they_overwrite(tmp_path):
+    """With ``writers_fence`` (an engine that fences each forward's blocks) a write-back no
+    longer holds up the engine's stream: work on other blocks runs at once, and a writer
+    of a saved block waits for its copy through ``fence_writes``; the store still gets the
+    blocks as they were."""
+    store = _gpu_store(tmp_path)
+    kv = torch.zeros((16, *SHAPE), dtype=torch.bfloat16, device="cuda")
+    conn = StoreConnector(store, kv, BS)
+    assert conn.writers_fence()
+    ids = [3, 4, 9]
+    ks = chain(len(ids))
+    want = blocks(len(ids), seed=8, device="cuda")
+    kv[ids] = want
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()  # the copier's stream starts late: its copies stay pending
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SPIN)
+    store.copier._streams[kv.device] = side
+    conn.save(ks, [None, *ks[:-1]], A, ids)
+    mark = torch.cuda.Event()
+    kv[0] = 7  # another block: not ordered after the copies
+    mark.record()
+    mark.synchronize()
+    assert not side.query(), "the engine's stream waited for a write-back"
+    conn.fence_writes([4, 5])
+    kv[ids] = -1  # block 4 is fenced; so are 3 and 9 (one copy stream: its latest event)
+    torch.cuda.synchronize()
+    for i, k in enumerate(ks):
+        assert torch.equal(store.get(k, A), want[i].cpu())
+    store.close()
+
+
+@cuda
 def test_cuda_layered_load_of_pending_slots_and_loads_into_just_evicted_blocks(tmp_path):
     from kvgrid.store.landing import LayerLanding
 

@@ -316,6 +316,44 @@ def phase_masks(eng, batch: int) -> dict:
     }
 
 
+def phase_replay(
+    tokenizer_json: str, tokens: dict[str, list[int]], threads: list[int], copies: list[int]
+) -> list[dict]:
+    """The host's mask builds alone, replaying the tokens a schema run chose (its rows,
+    step by step) with ``threads`` building and each grammar compiled ``copies`` times
+    (rows spread over the copies): llguidance's time per step, p50/p90/p99."""
+    import llguidance as llg
+
+    vocab = json.loads(tokenizer_json)
+    n_vocab = max(vocab["model"]["vocab"].values()) + 1 + len(vocab.get("added_tokens", []))
+    llt = llg.LLTokenizer(tokenizer_json, n_vocab=n_vocab)
+    grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(ITEMS))
+    rows = [tokens[k] for k in sorted(tokens)]
+    steps = min(map(len, rows))
+    words = (n_vocab + 31) // 32
+    buf = np.zeros((len(rows), words), dtype=np.int32)
+    out = []
+    for k in copies:
+        for t in threads:
+            templates = [llg.LLMatcher(llt, grammar, log_level=0) for _ in range(k)]
+            ms = [templates[i % k].deep_copy() for i in range(len(rows))]
+            ex = llg.LLExecutor(num_threads=t)
+            secs = []
+            for step in range(steps):
+                t0 = time.perf_counter()
+                ex.unsafe_compute_mask_ptr(
+                    [(m, i) for i, m in enumerate(ms)], buf.ctypes.data, words * 4, len(ms)
+                )
+                secs.append(time.perf_counter() - t0)
+                for m, r in zip(ms, rows):
+                    m.consume_token(r[step])
+            r = {"threads": t, "copies": k, **{f"p{q}_ms": pct(secs, q) for q in (50, 90, 99)}}
+            r["mean_ms"] = round(1e3 * statistics.fmean(secs), 3)
+            log("replay", r)
+            out.append(r)
+    return out
+
+
 def shape_config(shape: str) -> dict:
     """A named shape, or the config.json of a model directory."""
     from kvgrid.models.shapes import shape_dict
@@ -377,8 +415,11 @@ def run(args) -> dict:
         run_batch(eng, args.batch, args.prompt_len, 32, spec, seed=2)  # the grammar's lexer
         default = eng.guided.threads
 
-        def speed(name: str, guided, threads) -> dict:
+        def speed(name: str, guided, threads, copies: int = 1) -> dict:
             eng.guided.use_threads(threads)
+            if copies != eng.guided.copies:
+                eng.guided.copies = copies
+                eng.guided._cache.clear()  # compiled again, as many times as asked
             r = run_batch(eng, args.batch, args.prompt_len, args.max_tokens, guided, seed=3)
             outputs = r.pop("outputs")
             if guided is not None and not (out / "guided_tokens.json").exists():
@@ -386,7 +427,7 @@ def run(args) -> dict:
                 toks = {rid: list(c.token_ids) for rid, c in outputs.items()}
                 (out / "guided_tokens.json").write_text(json.dumps(toks))
                 shutil.copy(tok_dir / "tokenizer.json", out / "tokenizer.json")
-            r["mask_threads"] = threads
+            r["mask_threads"], r["grammar_copies"] = threads, copies
             log(name, r)
             return r
 
@@ -402,17 +443,26 @@ def run(args) -> dict:
         mid = sorted(pairs, key=lambda p: p["ratio"])[len(pairs) // 2]
         res["unconstrained"], res["json_schema"] = mid["unconstrained"], mid["json_schema"]
         for n in args.mask_threads:
-            res[f"json_schema_threads_{n}"] = speed(f"json_schema_threads_{n}", spec, n or None)
+            for c in args.mask_copies:
+                name = f"json_schema_threads_{n}" + (f"_copies_{c}" if c != 1 else "")
+                res[name] = speed(name, spec, n or None, c)
         eng.guided.use_threads(default)
+        if args.replay_threads and (out / "guided_tokens.json").exists():
+            res["replay"] = phase_replay(
+                (out / "tokenizer.json").read_text(),
+                json.loads((out / "guided_tokens.json").read_text()),
+                args.replay_threads,
+                args.replay_copies,
+            )
     u, g = res["unconstrained"], res["json_schema"]
     if u["decode_tok_s"] and g["decode_tok_s"]:
         res["ratio"] = mid["ratio"]  # the median pair's
         res["ratios"] = [p["ratio"] for p in pairs]
         # the part of a step the engine thread spent waiting for masks
         res["mask_wait_share_of_step"] = round(g["mask_wait_ms_mean"] / g["step_ms_mean"], 4)
-        for n in args.mask_threads:
-            r = res[f"json_schema_threads_{n}"]
-            res[f"ratio_threads_{n}"] = round(r["decode_tok_s"] / u["decode_tok_s"], 4)
+        for name in [k for k in res if k.startswith("json_schema_threads_")]:
+            tag = name[len("json_schema_threads_") :]
+            res[f"ratio_threads_{tag}"] = round(res[name]["decode_tok_s"] / u["decode_tok_s"], 4)
     (out / "gpu_guided.json").write_text(json.dumps(res, indent=1, default=str))
     log(f"wrote {out / 'gpu_guided.json'}")
 
@@ -448,7 +498,7 @@ def run(args) -> dict:
     for k, v in res.items():
         if k.startswith("ratio_threads_"):
             print(
-                f"json_schema / unconstrained with {k[len('ratio_threads_') :]} mask threads: {v}"
+                f"json_schema / unconstrained with mask threads {k[len('ratio_threads_') :]}: {v}"
             )
     return res
 
@@ -471,7 +521,18 @@ def main(argv: list[str] | None = None) -> int:
         help="mask-building thread counts to run the schema with, besides the engine's "
         "default (0: llguidance's own pool, 80%% of the CPUs)",
     )
+    ints = lambda v: [int(x) for x in v.split(",") if x]
+    ap.add_argument("--mask-copies", default="1", type=ints,
+                    help="compiled copies of the grammar for each --mask-threads")  # fmt: skip
     ap.add_argument("--reps", type=int, default=3, help="unconstrained/schema pairs, alternating")
+    ap.add_argument(
+        "--replay-threads",
+        default="1,2,4,8",
+        type=ints,
+        help="mask threads to replay the schema run's host work with (none: skip)",
+    )
+    ap.add_argument("--replay-copies", default="1,8,64", type=ints,
+                    help="compiled copies of the grammar to replay it with")  # fmt: skip
     ap.add_argument("--out", default=None, help="where gpu_guided.json goes (default $OUT)")
     args = ap.parse_args(argv)
     defaults = (

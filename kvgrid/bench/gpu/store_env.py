@@ -165,3 +165,29 @@ def _work_alongside(issue) -> float:
         side.append(work())
         landing.synchronize()
     return round(min(side) / alone, 3)
+
+
+def run(args, eng, root: Path) -> dict:
+    return phase_env(args, eng)
+
+
+def summary(res: dict) -> list[str]:
+    lines: list[str] = []
+    if "h2d_GBps" in res:
+        lines.append(
+            "raw host->GPU GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in res["h2d_GBps"].items())
+        )
+    land = res.get("layered_landing")
+    if land:
+        lines.append(
+            f"layer-by-layer landing kernel: {land['GBps']:.1f} GB/s, exact {land['exact']}, "
+            f"first layer after {land['first_layer_s'] * 1e3:.1f} ms of {land['all_s'] * 1e3:.1f} ms, "
+            f"issued in {land['host_issue_s'] * 1e3:.1f} ms of host time, {land['programs']} programs; "
+            f"GB/s by programs {land['GBps_by_programs']}; a decode-like load beside it runs "
+            f"this many times slower, by programs {land['work_slowdown_by_programs']}"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
