@@ -148,7 +148,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # decodes first, then unfinished prefills, in admission order
-        order = sorted(self.active(), key=_prefilling)
+        active = self.active()
+        self._unpark(active)
+        order = sorted(active, key=_prefilling)
         burst = self._prefill_first()
         if burst:
             # an admission burst: its prompts go in before anyone decodes, so no decode
@@ -284,7 +286,9 @@ class Scheduler:
                     # want them (a conversation's history, evicted by its neighbour)
                     self._flush_evictions()
                 busy = len(self.running) + len(self.waiting) > 1  # others want the GPU
-                n_store = self.connector.lookup(hit_keys, seq.tenant, g, busy)
+                # parked, it waits for a slot anyway: a load that lands meanwhile is free
+                slack = self._slot_wait_s() if parking else 0.0
+                n_store = self.connector.lookup(hit_keys, seq.tenant, g, busy, slack)
             n = _chunk(seq.num_tokens - (g + n_store) * bs, budget, prefill_budget)
             new_blocks = self.bm.blocks_needed((g + n_store) * bs + n) - g
             room = self.bm.num_free_blocks - self.bm.num_revived(g1_hits)
@@ -309,6 +313,7 @@ class Scheduler:
             self.bm.take_cached(seq, g1_hits)
             fresh = self.bm.allocate(seq, new_blocks)
             seq.num_computed_tokens = g * bs
+            seq.parked = parking
             if n_store:
                 self._start_load(seq, hit_keys, g, n_store, fresh)
             elif seq.num_cached_tokens is None:
@@ -322,6 +327,26 @@ class Scheduler:
                 prefill_budget -= n
         if self.loader is not None:
             self._publish_queue()
+
+    def _slot_wait_s(self) -> float:
+        """How soon a slot is expected to free: the running request closest to its token
+        limit, at the measured decode step time (0 when unknown; a request may also stop
+        earlier, on its end-of-sequence token)."""
+        step = self.decode_step.value
+        left = [s.max_tokens - s.num_output_tokens for s in self.active() if not _prefilling(s)]
+        return step * min(left) if step and left else 0.0
+
+    def _unpark(self, active: list[Sequence]) -> None:
+        """Requests that got a slot: a load still in flight is bounded from now, as an
+        admitted request's is from its admission."""
+        now = time.monotonic()
+        for seq in active:
+            if seq.parked:
+                seq.parked = False
+                if seq.load_future is not None and seq.num_computed_tokens >= (
+                    seq.load_start_block * self.bm.block_size
+                ):
+                    self.bound_late_load(seq, now)
 
     def _may_park(self, seq: Sequence, n_store: int, new_blocks: int, room: int) -> bool:
         """Whether ``seq`` is admitted while every slot is taken, to land its stored prefix
@@ -405,7 +430,9 @@ class Scheduler:
         else:
             wait = UNMEASURED_LOAD_FACTOR * (plan.expected_s or 0.0)
             seq.load_deadline.at = now + max(wait, UNMEASURED_LOAD_MIN_S)
-        seq.load_expected_end = now + (plan.expected_s or 0.0)
+        # (a parked request's plan counts its slot wait off: its load takes load_s from now)
+        expected = plan.load_s if seq.parked and plan.load_s is not None else plan.expected_s
+        seq.load_expected_end = now + max(expected or 0.0, 0.0)
         seq.load_future = self.loader.submit(
             hit_keys[first : g + n_store],
             seq.tenant,
@@ -413,8 +440,8 @@ class Scheduler:
             seq.load_deadline,
             split=plan.compute_blocks > 0,
         )
-        if not plan.compute_blocks:  # nothing to compute beside it: bounded from now
-            self.bound_late_load(seq, now)
+        if not plan.compute_blocks and not seq.parked:  # nothing to compute beside it
+            self.bound_late_load(seq, now)  # bounded from now (parked: once it has a slot)
         seq.num_cached_tokens_g1 = g * self.bm.block_size
 
     def _try_finish_load(self, seq: Sequence) -> None:

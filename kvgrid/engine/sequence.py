@@ -73,6 +73,7 @@ class Sequence:
         self.load_count = 0
         self.load_deadline = None  # its LoadDeadline (kvgrid.store.load_plan), moved by the engine
         self.load_expected_end = 0.0  # time.monotonic() by which the plan expected it done
+        self.parked = False  # admitted while the batch was full, loading until a slot frees
         # a layered load still landing (kvgrid.store.landing): the next forward waits on it
         self.kv_landing = None
         self.num_preemptions = 0

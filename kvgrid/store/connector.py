@@ -170,13 +170,20 @@ class StoreConnector:
 
     @_engine_timed("lookup")
     def lookup(
-        self, keys: list[bytes], tenant: bytes, num_computed_blocks: int, busy: bool = False
+        self,
+        keys: list[bytes],
+        tenant: bytes,
+        num_computed_blocks: int,
+        busy: bool = False,
+        slack_s: float = 0.0,
     ) -> int:
         """How many of ``keys[num_computed_blocks:]`` (leading, consecutive) to take from the
         store; ``load_plan`` then says how many of those to recompute while the rest load.
         ``busy``: other requests wait for the GPU: load as much as keeps this request no
         slower than recomputing (``plan_blocks``); otherwise its first token as soon as can
-        be."""
+        be. ``slack_s``: the request waits this long anyway before it can compute (parked
+        while the batch is full): a load that lands within it costs it nothing, so a tier
+        slower than recomputing pays too."""
         rest = keys[num_computed_blocks:]
         with self._lock:
             self._last_rest[tenant] = (rest, [None] * len(rest))
@@ -208,7 +215,11 @@ class StoreConnector:
                 if m < stored and tiers[m] == tiers[m - 1]:
                     continue
                 cand = plan_blocks(
-                    load[:m], self.block_size, speed, start_s=self.load_start_s, busy=busy
+                    load[:m],
+                    self.block_size,
+                    speed,
+                    start_s=self.load_start_s - slack_s,
+                    busy=busy,
                 )
                 ttft = cand.expected_s + (stored - m) * recompute
                 if cand.expected_s >= ratio * m * recompute or ttft >= stored * recompute:

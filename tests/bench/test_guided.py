@@ -36,7 +36,10 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
             prompt_len=8,
             max_tokens=12,
             mask_threads=[1],
+            mask_copies=[1, 2],
             reps=2,
+            replay_threads=[1, 2],
+            replay_copies=[1, 2],
             out=str(tmp_path),
         )
     )
@@ -48,3 +51,9 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
     assert saved["json_schema"]["mask_ms_median"] > 0 and "ratio" in saved
     assert len(saved["pairs"]) == 2 and saved["ratio"] in saved["ratios"]
     assert saved["json_schema_threads_1"]["mask_threads"] == 1 and "ratio_threads_1" in saved
+    assert saved["json_schema_threads_1_copies_2"]["grammar_copies"] == 2
+    # the host's mask builds replayed from the schema run's own tokens, per threads/copies
+    assert {(r["threads"], r["copies"]) for r in saved["replay"]} == {
+        (t, c) for t in (1, 2) for c in (1, 2)
+    }
+    assert all(r["p50_ms"] > 0 for r in saved["replay"])

@@ -120,6 +120,26 @@ def test_lookup_weighs_load_against_recompute(tmp_path):
     store.close()
 
 
+def test_lookup_with_slack_loads_a_tier_slower_than_recomputing(tmp_path):
+    """A request parked while the batch is full waits ``slack_s`` for a slot anyway: a load
+    from a disk slower than recomputing lands within it, so all of it is loaded (no split);
+    with too little slack the plan is what it would be without."""
+    store = make(tmp_path, seed_bytes_per_s={"G3": 2048 / 0.05}, probe_tiers=False)
+    conn = StoreConnector(store, kv_cache(), BS)
+    ks = keys.block_keys(list(range(BS * 8)), MODEL.with_tenant(A), BS)
+    conn.save(ks, [None, *ks[:-1]], A, list(range(8)))
+    store.flush()
+    store.g2.clear()
+    assert store.contains(ks, A) == ["G3"] * 8
+    conn.prefill_tokens_per_s = BS / 0.01  # recompute 5x faster than the disk
+    busy = dict(busy=True)
+    assert conn.lookup(ks, A, 0, **busy) == 0  # admitted now: recompute it all
+    assert conn.lookup(ks, A, 0, **busy, slack_s=0.5) == 8  # 8 x 50 ms within the wait
+    assert conn.load_plan(A, 8).compute_blocks == 0
+    assert conn.lookup(ks, A, 0, **busy, slack_s=0.05) == 0
+    store.close()
+
+
 def test_events_name_the_tiers(tmp_path):
     store = make(tmp_path, g2_bytes=3 * 2048)
     src = kv_cache()
