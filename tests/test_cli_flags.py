@@ -40,9 +40,13 @@ NEW_COMMANDS = {
     "bench sim-vs-live _measure",
 }
 ADDED_TO = {"chat": {"--url", "--api-key"}}
-# a default changed on purpose: the simulator never read `kvgrid sim --link-gbps` 400; unset,
-# the calibration's transfer model applies, as it did
-NEW_DEFAULTS = {("sim", "--link-gbps"): None}
+# defaults changed on purpose: the simulator never read `kvgrid sim --link-gbps` 400; unset,
+# the calibration's transfer model applies, as it did. Guided decoding builds masks on half
+# the CPUs (at most 8) unless told: one thread was the bottleneck of a batch of 64.
+NEW_DEFAULTS = {
+    ("sim", "--link-gbps"): None,
+    **{(c, "--guided-mask-threads"): None for c in ENGINE_COMMANDS},
+}
 
 
 def flag_table(parser: argparse.ArgumentParser) -> dict[str, dict[str, dict]]:

@@ -373,6 +373,7 @@ def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) ->
     }
     res["j_per_output_token"] = res["energy_j"] / out_tokens if res["energy_j"] else None
     if conn is not None:
+        res["write_through"] = cfg.store.write_through
         res["store"] = _store_summary(conn, elapsed)
         eng.detach_store()
         res["kv_check"] = check.verify(_scratch_block(eng, held))
@@ -526,7 +527,14 @@ def store_configs(
     small = max(1, small_g2_blocks) * block_bytes
     disk_bytes = 4 * all_hist  # plenty: the disks are limited by bandwidth, not size
     out = []
-    for n in names:
+    for name in names:
+        n, _, opt = name.partition("+")
+        if opt == "wt":  # the same store, writing blocks through as prefill names them
+            base["write_through"] = True
+        elif opt:
+            raise ValueError(f"unknown option {opt!r} of {name!r}: the one option is +wt")
+        else:
+            base.pop("write_through", None)
         if n == "none":
             out.append(BenchConfig(n, g1_blocks, None))
         elif n == "g2":
@@ -544,6 +552,7 @@ def store_configs(
             out.append(BenchConfig(n, need, None))
         else:
             raise ValueError(f"unknown configuration {n!r}: choose from {', '.join(CONFIGS)}")
+        out[-1] = dataclasses.replace(out[-1], name=name)
     return out
 
 

@@ -58,7 +58,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="preset sizes (default: large on a GPU, small on a CPU)",
     )
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"of {','.join(CONFIGS)}")
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"of {','.join(CONFIGS)}; a store's may add +wt (write-through), e.g. g2+wt",
+    )
     for name in (
         "conversations",
         "rounds",
@@ -127,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
     )
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    bad = [n for n in names if n not in CONFIGS]
+    # a store's configuration may add "+wt": write-through (g2+wt)
+    stores = [c for c in CONFIGS if c not in ("none", "ceiling")]
+    bad = [n for n in names if n not in CONFIGS and n.removesuffix("+wt") not in stores]
     if bad or not names:
         print(
             f"error: unknown configuration {bad}: choose from {', '.join(CONFIGS)}", file=sys.stderr

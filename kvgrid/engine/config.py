@@ -66,10 +66,10 @@ class EngineConfig:
     --no-gemv: through cuBLAS"""
     max_logprobs: int = 20
     """most log-probabilities a request may ask for per token"""
-    guided_mask_threads: int | None = 1
-    """threads building grammar masks for guided decoding (llguidance's executor; None:
-    its default, 80% of the CPUs). One: a batch of 64 JSON-schema masks is built faster on
-    one thread than on llguidance's pool of 12 (docs/benchmarks.md, guided decoding)"""
+    guided_mask_threads: int | None = None
+    """threads building grammar masks for guided decoding (None: half the CPUs, at most
+    8); each grammar is compiled into 8 templates a thread, so that a step's rows build in
+    parallel (docs/benchmarks.md, guided decoding)"""
     kv_store: StoreConfig | None = field(default=None, metadata=flag(cli=False))
     """the context store below G1 (G2 host memory, G3 disk, G4 shared); None: G1 only
     (its flags: kvgrid.engine.args.add_store_args)"""

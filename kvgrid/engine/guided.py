@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -33,6 +34,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_SIZE = 256  # compiled grammars kept per engine
+MAX_TEMPLATES = 1024  # compiled templates kept per engine, all grammars together
+COPIES_PER_THREAD = 8  # templates per grammar for each mask thread (``matcher``)
+
+
+def default_threads() -> int:
+    """Mask threads when not configured: half the CPUs (the engine and its loaders keep
+    the rest), at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 # JSON without free whitespace between tokens: a model cannot stall on blank lines, and the
 # separators read the way people write JSON. A schema's own "x-guidance" overrides these.
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -101,10 +112,11 @@ class GuidedDecoder:
         device: torch.device,
         max_rows: int,
         threads: int | None = None,
-        copies: int = 1,
+        copies: int | None = None,
     ) -> None:
-        """``threads``: llguidance's mask-building threads (None: its default);
-        ``copies``: compiled templates per grammar (``matcher``)."""
+        """``threads``: mask-building threads (None: ``default_threads``); ``copies``:
+        compiled templates per grammar (None: COPIES_PER_THREAD a thread, one for one
+        thread: copies of one template build their masks one at a time, ``matcher``)."""
         import llguidance as llg
 
         self.vocab_size = vocab_size
@@ -117,6 +129,8 @@ class GuidedDecoder:
         # one step's masks at a time, built off the engine thread (start_masks)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-guided")
         self._cache: OrderedDict[GuidedDecoding, list[Any]] = OrderedDict()
+        if copies is None:
+            copies = 1 if self.threads == 1 else COPIES_PER_THREAD * self.threads
         self.copies = max(1, copies)
         self._turn = 0
         self._lock = threading.Lock()  # the frontend may validate while the engine steps
@@ -134,11 +148,11 @@ class GuidedDecoder:
         self.errors = 0  # tokens a matcher refused (sampled outside its mask)
 
     def use_threads(self, threads: int | None) -> None:
-        """Build masks on ``threads`` threads from now on (None: llguidance's default)."""
+        """Build masks on ``threads`` threads from now on (None: ``default_threads``)."""
         import llguidance as llg
 
-        self._executor = llg.LLExecutor(num_threads=threads)
-        self.threads = threads
+        self.threads = threads or default_threads()
+        self._executor = llg.LLExecutor(num_threads=self.threads)
 
     # ---- grammars ------------------------------------------------------------------------
 
@@ -165,8 +179,9 @@ class GuidedDecoder:
             templates = self._cache.setdefault(g, [])
             if len(templates) < self.copies:
                 templates.append(template)
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            total = sum(map(len, self._cache.values()))
+            while len(self._cache) > CACHE_SIZE or total > MAX_TEMPLATES:
+                total -= len(self._cache.popitem(last=False)[1])
             return template.deep_copy()
 
     def stats(self) -> dict:

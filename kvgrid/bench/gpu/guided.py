@@ -413,9 +413,10 @@ def run(args) -> dict:
         log("masks alone:", res["masks"])
         run_batch(eng, args.batch, args.prompt_len, 8, None, seed=2)  # warm-up
         run_batch(eng, args.batch, args.prompt_len, 32, spec, seed=2)  # the grammar's lexer
-        default = eng.guided.threads
+        default, default_copies = eng.guided.threads, eng.guided.copies
 
-        def speed(name: str, guided, threads, copies: int = 1) -> dict:
+        def speed(name: str, guided, threads, copies: int | None = None) -> dict:
+            copies = copies or default_copies
             eng.guided.use_threads(threads)
             if copies != eng.guided.copies:
                 eng.guided.copies = copies
@@ -444,9 +445,10 @@ def run(args) -> dict:
         res["unconstrained"], res["json_schema"] = mid["unconstrained"], mid["json_schema"]
         for n in args.mask_threads:
             for c in args.mask_copies:
-                name = f"json_schema_threads_{n}" + (f"_copies_{c}" if c != 1 else "")
-                res[name] = speed(name, spec, n or None, c)
+                name = f"json_schema_threads_{n}_copies_{c}"
+                res[name] = speed(name, spec, n, c)
         eng.guided.use_threads(default)
+        res["defaults"] = {"mask_threads": default, "grammar_copies": default_copies}
         if args.replay_threads and (out / "guided_tokens.json").exists():
             res["replay"] = phase_replay(
                 (out / "tokenizer.json").read_text(),
@@ -514,14 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument(
-        "--mask-threads",
-        default="0,2,4",
-        type=lambda v: [int(x) for x in v.split(",") if x],
-        help="mask-building thread counts to run the schema with, besides the engine's "
-        "default (0: llguidance's own pool, 80%% of the CPUs)",
-    )
     ints = lambda v: [int(x) for x in v.split(",") if x]
+    ap.add_argument("--mask-threads", default="1", type=ints,
+                    help="mask-building thread counts to run the schema with, besides the "
+                    "engine's default")  # fmt: skip
     ap.add_argument("--mask-copies", default="1", type=ints,
                     help="compiled copies of the grammar for each --mask-threads")  # fmt: skip
     ap.add_argument("--reps", type=int, default=3, help="unconstrained/schema pairs, alternating")

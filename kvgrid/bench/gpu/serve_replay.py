@@ -8,7 +8,7 @@ store: goodput at a TTFT limit, at offered loads that saturate the server withou
         --trace toolagent=/path/to/toolagent_trace.jsonl --speeds 10,20,40 --out out/replay
     # CPU smoke run (default model: SmolLM2's 49,152-token vocabulary)
     python -m kvgrid.bench.gpu.serve_replay --vocab 49152 --speeds 1 --limit 12 \\
-        --max-input 256 --num-kv-blocks 64 --out out/replay-cpu
+        --max-input 256 --num-kv-blocks 64 --g2-gb 1 --g3-gb 2 --out out/replay-cpu
 
 For each trace and each configuration (``no_store``: G1 only; ``store``: the same G1 with G2
 host memory and G3 on local disk) one server is started; the trace is replayed open loop at
