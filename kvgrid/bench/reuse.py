@@ -45,6 +45,8 @@ from kvgrid.store import ContextStore, StoreConfig, StoreConnector, transfer
 from kvgrid.store.crypto import KeyRing
 
 CONFIGS = ("none", "g2", "g3", "g4", "ceiling")
+# a store's configuration may say whether it writes through (g2+nowt: only at eviction)
+WRITE_THROUGH = {"wt": True, "nowt": False}
 MIN_TOKEN_ID = 256  # clear of the special tokens of most vocabularies
 
 
@@ -529,10 +531,10 @@ def store_configs(
     out = []
     for name in names:
         n, _, opt = name.partition("+")
-        if opt == "wt":  # the same store, writing blocks through as prefill names them
-            base["write_through"] = True
+        if opt in WRITE_THROUGH:  # the same store, writing through as prefill names blocks
+            base["write_through"] = WRITE_THROUGH[opt]
         elif opt:
-            raise ValueError(f"unknown option {opt!r} of {name!r}: the one option is +wt")
+            raise ValueError(f"unknown option {opt!r} of {name!r}: +wt or +nowt")
         else:
             base.pop("write_through", None)
         if n == "none":

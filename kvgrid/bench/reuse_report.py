@@ -15,6 +15,7 @@ import torch
 
 from kvgrid.bench.reuse import (
     CONFIGS,
+    WRITE_THROUGH,
     AgentWorkload,
     fresh_dirs,
     guarantee_check,
@@ -61,7 +62,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--configs",
         default=",".join(CONFIGS),
-        help=f"of {','.join(CONFIGS)}; a store's may add +wt (write-through), e.g. g2+wt",
+        help=f"of {','.join(CONFIGS)}; a store's may add +wt or +nowt (write-through on or "
+        "off; default on), e.g. g2+nowt",
     )
     for name in (
         "conversations",
@@ -131,9 +133,13 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
     )
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    # a store's configuration may add "+wt": write-through (g2+wt)
     stores = [c for c in CONFIGS if c not in ("none", "ceiling")]
-    bad = [n for n in names if n not in CONFIGS and n.removesuffix("+wt") not in stores]
+    bad = [
+        n
+        for n in names
+        if n not in CONFIGS
+        and not (n.partition("+")[0] in stores and n.partition("+")[2] in WRITE_THROUGH)
+    ]
     if bad or not names:
         print(
             f"error: unknown configuration {bad}: choose from {', '.join(CONFIGS)}", file=sys.stderr

@@ -92,8 +92,10 @@ class StoreConfig:
     # thread in flight), each into a pinned G2 slot that feeds an asynchronous copy to G1.
     load_workers: int = 8
     # Also save blocks right after prefill names them, not only when G1 evicts them: the
-    # context is below G1 at once (costs a device-to-host copy per block after prefill).
-    write_through: bool = False
+    # context is below G1 at once, and an eviction copies nothing, so a request admitted
+    # into evicted blocks never waits for their write-back (a device-to-host copy per block
+    # after prefill, beside the forward; H200, `kvgrid bench reuse` g2 against g2+wt).
+    write_through: bool = True
     lease_timeout_s: float = 30.0
     # Tier load bandwidths (bytes/s) used only where neither the start-up probe nor a load
     # has measured one (probe_tiers off, or the probe failed).

@@ -36,13 +36,14 @@ def model(tiny_model_dir) -> str:
     return str(tiny_model_dir("llama"))
 
 
-def engine(model, tmp_path, g2_blocks=64, **kw):
+def engine(model, tmp_path, g2_blocks=64, write_through=True, **kw):
     cfg = dict(model=model, block_size=BS, num_kv_blocks=24, max_num_batched_tokens=256)
     cfg.update(kw)
     eng = LLMEngine(**cfg)
     block_bytes = eng.runner.kv_cache[0].nbytes
     store_cfg = StoreConfig(g2_bytes=g2_blocks * block_bytes, sweep_interval_s=0,
-                            probe_tiers=False, encrypt=False)  # fmt: skip
+                            probe_tiers=False, encrypt=False,
+                            write_through=write_through)  # fmt: skip
     conn = StoreConnector(ContextStore(store_cfg), eng.runner.kv_cache, BS)
     eng.attach_store(conn)
     return eng, conn
@@ -56,9 +57,10 @@ def cold(model, reqs, n=3, **kw) -> dict:
 
 def test_g1_gives_up_first_the_blocks_safe_below_it(model, tmp_path):
     """B's blocks exist only in G1; A's were loaded from the store. When C needs room, G1
-    evicts A's (more recently used, but safe below) and keeps B's, with no write-back."""
+    evicts A's (more recently used, but safe below) and keeps B's, with no write-back.
+    (Without write-through: with it, B's blocks would be below G1 as soon as computed.)"""
     a, b, c = tokens(BS * 5 + 3, 1), tokens(BS * 5 + 3, 2), tokens(BS * 16 + 3, 3)
-    eng, conn = engine(model, tmp_path)
+    eng, conn = engine(model, tmp_path, write_through=False)
     run(eng, {"a": a})
     eng.scheduler.offload_cached()  # A's blocks go down
     assert eng.block_manager.reset_prefix_cache()
