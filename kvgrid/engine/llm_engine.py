@@ -81,7 +81,6 @@ class LLMEngine:
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config, self.block_manager)
-        self._fence_writes = False  # attach_store: each forward fences the blocks it writes
         self.checker = RequestChecker(
             self.tokenizer,
             self.model_config.vocab_size,
@@ -140,7 +139,7 @@ class LLMEngine:
         self.scheduler.connector = connector
         self.scheduler.loader = KVLoader(connector, self.device)
         # each forward waits only for the write-backs of the blocks it overwrites
-        self._fence_writes = connector.writers_fence()
+        connector.writers_fence()
         # write-through: blocks go to the store as soon as prefill names them
         self.block_manager.record_commits = connector.store.config.write_through
 
@@ -155,7 +154,6 @@ class LLMEngine:
         if sched.loader is not None:
             sched.loader.close()
         sched.connector = sched.loader = None
-        self._fence_writes = False
         self.block_manager.record_commits = False
         return conn
 
@@ -382,8 +380,9 @@ class LLMEngine:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         prev_tokens = prev.tokens if prev is not None else None
-        if self._fence_writes:
-            self.scheduler.connector.fence_writes(sched.written_blocks(self.config.block_size))
+        conn = self.scheduler.connector
+        if conn is not None and conn.writers_fenced:
+            conn.fence_writes(sched.written_blocks(self.config.block_size))
         rows, targets = choices.prompt_rows(sched.scheduled)
         if rows:
             logits, _ = self.runner.execute(sched.scheduled, prev_tokens, extra_rows=rows)

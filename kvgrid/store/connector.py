@@ -129,6 +129,7 @@ class StoreConnector:
         self.saved_blocks = 0
         self.saved_bytes = 0
         self.engine_time = EngineThreadTime()
+        self.writers_fenced = False  # the engine fences each forward's blocks (writers_fence)
 
     def _probe_g2(self) -> float:
         """Speed of bringing G2 blocks into the cache (scratch blocks, not the engine's),
@@ -329,12 +330,13 @@ class StoreConnector:
         copier.fence(self.kv_cache.device, [base + b * step for b in block_ids])
 
     def writers_fence(self) -> bool:
-        """Let write-backs stop ordering the engine's stream after them (the engine fences
-        its writes, ``fence_writes``); whether it applies (a GPU cache with a copier)."""
+        """Let write-backs stop ordering the engine's stream after them: the engine calls
+        ``fence_writes`` before each forward from now on (``writers_fenced``). Whether it
+        applies (a GPU cache with a copier)."""
         copier = self.store.copier
         if copier is None or not self.kv_cache.is_cuda:
             return False
-        copier.writers_fence = True
+        copier.writers_fence = self.writers_fenced = True
         return True
 
     @_engine_timed("save")
