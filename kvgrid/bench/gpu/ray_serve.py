@@ -6,8 +6,10 @@ head, with this machine's GPUs), one worker either way, the same closed-loop rep
 Mooncake conversation slice, output throughput and latencies side by side, and their ratio.
 
     python -m kvgrid.bench.gpu.ray_serve                        # H200: Llama-3.1-8B shape, dummy
+    # a CPU trial at tiny size (prompts and answers within --max-model-len)
     python -m kvgrid.bench.gpu.ray_serve --model PATH --load-format auto --limit 24 \\
-        --concurrency 4 --serve-arg=--max-model-len=1024 ...     # a CPU trial at tiny size
+        --concurrency 4 --serve-arg=--max-model-len=1024 --workload \\
+        mooncake:bench/data/mooncake_conversation_slice.jsonl,max_input_tokens=768,max_output_tokens=128
 
 Prints a table and writes ``gpu_ray.json`` (every run's replay report) and ``gpu_ray.png``
 under ``--out`` (default ``$OUT`` or bench/results/ray-<date>).

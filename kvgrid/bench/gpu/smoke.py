@@ -34,6 +34,7 @@ SERVER = ("fastapi", "uvicorn", "zmq", "httpx")
 STORE_ROOT = Path(tempfile.gettempdir()) / "kvgrid-smoke-store"
 SMALL = "--shape smollm2-135m"
 DUMMY = "--model smollm2-135m --load-format dummy"
+TRACE = Path(__file__).resolve().parents[3] / "bench" / "data" / "mooncake_conversation_slice.jsonl"
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ SMOKES: dict[str, Smoke] = {
     "disagg": Smoke("--tiny", (*SERVER, "cryptography"), 180),
     "ray_serve": Smoke(
         "--model smollm2-135m --limit 12 --concurrency 4 --warmup 2 "
+        f"--workload mooncake:{TRACE},tokens_per_block=128,max_input_tokens=768,"
+        "max_output_tokens=128 "  # within the servers' --max-model-len
         "--serve-arg=--max-model-len=1024 --serve-arg=--num-kv-blocks=64 --out {out}",
         (*SERVER, "ray"),
         240,
