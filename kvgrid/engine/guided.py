@@ -128,7 +128,8 @@ class GuidedDecoder:
         self.use_threads(threads)
         # one step's masks at a time, built off the engine thread (start_masks)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-guided")
-        self._cache: OrderedDict[GuidedDecoding, list[Any]] = OrderedDict()
+        self._cache: OrderedDict[GuidedDecoding, _Grammar] = OrderedDict()
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="kvgrid-grammar")
         if copies is None:
             copies = 1 if self.threads == 1 else COPIES_PER_THREAD * self.threads
         self.copies = max(1, copies)
@@ -157,32 +158,51 @@ class GuidedDecoder:
     # ---- grammars ------------------------------------------------------------------------
 
     def matcher(self, g: GuidedDecoding) -> Any:
-        """A fresh matcher for ``g``: copied from one of ``copies`` compiled templates,
-        in turn (each compiled once, on first use). Copies of one template share its
-        lexer, and build their masks one at a time however many threads build them:
-        templates of their own let a step's rows build in parallel."""
+        """A fresh matcher for ``g``, copied from its compiled templates in turn. A grammar
+        is compiled once on the caller's thread; ``copies - 1`` more templates of it are
+        compiled in the background (matchers copied from one template share its lexer, and
+        build their masks one at a time however many threads build them: templates of
+        their own let a step's rows build in parallel)."""
         import llguidance as llg
 
         with self._lock:
-            templates = self._cache.get(g)
-            if templates is not None:
+            entry = self._cache.get(g)
+            if entry is not None:
                 self._cache.move_to_end(g)
-                if len(templates) >= self.copies:
-                    self._turn += 1
-                    return templates[self._turn % len(templates)].deep_copy()
+                self._turn += 1
+                return entry.templates[self._turn % len(entry.templates)].deep_copy()
         text = _grammar_text(g)
         template = llg.LLMatcher(self._llt, text, log_level=0)
         if template.is_error():
             why = template.get_error().split("LexerSpec")[0].strip()[:500]
             raise RequestError(f"cannot use this {g.kind.replace('_', ' ')}: {why}")
         with self._lock:
-            templates = self._cache.setdefault(g, [])
-            if len(templates) < self.copies:
-                templates.append(template)
-            total = sum(map(len, self._cache.values()))
+            entry = self._cache.setdefault(g, _Grammar(text, [template]))
+            total = sum(len(e.templates) for e in self._cache.values())
             while len(self._cache) > CACHE_SIZE or total > MAX_TEMPLATES:
-                total -= len(self._cache.popitem(last=False)[1])
+                total -= len(self._cache.popitem(last=False)[1].templates)
+            if self.copies > 1 and entry.growing is None:
+                entry.growing = self._compiler.submit(self._grow, g, entry)
             return template.deep_copy()
+
+    def _grow(self, g: GuidedDecoding, entry: _Grammar) -> None:
+        """Compile ``entry``'s further templates (on the compiler's thread)."""
+        import llguidance as llg
+
+        while len(entry.templates) < self.copies:
+            with self._lock:
+                if self._cache.get(g) is not entry:
+                    return  # evicted meanwhile
+            template = llg.LLMatcher(self._llt, entry.text, log_level=0)
+            with self._lock:
+                entry.templates.append(template)
+
+    def settle(self) -> None:
+        """Wait until the templates being compiled in the background are in place."""
+        with self._lock:
+            pending = [e.growing for e in self._cache.values() if e.growing is not None]
+        for f in pending:
+            f.result()
 
     def stats(self) -> dict:
         return {
@@ -276,6 +296,15 @@ class GuidedDecoder:
         self.mask_s = ewma(self.mask_s, dt, 0.1)
         self.masked_steps += 1
         return rows, bitmask
+
+
+@dataclass
+class _Grammar:
+    """A grammar's compiled templates (``GuidedDecoder.matcher``)."""
+
+    text: str  # llguidance's grammar
+    templates: list[Any]
+    growing: Future | None = None  # the background compiles of further templates
 
 
 @dataclass

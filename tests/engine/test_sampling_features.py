@@ -117,9 +117,10 @@ def test_without_the_mask_a_random_model_breaks_the_grammar(tiny, monkeypatch):
         check_guided(final)
 
 
-def test_a_grammar_compiled_into_copies_is_compiled_that_many_times(tiny, monkeypatch):
-    """With ``copies`` templates per grammar (their rows build masks in parallel), the first
-    requests compile one each, later ones copy them in turn; answers stay in the grammar."""
+def test_a_grammar_is_compiled_once_and_its_further_templates_in_the_background(tiny, monkeypatch):
+    """With ``copies`` templates per grammar (their rows build masks in parallel), the
+    grammar is compiled once on the request's path and the other templates on the
+    compiler's thread; answers from matchers of every template stay in the grammar."""
     eng = LLMEngine(model=tiny, block_size=16)
     eng.guided_matcher(SamplingParams(guided=GuidedDecoding("regex", "[0-9]+")))
     eng.guided.copies = 3
@@ -127,9 +128,12 @@ def test_a_grammar_compiled_into_copies_is_compiled_that_many_times(tiny, monkey
     orig = guided._grammar_text
     monkeypatch.setattr(guided, "_grammar_text", lambda g: compiles.append(g) or orig(g))
     spec = GuidedDecoding("json_schema", json.dumps(SCHEMA))
-    for i in range(5):
+    eng.add_request("r0", [1, 2, 3], SamplingParams(max_tokens=4, guided=spec))
+    eng.guided.settle()
+    entry = eng.guided._cache[spec]
+    assert len(compiles) == 1 and len(entry.templates) == 3
+    for i in range(1, 4):
         eng.add_request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=4, guided=spec))
-    assert len(compiles) == 3 and len(eng.guided._cache[spec]) == 3
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.guided.errors == 0

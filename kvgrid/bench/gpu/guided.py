@@ -421,6 +421,8 @@ def run(args) -> dict:
             if copies != eng.guided.copies:
                 eng.guided.copies = copies
                 eng.guided._cache.clear()  # compiled again, as many times as asked
+                eng.guided_matcher(SamplingParams(guided=spec))
+            eng.guided.settle()  # every template compiled before the batch arrives
             r = run_batch(eng, args.batch, args.prompt_len, args.max_tokens, guided, seed=3)
             outputs = r.pop("outputs")
             if guided is not None and not (out / "guided_tokens.json").exists():
