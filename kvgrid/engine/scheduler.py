@@ -556,11 +556,12 @@ class Scheduler:
             # forward pass can overwrite any of them
             named = self.bm.take_commits()
             if named and self.connector is not None:
-                self._save(named)
+                self._save(named, through=True)
 
-    def _save(self, named: list, settle: bool = False) -> None:
+    def _save(self, named: list, settle: bool = False, through: bool = False) -> None:
         """Hand blocks down to the store; those still named in G1 (written through, kept at
-        preemption) are then known to be safe below it."""
+        preemption) are then known to be safe below it. ``through``: written through, they
+        wait for no G2 room (what G2 cannot take now goes down at eviction)."""
         by_tenant: dict[bytes, list] = {}
         for e in named:
             by_tenant.setdefault(e.tenant, []).append(e)
@@ -573,5 +574,6 @@ class Scheduler:
                 hints=[b.prospect for b in blocks],
                 settle=settle,
                 positions=[b.position for b in blocks],
+                through=through,
             )
             self.bm.mark_below([b for b, ok in zip(blocks, safe) if ok])

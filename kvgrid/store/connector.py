@@ -349,19 +349,29 @@ class StoreConnector:
         hints: list[float] | None = None,
         settle: bool = False,
         positions: list[int] | None = None,
+        through: bool = False,
     ) -> list[bool]:
         """Hand blocks down from G1; per block, whether the store now holds it (in G2, or
         already below). On a GPU the copies are only issued: the current stream waits for
         them on the device, so whatever it runs next (a forward, a load into the same
         blocks) comes after they have been read, and the host does not wait. ``hints``,
         ``positions``: reuse prospects and chain positions per block (``put_blocks``);
-        ``settle``: at shutdown."""
+        ``settle``: at shutdown; ``through``: written through, the blocks stay in G1 (no
+        waiting for G2 room: their eviction hands them down again)."""
         if not (len(keys) == len(parent_keys) == len(block_ids)):
             raise ValueError("save() needs as many keys, parent keys and block ids")
         blocks = [self.kv_cache[b] for b in block_ids]
         try:
             out = self.store.put_blocks(
-                keys, parent_keys, tenant, blocks, self.block_size, hints, settle, positions
+                keys,
+                parent_keys,
+                tenant,
+                blocks,
+                self.block_size,
+                hints,
+                settle,
+                positions,
+                through=through,
             )
         except Exception:
             log.exception("store write-back failed")

@@ -29,7 +29,7 @@ class BlockLedger:
         self.metrics.inc("g1_writebacks", outcome=outcome)
         if outcome in ("g2", "queued_below"):
             self.record(key, "in:G2" if outcome == "g2" else "queued")
-        elif outcome != "already_stored":
+        elif outcome not in ("already_stored", "deferred"):  # (deferred: still in G1)
             self.record(key, f"dropped:{outcome}")
 
     def record(self, key: bytes, fate: str) -> None:

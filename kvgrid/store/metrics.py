@@ -78,7 +78,7 @@ class StoreMetrics:
                 "kvgrid_store_g1_writebacks",
                 "blocks handed down from G1 (evicted, written through, preempted, at shutdown), "
                 "by outcome (g2, already_stored, queued_below, dropped_full, not_admitted, "
-                "copy_failed, error)",
+                "outranked, copy_failed, error, deferred)",
                 ["outcome"],
                 registry=r,
             ),

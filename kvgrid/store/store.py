@@ -276,11 +276,13 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
         created=None,
         wait_s=0.0,
         spare_s=0.0,
+        count_drop=True,
     ) -> tuple[Slot, bool] | None:
         """A pinned G2 slot for a block: (slot, new), or None (no room after waiting up to
         ``wait_s`` for a pinned slot to be let go, or the block being filled by another
         thread); blocks waiting for the write-down are spared up to ``spare_s`` of that
-        wait; evictions, waits and drops are accounted."""
+        wait; evictions, waits and drops (unless ``count_drop`` is off: the caller keeps
+        the block) are accounted."""
         t0 = time.perf_counter()
         slot, new, evicted = self.g2.reserve(
             tid, key, shape, dtype, parent_key, token_count, quota, created, wait_s, spare_s
@@ -290,7 +292,7 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
             self.metrics.inc("backpressure_s", waited)
         self._removed("G2", evicted)
         if slot is None:
-            if new:
+            if new and count_drop:
                 self.metrics.inc("writes_dropped", tier="G2", reason="full")
             return None
         return slot, new

@@ -61,10 +61,14 @@ class WritePath:
         hints: list[float] | None = None,
         settle: bool = False,
         positions: list[int] | None = None,
+        through: bool = False,
     ) -> list[str]:
         """Store blocks handed down from G1; per block, its outcome: ``g2`` (now in G2),
         ``already_stored``, ``queued_below`` (no G2 copy: queued for the disk tiers),
-        ``dropped_full``, ``not_admitted``, ``outranked``, ``copy_failed`` or ``error``.
+        ``dropped_full``, ``not_admitted``, ``outranked``, ``copy_failed``, ``error``, or
+        ``deferred``: ``through`` (written through, still in G1) where G2 has no free slot
+        at once; such a block waits for nothing and goes no further, G1's eviction hands it
+        down again (with back-pressure).
 
         Host blocks are read before this returns. GPU blocks are copied into G2 on the
         copier's stream: the caller's current stream waits for those copies on the device,
@@ -86,13 +90,17 @@ class WritePath:
         score = [self.sightings.bump(k, at_least=1) + h for k, h in zip(keys, hints)]
         out = ["not_admitted"] * len(keys)
         if self.g2 is not None:
-            self._g2_put_many(tid, keys, parent_keys, blocks, token_count, score, out)
+            self._g2_put_many(tid, keys, parent_keys, blocks, token_count, score, out, through)
             for key, o in zip(keys, out):
                 if o in ("g2", "already_stored"):
                     self.ledger.handed_down(key, o)
         g2_out = list(out)
         for i, key in enumerate(keys):
             in_g2 = out[i] in ("g2", "already_stored")
+            if through and not in_g2:
+                out[i] = "deferred"
+                self.ledger.handed_down(key, "deferred")
+                continue
             try:
                 depth = positions[i] if positions else 0
                 o = self._offer_below(
@@ -115,7 +123,9 @@ class WritePath:
             self.ledger.handed_down(key, out[i])
         return out
 
-    def _g2_put_many(self, tid, keys, parent_keys, blocks, token_count, score, out) -> None:
+    def _g2_put_many(
+        self, tid, keys, parent_keys, blocks, token_count, score, out, through=False
+    ) -> None:
         """The G2 part of ``put_blocks``: new slots are reserved, filled (one asynchronous
         batch for device blocks), then shown; ``out[i]`` says what became of each. A batch
         larger than what G2 has free fills what it reserved before it waits for more."""
@@ -123,8 +133,9 @@ class WritePath:
         fills: list[tuple[int, Slot]] = []
         sync: list[tuple[int, Slot]] = []
         now = time.monotonic()
-        wait_end = now + self.config.g2_wait_s  # one bound for the whole call
-        spare_end = now + self.config.g2_spare_s
+        # one bound for the whole call; written through, the blocks are still in G1: no wait
+        wait_end = now + (0.0 if through else self.config.g2_wait_s)
+        spare_end = now + (0.0 if through else self.config.g2_spare_s)
         for i, key in enumerate(keys):
             if score[i] < self.config.admit_after.get("G2", 1):
                 continue
@@ -134,7 +145,8 @@ class WritePath:
                 now = time.monotonic()
                 got = self._g2_reserve(tid, key, b.shape, b.dtype, parent_keys[i], token_count,
                                        quota, wait_s=max(0.0, wait_end - now),
-                                       spare_s=max(0.0, spare_end - now))  # fmt: skip
+                                       spare_s=max(0.0, spare_end - now),
+                                       count_drop=not through)  # fmt: skip
                 if got is not None or not (fills or sync):
                     break
                 # this batch's own slots, still being filled, may be what G2 waits for

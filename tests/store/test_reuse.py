@@ -97,6 +97,25 @@ def test_a_full_g2_applies_back_pressure_instead_of_dropping(tmp_path, wait_s):
     store.close()
 
 
+def test_a_block_written_through_waits_for_no_g2_room(tmp_path):
+    """Written through (still in G1), a block finds every G2 slot pinned: it is deferred at
+    once, with no back-pressure and no drop counted, and goes no further; handed down again
+    at eviction it waits for room as any other."""
+    store = make(tmp_path, g2_bytes=2 * BLOCK_BYTES, g2_wait_s=1.0, high_watermark=1.0)
+    held = chain(2, start=100)
+    for i, k in enumerate(held):
+        store.put(k, None, A, block(i), 16)
+    lease = store.lease(held, A)
+    t0 = time.monotonic()
+    out = store.put_blocks(chain(1), [None], A, [block(9)], 16, through=True)
+    assert out == ["deferred"] and time.monotonic() - t0 < 0.1
+    assert store.metrics.total("g1_writebacks", outcome="deferred") == 1
+    assert store.metrics.total("writes_dropped") == 0 and store.ledger.fate(chain(1)[0]) is None
+    threading.Timer(0.2, lease.release).start()
+    assert store.put_blocks(chain(1), [None], A, [block(9)], 16) == ["g2"]  # at eviction
+    store.close()
+
+
 # ---- write-down to the disk tiers ------------------------------------------------------
 
 
