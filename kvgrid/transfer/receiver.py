@@ -200,7 +200,13 @@ class KVReceiver:
     def cancel(self, tid: bytes, reason: str = "cancelled") -> bool:
         with self.lock:
             t = self.transfers.get(tid)
-        return t is not None and self._finish(t, reason)
+        if t is None:
+            return False
+        if t.sock is not None and _closed_by_peer(t.sock):
+            # the sender is gone already (the router cancels because its prefill failed,
+            # often for that very reason): that is how the transfer ended
+            reason = "connection_lost"
+        return self._finish(t, reason)
 
     def release(self, t: Inbound) -> None:
         """The request has taken its KV (or ended): unpin the slots, forget the transfer."""
@@ -456,6 +462,16 @@ class KVReceiver:
         self._gap = (ewma(b, float(nbytes), _EWMA), ewma(t, seconds, _EWMA))
         self.bytes_per_s = self._gap[0] / self._gap[1]
         self.metrics.bandwidth.set(self.bytes_per_s)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer has closed the connection and nothing of it is left unread."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # open, nothing to read
+    except OSError:
+        return True  # reset by the peer
 
 
 def _shutdown(sock: socket.socket) -> None:

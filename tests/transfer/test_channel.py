@@ -262,12 +262,15 @@ def test_stall_no_connection_deadline_partial_and_order(store, receiver):
     s6 = _connect(receiver, t6.id)
     wire.send_frame(s6, wire.BLOCK, 1, _object(store, keys[1], blocks[1]))
     assert _wait(t6).outcome == "connection_lost" and t6.landed == 0
-    # cancelled by the router
+    # cancelled by the router; with its sender still connected, too
     t7 = _expect(receiver, keys, 30, 10)
     assert receiver.cancel(t7.id) and _wait(t7).outcome == "cancelled"
-    for s in (s1, s2, s4, s5, s6):
+    t8 = _expect(receiver, keys, 30, 10)
+    s8 = _connect(receiver, t8.id)
+    assert receiver.cancel(t8.id) and _wait(t8).outcome == "cancelled"
+    for s in (s1, s2, s4, s5, s6, s8):
         s.close()
-    for t in (t1, t2, t3, t4, t5, t6, t7):
+    for t in (t1, t2, t3, t4, t5, t6, t7, t8):
         receiver.release(t)
     assert store.g2.pinned_count() == 0 and not receiver.transfers
 
@@ -303,3 +306,21 @@ def test_transfer_model_overlaps_the_prefill():
     assert m.end_s(0, b, 1.0, 4) == 0.0
     assert TransferModel.from_dict(m.to_dict()) == m
     assert TransferModel.measured(None).bytes_per_s > 0
+
+
+def test_a_cancel_after_the_sender_has_gone_says_the_connection_was_lost():
+    """The router cancels a transfer when its prefill fails, often because the prefill
+    worker died: a connection its peer has closed (nothing left unread) ended the transfer
+    first; an open one, or one with data still to read, did not."""
+    import socket
+
+    from kvgrid.transfer.receiver import _closed_by_peer
+
+    a, b = socket.socketpair()
+    assert not _closed_by_peer(a)
+    b.sendall(b"x")
+    b.close()
+    assert not _closed_by_peer(a)  # a block still to read
+    assert a.recv(1) == b"x"
+    assert _closed_by_peer(a)
+    a.close()
