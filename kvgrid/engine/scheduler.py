@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -88,14 +89,13 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.scheduled
 
-    def written_blocks(self, block_size: int) -> list[int]:
-        """The G1 blocks this step's forward writes (its new tokens' KV), before it runs."""
-        out: list[int] = []
+    def written_blocks(self, block_size: int) -> Iterator[int]:
+        """The G1 blocks this step's forward writes (its new tokens' KV), before it runs;
+        lazily (most steps have no write-back to order after)."""
         for item in self.scheduled:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_tokens - 1
-            out.extend(seq.block_table[start // block_size : end // block_size + 1])
-        return out
+            yield from seq.block_table[start // block_size : end // block_size + 1]
 
 
 class Scheduler:
@@ -151,7 +151,7 @@ class Scheduler:
         active = self.active()
         self._unpark(active)
         order = sorted(active, key=_prefilling)
-        burst = self._prefill_first()
+        burst = self._prefill_first(active)
         if burst:
             # an admission burst: its prompts go in before anyone decodes, so no decode
             # step carries prefill chunks (each such step costs several decode steps)
@@ -171,7 +171,7 @@ class Scheduler:
             self._admit(out, budget, prefill_budget)
         if burst and not out.scheduled and not out.preempted:
             # nothing could be prefilled (no blocks, or a full batch): decode after all
-            decodes = [s for s in self.active() if not _prefilling(s)]
+            decodes = [s for s in active if not _prefilling(s)]
             self._schedule_running(decodes, out, budget, 0)
         self._burst_steps = self._burst_steps + 1 if burst else 0
         self._flush_evictions()
@@ -219,13 +219,12 @@ class Scheduler:
 
     # ---- step budget ----------------------------------------------------------------------
 
-    def _prefill_first(self) -> bool:
+    def _prefill_first(self, active: list[Sequence]) -> bool:
         """Whether this step prefills only: prompts are pending and no running request has
         started decoding yet (each has at most its first token), as after a burst of
         arrivals. Bounded, so arrivals that never stop cannot starve the decodes."""
         if not self.config.prefill_first_burst or self._burst_steps >= MAX_BURST_STEPS:
             return False
-        active = self.active()
         if not (self.waiting or any(_prefilling(s) for s in active)):
             return False
         return all(s.num_output_tokens <= 1 for s in active if not _prefilling(s))
@@ -339,14 +338,13 @@ class Scheduler:
     def _unpark(self, active: list[Sequence]) -> None:
         """Requests that got a slot: a load still in flight is bounded from now, as an
         admitted request's is from its admission."""
-        now = time.monotonic()
         for seq in active:
             if seq.parked:
                 seq.parked = False
                 if seq.load_future is not None and seq.num_computed_tokens >= (
                     seq.load_start_block * self.bm.block_size
                 ):
-                    self.bound_late_load(seq, now)
+                    self.bound_late_load(seq, time.monotonic())
 
     def _may_park(self, seq: Sequence, n_store: int, new_blocks: int, room: int) -> bool:
         """Whether ``seq`` is admitted while every slot is taken, to land its stored prefix

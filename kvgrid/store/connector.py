@@ -324,7 +324,7 @@ class StoreConnector:
         An engine that calls this before every forward turns on ``writers_fence``: then
         write-backs run beside its other work instead of holding up its next step."""
         copier = self.store.copier
-        if copier is None or not self.kv_cache.is_cuda:
+        if copier is None or not self.kv_cache.is_cuda or copier.idle(self.kv_cache.device):
             return
         base, step = self.kv_cache.data_ptr(), self.block_bytes
         copier.fence(self.kv_cache.device, [base + b * step for b in block_ids])

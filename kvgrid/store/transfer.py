@@ -34,6 +34,12 @@ class Copier(Protocol):
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> CopyEvent: ...
 
+    def idle(self, device: torch.device) -> bool:
+        """Whether every copy issued on ``device`` has finished (nothing to fence on)."""
+        with self._lock:
+            ev = self._last.get(device)
+        return ev is None or ev.query()
+
     def fence(self, device: torch.device, ptrs: Iterable[int] | None = None) -> None:
         """Order the current stream of ``device`` after the copies issued so far that read
         the blocks at addresses ``ptrs`` (every copy issued so far when None)."""
@@ -150,6 +156,12 @@ class CudaCopier:
             stream = self._streams.get(device)
         if stream is not None:
             stream.synchronize()
+
+    def idle(self, device: torch.device) -> bool:
+        """Whether every copy issued on ``device`` has finished (nothing to fence on)."""
+        with self._lock:
+            ev = self._last.get(device)
+        return ev is None or ev.query()
 
     def fence(self, device: torch.device, ptrs: Iterable[int] | None = None) -> None:
         """Order the current stream's further work after the write-backs that read the
