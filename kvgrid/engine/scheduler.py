@@ -148,6 +148,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # decodes first, then unfinished prefills, in admission order
+        self._seat_parked()
         active = self.active()
         self._unpark(active)
         order = sorted(active, key=_prefilling)
@@ -334,6 +335,18 @@ class Scheduler:
         step = self.decode_step.value
         left = [s.max_tokens - s.num_output_tokens for s in self.active() if not _prefilling(s)]
         return step * min(left) if step and left else 0.0
+
+    def _seat_parked(self) -> None:
+        """A free slot goes to the parked request whose stored prefix has landed first, not
+        to an older one still loading: that one would hold the slot with nothing to compute
+        while the others decode (and it keeps loading, parked)."""
+        slots = self.config.max_num_seqs
+        if len(self.running) <= slots or not self.running[slots - 1].parked:
+            return
+        seated = [s for s in self.running if not s.parked]
+        parked = [s for s in self.running if s.parked]
+        parked.sort(key=lambda s: s.load_future is not None and not s.load_future.done())
+        self.running[:] = seated + parked
 
     def _unpark(self, active: list[Sequence]) -> None:
         """Requests that got a slot: a load still in flight is bounded from now, as an

@@ -54,6 +54,7 @@ from kvgrid.store.store import ContextStore
 
 log = logging.getLogger(__name__)
 _PER_OP_S = {"G2": 0.0, "G3": 2e-4, "G4": 5e-4}  # fixed cost per block (syscalls, round trips)
+LOAD_START_HALF_LIFE_S = 1.0  # see StoreConnector.load_start_delay
 
 
 class EngineThreadTime:
@@ -107,6 +108,7 @@ class StoreConnector:
         # how late a split's load starts after it is planned (EWMA; KVLoader waits for the
         # launch of the step that computes the first part): its load side is that much longer
         self.load_start_s = 0.0
+        self._load_start_at = 0.0  # time.monotonic() of its last observation
         self.block_bytes = kv_cache[0].nbytes
         store.configure_blocks(tuple(kv_cache.shape[1:]), kv_cache.dtype)
         self._seed = dict(store.config.seed_bytes_per_s)
@@ -130,6 +132,9 @@ class StoreConnector:
         self.saved_bytes = 0
         self.engine_time = EngineThreadTime()
         self.writers_fenced = False  # the engine fences each forward's blocks (writers_fence)
+        # StoreConfig.write_through, resolved by the engine that attaches the store (auto:
+        # whether G2 holds what its G1 can cache)
+        self.write_through = store.config.write_through
 
     def _probe_g2(self) -> float:
         """Speed of bringing G2 blocks into the cache (scratch blocks, not the engine's),
@@ -219,7 +224,7 @@ class StoreConnector:
                     load[:m],
                     self.block_size,
                     speed,
-                    start_s=self.load_start_s - slack_s,
+                    start_s=self.load_start_delay() - slack_s,
                     busy=busy,
                 )
                 ttft = cand.expected_s + (stored - m) * recompute
@@ -235,7 +240,16 @@ class StoreConnector:
 
     def observe_load_start(self, seconds: float) -> None:
         """A split's load started ``seconds`` after it was submitted (called by the loader)."""
-        self.load_start_s = ewma(self.load_start_s, seconds, 0.5)
+        self.load_start_s = ewma(self.load_start_delay(), seconds, 0.5)
+        self._load_start_at = time.monotonic()
+
+    def load_start_delay(self) -> float:
+        """The expected start delay of a split's load: the last figures, fading (half-life
+        ``LOAD_START_HALF_LIFE_S``) while no split runs. A delay is the step in flight at
+        the time (a burst of long prefills makes it long); held for good, it would make
+        every later plan recompute, and with no split left to measure it never heals."""
+        age = time.monotonic() - self._load_start_at
+        return self.load_start_s * 0.5 ** (age / LOAD_START_HALF_LIFE_S)
 
     @_engine_timed("note_admitted")
     def note_admitted(self, keys: list[bytes]) -> None:
@@ -361,6 +375,10 @@ class StoreConnector:
         if not (len(keys) == len(parent_keys) == len(block_ids)):
             raise ValueError("save() needs as many keys, parent keys and block ids")
         blocks = [self.kv_cache[b] for b in block_ids]
+        # the engine waits for G2 room no longer than recomputing these blocks would take:
+        # a longer wait costs the GPU more than losing them
+        speed = self.prefill_tokens_per_s
+        max_wait = None if settle or not speed else len(keys) * self.block_size / speed
         try:
             out = self.store.put_blocks(
                 keys,
@@ -372,6 +390,7 @@ class StoreConnector:
                 settle,
                 positions,
                 through=through,
+                max_wait_s=max_wait,
             )
         except Exception:
             log.exception("store write-back failed")

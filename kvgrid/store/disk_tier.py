@@ -7,17 +7,21 @@ Layout under the root:
     .lock                                         flock: serialises ledger and eviction
 
 A write goes: reserve its bytes in the ledger (evicting LRU objects first if that crosses
-the high watermark), write a temp file, fsync, rename into place, fsync the directory (a
-batch of writes, ``stage`` then ``commit``, shares the directory's fsync). So
-only complete, durable objects are ever visible under their name, and since space is
-reserved before the bytes land, usage never exceeds capacity, even with several processes
-(workers of one machine, or many machines on a shared path) writing at once. A process
-killed mid-write leaves a temp file, removed at the next open (or by age on other hosts),
-and at worst an over-reservation that the next open's rescan corrects.
+the high watermark), write a temp file, then rename it into place (a batch of writes,
+``stage`` then ``commit``). With ``fsync`` each file is synced before its rename and the
+directory after (once per batch): objects then survive a power cut. Either way only
+complete objects are ever visible under their name (an object a power cut tore fails its
+check when read), and since space is reserved before the bytes land, usage never exceeds
+capacity, even with several processes (workers of one machine, or many machines on a
+shared path) writing at once. A process killed mid-write leaves a temp file, removed at
+the next open (or by age on other hosts), and at worst an over-reservation that the next
+open's rescan corrects.
 
-The directory itself is the index: a lookup is one stat(), so objects written by other
-processes are seen at once; the ledger is rebuilt from a scan when the tier is opened, and
-whenever it is found damaged.
+The directory itself is the index: a lookup of a block this process has not written or
+seen here is one stat(), so objects written by other processes are seen at once (the ones
+it knows are answered from memory: another process's deletion of one shows as a miss
+when it is read); the ledger is rebuilt from a scan when the tier is opened, and whenever
+it is found damaged.
 
 Faults turn the tier off rather than fail the process (``ObjectTier._fail``): a full or
 read-only directory, an I/O error, a lock another process holds for longer than
@@ -80,6 +84,10 @@ class DiskTier(ObjectTier):
         self._tlock = threading.Lock()
         self._lockfd: int | None = None
         self.removed_tmp = 0
+        # (tenant id, key) -> creation time of the objects this process wrote or found here
+        # (dropped as it deletes them): a lookup of a prompt's blocks is answered without a
+        # stat per block. Another process's deletions show only when a read misses.
+        self._present: dict[tuple[bytes, bytes], float] = {}
         self.ledger_repairs = 0  # damaged ledgers rebuilt from the directory
         self._init_health(retry_s)
         if not read_only:
@@ -93,6 +101,7 @@ class DiskTier(ObjectTier):
         usage; raises OSError when the directory cannot be used."""
         self.objects.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._present.clear()
         if self._lockfd is None:
             # read-only is enough for flock, and holds no write access to the filesystem
             # (which would keep it from being remounted read-only, by an operator or the kernel)
@@ -251,7 +260,9 @@ class DiskTier(ObjectTier):
             size = p.stat().st_size
             p.unlink()
         except FileNotFoundError:
+            self._present.pop((tid, key), None)
             return False
+        self._present.pop((tid, key), None)
         led["used"] = max(0, led["used"] - size)
         t = tid.hex()
         led["tenants"][t] = max(0, led["tenants"].get(t, 0) - size)
@@ -355,9 +366,11 @@ class DiskTier(ObjectTier):
                 err = None
             except OSError as e:
                 err = e
+            now = time.time()
             for s in group:
                 if err is None:
                     s.result = PutResult(True, s.evicted)
+                    self._present[(s.tid, s.key)] = now
                 else:  # renamed, but not known durable: not offered as stored
                     with contextlib.suppress(OSError):
                         self.delete(s.tid, s.key)
@@ -397,6 +410,7 @@ class DiskTier(ObjectTier):
                 else:
                     data = read_into(f, into)
         except FileNotFoundError:
+            self._present.pop((tid, key), None)
             return None
         except OSError as e:
             self._fail(e)
@@ -485,12 +499,14 @@ class DiskTier(ObjectTier):
             return [None] * len(keys)
         d = self._tenant_dir(tid)  # at admission, once per block of a prompt
         out: list[float | None] = []
+        present = self._present
         try:
             for k in keys:
-                try:
-                    out.append(os.stat(self._file_in(d, k)).st_mtime)
-                except FileNotFoundError:
-                    out.append(None)
+                c = present.get((tid, k))
+                if c is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        c = present[(tid, k)] = os.stat(self._file_in(d, k)).st_mtime
+                out.append(c)
         except OSError as e:
             self._fail(e)
             raise  # the store counts and logs it (a miss for the engine)

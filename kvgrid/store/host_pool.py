@@ -35,7 +35,7 @@ from kvgrid.store.tier import watermark_target
 from kvgrid.store.transfer import host_copy
 
 
-@dataclass
+@dataclass(eq=False)  # identity: lists of slots are searched by the slot itself
 class Slot:
     index: int
     created: float

@@ -166,7 +166,9 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
     @staticmethod
     def _build_tiers(cfg: StoreConfig, read_only: bool = False) -> list[ObjectTier]:
         hw = dict(high=cfg.high_watermark, low=cfg.low_watermark, read_only=read_only)
-        disk = dict(hw, retry_s=cfg.disk_retry_s, lock_timeout_s=cfg.lock_timeout_s)
+        disk = dict(
+            hw, retry_s=cfg.disk_retry_s, lock_timeout_s=cfg.lock_timeout_s, fsync=cfg.sync_writes
+        )
         out: list[ObjectTier] = []
         if cfg.g3_dir:
             out.append(DiskTier(cfg.g3_dir, cfg.g3_bytes, "G3", "disk", **disk))

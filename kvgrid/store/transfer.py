@@ -134,8 +134,8 @@ class CudaCopier:
         with torch.cuda.stream(stream):
             run: list = []
             for dst, src in pairs:
-                run = copy_run(run, src, dst)
-            copy_run(run, None, None)
+                run = copy_run(run, src, dst, True)  # accepts(): device -> pinned host
+            copy_run(run, None, None, True)
         ev = torch.cuda.Event()
         ev.record(stream)
         # No later kernel of the engine's stream may overwrite the blocks before they are
@@ -223,11 +223,18 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def copy_run(run: list, src: torch.Tensor | None, dst: torch.Tensor | None) -> list:
+def copy_run(
+    run: list,
+    src: torch.Tensor | None,
+    dst: torch.Tensor | None,
+    non_blocking: bool | None = None,
+) -> list:
     """Queue the copy ``src -> dst``, merging it into one copy with the queued ones while
     both sides stay adjacent in memory (G2 slots and G1 blocks are often handed out in
     order, so a prefix of hundreds of blocks goes in a few copies, not one per block).
-    ``src=None`` flushes. Copies between a GPU and pinned host memory are asynchronous."""
+    ``src=None`` flushes. Copies between a GPU and pinned host memory are asynchronous
+    (``non_blocking``: the caller knows which it is; asking the driver costs a call per
+    copy)."""
     if run and src is not None:
         ps, pd = run[-1]
         if (
@@ -241,7 +248,8 @@ def copy_run(run: list, src: torch.Tensor | None, dst: torch.Tensor | None) -> l
     if run:
         s0, d0 = run[0]
         k = len(run)
-        non_blocking = (d0.is_cuda and s0.is_pinned()) or (s0.is_cuda and d0.is_pinned())
+        if non_blocking is None:
+            non_blocking = (d0.is_cuda and s0.is_pinned()) or (s0.is_cuda and d0.is_pinned())
         if k == 1:
             d0.copy_(s0, non_blocking=non_blocking)
         else:

@@ -62,6 +62,7 @@ class WritePath:
         settle: bool = False,
         positions: list[int] | None = None,
         through: bool = False,
+        max_wait_s: float | None = None,
     ) -> list[str]:
         """Store blocks handed down from G1; per block, its outcome: ``g2`` (now in G2),
         ``already_stored``, ``queued_below`` (no G2 copy: queued for the disk tiers),
@@ -74,7 +75,10 @@ class WritePath:
         copier's stream: the caller's current stream waits for those copies on the device,
         so its later kernels cannot overwrite the blocks before they are read, and the
         caller may reuse them at once. With every G2 slot pinned, the caller waits up to
-        ``g2_wait_s`` for one (back-pressure) before a block is dropped. Disk and network
+        ``g2_wait_s`` (at most ``max_wait_s``, what the blocks are worth) for one
+        (back-pressure) before a block is dropped, and before it gives up a block waiting
+        for the write-down, up to ``g2_spare_s`` (at most one block's share of
+        ``max_wait_s``) for a write to finish. Disk and network
         writes go through the ranked write-down (``hints``: the engine's reuse prospects
         per block, added to its sightings; ``positions``: each block's place in its chain,
         a prefix's head going first); ``settle`` (shutdown) waives disk admission."""
@@ -90,7 +94,15 @@ class WritePath:
         score = [self.sightings.bump(k, at_least=1) + h for k, h in zip(keys, hints)]
         out = ["not_admitted"] * len(keys)
         if self.g2 is not None:
-            self._g2_put_many(tid, keys, parent_keys, blocks, token_count, score, out, through)
+            wait_s = 0.0 if through else self.config.g2_wait_s
+            spare_s = min(wait_s, self.config.g2_spare_s)
+            if max_wait_s is not None:
+                wait_s = min(wait_s, max_wait_s)
+                # sparing a waiting block saves one block: worth one block's share, no more
+                spare_s = min(spare_s, max_wait_s / len(keys))
+            self._g2_put_many(
+                tid, keys, parent_keys, blocks, token_count, score, out, through, wait_s, spare_s
+            )
             for key, o in zip(keys, out):
                 if o in ("g2", "already_stored"):
                     self.ledger.handed_down(key, o)
@@ -124,23 +136,34 @@ class WritePath:
         return out
 
     def _g2_put_many(
-        self, tid, keys, parent_keys, blocks, token_count, score, out, through=False
+        self, tid, keys, parent_keys, blocks, token_count, score, out, through, wait_s, spare_s
     ) -> None:
         """The G2 part of ``put_blocks``: new slots are reserved, filled (one asynchronous
         batch for device blocks), then shown; ``out[i]`` says what became of each. A batch
-        larger than what G2 has free fills what it reserved before it waits for more."""
+        larger than what G2 has free fills what it reserved before it waits for more, all of
+        it within ``wait_s`` (``through``: written through, still in G1, no wait), and
+        ``spare_s`` of it sparing the write-down's waiting blocks."""
         quota = self._g2_quota(tid)
         fills: list[tuple[int, Slot]] = []
         sync: list[tuple[int, Slot]] = []
         now = time.monotonic()
-        # one bound for the whole call; written through, the blocks are still in G1: no wait
-        wait_end = now + (0.0 if through else self.config.g2_wait_s)
-        spare_end = now + (0.0 if through else self.config.g2_spare_s)
+        wait_end = now + wait_s
+        spare_end = now + spare_s
+        # one question for the call: its blocks share a device (asking costs a driver call)
+        dev = blocks[0].device
+        pool = self.g2.pool
+        copies = self.copier is not None and pool is not None
+        copies = copies and self.copier.accepts(blocks[0], pool)
         for i, key in enumerate(keys):
             if score[i] < self.config.admit_after.get("G2", 1):
                 continue
             b = blocks[i]
             got = None
+            if (fills or sync) and not self.g2.free:
+                # G2 is full: what it can give up may be this batch's own slots, still
+                # being filled; filled, they need not be waited for
+                self._g2_fill(tid, keys, parent_keys, blocks, token_count, fills, sync, out)
+                fills, sync = [], []
             for _ in range(2):
                 now = time.monotonic()
                 got = self._g2_reserve(tid, key, b.shape, b.dtype, parent_keys[i], token_count,
@@ -160,7 +183,7 @@ class WritePath:
             if not new:
                 out[i] = "already_stored"
                 self.g2.release(slot)
-            elif self.copier is not None and self.copier.accepts(b, self.g2.pool):
+            elif copies and b.device == dev:
                 fills.append((i, slot))
             else:
                 sync.append((i, slot))
@@ -249,16 +272,17 @@ class WritePath:
             if self.lower and in_g2:
                 self.ledger.skipped_below(key, "not_admitted")
             return "not_admitted"
-        copied = None
-        if got is not None:
-            slot, src = got  # pinned until written or skipped
-        else:
-            slot = None
-            src, copied = self._off_device(block)
         c = Candidate(
-            tid, key, parent_key, tenant, token_count, score, targets, src, slot, copied, depth
+            tid, key, parent_key, tenant, token_count, score, targets, None, None, None, depth
         )
         wait = self.config.io_block_s if not settle else 60.0
+        if got is not None:
+            c.slot, c.src = got  # pinned until written or skipped
+        elif wait == 0 and not self.writes.takes(score, depth):
+            self.writes.refuse(c)  # not copied off the device only to be skipped
+            return "outranked"
+        else:
+            c.src, c.copied = self._off_device(block)
         return "queued_below" if self.writes.offer(c, wait_s=wait) else "outranked"
 
     def _off_device(self, block: torch.Tensor) -> tuple[torch.Tensor, CopyEvent | None]:

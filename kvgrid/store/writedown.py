@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes a candidate by itself
 class Candidate:
     tid: bytes
     key: bytes
@@ -66,7 +66,7 @@ class Candidate:
     token_count: int
     score: float  # reuse prospects: sightings plus the engine's hint
     targets: list  # the lower tiers it is admitted to
-    src: torch.Tensor  # its G2 slot's bytes, or a host copy of its own
+    src: torch.Tensor | None  # its G2 slot's bytes, or a host copy of its own
     slot: Slot | None = None  # its G2 slot, pinned while it is written
     copied: CopyEvent | None = None  # the device copy into ``src`` still landing
     depth: int = 0  # its place in its chain: a prefix is worth something only from its head
@@ -148,9 +148,26 @@ class WriteDown(WorkerThreads):
             if out is not None:
                 self.dropped += 1
         if out is not None:
-            self._skipped(out, "outranked")
+            self.skipped(out, "outranked")
         self.store.metrics.in_flight.set(self.in_flight)
         return out is not c
+
+    def takes(self, score: float, depth: int) -> bool:
+        """Whether a candidate with a host copy of its own would be queued now (room, or a
+        worse-ranked one to skip for it): a block it would not take is not copied off the
+        device only to be skipped."""
+        with self.cv:
+            if self.closed:
+                return False
+            if self._held() < self.max_in_flight:
+                return True
+            return any((q.score, -q.depth) < (score, -depth) for q in self.queued if not q.in_g2)
+
+    def refuse(self, c: Candidate) -> None:
+        """Skip a candidate ``takes`` turned away (counted as outranked)."""
+        with self.cv:
+            self.dropped += 1
+        self.skipped(c, "outranked")
 
     def _offer_in_g2(self, c: Candidate) -> bool:
         g2, slot = self.store.g2, c.slot
@@ -176,7 +193,7 @@ class WriteDown(WorkerThreads):
         if skip:
             with g2.lock:
                 slot.queued_below = False
-            self._skipped(c, "outranked")
+            self.skipped(c, "outranked")
             return False
         g2.release(slot)
         self.store.metrics.in_flight.set(self.in_flight)
@@ -197,7 +214,7 @@ class WriteDown(WorkerThreads):
             self.closed = True
             self.cv.notify_all()
         for c in left:
-            self._skipped(c, "shutdown")
+            self.skipped(c, "shutdown")
         for t in self.threads:
             t.join(timeout=1.0)
 
@@ -211,9 +228,10 @@ class WriteDown(WorkerThreads):
             self.queued.remove(c)
             self.dropped += 1
             self.cv.notify_all()
-        self._skipped(c, "outranked")
+        self.skipped(c, "outranked")
 
-    def _skipped(self, c: Candidate, why: str) -> None:
+    def skipped(self, c: Candidate, why: str) -> None:
+        """Count and note a candidate that is not written (``why``: the outcome)."""
         if c.slot is not None:
             self.store.g2.release(c.slot)
         m = self.store.metrics
@@ -265,7 +283,7 @@ class WriteDown(WorkerThreads):
                 if c.in_g2:
                     got = store.g2.acquire(c.tid, c.key)
                     if got is None:  # G2 let it go between the pick and the pin
-                        self._skipped(c, "outranked")
+                        self.skipped(c, "outranked")
                         continue
                     c.slot, c.src = got
                     with store.g2.lock:

@@ -33,7 +33,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
         "--user-tokens", "16", "--answer-tokens", "4", "--max-num-seqs", "1",
         "--block-size", "16", "--guarantee-tokens", "48", "--no-progress",
         "--disk-dir", str(tmp_path / "d3"), "--shared-dir", str(tmp_path / "d4"),
-        "--configs", "none,g2,g3,g4+nowt,ceiling", "--out", str(out),
+        "--configs", "none,g2,g3,g4+wt,ceiling", "--out", str(out),
     ])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
@@ -41,7 +41,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     res = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000
     r = res["results"]
-    assert list(r) == ["none", "g2", "g3", "g4+nowt", "ceiling"]
+    assert list(r) == ["none", "g2", "g3", "g4+wt", "ceiling"]
     theory = res["workload"]["theoretical_hit_rate"]
     assert 0.4 < theory < 0.7
     # G1 capped to one running conversation: without a store the histories are lost; with
@@ -49,7 +49,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     assert r["none"]["hit_rate"] < theory - 0.1
     assert abs(r["ceiling"]["hit_rate"] - theory) < 1e-9
     assert r["g2"]["hit_rate"] > r["ceiling"]["hit_rate"] - 0.02
-    for name in ("g2", "g3", "g4+nowt"):
+    for name in ("g2", "g3", "g4+wt"):
         kv = r[name]["kv_check"]
         assert kv["loaded"] > 0 and kv["bit_exact"] == kv["loaded"]
         assert r[name]["guarantee"][0]["cached_tokens"] > 0
@@ -61,5 +61,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     s = res["summary"]
     assert s["ceiling"]["ceiling_gain_fraction"] == 1.0 and s["none"]["speedup_vs_none"] == 1.0
     assert res["workload"]["conversations"] == 3 and len(r["g3"]["per_request"]) == 6
-    # +nowt: the same store, writing blocks down only at eviction (write-through is default)
-    assert r["g3"]["write_through"] and not r["g4+nowt"]["write_through"]
+    # write-through by default where G2 holds what G1 can cache (g2), not where G2 is
+    # smaller (g3); +wt forces it
+    assert r["g2"]["write_through"] and not r["g3"]["write_through"]
+    assert r["g4+wt"]["write_through"]

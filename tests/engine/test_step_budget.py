@@ -103,3 +103,23 @@ def test_observe_step_measures_decode_and_marginal_prefill_cost():
     assert out.num_batched_tokens == 1001
     sched.observe_step(out, 0.030)
     assert abs(sched.prefill_token.value - 20e-6) < 1e-12  # (30 ms - 10 ms) / 1000
+
+
+def test_a_free_slot_goes_to_the_parked_request_whose_prefix_has_landed():
+    """Parked requests load their stored prefixes while the batch is full; a slot that frees
+    goes to one whose load is done, not to an older one still loading (it would hold the
+    slot with nothing to compute)."""
+    from concurrent.futures import Future
+
+    sched = make(max_num_seqs=2)
+    a, loading, landed = (add(sched, 8, n) for n in ("a", "loading", "landed"))
+    sched.waiting.clear()
+    loading.load_future, landed.load_future = Future(), Future()
+    landed.load_future.set_result(None)
+    loading.parked = landed.parked = True
+    sched.running[:] = [a, loading, landed]
+    sched._seat_parked()
+    assert sched.active() == [a, landed]
+    landed.parked = False  # seated (what _unpark does)
+    sched._seat_parked()  # every slot taken: the order stays
+    assert sched.running == [a, landed, loading]

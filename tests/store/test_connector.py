@@ -4,12 +4,16 @@ deadlines, and the `kvgrid store` command."""
 
 from __future__ import annotations
 
+import time
+from unittest import mock
+
 import pytest
 import torch
 
 from kvgrid import keys
 from kvgrid.events import BlockRemoved, BlockStored
-from kvgrid.store import ContextStore, StoreConfig, StoreConnector
+from kvgrid.store import ContextStore, StoreConfig, StoreConnector, connector
+from kvgrid.store.connector import LOAD_START_HALF_LIFE_S as HALF_LIFE
 from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadPlan
 from kvgrid.store.object import tenant_id
 from tests.support.store_engine import (
@@ -107,11 +111,16 @@ def test_lookup_weighs_load_against_recompute(tmp_path):
     assert conn.load_seconds_per_block(A) == pytest.approx(g3_s)
     # the same, the load starting 100 ms after it is planned (the engine launching a step
     # first): recompute 5 (220 ms) while 3 load (100 + 150 ms), against 4/4 at 260 ms
-    conn.load_start_s = 0.1
+    conn.observe_load_start(0.2)  # the EWMA's half of it, from 0
     assert conn.lookup(ks, A, 0) == 8
     plan = conn.load_plan(A, 8)
     assert (plan.compute_blocks, plan.load_blocks) == (5, 3)
-    assert plan.expected_s == pytest.approx(0.1 + 3 * g3_s)
+    assert plan.expected_s == pytest.approx(0.1 + 3 * g3_s, rel=1e-3)
+    # a delay seen once fades while no split runs to measure it again: two half-lives on,
+    # a quarter of it (held for good, every later plan would recompute)
+    now = time.monotonic()
+    with mock.patch.object(connector.time, "monotonic", return_value=now + 2 * HALF_LIFE):
+        assert conn.load_start_delay() == pytest.approx(0.1 / 4, rel=1e-3)
     conn.load_start_s = 0.0
     # recompute faster than any tier: recompute it all
     conn.save(ks, [None, *ks[:-1]], A, list(range(8)))
@@ -216,6 +225,45 @@ def test_store_cli(tmp_path, monkeypatch, capsys):
     assert main(["store", "clear", "--dir", d, "--yes"]) == 0
     assert "removed 2 objects" in capsys.readouterr().out
     assert not list((tmp_path / "g3" / "objects").rglob("*.kvo"))
+
+
+def test_the_engine_waits_for_g2_room_no_longer_than_recomputing_the_blocks(tmp_path):
+    """Every G2 slot pinned: a hand-down waits for one at most as long as recomputing its
+    blocks would take (then it goes on to the write-down, or is dropped and counted), not
+    the whole ``g2_wait_s``: a longer wait costs the GPU more than losing them."""
+    src = kv_cache()
+    store = make(tmp_path, g2_bytes=2 * src[0].nbytes, g2_wait_s=2.0)
+    conn = StoreConnector(store, src, BS)
+    ks = keys.block_keys(list(range(BS * 3)), MODEL.with_tenant(A), BS)
+    conn.save(ks[:2], [None, ks[0]], A, [0, 1])
+    pins = [store.g2.acquire(tenant_id(A), k)[0] for k in ks[:2]]  # nothing to evict
+    conn.prefill_tokens_per_s = BS / 0.05  # a block is recomputed in 50 ms
+    t0 = time.perf_counter()
+    assert conn.save(ks[2:], [ks[1]], A, [2]) == [False]
+    assert 0.04 <= time.perf_counter() - t0 < 0.5
+    assert store.metrics.total("backpressure_s") < 0.5
+    for slot in pins:
+        store.g2.release(slot)
+    store.close()
+
+
+def test_write_through_by_default_only_where_g2_holds_what_g1_caches(tmp_path, tiny_model_dir):
+    """A G2 smaller than G1 lets written-through blocks go long before G1 evicts them: the
+    copies would buy nothing. Asked for explicitly, it is on or off whatever the sizes."""
+    from kvgrid.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(model=str(tiny_model_dir("llama")), block_size=BS, num_kv_blocks=40,
+                    max_num_batched_tokens=256)  # fmt: skip
+    g1 = eng.block_manager.num_free_blocks * eng.runner.kv_cache[0].nbytes
+    cases = [(g1 // 2, None, False), (g1, None, True), (g1 // 2, True, True), (g1, False, False)]
+    for g2_bytes, asked, on in cases:
+        store = make(tmp_path, g2_bytes=g2_bytes, write_through=asked, g3_dir=None,
+                     probe_tiers=False)  # fmt: skip
+        conn = StoreConnector(store, eng.runner.kv_cache, BS)
+        eng.attach_store(conn)
+        assert conn.write_through is on and eng.block_manager.record_commits is on
+        eng.detach_store()
+        store.close()
 
 
 @pytest.mark.parametrize("write_through", [True, False])

@@ -236,6 +236,9 @@ def test_back_pressure_bounds_in_flight_writes(tmp_path, g2_bytes):
                       admit_after={"G2": 1, "G3": 1})  # fmt: skip
     store = ContextStore(cfg, keyring=KR, tiers=[GatedTier(tmp_path / "d", 1 << 20, "G3")])
     ks = chain(A, 30)
+    copies = []
+    off_device = store._off_device
+    store._off_device = lambda b: (copies.append(1), off_device(b))[1]
     t0 = time.perf_counter()
     for i, k in enumerate(ks):
         store.put(k, None, A, block(i), 16)
@@ -249,10 +252,35 @@ def test_back_pressure_bounds_in_flight_writes(tmp_path, g2_bytes):
         assert store.writes.max_seen == 4
         assert store.writes.dropped == 26
         assert store.metrics.total("writes_dropped", reason="queue_full") == 26
+        # a block the full queue would skip is not copied off its device first
+        assert len(copies) == 4
     GatedTier.gate.set()
     assert store.flush()
     written = sum(t is not None for t in store.tier("G3").created_many(tenant_id(A), ks))
     assert written == (30 if g2_bytes else 4)
+    store.close()
+
+
+def test_a_hand_down_spares_waiting_blocks_for_one_blocks_worth_of_its_wait(tmp_path):
+    """G2 full of blocks waiting for a stalled disk: before it gives one up, a hand-down of
+    20 blocks worth 1 s in all (their recompute) waits for a write to finish 1/20 s, not
+    the configured 1 s: sparing one waiting block saves one block. Larger than G2, the batch
+    then gives up its own earlier blocks, filled at once rather than waited for."""
+    GatedTier.gate.clear()
+    cfg = StoreConfig(g2_bytes=2 * block(0).nbytes, io_workers=1, g2_spare_s=1.0,
+                      sweep_interval_s=0, admit_after={"G2": 1, "G3": 1})  # fmt: skip
+    store = ContextStore(cfg, keyring=KR, tiers=[GatedTier(tmp_path / "d", 1 << 20, "G3")])
+    ks = chain(A, 22)
+    store.put(ks[0], None, A, block(0), 16)
+    for _ in range(200):  # the writer takes it (pinned), then stalls on the disk
+        if store.writes.running:
+            break
+        time.sleep(0.01)
+    store.put(ks[1], None, A, block(1), 16)  # waits in G2 for the writer, unpinned
+    t0 = time.perf_counter()
+    store.put_blocks(ks[2:], [None] * 20, A, [block(i) for i in range(20)], 16, max_wait_s=1.0)
+    assert 0.04 <= time.perf_counter() - t0 < 0.5
+    GatedTier.gate.set()
     store.close()
 
 
@@ -270,6 +298,42 @@ def test_back_pressure_blocks_for_at_most_the_configured_time(tmp_path):
     assert store.writes.dropped == 1
     GatedTier.gate.set()
     store.close()
+
+
+def test_a_disk_lookup_of_an_object_known_here_costs_no_stat(tmp_path, monkeypatch):
+    """What a process wrote or found on its disk tier it looks up from memory; an object
+    another process wrote is found by one stat; one another process deleted shows when its
+    read misses. Objects are synced to the disk only with ``sync_writes``."""
+    from kvgrid.store import disk_tier
+
+    disk = DiskTier(tmp_path / "g3", 1 << 24, "G3")
+    other = DiskTier(tmp_path / "g3", 1 << 24, "G3")  # another process on the same directory
+    tid, ks = tenant_id(A), chain(A, 4)
+    for k in ks[:3]:
+        assert disk.put(tid, k, os.urandom(1000)).stored
+    stats = []
+    real = os.stat
+
+    def counted(path, *a, **kw):
+        stats.append(path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(disk_tier.os, "stat", counted)
+    assert None not in disk.created_many(tid, ks[:3]) and not stats
+    assert other.put(tid, ks[3], os.urandom(1000)).stored
+    stats.clear()
+    assert disk.created_many(tid, ks)[3] is not None and len(stats) == 1
+    assert disk.created_many(tid, ks) == disk.created_many(tid, ks) and len(stats) == 1
+    assert other.delete(tid, ks[0])
+    assert disk.created_many(tid, ks[:1]) != [None]  # not known yet...
+    assert disk.get(tid, ks[0]) is None  # ...until its read misses
+    assert disk.created_many(tid, ks[:1]) == [None]
+    monkeypatch.undo()
+    for sync in (False, True):
+        cfg = StoreConfig(g2_bytes=0, g3_dir=tmp_path / "s", sweep_interval_s=0,
+                          probe_tiers=False, sync_writes=sync)  # fmt: skip
+        with ContextStore(cfg, keyring=KR) as store:
+            assert store.tier("G3").fsync is sync
 
 
 @pytest.mark.parametrize("batch", [8, 1])
