@@ -151,22 +151,27 @@ class KVCheck:
     first computation in the last bits); at the end each key is loaded back from the store
     (from the lowest tier holding it) and must equal one of those copies exactly."""
 
-    def __init__(self, conn: StoreConnector, every: int = 16, limit: int = 24) -> None:
+    def __init__(
+        self, conn: StoreConnector, every: int = 16, limit: int = 24, copies: int = 4
+    ) -> None:
         self.conn = conn
         self.saved: dict[bytes, tuple[bytes, list[torch.Tensor]]] = {}
         inner = conn.save
+        # the copies' room, allocated before the run: a pinned allocation per copy would
+        # stall the engine's thread inside the timed run
+        kv = conn.kv_cache
+        aside = torch.empty((limit * copies, *kv.shape[1:]), dtype=kv.dtype, pin_memory=kv.is_cuda)
+        free = list(aside)
 
         def save(keys, parent_keys, tenant, block_ids, **kw):
             for k, b in zip(keys, block_ids):
                 if k[0] % every or (k not in self.saved and len(self.saved) >= limit):
                     continue
-                copies = self.saved.setdefault(k, (tenant, []))[1]
-                if len(copies) < 4:
+                taken = self.saved.setdefault(k, (tenant, []))[1]
+                if len(taken) < copies:
                     # queued on the engine's stream after the forward that wrote the block
                     # and before any that overwrites it; the host never waits for it
-                    src = conn.kv_cache[b]
-                    dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
-                    copies.append(dst.copy_(src, non_blocking=src.is_cuda))
+                    taken.append(free.pop().copy_(kv[b], non_blocking=kv.is_cuda))
             return inner(keys, parent_keys, tenant, block_ids, **kw)
 
         conn.save = save
@@ -375,7 +380,7 @@ def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) ->
     }
     res["j_per_output_token"] = res["energy_j"] / out_tokens if res["energy_j"] else None
     if conn is not None:
-        res["write_through"] = cfg.store.write_through
+        res["write_through"] = conn.write_through
         res["store"] = _store_summary(conn, elapsed)
         eng.detach_store()
         res["kv_check"] = check.verify(_scratch_block(eng, held))
@@ -441,6 +446,8 @@ def _store_summary(conn: StoreConnector, elapsed: float) -> dict:
         "writes_dropped": c.get("writes_dropped", {}),
         "backpressure_s": m.total("backpressure_s"),
         "engine_thread": st["engine_thread"],
+        # the last start delay a split's load was seen to have (plans count it in)
+        "load_start_s": conn.load_start_s,
     }
 
 

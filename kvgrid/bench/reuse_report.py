@@ -63,7 +63,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--configs",
         default=",".join(CONFIGS),
         help=f"of {','.join(CONFIGS)}; a store's may add +wt or +nowt (write-through on or "
-        "off; default on), e.g. g2+nowt",
+        "off; default: on where G2 holds what G1 can cache), e.g. g2+nowt",
     )
     for name in (
         "conversations",

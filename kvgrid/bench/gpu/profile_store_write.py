@@ -121,13 +121,16 @@ def stages(root: Path, blocks: list[torch.Tensor], codec: str) -> dict[str, floa
     return {k: statistics.median(v) for k, v in t.items()}
 
 
-def write_down(root: Path, blocks: list[torch.Tensor], threads: int, codec: str) -> dict:
-    """The store's own write-down: G2 -> G3 with ``threads`` writers, until flushed."""
+def write_down(
+    root: Path, blocks: list[torch.Tensor], threads: int, codec: str, sync: bool = True
+) -> dict:
+    """The store's own write-down: G2 -> G3 with ``threads`` writers, until flushed
+    (``sync``: each batch flushed to the disk, as ``StoreConfig.sync_writes`` does)."""
     n, nbytes = len(blocks), blocks[0].nbytes
     d = root / f"g3-{threads}-{os.urandom(3).hex()}"
     cfg = StoreConfig(
         g2_bytes=(n + 2) * nbytes, g3_dir=d, g3_bytes=64 << 30, codec=codec,
-        io_workers=threads, io_queue=n + 2, io_block_s=60.0, probe_tiers=False,
+        io_workers=threads, io_queue=n + 2, io_block_s=60.0, probe_tiers=False, sync_writes=sync,
         sweep_interval_s=0, high_watermark=1.0, low_watermark=1.0,
         admit_after={"G2": 1, "G3": 2, "G4": 2},  # into G2 only, until settle()
     )  # fmt: skip
@@ -186,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", choices=["random", "zeros-ish"], default="random")
     ap.add_argument("--codec", default="zstd")
     ap.add_argument("--root", default=None, help="a directory on the disk to measure")
+    ap.add_argument(
+        "--no-sync",
+        action="store_true",
+        help="write down as the store does by default (no flush per batch; the disk "
+        "ceiling is still timed as durably)",
+    )
     ap.add_argument("--out", default="store_write_profile.json")
     a = ap.parse_args(argv)
     shape = SHAPES[a.shape]
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         st = stages(root, blocks[: min(len(blocks), 24)], a.codec)
         runs, ceil = [], {}
         for th in [int(x) for x in a.threads.split(",")]:
-            runs.append(write_down(root, blocks, th, a.codec))
+            runs.append(write_down(root, blocks, th, a.codec, not a.no_sync))
             ceil[th] = disk_ceiling(root, nbytes, a.blocks, th)
     print(f"block {list(shape)} bf16 = {nbytes / 2**20:.2f} MiB, {a.data} data, codec {a.codec}")
     print("one object, one thread (ms, median):")

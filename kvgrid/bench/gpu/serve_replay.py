@@ -89,9 +89,20 @@ def stop(proc: subprocess.Popen) -> None:
     interrupt(proc, 60)
 
 
+def max_input(args, url: str) -> int:
+    """``--max-input``, capped to what the server's context leaves for the output (the
+    model's own context may be shorter than the ``--max-model-len`` it was given): a trace's
+    longer prompts are cut, not refused and counted as failures."""
+    import httpx
+
+    ctx = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0].get("max_model_len")
+    return min(args.max_input, ctx - args.max_output) if ctx else args.max_input
+
+
 def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
+    cap = max_input(args, url)
     wl = load_mooncake(trace, tokens_per_block=args.tokens_per_block,
-                       max_input_tokens=args.max_input, max_output_tokens=args.max_output,
+                       max_input_tokens=cap, max_output_tokens=args.max_output,
                        limit=args.limit, vocab_size=args.vocab, seed=seed)  # fmt: skip
     rep = Replayer(url, None, None, ignore_eos=True)
     results, duration = asyncio.run(rep.run(wl, speed=speed, progress=False))
@@ -101,6 +112,7 @@ def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
     cached = sum(r.cached_tokens or 0 for r in results)
     return {
         "speed": speed,
+        "max_input_tokens": cap,
         "requests": len(results),
         "failed": sum(not r.success for r in results),
         "first_error": next((r.error for r in results if not r.success), "")[:300],
