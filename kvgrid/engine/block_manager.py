@@ -205,6 +205,21 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_below[e.block_id] = None
 
+    def next_unsafe_evictions(self, n: int) -> list[EvictedBlock]:
+        """The free named blocks no copy below G1 keeps that the next ``n`` allocations
+        would evict (after the unnamed ones and those safe below, which go first)."""
+        clean = len(self.free_below)
+        out: list[EvictedBlock] = []
+        for scanned, bid in enumerate(self.free):
+            if clean + len(out) >= n or scanned >= 4 * n:
+                break
+            block = self.blocks[bid]
+            if block.key is None:
+                clean += 1
+            elif not block.below:
+                out.append(self._named(block))
+        return out
+
     def named_blocks(self, seq: Sequence) -> list[EvictedBlock]:
         """``seq``'s named blocks that no copy below G1 keeps yet."""
         out = []

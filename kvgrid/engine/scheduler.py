@@ -10,6 +10,7 @@ and it is recomputed later, usually from those cached blocks.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -126,6 +127,7 @@ class Scheduler:
         self._burst_steps = 0
         self.decode_step = Ewma(DECODE_STEP_WEIGHT)
         self.prefill_token = Ewma(0.2)
+        self._ahead: dict[int, bytes] = {}  # block id -> the name it was cleaned ahead under
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -176,6 +178,7 @@ class Scheduler:
             self._schedule_running(decodes, out, budget, 0)
         self._burst_steps = self._burst_steps + 1 if burst else 0
         self._flush_evictions()
+        self._clean_ahead(out)
         return out
 
     def _schedule_running(
@@ -568,6 +571,30 @@ class Scheduler:
             named = self.bm.take_commits()
             if named and self.connector is not None:
                 self._save(named, through=True)
+
+    def _clean_ahead(self, out: SchedulerOutput) -> None:
+        """Without write-through, hand down now the blocks the next step may evict (the
+        prompt tokens left, up to a step's budget, and a block of growth per running
+        request): their copies run beside this step's forward, and the step that reuses
+        the blocks neither copies them nor waits for the copies. They wait for no G2 room
+        (if none is free now, their eviction hands them down)."""
+        if self.connector is None or self.bm.record_commits or not self.bm.enable_prefix_caching:
+            return
+        budget, want = self.config.max_num_batched_tokens, 0
+        now = {id(s.seq): s.num_tokens for s in out.scheduled}  # this step's, not computed yet
+        for seq in itertools.chain(self.running, self.waiting):
+            left = seq.num_tokens - seq.num_computed_tokens - now.get(id(seq), 0)
+            want += left if left > 1 else 0
+            if want >= budget:
+                break
+        n = -(-min(want, budget) // self.bm.block_size) + len(self.running)
+        # once per block and name: one G2 had no room for waits for its eviction
+        tried = self._ahead
+        ahead = [e for e in self.bm.next_unsafe_evictions(n) if tried.get(e.block_id) != e.key]
+        for e in ahead:
+            tried[e.block_id] = e.key
+        if ahead:
+            self._save(ahead, through=True)
 
     def _save(self, named: list, settle: bool = False, through: bool = False) -> None:
         """Hand blocks down to the store; those still named in G1 (written through, kept at

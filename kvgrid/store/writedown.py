@@ -148,7 +148,7 @@ class WriteDown(WorkerThreads):
             if out is not None:
                 self.dropped += 1
         if out is not None:
-            self.skipped(out, "outranked")
+            self._skipped(out, "outranked")
         self.store.metrics.in_flight.set(self.in_flight)
         return out is not c
 
@@ -167,7 +167,7 @@ class WriteDown(WorkerThreads):
         """Skip a candidate ``takes`` turned away (counted as outranked)."""
         with self.cv:
             self.dropped += 1
-        self.skipped(c, "outranked")
+        self._skipped(c, "outranked")
 
     def _offer_in_g2(self, c: Candidate) -> bool:
         g2, slot = self.store.g2, c.slot
@@ -193,7 +193,7 @@ class WriteDown(WorkerThreads):
         if skip:
             with g2.lock:
                 slot.queued_below = False
-            self.skipped(c, "outranked")
+            self._skipped(c, "outranked")
             return False
         g2.release(slot)
         self.store.metrics.in_flight.set(self.in_flight)
@@ -214,7 +214,7 @@ class WriteDown(WorkerThreads):
             self.closed = True
             self.cv.notify_all()
         for c in left:
-            self.skipped(c, "shutdown")
+            self._skipped(c, "shutdown")
         for t in self.threads:
             t.join(timeout=1.0)
 
@@ -228,10 +228,9 @@ class WriteDown(WorkerThreads):
             self.queued.remove(c)
             self.dropped += 1
             self.cv.notify_all()
-        self.skipped(c, "outranked")
+        self._skipped(c, "outranked")
 
-    def skipped(self, c: Candidate, why: str) -> None:
-        """Count and note a candidate that is not written (``why``: the outcome)."""
+    def _skipped(self, c: Candidate, why: str) -> None:
         if c.slot is not None:
             self.store.g2.release(c.slot)
         m = self.store.metrics
@@ -283,7 +282,7 @@ class WriteDown(WorkerThreads):
                 if c.in_g2:
                     got = store.g2.acquire(c.tid, c.key)
                     if got is None:  # G2 let it go between the pick and the pin
-                        self.skipped(c, "outranked")
+                        self._skipped(c, "outranked")
                         continue
                     c.slot, c.src = got
                     with store.g2.lock:

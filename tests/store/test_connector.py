@@ -303,6 +303,34 @@ def test_write_through_saves_after_prefill_without_eviction(
     store.close()
 
 
+def test_without_write_through_the_next_steps_evictions_go_below_a_step_ahead(
+    tmp_path, tiny_model_dir
+):
+    """What the next step may evict (the prompt tokens left, up to a step's budget, and a
+    block of growth per running request, after the unnamed blocks and those safe below) is
+    handed down at the end of this step's scheduling: its copies run beside this step's
+    forward, and the step that reuses the blocks neither copies them nor waits for them."""
+    from kvgrid import SamplingParams
+
+    a = [(7 * i + 3) % 1000 + 10 for i in range(BS * 5 + 3)]
+    b = [(11 * i + 5) % 1000 + 10 for i in range(BS * 6)]
+    store = make(tmp_path, write_through=False)
+    eng, _ = engine_with_store(tiny_model_dir, store, num_kv_blocks=8, max_num_seqs=2,
+                               max_num_batched_tokens=4 * BS)  # fmt: skip
+    run_request(eng, "a", a, 2)  # 6 blocks: 5 named, then 3 free holding nothing
+    eng.add_request("b", b, SamplingParams(max_tokens=1, temperature=0))
+    eng.step()  # b's first 4 blocks: the 3 unnamed ones, and one of a's (evicted)
+    store.flush()
+    bm, ka = eng.block_manager, keys.block_keys(a, eng.scope.digest, BS)
+    stored = store.contains(ka, keys.PUBLIC_TENANT, leading=False)
+    assert sum(t is not None for t in stored) == 4
+    # b's next step takes 2 more blocks, and 1 as it grows: 3 of a's went below a step
+    # ahead, still in G1, safe to give up without a copy
+    ahead = [k for k, t in zip(ka, stored) if t is not None and k in bm.cached]
+    assert len(ahead) == 3 and all(bm.blocks[bm.cached[k]].below for k in ahead)
+    store.close()
+
+
 def test_queued_request_prefetches_its_prefix_into_g2(tmp_path, tiny_model_dir):
     prompt = [(3 * i + 7) % 1000 + 10 for i in range(BS * 6 + 1)]
     other = [(13 * i + 2) % 1000 + 10 for i in range(BS * 2)]
