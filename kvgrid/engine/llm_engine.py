@@ -140,14 +140,9 @@ class LLMEngine:
         self.scheduler.loader = KVLoader(connector, self.device)
         # each forward waits only for the write-backs of the blocks it overwrites
         connector.writers_fence()
-        # write-through: blocks go to the store as soon as prefill names them; auto where
-        # G2 holds at least what G1 can cache (a smaller G2 lets them go before G1 does)
-        wt = connector.store.config.write_through
-        if wt is None:
-            g2 = connector.store.g2
-            g1_bytes = self.block_manager.num_free_blocks * connector.block_bytes
-            wt = g2 is not None and g2.capacity_bytes >= g1_bytes
-        connector.write_through = self.block_manager.record_commits = wt
+        # write-through: blocks go to the store as soon as prefill names them
+        bm = self.block_manager
+        bm.record_commits = connector.resolve_write_through(bm.num_free_blocks)
 
     def detach_store(self) -> StoreConnector | None:
         """Take the context store away (G1 alone from now on) after handing it the blocks G1

@@ -132,8 +132,7 @@ class StoreConnector:
         self.saved_bytes = 0
         self.engine_time = EngineThreadTime()
         self.writers_fenced = False  # the engine fences each forward's blocks (writers_fence)
-        # StoreConfig.write_through, resolved by the engine that attaches the store (auto:
-        # whether G2 holds what its G1 can cache)
+        # StoreConfig.write_through, resolved once an engine attaches the store
         self.write_through = store.config.write_through
 
     def _probe_g2(self) -> float:
@@ -237,6 +236,17 @@ class StoreConnector:
         with self._lock:
             self._last_plan[tenant] = plan
         return n
+
+    def resolve_write_through(self, g1_blocks: int) -> bool:
+        """Whether blocks are written through (``StoreConfig.write_through``); auto: where
+        G2 holds at least what G1 (``g1_blocks`` it can cache) does. A smaller G2 gives up
+        written-through blocks long before G1 evicts them."""
+        wt = self.store.config.write_through
+        if wt is None:
+            g2 = self.store.g2
+            wt = g2 is not None and g2.capacity_bytes >= g1_blocks * self.block_bytes
+        self.write_through = wt
+        return wt
 
     def observe_load_start(self, seconds: float) -> None:
         """A split's load started ``seconds`` after it was submitted (called by the loader)."""

@@ -256,13 +256,12 @@ class DiskTier(ObjectTier):
 
     def _unlink(self, led: dict, tid: bytes, key: bytes) -> bool:
         p = self.path(tid, key)
+        self._present.pop((tid, key), None)
         try:
             size = p.stat().st_size
             p.unlink()
         except FileNotFoundError:
-            self._present.pop((tid, key), None)
             return False
-        self._present.pop((tid, key), None)
         led["used"] = max(0, led["used"] - size)
         t = tid.hex()
         led["tenants"][t] = max(0, led["tenants"].get(t, 0) - size)
