@@ -3,6 +3,7 @@ imports triton)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -54,3 +55,29 @@ def copy_layer(
         src_addrs, dst_addrs, layer * layer_words, layer_words, chunks, total,
         WORD=_TL[word], BLOCK=block, num_warps=4,
     )  # fmt: skip
+
+
+_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.int8))
+
+
+def copy_blocks(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> bool:
+    """``dst.copy_(src)`` for every (dst, src) pair in one launch on the current stream of
+    ``device``, where each is one contiguous block of the same size (G1 blocks and pinned G2
+    slots: under UVA the kernel addresses both). False, with nothing copied, where that does
+    not hold. Write-backs of scattered blocks otherwise take one copy-engine call each, and
+    every call gives up and retakes the GIL on the engine's thread."""
+    nbytes = pairs[0][0].nbytes
+    if not all(d.nbytes == s.nbytes == nbytes and d.is_contiguous() and s.is_contiguous()
+               for d, s in pairs):  # fmt: skip
+        return False
+    n = len(pairs)
+    addrs = np.empty(2 * n, np.int64)
+    addrs[:n] = [s.data_ptr() for _, s in pairs]
+    addrs[n:] = [d.data_ptr() for d, _ in pairs]
+    align = int(np.bitwise_or.reduce(addrs)) | nbytes
+    word, wdtype = next((w, t) for w, t in _WORDS if align % w == 0)
+    a = torch.from_numpy(addrs)
+    if device.type == "cuda":
+        a = a.pin_memory().to(device, non_blocking=True)
+    copy_layer(a[:n], a[n:], 0, nbytes // word, wdtype)
+    return True

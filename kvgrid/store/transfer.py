@@ -18,6 +18,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+# Separate copies from which one kernel launch beats a copy-engine call per copy. On an H200
+# the launch costs the engine's thread 0.12-0.22 ms whatever the count, a copy-engine call
+# 7 us a copy, and the kernel lands 5-10% slower (``kvgrid.bench.gpu.writeback_copy``).
+KERNEL_MIN_RUNS = 32
+
 
 class CopyEvent(Protocol):
     """What a pending G2 slot waits on (a ``torch.cuda.Event``; a fake one in CPU tests)."""
@@ -114,6 +119,15 @@ class CudaCopier:
         self._last: dict[torch.device, torch.cuda.Event] = {}
         self._read = ReadEvents()  # per source block: the event of its latest copy
         self._lock = threading.Lock()
+        # From this many separate runs up, a hand-down's blocks go in one kernel launch
+        # rather than one copy-engine call per run (see landing_kernel.copy_blocks).
+        self.kernel_min_runs = KERNEL_MIN_RUNS
+
+    @staticmethod
+    def _kernel_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], dev: torch.device) -> bool:
+        from kvgrid.store import landing_kernel
+
+        return landing_kernel.copy_blocks(pairs, dev)
 
     def accepts(self, src: torch.Tensor, dst: torch.Tensor) -> bool:
         # a device -> pageable host copy is synchronous whatever it is asked to be
@@ -129,10 +143,11 @@ class CudaCopier:
         cur = torch.cuda.current_stream(dev)
         stream.wait_stream(cur)  # read the KV only after the work that wrote it
         with torch.cuda.stream(stream):
-            run: list = []
-            for dst, src in pairs:
-                run = copy_run(run, src, dst, True)  # accepts(): device -> pinned host
-            copy_run(run, None, None, True)
+            if count_runs(pairs) < self.kernel_min_runs or not self._kernel_copy(pairs, dev):
+                run: list = []
+                for dst, src in pairs:
+                    run = copy_run(run, src, dst, True)  # accepts(): device -> pinned host
+                copy_run(run, None, None, True)
         ev = torch.cuda.Event()
         ev.record(stream)
         # No later kernel of the engine's stream may overwrite the blocks before they are
@@ -220,6 +235,16 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
+def count_runs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """How many copies ``copy_run`` would issue for these (dst, src) pairs."""
+    runs, prev = 0, None
+    for dst, src in pairs:
+        if prev is None or not _follows(src, dst, *prev):
+            runs += 1
+        prev = (src, dst)
+    return runs
+
+
 def copy_run(
     run: list,
     src: torch.Tensor | None,
@@ -232,16 +257,9 @@ def copy_run(
     ``src=None`` flushes. Copies between a GPU and pinned host memory are asynchronous
     (``non_blocking``: the caller knows which it is; asking the driver costs a call per
     copy)."""
-    if run and src is not None:
-        ps, pd = run[-1]
-        if (
-            src.data_ptr() == ps.data_ptr() + ps.nbytes
-            and dst.data_ptr() == pd.data_ptr() + pd.nbytes
-            and _same_storage(src, ps)
-            and _same_storage(dst, pd)
-        ):
-            run.append((src, dst))
-            return run
+    if run and src is not None and _follows(src, dst, *run[-1]):
+        run.append((src, dst))
+        return run
     if run:
         s0, d0 = run[0]
         k = len(run)
@@ -254,6 +272,16 @@ def copy_run(
             big_d = d0.as_strided((k, *d0.shape), (d0.numel(), *d0.stride()))
             big_d.copy_(big_s, non_blocking=non_blocking)
     return [] if src is None else [(src, dst)]
+
+
+def _follows(src: torch.Tensor, dst: torch.Tensor, ps: torch.Tensor, pd: torch.Tensor) -> bool:
+    """Whether the copy ``src -> dst`` continues the copy ``ps -> pd`` in memory."""
+    return (
+        src.data_ptr() == ps.data_ptr() + ps.nbytes
+        and dst.data_ptr() == pd.data_ptr() + pd.nbytes
+        and _same_storage(src, ps)
+        and _same_storage(dst, pd)
+    )
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

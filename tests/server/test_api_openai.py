@@ -4,6 +4,7 @@ streamed and not. The server is shared (conftest.api_server)."""
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
@@ -70,31 +71,40 @@ def test_tool_choice_required_named_auto_none(client):
     c, model = client
     tools = [WEATHER, TIME]
     kw = dict(model=model, messages=ASK, tools=tools, max_tokens=60, temperature=0)
-    r = c.chat.completions.create(tool_choice="required", **kw)
-    ch = r.choices[0]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    short = dict(kw, max_tokens=20)
+    asks = {  # independent requests: sent at once, the server batches them
+        "required": lambda: c.chat.completions.create(tool_choice="required", **kw),
+        "named": lambda: c.chat.completions.create(tool_choice=named, **kw),
+        "named_stream": lambda: _streamed(
+            c.chat.completions.create(tool_choice=named, stream=True, **kw)
+        ),
+        "parallel": lambda: c.chat.completions.create(
+            tool_choice="required", parallel_tool_calls=True, **kw
+        ),
+        "auto": lambda: c.chat.completions.create(tool_choice="auto", **short),
+        "none": lambda: c.chat.completions.create(tool_choice="none", **short),
+    }
+    with ThreadPoolExecutor(len(asks)) as pool:
+        futures = {k: pool.submit(f) for k, f in asks.items()}
+        got = {k: f.result() for k, f in futures.items()}
+    ch = got["required"].choices[0]
     assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
     _check_call(ch.message.tool_calls[0], tools)
-    named = {"type": "function", "function": {"name": "get_time"}}
-    r = c.chat.completions.create(tool_choice=named, **kw)
-    call = r.choices[0].message.tool_calls[0]
+    call = got["named"].choices[0].message.tool_calls[0]
     assert call.function.name == "get_time"
     _check_call(call, tools)
     # streamed: the same call, in deltas, with finish_reason tool_calls
-    content, calls, finish = _streamed(
-        c.chat.completions.create(tool_choice=named, stream=True, **kw)
-    )
+    content, calls, finish = got["named_stream"]
     assert finish == "tool_calls" and calls == [("get_time", call.function.arguments)]
     assert content == ""
     # several calls only when asked for
-    r = c.chat.completions.create(tool_choice="required", parallel_tool_calls=True, **kw)
-    assert r.choices[0].finish_reason in ("tool_calls", "length")
+    assert got["parallel"].choices[0].finish_reason in ("tool_calls", "length")
     # auto: the model may answer or call; whatever it writes is parsed, never lost
-    kw["max_tokens"] = 20
-    r = c.chat.completions.create(tool_choice="auto", **kw)
-    m = r.choices[0].message
-    assert (m.tool_calls and r.choices[0].finish_reason == "tool_calls") or m.content
-    r = c.chat.completions.create(tool_choice="none", **kw)
-    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+    m = got["auto"].choices[0].message
+    assert (m.tool_calls and got["auto"].choices[0].finish_reason == "tool_calls") or m.content
+    m = got["none"].choices[0].message
+    assert m.tool_calls is None and m.content
 
 
 def test_tool_results_next_turn_and_streamed_auto(client):
