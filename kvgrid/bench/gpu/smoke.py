@@ -84,6 +84,7 @@ SMOKES: dict[str, Smoke] = {
         f"{DUMMY} --num-requests 16 --input-len 64 256 --output-len 16 64 --num-kv-blocks 256 "
         "--out {out}/engine_bench.json"
     ),
+    "writeback_copy": Smoke("--block-mib 1 --reps 3 --out {out}"),
     "profile_store_write": Smoke(
         f"--blocks 8 --threads 1,2 --root {tempfile.gettempdir()} "
         "--out {out}/store_write_profile.json",

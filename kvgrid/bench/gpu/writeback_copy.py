@@ -8,15 +8,12 @@ and the time until they have landed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
-from kvgrid.bench.gpu.harness import markdown_table, med, versions
+from kvgrid.bench.gpu.harness import GPU, add_common_args, markdown_table, med, parser, versions
 from kvgrid.store.transfer import CudaCopier
 
 SIZES = (1, 4, 16, 32, 64, 256)
@@ -64,11 +61,14 @@ def run(block_mib: int, reps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--block-mib", type=int, default=8)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    p = parser("kvgrid.bench.gpu.writeback_copy", __doc__)
+    add_common_args(p)
+    p.add_argument("--block-mib", type=int, default=8, help="block size (8: Llama-3-8B, 64 tokens)")
+    p.add_argument("--reps", type=int, default=20, help="timed copies per size and path")
     a = p.parse_args(argv)
+    if not GPU:
+        print("writeback_copy needs a CUDA GPU (it times G1 -> pinned G2 copies)")
+        return 2
     res = {"bench": "writeback_copy", **versions(), **run(a.block_mib, a.reps)}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "writeback_copy.json").write_text(json.dumps(res, indent=1, default=str))
