@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 # Separate copies from which one kernel launch beats a copy-engine call per copy. On an H200
-# the launch costs the engine's thread 0.12-0.22 ms whatever the count, a copy-engine call
-# 7 us a copy, and the kernel lands 5-10% slower (``kvgrid.bench.gpu.writeback_copy``).
+# the launch costs the engine's thread 0.1-0.3 ms up to 64 blocks (1 ms at 256), copy-engine
+# calls 6-8 us a copy, and the kernel lands 5-10% slower (``kvgrid.bench.gpu.writeback_copy``).
 KERNEL_MIN_RUNS = 32
 
 
