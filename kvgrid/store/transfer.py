@@ -143,11 +143,10 @@ class CudaCopier:
         cur = torch.cuda.current_stream(dev)
         stream.wait_stream(cur)  # read the KV only after the work that wrote it
         with torch.cuda.stream(stream):
-            if count_runs(pairs) < self.kernel_min_runs or not self._kernel_copy(pairs, dev):
-                run: list = []
-                for dst, src in pairs:
-                    run = copy_run(run, src, dst, True)  # accepts(): device -> pinned host
-                copy_run(run, None, None, True)
+            runs = split_runs(pairs)
+            if len(runs) < self.kernel_min_runs or not self._kernel_copy(pairs, dev):
+                for run in runs:
+                    issue_run(run, True)  # accepts(): device -> pinned host
         ev = torch.cuda.Event()
         ev.record(stream)
         # No later kernel of the engine's stream may overwrite the blocks before they are
@@ -235,13 +234,15 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def count_runs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """How many copies ``copy_run`` would issue for these (dst, src) pairs."""
-    runs, prev = 0, None
+def split_runs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list]:
+    """The (dst, src) pairs as runs of (src, dst) adjacent on both sides: the copies
+    ``copy_run`` would issue for them, one per run."""
+    runs: list[list] = []
     for dst, src in pairs:
-        if prev is None or not _follows(src, dst, *prev):
-            runs += 1
-        prev = (src, dst)
+        if runs and _follows(src, dst, *runs[-1][-1]):
+            runs[-1].append((src, dst))
+        else:
+            runs.append([(src, dst)])
     return runs
 
 
@@ -261,17 +262,22 @@ def copy_run(
         run.append((src, dst))
         return run
     if run:
-        s0, d0 = run[0]
-        k = len(run)
-        if non_blocking is None:
-            non_blocking = (d0.is_cuda and s0.is_pinned()) or (s0.is_cuda and d0.is_pinned())
-        if k == 1:
-            d0.copy_(s0, non_blocking=non_blocking)
-        else:
-            big_s = s0.as_strided((k, *s0.shape), (s0.numel(), *s0.stride()))
-            big_d = d0.as_strided((k, *d0.shape), (d0.numel(), *d0.stride()))
-            big_d.copy_(big_s, non_blocking=non_blocking)
+        issue_run(run, non_blocking)
     return [] if src is None else [(src, dst)]
+
+
+def issue_run(run: list, non_blocking: bool | None = None) -> None:
+    """One copy for a run of (src, dst) pairs adjacent on both sides (``copy_run``)."""
+    s0, d0 = run[0]
+    k = len(run)
+    if non_blocking is None:
+        non_blocking = (d0.is_cuda and s0.is_pinned()) or (s0.is_cuda and d0.is_pinned())
+    if k == 1:
+        d0.copy_(s0, non_blocking=non_blocking)
+    else:
+        big_s = s0.as_strided((k, *s0.shape), (s0.numel(), *s0.stride()))
+        big_d = d0.as_strided((k, *d0.shape), (d0.numel(), *d0.stride()))
+        big_d.copy_(big_s, non_blocking=non_blocking)
 
 
 def _follows(src: torch.Tensor, dst: torch.Tensor, ps: torch.Tensor, pd: torch.Tensor) -> bool:

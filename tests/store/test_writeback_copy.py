@@ -12,7 +12,7 @@ triton_interp.setup()
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 from kvgrid.store import landing_kernel  # noqa: E402
-from kvgrid.store.transfer import CudaCopier, copy_run, count_runs  # noqa: E402
+from kvgrid.store.transfer import CudaCopier, copy_run, split_runs  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,7 +35,7 @@ def test_runs_are_counted_as_copy_run_merges_them(monkeypatch):
         for d, s in pairs:
             run = copy_run(run, s, d)
         copy_run(run, None, None)
-        assert count_runs(pairs) == len(issued), order
+        assert len(split_runs(pairs)) == len(issued), order
         assert torch.equal(dst[: len(order)], src[order])
 
 
