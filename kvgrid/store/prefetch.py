@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -42,27 +43,33 @@ class Queued:
 
 def plan_fetches(
     queue: list[Queued],
-    where: list[list[str | None]],
+    where: Iterable[list[str | None]],
     fetch_s: dict[str, float],
     block_compute_s: float | None,
     now: float,
     busy_until: dict[str, float] | None = None,
+    limit: int | None = None,
 ) -> tuple[list[tuple[int, int]], int]:
     """Which blocks to bring up: ``(request index, block index)`` pairs in the order to
     fetch them, and how many stored blocks below G2 cannot arrive before the GPU would
-    compute them. ``where[i][j]``: the tier holding block j of request i (None: nowhere);
-    only each request's leading stored run counts. ``fetch_s``: seconds per block per tier;
-    ``busy_until``: when each tier finishes what is already in flight. Without a measured
-    prefill speed (``block_compute_s`` None) every stored block is fetched."""
+    compute them. ``where``: per request, in queue order, the tier holding each of its
+    blocks (None: nowhere); only each request's leading stored run counts. It is read only
+    as far as the plan goes: a generator looks up a request's blocks only when the plan
+    reaches it. ``fetch_s``: seconds per block per tier; ``busy_until``: when each tier
+    finishes what is already in flight; ``limit``: the plan stops at this many fetches.
+    Without a measured prefill speed (``block_compute_s`` None) every stored block is
+    fetched."""
     busy = dict(busy_until or {})
     plan: list[tuple[int, int]] = []
     late = 0
-    for i, q in enumerate(queue):
-        for j, tier in enumerate(where[i]):
+    for i, (q, w) in enumerate(zip(queue, where)):
+        for j, tier in enumerate(w):
             if tier is None:
                 break  # a gap: blocks after it cannot be loaded for this request
             if tier == "G2":
                 continue
+            if limit is not None and len(plan) >= limit:
+                return plan, late
             lands = max(busy.get(tier, now), now) + fetch_s.get(tier, 0.0)
             deadline = None if block_compute_s is None else q.start_at + j * block_compute_s
             if deadline is not None and lands > deadline:
@@ -136,22 +143,18 @@ class PrefetchPlanner:
         return True
 
     def _plan(self, queue: list[Queued], block_compute_s: float | None) -> None:
+        """One pass over the published queue. Requests are looked up in queue order only as
+        far as the free fetch slots reach (the engine publishes every few milliseconds:
+        looking up the whole queue each time would hold the GIL its own thread needs)."""
         store = self.store
         if store.g2 is None:
             return
         self._reap()
         tids = [cached_tenant_id(q.tenant) for q in queue]
-        where = [store.contains(list(q.keys), q.tenant) for q in queue]
-        wanted = {(tid, k) for tid, q in zip(tids, queue) for k in q.keys}
-        self._let_go(wanted)
-        cap = max(1, store.g2.num_slots // 2)
-        for tid, q, w in zip(tids, queue, where):  # keep what the queue needs in G2
-            for k, t in zip(q.keys, w):
-                if t != "G2" or (tid, k) in self._held or len(self._held) >= cap:
-                    continue
-                got = store.g2.acquire(tid, k)
-                if got is not None:
-                    self._held[(tid, k)] = got[0]
+        self._let_go({(tid, k) for tid, q in zip(tids, queue) for k in q.keys})
+        room = self.MAX_IN_FLIGHT - len(self._in_flight)
+        if room <= 0:
+            return
         bw = store.bandwidth
         fetch_s = {
             t.name: (store.g2.slot_bytes / bw[t.name]) if bw.get(t.name) else 0.0
@@ -159,18 +162,36 @@ class PrefetchPlanner:
         }
         now = time.monotonic()
         busy = {t: now + len(self._in_flight) * s for t, s in fetch_s.items()}
-        plan, late = plan_fetches(queue, where, fetch_s, block_compute_s, now, busy)
+        where = (self._locate(tid, q) for tid, q in zip(tids, queue))
+        plan, late = plan_fetches(queue, where, fetch_s, block_compute_s, now, busy, room)
         if late:
             store.metrics.inc("prefetch", late, outcome="late")
+        cap = max(1, store.g2.num_slots // 2)
         for i, j in plan:
-            name = (tids[i], queue[i].keys[j])
-            if name in self._in_flight or name in self._held:
-                continue
-            if len(self._in_flight) >= self.MAX_IN_FLIGHT or len(self._held) >= cap:
+            if len(self._held) + len(self._in_flight) >= cap:
                 break
             if not self._in_flight:
                 self._batch = [time.perf_counter(), 0.0, {}]  # start, last end, tier -> bytes
+            name = (tids[i], queue[i].keys[j])
             self._in_flight[name] = store._fetchers.submit(self._fetch, name, queue[i].tenant)
+
+    def _locate(self, tid: bytes, q: Queued) -> list[str | None]:
+        """Where each block of a queued request is (``ReadPath.contains``); what this planner
+        holds in G2 or is fetching counts as G2 without a lookup. Blocks found in G2 are
+        pinned there for the request, within half of G2."""
+        store = self.store
+        mine = [(tid, k) in self._held or (tid, k) in self._in_flight for k in q.keys]
+        ask = [k for k, m in zip(q.keys, mine) if not m]
+        found = iter(store.contains(ask, q.tenant) if ask else ())
+        where = ["G2" if m else next(found) for m in mine]
+        cap = max(1, store.g2.num_slots // 2)
+        for k, m, t in zip(q.keys, mine, where):
+            if m or t != "G2" or len(self._held) >= cap:
+                continue
+            got = store.g2.acquire(tid, k)
+            if got is not None:
+                self._held[(tid, k)] = got[0]
+        return where
 
     def _fetch(self, name: tuple[bytes, bytes], tenant: bytes):
         r = self.store._fetch_lower(name[0], name[1], tenant)

@@ -43,29 +43,46 @@ class ReadPath:
                 out[i] = "G2"
             else:
                 remaining.append(i)
-        for tier in self.lower:
-            if not remaining:
-                break
-            if not tier.up:
-                continue
-            try:
-                created = tier.created_many(tid, [keys[i] for i in remaining])
-            except OSError as e:
-                self.failed(tier.name, "lookup", e)
-                continue
-            still = []
-            for i, c in zip(remaining, created):
-                if c is not None and not self._expired(tid, c, now):
-                    out[i] = tier.name
-                else:
-                    still.append(i)
-            remaining = still
         if not leading:
+            self._find_below(tid, keys, remaining, out, now)
             return out
+        # the tiers below are asked in growing chunks up to the first key none holds: keys
+        # past a gap are not looked up (a miss costs a stat or a round trip per tier)
+        size = 8
+        while remaining:
+            chunk, remaining = remaining[:size], remaining[size:]
+            self._find_below(tid, keys, chunk, out, now)
+            if any(out[i] is None for i in chunk):
+                break
+            size *= 2
         for i, t in enumerate(out):
             if t is None:
                 return out[:i] + [None] * (len(keys) - i)
         return out
+
+    def _find_below(self, tid: bytes, keys: list[bytes], idx: list[int], out: list, now: float):
+        """Fill ``out[i]`` for each ``i`` of ``idx`` with the first lower tier holding
+        ``keys[i]`` (unexpired); None where none does."""
+        for tier in self.lower:
+            if not idx:
+                return
+            held = self._held_in(tier, tid, keys, idx, now) if tier.up else None
+            if held is None:
+                continue
+            for i, h in zip(idx, held):
+                if h:
+                    out[i] = tier.name
+            idx = [i for i, h in zip(idx, held) if not h]
+
+    def _held_in(self, tier: ObjectTier, tid: bytes, keys, idx, now: float) -> list[bool] | None:
+        """Whether ``tier`` holds ``keys[i]`` (unexpired) for each ``i`` of ``idx``; None when
+        it cannot be asked (counted and logged as a failed lookup)."""
+        try:
+            created = tier.created_many(tid, [keys[i] for i in idx])
+        except OSError as e:
+            self.failed(tier.name, "lookup", e)
+            return None
+        return [c is not None and not self._expired(tid, c, now) for c in created]
 
     def note_seen(self, keys: list[bytes]) -> None:
         """Count a sighting of each key (a request wanted it): drives disk admission."""

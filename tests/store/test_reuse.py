@@ -324,6 +324,44 @@ def test_prefetch_plan_meets_each_blocks_deadline_tier_by_tier():
     assert plan == [(1, 1)]  # none of request 0 can arrive before the GPU reaches it
 
 
+def test_a_plan_looks_up_requests_only_as_far_as_its_fetch_slots_reach():
+    """The planner runs every few milliseconds: requests past the free fetch slots are not
+    looked up (each lookup holds the GIL the engine's thread needs)."""
+    now = 100.0
+    q = [Queued(A, tuple(chain(4, start=64 * i)), now + i) for i in range(5)]
+    located = []
+
+    def where():
+        for i in range(len(q)):
+            located.append(i)
+            yield ["G2", "G3", "G3", "G3"]
+
+    plan, late = plan_fetches(q, where(), {"G3": 0.01}, None, now, limit=4)
+    assert plan == [(0, 1), (0, 2), (0, 3), (1, 1)] and late == 0
+    assert located == [0, 1]  # requests 2..4 were never looked up
+    full, _ = plan_fetches(q, [["G2", "G3", "G3", "G3"]] * 5, {"G3": 0.01}, None, now)
+    assert len(full) == 15  # without a limit, the whole queue
+
+
+def test_a_leading_lookup_stops_asking_the_disk_at_the_first_gap(tmp_path):
+    store = make(tmp_path, g2_bytes=8 * BLOCK_BYTES, g3_dir=tmp_path / "g3")
+    ks = chain(40)
+    for i, k in enumerate(ks[:3]):
+        store.put(k, None, A, block(i), 16)
+    assert store.flush()
+    store.g2.clear()
+    g3 = store.tier("G3")
+    asked = []
+    inner = g3.created_many
+    g3.created_many = lambda tid, keys: asked.extend(keys) or inner(tid, keys)
+    assert store.contains(ks, A) == ["G3"] * 3 + [None] * 37
+    assert len(asked) == 8  # the first chunk holds the gap: the other 32 keys are not asked
+    asked.clear()
+    assert store.contains(ks, A, leading=False) == ["G3"] * 3 + [None] * 37
+    assert len(asked) == 40
+    store.close()
+
+
 def test_under_load_a_split_loads_as_much_as_keeps_the_request_no_slower():
     """A tier twice as slow as recompute (20 vs 10 ms a block), 12 blocks: alone, the split
     that gives the first token soonest recomputes 8 while 4 load; with others waiting for
