@@ -65,8 +65,9 @@ class WritePath:
         max_wait_s: float | None = None,
     ) -> list[str]:
         """Store blocks handed down from G1; per block, its outcome: ``g2`` (now in G2),
-        ``already_stored``, ``queued_below`` (no G2 copy: queued for the disk tiers),
-        ``dropped_full``, ``not_admitted``, ``outranked``, ``copy_failed``, ``error``, or
+        ``already_stored`` (G2 holds it, or every lower tier up does: nothing is copied),
+        ``queued_below`` (no G2 copy: queued for the disk tiers), ``dropped_full``,
+        ``not_admitted``, ``outranked``, ``copy_failed``, ``error``, or
         ``deferred``: ``through`` (written through, still in G1) where G2 has no free slot
         at once; such a block waits for nothing and goes no further, G1's eviction hands it
         down again (with back-pressure).
@@ -93,6 +94,10 @@ class WritePath:
         hints = hints or [0.0] * len(keys)
         score = [self.sightings.bump(k, at_least=1) + h for k, h in zip(keys, hints)]
         out = ["not_admitted"] * len(keys)
+        below = self._safe_below(tid, keys)
+        for i in below:
+            out[i] = "already_stored"
+            self.ledger.handed_down(keys[i], "already_stored")
         if self.g2 is not None:
             wait_s = 0.0 if through else self.config.g2_wait_s
             spare_s = min(wait_s, self.config.g2_spare_s)
@@ -103,11 +108,13 @@ class WritePath:
             self._g2_put_many(
                 tid, keys, parent_keys, blocks, token_count, score, out, through, wait_s, spare_s
             )
-            for key, o in zip(keys, out):
-                if o in ("g2", "already_stored"):
+            for i, (key, o) in enumerate(zip(keys, out)):
+                if o in ("g2", "already_stored") and i not in below:
                     self.ledger.handed_down(key, o)
         g2_out = list(out)
         for i, key in enumerate(keys):
+            if i in below:
+                continue
             in_g2 = out[i] in ("g2", "already_stored")
             if through and not in_g2:
                 out[i] = "deferred"
@@ -135,6 +142,25 @@ class WritePath:
             self.ledger.handed_down(key, out[i])
         return out
 
+    def _safe_below(self, tid: bytes, keys: list[bytes]) -> set[int]:
+        """The blocks G2 lacks that every lower tier up already holds: a hand-down leaves
+        them there. Copying one into G2 would cost the engine's thread and the bus, and the
+        place of a block that is not safe yet (a full G2 evicts for it); its way back up is
+        a load or a prefetch from below."""
+        tiers = [t for t in self.lower if t.up]
+        if not tiers:
+            return set()
+        idx = [i for i, k in enumerate(keys) if self.g2 is None or self.g2.peek(tid, k) is None]
+        now = time.time()
+        for t in tiers:
+            if not idx:
+                break
+            held = self._held_in(t, tid, keys, idx, now)
+            if held is None:
+                return set()
+            idx = [i for i, h in zip(idx, held) if h]
+        return set(idx)
+
     def _g2_put_many(
         self, tid, keys, parent_keys, blocks, token_count, score, out, through, wait_s, spare_s
     ) -> None:
@@ -155,7 +181,7 @@ class WritePath:
         copies = self.copier is not None and pool is not None
         copies = copies and self.copier.accepts(blocks[0], pool)
         for i, key in enumerate(keys):
-            if score[i] < self.config.admit_after.get("G2", 1):
+            if score[i] < self.config.admit_after.get("G2", 1) or out[i] == "already_stored":
                 continue
             b = blocks[i]
             got = None

@@ -97,6 +97,33 @@ def test_a_full_g2_applies_back_pressure_instead_of_dropping(tmp_path, wait_s):
     store.close()
 
 
+def test_a_block_safe_below_is_handed_down_without_a_g2_copy(tmp_path):
+    """G2 lacks a block the disk holds: handing it down again copies nothing and takes no
+    G2 slot (G2 is full of blocks still waiting for the disk, which would be given up)."""
+    store = make(tmp_path, g2_bytes=2 * BLOCK_BYTES, g3_dir=tmp_path / "g3", high_watermark=1.0)
+    safe = chain(1, start=50)
+    store.put(safe[0], None, A, block(0), 16)
+    assert store.flush()
+    store.g2.clear()
+    g3 = store.tier("G3")
+    gate = threading.Event()
+    inner = g3.stage
+    g3.stage = lambda *a, **kw: (gate.wait(10), inner(*a, **kw))[1]  # the disk is busy
+    waiting = chain(2, start=100)
+    for i, k in enumerate(waiting):
+        store.put(k, None, A, block(i + 1), 16)
+    copies = store.metrics.total("writebacks")
+    assert store.put_blocks(safe, [None], A, [block(0)], 16) == ["already_stored"]
+    assert store.metrics.total("writebacks") == copies  # no copy into G2
+    assert store.contains(waiting, A) == ["G2", "G2"]
+    assert store.g2.peek(tenant_id(A), safe[0]) is None
+    assert store.metrics.total("g1_writebacks", outcome="already_stored") == 1
+    assert store.ledger.fate(safe[0]) != "in:G2"
+    gate.set()
+    assert store.flush()
+    store.close()
+
+
 def test_a_block_written_through_waits_for_no_g2_room(tmp_path):
     """Written through (still in G1), a block finds every G2 slot pinned: it is deferred at
     once, with no back-pressure and no drop counted, and goes no further; handed down again
