@@ -59,10 +59,9 @@ class _Step:
 # next switches threads: every 5 ms by default, as long as a decode step on an H200. And
 # the other way round: every torch call lets the GIL go, and while the store's threads
 # work, each call may wait a whole interval to take it back, dozens of times a step. Steps
-# run asynchronously on a GPU, so the engine switches every 0.1 ms instead, process-wide:
-# on an H200 with a disk tier's loads in flight, the 90th percentile decode step fell from
-# 26 to 22 ms against 0.5 ms, and throughput rose 1.21x -> 1.32x over no store (`kvgrid
-# bench reuse`, docs/benchmarks.md).
+# run asynchronously on a GPU, so the engine switches every 0.1 ms instead, process-wide
+# (on an H200 with a disk tier, `kvgrid bench reuse` g3 runs 1.32x no store with 0.1 ms and
+# 1.21x with 0.5 ms: docs/benchmarks.md).
 GIL_SWITCH_INTERVAL_S = 0.0001
 
 
