@@ -25,7 +25,7 @@ from kvgrid.engine.hand_down import HandDown
 from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.sequence import Sequence, SequenceStatus
 from kvgrid.stats import Ewma
-from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadDeadline
+from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadDeadline, short_load_reason
 from kvgrid.store.prefetch import Queued
 
 if TYPE_CHECKING:
@@ -471,10 +471,7 @@ class Scheduler(HandDown):
             loaded, failed = 0, True
         seq.load_future = None
         if loaded < seq.load_count:
-            ctl = seq.load_deadline
-            cut = not failed and ctl is not None and ctl.at is not None
-            cut = cut and time.monotonic() >= ctl.at
-            reason = "not_loaded_deadline" if cut else "not_loaded_error"
+            reason = short_load_reason(seq.load_deadline, failed, time.monotonic())
             self.connector.store.ledger.count(reason, seq.load_count - loaded)
         if seq.status != SequenceStatus.RUNNING:
             return

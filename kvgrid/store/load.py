@@ -88,9 +88,11 @@ class LoadPath:
                     except FutureTimeout:
                         # not ready in time: recomputing the rest now beats waiting longer
                         r = None
+                        ctl.stopped = "deadline"
                         lower = self.lower[0].name if self.lower else "G2"
                         self.metrics.inc("misses", tier=lower, tenant=tl, reason="deadline")
                     if r is None:
+                        ctl.stopped = ctl.stopped or "missing"
                         break
                     tier, slot, srcs[i] = r
                     if slot is not None:

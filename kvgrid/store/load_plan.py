@@ -83,10 +83,14 @@ def plan_blocks(
 class LoadDeadline:
     """When a load stops waiting for blocks below G2 (``at``, a time.monotonic(); None: never)
     and the caller recomputes the rest. The engine may move ``at`` while the load runs; the
-    load counts the blocks it has copied in ``landed``."""
+    load counts the blocks it has copied in ``landed``, and says in ``stopped`` why it ended
+    early: ``deadline`` (a block was not ready by ``at``) or ``missing`` (no tier had a
+    valid copy of a block any more: evicted since the lookup, expired, or failed its check,
+    which the store counts as such)."""
 
     at: float | None = None
     landed: int = 0
+    stopped: str | None = None
 
     def wait(self, fut: Future):
         """``fut``'s result, or raise FutureTimeout once ``at`` has passed first."""
@@ -99,3 +103,13 @@ class LoadDeadline:
                 return fut.result(timeout=max(left, 0.0))
             except FutureTimeout:
                 continue
+
+
+def short_load_reason(ctl: LoadDeadline | None, failed: bool, now: float) -> str:
+    """The lost-hit reason for the blocks a load did not bring (``BlockLedger.count``):
+    ``not_loaded_deadline`` or ``not_loaded_missing`` as the load said (a deadline already
+    past counts as the former), ``not_loaded_error`` when it raised or said nothing."""
+    stopped = None if failed or ctl is None else ctl.stopped
+    if stopped is None and not failed and ctl is not None and ctl.at is not None:
+        stopped = "deadline" if now >= ctl.at else None
+    return f"not_loaded_{stopped}" if stopped else "not_loaded_error"

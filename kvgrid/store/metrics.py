@@ -87,7 +87,7 @@ class StoreMetrics:
                 "blocks an admitted request recomputed although they were once stored, by "
                 "reason (never written: not_written_<why>; evicted_<tier>; found but not "
                 "loaded: not_loaded_plan, behind_miss, not_loaded_deadline, "
-                "not_loaded_error; in_flight)",
+                "not_loaded_missing, not_loaded_error; in_flight)",
                 ["reason"],
                 registry=r,
             ),

@@ -14,7 +14,7 @@ from kvgrid import keys
 from kvgrid.events import BlockRemoved, BlockStored
 from kvgrid.store import ContextStore, StoreConfig, StoreConnector, connector
 from kvgrid.store.connector import LOAD_START_HALF_LIFE_S as HALF_LIFE
-from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadPlan
+from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadDeadline, LoadPlan, short_load_reason
 from kvgrid.store.object import tenant_id
 from tests.support.store_engine import (
     BS,
@@ -390,14 +390,27 @@ def test_load_stops_at_its_deadline_and_keeps_what_landed(tmp_path):
     store.g2.clear()
     dst = torch.zeros_like(src)
     reader = StoreConnector(store, dst, BS)
-    n = reader.load(ks, A, list(range(12)), deadline=time.monotonic() + 0.12)
+    ctl = LoadDeadline(time.monotonic() + 0.12)
+    n = reader.load(ks, A, list(range(12)), deadline=ctl)
     assert 1 <= n < 12  # one reader at 50 ms a block: a few, not all twelve
     assert torch.equal(dst[:n], src[:n])
     assert store.metrics.total("misses", tier="G3", reason="deadline") == 1
+    assert ctl.stopped == "deadline"
+    assert short_load_reason(ctl, False, time.monotonic()) == "not_loaded_deadline"
     assert reader.load(ks, A, list(range(12))) == 12  # no deadline: all of them
     assert torch.equal(dst[:12], src[:12])
     store.flush()
     assert store.g2.pinned_count() == 0  # fetches the first load abandoned let go too
+    # a block gone from every tier since the lookup ends the load: not an error, nor late
+    store.g2.clear()
+    assert slow.delete(tenant_id(A), ks[3])
+    ctl = LoadDeadline(None)
+    assert reader.load(ks, A, list(range(12)), deadline=ctl) == 3
+    assert ctl.stopped == "missing"
+    assert short_load_reason(ctl, False, time.monotonic()) == "not_loaded_missing"
+    assert short_load_reason(ctl, True, time.monotonic()) == "not_loaded_error"  # it raised
+    assert short_load_reason(LoadDeadline(None), False, time.monotonic()) == "not_loaded_error"
+    store.flush()
     store.close()
 
 
