@@ -394,7 +394,7 @@ def build_frontend(
     tokenizer = load_tokenizer(spec)
     keys_configured = bool(api_keys_file or envs.KVGRID_API_KEYS.is_set())
     secret = load_server_secret()[0] if keys_configured else None
-    tenants = TenantRegistry.from_config(api_keys_file, secret)
+    tenants = TenantRegistry.from_config(api_keys_file, secret, local_max_concurrent=max_concurrent)
     if tenants.auth_required and control_key is None:
         raise auth.CredentialError(
             "tenants need a control key: workers take tenant scopes only from a router that "

@@ -58,7 +58,11 @@ class TenantRegistry:
         default_max_concurrent: int = 32,
         default_max_queued: int = 1024,
         shared_prefixes: tuple[str | list[dict], ...] = (),
+        local_max_concurrent: int | None = None,
     ) -> None:
+        """``local_max_concurrent``: the cap of the one local tenant when no key is
+        configured (default ``default_max_concurrent``); alone on the server, it has no one
+        to be fair to, so a frontend gives it the server's own cap."""
         self.auth_required = bool(api_keys)
         # texts or chat-message lists; the frontend tokenizes them (it owns the tokenizer)
         self.shared_prefixes = tuple(shared_prefixes)
@@ -70,7 +74,8 @@ class TenantRegistry:
         self._by_key: dict[str, Tenant] = {}
         self._tenants: dict[str, Tenant] = {}
         if not api_keys:
-            t = Tenant(LOCAL_TENANT, keys.PUBLIC_TENANT, default_max_concurrent, default_max_queued)
+            cap = local_max_concurrent or default_max_concurrent
+            t = Tenant(LOCAL_TENANT, keys.PUBLIC_TENANT, cap, default_max_queued)
             self._tenants[t.name] = t
             return
         if not server_secret:
@@ -115,7 +120,11 @@ class TenantRegistry:
 
     @classmethod
     def from_config(
-        cls, path: str | Path | None, server_secret: bytes | None, default_max_concurrent: int = 32
+        cls,
+        path: str | Path | None,
+        server_secret: bytes | None,
+        default_max_concurrent: int = 32,
+        local_max_concurrent: int | None = None,
     ) -> TenantRegistry:
         data: dict = {}
         if path:
@@ -143,6 +152,7 @@ class TenantRegistry:
             frozenset(data.get("shared_prefix_tenants", ())),
             int(data.get("default_max_concurrent", default_max_concurrent)),
             shared_prefixes=tuple(prefixes),
+            local_max_concurrent=local_max_concurrent,
         )
 
 

@@ -56,6 +56,10 @@ def test_no_keys_means_one_local_public_tenant(monkeypatch):
     reg = TenantRegistry.from_config(None, None)
     t = reg.authenticate(None)
     assert not reg.auth_required and t.name == "local" and t.scope == keys.PUBLIC_TENANT
+    # alone on the server, the local tenant may fill it: no per-tenant cap below the server's
+    reg = TenantRegistry.from_config(None, None, local_max_concurrent=256)
+    assert reg.authenticate(None).max_concurrent == 256
+    assert TenantRegistry.from_config(None, None).authenticate(None).max_concurrent == 32
 
 
 async def test_noisy_tenant_cannot_starve_quiet_one():
@@ -99,3 +103,13 @@ async def test_per_tenant_limit_and_queue_bound():
     with pytest.raises(asyncio.CancelledError):
         await w2
     assert sched.waiting("t") == 0
+
+
+def test_a_server_without_keys_admits_up_to_its_own_cap(tiny_model_dir, monkeypatch):
+    """With no API key the one local tenant is alone: a per-tenant cap below the server's
+    (32, the default for keyed tenants) would cap every benchmark of a busy server."""
+    from kvgrid.server.frontend import build_frontend
+
+    monkeypatch.delenv("KVGRID_API_KEYS", raising=False)
+    fe = build_frontend(str(tiny_model_dir("llama")), max_concurrent=200)
+    assert fe.tenants.authenticate(None).max_concurrent == 200
