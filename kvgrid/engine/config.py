@@ -49,6 +49,10 @@ class EngineConfig:
     mixed_step_slowdown: float = 1.4
     """once decoding, a step carries prompt tokens up to this multiple of a decode step's
     measured time (GPU engines only; 0: the whole step budget)"""
+    prompt_drain_s: float = 1.0
+    """once decoding, a step carries more prompt tokens than --mixed-step-slowdown allows
+    when the prompts waiting would otherwise take longer than this to compute: queued
+    prompts trade inter-token latency for time to first token (GPU engines only; 0: never)"""
     enable_prefix_caching: bool = field(default=True, metadata=flag("prefix-caching"))
     """reuse the KV of prompt prefixes G1 already holds"""
     attention_backend: Literal["auto", "torch", "triton"] = "auto"

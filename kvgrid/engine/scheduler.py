@@ -42,6 +42,10 @@ MIN_MIXED_PREFILL_TOKENS = 256
 # in this step instead: a step of its own for a short tail costs a whole decode step, where
 # the tail adds a fraction of one to this step
 PROMPT_TAIL_TOKENS = MIN_MIXED_PREFILL_TOKENS // 2
+# the share of GPU time that the waiting prompts would need, within prompt_drain_s, from
+# which mixed steps carry the whole step budget (the formula's budget grows without bound
+# towards a share of 1)
+DRAIN_FULL_BUSY = 0.9
 # share of each decode-only step in the decode step time: the budget of mixed steps follows
 # a change of batch within a few steps, and a load report (hundreds of steps apart) sees
 # the settled value
@@ -243,7 +247,27 @@ class Scheduler(HandDown):
         if not slow or decode_s is None or token_s is None:
             return cap
         tokens = round((slow - 1.0) * decode_s / max(token_s, 1e-9))
+        if self.config.prompt_drain_s > 0:
+            tokens = max(tokens, self._drain_tokens(cap, decode_s, token_s))
         return max(min(tokens, cap), min(cap, MIN_MIXED_PREFILL_TOKENS))
+
+    def _drain_tokens(self, cap: int, decode_s: float, token_s: float) -> int:
+        """Prompt tokens a mixed step carries to compute the prompts waiting (queued, or
+        admitted and not yet prefilled) within ``prompt_drain_s``. A step of n prompt
+        tokens takes decode_s + n * token_s, so a rate of R tokens a second needs
+        n = R * decode_s / (1 - R * token_s); once R * token_s nears 1 the prompts alone
+        would keep the GPU busy, and the whole budget goes to them. A queued request counts
+        its whole prompt: what G1 or the store holds of it is known only at its admission,
+        so under reuse the queue drains sooner than planned, never later."""
+        pending = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
+        pending += sum(
+            self._compute_limit(s) - s.num_computed_tokens for s in self.active() if _prefilling(s)
+        )
+        rate = pending / self.config.prompt_drain_s
+        busy = rate * token_s
+        if busy >= DRAIN_FULL_BUSY:
+            return cap
+        return round(rate * decode_s / (1.0 - busy))
 
     def observe_step(self, sched: SchedulerOutput, seconds: float, steer: bool = True) -> None:
         """Feed one step's measured time: decode-step time, and (``steer``: where step times

@@ -223,7 +223,9 @@ def test_a_short_prompt_tail_joins_its_chunk(model, tmp_path):
     at most PROMPT_TAIL_TOKENS: no step of its own for a short tail."""
     from kvgrid.engine.scheduler import MIN_MIXED_PREFILL_TOKENS, PROMPT_TAIL_TOKENS
 
-    eng = LLMEngine(model=model, block_size=BS, num_kv_blocks=64, max_num_batched_tokens=1024)
+    # no drain window: the queued prompts would otherwise widen the step (its own test)
+    eng = LLMEngine(model=model, block_size=BS, num_kv_blocks=64, max_num_batched_tokens=1024,
+                    prompt_drain_s=0)  # fmt: skip
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     eng.add_request("d", tokens(20, 31), params)
     eng.step()

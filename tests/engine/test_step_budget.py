@@ -89,6 +89,37 @@ def test_mixed_steps_carry_a_measured_prompt_budget():
     assert step(sched) == [("d", 1), ("long", MIN_MIXED_PREFILL_TOKENS)]
 
 
+def test_queued_prompts_widen_mixed_steps_to_drain_within_their_window():
+    """Once requests decode, the slowdown share alone lets a queue of long prompts grow
+    without bound (a few hundred prompt tokens a step); the mixed budget widens to compute
+    what waits within prompt_drain_s, and takes the whole step once the prompts alone would
+    fill the GPU."""
+
+    def queue(drain_s: float) -> Scheduler:
+        sched = make(budget=8192, blocks=8000, prompt_drain_s=drain_s)
+        add(sched, 20, "d")
+        step(sched)
+        step(sched)  # "d" is decoding now
+        sched.decode_step.value, sched.prefill_token.value = 0.020, 20e-6
+        add(sched, 3000, "long")
+        # 3,000 tokens to drain in 1 s need 64 a step: the slowdown share (400) is more
+        assert step(sched) == [("d", 1), ("long", 400)]
+        for i in range(4):
+            add(sched, 5000, f"q{i}")
+        return sched
+
+    sched = queue(1.0)
+    # 2,600 + 20,000 tokens in 1 s: 22,600 x 20 ms / (1 - 22,600 x 20 us) = 825 a step
+    assert step(sched) == [("d", 1), ("long", 825)]
+    for i in range(2):
+        add(sched, 20000, f"big{i}")
+    # 61,775 tokens would need more than the GPU for 1 s: the whole step budget
+    assert step(sched) == [("d", 1), ("long", 1775), ("q0", 5000), ("q1", 1416)]
+    # without a drain window: the slowdown share whatever waits
+    sched = queue(0.0)
+    assert step(sched) == [("d", 1), ("long", 400)]
+
+
 def test_observe_step_measures_decode_and_marginal_prefill_cost():
     sched = make(budget=2048)
     a = add(sched, 20, "a")
