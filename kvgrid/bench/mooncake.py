@@ -73,6 +73,11 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return recs
 
 
+def prefix_family(hash_ids: list[int]) -> int:
+    """The id that decides which requests can share KV past the first block."""
+    return hash_ids[1] if len(hash_ids) > 1 else hash_ids[0] if hash_ids else 0
+
+
 def load_mooncake(
     trace: str = "conversation",
     tokens_per_block: int = MOONCAKE_BLOCK_TOKENS,
@@ -85,37 +90,54 @@ def load_mooncake(
     end_s: float | None = None,
     speed: float = 1.0,
     repeat: int = 1,
+    shards: int = 1,
+    shard: int = 0,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     seed: int = 0,
 ) -> Workload:
     """Load a Mooncake trace (a name from TRACE_NAMES or a path).
 
-    Requests are sorted by arrival (ties in file order). ``start``/``limit`` slice by index
-    and ``start_s``/``end_s`` by time, both before ``speed`` divides the gaps. ``repeat`` > 1
-    overlays independent copies of the user population (hash ids offset per copy, except id
-    0 ... no: every id is offset, so copies share nothing), multiplying the rate by ``repeat``.
+    Requests are sorted by arrival (ties in file order). ``start_s``/``end_s`` slice by
+    time, then ``shards``/``shard`` keep the requests of one prefix family shard, then
+    ``start``/``limit`` slice by index, all before ``speed`` divides the gaps. ``repeat`` > 1
+    overlays independent copies of the user population (every hash id offset per copy, so
+    copies share nothing), multiplying the rate by ``repeat``.
+
+    A request's prefix family is the id of its second block (its first if it has one): ids
+    are chained, so two requests can share KV only within one family, past a first block
+    every request may share (the conversation trace's system prompt). Shard ``shard`` of
+    ``shards`` holds the families whose id is ``shard`` modulo ``shards``: what one of that
+    many servers receives behind a router that keeps each family on one server. It keeps
+    the trace's reuse within families and its time span, at about 1/``shards`` of its rate
+    and of its working set.
     """
     if tokens_per_block <= 0 or tokens_per_block > MOONCAKE_BLOCK_TOKENS:
         raise ValueError(f"tokens_per_block must be in 1..{MOONCAKE_BLOCK_TOKENS}")
     if speed <= 0 or repeat < 1:
         raise ValueError("speed must be positive and repeat >= 1")
+    if shards < 1 or not 0 <= shard < shards:
+        raise ValueError(f"shard must be in 0..shards-1, got {shard} of {shards}")
     path = resolve_trace(trace)
     recs = read_records(path)
     order = sorted(range(len(recs)), key=lambda i: (recs[i]["timestamp"], i))
-    recs = [recs[i] for i in order]
+    # (index in arrival order, record): a request's id names its place in the whole trace,
+    # whatever slice or shard it comes in
+    picked = [(n, recs[i]) for n, i in enumerate(order)]
     if start_s is not None or end_s is not None:
         lo = -1e300 if start_s is None else start_s * 1000
         hi = 1e300 if end_s is None else end_s * 1000
-        recs = [r for r in recs if lo <= r["timestamp"] < hi]
-    recs = recs[start : None if limit is None else start + limit]
-    if not recs:
+        picked = [(n, r) for n, r in picked if lo <= r["timestamp"] < hi]
+    if shards > 1:
+        picked = [(n, r) for n, r in picked if prefix_family(r["hash_ids"]) % shards == shard]
+    picked = picked[start : None if limit is None else start + limit]
+    if not picked:
         raise ValueError(f"{path}: no requests in the selected slice")
-    t0 = recs[0]["timestamp"]
+    t0 = picked[0][1]["timestamp"]
     scale = tokens_per_block / MOONCAKE_BLOCK_TOKENS
-    top = max((max(r["hash_ids"]) for r in recs if r["hash_ids"]), default=0) + 1
+    top = max((max(r["hash_ids"]) for _, r in picked if r["hash_ids"]), default=0) + 1
     # Each record once: (arrival, output tokens, input tokens, its hash ids, its index).
     base = []
-    for i, r in enumerate(recs):
+    for idx, r in picked:
         n_in = max(1, round(r["input_length"] * scale))
         if max_input_tokens is not None and n_in > max_input_tokens:
             n_in = max_input_tokens
@@ -124,7 +146,7 @@ def load_mooncake(
         if max_output_tokens is not None:
             out = min(out, max_output_tokens)
         arrival = (r["timestamp"] - t0) / 1000.0 / speed
-        base.append((arrival, out, n_in, tuple(r["hash_ids"][:n_blocks]), start + i))
+        base.append((arrival, out, n_in, tuple(r["hash_ids"][:n_blocks]), idx))
     # Copies share arrival times, so arrival order is: per run of records with one arrival
     # time (recs are sorted), copy 0's records, then copy 1's, ... (what a stable sort of
     # the copies laid end to end gives, without sorting a million requests).
@@ -154,5 +176,11 @@ def load_mooncake(
         tokens_per_block,
         vocab_size,
         seed,
-        {"trace": str(path), "speed": speed, "repeat": repeat, "scale": scale},
+        {
+            "trace": str(path),
+            "speed": speed,
+            "repeat": repeat,
+            "scale": scale,
+            "shard": f"{shard}/{shards}",
+        },
     )

@@ -374,8 +374,8 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
 SPEC_HELP = (
     "mooncake:conversation | mooncake:synthetic | mooncake:PATH.jsonl, options after commas "
     "(tokens_per_block=64,max_input_tokens=1536,max_output_tokens=32,limit=200,repeat=2,"
-    "speed=2); or a generator: chat, agent, system_prompt, docqa, sinusoidal, constant, "
-    "no_reuse with key=value options"
+    "speed=2,shards=16,shard=0); or a generator: chat, agent, system_prompt, docqa, "
+    "sinusoidal, constant, no_reuse with key=value options"
 )
 
 

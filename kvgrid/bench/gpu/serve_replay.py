@@ -4,19 +4,25 @@ store: goodput at a TTFT limit, at offered loads that saturate the server withou
     # one H200, Llama-3-8B shape, random bf16 weights (the server needs fastapi, uvicorn,
     # pyzmq... on the GPU machine: see docs/benchmarks.md for the wheels to carry)
     python -m kvgrid.bench.gpu.serve_replay --model llama3-8b --load-format dummy \\
-        --trace conversation=bench/data/mooncake_conversation_slice.jsonl \\
-        --trace toolagent=/path/to/toolagent_trace.jsonl --speeds 10,20,40 --out out/replay
+        --trace synthetic --shard 0/16 --max-input 8128 --speeds no_store=16,20,24,28 \\
+        --speeds store=20,24,28,32,36,40 --out out/replay
     # CPU smoke run (default model: SmolLM2's 49,152-token vocabulary)
     python -m kvgrid.bench.gpu.serve_replay --vocab 49152 --speeds 1 --limit 12 \\
-        --max-input 256 --num-kv-blocks 64 --g2-gb 1 --g3-gb 2 --out out/replay-cpu
+        --tokens-per-block 128 --max-input 256 --num-kv-blocks 64 --g2-gb 1 --g3-gb 2 \\
+        --out out/replay-cpu
 
 For each trace and each configuration (``no_store``: G1 only; ``store``: the same G1 with G2
-host memory and G3 on local disk) one server is started; the trace is replayed open loop at
-each speed-up (arrival gaps divided by it), each point with its own token seed so that no
-point reuses another's prefixes. Per point: request rate offered, p50/p90 TTFT, goodput
-(requests per second whose TTFT met ``--ttft-limit-s``) and the server's hit rate. Per
-configuration: the best goodput among the points whose p90 TTFT stays within the limit,
-and the store's ratio to no store. Prints a table last; writes JSON and a PNG under --out.
+host memory and G3 on local disk) one server is started; the trace (or one prefix-family
+shard of it, ``--shard``: what one of that many servers behind a prefix-affinity router
+receives) is replayed open loop at each speed-up in turn (arrival gaps divided by it), each
+point with its own token seed so that no point reuses another's prefixes. A configuration's
+ladder stops at its first point whose p90 TTFT misses ``--ttft-limit-s`` (heavier loads miss
+it too; ``--all-speeds`` runs them anyway). Per point: request rate offered, p50/p90 TTFT,
+goodput (requests per second whose TTFT met the limit) and the server's hit rate. Per
+configuration: the best goodput among the points within the limit and the offered rate of
+the first point past it; the store's ratio to no store, and its lower bound (the store's
+best goodput over the rate at which no store first missed the limit). Prints a table last;
+writes JSON and a PNG under --out.
 """
 
 # ruff: noqa: E501  (table rows are long)
@@ -26,17 +32,22 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from kvgrid import envs
-from kvgrid.bench.mooncake import load_mooncake
+from kvgrid.bench.mooncake import load_mooncake, resolve_trace
 from kvgrid.bench.procs import interrupt
 from kvgrid.bench.replay import SLO, Replayer, compute_metrics
+from kvgrid.server.auth import ControlKey
 
+# the servers' control key, so that the benchmark may read their workers' series
+CLUSTER = ControlKey.generate()
 DATA = Path(__file__).resolve().parents[3] / "bench" / "data" / "mooncake_conversation_slice.jsonl"
 
 
@@ -46,43 +57,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, config: str, port: int, out: Path) -> subprocess.Popen:
+def launch_server(args, config: str, port: int, out: Path, disk: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "kvgrid.cli", "serve", "--port", str(port),
            "--num-kv-blocks", str(args.num_kv_blocks), "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--max-model-len", str(args.max_input + args.max_output + 64)]  # fmt: skip
     if args.model:
         cmd += ["--model", args.model, "--load-format", args.load_format]
+    cmd += args.server_arg
     if config == "no_store":
         cmd += ["--no-kv-store"]
     else:
-        d = out / f"g3-{port}"
-        cmd += ["--kv-store-host-gb", str(args.g2_gb), "--kv-store-dir", str(d),
+        cmd += ["--kv-store-host-gb", str(args.g2_gb), "--kv-store-dir", str(disk),
                 "--kv-store-disk-gb", str(args.g3_gb)]  # fmt: skip
     env = dict(os.environ)
     env[envs.KVGRID_LOG.name] = "WARNING"
     env.pop(envs.KVGRID_API_KEYS.name, None)
+    env.pop(envs.KVGRID_CONTROL_KEY_FILE.name, None)
+    env[envs.KVGRID_CONTROL_KEY.name] = CLUSTER.dumps()
     log = open(out / f"serve-{config}-{port}.log", "w")  # noqa: SIM115  (the server's)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, deadline: float) -> None:
+    """Until the router sees its worker up, with an exact index."""
     import httpx
 
-    deadline = time.monotonic() + args.start_timeout_s
-    try:
-        while True:
-            try:  # ready once the router sees its worker up, with an exact index
-                url = f"http://127.0.0.1:{port}/debug/router"
-                ws = httpx.get(url, timeout=2).json()["workers"]
-                if any(w["up"] and w["freshness"] == "exact" for w in ws.values()):
-                    time.sleep(2.0)  # the worker's first load report is in
-                    return proc
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server ({config}) did not start: see {log.name}")
-            time.sleep(1.0)
-    except BaseException:  # interrupted or failed while it starts: it goes too
-        stop(proc)
-        raise
+    while True:
+        try:
+            url = f"http://127.0.0.1:{port}/debug/router"
+            ws = httpx.get(url, timeout=2).json()["workers"]
+            if any(w["up"] and w["freshness"] == "exact" for w in ws.values()):
+                time.sleep(2.0)  # the worker's first load report is in
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server on port {port} did not start: see its log")
+        time.sleep(1.0)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -99,17 +111,63 @@ def max_input(args, url: str) -> int:
     return min(args.max_input, ctx - args.max_output) if ctx else args.max_input
 
 
+# what each point records of the server's own series (sums over tenants and models), so that
+# a point's result says where its time and its lost hits went
+SERIES = ("kvgrid_store_hits", "kvgrid_store_lost_hits", "kvgrid_store_g1_writebacks",
+          "kvgrid_store_writes_dropped", "kvgrid_store_prefetch_blocks",
+          "kvgrid_store_g2_backpressure_seconds", "kvgrid:request_queue_time_seconds",
+          "kvgrid:time_to_first_token_seconds")  # fmt: skip
+KEEP_LABELS = ("tier", "reason", "outcome")
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The router's and its workers' series of SERIES, as {name[label=value...]: total}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sources = [(url, {})]
+    try:
+        ws = httpx.get(f"{url}/debug/router", timeout=10).json()["workers"]
+        sources += [
+            (w["url"], CLUSTER.router_headers(wid)) for wid, w in ws.items() if w.get("url")
+        ]
+    except (httpx.HTTPError, ValueError, KeyError, AttributeError):
+        print(f"warning: {url}/debug/router lists no workers: their series are left out")
+    out: dict[str, float] = {}
+    for u, headers in sources:
+        try:
+            r = httpx.get(f"{u.rstrip('/')}/metrics", headers=headers, timeout=10)
+            r.raise_for_status()
+        except httpx.HTTPError as e:
+            print(f"warning: {u}/metrics: {e}")
+            continue
+        for fam in text_string_to_metric_families(r.text):
+            for smp in fam.samples:
+                base = smp.name.removesuffix("_total").removesuffix("_sum").removesuffix("_count")
+                if base not in SERIES or smp.name.endswith(("_bucket", "_created")):
+                    continue
+                labels = ",".join(f"{k}={smp.labels[k]}" for k in KEEP_LABELS if k in smp.labels)
+                key = smp.name.removesuffix("_total") + (f"[{labels}]" if labels else "")
+                out[key] = out.get(key, 0.0) + smp.value
+    return out
+
+
 def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
     cap = max_input(args, url)
+    before = server_counters(url)
+    shard, shards = args.shard
     wl = load_mooncake(trace, tokens_per_block=args.tokens_per_block,
                        max_input_tokens=cap, max_output_tokens=args.max_output,
-                       limit=args.limit, vocab_size=args.vocab, seed=seed)  # fmt: skip
+                       limit=args.limit, shards=shards, shard=shard,
+                       vocab_size=args.vocab, seed=seed)  # fmt: skip
     rep = Replayer(url, None, None, ignore_eos=True)
     results, duration = asyncio.run(rep.run(wl, speed=speed, progress=False))
     m = compute_metrics(results, duration, SLO(ttft_s=args.ttft_limit_s))
     offered = len(wl.requests) / max(wl.duration_s / speed, 1e-9)
     prompt = sum(r.prompt_tokens for r in results)
     cached = sum(r.cached_tokens or 0 for r in results)
+    after = server_counters(url)
+    server = {k: round(v - before.get(k, 0.0), 3) for k, v in sorted(after.items())}
     return {
         "speed": speed,
         "max_input_tokens": cap,
@@ -123,6 +181,65 @@ def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
         "ttft_p90_s": (m["ttft_ms"]["p90"] or 0) / 1000,
         "hit_rate": cached / prompt if prompt else None,
         "output_tok_s": m["output_throughput"],
+        "server": {k: v for k, v in server.items() if v},
+    }
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` (shard I of N) as (I, N)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants I/N, e.g. 0/16, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: I must be in 0..N-1")
+    return i, n
+
+
+def parse_speeds(specs: list[str], configs: list[str]) -> dict[str, list[float]]:
+    """Each configuration's speed-ups, ascending: ``LIST`` sets every configuration's,
+    ``CONFIG=LIST`` one's."""
+    out: dict[str, list[float]] = {}
+    for spec in specs:
+        name, _, values = spec.rpartition("=")
+        if name and name not in configs:
+            raise ValueError(f"{name!r} is not one of --configs ({', '.join(configs)})")
+        try:
+            speeds = sorted(float(v) for v in values.split(","))
+        except ValueError:
+            raise ValueError(f"{spec!r}: speed-ups are numbers separated by commas") from None
+        if not speeds or speeds[0] <= 0:
+            raise ValueError(f"{spec!r}: speed-ups must be positive")
+        for c in [name] if name else configs:
+            out[c] = speeds
+    missing = [c for c in configs if c not in out]
+    if missing:
+        raise ValueError(f"no speed-ups for {', '.join(missing)}")
+    return out
+
+
+def within_limit(p: dict, limit_s: float) -> bool:
+    return not p["failed"] and p["ttft_p90_s"] <= limit_s
+
+
+def summarize(points: dict[str, list[dict]], limit_s: float) -> dict:
+    """Per configuration the best goodput within the limit and the offered rate where it was
+    first missed; the store's ratio to no store and its lower bound."""
+    best, miss = {}, {}
+    for config, pts in points.items():
+        best[config] = max(
+            (p["goodput_req_s"] for p in pts if within_limit(p, limit_s)), default=0.0
+        )
+        miss[config] = next((p["offered_req_s"] for p in pts if not within_limit(p, limit_s)), None)
+    none_best, none_miss = best.get("no_store"), miss.get("no_store")
+    store = best.get("store")
+    return {
+        "best_goodput_req_s": best,
+        "first_missed_at_offered_req_s": miss,
+        "store_vs_no_store": store / none_best if store is not None and none_best else None,
+        "store_vs_no_store_lower_bound": store / none_miss
+        if store is not None and none_miss
+        else None,
     }
 
 
@@ -134,66 +251,91 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--model", default=None)
     ap.add_argument("--load-format", default="dummy")
-    ap.add_argument("--trace", action="append", default=[], help="NAME=PATH.jsonl (repeatable)")
+    ap.add_argument("--trace", action="append", default=[],
+                    help="conversation | synthetic | NAME=PATH.jsonl (repeatable; default: "
+                         "the conversation slice in bench/data)")  # fmt: skip
+    ap.add_argument("--shard", type=parse_shard, default=(0, 1),
+                    help="I/N: replay prefix-family shard I of N (mooncake.load_mooncake)")  # fmt: skip
     ap.add_argument("--configs", default="no_store,store")
-    ap.add_argument("--speeds", default="10,20,40", help="arrival speed-ups, one point each")
+    ap.add_argument("--speeds", action="append", default=[],
+                    help="arrival speed-ups, one point each: LIST for every configuration, or "
+                         "CONFIG=LIST for one (repeatable; default 10,20,40)")  # fmt: skip
+    ap.add_argument("--all-speeds", action="store_true",
+                    help="run every speed, also past a configuration's first point over the limit")  # fmt: skip
     ap.add_argument("--ttft-limit-s", type=float, default=2.0)
     ap.add_argument("--limit", type=int, default=None, help="first N requests of the trace")
-    ap.add_argument(
-        "--tokens-per-block", type=int, default=128, help="of each 512-token hash block"
-    )
+    ap.add_argument("--tokens-per-block", type=int, default=512,
+                    help="of each 512-token hash block (512: the trace's own lengths)")  # fmt: skip
     ap.add_argument("--max-input", type=int, default=16384)
     ap.add_argument("--max-output", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=128_256)
     ap.add_argument("--num-kv-blocks", type=int, default=1100, help="G1, small enough to evict")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--g2-gb", type=float, default=24.0)
+    ap.add_argument("--g2-gb", type=float, default=48.0)
     ap.add_argument("--g3-gb", type=float, default=40.0)
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="one more argument for every `kvgrid serve`, e.g. "
+                         "--server-arg=--prompt-drain-s=0 (repeatable)")  # fmt: skip
+    ap.add_argument("--disk-dir", default=None,
+                    help="where G3 lives (default: a temporary folder, removed afterwards)")  # fmt: skip
     ap.add_argument("--start-timeout-s", type=float, default=600.0)
     ap.add_argument("--out", default="out/replay-store")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    traces = dict(t.split("=", 1) for t in args.trace) or {"conversation": str(DATA)}
-    for name, path in traces.items():
-        if not Path(path).exists():
-            print(f"error: trace {name}: {path} not found", file=sys.stderr)
+    traces = {}
+    for t in args.trace or [f"conversation={DATA}"]:
+        name, _, path = t.partition("=")
+        try:
+            traces[name] = str(resolve_trace(path or name))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: trace {name}: {e}", file=sys.stderr)
             return 2
-    speeds = [float(s) for s in args.speeds.split(",")]
-    res: dict = {"args": vars(args), "points": {}, "summary": {}}
+    configs = args.configs.split(",")
+    try:
+        speeds = parse_speeds(args.speeds or ["10,20,40"], configs)
+    except ValueError as e:
+        print(f"error: --speeds: {e}", file=sys.stderr)
+        return 2
+    res: dict = {
+        "args": {**vars(args), "shard": "{}/{}".format(*args.shard)},
+        "points": {},
+        "summary": {},
+    }
     for trace_name, path in traces.items():
-        for config in args.configs.split(","):
-            port = free_port()
-            proc = start_server(args, config, port, out)
-            try:
-                pts = []
-                for i, sp in enumerate(speeds):
+        # every configuration's server starts at once (they share the GPU; only one replays
+        # at a time, the others idle)
+        servers: dict[str, tuple[subprocess.Popen, int, Path]] = {}
+        try:
+            for config in configs:
+                port = free_port()
+                disk = Path(args.disk_dir or tempfile.mkdtemp(prefix="kvgrid-replay-"))
+                servers[config] = (launch_server(args, config, port, out, disk / f"g3-{port}"),
+                                   port, disk)  # fmt: skip
+            deadline = time.monotonic() + args.start_timeout_s
+            for proc, port, _ in servers.values():
+                wait_ready(proc, port, deadline)
+            for config in configs:
+                proc, port, _ = servers[config]
+                pts: list[dict] = []
+                res["points"][f"{trace_name}/{config}"] = pts
+                for i, sp in enumerate(speeds[config]):
                     pts.append(replay_point(args, f"http://127.0.0.1:{port}", path, sp, seed=i + 1))
                     print(f"{trace_name} {config} x{sp}: {pts[-1]}", flush=True)
-            finally:
-                stop(proc)
-            res["points"][f"{trace_name}/{config}"] = pts
+                    (out / "replay_store.json").write_text(json.dumps(res, indent=1))
+                    if not args.all_speeds and not within_limit(pts[-1], args.ttft_limit_s):
+                        break
+            res["summary"][trace_name] = summarize(
+                {c: res["points"][f"{trace_name}/{c}"] for c in configs}, args.ttft_limit_s
+            )
             (out / "replay_store.json").write_text(json.dumps(res, indent=1))
-        best = {}
-        for config in args.configs.split(","):
-            ok = [
-                p
-                for p in res["points"][f"{trace_name}/{config}"]
-                if p["ttft_p90_s"] <= args.ttft_limit_s and not p["failed"]
-            ]
-            best[config] = max((p["goodput_req_s"] for p in ok), default=0.0)
-        saturated = [
-            p["speed"]
-            for p in res["points"].get(f"{trace_name}/no_store", [])
-            if p["ttft_p90_s"] > args.ttft_limit_s
-        ]
-        ratio = best.get("store", 0.0) / best["no_store"] if best.get("no_store") else None
-        res["summary"][trace_name] = {"best_goodput_req_s": best, "store_vs_no_store": ratio,
-                                      "speeds_saturating_no_store": saturated}  # fmt: skip
-    (out / "replay_store.json").write_text(json.dumps(res, indent=1))
+        finally:  # each server goes, with its disk tier (a store's shutdown writes G2 down)
+            for proc, port, disk in servers.values():
+                stop(proc)
+                shutil.rmtree(disk / f"g3-{port}" if args.disk_dir else disk, ignore_errors=True)
     plot(res, out / "replay_store.png")
-    print(f"\nTTFT limit (p90) {args.ttft_limit_s} s")
+    print(f"\nTTFT limit (p90) {args.ttft_limit_s} s, shard {res['args']['shard']}")
     print(
         f"{'trace':14} {'config':9} {'speed':>6} {'offered/s':>9} {'done/s':>7} {'goodput/s':>9} {'p90 TTFT':>8} {'hit':>6}"
     )
@@ -206,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     for t, s in res["summary"].items():
         print(
-            f"{t}: best goodput within the limit {s['best_goodput_req_s']}, store / no store = {s['store_vs_no_store']}"
+            f"{t}: best goodput within the limit {s['best_goodput_req_s']}, first missed at "
+            f"{s['first_missed_at_offered_req_s']} req/s offered; store / no store = "
+            f"{s['store_vs_no_store']} (lower bound {s['store_vs_no_store_lower_bound']})"
         )
     print(f"wrote {out / 'replay_store.json'}")
     return 0

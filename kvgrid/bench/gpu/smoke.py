@@ -63,7 +63,7 @@ SMOKES: dict[str, Smoke] = {
     "plot_store": Smoke("{out}/../store/gpu_store.json", ("matplotlib",), 60),
     "serve_replay": Smoke(
         f"{DUMMY} --vocab 49152 --speeds 4 --limit 12 --max-input 256 --num-kv-blocks 64 "
-        "--out {out}",
+        "--g2-gb 1 --g3-gb 2 --out {out}",
         SERVER,
         180,
     ),

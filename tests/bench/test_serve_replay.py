@@ -1,0 +1,55 @@
+"""The server replay's own logic (the servers it starts run on the GPU machine): speed
+ladders per configuration, shards, and the summary's ratios and their lower bound."""
+
+import argparse
+
+import pytest
+
+from kvgrid.bench.gpu.serve_replay import parse_shard, parse_speeds, summarize
+
+
+def test_speeds_per_configuration():
+    both = ["no_store", "store"]
+    assert parse_speeds(["20,10"], both) == {"no_store": [10.0, 20.0], "store": [10.0, 20.0]}
+    got = parse_speeds(["10,20", "store=40,30"], both)
+    assert got == {"no_store": [10.0, 20.0], "store": [30.0, 40.0]}
+    with pytest.raises(ValueError, match="'g9' is not one of --configs"):
+        parse_speeds(["g9=1"], both)
+    with pytest.raises(ValueError, match="no speed-ups for no_store"):
+        parse_speeds(["store=1"], both)
+    with pytest.raises(ValueError, match="numbers separated by commas"):
+        parse_speeds(["fast"], both)
+    with pytest.raises(ValueError, match="must be positive"):
+        parse_speeds(["0,2"], both)
+
+
+def test_shard_argument():
+    assert parse_shard("3/16") == (3, 16)
+    for bad in ("16/16", "a/b", "3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--shard"):
+            parse_shard(bad)
+
+
+def point(offered: float, goodput: float, p90: float, failed: int = 0) -> dict:
+    return {"offered_req_s": offered, "goodput_req_s": goodput, "ttft_p90_s": p90,
+            "failed": failed}  # fmt: skip
+
+
+def test_summary_takes_the_best_point_within_the_limit_and_bounds_the_ratio():
+    points = {
+        "no_store": [point(4, 4, 0.8), point(5, 5, 1.3), point(6, 3.6, 3.1)],
+        "store": [point(5, 5, 0.5), point(8, 7.9, 1.9), point(9, 6, 2.4), point(10, 10, 1.0)],
+    }
+    s = summarize(points, 2.0)
+    # a point past the limit, or with a failed request, never counts
+    assert s["best_goodput_req_s"] == {"no_store": 5, "store": 10}
+    assert s["first_missed_at_offered_req_s"] == {"no_store": 6, "store": 9}
+    assert s["store_vs_no_store"] == 2.0
+    # no store's capacity lies below the rate where it first missed: 10 / 6 at least
+    assert s["store_vs_no_store_lower_bound"] == pytest.approx(10 / 6)
+    points["store"][-1]["failed"] = 1
+    assert summarize(points, 2.0)["best_goodput_req_s"]["store"] == 7.9
+    none_met = summarize({"no_store": [point(6, 3, 3.0)], "store": [point(6, 6, 1.0)]}, 2.0)
+    assert (
+        none_met["store_vs_no_store"] is None and none_met["store_vs_no_store_lower_bound"] == 1.0
+    )
