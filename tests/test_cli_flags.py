@@ -26,6 +26,7 @@ ADDED = {
     "--prefill-first-burst",
     "--no-prefill-first-burst",
     "--mixed-step-slowdown",
+    "--prompt-drain-s",
     "--max-logprobs",
     "--max-parked-seqs",
 }

@@ -19,8 +19,16 @@ SHAPE = (4, 2, 64, 4, 64)  # 1 MiB per block: writes take long enough to be cut
 N = 400
 
 WRITER = """
-import sys, torch
+import os, sys, time, torch
 from kvgrid import keys
+# the window a kill must hit lies between a temp file's first byte and its rename; a busy
+# machine spends most of a write encrypting, before the file exists, so the window is
+# widened here: the kill still lands on the store's own code, at a random point of it
+_rename = os.rename
+def slow_rename(src, dst):
+    time.sleep(0.005)
+    _rename(src, dst)
+os.rename = slow_rename
 from kvgrid.store import ContextStore, StoreConfig
 scope = keys.KVScope("crash-model", "float32")
 ks = keys.block_keys(list(range(64 * {n})), scope, 64)
