@@ -569,9 +569,7 @@ class LLMEngine:
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_step_s": self.decode_step_s,
             "mixed_prefill_tokens": self.scheduler._mixed_prefill_budget(),
-            "waiting_prefill_tokens": sum(
-                s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting
-            )
+            "waiting_prefill_tokens": self.scheduler.queued_prompt_tokens()
             + sum(s.num_tokens - s.num_computed_tokens - 1 for s in self.scheduler.running),
             **self.counters,
             **(self.guided.stats() if self.guided is not None else {}),

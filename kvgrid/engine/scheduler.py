@@ -251,6 +251,11 @@ class Scheduler(HandDown):
             tokens = max(tokens, self._drain_tokens(cap, decode_s, token_s))
         return max(min(tokens, cap), min(cap, MIN_MIXED_PREFILL_TOKENS))
 
+    def queued_prompt_tokens(self) -> int:
+        """Prompt tokens of the requests not yet admitted (all of each prompt: what G1 or
+        the store holds of it is known only at admission)."""
+        return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
+
     def _drain_tokens(self, cap: int, decode_s: float, token_s: float) -> int:
         """Prompt tokens a mixed step carries to compute the prompts waiting (queued, or
         admitted and not yet prefilled) within ``prompt_drain_s``. A step of n prompt
@@ -259,7 +264,7 @@ class Scheduler(HandDown):
         would keep the GPU busy, and the whole budget goes to them. A queued request counts
         its whole prompt: what G1 or the store holds of it is known only at its admission,
         so under reuse the queue drains sooner than planned, never later."""
-        pending = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
+        pending = self.queued_prompt_tokens()
         pending += sum(
             self._compute_limit(s) - s.num_computed_tokens for s in self.active() if _prefilling(s)
         )
