@@ -5,6 +5,7 @@ Layout under the root:
     tmp/<host>-<pid>-<random>.tmp                 writes in progress
     ledger.json                                   bytes used, in all and per tenant
     .lock                                         flock: serialises ledger and eviction
+    .owner                                        flock: held by a sole owner (G3)
 
 A write goes: reserve its bytes in the ledger (evicting LRU objects first if that crosses
 the high watermark), write a temp file, then rename it into place (a batch of writes,
@@ -17,11 +18,14 @@ shared path) writing at once. A process killed mid-write leaves a temp file, rem
 the next open (or by age on other hosts), and at worst an over-reservation that the next
 open's rescan corrects.
 
-The directory itself is the index: a lookup of a block this process has not written or
-seen here is one stat(), so objects written by other processes are seen at once (the ones
-it knows are answered from memory: another process's deletion of one shows as a miss
-when it is read); the ledger is rebuilt from a scan when the tier is opened, and whenever
-it is found damaged.
+Lookups run on the engine's thread (each block of a prompt, each block leaving G1). A tier
+opened ``sole`` (G3, a worker's own folder) takes the ``.owner`` flock and answers them all
+from memory: the objects its opening scan found, plus its writes, less its deletions. A stat
+there could wait for the directory behind the write-down's renames and deletions, then for
+the GIL that G3's busy threads hold. A shared directory (G4, or a G3 whose flock another
+process holds) is its own index: a block not known here costs one stat(), so other
+processes' objects are seen at once; their deletion of a known one shows when its read
+misses. The ledger is rebuilt from a scan at open, and whenever it is found damaged.
 
 Faults turn the tier off rather than fail the process (``ObjectTier._fail``): a full or
 read-only directory, an I/O error, a lock another process holds for longer than
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -74,6 +79,7 @@ class DiskTier(ObjectTier):
         retry_s: float = 30.0,
         lock_timeout_s: float = 5.0,
         read_only: bool = False,
+        sole: bool = False,
     ) -> None:
         self.root = Path(root)
         self.capacity, self.name, self.backend = int(capacity), name, backend
@@ -83,6 +89,9 @@ class DiskTier(ObjectTier):
         self._host = socket.gethostname().replace("-", "_")
         self._tlock = threading.Lock()
         self._lockfd: int | None = None
+        self._ownerfd: int | None = None
+        self.sole = False  # owner of the directory: lookups answered from memory alone
+        self._want_sole = sole and not read_only
         self.removed_tmp = 0
         # (tenant id, key) -> creation time of the objects this process wrote or found here
         # (dropped as it deletes them): a lookup of a prompt's blocks is answered without a
@@ -106,10 +115,24 @@ class DiskTier(ObjectTier):
             # read-only is enough for flock, and holds no write access to the filesystem
             # (which would keep it from being remounted read-only, by an operator or the kernel)
             self._lockfd = os.open(self.root / ".lock", os.O_RDONLY | os.O_CREAT, 0o600)
+        if self._want_sole and self._ownerfd is None:
+            self._own()
         with self._locked():
             self.removed_tmp += self._clean_tmp()
             self._read_ledger()  # only to report a damaged one: it is recounted anyway
-            self._write_ledger(self._scan_ledger())
+            self._write_ledger(self._scan_ledger(self._present if self.sole else None))
+
+    def _own(self) -> None:
+        """Take the directory's ``.owner`` flock, held until ``close``; without it (another
+        process holds it) lookups stat what memory does not know."""
+        fd = os.open(self.root / ".owner", os.O_RDONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            log.warning("%s at %s is another process's: lookups stat it", self.name, self.root)
+            return
+        self._ownerfd, self.sole = fd, True
 
     def _probe(self) -> None:
         self._open()
@@ -178,11 +201,14 @@ class DiskTier(ObjectTier):
         tmp.write_text(json.dumps(led))
         os.replace(tmp, self.root / "ledger.json")
 
-    def _scan_ledger(self) -> dict:
+    def _scan_ledger(self, present: dict | None = None) -> dict:
+        """Usage from the directory; ``present``: filled with every object found."""
         tenants: dict[str, int] = {}
         for info in self._scan():
             t = info.tenant_id.hex()
             tenants[t] = tenants.get(t, 0) + info.size
+            if present is not None:
+                present[(info.tenant_id, info.key)] = info.created
         # temp files of writers still running hold reservations too
         pending = 0
         with contextlib.suppress(FileNotFoundError):
@@ -496,9 +522,11 @@ class DiskTier(ObjectTier):
     def created_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
         if not self.up:
             return [None] * len(keys)
+        present = self._present
+        if self.sole:
+            return [present.get((tid, k)) for k in keys]
         d = self._tenant_dir(tid)  # at admission, once per block of a prompt
         out: list[float | None] = []
-        present = self._present
         try:
             for k in keys:
                 c = present.get((tid, k))
@@ -553,10 +581,12 @@ class DiskTier(ObjectTier):
             self._write_ledger(self._scan_ledger())
 
     def close(self) -> None:
-        if self._lockfd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._lockfd)
-            self._lockfd = None
+        for fd in (self._lockfd, self._ownerfd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._lockfd = self._ownerfd = None
+        self.sole = False
 
 
 def _fsync_dir(d: Path) -> None:

@@ -171,7 +171,8 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
         )
         out: list[ObjectTier] = []
         if cfg.g3_dir:
-            out.append(DiskTier(cfg.g3_dir, cfg.g3_bytes, "G3", "disk", **disk))
+            # G3 is the worker's own folder: it owns it (lookups from memory)
+            out.append(DiskTier(cfg.g3_dir, cfg.g3_bytes, "G3", "disk", sole=not read_only, **disk))
         if cfg.g4_dir:
             out.append(DiskTier(cfg.g4_dir, cfg.g4_bytes, "G4", "fs", **disk))
         elif cfg.g4_redis:

@@ -86,17 +86,19 @@ def test_serve_keeps_secrets_off_worker_command_lines(monkeypatch):
 
 
 def test_store_lookup_errors_are_counted_and_logged(tmp_path, caplog):
-    store = _store(tmp_path, generate_key_file(tmp_path / "k"), g3_dir=tmp_path / "g3")
+    # a shared directory (G4) is looked up on the filesystem (G3, its owner's alone, from
+    # memory: its faults show on reads and writes)
+    store = _store(tmp_path, generate_key_file(tmp_path / "k"), g4_dir=tmp_path / "g4")
     try:
         caplog.set_level(logging.ERROR, "kvgrid.store")
-        objects = tmp_path / "g3" / "objects"
+        objects = tmp_path / "g4" / "objects"
         objects.rename(tmp_path / "gone")
         objects.write_text("a disk that broke: the object tree is not a directory any more")
         keys = [secrets.token_bytes(32) for _ in range(3)]
         assert store.contains(keys, b"") == [None, None, None]  # a miss for the engine...
-        assert store.metrics.total("errors", tier="G3", op="lookup") == 1  # ...but counted
-        assert any("G3 lookup failed" in r.getMessage() for r in caplog.records)
+        assert store.metrics.total("errors", tier="G4", op="lookup") == 1  # ...but counted
+        assert any("G4 lookup failed" in r.getMessage() for r in caplog.records)
         text = __import__("prometheus_client").generate_latest(store.metrics.registry).decode()
-        assert 'kvgrid_store_errors_total{op="lookup",tier="G3"} 1.0' in text
+        assert 'kvgrid_store_errors_total{op="lookup",tier="G4"} 1.0' in text
     finally:
         store.close()

@@ -300,25 +300,35 @@ def test_back_pressure_blocks_for_at_most_the_configured_time(tmp_path):
     store.close()
 
 
+def count_stats(monkeypatch) -> list:
+    """The paths this thread (the engine's, in the store) stats from now on; the store's
+    own threads are not counted. monkeypatch.undo() stops it."""
+    from kvgrid.store import disk_tier
+
+    stats = []
+    real = os.stat
+    me = threading.get_ident()
+
+    def counted(path, *a, **kw):
+        if threading.get_ident() == me:
+            stats.append(path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(disk_tier.os, "stat", counted)
+    return stats
+
+
 def test_a_disk_lookup_of_an_object_known_here_costs_no_stat(tmp_path, monkeypatch):
     """What a process wrote or found on its disk tier it looks up from memory; an object
     another process wrote is found by one stat; one another process deleted shows when its
     read misses. Objects are synced to the disk only with ``sync_writes``."""
-    from kvgrid.store import disk_tier
 
     disk = DiskTier(tmp_path / "g3", 1 << 24, "G3")
     other = DiskTier(tmp_path / "g3", 1 << 24, "G3")  # another process on the same directory
     tid, ks = tenant_id(A), chain(A, 4)
     for k in ks[:3]:
         assert disk.put(tid, k, os.urandom(1000)).stored
-    stats = []
-    real = os.stat
-
-    def counted(path, *a, **kw):
-        stats.append(path)
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(disk_tier.os, "stat", counted)
+    stats = count_stats(monkeypatch)
     assert None not in disk.created_many(tid, ks[:3]) and not stats
     assert other.put(tid, ks[3], os.urandom(1000)).stored
     stats.clear()
@@ -334,6 +344,56 @@ def test_a_disk_lookup_of_an_object_known_here_costs_no_stat(tmp_path, monkeypat
                           probe_tiers=False, sync_writes=sync)  # fmt: skip
         with ContextStore(cfg, keyring=KR) as store:
             assert store.tier("G3").fsync is sync
+
+
+def test_the_owner_of_a_disk_tier_looks_up_from_memory_alone(tmp_path, monkeypatch):
+    """A sole tier (G3: the worker's own folder) holds the directory's owner flock and
+    answers every lookup from memory, hits and misses alike, with what it found at open and
+    what it wrote since: no stat on the engine's thread. A second process on the same
+    folder gets no ownership and stats; the next owner starts once the first has closed."""
+
+    tid, ks = tenant_id(A), chain(A, 6)
+    first = DiskTier(tmp_path / "g3", 1 << 24, "G3")
+    assert not first.sole
+    for k in ks[:2]:
+        assert first.put(tid, k, os.urandom(1000)).stored
+    first.close()
+    stats = count_stats(monkeypatch)
+    owner = DiskTier(tmp_path / "g3", 1 << 24, "G3", sole=True)
+    assert owner.sole
+    stats.clear()
+    assert owner.put(tid, ks[2], os.urandom(1000)).stored
+    stats.clear()
+    found = owner.created_many(tid, ks)
+    assert [c is not None for c in found] == [True, True, True, False, False, False]
+    assert not stats  # neither the objects found at open nor the misses cost a stat
+    guest = DiskTier(tmp_path / "g3", 1 << 24, "G3", sole=True)
+    assert not guest.sole  # the owner holds the flock: the guest stats
+    assert [c is not None for c in guest.created_many(tid, ks)][:3] == [True] * 3 and stats
+    assert guest.delete(tid, ks[0])
+    assert owner.get(tid, ks[0]) is None  # the owner learns of it when its read misses
+    assert owner.created_many(tid, ks[:1]) == [None]
+    guest.close()
+    owner.close()
+    assert DiskTier(tmp_path / "g3", 1 << 24, "G3", sole=True).sole
+    monkeypatch.undo()
+    # through the store: the engine thread's hand-downs and lookups stat nothing on G3
+    cfg = StoreConfig(g2_bytes=1 << 20, g3_dir=tmp_path / "s", sweep_interval_s=0,
+                      probe_tiers=False, admit_after={"G2": 1, "G3": 1})  # fmt: skip
+    with ContextStore(cfg, keyring=KR) as store:
+        assert store.tier("G3").sole
+        stats = count_stats(monkeypatch)
+        ks = chain(A, 4)
+        assert store.contains(ks, A, leading=False) == [None] * 4
+        for i, k in enumerate(ks):
+            store.put(k, ks[i - 1] if i else None, A, block(i), 16)
+        assert store.contains(ks, A, leading=False) == ["G2"] * 4
+        assert not stats
+        assert store.flush(10)  # the write-down (on its own threads) ends before close
+    cfg = StoreConfig(g2_bytes=0, g4_dir=tmp_path / "shared", sweep_interval_s=0,
+                      probe_tiers=False)  # fmt: skip
+    with ContextStore(cfg, keyring=KR) as store:
+        assert not store.tier("G4").sole  # a shared path has no owner
 
 
 @pytest.mark.parametrize("batch", [8, 1])
