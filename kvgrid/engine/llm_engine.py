@@ -117,6 +117,8 @@ class LLMEngine:
             "prefix_cache_queries": 0,  # prompt tokens looked up
             "prefix_cache_hits": 0,  # of those, served from cache
             "requests_finished": 0,
+            "steps": 0,  # forward passes launched
+            "computed_prompt_tokens": 0,  # prompt tokens the GPU computed (not loaded)
         }
         self.prefill_tokens_per_s: float | None = None  # EWMA, from steps that prefill
         if config.kv_store is not None:
@@ -400,6 +402,10 @@ class LLMEngine:
         ]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
+        self.counters["steps"] += 1
+        self.counters["computed_prompt_tokens"] += sum(
+            s.num_tokens for s in sched.scheduled if s.num_tokens > 1
+        )
         early = job = None
         guided = self.guided is not None and any(s.matcher is not None for s in sampled)
         if prev is not None and any(s.params.needs_history for s in sampled):
@@ -565,6 +571,9 @@ class LLMEngine:
             "block_size": bm.block_size,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_room_waits": self.scheduler.num_room_waits,
+            "store_engine_s": dict(self.connector.engine_time.seconds)
+            if self.connector is not None
+            else {},
             "store_loaded_tokens": self.scheduler.store_loaded_tokens,
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_step_s": self.decode_step_s,

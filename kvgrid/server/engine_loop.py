@@ -251,6 +251,13 @@ class EngineLoop(threading.Thread):
             "guided_mask_s": st.get("guided_mask_s"),
             "guided_errors": st.get("guided_errors", 0),
             "mixed_prefill_tokens": st.get("mixed_prefill_tokens"),
+            # where a worker's time goes under load (cumulative): steps launched, prompt
+            # tokens computed, admissions that waited for G1 room, the engine thread's
+            # seconds in the context store
+            "steps": st.get("steps", 0),
+            "computed_prompt_tokens": st.get("computed_prompt_tokens", 0),
+            "num_room_waits": st.get("num_room_waits", 0),
+            "store_engine_s": st.get("store_engine_s", {}),
             "timestamp": time.time(),
         }
         for extra in self.load_extra:

@@ -51,7 +51,25 @@ class _FromWorkers:
             "num_preemptions": CounterMetricFamily(
                 "kvgrid:num_preemptions", "Requests preempted on the worker", labels=labels
             ),
+            "steps": CounterMetricFamily(
+                "kvgrid:engine_steps", "Forward passes the worker launched", labels=labels
+            ),
+            "computed_prompt_tokens": CounterMetricFamily(
+                "kvgrid:computed_prompt_tokens",
+                "Prompt tokens the worker computed (not served from G1 or the store)",
+                labels=labels,
+            ),
+            "num_room_waits": CounterMetricFamily(
+                "kvgrid:num_room_waits",
+                "Admissions that waited for free G1 blocks",
+                labels=labels,
+            ),
         }
+        store_s = CounterMetricFamily(
+            "kvgrid:store_engine_thread_seconds",
+            "Seconds the engine's thread spent in the context store, per call",
+            labels=[*labels, "call"],
+        )
         fresh = GaugeMetricFamily(
             "kvgrid:router_worker_freshness",
             "1 for the worker's current index freshness state (exact, predicted, stale, down)",
@@ -66,6 +84,11 @@ class _FromWorkers:
             c["prefix_cache_queries"].add_metric(lv, ld.prefix_cache_queries)
             c["prefix_cache_hits"].add_metric(lv, ld.prefix_cache_hits)
             c["num_preemptions"].add_metric(lv, ld.num_preemptions)
+            c["steps"].add_metric(lv, ld.steps)
+            c["computed_prompt_tokens"].add_metric(lv, ld.computed_prompt_tokens)
+            c["num_room_waits"].add_metric(lv, ld.num_room_waits)
+            for call, sec in sorted(ld.store_engine_s.items()):
+                store_s.add_metric([*lv, call], sec)
             state = self.router.freshness(wid)
             for s in FRESHNESS:
                 fresh.add_metric([wid, s], 1.0 if s == state else 0.0)
@@ -89,7 +112,7 @@ class _FromWorkers:
             bad.add_metric([reason], n)
         yield from g.values()
         yield from c.values()
-        yield from (fresh, up, resync, lost, events, bad)
+        yield from (store_s, fresh, up, resync, lost, events, bad)
 
 
 class FrontendMetrics:

@@ -44,12 +44,11 @@ def test_summary_takes_the_best_point_within_the_limit_and_bounds_the_ratio():
     # a point past the limit, or with a failed request, never counts
     assert s["best_goodput_req_s"] == {"no_store": 5, "store": 10}
     assert s["first_missed_at_offered_req_s"] == {"no_store": 6, "store": 9}
-    assert s["store_vs_no_store"] == 2.0
+    assert s["vs_no_store"] == {"store": 2.0}
     # no store's capacity lies below the rate where it first missed: 10 / 6 at least
-    assert s["store_vs_no_store_lower_bound"] == pytest.approx(10 / 6)
+    assert s["vs_no_store_lower_bound"]["store"] == pytest.approx(10 / 6)
     points["store"][-1]["failed"] = 1
     assert summarize(points, 2.0)["best_goodput_req_s"]["store"] == 7.9
     none_met = summarize({"no_store": [point(6, 3, 3.0)], "store": [point(6, 6, 1.0)]}, 2.0)
-    assert (
-        none_met["store_vs_no_store"] is None and none_met["store_vs_no_store_lower_bound"] == 1.0
-    )
+    assert none_met["vs_no_store"] == {"store": None}
+    assert none_met["vs_no_store_lower_bound"] == {"store": 1.0}

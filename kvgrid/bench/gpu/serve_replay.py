@@ -12,17 +12,18 @@ store: goodput at a TTFT limit, at offered loads that saturate the server withou
         --out out/replay-cpu
 
 For each trace and each configuration (``no_store``: G1 only; ``store``: the same G1 with G2
-host memory and G3 on local disk) one server is started; the trace (or one prefix-family
+host memory and G3 on local disk; ``g2``: G2 alone) one server is started; the trace (or one prefix-family
 shard of it, ``--shard``: what one of that many servers behind a prefix-affinity router
 receives) is replayed open loop at each speed-up in turn (arrival gaps divided by it), each
 point with its own token seed so that no point reuses another's prefixes. A configuration's
 ladder stops at its first point whose p90 TTFT misses ``--ttft-limit-s`` (heavier loads miss
 it too; ``--all-speeds`` runs them anyway). Per point: request rate offered, p50/p90 TTFT,
-goodput (requests per second whose TTFT met the limit) and the server's hit rate. Per
+goodput (requests per second whose TTFT met the limit), the server's hit rate and counters,
+and a timeline of the worker's load, sampled every second (``Timeline``). Per
 configuration: the best goodput among the points within the limit and the offered rate of
-the first point past it; the store's ratio to no store, and its lower bound (the store's
-best goodput over the rate at which no store first missed the limit). Prints a table last;
-writes JSON and a PNG under --out.
+the first point past it; each store configuration's ratio to no store, and its lower bound
+(its best goodput over the rate at which no store first missed the limit). Prints a table
+last; writes JSON, the goodput/TTFT plot and the timeline plot under --out.
 """
 
 # ruff: noqa: E501  (table rows are long)
@@ -37,6 +38,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +51,10 @@ from kvgrid.server.auth import ControlKey
 # the servers' control key, so that the benchmark may read their workers' series
 CLUSTER = ControlKey.generate()
 DATA = Path(__file__).resolve().parents[3] / "bench" / "data" / "mooncake_conversation_slice.jsonl"
+
+
+# the configurations a replay compares: G1 only; G1 + G2 host memory + G3 local disk; G1 + G2
+CONFIGS = ("no_store", "store", "g2")
 
 
 def free_port() -> int:
@@ -68,8 +74,11 @@ def launch_server(args, config: str, port: int, out: Path, disk: Path) -> subpro
     if config == "no_store":
         cmd += ["--no-kv-store"]
     else:
-        cmd += ["--kv-store-host-gb", str(args.g2_gb), "--kv-store-dir", str(disk),
-                "--kv-store-disk-gb", str(args.g3_gb)]  # fmt: skip
+        cmd += ["--kv-store-host-gb", str(args.g2_gb)]
+    if config == "store":
+        cmd += ["--kv-store-dir", str(disk), "--kv-store-disk-gb", str(args.g3_gb)]
+    elif config == "g2":
+        cmd += ["--kv-store-disk-gb", "0"]  # no disk tier (a server's default has one)
     env = dict(os.environ)
     env[envs.KVGRID_LOG.name] = "WARNING"
     env.pop(envs.KVGRID_API_KEYS.name, None)
@@ -116,6 +125,7 @@ def max_input(args, url: str) -> int:
 SERIES = ("kvgrid_store_hits", "kvgrid_store_lost_hits", "kvgrid_store_g1_writebacks",
           "kvgrid_store_writes_dropped", "kvgrid_store_prefetch_blocks",
           "kvgrid_store_g2_backpressure_seconds", "kvgrid:request_queue_time_seconds",
+          "kvgrid:num_preemptions",
           "kvgrid:time_to_first_token_seconds")  # fmt: skip
 KEEP_LABELS = ("tier", "reason", "outcome")
 
@@ -152,6 +162,81 @@ def server_counters(url: str) -> dict[str, float]:
     return out
 
 
+# what the timeline of a point samples of the worker's load report, once a second
+TIMELINE = ("num_running", "num_waiting", "kv_usage", "waiting_prefill_tokens",
+            "mixed_prefill_tokens", "steps", "computed_prompt_tokens", "num_room_waits",
+            "num_preemptions", "store_engine_s")  # fmt: skip
+CUMULATIVE = ("steps", "computed_prompt_tokens", "num_room_waits", "num_preemptions",
+              "store_engine_s")  # fmt: skip
+
+
+class Timeline:
+    """The worker's load over one point (from the router's view, ``/debug/router``), sampled
+    every ``every_s``: where a server's time goes under a load it cannot keep up with (G1
+    full, a growing queue, prompts waiting)."""
+
+    def __init__(self, url: str, every_s: float = 1.0) -> None:
+        self.url, self.every_s = url, every_s
+        self.samples: dict[str, list] = {"t": [], **{k: [] for k in TIMELINE}}
+        self.tiers: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Timeline:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=2) as client:
+            while not self._stop.wait(self.every_s):
+                try:
+                    ws = client.get(f"{self.url}/debug/router").json()["workers"]
+                except (httpx.HTTPError, ValueError, KeyError):
+                    continue
+                loads = [w["load"] for w in ws.values() if w.get("up")]
+                if not loads:
+                    continue
+                self.samples["t"].append(round(time.monotonic() - self._t0, 2))
+                for k in TIMELINE:
+                    if k == "store_engine_s":  # per call kind
+                        v: dict[str, float] = {}
+                        for ld in loads:
+                            for kind, sec in (ld.get(k) or {}).items():
+                                v[kind] = round(v.get(kind, 0.0) + sec, 3)
+                        self.samples[k].append(v)
+                    else:
+                        self.samples[k].append(sum(ld.get(k) or 0 for ld in loads))
+                self.tiers = {t: v for ld in loads for t, v in ld["tier_bytes_per_s"].items()}
+
+    def digest(self) -> dict:
+        """Over the point: the mean of the gauges, and the cumulative series per second
+        (steps, prompt tokens computed, room waits, preemptions, store seconds)."""
+        t = self.samples["t"]
+        if len(t) < 2:
+            return {}
+        span = t[-1] - t[0]
+        out = {}
+        for k in TIMELINE:
+            v = self.samples[k]
+            if isinstance(v[-1], dict):
+                out[f"{k}_per_s"] = {
+                    kind: round((sec - v[0].get(kind, 0.0)) / span, 3)
+                    for kind, sec in v[-1].items()
+                }
+            elif k in CUMULATIVE:
+                out[f"{k}_per_s"] = round((v[-1] - v[0]) / span, 3)
+            else:
+                out[f"mean_{k}"] = round(sum(v) / len(v), 3)
+        return out
+
+
 def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
     cap = max_input(args, url)
     before = server_counters(url)
@@ -161,7 +246,8 @@ def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
                        limit=args.limit, shards=shards, shard=shard,
                        vocab_size=args.vocab, seed=seed)  # fmt: skip
     rep = Replayer(url, None, None, ignore_eos=True)
-    results, duration = asyncio.run(rep.run(wl, speed=speed, progress=False))
+    with Timeline(url) as timeline:
+        results, duration = asyncio.run(rep.run(wl, speed=speed, progress=False))
     m = compute_metrics(results, duration, SLO(ttft_s=args.ttft_limit_s))
     offered = len(wl.requests) / max(wl.duration_s / speed, 1e-9)
     prompt = sum(r.prompt_tokens for r in results)
@@ -182,6 +268,9 @@ def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
         "hit_rate": cached / prompt if prompt else None,
         "output_tok_s": m["output_throughput"],
         "server": {k: v for k, v in server.items() if v},
+        "tier_bytes_per_s": timeline.tiers,
+        "load": timeline.digest(),
+        "timeline": timeline.samples,
     }
 
 
@@ -224,7 +313,9 @@ def within_limit(p: dict, limit_s: float) -> bool:
 
 def summarize(points: dict[str, list[dict]], limit_s: float) -> dict:
     """Per configuration the best goodput within the limit and the offered rate where it was
-    first missed; the store's ratio to no store and its lower bound."""
+    first missed; each store configuration's ratio to no store, and its lower bound (its
+    best goodput over the rate at which no store first missed: no store's capacity lies
+    below that)."""
     best, miss = {}, {}
     for config, pts in points.items():
         best[config] = max(
@@ -232,14 +323,12 @@ def summarize(points: dict[str, list[dict]], limit_s: float) -> dict:
         )
         miss[config] = next((p["offered_req_s"] for p in pts if not within_limit(p, limit_s)), None)
     none_best, none_miss = best.get("no_store"), miss.get("no_store")
-    store = best.get("store")
+    others = [c for c in points if c != "no_store"]
     return {
         "best_goodput_req_s": best,
         "first_missed_at_offered_req_s": miss,
-        "store_vs_no_store": store / none_best if store is not None and none_best else None,
-        "store_vs_no_store_lower_bound": store / none_miss
-        if store is not None and none_miss
-        else None,
+        "vs_no_store": {c: best[c] / none_best if none_best else None for c in others},
+        "vs_no_store_lower_bound": {c: best[c] / none_miss if none_miss else None for c in others},
     }
 
 
@@ -256,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                          "the conversation slice in bench/data)")  # fmt: skip
     ap.add_argument("--shard", type=parse_shard, default=(0, 1),
                     help="I/N: replay prefix-family shard I of N (mooncake.load_mooncake)")  # fmt: skip
-    ap.add_argument("--configs", default="no_store,store")
+    ap.add_argument("--configs", default="no_store,store",
+                    help=f"some of {', '.join(CONFIGS)} (no_store: G1 only; store: G1 + G2 + "
+                    "G3 on local disk; g2: G1 + G2)")  # fmt: skip
     ap.add_argument("--speeds", action="append", default=[],
                     help="arrival speed-ups, one point each: LIST for every configuration, or "
                          "CONFIG=LIST for one (repeatable; default 10,20,40)")  # fmt: skip
@@ -293,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: trace {name}: {e}", file=sys.stderr)
             return 2
     configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        print(f"error: --configs: {', '.join(unknown)} not among {', '.join(CONFIGS)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         speeds = parse_speeds(args.speeds or ["10,20,40"], configs)
     except ValueError as e:
@@ -322,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                 res["points"][f"{trace_name}/{config}"] = pts
                 for i, sp in enumerate(speeds[config]):
                     pts.append(replay_point(args, f"http://127.0.0.1:{port}", path, sp, seed=i + 1))
-                    print(f"{trace_name} {config} x{sp}: {pts[-1]}", flush=True)
+                    shown = {k: v for k, v in pts[-1].items() if k != "timeline"}
+                    print(f"{trace_name} {config} x{sp}: {shown}", flush=True)
                     (out / "replay_store.json").write_text(json.dumps(res, indent=1))
                     if not args.all_speeds and not within_limit(pts[-1], args.ttft_limit_s):
                         break
@@ -335,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop(proc)
                 shutil.rmtree(disk / f"g3-{port}" if args.disk_dir else disk, ignore_errors=True)
     plot(res, out / "replay_store.png")
+    plot_timeline(res, out / "replay_timeline.png")
     print(f"\nTTFT limit (p90) {args.ttft_limit_s} s, shard {res['args']['shard']}")
     print(
         f"{'trace':14} {'config':9} {'speed':>6} {'offered/s':>9} {'done/s':>7} {'goodput/s':>9} {'p90 TTFT':>8} {'hit':>6}"
@@ -349,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     for t, s in res["summary"].items():
         print(
             f"{t}: best goodput within the limit {s['best_goodput_req_s']}, first missed at "
-            f"{s['first_missed_at_offered_req_s']} req/s offered; store / no store = "
-            f"{s['store_vs_no_store']} (lower bound {s['store_vs_no_store_lower_bound']})"
+            f"{s['first_missed_at_offered_req_s']} req/s offered; over no store: "
+            f"{s['vs_no_store']} (lower bounds {s['vs_no_store_lower_bound']})"
         )
     print(f"wrote {out / 'replay_store.json'}")
     return 0
@@ -375,6 +473,42 @@ def plot(res: dict, path: Path) -> None:
     ax[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_timeline(res: dict, path: Path) -> None:
+    """Per point, the worker's G1 use, queue and steps a second over the replay: where a
+    configuration that misses the limit loses its time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = (("kv_usage", "G1 blocks in use (share)"), ("num_waiting", "requests queued"),
+            ("steps", "engine steps / s"),
+            ("store_engine_s", "engine thread in the store (s / s)"))  # fmt: skip
+    fig, ax = plt.subplots(len(rows), 1, figsize=(10, 10), sharex=True)
+    for key, pts in res["points"].items():
+        for p in pts:
+            tl = p.get("timeline") or {}
+            t = tl.get("t") or []
+            if len(t) < 2:
+                continue
+            label = f"{key.split('/')[1]} x{p['speed']:g}"
+            for a, (k, name) in zip(ax, rows):
+                v = [sum(x.values()) if isinstance(x, dict) else x for x in tl[k]]
+                if k in CUMULATIVE:  # per second between samples
+                    v = [(b - a_) / max(t2 - t1, 1e-9) for a_, b, t1, t2 in zip(v, v[1:], t, t[1:])]
+                    a.plot(t[1:], v, label=label)
+                else:
+                    a.plot(t, v, label=label)
+                a.set(ylabel=name)
+    ax[-1].set(xlabel="seconds into the point")
+    ax[0].legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
