@@ -22,6 +22,7 @@ from kvgrid.bench.reuse import (
     run_config,
     store_configs,
 )
+from kvgrid.engine.config import EngineConfig
 from kvgrid.gc_tuning import tune_gc
 
 # workload and engine sizes: "small" runs in minutes on a CPU with the default model;
@@ -99,6 +100,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--load-workers", type=int, default=None)
     p.add_argument(
+        "--prompt-drain-s",
+        type=float,
+        default=EngineConfig.prompt_drain_s,
+        help="the engine's drain window for waiting prompts (0: mixed steps sized by the "
+        "slowdown share alone)",
+    )
+    p.add_argument(
         "--guarantee-tokens",
         default="",
         help="prompt lengths for the per-request check (default: the context length)",
@@ -160,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_num_batched_tokens=sz["max_num_batched_tokens"],
         max_model_len=wl.max_tokens + bs,
+        prompt_drain_s=args.prompt_drain_s,
     )
     eng.warm_thread()
     tune_gc()  # the engine is long-lived: out of the collector's reach, as in serving
@@ -219,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
             "small_g2_blocks": small_g2,
             "max_num_seqs": sz["max_num_seqs"],
             "max_num_batched_tokens": sz["max_num_batched_tokens"],
+            "prompt_drain_s": eng.config.prompt_drain_s,
             "block_bytes": eng.runner.kv_cache[0].nbytes,
         },
         "dirs": {"g3": str(disk), "g4": str(shared)},

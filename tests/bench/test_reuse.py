@@ -33,7 +33,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
         "--user-tokens", "16", "--answer-tokens", "4", "--max-num-seqs", "1",
         "--block-size", "16", "--guarantee-tokens", "48", "--no-progress",
         "--disk-dir", str(tmp_path / "d3"), "--shared-dir", str(tmp_path / "d4"),
-        "--configs", "none,g2,g3,g4+wt,ceiling", "--out", str(out),
+        "--configs", "none,g2,g3,g4+wt,ceiling", "--out", str(out), "--prompt-drain-s", "0",
     ])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
@@ -61,6 +61,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     s = res["summary"]
     assert s["ceiling"]["ceiling_gain_fraction"] == 1.0 and s["none"]["speedup_vs_none"] == 1.0
     assert res["workload"]["conversations"] == 3 and len(r["g3"]["per_request"]) == 6
+    assert res["engine"]["prompt_drain_s"] == 0.0  # the engine took the flag
     # write-through by default where G2 holds what G1 can cache (g2), not where G2 is
     # smaller (g3); +wt forces it
     assert r["g2"]["write_through"] and not r["g3"]["write_through"]
