@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from kvgrid.bench.gpu.serve_replay import parse_shard, parse_speeds, summarize
+from kvgrid.bench.gpu.serve_replay import Timeline, parse_shard, parse_speeds, summarize
 
 
 def test_speeds_per_configuration():
@@ -52,3 +52,21 @@ def test_summary_takes_the_best_point_within_the_limit_and_bounds_the_ratio():
     none_met = summarize({"no_store": [point(6, 3, 3.0)], "store": [point(6, 6, 1.0)]}, 2.0)
     assert none_met["vs_no_store"] == {"store": None}
     assert none_met["vs_no_store_lower_bound"] == {"store": 1.0}
+
+
+def test_a_timeline_digest_averages_gauges_and_rates_counters():
+    tl = Timeline("http://127.0.0.1:9")  # never started: samples filled by hand
+    tl.samples = {"t": [1.0, 2.0, 3.0], "num_running": [2, 4, 6], "num_waiting": [0, 0, 3],
+                  "kv_usage": [0.5, 1.0, 0.0], "waiting_prefill_tokens": [0, 0, 0],
+                  "mixed_prefill_tokens": [256, 256, 256], "steps": [10, 30, 50],
+                  "computed_prompt_tokens": [0, 1000, 4000], "num_room_waits": [1, 1, 5],
+                  "num_preemptions": [0, 0, 0],
+                  "store_engine_s": [{"save": 0.5}, {"save": 0.7},
+                                     {"save": 1.5, "lookup": 0.2}]}  # fmt: skip
+    d = tl.digest()
+    assert d["mean_num_running"] == 4 and d["mean_num_waiting"] == 1 and d["mean_kv_usage"] == 0.5
+    assert d["steps_per_s"] == 20 and d["computed_prompt_tokens_per_s"] == 2000
+    assert d["num_room_waits_per_s"] == 2 and d["num_preemptions_per_s"] == 0
+    assert d["store_engine_s_per_s"] == {"save": 0.5, "lookup": 0.1}  # a call first seen late
+    tl.samples = {k: v[:1] for k, v in tl.samples.items()}
+    assert tl.digest() == {}  # one sample spans no time

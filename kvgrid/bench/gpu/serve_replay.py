@@ -12,9 +12,9 @@ store: goodput at a TTFT limit, at offered loads that saturate the server withou
         --out out/replay-cpu
 
 For each trace and each configuration (``no_store``: G1 only; ``store``: the same G1 with G2
-host memory and G3 on local disk; ``g2``: G2 alone) one server is started; the trace (or one prefix-family
-shard of it, ``--shard``: what one of that many servers behind a prefix-affinity router
-receives) is replayed open loop at each speed-up in turn (arrival gaps divided by it), each
+host memory and G3 on local disk; ``g2``: G2 alone) one server is started; the trace (or
+one prefix-family shard of it, ``--shard``: what one of that many servers behind a
+prefix-affinity router receives) is replayed open loop at each speed-up in turn (arrival gaps divided by it), each
 point with its own token seed so that no point reuses another's prefixes. A configuration's
 ladder stops at its first point whose p90 TTFT misses ``--ttft-limit-s`` (heavier loads miss
 it too; ``--all-speeds`` runs them anyway). Per point: request rate offered, p50/p90 TTFT,
