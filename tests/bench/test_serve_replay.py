@@ -5,7 +5,14 @@ import argparse
 
 import pytest
 
-from kvgrid.bench.gpu.serve_replay import Timeline, parse_shard, parse_speeds, summarize
+from kvgrid.bench.gpu.serve_replay import (
+    Timeline,
+    after_warmup,
+    parse_shard,
+    parse_speeds,
+    summarize,
+)
+from kvgrid.bench.replay import RequestResult
 
 
 def test_speeds_per_configuration():
@@ -70,3 +77,14 @@ def test_a_timeline_digest_averages_gauges_and_rates_counters():
     assert d["store_engine_s_per_s"] == {"save": 0.5, "lookup": 0.1}  # a call first seen late
     tl.samples = {k: v[:1] for k, v in tl.samples.items()}
     assert tl.digest() == {}  # one sample spans no time
+
+
+def test_the_warmup_leaves_the_first_requests_out_of_the_figures():
+    # four requests sent 1 s apart, each done 0.5 s after it was sent; the last one failed
+    rs = [RequestResult(f"r{i}", i, sent_s=i, e2el_s=0.5, success=True) for i in range(3)]
+    rs.append(RequestResult("r3", 3, sent_s=3, success=False))
+    kept, span = after_warmup(rs, 0.5)
+    assert [r.request_id for r in kept] == ["r2", "r3"] and span == 0.5  # 2.0 .. 2.5
+    assert after_warmup(rs, 0.0) == (rs, 2.5)
+    with pytest.raises(ValueError, match="no request to measure"):
+        after_warmup(rs, 1.0)

@@ -14,13 +14,15 @@ store: goodput at a TTFT limit, at offered loads that saturate the server withou
 For each trace and each configuration (``no_store``: G1 only; ``store``: the same G1 with G2
 host memory and G3 on local disk; ``g2``: G2 alone) one server is started; the trace (or
 one prefix-family shard of it, ``--shard``: what one of that many servers behind a
-prefix-affinity router receives) is replayed open loop at each speed-up in turn (arrival gaps divided by it), each
-point with its own token seed so that no point reuses another's prefixes. A configuration's
-ladder stops at its first point whose p90 TTFT misses ``--ttft-limit-s`` (heavier loads miss
-it too; ``--all-speeds`` runs them anyway). Per point: request rate offered, p50/p90 TTFT,
-goodput (requests per second whose TTFT met the limit), the server's hit rate and counters,
-and a timeline of the worker's load, sampled every second (``Timeline``). Per
-configuration: the best goodput among the points within the limit and the offered rate of
+prefix-affinity router receives) is replayed open loop at each speed-up in turn (arrival
+gaps divided by it), each point with its own token seed so that no point reuses another's
+prefixes. A configuration's ladder stops at its first point whose p90 TTFT misses
+``--ttft-limit-s`` (heavier loads miss it too; ``--all-speeds`` runs them anyway). A point
+starts from a cold history; ``--warmup F`` leaves its first F of the requests out of its
+figures (they load the server as usual): a long-running server's steady state. Per point:
+request rate offered, p50/p90 TTFT, goodput (requests per second whose TTFT met the
+limit), the server's hit rate and counters, and a timeline of the worker's load, sampled
+every second (``Timeline``). Per configuration: the best goodput among the points within the limit and the offered rate of
 the first point past it; each store configuration's ratio to no store, and its lower bound
 (its best goodput over the rate at which no store first missed the limit). Prints a table
 last; writes JSON, the goodput/TTFT plot and the timeline plot under --out.
@@ -45,7 +47,7 @@ from pathlib import Path
 from kvgrid import envs
 from kvgrid.bench.mooncake import load_mooncake, resolve_trace
 from kvgrid.bench.procs import interrupt
-from kvgrid.bench.replay import SLO, Replayer, compute_metrics
+from kvgrid.bench.replay import SLO, Replayer, RequestResult, compute_metrics
 from kvgrid.server.auth import ControlKey
 
 # the servers' control key, so that the benchmark may read their workers' series
@@ -237,6 +239,20 @@ class Timeline:
         return out
 
 
+def after_warmup(
+    results: list[RequestResult], fraction: float
+) -> tuple[list[RequestResult], float]:
+    """The results past the first ``fraction`` of the requests (in arrival order) and the
+    time they span (first send to last completion): the server's steady state, the
+    warm-up's requests loading it as usual but left out of the figures."""
+    kept = results[int(fraction * len(results)) :]
+    if not kept:
+        raise ValueError(f"--warmup {fraction} leaves no request to measure")
+    ends = [r.sent_s + r.e2el_s for r in kept if r.e2el_s is not None]
+    start = min(r.sent_s for r in kept)
+    return kept, (max(ends) if ends else start) - start
+
+
 def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
     cap = max_input(args, url)
     before = server_counters(url)
@@ -248,8 +264,12 @@ def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
     rep = Replayer(url, None, None, ignore_eos=True)
     with Timeline(url) as timeline:
         results, duration = asyncio.run(rep.run(wl, speed=speed, progress=False))
+    warm = int(args.warmup * len(results))
+    if warm:
+        results, duration = after_warmup(results, args.warmup)
     m = compute_metrics(results, duration, SLO(ttft_s=args.ttft_limit_s))
-    offered = len(wl.requests) / max(wl.duration_s / speed, 1e-9)
+    arrivals = [r.arrival_s for r in wl.requests[warm:]]
+    offered = len(arrivals) / max((arrivals[-1] - arrivals[0]) / speed, 1e-9)
     prompt = sum(r.prompt_tokens for r in results)
     cached = sum(r.cached_tokens or 0 for r in results)
     after = server_counters(url)
@@ -257,6 +277,7 @@ def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
     return {
         "speed": speed,
         "max_input_tokens": cap,
+        "warmup_requests": warm,
         "requests": len(results),
         "failed": sum(not r.success for r in results),
         "first_error": next((r.error for r in results if not r.success), "")[:300],
@@ -354,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-speeds", action="store_true",
                     help="run every speed, also past a configuration's first point over the limit")  # fmt: skip
     ap.add_argument("--ttft-limit-s", type=float, default=2.0)
+    ap.add_argument("--warmup", type=float, default=0.0,
+                    help="share of each point's requests (the first, by arrival) replayed but "
+                         "left out of its figures: the steady state of a server whose "
+                         "history is warm (default 0: from a cold start)")  # fmt: skip
     ap.add_argument("--limit", type=int, default=None, help="first N requests of the trace")
     ap.add_argument("--tokens-per-block", type=int, default=512,
                     help="of each 512-token hash block (512: the trace's own lengths)")  # fmt: skip
@@ -383,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"error: trace {name}: {e}", file=sys.stderr)
             return 2
+    if not 0 <= args.warmup < 1:
+        print(f"error: --warmup {args.warmup}: a share in [0, 1)", file=sys.stderr)
+        return 2
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
