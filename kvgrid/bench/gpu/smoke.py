@@ -94,6 +94,9 @@ SMOKES: dict[str, Smoke] = {
     "profile_g3_load": Smoke(
         f"--blocks 8 --threads 1,2 --root {STORE_ROOT / 'r'}", ("cryptography", "zstandard"), 90
     ),
+    "profile_disk_lookup": Smoke(
+        f"--seconds 1 --object-mb 1 --dir {tempfile.gettempdir()} --out {{out}}/lookup.json"
+    ),
     "bf16_error_budget": Smoke(""),
 }
 # not in the smoke: bf16_floor_trained needs the default model's trained weights (a download)
