@@ -91,6 +91,13 @@ def summarize(xs: list[float], scale: float = 1000.0) -> dict[str, float | None]
     return Summary.of(np.asarray(xs, dtype=float) * scale, PERCENTILES).as_dict()
 
 
+def span_s(results: list[RequestResult], open_end: float) -> float:
+    """Seconds from the first send to the last completion (``open_end``, on the same clock,
+    when no request completed)."""
+    ends = [r.sent_s + r.e2el_s for r in results if r.e2el_s is not None]
+    return (max(ends) if ends else open_end) - min(r.sent_s for r in results)
+
+
 def compute_metrics(
     results: list[RequestResult], duration_s: float, slo: SLO | None = None
 ) -> dict[str, Any]:
@@ -292,10 +299,7 @@ class Replayer:
                         results.append(await tracked(req, time.perf_counter() - t0))
 
                 await asyncio.gather(*(worker() for _ in range(concurrency)))
-            ends = [r.sent_s + r.e2el_s for r in results if r.e2el_s is not None]
-            duration = (max(ends) if ends else time.perf_counter() - t0) - min(
-                r.sent_s for r in results
-            )
+            duration = span_s(results, time.perf_counter() - t0)
         bar.close()
         return list(results), duration
 

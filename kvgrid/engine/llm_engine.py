@@ -117,7 +117,7 @@ class LLMEngine:
             "prefix_cache_queries": 0,  # prompt tokens looked up
             "prefix_cache_hits": 0,  # of those, served from cache
             "requests_finished": 0,
-            "steps": 0,  # forward passes launched
+            "steps": 0,  # forward passes completed
             "computed_prompt_tokens": 0,  # prompt tokens the GPU computed (not loaded)
         }
         self.prefill_tokens_per_s: float | None = None  # EWMA, from steps that prefill
@@ -402,10 +402,6 @@ class LLMEngine:
         ]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
-        self.counters["steps"] += 1
-        self.counters["computed_prompt_tokens"] += sum(
-            s.num_tokens for s in sched.scheduled if s.num_tokens > 1
-        )
         early = job = None
         guided = self.guided is not None and any(s.matcher is not None for s in sampled)
         if prev is not None and any(s.params.needs_history for s in sampled):
@@ -541,7 +537,11 @@ class LLMEngine:
         check_stops(seq, token, self.eos_ids, self.max_model_len, grammar_done)
 
     def _record_speed(self, sched: SchedulerOutput, seconds: float) -> None:
-        prefill = sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)
+        """Count a completed step and its prompt tokens; a step with enough of them
+        measures the prefill speed."""
+        prefill = sched.num_prompt_tokens
+        self.counters["steps"] += 1
+        self.counters["computed_prompt_tokens"] += prefill
         if prefill >= 256:
             self.prefill_tokens_per_s = ewma(self.prefill_tokens_per_s, prefill / seconds, 0.2)
             if self.connector is not None:

@@ -91,6 +91,11 @@ class SchedulerOutput:
         return sum(s.num_tokens for s in self.scheduled)
 
     @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens of the step's prompt chunks (a decode row computes one token)."""
+        return sum(s.num_tokens for s in self.scheduled if s.num_tokens > 1)
+
+    @property
     def empty(self) -> bool:
         return not self.scheduled
 
@@ -278,7 +283,7 @@ class Scheduler(HandDown):
         """Feed one step's measured time: decode-step time, and (``steer``: where step times
         are steady enough to size mixed steps by, GPU engines) the marginal cost of one
         prompt token in steps that prefill."""
-        prefill = sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)
+        prefill = sched.num_prompt_tokens
         if prefill == 0:
             self.decode_step.update(seconds)
             return

@@ -83,7 +83,7 @@ class WorkerLoad:
     mixed_prefill_tokens: int | None = None  # prompt tokens a step that also decodes takes
     transfer_bytes_per_s: float | None = None  # measured stream bandwidth of transfers in
     transfer_setup_s: float | None = None  # measured connect + handshake of transfers out
-    steps: int = 0  # forward passes launched (cumulative, as the three below)
+    steps: int = 0  # forward passes completed (cumulative, as the three below)
     computed_prompt_tokens: int = 0  # prompt tokens computed, not loaded or cached
     num_room_waits: int = 0  # admissions that waited for free G1 blocks
     # the engine thread's seconds in the context store, per call (save, lookup, ...)

@@ -251,7 +251,7 @@ class EngineLoop(threading.Thread):
             "guided_mask_s": st.get("guided_mask_s"),
             "guided_errors": st.get("guided_errors", 0),
             "mixed_prefill_tokens": st.get("mixed_prefill_tokens"),
-            # where a worker's time goes under load (cumulative): steps launched, prompt
+            # where a worker's time goes under load (cumulative): steps completed, prompt
             # tokens computed, admissions that waited for G1 room, the engine thread's
             # seconds in the context store
             "steps": st.get("steps", 0),

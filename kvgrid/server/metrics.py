@@ -52,7 +52,7 @@ class _FromWorkers:
                 "kvgrid:num_preemptions", "Requests preempted on the worker", labels=labels
             ),
             "steps": CounterMetricFamily(
-                "kvgrid:engine_steps", "Forward passes the worker launched", labels=labels
+                "kvgrid:engine_steps", "Forward passes the worker completed", labels=labels
             ),
             "computed_prompt_tokens": CounterMetricFamily(
                 "kvgrid:computed_prompt_tokens",

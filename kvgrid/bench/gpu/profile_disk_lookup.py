@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from kvgrid.stats import percentile
 from kvgrid.store.disk_tier import DiskTier
 
 
@@ -70,8 +71,7 @@ def lookups(root: Path, sole: bool, args) -> list[float]:
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
-    s = sorted(xs)
-    return {f"p{q}_ms": 1e3 * s[min(len(s) - 1, int(q / 100 * len(s)))] for q in (50, 90, 99)}
+    return {f"p{q}_ms": 1e3 * percentile(xs, q, "rank") for q in (50, 90, 99)}
 
 
 def main(argv: list[str] | None = None) -> int:

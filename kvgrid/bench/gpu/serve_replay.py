@@ -47,7 +47,7 @@ from pathlib import Path
 from kvgrid import envs
 from kvgrid.bench.mooncake import load_mooncake, resolve_trace
 from kvgrid.bench.procs import interrupt
-from kvgrid.bench.replay import SLO, Replayer, RequestResult, compute_metrics
+from kvgrid.bench.replay import SLO, Replayer, RequestResult, compute_metrics, span_s
 from kvgrid.server.auth import ControlKey
 
 # the servers' control key, so that the benchmark may read their workers' series
@@ -248,9 +248,7 @@ def after_warmup(
     kept = results[int(fraction * len(results)) :]
     if not kept:
         raise ValueError(f"--warmup {fraction} leaves no request to measure")
-    ends = [r.sent_s + r.e2el_s for r in kept if r.e2el_s is not None]
-    start = min(r.sent_s for r in kept)
-    return kept, (max(ends) if ends else start) - start
+    return kept, span_s(kept, min(r.sent_s for r in kept))
 
 
 def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
