@@ -5,11 +5,19 @@ slot count is capacity // block bytes, so usage can never exceed capacity. LRU e
 with high/low watermarks skips pinned slots (pins are leases held by readers and by
 background writes still reading a slot) and takes first the blocks a lower tier also holds
 (evicting those loses nothing), then those no lower tier is waiting for, and last those
-waiting for the write-down, the worst prospects first. Entries are named by (tenant id,
-block key). A write that finds every slot pinned may wait for one to be released
-(``reserve(wait_s=...)``): a block leaving G1 then waits for room instead of being dropped;
-before it takes the place of a block waiting for the write-down it waits up to
-``spare_s`` for a write in flight to finish (a written block goes first).
+waiting for the write-down, the worst prospects first. A block no lower tier holds goes
+before one that a lower tier holds if it was last used more than half a pool's worth of
+uses earlier: blocks seen once, never admitted below, would otherwise outlive every reused
+block the disk also holds. Entries are named by (tenant id, block key). A write that finds
+every slot pinned may wait for one to be released (``reserve(wait_s=...)``): a block
+leaving G1 then waits for room instead of being dropped; before it takes the place of a
+block waiting for the write-down it waits up to ``spare_s`` for a write in flight to finish
+(a written block goes first).
+
+Each of the three eviction classes is its own LRU index (``mark_below`` and
+``mark_queued`` move a block between them), so an eviction costs what it evicts: a full
+G2 whose blocks all wait for a slow disk answers each write-back at once, instead of
+scanning every slot under the lock for each block leaving G1.
 
 G2 lives inside the worker process, next to G1, so it holds the raw block bytes: it is not
 encrypted or checksummed (that happens when a block leaves the process for G3/G4).
@@ -53,6 +61,8 @@ class Slot:
     ready: Any = None
     name: tuple[bytes, bytes] | None = None  # (tenant id, key)
     dead: bool = False  # unlisted while pinned: its index is freed by the last release
+    rank: int = 1  # the eviction class it is listed in (HostPool.classes)
+    used: int = 0  # HostPool.uses when it was added or last used
 
 
 FILLING = object()
@@ -76,6 +86,9 @@ class HostPool:
         self.slot_bytes = 0
         self.num_slots = 0
         self.entries: OrderedDict[tuple[bytes, bytes], Slot] = OrderedDict()  # LRU first
+        # the eviction classes, each LRU first: held below, plain, waiting for the write-down
+        self.classes: tuple[OrderedDict, ...] = (OrderedDict(), OrderedDict(), OrderedDict())
+        self.uses = 0  # blocks added or used so far: the clock of ``Slot.used``
         self.free: list[int] = []
         self.per_tenant: dict[bytes, int] = {}
         self.lock = threading.RLock()
@@ -110,30 +123,71 @@ class HostPool:
         with self.lock:
             return sum(1 for s in self.entries.values() if s.pins)
 
-    def _drop(self, k: tuple[bytes, bytes]) -> None:
+    def _list(self, k: tuple[bytes, bytes], s: Slot) -> None:
+        s.rank = 0 if s.below else 2 if s.queued_below else 1
+        self.classes[s.rank][k] = s
+
+    def _touch(self, k: tuple[bytes, bytes], s: Slot) -> None:
+        self.uses += 1
+        s.used = self.uses
+        self.entries.move_to_end(k)
+        self.classes[s.rank].move_to_end(k)
+
+    def _unlist(self, k: tuple[bytes, bytes]) -> Slot:
         s = self.entries.pop(k)
-        self.free.append(s.index)
+        del self.classes[s.rank][k]
         self.per_tenant[k[0]] -= 1
+        return s
+
+    def _reclass(self, s: Slot, change) -> None:
+        """Apply ``change`` to a slot's eviction state, moving it to its new class (last
+        used there) if it is listed."""
+        with self.lock:
+            listed = not s.dead and self.entries.get(s.name) is s
+            if listed:
+                del self.classes[s.rank][s.name]
+            change(s)
+            if listed:
+                self._list(s.name, s)
+
+    def mark_below(self, slot: Slot, tier: str) -> None:
+        """A lower tier holds the block now: it is evicted first."""
+        self._reclass(slot, lambda s: s.below.add(tier))
+
+    def mark_queued(self, slot: Slot, queued: bool) -> None:
+        """The block waits for the write-down (given up last), or no longer does."""
+        self._reclass(slot, lambda s: setattr(s, "queued_below", queued))
+
+    def _drop(self, k: tuple[bytes, bytes]) -> None:
+        self.free.append(self._unlist(k).index)
 
     def _evict(
         self, target_slots: int, tid: bytes | None, reason: str, out: list, spare: bool = False
     ) -> None:
-        def n() -> int:
-            return len(self.entries) if tid is None else self.per_tenant.get(tid, 0)
-
-        if n() <= target_slots:
+        need = (len(self.entries) if tid is None else self.per_tenant.get(tid, 0)) - target_slots
+        if need <= 0:
             return
-        free = [(k, s) for k, s in self.entries.items() if not s.pins and tid in (None, k[0])]
-        # what a lower tier also holds goes first, then the least recently used of what no
-        # lower tier waits for; then (unless spared) the write-down's worst candidates
-        order = [e for e in free if e[1].below]
-        order += [e for e in free if not e[1].below and not e[1].queued_below]
-        if not spare:
-            waiting = [e for e in free if not e[1].below and e[1].queued_below]
-            order += sorted(waiting, key=lambda e: e[1].prospect)  # stable: LRU among equals
-        for k, _ in order:
-            if n() <= target_slots:
-                break
+
+        # what a lower tier also holds goes first unless what none holds is much older, each
+        # least recently used first; then (unless spared) the write-down's worst candidates
+        def evictable(entries):
+            return ((k, s) for k, s in entries if not s.pins and tid in (None, k[0]))
+
+        below, plain = evictable(self.classes[0].items()), evictable(self.classes[1].items())
+        b, p = next(below, None), next(plain, None)
+        victims: list[tuple[bytes, bytes]] = []
+        stale = self.num_slots // 2  # uses: beyond this a block kept in G2 alone goes first
+        while len(victims) < need and (b or p):
+            if b is not None and (p is None or p[1].used + stale >= b[1].used):
+                victims.append(b[0])
+                b = next(below, None)
+            else:
+                victims.append(p[0])
+                p = next(plain, None)
+        if len(victims) < need and not spare:  # stable: LRU among equal prospects
+            waiting = sorted(evictable(self.classes[2].items()), key=lambda e: e[1].prospect)
+            victims += [k for k, _ in waiting[: need - len(victims)]]
+        for k in victims:  # after the walks: a drop changes the dicts they walk
             self._drop(k)
             out.append((k[0], k[1], reason))
 
@@ -184,7 +238,7 @@ class HostPool:
         if s is not None:
             if s.ready is FILLING:
                 return None, False, evicted
-            self.entries.move_to_end(k)
+            self._touch(k, s)
             s.pins += 1
             return s, False, evicted
         if quota is not None:
@@ -208,8 +262,10 @@ class HostPool:
         idx = self.free.pop()
         t = time.time() if created is None else created
         # pinned: nobody may take the slot while it is being filled
-        s = Slot(idx, t, token_count, parent_key, pins=1, ready=FILLING, name=k)
+        self.uses += 1
+        s = Slot(idx, t, token_count, parent_key, pins=1, ready=FILLING, name=k, used=self.uses)
         self.entries[k] = s
+        self._list(k, s)
         self.per_tenant[tid] = self.per_tenant.get(tid, 0) + 1
         return s, True, evicted
 
@@ -244,8 +300,7 @@ class HostPool:
         with self.lock:
             for s in slots:
                 if not s.dead and self.entries.get(s.name) is s:
-                    del self.entries[s.name]
-                    self.per_tenant[s.name[0]] -= 1
+                    self._unlist(s.name)
                 s.dead = True
                 self._unpin(s)
 
@@ -269,7 +324,7 @@ class HostPool:
             s = self.entries.get((tid, key))
             if s is None or s.ready is FILLING:
                 return None
-            self.entries.move_to_end((tid, key))
+            self._touch((tid, key), s)
             s.pins += 1
             return s, self.pool[s.index]
 
@@ -282,7 +337,7 @@ class HostPool:
                 s = self.entries.get((tid, key))
                 if s is None or s.ready is FILLING:
                     break
-                self.entries.move_to_end((tid, key))
+                self._touch((tid, key), s)
                 s.pins += 1
                 out.append(s)
         return out

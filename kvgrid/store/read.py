@@ -227,7 +227,7 @@ class ReadPath:
                     self.g2.release(slot)
                     slot = None
             if slot is not None:
-                slot.below.add(tier.name)
+                self.g2.mark_below(slot, tier.name)
         self.metrics.load_seconds.labels(tier=tier.name).observe(time.perf_counter() - t0)
         return tier.name, slot, t
 

@@ -172,8 +172,7 @@ class WriteDown(WorkerThreads):
     def _offer_in_g2(self, c: Candidate) -> bool:
         g2, slot = self.store.g2, c.slot
         name = (c.tid, c.key)
-        with g2.lock:  # before it is queued: a writer's pick clears it
-            slot.queued_below = True
+        g2.mark_queued(slot, True)  # before it is queued: a writer's pick clears it
         with self.cv:
             if self.closed:
                 self.dropped += 1
@@ -191,8 +190,7 @@ class WriteDown(WorkerThreads):
                     self.waiting[name] = c
                     self._enqueue(c)
         if skip:
-            with g2.lock:
-                slot.queued_below = False
+            g2.mark_queued(slot, False)
             self._skipped(c, "outranked")
             return False
         g2.release(slot)
@@ -285,8 +283,7 @@ class WriteDown(WorkerThreads):
                         self._skipped(c, "outranked")
                         continue
                     c.slot, c.src = got
-                    with store.g2.lock:
-                        c.slot.queued_below = False
+                    store.g2.mark_queued(c.slot, False)
                 try:
                     self._stage(c, staged)
                 finally:  # its bytes are in the tier's hands now: G2 may let go of it
@@ -364,7 +361,7 @@ class WriteDown(WorkerThreads):
                 store.ledger.stored(c.key, t.name)
                 slot = store.g2.peek(c.tid, c.key) if store.g2 is not None else None
                 if slot is not None:
-                    slot.below.add(t.name)
+                    store.g2.mark_below(slot, t.name)
             else:
                 reason = res.reason or "error"
                 store.metrics.inc("writes_dropped", tier=t.name, reason=reason)

@@ -59,6 +59,21 @@ def test_summary_takes_the_best_point_within_the_limit_and_bounds_the_ratio():
     none_met = summarize({"no_store": [point(6, 3, 3.0)], "store": [point(6, 6, 1.0)]}, 2.0)
     assert none_met["vs_no_store"] == {"store": None}
     assert none_met["vs_no_store_lower_bound"] == {"store": 1.0}
+    assert "from_cold" not in s
+
+
+def test_after_a_warmup_the_summary_also_gives_the_cold_start_figures():
+    warm = {"no_store": [point(5, 5, 1.0), point(6, 3, 3.0)], "store": [point(8, 8, 0.5)]}
+    cold = {"no_store": [point(5, 4, 1.5), point(6, 3, 3.5)], "store": [point(8, 6, 2.5)]}
+    for c, pts in warm.items():
+        for p, q in zip(pts, cold[c]):
+            p["from_cold"] = q
+    s = summarize(warm, 2.0)
+    assert s["vs_no_store"] == {"store": 8 / 5}
+    # from a cold start the store's one point misses the limit: no ratio, no best
+    assert s["from_cold"]["best_goodput_req_s"] == {"no_store": 4, "store": 0.0}
+    assert s["from_cold"]["vs_no_store"] == {"store": 0.0}
+    assert s["from_cold"]["first_missed_at_offered_req_s"] == {"no_store": 6, "store": 8}
 
 
 def test_a_timeline_digest_averages_gauges_and_rates_counters():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -222,6 +223,84 @@ def test_a_slot_being_filled_is_invisible():
     pool.release(got[0])
     pool.release(slot)
     assert pool.pinned_count() == 0
+
+
+class Unwalkable(OrderedDict):
+    def __iter__(self):
+        raise AssertionError("walked every entry of G2")
+
+    items = values = keys = __iter__
+
+
+TID = b"t" * 16
+
+
+def g2_put(pool: HostPool, slots: dict, i: int, **reserve_kw) -> list[int]:
+    """Add block ``i`` (named ``bytes([i]) * 32``) to a bare G2; the blocks it evicted."""
+    b = blocks(1)[0]
+    slot, new, evicted = pool.reserve(TID, bytes([i]) * 32, b.shape, b.dtype, None, BS,
+                                      **reserve_kw)  # fmt: skip
+    assert new and slot is not None
+    pool.fill(slot, b)
+    pool.release(slot)
+    slots[i] = slot
+    return [k[0] for _, k, _ in evicted]
+
+
+def g2_use(pool: HostPool, i: int) -> None:
+    pool.release(pool.acquire(TID, bytes([i]) * 32)[0])
+
+
+def test_g2_evicts_by_class_and_never_walks_the_pool_to_do_it():
+    """A lower tier's blocks go first, then the plain ones, each least recently used
+    first, then (unless spared) those waiting for the write-down, the worst prospects
+    first. Each class is its own LRU index, so a full G2 whose blocks all wait for the
+    write-down answers a reservation without walking its entries: a walk per block leaving
+    G1 stalled a busy server's engine thread once a slow disk filled G2."""
+    pool = HostPool(6 * BLOCK_BYTES, high=1.0, low=1.0, pin_memory=False)
+    pool.entries = Unwalkable()
+    slots: dict[int, object] = {}
+    for i in range(6):
+        assert g2_put(pool, slots, i) == []
+    for i, prospect in ((0, 2.0), (1, 1.0)):
+        pool.mark_queued(slots[i], True)
+        slots[i].prospect = prospect
+    pool.mark_below(slots[4], "G3")
+    pool.mark_below(slots[2], "G3")
+    g2_use(pool, 4)  # 4 used after 2
+    assert [g2_put(pool, slots, i) for i in (6, 7, 8, 9)] == [[2], [4], [3], [5]]
+
+    def queue(i: int) -> None:
+        pool.mark_queued(slots[i], True)
+        slots[i].prospect = 5.0
+
+    for i in (6, 7, 8, 9):  # the whole pool now waits for the write-down
+        queue(i)
+    t0 = time.perf_counter()
+    assert g2_put(pool, slots, 10, wait_s=0.05, spare_s=0.05) == [1]  # spared, then the worst
+    assert time.perf_counter() - t0 >= 0.04
+    queue(10)
+    assert g2_put(pool, slots, 11) == [0]
+    queue(11)
+    pool.mark_queued(slots[6], False)  # a writer took it: plain again, before the rest
+    assert g2_put(pool, slots, 1) == [6]
+
+
+def test_g2_keeps_no_block_seen_once_over_reused_blocks_the_disk_also_holds():
+    """A lower tier's blocks go first, but not whatever their age: a block G2 alone holds
+    that has gone unused for half a pool's worth of uses goes before them. Otherwise one-off
+    prompts of long ago, never admitted below, outlive every reused block G3 also holds,
+    and a busy server loads those from the disk instead of from memory."""
+    pool = HostPool(8 * BLOCK_BYTES, high=1.0, low=1.0, pin_memory=False)
+    slots: dict[int, object] = {}
+    for i in range(8):  # 0 and 1 seen once; 2..7 reused, and written below
+        g2_put(pool, slots, i)
+    for i in range(2, 8):
+        pool.mark_below(slots[i], "G3")
+    assert g2_put(pool, slots, 8) == [2]  # 0 and 1 not stale yet: what the disk holds goes
+    for i in range(3, 8):  # 3..7 used again: 0 and 1 now lie 9 uses back, over 8 / 2
+        g2_use(pool, i)
+    assert [g2_put(pool, slots, i) for i in (9, 10, 11)] == [[0], [1], [3]]
 
 
 def test_connector_save_counts_and_loads_through_the_copier(tmp_path):
