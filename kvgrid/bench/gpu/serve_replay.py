@@ -289,20 +289,21 @@ def replay_point(args, url: str, trace: str, speed: float, seed: int) -> dict:
         results, duration = asyncio.run(rep.run(wl, speed=speed, progress=False))
     warm = int(args.warmup * len(results))
     arrivals = [r.arrival_s / speed for r in wl.requests]
-    cold = {"offered_req_s": offered(arrivals),
-            **request_figures(results, duration, args.ttft_limit_s)}  # fmt: skip
-    if warm:
-        results, duration = after_warmup(results, args.warmup)
+
+    def figures(rs: list[RequestResult], span: float, skip: int) -> dict:
+        return {"offered_req_s": offered(arrivals[skip:]),
+                **request_figures(rs, span, args.ttft_limit_s)}  # fmt: skip
+
+    measured = figures(results, duration, 0)
+    if warm:  # the same point with every request counted stays beside the steady state
+        measured = {**figures(*after_warmup(results, args.warmup), warm), "from_cold": measured}
     after = server_counters(url)
     server = {k: round(v - before.get(k, 0.0), 3) for k, v in sorted(after.items())}
     return {
         "speed": speed,
         "max_input_tokens": cap,
         "warmup_requests": warm,
-        "offered_req_s": offered(arrivals[warm:]),
-        **request_figures(results, duration, args.ttft_limit_s),
-        # the same point with every request counted, for the cold-start figure beside it
-        **({"from_cold": cold} if warm else {}),
+        **measured,
         "server": {k: v for k, v in server.items() if v},
         "tier_bytes_per_s": timeline.tiers,
         "load": timeline.digest(),
