@@ -85,7 +85,7 @@ class HostPool:
         self.pool: torch.Tensor | None = None
         self.slot_bytes = 0
         self.num_slots = 0
-        self.entries: dict[tuple[bytes, bytes], Slot] = {}  # recency: Slot.used
+        self.entries: OrderedDict[tuple[bytes, bytes], Slot] = OrderedDict()  # LRU first
         # the eviction classes, each LRU first: held below, plain, waiting for the write-down
         self.classes: tuple[OrderedDict, ...] = (OrderedDict(), OrderedDict(), OrderedDict())
         self.uses = 0  # blocks added or used so far: the clock of ``Slot.used``
@@ -130,6 +130,7 @@ class HostPool:
     def _touch(self, k: tuple[bytes, bytes], s: Slot) -> None:
         self.uses += 1
         s.used = self.uses
+        self.entries.move_to_end(k)
         self.classes[s.rank].move_to_end(k)
 
     def _unlist(self, k: tuple[bytes, bytes]) -> Slot:
@@ -138,24 +139,24 @@ class HostPool:
         self.per_tenant[k[0]] -= 1
         return s
 
-    def _reclass(self, s: Slot) -> None:
-        """Move a listed slot from the class it is in to the one its state now names (last
-        used there)."""
-        if not s.dead and self.entries.get(s.name) is s:
-            del self.classes[s.rank][s.name]
-            self._list(s.name, s)
+    def _reclass(self, s: Slot, change) -> None:
+        """Apply ``change`` to a slot's eviction state, moving it to its new class (last
+        used there) if it is listed."""
+        with self.lock:
+            listed = not s.dead and self.entries.get(s.name) is s
+            if listed:
+                del self.classes[s.rank][s.name]
+            change(s)
+            if listed:
+                self._list(s.name, s)
 
     def mark_below(self, slot: Slot, tier: str) -> None:
         """A lower tier holds the block now: it is evicted first."""
-        with self.lock:
-            slot.below.add(tier)
-            self._reclass(slot)
+        self._reclass(slot, lambda s: s.below.add(tier))
 
     def mark_queued(self, slot: Slot, queued: bool) -> None:
         """The block waits for the write-down (given up last), or no longer does."""
-        with self.lock:
-            slot.queued_below = queued
-            self._reclass(slot)
+        self._reclass(slot, lambda s: setattr(s, "queued_below", queued))
 
     def _drop(self, k: tuple[bytes, bytes]) -> None:
         self.free.append(self._unlist(k).index)

@@ -391,8 +391,8 @@ class WriteDown(WorkerThreads):
             return 0
         items = [(t, k, s) for t, k, s in store.g2.items() if s.ready is not FILLING]
         order = sorted(
-            range(len(items)), key=lambda i: (items[i][2].prospect, items[i][2].used), reverse=True
-        )
+            range(len(items)), key=lambda i: (items[i][2].prospect, i), reverse=True
+        )  # items are in LRU order: a higher index is more recently used
         budget = {t.name: int(t.capacity * store.config.high_watermark) for t in store.lower}
         per_block = store.g2.slot_bytes + 512  # an object: the block (KV rarely shrinks), a header
         end = time.monotonic() + timeout_s
