@@ -238,6 +238,9 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     assert migrations.get("resumed", 0) >= 1 and migrations.get("completed", 0) >= 1, migrations
     assert not migrations.get("error") and not migrations.get("limit"), migrations
     print(f"{len(done)} requests, none failed; {len(moved)} moved off w0: {migrations}")
+    for d in done:  # what a failure below is read from
+        print(f"  {d.t0 - t_kill:+6.1f}s {d.t1 - d.t0:4.1f}s {d.worker} c{d.client} t{d.turn} "
+              f"cached {d.cached} predicted {d.predicted}{' moved' if d in moved else ''}")
     # the drain lost nothing and sent nothing new to the drained worker
     assert retired["inflight_at_drain"] >= 1, retired
     during = [d for d in done if d.t1 > t_drain]
@@ -248,16 +251,17 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
         s.settimeout(2)
         host, p = retired["where"]["url"].rsplit("/", 1)[1].rsplit(":", 1)
         assert s.connect_ex((host, int(p))) != 0
-    # KV reused across turns, and predicted by the router from the workers' events
-    later = [d for d in ok if d.turn > 0]
-    assert later and sum(d.cached > 0 for d in later) >= 0.8 * len(later)
-    # (but for requests sent just as w0 died or came back, before the router heard of it,
-    # and those in flight on it when it died: they moved to w1 and finished with its cache)
+    # KV reused across turns, and predicted by the router from the workers' events, but for
+    # requests sent just as w0 died or came back, before the router heard of it, and those in
+    # flight on it when it died: they moved to w1 and finished with its cache, which need not
+    # hold their conversation (how many move depends on how many were in flight at the kill)
     steady = [
         d
         for d in ok
         if abs(d.t0 - t_kill) > 1 and abs(d.t0 - t_back) > 1 and not d.t0 < t_kill < d.t1
     ]
+    later = [d for d in steady if d.turn > 0]
+    assert later and sum(d.cached > 0 for d in later) >= 0.8 * len(later)
     match = sum(d.predicted == d.cached for d in steady) / len(steady)
     print(f"predicted cached tokens match the worker's for {match:.0%} of {len(steady)}")
     assert match >= 0.9
