@@ -127,6 +127,10 @@ class Scheduler(HandDown):
         # the waiting queue as last published to the store (_publish_queue)
         self._published_at = 0.0
         self._published_waiting = False
+        self._published_head: tuple[int, int] | None = None
+        # the head of the queue as last refused a parking place for want of G1 room
+        # (_park_refused): seq, its G1 hits, room left over the running, step tokens, when
+        self._refused: tuple[Sequence, int, int, int, float] | None = None
         self._last_admit: float | None = None
         self._admit_gap = Ewma(0.2)
         # step budget (see schedule): consecutive prefill-only steps of an admission burst,
@@ -316,6 +320,10 @@ class Scheduler(HandDown):
             )
             g1_hits = self.bm.match_prefix(hit_keys)
             g = len(g1_hits)
+            room = self.bm.num_free_blocks - self.bm.num_revived(g1_hits)
+            step_tokens = min(budget, prefill_budget)
+            if parking and self._park_refused(seq, g, room, step_tokens):
+                break
             n_store = 0
             if self.loader is not None and self.bm.enable_prefix_caching:
                 if self.bm.pending_evictions:
@@ -328,8 +336,10 @@ class Scheduler(HandDown):
                 n_store = self.connector.lookup(hit_keys, seq.tenant, g, busy, slack)
             n = _chunk(seq.num_tokens - (g + n_store) * bs, budget, prefill_budget)
             new_blocks = self.bm.blocks_needed((g + n_store) * bs + n) - g
-            room = self.bm.num_free_blocks - self.bm.num_revived(g1_hits)
             if parking and not self._may_park(seq, n_store, new_blocks, room):
+                if n_store and new_blocks + len(self.running) > room:
+                    over = room - len(self.running)
+                    self._refused = (seq, g, over, step_tokens, time.monotonic())
                 break
             if new_blocks > room:
                 # head-of-line: admit in arrival order only. A stored prefix waits for G1
@@ -396,6 +406,24 @@ class Scheduler(HandDown):
                 ):
                     self.bound_late_load(seq, time.monotonic())
 
+    def _park_refused(self, seq: Sequence, g: int, room: int, step_tokens: int) -> bool:
+        """Whether ``seq`` was refused a parking place for want of G1 room within the last
+        ``_PARK_RECHECK_S``, and nothing since could make room for it: the same G1 hits, no
+        more room over the running requests, no fewer tokens to the step. Its store lookup
+        (a pass over its keys) is then skipped: at the head of the queue while every slot
+        is taken, it would be looked up every step. A stored prefix found since can only
+        need more room; one lost since is found within the recheck."""
+        r = self._refused
+        if r is None or r[0] is not seq:
+            return False
+        _, g0, over, tokens, at = r
+        return (
+            g == g0
+            and room - len(self.running) <= over
+            and step_tokens >= tokens
+            and time.monotonic() - at < self._PARK_RECHECK_S
+        )
+
     def _may_park(self, seq: Sequence, n_store: int, new_blocks: int, room: int) -> bool:
         """Whether ``seq`` is admitted while every slot is taken, to land its stored prefix
         in G1 before a slot frees (its first step then computes only its new tokens,
@@ -409,7 +437,10 @@ class Scheduler(HandDown):
     # ---- loads from the context store -----------------------------------------------------
 
     _QUEUE_SCAN = 16  # queued requests published per step (the queue can be long)
-    _PUBLISH_S = 0.01  # at most this often: the store plans on its own thread
+    # at most this often while the head of the queue stays: the store plans on its own
+    # thread, and the queue's estimates move slowly (a new head is published at once)
+    _PUBLISH_S = 0.05
+    _PARK_RECHECK_S = 0.1  # a head refused parking for want of room is looked up again
 
     def _note_admission(self) -> None:
         """Time between admissions while requests wait (EWMA): how soon the n-th queued
@@ -430,9 +461,11 @@ class Scheduler(HandDown):
         now = time.monotonic()
         if not self.waiting and not self._published_waiting:
             return
-        if self.waiting and now - self._published_at < self._PUBLISH_S:
+        head = (id(self.waiting[0]), len(self.waiting)) if self.waiting else None
+        if head == self._published_head and now - self._published_at < self._PUBLISH_S:
             return
         self._published_at, self._published_waiting = now, bool(self.waiting)
+        self._published_head = head
         bs = self.bm.block_size
         speed = self.connector.prefill_tokens_per_s
         ahead = sum(s.num_tokens - s.num_computed_tokens - 1 for s in self.running)

@@ -352,11 +352,33 @@ class HostPool:
             for slot in slots:
                 self._unpin(slot)
 
+    def touch_many(self, tid: bytes, keys: list[bytes], prospects: list[float]) -> list[bool]:
+        """Whether each key has a committed slot; those that do count as used now, their
+        reuse prospect raised to at least ``prospects[i]`` (what ``reserve`` and ``release``
+        of a held key do, under one lock for all)."""
+        out = []
+        with self.lock:
+            for key, p in zip(keys, prospects):
+                k = (tid, key)
+                s = self.entries.get(k)
+                held = s is not None and s.ready is not FILLING
+                if held:
+                    self._touch(k, s)
+                    s.prospect = max(s.prospect, p)
+                out.append(held)
+        return out
+
     def peek(self, tid: bytes, key: bytes) -> Slot | None:
         """The committed slot of a key (not pinned: for lookups, not for reading)."""
         with self.lock:
             s = self.entries.get((tid, key))
             return None if s is None or s.ready is FILLING else s
+
+    def peek_many(self, tid: bytes, keys: list[bytes]) -> list[Slot | None]:
+        """``peek`` of each key, under one lock."""
+        with self.lock:
+            got = [self.entries.get((tid, k)) for k in keys]
+            return [None if s is None or s.ready is FILLING else s for s in got]
 
     def delete(self, tid: bytes, key: bytes) -> bool:
         with self.lock:

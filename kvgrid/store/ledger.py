@@ -24,20 +24,27 @@ class BlockLedger:
         self._fates: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
 
-    def handed_down(self, key: bytes, outcome: str) -> None:
-        """A block left G1 (or was copied down from it) with this outcome."""
-        self.metrics.inc("g1_writebacks", outcome=outcome)
-        if outcome in ("g2", "queued_below"):
-            self.record(key, "in:G2" if outcome == "g2" else "queued")
-        elif outcome not in ("already_stored", "deferred"):  # (deferred: still in G1)
-            self.record(key, f"dropped:{outcome}")
+    def handed_down(self, blocks: list[tuple[bytes, str]]) -> None:
+        """Blocks left G1 (or were copied down from it): (key, outcome) each, counted per
+        outcome (a hand-down is hundreds of blocks, on the engine's thread)."""
+        for outcome, n in Counter(o for _, o in blocks).items():
+            self.metrics.inc("g1_writebacks", n, outcome=outcome)
+        with self._lock:
+            for key, outcome in blocks:
+                if outcome in ("g2", "queued_below"):
+                    self._record(key, "in:G2" if outcome == "g2" else "queued")
+                elif outcome not in ("already_stored", "deferred"):  # (deferred: still in G1)
+                    self._record(key, f"dropped:{outcome}")
 
     def record(self, key: bytes, fate: str) -> None:
         with self._lock:
-            self._fates.pop(key, None)
-            self._fates[key] = fate
-            if len(self._fates) > self.max_keys:
-                self._fates.popitem(last=False)
+            self._record(key, fate)
+
+    def _record(self, key: bytes, fate: str) -> None:
+        self._fates.pop(key, None)
+        self._fates[key] = fate
+        if len(self._fates) > self.max_keys:
+            self._fates.popitem(last=False)
 
     def left_tier(self, key: bytes, tier: str) -> None:
         """``tier`` evicted the block: if that is where the ledger last placed it, it is gone

@@ -37,8 +37,8 @@ class ReadPath:
         now = time.time()
         out: list[str | None] = [None] * len(keys)
         remaining = []
-        for i, k in enumerate(keys):
-            s = self.g2.peek(tid, k) if self.g2 else None
+        slots = self.g2.peek_many(tid, keys) if self.g2 else [None] * len(keys)
+        for i, s in enumerate(slots):
             if s is not None and not self._expired(tid, s.created, now):
                 out[i] = "G2"
             else:

@@ -18,6 +18,8 @@ from kvgrid.store.writedown import Candidate
 
 log = logging.getLogger(__name__)
 
+HELD = ("g2", "already_stored")  # the outcomes of a block the store now holds
+
 
 class WritePath:
     """Write-backs of ``ContextStore`` (mixed into it, ``store.py``)."""
@@ -97,7 +99,6 @@ class WritePath:
         below = self._safe_below(tid, keys)
         for i in below:
             out[i] = "already_stored"
-            self.ledger.handed_down(keys[i], "already_stored")
         if self.g2 is not None:
             wait_s = 0.0 if through else self.config.g2_wait_s
             spare_s = min(wait_s, self.config.g2_spare_s)
@@ -108,17 +109,20 @@ class WritePath:
             self._g2_put_many(
                 tid, keys, parent_keys, blocks, token_count, score, out, through, wait_s, spare_s
             )
-            for i, (key, o) in enumerate(zip(keys, out)):
-                if o in ("g2", "already_stored") and i not in below:
-                    self.ledger.handed_down(key, o)
+        # the blocks G2 holds (or that were safe below) are accounted first: the loop below
+        # finds those that the batch's own later blocks pushed out of G2 (``left_tier``)
+        self.ledger.handed_down(
+            [(k, o) for i, (k, o) in enumerate(zip(keys, out)) if i in below or o in HELD]
+        )
         g2_out = list(out)
+        later: list[tuple[bytes, str]] = []
         for i, key in enumerate(keys):
             if i in below:
                 continue
-            in_g2 = out[i] in ("g2", "already_stored")
+            in_g2 = out[i] in HELD
             if through and not in_g2:
                 out[i] = "deferred"
-                self.ledger.handed_down(key, "deferred")
+                later.append((key, "deferred"))
                 continue
             try:
                 depth = positions[i] if positions else 0
@@ -139,7 +143,8 @@ class WritePath:
             # did not take it either (then G2's reason: full, or a failed copy)
             if o in ("queued_below", "already_stored") or g2_out[i] == "not_admitted":
                 out[i] = o
-            self.ledger.handed_down(key, out[i])
+            later.append((key, out[i]))
+        self.ledger.handed_down(later)
         return out
 
     def _safe_below(self, tid: bytes, keys: list[bytes]) -> set[int]:
@@ -180,9 +185,16 @@ class WritePath:
         pool = self.g2.pool
         copies = self.copier is not None and pool is not None
         copies = copies and self.copier.accepts(blocks[0], pool)
-        for i, key in enumerate(keys):
-            if score[i] < self.config.admit_after.get("G2", 1) or out[i] == "already_stored":
+        admit = self.config.admit_after.get("G2", 1)
+        todo = [i for i in range(len(keys)) if score[i] >= admit and out[i] != "already_stored"]
+        # what G2 holds already (a written-through block G1 now evicts, say) is only touched:
+        # one lock for the lot, where a slot reserved and let go costs two for each
+        held = self.g2.touch_many(tid, [keys[i] for i in todo], [score[i] for i in todo])
+        for i, h in zip(todo, held):
+            if h:
+                out[i] = "already_stored"
                 continue
+            key = keys[i]
             b = blocks[i]
             got = None
             if (fills or sync) and not self.g2.free:
@@ -247,11 +259,12 @@ class WritePath:
             self.metrics.inc("writebacks", len(fills), mode="async")
         if sync:
             self.metrics.inc("writebacks", len(sync), mode="sync")
-        tl = tenant_label(tid)
         for i, _ in shown:
             out[i] = "g2"
-            self.metrics.inc("bytes_in", blocks[i].nbytes, tier="G2", tenant=tl)
             self._emit(BlockStored((keys[i],), parent_keys[i], "G2", token_count))
+        if shown:
+            nbytes = sum(blocks[i].nbytes for i, _ in shown)
+            self.metrics.inc("bytes_in", nbytes, tier="G2", tenant=tenant_label(tid))
 
     def _copied(self, slots: list[Slot], ev: CopyEvent) -> None:
         """On the landing thread: an asynchronous write-back batch has landed (or failed)."""

@@ -179,6 +179,25 @@ def test_the_waiting_queue_is_published_with_its_prefixes(model, tmp_path):
     conn.close()
 
 
+def test_the_queue_is_published_again_at_once_when_its_head_leaves(model, tmp_path, monkeypatch):
+    """While its head stays, the queue is published at most every ``_PUBLISH_S`` (the store
+    plans on its own thread, and the estimates move slowly), but at once when the head is
+    admitted: the store then brings up and holds the new head's blocks."""
+    monkeypatch.setattr(Scheduler, "_PUBLISH_S", 60.0)
+    eng, conn = engine(model, tmp_path, max_num_seqs=1, max_parked_seqs=0)
+    seen = []
+    conn.plan_queue = lambda queue, bcs: seen.append(len(queue))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for i, rid in enumerate(("busy", "q1", "q2")):
+        eng.add_request(rid, tokens(BS * 2 + 3, 50 + i), params)
+    steps = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        steps += 1
+    assert steps > 6 and seen == [2, 1, 0]
+    conn.close()
+
+
 def test_a_stored_prefix_lands_while_every_slot_is_taken(model, tmp_path):
     """With the one slot busy decoding, a request whose prefix is stored is admitted parked:
     its load starts at once, it computes nothing until the slot frees, then its first step
@@ -216,6 +235,45 @@ def test_a_stored_prefix_lands_while_every_slot_is_taken(model, tmp_path):
     assert {r: v[0] for r, v in parked.items()} == want == {r: v[0] for r, v in waited.items()}
     assert parked["p2"][1] == waited["p2"][1] == BS * 6
     assert early > 0 and none == 0
+
+
+def test_a_head_refused_parking_for_want_of_room_is_not_looked_up_every_step(
+    model, tmp_path, monkeypatch
+):
+    """With every slot taken, a request whose stored prefix needs more G1 room than the
+    running requests leave it is refused a parking place. The store is not asked about it
+    again at every step (a pass over its keys on the engine's thread, with the same answer)
+    until room could have grown: here, once the slot frees and it is admitted. Outputs
+    equal a cold run's, its prefix loaded."""
+    monkeypatch.setattr(
+        Scheduler, "_PARK_RECHECK_S", 60.0, raising=False
+    )  # room alone calls for a recheck
+    p = tokens(BS * 16 + 3, 41)  # 17 blocks of G1's 24
+    busy = tokens(BS * 6 + 5, 42)  # 7 blocks, growing as it decodes
+    want = cold(model, {"p2": p, "busy": busy}, n=8)
+    eng, conn = engine(model, tmp_path, max_num_seqs=1, max_parked_seqs=4)
+    run(eng, {"p": p})
+    eng.scheduler.offload_cached()
+    assert eng.block_manager.reset_prefix_cache()  # p's prefix: in the store only
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    eng.add_request("busy", busy, params)
+    eng.step()  # busy prefills
+    eng.add_request("p2", p, params)
+    sched, looked, waited, outs = eng.scheduler, [], 0, {}
+    inner = conn.lookup
+    conn.lookup = lambda *a, **kw: looked.append(len(sched.running)) or inner(*a, **kw)
+    while eng.has_unfinished_requests():
+        waited += any(s.request_id == "p2" for s in sched.waiting)
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = (list(o.outputs[0].token_ids), o.num_cached_tokens)
+    assert waited >= 6, waited  # it waited out busy's decode steps at the head of the queue
+    # refused beside busy (again only once the step's prompt budget shrank: a smaller first
+    # chunk needs fewer blocks); then admitted to the free slot
+    assert looked[-1] == 0 and 1 <= looked.count(1) <= 2 and len(looked) < waited, looked
+    assert {r: v[0] for r, v in outs.items()} == want
+    assert outs["p2"][1] == BS * 16
+    conn.close()
 
 
 def test_a_short_prompt_tail_joins_its_chunk(model, tmp_path):

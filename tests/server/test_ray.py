@@ -239,8 +239,10 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
     assert not migrations.get("error") and not migrations.get("limit"), migrations
     print(f"{len(done)} requests, none failed; {len(moved)} moved off w0: {migrations}")
     for d in done:  # what a failure below is read from
-        print(f"  {d.t0 - t_kill:+6.1f}s {d.t1 - d.t0:4.1f}s {d.worker} c{d.client} t{d.turn} "
-              f"cached {d.cached} predicted {d.predicted}{' moved' if d in moved else ''}")
+        print(
+            f"  {d.t0 - t_kill:+6.1f}s {d.t1 - d.t0:4.1f}s {d.worker} c{d.client} t{d.turn} "
+            f"cached {d.cached} predicted {d.predicted}{' moved' if d in moved else ''}"
+        )
     # the drain lost nothing and sent nothing new to the drained worker
     assert retired["inflight_at_drain"] >= 1, retired
     during = [d for d in done if d.t1 > t_drain]

@@ -319,6 +319,36 @@ def test_connector_save_counts_and_loads_through_the_copier(tmp_path):
     store.close()
 
 
+def test_a_hand_down_of_blocks_g2_holds_only_touches_them(tmp_path):
+    """A block G1 hands down that G2 holds already (written through when it was computed)
+    is only touched: it counts as used, its prospect rises, nothing is reserved, copied or
+    pinned, and the outcomes are counted once per kind. A hand-down is hundreds of blocks
+    on the engine's thread, and on a store that writes through most of them are such."""
+    cp = FakeCopier()
+    store = make(tmp_path, cp)
+    conn = StoreConnector(store, blocks(8, seed=4), BS)
+    ks = chain(4)
+    conn.save(ks, [None, *ks[:-1]], A, [0, 1, 2, 3])
+    cp.open()
+    assert store.flush(10)  # landed: the fills' pins are let go
+    tid = tenant_id(A)
+    reserved = []
+    inner = store.g2.reserve
+    store.g2.reserve = lambda t, key, *a, **kw: reserved.append(key) or inner(t, key, *a, **kw)
+    held = [ks[0], ks[1]]
+    assert conn.save(held, [None, ks[0]], A, [0, 1], hints=[5.0, 5.0]) == [True, True]
+    assert reserved == [] and len(cp.events) == 1  # no slot reserved, nothing copied
+    assert list(store.g2.entries)[-2:] == [(tid, ks[0]), (tid, ks[1])]  # used last
+    for k in held:
+        slot = store.g2.peek(tid, k)
+        assert slot.pins == 0 and slot.prospect >= 5.0
+    assert store.metrics.summary()["g1_writebacks"] == {
+        "outcome=already_stored": 2,
+        "outcome=g2": 4,
+    }
+    store.close()
+
+
 # ---- CUDA: the real side stream ---------------------------------------------------------
 
 
