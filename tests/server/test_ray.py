@@ -152,7 +152,9 @@ def test_serve_on_a_two_node_ray_cluster(cluster, default_model_dir, tmp_path):
            "--workers", "1", "--max-workers", "2", "--port", str(port),
            "--site", "a:0:2.0", "--site", "b:5:1.0", "--ray-worker-cpus", "1",
            "--model", str(default_model_dir), "--max-model-len", "1024",
-           "--kv-cache-memory-gb", "0.2"]  # fmt: skip
+           "--kv-cache-memory-gb", "0.2",
+           # G3 of its own, as a deployment has: the session's servers share the default
+           "--kv-store-dir", str(tmp_path / "kv")]  # fmt: skip
     key = ControlKey.generate()  # the operator's cluster key: the test checks the workers with it
     env = {**cluster.env, "KVGRID_LOG": "INFO", "KVGRID_CONTROL_KEY": key.dumps()}
     env.pop("KVGRID_API_KEYS", None)
