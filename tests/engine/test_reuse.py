@@ -55,6 +55,18 @@ def cold(model, reqs, n=3, **kw) -> dict:
     return {r: v[0] for r, v in run(LLMEngine(**cfg), reqs, n).items()}
 
 
+def queue_behind_busy(eng: LLMEngine, p: list[int], busy: list[int], n: int) -> None:
+    """``p``'s prefix in the store only, "busy" prefilling, then ``p`` again as "p2" behind
+    it (``n`` tokens each, greedy)."""
+    run(eng, {"p": p})
+    eng.scheduler.offload_cached()
+    assert eng.block_manager.reset_prefix_cache()  # p's prefix: in the store only
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    eng.add_request("busy", busy, params)
+    eng.step()  # busy prefills
+    eng.add_request("p2", p, params)
+
+
 def test_g1_gives_up_first_the_blocks_safe_below_it(model, tmp_path):
     """B's blocks exist only in G1; A's were loaded from the store. When C needs room, G1
     evicts A's (more recently used, but safe below) and keeps B's, with no write-back.
@@ -209,13 +221,7 @@ def test_a_stored_prefix_lands_while_every_slot_is_taken(model, tmp_path):
 
     def measure(parked: int):
         eng, conn = engine(model, tmp_path / str(parked), max_num_seqs=1, max_parked_seqs=parked)
-        run(eng, {"p": p})
-        eng.scheduler.offload_cached()
-        assert eng.block_manager.reset_prefix_cache()  # p's prefix: in the store only
-        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-        eng.add_request("busy", busy, params)
-        eng.step()  # busy prefills
-        eng.add_request("p2", p, params)
+        queue_behind_busy(eng, p, busy, 6)
         sched, loads_before_slot = eng.scheduler, 0
         outs = {}
         while eng.has_unfinished_requests():
@@ -245,20 +251,13 @@ def test_a_head_refused_parking_for_want_of_room_is_not_looked_up_every_step(
     again at every step (a pass over its keys on the engine's thread, with the same answer)
     until room could have grown: here, once the slot frees and it is admitted. Outputs
     equal a cold run's, its prefix loaded."""
-    monkeypatch.setattr(
-        Scheduler, "_PARK_RECHECK_S", 60.0, raising=False
-    )  # room alone calls for a recheck
+    # room alone calls for a recheck
+    monkeypatch.setattr(Scheduler, "_PARK_RECHECK_S", 60.0, raising=False)
     p = tokens(BS * 16 + 3, 41)  # 17 blocks of G1's 24
     busy = tokens(BS * 6 + 5, 42)  # 7 blocks, growing as it decodes
     want = cold(model, {"p2": p, "busy": busy}, n=8)
     eng, conn = engine(model, tmp_path, max_num_seqs=1, max_parked_seqs=4)
-    run(eng, {"p": p})
-    eng.scheduler.offload_cached()
-    assert eng.block_manager.reset_prefix_cache()  # p's prefix: in the store only
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    eng.add_request("busy", busy, params)
-    eng.step()  # busy prefills
-    eng.add_request("p2", p, params)
+    queue_behind_busy(eng, p, busy, 8)
     sched, looked, waited, outs = eng.scheduler, [], 0, {}
     inner = conn.lookup
     conn.lookup = lambda *a, **kw: looked.append(len(sched.running)) or inner(*a, **kw)
