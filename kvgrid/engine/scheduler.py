@@ -437,8 +437,8 @@ class Scheduler(HandDown):
     # ---- loads from the context store -----------------------------------------------------
 
     _QUEUE_SCAN = 16  # queued requests published per step (the queue can be long)
-    # at most this often while the head of the queue stays: the store plans on its own
-    # thread, and the queue's estimates move slowly (a new head is published at once)
+    # at most this often while the queue keeps its head and length: the store plans on its
+    # own thread, and the queue's estimates move slowly (a change is published at once)
     _PUBLISH_S = 0.05
     _PARK_RECHECK_S = 0.1  # a head refused parking for want of room is looked up again
 
