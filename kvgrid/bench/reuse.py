@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import gc
 import hashlib
+import math
 import os
 import shutil
 import statistics
@@ -529,7 +530,11 @@ def store_configs(
     bs = eng.config.block_size
     per_conv = -(-wl.max_tokens // bs)
     block_bytes = eng.runner.kv_cache[0].nbytes
-    all_hist = (wl.conversations * per_conv + 64) * block_bytes
+    # every history below G2's high watermark: past it, a write evicts down to the low one,
+    # and the evicted histories are loaded again a round later (found, then gone)
+    all_hist = math.ceil(
+        (wl.conversations * per_conv + 64) * block_bytes / StoreConfig.high_watermark
+    )
     base = dict(sweep_interval_s=0, encrypt=True)
     if load_workers:
         base["load_workers"] = load_workers

@@ -66,3 +66,18 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     # smaller (g3); +wt forces it
     assert r["g2"]["write_through"] and not r["g3"]["write_through"]
     assert r["g4+wt"]["write_through"]
+
+
+def test_g2_holds_every_history_below_its_high_watermark(tmp_path, tiny_model_dir):
+    """The g2 configuration is G2 "for every history": G2 evicts down to its low watermark
+    once a write would pass the high one, so it is sized past that, or a long run evicts
+    histories still to be reused (found at lookup, gone at load: lost hits)."""
+    from kvgrid.bench.reuse import store_configs
+    from kvgrid.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(model=str(tiny_model_dir("llama")), device="cpu", block_size=16,
+                    num_kv_blocks=64)  # fmt: skip
+    wl = AgentWorkload(32, 6, 4096, 256, 64)
+    (cfg,) = store_configs(eng, wl, ["g2"], 64, 32, tmp_path / "d3", tmp_path / "d4")
+    histories = wl.conversations * -(-wl.max_tokens // 16) * eng.runner.kv_cache[0].nbytes
+    assert cfg.store.g2_bytes * cfg.store.high_watermark >= histories
