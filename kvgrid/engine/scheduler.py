@@ -126,8 +126,7 @@ class Scheduler(HandDown):
         self.store_loaded_tokens = 0
         # the waiting queue as last published to the store (_publish_queue)
         self._published_at = 0.0
-        self._published_waiting = False
-        self._published_head: tuple[int, int] | None = None
+        self._published_head: tuple[int, int] | None = None  # None: published empty
         # the head of the queue as last refused a parking place for want of G1 room
         # (_park_refused): seq, its G1 hits, room left over the running, step tokens, when
         self._refused: tuple[Sequence, int, int, int, float] | None = None
@@ -459,13 +458,12 @@ class Scheduler(HandDown):
         if not self.bm.enable_prefix_caching:
             return
         now = time.monotonic()
-        if not self.waiting and not self._published_waiting:
-            return
         head = (id(self.waiting[0]), len(self.waiting)) if self.waiting else None
-        if head == self._published_head and now - self._published_at < self._PUBLISH_S:
+        if head == self._published_head and (
+            head is None or now - self._published_at < self._PUBLISH_S
+        ):
             return
-        self._published_at, self._published_waiting = now, bool(self.waiting)
-        self._published_head = head
+        self._published_at, self._published_head = now, head
         bs = self.bm.block_size
         speed = self.connector.prefill_tokens_per_s
         ahead = sum(s.num_tokens - s.num_computed_tokens - 1 for s in self.running)

@@ -51,6 +51,7 @@ from kvgrid.store.landing import LayerLanding, land_layers
 from kvgrid.store.load_plan import LoadDeadline, LoadPlan, plan_blocks
 from kvgrid.store.probe import probe_tier
 from kvgrid.store.store import ContextStore
+from kvgrid.store.write import HELD
 
 log = logging.getLogger(__name__)
 _PER_OP_S = {"G2": 0.0, "G3": 2e-4, "G4": 5e-4}  # fixed cost per block (syscalls, round trips)
@@ -408,7 +409,7 @@ class StoreConnector:
         n = sum(o not in ("copy_failed", "error") for o in out)
         self.saved_blocks += n
         self.saved_bytes += n * self.block_bytes
-        return [o in ("g2", "already_stored") for o in out]
+        return [o in HELD for o in out]
 
     @_engine_timed("prefetch")
     def prefetch(self, keys: list[bytes], tenant: bytes) -> bool:

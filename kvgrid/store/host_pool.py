@@ -318,11 +318,16 @@ class HostPool:
                 self.free.append(s.index)
             self.released.notify_all()
 
+    def _committed(self, k: tuple[bytes, bytes]) -> Slot | None:
+        """The slot of a key, unless it is still being filled (under the lock)."""
+        s = self.entries.get(k)
+        return None if s is None or s.ready is FILLING else s
+
     def acquire(self, tid: bytes, key: bytes) -> tuple[Slot, torch.Tensor] | None:
         """Pin a slot for reading; the caller must ``release`` it."""
         with self.lock:
-            s = self.entries.get((tid, key))
-            if s is None or s.ready is FILLING:
+            s = self._committed((tid, key))
+            if s is None:
                 return None
             self._touch((tid, key), s)
             s.pins += 1
@@ -334,8 +339,8 @@ class HostPool:
         out: list[Slot] = []
         with self.lock:
             for key in keys:
-                s = self.entries.get((tid, key))
-                if s is None or s.ready is FILLING:
+                s = self._committed((tid, key))
+                if s is None:
                     break
                 self._touch((tid, key), s)
                 s.pins += 1
@@ -359,26 +364,22 @@ class HostPool:
         out = []
         with self.lock:
             for key, p in zip(keys, prospects):
-                k = (tid, key)
-                s = self.entries.get(k)
-                held = s is not None and s.ready is not FILLING
-                if held:
-                    self._touch(k, s)
+                s = self._committed((tid, key))
+                if s is not None:
+                    self._touch((tid, key), s)
                     s.prospect = max(s.prospect, p)
-                out.append(held)
+                out.append(s is not None)
         return out
 
     def peek(self, tid: bytes, key: bytes) -> Slot | None:
         """The committed slot of a key (not pinned: for lookups, not for reading)."""
         with self.lock:
-            s = self.entries.get((tid, key))
-            return None if s is None or s.ready is FILLING else s
+            return self._committed((tid, key))
 
     def peek_many(self, tid: bytes, keys: list[bytes]) -> list[Slot | None]:
         """``peek`` of each key, under one lock."""
         with self.lock:
-            got = [self.entries.get((tid, k)) for k in keys]
-            return [None if s is None or s.ready is FILLING else s for s in got]
+            return [self._committed((tid, k)) for k in keys]
 
     def delete(self, tid: bytes, key: bytes) -> bool:
         with self.lock:
