@@ -46,6 +46,9 @@ PROMPT_TAIL_TOKENS = MIN_MIXED_PREFILL_TOKENS // 2
 # which mixed steps carry the whole step budget (the formula's budget grows without bound
 # towards a share of 1)
 DRAIN_FULL_BUSY = 0.9
+# share of each admission in the estimate of how much of a prompt is found cached (G1 or
+# the store), which the drain window takes off the queued prompts
+CACHED_SHARE_WEIGHT = 0.2
 # share of each decode-only step in the decode step time: the budget of mixed steps follows
 # a change of batch within a few steps, and a load report (hundreds of steps apart) sees
 # the settled value
@@ -139,6 +142,9 @@ class Scheduler(HandDown):
         self._burst_steps = 0
         self.decode_step = Ewma(DECODE_STEP_WEIGHT)
         self.prefill_token = Ewma(0.2)
+        # admitted prompt tokens and, of them, those found cached (per admission, smoothed)
+        self._admitted_tokens = Ewma(CACHED_SHARE_WEIGHT)
+        self._admitted_cached = Ewma(CACHED_SHARE_WEIGHT)
         self._ahead: dict[int, bytes] = {}  # block id -> the name it was cleaned ahead under
 
     def add(self, seq: Sequence) -> None:
@@ -264,15 +270,23 @@ class Scheduler(HandDown):
         the store holds of it is known only at admission)."""
         return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
 
+    def cached_share(self) -> float:
+        """The share of admitted prompt tokens found cached (G1 hits and store loads), over
+        recent admissions weighted by their length: what a queued prompt is expected not
+        to compute (its own hits are known only at its admission)."""
+        tokens, cached = self._admitted_tokens.value, self._admitted_cached.value
+        return cached / tokens if tokens and cached is not None else 0.0
+
     def _drain_tokens(self, cap: int, decode_s: float, token_s: float) -> int:
         """Prompt tokens a mixed step carries to compute the prompts waiting (queued, or
         admitted and not yet prefilled) within ``prompt_drain_s``. A step of n prompt
         tokens takes decode_s + n * token_s, so a rate of R tokens a second needs
         n = R * decode_s / (1 - R * token_s); once R * token_s nears 1 the prompts alone
         would keep the GPU busy, and the whole budget goes to them. A queued request counts
-        its whole prompt: what G1 or the store holds of it is known only at its admission,
-        so under reuse the queue drains sooner than planned, never later."""
-        pending = self.queued_prompt_tokens()
+        its prompt less the share recent admissions found cached: under reuse (a
+        conversation's next turn) most of a queued prompt is loaded, not computed, and
+        counting it whole would widen every mixed step for work that never comes."""
+        pending = round(self.queued_prompt_tokens() * (1.0 - self.cached_share()))
         pending += sum(
             self._compute_limit(s) - s.num_computed_tokens for s in self.active() if _prefilling(s)
         )
@@ -364,6 +378,9 @@ class Scheduler(HandDown):
                 self._start_load(seq, hit_keys, g, n_store, fresh)
             elif seq.num_cached_tokens is None:
                 seq.num_cached_tokens = min(g * bs, seq.num_prompt_tokens)
+            cached = g + (seq.load_count if n_store else 0)
+            self._admitted_tokens.update(seq.num_tokens)
+            self._admitted_cached.update(min(cached * bs, seq.num_tokens))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = _chunk(self._compute_limit(seq) - seq.num_computed_tokens, budget, prefill_budget)

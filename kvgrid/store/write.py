@@ -115,6 +115,11 @@ class WritePath:
             [(k, o) for i, (k, o) in enumerate(zip(keys, out)) if i in below or o in HELD]
         )
         g2_out = list(out)
+        # the G2 slots of the blocks it holds, peeked once: after a batch's own later blocks
+        # may have pushed earlier ones out (``left_tier``); and a block every admitted lower
+        # tier already holds (most hand-downs, written through and evicted) needs no pin
+        held = [i for i, o in enumerate(out) if i not in below and o in HELD]
+        slots = dict(zip(held, self.g2.peek_many(tid, [keys[i] for i in held]))) if held else {}
         later: list[tuple[bytes, str]] = []
         for i, key in enumerate(keys):
             if i in below:
@@ -128,7 +133,7 @@ class WritePath:
                 depth = positions[i] if positions else 0
                 o = self._offer_below(
                     tid, key, parent_keys[i], tenant, blocks[i], token_count, score[i], settle,
-                    in_g2, depth,
+                    in_g2, depth, slots.get(i),
                 )  # fmt: skip
             except Exception:
                 log.exception("store write-back failed")
@@ -136,7 +141,7 @@ class WritePath:
             if in_g2:
                 if o == "already_stored":
                     out[i] = o
-                if self.g2.peek(tid, key) is None:  # its own batch filled G2 past it
+                if slots[i] is None:  # its own batch filled G2 past it
                     self.ledger.left_tier(key, "G2")
                 continue
             # G2 did not take it: what the lower tiers did says where it went, unless they
@@ -292,15 +297,21 @@ class WritePath:
         self.g2.abort(slots)
 
     def _offer_below(
-        self, tid, key, parent_key, tenant, block, token_count, score, settle, in_g2, depth=0
-    ) -> str:
+        self, tid, key, parent_key, tenant, block, token_count, score, settle, in_g2, depth=0,
+        slot: Slot | None = None,
+    ) -> str:  # fmt: skip
         """Offer one block to the write-down for the disk tiers (by its G2 slot when G2
-        holds it, else with a host copy of its own); the outcome for a block G2 lacks."""
+        holds it, else with a host copy of its own); the outcome for a block G2 lacks.
+        ``slot``: its G2 slot as last seen, if known: where every admitted tier already
+        holds the block, nothing is pinned (a tier once holding a block stays in
+        ``Slot.below``)."""
         admit = self.config.admit_after
         targets = [t for t in self.lower if t.up and (settle or score >= admit.get(t.name, 1))]
         for t in self.lower:
             if t.up and t not in targets:
                 self.metrics.inc("writedown", tier=t.name, outcome="not_admitted")
+        if slot is not None and targets and all(t.name in slot.below for t in targets):
+            return "already_stored"
         got = self.g2.acquire(tid, key) if in_g2 and targets else None
         if got is not None:
             targets = [t for t in targets if t.name not in got[0].below]  # already there

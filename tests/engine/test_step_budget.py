@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvgrid.engine.block_manager import BlockManager
 from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.sampling_params import SamplingParams
@@ -118,6 +120,50 @@ def test_queued_prompts_widen_mixed_steps_to_drain_within_their_window():
     # without a drain window: the slowdown share whatever waits
     sched = queue(0.0)
     assert step(sched) == [("d", 1), ("long", 400)]
+
+
+def test_the_drain_window_counts_queued_prompts_less_what_admissions_find_cached():
+    """Under reuse most of a queued prompt is a history G1 or the store holds: the drain
+    window counts the queued prompts less the share recent admissions found cached, so a
+    queue of next turns does not widen mixed steps as if each were computed whole."""
+
+    def queue(shared: bool) -> Scheduler:
+        sched = make(budget=8192, blocks=8000, prompt_drain_s=1.0)
+        add(sched, 20, "d")
+        step(sched)
+        step(sched)  # "d" is decoding now
+        sched.decode_step.value, sched.prefill_token.value = 0.020, 20e-6
+        history = list(range(1, 4801))  # 300 blocks
+        for i in range(6):
+            # one conversation's turns: the first computes the history, the others find
+            # it in G1 (without sharing: each its own history)
+            tail = [5000 + 200 * i + j for j in range(200)]
+            prompt = (history if shared else [9000 + i] + history[1:]) + tail
+            seq = Sequence(f"t{i}", prompt, SamplingParams(max_tokens=50), b"s" * 16, BS, 50)
+            sched.add(seq)
+            while seq.num_computed_tokens < seq.num_tokens - 1 or seq.status.name != "RUNNING":
+                step(sched)
+                done = seq.num_computed_tokens // BS
+                sched.bm.commit_full_blocks(seq, seq.block_keys(min(done, len(prompt) // BS)))
+        for i in range(4):
+            tail = [7000 + 200 * i + j for j in range(200)]
+            prompt = (history if shared else [9100 + i] + history[1:]) + tail
+            sched.add(Sequence(f"q{i}", prompt, SamplingParams(max_tokens=50), b"s" * 16, BS, 50))
+        return sched
+
+    def prompts(out: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        return [(name, n) for name, n in out if n > 1]
+
+    sched = queue(shared=True)
+    # 5 of 7 admissions found 4,800 of 5,000 tokens cached ("d" and the first turn
+    # nothing): a smoothed share of 0.87, so 20,000 queued tokens count 2,530; draining
+    # them in 1 s needs 53 tokens a step, under the slowdown share (400)
+    assert sched.cached_share() == pytest.approx(0.8735, abs=0.001)
+    assert prompts(step(sched)) == [("q0", 200), ("q1", 200)]
+    # without reuse the queued prompts count whole: 20,000 x 20 ms / (1 - 0.4) = 667 a step
+    sched = queue(shared=False)
+    assert sched.cached_share() == 0.0
+    assert prompts(step(sched)) == [("q0", 667)]
 
 
 def test_observe_step_measures_decode_and_marginal_prefill_cost():

@@ -349,6 +349,29 @@ def test_a_hand_down_of_blocks_g2_holds_only_touches_them(tmp_path):
     store.close()
 
 
+def test_a_hand_down_of_blocks_every_lower_tier_holds_pins_nothing(tmp_path):
+    """A block G2 holds that the disk tiers hold too (written through, then written down)
+    is handed down again at each eviction from G1: it is not offered to the write-down, and
+    its G2 slot is not pinned to find that out (most hand-downs of a store with a disk
+    tier, each on the engine's thread)."""
+    cp = FakeCopier()
+    store = make(tmp_path, cp, g3_dir=tmp_path / "g3")
+    conn = StoreConnector(store, blocks(8, seed=5), BS)
+    ks = chain(4)
+    conn.save(ks, [None, *ks[:-1]], A, [0, 1, 2, 3])
+    cp.open()
+    assert store.flush(10) and store.contains(ks, A) == ["G2"] * 4
+    tid = tenant_id(A)
+    assert all(store.g2.peek(tid, k).below == {"G3"} for k in ks)
+    pinned = []
+    inner = store.g2.acquire
+    store.g2.acquire = lambda t, key: pinned.append(key) or inner(t, key)
+    assert conn.save(ks[:2], [None, ks[0]], A, [0, 1]) == [True, True]
+    assert pinned == [] and store.writes.in_flight == 0
+    assert store.metrics.summary()["g1_writebacks"]["outcome=already_stored"] == 2
+    store.close()
+
+
 # ---- CUDA: the real side stream ---------------------------------------------------------
 
 
