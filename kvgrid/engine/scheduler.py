@@ -24,6 +24,7 @@ from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.hand_down import HandDown
 from kvgrid.engine.kv_loader import KVLoader
 from kvgrid.engine.sequence import Sequence, SequenceStatus
+from kvgrid.engine.step_budget import MIN_MIXED_PREFILL_TOKENS, StepBudget, is_prefilling
 from kvgrid.stats import Ewma
 from kvgrid.store.load_plan import SPLIT_OVERHEAD_S, LoadDeadline, short_load_reason
 from kvgrid.store.prefetch import Queued
@@ -34,25 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# an admission burst prefills at most this many steps in a row before decodes get a turn
-MAX_BURST_STEPS = 128
-# the least prompt tokens a mixed step carries, however fast decode steps are
-MIN_MIXED_PREFILL_TOKENS = 256
 # a prompt whose rest after this step's chunk would be at most this many tokens is finished
 # in this step instead: a step of its own for a short tail costs a whole decode step, where
 # the tail adds a fraction of one to this step
 PROMPT_TAIL_TOKENS = MIN_MIXED_PREFILL_TOKENS // 2
-# the share of GPU time that the waiting prompts would need, within prompt_drain_s, from
-# which mixed steps carry the whole step budget (the formula's budget grows without bound
-# towards a share of 1)
-DRAIN_FULL_BUSY = 0.9
-# share of each admission in the estimate of how much of a prompt is found cached (G1 or
-# the store), which the drain window takes off the queued prompts
-CACHED_SHARE_WEIGHT = 0.2
-# share of each decode-only step in the decode step time: the budget of mixed steps follows
-# a change of batch within a few steps, and a load report (hundreds of steps apart) sees
-# the settled value
-DECODE_STEP_WEIGHT = 0.2
 # Once a load's recomputed part (if any) has run, the load is waited for at most this
 # share of the time that recomputing its blocks not landed yet would take, plus the fixed
 # cost of the step that would recompute them (a cut a few blocks before the end cannot pay
@@ -63,10 +49,6 @@ LATE_LOAD_WAIT = 0.5
 # never hold a request for good).
 UNMEASURED_LOAD_FACTOR = 4.0
 UNMEASURED_LOAD_MIN_S = 1.0
-
-
-def _prefilling(seq: Sequence) -> bool:
-    return seq.num_tokens - seq.num_computed_tokens > 1
 
 
 def _chunk(left: int, budget: int, prefill_budget: int) -> int:
@@ -111,7 +93,7 @@ class SchedulerOutput:
             yield from seq.block_table[start // block_size : end // block_size + 1]
 
 
-class Scheduler(HandDown):
+class Scheduler(HandDown, StepBudget):
     def __init__(
         self,
         config: EngineConfig,
@@ -135,16 +117,7 @@ class Scheduler(HandDown):
         self._refused: tuple[Sequence, int, int, int, float] | None = None
         self._last_admit: float | None = None
         self._admit_gap = Ewma(0.2)
-        # step budget (see schedule): consecutive prefill-only steps of an admission burst,
-        # and measured step times (seconds) fed by the engine through observe_step: the one
-        # estimate of a decode step's time (also what the worker reports to routers and the
-        # planner) and a prompt token's marginal cost
-        self._burst_steps = 0
-        self.decode_step = Ewma(DECODE_STEP_WEIGHT)
-        self.prefill_token = Ewma(0.2)
-        # admitted prompt tokens and, of them, those found cached (per admission, smoothed)
-        self._admitted_tokens = Ewma(CACHED_SHARE_WEIGHT)
-        self._admitted_cached = Ewma(CACHED_SHARE_WEIGHT)
+        self._init_step_budget()
         self._ahead: dict[int, bytes] = {}  # block id -> the name it was cleaned ahead under
 
     def add(self, seq: Sequence) -> None:
@@ -171,12 +144,12 @@ class Scheduler(HandDown):
         self._seat_parked()
         active = self.active()
         self._unpark(active)
-        order = sorted(active, key=_prefilling)
+        order = sorted(active, key=is_prefilling)
         burst = self._prefill_first(active)
         if burst:
             # an admission burst: its prompts go in before anyone decodes, so no decode
             # step carries prefill chunks (each such step costs several decode steps)
-            order = [s for s in order if _prefilling(s)]
+            order = [s for s in order if is_prefilling(s)]
             prefill_budget = budget
         else:
             prefill_budget = self._mixed_prefill_budget()
@@ -184,7 +157,7 @@ class Scheduler(HandDown):
         # has landed: it waits out of a step that decodes (every decode row would wait),
         # and joins one that only prefills (they all wait for their first token anyway,
         # and one step for all of them costs less than a step for each as it lands)
-        hold = any(not _prefilling(s) for s in order)
+        hold = any(not is_prefilling(s) for s in order)
         budget, prefill_budget = self._schedule_running(
             order, out, budget, prefill_budget, hold_landing=hold
         )
@@ -192,7 +165,7 @@ class Scheduler(HandDown):
             self._admit(out, budget, prefill_budget)
         if burst and not out.scheduled and not out.preempted:
             # nothing could be prefilled (no blocks, or a full batch): decode after all
-            decodes = [s for s in active if not _prefilling(s)]
+            decodes = [s for s in active if not is_prefilling(s)]
             self._schedule_running(decodes, out, budget, 0)
         self._burst_steps = self._burst_steps + 1 if burst else 0
         self._flush_evictions()
@@ -216,7 +189,7 @@ class Scheduler(HandDown):
                 self._try_finish_load(seq)
             if hold_landing and seq.kv_landing is not None and not seq.kv_landing.landed():
                 continue  # its prefix is still crossing to G1; it joins once landed
-            prefilling = _prefilling(seq)
+            prefilling = is_prefilling(seq)
             left = self._compute_limit(seq) - seq.num_computed_tokens
             n = _chunk(left, budget, prefill_budget) if prefilling else min(left, budget)
             if n <= 0:
@@ -238,77 +211,6 @@ class Scheduler(HandDown):
         others are parked: admitted early to land their stored prefixes in G1 while the
         batch is full (``_admit``), they compute once a slot frees."""
         return self.running[: self.config.max_num_seqs]
-
-    # ---- step budget ----------------------------------------------------------------------
-
-    def _prefill_first(self, active: list[Sequence]) -> bool:
-        """Whether this step prefills only: prompts are pending and no running request has
-        started decoding yet (each has at most its first token), as after a burst of
-        arrivals. Bounded, so arrivals that never stop cannot starve the decodes."""
-        if not self.config.prefill_first_burst or self._burst_steps >= MAX_BURST_STEPS:
-            return False
-        if not (self.waiting or any(_prefilling(s) for s in active)):
-            return False
-        return all(s.num_output_tokens <= 1 for s in active if not _prefilling(s))
-
-    def _mixed_prefill_budget(self) -> int:
-        """Prompt tokens a step that also decodes may carry: as many as keep it within
-        ``mixed_step_slowdown`` times a decode step, from measured step times (the whole
-        step budget until both have been measured)."""
-        cap = self.config.max_num_batched_tokens
-        slow = self.config.mixed_step_slowdown
-        decode_s, token_s = self.decode_step.value, self.prefill_token.value
-        if not slow or decode_s is None or token_s is None:
-            return cap
-        tokens = round((slow - 1.0) * decode_s / max(token_s, 1e-9))
-        if self.config.prompt_drain_s > 0:
-            tokens = max(tokens, self._drain_tokens(cap, decode_s, token_s))
-        return max(min(tokens, cap), min(cap, MIN_MIXED_PREFILL_TOKENS))
-
-    def queued_prompt_tokens(self) -> int:
-        """Prompt tokens of the requests not yet admitted (all of each prompt: what G1 or
-        the store holds of it is known only at admission)."""
-        return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
-
-    def cached_share(self) -> float:
-        """The share of admitted prompt tokens found cached (G1 hits and store loads), over
-        recent admissions weighted by their length: what a queued prompt is expected not
-        to compute (its own hits are known only at its admission)."""
-        tokens, cached = self._admitted_tokens.value, self._admitted_cached.value
-        return cached / tokens if tokens and cached is not None else 0.0
-
-    def _drain_tokens(self, cap: int, decode_s: float, token_s: float) -> int:
-        """Prompt tokens a mixed step carries to compute the prompts waiting (queued, or
-        admitted and not yet prefilled) within ``prompt_drain_s``. A step of n prompt
-        tokens takes decode_s + n * token_s, so a rate of R tokens a second needs
-        n = R * decode_s / (1 - R * token_s); once R * token_s nears 1 the prompts alone
-        would keep the GPU busy, and the whole budget goes to them. A queued request counts
-        its prompt less the share recent admissions found cached: under reuse (a
-        conversation's next turn) most of a queued prompt is loaded, not computed, and
-        counting it whole would widen every mixed step for work that never comes."""
-        pending = round(self.queued_prompt_tokens() * (1.0 - self.cached_share()))
-        pending += sum(
-            self._compute_limit(s) - s.num_computed_tokens for s in self.active() if _prefilling(s)
-        )
-        rate = pending / self.config.prompt_drain_s
-        busy = rate * token_s
-        if busy >= DRAIN_FULL_BUSY:
-            return cap
-        return round(rate * decode_s / (1.0 - busy))
-
-    def observe_step(self, sched: SchedulerOutput, seconds: float, steer: bool = True) -> None:
-        """Feed one step's measured time: decode-step time, and (``steer``: where step times
-        are steady enough to size mixed steps by, GPU engines) the marginal cost of one
-        prompt token in steps that prefill."""
-        prefill = sched.num_prompt_tokens
-        if prefill == 0:
-            self.decode_step.update(seconds)
-            return
-        if not steer or prefill < MIN_MIXED_PREFILL_TOKENS // 2:
-            return  # too few tokens for a clean slope
-        decoding = len(sched.scheduled) > sum(1 for s in sched.scheduled if s.num_tokens > 1)
-        base = self.decode_step.value if decoding and self.decode_step.value is not None else 0.0
-        self.prefill_token.update(max(seconds - base, 0.0) / prefill)
 
     @staticmethod
     def _compute_limit(seq: Sequence) -> int:
@@ -378,9 +280,7 @@ class Scheduler(HandDown):
                 self._start_load(seq, hit_keys, g, n_store, fresh)
             elif seq.num_cached_tokens is None:
                 seq.num_cached_tokens = min(g * bs, seq.num_prompt_tokens)
-            cached = g + (seq.load_count if n_store else 0)
-            self._admitted_tokens.update(seq.num_tokens)
-            self._admitted_cached.update(min(cached * bs, seq.num_tokens))
+            self._note_cached(seq.num_tokens, (g + (seq.load_count if n_store else 0)) * bs)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = _chunk(self._compute_limit(seq) - seq.num_computed_tokens, budget, prefill_budget)
@@ -396,7 +296,7 @@ class Scheduler(HandDown):
         limit, at the measured decode step time (0 when unknown; a request may also stop
         earlier, on its end-of-sequence token)."""
         step = self.decode_step.value
-        left = [s.max_tokens - s.num_output_tokens for s in self.active() if not _prefilling(s)]
+        left = [s.max_tokens - s.num_output_tokens for s in self.active() if not is_prefilling(s)]
         return step * min(left) if step and left else 0.0
 
     def _seat_parked(self) -> None:
