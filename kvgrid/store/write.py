@@ -109,22 +109,20 @@ class WritePath:
             self._g2_put_many(
                 tid, keys, parent_keys, blocks, token_count, score, out, through, wait_s, spare_s
             )
+        held = [i for i, o in enumerate(out) if i not in below and o in HELD]
         # the blocks G2 holds (or that were safe below) are accounted first: the loop below
         # finds those that the batch's own later blocks pushed out of G2 (``left_tier``)
-        self.ledger.handed_down(
-            [(k, o) for i, (k, o) in enumerate(zip(keys, out)) if i in below or o in HELD]
-        )
+        self.ledger.handed_down([(keys[i], out[i]) for i in (*below, *held)])
         g2_out = list(out)
         # the G2 slots of the blocks it holds, peeked once: after a batch's own later blocks
         # may have pushed earlier ones out (``left_tier``); and a block every admitted lower
         # tier already holds (most hand-downs, written through and evicted) needs no pin
-        held = [i for i, o in enumerate(out) if i not in below and o in HELD]
         slots = dict(zip(held, self.g2.peek_many(tid, [keys[i] for i in held]))) if held else {}
         later: list[tuple[bytes, str]] = []
         for i, key in enumerate(keys):
             if i in below:
                 continue
-            in_g2 = out[i] in HELD
+            in_g2 = i in slots
             if through and not in_g2:
                 out[i] = "deferred"
                 later.append((key, "deferred"))

@@ -278,7 +278,8 @@ def test_a_head_refused_parking_for_want_of_room_is_not_looked_up_every_step(
 def test_a_short_prompt_tail_joins_its_chunk(model, tmp_path):
     """A mixed step's prompt chunk takes the rest of the prompt when what would be left is
     at most PROMPT_TAIL_TOKENS: no step of its own for a short tail."""
-    from kvgrid.engine.scheduler import MIN_MIXED_PREFILL_TOKENS, PROMPT_TAIL_TOKENS
+    from kvgrid.engine.scheduler import PROMPT_TAIL_TOKENS
+    from kvgrid.engine.step_budget import MIN_MIXED_PREFILL_TOKENS
 
     # no drain window: the queued prompts would otherwise widen the step (its own test)
     eng = LLMEngine(model=model, block_size=BS, num_kv_blocks=64, max_num_batched_tokens=1024,

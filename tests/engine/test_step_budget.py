@@ -7,8 +7,9 @@ import pytest
 from kvgrid.engine.block_manager import BlockManager
 from kvgrid.engine.config import EngineConfig
 from kvgrid.engine.sampling_params import SamplingParams
-from kvgrid.engine.scheduler import MIN_MIXED_PREFILL_TOKENS, Scheduler
-from kvgrid.engine.sequence import Sequence
+from kvgrid.engine.scheduler import Scheduler
+from kvgrid.engine.sequence import Sequence, SequenceStatus
+from kvgrid.engine.step_budget import MIN_MIXED_PREFILL_TOKENS
 
 BS = 16
 
@@ -141,7 +142,8 @@ def test_the_drain_window_counts_queued_prompts_less_what_admissions_find_cached
             prompt = (history if shared else [9000 + i] + history[1:]) + tail
             seq = Sequence(f"t{i}", prompt, SamplingParams(max_tokens=50), b"s" * 16, BS, 50)
             sched.add(seq)
-            while seq.num_computed_tokens < seq.num_tokens - 1 or seq.status.name != "RUNNING":
+            running = SequenceStatus.RUNNING
+            while seq.num_computed_tokens < seq.num_tokens - 1 or seq.status != running:
                 step(sched)
                 done = seq.num_computed_tokens // BS
                 sched.bm.commit_full_blocks(seq, seq.block_keys(min(done, len(prompt) // BS)))
