@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvgrid.bench.step_profile import StepProfile
 from kvgrid.engine.llm_engine import LLMEngine
 from kvgrid.engine.sampling_params import SamplingParams
 from kvgrid.stats import percentile
@@ -199,89 +200,6 @@ class BenchConfig:
     name: str
     g1_blocks: int | None  # usable G1 blocks (None: the whole pool)
     store: StoreConfig | None
-
-
-class StepProfile:
-    """Where a configuration's time goes, step by step: what each step ran (decodes,
-    prompt tokens), how long it took on the host's clock, and the requests admitted but
-    held out of it by their store loads (loading, or landing in G1). Steps that run
-    nothing while loads are in flight are the engine idling on the store."""
-
-    def __init__(self, eng: LLMEngine) -> None:
-        self.sched = eng.scheduler
-        self.inner = self.sched.schedule
-        self.steps: list[tuple[int, int, int, int, int, float]] = []
-        self.seconds: list[float] = []
-        self._t = None
-        self.sched.schedule = self._schedule
-
-    def _schedule(self):
-        now = time.perf_counter()
-        if self._t is not None:
-            self.seconds.append(now - self._t)
-        self._t = now
-        out = self.inner()
-        sched_s = time.perf_counter() - now
-        ran = {id(s.seq) for s in out.scheduled}
-        held = sum(
-            1
-            for s in self.sched.running
-            if id(s) not in ran
-            and (
-                s.load_future is not None
-                or (s.kv_landing is not None and not s.kv_landing.landed())
-            )
-        )
-        decodes = sum(1 for s in out.scheduled if s.num_tokens == 1)
-        prompt = sum(s.num_tokens for s in out.scheduled if s.num_tokens > 1)
-        row = (decodes, prompt, held, len(self.sched.running), len(self.sched.waiting), sched_s)
-        self.steps.append(row)
-        return out
-
-    def close(self) -> dict:
-        self.sched.schedule = self.inner
-        n = len(self.seconds)
-        rows, secs = self.steps[:n], self.seconds
-        idle = [t for (d, p, *_), t in zip(rows, secs) if not d and not p]
-        decode_only = [t for (d, p, *_), t in zip(rows, secs) if d and not p]
-        with_prompt = [t for (d, p, *_), t in zip(rows, secs) if p]
-        dec = [d for d, *_ in rows if d]
-        return {
-            "steps": n,
-            "idle_steps": len(idle),
-            "idle_s": sum(idle),
-            "decode_only_steps": len(decode_only),
-            "decode_only_s": sum(decode_only),
-            "prompt_steps": len(with_prompt),
-            "prompt_s": sum(with_prompt),
-            "prompt_tokens": sum(p for _, p, *_ in rows),
-            "decode_batch_mean": statistics.fmean(dec) if dec else None,
-            "running_mean": statistics.fmean(r[3] for r in rows) if rows else None,
-            "waiting_mean": statistics.fmean(r[4] for r in rows) if rows else None,
-            # request-steps spent admitted but held out by a load (per step, summed)
-            "load_held_seq_steps": sum(r[2] for r in rows),
-            "load_held_steps": sum(1 for r in rows if r[2]),
-            # the engine thread's time planning steps (admissions, lookups, write-backs)
-            "schedule_s": sum(r[5] for r in rows),
-            "loads": self._loads(),
-            # per step: host seconds, decodes, prompt tokens, held by loads, running,
-            # waiting, host seconds planning it
-            "trace": [[round(t, 5), *r[:5], round(r[5], 5)] for t, r in zip(secs, rows)],
-        }
-
-    def _loads(self) -> dict | None:
-        """How the store loads went: queued (thread and launch gate) and issued."""
-        loader = self.sched.loader
-        if loader is None or not loader.timings:
-            return None
-        t = list(loader.timings)
-        return {
-            "loads": len(t),
-            "layered": sum(x.layered for x in t),
-            "blocks": sum(x.blocks for x in t),
-            "queued_s_p50_p90": [percentile([x.queued_s for x in t], q) for q in (50, 90)],
-            "issue_s_p50_p90": [percentile([x.issue_s for x in t], q) for q in (50, 90)],
-        }
 
 
 def drive(eng: LLMEngine, wl: AgentWorkload, name: str, bar=None) -> list[dict]:

@@ -324,6 +324,13 @@ def format_table(out: dict) -> str:
                 f"{_f(sp['running_mean'], '.1f')}, held by loads {sp['load_held_seq_steps']} "
                 f"request-steps"
             )
+            if sp.get("launch_s"):
+                ls = sp["launch_s"]
+                lines.append(
+                    f"  {name} engine thread: planning {sp['schedule_s']:.2f} s, launching "
+                    f"{ls['decode_only']:.2f} s (decode-only steps) + {ls['with_prompt']:.2f} s "
+                    f"(steps with prompt tokens)"
+                )
             if sp.get("stream_waits_s"):
                 waits = ", ".join(f"{k} {v:.3f} s" for k, v in sp["stream_waits_s"].items())
                 lines.append(f"  {name} stream stalls at the store's waits: {waits}")

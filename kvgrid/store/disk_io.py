@@ -59,19 +59,56 @@ def _count(n) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
-def read_into(f, into: ReadBuffer) -> memoryview:
-    """The whole file, read into ``into``. Objects are replaced by rename, never written in
-    place, so the open file keeps its size; a short read is a truncated object (the
-    caller's length check rejects it)."""
-    size = os.fstat(f.fileno()).st_size
+# the resolution of the LRU order (atimes): what was used within this long counts as just used
+TOUCH_AFTER_S = 30.0
+
+
+def open_object(path: Path | str, read_only: bool) -> int:
+    """An object opened for reading. ``read_only`` (inspection): without moving its
+    last-access time (O_NOATIME where the kernel allows it), so the LRU order stays."""
+    flags = os.O_RDONLY | (getattr(os, "O_NOATIME", 0) if read_only else 0)
+    try:
+        return os.open(path, flags)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)  # O_NOATIME needs to own the file
+
+
+def touch(target: Path | str | int, st: os.stat_result | None = None) -> None:
+    """Mark an object (a path, or an open descriptor and its stat) as just used: its atime,
+    unless that is within ``TOUCH_AFTER_S`` already (a touch is a metadata write, and a
+    system call that gives up the GIL). Its mtime (= creation, for TTL) is left exactly as
+    it was."""
+    with contextlib.suppress(OSError):
+        st = st or os.stat(target)
+        now = time.time_ns()
+        if now - st.st_atime_ns >= TOUCH_AFTER_S * 1e9:
+            os.utime(target, ns=(now, st.st_mtime_ns))
+
+
+def read_object(fd: int, into: ReadBuffer | None) -> tuple[bytes | memoryview, os.stat_result]:
+    """The whole file open at ``fd`` (into ``into`` if given), and its stat. Objects are
+    replaced by rename, never written in place, so the open file keeps its size; a short
+    read is a truncated object (the caller's length check rejects it). One fstat and, as a
+    rule, one read: every system call gives up the GIL and retakes it, and each retaking
+    can cost the engine's thread more than the call itself."""
+    st = os.fstat(fd)
+    size = st.st_size
+    if into is None:
+        data = os.read(fd, size)
+        while 0 < len(data) < size:
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
+        return data, st
     view = into.view(size)
     n = 0
     while n < size:
-        got = f.readinto(view[n:])
+        got = os.readv(fd, [view[n:]])
         if not got:
             break
         n += got
-    return view[:n]
+    return view[:n], st
 
 
 def pid_alive(pid: int) -> bool:

@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvgrid import failpoints
-from kvgrid.store.disk_io import locked, pid_alive, read_into, valid_ledger
+from kvgrid.store.disk_io import locked, open_object, pid_alive, read_object, touch, valid_ledger
 from kvgrid.store.tier import (
     ObjectInfo,
     ObjectTier,
@@ -427,20 +427,20 @@ class DiskTier(ObjectTier):
             return None
         if failpoints.ENABLED and failpoints.active().disk_read_delay_s:
             time.sleep(failpoints.active().disk_read_delay_s)  # a slow disk (kvgrid chaos)
-        path = self.path(tid, key)
+        path = self._file_in(self._tenant_dir(tid), key)  # a string: no pathlib per block
         try:
-            with self._open_read(path) as f:
-                if into is None:
-                    data = f.read()
-                else:
-                    data = read_into(f, into)
+            fd = open_object(path, self.read_only)
+            try:
+                data, st = read_object(fd, into)
+                self._touch(fd, st)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             self._present.pop((tid, key), None)
             return None
         except OSError as e:
             self._fail(e)
             raise  # the store counts and logs it (a miss for the engine)
-        self._touch(path)
         return data
 
     def read_meta(self, name: str) -> bytes | None:
@@ -500,24 +500,11 @@ class DiskTier(ObjectTier):
             return None
 
     def _open_read(self, path: Path):
-        """An object opened for reading; read-only, without moving its last-access time
-        (O_NOATIME where the kernel allows it), so that inspecting leaves the LRU order."""
-        flags = os.O_RDONLY
-        if self.read_only:
-            flags |= getattr(os, "O_NOATIME", 0)
-        try:
-            fd = os.open(path, flags)
-        except PermissionError:
-            fd = os.open(path, os.O_RDONLY)  # O_NOATIME needs to own the file
-        return open(fd, "rb", buffering=0)
+        return open(open_object(path, self.read_only), "rb", buffering=0)
 
-    def _touch(self, path: Path) -> None:
-        # LRU order is the atime; mtime (= creation, for TTL) is left exactly as it was
-        if self.read_only:
-            return
-        with contextlib.suppress(OSError):
-            st = path.stat()
-            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+    def _touch(self, target: Path | int, st: os.stat_result | None = None) -> None:
+        if not self.read_only:
+            touch(target, st)
 
     def created_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
         if not self.up:

@@ -66,6 +66,16 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     # smaller (g3); +wt forces it
     assert r["g2"]["write_through"] and not r["g3"]["write_through"]
     assert r["g4+wt"]["write_through"]
+    # the engine thread's time per step: planning and launching it, in the trace too
+    for name in r:
+        sp = r[name]["steps"]
+        ls = sp["launch_s"]
+        assert ls["decode_only"] > 0 and ls["with_prompt"] > 0
+        trace = sp["trace"]
+        assert len(trace) == sp["steps"] and all(len(row) == 8 for row in trace)
+        assert abs(sum(row[7] for row in trace) - ls["decode_only"] - ls["with_prompt"]) < 1e-2
+        assert all(row[7] <= row[0] for row in trace if row[1] or row[2])
+    assert "engine thread: planning" in printed
 
 
 def test_g2_holds_every_history_below_its_high_watermark(tmp_path, tiny_model_dir):

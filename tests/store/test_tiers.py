@@ -428,3 +428,39 @@ def test_the_write_down_flushes_a_directory_once_per_batch(tmp_path, monkeypatch
     store.g2.clear()
     assert all(torch.equal(store.get(k, A), block(i)) for i, k in enumerate(ks))
     store.close()
+
+
+def test_a_disk_read_touches_an_object_only_when_its_last_use_is_older_than_the_resolution(
+    tmp_path, monkeypatch
+):
+    """Reads keep the LRU order (atime) to ``TOUCH_AFTER_S``: an object used within that
+    long is not touched again (a touch is a metadata write and a system call that gives up
+    the GIL); one used longer ago moves to the front, so eviction still spares what is read."""
+    from kvgrid.store import disk_io
+    from kvgrid.store.tier import ReadBuffer
+
+    disk = DiskTier(tmp_path / "g3", 10 * 1000, "G3")
+    tid, ks = tenant_id(A), chain(A, 12)
+    blobs = [os.urandom(1000) for _ in ks]
+    for k, b in zip(ks[:8], blobs):
+        assert disk.put(tid, k, b).stored
+    utimes = []
+    real = os.utime
+    monkeypatch.setattr(disk_io.os, "utime", lambda *a, **kw: (utimes.append(a), real(*a, **kw)))
+    buf = ReadBuffer()
+    assert bytes(disk.get(tid, ks[0], buf)) == blobs[0] and disk.get(tid, ks[0]) == blobs[0]
+    assert not utimes  # written just now: used within the resolution
+    # every object last used long ago, the oldest first; reading the oldest brings it back
+    now = time.time()
+    for i, k in enumerate(ks[:8]):
+        p = disk.path(tid, k)
+        t = now - 3600 + i
+        os.utime(p, (t, os.stat(p).st_mtime))
+    utimes.clear()
+    assert disk.get(tid, ks[0]) == blobs[0] and len(utimes) == 1
+    assert disk.get(tid, ks[0]) == blobs[0] and len(utimes) == 1  # once per resolution
+    assert os.stat(disk.path(tid, ks[0])).st_atime > now - 60
+    for k in ks[8:]:  # past the high watermark: the least recently used go
+        assert disk.put(tid, k, os.urandom(1000)).stored
+    held = disk.created_many(tid, ks[:8])
+    assert held[0] is not None and None in held[1:]

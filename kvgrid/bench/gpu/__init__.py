@@ -36,6 +36,7 @@ BENCHES: dict[str, str] = {
     "profile_store_write": "stages of a G2->G3 write-down on a real directory",
     "profile_g3_load": "stages of a warm-cache G3 load against plain reads",
     "profile_disk_lookup": "a busy disk tier's lookups: its owner's, from memory, against stats",
+    "profile_gil": "what a disk tier's loads cost a thread of short torch calls (the GIL)",
     "writeback_copy": "G1 -> pinned G2 write-back copies: copy engine against one kernel launch",
     "bf16_error_budget": "where bf16 rounding error enters a forward pass",
     "bf16_floor_trained": "the bf16 error floor on trained weights",

@@ -97,6 +97,11 @@ SMOKES: dict[str, Smoke] = {
     "profile_disk_lookup": Smoke(
         f"--seconds 1 --object-mb 1 --dir {tempfile.gettempdir()} --out {{out}}/lookup.json"
     ),
+    "profile_gil": Smoke(
+        f"--blocks 16 --block-mb 0.25 --workers 1,2 --seconds 1 --dir {tempfile.gettempdir()} "
+        "--out {out}/gil.json",
+        ("cryptography",),
+    ),
     "bf16_error_budget": Smoke(""),
 }
 # not in the smoke: bf16_floor_trained needs the default model's trained weights (a download)

@@ -1,0 +1,171 @@
+"""What a disk tier's loads cost the engine's thread through the GIL.
+
+The engine's thread launches a step as a few hundred short torch calls, each of which gives
+up the GIL and takes it back. The store's fetch threads read, verify and decrypt blocks
+beside it; every time one of them takes the GIL back after a system call or a decryption,
+the engine's thread may have to wait for it. This measures that cost on this host.
+
+    python -m kvgrid.bench.gpu.profile_gil                        # ~30 s, any machine
+    python -m kvgrid.bench.gpu.profile_gil --dir /nvme/kvgrid --block-mb 8 --workers 2,8
+
+A probe thread makes ``torch.add`` calls on 64-element tensors (as many short calls that
+give up the GIL as a step's launch makes) for ``--seconds``: alone, then while another
+thread loads ``--blocks`` stored blocks from G3 (or G4) again and again, with each of
+``--workers`` fetch-thread counts. Where the host has two CPUs or more, the probe has one to
+itself and everything else shares the rest: the GIL is then the only thing they share.
+Prints the probe's call rate during the loads against alone, the loads' rate, and the probe
+time lost per block loaded; writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from kvgrid.store.config import StoreConfig
+from kvgrid.store.crypto import KeyRing
+from kvgrid.store.object import cached_tenant_id
+from kvgrid.store.store import ContextStore
+
+TENANT = b"gil-probe"
+
+
+def probe_rate(seconds: float, cpu: set[int] | None) -> float:
+    """Short torch calls per second made by a new thread (on ``cpu`` if given)."""
+    a, b, c = torch.ones(64), torch.ones(64), torch.empty(64)
+    out: list[float] = []
+
+    def run() -> None:
+        if cpu:
+            os.sched_setaffinity(0, cpu)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(100):
+                torch.add(a, b, out=c)
+            n += 100
+        out.append(n / (time.perf_counter() - t0))
+
+    t = threading.Thread(target=run, name="gil-probe")
+    t.start()
+    t.join()
+    return out[0]
+
+
+def open_store(root: Path, args, workers: int) -> tuple[ContextStore, list[bytes]]:
+    """A store whose lower tier holds ``args.blocks`` random blocks (G2 has room for them
+    all: none is evicted before it is written down)."""
+    nbytes = int(args.block_mb * (1 << 20)) // 2 * 2
+    tier = {f"{args.tier}_dir": root, f"{args.tier}_bytes": 4 * args.blocks * nbytes}
+    cfg = StoreConfig(
+        g2_bytes=(args.blocks + 1) * nbytes, codec="none", encrypt=True, sweep_interval_s=0,
+        load_workers=workers, **tier,
+    )  # fmt: skip
+    store = ContextStore(cfg, keyring=KeyRing({1: os.urandom(32)}))
+    keys = [os.urandom(32) for _ in range(args.blocks)]
+    shape = (nbytes // 2,)
+    for i in range(0, len(keys), 8):
+        ks = keys[i : i + 8]
+        blocks = [torch.randn(shape).to(torch.bfloat16) for _ in ks]
+        store.put_many(ks, [None] * len(ks), TENANT, blocks, 64)
+    store.settle()  # G2's blocks go down, as at a shutdown
+    store.flush()
+    return store, keys
+
+
+def measure(root: Path, args, workers: int, probe_cpu, rest_cpu) -> dict:
+    store, keys = open_store(root, args, workers)
+    tid = cached_tenant_id(TENANT)
+    for k in keys:  # every load reads the tier below: G2 drops its copies first
+        store.g2.delete(tid, k)
+    below = sum(w is not None for w in store.contains(keys, TENANT, leading=False))
+    dsts = [torch.empty(store.block_shape, dtype=store.block_dtype) for _ in keys]
+    stop, loaded, spent = threading.Event(), [0], [0.0]
+
+    def load() -> None:
+        if rest_cpu:
+            os.sched_setaffinity(0, rest_cpu)  # its fetch threads inherit this
+        while not stop.is_set():
+            for k in keys:
+                store.g2.delete(tid, k)
+            t0 = time.perf_counter()
+            loaded[0] += len(store.load_into(keys, TENANT, dsts))
+            spent[0] += time.perf_counter() - t0
+
+    try:
+        alone = probe_rate(args.seconds / 2, probe_cpu)
+        loader = threading.Thread(target=load, name="gil-loads")
+        loader.start()
+        try:
+            time.sleep(0.3)
+            n0, s0 = loaded[0], spent[0]
+            busy = probe_rate(args.seconds, probe_cpu)
+            n, s = loaded[0] - n0, spent[0] - s0
+        finally:
+            stop.set()
+            loader.join()
+    finally:
+        store.close()
+    rate = n / s if s > 0 else 0.0
+    lost = 1 - busy / alone
+    return {
+        "workers": workers,
+        "blocks_below_g2": below,
+        "probe_alone_per_s": alone,
+        "probe_busy_per_s": busy,
+        "probe_ratio": busy / alone,
+        "blocks_per_s": rate,
+        "gb_per_s": rate * dsts[0].nbytes / 1e9,
+        "probe_us_lost_per_block": 1e6 * lost / rate if rate > 0 else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvgrid.bench.gpu.profile_gil",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the tier's folder goes")
+    ap.add_argument("--tier", choices=("g3", "g4"), default="g3")
+    ap.add_argument("--blocks", type=int, default=200)
+    ap.add_argument("--block-mb", type=float, default=1.0, help="8 for Llama-3-8B at block 64")
+    ap.add_argument("--workers", default="1,8", help="fetch-thread counts, comma-separated")
+    ap.add_argument("--seconds", type=float, default=4.0, help="probe time during the loads")
+    ap.add_argument("--out", help="JSON file")
+    args = ap.parse_args(argv)
+    workers = [int(w) for w in args.workers.split(",") if w]
+    if args.blocks < 1 or args.block_mb <= 0 or args.seconds <= 0 or min(workers) < 1:
+        ap.error("--blocks, --block-mb, --seconds and --workers must be positive")
+    cpus = sorted(os.sched_getaffinity(0))
+    probe_cpu, rest_cpu = ({cpus[0]}, set(cpus[1:])) if len(cpus) > 1 else (None, None)
+    results = []
+    for w in workers:
+        root = Path(tempfile.mkdtemp(prefix="kvgrid-gil-", dir=args.dir))
+        try:
+            results.append(measure(root, args, w, probe_cpu, rest_cpu))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"{args.tier} loads of {args.blocks} blocks of {args.block_mb} MiB, "
+          f"probe {'on a CPU of its own' if probe_cpu else 'sharing the only CPU'}")  # fmt: skip
+    print("workers | probe busy / alone | blocks/s | GB/s | probe us lost per block")
+    for r in results:
+        lost = r["probe_us_lost_per_block"]
+        print(f"{r['workers']:7d} | {r['probe_ratio']:18.2f} | {r['blocks_per_s']:8.0f} | "
+              f"{r['gb_per_s']:4.2f} | {'-' if lost is None else f'{lost:.0f}'}")  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        info = {"host": platform.node(), "cpus": len(cpus), "torch": torch.__version__,
+                "python": platform.python_version()}  # fmt: skip
+        Path(args.out).write_text(json.dumps({**vars(args), **info, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

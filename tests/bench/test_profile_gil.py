@@ -1,0 +1,21 @@
+"""The GIL profile loads real blocks from a disk tier beside a probe thread and reports what
+the probe lost per block loaded."""
+
+import json
+
+from kvgrid.bench.gpu.profile_gil import main
+
+
+def test_the_gil_profile_loads_from_the_tier_and_measures_the_probe(tmp_path, capsys):
+    out = tmp_path / "gil.json"
+    rc = main(["--dir", str(tmp_path), "--blocks", "6", "--block-mb", "0.0625",
+               "--workers", "1,2", "--seconds", "0.3", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["workers"] for r in res["results"]] == [1, 2]
+    for r in res["results"]:
+        assert r["blocks_below_g2"] == 6  # the loads read the tier, not G2
+        assert r["blocks_per_s"] > 0 and r["probe_alone_per_s"] > 0 and r["probe_busy_per_s"] > 0
+        assert r["probe_ratio"] == r["probe_busy_per_s"] / r["probe_alone_per_s"]
+    assert "probe us lost per block" in capsys.readouterr().out
+    assert not list(tmp_path.glob("kvgrid-gil-*"))  # its folders are removed
