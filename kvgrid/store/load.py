@@ -70,6 +70,7 @@ class LoadPath:
 
         served: list[str] = []
         nbytes: dict[str, int] = {}
+        absent = 0  # G2 misses, counted once for the load (a metric's lock per block adds up)
         run: list[tuple[torch.Tensor, torch.Tensor]] = []
         cuda_dev = None
         tl = tenant_label(tid)
@@ -80,8 +81,7 @@ class LoadPath:
                 if srcs[i] is not None:
                     tier = "G2"
                 else:
-                    if self.g2 is not None:
-                        self.metrics.inc("misses", tier="G2", tenant=tl, reason="absent")
+                    absent += self.g2 is not None
                     try:
                         r = ctl.wait(futs[i])
                         del futs[i]
@@ -113,6 +113,8 @@ class LoadPath:
                 self._drop_fetch(fut)
             if held:
                 self.g2.release_run(held)
+            if absent:
+                self.metrics.inc("misses", absent, tier="G2", tenant=tl, reason="absent")
         self._account_load(tl, served.count("G2"), nbytes, time.perf_counter() - t_start, n)
         return served
 
@@ -237,6 +239,11 @@ class LoadPath:
         return r is not None
 
 
+# blocks a readahead hint gathers: a hint per block woke the hint thread for each (GIL
+# handoffs that the engine's thread pays for), for a window that moved by one block
+HINT_BATCH = 4
+
+
 class ReadAhead:
     """Readahead for one load below G2: the tiers are told about the next ``window`` blocks
     beyond those handed to the fetch threads, so a disk keeps reading while those threads
@@ -249,8 +256,11 @@ class ReadAhead:
 
     def hint(self, submitted: int) -> None:
         """``submitted``: how many of ``keys`` (in order) the fetch threads have been given."""
-        upto = min(len(self.keys), submitted + self.store._window)
-        if upto <= self._hinted:
+        window = self.store._window
+        upto = min(len(self.keys), submitted + window)
+        # the readahead stays at least 3/4 of a window ahead of the fetch threads
+        gather = max(1, min(HINT_BATCH, window // 4))
+        if upto <= self._hinted or (upto < len(self.keys) and upto - self._hinted < gather):
             return
         batch, self._hinted = self.keys[self._hinted : upto], upto
         for tier in self.store.lower:

@@ -138,14 +138,13 @@ def test_zstd_decodes_into_the_slot_with_or_without_libzstd(monkeypatch, libzstd
             codecs.decode(cid, bad, t.nbytes, t.dtype, SHAPE, out)
 
 
-def test_loads_below_g2_read_ahead_of_the_fetch_threads(tmp_path, monkeypatch):
-    """A load tells G3 about the blocks beyond those the fetch threads hold, once each and
-    in order (the disk then reads while the threads decode); the data is unchanged."""
-    cfg = StoreConfig(g2_bytes=8 * BLOCK_BYTES, g3_dir=tmp_path / "g3", g3_bytes=1 << 24,
+def hinting_store(tmp_path, monkeypatch, n: int, workers: int):
+    """A store whose G3 holds ``n`` blocks (G2 emptied), recording G3's readahead hints."""
+    cfg = StoreConfig(g2_bytes=(n + 1) * BLOCK_BYTES, g3_dir=tmp_path / "g3", g3_bytes=1 << 26,
                       sweep_interval_s=0, admit_after={"G2": 1, "G3": 1},
-                      load_workers=1)  # fmt: skip
+                      load_workers=workers)  # fmt: skip
     store = ContextStore(cfg)
-    ks = chain(7)
+    ks = chain(n)
     for i, k in enumerate(ks):
         store.put(k, None, A, block(i), 16)
     assert store.flush()
@@ -156,6 +155,13 @@ def test_loads_below_g2_read_ahead_of_the_fetch_threads(tmp_path, monkeypatch):
         g3, "will_need", lambda tid, batch: hinted.append(batch) or real(tid, batch)
     )
     store.g2.clear()
+    return store, ks, hinted
+
+
+def test_loads_below_g2_read_ahead_of_the_fetch_threads(tmp_path, monkeypatch):
+    """A load tells G3 about the blocks beyond those the fetch threads hold, once each and
+    in order (the disk then reads while the threads decode); the data is unchanged."""
+    store, ks, hinted = hinting_store(tmp_path, monkeypatch, 7, workers=1)
     assert torch.equal(store.get(ks[0], A), block(0))  # promoted to G2: not hinted
     dst = [torch.zeros(SHAPE, dtype=torch.bfloat16) for _ in ks]
     assert store.load_into(ks, A, dst) == ["G2"] + ["G3"] * 6
@@ -171,6 +177,22 @@ def test_loads_below_g2_read_ahead_of_the_fetch_threads(tmp_path, monkeypatch):
     store.will_load(ks, A)
     store._hints.submit(lambda: None).result()
     assert hinted == [ks[1 : 1 + store._window]]
+    store.close()
+
+
+def test_readahead_hints_gather_blocks_instead_of_waking_the_hint_thread_per_block(
+    tmp_path, monkeypatch
+):
+    """With a window of 16 blocks (8 fetch threads) a long load hints its first two windows
+    at once, then its blocks 4 at a time (not one by one), in order, each once."""
+    store, ks, hinted = hinting_store(tmp_path, monkeypatch, 40, workers=8)
+    dst = [torch.zeros(SHAPE, dtype=torch.bfloat16) for _ in ks]
+    assert store.load_into(ks, A, dst) == ["G3"] * 40
+    store._hints.submit(lambda: None).result()
+    assert all(torch.equal(d, block(i)) for i, d in enumerate(dst))
+    assert [k for b in hinted for k in b] == ks
+    assert len(hinted[0]) == 2 * store._window
+    assert all(len(b) >= 4 for b in hinted[1:-1]) and len(hinted) <= 8
     store.close()
 
 
