@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -88,6 +88,25 @@ def _engine_timed(kind: str):
         return timed
 
     return wrap
+
+
+class BlockViews(Sequence):
+    """``kv_cache[block_ids[i]]`` for each ``i``, made on first use. Most hand-downs of a
+    store with a disk tier find every block already stored below and read none of them;
+    each view is a torch call that gives up the GIL on the engine's thread."""
+
+    def __init__(self, kv_cache: torch.Tensor, block_ids: list[int]) -> None:
+        self.kv_cache, self.block_ids = kv_cache, block_ids
+        self._made: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.block_ids)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        t = self._made.get(i)
+        if t is None:
+            t = self._made[i] = self.kv_cache[self.block_ids[i]]
+        return t
 
 
 class StoreConnector:
@@ -385,7 +404,7 @@ class StoreConnector:
         waiting for G2 room: their eviction hands them down again)."""
         if not (len(keys) == len(parent_keys) == len(block_ids)):
             raise ValueError("save() needs as many keys, parent keys and block ids")
-        blocks = [self.kv_cache[b] for b in block_ids]
+        blocks = BlockViews(self.kv_cache, block_ids)
         # the engine waits for G2 room no longer than recomputing these blocks would take:
         # a longer wait costs the GPU more than losing them
         speed = self.prefill_tokens_per_s

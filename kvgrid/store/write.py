@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -40,7 +41,7 @@ class WritePath:
         keys: list[bytes],
         parent_keys: list[bytes | None],
         tenant: bytes,
-        blocks: list[torch.Tensor],
+        blocks: Sequence[torch.Tensor],
         token_count: int,
         hints: list[float] | None = None,
         settle: bool = False,
@@ -58,7 +59,7 @@ class WritePath:
         keys: list[bytes],
         parent_keys: list[bytes | None],
         tenant: bytes,
-        blocks: list[torch.Tensor],
+        blocks: Sequence[torch.Tensor],
         token_count: int,
         hints: list[float] | None = None,
         settle: bool = False,

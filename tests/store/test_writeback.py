@@ -349,18 +349,25 @@ def test_a_hand_down_of_blocks_g2_holds_only_touches_them(tmp_path):
     store.close()
 
 
-def test_a_hand_down_of_blocks_every_lower_tier_holds_pins_nothing(tmp_path):
-    """A block G2 holds that the disk tiers hold too (written through, then written down)
-    is handed down again at each eviction from G1: it is not offered to the write-down, and
-    its G2 slot is not pinned to find that out (most hand-downs of a store with a disk
-    tier, each on the engine's thread)."""
+def handed_down_and_written_down(tmp_path):
+    """A store with G3 whose four blocks (a chain) G1 handed down and the disk now holds."""
     cp = FakeCopier()
     store = make(tmp_path, cp, g3_dir=tmp_path / "g3")
     conn = StoreConnector(store, blocks(8, seed=5), BS)
     ks = chain(4)
     conn.save(ks, [None, *ks[:-1]], A, [0, 1, 2, 3])
     cp.open()
-    assert store.flush(10) and store.contains(ks, A) == ["G2"] * 4
+    assert store.flush(10)
+    return store, conn, ks
+
+
+def test_a_hand_down_of_blocks_every_lower_tier_holds_pins_nothing(tmp_path):
+    """A block G2 holds that the disk tiers hold too (written through, then written down)
+    is handed down again at each eviction from G1: it is not offered to the write-down, and
+    its G2 slot is not pinned to find that out (most hand-downs of a store with a disk
+    tier, each on the engine's thread)."""
+    store, conn, ks = handed_down_and_written_down(tmp_path)
+    assert store.contains(ks, A) == ["G2"] * 4
     tid = tenant_id(A)
     assert all(store.g2.peek(tid, k).below == {"G3"} for k in ks)
     pinned = []
@@ -369,6 +376,29 @@ def test_a_hand_down_of_blocks_every_lower_tier_holds_pins_nothing(tmp_path):
     assert conn.save(ks[:2], [None, ks[0]], A, [0, 1]) == [True, True]
     assert pinned == [] and store.writes.in_flight == 0
     assert store.metrics.summary()["g1_writebacks"]["outcome=already_stored"] == 2
+    store.close()
+
+
+def test_a_hand_down_of_blocks_only_the_disk_holds_makes_no_view_per_block(tmp_path):
+    """Blocks G2 lacks and every lower tier holds (most hand-downs of a store with a disk
+    tier) are left where they are with no view of them made but the one that tells their
+    device: each view is a torch call on the engine's thread, which gives up the GIL."""
+
+    class CountingCache:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t, self.views = t, 0
+
+        def __getitem__(self, i):
+            self.views += 1
+            return self.t[i]
+
+    store, conn, ks = handed_down_and_written_down(tmp_path)
+    store.g2.clear()
+    assert store.contains(ks, A) == ["G3"] * 4
+    conn.kv_cache = CountingCache(conn.kv_cache)
+    assert conn.save(ks, [None, *ks[:-1]], A, [4, 5, 6, 7]) == [True] * 4
+    assert conn.kv_cache.views <= 1  # was one per block
+    assert store.metrics.summary()["g1_writebacks"]["outcome=already_stored"] == 4
     store.close()
 
 
