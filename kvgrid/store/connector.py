@@ -92,7 +92,7 @@ def _engine_timed(kind: str):
 
 class BlockViews(Sequence):
     """``kv_cache[block_ids[i]]`` for each ``i``, made on first use. Most hand-downs of a
-    store with a disk tier find every block already stored below and read none of them;
+    store with a disk tier find every block already stored below and need no view of it;
     each view is a torch call that gives up the GIL on the engine's thread."""
 
     def __init__(self, kv_cache: torch.Tensor, block_ids: list[int]) -> None:
