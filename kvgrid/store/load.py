@@ -253,14 +253,14 @@ class ReadAhead:
     def __init__(self, store: ContextStore, tid: bytes, keys: list[bytes]) -> None:
         self.store, self.tid, self.keys = store, tid, keys
         self._hinted = 0
+        # blocks a hint gathers: the readahead stays at least 3/4 of a window ahead of the
+        # fetch threads
+        self._gather = max(1, min(HINT_BATCH, store._window // 4))
 
     def hint(self, submitted: int) -> None:
         """``submitted``: how many of ``keys`` (in order) the fetch threads have been given."""
-        window = self.store._window
-        upto = min(len(self.keys), submitted + window)
-        # the readahead stays at least 3/4 of a window ahead of the fetch threads
-        gather = max(1, min(HINT_BATCH, window // 4))
-        if upto <= self._hinted or (upto < len(self.keys) and upto - self._hinted < gather):
+        upto = min(len(self.keys), submitted + self.store._window)
+        if upto <= self._hinted or (upto < len(self.keys) and upto - self._hinted < self._gather):
             return
         batch, self._hinted = self.keys[self._hinted : upto], upto
         for tier in self.store.lower:

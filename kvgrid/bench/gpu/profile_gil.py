@@ -84,8 +84,12 @@ def open_store(root: Path, args, workers: int) -> tuple[ContextStore, list[bytes
 def measure(root: Path, args, workers: int, probe_cpu, rest_cpu) -> dict:
     store, keys = open_store(root, args, workers)
     tid = cached_tenant_id(TENANT)
-    for k in keys:  # every load reads the tier below: G2 drops its copies first
-        store.g2.delete(tid, k)
+
+    def drop_g2() -> None:  # every load reads the tier below: G2 drops its copies first
+        for k in keys:
+            store.g2.delete(tid, k)
+
+    drop_g2()
     below = sum(w is not None for w in store.contains(keys, TENANT, leading=False))
     dsts = [torch.empty(store.block_shape, dtype=store.block_dtype) for _ in keys]
     stop, loaded, spent = threading.Event(), [0], [0.0]
@@ -94,8 +98,7 @@ def measure(root: Path, args, workers: int, probe_cpu, rest_cpu) -> dict:
         if rest_cpu:
             os.sched_setaffinity(0, rest_cpu)  # its fetch threads inherit this
         while not stop.is_set():
-            for k in keys:
-                store.g2.delete(tid, k)
+            drop_g2()
             t0 = time.perf_counter()
             loaded[0] += len(store.load_into(keys, TENANT, dsts))
             spent[0] += time.perf_counter() - t0
