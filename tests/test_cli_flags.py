@@ -29,11 +29,12 @@ ADDED = {
     "--prompt-drain-s",
     "--max-logprobs",
     "--max-parked-seqs",
+    "--kv-fetch-procs",  # a StoreConfig field: the store's fetch processes
 }
 # commands added since the dump (the one command tree: the simulator's experiments and its
 # check against a live run under `kvgrid bench`, and `kvgrid --log-level`) and flags added to
 # existing commands (`kvgrid chat` talking to a running server; the engine's drain window
-# in `kvgrid bench reuse`)
+# and the store's fetch processes in `kvgrid bench reuse`)
 NEW_COMMANDS = {
     "",
     "bench experiments",
@@ -41,7 +42,7 @@ NEW_COMMANDS = {
     "bench sim-vs-live run",
     "bench sim-vs-live _measure",
 }
-ADDED_TO = {"chat": {"--url", "--api-key"}, "bench reuse": {"--prompt-drain-s"}}
+ADDED_TO = {"chat": {"--url", "--api-key"}, "bench reuse": {"--prompt-drain-s", "--fetch-procs"}}
 # defaults changed on purpose: the simulator never read `kvgrid sim --link-gbps` 400; unset,
 # the calibration's transfer model applies, as it did. Guided decoding builds masks on half
 # the CPUs (at most 8) unless told: one thread was the bottleneck of a batch of 64.

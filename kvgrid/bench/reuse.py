@@ -442,9 +442,10 @@ def store_configs(
     small_g2_blocks: int,
     disk_dir: Path,
     shared_dir: Path,
-    load_workers: int | None = None,
+    store_opts: dict | None = None,
 ) -> list[BenchConfig]:
-    """The configurations of one invocation (see the module's docstring)."""
+    """The configurations of one invocation (see the module's docstring); ``store_opts``:
+    ``StoreConfig`` fields every store takes (``load_workers``, ``fetch_procs``)."""
     bs = eng.config.block_size
     per_conv = -(-wl.max_tokens // bs)
     block_bytes = eng.runner.kv_cache[0].nbytes
@@ -453,9 +454,7 @@ def store_configs(
     all_hist = math.ceil(
         (wl.conversations * per_conv + 64) * block_bytes / StoreConfig.high_watermark
     )
-    base = dict(sweep_interval_s=0, encrypt=True)
-    if load_workers:
-        base["load_workers"] = load_workers
+    base = dict(sweep_interval_s=0, encrypt=True, **(store_opts or {}))
     small = max(1, small_g2_blocks) * block_bytes
     disk_bytes = 4 * all_hist  # plenty: the disks are limited by bandwidth, not size
     out = []

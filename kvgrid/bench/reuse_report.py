@@ -100,6 +100,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--load-workers", type=int, default=None)
     p.add_argument(
+        "--fetch-procs",
+        type=int,
+        default=None,
+        help="processes that open the disk tiers' objects (StoreConfig.fetch_procs)",
+    )
+    p.add_argument(
         "--prompt-drain-s",
         type=float,
         default=EngineConfig.prompt_drain_s,
@@ -177,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
         Path(args.shared_dir) if args.shared_dir else None,
     )
     small_g2 = args.small_g2_blocks or max(1, g1 // 2)
-    configs = store_configs(eng, wl, names, g1, small_g2, disk, shared, args.load_workers)
+    opts = {"load_workers": args.load_workers, "fetch_procs": args.fetch_procs}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    configs = store_configs(eng, wl, names, g1, small_g2, disk, shared, opts)
     results: dict[str, dict] = {}
     bar = None
     if not args.no_progress:

@@ -20,6 +20,7 @@ STORE_FLAG_FIELDS = (
     "g4_bytes",
     "codec",
     "master_key_file",
+    "fetch_procs",
 )
 
 

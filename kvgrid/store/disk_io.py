@@ -111,6 +111,35 @@ def read_object(fd: int, into: ReadBuffer | None) -> tuple[bytes | memoryview, o
     return view[:n], st
 
 
+def read_file(path: str, read_only: bool, into: ReadBuffer | None) -> bytes | memoryview:
+    """The whole object at ``path`` (into ``into`` if given), touched for the LRU order
+    unless ``read_only``: four system calls as a rule (open, fstat, read, close)."""
+    fd = open_object(path, read_only)
+    try:
+        data, st = read_object(fd, into)
+        if not read_only:
+            touch(fd, st)
+    finally:
+        os.close(fd)
+    return data
+
+
+def advise(paths: list[str], advice: str) -> None:
+    """``posix_fadvise`` (``advice``: its name, as POSIX_FADV_WILLNEED) on each whole file;
+    missing files are skipped."""
+    flag = getattr(os, advice, None)
+    if flag is None:
+        return
+    for path in paths:
+        try:  # non-blocking: a special file put in the directory must not hold the caller
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, flag)
+        os.close(fd)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

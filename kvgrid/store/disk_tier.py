@@ -46,11 +46,20 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from kvgrid import failpoints
-from kvgrid.store.disk_io import locked, open_object, pid_alive, read_object, touch, valid_ledger
+from kvgrid.store.disk_io import (
+    advise,
+    locked,
+    open_object,
+    pid_alive,
+    read_file,
+    touch,
+    valid_ledger,
+)
 from kvgrid.store.tier import (
     ObjectInfo,
     ObjectTier,
@@ -64,6 +73,9 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".kvo"
 _STALE_TMP_S = 3600.0  # another host's temp file older than this is abandoned
+
+
+T = TypeVar("T")
 
 
 class DiskTier(ObjectTier):
@@ -423,25 +435,26 @@ class DiskTier(ObjectTier):
         s.result = PutResult(False, s.evicted, "error")
 
     def get(self, tid: bytes, key: bytes, into: ReadBuffer | None = None) -> bytes | None:
+        return self.read_with(tid, key, lambda path, ro: read_file(path, ro, into))
+
+    def read_with(self, tid: bytes, key: bytes, read: Callable[[str, bool], T]) -> T | None:
+        """``read(path, read_only)`` of the object's file, under this tier's state: None if
+        the tier is off or the object absent; an OSError turns the tier off and is raised
+        (the store counts and logs it: a miss for the engine). A fetch process reads
+        through this too (``fetch_procs.py``)."""
         if not self.up:
             return None
         if failpoints.ENABLED and failpoints.active().disk_read_delay_s:
             time.sleep(failpoints.active().disk_read_delay_s)  # a slow disk (kvgrid chaos)
         path = self._file_in(self._tenant_dir(tid), key)  # a string: no pathlib per block
         try:
-            fd = open_object(path, self.read_only)
-            try:
-                data, st = read_object(fd, into)
-                self._touch(fd, st)
-            finally:
-                os.close(fd)
+            return read(path, self.read_only)
         except FileNotFoundError:
             self._present.pop((tid, key), None)
             return None
         except OSError as e:
             self._fail(e)
-            raise  # the store counts and logs it (a miss for the engine)
-        return data
+            raise
 
     def read_meta(self, name: str) -> bytes | None:
         try:
@@ -476,21 +489,13 @@ class DiskTier(ObjectTier):
     def wont_need(self, tid: bytes, keys: list[bytes]) -> None:
         self._advise(tid, keys, "POSIX_FADV_DONTNEED")
 
+    def paths(self, tid: bytes, keys: list[bytes]) -> list[str]:
+        d = self._tenant_dir(tid)
+        return [self._file_in(d, k) for k in keys]
+
     def _advise(self, tid: bytes, keys: list[bytes], advice: str) -> None:
-        if not hasattr(os, "posix_fadvise") or not self.up:
-            return
-        for key in keys:
-            try:
-                # non-blocking: a special file put in the directory must not hold this thread
-                fd = os.open(self.path(tid, key), os.O_RDONLY | os.O_NONBLOCK)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, getattr(os, advice))
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+        if self.up:
+            advise(self.paths(tid, keys), advice)
 
     def read_prefix(self, tid: bytes, key: bytes, n: int) -> bytes | None:
         try:
@@ -502,9 +507,9 @@ class DiskTier(ObjectTier):
     def _open_read(self, path: Path):
         return open(open_object(path, self.read_only), "rb", buffering=0)
 
-    def _touch(self, target: Path | int, st: os.stat_result | None = None) -> None:
+    def _touch(self, target: Path) -> None:
         if not self.read_only:
-            touch(target, st)
+            touch(target)
 
     def created_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
         if not self.up:

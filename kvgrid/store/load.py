@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvgrid.store.disk_tier import DiskTier
+from kvgrid.store.fetch_procs import BATCH
 from kvgrid.store.host_pool import Slot
 from kvgrid.store.landing import LayerLanding, land_layers
 from kvgrid.store.load_plan import LoadDeadline
@@ -61,11 +63,21 @@ class LoadPath:
         futs: dict[int, Future] = {}
         dev = dsts[0].device if dsts else None
 
+        # with fetch processes, runs of blocks go to one process in one request
+        procs = self._procs is not None and self._procs.fits(self._block_bytes)
+        batch = min(BATCH, self._window) if procs else 1
+
         def refill() -> None:
             # keep the window full, in key order (the copies consume in key order)
-            while missing and len(futs) < self._window:
-                i = missing.popleft()
-                futs[i] = self._fetchers.submit(self._fetch_lower, tid, keys[i], tenant)
+            while missing and len(futs) + min(batch, len(missing)) <= self._window:
+                run = [missing.popleft() for _ in range(min(batch, len(missing)))]
+                if len(run) == 1:
+                    i = run[0]
+                    futs[i] = self._fetchers.submit(self._fetch_lower, tid, keys[i], tenant)
+                    continue
+                fs = [Future() for _ in run]
+                self._fetchers.submit(self._fetch_run, tid, [keys[i] for i in run], tenant, fs)
+                futs.update(zip(run, fs))
             ahead.hint(len(ahead.keys) - len(missing))
 
         served: list[str] = []
@@ -263,6 +275,14 @@ class ReadAhead:
         if upto <= self._hinted or (upto < len(self.keys) and upto - self._hinted < self._gather):
             return
         batch, self._hinted = self.keys[self._hinted : upto], upto
+        procs = self.store._procs
         for tier in self.store.lower:
-            if tier.up:
+            if not tier.up:
+                continue
+            # through the readahead process, there is no thread to wake here
+            if not (
+                procs is not None
+                and isinstance(tier, DiskTier)
+                and procs.hint(tier.paths(self.tid, batch))
+            ):
                 self.store._hints.submit(tier.will_need, self.tid, batch)

@@ -293,7 +293,7 @@ def decode_object(
     try:
         _check_identity(h, key, tenant, dtype, shape, model_fingerprint)
         if out is not None:
-            dst = _destination(h, out)
+            dst = destination(h, out)
         if dst is not None and h.encrypted and h.codec == codecs.NONE:
             # the tag is checked as the last byte is decrypted: nothing is read before that
             _decrypt(blob, h, tenant, keyring, codecs.as_bytes(dst))
@@ -313,7 +313,9 @@ def decode_object(
     return h, t
 
 
-def _destination(h: ObjectHeader, out: Callable) -> torch.Tensor:
+def destination(h: ObjectHeader, out: Callable) -> torch.Tensor:
+    """The tensor a block ``h`` describes is decoded into: ``out(h)``, or a new one where
+    that gives None; an ``out`` of another shape or type is an ObjectError."""
     dt = dtype_of(h.dtype)
     dst = out(h)
     if dst is None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from concurrent.futures import Future
 
 import torch
 
 from kvgrid.events import BlockStored
+from kvgrid.store.disk_tier import DiskTier
+from kvgrid.store.fetch_procs import FetchProcError
 from kvgrid.store.host_pool import Slot
 from kvgrid.store.lease import Lease
 from kvgrid.store.metrics import tenant_label
@@ -97,25 +100,14 @@ class ReadPath:
             self.metrics.inc("misses", tier=tier.name, tenant=tl, reason="backend_down")
             return None
         try:
-            blob = tier.get(tid, key, self._read_buffer() if out is not None else None)
+            got = self._open_lower(tier, tid, key, tenant, out)
         except OSError as e:
             self.failed(tier.name, "read", e)
-            blob = None
-        if blob is None:
-            reason = "absent" if tier.up else "backend_down"
-            self.metrics.inc("misses", tier=tier.name, tenant=tl, reason=reason)
+            got = None
+        except FetchProcError as e:
+            self.failed(tier.name, "fetch_process", e)
+            self.metrics.inc("misses", tier=tier.name, tenant=tl, reason="fetch_process")
             return None
-        try:
-            h, t = decode_object(
-                blob,
-                key,
-                tenant,
-                self.keyring,
-                self.block_dtype,
-                self.block_shape,
-                self.config.model_fingerprint or None,
-                out,
-            )
         except ObjectError as e:
             self.metrics.inc("integrity_failures", tier=tier.name, kind=e.kind)
             self.metrics.inc("misses", tier=tier.name, tenant=tl, reason=e.kind)
@@ -132,6 +124,11 @@ class ReadPath:
                     if tier.delete(tid, key):
                         self._removed(tier.name, [(tid, key, "corrupt")])
             return None
+        if got is None:
+            reason = "absent" if tier.up else "backend_down"
+            self.metrics.inc("misses", tier=tier.name, tenant=tl, reason=reason)
+            return None
+        h, t, nbytes = got
         if self._expired(tid, h.created):
             self.metrics.inc("misses", tier=tier.name, tenant=tl, reason="expired")
             with contextlib.suppress(OSError):
@@ -140,8 +137,65 @@ class ReadPath:
             return None
         self._known_tenants.setdefault(tid, tenant)
         self.metrics.inc("hits", tier=tier.name, tenant=tl)
-        self.metrics.inc("bytes_out", len(blob), tier=tier.name, tenant=tl)
+        self.metrics.inc("bytes_out", nbytes, tier=tier.name, tenant=tl)
         return h, t
+
+    def _open_lower(self, tier: ObjectTier, tid: bytes, key: bytes, tenant: bytes, out):
+        """(header, CPU tensor, object bytes) of the object ``tier`` holds for ``key``,
+        verified; None if it holds none. A disk tier's object is opened by a fetch process
+        where there are some (``fetch_procs.py``; this thread's batch may hold it already),
+        else on this thread."""
+        expect = self._expect()
+        procs = self._procs
+        if procs is not None and out is not None and isinstance(tier, DiskTier):
+            pending = getattr(self._local, "batch", None)
+            if pending is not None and pending[0] is tier and key in pending[1]:
+                batch = pending[1]
+                return tier.read_with(tid, key, lambda path, ro: batch.take(key, out))
+            if procs.fits(self._block_bytes):
+                return tier.read_with(
+                    tid, key, lambda path, ro: procs.read(path, ro, key, tenant, expect, out)
+                )
+        blob = tier.get(tid, key, self._read_buffer() if out is not None else None)
+        if blob is None:
+            return None
+        h, t = decode_object(blob, key, tenant, self.keyring, *expect, out)
+        return h, t, len(blob)
+
+    def _expect(self) -> tuple:
+        """What a stored block must be here: (dtype, shape, model fingerprint)."""
+        return self.block_dtype, self.block_shape, self.config.model_fingerprint or None
+
+    def _fetch_run(self, tid: bytes, keys: list[bytes], tenant: bytes, futs: list[Future]):
+        """On a fetch thread: the blocks of ``keys`` as ``_fetch_lower`` gives them, each into
+        its future (``futs``, not yet running; a cancelled one is skipped), the first disk
+        tier's objects of them opened by one request to a fetch process."""
+        live = [(k, f) for k, f in zip(keys, futs) if f.set_running_or_notify_cancel()]
+        batch = None
+        try:
+            tier = next((t for t in self.lower if isinstance(t, DiskTier)), None)
+            if live and tier is not None and tier.up:
+                ks = [k for k, _ in live]
+                reads = [(p, tier.read_only, k, tenant) for p, k in zip(tier.paths(tid, ks), ks)]
+                try:
+                    batch = self._procs.read_many(reads, self._expect())
+                except FetchProcError as e:  # counted; each block is then read on its own
+                    self.failed(tier.name, "fetch_process", e)
+            self._local.batch = (tier, batch) if batch is not None else None
+            for k, f in live:
+                try:
+                    f.set_result(self._fetch_lower(tid, k, tenant))
+                except BaseException as e:
+                    f.set_exception(e)
+        except BaseException as e:  # never a future left unresolved: its load would hang
+            log.exception("a run of fetches failed")
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(e)
+        finally:
+            self._local.batch = None
+            if batch is not None:
+                batch.close()
 
     def _g2_acquire(self, tid: bytes, key: bytes) -> tuple[Slot, torch.Tensor] | None:
         if self.g2 is None:

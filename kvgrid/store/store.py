@@ -13,6 +13,7 @@ Tier changes are queued as KV events (BlockStored / BlockRemoved / AllCleared wi
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from kvgrid.stats import ewma
 from kvgrid.store.config import StoreConfig, TenantPolicy, default_store_dir
 from kvgrid.store.crypto import KeyRing, MasterKeyError, load_keyring
 from kvgrid.store.disk_tier import DiskTier
+from kvgrid.store.fetch_procs import FetchProcs
 from kvgrid.store.host_pool import HostPool, Slot
 from kvgrid.store.lease import LeaseManager
 from kvgrid.store.ledger import BlockLedger
@@ -126,6 +128,14 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
         )
         self._local = threading.local()  # per thread: the buffer objects are read into
         self._window = 2 * cfg.load_workers  # blocks in flight per load: bounds memory
+        # the disk tiers' objects opened in processes of their own (fetch_procs.py)
+        disks = not read_only and any(isinstance(t, DiskTier) for t in self.lower)
+        self._procs = (
+            FetchProcs(cfg.fetch_procs, self.keyring, lambda e: self.failed("fetch", "start", e))
+            if cfg.fetch_procs and disks
+            else None
+        )
+        self._block_bytes = 0
         self.block_shape: tuple[int, ...] | None = None
         self.block_dtype: torch.dtype | None = None
         self.bandwidth: dict[str, float] = {}  # tier -> measured load bytes/s (EWMA)
@@ -238,7 +248,11 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
 
     def configure_blocks(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Declare the block shape/dtype (the engine's KV layout); G2 allocates its slab."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._procs is not None:
+            self._procs.configure(tuple(shape), dtype)  # before a fetch thread sees the shape
         self.block_shape, self.block_dtype = tuple(shape), dtype
+        self._block_bytes = nbytes
         if self.g2 is not None and not self.g2.configure(self.block_shape, dtype):
             log.warning(
                 "G2 (%d bytes) cannot hold one block %s %s: G2 off",
@@ -314,6 +328,8 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
         self.writes.close()
         self.reads.close()
         self._fetchers.shutdown(wait=True)
+        if self._procs is not None:
+            self._procs.close()
         self._hints.shutdown(wait=True)
         self._landings.shutdown(wait=True)
         for t in self.lower:

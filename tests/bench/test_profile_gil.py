@@ -9,12 +9,15 @@ from kvgrid.bench.gpu.profile_gil import main
 def test_the_gil_profile_loads_from_the_tier_and_measures_the_probe(tmp_path, capsys):
     out = tmp_path / "gil.json"
     rc = main(["--dir", str(tmp_path), "--blocks", "6", "--block-mb", "0.0625",
-               "--workers", "1,2", "--seconds", "0.3", "--out", str(out)])  # fmt: skip
+               "--workers", "1,2", "--fetch-procs", "0,1", "--seconds", "0.3",
+               "--out", str(out)])  # fmt: skip
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [r["workers"] for r in res["results"]] == [1, 2]
+    rows = [(r["workers"], r["fetch_procs"]) for r in res["results"]]
+    assert rows == [(1, 0), (1, 1), (2, 0), (2, 1)]
     for r in res["results"]:
         assert r["blocks_below_g2"] == 6  # the loads read the tier, not G2
+        assert (r["blocks_from_procs"] > 0) == (r["fetch_procs"] > 0)
         assert r["blocks_per_s"] > 0 and r["probe_alone_per_s"] > 0 and r["probe_busy_per_s"] > 0
         assert r["probe_ratio"] == r["probe_busy_per_s"] / r["probe_alone_per_s"]
     assert "probe us lost per block" in capsys.readouterr().out

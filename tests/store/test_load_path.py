@@ -139,10 +139,12 @@ def test_zstd_decodes_into_the_slot_with_or_without_libzstd(monkeypatch, libzstd
 
 
 def hinting_store(tmp_path, monkeypatch, n: int, workers: int):
-    """A store whose G3 holds ``n`` blocks (G2 emptied), recording G3's readahead hints."""
+    """A store whose G3 holds ``n`` blocks (G2 emptied), recording G3's readahead hints
+    (on the hint thread: without fetch processes, whose readahead process takes the same
+    hints instead, ``test_fetch_procs.py``)."""
     cfg = StoreConfig(g2_bytes=(n + 1) * BLOCK_BYTES, g3_dir=tmp_path / "g3", g3_bytes=1 << 26,
                       sweep_interval_s=0, admit_after={"G2": 1, "G3": 1},
-                      load_workers=workers)  # fmt: skip
+                      load_workers=workers, fetch_procs=0)  # fmt: skip
     store = ContextStore(cfg)
     ks = chain(n)
     for i, k in enumerate(ks):

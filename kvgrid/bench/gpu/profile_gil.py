@@ -7,12 +7,15 @@ the engine's thread may have to wait for it. This measures that cost on this hos
 
     python -m kvgrid.bench.gpu.profile_gil                        # ~30 s, any machine
     python -m kvgrid.bench.gpu.profile_gil --dir /nvme/kvgrid --block-mb 8 --workers 2,8
+    python -m kvgrid.bench.gpu.profile_gil --block-mb 8 --workers 8 --fetch-procs 0,2,4
 
 A probe thread makes ``torch.add`` calls on 64-element tensors (as many short calls that
 give up the GIL as a step's launch makes) for ``--seconds``: alone, then while another
 thread loads ``--blocks`` stored blocks from G3 (or G4) again and again, with each of
-``--workers`` fetch-thread counts. Where the host has two CPUs or more, the probe has one to
-itself and everything else shares the rest: the GIL is then the only thing they share.
+``--workers`` fetch-thread counts and each of ``--fetch-procs`` fetch-process counts (0:
+the threads open the objects themselves; ``StoreConfig.fetch_procs``). Where the host has
+two CPUs or more, the probe has one to itself and everything else (fetch processes
+included) shares the rest: the GIL is then the only thing the probe shares.
 Prints the probe's call rate during the loads against alone, the loads' rate, and the probe
 time lost per block loaded; writes JSON (``--out``).
 """
@@ -60,14 +63,14 @@ def probe_rate(seconds: float, cpu: set[int] | None) -> float:
     return out[0]
 
 
-def open_store(root: Path, args, workers: int) -> tuple[ContextStore, list[bytes]]:
+def open_store(root: Path, args, workers: int, procs: int = 0) -> tuple[ContextStore, list]:
     """A store whose lower tier holds ``args.blocks`` random blocks (G2 has room for them
     all: none is evicted before it is written down)."""
     nbytes = int(args.block_mb * (1 << 20)) // 2 * 2
     tier = {f"{args.tier}_dir": root, f"{args.tier}_bytes": 4 * args.blocks * nbytes}
     cfg = StoreConfig(
         g2_bytes=(args.blocks + 1) * nbytes, codec="none", encrypt=True, sweep_interval_s=0,
-        load_workers=workers, **tier,
+        load_workers=workers, fetch_procs=procs, **tier,
     )  # fmt: skip
     store = ContextStore(cfg, keyring=KeyRing({1: os.urandom(32)}))
     keys = [os.urandom(32) for _ in range(args.blocks)]
@@ -81,9 +84,21 @@ def open_store(root: Path, args, workers: int) -> tuple[ContextStore, list[bytes
     return store, keys
 
 
-def measure(root: Path, args, workers: int, probe_cpu, rest_cpu) -> dict:
-    store, keys = open_store(root, args, workers)
+def wait_started(store: ContextStore, cpus: set[int] | None) -> None:
+    """Wait (60 s at most) for the store's fetch processes to start, then put them on
+    ``cpus``: the loads are measured from their first block on."""
+    end = time.monotonic() + 60
+    while not store._procs.fits(store._block_bytes) and time.monotonic() < end:
+        time.sleep(0.05)
+    for pid in store._procs.pids if cpus else []:
+        os.sched_setaffinity(pid, cpus)
+
+
+def measure(root: Path, args, workers: int, procs: int, probe_cpu, rest_cpu) -> dict:
+    store, keys = open_store(root, args, workers, procs)
     tid = cached_tenant_id(TENANT)
+    if store._procs is not None:
+        wait_started(store, rest_cpu)
 
     def drop_g2() -> None:  # every load reads the tier below: G2 drops its copies first
         for k in keys:
@@ -115,12 +130,15 @@ def measure(root: Path, args, workers: int, probe_cpu, rest_cpu) -> dict:
         finally:
             stop.set()
             loader.join()
+        served = store._procs.served if store._procs is not None else 0
     finally:
         store.close()
     rate = n / s if s > 0 else 0.0
     lost = 1 - busy / alone
     return {
         "workers": workers,
+        "fetch_procs": procs,
+        "blocks_from_procs": served,
         "blocks_below_g2": below,
         "probe_alone_per_s": alone,
         "probe_busy_per_s": busy,
@@ -140,27 +158,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, default=200)
     ap.add_argument("--block-mb", type=float, default=1.0, help="8 for Llama-3-8B at block 64")
     ap.add_argument("--workers", default="1,8", help="fetch-thread counts, comma-separated")
+    ap.add_argument("--fetch-procs", default="0", help="fetch-process counts (0: none)")
     ap.add_argument("--seconds", type=float, default=4.0, help="probe time during the loads")
     ap.add_argument("--out", help="JSON file")
     args = ap.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",") if w]
+    procs = [int(p) for p in args.fetch_procs.split(",") if p]
     if args.blocks < 1 or args.block_mb <= 0 or args.seconds <= 0 or min(workers) < 1:
         ap.error("--blocks, --block-mb, --seconds and --workers must be positive")
+    if not procs or min(procs) < 0:
+        ap.error("--fetch-procs takes counts >= 0")
     cpus = sorted(os.sched_getaffinity(0))
     probe_cpu, rest_cpu = ({cpus[0]}, set(cpus[1:])) if len(cpus) > 1 else (None, None)
     results = []
     for w in workers:
-        root = Path(tempfile.mkdtemp(prefix="kvgrid-gil-", dir=args.dir))
-        try:
-            results.append(measure(root, args, w, probe_cpu, rest_cpu))
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+        for p in procs:
+            root = Path(tempfile.mkdtemp(prefix="kvgrid-gil-", dir=args.dir))
+            try:
+                results.append(measure(root, args, w, p, probe_cpu, rest_cpu))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
     print(f"{args.tier} loads of {args.blocks} blocks of {args.block_mb} MiB, "
           f"probe {'on a CPU of its own' if probe_cpu else 'sharing the only CPU'}")  # fmt: skip
-    print("workers | probe busy / alone | blocks/s | GB/s | probe us lost per block")
+    print("workers | procs | probe busy / alone | blocks/s | GB/s | probe us lost per block")
     for r in results:
         lost = r["probe_us_lost_per_block"]
-        print(f"{r['workers']:7d} | {r['probe_ratio']:18.2f} | {r['blocks_per_s']:8.0f} | "
+        print(f"{r['workers']:7d} | {r['fetch_procs']:5d} | {r['probe_ratio']:18.2f} | "
+              f"{r['blocks_per_s']:8.0f} | "
               f"{r['gb_per_s']:4.2f} | {'-' if lost is None else f'{lost:.0f}'}")  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
