@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -97,11 +98,12 @@ class StoreConfig:
     # Loads from G3/G4: this many threads read, verify, decrypt and decode blocks (2 per
     # thread in flight), each into a pinned G2 slot that feeds an asynchronous copy to G1.
     load_workers: int = 8
-    fetch_procs: int = field(default=2, metadata=flag("kv-fetch-procs"))
+    fetch_procs: int | None = field(default=None, metadata=flag("kv-fetch-procs"))
     """processes that read, verify, decrypt and decode the disk tiers' objects for the load
     threads, started at the first load from a disk (0: the threads do it themselves, and
     every system call and decryption of theirs gives up the GIL and takes it back, holding
-    up the engine's thread)"""
+    up the engine's thread); default: 2 where this process may run on 8 CPUs or more, else
+    0 (on fewer, the processes take the CPU the loads and the engine need)"""
     # Also save blocks right after prefill names them, not only when G1 evicts them: the
     # context is below G1 at once, and an eviction copies nothing, so a request admitted
     # into evicted blocks never waits for their write-back (a device-to-host copy per block
@@ -147,5 +149,11 @@ class StoreConfig:
             raise ValueError("g2_wait_s and g2_spare_s must be >= 0")
         if min(self.io_queue, self.io_workers, self.load_workers, self.io_batch) < 1:
             raise ValueError("io_queue, io_workers, io_batch and load_workers must be >= 1")
-        if self.fetch_procs < 0:
+        if self.fetch_procs is not None and self.fetch_procs < 0:
             raise ValueError("fetch_procs must be >= 0")
+
+    def fetch_procs_here(self) -> int:
+        """``fetch_procs``, or where unset, what suits this host's CPUs."""
+        if self.fetch_procs is not None:
+            return self.fetch_procs
+        return 2 if len(os.sched_getaffinity(0)) >= 8 else 0

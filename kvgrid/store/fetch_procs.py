@@ -126,15 +126,18 @@ class _Proc:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(timeout_s), 0))
         self.conn = Connection(ours.detach())
         masters = dict(keyring.masters) if keyring is not None else None
-        self.conn.send((masters, keyring.current_id if keyring is not None else None))
         self.started = False
+        try:
+            self.conn.send((masters, keyring.current_id if keyring is not None else None))
+        except OSError:  # it exited at once: ``ready`` and ``call`` say so
+            self.stop()
 
     def ready(self) -> bool:
         """Whether it has started (its "ready" has come), without waiting; raises
         FetchProcError if it exited before that."""
-        if not self.started and not self.conn.closed:
+        if not self.started:
             try:
-                if self.conn.poll(0):
+                if self.conn.poll(0):  # OSError once closed
                     self.conn.recv()
                     self.started = True
             except (OSError, EOFError):

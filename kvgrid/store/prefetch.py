@@ -25,6 +25,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvgrid.store.fetch_procs import BATCH
 from kvgrid.store.object import cached_tenant_id
 
 if TYPE_CHECKING:
@@ -167,13 +168,31 @@ class PrefetchPlanner:
         if late:
             store.metrics.inc("prefetch", late, outcome="late")
         cap = max(1, store.g2.num_slots // 2)
-        for i, j in plan:
-            if len(self._held) + len(self._in_flight) >= cap:
+        # with fetch processes, a request's blocks go to one process in runs of BATCH
+        batch = BATCH if store._procs is not None and store._procs.fits(store._block_bytes) else 1
+        run: list[tuple[bytes, bytes]] = []  # blocks of one request, not yet submitted
+        for n, (i, j) in enumerate(plan):
+            if len(self._held) + len(self._in_flight) + len(run) >= cap:
                 break
-            if not self._in_flight:
+            if not self._in_flight and not run:
                 self._batch = [time.perf_counter(), 0.0, {}]  # start, last end, tier -> bytes
-            name = (tids[i], queue[i].keys[j])
-            self._in_flight[name] = store._fetchers.submit(self._fetch, name, queue[i].tenant)
+            run.append((tids[i], queue[i].keys[j]))
+            tenant = queue[i].tenant
+            if len(run) == batch or n + 1 == len(plan) or plan[n + 1][0] != i:
+                self._submit(run, tenant)
+                run = []
+        if run:
+            self._submit(run, tenant)
+
+    def _submit(self, names: list[tuple[bytes, bytes]], tenant: bytes) -> None:
+        store = self.store
+        if len(names) == 1:
+            self._in_flight[names[0]] = store._fetchers.submit(self._fetch, names[0], tenant)
+            return
+        futs = [Future() for _ in names]
+        keys = [k for _, k in names]
+        store._fetchers.submit(store._fetch_run, names[0][0], keys, tenant, futs, self._fetch)
+        self._in_flight.update(zip(names, futs))
 
     def _locate(self, tid: bytes, q: Queued) -> list[str | None]:
         """Where each block of a queued request is (``ReadPath.contains``); what this planner
@@ -195,7 +214,7 @@ class PrefetchPlanner:
 
     def _fetch(self, name: tuple[bytes, bytes], tenant: bytes):
         r = self.store._fetch_lower(name[0], name[1], tenant)
-        return r, time.perf_counter()
+        return r, time.perf_counter()  # when it was done: the tiers' bandwidth
 
     def _reap(self) -> None:
         """Collect finished fetches: their G2 slots stay pinned for the queued request. Once

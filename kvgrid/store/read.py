@@ -166,10 +166,13 @@ class ReadPath:
         """What a stored block must be here: (dtype, shape, model fingerprint)."""
         return self.block_dtype, self.block_shape, self.config.model_fingerprint or None
 
-    def _fetch_run(self, tid: bytes, keys: list[bytes], tenant: bytes, futs: list[Future]):
-        """On a fetch thread: the blocks of ``keys`` as ``_fetch_lower`` gives them, each into
-        its future (``futs``, not yet running; a cancelled one is skipped), the first disk
-        tier's objects of them opened by one request to a fetch process."""
+    def _fetch_run(
+        self, tid: bytes, keys: list[bytes], tenant: bytes, futs: list[Future], fetch=None
+    ) -> None:
+        """On a fetch thread: the blocks of ``keys`` as ``_fetch_lower`` gives them (or
+        ``fetch((tid, key), tenant)``), each into its future (``futs``, not yet running; a
+        cancelled one is skipped), the first disk tier's objects of them opened by one
+        request to a fetch process."""
         live = [(k, f) for k, f in zip(keys, futs) if f.set_running_or_notify_cancel()]
         batch = None
         try:
@@ -184,7 +187,9 @@ class ReadPath:
             self._local.batch = (tier, batch) if batch is not None else None
             for k, f in live:
                 try:
-                    f.set_result(self._fetch_lower(tid, k, tenant))
+                    f.set_result(
+                        fetch((tid, k), tenant) if fetch else self._fetch_lower(tid, k, tenant)
+                    )
                 except BaseException as e:
                     f.set_exception(e)
         except BaseException as e:  # never a future left unresolved: its load would hang

@@ -129,10 +129,11 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
         self._local = threading.local()  # per thread: the buffer objects are read into
         self._window = 2 * cfg.load_workers  # blocks in flight per load: bounds memory
         # the disk tiers' objects opened in processes of their own (fetch_procs.py)
-        disks = not read_only and any(isinstance(t, DiskTier) for t in self.lower)
+        n = cfg.fetch_procs_here() if not read_only else 0
+        disks = any(isinstance(t, DiskTier) for t in self.lower)
         self._procs = (
-            FetchProcs(cfg.fetch_procs, self.keyring, lambda e: self.failed("fetch", "start", e))
-            if cfg.fetch_procs and disks
+            FetchProcs(n, self.keyring, lambda e: self.failed("fetch", "start", e))
+            if n and disks
             else None
         )
         self._block_bytes = 0

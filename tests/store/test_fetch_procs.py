@@ -17,6 +17,7 @@ from kvgrid.store import ContextStore, StoreConfig
 from kvgrid.store.crypto import KeyRing
 from kvgrid.store.fetch_procs import BATCH, _advise
 from kvgrid.store.object import tenant_id
+from kvgrid.store.prefetch import Queued
 
 SCOPE = keys.KVScope("test-model", "bfloat16")
 A = keys.tenant_scope(b"server-secret", "tenant-a")
@@ -191,6 +192,24 @@ def test_a_load_stopped_early_lets_go_of_every_block_its_runs_fetched(tmp_path):
         store.close()
 
 
+def test_a_queued_requests_prefetch_goes_to_the_processes_in_runs(tmp_path, monkeypatch):
+    store = started_store(tmp_path, load_workers=4)
+    try:
+        ks = stored(store, 8)  # G2's 16 slots: up to 8 pinned for the queue
+        no_reads_here(store, monkeypatch)
+        queued = [Queued(A, tuple(ks[:6]), 0.0), Queued(A, tuple(ks[6:]), 0.0)]
+        store.prefetcher.publish(queued, None)
+        assert store.flush()
+        assert store.contains(ks, A) == ["G2"] * 8  # up in G2 before admission
+        # a run never spans two requests: 4 + 2, then 2
+        assert store._procs.served == 8 and store._procs.requests == 3
+        dst = [torch.zeros(SHAPE, dtype=torch.bfloat16) for _ in ks]
+        assert store.load_into(ks, A, dst) == ["G2"] * 8
+        assert all(torch.equal(d, block(i)) for i, d in enumerate(dst))
+    finally:
+        store.close()
+
+
 def test_the_readahead_process_advises_each_file_that_exists(tmp_path, monkeypatch):
     files = [tmp_path / f"{i}.kvo" for i in range(3)]
     for f in files[:2]:
@@ -209,3 +228,11 @@ def test_the_readahead_process_advises_each_file_that_exists(tmp_path, monkeypat
 def test_fetch_procs_must_not_be_negative():
     with pytest.raises(ValueError, match="fetch_procs"):
         StoreConfig(fetch_procs=-1).validate()
+
+
+def test_fetch_processes_by_default_only_where_there_are_cpus_to_spare(monkeypatch):
+    for cpus, n in ((2, 0), (7, 0), (8, 2), (16, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cpus: set(range(c)))
+        assert StoreConfig().fetch_procs_here() == n
+        assert StoreConfig(fetch_procs=3).fetch_procs_here() == 3
+        assert StoreConfig(fetch_procs=0).fetch_procs_here() == 0
