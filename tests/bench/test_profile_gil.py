@@ -22,3 +22,13 @@ def test_the_gil_profile_loads_from_the_tier_and_measures_the_probe(tmp_path, ca
         assert r["probe_ratio"] == r["probe_busy_per_s"] / r["probe_alone_per_s"]
     assert "probe us lost per block" in capsys.readouterr().out
     assert not list(tmp_path.glob("kvgrid-gil-*"))  # its folders are removed
+
+
+def test_the_gil_profile_measures_the_write_down_too(tmp_path, capsys):
+    out = tmp_path / "gil.json"
+    rc = main(["--dir", str(tmp_path), "--blocks", "2", "--block-mb", "0.0625", "--writes",
+               "--workers", "2", "--seconds", "0.3", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["workers"] == 2 and r["blocks_per_s"] > 0
+    assert "write-down to g3" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""What a disk tier's loads cost the engine's thread through the GIL.
+"""What a disk tier's loads, and its write-down, cost the engine's thread through the GIL.
 
 The engine's thread launches a step as a few hundred short torch calls, each of which gives
 up the GIL and takes it back. The store's fetch threads read, verify and decrypt blocks
@@ -8,6 +8,7 @@ the engine's thread may have to wait for it. This measures that cost on this hos
     python -m kvgrid.bench.gpu.profile_gil                        # ~30 s, any machine
     python -m kvgrid.bench.gpu.profile_gil --dir /nvme/kvgrid --block-mb 8 --workers 2,8
     python -m kvgrid.bench.gpu.profile_gil --block-mb 8 --workers 8 --fetch-procs 0,2,4
+    python -m kvgrid.bench.gpu.profile_gil --block-mb 8 --workers 4 --writes
 
 A probe thread makes ``torch.add`` calls on 64-element tensors (as many short calls that
 give up the GIL as a step's launch makes) for ``--seconds``: alone, then while another
@@ -16,8 +17,10 @@ thread loads ``--blocks`` stored blocks from G3 (or G4) again and again, with ea
 the threads open the objects themselves; ``StoreConfig.fetch_procs``). Where the host has
 two CPUs or more, the probe has one to itself and everything else (fetch processes
 included) shares the rest: the GIL is then the only thing the probe shares.
-Prints the probe's call rate during the loads against alone, the loads' rate, and the probe
-time lost per block loaded; writes JSON (``--out``).
+With ``--writes``, the other thread puts blocks into G2 and waits for the write-down to
+take them to the tier (``--workers``: writer threads) instead. Prints the probe's call rate
+during the loads (writes) against alone, their rate, and the probe time lost per block;
+writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ def open_store(root: Path, args, workers: int, procs: int = 0) -> tuple[ContextS
     cfg = StoreConfig(
         g2_bytes=(args.blocks + 1) * nbytes, codec="none", encrypt=True, sweep_interval_s=0,
         load_workers=workers, fetch_procs=procs, **tier,
+        **({"io_workers": workers} if getattr(args, "writes", False) else {}),
     )  # fmt: skip
     store = ContextStore(cfg, keyring=KeyRing({1: os.urandom(32)}))
     keys = [os.urandom(32) for _ in range(args.blocks)]
@@ -107,33 +111,26 @@ def measure(root: Path, args, workers: int, procs: int, probe_cpu, rest_cpu) -> 
     drop_g2()
     below = sum(w is not None for w in store.contains(keys, TENANT, leading=False))
     dsts = [torch.empty(store.block_shape, dtype=store.block_dtype) for _ in keys]
-    stop, loaded, spent = threading.Event(), [0], [0.0]
+    blocks = [torch.randn(store.block_shape).to(store.block_dtype) for _ in range(8)]
 
-    def load() -> None:
-        if rest_cpu:
-            os.sched_setaffinity(0, rest_cpu)  # its fetch threads inherit this
-        while not stop.is_set():
-            drop_g2()
-            t0 = time.perf_counter()
-            loaded[0] += len(store.load_into(keys, TENANT, dsts))
-            spent[0] += time.perf_counter() - t0
+    def load() -> int:
+        drop_g2()
+        return len(store.load_into(keys, TENANT, dsts))
+
+    def write() -> int:  # blocks leaving G1 go to G2 and are written down to the tier
+        ks = [os.urandom(32) for _ in blocks]
+        store.put_many(ks, [None] * len(ks), TENANT, blocks, 64)
+        store.flush()
+        for k in ks:
+            store.g2.delete(tid, k)
+        return len(ks)
 
     try:
-        alone = probe_rate(args.seconds / 2, probe_cpu)
-        loader = threading.Thread(target=load, name="gil-loads")
-        loader.start()
-        try:
-            time.sleep(0.3)
-            n0, s0 = loaded[0], spent[0]
-            busy = probe_rate(args.seconds, probe_cpu)
-            n, s = loaded[0] - n0, spent[0] - s0
-        finally:
-            stop.set()
-            loader.join()
+        alone, busy, rate = beside(write if args.writes else load, args.seconds, probe_cpu,
+                                   rest_cpu)  # fmt: skip
         served = store._procs.served if store._procs is not None else 0
     finally:
         store.close()
-    rate = n / s if s > 0 else 0.0
     lost = 1 - busy / alone
     return {
         "workers": workers,
@@ -149,6 +146,33 @@ def measure(root: Path, args, workers: int, procs: int, probe_cpu, rest_cpu) -> 
     }
 
 
+def beside(work, seconds: float, probe_cpu, rest_cpu) -> tuple[float, float, float]:
+    """The probe's rate alone and while another thread (on ``rest_cpu``) runs ``work()``
+    (which returns how many blocks it moved) again and again; and those blocks per second."""
+    stop, moved, spent = threading.Event(), [0], [0.0]
+
+    def run() -> None:
+        if rest_cpu:
+            os.sched_setaffinity(0, rest_cpu)  # the store's threads it starts inherit this
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            moved[0] += work()
+            spent[0] += time.perf_counter() - t0
+
+    alone = probe_rate(seconds / 2, probe_cpu)
+    thread = threading.Thread(target=run, name="gil-work")
+    thread.start()
+    try:
+        time.sleep(0.3)
+        n0, s0 = moved[0], spent[0]
+        busy = probe_rate(seconds, probe_cpu)
+        n, s = moved[0] - n0, spent[0] - s0
+    finally:
+        stop.set()
+        thread.join()
+    return alone, busy, n / s if s > 0 else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvgrid.bench.gpu.profile_gil",
                                  description=__doc__,
@@ -159,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-mb", type=float, default=1.0, help="8 for Llama-3-8B at block 64")
     ap.add_argument("--workers", default="1,8", help="fetch-thread counts, comma-separated")
     ap.add_argument("--fetch-procs", default="0", help="fetch-process counts (0: none)")
+    ap.add_argument("--writes", action="store_true",
+                    help="measure the write-down instead (--workers: writer threads)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=4.0, help="probe time during the loads")
     ap.add_argument("--out", help="JSON file")
     args = ap.parse_args(argv)
@@ -178,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(measure(root, args, w, p, probe_cpu, rest_cpu))
             finally:
                 shutil.rmtree(root, ignore_errors=True)
-    print(f"{args.tier} loads of {args.blocks} blocks of {args.block_mb} MiB, "
+    what = "write-down to" if args.writes else "loads from"
+    print(f"{what} {args.tier}, blocks of {args.block_mb} MiB, "
           f"probe {'on a CPU of its own' if probe_cpu else 'sharing the only CPU'}")  # fmt: skip
     print("workers | procs | probe busy / alone | blocks/s | GB/s | probe us lost per block")
     for r in results:
