@@ -34,7 +34,7 @@ ADDED = {
 # commands added since the dump (the one command tree: the simulator's experiments and its
 # check against a live run under `kvgrid bench`, and `kvgrid --log-level`) and flags added to
 # existing commands (`kvgrid chat` talking to a running server; the engine's drain window
-# and the store's fetch processes in `kvgrid bench reuse`)
+# and the store's fetch processes and writer threads in `kvgrid bench reuse`)
 NEW_COMMANDS = {
     "",
     "bench experiments",
@@ -42,7 +42,10 @@ NEW_COMMANDS = {
     "bench sim-vs-live run",
     "bench sim-vs-live _measure",
 }
-ADDED_TO = {"chat": {"--url", "--api-key"}, "bench reuse": {"--prompt-drain-s", "--fetch-procs"}}
+ADDED_TO = {
+    "chat": {"--url", "--api-key"},
+    "bench reuse": {"--prompt-drain-s", "--fetch-procs", "--io-workers"},
+}
 # defaults changed on purpose: the simulator never read `kvgrid sim --link-gbps` 400; unset,
 # the calibration's transfer model applies, as it did. Guided decoding builds masks on half
 # the CPUs (at most 8) unless told: one thread was the bottleneck of a batch of 64.

@@ -445,7 +445,8 @@ def store_configs(
     store_opts: dict | None = None,
 ) -> list[BenchConfig]:
     """The configurations of one invocation (see the module's docstring); ``store_opts``:
-    ``StoreConfig`` fields every store takes (``load_workers``, ``fetch_procs``)."""
+    ``StoreConfig`` fields every store takes (``load_workers``, ``fetch_procs``,
+    ``io_workers``)."""
     bs = eng.config.block_size
     per_conv = -(-wl.max_tokens // bs)
     block_bytes = eng.runner.kv_cache[0].nbytes

@@ -24,6 +24,7 @@ from kvgrid.bench.reuse import (
 )
 from kvgrid.engine.config import EngineConfig
 from kvgrid.gc_tuning import tune_gc
+from kvgrid.store.config import StoreConfig
 
 # workload and engine sizes: "small" runs in minutes on a CPU with the default model;
 # "large" saturates one H200 with an 8B model (histories ~3x larger than the capped G1)
@@ -106,6 +107,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="processes that open the disk tiers' objects (StoreConfig.fetch_procs)",
     )
     p.add_argument(
+        "--io-workers",
+        type=int,
+        default=None,
+        help="threads that write blocks down to the disk tiers (StoreConfig.io_workers)",
+    )
+    p.add_argument(
         "--prompt-drain-s",
         type=float,
         default=EngineConfig.prompt_drain_s,
@@ -183,7 +190,11 @@ def run(args: argparse.Namespace) -> int:
         Path(args.shared_dir) if args.shared_dir else None,
     )
     small_g2 = args.small_g2_blocks or max(1, g1 // 2)
-    opts = {"load_workers": args.load_workers, "fetch_procs": args.fetch_procs}
+    opts = {
+        "load_workers": args.load_workers,
+        "fetch_procs": args.fetch_procs,
+        "io_workers": args.io_workers,
+    }
     opts = {k: v for k, v in opts.items() if v is not None}
     configs = store_configs(eng, wl, names, g1, small_g2, disk, shared, opts)
     results: dict[str, dict] = {}
@@ -240,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
             "block_bytes": eng.runner.kv_cache[0].nbytes,
         },
         "dirs": {"g3": str(disk), "g4": str(shared)},
+        # the stores' options, and the fetch processes they ran with (auto: by CPUs)
+        "store": {**opts, "fetch_procs_run": StoreConfig(**opts).fetch_procs_here()},
         "results": results,
         "summary": summarize(results, wl.theoretical_hit_rate(bs)),
     }
