@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvgrid.store.disk_tier import DiskTier
-from kvgrid.store.fetch_procs import BATCH
 from kvgrid.store.host_pool import Slot
 from kvgrid.store.landing import LayerLanding, land_layers
 from kvgrid.store.load_plan import LoadDeadline
@@ -63,9 +62,7 @@ class LoadPath:
         futs: dict[int, Future] = {}
         dev = dsts[0].device if dsts else None
 
-        # with fetch processes, runs of blocks go to one process in one request
-        procs = self._procs is not None and self._procs.fits(self._block_bytes)
-        batch = min(BATCH, self._window) if procs else 1
+        batch = self._run_size()  # runs of blocks to a fetch process in one request
 
         def refill() -> None:
             # keep the window full, in key order (the copies consume in key order)

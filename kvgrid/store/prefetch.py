@@ -25,7 +25,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvgrid.store.fetch_procs import BATCH
 from kvgrid.store.object import cached_tenant_id
 
 if TYPE_CHECKING:
@@ -168,8 +167,7 @@ class PrefetchPlanner:
         if late:
             store.metrics.inc("prefetch", late, outcome="late")
         cap = max(1, store.g2.num_slots // 2)
-        # with fetch processes, a request's blocks go to one process in runs of BATCH
-        batch = BATCH if store._procs is not None and store._procs.fits(store._block_bytes) else 1
+        batch = store._run_size()  # a request's blocks to a fetch process, a run at a time
         run: list[tuple[bytes, bytes]] = []  # blocks of one request, not yet submitted
         for n, (i, j) in enumerate(plan):
             if len(self._held) + len(self._in_flight) + len(run) >= cap:

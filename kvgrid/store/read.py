@@ -13,7 +13,7 @@ import torch
 
 from kvgrid.events import BlockStored
 from kvgrid.store.disk_tier import DiskTier
-from kvgrid.store.fetch_procs import FetchProcError
+from kvgrid.store.fetch_procs import BATCH, FetchProcError
 from kvgrid.store.host_pool import Slot
 from kvgrid.store.lease import Lease
 from kvgrid.store.metrics import tenant_label
@@ -149,10 +149,13 @@ class ReadPath:
         procs = self._procs
         if procs is not None and out is not None and isinstance(tier, DiskTier):
             pending = getattr(self._local, "batch", None)
-            if pending is not None and pending[0] is tier and key in pending[1]:
-                batch = pending[1]
-                return tier.read_with(tid, key, lambda path, ro: batch.take(key, out))
-            if procs.fits(self._block_bytes):
+            if pending is not None:
+                if pending[0] is tier and key in pending[1]:
+                    batch = pending[1]
+                    return tier.read_with(tid, key, lambda path, ro: batch.take(key, out))
+                # else read here: this thread holds a process, and asking for another
+                # could wait for itself
+            elif procs.fits(self._block_bytes):
                 return tier.read_with(
                     tid, key, lambda path, ro: procs.read(path, ro, key, tenant, expect, out)
                 )
@@ -161,6 +164,13 @@ class ReadPath:
             return None
         h, t = decode_object(blob, key, tenant, self.keyring, *expect, out)
         return h, t, len(blob)
+
+    def _run_size(self) -> int:
+        """Blocks a fetch job takes at once: a run for one fetch process request where the
+        processes serve, else one."""
+        if self._procs is not None and self._procs.fits(self._block_bytes):
+            return min(BATCH, self._window)
+        return 1
 
     def _expect(self) -> tuple:
         """What a stored block must be here: (dtype, shape, model fingerprint)."""

@@ -35,9 +35,9 @@ def chain(n: int) -> list[bytes]:
 
 
 def started_store(tmp_path, codec: str = "none", **kw) -> ContextStore:
+    opts = {"fetch_procs": 1, "load_workers": 2, "admit_after": {"G2": 1, "G3": 1}, **kw}
     cfg = StoreConfig(g2_bytes=16 * BLOCK_BYTES, g3_dir=tmp_path / "g3", g3_bytes=1 << 24,
-                      codec=codec, sweep_interval_s=0, admit_after={"G2": 1, "G3": 1},
-                      **{"fetch_procs": 1, "load_workers": 2, **kw})  # fmt: skip
+                      codec=codec, sweep_interval_s=0, **opts)  # fmt: skip
     store = ContextStore(cfg, keyring=KR)
     store.configure_blocks(SHAPE, torch.bfloat16)
     end = time.monotonic() + 90
@@ -171,6 +171,25 @@ def test_a_load_sends_runs_of_blocks_and_its_readahead_to_the_processes(tmp_path
         procs = store._procs
         assert procs.served == 12 and procs.requests == 12 // BATCH  # one request per run
         assert procs._hinter.sent >= 1 and not submitted  # no hint thread woken
+    finally:
+        store.close()
+
+
+def test_a_runs_block_found_only_in_the_next_disk_tier_is_read_without_waiting(tmp_path):
+    """One process, G3 and G4 on disk: a run's blocks that G3 lacks come from G4 while the
+    run still holds the process (a second request for it would wait for itself)."""
+    store = started_store(tmp_path, load_workers=2, g4_dir=tmp_path / "g4", g4_bytes=1 << 24,
+                          admit_after={"G2": 1, "G3": 1, "G4": 1})  # fmt: skip
+    try:
+        ks = stored(store, 4)
+        g3 = store.tier("G3")
+        for k in ks[1:3]:
+            g3.delete(tenant_id(A), k)
+        assert store.contains(ks, A) == ["G3", "G4", "G4", "G3"]
+        dst = [torch.zeros(SHAPE, dtype=torch.bfloat16) for _ in ks]
+        served = store.load_into(ks, A, dst, deadline=time.monotonic() + 20)
+        assert served == ["G3", "G4", "G4", "G3"]  # not stopped at its deadline
+        assert all(torch.equal(d, block(i)) for i, d in enumerate(dst))
     finally:
         store.close()
 
