@@ -102,8 +102,9 @@ class StoreConfig:
     """processes that read, verify, decrypt and decode the disk tiers' objects for the load
     threads, started at the first load from a disk (0: the threads do it themselves, and
     every system call and decryption of theirs gives up the GIL and takes it back, holding
-    up the engine's thread); default: 2 where this process may run on 8 CPUs or more, else
-    0 (on fewer, the processes take the CPU the loads and the engine need)"""
+    up the engine's thread); default: where this process may run on 8 CPUs or more, one per
+    4 CPUs up to 4, else 0 (on fewer, the processes take the CPU the loads and the engine
+    need)"""
     # Also save blocks right after prefill names them, not only when G1 evicts them: the
     # context is below G1 at once, and an eviction copies nothing, so a request admitted
     # into evicted blocks never waits for their write-back (a device-to-host copy per block
@@ -156,4 +157,6 @@ class StoreConfig:
         """``fetch_procs``, or where unset, what suits this host's CPUs."""
         if self.fetch_procs is not None:
             return self.fetch_procs
-        return 2 if len(os.sched_getaffinity(0)) >= 8 else 0
+        cpus = len(os.sched_getaffinity(0))
+        # as many as a load's window keeps busy (4 runs of 4), a CPU in four at most
+        return min(4, cpus // 4) if cpus >= 8 else 0

@@ -250,7 +250,7 @@ def test_fetch_procs_must_not_be_negative():
 
 
 def test_fetch_processes_by_default_only_where_there_are_cpus_to_spare(monkeypatch):
-    for cpus, n in ((2, 0), (7, 0), (8, 2), (16, 2)):
+    for cpus, n in ((2, 0), (7, 0), (8, 2), (12, 3), (16, 4), (128, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cpus: set(range(c)))
         assert StoreConfig().fetch_procs_here() == n
         assert StoreConfig(fetch_procs=3).fetch_procs_here() == 3
