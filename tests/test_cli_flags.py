@@ -30,6 +30,7 @@ ADDED = {
     "--max-logprobs",
     "--max-parked-seqs",
     "--kv-fetch-procs",  # a StoreConfig field: the store's fetch processes
+    "--kv-write-procs",  # a StoreConfig field: the store's write processes
 }
 # commands added since the dump (the one command tree: the simulator's experiments and its
 # check against a live run under `kvgrid bench`, and `kvgrid --log-level`) and flags added to
@@ -44,7 +45,7 @@ NEW_COMMANDS = {
 }
 ADDED_TO = {
     "chat": {"--url", "--api-key"},
-    "bench reuse": {"--prompt-drain-s", "--fetch-procs", "--io-workers"},
+    "bench reuse": {"--prompt-drain-s", "--fetch-procs", "--write-procs", "--io-workers"},
 }
 # defaults changed on purpose: the simulator never read `kvgrid sim --link-gbps` 400; unset,
 # the calibration's transfer model applies, as it did. Guided decoding builds masks on half

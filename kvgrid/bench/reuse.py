@@ -446,7 +446,7 @@ def store_configs(
 ) -> list[BenchConfig]:
     """The configurations of one invocation (see the module's docstring); ``store_opts``:
     ``StoreConfig`` fields every store takes (``load_workers``, ``fetch_procs``,
-    ``io_workers``)."""
+    ``write_procs``, ``io_workers``)."""
     bs = eng.config.block_size
     per_conv = -(-wl.max_tokens // bs)
     block_bytes = eng.runner.kv_cache[0].nbytes

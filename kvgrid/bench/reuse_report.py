@@ -107,6 +107,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="processes that open the disk tiers' objects (StoreConfig.fetch_procs)",
     )
     p.add_argument(
+        "--write-procs",
+        type=int,
+        default=None,
+        help="processes that encode and write blocks going down to the disk tiers "
+        "(StoreConfig.write_procs)",
+    )
+    p.add_argument(
         "--io-workers",
         type=int,
         default=None,
@@ -193,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     opts = {
         "load_workers": args.load_workers,
         "fetch_procs": args.fetch_procs,
+        "write_procs": args.write_procs,
         "io_workers": args.io_workers,
     }
     opts = {k: v for k, v in opts.items() if v is not None}
@@ -252,7 +260,11 @@ def run(args: argparse.Namespace) -> int:
         },
         "dirs": {"g3": str(disk), "g4": str(shared)},
         # the stores' options, and the fetch processes they ran with (auto: by CPUs)
-        "store": {**opts, "fetch_procs_run": StoreConfig(**opts).fetch_procs_here()},
+        "store": {
+            **opts,
+            "fetch_procs_run": StoreConfig(**opts).fetch_procs_here(),
+            "write_procs_run": StoreConfig(**opts).write_procs_here(),
+        },
         "results": results,
         "summary": summarize(results, wl.theoretical_hit_rate(bs)),
     }

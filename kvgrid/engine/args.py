@@ -21,6 +21,7 @@ STORE_FLAG_FIELDS = (
     "codec",
     "master_key_file",
     "fetch_procs",
+    "write_procs",
 )
 
 

@@ -105,6 +105,12 @@ class StoreConfig:
     up the engine's thread); default: where this process may run on 8 CPUs or more, one per
     4 CPUs up to 4, else 0 (on fewer, the processes take the CPU the loads and the engine
     need)"""
+    write_procs: int | None = field(default=None, metadata=flag("kv-write-procs"))
+    """processes that encode, encrypt and write the blocks going down to the disk tiers
+    for the write-down's threads, started at its first write (0: the threads do it, each
+    system call and encryption giving up the GIL and taking it back); default: as many as
+    there are writer threads (io_workers), up to 4, where this process may run on 8 CPUs
+    or more, else 0"""
     # Also save blocks right after prefill names them, not only when G1 evicts them: the
     # context is below G1 at once, and an eviction copies nothing, so a request admitted
     # into evicted blocks never waits for their write-back (a device-to-host copy per block
@@ -150,13 +156,25 @@ class StoreConfig:
             raise ValueError("g2_wait_s and g2_spare_s must be >= 0")
         if min(self.io_queue, self.io_workers, self.load_workers, self.io_batch) < 1:
             raise ValueError("io_queue, io_workers, io_batch and load_workers must be >= 1")
-        if self.fetch_procs is not None and self.fetch_procs < 0:
-            raise ValueError("fetch_procs must be >= 0")
+        for name in ("fetch_procs", "write_procs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
 
     def fetch_procs_here(self) -> int:
         """``fetch_procs``, or where unset, what suits this host's CPUs."""
         if self.fetch_procs is not None:
             return self.fetch_procs
-        cpus = len(os.sched_getaffinity(0))
         # as many as a load's window keeps busy (4 runs of 4), a CPU in four at most
-        return min(4, cpus // 4) if cpus >= 8 else 0
+        return min(4, _cpus() // 4) if _cpus() >= 8 else 0
+
+    def write_procs_here(self) -> int:
+        """``write_procs``, or where unset, what suits this host's CPUs."""
+        if self.write_procs is not None:
+            return self.write_procs
+        # one per writer thread, so that none waits for another's process
+        return min(4, self.io_workers) if _cpus() >= 8 else 0
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))

@@ -1,10 +1,11 @@
 """Filesystem helpers of the disk tiers (``disk_tier.py``): a lock across threads and
-processes waited for within a bound, whole-file reads into a reused buffer, the ledger
-file's shape, and whether a writer process still runs."""
+processes waited for within a bound, whole-file reads into a reused buffer, writes of new
+temp files, the ledger file's shape, and whether a writer process still runs."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -148,3 +149,87 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def create_new(path: str, blob) -> int:
+    """Create ``path`` (it must not exist; owner-only) holding ``blob``: its open fd. A
+    failed write removes the file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(blob).cast("B")
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return fd
+
+
+def write_new(path: str, blob, sync: bool) -> None:
+    """``create_new``, synced (``sync``) and closed: a temp file written outside the tier's
+    process (``proc_serve.py``)."""
+    fd = create_new(path, blob)
+    try:
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(d: Path | str) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on directories
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def clean_tmp(tmp: Path, host: str, stale_s: float) -> int:
+    """Remove the temp files of writers that are gone: on this host (``host``), those whose
+    process has exited; from other hosts, those older than ``stale_s``. How many went."""
+    removed = 0
+    now = time.time()
+    for e in os.scandir(tmp):
+        owner, _, rest = e.name.partition("-")
+        pid = rest.partition("-")[0]
+        try:
+            if owner == host and pid.isdigit():
+                stale = not pid_alive(int(pid))
+            else:
+                stale = now - e.stat().st_mtime > stale_s
+            if stale:
+                os.unlink(e.path)
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def write_meta(dst: Path, tmp_dir: Path, data: bytes, replace: bool) -> bool:
+    """Write ``dst`` whole, synced (through a temp file in ``tmp_dir``); unless ``replace``,
+    only where no one has written it yet. Whether it was written."""
+    tmp = tmp_dir / f"{dst.name}.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        if replace:
+            os.replace(tmp, dst)
+            return True
+        try:
+            os.link(tmp, dst)  # fails if another server wrote it first
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -53,12 +53,15 @@ from typing import TypeVar
 from kvgrid import failpoints
 from kvgrid.store.disk_io import (
     advise,
+    clean_tmp,
+    create_new,
+    fsync_dir,
     locked,
     open_object,
-    pid_alive,
     read_file,
     touch,
     valid_ledger,
+    write_meta,
 )
 from kvgrid.store.tier import (
     ObjectInfo,
@@ -130,7 +133,7 @@ class DiskTier(ObjectTier):
         if self._want_sole and self._ownerfd is None:
             self._own()
         with self._locked():
-            self.removed_tmp += self._clean_tmp()
+            self.removed_tmp += clean_tmp(self.tmp, self._host, _STALE_TMP_S)
             self._read_ledger()  # only to report a damaged one: it is recounted anyway
             self._write_ledger(self._scan_ledger(self._present if self.sole else None))
 
@@ -229,24 +232,6 @@ class DiskTier(ObjectTier):
                     pending += e.stat().st_size if e.is_file() else 0
         return {"used": sum(tenants.values()) + pending, "tenants": tenants}
 
-    def _clean_tmp(self) -> int:
-        removed = 0
-        now = time.time()
-        for e in os.scandir(self.tmp):
-            host, _, rest = e.name.partition("-")
-            pid = rest.partition("-")[0]
-            try:
-                if host == self._host and pid.isdigit():
-                    stale = not pid_alive(int(pid))
-                else:
-                    stale = now - e.stat().st_mtime > _STALE_TMP_S
-                if stale:
-                    os.unlink(e.path)
-                    removed += 1
-            except FileNotFoundError:
-                pass
-        return removed
-
     def _scan(self, tid: bytes | None = None) -> Iterator[ObjectInfo]:
         dirs = [Path(self._tenant_dir(tid))] if tid is not None else self._tenant_dirs()
         for d in dirs:
@@ -328,46 +313,91 @@ class DiskTier(ObjectTier):
             self._failed(st, e)
         return st
 
-    def _stage(self, st: Staged, blob, quota: int | None) -> None:
-        tid, key = st.tid, st.key
-        path = self.path(tid, key)
-        if path.exists():  # same key, same bytes: keep the durable copy
-            self._touch(path)
-            st.result = PutResult(True)
-            return
-        size = len(blob)
-        if size > self.capacity:
-            st.result = PutResult(False, reason="too_big")
-            return
-        if quota is not None and size > quota:
-            st.result = PutResult(False, reason="quota")
-            return
-        with self._locked():
-            led = self._read_ledger()
-            if quota is not None:
-                self._evict(led, quota - size, tid, "quota", st.evicted)
-                if led["tenants"].get(tid.hex(), 0) + size > quota:
-                    self._write_ledger(led)
-                    st.result = PutResult(False, st.evicted, "quota")
-                    return
-            target = watermark_target(self.capacity, self.high, self.low, led["used"], size)
-            if target is not None:
-                self._evict(led, target, None, "capacity", st.evicted)
-            if led["used"] + size > self.capacity:
-                self._write_ledger(led)
-                st.result = PutResult(False, st.evicted, "full")
-                return
-            led["used"] += size
-            led["tenants"][tid.hex()] = led["tenants"].get(tid.hex(), 0) + size
-            self._write_ledger(led)
-        st.tmp = str(self.tmp / f"{self._host}-{os.getpid()}-{secrets.token_hex(6)}.tmp")
+    def adopt_many(self, written: list[tuple], errors: list[OSError | None]) -> list[Staged]:
+        """``stage`` for objects a write process has put in temp files (named by
+        ``tmp_path``, synced if this tier syncs), each (tenant id, key, temp path, size,
+        quota), or failed to (its ``errors`` entry: the tier is off, as after a failed write
+        here). Their bytes are reserved in one ledger update, and ``commit`` renames them
+        into place; the files of those not taken go."""
+        out = [Staged(tid, key, size) for tid, key, _, size, _ in written]
+        todo = []
+        for i, (st, err) in enumerate(zip(out, errors)):
+            if err is not None:
+                self._fail(err)
+                st.result = PutResult(False, reason="error")
+            elif self.read_only or not self.up:
+                st.result = PutResult(False, reason="read_only" if self.read_only else "tier_off")
+            else:
+                todo.append(i)
         try:
-            st.fd = os.open(st.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            view = memoryview(blob).cast("B")
-            while view:
-                view = view[os.write(st.fd, view) :]
+            reserved = self._reserve([(out[i], written[i][4]) for i in todo])
+        except OSError as e:
+            for i in todo:
+                self._failed(out[i], e)
+        else:
+            for i, ok in zip(todo, reserved):
+                out[i].tmp = written[i][2] if ok else ""
+        for st, w in zip(out, written):
+            if not st.tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(w[2])
+        return out
+
+    def tmp_path(self) -> str:
+        """A new temp file's name: this process's, so an open after it exits removes it."""
+        return str(self.tmp / f"{self._host}-{os.getpid()}-{secrets.token_hex(6)}.tmp")
+
+    def _stage(self, st: Staged, blob, quota: int | None) -> None:
+        if not self._reserve([(st, quota)])[0]:
+            return
+        st.tmp = self.tmp_path()
+        try:
+            st.fd = create_new(st.tmp, blob)
         except OSError as e:
             self._failed(st, e)
+
+    def _reserve(self, todo: list[tuple[Staged, int | None]]) -> list[bool]:
+        """Reserve each object's bytes (evicting to make room), in one ledger update; per
+        object, False with ``st.result`` set where it is not to be written (held already,
+        or no room). An OSError (the lock, the ledger) reserves none."""
+        ok = [False] * len(todo)
+        rest = []
+        for i, (st, quota) in enumerate(todo):
+            path = self._file_in(self._tenant_dir(st.tid), st.key)  # no pathlib per object
+            if os.path.exists(path):  # same key, same bytes: keep the durable copy
+                self._touch(path)
+                st.result = PutResult(True)
+            elif st.size > self.capacity:
+                st.result = PutResult(False, reason="too_big")
+            elif quota is not None and st.size > quota:
+                st.result = PutResult(False, reason="quota")
+            else:
+                rest.append(i)
+        if not rest:
+            return ok
+        with self._locked():
+            led = self._read_ledger()
+            for i in rest:
+                ok[i] = self._reserve_in(led, *todo[i])
+            self._write_ledger(led)
+        return ok
+
+    def _reserve_in(self, led: dict, st: Staged, quota: int | None) -> bool:
+        tid, size = st.tid, st.size
+        if quota is not None:
+            self._evict(led, quota - size, tid, "quota", st.evicted)
+            if led["tenants"].get(tid.hex(), 0) + size > quota:
+                st.result = PutResult(False, st.evicted, "quota")
+                return False
+        target = watermark_target(self.capacity, self.high, self.low, led["used"], size)
+        if target is not None:
+            self._evict(led, target, None, "capacity", st.evicted)
+        if led["used"] + size > self.capacity:
+            st.result = PutResult(False, st.evicted, "full")
+            return False
+        led["used"] += size
+        led["tenants"][tid.hex()] = led["tenants"].get(tid.hex(), 0) + size
+        return True
 
     def commit(self, staged: list[Staged]) -> list[PutResult]:
         """Sync the staged temp files, rename them into place, then sync each directory
@@ -376,7 +406,7 @@ class DiskTier(ObjectTier):
         todo = [s for s in staged if s.result is None]
         for s in todo:
             try:
-                if self.fsync:
+                if self.fsync and s.fd >= 0:  # an adopted file was synced by its writer
                     os.fsync(s.fd)
             except OSError as e:
                 self._failed(s, e)
@@ -399,7 +429,7 @@ class DiskTier(ObjectTier):
         for d, group in dirs.items():
             try:
                 if self.fsync:
-                    _fsync_dir(Path(d))
+                    fsync_dir(d)
                 err = None
             except OSError as e:
                 err = e
@@ -463,23 +493,7 @@ class DiskTier(ObjectTier):
             return None
 
     def write_meta(self, name: str, data: bytes, replace: bool = False) -> bool:
-        dst = self.root / f"meta-{name}"
-        tmp = self.tmp / f"meta-{name}.{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            if replace:
-                os.replace(tmp, dst)
-                return True
-            try:
-                os.link(tmp, dst)  # fails if another server wrote it first
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            tmp.unlink(missing_ok=True)
+        return write_meta(self.root / f"meta-{name}", self.tmp, data, replace)
 
     def will_need(self, tid: bytes, keys: list[bytes]) -> None:
         # the kernel queues the reads of the whole file and returns: the fetch threads find
@@ -507,9 +521,14 @@ class DiskTier(ObjectTier):
     def _open_read(self, path: Path):
         return open(open_object(path, self.read_only), "rb", buffering=0)
 
-    def _touch(self, target: Path) -> None:
+    def _touch(self, target: Path | str) -> None:
         if not self.read_only:
             touch(target)
+
+    def known_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
+        # what this process wrote or found here: no stat per block for the engine's thread
+        present = self._present if self.up else {}
+        return [present.get((tid, k)) for k in keys]
 
     def created_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
         if not self.up:
@@ -579,14 +598,3 @@ class DiskTier(ObjectTier):
                     os.close(fd)
         self._lockfd = self._ownerfd = None
         self.sole = False
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems refuse fsync on directories
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)

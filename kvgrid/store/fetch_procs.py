@@ -26,9 +26,9 @@ Primitives:
 
 Each process has BATCH staging slots and serves one request at a time; a fetch thread
 holds the process from its request until it has copied the blocks out. A process is a fresh
-interpreter (``python -m kvgrid.store.fetch_procs``) on a socket pair: no fork of the
-engine's process with its CUDA context and threads. It receives the master keys over that
-socket, never on its command line.
+interpreter (``proc_serve.py``) on a socket pair: no fork of the engine's process with its
+CUDA context and threads. It receives the master keys over that socket, never on its
+command line. ``write_procs.py`` runs the write-down's processes on the same footing.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import math
 import mmap
 import os
 import queue
-import signal
 import socket
 import struct
 import subprocess
@@ -52,16 +51,8 @@ from multiprocessing.connection import Connection
 import torch
 
 from kvgrid.store.crypto import KeyRing
-from kvgrid.store.disk_io import advise, read_file
-from kvgrid.store.object import (
-    ObjectError,
-    ObjectHeader,
-    decode_object,
-    destination,
-    dtype_name,
-    dtype_of,
-)
-from kvgrid.store.tier import ReadBuffer
+from kvgrid.store.object import ObjectError, ObjectHeader, destination, dtype_name
+from kvgrid.store.proc_serve import staged_view
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +64,15 @@ BATCH = 4
 
 
 class FetchProcError(RuntimeError):
-    """A fetch process died, hung or failed outside the read itself (not a disk fault)."""
+    """A helper process (fetch or write) died, hung or failed outside the object's own read
+    or write (not a disk fault)."""
 
 
 def _spawn(kind: str, sock_type: int, *fds: int) -> tuple[socket.socket, subprocess.Popen]:
     """A helper process of ``kind`` and the engine's end of its socket (``fds`` passed on)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, sock_type)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    argv = [sys.executable, "-m", "kvgrid.store.fetch_procs", kind, str(theirs.fileno())]
+    argv = [sys.executable, "-m", "kvgrid.store.proc_serve", kind, str(theirs.fileno())]
     popen = subprocess.Popen(
         argv + [str(fd) for fd in fds],
         pass_fds=(theirs.fileno(), *fds),
@@ -116,11 +108,13 @@ class _Hinter:
 
 
 class _Proc:
-    """One fetch process and the engine's end of its socket. A reply is waited for with
+    """One helper process and the engine's end of its socket. A reply is waited for with
     the socket's receive timeout (no poll: each system call retakes the GIL)."""
 
-    def __init__(self, index: int, keyring: KeyRing | None, memfd: int, timeout_s: float):
-        self.index = index
+    def __init__(
+        self, index: int, role: str, keyring: KeyRing | None, memfd: int, timeout_s: float
+    ) -> None:
+        self.index, self.name = index, f"{role} process {index}"
         self.timeout_s = timeout_s
         ours, self.popen = _spawn("fetch", socket.SOCK_STREAM, memfd)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(timeout_s), 0))
@@ -143,7 +137,7 @@ class _Proc:
             except (OSError, EOFError):
                 self.stop()
                 raise FetchProcError(
-                    f"fetch process {self.index} exited at its start (exit code "
+                    f"{self.name} exited at its start (exit code "
                     f"{self.popen.returncode}; its error is on this process's stderr)"
                 ) from None
         return self.started
@@ -157,7 +151,7 @@ class _Proc:
             return self._recv(self.timeout_s)
         except (OSError, EOFError) as e:
             self.stop()
-            raise FetchProcError(f"fetch process {self.index} is gone ({e!r})") from None
+            raise FetchProcError(f"{self.name} is gone ({e!r})") from None
 
     def _recv(self, timeout_s: float):
         end = time.monotonic() + timeout_s
@@ -167,9 +161,7 @@ class _Proc:
             except BlockingIOError:
                 if time.monotonic() >= end:
                     self.stop()
-                    raise FetchProcError(
-                        f"fetch process {self.index} gave no reply in {timeout_s:.0f}s"
-                    ) from None
+                    raise FetchProcError(f"{self.name} gave no reply in {timeout_s:.0f}s") from None
 
     @property
     def alive(self) -> bool:
@@ -192,6 +184,9 @@ class _Proc:
 class FetchProcs:
     """``n`` fetch processes and their staging slots (see the module's docstring)."""
 
+    role = "fetch"
+    readahead = True  # a readahead process beside them
+
     def __init__(
         self,
         n: int,
@@ -199,13 +194,13 @@ class FetchProcs:
         on_error: Callable[[FetchProcError], None],
         timeout_s: float = 30.0,
     ) -> None:
-        """``on_error``: told (once) when the processes cannot start; loads then read in
-        the engine's process."""
+        """``on_error``: told (once) when the processes cannot start; the callers then do
+        the work in the engine's process."""
         self.timeout_s = timeout_s
         self._on_error = on_error
         self.slot_bytes = 0
         self._keyring = keyring
-        self._memfd = os.memfd_create("kvgrid-fetch-staging", os.MFD_CLOEXEC)
+        self._memfd = os.memfd_create(f"kvgrid-{self.role}-staging", os.MFD_CLOEXEC)
         self._map: mmap.mmap | None = None
         self._arena: torch.Tensor | None = None
         self._slots: list[list[torch.Tensor]] = []  # per process, its BATCH slots
@@ -252,16 +247,14 @@ class FetchProcs:
         if not self._started:
             with self._lock:  # one thread at a time starts them, and reads their "ready"
                 if not self._procs:
-                    self._procs = [
-                        _Proc(i, self._keyring, self._memfd, self.timeout_s) for i in range(self._n)
-                    ]
-                    self._hinter = _Hinter()
+                    self._procs = [self._proc(i) for i in range(self._n)]
+                    self._hinter = _Hinter() if self.readahead else None
                     for i in range(self._n):
                         self._idle.put(i)
                 try:
                     self._started = self._started or all(p.ready() for p in self._procs)
                 except FetchProcError as e:
-                    self.closed = True  # loads read here from now on
+                    self.closed = True  # the callers do the work here from now on
                     self._on_error(e)
         return self._started and not self.closed
 
@@ -286,25 +279,42 @@ class FetchProcs:
         if not 0 < len(reads) <= BATCH:
             raise ValueError(f"a batch takes 1 to {BATCH} reads, not {len(reads)}")
         dtype, shape, fingerprint = expect
+        i, replies = self._call("read", reads, (dtype and dtype_name(dtype), shape, fingerprint))
+        return Batch(self, i, {r[2]: (j, rep) for j, (r, rep) in enumerate(zip(reads, replies))})
+
+    def slot(self, i: int, j: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Process ``i``'s staging slot ``j`` as a block of ``dtype`` (its name), ``shape``."""
+        if (tuple(shape), dtype) == self._block:
+            return self._slots[i][j]
+        base = (i * BATCH + j) * self.slot_bytes
+        return staged_view(self._arena, base, self.slot_bytes, dtype, shape)
+
+    def _proc(self, i: int) -> _Proc:
+        return _Proc(i, self.role, self._keyring, self._memfd, self.timeout_s)
+
+    def _call(self, op: str, items: list, args: tuple, fill: Callable[[int], None] | None = None):
+        """(process index, replies) of one request to an idle process, which serves no one
+        else until ``_idle`` has the index back; ``fill(i)``: fills process ``i``'s staging
+        slots first. A dead process is started again; FetchProcError where it fails."""
         i = self._idle.get()
         try:
             proc = self._procs[i]
             if not proc.alive:
                 if self.closed:
-                    raise FetchProcError("the fetch processes are closed")
-                log.warning("fetch process %d exited (%s); starting another", i, proc.popen.poll())
-                proc = self._procs[i] = _Proc(i, self._keyring, self._memfd, self.timeout_s)
+                    raise FetchProcError(f"the {self.role} processes are closed")
+                log.warning("%s exited (%s); starting another", proc.name, proc.popen.poll())
+                proc = self._procs[i] = self._proc(i)
+            if fill is not None:
+                fill(i)
             base = i * BATCH * self.slot_bytes
-            request = (reads, dtype and dtype_name(dtype), shape, fingerprint,
-                       self._map.size(), base, self.slot_bytes)  # fmt: skip
             self.requests += 1
-            replies = proc.call(request)
+            replies = proc.call((op, items, args, self._map.size(), base, self.slot_bytes))
             if isinstance(replies, tuple):  # the request itself failed (a bug)
-                raise FetchProcError(f"fetch process {i}: {replies[1]}")
+                raise FetchProcError(f"{proc.name}: {replies[1]}")
         except BaseException:
             self._idle.put(i)
             raise
-        return Batch(self, i, {r[2]: (j, rep) for j, (r, rep) in enumerate(zip(reads, replies))})
+        return i, replies
 
     def hint(self, paths: list[str]) -> bool:
         """Have the kernel read these objects ahead (one system call here, however many);
@@ -349,20 +359,17 @@ class Batch:
         """``key``'s object as ``read`` gives it (once: a second take of it is a KeyError);
         raises what opening it raised (OSError, ObjectError, FetchProcError)."""
         j, reply = self._replies.pop(key)
+        p = self._procs
         if reply[0] == "os":
             raise OSError(reply[1], reply[2])
         if reply[0] == "object":
             raise ObjectError(reply[1], reply[2])
         if reply[0] != "ok":
-            raise FetchProcError(f"fetch process {self._index}: {reply[1]}")
-        p = self._procs
+            raise FetchProcError(f"{p.role} process {self._index}: {reply[1]}")
         p.served += 1
         h, nbytes = reply[1], reply[2]
         dst = destination(h, out) if out is not None else None
-        if (h.shape, h.dtype) == p._block:
-            src = p._slots[self._index][j]
-        else:
-            src = _view(p._arena, (self._index * BATCH + j) * p.slot_bytes, p.slot_bytes, h)
+        src = p.slot(self._index, j, h.dtype, h.shape)
         if dst is None:
             return h, src.clone(), nbytes
         dst.copy_(src)  # a memcpy without the GIL
@@ -378,79 +385,3 @@ class Batch:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _view(arena: torch.Tensor, base: int, slot_bytes: int, h: ObjectHeader) -> torch.Tensor:
-    """The staging slot at ``base`` as the block ``h`` describes."""
-    dt = dtype_of(h.dtype)
-    n = int(torch.Size(h.shape).numel()) * dt.itemsize
-    if n > slot_bytes:
-        raise ObjectError("mismatch", f"object is {h.dtype}{list(h.shape)}, larger than a block")
-    return arena[base : base + n].view(dt).view(h.shape)
-
-
-def _serve(conn: Connection, memfd: int) -> None:
-    """A fetch process: read, verify and decode objects into its staging slots until the
-    engine's process closes the socket."""
-    masters, current = conn.recv()
-    keyring = KeyRing(masters, current) if masters else None
-    buf = ReadBuffer()
-    mapped: tuple[mmap.mmap, torch.Tensor] | None = None
-    conn.send("ready")
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            return
-        reads, dtype, shape, fingerprint, size, base, slot = request
-        try:
-            if mapped is None or len(mapped[0]) != size:
-                m = mmap.mmap(memfd, size)
-                mapped = (m, torch.frombuffer(m, dtype=torch.uint8))
-            arena = mapped[1]
-            dt = dtype_of(dtype) if dtype else None
-            if len(reads) > 1:  # the kernel reads the later ones while the first is opened
-                advise([r[0] for r in reads[1:]], "POSIX_FADV_WILLNEED")
-            replies: list | tuple = [
-                _open(r, keyring, buf, arena, base + j * slot, slot, dt, shape, fingerprint)
-                for j, r in enumerate(reads)
-            ]
-        except Exception as e:  # a bug: named to the engine's process, which counts it
-            replies = ("error", repr(e))
-        conn.send(replies)
-
-
-def _open(read: tuple, keyring, buf, arena, base, slot, dt, shape, fingerprint) -> tuple:
-    """One object of a request into the staging slot at ``base``: its reply."""
-    path, read_only, key, tenant = read
-    try:
-        data = read_file(path, read_only, buf)
-        h, t = decode_object(data, key, tenant, keyring, dt, shape, fingerprint,
-                             lambda h: _view(arena, base, slot, h))  # fmt: skip
-        dst = _view(arena, base, slot, h)
-        if t.data_ptr() != dst.data_ptr():  # a codec that could not decode in place
-            dst.copy_(t)
-        return ("ok", h, len(data))
-    except OSError as e:
-        return ("os", e.errno, e.strerror or str(e))
-    except ObjectError as e:
-        return ("object", e.kind, str(e).partition(": ")[2])
-
-
-def _advise(sock: socket.socket) -> None:
-    """The readahead process: WILLNEED for each path of each hint, until the socket closes."""
-    while msg := sock.recv(1 << 20):
-        advise(msg.decode().split("\0"), "POSIX_FADV_WILLNEED")
-
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine's process says when to stop
-    torch.set_num_threads(1)
-    # a closed socket: the engine's process has gone, and so does this one, quietly
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError, EOFError):
-        if sys.argv[1] == "hint":
-            _advise(socket.socket(fileno=int(sys.argv[2])))
-        else:
-            _serve(Connection(int(sys.argv[2])), int(sys.argv[3]))

@@ -42,6 +42,7 @@ from kvgrid.store.tier import ObjectTier
 from kvgrid.store.transfer import Copier, CudaCopier
 from kvgrid.store.workqueue import BoundedWorkQueue
 from kvgrid.store.write import WritePath
+from kvgrid.store.write_procs import WriteProcs
 from kvgrid.store.writedown import WriteDown
 
 if TYPE_CHECKING:
@@ -111,6 +112,20 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
                     check_shared_tier(t, self.keyring)  # refuse another server's master key
         self.sightings = Sightings()
         self.ledger = BlockLedger(self.metrics)
+        # the disk tiers' objects opened and written in processes of their own
+        # (fetch_procs.py, write_procs.py)
+        disks = not read_only and any(isinstance(t, DiskTier) for t in self.lower)
+        n, w = cfg.fetch_procs_here(), cfg.write_procs_here()
+        self._procs = (
+            FetchProcs(n, self.keyring, lambda e: self.failed("fetch", "start", e))
+            if n and disks
+            else None
+        )
+        self.write_procs = (
+            WriteProcs(w, self.keyring, lambda e: self.failed("write", "start", e))
+            if w and disks
+            else None
+        )
         # what goes below G2, best reuse prospects first (writedown.py)
         self.writes = WriteDown(self, cfg.io_queue, cfg.io_workers, cfg.io_block_s, cfg.io_batch)
         self.reads = BoundedWorkQueue(cfg.io_queue, 1, 0.0, "prefetch")
@@ -128,14 +143,6 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
         )
         self._local = threading.local()  # per thread: the buffer objects are read into
         self._window = 2 * cfg.load_workers  # blocks in flight per load: bounds memory
-        # the disk tiers' objects opened in processes of their own (fetch_procs.py)
-        n = cfg.fetch_procs_here() if not read_only else 0
-        disks = any(isinstance(t, DiskTier) for t in self.lower)
-        self._procs = (
-            FetchProcs(n, self.keyring, lambda e: self.failed("fetch", "start", e))
-            if n and disks
-            else None
-        )
         self._block_bytes = 0
         self.block_shape: tuple[int, ...] | None = None
         self.block_dtype: torch.dtype | None = None
@@ -250,8 +257,9 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
     def configure_blocks(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Declare the block shape/dtype (the engine's KV layout); G2 allocates its slab."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if self._procs is not None:
-            self._procs.configure(tuple(shape), dtype)  # before a fetch thread sees the shape
+        for procs in (self._procs, self.write_procs):
+            if procs is not None:  # before a fetch or write thread sees the shape
+                procs.configure(tuple(shape), dtype)
         self.block_shape, self.block_dtype = tuple(shape), dtype
         self._block_bytes = nbytes
         if self.g2 is not None and not self.g2.configure(self.block_shape, dtype):
@@ -329,8 +337,9 @@ class ContextStore(ReadPath, LoadPath, WritePath, Maintenance):
         self.writes.close()
         self.reads.close()
         self._fetchers.shutdown(wait=True)
-        if self._procs is not None:
-            self._procs.close()
+        for procs in (self._procs, self.write_procs):
+            if procs is not None:
+                procs.close()
         self._hints.shutdown(wait=True)
         self._landings.shutdown(wait=True)
         for t in self.lower:

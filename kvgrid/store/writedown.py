@@ -44,6 +44,8 @@ import torch
 from kvgrid import keys as kvkeys
 from kvgrid.events import BlockStored
 from kvgrid.stats import ewma
+from kvgrid.store.disk_tier import DiskTier
+from kvgrid.store.fetch_procs import BATCH, FetchProcError
 from kvgrid.store.host_pool import FILLING, Slot
 from kvgrid.store.metrics import tenant_label
 from kvgrid.store.object import encode_object, max_object_len
@@ -272,9 +274,11 @@ class WriteDown(WorkerThreads):
 
     def _write(self, batch: list[Candidate]) -> None:
         """Write a batch of candidates to their tiers (on a writer thread): each is encoded
-        and staged at once, then each tier commits the batch (one flush of its directory)."""
+        and staged at once (runs of them by a write process, where there are some), then
+        each tier commits the batch (one flush of its directory)."""
         store = self.store
         staged: dict = {}  # tier -> [(candidate, Staged, seconds staging)]
+        run: list[tuple[Candidate, list]] = []  # pinned, for a write process
         try:
             for c in batch:
                 if c.in_g2:
@@ -285,15 +289,33 @@ class WriteDown(WorkerThreads):
                     c.slot, c.src = got
                     store.g2.mark_queued(c.slot, False)
                 try:
-                    self._stage(c, staged)
+                    todo = self._todo(c)
+                    if todo and self._by_proc(c, todo):
+                        run.append((c, todo))
+                    elif todo:
+                        self._stage(c, todo, staged)
                 finally:  # its bytes are in the tier's hands now: G2 may let go of it
-                    if c.slot is not None:
-                        store.g2.release(c.slot)
+                    if not run or run[-1][0] is not c:
+                        self._let_go(c)
+                if len(run) == BATCH:
+                    self._stage_run(run, staged)
+                    run = []
+            if run:
+                self._stage_run(run, staged)
+                run = []
         finally:  # what was staged is committed (or fails cleanly) whatever came after
+            for c, _ in run:
+                self._let_go(c)
             for t, items in staged.items():
                 self._commit(t, items)
 
-    def _stage(self, c: Candidate, staged: dict) -> None:
+    def _let_go(self, c: Candidate) -> None:
+        if c.slot is not None:
+            self.store.g2.release(c.slot)
+            c.slot = None
+
+    def _todo(self, c: Candidate) -> list:
+        """The tiers ``c`` is still to be written to (its bytes landed first)."""
         store = self.store
         targets = c.targets
         if c.slot is not None:
@@ -311,25 +333,32 @@ class WriteDown(WorkerThreads):
         for t in c.targets:
             if t not in targets:
                 store.metrics.inc("writedown", tier=t.name, outcome="already_below")
-        if not todo:
-            return
-        cfg = store.config
-        rates = [self.write_rate.get(t.name) for t in todo]
-        blob = encode_object(
-            c.src,
-            c.key,
-            c.parent_key,
-            c.tenant,
-            c.token_count,
-            store.keyring,
-            cfg.codec,
-            cfg.compression_level,
-            cfg.lossy_max_rel_error,
-            cfg.model_fingerprint,
-            kvkeys.KV_LAYOUT_VERSION,
-            out=self._buffer(c.src.nbytes),
-            write_bytes_per_s=None if None in rates else max(rates),
+        return todo
+
+    def _by_proc(self, c: Candidate, todo: list) -> bool:
+        """Whether a write process is to write ``c`` (only disk tiers take its files)."""
+        procs = self.store.write_procs
+        return (
+            procs is not None
+            and all(isinstance(t, DiskTier) for t in todo)
+            and procs.fits(c.src.nbytes)
         )
+
+    def _encoding(self, tiers) -> tuple:
+        """How a block for ``tiers`` is encoded: the codec's settings, and the fastest of
+        their measured write rates (None until each has one: ``codec.pays``)."""
+        cfg = self.store.config
+        rates = [self.write_rate.get(t.name) for t in tiers]
+        rate = None if None in rates else max(rates)
+        return (cfg.codec, cfg.compression_level, cfg.lossy_max_rel_error,
+                cfg.model_fingerprint, kvkeys.KV_LAYOUT_VERSION, rate)  # fmt: skip
+
+    def _stage(self, c: Candidate, todo: list, staged: dict) -> None:
+        store = self.store
+        codec, level, lossy, fingerprint, layout, rate = self._encoding(todo)
+        blob = encode_object(c.src, c.key, c.parent_key, c.tenant, c.token_count,
+                             store.keyring, codec, level, lossy, fingerprint, layout,
+                             out=self._buffer(c.src.nbytes), write_bytes_per_s=rate)  # fmt: skip
         pol = store._policy(c.tid)
         for t in todo:
             t0 = time.perf_counter()
@@ -339,6 +368,42 @@ class WriteDown(WorkerThreads):
                 log.warning("%s write failed: %s", t.name, e)
                 st = Staged(c.tid, c.key, len(blob), PutResult(False, reason="error"))
             staged.setdefault(t, []).append((c, st, time.perf_counter() - t0))
+
+    def _stage_run(self, run: list[tuple[Candidate, list]], staged: dict) -> None:
+        """Encode and write a run of pinned candidates in a write process, each into a temp
+        file per tier, then stage those (``DiskTier.adopt_many``); they are let go of once
+        their bytes are in their files. A process that fails leaves the run to this
+        thread (counted as ``errors{tier=write, op=write_process}``)."""
+        store = self.store
+        items = [
+            (c.key, c.parent_key, c.tenant, c.token_count, [(t.tmp_path(), t.fsync) for t in todo])
+            for c, todo in run
+        ]
+        tiers = {t for _, todo in run for t in todo}
+        t0 = time.perf_counter()
+        try:
+            replies = store.write_procs.write_many(
+                items, [c.src for c, _ in run], self._encoding(tiers)
+            )
+        except FetchProcError as e:
+            store.failed("write", "write_process", e)
+            for c, todo in run:
+                try:
+                    self._stage(c, todo, staged)
+                finally:
+                    self._let_go(c)
+            return
+        each = (time.perf_counter() - t0) / len(run)
+        per_tier: dict = {}  # tier -> [(candidate, (tid, key, temp path, size, quota), error)]
+        for (c, todo), item, (_, size, errors) in zip(run, items, replies):
+            self._let_go(c)
+            quota = store._policy(c.tid).quota_bytes
+            for t, (tmp, _), err in zip(todo, item[4], errors):
+                w = (c.tid, c.key, tmp, size, quota.get(t.name))
+                per_tier.setdefault(t, []).append((c, w, OSError(*err) if err else None))
+        for t, rows in per_tier.items():  # one ledger update per tier for the run
+            adopted = t.adopt_many([w for _, w, _ in rows], [e for _, _, e in rows])
+            staged.setdefault(t, []).extend((c, st, each) for (c, _, _), st in zip(rows, adopted))
 
     def _commit(self, t, items: list) -> None:
         store = self.store

@@ -27,8 +27,12 @@ def test_the_gil_profile_loads_from_the_tier_and_measures_the_probe(tmp_path, ca
 def test_the_gil_profile_measures_the_write_down_too(tmp_path, capsys):
     out = tmp_path / "gil.json"
     rc = main(["--dir", str(tmp_path), "--blocks", "2", "--block-mb", "0.0625", "--writes",
-               "--workers", "2", "--seconds", "0.3", "--out", str(out)])  # fmt: skip
+               "--workers", "2", "--write-procs", "0,1", "--seconds", "0.3",
+               "--out", str(out)])  # fmt: skip
     assert rc == 0
-    (r,) = json.loads(out.read_text())["results"]
-    assert r["workers"] == 2 and r["blocks_per_s"] > 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["workers"], r["write_procs"]) for r in rows] == [(2, 0), (2, 1)]
+    for r in rows:
+        assert r["blocks_per_s"] > 0 and r["fetch_procs"] == 0
+        assert (r["blocks_from_procs"] > 0) == (r["write_procs"] > 0)
     assert "write-down to g3" in capsys.readouterr().out

@@ -34,7 +34,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
         "--block-size", "16", "--guarantee-tokens", "48", "--no-progress",
         "--disk-dir", str(tmp_path / "d3"), "--shared-dir", str(tmp_path / "d4"),
         "--configs", "none,g2,g3,g4+wt,ceiling", "--out", str(out), "--prompt-drain-s", "0",
-        "--fetch-procs", "1",
+        "--fetch-procs", "1", "--write-procs", "1",
     ])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
@@ -63,7 +63,8 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     assert s["ceiling"]["ceiling_gain_fraction"] == 1.0 and s["none"]["speedup_vs_none"] == 1.0
     assert res["workload"]["conversations"] == 3 and len(r["g3"]["per_request"]) == 6
     assert res["engine"]["prompt_drain_s"] == 0.0  # the engine took the flag
-    assert res["store"] == {"fetch_procs": 1, "fetch_procs_run": 1}
+    assert res["store"] == {"fetch_procs": 1, "fetch_procs_run": 1,
+                            "write_procs": 1, "write_procs_run": 1}  # fmt: skip
     # write-through by default where G2 holds what G1 can cache (g2), not where G2 is
     # smaller (g3); +wt forces it
     assert r["g2"]["write_through"] and not r["g3"]["write_through"]

@@ -15,9 +15,10 @@ import torch
 from kvgrid import keys
 from kvgrid.store import ContextStore, StoreConfig
 from kvgrid.store.crypto import KeyRing
-from kvgrid.store.fetch_procs import BATCH, _advise
+from kvgrid.store.fetch_procs import BATCH
 from kvgrid.store.object import tenant_id
 from kvgrid.store.prefetch import Queued
+from kvgrid.store.proc_serve import _advise
 
 SCOPE = keys.KVScope("test-model", "bfloat16")
 A = keys.tenant_scope(b"server-secret", "tenant-a")

@@ -403,8 +403,8 @@ def test_the_write_down_flushes_a_directory_once_per_batch(tmp_path, monkeypatch
     from kvgrid.store import disk_tier
 
     flushes = []
-    real = disk_tier._fsync_dir
-    monkeypatch.setattr(disk_tier, "_fsync_dir", lambda d: (flushes.append(d), real(d)))
+    real = disk_tier.fsync_dir
+    monkeypatch.setattr(disk_tier, "fsync_dir", lambda d: (flushes.append(d), real(d)))
     disk = DiskTier(tmp_path / "g3", 1 << 24, "G3")
     tid = tenant_id(A)
     ks = chain(A, 8)

@@ -8,7 +8,7 @@ the engine's thread may have to wait for it. This measures that cost on this hos
     python -m kvgrid.bench.gpu.profile_gil                        # ~30 s, any machine
     python -m kvgrid.bench.gpu.profile_gil --dir /nvme/kvgrid --block-mb 8 --workers 2,8
     python -m kvgrid.bench.gpu.profile_gil --block-mb 8 --workers 8 --fetch-procs 0,2,4
-    python -m kvgrid.bench.gpu.profile_gil --block-mb 8 --workers 4 --writes
+    python -m kvgrid.bench.gpu.profile_gil --block-mb 8 --workers 4 --writes --write-procs 0,4
 
 A probe thread makes ``torch.add`` calls on 64-element tensors (as many short calls that
 give up the GIL as a step's launch makes) for ``--seconds``: alone, then while another
@@ -18,7 +18,8 @@ the threads open the objects themselves; ``StoreConfig.fetch_procs``). Where the
 two CPUs or more, the probe has one to itself and everything else (fetch processes
 included) shares the rest: the GIL is then the only thing the probe shares.
 With ``--writes``, the other thread puts blocks into G2 and waits for the write-down to
-take them to the tier (``--workers``: writer threads) instead. Prints the probe's call rate
+take them to the tier instead (``--workers``: writer threads; ``--write-procs``: write
+processes, ``StoreConfig.write_procs``). Prints the probe's call rate
 during the loads (writes) against alone, their rate, and the probe time lost per block;
 writes JSON (``--out``).
 """
@@ -68,13 +69,16 @@ def probe_rate(seconds: float, cpu: set[int] | None) -> float:
 
 def open_store(root: Path, args, workers: int, procs: int = 0) -> tuple[ContextStore, list]:
     """A store whose lower tier holds ``args.blocks`` random blocks (G2 has room for them
-    all: none is evicted before it is written down)."""
+    all: none is evicted before it is written down); ``procs``: fetch processes, or write
+    processes with ``--writes``."""
+    writes = getattr(args, "writes", False)
     nbytes = int(args.block_mb * (1 << 20)) // 2 * 2
     tier = {f"{args.tier}_dir": root, f"{args.tier}_bytes": 4 * args.blocks * nbytes}
     cfg = StoreConfig(
         g2_bytes=(args.blocks + 1) * nbytes, codec="none", encrypt=True, sweep_interval_s=0,
-        load_workers=workers, fetch_procs=procs, **tier,
-        **({"io_workers": workers} if getattr(args, "writes", False) else {}),
+        load_workers=workers, **tier,
+        **({"io_workers": workers, "write_procs": procs, "fetch_procs": 0} if writes
+           else {"fetch_procs": procs, "write_procs": 0}),
     )  # fmt: skip
     store = ContextStore(cfg, keyring=KeyRing({1: os.urandom(32)}))
     keys = [os.urandom(32) for _ in range(args.blocks)]
@@ -88,21 +92,22 @@ def open_store(root: Path, args, workers: int, procs: int = 0) -> tuple[ContextS
     return store, keys
 
 
-def wait_started(store: ContextStore, cpus: set[int] | None) -> None:
-    """Wait (60 s at most) for the store's fetch processes to start, then put them on
-    ``cpus``: the loads are measured from their first block on."""
+def wait_started(procs, nbytes: int, cpus: set[int] | None) -> None:
+    """Wait (60 s at most) for the store's fetch or write processes to start, then put
+    them on ``cpus``: the loads (writes) are measured from their first block on."""
     end = time.monotonic() + 60
-    while not store._procs.fits(store._block_bytes) and time.monotonic() < end:
+    while not procs.fits(nbytes) and time.monotonic() < end:
         time.sleep(0.05)
-    for pid in store._procs.pids if cpus else []:
+    for pid in procs.pids if cpus else []:
         os.sched_setaffinity(pid, cpus)
 
 
 def measure(root: Path, args, workers: int, procs: int, probe_cpu, rest_cpu) -> dict:
     store, keys = open_store(root, args, workers, procs)
     tid = cached_tenant_id(TENANT)
-    if store._procs is not None:
-        wait_started(store, rest_cpu)
+    helpers = store.write_procs if args.writes else store._procs
+    if helpers is not None:
+        wait_started(helpers, store._block_bytes, rest_cpu)
 
     def drop_g2() -> None:  # every load reads the tier below: G2 drops its copies first
         for k in keys:
@@ -128,13 +133,14 @@ def measure(root: Path, args, workers: int, procs: int, probe_cpu, rest_cpu) -> 
     try:
         alone, busy, rate = beside(write if args.writes else load, args.seconds, probe_cpu,
                                    rest_cpu)  # fmt: skip
-        served = store._procs.served if store._procs is not None else 0
+        served = helpers.served if helpers is not None else 0
     finally:
         store.close()
     lost = 1 - busy / alone
     return {
         "workers": workers,
-        "fetch_procs": procs,
+        "fetch_procs": 0 if args.writes else procs,
+        "write_procs": procs if args.writes else 0,
         "blocks_from_procs": served,
         "blocks_below_g2": below,
         "probe_alone_per_s": alone,
@@ -146,31 +152,46 @@ def measure(root: Path, args, workers: int, procs: int, probe_cpu, rest_cpu) -> 
     }
 
 
-def beside(work, seconds: float, probe_cpu, rest_cpu) -> tuple[float, float, float]:
+def beside(work, seconds: float, probe_cpu, rest_cpu, pairs: int = 4) -> tuple[float, float, float]:
     """The probe's rate alone and while another thread (on ``rest_cpu``) runs ``work()``
-    (which returns how many blocks it moved) again and again; and those blocks per second."""
-    stop, moved, spent = threading.Event(), [0], [0.0]
+    (which returns how many blocks it moved) again and again, in ``pairs`` alternating
+    windows of ``seconds / pairs`` each (a drift of the host's speed falls on both alike);
+    and those blocks per second."""
+    go, stop, idle = threading.Event(), threading.Event(), threading.Event()
+    moved, spent = [0], [0.0]
 
     def run() -> None:
         if rest_cpu:
             os.sched_setaffinity(0, rest_cpu)  # the store's threads it starts inherit this
         while not stop.is_set():
+            if not go.wait(0.05):
+                idle.set()
+                continue
+            idle.clear()
             t0 = time.perf_counter()
             moved[0] += work()
             spent[0] += time.perf_counter() - t0
+        idle.set()
 
-    alone = probe_rate(seconds / 2, probe_cpu)
     thread = threading.Thread(target=run, name="gil-work")
     thread.start()
+    alone, busy, n, s = [], [], 0, 0.0
     try:
-        time.sleep(0.3)
-        n0, s0 = moved[0], spent[0]
-        busy = probe_rate(seconds, probe_cpu)
-        n, s = moved[0] - n0, spent[0] - s0
+        for _ in range(pairs):
+            go.clear()
+            if not idle.wait(120):
+                raise RuntimeError("the work did not stop within 120 s")
+            alone.append(probe_rate(seconds / pairs, probe_cpu))
+            go.set()
+            time.sleep(0.1)
+            n0, s0 = moved[0], spent[0]
+            busy.append(probe_rate(seconds / pairs, probe_cpu))
+            n, s = n + moved[0] - n0, s + spent[0] - s0
     finally:
         stop.set()
+        go.set()
         thread.join()
-    return alone, busy, n / s if s > 0 else 0.0
+    return sum(alone) / pairs, sum(busy) / pairs, n / s if s > 0 else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,17 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-mb", type=float, default=1.0, help="8 for Llama-3-8B at block 64")
     ap.add_argument("--workers", default="1,8", help="fetch-thread counts, comma-separated")
     ap.add_argument("--fetch-procs", default="0", help="fetch-process counts (0: none)")
+    ap.add_argument("--write-procs", default="0",
+                    help="write-process counts, with --writes (0: none)")  # fmt: skip
     ap.add_argument("--writes", action="store_true",
                     help="measure the write-down instead (--workers: writer threads)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=4.0, help="probe time during the loads")
     ap.add_argument("--out", help="JSON file")
     args = ap.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",") if w]
-    procs = [int(p) for p in args.fetch_procs.split(",") if p]
+    procs = [int(p) for p in (args.write_procs if args.writes else args.fetch_procs).split(",")
+             if p]  # fmt: skip
     if args.blocks < 1 or args.block_mb <= 0 or args.seconds <= 0 or min(workers) < 1:
         ap.error("--blocks, --block-mb, --seconds and --workers must be positive")
     if not procs or min(procs) < 0:
-        ap.error("--fetch-procs takes counts >= 0")
+        ap.error("--fetch-procs and --write-procs take counts >= 0")
     cpus = sorted(os.sched_getaffinity(0))
     probe_cpu, rest_cpu = ({cpus[0]}, set(cpus[1:])) if len(cpus) > 1 else (None, None)
     results = []
@@ -210,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print("workers | procs | probe busy / alone | blocks/s | GB/s | probe us lost per block")
     for r in results:
         lost = r["probe_us_lost_per_block"]
-        print(f"{r['workers']:7d} | {r['fetch_procs']:5d} | {r['probe_ratio']:18.2f} | "
+        n = r["write_procs"] if args.writes else r["fetch_procs"]
+        print(f"{r['workers']:7d} | {n:5d} | {r['probe_ratio']:18.2f} | "
               f"{r['blocks_per_s']:8.0f} | "
               f"{r['gb_per_s']:4.2f} | {'-' if lost is None else f'{lost:.0f}'}")  # fmt: skip
     if args.out:

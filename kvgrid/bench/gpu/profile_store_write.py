@@ -41,7 +41,8 @@ from kvgrid import keys
 from kvgrid.store import ContextStore, StoreConfig
 from kvgrid.store import codec as codecs
 from kvgrid.store.crypto import KeyRing
-from kvgrid.store.disk_tier import DiskTier, _fsync_dir
+from kvgrid.store.disk_io import fsync_dir
+from kvgrid.store.disk_tier import DiskTier
 from kvgrid.store.object import encode_object
 from kvgrid.store.probe import probe_tier
 
@@ -105,7 +106,7 @@ def stages(root: Path, blocks: list[torch.Tensor], codec: str) -> dict[str, floa
         dst = tier.path(tid, k)
         dst.parent.mkdir(exist_ok=True)
         os.rename(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
         t0 = lap("rename_fsync_dir", t0)
         with tier._locked():
             led = tier._read_ledger()
@@ -171,7 +172,7 @@ def disk_ceiling(root: Path, nbytes: int, n: int, threads: int, batch: int = 8) 
                 os.close(fd)
         for i in names:
             os.rename(d / f"{i}.tmp", d / f"{i}.obj")
-        _fsync_dir(d)
+        fsync_dir(d)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
