@@ -77,11 +77,15 @@ class ReadPath:
                     out[i] = tier.name
             idx = [i for i, h in zip(idx, held) if not h]
 
-    def _held_in(self, tier: ObjectTier, tid: bytes, keys, idx, now: float) -> list[bool] | None:
+    def _held_in(
+        self, tier: ObjectTier, tid: bytes, keys, idx, now: float, known: bool = False
+    ) -> list[bool] | None:
         """Whether ``tier`` holds ``keys[i]`` (unexpired) for each ``i`` of ``idx``; None when
-        it cannot be asked (counted and logged as a failed lookup)."""
+        it cannot be asked (counted and logged as a failed lookup). ``known``: as far as
+        this process knows without asking (``ObjectTier.known_many``)."""
+        ask = tier.known_many if known else tier.created_many
         try:
-            created = tier.created_many(tid, [keys[i] for i in idx])
+            created = ask(tid, [keys[i] for i in idx])
         except OSError as e:
             self.failed(tier.name, "lookup", e)
             return None

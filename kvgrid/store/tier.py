@@ -152,6 +152,12 @@ class ObjectTier(ABC):
     def created_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
         """Per key: when its object was stored, or None if absent (one round trip)."""
 
+    def known_many(self, tid: bytes, keys: list[bytes]) -> list[float | None]:
+        """``created_many`` as far as this process knows it without asking again (None
+        where it does not know): for checks that may miss, such as whether a block handed
+        down is below already (a miss costs a G2 copy, not a wrong answer)."""
+        return self.created_many(tid, keys)
+
     @abstractmethod
     def delete(self, tid: bytes, key: bytes) -> bool: ...
 

@@ -155,7 +155,9 @@ class WritePath:
         """The blocks G2 lacks that every lower tier up already holds: a hand-down leaves
         them there. Copying one into G2 would cost the engine's thread and the bus, and the
         place of a block that is not safe yet (a full G2 evicts for it); its way back up is
-        a load or a prefetch from below."""
+        a load or a prefetch from below. A shared tier is not asked (a stat per block on
+        the engine's thread): what this process wrote or found there counts, and a block
+        another server wrote is copied (the write-down then finds it below)."""
         tiers = [t for t in self.lower if t.up]
         if not tiers:
             return set()
@@ -164,7 +166,7 @@ class WritePath:
         for t in tiers:
             if not idx:
                 break
-            held = self._held_in(t, tid, keys, idx, now)
+            held = self._held_in(t, tid, keys, idx, now, known=True)
             if held is None:
                 return set()
             idx = [i for i, h in zip(idx, held) if h]

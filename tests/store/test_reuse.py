@@ -124,6 +124,34 @@ def test_a_block_safe_below_is_handed_down_without_a_g2_copy(tmp_path):
     store.close()
 
 
+def test_a_hand_down_asks_a_shared_tier_nothing(tmp_path):
+    """A shared directory (G4) is not asked on the engine's thread whether it holds the
+    blocks handed down: a block this process wrote there is known to be safe below; one
+    that another server wrote is copied into G2, and the write-down then finds it below."""
+    store = make(tmp_path, g2_bytes=4 * BLOCK_BYTES, g4_dir=tmp_path / "g4",
+                 admit_after={"G2": 1, "G4": 1})  # fmt: skip
+    g4 = store.tier("G4")
+    assert not g4.sole
+    ours, theirs = chain(1, start=50), chain(1, start=60)
+    store.put(ours[0], None, A, block(0), 16)
+    assert store.flush()
+    other = DiskTier(tmp_path / "g4", 1 << 24, "G4")  # another server on the same path
+    other.put(tenant_id(A), theirs[0], g4.get(tenant_id(A), ours[0]))
+    store.g2.clear()
+    asked = []
+    inner = g4.created_many
+    g4.created_many = lambda tid, ks: (asked.append(len(ks)), inner(tid, ks))[1]
+    assert store.put_blocks(ours + theirs, [None, None], A, [block(0), block(1)], 16) == [
+        "already_stored",
+        "g2",
+    ]
+    assert not asked  # the engine's thread asked the shared directory nothing
+    assert store.flush()
+    assert store.metrics.total("writedown", tier="G4", outcome="already_below") == 1
+    assert store.metrics.total("writedown", tier="G4", outcome="written") == 1  # ours, once
+    store.close()
+
+
 def test_a_block_written_through_waits_for_no_g2_room(tmp_path):
     """Written through (still in G1), a block finds every G2 slot pinned: it is deferred at
     once, with no back-pressure and no drop counted, and goes no further; handed down again
