@@ -83,6 +83,7 @@ class HostPool:
         self.high, self.low = high, low
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.pool: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []  # per slot index, its block in ``pool``
         self.slot_bytes = 0
         self.num_slots = 0
         self.entries: OrderedDict[tuple[bytes, bytes], Slot] = OrderedDict()  # LRU first
@@ -110,6 +111,9 @@ class HostPool:
             if n == 0:
                 return False
             self.pool = torch.empty((n, *shape), dtype=dtype, pin_memory=self.pin_memory)
+            # each slot viewed once here: indexing the slab per block is a torch call (a
+            # GIL handoff on the engine's thread at every hand-down)
+            self.views = list(self.pool.unbind(0))
             self.slot_bytes, self.num_slots = slot, n
             self.free = list(range(n - 1, -1, -1))
             return True
@@ -273,7 +277,7 @@ class HostPool:
         """Copy ``block`` into a reserved slot and commit it (still pinned); a failed copy
         aborts the slot and raises."""
         try:
-            host_copy(self.pool[slot.index], block)
+            host_copy(self.views[slot.index], block)
         except Exception:
             self.abort([slot])
             raise
@@ -331,7 +335,7 @@ class HostPool:
                 return None
             self._touch((tid, key), s)
             s.pins += 1
-            return s, self.pool[s.index]
+            return s, self.views[s.index]
 
     def acquire_run(self, tid: bytes, keys: list[bytes]) -> list[Slot]:
         """Pin the slots of the leading run of ``keys`` held here, under one lock (a long
