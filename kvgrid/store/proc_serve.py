@@ -21,6 +21,7 @@ import mmap
 import signal
 import socket
 import sys
+import time
 from multiprocessing.connection import Connection
 
 import torch
@@ -117,21 +118,24 @@ def _open(read: tuple, keyring, buf, arena, base, slot, dt, shape, fingerprint) 
 def _write(items: list, args: tuple, keyring, out, arena, base: int, slot: int) -> list:
     """Each item, (key, parent key, tenant, tokens, dtype, shape, [(temp path, sync)]), is
     the block in its staging slot: encoded once, then written to each of its temp files.
-    Its reply: ("ok", object length, [None or (errno, message) per file])."""
+    Its reply: ("ok", object length, [(None or (errno, message), seconds) per file]), the
+    seconds those of the write alone (the tier's write rate, ``codec.pays``)."""
     codec, level, lossy, fingerprint, layout, rate = args
     replies = []
     for j, (key, parent, tenant, tokens, dtype, shape, files) in enumerate(items):
         block = staged_view(arena, base + j * slot, slot, dtype, shape)
         blob = encode_object(block, key, parent, tenant, tokens, keyring, codec, level, lossy,
                              fingerprint, layout, out=out, write_bytes_per_s=rate)  # fmt: skip
-        errs = []
+        done = []
         for path, sync in files:
+            t0 = time.perf_counter()
             try:
                 write_new(path, blob, sync)
-                errs.append(None)
+                err = None
             except OSError as e:
-                errs.append((e.errno, e.strerror or str(e)))
-        replies.append(("ok", len(blob), errs))
+                err = (e.errno, e.strerror or str(e))
+            done.append((err, time.perf_counter() - t0))
+        replies.append(("ok", len(blob), done))
     return replies
 
 

@@ -15,8 +15,9 @@ block ledger.
 Primitives (besides ``FetchProcs``' ``configure``, ``fits`` and ``close``):
     write_many(items, blocks, encode)
                 up to BATCH blocks in one request; per block ("ok", object length,
-                [None or (errno, message) per temp file]); FetchProcError where a process
-                died or hung (it is started again; the caller writes those blocks itself)
+                [(None or (errno, message), seconds writing) per temp file]);
+                FetchProcError where a process died or hung (it is started again; the
+                caller writes those blocks itself)
 """
 
 from __future__ import annotations

@@ -380,7 +380,6 @@ class WriteDown(WorkerThreads):
             for c, todo in run
         ]
         tiers = {t for _, todo in run for t in todo}
-        t0 = time.perf_counter()
         try:
             replies = store.write_procs.write_many(
                 items, [c.src for c, _ in run], self._encoding(tiers)
@@ -393,17 +392,16 @@ class WriteDown(WorkerThreads):
                 finally:
                     self._let_go(c)
             return
-        each = (time.perf_counter() - t0) / len(run)
-        per_tier: dict = {}  # tier -> [(candidate, (tid, key, temp path, size, quota), error)]
-        for (c, todo), item, (_, size, errors) in zip(run, items, replies):
+        per_tier: dict = {}  # tier -> [(candidate, (tid, key, path, size, quota), error, s)]
+        for (c, todo), item, (_, size, files) in zip(run, items, replies):
             self._let_go(c)
             quota = store._policy(c.tid).quota_bytes
-            for t, (tmp, _), err in zip(todo, item[4], errors):
+            for t, (tmp, _), (err, dt) in zip(todo, item[4], files):
                 w = (c.tid, c.key, tmp, size, quota.get(t.name))
-                per_tier.setdefault(t, []).append((c, w, OSError(*err) if err else None))
+                per_tier.setdefault(t, []).append((c, w, OSError(*err) if err else None, dt))
         for t, rows in per_tier.items():  # one ledger update per tier for the run
-            adopted = t.adopt_many([w for _, w, _ in rows], [e for _, _, e in rows])
-            staged.setdefault(t, []).extend((c, st, each) for (c, _, _), st in zip(rows, adopted))
+            adopted = t.adopt_many([r[1] for r in rows], [r[2] for r in rows])
+            staged.setdefault(t, []).extend((r[0], st, r[3]) for r, st in zip(rows, adopted))
 
     def _commit(self, t, items: list) -> None:
         store = self.store

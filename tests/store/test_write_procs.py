@@ -85,6 +85,7 @@ def test_blocks_written_down_by_a_write_process_read_back_equal(tmp_path, monkey
         n, nbytes, tmp = tier_files(store)
         assert n == 6 and not tmp
         assert store.tier("G3").used() == nbytes  # the ledger holds what was renamed in
+        assert store.writes.write_rate["G3"] > 0  # the processes' writes are timed
         read_back(store, ks)
     finally:
         store.close()
