@@ -47,8 +47,31 @@ from kvgrid.store import ContextStore, StoreConfig, StoreConnector, transfer
 from kvgrid.store.crypto import KeyRing
 
 CONFIGS = ("none", "g2", "g3", "g4", "ceiling")
-# a store's configuration may say whether it writes through (g2+nowt: only at eviction)
-WRITE_THROUGH = {"wt": True, "nowt": False}
+# options a store's configuration may add (g2+nowt, g4+noprocs, g3+nowt+noprocs): whether
+# it writes through (nowt: only at eviction), and whether the disk tiers' work goes to fetch
+# and write processes (noprocs: the threads do it; else as the host and the flags say)
+OPTIONS = {
+    "wt": {"write_through": True},
+    "nowt": {"write_through": False},
+    "noprocs": {"fetch_procs": 0, "write_procs": 0},
+}
+
+
+def config_options(name: str) -> tuple[str, dict]:
+    """A configuration's name, split into its base (none, g2, ...) and the ``StoreConfig``
+    fields its options set; ValueError for an option it does not know."""
+    base, *opts = name.split("+")
+    fields: dict = {}
+    for opt in opts:
+        if opt not in OPTIONS or base in ("none", "ceiling"):
+            raise ValueError(
+                f"unknown option {opt!r} of {name!r}: a store's configuration takes "
+                f"{', '.join('+' + o for o in OPTIONS)}"
+            )
+        fields.update(OPTIONS[opt])
+    return base, fields
+
+
 MIN_TOKEN_ID = 256  # clear of the special tokens of most vocabularies
 
 
@@ -300,6 +323,11 @@ def run_config(eng: LLMEngine, wl: AgentWorkload, cfg: BenchConfig, bar=None) ->
     res["j_per_output_token"] = res["energy_j"] / out_tokens if res["energy_j"] else None
     if conn is not None:
         res["write_through"] = conn.write_through
+        store_cfg = conn.store.config
+        res["procs"] = {
+            "fetch": store_cfg.fetch_procs_here(),
+            "write": store_cfg.write_procs_here(),
+        }
         res["store"] = _store_summary(conn, elapsed)
         eng.detach_store()
         res["kv_check"] = check.verify(_scratch_block(eng, held))
@@ -455,18 +483,13 @@ def store_configs(
     all_hist = math.ceil(
         (wl.conversations * per_conv + 64) * block_bytes / StoreConfig.high_watermark
     )
-    base = dict(sweep_interval_s=0, encrypt=True, **(store_opts or {}))
+    common = dict(sweep_interval_s=0, encrypt=True, **(store_opts or {}))
     small = max(1, small_g2_blocks) * block_bytes
     disk_bytes = 4 * all_hist  # plenty: the disks are limited by bandwidth, not size
     out = []
     for name in names:
-        n, _, opt = name.partition("+")
-        if opt in WRITE_THROUGH:  # the same store, writing through as prefill names blocks
-            base["write_through"] = WRITE_THROUGH[opt]
-        elif opt:
-            raise ValueError(f"unknown option {opt!r} of {name!r}: +wt or +nowt")
-        else:
-            base.pop("write_through", None)
+        n, fields = config_options(name)
+        base = {**common, **fields}
         if n == "none":
             out.append(BenchConfig(n, g1_blocks, None))
         elif n == "g2":

@@ -15,8 +15,8 @@ import torch
 
 from kvgrid.bench.reuse import (
     CONFIGS,
-    WRITE_THROUGH,
     AgentWorkload,
+    config_options,
     fresh_dirs,
     guarantee_check,
     run_config,
@@ -65,7 +65,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--configs",
         default=",".join(CONFIGS),
         help=f"of {','.join(CONFIGS)}; a store's may add +wt or +nowt (write-through on or "
-        "off; default: on where G2 holds what G1 can cache), e.g. g2+nowt",
+        "off; default: on where G2 holds what G1 can cache) and +noprocs (no fetch or write "
+        "processes), e.g. g2+nowt, g4+noprocs",
     )
     for name in (
         "conversations",
@@ -161,13 +162,14 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
     )
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    stores = [c for c in CONFIGS if c not in ("none", "ceiling")]
-    bad = [
-        n
-        for n in names
-        if n not in CONFIGS
-        and not (n.partition("+")[0] in stores and n.partition("+")[2] in WRITE_THROUGH)
-    ]
+    bad = []
+    for n in names:
+        try:
+            if config_options(n)[0] not in CONFIGS:
+                bad.append(n)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if bad or not names:
         print(
             f"error: unknown configuration {bad}: choose from {', '.join(CONFIGS)}", file=sys.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kvgrid.bench.reuse import AgentWorkload
 
 
@@ -33,7 +35,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
         "--user-tokens", "16", "--answer-tokens", "4", "--max-num-seqs", "1",
         "--block-size", "16", "--guarantee-tokens", "48", "--no-progress",
         "--disk-dir", str(tmp_path / "d3"), "--shared-dir", str(tmp_path / "d4"),
-        "--configs", "none,g2,g3,g4+wt,ceiling", "--out", str(out), "--prompt-drain-s", "0",
+        "--configs", "none,g2,g3,g4+wt+noprocs,ceiling", "--out", str(out), "--prompt-drain-s", "0",
         "--fetch-procs", "1", "--write-procs", "1",
     ])  # fmt: skip
     assert rc == 0
@@ -42,7 +44,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     res = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000
     r = res["results"]
-    assert list(r) == ["none", "g2", "g3", "g4+wt", "ceiling"]
+    assert list(r) == ["none", "g2", "g3", "g4+wt+noprocs", "ceiling"]
     theory = res["workload"]["theoretical_hit_rate"]
     assert 0.4 < theory < 0.7
     # G1 capped to one running conversation: without a store the histories are lost; with
@@ -50,7 +52,7 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     assert r["none"]["hit_rate"] < theory - 0.1
     assert abs(r["ceiling"]["hit_rate"] - theory) < 1e-9
     assert r["g2"]["hit_rate"] > r["ceiling"]["hit_rate"] - 0.02
-    for name in ("g2", "g3", "g4+wt"):
+    for name in ("g2", "g3", "g4+wt+noprocs"):
         kv = r[name]["kv_check"]
         assert kv["loaded"] > 0 and kv["bit_exact"] == kv["loaded"]
         assert r[name]["guarantee"][0]["cached_tokens"] > 0
@@ -68,7 +70,10 @@ def test_bench_reuse_runs_every_configuration(tmp_path, tiny_model_dir, capsys):
     # write-through by default where G2 holds what G1 can cache (g2), not where G2 is
     # smaller (g3); +wt forces it
     assert r["g2"]["write_through"] and not r["g3"]["write_through"]
-    assert r["g4+wt"]["write_through"]
+    assert r["g4+wt+noprocs"]["write_through"]
+    # the flags' processes in every store but the one that asks for none
+    assert r["g3"]["procs"] == {"fetch": 1, "write": 1}
+    assert r["g4+wt+noprocs"]["procs"] == {"fetch": 0, "write": 0}
     # the engine thread's time per step: planning and launching it, in the trace too
     for name in r:
         sp = r[name]["steps"]
@@ -94,3 +99,17 @@ def test_g2_holds_every_history_below_its_high_watermark(tmp_path, tiny_model_di
     (cfg,) = store_configs(eng, wl, ["g2"], 64, 32, tmp_path / "d3", tmp_path / "d4")
     histories = wl.conversations * -(-wl.max_tokens // 16) * eng.runner.kv_cache[0].nbytes
     assert cfg.store.g2_bytes * cfg.store.high_watermark >= histories
+
+
+def test_a_configurations_options_are_checked():
+    from kvgrid.bench.reuse import config_options
+
+    assert config_options("g4+nowt+noprocs") == (
+        "g4",
+        {"write_through": False, "fetch_procs": 0, "write_procs": 0},
+    )
+    assert config_options("ceiling") == ("ceiling", {})
+    with pytest.raises(ValueError, match="unknown option 'fast'"):
+        config_options("g3+fast")
+    with pytest.raises(ValueError, match="unknown option 'noprocs'"):
+        config_options("none+noprocs")  # no store to take it
