@@ -233,3 +233,13 @@ def write_meta(dst: Path, tmp_dir: Path, data: bytes, replace: bool) -> bool:
         return True
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def rename_into(src: str, folder: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` in ``folder``, creating the folder only where it is missing
+    (it exists as a rule: no mkdir per object)."""
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        os.rename(src, dst)

@@ -59,6 +59,7 @@ from kvgrid.store.disk_io import (
     locked,
     open_object,
     read_file,
+    rename_into,
     touch,
     valid_ledger,
     write_meta,
@@ -169,8 +170,7 @@ class DiskTier(ObjectTier):
     def path(self, tid: bytes, key: bytes) -> Path:
         return Path(self._file_in(self._tenant_dir(tid), key))
 
-    # the layout as plain strings: per-block checks on the engine's thread (created_many)
-    # spent half of their time in pathlib
+    # the layout as plain strings: per-block checks spent half of their time in pathlib
     def _tenant_dir(self, tid: bytes) -> str:
         return os.path.join(self.objects, tid.hex())
 
@@ -364,7 +364,8 @@ class DiskTier(ObjectTier):
         rest = []
         for i, (st, quota) in enumerate(todo):
             path = self._file_in(self._tenant_dir(st.tid), st.key)  # no pathlib per object
-            if os.path.exists(path):  # same key, same bytes: keep the durable copy
+            # same key, same bytes: keep the durable copy (a sole owner knows them all)
+            if (st.tid, st.key) in self._present if self.sole else os.path.exists(path):
                 self._touch(path)
                 st.result = PutResult(True)
             elif st.size > self.capacity:
@@ -419,11 +420,10 @@ class DiskTier(ObjectTier):
         for s in todo:
             if s.result is not None:
                 continue
-            path = self.path(s.tid, s.key)
+            d = self._tenant_dir(s.tid)
             try:
-                path.parent.mkdir(exist_ok=True)
-                os.rename(s.tmp, path)
-                dirs.setdefault(str(path.parent), []).append(s)
+                rename_into(s.tmp, d, self._file_in(d, s.key))
+                dirs.setdefault(d, []).append(s)
             except OSError as e:
                 self._failed(s, e)
         for d, group in dirs.items():
