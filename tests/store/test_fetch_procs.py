@@ -14,21 +14,11 @@ import torch
 
 from kvgrid import keys
 from kvgrid.store import ContextStore, StoreConfig
-from kvgrid.store.crypto import KeyRing
 from kvgrid.store.fetch_procs import BATCH
 from kvgrid.store.object import tenant_id
 from kvgrid.store.prefetch import Queued
 from kvgrid.store.proc_serve import _advise
-
-SCOPE = keys.KVScope("test-model", "bfloat16")
-A = keys.tenant_scope(b"server-secret", "tenant-a")
-KR = KeyRing({1: os.urandom(32)})
-SHAPE = (2, 2, 16, 2, 8)
-BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 2
-
-
-def block(seed: int) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+from tests.support.store_blocks import BLOCK_BYTES, KR, SCOPE, SHAPE, A, block
 
 
 def chain(n: int) -> list[bytes]:

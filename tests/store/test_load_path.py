@@ -15,18 +15,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kvgrid import keys
 from kvgrid.store import ContextStore, StoreConfig
 from kvgrid.store.aead import decrypt_into, make_aead
-from kvgrid.store.crypto import KeyRing
 from kvgrid.store.object import ObjectError, decode_object, encode_object, tenant_id
-
-SCOPE = keys.KVScope("test-model", "bfloat16")
-A = keys.tenant_scope(b"server-secret", "tenant-a")
-KR = KeyRing({1: os.urandom(32)})
-SHAPE = (2, 2, 16, 2, 8)
-BLOCK_BYTES = 2 * 2 * 16 * 2 * 8 * 2
-
-
-def block(seed: int) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+from tests.support.store_blocks import BLOCK_BYTES, KR, SCOPE, SHAPE, A, block
 
 
 def chain(n: int) -> list[bytes]:
