@@ -83,7 +83,7 @@ class HostPool:
         self.high, self.low = high, low
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.pool: torch.Tensor | None = None
-        self.views: list[torch.Tensor] = []  # per slot index, its block in ``pool``
+        self._views: list[torch.Tensor | None] = []  # per slot index: ``view``
         self.slot_bytes = 0
         self.num_slots = 0
         self.entries: OrderedDict[tuple[bytes, bytes], Slot] = OrderedDict()  # LRU first
@@ -111,12 +111,20 @@ class HostPool:
             if n == 0:
                 return False
             self.pool = torch.empty((n, *shape), dtype=dtype, pin_memory=self.pin_memory)
-            # each slot viewed once here: indexing the slab per block is a torch call (a
-            # GIL handoff on the engine's thread at every hand-down)
-            self.views = list(self.pool.unbind(0))
+            self._views = [None] * n
             self.slot_bytes, self.num_slots = slot, n
             self.free = list(range(n - 1, -1, -1))
             return True
+
+    def view(self, index: int) -> torch.Tensor:
+        """Slot ``index``'s block in the slab. Each slot is viewed once, at its first use:
+        indexing the slab is a torch call (a GIL handoff on the engine's thread, per block
+        at every hand-down), and viewing them all at the start would cost a large pool of
+        small blocks seconds."""
+        v = self._views[index]
+        if v is None:
+            v = self._views[index] = self.pool[index]
+        return v
 
     def used(self, tid: bytes | None = None) -> int:
         with self.lock:
@@ -277,7 +285,7 @@ class HostPool:
         """Copy ``block`` into a reserved slot and commit it (still pinned); a failed copy
         aborts the slot and raises."""
         try:
-            host_copy(self.views[slot.index], block)
+            host_copy(self.view(slot.index), block)
         except Exception:
             self.abort([slot])
             raise
@@ -335,7 +343,7 @@ class HostPool:
                 return None
             self._touch((tid, key), s)
             s.pins += 1
-            return s, self.views[s.index]
+            return s, self.view(s.index)
 
     def acquire_run(self, tid: bytes, keys: list[bytes]) -> list[Slot]:
         """Pin the slots of the leading run of ``keys`` held here, under one lock (a long

@@ -43,7 +43,7 @@ class Lease:
                 raise LeaseExpired(f"a lease on {len(self.slots)} G2 blocks has run out")
             self.users += 1
         try:
-            yield [self.mgr.pool.views[s.index] for s in self.slots]
+            yield [self.mgr.pool.view(s.index) for s in self.slots]
         finally:
             with self.mgr.lock:
                 self.users -= 1

@@ -271,7 +271,7 @@ class ReadPath:
             if got is None:
                 return None
             held.append(got)
-            return self.g2.views[got[0].index] if got[1] else None
+            return self.g2.view(got[0].index) if got[1] else None
 
         try:
             got = self._read_lower(tier, tid, key, tenant, into)
@@ -295,7 +295,7 @@ class ReadPath:
                 # failed, the block just read and verified serves instead
                 try:
                     wait_ready([slot])
-                    t = self.g2.views[slot.index]  # pinned: the device copy can be async
+                    t = self.g2.view(slot.index)  # pinned: the device copy can be async
                 except Exception:
                     self.g2.release(slot)
                     slot = None

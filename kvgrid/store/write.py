@@ -249,9 +249,9 @@ class WritePath:
             shown.append((i, slot))
         if fills:
             slots = [s for _, s in fills]
-            views = self.g2.views
+            view = self.g2.view
             try:
-                ev = self.copier.copy([(views[s.index], blocks[i]) for i, s in fills])
+                ev = self.copier.copy([(view(s.index), blocks[i]) for i, s in fills])
             except Exception:
                 log.exception("G2 write-back copy failed")
                 self._abandon_issued(slots, blocks[fills[0][0]].device)

@@ -65,25 +65,11 @@ def tier_files(store: ContextStore) -> tuple[int, int, list]:
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])
 def test_blocks_written_down_by_a_write_process_read_back_equal(tmp_path, monkeypatch, codec):
-    store = new_store(tmp_path, codec)
+    """Encoded in the process (not here), the objects open with their tenant's key only,
+    owner-only files; a run's objects are reserved in one ledger update."""
+    store = new_store(tmp_path, codec, io_batch=8)
     try:
         no_encoding_here(monkeypatch)  # fails if the write-down encodes in this process
-        ks = chain(6)
-        put(store, ks)
-        assert store.write_procs.served == 6
-        assert store.metrics.total("writedown", tier="G3", outcome="written") == 6
-        n, nbytes, tmp = tier_files(store)
-        assert n == 6 and not tmp
-        assert store.tier("G3").used() == nbytes  # the ledger holds what was renamed in
-        assert store.writes.write_rate["G3"] > 0  # the processes' writes are timed
-        read_back(store, ks)
-    finally:
-        store.close()
-
-
-def test_a_runs_objects_are_reserved_in_one_ledger_update(tmp_path, monkeypatch):
-    store = new_store(tmp_path, io_batch=8)
-    try:
         g3 = store.tier("G3")
         updates = []
         real = g3._write_ledger
@@ -93,7 +79,15 @@ def test_a_runs_objects_are_reserved_in_one_ledger_update(tmp_path, monkeypatch)
         assert store.flush()
         procs = store.write_procs
         assert procs.served == 8 and len(updates) == procs.requests < 8
-        assert g3.used() == tier_files(store)[1]
+        assert store.metrics.total("writedown", tier="G3", outcome="written") == 8
+        n, nbytes, tmp = tier_files(store)
+        assert n == 8 and not tmp
+        assert g3.used() == nbytes  # the ledger holds what was renamed in
+        assert store.writes.write_rate["G3"] > 0  # the processes' writes are timed
+        assert g3.path(tenant_id(A), ks[0]).stat().st_mode & 0o777 == 0o600
+        store.g2.clear()
+        b = keys.tenant_scope(b"server-secret", "tenant-b")
+        assert store.get(ks[0], b) is None  # another tenant's scope finds nothing
         read_back(store, ks)
     finally:
         store.close()
@@ -197,18 +191,3 @@ def test_write_processes_by_default_one_per_writer_where_there_are_cpus_to_spare
         assert StoreConfig(io_workers=workers).write_procs_here() == n
         assert StoreConfig(write_procs=3).write_procs_here() == 3
         assert StoreConfig(write_procs=0).write_procs_here() == 0
-
-
-def test_tenant_scoped_objects_from_a_write_process_open_only_for_their_tenant(tmp_path):
-    store = new_store(tmp_path)
-    try:
-        ks = chain(1)
-        put(store, ks)
-        path = store.tier("G3").path(tenant_id(A), ks[0])
-        assert path.exists() and path.stat().st_mode & 0o777 == 0o600
-        b = keys.tenant_scope(b"server-secret", "tenant-b")
-        store.g2.clear()
-        assert store.get(ks[0], b) is None  # another tenant's scope finds nothing
-        assert torch.equal(store.get(ks[0], A), block(0))
-    finally:
-        store.close()
