@@ -315,7 +315,8 @@ def test_worker_death_mid_stream_then_rejoin(server):
     assert not any("error" in json.loads(e) for e in events[:-1])
     final = json.loads(events[-2])
     assert final["choices"][0]["finish_reason"] == "length"
-    # new requests go to the surviving worker without errors
+    # new requests go to a live worker without errors: the survivor, or the dead one's
+    # restarted process once it has rejoined (a new epoch)
     for _ in range(2):
         ok = httpx.post(
             f"{server}/v1/completions",
@@ -323,8 +324,13 @@ def test_worker_death_mid_stream_then_rejoin(server):
             headers=ALICE,
             timeout=60,
         )
-        assert ok.status_code == 200 and ok.headers["x-kvgrid-worker"] != wid
-    assert not _router_state(server)["workers"][wid]["up"]
+        assert ok.status_code == 200
+        if ok.headers["x-kvgrid-worker"] == wid:
+            assert _router_state(server)["workers"][wid]["load"]["epoch"] != old_epoch
+    # the dead process is down; on a slow host the supervisor's restart (1 s later) may
+    # have rejoined already, as a new process (a new epoch)
+    w = _router_state(server)["workers"][wid]
+    assert not w["up"] or w["load"]["epoch"] != old_epoch
     # the supervisor restarts it; it rejoins with a new epoch and takes requests again
     _wait_workers(server, 2, 90, exclude_epochs={old_epoch})
     text = httpx.get(f"{server}/metrics").text
