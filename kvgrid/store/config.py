@@ -165,7 +165,8 @@ class StoreConfig:
         if self.fetch_procs is not None:
             return self.fetch_procs
         # as many as a load's window keeps busy (4 runs of 4), a CPU in four at most
-        return min(4, _cpus() // 4) if _cpus() >= 8 else 0
+        cpus = _cpus()
+        return min(4, cpus // 4) if cpus >= 8 else 0
 
     def write_procs_here(self) -> int:
         """``write_procs``, or where unset, what suits this host's CPUs."""
